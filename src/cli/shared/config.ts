@@ -1,0 +1,140 @@
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { Option, type Command } from 'commander';
+import { TorusError } from '../../core/errors.js';
+import { EtcdMetadata } from '../../metadata/etcd/etcd.js';
+import { parseDuration } from '../../core/units.js';
+
+// Connection settings shared by torusd, torusctl and torusblk: etcdctl's `-C host:port`, etcd TLS
+// files, and named profiles in ~/.torus/config.json. Precedence: flag > profile > default.
+
+export const DEFAULT_ETCD = '127.0.0.1:2379';
+
+export interface Profile {
+  etcd?: string;
+  'etcd-ca-file'?: string;
+  'etcd-cert-file'?: string;
+  'etcd-key-file'?: string;
+}
+
+export interface ConfigFile {
+  etcd_config: Record<string, Profile>;
+}
+
+export interface GlobalOpts {
+  etcd?: string;
+  etcdCertFile?: string;
+  etcdKeyFile?: string;
+  etcdCaFile?: string;
+  etcdTimeout?: string;
+  config?: string;
+  profile?: string;
+  debug?: boolean;
+}
+
+export function addGlobalOptions(cmd: Command): Command {
+  return cmd
+    .option('-C, --etcd <host:port[,host:port...]>', `etcd endpoints (default ${DEFAULT_ETCD}, or the profile's)`)
+    .option('--etcd-cert-file <file>', 'client certificate for etcd TLS')
+    .option('--etcd-key-file <file>', 'client key for etcd TLS')
+    .option('--etcd-ca-file <file>', 'CA bundle to verify etcd with')
+    .addOption(new Option('--etcd-timeout <duration>', 'give up on an etcd call after this long').default('5s'))
+    .option('--config <file>', 'CLI config file (default ~/.torus/config.json)')
+    .option('--profile <name>', 'profile in the config file', 'default')
+    .option('--debug', 'print stack traces and debug logs');
+}
+
+export function defaultConfigPath(): string {
+  return join(homedir(), '.torus', 'config.json');
+}
+
+export function readConfigFile(path: string): ConfigFile {
+  if (!existsSync(path)) return { etcd_config: {} };
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (err) {
+    throw new TorusError('INVALID_ARGUMENT', `config file ${path} is not valid JSON: ${(err as Error).message}`);
+  }
+  const cfg = parsed as Partial<ConfigFile>;
+  if (typeof cfg !== 'object' || cfg === null || typeof cfg.etcd_config !== 'object' || cfg.etcd_config === null)
+    throw new TorusError('INVALID_ARGUMENT', `config file ${path} has no "etcd_config" object`);
+  return { etcd_config: cfg.etcd_config };
+}
+
+export function writeConfigFile(path: string, cfg: ConfigFile): void {
+  // Profiles may name key files; keep them private like ~/.ssh.
+  mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+  writeFileSync(path, `${JSON.stringify(cfg, null, '\t')}\n`, { mode: 0o600 });
+  chmodSync(path, 0o600);
+}
+
+export interface ResolvedConnection {
+  endpoints: string[];
+  caFile?: string;
+  certFile?: string;
+  keyFile?: string;
+  timeoutMs: number;
+}
+
+const HOSTPORT = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):(\d{1,5})$/;
+
+export function parseEndpoints(text: string): string[] {
+  const list = text
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s.length > 0);
+  if (list.length === 0) throw new TorusError('INVALID_ARGUMENT', 'no etcd endpoint given');
+  for (const e of list) {
+    const bare = e.replace(/^https?:\/\//, '');
+    const m = HOSTPORT.exec(bare);
+    if (!m || Number(m[2]) < 1 || Number(m[2]) > 65535)
+      throw new TorusError('INVALID_ARGUMENT', `invalid etcd endpoint "${e}": expected host:port, e.g. 127.0.0.1:2379`);
+  }
+  return list;
+}
+
+export function resolveConnection(opts: GlobalOpts): ResolvedConnection {
+  const cfgPath = opts.config ?? defaultConfigPath();
+  const explicitConfig = opts.config !== undefined;
+  if (explicitConfig && !existsSync(cfgPath)) throw new TorusError('INVALID_ARGUMENT', `config file ${cfgPath} does not exist`);
+  const cfg = readConfigFile(cfgPath);
+  const profileName = opts.profile ?? 'default';
+  const profile = cfg.etcd_config[profileName];
+  if (!profile && profileName !== 'default') throw new TorusError('INVALID_ARGUMENT', `no profile "${profileName}" in ${cfgPath}`);
+  const p = profile ?? {};
+  const caFile = opts.etcdCaFile ?? p['etcd-ca-file'];
+  const certFile = opts.etcdCertFile ?? p['etcd-cert-file'];
+  const keyFile = opts.etcdKeyFile ?? p['etcd-key-file'];
+  for (const [flag, f] of [['--etcd-ca-file', caFile], ['--etcd-cert-file', certFile], ['--etcd-key-file', keyFile]] as const)
+    if (f && !existsSync(f)) throw new TorusError('INVALID_ARGUMENT', `${flag}: file ${f} does not exist`);
+  if (Boolean(certFile) !== Boolean(keyFile))
+    throw new TorusError('INVALID_ARGUMENT', '--etcd-cert-file and --etcd-key-file must be given together');
+  return {
+    endpoints: parseEndpoints(opts.etcd ?? p.etcd ?? DEFAULT_ETCD),
+    ...(caFile ? { caFile } : {}),
+    ...(certFile ? { certFile } : {}),
+    ...(keyFile ? { keyFile } : {}),
+    timeoutMs: parseDuration(opts.etcdTimeout ?? '5s'),
+  };
+}
+
+export function connectMetadata(opts: GlobalOpts): EtcdMetadata {
+  const c = resolveConnection(opts);
+  return new EtcdMetadata({
+    endpoints: c.endpoints,
+    callTimeoutMs: c.timeoutMs,
+    tls: {
+      ...(c.caFile ? { caFile: c.caFile } : {}),
+      ...(c.certFile ? { certFile: c.certFile } : {}),
+      ...(c.keyFile ? { keyFile: c.keyFile } : {}),
+    },
+  });
+}
+
+export function parsePort(text: string, flag: string): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text.trim()) || n < 0 || n > 65535) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} "${text}": expected a port number 0-65535`);
+  return n;
+}

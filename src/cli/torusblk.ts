@@ -1,0 +1,23 @@
+import { Command } from 'commander';
+import { VERSION } from '../core/version.js';
+import { addGlobalOptions } from './shared/config.js';
+import { runProgram } from './shared/run.js';
+
+// The client: serves volumes over NBD and AoE. Its volume commands arrive with the volume layer.
+export function buildProgram(): Command {
+  const program = new Command('torusblk')
+    .description('serve Torus block volumes to this machine (NBD, AoE)')
+    .version(`torusblk\nVersion: ${VERSION}`, '--version')
+    .showHelpAfterError('(run with --help for usage)');
+  addGlobalOptions(program);
+  program.addCommand(
+    new Command('version').description('print the version').action(() => {
+      process.stdout.write(`torusblk\nVersion: ${VERSION}\n`);
+    }),
+  );
+  return program;
+}
+
+export function main(argv: string[]): void {
+  void runProgram('torusblk', buildProgram(), argv).then(() => process.exit(process.exitCode ?? 0));
+}

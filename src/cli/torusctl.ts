@@ -1,0 +1,29 @@
+import { Command } from 'commander';
+import { VERSION } from '../core/version.js';
+import { configCommand } from './torusctl/config.js';
+import { initCommand } from './torusctl/init.js';
+import { listPeersCommand, peerCommand } from './torusctl/peers.js';
+import { ringCommand } from './torusctl/ring.js';
+import { wipeCommand } from './torusctl/wipe.js';
+import { addGlobalOptions } from './shared/config.js';
+import { runProgram } from './shared/run.js';
+
+export function buildProgram(): Command {
+  const program = new Command('torusctl')
+    .description('administer a Torus cluster')
+    .version(`torusctl\nVersion: ${VERSION}`, '--version')
+    .showHelpAfterError('(run with --help for usage)')
+    .enablePositionalOptions(false);
+  addGlobalOptions(program);
+  for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand()]) program.addCommand(c);
+  program.addCommand(
+    new Command('version').description('print the version').action(() => {
+      process.stdout.write(`torusctl\nVersion: ${VERSION}\n`);
+    }),
+  );
+  return program;
+}
+
+export function main(argv: string[]): void {
+  void runProgram('torusctl', buildProgram(), argv).then(() => process.exit(process.exitCode ?? 0));
+}

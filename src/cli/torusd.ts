@@ -1,0 +1,82 @@
+import { Command, Option } from 'commander';
+import { pino } from 'pino';
+import { parseDuration } from '../core/units.js';
+import { VERSION } from '../core/version.js';
+import { StorageNode } from '../server/node.js';
+import { addGlobalOptions, connectMetadata, parsePort, resolveConnection, type GlobalOpts } from './shared/config.js';
+import { reportError, runProgram } from './shared/run.js';
+
+interface TorusdOpts extends GlobalOpts {
+  dataDir: string;
+  size: string;
+  peerAddress?: string;
+  host?: string;
+  port?: string;
+  autoJoin?: boolean;
+  heartbeat: string;
+  logLevel?: string;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('torusd')
+    .description('Torus storage node: pools this disk into the cluster and serves its blocks to peers')
+    .version(`torusd\nVersion: ${VERSION}`, '--version')
+    .option('--data-dir <dir>', 'where this node keeps its identity and blocks', 'torus-data')
+    .option('--size <size>', 'storage to offer: bytes (20GiB) or a share of the filesystem (50%)', '1GiB')
+    .option('--peer-address <url>', 'address peers reach this node on, e.g. http://10.0.0.5:40000')
+    .option('--host <host>', 'serve HTTP (/metrics, /healthz) on this host')
+    .option('--port <port>', 'HTTP port (with --host)', '4321')
+    .option('--auto-join', 'add this node to the ring at start')
+    .addOption(new Option('--heartbeat <duration>', 'how often to report to etcd').default('5s'))
+    .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
+    .showHelpAfterError('(run torusd --help for usage)')
+    .action(async (opts: TorusdOpts) => {
+      const log = pino({ level: opts.debug ? 'debug' : (opts.logLevel ?? 'info'), base: { svc: 'torusd' } }, pino.destination({ fd: 2, sync: true }));
+      const conn = resolveConnection(opts);
+      const meta = connectMetadata(opts);
+      const heartbeatMs = parseDuration(opts.heartbeat);
+      let node: StorageNode;
+      try {
+        node = await StorageNode.start({
+          meta,
+          etcdDesc: conn.endpoints.join(','),
+          dataDir: opts.dataDir,
+          size: opts.size,
+          ...(opts.peerAddress !== undefined ? { peerAddress: opts.peerAddress } : {}),
+          ...(opts.host !== undefined ? { httpHost: opts.host, httpPort: parsePort(opts.port ?? '4321', '--port') } : {}),
+          autoJoin: opts.autoJoin ?? false,
+          heartbeatMs,
+          log,
+        });
+      } catch (err) {
+        await meta.close();
+        throw err;
+      }
+      await new Promise<void>((resolve) => {
+        const shutdown = (sig: string): void => {
+          log.info({ signal: sig }, 'stopping');
+          process.off('SIGINT', onInt);
+          process.off('SIGTERM', onTerm);
+          void node
+            .stop()
+            .catch((err: unknown) => {
+              process.exitCode = reportError('torusd', err, opts.debug ?? false);
+            })
+            .finally(() => void meta.close().finally(resolve));
+        };
+        const onInt = (): void => shutdown('SIGINT');
+        const onTerm = (): void => shutdown('SIGTERM');
+        process.on('SIGINT', onInt);
+        process.on('SIGTERM', onTerm);
+      });
+      log.info('stopped');
+    });
+  return addGlobalOptions(program);
+}
+
+export function main(argv: string[]): void {
+  void runProgram('torusd', buildProgram(), argv).then(() => {
+    // grpc keeps handles open for a while after close; a stopped daemon should exit now.
+    process.exit(process.exitCode ?? 0);
+  });
+}

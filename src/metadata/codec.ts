@@ -1,0 +1,87 @@
+import { TorusError } from '../core/errors.js';
+import type { GlobalMetadata, PeerInfo, RingModel } from '../core/models.js';
+import { IDLE_REBALANCE, RING_TYPES } from '../core/models.js';
+
+// Metadata values are JSON. Decoding validates shape, so a hand-edited or foreign key gives a
+// clear error instead of undefined fields spreading through the program.
+
+function obj(text: string, what: string): Record<string, unknown> {
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    throw new TorusError('INTERNAL', `${what} in etcd is not valid JSON`);
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new TorusError('INTERNAL', `${what} in etcd is not an object`);
+  return v as Record<string, unknown>;
+}
+
+function num(o: Record<string, unknown>, k: string, what: string, dflt?: number): number {
+  const v = o[k] ?? dflt;
+  if (typeof v !== 'number' || !Number.isFinite(v)) throw new TorusError('INTERNAL', `${what} in etcd has no valid "${k}"`);
+  return v;
+}
+
+function str(o: Record<string, unknown>, k: string, what: string, dflt?: string): string {
+  const v = o[k] ?? dflt;
+  if (typeof v !== 'string') throw new TorusError('INTERNAL', `${what} in etcd has no valid "${k}"`);
+  return v;
+}
+
+export function decodeGlobal(text: string): GlobalMetadata {
+  const o = obj(text, 'global metadata');
+  return {
+    blockSize: num(o, 'blockSize', 'global metadata'),
+    clusterId: str(o, 'clusterId', 'global metadata'),
+    createdAt: str(o, 'createdAt', 'global metadata', ''),
+  };
+}
+
+export function decodeRing(text: string): RingModel {
+  const o = obj(text, 'ring');
+  const type = str(o, 'type', 'ring');
+  if (!(RING_TYPES as readonly string[]).includes(type)) throw new TorusError('INTERNAL', `ring in etcd has unknown type "${type}"`);
+  const peers = o['peers'];
+  if (!Array.isArray(peers)) throw new TorusError('INTERNAL', 'ring in etcd has no peer list');
+  return {
+    type: type as RingModel['type'],
+    version: num(o, 'version', 'ring'),
+    replication: num(o, 'replication', 'ring'),
+    peers: peers.map((p: unknown) => {
+      if (typeof p !== 'object' || p === null) throw new TorusError('INTERNAL', 'ring in etcd has a malformed peer');
+      const po = p as Record<string, unknown>;
+      return { uuid: str(po, 'uuid', 'ring peer'), totalBlocks: num(po, 'totalBlocks', 'ring peer') };
+    }),
+  };
+}
+
+export function decodePeer(text: string): PeerInfo {
+  const o = obj(text, 'peer record');
+  const w = 'peer record';
+  const reb = (typeof o['rebalance'] === 'object' && o['rebalance'] !== null ? o['rebalance'] : {}) as Record<string, unknown>;
+  return {
+    uuid: str(o, 'uuid', w),
+    address: str(o, 'address', w, ''),
+    httpAddress: str(o, 'httpAddress', w, ''),
+    lastSeen: num(o, 'lastSeen', w),
+    heartbeatMs: num(o, 'heartbeatMs', w, 5000),
+    totalBlocks: num(o, 'totalBlocks', w, 0),
+    usedBlocks: num(o, 'usedBlocks', w, 0),
+    blockSize: num(o, 'blockSize', w, 0),
+    protocolVersion: num(o, 'protocolVersion', w, 0),
+    version: str(o, 'version', w, ''),
+    rebalance: {
+      rebalancing: reb['rebalancing'] === true,
+      blocksLeft: num(reb, 'blocksLeft', w, IDLE_REBALANCE.blocksLeft),
+      bytesLeft: num(reb, 'bytesLeft', w, IDLE_REBALANCE.bytesLeft),
+      blocksMoved: num(reb, 'blocksMoved', w, 0),
+      bytesMoved: num(reb, 'bytesMoved', w, 0),
+      rate: num(reb, 'rate', w, 0),
+      lastFinish: num(reb, 'lastFinish', w, 0),
+    },
+  };
+}
+
+export function notInitialized(): TorusError {
+  return new TorusError('NOT_INITIALIZED', 'the cluster is not initialized: run `torusctl init` first');
+}

@@ -1,0 +1,151 @@
+import { TorusError, isTorusError } from '../core/errors.js';
+import type { MetadataService } from '../core/interfaces.js';
+import type { PeerInfo, RingModel, RingPeer, RingType } from '../core/models.js';
+import { addPeers, changeReplication, createRing, newRingModel, removePeers } from '../ring/index.js';
+
+// Cluster administration shared by torusctl and torusd --auto-join: resolving peers, reading their
+// state, and changing the ring with compare-and-swap.
+
+export type MemberStatus = 'OK' | 'Avail' | 'DOWN';
+
+export interface PeerStatus {
+  readonly uuid: string;
+  readonly address: string;
+  readonly member: MemberStatus;
+  readonly inRing: boolean;
+  /** The live record, absent for a ring member that stopped heartbeating. */
+  readonly info?: PeerInfo;
+}
+
+/** A record older than this many heartbeats is stale even if its lease has not run out yet. */
+const STALE_HEARTBEATS = 3;
+
+export function isStale(info: PeerInfo, now: number): boolean {
+  return now - info.lastSeen > STALE_HEARTBEATS * Math.max(info.heartbeatMs, 1000);
+}
+
+export async function peerStatuses(meta: MetadataService, now = Date.now()): Promise<{ ring: RingModel; peers: PeerStatus[] }> {
+  const [ring, live] = await Promise.all([meta.getRing(), meta.getPeers()]);
+  const members = new Set(ring.peers.map((p) => p.uuid));
+  const byUuid = new Map(live.filter((p) => p.address !== '').map((p) => [p.uuid, p]));
+  const out: PeerStatus[] = [];
+  for (const info of byUuid.values()) {
+    const inRing = members.has(info.uuid);
+    const member: MemberStatus = isStale(info, now) ? 'DOWN' : inRing ? 'OK' : 'Avail';
+    out.push({ uuid: info.uuid, address: info.address, member, inRing, info });
+  }
+  for (const p of ring.peers) {
+    if (!byUuid.has(p.uuid)) out.push({ uuid: p.uuid, address: '', member: 'DOWN', inRing: true });
+  }
+  out.sort((a, b) => a.address.localeCompare(b.address) || a.uuid.localeCompare(b.uuid));
+  return { ring, peers: out };
+}
+
+/**
+ * Applies `change` to the current ring and stores the result as version+1, re-reading and
+ * re-applying when another writer won the race. A change that is wrong for the new ring (peer
+ * already removed, say) surfaces as the change's own error.
+ */
+export async function updateRing(meta: MetadataService, change: (cur: RingModel) => RingModel, attempts = 10): Promise<RingModel> {
+  for (let i = 0; ; i++) {
+    const cur = await meta.getRing();
+    const next = change(cur);
+    createRing(next); // validate before it can reach etcd
+    try {
+      await meta.setRing(next);
+      return next;
+    } catch (err) {
+      const raced = isTorusError(err, 'AGAIN') || isTorusError(err, 'NON_SEQUENTIAL_RING');
+      if (!raced || i + 1 >= attempts) {
+        if (raced) throw new TorusError('AGAIN', `the ring kept changing under us (${attempts} attempts); try again`);
+        throw err;
+      }
+      await new Promise((r) => setTimeout(r, 20 + Math.random() * 80 * (i + 1)));
+    }
+  }
+}
+
+function matches(p: { uuid: string; address: string }, sel: string): boolean {
+  return p.uuid === sel || p.address === sel || p.address.replace(/^[a-z]+:\/\//, '') === sel.replace(/^[a-z]+:\/\//, '');
+}
+
+/** Live peers (with a peer address) named by address or UUID; every selector must match one. */
+export function resolveLivePeers(live: readonly PeerInfo[], selectors: readonly string[]): PeerInfo[] {
+  const servers = live.filter((p) => p.address !== '');
+  const out = new Map<string, PeerInfo>();
+  for (const sel of selectors) {
+    const found = servers.filter((p) => matches(p, sel));
+    if (found.length === 0) throw new TorusError('NOT_EXIST', `no running peer ${sel}: check \`torusctl list-peers\``);
+    for (const p of found) out.set(p.uuid, p);
+  }
+  return [...out.values()];
+}
+
+export function ringPeerOf(p: PeerInfo): RingPeer {
+  return { uuid: p.uuid, totalBlocks: Math.max(1, p.totalBlocks) };
+}
+
+export async function addPeersToRing(meta: MetadataService, selectors: readonly string[], all: boolean): Promise<{ added: PeerInfo[]; ring: RingModel }> {
+  if (all === (selectors.length > 0)) throw new TorusError('INVALID_ARGUMENT', 'name peers to add by address or UUID, or pass --all-peers (not both)');
+  const live = (await meta.getPeers()).filter((p) => p.address !== '' && !isStale(p, Date.now()));
+  const chosen = all ? live : resolveLivePeers(live, selectors);
+  if (chosen.length === 0) throw new TorusError('NOT_EXIST', 'no running peers to add: start torusd first');
+  const ring = await updateRing(meta, (cur) => addPeers(cur, chosen.map(ringPeerOf)));
+  return { added: chosen, ring };
+}
+
+export async function removePeersFromRing(meta: MetadataService, selectors: readonly string[], force: boolean): Promise<{ removed: string[]; ring: RingModel }> {
+  if (selectors.length === 0) throw new TorusError('INVALID_ARGUMENT', 'name the peers to remove by address or UUID');
+  const [cur, live] = await Promise.all([meta.getRing(), meta.getPeers()]);
+  const uuids = new Set<string>();
+  for (const sel of selectors) {
+    const liveMatch = live.filter((p) => p.address !== '' && matches(p, sel));
+    const member = cur.peers.find((p) => p.uuid === sel);
+    if (liveMatch.length > 0) {
+      for (const p of liveMatch) uuids.add(p.uuid);
+    } else if (member) {
+      if (!force) throw new TorusError('INVALID_ARGUMENT', `peer ${sel} is down; to remove a node that is gone for good, use --force`);
+      uuids.add(member.uuid);
+    } else {
+      throw new TorusError('NOT_EXIST', `no peer ${sel} in the ring or running: check \`torusctl list-peers\``);
+    }
+  }
+  const ring = await updateRing(meta, (r) => removePeers(r, [...uuids]));
+  return { removed: [...uuids], ring };
+}
+
+export async function setReplication(meta: MetadataService, n: number, allowDegraded: boolean): Promise<RingModel> {
+  if (!Number.isInteger(n) || n < 1) throw new TorusError('INVALID_ARGUMENT', `replication must be a whole number >= 1, got ${n}`);
+  return updateRing(meta, (cur) => {
+    if (n > cur.peers.length && !allowDegraded)
+      throw new TorusError(
+        'INVALID_ARGUMENT',
+        `replication ${n} exceeds the ${cur.peers.length} ring member(s): add peers first, or pass --allow-degraded to keep fewer copies until they join`,
+      );
+    return changeReplication(cur, n);
+  });
+}
+
+export async function manualChange(
+  meta: MetadataService,
+  opts: { type: RingType; replication: number; uuids: readonly string[]; allPeers: boolean; force: boolean },
+): Promise<RingModel> {
+  if (opts.allPeers && opts.uuids.length > 0) throw new TorusError('INVALID_ARGUMENT', 'use either --uuids or --all-peers, not both');
+  const live = (await meta.getPeers()).filter((p) => p.address !== '');
+  const cur = await meta.getRing();
+  let peers: RingPeer[];
+  if (opts.allPeers) peers = live.map(ringPeerOf);
+  else {
+    peers = opts.uuids.map((u) => {
+      const l = live.find((p) => p.uuid === u);
+      if (l) return ringPeerOf(l);
+      const m = cur.peers.find((p) => p.uuid === u);
+      if (m && opts.force) return m;
+      throw new TorusError('NOT_EXIST', `peer ${u} is not running${m ? ' (pass --force to keep a down member)' : ''}`);
+    });
+  }
+  if (opts.type === 'empty') peers = [];
+  if (opts.replication > peers.length && opts.type !== 'empty' && !opts.force)
+    throw new TorusError('INVALID_ARGUMENT', `replication ${opts.replication} exceeds the ${peers.length} peer(s) chosen; pass --force to accept degraded replication`);
+  return updateRing(meta, (c) => newRingModel(opts.type, opts.type === 'empty' ? 1 : opts.replication, peers, c.version + 1));
+}

@@ -1,0 +1,115 @@
+import { randomUUID } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, statfsSync, unlinkSync, writeFileSync, writeSync, fsyncSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { TorusError } from '../core/errors.js';
+import { parseSize } from '../core/units.js';
+
+// A storage node's identity lives in its data dir: a UUID kept across restarts (the ring names
+// nodes by it) and the id of the cluster the dir was formatted for, so a disk moved to another
+// cluster is refused instead of silently mixing two clusters' blocks.
+
+export interface NodeIdentity {
+  readonly uuid: string;
+  readonly clusterId: string;
+  readonly createdAt: string;
+}
+
+const IDENTITY_FILE = 'node.json';
+
+function writeAtomic(path: string, text: string): void {
+  const tmp = `${path}.tmp`;
+  const fd = openSync(tmp, 'w', 0o600);
+  try {
+    writeSync(fd, text);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, path);
+}
+
+export function loadOrCreateIdentity(dataDir: string, clusterId: string, etcdDesc: string): NodeIdentity {
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const path = join(dataDir, IDENTITY_FILE);
+  if (existsSync(path)) {
+    let id: NodeIdentity;
+    try {
+      id = JSON.parse(readFileSync(path, 'utf8')) as NodeIdentity;
+    } catch {
+      throw new TorusError('IO', `${path} is damaged; move the data dir away to start this node afresh`);
+    }
+    if (typeof id.uuid !== 'string' || typeof id.clusterId !== 'string') throw new TorusError('IO', `${path} is damaged`);
+    if (id.clusterId !== clusterId)
+      throw new TorusError(
+        'WRONG_CLUSTER',
+        `data dir ${resolve(dataDir)} belongs to cluster ${id.clusterId}, but etcd at ${etcdDesc} holds cluster ${clusterId}: use another --data-dir, or empty this one if its data is no longer wanted`,
+      );
+    return id;
+  }
+  const id: NodeIdentity = { uuid: randomUUID(), clusterId, createdAt: new Date().toISOString() };
+  writeAtomic(path, `${JSON.stringify(id, null, 2)}\n`);
+  return id;
+}
+
+/** Only one torusd per data dir: a pid file created exclusively, stale ones reclaimed. */
+export function lockDataDir(dataDir: string): () => void {
+  const path = join(dataDir, 'torusd.pid');
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const fd = openSync(path, 'wx', 0o600);
+      writeSync(fd, `${process.pid}\n`);
+      closeSync(fd);
+      return () => {
+        try {
+          unlinkSync(path);
+        } catch {
+          // already gone
+        }
+      };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new TorusError('IO', `cannot create ${path}: ${(err as Error).message}`);
+      const pid = Number(readFileSync(path, 'utf8').trim());
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && processAlive(pid))
+        throw new TorusError('LOCKED', `data dir ${resolve(dataDir)} is in use by torusd pid ${pid}`);
+      unlinkSync(path);
+    }
+  }
+  throw new TorusError('LOCKED', `cannot lock data dir ${resolve(dataDir)}`);
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * `--size`: bytes ("20GiB") or a share of the data dir's filesystem ("50%"). Refuses a size
+ * the filesystem cannot hold, counting what this node's files already occupy as available.
+ */
+export function resolveStorageSize(text: string, dataDir: string, alreadyAllocated: number): number {
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const fs = statfsSync(dataDir);
+  const total = fs.blocks * fs.bsize;
+  const free = fs.bavail * fs.bsize;
+  let bytes: number;
+  const pct = /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(text);
+  if (pct) {
+    const p = Number(pct[1]);
+    if (!(p > 0 && p <= 100)) throw new TorusError('INVALID_ARGUMENT', `invalid --size ${text}: a percentage must be between 0 and 100`);
+    bytes = Math.floor((total * p) / 100);
+  } else {
+    bytes = parseSize(text);
+  }
+  if (bytes <= 0) throw new TorusError('INVALID_ARGUMENT', `invalid --size ${text}: must be larger than 0`);
+  const available = free + alreadyAllocated;
+  if (bytes > available)
+    throw new TorusError(
+      'INVALID_ARGUMENT',
+      `--size ${text} (${bytes} bytes) is larger than the ${available} bytes free on the filesystem of ${resolve(dataDir)}`,
+    );
+  return bytes;
+}

@@ -1,0 +1,113 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+// A real etcd (Debian's etcd-server, v3 API) on free loopback ports in a temporary directory.
+// Tests start one per file and stop it with SIGKILL: a SIGTERM'd single-node leader can take
+// seconds to step down, and nothing in a test's etcd needs to survive.
+
+export interface EtcdHandle {
+  readonly endpoint: string; // host:port
+  readonly dataDir: string;
+  readonly proc: ChildProcess;
+  stop(): Promise<void>;
+  /** SIGKILL and restart on the same data dir and ports (etcd down, then back). */
+  kill(): Promise<void>;
+  restart(): Promise<void>;
+}
+
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, host, () => {
+      const addr = srv.address();
+      const port = typeof addr === 'object' && addr ? addr.port : 0;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export function etcdBinary(): string {
+  for (const p of [process.env['ETCD_BIN'], '/usr/bin/etcd', '/usr/local/bin/etcd']) if (p && existsSync(p)) return p;
+  throw new Error('etcd not found: install Debian package etcd-server (bash .ci/run does)');
+}
+
+async function waitHealthy(endpoint: string, proc: ChildProcess, log: () => string): Promise<void> {
+  const deadline = Date.now() + 20_000;
+  while (Date.now() < deadline) {
+    if (proc.exitCode !== null) throw new Error(`etcd exited with ${proc.exitCode}:\n${log()}`);
+    try {
+      const res = await fetch(`http://${endpoint}/health`);
+      if (res.ok) {
+        const body = (await res.json()) as { health?: string };
+        if (body.health === 'true') return;
+      }
+    } catch {
+      // not listening yet
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`etcd did not become healthy:\n${log()}`);
+}
+
+export async function startEtcd(): Promise<EtcdHandle> {
+  // tmpfs where available: etcd fsyncs every write, and test metadata need not survive a reboot.
+  const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const dataDir = mkdtempSync(join(base, 'torus-etcd-'));
+  const clientPort = await freePort();
+  const peerPort = await freePort();
+  const endpoint = `127.0.0.1:${clientPort}`;
+  let output = '';
+  const args = [
+    '--name', 'test',
+    '--data-dir', join(dataDir, 'data'),
+    '--listen-client-urls', `http://${endpoint}`,
+    '--advertise-client-urls', `http://${endpoint}`,
+    '--listen-peer-urls', `http://127.0.0.1:${peerPort}`,
+    '--initial-advertise-peer-urls', `http://127.0.0.1:${peerPort}`,
+    '--initial-cluster', `test=http://127.0.0.1:${peerPort}`,
+    '--log-level', 'error',
+    '--logger', 'zap',
+  ];
+  const launch = (): ChildProcess => {
+    const p = spawn(etcdBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const keep = (d: Buffer): void => {
+      output = (output + d.toString()).slice(-8000);
+    };
+    p.stdout?.on('data', keep);
+    p.stderr?.on('data', keep);
+    return p;
+  };
+  let proc = launch();
+  const stopProc = async (p: ChildProcess): Promise<void> => {
+    if (p.exitCode !== null || p.signalCode !== null) return;
+    const gone = new Promise((r) => p.once('exit', r));
+    p.kill('SIGKILL');
+    await gone;
+  };
+  await waitHealthy(endpoint, proc, () => output);
+  const handle: EtcdHandle = {
+    endpoint,
+    dataDir,
+    get proc() {
+      return proc;
+    },
+    async stop() {
+      await stopProc(proc);
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+    async kill() {
+      await stopProc(proc);
+    },
+    async restart() {
+      await stopProc(proc);
+      proc = launch();
+      await waitHealthy(endpoint, proc, () => output);
+    },
+  };
+  return handle;
+}

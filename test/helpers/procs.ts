@@ -1,0 +1,130 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { freePort } from './etcd.js';
+
+// Real processes for integration tests: the CLIs as a user runs them (bin/*.js), and torusd
+// daemons on free loopback ports with their own data dirs.
+
+export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
+export const BIN = (name: string): string => join(REPO, 'bin', `${name}.js`);
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export async function runCli(
+  name: 'torusctl' | 'torusd' | 'torusblk',
+  args: string[],
+  opts: { env?: NodeJS.ProcessEnv; input?: string; timeoutMs?: number } = {},
+): Promise<CliResult> {
+  return new Promise((res, rej) => {
+    const p = spawn(process.execPath, [BIN(name), ...args], { env: { ...process.env, ...opts.env }, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => {
+      p.kill('SIGKILL');
+      rej(new Error(`${name} ${args.join(' ')} timed out\nstdout: ${stdout}\nstderr: ${stderr}`));
+    }, opts.timeoutMs ?? 30_000);
+    p.on('error', rej);
+    p.on('close', (code) => {
+      clearTimeout(timer);
+      res({ code: code ?? -1, stdout, stderr });
+    });
+    p.stdin.end(opts.input ?? '');
+  });
+}
+
+/** Runs a CLI and insists on success, returning stdout. */
+export async function ok(name: 'torusctl' | 'torusblk', args: string[], env?: NodeJS.ProcessEnv): Promise<string> {
+  const r = await runCli(name, args, env ? { env } : {});
+  if (r.code !== 0) throw new Error(`${name} ${args.join(' ')} exited ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
+  return r.stdout;
+}
+
+export interface Torusd {
+  readonly proc: ChildProcess;
+  readonly dataDir: string;
+  readonly peerPort: number;
+  readonly httpPort: number;
+  readonly address: string;
+  readonly log: () => string;
+  /** Resolves when the process has exited. */
+  readonly exited: Promise<number | null>;
+  kill(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+export async function startTorusd(
+  etcd: string,
+  opts: { dataDir?: string; size?: string; extra?: string[]; peerPort?: number; httpPort?: number; waitReady?: boolean } = {},
+): Promise<Torusd> {
+  const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'torusd-'));
+  const peerPort = opts.peerPort ?? (await freePort());
+  const httpPort = opts.httpPort ?? (await freePort());
+  const address = `http://127.0.0.1:${peerPort}`;
+  const args = [
+    '-C', etcd,
+    '--peer-address', address,
+    '--data-dir', dataDir,
+    '--size', opts.size ?? '64MiB',
+    '--host', '127.0.0.1',
+    '--port', String(httpPort),
+    '--heartbeat', '1s',
+    ...(opts.extra ?? []),
+  ];
+  const proc = spawn(process.execPath, [BIN('torusd'), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  proc.stdout?.on('data', (d: Buffer) => (out += d.toString()));
+  proc.stderr?.on('data', (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)));
+  const t: Torusd = {
+    proc,
+    dataDir,
+    peerPort,
+    httpPort,
+    address,
+    log: () => out,
+    exited,
+    async kill(signal: NodeJS.Signals = 'SIGKILL') {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
+  if (opts.waitReady !== false) {
+    const deadline = Date.now() + 20_000;
+    while (!out.includes('torusd started')) {
+      if (proc.exitCode !== null) throw new Error(`torusd exited ${proc.exitCode}:\n${out}`);
+      if (Date.now() > deadline) {
+        proc.kill('SIGKILL');
+        throw new Error(`torusd did not start:\n${out}`);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  return t;
+}
+
+export function removeDir(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+}
+
+export async function eventually<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v !== undefined && v !== false) return v;
+    } catch (err) {
+      last = err;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
