@@ -1,0 +1,360 @@
+import { crc32c } from '@node-rs/crc32';
+import { TorusError, isTorusError, toTorusError, type ErrorCode } from '../core/errors.js';
+import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
+import type { BlockStore, Ring } from '../core/interfaces.js';
+import { BlockCache } from './lru.js';
+import type { PeerTarget, PeerTransport } from './transport.js';
+
+// The distributor turns "store this block" into "store it on the R peers the ring names" and
+// "read this block" into "read it from the first replica that has a good copy". It is what the
+// volume layer sees as its block store. Every process that does block I/O has one: torusd (with
+// its disk as the local store) and clients (without).
+
+export const WRITE_LEVELS = ['all', 'one', 'local'] as const;
+export type WriteLevel = (typeof WRITE_LEVELS)[number];
+export const READ_LEVELS = ['block', 'seq', 'spread'] as const;
+export type ReadLevel = (typeof READ_LEVELS)[number];
+
+export interface DistributorOptions {
+  readonly blockSize: number;
+  readonly ring: () => Ring;
+  readonly target: (uuid: string) => PeerTarget | undefined;
+  readonly transport: PeerTransport;
+  /** This process's node UUID and disk, when it is a storage node. */
+  readonly self?: { readonly uuid: string; readonly store: BlockStore };
+  readonly writeLevel?: WriteLevel;
+  readonly readLevel?: ReadLevel;
+  readonly readCacheBytes?: number;
+  /** Per-peer timeout for a read; `block` level doubles it on each retry round. */
+  readonly readTimeoutMs?: number;
+  readonly onRepairError?: (err: Error, ref: BlockRef, peer: string) => void;
+}
+
+export interface DistributorStats {
+  reads: number;
+  readBytes: number;
+  writes: number;
+  writeBytes: number;
+  cacheHits: number;
+  checksumFailures: number;
+  replicaFallbacks: number;
+  repairs: number;
+  repairFailures: number;
+  spills: number;
+  failedWrites: number;
+  failedReads: number;
+  flushes: number;
+}
+
+export class Distributor {
+  readonly blockSize: number;
+  private readonly cache: BlockCache | undefined;
+  private readonly writeLevel: WriteLevel;
+  private readonly readLevel: ReadLevel;
+  private readonly readTimeoutMs: number;
+  /** Peers holding puts that no flush has covered yet ('' = the local store). */
+  private dirty = new Set<string>();
+  private readonly repairing = new Set<string>();
+  readonly stats: DistributorStats = {
+    reads: 0,
+    readBytes: 0,
+    writes: 0,
+    writeBytes: 0,
+    cacheHits: 0,
+    checksumFailures: 0,
+    replicaFallbacks: 0,
+    repairs: 0,
+    repairFailures: 0,
+    spills: 0,
+    failedWrites: 0,
+    failedReads: 0,
+    flushes: 0,
+  };
+
+  constructor(private readonly opts: DistributorOptions) {
+    this.blockSize = opts.blockSize;
+    this.writeLevel = opts.writeLevel ?? 'all';
+    this.readLevel = opts.readLevel ?? 'block';
+    this.readTimeoutMs = opts.readTimeoutMs ?? 2000;
+    if (this.writeLevel === 'local' && !opts.self)
+      throw new TorusError('INVALID_ARGUMENT', 'write level "local" needs a local disk: only storage nodes can use it');
+    const cacheBytes = opts.readCacheBytes ?? 0;
+    this.cache = cacheBytes >= opts.blockSize ? new BlockCache(cacheBytes) : undefined;
+  }
+
+  private isSelf(uuid: string): boolean {
+    return this.opts.self?.uuid === uuid;
+  }
+
+  // ---- writes ----
+
+  /**
+   * Stores a block on its replicas. With write level `all` it resolves only when R peers hold
+   * it; a failed owner is replaced by the next peer in ring order, and fewer than R successes is
+   * an error, never a quiet partial success. Durable after `flush`.
+   */
+  async putBlock(ref: BlockRef, data: Uint8Array): Promise<void> {
+    if (data.length > this.blockSize) throw new TorusError('INVALID_ARGUMENT', `block of ${data.length} bytes exceeds the block size ${this.blockSize}`);
+    const ring = this.opts.ring();
+    const perm = ring.getPeers(ref);
+    if (perm.peers.length === 0 || perm.replication === 0)
+      throw new TorusError('NO_PEER', 'the ring has no members: add storage nodes with `torusctl peer add`');
+    try {
+      if (this.writeLevel === 'local') {
+        await this.putOne('', ref, data);
+      } else {
+        const want = this.writeLevel === 'one' ? 1 : perm.replication;
+        await this.putReplicas(ref, data, perm.peers, want);
+      }
+    } catch (err) {
+      this.stats.failedWrites++;
+      throw err;
+    }
+    this.stats.writes++;
+    this.stats.writeBytes += data.length;
+    // A copy: the caller owns `data` and may reuse it.
+    this.cache?.set(blockRefKey(ref), padTo(data, this.blockSize));
+  }
+
+  private async putOne(uuid: string, ref: BlockRef, data: Uint8Array): Promise<void> {
+    if (uuid === '' || this.isSelf(uuid)) {
+      await this.opts.self!.store.putBlock(ref, data);
+      this.dirty.add('');
+      return;
+    }
+    const target = this.opts.target(uuid);
+    if (!target) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
+    const [status] = await this.opts.transport.put(target, [{ ref, data }]);
+    if (status) throw new TorusError(status, `peer ${target.address} refused block ${formatBlockRef(ref)}: ${status}`);
+    this.dirty.add(uuid);
+  }
+
+  private async putReplicas(ref: BlockRef, data: Uint8Array, peers: readonly string[], want: number): Promise<void> {
+    let next = want;
+    let ok = 0;
+    const errors: string[] = [];
+    let outOfSpace = 0;
+    // Owners in parallel; each failure pulls in the next peer of the permutation (a spill),
+    // so one dead owner does not fail the write while another node can take the copy.
+    const attempt = async (i: number): Promise<void> => {
+      const uuid = peers[i]!;
+      try {
+        await this.putOne(uuid, ref, data);
+        ok++;
+      } catch (err) {
+        const e = toTorusError(err);
+        if (e.code === 'OUT_OF_SPACE') outOfSpace++;
+        errors.push(`${this.opts.target(uuid)?.address ?? uuid}: ${e.message}`);
+        if (next < peers.length) {
+          this.stats.spills++;
+          await attempt(next++);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(want, peers.length) }, (_, i) => attempt(i)));
+    if (ok < want) {
+      const code: ErrorCode = outOfSpace > 0 && outOfSpace >= errors.length ? 'OUT_OF_SPACE' : 'NO_PEER';
+      throw new TorusError(code, `wrote block ${formatBlockRef(ref)} to only ${ok} of ${want} replicas (${errors.join('; ')})`);
+    }
+  }
+
+  /** Makes every put that completed before this call durable on the peers that took it. */
+  async flush(): Promise<void> {
+    const peers = [...this.dirty];
+    this.dirty = new Set();
+    const failures: string[] = [];
+    await Promise.all(
+      peers.map(async (uuid) => {
+        try {
+          if (uuid === '') await this.opts.self!.store.flush();
+          else {
+            const target = this.opts.target(uuid);
+            if (!target) throw new TorusError('NO_PEER', 'no known address');
+            await this.opts.transport.flush(target);
+          }
+        } catch (err) {
+          // Still dirty: the next flush must try again rather than claim durability.
+          this.dirty.add(uuid);
+          failures.push(`${uuid || 'local'}: ${toTorusError(err).message}`);
+        }
+      }),
+    );
+    this.stats.flushes++;
+    if (failures.length > 0) throw new TorusError('NO_PEER', `flush failed on ${failures.length} peer(s): ${failures.join('; ')}`);
+  }
+
+  // ---- reads ----
+
+  /**
+   * The whole block, from the first replica with a good copy. `crc` (CRC32C of the whole block,
+   * as the volume's inode records it) is checked end to end when given.
+   */
+  async getBlock(ref: BlockRef, crc?: number): Promise<Buffer> {
+    const key = blockRefKey(ref);
+    const cached = this.cache?.get(key);
+    if (cached) {
+      this.stats.cacheHits++;
+      return cached;
+    }
+    const data = await this.read(ref, 0, 0, crc);
+    this.cache?.set(key, data);
+    return data;
+  }
+
+  /** Part of a block; only the sectors touched are read and verified on the replica. */
+  async readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer> {
+    if (offset < 0 || length <= 0 || offset + length > this.blockSize)
+      throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);
+    const cached = this.cache?.get(blockRefKey(ref));
+    if (cached) {
+      this.stats.cacheHits++;
+      return cached.subarray(offset, offset + length);
+    }
+    return this.read(ref, offset, length);
+  }
+
+  private candidates(ref: BlockRef): string[] {
+    const perm = this.opts.ring().getPeers(ref);
+    const order = [...perm.peers];
+    // Our own disk first when we are a replica: no network, same verification.
+    const self = this.opts.self;
+    if (self && self.store.hasBlock(ref)) {
+      const i = order.indexOf(self.uuid);
+      if (i > 0) order.splice(i, 1);
+      if (i !== 0) order.unshift(self.uuid);
+    }
+    return order;
+  }
+
+  private async readFrom(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc?: number): Promise<Buffer> {
+    let data: Buffer;
+    if (this.isSelf(uuid)) {
+      const store = this.opts.self!.store;
+      data = length === 0 ? await store.getBlock(ref) : await store.readRange(ref, offset, length);
+    } else {
+      const target = this.opts.target(uuid);
+      if (!target) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
+      data = await this.opts.transport.get(target, ref, offset, length, timeoutMs);
+    }
+    if (crc !== undefined && length === 0 && (crc32c(data) >>> 0) !== crc >>> 0) {
+      throw new TorusError('CORRUPT', `block ${formatBlockRef(ref)} from ${uuid} fails its end-to-end checksum`);
+    }
+    return data;
+  }
+
+  private async read(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer> {
+    const peers = this.candidates(ref);
+    if (peers.length === 0) throw new TorusError('NO_PEER', 'the ring has no members');
+    const bad: string[] = [];
+    const errors: string[] = [];
+    let transient = false;
+    const note = (uuid: string, err: unknown): void => {
+      const e = toTorusError(err);
+      if (e.code === 'CORRUPT') {
+        this.stats.checksumFailures++;
+        bad.push(uuid);
+      } else if (e.code !== 'BLOCK_UNAVAILABLE' && e.code !== 'NOT_EXIST') {
+        transient = true;
+      }
+      errors.push(`${uuid}: ${e.message}`);
+    };
+    const done = (data: Buffer, from: string): Buffer => {
+      this.stats.reads++;
+      this.stats.readBytes += data.length;
+      if (bad.length > 0) this.scheduleRepair(ref, bad, from);
+      return data;
+    };
+
+    if (this.readLevel === 'spread') {
+      const owners = peers.slice(0, Math.max(1, this.opts.ring().getPeers(ref).replication));
+      let winner: string | undefined;
+      const attempts = owners.map(async (u) => {
+        try {
+          return [await this.readFrom(u, ref, offset, length, this.readTimeoutMs, crc), u] as const;
+        } catch (err) {
+          note(u, err);
+          // A bad copy found after another replica already answered still gets repaired.
+          if (winner !== undefined && isTorusError(err, 'CORRUPT')) this.scheduleRepair(ref, [u], winner);
+          throw err;
+        }
+      });
+      try {
+        const [data, from] = await Promise.any(attempts);
+        winner = from;
+        return done(data, from);
+      } catch {
+        // every owner failed: fall through to a sequential pass over everyone
+      }
+    }
+    const rounds = this.readLevel === 'block' ? 3 : 1;
+    for (let round = 0; round < rounds; round++) {
+      const timeout = this.readTimeoutMs * 2 ** round;
+      for (const [i, uuid] of peers.entries()) {
+        if (bad.includes(uuid)) continue;
+        try {
+          const data = await this.readFrom(uuid, ref, offset, length, timeout, crc);
+          if (i > 0 || round > 0) this.stats.replicaFallbacks++;
+          return done(data, uuid);
+        } catch (err) {
+          note(uuid, err);
+          if (isTorusError(err, 'INVALID_ARGUMENT')) throw err;
+        }
+      }
+      // Another round, with longer timeouts, only helps when a replica timed out or was unreachable.
+      if (!transient) break;
+      transient = false;
+    }
+    this.stats.failedReads++;
+    throw new TorusError('BLOCK_UNAVAILABLE', `no replica could serve block ${formatBlockRef(ref)} (${errors.slice(0, 4).join('; ')})`);
+  }
+
+  /** Replaces bad copies with the good one, in the background. A failed repair is retried by the next read. */
+  private scheduleRepair(ref: BlockRef, bad: string[], goodFrom: string): void {
+    const key = blockRefKey(ref);
+    if (this.repairing.has(key)) return;
+    this.repairing.add(key);
+    void (async () => {
+      try {
+        const good = await this.readFrom(goodFrom, ref, 0, 0, this.readTimeoutMs * 4);
+        for (const uuid of bad) {
+          try {
+            if (this.isSelf(uuid)) {
+              const store = this.opts.self!.store;
+              await store.deleteBlock(ref);
+              await store.putBlock(ref, good);
+              await store.flush();
+            } else {
+              const target = this.opts.target(uuid);
+              if (!target) continue;
+              // The bad copy must go first: a put of a ref the store already holds is a no-op.
+              await this.opts.transport.delete(target, [ref]);
+              const [status] = await this.opts.transport.put(target, [{ ref, data: good }]);
+              if (status) throw new TorusError(status, `repair put refused: ${status}`);
+              await this.opts.transport.flush(target);
+            }
+            this.stats.repairs++;
+          } catch (err) {
+            this.stats.repairFailures++;
+            this.opts.onRepairError?.(toTorusError(err), ref, uuid);
+          }
+        }
+      } catch (err) {
+        this.stats.repairFailures++;
+        this.opts.onRepairError?.(toTorusError(err), ref, goodFrom);
+      } finally {
+        this.repairing.delete(key);
+      }
+    })();
+  }
+
+  /** Waits for background repairs (tests and shutdown). */
+  async idle(): Promise<void> {
+    while (this.repairing.size > 0) await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+function padTo(data: Uint8Array, size: number): Buffer {
+  const b = Buffer.alloc(size);
+  b.set(data);
+  return b;
+}

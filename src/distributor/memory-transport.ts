@@ -1,0 +1,64 @@
+import { TorusError, toTorusError, type ErrorCode } from '../core/errors.js';
+import type { BlockRef } from '../core/ids.js';
+import type { BlockStore } from '../core/interfaces.js';
+import type { PeerTarget, PeerTransport, PutItem } from './transport.js';
+
+/**
+ * The in-process twin of the peer-RPC pool: each peer is a BlockStore in this process.
+ * `down` makes a peer unreachable, as a killed node would be.
+ */
+export class MemoryTransport implements PeerTransport {
+  readonly stores = new Map<string, BlockStore>();
+  readonly down = new Set<string>();
+  calls = { get: 0, put: 0, has: 0, delete: 0, flush: 0 };
+
+  add(uuid: string, store: BlockStore): PeerTarget {
+    this.stores.set(uuid, store);
+    return { uuid, address: `mem://${uuid}` };
+  }
+
+  private store(peer: PeerTarget): BlockStore {
+    if (this.down.has(peer.uuid)) throw new TorusError('TIMEOUT', `peer ${peer.uuid} is down`);
+    const s = this.stores.get(peer.uuid);
+    if (!s) throw new TorusError('BLOCK_UNAVAILABLE', `no peer ${peer.uuid}`);
+    return s;
+  }
+
+  async get(peer: PeerTarget, ref: BlockRef, offset: number, length: number): Promise<Buffer> {
+    this.calls.get++;
+    const s = this.store(peer);
+    return length === 0 ? s.getBlock(ref) : s.readRange(ref, offset, length);
+  }
+
+  async put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]> {
+    this.calls.put++;
+    const s = this.store(peer);
+    const out: (ErrorCode | null)[] = [];
+    for (const it of items) {
+      try {
+        await s.putBlock(it.ref, it.data);
+        out.push(null);
+      } catch (err) {
+        out.push(toTorusError(err).code);
+      }
+    }
+    return out;
+  }
+
+  async has(peer: PeerTarget, refs: readonly BlockRef[]): Promise<boolean[]> {
+    this.calls.has++;
+    const s = this.store(peer);
+    return refs.map((r) => s.hasBlock(r));
+  }
+
+  async delete(peer: PeerTarget, refs: readonly BlockRef[]): Promise<void> {
+    this.calls.delete++;
+    const s = this.store(peer);
+    for (const r of refs) await s.deleteBlock(r);
+  }
+
+  async flush(peer: PeerTarget): Promise<void> {
+    this.calls.flush++;
+    await this.store(peer).flush();
+  }
+}

@@ -1,0 +1,25 @@
+import type { ErrorCode } from '../core/errors.js';
+import type { BlockRef } from '../core/ids.js';
+
+// What the distributor needs from the network: block operations addressed to one peer. The
+// peer-RPC pool is the real one; tests use MemoryTransport, which calls stores in-process.
+
+export interface PeerTarget {
+  readonly uuid: string;
+  readonly address: string;
+}
+
+export interface PutItem {
+  readonly ref: BlockRef;
+  readonly data: Uint8Array;
+}
+
+export interface PeerTransport {
+  /** `length` 0 with `offset` 0 reads the whole block. */
+  get(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number): Promise<Buffer>;
+  /** One status per item: null for stored, else the error code. */
+  put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]>;
+  has(peer: PeerTarget, refs: readonly BlockRef[]): Promise<boolean[]>;
+  delete(peer: PeerTarget, refs: readonly BlockRef[]): Promise<void>;
+  flush(peer: PeerTarget): Promise<void>;
+}
