@@ -163,3 +163,29 @@ test('the read cache serves repeated reads without the network', async () => {
   assert.equal(transport.calls.get, gets);
   assert.ok(dist.stats.cacheHits >= 2);
 });
+
+test('a replica lost between put and flush: the flush re-sends its blocks elsewhere and succeeds', async () => {
+  const { dist, transport, holders, ring, stores } = setup({ peers: 4, replication: 2 });
+  const refs = Array.from({ length: 40 }, (_, i) => ref(100 + i));
+  for (const r of refs) await dist.putBlock(r, block(r.index));
+  const victim = ring().getPeers(refs[0]!).peers[0]!;
+  transport.down.add(victim);
+  await dist.flush();
+  assert.equal(dist.unflushedBytes, 0);
+  for (const r of refs) {
+    const live = holders(r).filter((u) => u !== victim);
+    assert.ok(live.length >= 2, `block ${r.index} has ${live.length} live copies`);
+    for (const u of live) assert.deepEqual(await stores.get(u)!.getBlock(r), block(r.index));
+  }
+});
+
+test('unflushed data is bounded: past the limit a put flushes first', async () => {
+  const transport = new MemoryTransport();
+  const store = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 100 });
+  transport.add('only', store);
+  const ring = createRing(newRingModel('ketama', 1, [{ uuid: 'only', totalBlocks: 100 }], 2));
+  const dist = new Distributor({ blockSize: BS, ring: () => ring, target: (u) => ({ uuid: u, address: 'mem://only' }), transport, maxPendingBytes: 4 * BS });
+  for (let i = 0; i < 10; i++) await dist.putBlock(ref(i), block(i));
+  assert.ok(transport.calls.flush >= 2, 'automatic flushes happened');
+  assert.ok(dist.unflushedBytes <= 4 * BS);
+});

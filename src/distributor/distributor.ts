@@ -28,6 +28,8 @@ export interface DistributorOptions {
   /** Per-peer timeout for a read; `block` level doubles it on each retry round. */
   readonly readTimeoutMs?: number;
   readonly onRepairError?: (err: Error, ref: BlockRef, peer: string) => void;
+  /** Unflushed data held for re-sending; past it a put first flushes. */
+  readonly maxPendingBytes?: number;
 }
 
 export interface DistributorStats {
@@ -52,8 +54,16 @@ export class Distributor {
   private readonly writeLevel: WriteLevel;
   private readonly readLevel: ReadLevel;
   private readonly readTimeoutMs: number;
-  /** Peers holding puts that no flush has covered yet ('' = the local store). */
-  private dirty = new Set<string>();
+  /**
+   * Puts that no flush has made durable yet, per peer ('' = the local store), and their data.
+   * The data is kept until every peer that took the block has flushed it, so a replica that
+   * dies between put and flush costs a re-send to another peer, not the block.
+   */
+  private pending = new Map<string, Set<string>>();
+  private readonly pendingData = new Map<string, PendingBlock>();
+  private pendingBytes = 0;
+  private autoFlush: Promise<void> | undefined;
+  private readonly maxPendingBytes: number;
   private readonly repairing = new Set<string>();
   readonly stats: DistributorStats = {
     reads: 0,
@@ -76,6 +86,7 @@ export class Distributor {
     this.writeLevel = opts.writeLevel ?? 'all';
     this.readLevel = opts.readLevel ?? 'block';
     this.readTimeoutMs = opts.readTimeoutMs ?? 2000;
+    this.maxPendingBytes = opts.maxPendingBytes ?? 256 * 1024 * 1024;
     if (this.writeLevel === 'local' && !opts.self)
       throw new TorusError('INVALID_ARGUMENT', 'write level "local" needs a local disk: only storage nodes can use it');
     const cacheBytes = opts.readCacheBytes ?? 0;
@@ -95,16 +106,24 @@ export class Distributor {
    */
   async putBlock(ref: BlockRef, data: Uint8Array): Promise<void> {
     if (data.length > this.blockSize) throw new TorusError('INVALID_ARGUMENT', `block of ${data.length} bytes exceeds the block size ${this.blockSize}`);
+    if (this.pendingBytes >= this.maxPendingBytes) {
+      // Memory pressure: make what is pending durable (and forgettable) before taking more.
+      this.autoFlush ??= this.flush().finally(() => (this.autoFlush = undefined));
+      await this.autoFlush;
+    }
+    // One private copy serves the replicas, the re-send after a failed flush, and the cache:
+    // the caller owns `data` and may reuse it as soon as we return.
+    const block = padTo(data, this.blockSize);
     const ring = this.opts.ring();
     const perm = ring.getPeers(ref);
     if (perm.peers.length === 0 || perm.replication === 0)
       throw new TorusError('NO_PEER', 'the ring has no members: add storage nodes with `torusctl peer add`');
     try {
       if (this.writeLevel === 'local') {
-        await this.putOne('', ref, data);
+        await this.putOne('', ref, block);
       } else {
         const want = this.writeLevel === 'one' ? 1 : perm.replication;
-        await this.putReplicas(ref, data, perm.peers, want);
+        await this.putReplicas(ref, block, perm.peers, want, new Set());
       }
     } catch (err) {
       this.stats.failedWrites++;
@@ -112,24 +131,50 @@ export class Distributor {
     }
     this.stats.writes++;
     this.stats.writeBytes += data.length;
-    // A copy: the caller owns `data` and may reuse it.
-    this.cache?.set(blockRefKey(ref), padTo(data, this.blockSize));
+    this.cache?.set(blockRefKey(ref), block);
   }
 
-  private async putOne(uuid: string, ref: BlockRef, data: Uint8Array): Promise<void> {
-    if (uuid === '' || this.isSelf(uuid)) {
+  private async putOne(uuid: string, ref: BlockRef, data: Buffer): Promise<void> {
+    const peer = uuid === '' || this.isSelf(uuid) ? '' : uuid;
+    if (peer === '') {
       await this.opts.self!.store.putBlock(ref, data);
-      this.dirty.add('');
-      return;
+    } else {
+      const target = this.opts.target(uuid);
+      if (!target) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
+      const [status] = await this.opts.transport.put(target, [{ ref, data }]);
+      if (status) throw new TorusError(status, `peer ${target.address} refused block ${formatBlockRef(ref)}: ${status}`);
     }
-    const target = this.opts.target(uuid);
-    if (!target) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
-    const [status] = await this.opts.transport.put(target, [{ ref, data }]);
-    if (status) throw new TorusError(status, `peer ${target.address} refused block ${formatBlockRef(ref)}: ${status}`);
-    this.dirty.add(uuid);
+    this.addPending(peer, ref, data);
   }
 
-  private async putReplicas(ref: BlockRef, data: Uint8Array, peers: readonly string[], want: number): Promise<void> {
+  private addPending(peer: string, ref: BlockRef, data: Buffer): void {
+    const key = blockRefKey(ref);
+    let keys = this.pending.get(peer);
+    if (!keys) this.pending.set(peer, (keys = new Set()));
+    keys.add(key);
+    let entry = this.pendingData.get(key);
+    if (!entry) {
+      entry = { ref, data, pending: new Set(), durable: new Set() };
+      this.pendingData.set(key, entry);
+      this.pendingBytes += data.length;
+    }
+    entry.pending.add(peer);
+  }
+
+  private dropPending(key: string): void {
+    const entry = this.pendingData.get(key);
+    if (!entry) return;
+    this.pendingData.delete(key);
+    this.pendingBytes -= entry.data.length;
+  }
+
+  /** Bytes written but not yet made durable by a flush. */
+  get unflushedBytes(): number {
+    return this.pendingBytes;
+  }
+
+  private async putReplicas(ref: BlockRef, data: Buffer, allPeers: readonly string[], want: number, exclude: ReadonlySet<string>): Promise<void> {
+    const peers = exclude.size === 0 ? allPeers : allPeers.filter((p) => !exclude.has(p));
     let next = want;
     let ok = 0;
     const errors: string[] = [];
@@ -158,29 +203,75 @@ export class Distributor {
     }
   }
 
-  /** Makes every put that completed before this call durable on the peers that took it. */
+  /**
+   * Makes every put that completed before this call durable. A peer whose flush fails is
+   * treated as lost for those blocks: they are sent to the next peers in ring order and
+   * flushed there, so the call succeeds as long as R copies can be made durable somewhere.
+   */
   async flush(): Promise<void> {
-    const peers = [...this.dirty];
-    this.dirty = new Set();
-    const failures: string[] = [];
-    await Promise.all(
-      peers.map(async (uuid) => {
-        try {
-          if (uuid === '') await this.opts.self!.store.flush();
-          else {
-            const target = this.opts.target(uuid);
-            if (!target) throw new TorusError('NO_PEER', 'no known address');
-            await this.opts.transport.flush(target);
+    const failed = new Set<string>();
+    const uuidOf = (peer: string): string => (peer === '' ? (this.opts.self?.uuid ?? '') : peer);
+    for (let round = 0; round < 4; round++) {
+      const batch = [...this.pending].filter(([, keys]) => keys.size > 0);
+      if (batch.length === 0) {
+        this.stats.flushes++;
+        return;
+      }
+      for (const [peer] of batch) this.pending.set(peer, new Set());
+      const outcomes = await Promise.all(
+        batch.map(async ([peer, keys]) => {
+          try {
+            if (peer === '') await this.opts.self!.store.flush();
+            else {
+              const target = this.opts.target(peer);
+              if (!target) throw new TorusError('NO_PEER', `peer ${peer} has no known address`);
+              await this.opts.transport.flush(target);
+            }
+            return { peer, keys, ok: true };
+          } catch {
+            return { peer, keys, ok: false };
           }
-        } catch (err) {
-          // Still dirty: the next flush must try again rather than claim durability.
-          this.dirty.add(uuid);
-          failures.push(`${uuid || 'local'}: ${toTorusError(err).message}`);
+        }),
+      );
+      const resend = new Set<string>();
+      for (const { peer, keys, ok } of outcomes) {
+        if (!ok) failed.add(uuidOf(peer));
+        for (const key of keys) {
+          const e = this.pendingData.get(key);
+          if (!e) continue;
+          e.pending.delete(peer);
+          if (ok) e.durable.add(uuidOf(peer));
+          else resend.add(key);
         }
-      }),
-    );
-    this.stats.flushes++;
-    if (failures.length > 0) throw new TorusError('NO_PEER', `flush failed on ${failures.length} peer(s): ${failures.join('; ')}`);
+      }
+      for (const { keys } of outcomes)
+        for (const key of keys) {
+          const e = this.pendingData.get(key);
+          if (e && e.pending.size === 0 && !resend.has(key)) this.dropPending(key);
+        }
+      if (resend.size === 0) continue;
+      // What a failed peer took may be lost: send another copy to a peer that neither holds it
+      // nor failed, and let the next round flush it there.
+      const errors: string[] = [];
+      await Promise.all(
+        [...resend].map(async (key) => {
+          const e = this.pendingData.get(key)!;
+          const exclude = new Set([...failed, ...e.durable, ...[...e.pending].map(uuidOf)]);
+          try {
+            this.stats.spills++;
+            await this.putReplicas(e.ref, e.data, this.opts.ring().getPeers(e.ref).peers, 1, exclude);
+          } catch (err) {
+            errors.push(toTorusError(err).message);
+            if (e.pending.size === 0) this.dropPending(key);
+          }
+        }),
+      );
+      if (errors.length > 0) {
+        this.stats.failedWrites += errors.length;
+        throw new TorusError('NO_PEER', `flush failed: ${errors.length} block(s) could not be made durable on enough peers (${errors[0]})`);
+      }
+    }
+    throw new TorusError('NO_PEER', 'flush failed: peers kept failing while flushing');
   }
 
   // ---- reads ----
@@ -351,6 +442,15 @@ export class Distributor {
   async idle(): Promise<void> {
     while (this.repairing.size > 0) await new Promise((r) => setTimeout(r, 10));
   }
+}
+
+interface PendingBlock {
+  readonly ref: BlockRef;
+  readonly data: Buffer;
+  /** Peers that took the block and have not flushed since. */
+  readonly pending: Set<string>;
+  /** Peers that flushed it during the current flush. */
+  readonly durable: Set<string>;
 }
 
 function padTo(data: Uint8Array, size: number): Buffer {

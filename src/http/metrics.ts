@@ -1,84 +1,75 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
-// The only module that knows about Prometheus. Other modules expose plain numbers (stats()
-// functions, counters) and this one turns them into metrics at scrape time.
+// The only module that knows about Prometheus. Other modules keep plain counters (their stats()
+// objects); at scrape time a collect function turns them into samples, and this module turns
+// samples into metrics. Latencies, which need histograms, come in through observeRpc().
 
-export interface NodeMetricsSource {
-  capacityBlocks(): number;
-  usedBlocks(): number;
-  blockSize(): number;
-  ringVersion(): number;
-  peersSeen(): number;
+export interface MetricSample {
+  readonly name: string;
+  readonly help: string;
+  /** Counters are monotonic totals read from a stats object; gauges are levels. */
+  readonly type: 'counter' | 'gauge';
+  readonly value: number;
+  readonly labels?: Readonly<Record<string, string>>;
 }
 
 export class NodeMetrics {
   readonly registry = new Registry();
-  readonly heartbeats: Counter;
-  readonly heartbeatFailures: Counter;
-  readonly etcdLatency: Histogram;
+  private readonly gauges = new Map<string, Gauge>();
+  private readonly counters = new Map<string, { metric: Counter; last: Map<string, number> }>();
+  private readonly rpcLatency: Histogram;
+  private readonly rpcErrors: Counter;
 
-  constructor(source: NodeMetricsSource) {
+  constructor(private readonly collect: () => MetricSample[]) {
     collectDefaultMetrics({ register: this.registry, prefix: 'torus_' });
-    const r = [this.registry];
-    new Gauge({
-      name: 'torus_storage_blocks_total',
-      help: 'Capacity of the local block store, in blocks',
-      registers: r,
-      collect() {
-        this.set(source.capacityBlocks());
-      },
+    this.rpcLatency = new Histogram({
+      name: 'torus_rpc_request_seconds',
+      help: 'Peer RPC request latency by peer and operation',
+      labelNames: ['peer', 'op'],
+      buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+      registers: [this.registry],
     });
-    new Gauge({
-      name: 'torus_storage_blocks',
-      help: 'Blocks stored in the local block store',
-      registers: r,
-      collect() {
-        this.set(source.usedBlocks());
-      },
-    });
-    new Gauge({
-      name: 'torus_storage_capacity_bytes',
-      help: 'Capacity of the local block store, in bytes',
-      registers: r,
-      collect() {
-        this.set(source.capacityBlocks() * source.blockSize());
-      },
-    });
-    new Gauge({
-      name: 'torus_storage_used_bytes',
-      help: 'Bytes used in the local block store',
-      registers: r,
-      collect() {
-        this.set(source.usedBlocks() * source.blockSize());
-      },
-    });
-    new Gauge({
-      name: 'torus_ring_version',
-      help: 'Version of the ring this node currently follows',
-      registers: r,
-      collect() {
-        this.set(source.ringVersion());
-      },
-    });
-    new Gauge({
-      name: 'torus_server_peers_total',
-      help: 'Peers registered in etcd as of the last heartbeat',
-      registers: r,
-      collect() {
-        this.set(source.peersSeen());
-      },
-    });
-    this.heartbeats = new Counter({ name: 'torus_server_heartbeats_total', help: 'Heartbeats written to etcd', registers: r });
-    this.heartbeatFailures = new Counter({ name: 'torus_server_heartbeat_failures_total', help: 'Heartbeats that failed', registers: r });
-    this.etcdLatency = new Histogram({
-      name: 'torus_etcd_heartbeat_seconds',
-      help: 'Time to write a heartbeat to etcd',
-      buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
-      registers: r,
+    this.rpcErrors = new Counter({
+      name: 'torus_rpc_request_errors_total',
+      help: 'Peer RPC requests that failed, by peer, operation and error code',
+      labelNames: ['peer', 'op', 'code'],
+      registers: [this.registry],
     });
   }
 
+  observeRpc(peer: string, op: string, seconds: number, errorCode?: string): void {
+    this.rpcLatency.observe({ peer, op }, seconds);
+    if (errorCode) this.rpcErrors.inc({ peer, op, code: errorCode });
+  }
+
+  private apply(s: MetricSample): void {
+    const labels = s.labels ?? {};
+    const labelNames = Object.keys(labels).sort();
+    if (s.type === 'gauge') {
+      let g = this.gauges.get(s.name);
+      if (!g) {
+        g = new Gauge({ name: s.name, help: s.help, labelNames, registers: [this.registry] });
+        this.gauges.set(s.name, g);
+      }
+      g.set(labels, s.value);
+      return;
+    }
+    let c = this.counters.get(s.name);
+    if (!c) {
+      c = { metric: new Counter({ name: s.name, help: s.help, labelNames, registers: [this.registry] }), last: new Map() };
+      this.counters.set(s.name, c);
+    }
+    const key = JSON.stringify(labelNames.map((k) => labels[k]));
+    const prev = c.last.get(key) ?? 0;
+    // A source that restarted (a reconnected client, say) counts again from zero.
+    const delta = s.value >= prev ? s.value - prev : s.value;
+    c.last.set(key, s.value);
+    if (delta > 0) c.metric.inc(labels, delta);
+    else c.metric.inc(labels, 0);
+  }
+
   async render(): Promise<{ contentType: string; body: string }> {
+    for (const s of this.collect()) this.apply(s);
     return { contentType: this.registry.contentType, body: await this.registry.metrics() };
   }
 }

@@ -1,7 +1,7 @@
 import { TorusError, isTorusError } from '../core/errors.js';
 import type { MetadataService } from '../core/interfaces.js';
 import type { PeerInfo, RingModel, RingPeer, RingType } from '../core/models.js';
-import { addPeers, changeReplication, createRing, newRingModel, removePeers } from '../ring/index.js';
+import { addPeers, changeReplication, newRingModel, removePeers, validateRingModel } from '../ring/index.js';
 
 // Cluster administration shared by torusctl and torusd --auto-join: resolving peers, reading their
 // state, and changing the ring with compare-and-swap.
@@ -50,7 +50,7 @@ export async function updateRing(meta: MetadataService, change: (cur: RingModel)
   for (let i = 0; ; i++) {
     const cur = await meta.getRing();
     const next = change(cur);
-    createRing(next); // validate before it can reach etcd
+    validateRingModel(next); // before it can reach etcd
     try {
       await meta.setRing(next);
       return next;

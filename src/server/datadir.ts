@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, statfsSync, unlinkSync, writeFileSync, writeSync, fsyncSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, statfsSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { TorusError } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
@@ -28,62 +28,31 @@ function writeAtomic(path: string, text: string): void {
   renameSync(tmp, path);
 }
 
-export function loadOrCreateIdentity(dataDir: string, clusterId: string, etcdDesc: string): NodeIdentity {
-  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+/** The identity a data dir already has; WRONG_CLUSTER if it was formatted for another cluster. */
+export function readIdentity(dataDir: string, clusterId: string, etcdDesc: string): NodeIdentity | undefined {
   const path = join(dataDir, IDENTITY_FILE);
-  if (existsSync(path)) {
-    let id: NodeIdentity;
-    try {
-      id = JSON.parse(readFileSync(path, 'utf8')) as NodeIdentity;
-    } catch {
-      throw new TorusError('IO', `${path} is damaged; move the data dir away to start this node afresh`);
-    }
-    if (typeof id.uuid !== 'string' || typeof id.clusterId !== 'string') throw new TorusError('IO', `${path} is damaged`);
-    if (id.clusterId !== clusterId)
-      throw new TorusError(
-        'WRONG_CLUSTER',
-        `data dir ${resolve(dataDir)} belongs to cluster ${id.clusterId}, but etcd at ${etcdDesc} holds cluster ${clusterId}: use another --data-dir, or empty this one if its data is no longer wanted`,
-      );
-    return id;
+  if (!existsSync(path)) return undefined;
+  let id: NodeIdentity;
+  try {
+    id = JSON.parse(readFileSync(path, 'utf8')) as NodeIdentity;
+  } catch {
+    throw new TorusError('IO', `${path} is damaged; move the data dir away to start this node afresh`);
   }
-  const id: NodeIdentity = { uuid: randomUUID(), clusterId, createdAt: new Date().toISOString() };
-  writeAtomic(path, `${JSON.stringify(id, null, 2)}\n`);
+  if (typeof id.uuid !== 'string' || typeof id.clusterId !== 'string') throw new TorusError('IO', `${path} is damaged`);
+  if (id.clusterId !== clusterId)
+    throw new TorusError(
+      'WRONG_CLUSTER',
+      `data dir ${resolve(dataDir)} belongs to cluster ${id.clusterId}, but etcd at ${etcdDesc} holds cluster ${clusterId}: use another --data-dir, or empty this one if its data is no longer wanted`,
+    );
   return id;
 }
 
-/** Only one torusd per data dir: a pid file created exclusively, stale ones reclaimed. */
-export function lockDataDir(dataDir: string): () => void {
-  const path = join(dataDir, 'torusd.pid');
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      const fd = openSync(path, 'wx', 0o600);
-      writeSync(fd, `${process.pid}\n`);
-      closeSync(fd);
-      return () => {
-        try {
-          unlinkSync(path);
-        } catch {
-          // already gone
-        }
-      };
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new TorusError('IO', `cannot create ${path}: ${(err as Error).message}`);
-      const pid = Number(readFileSync(path, 'utf8').trim());
-      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && processAlive(pid))
-        throw new TorusError('LOCKED', `data dir ${resolve(dataDir)} is in use by torusd pid ${pid}`);
-      unlinkSync(path);
-    }
-  }
-  throw new TorusError('LOCKED', `cannot lock data dir ${resolve(dataDir)}`);
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
+/** Gives a fresh data dir its identity. Call with the data dir locked (the block store's lock). */
+export function createIdentity(dataDir: string, clusterId: string): NodeIdentity {
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const id: NodeIdentity = { uuid: randomUUID(), clusterId, createdAt: new Date().toISOString() };
+  writeAtomic(join(dataDir, IDENTITY_FILE), `${JSON.stringify(id, null, 2)}\n`);
+  return id;
 }
 
 /**

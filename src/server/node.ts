@@ -1,14 +1,20 @@
+import { readdirSync, statSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { TorusError, isTorusError, toTorusError } from '../core/errors.js';
-import type { MetadataService, Unsubscribe } from '../core/interfaces.js';
-import { IDLE_REBALANCE, type GlobalMetadata, type PeerInfo, type RingModel } from '../core/models.js';
+import type { MetadataService } from '../core/interfaces.js';
+import { IDLE_REBALANCE, type GlobalMetadata, type PeerInfo } from '../core/models.js';
 import { PROTOCOL_VERSION, VERSION } from '../core/version.js';
+import { ClusterView } from '../distributor/cluster-view.js';
+import { openBlockClient, type BlockClient } from '../distributor/open.js';
 import { HttpServer } from '../http/server.js';
-import { NodeMetrics } from '../http/metrics.js';
+import { NodeMetrics, type MetricSample } from '../http/metrics.js';
 import { addPeers } from '../ring/index.js';
+import { RpcServer } from '../rpc/server.js';
+import { FileBlockStore } from '../storage/file-store.js';
 import { isStale, ringPeerOf, updateRing } from './cluster.js';
-import { loadOrCreateIdentity, lockDataDir, resolveStorageSize, type NodeIdentity } from './datadir.js';
+import { createIdentity, readIdentity, resolveStorageSize, type NodeIdentity } from './datadir.js';
 
 // The storage node (torusd): identity, heartbeat, ring watch, HTTP. The composition root for
 // everything a node runs; the CLI only parses flags into NodeOptions.
@@ -69,94 +75,122 @@ function firstExternalIPv4(): string {
   return '127.0.0.1';
 }
 
+/** Share of capacity above which a node warns that it is nearly full. */
+export const NEARLY_FULL = 0.9;
+
+function allocatedBytes(dir: string): number {
+  // What this node's files already occupy counts as available to it when --size is checked.
+  let total = 0;
+  try {
+    for (const name of readdirSync(dir)) {
+      const st = statSync(join(dir, name));
+      if (st.isFile()) total += st.blocks * 512;
+    }
+  } catch {
+    // no block dir yet
+  }
+  return total;
+}
+
 export class StorageNode {
-  readonly identity: NodeIdentity;
-  readonly global: GlobalMetadata;
-  readonly totalBlocks: number;
   readonly address: string;
-  private ring: RingModel | undefined;
+  readonly metrics: NodeMetrics;
+  private readonly heartbeatMs: number;
+  private readonly http: HttpServer | undefined;
+  private rpc: RpcServer | undefined;
+  private client: BlockClient | undefined;
+  private httpAddr = '';
   private peersSeen = 0;
   private lastHeartbeatOk = 0;
   private lastHeartbeatError = '';
+  private heartbeats = 0;
+  private heartbeatFailures = 0;
   private heartbeatTimer: NodeJS.Timeout | undefined;
-  private unwatchRing: Unsubscribe | undefined;
-  private readonly http: HttpServer | undefined;
-  readonly metrics: NodeMetrics;
-  private httpAddr: string = '';
+  private warnedFull = false;
   private stopping = false;
-  private readonly unlockDir: () => void;
-  private readonly heartbeatMs: number;
-  private readonly usedBlocks = 0;
 
   private constructor(
     private readonly opts: NodeOptions,
-    identity: NodeIdentity,
-    global: GlobalMetadata,
-    totalBlocks: number,
-    unlockDir: () => void,
+    readonly identity: NodeIdentity,
+    readonly global: GlobalMetadata,
+    readonly store: FileBlockStore,
   ) {
-    this.identity = identity;
-    this.global = global;
-    this.totalBlocks = totalBlocks;
-    this.unlockDir = unlockDir;
     this.heartbeatMs = opts.heartbeatMs ?? 5000;
     this.address = opts.peerAddress ? parsePeerAddress(opts.peerAddress).url : '';
-    this.metrics = new NodeMetrics({
-      capacityBlocks: () => this.totalBlocks,
-      usedBlocks: () => this.usedBlocks,
-      blockSize: () => this.global.blockSize,
-      ringVersion: () => this.ring?.version ?? 0,
-      peersSeen: () => this.peersSeen,
-    });
+    this.metrics = new NodeMetrics(() => this.samples());
     if (opts.httpHost !== undefined || opts.httpPort !== undefined)
       this.http = new HttpServer(this.metrics, { problems: () => this.problems(), status: () => this.status() });
   }
 
   static async start(opts: NodeOptions): Promise<StorageNode> {
-    if (opts.peerAddress) parsePeerAddress(opts.peerAddress); // fail on a bad flag before touching anything
+    const peer = opts.peerAddress ? parsePeerAddress(opts.peerAddress) : undefined; // fail on a bad flag before touching anything
     const global = await opts.meta.globalMetadata();
+    const blockDir = join(opts.dataDir, 'block');
     // Every check that can refuse the flags runs before the data dir gets an identity.
-    const bytes = resolveStorageSize(opts.size, opts.dataDir, 0);
-    const totalBlocks = Math.floor(bytes / global.blockSize);
-    if (totalBlocks < 1)
+    const bytes = resolveStorageSize(opts.size, opts.dataDir, allocatedBytes(blockDir));
+    if (bytes < global.blockSize)
       throw new TorusError('INVALID_ARGUMENT', `--size ${opts.size} holds no block of the cluster's block size (${global.blockSize} bytes)`);
-    const identity = loadOrCreateIdentity(opts.dataDir, global.clusterId, opts.etcdDesc);
-    const unlock = lockDataDir(opts.dataDir);
+    const known = readIdentity(opts.dataDir, global.clusterId, opts.etcdDesc);
+    // The block store's lock is the data dir's lock: one torusd per data dir.
+    const store = await FileBlockStore.open({ dir: blockDir, blockSize: global.blockSize, sizeBytes: bytes });
     let node: StorageNode | undefined;
     try {
-      node = new StorageNode(opts, identity, global, totalBlocks, unlock);
-      await node.run();
+      const identity = known ?? createIdentity(opts.dataDir, global.clusterId);
+      node = new StorageNode(opts, identity, global, store);
+      await node.run(peer);
       return node;
     } catch (err) {
       if (node) await node.stop().catch(() => undefined);
-      else unlock();
+      else await store.close().catch(() => undefined);
       throw err;
     }
   }
 
-  private async run(): Promise<void> {
+  private async run(peer: PeerAddress | undefined): Promise<void> {
     const log = this.opts.log;
+    if (peer) {
+      this.rpc = new RpcServer({
+        service: this.store,
+        identity: { uuid: this.identity.uuid, clusterId: this.global.clusterId },
+        software: `torusd ${VERSION}`,
+        onConnectionError: (err, remote) => log.warn({ remote, err: err.message }, 'peer connection dropped'),
+      });
+      try {
+        await this.rpc.listen(peer.port, peer.listenHost);
+      } catch (err) {
+        throw new TorusError('INVALID_ARGUMENT', `cannot listen on ${peer.listenHost}:${peer.port} for --peer-address: ${(err as Error).message}`);
+      }
+      log.info({ address: this.address }, 'serving peer RPC');
+    }
     if (this.http) {
       const host = this.opts.httpHost ?? '127.0.0.1';
       const { port } = await this.http.listen(host, this.opts.httpPort ?? 4321);
       this.httpAddr = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
       log.info({ http: this.httpAddr }, 'serving HTTP');
     }
-    this.unwatchRing = this.opts.meta.watchRing(
-      (ring) => {
-        const prev = this.ring?.version;
-        this.ring = ring;
-        log.info({ version: ring.version, type: ring.type, replication: ring.replication, members: ring.peers.length, member: ring.peers.some((p) => p.uuid === this.identity.uuid) }, prev === undefined ? 'ring loaded' : 'ring changed');
-      },
-      (err) => log.warn({ err: err.message }, 'ring watch error'),
-    );
-    // The first heartbeat is synchronous with start-up so `list-peers` shows the node as soon as
+    this.client = await openBlockClient({
+      meta: this.opts.meta,
+      self: { uuid: this.identity.uuid, store: this.store },
+      onError: (err) => log.warn({ err: err.message }, 'cluster view'),
+    });
+    this.view.onRing((ring, prev) => {
+      log.info(
+        { version: ring.version, type: ring.type, replication: ring.replication, members: ring.members().length, member: ring.members().includes(this.identity.uuid) },
+        prev ? 'ring changed' : 'ring loaded',
+      );
+    });
+    // The first heartbeat is part of start-up, so `list-peers` shows the node as soon as
     // torusd says it is up, and a node that cannot register fails loudly instead of idling.
     await this.heartbeat();
     if (this.lastHeartbeatError) throw new TorusError('ETCD_UNAVAILABLE', `cannot register with etcd at ${this.opts.etcdDesc}: ${this.lastHeartbeatError}`);
     this.scheduleHeartbeat();
     if (this.opts.autoJoin) await this.autoJoin();
-    log.info({ uuid: this.identity.uuid, address: this.address, blocks: this.totalBlocks, blockSize: this.global.blockSize }, 'torusd started');
+    log.info({ uuid: this.identity.uuid, address: this.address, blocks: this.store.numBlocks(), used: this.store.usedBlocks(), blockSize: this.global.blockSize }, 'torusd started');
+  }
+
+  private get view(): ClusterView {
+    if (!this.client) throw new TorusError('INTERNAL', 'node not started');
+    return this.client.view;
   }
 
   private info(): PeerInfo {
@@ -166,8 +200,8 @@ export class StorageNode {
       httpAddress: this.httpAddr,
       lastSeen: Date.now(),
       heartbeatMs: this.heartbeatMs,
-      totalBlocks: this.totalBlocks,
-      usedBlocks: this.usedBlocks,
+      totalBlocks: this.store.numBlocks(),
+      usedBlocks: this.store.usedBlocks(),
       blockSize: this.global.blockSize,
       protocolVersion: PROTOCOL_VERSION,
       rebalance: IDLE_REBALANCE,
@@ -183,22 +217,23 @@ export class StorageNode {
   }
 
   private async heartbeat(): Promise<void> {
-    const end = this.metrics.etcdLatency.startTimer();
     try {
+      const info = this.info();
       // The lease outlives three missed heartbeats: one slow etcd round does not make a node DOWN.
-      await this.opts.meta.registerPeer(this.info(), this.heartbeatMs * 3);
+      await this.opts.meta.registerPeer(info, this.heartbeatMs * 3);
       this.peersSeen = (await this.opts.meta.getPeers()).filter((p) => !isStale(p, Date.now())).length;
-      this.metrics.heartbeats.inc();
+      this.heartbeats++;
       if (this.lastHeartbeatError) this.opts.log.info('heartbeat restored');
       this.lastHeartbeatOk = Date.now();
       this.lastHeartbeatError = '';
+      const full = info.usedBlocks / Math.max(1, info.totalBlocks);
+      if (full >= NEARLY_FULL && !this.warnedFull) this.opts.log.warn({ used: info.usedBlocks, total: info.totalBlocks }, 'storage is nearly full');
+      this.warnedFull = full >= NEARLY_FULL;
     } catch (err) {
-      this.metrics.heartbeatFailures.inc();
+      this.heartbeatFailures++;
       const msg = toTorusError(err).message;
       if (msg !== this.lastHeartbeatError) this.opts.log.warn({ err: msg }, 'heartbeat failed');
       this.lastHeartbeatError = msg;
-    } finally {
-      end();
     }
   }
 
@@ -216,24 +251,79 @@ export class StorageNode {
     const out: string[] = [];
     if (this.lastHeartbeatError) out.push(`etcd: ${this.lastHeartbeatError}`);
     if (Date.now() - this.lastHeartbeatOk > 3 * this.heartbeatMs) out.push('no successful heartbeat in the last three intervals');
-    if (!this.ring) out.push('ring not loaded yet');
+    const used = this.store.usedBlocks() / Math.max(1, this.store.numBlocks());
+    if (used >= NEARLY_FULL) out.push(`storage ${(used * 100).toFixed(1)}% full`);
     return out;
   }
 
   status(): Record<string, unknown> {
+    let ring: { version: number; member: boolean } | null = null;
+    try {
+      ring = { version: this.view.ring.version, member: this.view.ring.members().includes(this.identity.uuid) };
+    } catch {
+      ring = null;
+    }
     return {
       uuid: this.identity.uuid,
       clusterId: this.identity.clusterId,
       address: this.address,
       blockSize: this.global.blockSize,
-      totalBlocks: this.totalBlocks,
-      usedBlocks: this.usedBlocks,
-      ringVersion: this.ring?.version ?? 0,
-      ringMember: this.ring?.peers.some((p) => p.uuid === this.identity.uuid) ?? false,
+      totalBlocks: this.store.numBlocks(),
+      usedBlocks: this.store.usedBlocks(),
+      ring,
       lastHeartbeat: this.lastHeartbeatOk ? new Date(this.lastHeartbeatOk).toISOString() : null,
       problems: this.problems(),
+      storage: this.store.stats(),
+      rpc: this.rpc?.stats() ?? null,
       version: VERSION,
     };
+  }
+
+  private samples(): MetricSample[] {
+    const bs = this.global.blockSize;
+    const st = this.store.stats();
+    const out: MetricSample[] = [
+      { name: 'torus_storage_blocks_total', help: 'Capacity of the local block store, in blocks', type: 'gauge', value: this.store.numBlocks() },
+      { name: 'torus_storage_blocks', help: 'Blocks stored in the local block store', type: 'gauge', value: this.store.usedBlocks() },
+      { name: 'torus_storage_capacity_bytes', help: 'Capacity of the local block store, in bytes', type: 'gauge', value: this.store.numBlocks() * bs },
+      { name: 'torus_storage_used_bytes', help: 'Bytes used in the local block store', type: 'gauge', value: this.store.usedBlocks() * bs },
+      { name: 'torus_storage_read_blocks_total', help: 'Blocks (or ranges) read from the local store', type: 'counter', value: st.reads },
+      { name: 'torus_storage_written_blocks_total', help: 'Blocks written to the local store', type: 'counter', value: st.writes },
+      { name: 'torus_storage_deleted_blocks_total', help: 'Blocks deleted from the local store', type: 'counter', value: st.deletes },
+      { name: 'torus_storage_read_bytes_total', help: 'Bytes read from the local medium', type: 'counter', value: st.bytesRead },
+      { name: 'torus_storage_written_bytes_total', help: 'Bytes written to the local medium', type: 'counter', value: st.bytesWritten },
+      { name: 'torus_storage_checksum_failures_total', help: 'Local reads whose data failed its checksum', type: 'counter', value: st.checksumFailures },
+      { name: 'torus_storage_flushes_total', help: 'fsync rounds of the local store', type: 'counter', value: st.flushes },
+      { name: 'torus_server_heartbeats_total', help: 'Heartbeats written to etcd', type: 'counter', value: this.heartbeats },
+      { name: 'torus_server_heartbeat_failures_total', help: 'Heartbeats that failed', type: 'counter', value: this.heartbeatFailures },
+      { name: 'torus_server_peers_total', help: 'Peers registered in etcd as of the last heartbeat', type: 'gauge', value: this.peersSeen },
+    ];
+    if (this.client) {
+      try {
+        out.push({ name: 'torus_ring_version', help: 'Version of the ring this node follows', type: 'gauge', value: this.view.ring.version });
+      } catch {
+        // ring not read yet
+      }
+      const d = this.client.distributor.stats;
+      out.push(
+        { name: 'torus_distributor_block_reads_total', help: 'Blocks read through the distributor', type: 'counter', value: d.reads },
+        { name: 'torus_distributor_block_writes_total', help: 'Blocks written through the distributor', type: 'counter', value: d.writes },
+        { name: 'torus_distributor_checksum_failures_total', help: 'Replica copies that failed their checksum', type: 'counter', value: d.checksumFailures },
+        { name: 'torus_distributor_repairs_total', help: 'Bad replica copies replaced', type: 'counter', value: d.repairs },
+      );
+    }
+    const r = this.rpc?.stats();
+    if (r) {
+      out.push(
+        { name: 'torus_rpc_server_connections', help: 'Open peer RPC connections', type: 'gauge', value: r.connections },
+        { name: 'torus_rpc_server_in_flight', help: 'Peer RPC requests being served', type: 'gauge', value: r.inFlight },
+        { name: 'torus_rpc_server_requests_total', help: 'Peer RPC requests served', type: 'counter', value: r.requests },
+        { name: 'torus_rpc_server_protocol_errors_total', help: 'Peer RPC connections dropped for protocol errors', type: 'counter', value: r.protocolErrors },
+        { name: 'torus_rpc_server_received_bytes_total', help: 'Peer RPC bytes received', type: 'counter', value: r.bytesIn },
+        { name: 'torus_rpc_server_sent_bytes_total', help: 'Peer RPC bytes sent', type: 'counter', value: r.bytesOut },
+      );
+    }
+    return out;
   }
 
   get httpAddress(): string {
@@ -244,11 +334,13 @@ export class StorageNode {
     if (this.stopping) return;
     this.stopping = true;
     clearTimeout(this.heartbeatTimer);
-    this.unwatchRing?.();
     await this.http?.close();
+    await this.client?.close();
+    await this.rpc?.close();
     // Leaving the registry at once (rather than when the lease runs out) makes a clean stop
     // visible immediately; ring membership is untouched: a restart is not a removal.
     await this.opts.meta.unregisterPeer(this.identity.uuid).catch((err: unknown) => this.opts.log.warn({ err: toTorusError(err).message }, 'could not unregister'));
-    this.unlockDir();
+    await this.store.flush().catch(() => undefined);
+    await this.store.close();
   }
 }

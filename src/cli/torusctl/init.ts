@@ -3,7 +3,7 @@ import { Command, Option } from 'commander';
 import { TorusError } from '../../core/errors.js';
 import { RING_TYPES, type RingType } from '../../core/models.js';
 import { formatSize, parseSize } from '../../core/units.js';
-import { createRing, newRingModel } from '../../ring/index.js';
+import { newRingModel, validateRingModel } from '../../ring/index.js';
 import { withMeta } from '../shared/context.js';
 import { printJson } from '../shared/output.js';
 
@@ -48,7 +48,7 @@ export function initCommand(): Command {
         const replication = parseReplication(opts.replication);
         if (opts.ringType === 'single') throw new TorusError('INVALID_ARGUMENT', 'a single ring needs its peer: init with another type, then use `torusctl ring manual-change --type single`');
         const ring = newRingModel(opts.ringType, opts.ringType === 'empty' ? 1 : replication, [], 1);
-        createRing(ring);
+        validateRingModel(ring);
         await meta.init({ blockSize, clusterId: randomUUID(), createdAt: new Date().toISOString() }, ring);
         process.stdout.write(`Initialized cluster: block size ${formatSize(blockSize)}, ${opts.ringType} ring, replication ${replication}.\nNext: start torusd on each node, then \`torusctl peer add --all-peers\`.\n`);
       });

@@ -1,0 +1,236 @@
+// The behaviour every BlockStore shares, as one node:test suite run against each
+// implementation, so the in-memory twin cannot drift from the disk store.
+
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { isTorusError, type ErrorCode } from '../core/errors.js';
+import { BlockType, ZERO_REF, blockRefKey, type BlockRef } from '../core/ids.js';
+import type { LocalBlockStore } from './common.js';
+import { dataRef, padded, pattern } from './testing.js';
+
+export interface StoreUnderTest {
+  readonly store: LocalBlockStore;
+  cleanup(): Promise<void>;
+}
+
+export type StoreFactory = (opts: { blockSize: number; capacityBlocks: number }) => Promise<StoreUnderTest>;
+
+/** Four checksum sectors, the last one partial, so ranges cross every kind of boundary. */
+export const CONFORMANCE_BLOCK_SIZE = 3 * 4096 + 1000;
+
+export async function rejectsWith(p: Promise<unknown>, code: ErrorCode, message?: RegExp): Promise<void> {
+  await assert.rejects(p, (err: unknown) => {
+    assert.ok(isTorusError(err), `expected a TorusError ${code}, got ${String(err)}`);
+    assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
+    if (message) assert.match(err.message, message);
+    return true;
+  });
+}
+
+export function blockStoreConformance(name: string, factory: StoreFactory): void {
+  const B = CONFORMANCE_BLOCK_SIZE;
+  const withStore = async (capacityBlocks: number, fn: (s: LocalBlockStore) => Promise<void>): Promise<void> => {
+    const { store, cleanup } = await factory({ blockSize: B, capacityBlocks });
+    try {
+      await fn(store);
+    } finally {
+      await cleanup();
+    }
+  };
+
+  describe(`BlockStore conformance: ${name}`, () => {
+    it('stores and returns a full block byte-exact', () =>
+      withStore(4, async (s) => {
+        const data = pattern(1, B);
+        await s.putBlock(dataRef(1, 1, 0), data);
+        assert.ok(s.hasBlock(dataRef(1, 1, 0)));
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 0)), data);
+        assert.equal(s.usedBlocks(), 1);
+        assert.equal(s.numBlocks(), 4);
+        assert.equal(s.blockSize, B);
+      }));
+
+    it('zero-pads short data and refuses data longer than a block', () =>
+      withStore(4, async (s) => {
+        const short = pattern(2, 5000);
+        await s.putBlock(dataRef(1, 1, 1), short);
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 1)), padded(short, B));
+        await s.putBlock(dataRef(1, 1, 2), new Uint8Array(0));
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 2)), Buffer.alloc(B));
+        await rejectsWith(s.putBlock(dataRef(1, 1, 3), pattern(3, B + 1)), 'INVALID_ARGUMENT', /larger than the block size/);
+        assert.equal(s.hasBlock(dataRef(1, 1, 3)), false);
+      }));
+
+    it('reports a missing block as BLOCK_UNAVAILABLE', () =>
+      withStore(2, async (s) => {
+        assert.equal(s.hasBlock(dataRef(9, 9, 9)), false);
+        await rejectsWith(s.getBlock(dataRef(9, 9, 9)), 'BLOCK_UNAVAILABLE');
+        await rejectsWith(s.readRange(dataRef(9, 9, 9), 0, 10), 'BLOCK_UNAVAILABLE');
+        assert.equal(await s.verifyBlock(dataRef(9, 9, 9)), 'missing');
+      }));
+
+    it('treats a put of a held ref as a no-op (blocks are immutable)', () =>
+      withStore(2, async (s) => {
+        const ref = dataRef(1, 2, 3);
+        await s.putBlock(ref, pattern(4, B));
+        await s.putBlock(ref, pattern(5, B));
+        assert.deepEqual(await s.getBlock(ref), pattern(4, B));
+        assert.equal(s.usedBlocks(), 1);
+        assert.equal(s.stats().writes, 1);
+      }));
+
+    it('keeps inode and data blocks with the same numbers apart', () =>
+      withStore(2, async (s) => {
+        const a: BlockRef = { type: BlockType.Data, volume: 7, inode: 1, index: 0 };
+        const b: BlockRef = { type: BlockType.INode, volume: 7, inode: 1, index: 0 };
+        await s.putBlock(a, pattern(6, B));
+        await s.putBlock(b, pattern(7, B));
+        assert.deepEqual(await s.getBlock(a), pattern(6, B));
+        assert.deepEqual(await s.getBlock(b), pattern(7, B));
+      }));
+
+    it('refuses the zero ref', () =>
+      withStore(2, async (s) => {
+        await rejectsWith(s.putBlock(ZERO_REF, pattern(1, 10)), 'INVALID_ARGUMENT');
+      }));
+
+    it('deletes, and delete of a missing block is a no-op', () =>
+      withStore(2, async (s) => {
+        const ref = dataRef(1, 1, 0);
+        await s.putBlock(ref, pattern(8, B));
+        await s.deleteBlock(ref);
+        assert.equal(s.hasBlock(ref), false);
+        assert.equal(s.usedBlocks(), 0);
+        await rejectsWith(s.getBlock(ref), 'BLOCK_UNAVAILABLE');
+        await s.deleteBlock(ref);
+        await s.deleteBlock(dataRef(5, 5, 5));
+        await s.putBlock(ref, pattern(9, B));
+        assert.deepEqual(await s.getBlock(ref), pattern(9, B));
+      }));
+
+    it('fails with OUT_OF_SPACE naming used/total, and reuses deleted space', () =>
+      withStore(4, async (s) => {
+        for (let i = 0; i < 4; i++) await s.putBlock(dataRef(1, 1, i), pattern(i, B));
+        await rejectsWith(s.putBlock(dataRef(1, 1, 4), pattern(4, B)), 'OUT_OF_SPACE', /4 of 4/);
+        await s.putBlock(dataRef(1, 1, 0), pattern(0, B)); // held: still fine when full
+        await s.deleteBlock(dataRef(1, 1, 2));
+        await s.putBlock(dataRef(1, 1, 4), pattern(4, B));
+        assert.equal(s.usedBlocks(), 4);
+        for (const i of [0, 1, 3, 4]) assert.deepEqual(await s.getBlock(dataRef(1, 1, i)), pattern(i, B));
+        await rejectsWith(s.putBlock(dataRef(1, 1, 5), pattern(5, B)), 'OUT_OF_SPACE');
+      }));
+
+    it('reads ranges inside, across and at the edges of sectors', () =>
+      withStore(2, async (s) => {
+        const ref = dataRef(2, 1, 0);
+        const data = pattern(10, B);
+        await s.putBlock(ref, data);
+        const cases: Array<[number, number]> = [
+          [0, 0],
+          [0, 1],
+          [0, 4096],
+          [4095, 2],
+          [4096, 4096],
+          [100, 9000],
+          [B - 1000, 1000],
+          [B - 1, 1],
+          [B, 0],
+          [0, B],
+          [12000, 1288],
+        ];
+        for (const [off, len] of cases) assert.deepEqual(await s.readRange(ref, off, len), data.subarray(off, off + len), `range ${off}+${len}`);
+        await rejectsWith(s.readRange(ref, B - 10, 11), 'INVALID_ARGUMENT');
+        await rejectsWith(s.readRange(ref, -1, 1), 'INVALID_ARGUMENT');
+        await rejectsWith(s.readRange(ref, 0.5, 1), 'INVALID_ARGUMENT');
+      }));
+
+    it('reads the zero padding of a short block through readRange', () =>
+      withStore(2, async (s) => {
+        const ref = dataRef(2, 1, 1);
+        await s.putBlock(ref, pattern(11, 100));
+        assert.deepEqual(await s.readRange(ref, 50, 100), padded(pattern(11, 100), B).subarray(50, 150));
+        assert.deepEqual(await s.readRange(ref, 8192, 4096), Buffer.alloc(4096));
+      }));
+
+    it('returns buffers the caller may modify', () =>
+      withStore(2, async (s) => {
+        const ref = dataRef(3, 1, 0);
+        await s.putBlock(ref, pattern(12, B));
+        const a = await s.getBlock(ref);
+        a.fill(0xee);
+        const r = await s.readRange(ref, 0, 16);
+        r.fill(0xee);
+        assert.deepEqual(await s.getBlock(ref), pattern(12, B));
+      }));
+
+    it('lists refs as a snapshot', () =>
+      withStore(8, async (s) => {
+        const refs = [dataRef(1, 1, 0), dataRef(1, 2, 5), { type: BlockType.INode, volume: 3, inode: 4, index: 0 }];
+        for (const [i, r] of refs.entries()) await s.putBlock(r, pattern(i, 10));
+        const snap = s.refs();
+        for (const r of snap) await s.deleteBlock(r);
+        assert.deepEqual(new Set(snap.map(blockRefKey)), new Set(refs.map(blockRefKey)));
+        assert.deepEqual(s.refs(), []);
+      }));
+
+    it('stores concurrent puts of one ref once and never hands out a slot twice', () =>
+      withStore(4, async (s) => {
+        const ref = dataRef(4, 1, 0);
+        await Promise.all(Array.from({ length: 10 }, () => s.putBlock(ref, pattern(13, B))));
+        assert.equal(s.usedBlocks(), 1);
+        assert.equal(s.stats().writes, 1);
+        const results = await Promise.allSettled(Array.from({ length: 6 }, (_, i) => s.putBlock(dataRef(4, 2, i), pattern(100 + i, B))));
+        const ok = results.filter((r) => r.status === 'fulfilled').length;
+        assert.equal(ok, 3);
+        for (const r of results) if (r.status === 'rejected') assert.ok(isTorusError(r.reason, 'OUT_OF_SPACE'));
+        for (let i = 0; i < 6; i++) {
+          const ref2 = dataRef(4, 2, i);
+          if (s.hasBlock(ref2)) assert.deepEqual(await s.getBlock(ref2), pattern(100 + i, B));
+        }
+        assert.deepEqual(await s.getBlock(ref), pattern(13, B));
+      }));
+
+    it('orders a delete after a concurrent put of the same ref', () =>
+      withStore(4, async (s) => {
+        const ref = dataRef(4, 3, 0);
+        await Promise.all([s.putBlock(ref, pattern(14, B)), s.deleteBlock(ref)]);
+        assert.equal(s.hasBlock(ref), false);
+      }));
+
+    it('flushes, verifies and scrubs', () =>
+      withStore(4, async (s) => {
+        await s.putBlock(dataRef(5, 1, 0), pattern(15, B));
+        await s.putBlock(dataRef(5, 1, 1), pattern(16, B));
+        await s.flush();
+        assert.equal(await s.verifyBlock(dataRef(5, 1, 0)), 'ok');
+        const report = await s.scrub();
+        assert.equal(report.checked, 2);
+        assert.deepEqual(report.corrupt, []);
+        const st = s.stats();
+        assert.ok(st.flushes >= 1);
+        assert.equal(st.checksumFailures, 0);
+      }));
+
+    it('counts reads and bytes', () =>
+      withStore(2, async (s) => {
+        await s.putBlock(dataRef(6, 1, 0), pattern(17, B));
+        await s.getBlock(dataRef(6, 1, 0));
+        await s.readRange(dataRef(6, 1, 0), 0, 10);
+        const st = s.stats();
+        assert.equal(st.writes, 1);
+        assert.equal(st.reads, 2);
+        assert.equal(st.bytesWritten, B);
+        assert.ok(st.bytesRead >= B + 10);
+      }));
+
+    it('rejects calls after close with CLOSED', () =>
+      withStore(2, async (s) => {
+        await s.putBlock(dataRef(7, 1, 0), pattern(18, 10));
+        await s.close();
+        await rejectsWith(s.getBlock(dataRef(7, 1, 0)), 'CLOSED');
+        await rejectsWith(s.putBlock(dataRef(7, 1, 1), pattern(18, 10)), 'CLOSED');
+        await rejectsWith(s.flush(), 'CLOSED');
+        await s.close();
+      }));
+  });
+}

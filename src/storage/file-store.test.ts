@@ -1,0 +1,410 @@
+import { crc32c } from '@node-rs/crc32';
+import assert from 'node:assert/strict';
+import { open, readFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { blockRefKey } from '../core/ids.js';
+import { blockStoreConformance, rejectsWith } from './block-store-conformance.js';
+import { FileBlockStore } from './file-store.js';
+import { DATA_FILE, HEADER_COPY_OFFSETS, LOCK_FILE, Layout, TABLE_FILE, encodeHeader, encodeRecord } from './format.js';
+import { dataRef, makeTmpDir, padded, pattern, removeDir, withTmpDir } from './testing.js';
+
+blockStoreConformance('FileBlockStore', async ({ blockSize, capacityBlocks }) => {
+  const dir = await makeTmpDir();
+  const store = await FileBlockStore.open({ dir, blockSize, sizeBytes: blockSize * capacityBlocks });
+  return {
+    store,
+    async cleanup() {
+      await store.close().catch(() => undefined);
+      await removeDir(dir);
+    },
+  };
+});
+
+const B = 16384; // four sectors
+
+async function openStore(dir: string, slots: number, blockSize = B): Promise<FileBlockStore> {
+  return FileBlockStore.open({ dir, blockSize, sizeBytes: slots * blockSize });
+}
+
+/** Overwrites bytes of one of the store's files (while it is closed, like a disk would). */
+async function poke(dir: string, file: string, offset: number, bytes: Uint8Array): Promise<void> {
+  const fh = await open(join(dir, file), 'r+');
+  try {
+    await fh.write(bytes, 0, bytes.length, offset);
+  } finally {
+    await fh.close();
+  }
+}
+
+async function peek(dir: string, file: string, offset: number, length: number): Promise<Buffer> {
+  const fh = await open(join(dir, file), 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    await fh.read(buf, 0, length, offset);
+    return buf;
+  } finally {
+    await fh.close();
+  }
+}
+
+async function flipByte(dir: string, file: string, offset: number): Promise<void> {
+  const b = await peek(dir, file, offset, 1);
+  await poke(dir, file, offset, Buffer.from([b[0]! ^ 0x5a]));
+}
+
+/** Patches a FileHandle method for the duration of `fn` (every handle in this process). */
+async function patchFileHandle<K extends 'read' | 'datasync'>(
+  method: K,
+  wrap: (orig: (...args: unknown[]) => Promise<unknown>) => (...args: unknown[]) => Promise<unknown>,
+  fn: () => Promise<void>,
+): Promise<void> {
+  const probe = await open(process.cwd(), 'r');
+  const proto = Object.getPrototypeOf(probe) as Record<string, (...args: unknown[]) => Promise<unknown>>;
+  await probe.close();
+  const orig = proto[method]!;
+  proto[method] = wrap(orig);
+  try {
+    await fn();
+  } finally {
+    proto[method] = orig;
+  }
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+describe('FileBlockStore', () => {
+  it('keeps every block across close and reopen, and forgets deleted ones', () =>
+    withTmpDir(async (dir) => {
+      let s = await openStore(dir, 40);
+      const lens = (i: number): number => (i % 3 === 0 ? B : (i * 997) % B);
+      for (let i = 0; i < 30; i++) await s.putBlock(dataRef(1, 2, i), pattern(i, lens(i)));
+      for (let i = 0; i < 30; i += 4) await s.deleteBlock(dataRef(1, 2, i));
+      await s.flush();
+      await s.close();
+      s = await openStore(dir, 40);
+      try {
+        assert.equal(s.usedBlocks(), 30 - 8);
+        for (let i = 0; i < 30; i++) {
+          if (i % 4 === 0) assert.equal(s.hasBlock(dataRef(1, 2, i)), false);
+          else assert.deepEqual(await s.getBlock(dataRef(1, 2, i)), padded(pattern(i, lens(i)), B));
+        }
+        assert.equal((await s.scrub()).checked, 22);
+        assert.equal(s.stats().tornRecordsAtOpen, 0);
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('close() makes unflushed writes durable', () =>
+    withTmpDir(async (dir) => {
+      let s = await openStore(dir, 4);
+      await s.putBlock(dataRef(1, 1, 0), pattern(1, B));
+      await s.close();
+      s = await openStore(dir, 4);
+      assert.deepEqual(await s.getBlock(dataRef(1, 1, 0)), pattern(1, B));
+      await s.close();
+    }));
+
+  it('detects a corrupted block on read, reports CORRUPT, drops it and accepts a repair', () =>
+    withTmpDir(async (dir) => {
+      let s = await openStore(dir, 4);
+      for (let i = 0; i < 3; i++) await s.putBlock(dataRef(1, 1, i), pattern(i, B));
+      const loc = s.locate(dataRef(1, 1, 1))!;
+      await s.close();
+      await flipByte(dir, DATA_FILE, loc.dataOffset + 2 * 4096 + 17);
+      s = await openStore(dir, 4);
+      try {
+        // Only the touched sectors are verified, so an intact sector still reads.
+        assert.deepEqual(await s.readRange(dataRef(1, 1, 1), 0, 4096), pattern(1, B).subarray(0, 4096));
+        await rejectsWith(s.readRange(dataRef(1, 1, 1), 8000, 500), 'CORRUPT', /sector 2/);
+        assert.equal(s.hasBlock(dataRef(1, 1, 1)), false);
+        await rejectsWith(s.getBlock(dataRef(1, 1, 1)), 'BLOCK_UNAVAILABLE');
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 0)), pattern(0, B));
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 2)), pattern(2, B));
+        assert.equal(s.stats().checksumFailures, 1);
+        await s.putBlock(dataRef(1, 1, 1), pattern(1, B));
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 1)), pattern(1, B));
+        // The drop was persisted like a delete: the bad copy does not come back.
+        await s.close();
+        s = await openStore(dir, 4);
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 1)), pattern(1, B));
+        assert.equal(s.usedBlocks(), 3);
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('detects a damaged checksum array and a record whose data never landed', () =>
+    withTmpDir(async (dir) => {
+      let s = await openStore(dir, 4);
+      await s.putBlock(dataRef(1, 1, 0), pattern(1, B));
+      await s.putBlock(dataRef(1, 1, 1), pattern(2, B));
+      const a = s.locate(dataRef(1, 1, 0))!;
+      const b = s.locate(dataRef(1, 1, 1))!;
+      await s.close();
+      await flipByte(dir, TABLE_FILE, a.checksumOffset + 13);
+      // Slot b's record now names another ref, committing checksums that are not on disk: what
+      // a power cut leaves when the record reached the disk and the data did not.
+      await poke(dir, TABLE_FILE, b.recordOffset, encodeRecord(dataRef(9, 9, 9), b.generation + 10, 0x1234));
+      s = await openStore(dir, 4);
+      try {
+        await rejectsWith(s.readRange(dataRef(1, 1, 0), 0, 1), 'CORRUPT', /checksum array/);
+        await rejectsWith(s.getBlock(dataRef(9, 9, 9)), 'CORRUPT');
+        assert.equal(s.usedBlocks(), 0);
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('treats a torn slot record as free', () =>
+    withTmpDir(async (dir) => {
+      let s = await openStore(dir, 3);
+      for (let i = 0; i < 3; i++) await s.putBlock(dataRef(1, 1, i), pattern(i, B));
+      const loc = s.locate(dataRef(1, 1, 1))!;
+      await s.close();
+      await flipByte(dir, TABLE_FILE, loc.recordOffset + 30);
+      s = await openStore(dir, 3);
+      try {
+        assert.equal(s.stats().tornRecordsAtOpen, 1);
+        assert.equal(s.hasBlock(dataRef(1, 1, 1)), false);
+        assert.equal(s.usedBlocks(), 2);
+        await s.putBlock(dataRef(1, 1, 7), pattern(7, B));
+        assert.equal(s.locate(dataRef(1, 1, 7))!.slot, loc.slot);
+        for (const i of [0, 2, 7]) assert.deepEqual(await s.getBlock(dataRef(1, 1, i)), pattern(i, B));
+        await s.deleteBlock(dataRef(1, 1, 7));
+        await s.close();
+        s = await openStore(dir, 3);
+        assert.equal(s.stats().tornRecordsAtOpen, 0, 'the torn record was cleared at the first open');
+        assert.equal(s.usedBlocks(), 2);
+      } finally {
+        await s.close();
+      }
+    }));
+
+  describe('a ref found in two slots after a crash', () => {
+    async function makeDuplicate(dir: string, corruptNewer: boolean): Promise<{ older: number; newer: number }> {
+      const s = await openStore(dir, 4);
+      const ref = dataRef(3, 1, 0);
+      await s.putBlock(ref, pattern(5, B));
+      await s.putBlock(dataRef(3, 1, 1), pattern(6, B));
+      const loc = s.locate(ref)!;
+      await s.close();
+      const newer = 3;
+      const layout = new Layout(B);
+      const data = await peek(dir, DATA_FILE, loc.dataOffset, B);
+      const sums = await peek(dir, TABLE_FILE, loc.checksumOffset, layout.checksumArraySize);
+      if (corruptNewer) data[100] = data[100]! ^ 1;
+      await poke(dir, DATA_FILE, layout.dataOffset(newer), data);
+      await poke(dir, TABLE_FILE, layout.checksumOffset(newer), sums);
+      await poke(dir, TABLE_FILE, layout.recordOffset(newer), encodeRecord(ref, loc.generation + 100, crc32c(sums)));
+      return { older: loc.slot, newer };
+    }
+
+    it('keeps the newer copy and frees the other', () =>
+      withTmpDir(async (dir) => {
+        const { newer } = await makeDuplicate(dir, false);
+        const s = await openStore(dir, 4);
+        try {
+          assert.equal(s.stats().duplicatesAtOpen, 1);
+          assert.equal(s.usedBlocks(), 2);
+          assert.equal(s.locate(dataRef(3, 1, 0))!.slot, newer);
+          assert.deepEqual(await s.getBlock(dataRef(3, 1, 0)), pattern(5, B));
+          await s.putBlock(dataRef(3, 1, 2), pattern(7, B));
+          await s.putBlock(dataRef(3, 1, 3), pattern(8, B));
+          assert.equal(s.usedBlocks(), 4);
+        } finally {
+          await s.close();
+        }
+      }));
+
+    it('falls back to the older copy when the newer one does not verify', () =>
+      withTmpDir(async (dir) => {
+        const { older } = await makeDuplicate(dir, true);
+        let s = await openStore(dir, 4);
+        try {
+          assert.equal(s.locate(dataRef(3, 1, 0))!.slot, older);
+          assert.deepEqual(await s.getBlock(dataRef(3, 1, 0)), pattern(5, B));
+          await s.close();
+          s = await openStore(dir, 4);
+          assert.equal(s.stats().duplicatesAtOpen, 0);
+        } finally {
+          await s.close();
+        }
+      }));
+  });
+
+  it('refuses a different block size with a clear message', () =>
+    withTmpDir(async (dir) => {
+      await (await openStore(dir, 4, 4096)).close();
+      await rejectsWith(openStore(dir, 4, 8192), 'INVALID_ARGUMENT', /formatted with block size 4096, cluster uses 8192/);
+      // The failed open released the directory.
+      await (await openStore(dir, 4, 4096)).close();
+    }));
+
+  it('grows, across a slot-group boundary, and refuses to shrink', () =>
+    withTmpDir(async (dir) => {
+      const bs = 512;
+      let s = await openStore(dir, 4, bs);
+      for (let i = 0; i < 4; i++) await s.putBlock(dataRef(1, 1, i), pattern(i, bs));
+      await rejectsWith(s.putBlock(dataRef(1, 1, 99), pattern(99, bs)), 'OUT_OF_SPACE');
+      await s.close();
+      s = await FileBlockStore.open({ dir, blockSize: bs, sizeBytes: 4200 * bs + 100 });
+      assert.equal(s.numBlocks(), 4200);
+      assert.equal(s.info().sequence, 2);
+      for (let i = 4; i < 4200; i += 100) {
+        await Promise.all(Array.from({ length: Math.min(100, 4200 - i) }, (_, j) => s.putBlock(dataRef(1, 1, i + j), pattern(i + j, bs))));
+      }
+      assert.equal(s.usedBlocks(), 4200);
+      await s.close();
+      assert.equal((await stat(join(dir, DATA_FILE))).size, 4200 * bs);
+      await rejectsWith(openStore(dir, 4100, bs), 'INVALID_ARGUMENT', /refusing to shrink/);
+      s = await openStore(dir, 4200, bs);
+      try {
+        assert.equal(s.usedBlocks(), 4200);
+        assert.ok(s.locate(dataRef(1, 1, 4150))!.slot >= 4096);
+        for (const i of [0, 3, 4, 4095, 4096, 4199]) assert.deepEqual(await s.getBlock(dataRef(1, 1, i)), pattern(i, bs));
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('creates its files sparse', () =>
+    withTmpDir(async (dir) => {
+      const s = await FileBlockStore.open({ dir, blockSize: 512 * 1024, sizeBytes: 2 ** 30 });
+      assert.equal(s.numBlocks(), 2048);
+      await s.close();
+      const st = await stat(join(dir, DATA_FILE));
+      assert.equal(st.size, 2 ** 30);
+      assert.ok(st.blocks * 512 < 2 ** 20, `data file uses ${st.blocks * 512} bytes`);
+    }));
+
+  it('validates its options', async () => {
+    await rejectsWith(FileBlockStore.open({ dir: '/nonexistent', blockSize: 0, sizeBytes: 10 }), 'INVALID_ARGUMENT');
+    await rejectsWith(FileBlockStore.open({ dir: '/nonexistent', blockSize: 4096, sizeBytes: 4095 }), 'INVALID_ARGUMENT', /smaller than one block/);
+  });
+
+  it('uses the second header copy when the newest is damaged, and refuses unknown formats', () =>
+    withTmpDir(async (dir) => {
+      await (await openStore(dir, 4)).close();
+      let s = await openStore(dir, 8); // grow: sequence 2 goes to copy 0
+      await s.putBlock(dataRef(1, 1, 0), pattern(1, B));
+      const header = s.info();
+      await s.close();
+      await flipByte(dir, TABLE_FILE, HEADER_COPY_OFFSETS[0] + 30);
+      s = await openStore(dir, 8);
+      assert.deepEqual(await s.getBlock(dataRef(1, 1, 0)), pattern(1, B));
+      await s.close();
+      await poke(dir, TABLE_FILE, HEADER_COPY_OFFSETS[0], encodeHeader({ ...header, version: 2, sequence: 99 }));
+      await rejectsWith(openStore(dir, 8), 'INVALID_ARGUMENT', /format version 2/);
+      await poke(dir, TABLE_FILE, HEADER_COPY_OFFSETS[1], Buffer.alloc(512));
+      await poke(dir, TABLE_FILE, HEADER_COPY_OFFSETS[0], Buffer.alloc(512));
+      await rejectsWith(openStore(dir, 8), 'CORRUPT', /no valid header/);
+    }));
+
+  it('locks its directory against a second opener', () =>
+    withTmpDir(async (dir) => {
+      const s = await openStore(dir, 2);
+      await rejectsWith(openStore(dir, 2), 'LOCKED', /already open in this process/);
+      await s.close();
+      // A lock left by a live process is respected; one left by a dead process is taken over.
+      await writeFile(join(dir, LOCK_FILE), `${process.ppid}\n`);
+      await rejectsWith(openStore(dir, 2), 'LOCKED', new RegExp(`process ${process.ppid}`));
+      let dead = 4_000_000;
+      for (; dead > 3_000_000; dead--) {
+        try {
+          process.kill(dead, 0);
+        } catch {
+          break;
+        }
+      }
+      await writeFile(join(dir, LOCK_FILE), `${dead}\n`);
+      const t = await openStore(dir, 2);
+      assert.equal((await readFile(join(dir, LOCK_FILE), 'utf8')).trim(), String(process.pid));
+      await t.close();
+    }));
+
+  it('coalesces concurrent flushes into shared fsyncs', () =>
+    withTmpDir(async (dir) => {
+      const s = await openStore(dir, 8);
+      let syncs = 0;
+      try {
+        await patchFileHandle(
+          'datasync',
+          (orig) =>
+            async function (this: unknown, ...args: unknown[]) {
+              syncs++;
+              await sleep(15);
+              return orig.apply(this, args);
+            },
+          async () => {
+            await s.putBlock(dataRef(1, 1, 0), pattern(1, B));
+            await Promise.all(Array.from({ length: 20 }, () => s.flush()));
+            assert.equal(syncs, 2, 'one fsync per file for 20 callers');
+            assert.equal(s.stats().flushes, 1);
+            assert.equal(s.stats().flushRequests, 20);
+
+            // Nothing written since: a flush costs nothing.
+            await s.flush();
+            assert.equal(syncs, 2);
+
+            syncs = 0;
+            const order: number[] = [];
+            await s.putBlock(dataRef(1, 1, 1), pattern(2, B));
+            const first = s.flush().then(() => order.push(0));
+            await s.putBlock(dataRef(1, 1, 2), pattern(3, B)); // completes while the first fsync runs
+            const later = Array.from({ length: 10 }, (_, i) => s.flush().then(() => order.push(i + 1)));
+            await Promise.all([first, ...later]);
+            assert.equal(syncs, 4, 'the callers that arrived during the first fsync share the second');
+            assert.equal(order[0], 0);
+            assert.equal(s.stats().flushes, 3);
+          },
+        );
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('never hands a slot with a read in flight to another block', () =>
+    withTmpDir(async (dir) => {
+      const s = await openStore(dir, 1);
+      try {
+        const a = dataRef(1, 1, 0);
+        const b = dataRef(1, 1, 1);
+        await s.putBlock(a, pattern(1, B));
+        await patchFileHandle(
+          'read',
+          (orig) =>
+            async function (this: unknown, ...args: unknown[]) {
+              await sleep(40);
+              return orig.apply(this, args);
+            },
+          async () => {
+            const reading = s.getBlock(a);
+            await s.deleteBlock(a);
+            const putting = s.putBlock(b, pattern(2, B)); // needs the only slot, still being read
+            assert.deepEqual(await reading, pattern(1, B));
+            await putting;
+          },
+        );
+        assert.deepEqual(await s.getBlock(b), pattern(2, B));
+        assert.equal(s.hasBlock(a), false);
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('reuses the slot of a delete still being written instead of reporting full', () =>
+    withTmpDir(async (dir) => {
+      const s = await openStore(dir, 1);
+      try {
+        await s.putBlock(dataRef(1, 1, 0), pattern(1, B));
+        const del = s.deleteBlock(dataRef(1, 1, 0));
+        await s.putBlock(dataRef(1, 1, 1), pattern(2, B));
+        await del;
+        assert.deepEqual(s.refs().map(blockRefKey), [blockRefKey(dataRef(1, 1, 1))]);
+      } finally {
+        await s.close();
+      }
+    }));
+});

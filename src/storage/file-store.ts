@@ -1,0 +1,833 @@
+// The storage node's durable block store: a data file of fixed-size slots and a slot table
+// (header, one record per slot, one checksum array per slot). docs/on-disk-format.md has the
+// byte layout and the crash-safety argument; this file keeps to the mechanics.
+//
+// Invariants the code below relies on:
+// - A slot is handed to a new block only when (a) the record that freed it is durable, so a
+//   crash can never pair the old record with the new data, and (b) no read of it is in flight,
+//   so a concurrent reader never sees another block's bytes.
+// - Operations on one ref run one after another (keyed()), so concurrent puts of a ref store it
+//   once and a delete issued after a put deletes what the put stored.
+// - The in-memory index changes only after the disk writes it describes have been issued and
+//   completed, except for removal, which happens first so readers stop finding the block.
+
+import { crc32c } from '@node-rs/crc32';
+import { randomBytes } from 'node:crypto';
+import { mkdir, open, rename, stat, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { TorusError, isTorusError } from '../core/errors.js';
+import { formatBlockRef, type BlockRef } from '../core/ids.js';
+import {
+  checkBlockSize,
+  checkPut,
+  checkRange,
+  closedError,
+  emptyStats,
+  outOfSpace,
+  scrubStore,
+  unavailable,
+  type BlockStoreStats,
+  type LocalBlockStore,
+  type ScrubReport,
+  type VerifyResult,
+} from './common.js';
+import { lockDir, type DirLock } from './dir-lock.js';
+import {
+  DATA_FILE,
+  FORMAT_VERSION,
+  HEADER_AREA_SIZE,
+  HEADER_COPY_OFFSETS,
+  HEADER_COPY_SIZE,
+  LOCK_FILE,
+  Layout,
+  MAX_BLOCK_SIZE,
+  RECORD_SIZE,
+  SECTOR_SIZE,
+  SLOTS_PER_GROUP,
+  TABLE_FILE,
+  checkHeaderSupported,
+  checksumArraySize,
+  computeChecksums,
+  RECORD_FREE,
+  RECORD_TORN,
+  decodeHeader,
+  encodeHeader,
+  encodeRecord,
+  keyToRef,
+  refKey,
+  scanRecord,
+  type ScannedRecord,
+  type StoreHeader,
+} from './format.js';
+
+export interface FileBlockStoreOptions {
+  /** Directory holding the store's files; created if missing. */
+  readonly dir: string;
+  /** The cluster's block size; must match what the directory was formatted with. */
+  readonly blockSize: number;
+  /** Capacity in bytes; rounded down to whole blocks. May grow between opens, never shrink. */
+  readonly sizeBytes: number;
+}
+
+export interface SlotLocation {
+  readonly slot: number;
+  readonly generation: number;
+  readonly dataOffset: number;
+  readonly recordOffset: number;
+  readonly checksumOffset: number;
+}
+
+// Slot lifecycle. FREE -> WRITING -> USED -> CLEARING -> PENDING -(flush)-> FREE, or -> DRAINING
+// (reads still in flight) -> FREE. LOST: a record write failed, so what the disk holds is unknown;
+// the slot stays out of use until the next open reads the truth back.
+const FREE = 0;
+const WRITING = 1;
+const USED = 2;
+const CLEARING = 3;
+const PENDING = 4;
+const DRAINING = 5;
+const LOST = 6;
+
+const ZERO_RECORD = Buffer.alloc(RECORD_SIZE);
+const OPEN_SCAN_PARALLELISM = 4;
+
+function noop(): void {}
+
+async function readFull(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesRead } = await fh.read(buf, off, buf.length - off, position + off);
+    if (bytesRead === 0) throw new TorusError('IO', `short read at offset ${position + off}: file ends early`);
+    off += bytesRead;
+  }
+}
+
+async function writeFull(fh: FileHandle, buf: Uint8Array, position: number): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesWritten } = await fh.write(buf, off, buf.length - off, position + off);
+    if (bytesWritten <= 0) throw new TorusError('IO', `write at offset ${position + off} made no progress`);
+    off += bytesWritten;
+  }
+}
+
+/** Writes `head` then `tail` contiguously; one syscall in the common case. */
+async function writeTwo(fh: FileHandle, head: Uint8Array, tail: Uint8Array, position: number): Promise<void> {
+  const { bytesWritten } = await fh.writev([head, tail], position);
+  if (bytesWritten === head.length + tail.length) return;
+  if (bytesWritten < head.length) {
+    await writeFull(fh, head.subarray(bytesWritten), position + bytesWritten);
+    await writeFull(fh, tail, position + head.length);
+  } else {
+    const done = bytesWritten - head.length;
+    await writeFull(fh, tail.subarray(done), position + bytesWritten);
+  }
+}
+
+async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+async function fileSize(path: string): Promise<number | undefined> {
+  try {
+    return (await stat(path)).size;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+function ioError(what: string, err: unknown, dir: string): TorusError {
+  if (isTorusError(err)) return err;
+  const e = err as NodeJS.ErrnoException;
+  if (e.code === 'ENOSPC')
+    return new TorusError('OUT_OF_SPACE', `filesystem holding ${dir} is full while ${what} (the store's files are sparse)`, { cause: err });
+  return new TorusError('IO', `${what} in ${dir}: ${e.message}`, { cause: err });
+}
+
+export class FileBlockStore implements LocalBlockStore {
+  readonly blockSize: number;
+  readonly sectorSize: number;
+  readonly dir: string;
+
+  private readonly data: FileHandle;
+  private readonly table: FileHandle;
+  private readonly lock: DirLock;
+  private readonly layout: Layout;
+  private readonly nSlots: number;
+  private readonly sectors: number;
+  private readonly header: StoreHeader;
+
+  private readonly index = new Map<string, number>();
+  private readonly gens: Float64Array;
+  private readonly sums: Uint32Array;
+  private readonly readers: Uint32Array;
+  private readonly state: Uint8Array;
+  private readonly freeStack: Uint32Array;
+  private freeTop = 0;
+  /** Slots whose clearing record is written but not yet durable. */
+  private pendingFree: number[] = [];
+  /** Slots a running flush will free when its fsyncs complete. */
+  private releasing = 0;
+  private draining = 0;
+  /** Slots whose clearing record is being written (they free up soon). */
+  private clearing = 0;
+  private slotWaiters: Array<() => void> = [];
+  private nextGen = 1;
+
+  private readonly keyTails = new Map<string, Promise<void>>();
+  private runningFlush: Promise<void> | null = null;
+  private queuedFlush: Promise<void> | null = null;
+
+  private active = 0;
+  private idleWaiters: Array<() => void> = [];
+  private closed = false;
+  private closePromise: Promise<void> | null = null;
+  private broken: TorusError | null = null;
+  private zeros: Buffer | null = null;
+  /** Set when a write completes, cleared when a flush starts: an idle flush costs no fsync. */
+  private dirty = false;
+  private readonly counters: BlockStoreStats = emptyStats();
+
+  private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader) {
+    this.dir = dir;
+    this.data = data;
+    this.table = table;
+    this.lock = lock;
+    this.header = header;
+    this.blockSize = header.blockSize;
+    this.sectorSize = header.sectorSize;
+    this.layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
+    this.nSlots = header.slotCount;
+    this.sectors = Math.ceil(header.blockSize / header.sectorSize);
+    this.gens = new Float64Array(this.nSlots);
+    this.sums = new Uint32Array(this.nSlots);
+    this.readers = new Uint32Array(this.nSlots);
+    this.state = new Uint8Array(this.nSlots);
+    this.freeStack = new Uint32Array(this.nSlots);
+  }
+
+  /**
+   * Opens the store in `opts.dir`, formatting it if empty and growing it if `sizeBytes` is larger
+   * than before. INVALID_ARGUMENT for another block size or a smaller size, LOCKED if another
+   * process has it open.
+   */
+  static async open(opts: FileBlockStoreOptions): Promise<FileBlockStore> {
+    const { dir, blockSize, sizeBytes } = opts;
+    checkBlockSize(blockSize, MAX_BLOCK_SIZE);
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0)
+      throw new TorusError('INVALID_ARGUMENT', `invalid store size ${sizeBytes}`);
+    const slots = Math.floor(sizeBytes / blockSize);
+    if (slots < 1)
+      throw new TorusError('INVALID_ARGUMENT', `store size ${sizeBytes} bytes is smaller than one block (${blockSize} bytes)`);
+    try {
+      await mkdir(dir, { recursive: true });
+    } catch (err) {
+      throw ioError('creating the data dir', err, dir);
+    }
+    const lock = await lockDir(dir, join(dir, LOCK_FILE));
+    const handles: FileHandle[] = [];
+    try {
+      const tablePath = join(dir, TABLE_FILE);
+      const dataPath = join(dir, DATA_FILE);
+      let header: StoreHeader;
+      let data: FileHandle;
+      let table: FileHandle;
+      if ((await fileSize(tablePath)) === undefined) {
+        header = await FileBlockStore.format(dir, blockSize, slots);
+        data = await open(dataPath, 'r+');
+        handles.push(data);
+        table = await open(tablePath, 'r+');
+        handles.push(table);
+      } else {
+        if ((await fileSize(dataPath)) === undefined)
+          throw new TorusError('CORRUPT', `block store in ${dir} has a slot table but no data file ${DATA_FILE}`);
+        data = await open(dataPath, 'r+');
+        handles.push(data);
+        table = await open(tablePath, 'r+');
+        handles.push(table);
+        header = await FileBlockStore.readHeader(dir, table);
+        if (header.blockSize !== blockSize)
+          throw new TorusError(
+            'INVALID_ARGUMENT',
+            `data dir ${dir} was formatted with block size ${header.blockSize}, cluster uses ${blockSize}`,
+          );
+        const layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
+        const [dataSize, tableSize] = [(await data.stat()).size, (await table.stat()).size];
+        if (dataSize < layout.dataFileSize(header.slotCount) || tableSize < layout.tableFileSize(header.slotCount))
+          throw new TorusError(
+            'CORRUPT',
+            `block store in ${dir} is truncated: header says ${header.slotCount} slots but ${DATA_FILE} is ${dataSize} bytes and ${TABLE_FILE} ${tableSize} bytes`,
+          );
+        if (slots < header.slotCount)
+          throw new TorusError(
+            'INVALID_ARGUMENT',
+            `block store in ${dir} holds ${header.slotCount} blocks (${header.slotCount * blockSize} bytes); ` +
+              `refusing to shrink it to ${slots} blocks (${sizeBytes} bytes): stores only grow`,
+          );
+        if (slots > header.slotCount) header = await FileBlockStore.grow(data, table, header, slots);
+      }
+      const store = new FileBlockStore(dir, data, table, lock, header);
+      await store.load();
+      return store;
+    } catch (err) {
+      await Promise.allSettled(handles.map((h) => h.close()));
+      await lock.release();
+      throw ioError('opening the block store', err, dir);
+    }
+  }
+
+  /**
+   * Creates both files sparse. The table is written under a temporary name and renamed, so a
+   * table file that exists is always a complete one: a crash mid-format leaves nothing half-made.
+   */
+  private static async format(dir: string, blockSize: number, slots: number): Promise<StoreHeader> {
+    const layout = new Layout(blockSize, SECTOR_SIZE, SLOTS_PER_GROUP);
+    const header: StoreHeader = {
+      version: FORMAT_VERSION,
+      sequence: 1,
+      blockSize,
+      sectorSize: SECTOR_SIZE,
+      slotCount: slots,
+      recordSize: RECORD_SIZE,
+      checksumArraySize: checksumArraySize(blockSize, SECTOR_SIZE),
+      slotsPerGroup: SLOTS_PER_GROUP,
+      incompatFlags: 0,
+      compatFlags: 0,
+      storeId: randomBytes(16).toString('hex'),
+      createdAt: Date.now(),
+    };
+    const data = await open(join(dir, DATA_FILE), 'w+');
+    try {
+      await data.truncate(layout.dataFileSize(slots));
+      await data.sync();
+    } finally {
+      await data.close();
+    }
+    const tmp = join(dir, `${TABLE_FILE}.new`);
+    const table = await open(tmp, 'w+');
+    try {
+      await table.truncate(layout.tableFileSize(slots));
+      const enc = encodeHeader(header);
+      for (const off of HEADER_COPY_OFFSETS) await writeFull(table, enc, off);
+      await table.sync();
+    } finally {
+      await table.close();
+    }
+    await rename(tmp, join(dir, TABLE_FILE));
+    await fsyncDir(dir);
+    return header;
+  }
+
+  private static async readHeader(dir: string, table: FileHandle): Promise<StoreHeader> {
+    const area = Buffer.alloc(HEADER_AREA_SIZE);
+    const { bytesRead } = await table.read(area, 0, HEADER_AREA_SIZE, 0);
+    let best: StoreHeader | undefined;
+    for (const off of HEADER_COPY_OFFSETS) {
+      if (bytesRead < off + HEADER_COPY_SIZE) continue;
+      const h = decodeHeader(area.subarray(off, off + HEADER_COPY_SIZE));
+      if (h && (!best || h.sequence > best.sequence)) best = h;
+    }
+    if (!best) throw new TorusError('CORRUPT', `${join(dir, TABLE_FILE)} has no valid header (not a torus block store, or both copies damaged)`);
+    checkHeaderSupported(best, dir);
+    return best;
+  }
+
+  /**
+   * Extends both files, makes the new sizes durable, and only then publishes the new slot count
+   * in the header: a crash before that leaves longer files the old header ignores.
+   */
+  private static async grow(data: FileHandle, table: FileHandle, header: StoreHeader, slots: number): Promise<StoreHeader> {
+    const layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
+    const dataSize = (await data.stat()).size;
+    const tableSize = (await table.stat()).size;
+    if (dataSize < layout.dataFileSize(slots)) await data.truncate(layout.dataFileSize(slots));
+    if (tableSize < layout.tableFileSize(slots)) await table.truncate(layout.tableFileSize(slots));
+    await data.sync();
+    await table.sync();
+    const next: StoreHeader = { ...header, slotCount: slots, sequence: header.sequence + 1 };
+    // Alternate copies so the copy being overwritten is never the only valid one.
+    const off = HEADER_COPY_OFFSETS[next.sequence % 2] ?? 0;
+    await writeFull(table, encodeHeader(next), off);
+    await table.datasync();
+    return next;
+  }
+
+  /** Rebuilds the index from the records, reading only the record regions of the table. */
+  private async load(): Promise<void> {
+    const { layout, nSlots } = this;
+    const G = layout.slotsPerGroup;
+    const groups = Math.ceil(nSlots / G);
+    const dups = new Map<string, number[]>();
+    const torn: number[] = [];
+    const rec: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '' };
+    let maxGen = 0;
+    const scanGroup = async (g: number): Promise<Buffer> => {
+      const count = Math.min(G, nSlots - g * G);
+      const buf = Buffer.allocUnsafe(count * RECORD_SIZE);
+      await readFull(this.table, buf, layout.recordOffset(g * G));
+      return buf;
+    };
+    for (let g0 = 0; g0 < groups; g0 += OPEN_SCAN_PARALLELISM) {
+      const batch: Promise<Buffer>[] = [];
+      for (let g = g0; g < Math.min(groups, g0 + OPEN_SCAN_PARALLELISM); g++) batch.push(scanGroup(g));
+      const bufs = await Promise.all(batch);
+      bufs.forEach((buf, i) => {
+        const base = (g0 + i) * G;
+        for (let j = 0; j * RECORD_SIZE < buf.length; j++) {
+          const kind = scanRecord(buf, j * RECORD_SIZE, rec);
+          if (kind === RECORD_FREE) continue;
+          const slot = base + j;
+          if (kind === RECORD_TORN) {
+            torn.push(slot);
+            continue;
+          }
+          this.state[slot] = USED;
+          this.gens[slot] = rec.generation;
+          this.sums[slot] = rec.checksumsCrc;
+          if (rec.generation > maxGen) maxGen = rec.generation;
+          const key = rec.key;
+          const prev = this.index.get(key);
+          if (prev === undefined) {
+            this.index.set(key, slot);
+          } else {
+            const list = dups.get(key);
+            if (list) list.push(slot);
+            else dups.set(key, [prev, slot]);
+          }
+        }
+      });
+    }
+    this.nextGen = maxGen + 1;
+    for (const [key, slots] of dups) await this.resolveDuplicate(key, slots);
+    // Cleared so the damage is reported once, not at every open until the slot is reused.
+    for (const slot of torn) await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(slot));
+    this.counters.tornRecordsAtOpen = torn.length;
+    for (let s = nSlots - 1; s >= 0; s--) if (this.state[s] === FREE) this.freeStack[this.freeTop++] = s;
+    // Makes whatever a crashed predecessor left in the page cache durable, so every later
+    // flush and crash starts from a known baseline (and duplicate clears below are durable).
+    await this.data.datasync();
+    await this.table.datasync();
+    for (const s of this.pendingFree) this.pushFree(s);
+    this.pendingFree = [];
+  }
+
+  /**
+   * One ref in several slots happens after a crash between a delete and a re-put of the same
+   * ref. Blocks are immutable, so any intact copy is right: prefer the newest that verifies.
+   */
+  private async resolveDuplicate(key: string, slots: number[]): Promise<void> {
+    this.counters.duplicatesAtOpen++;
+    slots.sort((a, b) => this.gens[b]! - this.gens[a]!);
+    let winner = slots[0]!;
+    for (const s of slots) {
+      const res = await this.readSectors(s, this.sums[s]!, 0, this.sectors);
+      if (typeof res !== 'string') {
+        winner = s;
+        break;
+      }
+    }
+    this.index.set(key, winner);
+    for (const s of slots) {
+      if (s === winner) continue;
+      await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(s));
+      this.state[s] = PENDING;
+      this.gens[s] = 0;
+      this.pendingFree.push(s);
+    }
+  }
+
+  // ---- reads ----
+
+  /**
+   * Reads sectors [s0, s1) of `slot` and checks them against the slot's checksum array, itself
+   * checked against the CRC its record committed. Returns the bytes, or why they are bad.
+   */
+  private async readSectors(slot: number, checksumsCrc: number, s0: number, s1: number): Promise<Buffer | string> {
+    const start = s0 * this.sectorSize;
+    const end = Math.min(s1 * this.sectorSize, this.blockSize);
+    const buf = Buffer.allocUnsafe(end - start);
+    const sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
+    await Promise.all([
+      readFull(this.data, buf, this.layout.dataOffset(slot) + start),
+      readFull(this.table, sums, this.layout.checksumOffset(slot)),
+    ]);
+    this.counters.bytesRead += buf.length;
+    if (crc32c(sums) !== checksumsCrc) return 'its sector checksum array does not match its record';
+    for (let s = s0; s < s1; s++) {
+      const a = s * this.sectorSize - start;
+      const b = Math.min(a + this.sectorSize, buf.length);
+      if (crc32c(buf.subarray(a, b)) !== sums.readUInt32LE(s * 4)) return `sector ${s} does not match its checksum`;
+    }
+    return buf;
+  }
+
+  private async readChecked(ref: BlockRef, key: string, slot: number, s0: number, s1: number, count = true): Promise<Buffer> {
+    const gen = this.gens[slot]!;
+    this.readers[slot]!++;
+    let res: Buffer | string;
+    try {
+      res = await this.readSectors(slot, this.sums[slot]!, s0, s1);
+    } catch (err) {
+      throw ioError(`reading block ${formatBlockRef(ref)}`, err, this.dir);
+    } finally {
+      if (--this.readers[slot]! === 0 && this.state[slot] === DRAINING) {
+        this.draining--;
+        this.pushFree(slot);
+      }
+    }
+    if (typeof res === 'string') {
+      this.counters.checksumFailures++;
+      // Dropped so that hasBlock() turns false and the repair put of a good copy is not a no-op.
+      await this.keyed(key, () => this.removeKey(key, slot, gen)).catch(noop);
+      throw new TorusError('CORRUPT', `block ${formatBlockRef(ref)} (slot ${slot}) is corrupt: ${res}; dropped from ${this.dir}`);
+    }
+    if (count) this.counters.reads++;
+    return res;
+  }
+
+  async getBlock(ref: BlockRef): Promise<Buffer> {
+    this.enter();
+    try {
+      const key = refKey(ref);
+      const slot = this.index.get(key);
+      if (slot === undefined) throw unavailable(ref);
+      return await this.readChecked(ref, key, slot, 0, this.sectors);
+    } finally {
+      this.leave();
+    }
+  }
+
+  async readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer> {
+    this.enter();
+    try {
+      checkRange(ref, offset, length, this.blockSize);
+      const key = refKey(ref);
+      const slot = this.index.get(key);
+      if (slot === undefined) throw unavailable(ref);
+      if (length === 0) return Buffer.alloc(0);
+      const s0 = Math.floor(offset / this.sectorSize);
+      const s1 = Math.floor((offset + length - 1) / this.sectorSize) + 1;
+      const buf = await this.readChecked(ref, key, slot, s0, s1);
+      const at = offset - s0 * this.sectorSize;
+      return buf.subarray(at, at + length);
+    } finally {
+      this.leave();
+    }
+  }
+
+  hasBlock(ref: BlockRef): boolean {
+    return this.index.has(refKey(ref));
+  }
+
+  async verifyBlock(ref: BlockRef): Promise<VerifyResult> {
+    this.enter();
+    try {
+      const key = refKey(ref);
+      const slot = this.index.get(key);
+      if (slot === undefined) return 'missing';
+      await this.readChecked(ref, key, slot, 0, this.sectors, false);
+      return 'ok';
+    } catch (err) {
+      if (isTorusError(err, 'CORRUPT')) return 'corrupt';
+      throw err;
+    } finally {
+      this.leave();
+    }
+  }
+
+  scrub(opts: { signal?: AbortSignal; onProgress?: (checked: number, total: number) => void } = {}): Promise<ScrubReport> {
+    return scrubStore(this, opts);
+  }
+
+  // ---- writes ----
+
+  /**
+   * `data` is read while the call is pending, so the caller must not modify it until the
+   * returned promise settles (copying every 512 KiB block would halve write throughput).
+   */
+  async putBlock(ref: BlockRef, data: Uint8Array): Promise<void> {
+    this.enter();
+    try {
+      this.checkWritable();
+      checkPut(ref, data, this.blockSize);
+      const key = refKey(ref);
+      if (this.index.has(key) && !this.keyTails.has(key)) return;
+      await this.keyed(key, () => this.store(key, ref, data));
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async store(key: string, ref: BlockRef, data: Uint8Array): Promise<void> {
+    if (this.index.has(key)) return;
+    this.checkWritable();
+    const slot = await this.allocSlot();
+    const gen = this.nextGen++;
+    const sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
+    const record = Buffer.allocUnsafe(RECORD_SIZE);
+    let recordIssued = false;
+    try {
+      const zeros = data.length < this.blockSize ? this.zeroBuffer() : null;
+      const sumsCrc = computeChecksums(data, this.blockSize, this.sectorSize, zeros, sums);
+      encodeRecord(ref, gen, sumsCrc, record);
+      const pos = this.layout.dataOffset(slot);
+      // The record goes last: once it is on disk it commits data and checksums, whose CRCs
+      // expose any part of them that did not make it.
+      await Promise.all([
+        zeros ? writeTwo(this.data, data, zeros.subarray(0, this.blockSize - data.length), pos) : writeFull(this.data, data, pos),
+        writeFull(this.table, sums, this.layout.checksumOffset(slot)),
+      ]);
+      recordIssued = true;
+      await writeFull(this.table, record, this.layout.recordOffset(slot));
+      this.gens[slot] = gen;
+      this.sums[slot] = sumsCrc;
+      this.state[slot] = USED;
+      this.index.set(key, slot);
+      this.dirty = true;
+      this.counters.writes++;
+      this.counters.bytesWritten += this.blockSize;
+    } catch (err) {
+      // Before the record write the slot's durable record is still the cleared one, so the slot
+      // is plainly free again; after it, the disk may hold either record, so keep it out of use.
+      if (recordIssued) this.state[slot] = LOST;
+      else this.pushFree(slot);
+      throw ioError(`writing block ${formatBlockRef(ref)}`, err, this.dir);
+    }
+  }
+
+  private zeroBuffer(): Buffer {
+    this.zeros ??= Buffer.alloc(this.blockSize);
+    return this.zeros;
+  }
+
+  private async allocSlot(): Promise<number> {
+    for (;;) {
+      if (this.freeTop > 0) {
+        const slot = this.freeStack[--this.freeTop]!;
+        this.state[slot] = WRITING;
+        return slot;
+      }
+      if (this.pendingFree.length > 0 || this.releasing > 0) {
+        // Deleted slots become reusable once their clearing is durable; pay that fsync now
+        // rather than report a full store that is not.
+        await this.flushInternal();
+        continue;
+      }
+      if (this.draining > 0 || this.clearing > 0) {
+        await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+        continue;
+      }
+      throw outOfSpace(this.nSlots - this.freeTop, this.nSlots, this.blockSize);
+    }
+  }
+
+  private pushFree(slot: number): void {
+    this.state[slot] = FREE;
+    this.gens[slot] = 0;
+    this.freeStack[this.freeTop++] = slot;
+    this.wakeSlotWaiters();
+  }
+
+  private wakeSlotWaiters(): void {
+    if (this.slotWaiters.length === 0) return;
+    const waiters = this.slotWaiters;
+    this.slotWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  async deleteBlock(ref: BlockRef): Promise<void> {
+    this.enter();
+    try {
+      this.checkWritable();
+      const key = refKey(ref);
+      if (!this.index.has(key) && !this.keyTails.has(key)) return;
+      await this.keyed(key, async () => {
+        if (await this.removeKey(key)) this.counters.deletes++;
+      });
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** Clears the ref's record; with `slot`/`gen`, only if the ref still lives in that write. */
+  private async removeKey(key: string, slot?: number, gen?: number): Promise<boolean> {
+    const current = this.index.get(key);
+    if (current === undefined) return false;
+    if (slot !== undefined && (current !== slot || this.gens[current] !== gen)) return false;
+    this.index.delete(key);
+    this.state[current] = CLEARING;
+    this.clearing++;
+    try {
+      await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(current));
+    } catch (err) {
+      this.state[current] = LOST;
+      throw ioError('clearing a slot record', err, this.dir);
+    } finally {
+      this.clearing--;
+      // Waiters resume after this function's synchronous rest, which queues the slot.
+      this.wakeSlotWaiters();
+    }
+    this.state[current] = PENDING;
+    this.pendingFree.push(current);
+    this.dirty = true;
+    return true;
+  }
+
+  /** Serializes operations on one ref; operations on different refs run concurrently. */
+  private keyed<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.keyTails.get(key);
+    const run = prev ? prev.then(fn) : fn();
+    const tail = run.then(noop, noop);
+    this.keyTails.set(key, tail);
+    void tail.then(() => {
+      if (this.keyTails.get(key) === tail) this.keyTails.delete(key);
+    });
+    return run;
+  }
+
+  // ---- durability ----
+
+  /**
+   * Coalesced: callers arriving while no fsync runs start one; callers arriving during one share
+   * the single next one (which also covers everything they completed before calling).
+   */
+  flush(): Promise<void> {
+    if (this.closed) return Promise.reject(closedError());
+    this.counters.flushRequests++;
+    return this.flushInternal();
+  }
+
+  private flushInternal(): Promise<void> {
+    if (this.queuedFlush) return this.queuedFlush;
+    if (this.runningFlush) {
+      const queued = this.runningFlush.then(noop, noop).then(() => {
+        this.queuedFlush = null;
+        return this.startFlush();
+      });
+      this.queuedFlush = queued;
+      return queued;
+    }
+    return this.startFlush();
+  }
+
+  private startFlush(): Promise<void> {
+    const p: Promise<void> = this.syncFiles().finally(() => {
+      if (this.runningFlush === p) this.runningFlush = null;
+    });
+    this.runningFlush = p;
+    return p;
+  }
+
+  private async syncFiles(): Promise<void> {
+    if (this.broken) throw this.broken;
+    if (!this.dirty) return;
+    this.dirty = false;
+    const releasing = this.pendingFree;
+    this.pendingFree = [];
+    this.releasing += releasing.length;
+    try {
+      // Data before table: a record made durable by this round never points at data that was
+      // written before the round yet is not durable.
+      await this.data.datasync();
+      await this.table.datasync();
+    } catch (err) {
+      // After a failed fsync Linux may drop the dirty pages and report success next time, so a
+      // retry proves nothing: refuse writes until a restart re-reads what the disk really has.
+      this.broken = ioError('syncing the block store (store now refuses writes until reopened)', err, this.dir);
+      this.releasing -= releasing.length;
+      this.pendingFree.push(...releasing);
+      this.dirty = true;
+      throw this.broken;
+    }
+    this.releasing -= releasing.length;
+    this.counters.flushes++;
+    for (const slot of releasing) {
+      if (this.readers[slot]! > 0) {
+        this.state[slot] = DRAINING;
+        this.draining++;
+      } else {
+        this.pushFree(slot);
+      }
+    }
+  }
+
+  // ---- lifecycle and introspection ----
+
+  private enter(): void {
+    if (this.closed) throw closedError();
+    this.active++;
+  }
+
+  private leave(): void {
+    if (--this.active === 0 && this.idleWaiters.length > 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  private checkWritable(): void {
+    if (this.broken) throw this.broken;
+  }
+
+  /** Waits for pending operations, flushes, and releases the directory. New calls get CLOSED. */
+  close(): Promise<void> {
+    if (this.closePromise) return this.closePromise;
+    this.closed = true;
+    this.closePromise = (async () => {
+      while (this.active > 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+      let failure: unknown = null;
+      try {
+        if (!this.broken) await this.flushInternal();
+      } catch (err) {
+        failure = err;
+      }
+      await Promise.allSettled([this.data.close(), this.table.close()]);
+      await this.lock.release();
+      if (failure) throw failure;
+    })();
+    return this.closePromise;
+  }
+
+  numBlocks(): number {
+    return this.nSlots;
+  }
+
+  usedBlocks(): number {
+    return this.index.size;
+  }
+
+  refs(): BlockRef[] {
+    const out: BlockRef[] = [];
+    for (const key of this.index.keys()) out.push(keyToRef(key));
+    return out;
+  }
+
+  stats(): BlockStoreStats {
+    return { ...this.counters };
+  }
+
+  /** Where a block lives on disk, for tools and tests; undefined if not held. */
+  locate(ref: BlockRef): SlotLocation | undefined {
+    const slot = this.index.get(refKey(ref));
+    if (slot === undefined) return undefined;
+    return {
+      slot,
+      generation: this.gens[slot]!,
+      dataOffset: this.layout.dataOffset(slot),
+      recordOffset: this.layout.recordOffset(slot),
+      checksumOffset: this.layout.checksumOffset(slot),
+    };
+  }
+
+  /** The header currently in force (format version, store id, geometry). */
+  info(): StoreHeader {
+    return this.header;
+  }
+}
