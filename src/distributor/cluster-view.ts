@@ -7,6 +7,14 @@ import type { PeerTarget } from './transport.js';
 // A process's view of the cluster: the current ring (pushed by the etcd watch) and the peers'
 // addresses (polled, since addresses change only when a node restarts elsewhere).
 
+/**
+ * Peer addresses are advertised as users typed them; `http://` is the original's spelling for
+ * the peer port, and it speaks our peer protocol, so dial it as tdp://.
+ */
+export function rpcAddress(address: string): string {
+  return address.replace(/^http:\/\//, 'tdp://');
+}
+
 export class ClusterView {
   private current: Ring | undefined;
   private readonly addresses = new Map<string, string>();
@@ -75,7 +83,7 @@ export class ClusterView {
   async refreshPeers(): Promise<void> {
     const peers = await this.meta.getPeers();
     this.lastPeers = peers;
-    for (const p of peers) if (p.address) this.addresses.set(p.uuid, p.address);
+    for (const p of peers) if (p.address) this.addresses.set(p.uuid, rpcAddress(p.address));
   }
 
   get peers(): readonly PeerInfo[] {
@@ -89,7 +97,7 @@ export class ClusterView {
   }
 
   setAddress(uuid: string, address: string): void {
-    this.addresses.set(uuid, address);
+    this.addresses.set(uuid, rpcAddress(address));
   }
 
   stop(): void {

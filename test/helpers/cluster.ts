@@ -1,0 +1,92 @@
+import { randomBytes } from 'node:crypto';
+import { BlockType, type BlockRef } from '../../src/core/ids.js';
+import { rpcAddress } from '../../src/distributor/cluster-view.js';
+import { openBlockClient, type BlockClient } from '../../src/distributor/open.js';
+import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
+import { startEtcd, type EtcdHandle } from './etcd.js';
+import { ok, removeDir, startTorusd, type Torusd } from './procs.js';
+
+// A whole cluster for data-plane tests: a real etcd, N torusd processes in the ring, and a block
+// client in the test process talking to them over peer RPC like any other client would.
+
+export interface TestCluster {
+  readonly etcd: EtcdHandle;
+  readonly nodes: Torusd[];
+  readonly meta: EtcdMetadata;
+  readonly client: BlockClient;
+  readonly blockSize: number;
+  /** Kills a node with SIGKILL (the process, not its data). */
+  kill(i: number): Promise<void>;
+  /** Starts node i again on its data dir and port. */
+  restart(i: number): Promise<void>;
+  uuidOf(i: number): string;
+  /** How many nodes hold a good copy of each ref (asked of every node directly). */
+  copies(refs: readonly BlockRef[]): Promise<number[]>;
+  newClient(): Promise<BlockClient>;
+  stop(): Promise<void>;
+}
+
+export async function startCluster(opts: { nodes?: number; replication?: number; blockSize?: string; size?: string } = {}): Promise<TestCluster> {
+  const etcd = await startEtcd();
+  const C = ['-C', etcd.endpoint];
+  await ok('torusctl', [...C, 'init', '--block-size', opts.blockSize ?? '64KiB', '--replication', String(opts.replication ?? 2)]);
+  const nodes: Torusd[] = [];
+  for (let i = 0; i < (opts.nodes ?? 3); i++) nodes.push(await startTorusd(etcd.endpoint, { size: opts.size ?? '256MiB' }));
+  await ok('torusctl', [...C, 'peer', 'add', '--all-peers']);
+  const meta = new EtcdMetadata({ endpoints: [etcd.endpoint] });
+  const clients: BlockClient[] = [];
+  const newClient = async (): Promise<BlockClient> => {
+    const c = await openBlockClient({ meta, rpc: { requestTimeoutMs: 3000, connectTimeoutMs: 1000 } });
+    clients.push(c);
+    return c;
+  };
+  const client = await newClient();
+  const uuids = new Map<number, string>();
+  for (const [i, n] of nodes.entries()) {
+    const p = (await meta.getPeers()).find((x) => x.address === n.address);
+    if (!p) throw new Error(`node ${n.address} not registered`);
+    uuids.set(i, p.uuid);
+  }
+  const blockSize = client.global.blockSize;
+  return {
+    etcd,
+    nodes,
+    meta,
+    client,
+    blockSize,
+    async kill(i) {
+      await nodes[i]!.kill('SIGKILL');
+    },
+    async restart(i) {
+      const old = nodes[i]!;
+      nodes[i] = await startTorusd(etcd.endpoint, { dataDir: old.dataDir, peerPort: old.peerPort, httpPort: old.httpPort, size: opts.size ?? '256MiB' });
+    },
+    uuidOf: (i) => uuids.get(i)!,
+    async copies(refs) {
+      const counts = refs.map(() => 0);
+      for (const [i, n] of nodes.entries()) {
+        const has = await client.pool.client({ uuid: uuids.get(i)!, address: rpcAddress(n.address) }).hasBlocks(refs);
+        has.forEach((h, j) => {
+          if (h) counts[j]!++;
+        });
+      }
+      return counts;
+    },
+    newClient,
+    async stop() {
+      for (const c of clients) await c.close().catch(() => undefined);
+      await meta.close();
+      await Promise.all(nodes.map((n) => n.kill()));
+      for (const n of nodes) removeDir(n.dataDir);
+      await etcd.stop();
+    },
+  };
+}
+
+export function dataRef(volume: number, index: number): BlockRef {
+  return { type: BlockType.Data, volume, inode: 1, index };
+}
+
+export function randomBlock(size: number): Buffer {
+  return randomBytes(size);
+}
