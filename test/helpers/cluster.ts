@@ -4,7 +4,7 @@ import { rpcAddress } from '../../src/distributor/cluster-view.js';
 import { openBlockClient, type BlockClient } from '../../src/distributor/open.js';
 import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
 import { startEtcd, type EtcdHandle } from './etcd.js';
-import { ok, removeDir, startTorusd, type Torusd } from './procs.js';
+import { eventually, ok, removeDir, startTorusd, type Torusd } from './procs.js';
 
 // A whole cluster for data-plane tests: a real etcd, N torusd processes in the ring, and a block
 // client in the test process talking to them over peer RPC like any other client would.
@@ -65,7 +65,9 @@ export async function startCluster(opts: { nodes?: number; replication?: number;
     async copies(refs) {
       const counts = refs.map(() => 0);
       for (const [i, n] of nodes.entries()) {
-        const has = await client.pool.client({ uuid: uuids.get(i)!, address: rpcAddress(n.address) }).hasBlocks(refs);
+        // A node restarted a moment ago may still be behind its breaker's cool-down: retry.
+        const peer = client.pool.client({ uuid: uuids.get(i)!, address: rpcAddress(n.address) });
+        const has = await eventually(`node ${i} answers`, () => peer.hasBlocks(refs), 15_000);
         has.forEach((h, j) => {
           if (h) counts[j]!++;
         });
