@@ -39,6 +39,8 @@ test('every flushed block survives nodes killed at random points of a write+flus
           await Promise.all(batch.map((b) => c.client.distributor.putBlock(b.ref, b.data)));
           await c.client.distributor.flush();
           flushed.push(...batch);
+          // Paced so the stream spans every kill rather than finishing before the first.
+          await new Promise((r) => setTimeout(r, 15));
           break;
         } catch {
           failedFlushes++;
@@ -49,9 +51,11 @@ test('every flushed block survives nodes killed at random points of a write+flus
   })();
 
   const started = Date.now();
+  let killsMidStream = 0;
   for (let k = 0; k < KILLS && Date.now() - started < TIME_CAP_MS; k++) {
     await new Promise((r) => setTimeout(r, 300 + Math.random() * 900));
     const victim = Math.floor(Math.random() * c.nodes.length);
+    if (next <= MAX_BLOCKS) killsMidStream++;
     await c.kill(victim);
     await new Promise((r) => setTimeout(r, 200 + Math.random() * 600));
     await c.restart(victim);
@@ -60,8 +64,9 @@ test('every flushed block survives nodes killed at random points of a write+flus
   stop = true;
   await writer;
 
+  assert.ok(killsMidStream >= 3, `only ${killsMidStream} kills landed while the stream was writing`);
   assert.ok(flushed.length >= 40, `the stream made progress (${flushed.length} flushed blocks, ${failedFlushes} failed attempts)`);
-  console.log(`crash test: ${flushed.length} blocks flushed, ${KILLS} kills, ${failedFlushes} failed put/flush attempts retried`);
+  console.log(`crash test: ${flushed.length} blocks flushed, ${KILLS} kills (${killsMidStream} mid-stream), ${failedFlushes} failed put/flush attempts retried`);
   const counts = await c.copies(flushed.map((b) => b.ref));
   const under = counts.filter((n) => n < 2).length;
   assert.equal(under, 0, `${under} flushed blocks have fewer than 2 copies`);
