@@ -1,12 +1,13 @@
 import { Command, Option } from 'commander';
 import { pino } from 'pino';
-import { parseDuration } from '../core/units.js';
 import { VERSION } from '../core/version.js';
 import { StorageNode } from '../server/node.js';
-import { addGlobalOptions, connectMetadata, parsePort, resolveConnection, type GlobalOpts } from './shared/config.js';
+import { parseDuration, parseSize } from '../core/units.js';
+import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
+import { addBlockIoOptions, addGlobalOptions, connectMetadata, parsePort, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
 import { reportError, runProgram } from './shared/run.js';
 
-interface TorusdOpts extends GlobalOpts {
+interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   dataDir: string;
   size: string;
   peerAddress?: string;
@@ -46,6 +47,9 @@ export function buildProgram(): Command {
           ...(opts.host !== undefined ? { httpHost: opts.host, httpPort: parsePort(opts.port ?? '4321', '--port') } : {}),
           autoJoin: opts.autoJoin ?? false,
           heartbeatMs,
+          readCacheBytes: parseSize(opts.readCacheSize),
+          readLevel: opts.readLevel as ReadLevel,
+          writeLevel: opts.writeLevel as WriteLevel,
           log,
         });
       } catch (err) {
@@ -71,7 +75,7 @@ export function buildProgram(): Command {
       });
       log.info('stopped');
     });
-  return addGlobalOptions(program);
+  return addGlobalOptions(addBlockIoOptions(program));
 }
 
 export function main(argv: string[]): void {

@@ -17,6 +17,9 @@ export interface PeerStatus {
   readonly info?: PeerInfo;
 }
 
+/** Share of capacity above which a node is reported as nearly full. */
+export const NEARLY_FULL = 0.9;
+
 /** A record older than this many heartbeats is stale even if its lease has not run out yet. */
 const STALE_HEARTBEATS = 3;
 

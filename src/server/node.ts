@@ -7,13 +7,14 @@ import type { MetadataService } from '../core/interfaces.js';
 import { IDLE_REBALANCE, type GlobalMetadata, type PeerInfo } from '../core/models.js';
 import { PROTOCOL_VERSION, VERSION } from '../core/version.js';
 import { ClusterView } from '../distributor/cluster-view.js';
+import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
 import { openBlockClient, type BlockClient } from '../distributor/open.js';
 import { HttpServer } from '../http/server.js';
 import { NodeMetrics, type MetricSample } from '../http/metrics.js';
 import { addPeers } from '../ring/index.js';
 import { RpcServer } from '../rpc/server.js';
 import { FileBlockStore } from '../storage/file-store.js';
-import { isStale, ringPeerOf, updateRing } from './cluster.js';
+import { NEARLY_FULL, isStale, ringPeerOf, updateRing } from './cluster.js';
 import { createIdentity, readIdentity, resolveStorageSize, type NodeIdentity } from './datadir.js';
 
 // The storage node (torusd): identity, heartbeat, ring watch, HTTP. The composition root for
@@ -34,6 +35,9 @@ export interface NodeOptions {
   readonly httpPort?: number;
   readonly autoJoin?: boolean;
   readonly heartbeatMs?: number;
+  readonly readCacheBytes?: number;
+  readonly readLevel?: ReadLevel;
+  readonly writeLevel?: WriteLevel;
   readonly log: Logger;
 }
 
@@ -75,8 +79,6 @@ function firstExternalIPv4(): string {
   return '127.0.0.1';
 }
 
-/** Share of capacity above which a node warns that it is nearly full. */
-export const NEARLY_FULL = 0.9;
 
 function allocatedBytes(dir: string): number {
   // What this node's files already occupy counts as available to it when --size is checked.
@@ -171,6 +173,9 @@ export class StorageNode {
     this.client = await openBlockClient({
       meta: this.opts.meta,
       self: { uuid: this.identity.uuid, store: this.store },
+      ...(this.opts.readCacheBytes !== undefined ? { readCacheBytes: this.opts.readCacheBytes } : {}),
+      ...(this.opts.readLevel ? { readLevel: this.opts.readLevel } : {}),
+      ...(this.opts.writeLevel ? { writeLevel: this.opts.writeLevel } : {}),
       onError: (err) => log.warn({ err: err.message }, 'cluster view'),
     });
     this.view.onRing((ring, prev) => {

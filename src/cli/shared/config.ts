@@ -138,3 +138,17 @@ export function parsePort(text: string, flag: string): number {
   if (!/^\d+$/.test(text.trim()) || n < 0 || n > 65535) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} "${text}": expected a port number 0-65535`);
   return n;
 }
+
+export interface BlockIoOpts {
+  readCacheSize: string;
+  readLevel: string;
+  writeLevel: string;
+}
+
+/** Flags of every process that reads and writes blocks (torusd, torusblk). */
+export function addBlockIoOptions(cmd: Command): Command {
+  return cmd
+    .addOption(new Option('--read-cache-size <size>', 'memory for the cache of recently read blocks').default('50MiB'))
+    .addOption(new Option('--read-level <level>', 'block: retry replicas with growing timeouts; seq: one pass; spread: ask all replicas at once').choices(['block', 'seq', 'spread']).default('block'))
+    .addOption(new Option('--write-level <level>', 'all: a write succeeds on R replicas; one: on one; local: on this node\'s disk').choices(['all', 'one', 'local']).default('all'));
+}

@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import type { MetadataService } from '../../core/interfaces.js';
 import { formatAgo, formatSize } from '../../core/units.js';
-import { addPeersToRing, peerStatuses, removePeersFromRing, type PeerStatus } from '../../server/cluster.js';
+import { NEARLY_FULL, addPeersToRing, peerStatuses, removePeersFromRing, type PeerStatus } from '../../server/cluster.js';
 import { ringWarnings } from '../../ring/index.js';
 import { withMeta } from '../shared/context.js';
 import { printJson, renderCsv, renderTable } from '../shared/output.js';
@@ -25,6 +25,7 @@ function peerJson(p: PeerStatus, blockSize: number): Record<string, unknown> {
     lastSeen: i?.lastSeen ?? null,
     httpAddress: i?.httpAddress ?? '',
     version: i?.version ?? '',
+    nearlyFull: i ? i.usedBlocks >= NEARLY_FULL * i.totalBlocks : false,
     rebalance: i?.rebalance ?? null,
   };
 }
@@ -65,6 +66,9 @@ export async function listPeers(meta: MetadataService, opts: ListOpts): Promise<
   const usage = total > 0 ? ((used / total) * 100).toFixed(2) : '0.00';
   process.stdout.write(`${renderTable(head, rows)}\nBalanced: ${balanced} Usage: ${usage.padStart(5)}%\n`);
   for (const w of ringWarnings(ring)) process.stderr.write(`warning: ${w}\n`);
+  for (const p of peers)
+    if (p.info && p.info.usedBlocks >= NEARLY_FULL * p.info.totalBlocks)
+      process.stderr.write(`warning: peer ${p.address} is ${((100 * p.info.usedBlocks) / p.info.totalBlocks).toFixed(0)}% full\n`);
 }
 
 function listOptions(cmd: Command): Command {
