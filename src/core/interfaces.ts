@@ -82,3 +82,42 @@ export interface BlockStore {
   refs(): BlockRef[];
   close(): Promise<void>;
 }
+
+/** A range of a device and what it holds, as NBD's base:allocation reports it. */
+export interface Extent {
+  readonly length: number;
+  /** No storage behind it (never written, or trimmed). */
+  readonly hole: boolean;
+  /** Reads as zeros. */
+  readonly zero: boolean;
+}
+
+/**
+ * A byte-addressable virtual disk: what the NBD and AoE front ends serve. A Torus volume is one;
+ * tests use an in-memory one. Offsets and lengths are bytes; every method throws TorusError
+ * (INVALID_ARGUMENT past the end, OUT_OF_SPACE, NO_PEER/BLOCK_UNAVAILABLE when replicas fail,
+ * LOCKED when the device lost its exclusive lock, INVALID_ARGUMENT for writes to a read-only one).
+ */
+export interface BlockDevice {
+  readonly size: number;
+  /** The device's natural block size (the cluster block size for volumes); a power of two. */
+  readonly blockSize: number;
+  readonly readOnly: boolean;
+  read(offset: number, length: number): Promise<Buffer>;
+  /** `fua`: durable before it resolves, as if followed by flush(). */
+  write(offset: number, data: Uint8Array, fua?: boolean): Promise<void>;
+  /** Makes every write completed before the call durable. */
+  flush(): Promise<void>;
+  /** Discards a range: it reads as zeros afterwards and whole blocks free their storage. */
+  trim(offset: number, length: number): Promise<void>;
+  /** Zeroes a range; with `noHole` the range stays allocated. */
+  writeZeroes(offset: number, length: number, opts?: { noHole?: boolean; fua?: boolean }): Promise<void>;
+  /** Extents covering [offset, offset+length), in order, at least one. */
+  blockStatus(offset: number, length: number): Promise<Extent[]>;
+}
+
+/** Opens devices by export name for a front end; `release` when a connection is done with it. */
+export interface DeviceProvider {
+  list(): Promise<string[]>;
+  open(name: string, opts: { readOnly: boolean }): Promise<{ device: BlockDevice; release(): Promise<void> }>;
+}
