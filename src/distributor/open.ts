@@ -4,7 +4,7 @@ import type { GlobalMetadata } from '../core/models.js';
 import { PeerPool, type PeerPoolOptions } from '../rpc/pool.js';
 import { ClusterView } from './cluster-view.js';
 import { Distributor, type ReadLevel, type WriteLevel } from './distributor.js';
-import { RpcTransport } from './rpc-transport.js';
+import { RpcTransport, type RpcObserver } from './rpc-transport.js';
 
 // Wiring shared by every process that does block I/O: the cluster view (ring + addresses), one
 // peer-RPC pool, and the distributor on top.
@@ -18,6 +18,7 @@ export interface OpenOptions {
   readonly readCacheBytes?: number;
   readonly rpc?: Partial<PeerPoolOptions>;
   readonly onError?: (err: Error) => void;
+  readonly observeRpc?: RpcObserver;
 }
 
 export interface BlockClient {
@@ -39,7 +40,7 @@ export async function openBlockClient(opts: OpenOptions): Promise<BlockClient> {
     blockSize: global.blockSize,
     ring: () => view.ring,
     target: (u) => view.target(u),
-    transport: new RpcTransport(pool),
+    transport: new RpcTransport(pool, opts.observeRpc),
     ...(opts.self ? { self: opts.self } : {}),
     ...(opts.writeLevel ? { writeLevel: opts.writeLevel } : {}),
     ...(opts.readLevel ? { readLevel: opts.readLevel } : {}),

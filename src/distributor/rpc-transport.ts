@@ -1,32 +1,52 @@
-import type { ErrorCode } from '../core/errors.js';
+import { toTorusError, type ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
 import type { PeerPool } from '../rpc/pool.js';
 import type { PeerTarget, PeerTransport, PutItem } from './transport.js';
 
+/** Told about every call: which peer, which operation, how long, and its error code if it failed. */
+export type RpcObserver = (peer: string, op: string, seconds: number, errorCode?: ErrorCode) => void;
+
 /** PeerTransport over the peer-RPC pool: one pipelined connection and breaker per peer. */
 export class RpcTransport implements PeerTransport {
-  constructor(private readonly pool: PeerPool) {}
+  constructor(
+    private readonly pool: PeerPool,
+    private readonly observe?: RpcObserver,
+  ) {}
 
-  async get(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number): Promise<Buffer> {
-    const c = this.pool.client(peer);
+  private async timed<T>(peer: PeerTarget, op: string, fn: () => Promise<T>): Promise<T> {
+    if (!this.observe) return fn();
+    const start = process.hrtime.bigint();
+    try {
+      const v = await fn();
+      this.observe(peer.uuid, op, Number(process.hrtime.bigint() - start) / 1e9);
+      return v;
+    } catch (err) {
+      this.observe(peer.uuid, op, Number(process.hrtime.bigint() - start) / 1e9, toTorusError(err).code);
+      throw err;
+    }
+  }
+
+  get(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number): Promise<Buffer> {
     const opts = timeoutMs !== undefined ? { timeoutMs } : {};
-    return length === 0 ? c.getBlock(ref, opts) : c.readRange(ref, offset, length, opts);
+    return this.timed(peer, 'get', () => {
+      const c = this.pool.client(peer);
+      return length === 0 ? c.getBlock(ref, opts) : c.readRange(ref, offset, length, opts);
+    });
   }
 
-  async put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]> {
-    const res = await this.pool.client(peer).putBlocks(items);
-    return res.map((e) => (e ? e.code : null));
+  put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]> {
+    return this.timed(peer, 'put', async () => (await this.pool.client(peer).putBlocks(items)).map((e) => (e ? e.code : null)));
   }
 
-  async has(peer: PeerTarget, refs: readonly BlockRef[]): Promise<boolean[]> {
-    return this.pool.client(peer).hasBlocks(refs);
+  has(peer: PeerTarget, refs: readonly BlockRef[]): Promise<boolean[]> {
+    return this.timed(peer, 'has', () => this.pool.client(peer).hasBlocks(refs));
   }
 
-  async delete(peer: PeerTarget, refs: readonly BlockRef[]): Promise<void> {
-    await this.pool.client(peer).deleteBlocks(refs);
+  delete(peer: PeerTarget, refs: readonly BlockRef[]): Promise<void> {
+    return this.timed(peer, 'delete', () => this.pool.client(peer).deleteBlocks(refs));
   }
 
-  async flush(peer: PeerTarget): Promise<void> {
-    await this.pool.client(peer).flush();
+  flush(peer: PeerTarget): Promise<void> {
+    return this.timed(peer, 'flush', () => this.pool.client(peer).flush());
   }
 }

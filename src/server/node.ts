@@ -177,6 +177,7 @@ export class StorageNode {
       ...(this.opts.readLevel ? { readLevel: this.opts.readLevel } : {}),
       ...(this.opts.writeLevel ? { writeLevel: this.opts.writeLevel } : {}),
       onError: (err) => log.warn({ err: err.message }, 'cluster view'),
+      observeRpc: (peer, op, seconds, code) => this.metrics.observeRpc(peer, op, seconds, code),
     });
     this.view.onRing((ring, prev) => {
       log.info(
