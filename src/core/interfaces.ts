@@ -57,6 +57,9 @@ export interface MetadataService {
   unregisterPeer(uuid: string): Promise<void>;
   getPeers(): Promise<PeerInfo[]>;
 
+  /** Transactional access to the rest of the keyspace (volumes, locks, snapshots). */
+  kv(): MetaKV;
+
   close(): Promise<void>;
 }
 
@@ -120,4 +123,51 @@ export interface BlockDevice {
 export interface DeviceProvider {
   list(): Promise<string[]>;
   open(name: string, opts: { readOnly: boolean }): Promise<{ device: BlockDevice; release(): Promise<void> }>;
+}
+
+// ---- transactional key-value access, for metadata that lives beyond the fixed keys above ----
+
+export interface KVEntry {
+  readonly key: string;
+  readonly value: string;
+  /** Revision of the last change to this key. */
+  readonly modRevision: number;
+  /** Number of changes since the key was created. */
+  readonly version: number;
+  /** The lease the key is bound to, '' if none. */
+  readonly lease: string;
+}
+
+export type KVCompare =
+  | { readonly key: string; readonly target: 'version' | 'mod'; readonly cmp: '==' | '!=' | '<' | '>'; readonly value: number }
+  | { readonly key: string; readonly target: 'value'; readonly cmp: '==' | '!='; readonly value: string };
+
+export type KVOp =
+  | { readonly op: 'put'; readonly key: string; readonly value: string; /** bind to this session's lease */ readonly session?: KVSession }
+  | { readonly op: 'delete'; readonly key: string; readonly prefix?: boolean }
+  | { readonly op: 'get'; readonly key: string; readonly prefix?: boolean };
+
+export interface KVTxnResult {
+  readonly succeeded: boolean;
+  readonly revision: number;
+  /** For each 'get' op of the branch that ran, in order: the entries it found. */
+  readonly gets: readonly (readonly KVEntry[])[];
+}
+
+/** A lease kept alive by the process; keys bound to it vanish when it is lost. */
+export interface KVSession {
+  readonly id: string;
+  /** False once etcd said the lease is gone, or it could not be renewed before its TTL ran out. */
+  readonly alive: boolean;
+  onLost(cb: () => void): void;
+  revoke(): Promise<void>;
+}
+
+export interface MetaKV {
+  get(key: string): Promise<KVEntry | undefined>;
+  /** Every key under the prefix, read at one revision. */
+  list(prefix: string): Promise<{ entries: KVEntry[]; revision: number }>;
+  txn(compares: readonly KVCompare[], success: readonly KVOp[], failure?: readonly KVOp[]): Promise<KVTxnResult>;
+  /** A new lease with this TTL, renewed in the background until revoked or lost. */
+  session(ttlMs: number): Promise<KVSession>;
 }

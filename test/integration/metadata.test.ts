@@ -106,6 +106,39 @@ function contract(name: string, make: () => Promise<{ a: MetadataService; b: Met
       assert.deepEqual(await a.getPeers(), []);
     });
 
+    test('kv: transactions compare and swap at one revision', async () => {
+      const kv = a.kv();
+      const k = '/torus/test/x';
+      const r1 = await kv.txn([{ key: k, target: 'version', cmp: '==', value: 0 }], [{ op: 'put', key: k, value: 'one' }, { op: 'get', key: k }]);
+      assert.equal(r1.succeeded, true);
+      assert.equal(r1.gets[0]?.[0]?.value, 'one');
+      const again = await b.kv().txn([{ key: k, target: 'version', cmp: '==', value: 0 }], [{ op: 'put', key: k, value: 'two' }], [{ op: 'get', key: k }]);
+      assert.equal(again.succeeded, false);
+      assert.equal(again.gets[0]?.[0]?.value, 'one');
+      const e = await kv.get(k);
+      assert.ok(e && e.version === 1 && e.modRevision > 0 && e.lease === '');
+      const swap = await kv.txn([{ key: k, target: 'mod', cmp: '==', value: e.modRevision }, { key: k, target: 'value', cmp: '==', value: 'one' }], [{ op: 'put', key: k, value: 'three' }]);
+      assert.equal(swap.succeeded, true);
+      assert.equal((await kv.get(k))?.version, 2);
+      await kv.txn([], [{ op: 'put', key: '/torus/test/y', value: '1' }, { op: 'put', key: '/torus/testz', value: '1' }]);
+      const listed = await b.kv().list('/torus/test/');
+      assert.deepEqual(listed.entries.map((x) => x.key), ['/torus/test/x', '/torus/test/y']);
+      await kv.txn([], [{ op: 'delete', key: '/torus/test/', prefix: true }]);
+      assert.equal((await kv.list('/torus/test/')).entries.length, 0);
+      assert.ok(await kv.get('/torus/testz'));
+    });
+
+    test('kv: keys bound to a session vanish when it is revoked', async () => {
+      const kv = a.kv();
+      const s = await kv.session(10_000);
+      assert.equal(s.alive, true);
+      await kv.txn([], [{ op: 'put', key: '/torus/test/lock', value: 'me', session: s }]);
+      assert.equal((await b.kv().get('/torus/test/lock'))?.lease !== '', true);
+      await s.revoke();
+      assert.equal(s.alive, false);
+      assert.equal(await b.kv().get('/torus/test/lock'), undefined);
+    });
+
     test('wipe removes everything', async () => {
       await a.wipe();
       await assert.rejects(b.globalMetadata(), (e) => isTorusError(e, 'NOT_INITIALIZED'));

@@ -2,10 +2,11 @@ import { readFileSync } from 'node:fs';
 import { noop } from 'cockatiel';
 import { Etcd3, EtcdError, type IOptions, GRPCDeadlineExceededError, GRPCUnavailableError, type Lease, type Watcher } from 'etcd3';
 import { TorusError, isTorusError } from '../../core/errors.js';
-import type { MetadataService, Unsubscribe } from '../../core/interfaces.js';
+import type { MetaKV, MetadataService, Unsubscribe } from '../../core/interfaces.js';
 import type { GlobalMetadata, PeerInfo, RingModel } from '../../core/models.js';
 import { decodeGlobal, decodePeer, decodeRing, notInitialized } from '../codec.js';
 import { PREFIX, keys } from '../keys.js';
+import { EtcdKV } from './kv.js';
 
 export interface EtcdTls {
   readonly caFile?: string;
@@ -219,6 +220,13 @@ export class EtcdMetadata implements MetadataService {
       }
     }
     return peers;
+  }
+
+  private kvImpl: EtcdKV | undefined;
+
+  kv(): MetaKV {
+    this.kvImpl ??= new EtcdKV(this.client, (what, fn) => this.call(what, fn));
+    return this.kvImpl;
   }
 
   async close(): Promise<void> {

@@ -1,7 +1,9 @@
 import { TorusError } from '../../core/errors.js';
-import type { MetadataService, Unsubscribe } from '../../core/interfaces.js';
+import type { MetaKV, MetadataService, Unsubscribe } from '../../core/interfaces.js';
 import type { GlobalMetadata, PeerInfo, RingModel } from '../../core/models.js';
 import { notInitialized } from '../codec.js';
+import { PREFIX } from '../keys.js';
+import { MemoryKVStore } from './kv.js';
 
 /**
  * The in-memory twin of EtcdMetadata: same contract, one process. Several "clients" share one
@@ -13,6 +15,7 @@ export class MemoryMetadataStore {
   readonly peers = new Map<string, { info: PeerInfo; expires: number }>();
   readonly ringWatchers = new Set<(ring: RingModel) => void>();
   now: () => number = Date.now;
+  readonly kv = new MemoryKVStore();
 
   client(): MemoryMetadata {
     return new MemoryMetadata(this);
@@ -48,6 +51,11 @@ export class MemoryMetadata implements MetadataService {
     this.store.global = undefined;
     this.store.ring = undefined;
     this.store.peers.clear();
+    this.store.kv.clear(PREFIX);
+  }
+
+  kv(): MetaKV {
+    return this.store.kv;
   }
 
   async getRing(): Promise<RingModel> {

@@ -1,0 +1,129 @@
+import { randomUUID } from 'node:crypto';
+import type { KVCompare, KVEntry, KVOp, KVSession, KVTxnResult, MetaKV } from '../../core/interfaces.js';
+
+// The in-memory twin of etcd's keyspace: revisions, versions, transactions and leases with the
+// same meaning, so code written against MetaKV behaves the same on both.
+
+interface Stored {
+  value: string;
+  modRevision: number;
+  version: number;
+  lease: string;
+}
+
+class MemorySession implements KVSession {
+  alive = true;
+  private readonly lost: (() => void)[] = [];
+  constructor(
+    readonly id: string,
+    private readonly kv: MemoryKVStore,
+  ) {}
+  onLost(cb: () => void): void {
+    this.lost.push(cb);
+  }
+  async revoke(): Promise<void> {
+    this.kv.dropLease(this.id);
+    this.alive = false;
+  }
+  /** Tests: what a lease expiry does (keys vanish, holders are told). */
+  expire(): void {
+    if (!this.alive) return;
+    this.kv.dropLease(this.id);
+    this.alive = false;
+    for (const cb of this.lost) cb();
+  }
+}
+
+export class MemoryKVStore implements MetaKV {
+  private readonly data = new Map<string, Stored>();
+  private revision = 1;
+  readonly sessions = new Map<string, MemorySession>();
+
+  private entry(key: string, s: Stored): KVEntry {
+    return { key, value: s.value, modRevision: s.modRevision, version: s.version, lease: s.lease };
+  }
+
+  private range(key: string, prefix: boolean): KVEntry[] {
+    if (!prefix) {
+      const s = this.data.get(key);
+      return s ? [this.entry(key, s)] : [];
+    }
+    return [...this.data]
+      .filter(([k]) => k.startsWith(key))
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      .map(([k, s]) => this.entry(k, s));
+  }
+
+  async get(key: string): Promise<KVEntry | undefined> {
+    return this.range(key, false)[0];
+  }
+
+  async list(prefix: string): Promise<{ entries: KVEntry[]; revision: number }> {
+    return { entries: this.range(prefix, true), revision: this.revision };
+  }
+
+  private holds(c: KVCompare): boolean {
+    const s = this.data.get(c.key);
+    if (c.target === 'value') {
+      // etcd compares against an absent key as a failure for value targets.
+      if (!s) return false;
+      return c.cmp === '==' ? s.value === c.value : s.value !== c.value;
+    }
+    const actual = c.target === 'version' ? (s?.version ?? 0) : (s?.modRevision ?? 0);
+    switch (c.cmp) {
+      case '==':
+        return actual === c.value;
+      case '!=':
+        return actual !== c.value;
+      case '<':
+        return actual < c.value;
+      case '>':
+        return actual > c.value;
+    }
+  }
+
+  async txn(compares: readonly KVCompare[], success: readonly KVOp[], failure: readonly KVOp[] = []): Promise<KVTxnResult> {
+    const ok = compares.every((c) => this.holds(c));
+    const ops = ok ? success : failure;
+    const gets: KVEntry[][] = [];
+    const writes = ops.some((o) => o.op !== 'get');
+    const rev = writes ? this.revision + 1 : this.revision;
+    for (const o of ops) {
+      if (o.op === 'get') gets.push(this.range(o.key, o.prefix ?? false));
+      else if (o.op === 'put') {
+        if (o.session && !o.session.alive) throw new Error(`lease ${o.session.id} not found`);
+        const prev = this.data.get(o.key);
+        this.data.set(o.key, { value: o.value, modRevision: rev, version: (prev?.version ?? 0) + 1, lease: o.session?.id ?? '' });
+      } else {
+        for (const e of this.range(o.key, o.prefix ?? false)) this.data.delete(e.key);
+      }
+    }
+    this.revision = rev;
+    return { succeeded: ok, revision: this.revision, gets };
+  }
+
+  async session(_ttlMs: number): Promise<KVSession> {
+    const s = new MemorySession(randomUUID(), this);
+    this.sessions.set(s.id, s);
+    return s;
+  }
+
+  dropLease(id: string): void {
+    const dead = [...this.data].filter(([, s]) => s.lease === id).map(([k]) => k);
+    if (dead.length > 0) {
+      this.revision++;
+      for (const k of dead) this.data.delete(k);
+    }
+    this.sessions.delete(id);
+  }
+
+  /** Tests: expire every live session, as a partition from etcd longer than the TTL would. */
+  expireAll(): void {
+    for (const s of [...this.sessions.values()]) s.expire();
+  }
+
+  clear(prefix: string): void {
+    for (const k of [...this.data.keys()]) if (k.startsWith(prefix)) this.data.delete(k);
+    this.revision++;
+  }
+}
