@@ -1,0 +1,327 @@
+import { randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
+import { TorusError } from '../core/errors.js';
+import { MAX_VOLUME_ID } from '../core/ids.js';
+import type { KVEntry, KVSession, MetaKV } from '../core/interfaces.js';
+import {
+  checkSnapshotName,
+  checkVolumeName,
+  checkVolumeSize,
+  decodeHead,
+  decodeSnapshot,
+  encodeHead,
+  encodeSnapshot,
+  type Head,
+  type LockRecord,
+  type SnapshotRecord,
+  type VolumeRecord,
+} from './records.js';
+
+// Volume metadata in etcd, every change a transaction:
+//
+//   /torus/meta/volumeminter               next volume id
+//   /torus/volumes/<name>                  VolumeRecord
+//   /torus/volumemeta/<id>/head            Head: what the last sync committed
+//   /torus/volumemeta/<id>/epoch           next unused epoch (the inode number new blocks get)
+//   /torus/volumemeta/<id>/lock            LockRecord, bound to the holder's lease
+//   /torus/volumemeta/<id>/snapshots/<s>   SnapshotRecord
+//
+// The head only moves through a transaction that also checks the lock record is still the
+// writer's own (token included): a writer whose lease expired, or whose lock was taken over,
+// can never advance it again, even after it reconnects (original issue #230).
+
+const P = '/torus/';
+export const VKEYS = {
+  minter: `${P}meta/volumeminter`,
+  volumesPrefix: `${P}volumes/`,
+  volume: (name: string) => `${P}volumes/${name}`,
+  metaPrefix: `${P}volumemeta/`,
+  meta: (id: number) => `${P}volumemeta/${id}/`,
+  head: (id: number) => `${P}volumemeta/${id}/head`,
+  epoch: (id: number) => `${P}volumemeta/${id}/epoch`,
+  lock: (id: number) => `${P}volumemeta/${id}/lock`,
+  snapshots: (id: number) => `${P}volumemeta/${id}/snapshots/`,
+  snapshot: (id: number, s: string) => `${P}volumemeta/${id}/snapshots/${s}`,
+};
+
+export interface VolumeInfo {
+  readonly record: VolumeRecord;
+  readonly head: Head;
+  readonly lock?: LockRecord;
+  readonly snapshots: number;
+}
+
+/** A held volume lock: proof for fenced commits. */
+export interface VolumeLock {
+  readonly volume: VolumeRecord;
+  readonly record: LockRecord;
+  readonly session: KVSession;
+  /** The epoch new blocks of this session get; advanced by each commit. */
+  epoch: number;
+}
+
+export function lockedError(name: string, l: LockRecord | undefined): TorusError {
+  const who = l ? ` (held by ${l.host} pid ${l.pid}, process ${l.holder}, since ${l.since})` : '';
+  return new TorusError('LOCKED', `volume ${name} is already mounted on another host${who}`);
+}
+
+export class VolumeMeta {
+  constructor(
+    private readonly kv: MetaKV,
+    /** This process's identity, written into lock records. */
+    private readonly processId: string = randomUUID(),
+  ) {}
+
+  private async nextVolumeId(): Promise<number> {
+    for (let i = 0; i < 50; i++) {
+      const cur = await this.kv.get(VKEYS.minter);
+      const id = cur ? Number(cur.value) : 1;
+      if (id > MAX_VOLUME_ID) throw new TorusError('OUT_OF_SPACE', 'volume ids exhausted');
+      const res = await this.kv.txn(
+        [{ key: VKEYS.minter, target: 'mod', cmp: '==', value: cur?.modRevision ?? 0 }],
+        [{ op: 'put', key: VKEYS.minter, value: String(id + 1) }],
+      );
+      if (res.succeeded) return id;
+    }
+    throw new TorusError('AGAIN', 'could not allocate a volume id: too much contention');
+  }
+
+  /** Creates a volume whose first head is `head` (a fresh volume: no root). */
+  async create(name: string, size: number, opts: { head?: Head; parent?: VolumeRecord['parent'] } = {}): Promise<VolumeRecord> {
+    checkVolumeName(name);
+    checkVolumeSize(size);
+    if (await this.kv.get(VKEYS.volume(name))) throw new TorusError('EXISTS', `volume ${name} already exists`);
+    const id = await this.nextVolumeId();
+    const record: VolumeRecord = { id, name, type: 'block', createdAt: new Date().toISOString(), ...(opts.parent ? { parent: opts.parent } : {}) };
+    const head: Head = opts.head ? { ...opts.head, size, epoch: 0 } : { root: null, depth: 1, size, epoch: 0 };
+    const res = await this.kv.txn(
+      [{ key: VKEYS.volume(name), target: 'version', cmp: '==', value: 0 }],
+      [
+        { op: 'put', key: VKEYS.volume(name), value: JSON.stringify(record) },
+        { op: 'put', key: VKEYS.head(id), value: encodeHead(head) },
+        { op: 'put', key: VKEYS.epoch(id), value: '1' },
+      ],
+    );
+    if (!res.succeeded) throw new TorusError('EXISTS', `volume ${name} already exists`);
+    return record;
+  }
+
+  async get(name: string): Promise<VolumeRecord> {
+    checkVolumeName(name);
+    const e = await this.kv.get(VKEYS.volume(name));
+    if (!e) throw new TorusError('NOT_EXIST', `no volume named ${name}`);
+    return JSON.parse(e.value) as VolumeRecord;
+  }
+
+  async list(): Promise<VolumeInfo[]> {
+    const [vols, metas] = await Promise.all([this.kv.list(VKEYS.volumesPrefix), this.kv.list(VKEYS.metaPrefix)]);
+    const byId = groupMeta(metas.entries);
+    return vols.entries
+      .map((e) => JSON.parse(e.value) as VolumeRecord)
+      .map((record) => {
+        const m = byId.get(record.id);
+        return {
+          record,
+          head: m?.head ? decodeHead(m.head) : { root: null, depth: 1, size: 0, epoch: 0 },
+          ...(m?.lock ? { lock: JSON.parse(m.lock) as LockRecord } : {}),
+          snapshots: m?.snapshots.length ?? 0,
+        };
+      })
+      .sort((a, b) => a.record.name.localeCompare(b.record.name));
+  }
+
+  async head(id: number): Promise<{ head: Head; entry: KVEntry }> {
+    const e = await this.kv.get(VKEYS.head(id));
+    if (!e) throw new TorusError('NOT_EXIST', `volume ${id} has no head`);
+    return { head: decodeHead(e.value), entry: e };
+  }
+
+  async lockHolder(id: number): Promise<LockRecord | undefined> {
+    const e = await this.kv.get(VKEYS.lock(id));
+    return e ? (JSON.parse(e.value) as LockRecord) : undefined;
+  }
+
+  /**
+   * Takes the volume's exclusive lock under `session` and a fresh epoch for its writes.
+   * LOCKED, naming the holder, if anyone holds it.
+   */
+  async lock(name: string, session: KVSession): Promise<VolumeLock> {
+    const volume = await this.get(name);
+    const record: LockRecord = { holder: this.processId, host: hostname(), pid: process.pid, since: new Date().toISOString(), token: randomUUID() };
+    const lockValue = JSON.stringify(record);
+    const res = await this.kv.txn(
+      [{ key: VKEYS.lock(volume.id), target: 'version', cmp: '==', value: 0 }],
+      [{ op: 'put', key: VKEYS.lock(volume.id), value: lockValue, session }, { op: 'get', key: VKEYS.epoch(volume.id) }],
+      [{ op: 'get', key: VKEYS.lock(volume.id) }],
+    );
+    if (!res.succeeded) {
+      const held = res.gets[0]?.[0];
+      throw lockedError(name, held ? (JSON.parse(held.value) as LockRecord) : undefined);
+    }
+    const epochEntry = res.gets[0]?.[0];
+    const lock: VolumeLock = { volume, record, session, epoch: epochEntry ? Number(epochEntry.value) : 1 };
+    // Claim the epoch: a writer that crashed may have written blocks under the old value, and
+    // refs must never be reused with other bytes.
+    await this.bumpEpoch(lock);
+    return lock;
+  }
+
+  private fenced(lock: VolumeLock): { key: string; target: 'value'; cmp: '=='; value: string } {
+    return { key: VKEYS.lock(lock.volume.id), target: 'value', cmp: '==', value: JSON.stringify(lock.record) };
+  }
+
+  private lostLock(lock: VolumeLock): TorusError {
+    return new TorusError('LOCKED', `lost the lock on volume ${lock.volume.name} (lease expired or taken over): refusing to change it`);
+  }
+
+  private async bumpEpoch(lock: VolumeLock): Promise<void> {
+    const id = lock.volume.id;
+    const res = await this.kv.txn(
+      [this.fenced(lock), { key: VKEYS.epoch(id), target: 'value', cmp: '==', value: String(lock.epoch) }],
+      [{ op: 'put', key: VKEYS.epoch(id), value: String(lock.epoch + 1) }],
+    );
+    if (!res.succeeded) throw this.lostLock(lock);
+  }
+
+  /**
+   * Commits a new head, fenced by the lock, and moves the session to the next epoch.
+   * LOCKED if the lock is no longer ours; the head is then untouched.
+   */
+  async commit(lock: VolumeLock, head: Omit<Head, 'epoch'>): Promise<void> {
+    if (!lock.session.alive) throw this.lostLock(lock);
+    const id = lock.volume.id;
+    const res = await this.kv.txn(
+      [this.fenced(lock), { key: VKEYS.epoch(id), target: 'value', cmp: '==', value: String(lock.epoch + 1) }],
+      [
+        { op: 'put', key: VKEYS.head(id), value: encodeHead({ ...head, epoch: lock.epoch }) },
+        { op: 'put', key: VKEYS.epoch(id), value: String(lock.epoch + 2) },
+      ],
+    );
+    if (!res.succeeded) throw this.lostLock(lock);
+    lock.epoch++;
+  }
+
+  async unlock(lock: VolumeLock): Promise<void> {
+    await this.kv.txn([this.fenced(lock)], [{ op: 'delete', key: VKEYS.lock(lock.volume.id) }]);
+  }
+
+  async delete(name: string): Promise<void> {
+    const v = await this.get(name);
+    const res = await this.kv.txn(
+      [{ key: VKEYS.lock(v.id), target: 'version', cmp: '==', value: 0 }, { key: VKEYS.volume(name), target: 'version', cmp: '>', value: 0 }],
+      [
+        { op: 'delete', key: VKEYS.volume(name) },
+        { op: 'delete', key: VKEYS.meta(v.id), prefix: true },
+      ],
+    );
+    if (!res.succeeded) {
+      const holder = await this.lockHolder(v.id);
+      if (holder) throw new TorusError('LOCKED', `volume ${name} is mounted (${holder.host} pid ${holder.pid}); unmount it first`);
+      throw new TorusError('NOT_EXIST', `no volume named ${name}`);
+    }
+  }
+
+  // ---- snapshots ----
+
+  async createSnapshot(name: string, snap: string): Promise<SnapshotRecord> {
+    checkSnapshotName(snap);
+    const v = await this.get(name);
+    for (let i = 0; i < 20; i++) {
+      const { head, entry } = await this.head(v.id);
+      const rec: SnapshotRecord = { name: snap, when: new Date().toISOString(), head };
+      // As of the last sync: the head as it is at this revision, or try again.
+      const res = await this.kv.txn(
+        [
+          { key: VKEYS.snapshot(v.id, snap), target: 'version', cmp: '==', value: 0 },
+          { key: VKEYS.head(v.id), target: 'mod', cmp: '==', value: entry.modRevision },
+        ],
+        [{ op: 'put', key: VKEYS.snapshot(v.id, snap), value: encodeSnapshot(rec) }],
+        [{ op: 'get', key: VKEYS.snapshot(v.id, snap) }],
+      );
+      if (res.succeeded) return rec;
+      if (res.gets[0]?.length) throw new TorusError('EXISTS', `snapshot ${name}@${snap} already exists`);
+    }
+    throw new TorusError('AGAIN', `volume ${name} kept changing; try the snapshot again`);
+  }
+
+  async listSnapshots(name: string): Promise<SnapshotRecord[]> {
+    const v = await this.get(name);
+    const { entries } = await this.kv.list(VKEYS.snapshots(v.id));
+    return entries.map((e) => decodeSnapshot(e.value)).sort((a, b) => a.when.localeCompare(b.when) || a.name.localeCompare(b.name));
+  }
+
+  async getSnapshot(name: string, snap: string): Promise<{ volume: VolumeRecord; snapshot: SnapshotRecord }> {
+    checkSnapshotName(snap);
+    const volume = await this.get(name);
+    const e = await this.kv.get(VKEYS.snapshot(volume.id, snap));
+    if (!e) throw new TorusError('NOT_EXIST', `no snapshot ${name}@${snap}`);
+    return { volume, snapshot: decodeSnapshot(e.value) };
+  }
+
+  async deleteSnapshot(name: string, snap: string): Promise<void> {
+    const { volume } = await this.getSnapshot(name, snap);
+    await this.kv.txn([], [{ op: 'delete', key: VKEYS.snapshot(volume.id, snap) }]);
+  }
+
+  /** Sets the head to the snapshot's, under the volume lock (so only while unmounted). */
+  async restoreSnapshot(name: string, snap: string, session: KVSession): Promise<void> {
+    const { snapshot } = await this.getSnapshot(name, snap);
+    const lock = await this.lock(name, session);
+    try {
+      const cur = await this.head(lock.volume.id);
+      // Keep the current size if the volume grew since: the snapshot's data, the volume's shape.
+      await this.commit(lock, { root: snapshot.head.root, depth: snapshot.head.depth, size: Math.max(snapshot.head.size, 0) || cur.head.size });
+    } finally {
+      await this.unlock(lock);
+    }
+  }
+
+  /** All volume metadata at one revision: what GC needs to decide what is live. */
+  async gcView(): Promise<GcView> {
+    const all = await this.kv.list(P);
+    let minter = 1;
+    const vols: VolumeRecord[] = [];
+    const metaEntries: KVEntry[] = [];
+    for (const e of all.entries) {
+      if (e.key === VKEYS.minter) minter = Number(e.value);
+      else if (e.key.startsWith(VKEYS.volumesPrefix)) vols.push(JSON.parse(e.value) as VolumeRecord);
+      else if (e.key.startsWith(VKEYS.metaPrefix)) metaEntries.push(e);
+    }
+    const byId = groupMeta(metaEntries);
+    return {
+      revision: all.revision,
+      minter,
+      volumes: vols.map((record) => {
+        const m = byId.get(record.id);
+        return {
+          record,
+          head: m?.head ? decodeHead(m.head) : undefined,
+          snapshots: (m?.snapshots ?? []).map((s) => decodeSnapshot(s).head),
+        };
+      }),
+    };
+  }
+}
+
+export interface GcView {
+  readonly revision: number;
+  /** Volume ids at or above this did not exist when the view was read. */
+  readonly minter: number;
+  readonly volumes: readonly { record: VolumeRecord; head: Head | undefined; snapshots: Head[] }[];
+}
+
+function groupMeta(entries: readonly KVEntry[]): Map<number, { head?: string; lock?: string; snapshots: string[] }> {
+  const out = new Map<number, { head?: string; lock?: string; snapshots: string[] }>();
+  for (const e of entries) {
+    const rest = e.key.slice(VKEYS.metaPrefix.length);
+    const slash = rest.indexOf('/');
+    const id = Number(rest.slice(0, slash));
+    const sub = rest.slice(slash + 1);
+    let m = out.get(id);
+    if (!m) out.set(id, (m = { snapshots: [] }));
+    if (sub === 'head') m.head = e.value;
+    else if (sub === 'lock') m.lock = e.value;
+    else if (sub.startsWith('snapshots/')) m.snapshots.push(e.value);
+  }
+  return out;
+}

@@ -1,0 +1,122 @@
+import { TorusError } from '../core/errors.js';
+import { BlockType, ZERO_REF, type BlockRef } from '../core/ids.js';
+
+// Volume metadata records as stored in etcd (JSON). Field names are the on-etcd format.
+
+/** A pointer to an inode page (or a data block): its ref and the CRC32C of its bytes. */
+export interface Pointer {
+  readonly ref: BlockRef;
+  readonly crc: number;
+}
+
+/** The state a sync commits: the inode tree's root and what is needed to read it. */
+export interface Head {
+  /** Root page of the inode tree; null for a volume never written (all zeros). */
+  readonly root: Pointer | null;
+  /** Levels of the tree, leaves included (>= 1). */
+  readonly depth: number;
+  /** Volume size in bytes. */
+  readonly size: number;
+  /**
+   * Every block with an epoch (its ref's inode number) above this may belong to a sync still in
+   * flight; GC never deletes those. Blocks at or below it are referenced by a tree or garbage.
+   */
+  readonly epoch: number;
+}
+
+export interface VolumeRecord {
+  readonly id: number;
+  readonly name: string;
+  readonly type: 'block';
+  readonly createdAt: string;
+  /** For a clone: where its first inode came from. */
+  readonly parent?: { readonly volume: string; readonly snapshot: string };
+}
+
+export interface LockRecord {
+  /** The holder's process identity and a random token for this acquisition. */
+  readonly holder: string;
+  readonly host: string;
+  readonly pid: number;
+  readonly since: string;
+  readonly token: string;
+}
+
+export interface SnapshotRecord {
+  readonly name: string;
+  readonly when: string;
+  readonly head: Head;
+}
+
+export const MAX_VOLUME_SIZE = 2 ** 50; // 1 PiB: indexes and offsets stay exact in doubles
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+export function checkVolumeName(name: string): void {
+  if (!NAME.test(name))
+    throw new TorusError(
+      'INVALID_ARGUMENT',
+      `invalid volume name "${name}": use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`,
+    );
+}
+
+export function checkSnapshotName(name: string): void {
+  if (!NAME.test(name))
+    throw new TorusError('INVALID_ARGUMENT', `invalid snapshot name "${name}": use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`);
+}
+
+export function checkVolumeSize(size: number): void {
+  if (!Number.isSafeInteger(size) || size <= 0) throw new TorusError('INVALID_ARGUMENT', `invalid volume size ${size}: must be larger than 0`);
+  if (size > MAX_VOLUME_SIZE) throw new TorusError('INVALID_ARGUMENT', `volume size ${size} is over the limit of 1 PiB`);
+}
+
+/** "VOL@SNAP" → [VOL, SNAP]; SNAP undefined without '@'. */
+export function parseVolSnap(text: string): { volume: string; snapshot?: string } {
+  const at = text.indexOf('@');
+  if (at < 0) return { volume: text };
+  return { volume: text.slice(0, at), snapshot: text.slice(at + 1) };
+}
+
+// Refs are stored as [type, volume, inode, index] so the JSON stays readable.
+type RefJson = [number, number, number, number];
+
+function refToJson(r: BlockRef): RefJson {
+  return [r.type, r.volume, r.inode, r.index];
+}
+
+function refFromJson(v: unknown): BlockRef {
+  if (!Array.isArray(v) || v.length !== 4 || !v.every((x) => Number.isSafeInteger(x) && x >= 0))
+    throw new TorusError('INTERNAL', 'malformed block ref in volume metadata');
+  const [type, volume, inode, index] = v as RefJson;
+  return { type: type as BlockType, volume, inode, index };
+}
+
+export function encodeHead(h: Head): string {
+  return JSON.stringify({
+    root: h.root ? { ref: refToJson(h.root.ref), crc: h.root.crc } : null,
+    depth: h.depth,
+    size: h.size,
+    epoch: h.epoch,
+  });
+}
+
+export function decodeHead(text: string): Head {
+  const o = JSON.parse(text) as { root: { ref: unknown; crc: number } | null; depth: number; size: number; epoch: number };
+  return {
+    root: o.root ? { ref: refFromJson(o.root.ref), crc: o.root.crc >>> 0 } : null,
+    depth: o.depth,
+    size: o.size,
+    epoch: o.epoch,
+  };
+}
+
+export function encodeSnapshot(s: SnapshotRecord): string {
+  return JSON.stringify({ name: s.name, when: s.when, head: JSON.parse(encodeHead(s.head)) as unknown });
+}
+
+export function decodeSnapshot(text: string): SnapshotRecord {
+  const o = JSON.parse(text) as { name: string; when: string; head: unknown };
+  return { name: o.name, when: o.when, head: decodeHead(JSON.stringify(o.head)) };
+}
+
+export const NO_POINTER: Pointer = { ref: ZERO_REF, crc: 0 };
+export { BlockType };

@@ -1,0 +1,248 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+import fc from 'fast-check';
+import { isTorusError } from '../core/errors.js';
+import { memoryCluster } from './testing.js';
+import { BlockVolume } from './volume.js';
+
+const BS = 4096;
+
+test('random unaligned writes read back byte-exact, before and after sync and reopen', async () => {
+  const c = await memoryCluster(BS);
+  const size = 64 * BS + 123;
+  await c.vmeta.create('v', size);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  const ref = Buffer.alloc(size);
+  await fc.assert(
+    fc.asyncProperty(fc.array(fc.record({ off: fc.nat(size - 1), len: fc.integer({ min: 1, max: 3 * BS }), seed: fc.nat(255), sync: fc.boolean() }), { maxLength: 25 }), async (ops) => {
+      for (const o of ops) {
+        const len = Math.min(o.len, size - o.off);
+        const data = Buffer.alloc(len, o.seed);
+        data[0] = (o.seed + 1) & 0xff;
+        await vol.write(o.off, data);
+        data.copy(ref, o.off);
+        if (o.sync) await vol.flush();
+        const back = await vol.read(o.off, len);
+        assert.ok(back.equals(ref.subarray(o.off, o.off + len)));
+      }
+    }),
+    { numRuns: 20 },
+  );
+  assert.ok((await vol.read(0, size)).equals(ref));
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v');
+  assert.ok((await again.read(0, size)).equals(ref));
+  await again.close();
+});
+
+test('a volume equals its last successful sync after its writer dies', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 32 * BS);
+  const s1 = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v');
+  const synced = randomBytes(10 * BS);
+  await vol.write(BS / 2, synced);
+  await vol.flush();
+  await vol.write(0, randomBytes(20 * BS)); // never synced
+  // The writer "dies": its lease runs out, nothing else happens.
+  (s1 as unknown as { expire(): void }).expire();
+  const after = await BlockVolume.open(c.ctx, 'v');
+  const expect = Buffer.alloc(32 * BS);
+  synced.copy(expect, BS / 2);
+  assert.ok((await after.read(0, 32 * BS)).equals(expect));
+  await after.close();
+});
+
+test('a second writer is refused with the holder named; read-only opens are allowed', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const a = await BlockVolume.open(c.ctx, 'v');
+  const other = await c.newSession();
+  await assert.rejects(BlockVolume.open({ ...c.ctx, session: other }, 'v'), (e) => isTorusError(e, 'LOCKED') && /already mounted on another host \(held by .* pid \d+/.test(e.message));
+  const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  await assert.rejects(ro.write(0, Buffer.alloc(1)), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+  await a.close();
+  const b = await BlockVolume.open({ ...c.ctx, session: other }, 'v');
+  await b.close();
+});
+
+test('fencing: after the lease expires, every flush fails and the head never moves', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const s = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s }, 'v');
+  await vol.write(0, Buffer.alloc(BS, 1));
+  await vol.flush();
+  const id = (await c.vmeta.get('v')).id;
+  const before = (await c.vmeta.head(id)).entry;
+  (s as unknown as { expire(): void }).expire();
+  await assert.rejects(vol.write(0, Buffer.alloc(BS, 2)), (e) => isTorusError(e, 'LOCKED'));
+  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
+  // Someone else takes the volume; the old writer still cannot commit.
+  const other = await BlockVolume.open(c.ctx, 'v');
+  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
+  assert.equal((await c.vmeta.head(id)).entry.modRevision, before.modRevision);
+  await other.close();
+});
+
+test('a commit fenced by etcd fails even when the writer did not notice the loss', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  const id = (await c.vmeta.get('v')).id;
+  // The lock vanishes behind the writer's back (an operator deleting it, a lease revoked elsewhere).
+  await c.meta.kv().txn([], [{ op: 'delete', key: `/torus/volumemeta/${id}/lock` }]);
+  const before = (await c.vmeta.head(id)).entry.modRevision;
+  await vol.write(0, Buffer.alloc(BS, 7));
+  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
+  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'), 'fenced for good');
+  assert.equal((await c.vmeta.head(id)).entry.modRevision, before);
+});
+
+test('thin provisioning: a 10 TiB volume costs nothing until written; unwritten ranges read as zeros', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('big', 10 * 2 ** 40);
+  const vol = await BlockVolume.open(c.ctx, 'big');
+  assert.ok((await vol.read(5 * 2 ** 40, 3 * BS)).equals(Buffer.alloc(3 * BS)));
+  assert.equal(c.used(), 0);
+  await vol.write(7 * 2 ** 40 + 5, Buffer.from('hello'));
+  await vol.flush();
+  assert.equal((await vol.read(7 * 2 ** 40, 10)).toString('latin1'), '\0\0\0\0\0hello');
+  const st = await vol.blockStatus(7 * 2 ** 40 - BS, 3 * BS);
+  assert.deepEqual(st, [
+    { length: BS, hole: true, zero: true },
+    { length: BS, hole: false, zero: false },
+    { length: BS, hole: true, zero: true },
+  ]);
+  await vol.close();
+});
+
+test('a sync costs what was written, not the volume size', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('small', 64 * BS);
+  await c.vmeta.create('huge', 2 ** 40);
+  const pages: number[] = [];
+  for (const name of ['small', 'huge']) {
+    const vol = await BlockVolume.open(c.ctx, name);
+    await vol.write(0, randomBytes(BS)); // a first sync builds the path
+    await vol.flush();
+    const before = vol.pagesWritten;
+    await vol.write(3 * BS, randomBytes(100));
+    await vol.flush();
+    pages.push(vol.pagesWritten - before);
+    await vol.close();
+  }
+  // One page per level on the path: 1 for the small volume, the tree depth for the huge one.
+  assert.equal(pages[0], 1);
+  assert.ok(pages[1]! <= 4, `huge volume wrote ${pages[1]} pages for one block`);
+});
+
+test('trim and write-zeroes: read as zeros, whole blocks become holes', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  await vol.write(0, Buffer.alloc(16 * BS, 0xee));
+  await vol.flush();
+  await vol.trim(BS + 100, 3 * BS); // blocks 2,3 whole; 1 and 4 partial
+  await vol.writeZeroes(10 * BS, 2 * BS, { noHole: true });
+  await vol.flush();
+  const all = await vol.read(0, 16 * BS);
+  const expect = Buffer.alloc(16 * BS, 0xee);
+  expect.fill(0, BS + 100, 4 * BS + 100);
+  expect.fill(0, 10 * BS, 12 * BS);
+  assert.ok(all.equals(expect));
+  const holes = (await vol.blockStatus(0, 16 * BS)).map((e) => [e.length / BS, e.hole]);
+  assert.deepEqual(holes, [
+    [2, false],
+    [2, true],
+    [12, false],
+  ]);
+  await vol.close();
+});
+
+test('snapshots, restore and clones round-trip byte-exact', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  const one = randomBytes(8 * BS);
+  await vol.write(0, one);
+  await vol.flush();
+  await c.vmeta.createSnapshot('v', 's1'); // while mounted, as of the last sync
+  await assert.rejects(c.vmeta.createSnapshot('v', 's1'), (e) => isTorusError(e, 'EXISTS'));
+  const two = randomBytes(8 * BS);
+  await vol.write(0, two);
+  await vol.flush();
+  const snap = await BlockVolume.open(c.ctx, 'v', { snapshot: 's1' });
+  assert.ok((await snap.read(0, 8 * BS)).equals(one));
+  await assert.rejects(c.vmeta.restoreSnapshot('v', 's1', c.session), (e) => isTorusError(e, 'LOCKED'));
+  await vol.close();
+  await c.vmeta.restoreSnapshot('v', 's1', c.session);
+  const restored = await BlockVolume.open(c.ctx, 'v');
+  assert.ok((await restored.read(0, 8 * BS)).equals(one));
+  await restored.close();
+  // A clone is an independent writable volume sharing the unchanged blocks.
+  const { snapshot } = await c.vmeta.getSnapshot('v', 's1');
+  await c.vmeta.create('copy', snapshot.head.size, { head: snapshot.head, parent: { volume: 'v', snapshot: 's1' } });
+  const clone = await BlockVolume.open(c.ctx, 'copy');
+  assert.ok((await clone.read(0, 8 * BS)).equals(one));
+  await clone.write(0, Buffer.alloc(BS, 9));
+  await clone.close();
+  const orig = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await orig.read(0, 8 * BS)).equals(one), 'the clone did not change its parent');
+});
+
+test('resize grows and, only when allowed, shrinks', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 4 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  await vol.write(0, Buffer.alloc(4 * BS, 3));
+  await vol.resize(2 ** 30); // deepens the tree
+  await vol.write(2 ** 30 - BS, Buffer.alloc(BS, 4));
+  await vol.flush();
+  await assert.rejects(vol.resize(BS), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+  await vol.close();
+  const v2 = await BlockVolume.open(c.ctx, 'v');
+  assert.equal(v2.size, 2 ** 30);
+  assert.ok((await v2.read(0, 4 * BS)).equals(Buffer.alloc(4 * BS, 3)));
+  assert.ok((await v2.read(2 ** 30 - BS, BS)).equals(Buffer.alloc(BS, 4)));
+  await v2.resize(2 * BS, true);
+  await v2.close();
+  const v3 = await BlockVolume.open(c.ctx, 'v');
+  assert.equal(v3.size, 2 * BS);
+  await assert.rejects(v3.read(2 * BS, 1), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+  await v3.close();
+});
+
+test('concurrent partial writes to one block are all applied', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 4 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  await vol.write(0, Buffer.alloc(4 * BS, 1));
+  await vol.flush();
+  await Promise.all(Array.from({ length: 64 }, (_, i) => vol.write(BS + i * 64, Buffer.alloc(64, i + 10))));
+  await Promise.all([vol.flush(), vol.write(0, Buffer.alloc(10, 5)), vol.flush()]);
+  const blk = await vol.read(BS, BS);
+  for (let i = 0; i < 64; i++) assert.ok(blk.subarray(i * 64, i * 64 + 64).equals(Buffer.alloc(64, i + 10)), `piece ${i}`);
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v');
+  assert.ok((await again.read(BS, BS)).equals(blk));
+  assert.ok((await again.read(0, 10)).equals(Buffer.alloc(10, 5)));
+  await again.close();
+});
+
+test('bad input: out of range, bad names and sizes, duplicates', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 4 * BS);
+  await assert.rejects(c.vmeta.create('v', BS), (e) => isTorusError(e, 'EXISTS'));
+  for (const bad of ['', 'a/b', 'x@y', '-x'])
+    await assert.rejects(c.vmeta.create(bad, BS), (e) => isTorusError(e, 'INVALID_ARGUMENT'), bad);
+  for (const size of [0, -1, 2 ** 51]) await assert.rejects(c.vmeta.create('w', size), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  await assert.rejects(vol.write(4 * BS - 1, Buffer.alloc(2)), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+  await assert.rejects(vol.read(-1, 1), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+  await assert.rejects(c.vmeta.delete('v'), (e) => isTorusError(e, 'LOCKED'));
+  await vol.close();
+  await c.vmeta.delete('v');
+  await assert.rejects(c.vmeta.get('v'), (e) => isTorusError(e, 'NOT_EXIST'));
+});
