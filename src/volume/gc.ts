@@ -1,0 +1,110 @@
+import { TorusError } from '../core/errors.js';
+import { BlockType, blockRefKey, type BlockRef } from '../core/ids.js';
+import { readEntry, type VolumeBlockStore } from './inode.js';
+import type { GcView, VolumeMeta } from './meta.js';
+import type { Head } from './records.js';
+
+// Garbage collection decides, for blocks a storage node holds, which no one can ever read again:
+// blocks of deleted volumes, of inodes superseded by later syncs and held by no snapshot or
+// clone, and of trimmed ranges. The rules that keep it from deleting live data:
+//
+// - The decision uses one consistent view of all volume metadata, read at one etcd revision,
+//   and the node lists its own blocks only after reading it.
+// - A block whose epoch (its ref's inode number) is above its volume's head epoch may belong to a
+//   sync in flight: kept. Epochs only grow, and a writer's blocks all carry its current epoch.
+// - A block of a volume id at or above the volume minter is of a volume created after the view:
+//   kept (the original deleted a volume created mid-cycle).
+// - Liveness is global: a clone's tree may point at its parent's blocks, so a block is live if
+//   any head or snapshot of any volume references it, whatever volume id it carries.
+// - Any failure to read metadata or a tree page aborts the whole cycle: no partial view ever
+//   decides a deletion (the original treated a failed volume listing as "no volumes").
+
+export interface LiveSet {
+  readonly revision: number;
+  isDead(ref: BlockRef): boolean;
+  /** Tree pages read to build it (each page once per distinct tree). */
+  readonly pagesRead: number;
+  readonly liveBlocks: number;
+}
+
+export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): Promise<LiveSet> {
+  const view: GcView = await meta.gcView();
+  const live = new Set<string>();
+  let pagesRead = 0;
+  const fanout = store.blockSize / 32;
+  const seenPages = new Set<string>();
+
+  const walk = async (head: Head): Promise<void> => {
+    if (!head.root) return;
+    // Breadth-first, a level at a time, with bounded parallelism.
+    let level: { ptr: NonNullable<Head['root']>; depth: number }[] = [{ ptr: head.root, depth: head.depth - 1 }];
+    while (level.length > 0) {
+      const next: typeof level = [];
+      for (let i = 0; i < level.length; i += 32) {
+        await Promise.all(
+          level.slice(i, i + 32).map(async ({ ptr, depth }) => {
+            const key = blockRefKey(ptr.ref);
+            live.add(key);
+            if (seenPages.has(key)) return; // shared subtree (snapshots, clones) already walked
+            seenPages.add(key);
+            const page = await store.getBlock(ptr.ref, ptr.crc);
+            pagesRead++;
+            for (let s = 0; s < fanout; s++) {
+              const child = readEntry(page, s);
+              if (!child) continue;
+              if (depth === 0) live.add(blockRefKey(child.ref));
+              else next.push({ ptr: child, depth: depth - 1 });
+            }
+          }),
+        );
+      }
+      level = next;
+    }
+  };
+
+  const epochs = new Map<number, number>();
+  for (const v of view.volumes) {
+    if (!v.head) throw new TorusError('INTERNAL', `volume ${v.record.name} has no head; not collecting garbage`);
+    epochs.set(v.record.id, v.head.epoch);
+    await walk(v.head);
+    for (const s of v.snapshots) await walk(s);
+  }
+
+  return {
+    revision: view.revision,
+    pagesRead,
+    liveBlocks: live.size,
+    isDead(ref: BlockRef): boolean {
+      if (ref.type !== BlockType.Data && ref.type !== BlockType.INode) return false;
+      if (ref.volume >= view.minter) return false;
+      const epoch = epochs.get(ref.volume);
+      if (epoch !== undefined && ref.inode > epoch) return false;
+      return !live.has(blockRefKey(ref));
+    },
+  };
+}
+
+/** What a node's GC pass did. */
+export interface GcReport {
+  readonly checked: number;
+  readonly deleted: number;
+  readonly revision: number;
+}
+
+/** The local side: deletes this node's dead blocks, given its store. */
+export async function collectLocal(
+  live: LiveSet,
+  local: { refs(): BlockRef[]; deleteBlock(ref: BlockRef): Promise<void>; flush(): Promise<void> },
+  signal?: AbortSignal,
+): Promise<GcReport> {
+  const refs = local.refs();
+  let deleted = 0;
+  for (const ref of refs) {
+    if (signal?.aborted) break;
+    if (!live.isDead(ref)) continue;
+    await local.deleteBlock(ref);
+    deleted++;
+  }
+  if (deleted > 0) await local.flush();
+  return { checked: refs.length, deleted, revision: live.revision };
+}
