@@ -2,6 +2,7 @@ import { Command } from 'commander';
 import { VERSION } from '../core/version.js';
 import { addGlobalOptions } from './shared/config.js';
 import { runProgram } from './shared/run.js';
+import { createVolumeAction } from './torusctl/volume.js';
 
 // The client: serves volumes over NBD and AoE. Its volume commands arrive with the volume layer.
 export function buildProgram(): Command {
@@ -10,6 +11,11 @@ export function buildProgram(): Command {
     .version(`torusblk\nVersion: ${VERSION}`, '--version')
     .showHelpAfterError('(run with --help for usage)');
   addGlobalOptions(program);
+  const volume = new Command('volume').description('manage block volumes (see also torusctl volume)');
+  volume.addCommand(
+    new Command('create').description('create a thin-provisioned block volume').argument('<name>').argument('<size>', 'size, e.g. 10GiB').action(createVolumeAction()),
+  );
+  program.addCommand(volume);
   program.addCommand(
     new Command('version').description('print the version').action(() => {
       process.stdout.write(`torusblk\nVersion: ${VERSION}\n`);

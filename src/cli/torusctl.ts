@@ -4,6 +4,7 @@ import { configCommand } from './torusctl/config.js';
 import { initCommand } from './torusctl/init.js';
 import { listPeersCommand, peerCommand } from './torusctl/peers.js';
 import { ringCommand } from './torusctl/ring.js';
+import { blockCommand, volumeCommand } from './torusctl/volume.js';
 import { wipeCommand } from './torusctl/wipe.js';
 import { addGlobalOptions } from './shared/config.js';
 import { runProgram } from './shared/run.js';
@@ -15,7 +16,7 @@ export function buildProgram(): Command {
     .showHelpAfterError('(run with --help for usage)')
     .enablePositionalOptions(false);
   addGlobalOptions(program);
-  for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand()]) program.addCommand(c);
+  for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand()]) program.addCommand(c);
   program.addCommand(
     new Command('version').description('print the version').action(() => {
       process.stdout.write(`torusctl\nVersion: ${VERSION}\n`);

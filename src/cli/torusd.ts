@@ -15,6 +15,7 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   port?: string;
   autoJoin?: boolean;
   heartbeat: string;
+  gcInterval: string;
   logLevel?: string;
 }
 
@@ -29,6 +30,7 @@ export function buildProgram(): Command {
     .option('--port <port>', 'HTTP port (with --host)', '4321')
     .option('--auto-join', 'add this node to the ring at start')
     .addOption(new Option('--heartbeat <duration>', 'how often to report to etcd').default('5s'))
+    .addOption(new Option('--gc-interval <duration>', 'how often to delete blocks no volume can reach any more (0: never)').default('30s'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
     .showHelpAfterError('(run torusd --help for usage)')
     .action(async (opts: TorusdOpts) => {
@@ -47,6 +49,7 @@ export function buildProgram(): Command {
           ...(opts.host !== undefined ? { httpHost: opts.host, httpPort: parsePort(opts.port ?? '4321', '--port') } : {}),
           autoJoin: opts.autoJoin ?? false,
           heartbeatMs,
+          gcIntervalMs: parseDuration(opts.gcInterval),
           readCacheBytes: parseSize(opts.readCacheSize),
           readLevel: opts.readLevel as ReadLevel,
           writeLevel: opts.writeLevel as WriteLevel,

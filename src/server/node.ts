@@ -14,6 +14,8 @@ import { NodeMetrics, type MetricSample } from '../http/metrics.js';
 import { addPeers } from '../ring/index.js';
 import { RpcServer } from '../rpc/server.js';
 import { FileBlockStore } from '../storage/file-store.js';
+import { buildLiveSet, collectLocal, type GcReport } from '../volume/gc.js';
+import { VolumeMeta } from '../volume/meta.js';
 import { NEARLY_FULL, isStale, ringPeerOf, updateRing } from './cluster.js';
 import { createIdentity, readIdentity, resolveStorageSize, type NodeIdentity } from './datadir.js';
 
@@ -36,6 +38,8 @@ export interface NodeOptions {
   readonly autoJoin?: boolean;
   readonly heartbeatMs?: number;
   readonly readCacheBytes?: number;
+  /** How often to collect garbage; 0 turns GC off. */
+  readonly gcIntervalMs?: number;
   readonly readLevel?: ReadLevel;
   readonly writeLevel?: WriteLevel;
   readonly log: Logger;
@@ -108,6 +112,10 @@ export class StorageNode {
   private heartbeats = 0;
   private heartbeatFailures = 0;
   private heartbeatTimer: NodeJS.Timeout | undefined;
+  private gcTimer: NodeJS.Timeout | undefined;
+  private gcRunning: Promise<void> | undefined;
+  private readonly gcAbort = new AbortController();
+  private gcStats = { runs: 0, failures: 0, deleted: 0, lastError: '' };
   private warnedFull = false;
   private stopping = false;
 
@@ -190,6 +198,7 @@ export class StorageNode {
     await this.heartbeat();
     if (this.lastHeartbeatError) throw new TorusError('ETCD_UNAVAILABLE', `cannot register with etcd at ${this.opts.etcdDesc}: ${this.lastHeartbeatError}`);
     this.scheduleHeartbeat();
+    this.scheduleGc();
     if (this.opts.autoJoin) await this.autoJoin();
     log.info({ uuid: this.identity.uuid, address: this.address, blocks: this.store.numBlocks(), used: this.store.usedBlocks(), blockSize: this.global.blockSize }, 'torusd started');
   }
@@ -240,6 +249,34 @@ export class StorageNode {
       const msg = toTorusError(err).message;
       if (msg !== this.lastHeartbeatError) this.opts.log.warn({ err: msg }, 'heartbeat failed');
       this.lastHeartbeatError = msg;
+    }
+  }
+
+  private scheduleGc(): void {
+    const every = this.opts.gcIntervalMs ?? 30_000;
+    if (this.stopping || every <= 0) return;
+    this.gcTimer = setTimeout(() => {
+      this.gcRunning = this.collectGarbage().then(() => undefined).finally(() => {
+        this.gcRunning = undefined;
+        this.scheduleGc();
+      });
+    }, every);
+  }
+
+  /** One GC pass over this node's blocks; a failure anywhere deletes nothing. */
+  async collectGarbage(): Promise<GcReport | undefined> {
+    try {
+      const live = await buildLiveSet(new VolumeMeta(this.opts.meta.kv()), this.client!.distributor);
+      const report = await collectLocal(live, this.store, this.gcAbort.signal);
+      this.gcStats.runs++;
+      this.gcStats.deleted += report.deleted;
+      if (report.deleted > 0) this.opts.log.info({ deleted: report.deleted, checked: report.checked, revision: report.revision }, 'garbage collected');
+      return report;
+    } catch (err) {
+      this.gcStats.failures++;
+      this.gcStats.lastError = toTorusError(err).message;
+      this.opts.log.warn({ err: this.gcStats.lastError }, 'garbage collection skipped');
+      return undefined;
     }
   }
 
@@ -302,6 +339,9 @@ export class StorageNode {
       { name: 'torus_storage_flushes_total', help: 'fsync rounds of the local store', type: 'counter', value: st.flushes },
       { name: 'torus_server_heartbeats_total', help: 'Heartbeats written to etcd', type: 'counter', value: this.heartbeats },
       { name: 'torus_server_heartbeat_failures_total', help: 'Heartbeats that failed', type: 'counter', value: this.heartbeatFailures },
+      { name: 'torus_gc_runs_total', help: 'Garbage collection passes completed', type: 'counter', value: this.gcStats.runs },
+      { name: 'torus_gc_failures_total', help: 'Garbage collection passes skipped after an error', type: 'counter', value: this.gcStats.failures },
+      { name: 'torus_gc_deleted_blocks_total', help: 'Blocks deleted by garbage collection', type: 'counter', value: this.gcStats.deleted },
       { name: 'torus_server_peers_total', help: 'Peers registered in etcd as of the last heartbeat', type: 'gauge', value: this.peersSeen },
     ];
     if (this.client) {
@@ -340,6 +380,9 @@ export class StorageNode {
     if (this.stopping) return;
     this.stopping = true;
     clearTimeout(this.heartbeatTimer);
+    clearTimeout(this.gcTimer);
+    this.gcAbort.abort();
+    await this.gcRunning;
     await this.http?.close();
     await this.client?.close();
     await this.rpc?.close();

@@ -1,0 +1,965 @@
+import { existsSync } from 'node:fs';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { toTorusError, TorusError } from '../core/errors.js';
+import type { BlockDevice, DeviceProvider, Extent } from '../core/interfaces.js';
+import {
+  BASE_ALLOCATION,
+  ClientFlag,
+  ClientStreamDecoder,
+  Cmd,
+  CmdFlag,
+  DEFAULT_MAX_OPTION_LENGTH,
+  DEFAULT_MAX_PAYLOAD,
+  Errno,
+  HandshakeFlag,
+  Info,
+  KNOWN_CLIENT_FLAGS,
+  Opt,
+  Rep,
+  State,
+  TransmissionFlag,
+  commandName,
+  encodeBlockStatus,
+  encodeErrorChunk,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoReply,
+  encodeMetaContextReply,
+  encodeNoneChunk,
+  encodeOffsetData,
+  encodeOffsetHole,
+  encodeOptionError,
+  encodeOptionReply,
+  encodeRepServer,
+  encodeSimpleReply,
+  errnoName,
+  optionName,
+  parseExportName,
+  parseInfoRequest,
+  parseMetaContextRequest,
+  type BlockDescriptor,
+  type BlockSizeConstraints,
+  type ClientMessage,
+  type Request,
+} from './codec.js';
+import { nbdErrno, openErrorReply } from './errors.js';
+
+// An NBD server (fixed newstyle, structured replies, base:allocation) for any DeviceProvider.
+// docs/protocols/nbd.md is the user-facing description; the reasons live here.
+//
+// Per connection: requests are started as soon as they are decoded and answered as they finish,
+// in any order (proto.md allows it and clients like nbdcopy and qemu keep many in flight). Flow
+// control is explicit (STYLE habit 3): past `maxInFlight` requests, `maxInFlightBytes` of
+// payload, or `maxQueuedWriteBytes` of replies the client has not read, the socket is paused,
+// so TCP pushes back on the client instead of this process buffering without bound; it
+// resumes when a request finishes or the socket drains.
+//
+// Multi-conn: the server keeps no data of its own between requests (no write cache, no read
+// cache), so what one connection sees is exactly what the device holds. Together with the
+// DeviceProvider contract (every connection of an export gets the same BlockDevice, whose
+// flush() covers every write completed on it) a FLUSH or FUA on one connection covers writes
+// completed on all of them, which is what NBD_FLAG_CAN_MULTI_CONN promises.
+
+export interface NbdLogger {
+  debug(obj: object, msg: string): void;
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+}
+
+const silent: NbdLogger = { debug: () => {}, info: () => {}, warn: () => {} };
+
+export interface NbdServerOptions {
+  /** Serve every export read-only, whatever the provider allows. */
+  readonly readOnly?: boolean;
+  readonly listenTcp?: { readonly host: string; readonly port: number };
+  readonly listenUnix?: string;
+  /** Requests worked on at once per connection; past it the socket is not read. Default 64. */
+  readonly maxInFlight?: number;
+  /** WRITE payload plus READ length held per connection before reading stops. Default 128 MiB. */
+  readonly maxInFlightBytes?: number;
+  /** Reply bytes waiting for the client to read before reading stops. Default 8 MiB. */
+  readonly maxQueuedWriteBytes?: number;
+  /** A connection still negotiating after this long is dropped. Default 10 s. */
+  readonly handshakeTimeoutMs?: number;
+  /** Options accepted in one handshake before the client is deemed hostile. Default 1024. */
+  readonly maxOptions?: number;
+  /** Largest READ/WRITE/CACHE length (the advertised maximum block size). Default 32 MiB. */
+  readonly maxPayload?: number;
+  readonly maxOptionLength?: number;
+  /** Advertise NBD_FLAG_CAN_MULTI_CONN; only true if the provider shares one device per export. */
+  readonly multiConn?: boolean;
+  readonly log?: NbdLogger;
+  /** Text for NBD_INFO_DESCRIPTION; by default a device's own `description` string if it has one. */
+  readonly describe?: (name: string, device: BlockDevice) => string | undefined;
+}
+
+export interface NbdServerStats {
+  readonly connections: number;
+  readonly handshakes: number;
+  readonly requests: number;
+  readonly protocolErrors: number;
+  readonly peakInFlight: number;
+  readonly inFlight: number;
+}
+
+export interface NbdListenAddresses {
+  readonly tcp?: { readonly host: string; readonly port: number };
+  readonly unix?: string;
+}
+
+export const NBD_SERVER_DEFAULTS = {
+  maxInFlight: 64,
+  maxInFlightBytes: 128 * 1024 * 1024,
+  maxQueuedWriteBytes: 8 * 1024 * 1024,
+  handshakeTimeoutMs: 10_000,
+  maxOptions: 1024,
+  multiConn: true,
+} as const;
+
+/** The context id we hand out for base:allocation (any nonzero value would do). */
+const ALLOCATION_CONTEXT_ID = 1;
+/** Structured READs at least this long ask the device for holes and send them as OFFSET_HOLE. */
+const SPARSE_READ_MIN = 64 * 1024;
+/** A BLOCK_STATUS reply carries at most this many descriptors (512 KiB); proto.md allows fewer. */
+const MAX_DESCRIPTORS = 64 * 1024;
+/** CACHE warms the device in pieces this big, so a large hint never holds one huge buffer. */
+const CACHE_PIECE = 4 * 1024 * 1024;
+/** Error texts sent to clients are cut to this; proto.md allows 4096 but logs hold the rest. */
+const MAX_CLIENT_MESSAGE = 256;
+
+interface Settings {
+  readonly readOnly: boolean;
+  readonly maxInFlight: number;
+  readonly maxInFlightBytes: number;
+  readonly maxQueuedWriteBytes: number;
+  readonly handshakeTimeoutMs: number;
+  readonly maxOptions: number;
+  readonly maxPayload: number;
+  readonly maxOptionLength: number;
+  readonly multiConn: boolean;
+  readonly log: NbdLogger;
+  readonly describe: (name: string, device: BlockDevice) => string | undefined;
+}
+
+function defaultDescribe(_name: string, device: BlockDevice): string | undefined {
+  const d = (device as { description?: unknown }).description;
+  return typeof d === 'string' && d !== '' ? d : undefined;
+}
+
+/**
+ * proto.md block size constraints for a device. Minimum 1: BlockDevice takes any byte offset and
+ * length (a volume does the read-modify-write), so no client needs to be refused for alignment.
+ * Preferred: the device's block size, so that aligned I/O of that size avoids read-modify-write,
+ * kept within [512, 2 MiB] because proto.md requires at least 512 and clients (the kernel, qemu)
+ * round requests up to it, and a huge value would turn small writes into huge ones. Maximum: the
+ * payload limit, which is what this server will take in one READ or WRITE.
+ */
+export function blockSizeConstraints(device: BlockDevice, maxPayload = DEFAULT_MAX_PAYLOAD): BlockSizeConstraints {
+  let preferred = 512;
+  while (preferred * 2 <= device.blockSize && preferred < 2 * 1024 * 1024) preferred *= 2;
+  return { minimum: 1, preferred: Math.min(preferred, maxPayload), maximum: maxPayload };
+}
+
+/** Transmission flags for an export. SEND_DF only makes sense once structured replies are on. */
+export function transmissionFlags(opts: { readOnly: boolean; structured: boolean; multiConn: boolean }): number {
+  let f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_CACHE;
+  if (opts.readOnly) f |= TransmissionFlag.READ_ONLY;
+  else
+    f |=
+      TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO;
+  if (opts.structured) f |= TransmissionFlag.SEND_DF;
+  if (opts.multiConn) f |= TransmissionFlag.CAN_MULTI_CONN;
+  return f;
+}
+
+export class NbdServer {
+  private readonly provider: DeviceProvider;
+  private readonly settings: Settings;
+  private readonly options: NbdServerOptions;
+  private readonly conns = new Set<Connection>();
+  private readonly listeners: net.Server[] = [];
+  private closing = false;
+  /** Mutable counters shared with connections. */
+  readonly counters = { handshakes: 0, requests: 0, protocolErrors: 0, peakInFlight: 0 };
+
+  constructor(provider: DeviceProvider, options: NbdServerOptions = {}) {
+    this.provider = provider;
+    this.options = options;
+    const maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+    if (!Number.isInteger(maxPayload) || maxPayload < 4096 || maxPayload > 0xffffffff - 64)
+      throw new TorusError('INVALID_ARGUMENT', `maxPayload ${maxPayload} must be between 4096 and 2^32 - 64`);
+    this.settings = {
+      readOnly: options.readOnly ?? false,
+      maxInFlight: Math.max(1, options.maxInFlight ?? NBD_SERVER_DEFAULTS.maxInFlight),
+      maxInFlightBytes: options.maxInFlightBytes ?? NBD_SERVER_DEFAULTS.maxInFlightBytes,
+      maxQueuedWriteBytes: options.maxQueuedWriteBytes ?? NBD_SERVER_DEFAULTS.maxQueuedWriteBytes,
+      handshakeTimeoutMs: options.handshakeTimeoutMs ?? NBD_SERVER_DEFAULTS.handshakeTimeoutMs,
+      maxOptions: options.maxOptions ?? NBD_SERVER_DEFAULTS.maxOptions,
+      maxPayload,
+      maxOptionLength: options.maxOptionLength ?? DEFAULT_MAX_OPTION_LENGTH,
+      multiConn: options.multiConn ?? NBD_SERVER_DEFAULTS.multiConn,
+      log: options.log ?? silent,
+      describe: options.describe ?? defaultDescribe,
+    };
+  }
+
+  /** Listens on what the options name (TCP and/or a unix socket); resolves to the bound addresses. */
+  async listen(): Promise<NbdListenAddresses> {
+    if (this.closing) throw new TorusError('CLOSED', 'server is closed');
+    const { listenTcp, listenUnix } = this.options;
+    if (!listenTcp && listenUnix === undefined) throw new TorusError('INVALID_ARGUMENT', 'nothing to listen on: give listenTcp and/or listenUnix');
+    let tcp: { host: string; port: number } | undefined;
+    if (listenTcp) {
+      const s = await this.listenOn((srv, cb) => srv.listen(listenTcp.port, listenTcp.host, cb), `${listenTcp.host}:${listenTcp.port}`);
+      const addr = s.address() as net.AddressInfo;
+      tcp = { host: listenTcp.host, port: addr.port };
+    }
+    if (listenUnix !== undefined) {
+      if (existsSync(listenUnix)) throw new TorusError('EXISTS', `${listenUnix} already exists; remove a stale socket first`);
+      await this.listenOn((srv, cb) => srv.listen(listenUnix, cb), listenUnix);
+    }
+    return { ...(tcp ? { tcp } : {}), ...(listenUnix !== undefined ? { unix: listenUnix } : {}) };
+  }
+
+  private listenOn(start: (srv: net.Server, cb: () => void) => void, where: string): Promise<net.Server> {
+    const srv = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: false }, (socket) => {
+      const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort ?? '?'}` : where;
+      void this.handle(socket, remote);
+    });
+    return new Promise((resolve, reject) => {
+      const onError = (err: Error): void => reject(new TorusError('IO', `cannot listen on ${where}: ${err.message}`, { cause: err }));
+      srv.once('error', onError);
+      start(srv, () => {
+        srv.off('error', onError);
+        srv.on('error', (err) => this.settings.log.warn({ err, where }, 'nbd listener error'));
+        this.listeners.push(srv);
+        resolve(srv);
+      });
+    });
+  }
+
+  /**
+   * Serves one client over any Duplex (a socket, or testing.ts's in-process pipe). Resolves once
+   * the connection is over and its device released; never rejects: whatever the client sends,
+   * the worst outcome is that its own connection is dropped.
+   */
+  handle(stream: Duplex, remote = 'stream'): Promise<void> {
+    if (this.closing) {
+      stream.destroy();
+      return Promise.resolve();
+    }
+    if (stream instanceof net.Socket) stream.setNoDelay(true);
+    const conn = new Connection(this, this.provider, this.settings, stream, remote);
+    this.conns.add(conn);
+    conn.start();
+    return conn.done.then(() => {
+      this.conns.delete(conn);
+    });
+  }
+
+  stats(): NbdServerStats {
+    let inFlight = 0;
+    for (const c of this.conns) inFlight += c.inFlight;
+    return { connections: this.conns.size, ...this.counters, inFlight };
+  }
+
+  /**
+   * Stops listening, lets every connection finish the requests it is working on (proto.md: a
+   * server shutting down should let in-flight requests finish), then closes them.
+   */
+  async close(): Promise<void> {
+    this.closing = true;
+    const closed = this.listeners.map((s) => new Promise<void>((r) => s.close(() => r())));
+    this.listeners.length = 0;
+    for (const c of this.conns) c.shutdown();
+    await Promise.all([...closed, ...[...this.conns].map((c) => c.done)]);
+  }
+}
+
+interface OpenExport {
+  readonly name: string;
+  readonly device: BlockDevice;
+  readonly release: () => Promise<void>;
+  readonly readOnly: boolean;
+  readonly size: number;
+  readonly flags: number;
+  readonly blockSizes: BlockSizeConstraints;
+}
+
+type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
+
+function messageOf(err: unknown): string {
+  const m = err instanceof Error ? err.message : String(err);
+  return m.length > MAX_CLIENT_MESSAGE ? `${m.slice(0, MAX_CLIENT_MESSAGE - 3)}...` : m;
+}
+
+/** A request that fails before reaching the device, with the errno proto.md asks for. */
+class Refusal {
+  constructor(
+    readonly errno: Errno,
+    readonly message: string,
+  ) {}
+}
+
+const WRITE_COMMANDS: ReadonlySet<number> = new Set([Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES]);
+
+const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
+  // FUA is valid on every command once advertised (proto.md), and harmless where nothing is written.
+  [Cmd.READ]: CmdFlag.FUA | CmdFlag.DF,
+  [Cmd.WRITE]: CmdFlag.FUA,
+  [Cmd.FLUSH]: CmdFlag.FUA,
+  [Cmd.TRIM]: CmdFlag.FUA,
+  [Cmd.CACHE]: CmdFlag.FUA,
+  [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+  [Cmd.BLOCK_STATUS]: CmdFlag.FUA | CmdFlag.REQ_ONE,
+};
+
+class Connection {
+  readonly done: Promise<void>;
+  inFlight = 0;
+  private resolveDone!: () => void;
+  private phase: Phase = 'handshake';
+  private readonly decoder: ClientStreamDecoder;
+  private readonly log: NbdLogger;
+  private optionBusy = false;
+  private optionsSeen = 0;
+  private noZeroes = false;
+  private structured = false;
+  /** The export name the last successful SET_META_CONTEXT selected base:allocation for. */
+  private metaExport: string | null = null;
+  private exp: OpenExport | null = null;
+  private inFlightBytes = 0;
+  /** DISC (or end of input) seen: take no more requests, close once in-flight ones are answered. */
+  private disconnecting = false;
+  private paused = false;
+  private corked = false;
+  private released = false;
+  private handshakeTimer: NodeJS.Timeout | null = null;
+  private readonly queueLimit: number;
+
+  constructor(
+    private readonly server: NbdServer,
+    private readonly provider: DeviceProvider,
+    private readonly s: Settings,
+    private readonly stream: Duplex,
+    private readonly remote: string,
+  ) {
+    this.done = new Promise((r) => (this.resolveDone = r));
+    this.decoder = new ClientStreamDecoder({ maxOptionLength: s.maxOptionLength, maxPayload: s.maxPayload });
+    this.log = s.log;
+    // Below the stream's own high-water mark we could wait for a 'drain' that never comes: the
+    // stream emits it only after a write() returned false.
+    this.queueLimit = Math.max(s.maxQueuedWriteBytes, stream.writableHighWaterMark);
+  }
+
+  start(): void {
+    const st = this.stream;
+    st.on('data', (chunk: Buffer) => {
+      if (this.phase === 'closed' || this.phase === 'closing') return;
+      this.decoder.push(chunk);
+      this.pump();
+    });
+    st.on('end', () => this.onInputEnd());
+    st.on('drain', () => this.pump());
+    st.on('error', (err) => this.log.debug({ remote: this.remote, err: err.message }, 'nbd connection error'));
+    st.on('close', () => this.teardown());
+    this.handshakeTimer = setTimeout(() => {
+      this.log.info({ remote: this.remote }, 'nbd handshake timed out');
+      this.abort();
+    }, this.s.handshakeTimeoutMs);
+    this.handshakeTimer.unref?.();
+    this.send([encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)]);
+  }
+
+  /** Server shutdown: stop taking work, finish what is in flight, close. */
+  shutdown(): void {
+    if (this.phase === 'handshake') this.abort();
+    else if (this.phase === 'transmission') {
+      this.disconnecting = true;
+      this.maybeFinish();
+      this.updateFlow();
+    }
+  }
+
+  // ---- input
+
+  private pump(): void {
+    try {
+      if (this.phase === 'handshake') {
+        while (this.phase === 'handshake' && !this.optionBusy) {
+          const msg = this.decoder.next();
+          if (!msg) break;
+          this.onHandshakeMessage(msg);
+        }
+      }
+      if (this.phase === 'transmission') {
+        while (!this.disconnecting && this.canStartRequest()) {
+          const msg = this.decoder.next();
+          if (!msg) break;
+          this.dispatch(msg);
+        }
+      }
+    } catch (err) {
+      this.server.counters.protocolErrors++;
+      const e = toTorusError(err);
+      this.log.info({ remote: this.remote, code: e.code, err: e.message }, 'nbd client broke the protocol; dropping it');
+      this.abort();
+      return;
+    }
+    this.updateFlow();
+  }
+
+  private canStartRequest(): boolean {
+    if (this.inFlight === 0) return true;
+    return (
+      this.inFlight < this.s.maxInFlight &&
+      this.inFlightBytes < this.s.maxInFlightBytes &&
+      this.stream.writableLength < this.queueLimit
+    );
+  }
+
+  private updateFlow(): void {
+    if (this.phase === 'closed') return;
+    let blocked: boolean;
+    if (this.phase === 'handshake') blocked = this.optionBusy;
+    else if (this.phase === 'transmission') blocked = !this.disconnecting && !this.canStartRequest();
+    // After DISC the client must send nothing; reading on just lets us notice it hang up.
+    else blocked = false;
+    if (blocked && !this.paused) {
+      this.paused = true;
+      this.stream.pause();
+    } else if (!blocked && this.paused) {
+      this.paused = false;
+      this.stream.resume();
+    }
+  }
+
+  private onInputEnd(): void {
+    if (this.phase === 'handshake') {
+      // a client that goes away mid-negotiation (or after ABORT) gets nothing more
+      this.closeGracefully();
+    } else if (this.phase === 'transmission') {
+      // Half-close after the last request: answer what is in flight, then close our side too.
+      this.disconnecting = true;
+      this.maybeFinish();
+    }
+  }
+
+  // ---- handshake
+
+  private onHandshakeMessage(msg: ClientMessage): void {
+    switch (msg.type) {
+      case 'clientFlags':
+        if ((msg.flags & ~KNOWN_CLIENT_FLAGS) !== 0) {
+          // proto.md: the server MUST drop the connection on unknown client flags
+          this.log.info({ remote: this.remote, flags: msg.flags }, 'nbd client sent unknown client flags');
+          this.abort();
+          return;
+        }
+        // Clients without FIXED_NEWSTYLE are served fixed-newstyle replies anyway (proto.md
+        // allows it): the only such clients left send EXPORT_NAME at once, which has no reply.
+        this.noZeroes = (msg.flags & ClientFlag.NO_ZEROES) !== 0;
+        return;
+      case 'optionTooLong':
+        // proto.md lets a server drop a client it deems hostile; a body this size is refused
+        // from its header alone, so none of it is ever buffered.
+        this.log.info({ remote: this.remote, option: optionName(msg.option), length: msg.length }, 'nbd option too long; dropping client');
+        this.send([encodeOptionError(msg.option, Rep.ERR_TOO_BIG, `option data of ${msg.length} bytes exceeds ${this.s.maxOptionLength}`)]);
+        this.closeGracefully();
+        return;
+      case 'option':
+        if (++this.optionsSeen > this.s.maxOptions) {
+          this.log.info({ remote: this.remote }, 'nbd client sent too many options; dropping it');
+          this.abort();
+          return;
+        }
+        this.optionBusy = true;
+        this.handleOption(msg.option, msg.data).then(
+          () => {
+            this.optionBusy = false;
+            // the client may have gone while the option waited on the provider
+            if (this.phase === 'closed') this.maybeRelease();
+            else this.pump();
+          },
+          (err: unknown) => {
+            this.optionBusy = false;
+            this.log.warn({ remote: this.remote, err: messageOf(err) }, 'nbd option handling failed');
+            this.abort();
+            this.maybeRelease();
+          },
+        );
+        return;
+      default:
+        throw new TorusError('INTERNAL', `unexpected ${msg.type} during the handshake`);
+    }
+  }
+
+  private reply(option: number, type: number, data?: Buffer): void {
+    this.send([encodeOptionReply(option, type, data)]);
+  }
+
+  private replyError(option: number, type: number, message: string): void {
+    this.send([encodeOptionError(option, type, message)]);
+  }
+
+  private async handleOption(option: number, data: Buffer): Promise<void> {
+    this.log.debug({ remote: this.remote, option: optionName(option), length: data.length }, 'nbd option');
+    switch (option) {
+      case Opt.EXPORT_NAME:
+        return this.optExportName(data);
+      case Opt.ABORT:
+        // proto.md: reply ACK (data, if any, is ignored), then the client hangs up
+        this.reply(option, Rep.ACK);
+        this.closeGracefully();
+        return;
+      case Opt.LIST:
+        return this.optList(data);
+      case Opt.STARTTLS:
+        // NOTLS mode: proto.md allows ERR_UNSUP "if it does not support STARTTLS at all"
+        return this.replyError(option, Rep.ERR_UNSUP, 'TLS is not supported by this server');
+      case Opt.INFO:
+      case Opt.GO:
+        return this.optInfoGo(option, data);
+      case Opt.STRUCTURED_REPLY:
+        if (data.length !== 0) return this.replyError(option, Rep.ERR_INVALID, 'STRUCTURED_REPLY takes no data');
+        this.structured = true;
+        return this.reply(option, Rep.ACK);
+      case Opt.LIST_META_CONTEXT:
+      case Opt.SET_META_CONTEXT:
+        return this.optMetaContext(option, data);
+      default:
+        // includes EXTENDED_HEADERS: clients fall back to compact headers on ERR_UNSUP
+        return this.replyError(option, Rep.ERR_UNSUP, `${optionName(option)} is not supported`);
+    }
+  }
+
+  private async open(name: string): Promise<OpenExport> {
+    const { device, release } = await this.provider.open(name, { readOnly: this.s.readOnly });
+    if (!Number.isSafeInteger(device.size) || device.size < 0) {
+      await release();
+      throw new TorusError('INTERNAL', `device for "${name}" reports size ${device.size}`);
+    }
+    const readOnly = this.s.readOnly || device.readOnly;
+    return {
+      name,
+      device,
+      release,
+      readOnly,
+      size: device.size,
+      flags: transmissionFlags({ readOnly, structured: this.structured, multiConn: this.s.multiConn }),
+      blockSizes: blockSizeConstraints(device, this.s.maxPayload),
+    };
+  }
+
+  private async optExportName(data: Buffer): Promise<void> {
+    let name: string;
+    try {
+      name = parseExportName(data);
+    } catch (err) {
+      this.log.info({ remote: this.remote, err: messageOf(err) }, 'nbd EXPORT_NAME with a malformed name; dropping client');
+      return this.abort();
+    }
+    let exp: OpenExport;
+    try {
+      exp = await this.open(name);
+    } catch (err) {
+      // EXPORT_NAME has no error reply: proto.md says terminate the session
+      this.log.info({ remote: this.remote, export: name, err: messageOf(err) }, 'nbd EXPORT_NAME for an export that cannot be opened; dropping client');
+      return this.abort();
+    }
+    if (!this.adopt(exp)) return;
+    this.send([encodeExportNameReply(exp.size, exp.flags, this.noZeroes)]);
+    this.enterTransmission();
+  }
+
+  /** Keeps an opened export unless the connection went away while it was being opened. */
+  private adopt(exp: OpenExport): boolean {
+    if (this.phase !== 'handshake') {
+      void exp.release().catch(() => {});
+      return false;
+    }
+    this.exp = exp;
+    if (this.metaExport !== exp.name) this.metaExport = null;
+    return true;
+  }
+
+  private enterTransmission(): void {
+    this.decoder.startTransmission();
+    this.phase = 'transmission';
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.server.counters.handshakes++;
+    const e = this.exp;
+    this.log.debug({ remote: this.remote, export: e?.name, size: e?.size, flags: e?.flags, structured: this.structured }, 'nbd transmission');
+  }
+
+  private async optList(data: Buffer): Promise<void> {
+    if (data.length !== 0) return this.replyError(Opt.LIST, Rep.ERR_INVALID, 'LIST takes no data');
+    let names: string[];
+    try {
+      names = await this.provider.list();
+    } catch (err) {
+      const shut = toTorusError(err).code === 'CLOSED';
+      return this.replyError(Opt.LIST, shut ? Rep.ERR_SHUTDOWN : Rep.ERR_POLICY, `cannot list exports: ${messageOf(err)}`);
+    }
+    for (const n of names) this.send([encodeRepServer(Opt.LIST, n)]);
+    this.reply(Opt.LIST, Rep.ACK);
+  }
+
+  private async optInfoGo(option: number, data: Buffer): Promise<void> {
+    let req;
+    try {
+      req = parseInfoRequest(data);
+    } catch (err) {
+      return this.replyError(option, Rep.ERR_INVALID, messageOf(err));
+    }
+    let exp: OpenExport;
+    try {
+      exp = await this.open(req.name);
+    } catch (err) {
+      return this.replyError(option, openErrorReply(err), `export "${req.name}" is not available: ${messageOf(err)}`);
+    }
+    const go = option === Opt.GO;
+    if (go) {
+      if (!this.adopt(exp)) return;
+    } else {
+      await exp.release().catch(() => {});
+    }
+    this.send([encodeInfoReply(option, { type: Info.EXPORT, size: exp.size, flags: exp.flags })]);
+    if (req.requests.includes(Info.NAME)) this.send([encodeInfoReply(option, { type: Info.NAME, name: exp.name })]);
+    if (req.requests.includes(Info.DESCRIPTION)) {
+      const d = this.s.describe(exp.name, exp.device);
+      if (d !== undefined) this.send([encodeInfoReply(option, { type: Info.DESCRIPTION, description: d })]);
+    }
+    // Sent whether asked or not: clients must ignore unrequested info, and it tells those that
+    // understand it about the 32 MiB cap even if they forgot to ask.
+    this.send([encodeInfoReply(option, { type: Info.BLOCK_SIZE, ...exp.blockSizes })]);
+    this.reply(option, Rep.ACK);
+    if (go) this.enterTransmission();
+  }
+
+  private optMetaContext(option: number, data: Buffer): void {
+    const set = option === Opt.SET_META_CONTEXT;
+    // proto.md: SET replaces the selection even when it fails
+    if (set) this.metaExport = null;
+    if (!this.structured) return this.replyError(option, Rep.ERR_INVALID, 'negotiate STRUCTURED_REPLY first');
+    let req;
+    try {
+      req = parseMetaContextRequest(data);
+    } catch (err) {
+      return this.replyError(option, Rep.ERR_INVALID, messageOf(err));
+    }
+    let found = !set && req.queries.length === 0;
+    for (const q of req.queries) {
+      const colon = q.indexOf(':');
+      if (colon <= 0) return this.replyError(option, Rep.ERR_INVALID, `query "${q}" has no namespace`);
+      // other namespaces and unknown base: leaves MUST be ignored, not refused
+      if (q.slice(0, colon) !== 'base') continue;
+      const leaf = q.slice(colon + 1);
+      if (leaf === 'allocation' || (!set && leaf === '')) found = true;
+    }
+    // The export is checked when GO names it: opening it here could take a volume's lock twice.
+    if (found) this.send([encodeMetaContextReply(option, set ? ALLOCATION_CONTEXT_ID : 0, BASE_ALLOCATION)]);
+    if (set && found) this.metaExport = req.name;
+    this.reply(option, Rep.ACK);
+  }
+
+  // ---- transmission
+
+  private dispatch(msg: ClientMessage): void {
+    if (msg.type === 'payloadTooLong') {
+      // The payload would have to be read and thrown away to find the next request; a client
+      // sending that much in one WRITE is broken or hostile (proto.md allows a hard disconnect).
+      this.server.counters.protocolErrors++;
+      this.log.info({ remote: this.remote, length: msg.length }, 'nbd WRITE over the payload limit; dropping client');
+      this.sendError(msg.handle, Errno.EINVAL, `WRITE of ${msg.length} bytes exceeds the ${this.s.maxPayload}-byte maximum`);
+      this.closeGracefully();
+      return;
+    }
+    if (msg.type !== 'request') throw new TorusError('INTERNAL', `unexpected ${msg.type} in transmission`);
+    if (msg.command === Cmd.DISC) {
+      this.disconnecting = true;
+      this.maybeFinish();
+      return;
+    }
+    const cost = (msg.payload?.length ?? 0) + (msg.command === Cmd.READ ? Math.min(msg.length, this.s.maxPayload) : 0);
+    this.inFlight++;
+    this.inFlightBytes += cost;
+    this.server.counters.requests++;
+    if (this.inFlight > this.server.counters.peakInFlight) this.server.counters.peakInFlight = this.inFlight;
+    this.execute(msg)
+      .catch((err: unknown) => {
+        // execute answers every failure itself; this is a bug, but the client still gets a reply
+        this.log.warn({ remote: this.remote, err: messageOf(err) }, 'nbd request handling failed');
+        this.sendError(msg.handle, Errno.EIO, messageOf(err));
+      })
+      .finally(() => {
+        this.inFlight--;
+        this.inFlightBytes -= cost;
+        if (this.phase === 'closed') this.maybeRelease();
+        else {
+          this.pump();
+          this.maybeFinish();
+        }
+      });
+  }
+
+  private sendError(handle: bigint, errno: Errno, message: string): void {
+    if (this.structured) this.send(encodeErrorChunk(handle, errno, message, true));
+    else this.send(encodeSimpleReply(handle, errno));
+  }
+
+  private ok(handle: bigint): void {
+    // proto.md lets a simple reply answer anything but READ even with structured replies on
+    this.send(encodeSimpleReply(handle, 0));
+  }
+
+  /** Checks that proto.md wants answered before the device is asked anything. */
+  private validate(req: Request, exp: OpenExport): Refusal | undefined {
+    const allowed = ALLOWED_FLAGS[req.command];
+    if (allowed === undefined) return new Refusal(Errno.EINVAL, `unknown command ${req.command}`);
+    let extra = req.flags & ~allowed;
+    if (req.command === Cmd.READ && !this.structured) extra |= req.flags & CmdFlag.DF;
+    if (extra !== 0) return new Refusal(Errno.EINVAL, `flags 0x${extra.toString(16)} are not valid for ${commandName(req.command)}`);
+    const writes = WRITE_COMMANDS.has(req.command);
+    if (writes && exp.readOnly) return new Refusal(Errno.EPERM, 'export is read-only');
+    if (req.command === Cmd.FLUSH) return undefined;
+    if (req.command === Cmd.BLOCK_STATUS && this.metaExport === null)
+      return new Refusal(Errno.EINVAL, 'BLOCK_STATUS needs base:allocation selected with SET_META_CONTEXT for this export');
+    if ((req.command === Cmd.READ || req.command === Cmd.CACHE) && req.length > this.s.maxPayload)
+      return new Refusal(Errno.EINVAL, `${commandName(req.command)} of ${req.length} bytes exceeds the ${this.s.maxPayload}-byte maximum`);
+    if (req.offset + req.length > exp.size) {
+      // proto.md: ENOSPC for writes past the end (the disk is full there), EINVAL for the rest
+      const errno = req.command === Cmd.WRITE || req.command === Cmd.WRITE_ZEROES ? Errno.ENOSPC : Errno.EINVAL;
+      return new Refusal(errno, `${req.offset}+${req.length} is beyond the ${exp.size}-byte export`);
+    }
+    if (req.command === Cmd.BLOCK_STATUS && req.length === 0) return new Refusal(Errno.EINVAL, 'BLOCK_STATUS of length 0');
+    return undefined;
+  }
+
+  private async execute(req: Request): Promise<void> {
+    const exp = this.exp;
+    if (!exp) throw new TorusError('INTERNAL', 'request without an export');
+    const refusal = this.validate(req, exp);
+    if (refusal) {
+      this.log.debug({ remote: this.remote, command: commandName(req.command), errno: errnoName(refusal.errno), why: refusal.message }, 'nbd request refused');
+      return this.sendError(req.handle, refusal.errno, refusal.message);
+    }
+    const d = exp.device;
+    const fua = (req.flags & CmdFlag.FUA) !== 0;
+    try {
+      switch (req.command) {
+        case Cmd.READ:
+          return await this.read(req, d);
+        case Cmd.WRITE:
+          await d.write(req.offset, req.payload ?? Buffer.alloc(0), fua);
+          return this.ok(req.handle);
+        case Cmd.FLUSH:
+          await d.flush();
+          return this.ok(req.handle);
+        case Cmd.TRIM:
+          if (req.length > 0) await d.trim(req.offset, req.length);
+          // BlockDevice.trim has no FUA of its own; a flush right after gives the same guarantee
+          if (fua) await d.flush();
+          return this.ok(req.handle);
+        case Cmd.WRITE_ZEROES: {
+          const noHole = (req.flags & CmdFlag.NO_HOLE) !== 0;
+          // Zeroing by punching holes is metadata only, so it beats writing zeroes; allocating
+          // zeroes (NO_HOLE) may well be a write on a real volume, and FAST_ZERO must then fail
+          // at once with ENOTSUP, without touching the data (proto.md).
+          if ((req.flags & CmdFlag.FAST_ZERO) !== 0 && noHole)
+            return this.sendError(req.handle, Errno.ENOTSUP, 'allocated zeroes are not faster than a write');
+          if (req.length > 0) await d.writeZeroes(req.offset, req.length, { noHole, fua });
+          return this.ok(req.handle);
+        }
+        case Cmd.CACHE:
+          for (let at = 0; at < req.length; at += CACHE_PIECE) await d.read(req.offset + at, Math.min(CACHE_PIECE, req.length - at));
+          return this.ok(req.handle);
+        case Cmd.BLOCK_STATUS:
+          return await this.blockStatus(req, d);
+        default:
+          throw new TorusError('INTERNAL', `validated unknown command ${req.command}`);
+      }
+    } catch (err) {
+      const errno = nbdErrno(err, WRITE_COMMANDS.has(req.command));
+      const e = toTorusError(err);
+      this.log.debug({ remote: this.remote, command: commandName(req.command), offset: req.offset, length: req.length, code: e.code, err: e.message }, 'nbd request failed');
+      this.sendError(req.handle, errno, messageOf(err));
+    }
+  }
+
+  private async read(req: Request, d: BlockDevice): Promise<void> {
+    const { handle, offset, length } = req;
+    if (!this.structured) {
+      const data = length > 0 ? await readExact(d, offset, length) : undefined;
+      return this.send(encodeSimpleReply(handle, 0, data));
+    }
+    if (length === 0) return this.send(encodeNoneChunk(handle));
+    let segments: Segment[] | undefined;
+    if ((req.flags & CmdFlag.DF) === 0 && length >= SPARSE_READ_MIN) {
+      try {
+        segments = toSegments(await d.blockStatus(offset, length), offset, length);
+      } catch {
+        // block status is only an optimisation here; the read itself will report real errors
+        segments = undefined;
+      }
+      if (segments && !segments.some((s) => s.zero)) segments = undefined;
+    }
+    if (!segments) return this.send(encodeOffsetData(handle, offset, await readExact(d, offset, length), true));
+    // Holes go out as 12-byte OFFSET_HOLE chunks instead of zeroes; the data segments are read
+    // in parallel. Every outcome is known before the first chunk is sent, so DONE can go on the
+    // last chunk; a segment that failed becomes an ERROR_OFFSET at its start, and the segments
+    // that were read still count (proto.md allows partial success to be reported this way).
+    const results = await Promise.allSettled(segments.map((s) => (s.zero ? Promise.resolve(undefined) : readExact(d, s.offset, s.length))));
+    const chunks: ((done: boolean) => Buffer[])[] = [];
+    segments.forEach((s, i) => {
+      const r = results[i];
+      if (s.zero) chunks.push((done) => encodeOffsetHole(handle, s.offset, s.length, done));
+      else if (r?.status === 'fulfilled' && r.value) {
+        const data = r.value;
+        chunks.push((done) => encodeOffsetData(handle, s.offset, data, done));
+      } else {
+        const reason: unknown = r?.status === 'rejected' ? r.reason : new TorusError('INTERNAL', 'missing read result');
+        chunks.push((done) => encodeErrorChunk(handle, nbdErrno(reason, false), messageOf(reason), done, s.offset));
+      }
+    });
+    chunks.forEach((c, i) => this.send(c(i === chunks.length - 1)));
+  }
+
+  private async blockStatus(req: Request, d: BlockDevice): Promise<void> {
+    const extents = await d.blockStatus(req.offset, req.length);
+    const one = (req.flags & CmdFlag.REQ_ONE) !== 0;
+    const descriptors = toDescriptors(extents, req.length, one ? 1 : MAX_DESCRIPTORS);
+    this.send(encodeBlockStatus(req.handle, ALLOCATION_CONTEXT_ID, descriptors, true));
+  }
+
+  // ---- output and teardown
+
+  private send(parts: Buffer[]): void {
+    const st = this.stream;
+    if (this.phase === 'closed' || st.destroyed || st.writableEnded) return;
+    // Replies finished in the same tick leave in one writev instead of one syscall each.
+    if (!this.corked) {
+      this.corked = true;
+      st.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        st.uncork();
+      });
+    }
+    for (const p of parts) st.write(p);
+  }
+
+  private maybeFinish(): void {
+    if (this.phase === 'transmission' && this.disconnecting && this.inFlight === 0) this.closeGracefully();
+  }
+
+  /** Sends what is queued, then closes (a soft end for DISC, ABORT and refusals we explain). */
+  private closeGracefully(): void {
+    if (this.phase === 'closed' || this.phase === 'closing') return;
+    this.phase = 'closing';
+    this.clearTimer();
+    const st = this.stream;
+    // Drop anything else the client sends; it has nowhere to go.
+    if (this.paused) {
+      this.paused = false;
+      st.resume();
+    }
+    // Destroy once our FIN is out: waiting for the client's own close could wait forever.
+    st.once('finish', () => st.destroy());
+    st.end();
+  }
+
+  /** Hard disconnect: the client broke the protocol or is hostile. */
+  private abort(): void {
+    if (this.phase === 'closed') return;
+    this.clearTimer();
+    this.stream.destroy();
+    this.teardown();
+  }
+
+  private clearTimer(): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+  }
+
+  private teardown(): void {
+    if (this.phase !== 'closed') {
+      this.phase = 'closed';
+      this.clearTimer();
+      if (!this.stream.destroyed) this.stream.destroy();
+    }
+    this.maybeRelease();
+  }
+
+  /** Releases the device once no request or option can still be using it, then reports the connection done. */
+  private maybeRelease(): void {
+    if (this.released || this.phase !== 'closed' || this.inFlight > 0 || this.optionBusy) return;
+    this.released = true;
+    const exp = this.exp;
+    this.exp = null;
+    const finish = (): void => this.resolveDone();
+    if (!exp) return finish();
+    exp.release().then(finish, (err: unknown) => {
+      this.log.warn({ remote: this.remote, export: exp.name, err: messageOf(err) }, 'nbd device release failed');
+      finish();
+    });
+  }
+}
+
+async function readExact(d: BlockDevice, offset: number, length: number): Promise<Buffer> {
+  const data = await d.read(offset, length);
+  if (data.length !== length) throw new TorusError('IO', `device returned ${data.length} bytes for a ${length}-byte read`);
+  return data;
+}
+
+interface Segment {
+  readonly offset: number;
+  readonly length: number;
+  /** Reads as zeros: sent as a hole. */
+  readonly zero: boolean;
+}
+
+/** Device extents clipped to [offset, offset+length) and merged by zero-ness; a gap the device left reads as data. */
+export function toSegments(extents: readonly Extent[], offset: number, length: number): Segment[] {
+  const out: Segment[] = [];
+  let pos = offset;
+  const end = offset + length;
+  const add = (len: number, zero: boolean): void => {
+    const last = out[out.length - 1];
+    if (last && last.zero === zero) out[out.length - 1] = { offset: last.offset, length: last.length + len, zero };
+    else out.push({ offset: pos, length: len, zero });
+    pos += len;
+  };
+  for (const e of extents) {
+    if (pos >= end) break;
+    if (!(e.length > 0)) continue;
+    add(Math.min(e.length, end - pos), e.zero);
+  }
+  if (pos < end) add(end - pos, false);
+  return out;
+}
+
+/**
+ * base:allocation descriptors for a request of `length` bytes: clipped to it (so every length
+ * fits a u32 and nothing is claimed past what was asked), merged by flags, at most `max`.
+ */
+export function toDescriptors(extents: readonly Extent[], length: number, max: number): BlockDescriptor[] {
+  const out: BlockDescriptor[] = [];
+  let covered = 0;
+  for (const e of extents) {
+    if (covered >= length) break;
+    if (!(e.length > 0)) continue;
+    const len = Math.min(e.length, length - covered);
+    const flags = (e.hole ? State.HOLE : 0) | (e.zero ? State.ZERO : 0);
+    const last = out[out.length - 1];
+    if (last && last.flags === flags) out[out.length - 1] = { length: last.length + len, flags };
+    else if (out.length < max) out.push({ length: len, flags });
+    else break;
+    covered += len;
+  }
+  // A device that reported nothing usable: status 0 ("allocated, contents unknown") is always true.
+  if (out.length === 0) out.push({ length, flags: 0 });
+  return out;
+}

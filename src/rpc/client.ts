@@ -1,0 +1,826 @@
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { TorusError, type ErrorCode } from '../core/errors.js';
+import { formatBlockRef, type BlockRef } from '../core/ids.js';
+import { parsePeerAddress, type PeerAddress } from './address.js';
+import {
+  ConsecutiveFailureBreaker,
+  exponentialBackoff,
+  type BackoffOptions,
+  type BackoffPolicy,
+  type BreakerOptions,
+  type BreakerState,
+  type CircuitBreaker,
+} from './breaker.js';
+import {
+  DEFAULT_MAX_FRAME_SIZE,
+  EXT_CRITICAL,
+  FrameDecoder,
+  HANDSHAKE_MAX_FRAME_SIZE,
+  HEADER_SIZE,
+  MIN_MAX_FRAME_SIZE,
+  MIN_PROTOCOL_VERSION,
+  Op,
+  PROTOCOL_VERSION,
+  GET_SIZE,
+  checkGet,
+  encodeDeleteBatch,
+  encodeEmpty,
+  encodeGetInto,
+  encodeHasBatch,
+  encodeHello,
+  encodePutBatch,
+  maxRefsPerFrame,
+  opName,
+  putItemFrameCost,
+  setFrameId,
+  type HasResultMessage,
+  type HelloOkMessage,
+  type Message,
+  type PutItem,
+  type PutResultMessage,
+} from './codec.js';
+import type { NodeIdentity, VersionRange } from './server.js';
+import { Fifo, FrameWriter } from './writer.js';
+
+export interface PeerClientOptions {
+  /** Who we are: sent in HELLO, and the cluster the peer must belong to. */
+  readonly identity: NodeIdentity;
+  /** The uuid the peer must report; a different node at that address is refused (NO_PEER). */
+  readonly expectUuid?: string;
+  /** TCP connect plus handshake. */
+  readonly connectTimeoutMs?: number;
+  /** Default per-request timeout, counted from the call (queueing included). */
+  readonly requestTimeoutMs?: number;
+  /** Requests on the wire at once; more wait in a queue. Also capped by the server's limit. */
+  readonly maxInFlight?: number;
+  /** Requests waiting beyond maxInFlight; past it calls fail at once with AGAIN. */
+  readonly maxQueued?: number;
+  /** Request bytes waiting for the socket before we stop sending and wait for 'drain'. */
+  readonly maxQueuedWriteBytes?: number;
+  /** Largest reply frame accepted. */
+  readonly maxFrameSize?: number;
+  /** Send a PING after this long without hearing from the peer; 0 disables. */
+  readonly keepaliveMs?: number;
+  /** Close the connection after this long without calls (it reopens on demand); 0 = never. */
+  readonly idleCloseMs?: number;
+  readonly backoff?: BackoffPolicy | BackoffOptions;
+  readonly breaker?: CircuitBreaker | BreakerOptions;
+  readonly versions?: VersionRange;
+  /** Transport override (tests, in-process nodes): must return a connected or connecting stream. */
+  readonly connect?: (address: PeerAddress) => Duplex;
+}
+
+export interface RequestOptions {
+  readonly timeoutMs?: number;
+}
+
+export interface PutOptions extends RequestOptions {
+  /** Ask the peer to flush before acknowledging, making the blocks durable in one round trip. */
+  readonly sync?: boolean;
+}
+
+/** What the peer told us about itself in HELLO_OK. */
+export interface RemotePeer {
+  readonly uuid: string;
+  readonly clusterId: string;
+  readonly version: number;
+  readonly maxFrameSize: number;
+  readonly maxInFlight: number;
+  readonly blockSize: number;
+}
+
+export type ClientState = 'idle' | 'connecting' | 'ready' | 'closed';
+
+export interface PeerClientStats {
+  readonly state: ClientState;
+  readonly breaker: BreakerState;
+  readonly inFlight: number;
+  readonly queued: number;
+  /** Request bytes accepted by the connection and not yet taken by the kernel. */
+  readonly queuedWriteBytes: number;
+  readonly connects: number;
+  readonly connectFailures: number;
+  readonly timeouts: number;
+  readonly requests: number;
+  readonly lastError: string | null;
+}
+
+export const CLIENT_DEFAULTS = {
+  connectTimeoutMs: 2000,
+  requestTimeoutMs: 5000,
+  maxInFlight: 64,
+  maxQueued: 16_384,
+  maxQueuedWriteBytes: 4 * 1024 * 1024,
+  keepaliveMs: 5000,
+  idleCloseMs: 60_000,
+} as const;
+
+const QUEUED = 0;
+const SENT = 1;
+const DONE = 2;
+
+interface Call {
+  /** The encoded frame; empty for a GET, which is encoded straight into the socket batch. */
+  parts: readonly Buffer[];
+  readonly op: number;
+  readonly expect: number;
+  readonly ref: BlockRef | undefined;
+  readonly getOffset: number;
+  readonly getLength: number;
+  /** Resolved with the DATA payload for a GET, with the reply message otherwise. */
+  readonly resolve: (value: Message | Buffer) => void;
+  readonly reject: (err: TorusError) => void;
+  readonly timeoutMs: number;
+  timer: NodeJS.Timeout | null;
+  status: number;
+  id: number;
+  probe: boolean;
+}
+
+interface Connection {
+  readonly stream: Duplex;
+  readonly decoder: FrameDecoder;
+  readonly writer: FrameWriter;
+  ready: boolean;
+  timer: NodeJS.Timeout | null;
+}
+
+const NO_PARTS: readonly Buffer[] = [];
+
+function onCallTimeout(client: PeerClient, call: Call): void {
+  client.timedOut(call);
+}
+
+/**
+ * A connection to one peer, made on first use. Calls are pipelined with request ids and may
+ * complete in any order. At most `maxInFlight` are on the wire; the rest wait in a FIFO, which
+ * also holds them while the socket is backed up (write() past `maxQueuedWriteBytes`) until
+ * 'drain'.
+ *
+ * Failure handling, so that a dead peer costs one timeout and not one per request:
+ * - a connect failure fails every waiting call at once and schedules the next attempt with
+ *   exponential backoff and jitter;
+ * - a dropped connection fails the calls that were on the wire at once (they may or may not
+ *   have run; all operations are idempotent, so the caller may retry elsewhere);
+ * - every transport failure (connect error, drop with work pending, request timeout) counts
+ *   toward the circuit breaker; once it opens, the connection is dropped, everything pending
+ *   fails and later calls fail immediately with BLOCK_UNAVAILABLE until a single probe call
+ *   after the cool-down gets an answer.
+ * Every error is a TorusError; BLOCK_UNAVAILABLE and TIMEOUT are retryable.
+ */
+export class PeerClient {
+  readonly address: string;
+  private readonly target: PeerAddress;
+  private readonly o: {
+    readonly connectTimeoutMs: number;
+    readonly requestTimeoutMs: number;
+    readonly maxInFlight: number;
+    readonly maxQueued: number;
+    readonly maxQueuedWriteBytes: number;
+    readonly maxFrameSize: number;
+    readonly keepaliveMs: number;
+    readonly idleCloseMs: number;
+    readonly versions: VersionRange;
+  };
+  private readonly identity: NodeIdentity;
+  private readonly expectUuid: string | undefined;
+  private readonly connectFn: ((address: PeerAddress) => Duplex) | undefined;
+  private readonly backoff: BackoffPolicy;
+  readonly breaker: CircuitBreaker;
+
+  private _state: ClientState = 'idle';
+  private conn: Connection | null = null;
+  private _remote: RemotePeer | undefined;
+  private readonly queue = new Fifo<Call>();
+  private readonly pending = new Map<number, Call>();
+  private inFlight = 0;
+  private nextId = 0;
+  private attempts = 0;
+  private nextAttemptAt = 0;
+  private backoffTimer: NodeJS.Timeout | null = null;
+  private keepaliveTimer: NodeJS.Timeout | null = null;
+  private pingOutstanding = false;
+  private lastReceived = 0;
+  private lastCall = 0;
+  private lastError: TorusError | null = null;
+  private readonly counters = { connects: 0, connectFailures: 0, timeouts: 0, requests: 0 };
+
+  constructor(address: string, options: PeerClientOptions) {
+    this.address = address;
+    this.target = parsePeerAddress(address);
+    this.identity = options.identity;
+    this.expectUuid = options.expectUuid;
+    this.connectFn = options.connect;
+    this.o = {
+      connectTimeoutMs: options.connectTimeoutMs ?? CLIENT_DEFAULTS.connectTimeoutMs,
+      requestTimeoutMs: options.requestTimeoutMs ?? CLIENT_DEFAULTS.requestTimeoutMs,
+      maxInFlight: Math.max(1, options.maxInFlight ?? CLIENT_DEFAULTS.maxInFlight),
+      maxQueued: options.maxQueued ?? CLIENT_DEFAULTS.maxQueued,
+      maxQueuedWriteBytes: options.maxQueuedWriteBytes ?? CLIENT_DEFAULTS.maxQueuedWriteBytes,
+      maxFrameSize: Math.max(MIN_MAX_FRAME_SIZE, options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE),
+      keepaliveMs: options.keepaliveMs ?? CLIENT_DEFAULTS.keepaliveMs,
+      idleCloseMs: options.idleCloseMs ?? CLIENT_DEFAULTS.idleCloseMs,
+      versions: options.versions ?? { min: MIN_PROTOCOL_VERSION, max: PROTOCOL_VERSION },
+    };
+    const b = options.backoff;
+    this.backoff = typeof b === 'function' ? b : exponentialBackoff(b);
+    const br = options.breaker;
+    this.breaker = br !== undefined && 'tryAcquire' in br ? br : new ConsecutiveFailureBreaker(br);
+  }
+
+  get state(): ClientState {
+    return this._state;
+  }
+
+  /** The peer's HELLO_OK, once connected. */
+  get remote(): RemotePeer | undefined {
+    return this._remote;
+  }
+
+  /** The peer's block size once known, else 0 (lets a client stand in for a BlockService). */
+  get blockSize(): number {
+    return this._remote?.blockSize ?? 0;
+  }
+
+  stats(): PeerClientStats {
+    return {
+      state: this._state,
+      breaker: this.breaker.state,
+      inFlight: this.inFlight,
+      queued: this.queue.length,
+      queuedWriteBytes: this.conn?.writer.queuedBytes ?? 0,
+      ...this.counters,
+      lastError: this.lastError?.message ?? null,
+    };
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Operations
+
+  /** The whole block. */
+  getBlock(ref: BlockRef, options?: RequestOptions): Promise<Buffer> {
+    return this.get(ref, 0, 0, options);
+  }
+
+  /** `length` bytes at `offset` inside the block. */
+  readRange(ref: BlockRef, offset: number, length: number, options?: RequestOptions): Promise<Buffer> {
+    if (length === 0) return Promise.resolve(Buffer.alloc(0));
+    return this.get(ref, offset, length, options);
+  }
+
+  private get(ref: BlockRef, offset: number, length: number, options: RequestOptions | undefined): Promise<Buffer> {
+    try {
+      checkGet(ref, offset, length);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.request(NO_PARTS, Op.Get, Op.Data, ref, options?.timeoutMs, offset, length) as Promise<Buffer>;
+  }
+
+  /**
+   * Stores blocks; one result per item, null when stored. Batches larger than the peer's frame
+   * limit are split into several frames (sent concurrently).
+   */
+  async putBlocks(items: readonly PutItem[], options?: PutOptions): Promise<(TorusError | null)[]> {
+    if (items.length === 0) return [];
+    let limit = this._remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE;
+    if (!this._remote && items.some((it) => HEADER_SIZE + 4 + putItemFrameCost(it) > limit)) {
+      // Blocks over the protocol minimum need the peer's actual limit.
+      limit = (await this.connect(options)).maxFrameSize;
+    }
+    const results: (TorusError | null)[] = new Array(items.length).fill(null);
+    const groups: number[][] = [];
+    let group: number[] = [];
+    let size = HEADER_SIZE + 4;
+    items.forEach((it, i) => {
+      const cost = putItemFrameCost(it);
+      if (HEADER_SIZE + 4 + cost > limit) {
+        results[i] = new TorusError('INVALID_ARGUMENT', `block of ${it.data.byteLength} bytes does not fit in peer ${this.address}'s ${limit}-byte frames`);
+        return;
+      }
+      if (size + cost > limit && group.length > 0) {
+        groups.push(group);
+        group = [];
+        size = HEADER_SIZE + 4;
+      }
+      group.push(i);
+      size += cost;
+    });
+    if (group.length > 0) groups.push(group);
+    await Promise.all(
+      groups.map(async (g) => {
+        const batch = g.map((i) => items[i]!);
+        const parts = encodePutBatch(0, batch, options?.sync ?? false);
+        const m = (await this.request(parts, Op.PutBatch, Op.PutResult, batch[0]?.ref, options?.timeoutMs)) as PutResultMessage;
+        if (m.statuses.length !== g.length)
+          throw new TorusError('PROTOCOL', `peer ${this.address} answered ${m.statuses.length} statuses for ${g.length} blocks`);
+        m.statuses.forEach((code, j) => {
+          const i = g[j]!;
+          if (code !== null) results[i] = this.itemError(code, items[i]!.ref);
+        });
+      }),
+    );
+    return results;
+  }
+
+  async putBlock(ref: BlockRef, data: Uint8Array, options?: PutOptions): Promise<void> {
+    const [err] = await this.putBlocks([{ ref, data }], options);
+    if (err) throw err;
+  }
+
+  async hasBlocks(refs: readonly BlockRef[], options?: RequestOptions): Promise<boolean[]> {
+    const per = maxRefsPerFrame(this._remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE);
+    const chunks: Promise<boolean[]>[] = [];
+    for (let i = 0; i < refs.length; i += per) {
+      const slice = refs.slice(i, i + per);
+      chunks.push(
+        this.request([encodeHasBatch(0, slice)], Op.HasBatch, Op.HasResult, slice[0], options?.timeoutMs).then((m) => {
+          const has = (m as HasResultMessage).has;
+          if (has.length !== slice.length)
+            throw new TorusError('PROTOCOL', `peer ${this.address} answered ${has.length} bits for ${slice.length} refs`);
+          return has as boolean[];
+        }),
+      );
+    }
+    return (await Promise.all(chunks)).flat();
+  }
+
+  async hasBlock(ref: BlockRef, options?: RequestOptions): Promise<boolean> {
+    const [has] = await this.hasBlocks([ref], options);
+    return has === true;
+  }
+
+  async deleteBlocks(refs: readonly BlockRef[], options?: RequestOptions): Promise<void> {
+    const per = maxRefsPerFrame(this._remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE);
+    const chunks: Promise<unknown>[] = [];
+    for (let i = 0; i < refs.length; i += per) {
+      const slice = refs.slice(i, i + per);
+      chunks.push(this.request([encodeDeleteBatch(0, slice)], Op.DeleteBatch, Op.Ok, slice[0], options?.timeoutMs));
+    }
+    await Promise.all(chunks);
+  }
+
+  async deleteBlock(ref: BlockRef, options?: RequestOptions): Promise<void> {
+    await this.deleteBlocks([ref], options);
+  }
+
+  /** Makes every put and delete the peer acknowledged before this call durable. */
+  async flush(options?: RequestOptions): Promise<void> {
+    await this.request([encodeEmpty(Op.Flush, 0)], Op.Flush, Op.Ok, undefined, options?.timeoutMs);
+  }
+
+  async ping(options?: RequestOptions): Promise<void> {
+    await this.request([encodeEmpty(Op.Ping, 0)], Op.Ping, Op.Pong, undefined, options?.timeoutMs);
+  }
+
+  /** Connects and handshakes now instead of on first use; resolves to the peer's identity. */
+  async connect(options?: RequestOptions): Promise<RemotePeer> {
+    if (this._state !== 'ready' || !this._remote) await this.ping(options);
+    const remote = this._remote;
+    if (!remote) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${this.address} disconnected during connect`);
+    return remote;
+  }
+
+  /** Fails everything pending with CLOSED and closes the connection; later calls fail too. */
+  async close(): Promise<void> {
+    if (this._state === 'closed') return;
+    this._state = 'closed';
+    this.clearTimers();
+    const err = new TorusError('CLOSED', `client for peer ${this.address} was closed`);
+    const conn = this.conn;
+    this.conn = null;
+    this.failPending(err);
+    this.failQueued(err);
+    if (conn) {
+      conn.writer.discard();
+      if (conn.timer) clearTimeout(conn.timer);
+      await new Promise<void>((resolve) => {
+        if (conn.stream.destroyed) resolve();
+        else {
+          conn.stream.once('close', () => resolve());
+          conn.stream.destroy();
+        }
+      });
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Requests
+
+  private request(
+    parts: readonly Buffer[],
+    op: number,
+    expect: number,
+    ref: BlockRef | undefined,
+    timeoutMs: number | undefined,
+    getOffset = 0,
+    getLength = 0,
+    internal = false,
+  ): Promise<Message | Buffer> {
+    if (this._state === 'closed') return Promise.reject(new TorusError('CLOSED', `client for peer ${this.address} is closed`));
+    let probe = false;
+    if (!internal) {
+      const verdict = this.breaker.tryAcquire();
+      if (verdict === 'reject') return Promise.reject(this.openError());
+      probe = verdict === 'probe';
+      if (probe && this.backoffTimer) {
+        // The cool-down was the wait; the probe should not also sit out a reconnect backoff.
+        clearTimeout(this.backoffTimer);
+        this.backoffTimer = null;
+        this.nextAttemptAt = 0;
+      } else if (probe) this.nextAttemptAt = 0;
+      if (this.queue.length >= this.o.maxQueued) {
+        if (probe) this.breaker.release();
+        return Promise.reject(new TorusError('AGAIN', `${this.queue.length} requests already queued for peer ${this.address}`));
+      }
+      this.lastCall = Date.now();
+    }
+    this.counters.requests++;
+    return new Promise<Message | Buffer>((resolve, reject) => {
+      const ms = timeoutMs ?? this.o.requestTimeoutMs;
+      const call: Call = { parts, op, expect, ref, getOffset, getLength, resolve, reject, timeoutMs: ms, timer: null, status: QUEUED, id: 0, probe };
+      call.timer = setTimeout(onCallTimeout, ms, this, call);
+      this.queue.push(call);
+      this.pump();
+    });
+  }
+
+  /** Sends queued calls while the in-flight cap and the socket allow; connects if needed. */
+  private pump(): void {
+    if (this._state === 'closed' || this.queue.length === 0) return;
+    const conn = this.conn;
+    if (!conn) {
+      this.startConnect();
+      return;
+    }
+    if (!conn.ready) return;
+    const cap = Math.min(this.o.maxInFlight, this._remote?.maxInFlight ?? this.o.maxInFlight);
+    while (this.inFlight < cap && !conn.writer.needDrain) {
+      const call = this.queue.shift();
+      if (call === undefined) break;
+      if (call.status !== QUEUED) continue;
+      let id = (this.nextId + 1) >>> 0;
+      // Ids only move forward, so a late reply to a timed-out call cannot be mistaken for a
+      // reply to a new one unless 2^32 requests happen in between.
+      while (id === 0 || this.pending.has(id)) id = (id + 1) >>> 0;
+      this.nextId = id;
+      call.id = id;
+      call.status = SENT;
+      this.pending.set(id, call);
+      this.inFlight++;
+      if (call.parts.length === 0) {
+        const at = conn.writer.claim(GET_SIZE);
+        encodeGetInto(conn.writer.slabBuffer, at, id, call.ref!, call.getOffset, call.getLength);
+      } else {
+        setFrameId(call.parts[0]!, id);
+        conn.writer.writeAll(call.parts);
+        call.parts = NO_PARTS;
+      }
+    }
+  }
+
+  /** @internal called by the per-call timer. */
+  timedOut(call: Call): void {
+    call.timer = null;
+    if (call.status === DONE) return;
+    const wasSent = call.status === SENT;
+    call.status = DONE;
+    this.counters.timeouts++;
+    const err = new TorusError('TIMEOUT', `${this.describe(call)} to peer ${this.address} timed out after ${call.timeoutMs} ms${wasSent ? '' : ' (never sent)'}`);
+    if (wasSent) {
+      this.pending.delete(call.id);
+      this.inFlight--;
+      call.reject(err);
+      this.transportFailure(err);
+      this.pump();
+    } else {
+      if (call.probe) this.breaker.release();
+      call.reject(err);
+    }
+  }
+
+  private complete(conn: Connection, m: Message): void {
+    const call = this.pending.get(m.id);
+    if (call === undefined) {
+      if (m.op === Op.Error && m.id === 0) this.dropConnection(conn, new TorusError(m.code, `peer ${this.address} closed the connection: ${m.message}`));
+      // else: a late reply to a call that timed out
+      return;
+    }
+    this.pending.delete(m.id);
+    this.inFlight--;
+    call.status = DONE;
+    if (call.timer) clearTimeout(call.timer);
+    this.breaker.success();
+    if (m.op === Op.Error) call.reject(new TorusError(m.code, `peer ${this.address}: ${m.message}`));
+    else if (m.op === Op.Data && call.expect === Op.Data) {
+      if (call.getLength !== 0 && m.data.length !== call.getLength)
+        call.reject(new TorusError('PROTOCOL', `peer ${this.address} returned ${m.data.length} bytes for a ${call.getLength}-byte read of ${this.describe(call)}`));
+      else call.resolve(m.data);
+    } else if (m.op === call.expect) call.resolve(m);
+    else {
+      const err = new TorusError('PROTOCOL', `peer ${this.address} answered ${opName(call.op)} with ${opName(m.op)}`);
+      call.reject(err);
+      this.dropConnection(conn, err);
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Connection lifecycle
+
+  private startConnect(): void {
+    if (this.conn || this.backoffTimer || this._state === 'closed') return;
+    this._state = 'connecting';
+    const wait = this.nextAttemptAt - Date.now();
+    if (wait > 0) {
+      this.backoffTimer = setTimeout(() => {
+        this.backoffTimer = null;
+        if (this.queue.length > 0) this.openConnection();
+        else if (this._state === 'connecting') this._state = 'idle';
+      }, wait);
+      return;
+    }
+    this.openConnection();
+  }
+
+  private openConnection(): void {
+    if (this._state === 'closed') return;
+    this._state = 'connecting';
+    this.counters.connects++;
+    const decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE });
+    let stream: Duplex;
+    try {
+      stream = this.connectFn
+        ? this.connectFn(this.target)
+        : net.connect({
+            host: this.target.host,
+            port: this.target.port,
+            noDelay: true,
+            // Reads land where the decoder says: a block payload goes straight from the kernel
+            // into the buffer the caller will get, with no copy in between.
+            onread: {
+              buffer: () => decoder.readTarget(),
+              callback: (n: number, buf: Uint8Array) => {
+                this.onRead(conn, buf as Buffer, n);
+                return true;
+              },
+            },
+          });
+    } catch (err) {
+      this.connectFailed(new TorusError('BLOCK_UNAVAILABLE', `cannot connect to peer ${this.address}: ${(err as Error).message}`, { cause: err }));
+      return;
+    }
+    const conn: Connection = {
+      stream,
+      decoder,
+      writer: new FrameWriter(stream, { maxQueuedBytes: this.o.maxQueuedWriteBytes, onWritable: () => this.pump() }),
+      ready: false,
+      timer: null,
+    };
+    this.conn = conn;
+    conn.timer = setTimeout(() => {
+      this.dropConnection(conn, new TorusError('TIMEOUT', `connecting to peer ${this.address} timed out after ${this.o.connectTimeoutMs} ms`));
+    }, this.o.connectTimeoutMs);
+    stream.on('data', (chunk: Buffer) => this.onData(conn, chunk));
+    stream.on('error', (err: Error) => {
+      const verb = conn.ready ? 'connection to' : 'cannot connect to';
+      this.dropConnection(conn, new TorusError('BLOCK_UNAVAILABLE', `${verb} peer ${this.address}: ${err.message}`, { cause: err }));
+    });
+    stream.on('end', () => this.dropConnection(conn, null));
+    stream.on('close', () => this.dropConnection(conn, null));
+    const hello = (): void => {
+      conn.writer.write(
+        encodeHello(0, {
+          minVersion: this.o.versions.min,
+          maxVersion: this.o.versions.max,
+          maxFrameSize: this.o.maxFrameSize,
+          uuid: this.identity.uuid,
+          clusterId: this.identity.clusterId,
+          extensions: [],
+        }),
+      );
+    };
+    if (stream instanceof net.Socket && stream.connecting) stream.once('connect', hello);
+    else hello();
+  }
+
+  private onData(conn: Connection, chunk: Buffer): void {
+    this.onRead(conn, chunk, -1);
+  }
+
+  /** `n` >= 0: `buf` is the decoder's readTarget() and got n bytes; -1: `buf` is a chunk. */
+  private onRead(conn: Connection, buf: Buffer, n: number): void {
+    if (conn !== this.conn) return;
+    this.lastReceived = Date.now();
+    try {
+      if (n < 0) conn.decoder.push(buf);
+      else conn.decoder.commitRead(buf, n);
+      for (let m = conn.decoder.next(); m !== null; m = conn.decoder.next()) {
+        if (!conn.ready) this.handshake(conn, m);
+        else this.complete(conn, m);
+        if (conn !== this.conn) return;
+      }
+    } catch (err) {
+      const e = err instanceof TorusError ? err : new TorusError('PROTOCOL', String(err), { cause: err });
+      this.dropConnection(conn, new TorusError('PROTOCOL', `peer ${this.address} broke the protocol: ${e.message}`, { cause: e }));
+      return;
+    }
+    this.pump();
+  }
+
+  private handshake(conn: Connection, m: Message): void {
+    if (m.op === Op.Error) {
+      this.dropConnection(conn, new TorusError(m.code, `peer ${this.address} refused the handshake: ${m.message}`));
+      return;
+    }
+    if (m.op !== Op.HelloOk) {
+      this.dropConnection(conn, new TorusError('PROTOCOL', `peer ${this.address} answered HELLO with ${opName(m.op)}`));
+      return;
+    }
+    const problem = this.checkHelloOk(m);
+    if (problem) {
+      this.dropConnection(conn, problem);
+      return;
+    }
+    conn.ready = true;
+    if (conn.timer) clearTimeout(conn.timer);
+    conn.timer = null;
+    conn.decoder.maxFrameSize = this.o.maxFrameSize;
+    this._remote = {
+      uuid: m.uuid,
+      clusterId: m.clusterId,
+      version: m.version,
+      maxFrameSize: m.maxFrameSize,
+      maxInFlight: m.maxInFlight,
+      blockSize: m.blockSize,
+    };
+    this._state = 'ready';
+    this.attempts = 0;
+    this.nextAttemptAt = 0;
+    this.breaker.success();
+    this.startKeepalive();
+  }
+
+  private checkHelloOk(m: HelloOkMessage): TorusError | null {
+    const v = this.o.versions;
+    if (m.version < v.min || m.version > v.max)
+      return new TorusError('PROTOCOL', `peer ${this.address} chose protocol version ${m.version}, we speak ${v.min}..${v.max}`);
+    if (m.clusterId !== this.identity.clusterId)
+      return new TorusError('WRONG_CLUSTER', `peer ${this.address} belongs to cluster ${m.clusterId}, we to ${this.identity.clusterId}`);
+    if (this.expectUuid !== undefined && m.uuid !== this.expectUuid)
+      return new TorusError('NO_PEER', `peer at ${this.address} is node ${m.uuid}, not the expected ${this.expectUuid}`);
+    const critical = m.extensions.find((e) => (e.type & EXT_CRITICAL) !== 0);
+    if (critical) return new TorusError('PROTOCOL', `peer ${this.address} requires handshake extension 0x${critical.type.toString(16)}, which we do not support`);
+    return null;
+  }
+
+  /**
+   * The single place where a connection ends. `err` null means the stream ended or closed;
+   * that is only a failure if it happens before the handshake or with calls on the wire.
+   */
+  private dropConnection(conn: Connection, err: TorusError | null, counted = false): void {
+    if (conn !== this.conn) return;
+    this.conn = null;
+    if (conn.timer) clearTimeout(conn.timer);
+    this.stopKeepalive();
+    conn.writer.discard();
+    conn.stream.destroy();
+    if (this._state === 'closed') return;
+    this._state = 'idle';
+    if (!conn.ready) {
+      this.connectFailed(err ?? new TorusError('BLOCK_UNAVAILABLE', `peer ${this.address} closed the connection during the handshake`));
+      return;
+    }
+    const hadPending = this.pending.size > 0;
+    if (hadPending) {
+      const reason = err?.message ?? 'closed by the peer';
+      this.failPending(new TorusError('BLOCK_UNAVAILABLE', `connection to peer ${this.address} lost: ${reason}`, { cause: err ?? undefined }));
+    }
+    if (err !== null || hadPending) {
+      this.scheduleRetry();
+      if (!counted) this.transportFailure(err ?? new TorusError('BLOCK_UNAVAILABLE', `peer ${this.address} closed the connection with requests pending`));
+    }
+    this.pump();
+  }
+
+  private connectFailed(err: TorusError): void {
+    this.counters.connectFailures++;
+    this._state = 'idle';
+    this.scheduleRetry();
+    // Everything waiting was waiting for this connection: one failure answers all of them.
+    this.failQueued(err);
+    this.transportFailure(err);
+  }
+
+  private scheduleRetry(): void {
+    this.attempts++;
+    this.nextAttemptAt = Date.now() + this.backoff(this.attempts);
+  }
+
+  private transportFailure(err: TorusError): void {
+    this.lastError = err;
+    const before = this.breaker.state;
+    this.breaker.failure();
+    if (this.breaker.state === 'open' && before !== 'open') {
+      const open = this.openError();
+      const conn = this.conn;
+      if (conn) {
+        this.conn = null;
+        if (conn.timer) clearTimeout(conn.timer);
+        this.stopKeepalive();
+        conn.writer.discard();
+        conn.stream.destroy();
+        if (this._state !== 'closed') this._state = 'idle';
+      }
+      this.failPending(open);
+      this.failQueued(open);
+    }
+  }
+
+  private openError(): TorusError {
+    const last = this.lastError ? ` (last error: ${this.lastError.message})` : '';
+    return new TorusError(
+      'BLOCK_UNAVAILABLE',
+      `peer ${this.address} is unavailable: circuit open after ${this.breaker.failures} consecutive failures, next try in ${Math.ceil(this.breaker.retryInMs())} ms${last}`,
+      { cause: this.lastError ?? undefined },
+    );
+  }
+
+  private failPending(err: TorusError): void {
+    const calls = [...this.pending.values()];
+    this.pending.clear();
+    this.inFlight = 0;
+    for (const c of calls) this.settleWithError(c, err);
+  }
+
+  private failQueued(err: TorusError): void {
+    for (const c of this.queue.drain()) if (c.status === QUEUED) this.settleWithError(c, err);
+  }
+
+  private settleWithError(c: Call, err: TorusError): void {
+    if (c.status === DONE) return;
+    c.status = DONE;
+    if (c.timer) clearTimeout(c.timer);
+    c.timer = null;
+    if (c.probe && err.code === 'CLOSED') this.breaker.release();
+    c.reject(err);
+  }
+
+  private itemError(code: ErrorCode, ref: BlockRef): TorusError {
+    return new TorusError(code, `peer ${this.address}: storing ${formatBlockRef(ref)} failed (${code})`);
+  }
+
+  private describe(call: Call): string {
+    const what = call.ref ? `${opName(call.op)} ${formatBlockRef(call.ref)}` : opName(call.op);
+    return call.getLength ? `${what} [${call.getOffset}+${call.getLength}]` : what;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Keepalive and idle close
+
+  private startKeepalive(): void {
+    this.stopKeepalive();
+    const period = Math.min(...[this.o.keepaliveMs, this.o.idleCloseMs].filter((x) => x > 0));
+    if (!Number.isFinite(period)) return;
+    this.lastReceived = Date.now();
+    this.keepaliveTimer = setInterval(() => this.keepalive(), Math.max(10, period / 2));
+    this.keepaliveTimer.unref();
+  }
+
+  private stopKeepalive(): void {
+    if (this.keepaliveTimer) clearInterval(this.keepaliveTimer);
+    this.keepaliveTimer = null;
+  }
+
+  private keepalive(): void {
+    const conn = this.conn;
+    if (!conn || !conn.ready) return;
+    const now = Date.now();
+    if (this.o.idleCloseMs > 0 && now - this.lastCall >= this.o.idleCloseMs && this.inFlight === 0 && this.queue.length === 0) {
+      // Nobody has needed this peer for a while: hang up rather than ping forever.
+      this.dropConnection(conn, null);
+      return;
+    }
+    if (this.o.keepaliveMs > 0 && now - this.lastReceived >= this.o.keepaliveMs && !this.pingOutstanding) {
+      this.pingOutstanding = true;
+      this.request([encodeEmpty(Op.Ping, 0)], Op.Ping, Op.Pong, undefined, this.o.requestTimeoutMs, 0, 0, true).then(
+        () => {
+          this.pingOutstanding = false;
+        },
+        (err: TorusError) => {
+          this.pingOutstanding = false;
+          // A keepalive that times out means the connection is dead even if TCP has not
+          // noticed (peer host gone, cable pulled).
+          // The timeout itself was already counted as a failure.
+          if (err.code === 'TIMEOUT' && this.conn === conn) this.dropConnection(conn, err, true);
+        },
+      );
+    }
+  }
+
+  private clearTimers(): void {
+    this.stopKeepalive();
+    if (this.backoffTimer) clearTimeout(this.backoffTimer);
+    this.backoffTimer = null;
+  }
+}

@@ -1,0 +1,1064 @@
+// The peer RPC wire format ("TDP2"): pure functions and one incremental decoder, no sockets.
+// docs/protocols/peer-rpc.md is the normative description; this file must match it byte for byte.
+//
+// Every frame is a 12-byte header followed by `length` body bytes, all integers little-endian
+// (the same byte order as BlockRef's wire form, so a ref is copied, never swapped):
+//
+//   [0:4)   u32 length     body bytes after the header
+//   [4]     u8  op         message type (Op)
+//   [5]     u8  flags      per-op flags; bits an op does not define must be zero
+//   [6:8)   u16 reserved   zero in version 1 (a later negotiated version may use it)
+//   [8:12)  u32 id         request id, echoed by the reply; 0 for connection-level errors
+//
+// Buffer ownership, decided once here (STYLE habit 2):
+// - Encoders never copy a block payload: they return the payload itself as one of the parts,
+//   so the socket writes it straight from the caller's buffer (writev). The caller must not
+//   change a payload until the write has completed; blocks are immutable, so nobody does.
+// - The decoder never writes into a pushed chunk and assumes nobody else does either
+//   (net.Socket hands out a fresh buffer per read; pipe.ts copies for the same reason).
+//   A frame lying inside one chunk is decoded from a view of that chunk; a frame spanning
+//   chunks is first copied into a fresh allocation that holds exactly that frame's body.
+// - Payloads handed out (DATA bytes, PUT_BATCH item data) are therefore views of memory that
+//   nothing will ever rewrite. A payload that would pin a read buffer more than PIN_RATIO times
+//   its own size is copied out instead; so a 4 KiB range read is a view (the copy cost ~15% of
+//   a small read's CPU) and can pin at most a 64 KiB read buffer. A consumer that keeps small
+//   payloads for long (a cache) should copy them, as hypercore's maybeUnslab does.
+//   Items of one PUT_BATCH that spanned chunks share their frame's allocation.
+
+import { ErrorCodes, TorusError, type ErrorCode } from '../core/errors.js';
+import { BLOCK_REF_SIZE, MAX_VOLUME_ID, encodeBlockRef, type BlockRef } from '../core/ids.js';
+
+/** A payload view may keep alive at most this many times its size of read buffer. */
+const PIN_RATIO = 16;
+
+/** "TDP2" in ASCII: the first body bytes of HELLO and HELLO_OK. */
+export const MAGIC = 0x32504454;
+export const PROTOCOL_VERSION = 1;
+export const MIN_PROTOCOL_VERSION = 1;
+
+export const HEADER_SIZE = 12;
+/** Largest frame a node accepts once the handshake is done, unless configured otherwise. */
+export const DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024 + 64 * 1024;
+/** Until HELLO has been accepted an unauthenticated peer may not make us buffer more than this. */
+export const HANDSHAKE_MAX_FRAME_SIZE = 64 * 1024;
+/** Smallest max frame size a peer may announce: one 1 MiB block plus framing must always fit. */
+export const MIN_MAX_FRAME_SIZE = 1024 * 1024 + 4096;
+const MAX_U32 = 0xffffffff;
+const MAX_STR8 = 255;
+/** Error messages are cut (on a character boundary) to this many UTF-8 bytes. */
+export const MAX_ERROR_MESSAGE_BYTES = 4096;
+
+export const Op = {
+  Hello: 0x01,
+  HelloOk: 0x02,
+  Error: 0x03,
+  Ping: 0x04,
+  Pong: 0x05,
+  Ok: 0x06,
+  Get: 0x10,
+  Data: 0x11,
+  PutBatch: 0x12,
+  PutResult: 0x13,
+  HasBatch: 0x14,
+  HasResult: 0x15,
+  DeleteBatch: 0x16,
+  Flush: 0x17,
+} as const;
+export type Op = (typeof Op)[keyof typeof Op];
+
+/** GET, PUT_BATCH...: the names the protocol document uses. */
+const OP_NAMES: Readonly<Record<number, string>> = Object.fromEntries(
+  Object.entries(Op).map(([k, v]) => [v, k.replace(/(?<=[a-z])(?=[A-Z])/g, '_').toUpperCase()]),
+);
+
+export function opName(op: number): string {
+  return OP_NAMES[op] ?? `0x${op.toString(16).padStart(2, '0')}`;
+}
+
+/** PUT_BATCH: the receiver flushes (fsyncs) the batch before replying, saving a FLUSH round trip. */
+export const FLAG_SYNC = 0x01;
+
+const ALLOWED_FLAGS: Readonly<Record<number, number>> = { [Op.PutBatch]: FLAG_SYNC };
+
+// Handshake extensions: TLVs after the fixed HELLO / HELLO_OK fields. A receiver ignores types it
+// does not know unless the type has the CRITICAL bit, in which case it must refuse the handshake:
+// that is how a node that requires authentication or TLS keeps old nodes out instead of being
+// silently downgraded.
+export const EXT_CRITICAL = 0x8000;
+/** Random bytes chosen by the sender; the challenge for a future cluster-secret HMAC. */
+export const EXT_NONCE = 0x0001;
+/** Free-form software version string, informational. */
+export const EXT_SOFTWARE = 0x0002;
+/** Reserved: HMAC-SHA256 over both nonces with the cluster secret. */
+export const EXT_AUTH_HMAC = EXT_CRITICAL | 0x0003;
+/** Reserved: switch the connection to TLS after HELLO_OK. */
+export const EXT_STARTTLS = EXT_CRITICAL | 0x0004;
+
+/**
+ * Error codes on the wire. Numbers are stable forever; a new ErrorCode gets the next free number
+ * (the Record type makes the compiler insist). 0 is "OK" in status lists and never an error.
+ */
+export const WIRE_ERROR_CODES: Readonly<Record<ErrorCode, number>> = {
+  AGAIN: 1,
+  EXISTS: 2,
+  NOT_EXIST: 3,
+  LOCKED: 4,
+  NOT_INITIALIZED: 5,
+  INVALID_ARGUMENT: 6,
+  OUT_OF_SPACE: 7,
+  BLOCK_UNAVAILABLE: 8,
+  NO_PEER: 9,
+  NON_SEQUENTIAL_RING: 10,
+  ETCD_UNAVAILABLE: 11,
+  TIMEOUT: 12,
+  PROTOCOL: 13,
+  CORRUPT: 14,
+  CLOSED: 15,
+  WRONG_CLUSTER: 16,
+  IO: 17,
+  INTERNAL: 18,
+};
+
+const CODE_BY_WIRE: ReadonlyMap<number, ErrorCode> = new Map(ErrorCodes.map((c) => [WIRE_ERROR_CODES[c], c]));
+
+export function errorCodeToWire(code: ErrorCode): number {
+  return WIRE_ERROR_CODES[code];
+}
+
+/** A code number this build does not know (sent by a newer peer) reads as INTERNAL. */
+export function errorCodeFromWire(n: number): ErrorCode {
+  return CODE_BY_WIRE.get(n) ?? 'INTERNAL';
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+export interface Extension {
+  readonly type: number;
+  readonly value: Buffer;
+}
+
+export interface HelloMessage {
+  readonly op: typeof Op.Hello;
+  readonly id: number;
+  readonly minVersion: number;
+  readonly maxVersion: number;
+  /** Largest frame the sender will accept from now on. */
+  readonly maxFrameSize: number;
+  readonly uuid: string;
+  readonly clusterId: string;
+  readonly extensions: readonly Extension[];
+}
+
+export interface HelloOkMessage {
+  readonly op: typeof Op.HelloOk;
+  readonly id: number;
+  /** The version chosen for this connection. */
+  readonly version: number;
+  readonly maxFrameSize: number;
+  /** Requests the server works on at once per connection; more are left unread in the socket. */
+  readonly maxInFlight: number;
+  readonly blockSize: number;
+  readonly uuid: string;
+  readonly clusterId: string;
+  readonly extensions: readonly Extension[];
+}
+
+export interface ErrorMessage {
+  readonly op: typeof Op.Error;
+  readonly id: number;
+  readonly code: ErrorCode;
+  readonly message: string;
+}
+
+export interface EmptyMessage {
+  readonly op: typeof Op.Ping | typeof Op.Pong | typeof Op.Ok | typeof Op.Flush;
+  readonly id: number;
+}
+
+export interface GetMessage {
+  readonly op: typeof Op.Get;
+  readonly id: number;
+  readonly ref: BlockRef;
+  /** offset 0 and length 0 ask for the whole block. */
+  readonly offset: number;
+  readonly length: number;
+}
+
+export interface DataMessage {
+  readonly op: typeof Op.Data;
+  readonly id: number;
+  readonly data: Buffer;
+}
+
+export interface PutItem {
+  readonly ref: BlockRef;
+  readonly data: Uint8Array;
+}
+
+export interface PutBatchMessage {
+  readonly op: typeof Op.PutBatch;
+  readonly id: number;
+  readonly sync: boolean;
+  readonly items: readonly { readonly ref: BlockRef; readonly data: Buffer }[];
+}
+
+export interface PutResultMessage {
+  readonly op: typeof Op.PutResult;
+  readonly id: number;
+  /** One entry per item in request order: null when stored, else why not. */
+  readonly statuses: readonly (ErrorCode | null)[];
+}
+
+export interface RefsMessage {
+  readonly op: typeof Op.HasBatch | typeof Op.DeleteBatch;
+  readonly id: number;
+  readonly refs: readonly BlockRef[];
+}
+
+export interface HasResultMessage {
+  readonly op: typeof Op.HasResult;
+  readonly id: number;
+  readonly has: readonly boolean[];
+}
+
+export type Message =
+  | HelloMessage
+  | HelloOkMessage
+  | ErrorMessage
+  | EmptyMessage
+  | GetMessage
+  | DataMessage
+  | PutBatchMessage
+  | PutResultMessage
+  | RefsMessage
+  | HasResultMessage;
+
+// ---------------------------------------------------------------------------------------------
+// Encoding. Each encoder sizes the frame first and allocates once; payloads are never copied.
+
+const EMPTY = Buffer.alloc(0);
+const utf8Decoder = new TextDecoder('utf-8', { fatal: true });
+const utf8Encoder = new TextEncoder();
+
+function invalid(message: string): TorusError {
+  return new TorusError('INVALID_ARGUMENT', message);
+}
+
+function protocol(message: string): TorusError {
+  return new TorusError('PROTOCOL', message);
+}
+
+// BlockRefs on the wire are ids.ts's 24-byte form. These two produce and accept exactly the same
+// bytes as encodeBlockRef/decodeBlockRef (a property test holds them to it) but without the
+// DataView those build per call, which showed up at ~4% of CPU per side on small requests.
+const TWO32 = 2 ** 32;
+const TWO40 = 2 ** 40;
+/** ids.ts refuses to encode types >= 2^11; refusing them on decode keeps a ref re-encodable. */
+const REF_TYPE_LIMIT = 2 ** 11;
+
+export function isEncodableRef(ref: BlockRef): boolean {
+  const { type, volume, inode, index } = ref;
+  return (
+    Number.isSafeInteger(volume) &&
+    volume >= 0 &&
+    volume <= MAX_VOLUME_ID &&
+    Number.isSafeInteger(inode) &&
+    inode >= 0 &&
+    Number.isSafeInteger(index) &&
+    index >= 0 &&
+    Number.isInteger(type) &&
+    type >= 0 &&
+    type < REF_TYPE_LIMIT
+  );
+}
+
+export function writeRef(buf: Buffer, p: number, ref: BlockRef): void {
+  // ids.ts owns the error message for a bad ref.
+  if (!isEncodableRef(ref)) return encodeBlockRef(ref, buf, p);
+  const word = ref.type * TWO40 + ref.volume;
+  buf.writeUInt32LE(word % TWO32, p);
+  buf.writeUInt32LE(Math.floor(word / TWO32), p + 4);
+  buf.writeUInt32LE(ref.inode % TWO32, p + 8);
+  buf.writeUInt32LE(Math.floor(ref.inode / TWO32), p + 12);
+  buf.writeUInt32LE(ref.index % TWO32, p + 16);
+  buf.writeUInt32LE(Math.floor(ref.index / TWO32), p + 20);
+}
+
+/** The caller has checked that 24 bytes are there. */
+export function readRef(buf: Buffer, p: number): BlockRef {
+  const wordHi = buf.readUInt32LE(p + 4);
+  const inodeHi = buf.readUInt32LE(p + 12);
+  const indexHi = buf.readUInt32LE(p + 20);
+  if (wordHi >= 2 ** 21 || inodeHi >= 2 ** 21 || indexHi >= 2 ** 21) throw protocol('block ref field exceeds 2^53');
+  const word = wordHi * TWO32 + buf.readUInt32LE(p);
+  const type = Math.floor(word / TWO40);
+  if (type >= REF_TYPE_LIMIT) throw protocol(`block ref has type ${type}`);
+  return {
+    type,
+    volume: word % TWO40,
+    inode: inodeHi * TWO32 + buf.readUInt32LE(p + 8),
+    index: indexHi * TWO32 + buf.readUInt32LE(p + 16),
+  };
+}
+
+function writeHeader(buf: Buffer, bodyLength: number, op: Op, flags: number, id: number): void {
+  if (bodyLength > MAX_U32 - HEADER_SIZE) throw invalid(`frame body of ${bodyLength} bytes is too large`);
+  buf.writeUInt32LE(bodyLength, 0);
+  buf[4] = op;
+  buf[5] = flags;
+  buf[6] = 0;
+  buf[7] = 0;
+  buf.writeUInt32LE(id >>> 0, 8);
+}
+
+function checkU32(value: number, what: string): void {
+  if (!Number.isInteger(value) || value < 0 || value > MAX_U32) throw invalid(`${what} ${value} is not a u32`);
+}
+
+function checkU16(value: number, what: string): void {
+  if (!Number.isInteger(value) || value < 0 || value > 0xffff) throw invalid(`${what} ${value} is not a u16`);
+}
+
+/** Sets the request id of an encoded frame; the client encodes before it knows the id. */
+export function setFrameId(frame: Buffer, id: number): void {
+  frame.writeUInt32LE(id >>> 0, 8);
+}
+
+export function readFrameId(frame: Buffer): number {
+  return frame.readUInt32LE(8);
+}
+
+function asBuffer(data: Uint8Array): Buffer {
+  return Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+}
+
+function str8Bytes(value: string, what: string): Buffer {
+  const bytes = Buffer.from(value, 'utf8');
+  if (bytes.length > MAX_STR8) throw invalid(`${what} is ${bytes.length} bytes, at most ${MAX_STR8} fit`);
+  return bytes;
+}
+
+function extensionsSize(exts: readonly Extension[]): number {
+  let n = 0;
+  for (const e of exts) {
+    checkU16(e.type, 'extension type');
+    if (e.value.length > 0xffff) throw invalid(`extension 0x${e.type.toString(16)} is longer than 65535 bytes`);
+    n += 4 + e.value.length;
+  }
+  return n;
+}
+
+function writeExtensions(buf: Buffer, pos: number, exts: readonly Extension[]): number {
+  for (const e of exts) {
+    buf.writeUInt16LE(e.type, pos);
+    buf.writeUInt16LE(e.value.length, pos + 2);
+    e.value.copy(buf, pos + 4);
+    pos += 4 + e.value.length;
+  }
+  return pos;
+}
+
+function checkMaxFrame(n: number): void {
+  checkU32(n, 'max frame size');
+  if (n < MIN_MAX_FRAME_SIZE) throw invalid(`max frame size ${n} is below the protocol minimum ${MIN_MAX_FRAME_SIZE}`);
+}
+
+export function encodeHello(id: number, m: Omit<HelloMessage, 'op' | 'id'>): Buffer {
+  checkU16(m.minVersion, 'min version');
+  checkU16(m.maxVersion, 'max version');
+  checkMaxFrame(m.maxFrameSize);
+  const uuid = str8Bytes(m.uuid, 'node uuid');
+  const cluster = str8Bytes(m.clusterId, 'cluster id');
+  const body = 4 + 2 + 2 + 4 + 1 + uuid.length + 1 + cluster.length + extensionsSize(m.extensions);
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + body);
+  writeHeader(buf, body, Op.Hello, 0, id);
+  let p = HEADER_SIZE;
+  p = buf.writeUInt32LE(MAGIC, p);
+  p = buf.writeUInt16LE(m.minVersion, p);
+  p = buf.writeUInt16LE(m.maxVersion, p);
+  p = buf.writeUInt32LE(m.maxFrameSize, p);
+  buf[p++] = uuid.length;
+  p += uuid.copy(buf, p);
+  buf[p++] = cluster.length;
+  p += cluster.copy(buf, p);
+  writeExtensions(buf, p, m.extensions);
+  return buf;
+}
+
+export function encodeHelloOk(id: number, m: Omit<HelloOkMessage, 'op' | 'id'>): Buffer {
+  checkU16(m.version, 'version');
+  checkMaxFrame(m.maxFrameSize);
+  checkU32(m.maxInFlight, 'max in flight');
+  checkU32(m.blockSize, 'block size');
+  if (m.maxInFlight < 1) throw invalid('max in flight must be at least 1');
+  const uuid = str8Bytes(m.uuid, 'node uuid');
+  const cluster = str8Bytes(m.clusterId, 'cluster id');
+  const body = 4 + 2 + 4 + 4 + 4 + 1 + uuid.length + 1 + cluster.length + extensionsSize(m.extensions);
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + body);
+  writeHeader(buf, body, Op.HelloOk, 0, id);
+  let p = HEADER_SIZE;
+  p = buf.writeUInt32LE(MAGIC, p);
+  p = buf.writeUInt16LE(m.version, p);
+  p = buf.writeUInt32LE(m.maxFrameSize, p);
+  p = buf.writeUInt32LE(m.maxInFlight, p);
+  p = buf.writeUInt32LE(m.blockSize, p);
+  buf[p++] = uuid.length;
+  p += uuid.copy(buf, p);
+  buf[p++] = cluster.length;
+  p += cluster.copy(buf, p);
+  writeExtensions(buf, p, m.extensions);
+  return buf;
+}
+
+export function encodeError(id: number, code: ErrorCode, message: string): Buffer {
+  // encodeInto stops before a character that would not fit, so the cut never splits a UTF-8
+  // sequence (a split one would make the receiver reject the whole frame).
+  const scratch = Buffer.allocUnsafe(HEADER_SIZE + 4 + MAX_ERROR_MESSAGE_BYTES);
+  const { written } = utf8Encoder.encodeInto(message, scratch.subarray(HEADER_SIZE + 4));
+  const body = 4 + written;
+  const buf = scratch.subarray(0, HEADER_SIZE + body);
+  writeHeader(buf, body, Op.Error, 0, id);
+  buf.writeUInt16LE(WIRE_ERROR_CODES[code], HEADER_SIZE);
+  buf.writeUInt16LE(written, HEADER_SIZE + 2);
+  return Buffer.from(buf); // do not keep the 4 KiB scratch alive for a short message
+}
+
+export function encodeEmpty(op: EmptyMessage['op'], id: number): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE);
+  writeHeader(buf, 0, op, 0, id);
+  return buf;
+}
+
+export const GET_SIZE = HEADER_SIZE + BLOCK_REF_SIZE + 8;
+
+/** Throws INVALID_ARGUMENT unless encodeGetInto can encode these fields. */
+export function checkGet(ref: BlockRef, offset: number, length: number): void {
+  checkU32(offset, 'offset');
+  checkU32(length, 'length');
+  if (!isEncodableRef(ref)) encodeBlockRef(ref, Buffer.alloc(BLOCK_REF_SIZE));
+}
+
+/** Writes a GET frame at `buf[at..at+GET_SIZE)`; fields must have passed checkGet. */
+export function encodeGetInto(buf: Buffer, at: number, id: number, ref: BlockRef, offset: number, length: number): void {
+  buf.writeUInt32LE(GET_SIZE - HEADER_SIZE, at);
+  buf[at + 4] = Op.Get;
+  buf[at + 5] = 0;
+  buf[at + 6] = 0;
+  buf[at + 7] = 0;
+  buf.writeUInt32LE(id >>> 0, at + 8);
+  writeRef(buf, at + HEADER_SIZE, ref);
+  buf.writeUInt32LE(offset, at + HEADER_SIZE + BLOCK_REF_SIZE);
+  buf.writeUInt32LE(length, at + HEADER_SIZE + BLOCK_REF_SIZE + 4);
+}
+
+export function encodeGet(id: number, ref: BlockRef, offset: number, length: number): Buffer {
+  checkGet(ref, offset, length);
+  const buf = Buffer.allocUnsafe(GET_SIZE);
+  encodeGetInto(buf, 0, id, ref, offset, length);
+  return buf;
+}
+
+/** Payloads up to this size are copied next to their header: one small write beats two. */
+const INLINE_PAYLOAD = 1024;
+
+export function encodeData(id: number, data: Uint8Array): Buffer[] {
+  if (data.byteLength <= INLINE_PAYLOAD) {
+    const buf = Buffer.allocUnsafe(HEADER_SIZE + data.byteLength);
+    writeHeader(buf, data.byteLength, Op.Data, 0, id);
+    buf.set(data, HEADER_SIZE);
+    return [buf];
+  }
+  const head = Buffer.allocUnsafe(HEADER_SIZE);
+  writeHeader(head, data.byteLength, Op.Data, 0, id);
+  return [head, asBuffer(data)];
+}
+
+const PUT_ITEM_HEAD = BLOCK_REF_SIZE + 4;
+
+/** Exact frame size of a PUT_BATCH holding these items, for splitting batches by frame size. */
+export function putBatchFrameSize(items: readonly PutItem[]): number {
+  let n = HEADER_SIZE + 4;
+  for (const it of items) n += PUT_ITEM_HEAD + it.data.byteLength;
+  return n;
+}
+
+export function putItemFrameCost(item: PutItem): number {
+  return PUT_ITEM_HEAD + item.data.byteLength;
+}
+
+export function encodePutBatch(id: number, items: readonly PutItem[], sync = false): Buffer[] {
+  // All the small parts (frame header, count, per-item ref+length) share one allocation and
+  // alternate with the untouched payloads in the returned list.
+  const meta = Buffer.allocUnsafe(HEADER_SIZE + 4 + items.length * PUT_ITEM_HEAD);
+  let body = 4;
+  for (const it of items) body += PUT_ITEM_HEAD + it.data.byteLength;
+  writeHeader(meta, body, Op.PutBatch, sync ? FLAG_SYNC : 0, id);
+  meta.writeUInt32LE(items.length, HEADER_SIZE);
+  const parts: Buffer[] = [];
+  let start = 0;
+  let p = HEADER_SIZE + 4;
+  for (const it of items) {
+    writeRef(meta, p, it.ref);
+    meta.writeUInt32LE(it.data.byteLength, p + BLOCK_REF_SIZE);
+    p += PUT_ITEM_HEAD;
+    if (it.data.byteLength > 0) {
+      parts.push(meta.subarray(start, p), asBuffer(it.data));
+      start = p;
+    }
+  }
+  if (start < p || parts.length === 0) parts.push(meta.subarray(start, p));
+  return parts;
+}
+
+export function encodePutResult(id: number, statuses: readonly (ErrorCode | null)[]): Buffer {
+  const body = 4 + 2 * statuses.length;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + body);
+  writeHeader(buf, body, Op.PutResult, 0, id);
+  buf.writeUInt32LE(statuses.length, HEADER_SIZE);
+  let p = HEADER_SIZE + 4;
+  for (const s of statuses) p = buf.writeUInt16LE(s === null ? 0 : WIRE_ERROR_CODES[s], p);
+  return buf;
+}
+
+function encodeRefs(op: RefsMessage['op'], id: number, refs: readonly BlockRef[]): Buffer {
+  const body = 4 + refs.length * BLOCK_REF_SIZE;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + body);
+  writeHeader(buf, body, op, 0, id);
+  buf.writeUInt32LE(refs.length, HEADER_SIZE);
+  let p = HEADER_SIZE + 4;
+  for (const ref of refs) {
+    writeRef(buf, p, ref);
+    p += BLOCK_REF_SIZE;
+  }
+  return buf;
+}
+
+/** Refs that fit in one HAS_BATCH / DELETE_BATCH frame of at most `maxFrame` bytes. */
+export function maxRefsPerFrame(maxFrame: number): number {
+  return Math.floor((maxFrame - HEADER_SIZE - 4) / BLOCK_REF_SIZE);
+}
+
+export function encodeHasBatch(id: number, refs: readonly BlockRef[]): Buffer {
+  return encodeRefs(Op.HasBatch, id, refs);
+}
+
+export function encodeDeleteBatch(id: number, refs: readonly BlockRef[]): Buffer {
+  return encodeRefs(Op.DeleteBatch, id, refs);
+}
+
+export function encodeHasResult(id: number, has: readonly boolean[]): Buffer {
+  // Same bitmap as the original TDP RebalanceCheck reply: bit i is byte i>>3, LSB first.
+  const bytes = (has.length + 7) >>> 3;
+  const body = 4 + bytes;
+  const buf = Buffer.alloc(HEADER_SIZE + body);
+  writeHeader(buf, body, Op.HasResult, 0, id);
+  buf.writeUInt32LE(has.length, HEADER_SIZE);
+  for (let i = 0; i < has.length; i++) {
+    if (has[i]) buf[HEADER_SIZE + 4 + (i >>> 3)]! |= 1 << (i & 7);
+  }
+  return buf;
+}
+
+/** Encodes any message; the hot paths call the specific encoders directly. */
+export function encodeMessage(m: Message): Buffer[] {
+  switch (m.op) {
+    case Op.Hello:
+      return [encodeHello(m.id, m)];
+    case Op.HelloOk:
+      return [encodeHelloOk(m.id, m)];
+    case Op.Error:
+      return [encodeError(m.id, m.code, m.message)];
+    case Op.Ping:
+    case Op.Pong:
+    case Op.Ok:
+    case Op.Flush:
+      return [encodeEmpty(m.op, m.id)];
+    case Op.Get:
+      return [encodeGet(m.id, m.ref, m.offset, m.length)];
+    case Op.Data:
+      return encodeData(m.id, m.data);
+    case Op.PutBatch:
+      return encodePutBatch(m.id, m.items, m.sync);
+    case Op.PutResult:
+      return [encodePutResult(m.id, m.statuses)];
+    case Op.HasBatch:
+    case Op.DeleteBatch:
+      return [encodeRefs(m.op, m.id, m.refs)];
+    case Op.HasResult:
+      return [encodeHasResult(m.id, m.has)];
+  }
+}
+
+/** Concatenation of encodeMessage's parts; for tests and rare paths. */
+export function encodeMessageBytes(m: Message): Buffer {
+  const parts = encodeMessage(m);
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+
+/**
+ * Reads one body: `buf[start..end)`, decoded in place (no view of the body is made). Every read
+ * is bounds-checked so that short bodies are PROTOCOL errors.
+ */
+class BodyReader {
+  private pos: number;
+
+  constructor(
+    private readonly buf: Buffer,
+    start: number,
+    private readonly end: number,
+    private readonly what: string,
+    /** True when `buf` is a socket chunk that may be much larger than the frame. */
+    private readonly shared: boolean,
+  ) {
+    this.pos = start;
+  }
+
+  get remaining(): number {
+    return this.end - this.pos;
+  }
+
+  private need(n: number, field: string): void {
+    if (this.end - this.pos < n) throw protocol(`${this.what}: truncated at ${field}`);
+  }
+
+  u8(field: string): number {
+    this.need(1, field);
+    return this.buf[this.pos++]!;
+  }
+
+  u16(field: string): number {
+    this.need(2, field);
+    const v = this.buf.readUInt16LE(this.pos);
+    this.pos += 2;
+    return v;
+  }
+
+  u32(field: string): number {
+    this.need(4, field);
+    const v = this.buf.readUInt32LE(this.pos);
+    this.pos += 4;
+    return v;
+  }
+
+  ref(field: string): BlockRef {
+    this.need(BLOCK_REF_SIZE, field);
+    let ref: BlockRef;
+    try {
+      ref = readRef(this.buf, this.pos);
+    } catch (err) {
+      throw protocol(`${this.what}: ${field}: ${(err as Error).message}`);
+    }
+    this.pos += BLOCK_REF_SIZE;
+    return ref;
+  }
+
+  /** A view for bytes consumed right away (strings, extension values are copied by callers). */
+  view(n: number, field: string): Buffer {
+    this.need(n, field);
+    const v = this.buf.subarray(this.pos, this.pos + n);
+    this.pos += n;
+    return v;
+  }
+
+  /** A payload handed to the application: see the ownership notes at the top of the file. */
+  payload(n: number, field: string): Buffer {
+    this.need(n, field);
+    const start = this.pos;
+    this.pos += n;
+    if (this.shared && n * PIN_RATIO < this.buf.buffer.byteLength) {
+      const copy = Buffer.allocUnsafe(n);
+      this.buf.copy(copy, 0, start, start + n);
+      return copy;
+    }
+    return this.buf.subarray(start, start + n);
+  }
+
+  str(lengthBytes: 1 | 2, field: string): string {
+    const n = lengthBytes === 1 ? this.u8(field) : this.u16(field);
+    const bytes = this.view(n, field);
+    try {
+      return utf8Decoder.decode(bytes);
+    } catch {
+      throw protocol(`${this.what}: ${field} is not valid UTF-8`);
+    }
+  }
+
+  extensions(): Extension[] {
+    const out: Extension[] = [];
+    while (this.remaining > 0) {
+      const type = this.u16('extension type');
+      const len = this.u16('extension length');
+      out.push({ type, value: Buffer.from(this.view(len, 'extension value')) });
+    }
+    return out;
+  }
+
+  done(): void {
+    if (this.pos !== this.end) throw protocol(`${this.what}: ${this.end - this.pos} unexpected trailing bytes`);
+  }
+}
+
+function checkMagic(r: BodyReader, what: string): void {
+  const magic = r.u32('magic');
+  if (magic !== MAGIC) throw protocol(`${what}: bad magic 0x${magic.toString(16)}, the peer does not speak Torus peer RPC`);
+}
+
+function readCount(r: BodyReader, itemMin: number): number {
+  const count = r.u32('count');
+  // Checked before any array is sized from it, so a forged count cannot allocate gigabytes.
+  if (count * itemMin > r.remaining) throw protocol(`count ${count} does not fit in ${r.remaining} body bytes`);
+  return count;
+}
+
+function readMaxFrame(r: BodyReader): number {
+  const n = r.u32('max frame size');
+  if (n < MIN_MAX_FRAME_SIZE) throw protocol(`announced max frame size ${n} is below the protocol minimum ${MIN_MAX_FRAME_SIZE}`);
+  return n;
+}
+
+/** Decodes one frame body (`buf[start..end)`) whose header has already been validated. */
+function decodeBody(op: number, flags: number, id: number, buf: Buffer, start: number, end: number, shared: boolean): Message {
+  const r = new BodyReader(buf, start, end, opName(op), shared);
+  let m: Message;
+  switch (op) {
+    case Op.Hello: {
+      checkMagic(r, 'HELLO');
+      const minVersion = r.u16('min version');
+      const maxVersion = r.u16('max version');
+      if (minVersion > maxVersion) throw protocol(`HELLO: min version ${minVersion} above max version ${maxVersion}`);
+      const maxFrameSize = readMaxFrame(r);
+      const uuid = r.str(1, 'uuid');
+      const clusterId = r.str(1, 'cluster id');
+      m = { op, id, minVersion, maxVersion, maxFrameSize, uuid, clusterId, extensions: r.extensions() };
+      break;
+    }
+    case Op.HelloOk: {
+      checkMagic(r, 'HELLO_OK');
+      const version = r.u16('version');
+      const maxFrameSize = readMaxFrame(r);
+      const maxInFlight = r.u32('max in flight');
+      if (maxInFlight < 1) throw protocol('HELLO_OK: max in flight is 0');
+      const blockSize = r.u32('block size');
+      const uuid = r.str(1, 'uuid');
+      const clusterId = r.str(1, 'cluster id');
+      m = { op, id, version, maxFrameSize, maxInFlight, blockSize, uuid, clusterId, extensions: r.extensions() };
+      break;
+    }
+    case Op.Error: {
+      const wire = r.u16('code');
+      if (wire === 0) throw protocol('ERROR frame with status 0 (OK)');
+      m = { op, id, code: errorCodeFromWire(wire), message: r.str(2, 'message') };
+      break;
+    }
+    case Op.Ping:
+    case Op.Pong:
+    case Op.Ok:
+    case Op.Flush:
+      m = { op, id };
+      break;
+    case Op.Get:
+      m = { op, id, ref: r.ref('ref'), offset: r.u32('offset'), length: r.u32('length') };
+      break;
+    case Op.Data:
+      m = { op, id, data: r.payload(r.remaining, 'data') };
+      break;
+    case Op.PutBatch: {
+      const count = readCount(r, PUT_ITEM_HEAD);
+      const items: { ref: BlockRef; data: Buffer }[] = new Array(count);
+      for (let i = 0; i < count; i++) {
+        const ref = r.ref('item ref');
+        const len = r.u32('item length');
+        items[i] = { ref, data: r.payload(len, 'item data') };
+      }
+      m = { op, id, sync: (flags & FLAG_SYNC) !== 0, items };
+      break;
+    }
+    case Op.PutResult: {
+      const count = readCount(r, 2);
+      const statuses: (ErrorCode | null)[] = new Array(count);
+      for (let i = 0; i < count; i++) {
+        const s = r.u16('status');
+        statuses[i] = s === 0 ? null : errorCodeFromWire(s);
+      }
+      m = { op, id, statuses };
+      break;
+    }
+    case Op.HasBatch:
+    case Op.DeleteBatch: {
+      const count = readCount(r, BLOCK_REF_SIZE);
+      const refs: BlockRef[] = new Array(count);
+      for (let i = 0; i < count; i++) refs[i] = r.ref('ref');
+      m = { op, id, refs };
+      break;
+    }
+    case Op.HasResult: {
+      const count = r.u32('count');
+      const bytes = Math.ceil(count / 8);
+      if (bytes !== r.remaining) throw protocol(`HAS_RESULT: ${count} bits need ${bytes} bytes, body has ${r.remaining}`);
+      const bits = r.view(bytes, 'bitmap');
+      if (count & 7 && bits[bytes - 1]! >>> (count & 7)) throw protocol('HAS_RESULT: bits set past the count');
+      const has: boolean[] = new Array(count);
+      for (let i = 0; i < count; i++) has[i] = (bits[i >>> 3]! & (1 << (i & 7))) !== 0;
+      m = { op, id, has };
+      break;
+    }
+    default:
+      // The header check already refused unknown ops; this keeps the switch honest.
+      throw protocol(`unknown op ${opName(op)}`);
+  }
+  r.done();
+  return m;
+}
+
+export interface DecoderOptions {
+  /** Largest whole frame (header included) accepted; checked as soon as a header is seen. */
+  readonly maxFrameSize?: number;
+}
+
+interface PendingHeader {
+  readonly length: number;
+  readonly op: number;
+  readonly flags: number;
+  readonly id: number;
+}
+
+/** Reads offered by readTarget() when no body is being assembled. */
+const READ_SLAB = 64 * 1024;
+/** After a large frame, the next read is kept small so the next large body lands in place. */
+const SMALL_READ = 4096;
+const LARGE_FRAME = 128 * 1024;
+
+/**
+ * Incremental frame decoder. `push` takes a chunk and validates the next frame's header as soon
+ * as its 12 bytes are in, so an oversized or nonsensical frame is refused before its body is
+ * buffered. `next` returns one whole message or null ("wait for more").
+ *
+ * A body that lies inside one chunk is decoded from a view of it. A body that spans chunks is
+ * assembled in its own allocation as the chunks arrive (each byte copied once, while it is still
+ * in cache, and the chunks released at once), so the cost is linear however TCP splits the
+ * stream. A socket created with net's `onread` option can skip even that copy: `readTarget()`
+ * hands out the unfilled rest of the body being assembled, so the kernel writes the payload
+ * straight into the buffer the application will receive; `commitRead()` reports the bytes read.
+ *
+ * After a protocol error the decoder stays failed and every call throws the same
+ * TorusError('PROTOCOL').
+ */
+export class FrameDecoder {
+  maxFrameSize: number;
+  private chunks: Buffer[] = [];
+  /** Read offset inside chunks[0]. */
+  private offset = 0;
+  private buffered = 0;
+  private header: PendingHeader | null = null;
+  /** The body being assembled when it spans chunks; `filled` bytes of it are in. */
+  private body: Buffer | null = null;
+  private filled = 0;
+  private failure: TorusError | null = null;
+  private readonly scratch = Buffer.allocUnsafe(HEADER_SIZE);
+  private slab: Buffer = EMPTY;
+  private slabPos = 0;
+  private lastTarget: Buffer | null = null;
+  private lastWasLarge = false;
+
+  constructor(options: DecoderOptions = {}) {
+    this.maxFrameSize = options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE;
+  }
+
+  /** Bytes received and not yet returned as messages. */
+  get bufferedBytes(): number {
+    return this.buffered + (this.header ? HEADER_SIZE : 0) + this.filled;
+  }
+
+  /** Size of the frame being waited for, or 0 if its header has not arrived. */
+  get pendingFrameSize(): number {
+    return this.header ? HEADER_SIZE + this.header.length : 0;
+  }
+
+  push(chunk: Buffer): void {
+    if (this.failure) throw this.failure;
+    if (this.body !== null) {
+      const take = Math.min(chunk.length, this.body.length - this.filled);
+      chunk.copy(this.body, this.filled, 0, take);
+      this.filled += take;
+      if (take === chunk.length) return;
+      chunk = chunk.subarray(take);
+    }
+    if (chunk.length === 0) return;
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    if (this.header === null && this.buffered >= HEADER_SIZE) this.readHeader();
+    this.startBody();
+  }
+
+  /**
+   * Where the next socket read should land (for net's `onread: { buffer: () => ... }`): the
+   * unfilled part of a body being assembled, else fresh read-buffer memory. Memory handed out
+   * here is never handed out again, so views of it stay valid.
+   */
+  readTarget(): Buffer {
+    let t: Buffer;
+    if (this.body !== null && this.filled < this.body.length && this.failure === null) t = this.body.subarray(this.filled);
+    else {
+      if (this.slab.length - this.slabPos < SMALL_READ) {
+        this.slab = Buffer.allocUnsafeSlow(READ_SLAB);
+        this.slabPos = 0;
+      }
+      const size = this.lastWasLarge ? SMALL_READ : this.slab.length - this.slabPos;
+      t = this.slab.subarray(this.slabPos, this.slabPos + size);
+    }
+    this.lastTarget = t;
+    return t;
+  }
+
+  /** The read into `buf` (the last readTarget()) got `n` bytes. */
+  commitRead(buf: Buffer, n: number): void {
+    if (this.failure) throw this.failure;
+    if (buf !== this.lastTarget) throw new TorusError('INTERNAL', 'commitRead for a buffer readTarget did not hand out');
+    this.lastTarget = null;
+    if (this.body !== null && buf.buffer === this.body.buffer && buf.byteOffset === this.body.byteOffset + this.filled) {
+      this.filled += n;
+      return;
+    }
+    this.slabPos += n;
+    this.push(buf.subarray(0, n));
+  }
+
+  next(): Message | null {
+    if (this.failure) throw this.failure;
+    if (this.header === null) {
+      if (this.buffered < HEADER_SIZE) return null;
+      this.readHeader();
+      this.startBody();
+    }
+    const h = this.header!;
+    let buf: Buffer;
+    let start = 0;
+    let shared = false;
+    if (this.body !== null) {
+      if (this.filled < h.length) return null;
+      buf = this.body;
+      this.body = null;
+      this.filled = 0;
+    } else if (h.length === 0) buf = EMPTY;
+    else {
+      // startBody() began assembling unless the whole body sits in the first chunk.
+      buf = this.chunks[0]!;
+      start = this.offset;
+      shared = true;
+    }
+    this.header = null;
+    this.lastWasLarge = h.length >= LARGE_FRAME;
+    let m: Message;
+    try {
+      m = decodeBody(h.op, h.flags, h.id, buf, start, start + h.length, shared);
+    } catch (err) {
+      throw this.fail(err);
+    }
+    if (shared) this.consume(h.length);
+    if (this.buffered >= HEADER_SIZE) {
+      // Look at the following header now so a giant frame is refused before it is buffered;
+      // if it is bad, this message is still returned and the next call throws.
+      try {
+        this.readHeader();
+        this.startBody();
+      } catch {
+        // recorded in this.failure
+      }
+    }
+    return m;
+  }
+
+  /** Once a header is known: if its body is not wholly inside the first chunk, assemble it. */
+  private startBody(): void {
+    const h = this.header;
+    if (h === null || this.body !== null || h.length === 0) return;
+    const first = this.chunks[0];
+    if (first !== undefined && first.length - this.offset >= h.length) return;
+    this.body = Buffer.allocUnsafeSlow(h.length);
+    const n = Math.min(this.buffered, h.length);
+    this.copyOut(this.body, n);
+    this.filled = n;
+  }
+
+  private fail(err: unknown): TorusError {
+    this.failure = err instanceof TorusError ? err : new TorusError('PROTOCOL', String(err), { cause: err });
+    this.chunks = [];
+    this.buffered = 0;
+    this.body = null;
+    this.filled = 0;
+    return this.failure;
+  }
+
+  private readHeader(): void {
+    const first = this.chunks[0]!;
+    let h: Buffer;
+    let at: number;
+    if (first.length - this.offset >= HEADER_SIZE) {
+      h = first;
+      at = this.offset;
+      this.consume(HEADER_SIZE);
+    } else {
+      h = this.scratch;
+      at = 0;
+      this.copyOut(h, HEADER_SIZE);
+    }
+    const length = h.readUInt32LE(at);
+    const op = h[at + 4]!;
+    const flags = h[at + 5]!;
+    const reserved = h.readUInt16LE(at + 6);
+    const id = h.readUInt32LE(at + 8);
+    let problem: string | null = null;
+    if (OP_NAMES[op] === undefined) problem = `unknown op 0x${op.toString(16).padStart(2, '0')}`;
+    else if (length > this.maxFrameSize - HEADER_SIZE)
+      problem = `${opName(op)} frame of ${length + HEADER_SIZE} bytes exceeds the limit of ${this.maxFrameSize}`;
+    else if (flags & ~(ALLOWED_FLAGS[op] ?? 0)) problem = `${opName(op)}: undefined flags 0x${flags.toString(16)}`;
+    else if (reserved !== 0) problem = `${opName(op)}: reserved header field is ${reserved}, not 0`;
+    if (problem !== null) throw this.fail(protocol(problem));
+    this.header = { length, op, flags, id };
+  }
+
+  private consume(n: number): void {
+    this.buffered -= n;
+    while (n > 0) {
+      const c = this.chunks[0]!;
+      const avail = c.length - this.offset;
+      if (n < avail) {
+        this.offset += n;
+        return;
+      }
+      n -= avail;
+      this.chunks.shift();
+      this.offset = 0;
+    }
+  }
+
+  private copyOut(target: Buffer, n: number): void {
+    let pos = 0;
+    while (pos < n) {
+      const c = this.chunks[0]!;
+      const take = Math.min(n - pos, c.length - this.offset);
+      c.copy(target, pos, this.offset, this.offset + take);
+      pos += take;
+      this.consume(take);
+    }
+  }
+}
+
+/** Decodes a buffer holding whole frames; throws PROTOCOL on a partial trailing frame. */
+export function decodeAll(bytes: Buffer, options: DecoderOptions = {}): Message[] {
+  const d = new FrameDecoder(options);
+  d.push(bytes);
+  const out: Message[] = [];
+  for (let m = d.next(); m !== null; m = d.next()) out.push(m);
+  if (d.bufferedBytes > 0) throw protocol(`${d.bufferedBytes} bytes of an incomplete frame`);
+  return out;
+}
+
+/** True for ops a client sends (requests), false for replies. */
+export function isRequestOp(op: number): boolean {
+  return op === Op.Hello || op === Op.Ping || op === Op.Get || op === Op.PutBatch || op === Op.HasBatch || op === Op.DeleteBatch || op === Op.Flush;
+}

@@ -1,0 +1,641 @@
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
+import type { BlockRef } from '../core/ids.js';
+import type { BlockStore } from '../core/interfaces.js';
+import {
+  DEFAULT_MAX_FRAME_SIZE,
+  EXT_CRITICAL,
+  EXT_SOFTWARE,
+  FrameDecoder,
+  HANDSHAKE_MAX_FRAME_SIZE,
+  HEADER_SIZE,
+  MIN_MAX_FRAME_SIZE,
+  MIN_PROTOCOL_VERSION,
+  Op,
+  PROTOCOL_VERSION,
+  encodeData,
+  encodeEmpty,
+  encodeError,
+  encodeHasResult,
+  encodeHelloOk,
+  encodePutResult,
+  opName,
+  type GetMessage,
+  type HelloMessage,
+  type Message,
+  type PutBatchMessage,
+  type RefsMessage,
+} from './codec.js';
+import { FrameWriter } from './writer.js';
+import { formatPeerAddress } from './address.js';
+
+/**
+ * What the server needs from the node behind it. A core BlockStore fits as is; `hasBlock` may
+ * also be async so that a remote or tiered store can stand in.
+ */
+export interface BlockService {
+  readonly blockSize: number;
+  getBlock(ref: BlockRef): Promise<Buffer>;
+  readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer>;
+  putBlock(ref: BlockRef, data: Uint8Array): Promise<void>;
+  hasBlock(ref: BlockRef): boolean | Promise<boolean>;
+  deleteBlock(ref: BlockRef): Promise<void>;
+  flush(): Promise<void>;
+}
+
+// Compile-time conformance check: a BlockStore must stay usable as a BlockService.
+const _blockStoreIsABlockService = (s: BlockStore): BlockService => s;
+void _blockStoreIsABlockService;
+
+export interface NodeIdentity {
+  readonly uuid: string;
+  readonly clusterId: string;
+}
+
+export interface VersionRange {
+  readonly min: number;
+  readonly max: number;
+}
+
+export interface RpcServerOptions {
+  readonly service: BlockService;
+  readonly identity: NodeIdentity;
+  /** Requests worked on at once per connection; beyond it the socket is not read. */
+  readonly maxInFlight?: number;
+  /** Bytes of request and expected reply payload held per connection before reading stops. */
+  readonly maxInFlightBytes?: number;
+  /** Reply bytes queued for a connection's socket before reading from it stops. */
+  readonly maxQueuedWriteBytes?: number;
+  readonly maxFrameSize?: number;
+  /** A connection that has not completed HELLO within this is closed. */
+  readonly handshakeTimeoutMs?: number;
+  /** A connection with nothing received and nothing in flight for this long is closed; 0 = never. */
+  readonly idleTimeoutMs?: number;
+  readonly versions?: VersionRange;
+  /** Told about every connection dropped for a protocol error or refused handshake. */
+  readonly onConnectionError?: (err: TorusError, remote: string) => void;
+  /** Informational string sent in HELLO_OK. */
+  readonly software?: string;
+}
+
+export interface RpcServerStats {
+  readonly connections: number;
+  readonly inFlight: number;
+  readonly queuedWriteBytes: number;
+  readonly bufferedReadBytes: number;
+  /** Highest in-flight count seen on any one connection. */
+  readonly peakInFlight: number;
+  /** Highest reply backlog seen on any one connection. */
+  readonly peakQueuedWriteBytes: number;
+  readonly requests: number;
+  readonly protocolErrors: number;
+  readonly refusedHandshakes: number;
+  /** Bytes received and sent, over all connections past and present. */
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+}
+
+export const SERVER_DEFAULTS = {
+  maxInFlight: 64,
+  maxInFlightBytes: 64 * 1024 * 1024,
+  maxQueuedWriteBytes: 8 * 1024 * 1024,
+  handshakeTimeoutMs: 5000,
+  idleTimeoutMs: 120_000,
+} as const;
+
+interface Settings {
+  readonly maxInFlight: number;
+  readonly maxInFlightBytes: number;
+  readonly maxQueuedWriteBytes: number;
+  readonly maxFrameSize: number;
+  readonly handshakeTimeoutMs: number;
+  readonly idleTimeoutMs: number;
+  readonly versions: VersionRange;
+  readonly software: string;
+}
+
+function invoke<T>(fn: () => T | Promise<T>): Promise<T> {
+  try {
+    return Promise.resolve(fn());
+  } catch (err) {
+    return Promise.reject(err);
+  }
+}
+
+function codeOf(err: unknown): ErrorCode {
+  return toTorusError(err).code;
+}
+
+function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/**
+ * Serves a BlockService to peers. Each connection pipelines: requests are started as they are
+ * read and answered as they complete, in any order. Flow control per connection: at most
+ * `maxInFlight` requests (and `maxInFlightBytes`) are being worked on and at most
+ * `maxQueuedWriteBytes` of replies wait for the socket; past either limit the server stops
+ * reading that socket (pause) so TCP pushes back on the sender, and resumes when the work or
+ * the backlog goes down. A connection that breaks the protocol gets an ERROR and is closed;
+ * nothing a client sends can affect another connection or the process.
+ */
+export class RpcServer {
+  readonly identity: NodeIdentity;
+  private readonly service: BlockService;
+  private readonly settings: Settings;
+  private readonly onConnectionError: ((err: TorusError, remote: string) => void) | undefined;
+  private readonly conns = new Set<ServerConnection>();
+  private server: net.Server | null = null;
+  private closed = false;
+  private url: string | null = null;
+  /** Mutable counters shared with connections. */
+  readonly counters = {
+    requests: 0,
+    protocolErrors: 0,
+    refusedHandshakes: 0,
+    peakInFlight: 0,
+    peakQueuedWriteBytes: 0,
+    /** Of connections already closed; live ones are added in stats(). */
+    bytesIn: 0,
+    bytesOut: 0,
+  };
+
+  constructor(options: RpcServerOptions) {
+    this.service = options.service;
+    this.identity = options.identity;
+    this.onConnectionError = options.onConnectionError;
+    const maxFrameSize = options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE;
+    if (maxFrameSize < MIN_MAX_FRAME_SIZE)
+      throw new TorusError('INVALID_ARGUMENT', `max frame size ${maxFrameSize} is below the protocol minimum ${MIN_MAX_FRAME_SIZE}`);
+    if (this.service.blockSize + HEADER_SIZE > maxFrameSize)
+      throw new TorusError('INVALID_ARGUMENT', `block size ${this.service.blockSize} does not fit in a ${maxFrameSize}-byte frame`);
+    this.settings = {
+      maxInFlight: Math.max(1, options.maxInFlight ?? SERVER_DEFAULTS.maxInFlight),
+      maxInFlightBytes: options.maxInFlightBytes ?? SERVER_DEFAULTS.maxInFlightBytes,
+      maxQueuedWriteBytes: options.maxQueuedWriteBytes ?? SERVER_DEFAULTS.maxQueuedWriteBytes,
+      maxFrameSize,
+      handshakeTimeoutMs: options.handshakeTimeoutMs ?? SERVER_DEFAULTS.handshakeTimeoutMs,
+      idleTimeoutMs: options.idleTimeoutMs ?? SERVER_DEFAULTS.idleTimeoutMs,
+      versions: options.versions ?? { min: MIN_PROTOCOL_VERSION, max: PROTOCOL_VERSION },
+      software: options.software ?? 'torus-ts',
+    };
+  }
+
+  /** Starts listening on TCP; resolves to the address peers should use (tdp://host:port). */
+  listen(port = 0, host = '127.0.0.1'): Promise<string> {
+    if (this.closed) return Promise.reject(new TorusError('CLOSED', 'server is closed'));
+    if (this.server) return Promise.reject(new TorusError('EXISTS', 'server is already listening'));
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => {
+      const remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`;
+      this.handle(socket, remote);
+    });
+    this.server = server;
+    return new Promise((resolve, reject) => {
+      const onError = (err: Error): void => {
+        this.server = null;
+        reject(new TorusError('IO', `cannot listen on ${host}:${port}: ${err.message}`, { cause: err }));
+      };
+      server.once('error', onError);
+      server.listen(port, host, () => {
+        server.off('error', onError);
+        // Errors after listen (EMFILE on accept...) must not crash the node; connections are
+        // independent and the listener keeps going.
+        server.on('error', () => {});
+        const addr = server.address() as net.AddressInfo;
+        this.url = formatPeerAddress(addr.address, addr.port);
+        resolve(this.url);
+      });
+    });
+  }
+
+  /** tdp://host:port once listening. */
+  get address(): string | null {
+    return this.url;
+  }
+
+  /** Serves one already-connected stream (a socket, or a pipe end in tests). */
+  handle(stream: Duplex, remote = 'stream'): void {
+    if (this.closed) {
+      stream.destroy();
+      return;
+    }
+    if (stream instanceof net.Socket) stream.setNoDelay(true);
+    const conn = new ServerConnection(this, this.service, this.settings, stream, remote);
+    this.conns.add(conn);
+  }
+
+  /** @internal */
+  connectionClosed(conn: ServerConnection, bytesIn: number, bytesOut: number): void {
+    if (this.conns.delete(conn)) {
+      this.counters.bytesIn += bytesIn;
+      this.counters.bytesOut += bytesOut;
+    }
+  }
+
+  /** @internal */
+  reportError(err: TorusError, remote: string): void {
+    try {
+      this.onConnectionError?.(err, remote);
+    } catch {
+      // a logging hook must not take the server down
+    }
+  }
+
+  stats(): RpcServerStats {
+    let inFlight = 0;
+    let queued = 0;
+    let buffered = 0;
+    let bytesIn = this.counters.bytesIn;
+    let bytesOut = this.counters.bytesOut;
+    for (const c of this.conns) {
+      inFlight += c.inFlight;
+      queued += c.queuedWriteBytes;
+      buffered += c.bufferedReadBytes;
+      bytesIn += c.bytesIn;
+      bytesOut += c.bytesOut;
+    }
+    return {
+      connections: this.conns.size,
+      inFlight,
+      queuedWriteBytes: queued,
+      bufferedReadBytes: buffered,
+      ...this.counters,
+      bytesIn,
+      bytesOut,
+    };
+  }
+
+  /** Stops listening and drops every connection; replies still being computed are discarded. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const server = this.server;
+    this.server = null;
+    const closing = [...this.conns].map((c) => c.destroy());
+    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+    await Promise.all(closing);
+  }
+}
+
+type ConnState = 'hello' | 'ready' | 'closing';
+
+class ServerConnection {
+  private state: ConnState = 'hello';
+  private readonly decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE });
+  private readonly writer: FrameWriter;
+  inFlight = 0;
+  bytesIn = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private pumping = false;
+  /** Largest frame the client accepts; replies that would not fit become errors. */
+  private peerMaxFrame = MIN_MAX_FRAME_SIZE;
+  private lastActivity = Date.now();
+  private timer: NodeJS.Timeout | null = null;
+  private readonly closedPromise: Promise<void>;
+
+  constructor(
+    private readonly server: RpcServer,
+    private readonly service: BlockService,
+    private readonly s: Settings,
+    private readonly stream: Duplex,
+    private readonly remote: string,
+  ) {
+    this.writer = new FrameWriter(stream, { maxQueuedBytes: s.maxQueuedWriteBytes, onWritable: () => this.pump() });
+    this.closedPromise = new Promise((resolve) => stream.once('close', resolve));
+    stream.on('data', (chunk: Buffer) => this.onData(chunk));
+    stream.on('end', () => this.onEnd());
+    stream.on('error', () => {
+      // ECONNRESET and friends: the 'close' that follows does the cleanup.
+    });
+    stream.once('close', () => this.onClose());
+    this.armTimer(s.handshakeTimeoutMs);
+  }
+
+  get queuedWriteBytes(): number {
+    return this.writer.queuedBytes;
+  }
+
+  get bufferedReadBytes(): number {
+    return this.decoder.bufferedBytes;
+  }
+
+  get bytesOut(): number {
+    return this.writer.bytesOut;
+  }
+
+  destroy(): Promise<void> {
+    this.stream.destroy();
+    return this.closedPromise;
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.state === 'closing') return;
+    this.lastActivity = Date.now();
+    this.bytesIn += chunk.length;
+    try {
+      this.decoder.push(chunk);
+    } catch (err) {
+      this.protocolError(toTorusError(err, 'PROTOCOL'));
+      return;
+    }
+    this.pump();
+  }
+
+  private onEnd(): void {
+    // The client will send nothing more; finish what is in flight, then close our side.
+    if (this.inFlight === 0) this.finish();
+  }
+
+  private finish(): void {
+    if (this.stream.writableEnded) return;
+    // Replies gathered for this tick go out before the FIN, not never.
+    this.writer.flush();
+    this.stream.end();
+  }
+
+  private onClose(): void {
+    this.state = 'closing';
+    this.clearTimer();
+    this.writer.discard();
+    this.server.connectionClosed(this, this.bytesIn, this.writer.bytesOut);
+  }
+
+  private blocked(): boolean {
+    return (
+      this.inFlight >= this.s.maxInFlight ||
+      (this.inFlight > 0 && this.inFlightBytes >= this.s.maxInFlightBytes) ||
+      this.writer.needDrain
+    );
+  }
+
+  /** Starts every complete request the limits allow; pauses or resumes reading accordingly. */
+  private pump(): void {
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      while (this.state !== 'closing') {
+        if (this.blocked()) {
+          if (!this.paused) {
+            this.paused = true;
+            this.stream.pause();
+          }
+          return;
+        }
+        let m: Message | null;
+        try {
+          m = this.decoder.next();
+        } catch (err) {
+          this.protocolError(toTorusError(err, 'PROTOCOL'));
+          return;
+        }
+        if (m === null) break;
+        this.dispatch(m);
+      }
+      if (this.paused && this.state !== 'closing') {
+        this.paused = false;
+        this.stream.resume();
+      }
+      if (this.inFlight === 0 && this.stream.readableEnded) this.finish();
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private dispatch(m: Message): void {
+    this.server.counters.requests++;
+    if (this.state === 'hello') {
+      if (m.op !== Op.Hello) this.protocolError(new TorusError('PROTOCOL', `expected HELLO, got ${opName(m.op)}`));
+      else this.hello(m);
+      return;
+    }
+    switch (m.op) {
+      case Op.Get:
+        return this.get(m);
+      case Op.PutBatch:
+        return this.putBatch(m);
+      case Op.HasBatch:
+        return this.hasBatch(m);
+      case Op.DeleteBatch:
+        return this.deleteBatch(m);
+      case Op.Flush:
+        this.begin(0);
+        invoke(() => this.service.flush()).then(
+          () => this.reply(encodeEmpty(Op.Ok, m.id), 0),
+          (err: unknown) => this.fail(m.id, err, 0),
+        );
+        return;
+      case Op.Ping:
+        this.writer.write(encodeEmpty(Op.Pong, m.id));
+        return;
+      default:
+        this.protocolError(new TorusError('PROTOCOL', `${opName(m.op)} is not a request`));
+    }
+  }
+
+  private hello(m: HelloMessage): void {
+    const v = this.s.versions;
+    const critical = m.extensions.find((e) => (e.type & EXT_CRITICAL) !== 0);
+    const lo = Math.max(v.min, m.minVersion);
+    const hi = Math.min(v.max, m.maxVersion);
+    let refusal: TorusError | null = null;
+    if (lo > hi)
+      refusal = new TorusError(
+        'PROTOCOL',
+        `protocol version mismatch: peer ${m.uuid} speaks versions ${m.minVersion}..${m.maxVersion}, node ${this.server.identity.uuid} speaks ${v.min}..${v.max}`,
+      );
+    else if (m.clusterId !== this.server.identity.clusterId)
+      refusal = new TorusError(
+        'WRONG_CLUSTER',
+        `node ${this.server.identity.uuid} belongs to cluster ${this.server.identity.clusterId}, peer ${m.uuid} to cluster ${m.clusterId}`,
+      );
+    else if (critical)
+      refusal = new TorusError('PROTOCOL', `peer requires handshake extension 0x${critical.type.toString(16)}, which this node does not support`);
+    if (refusal) {
+      this.server.counters.refusedHandshakes++;
+      this.server.reportError(refusal, this.remote);
+      this.writer.write(encodeError(m.id, refusal.code, refusal.message));
+      this.shutdown();
+      return;
+    }
+    this.state = 'ready';
+    this.peerMaxFrame = m.maxFrameSize;
+    this.decoder.maxFrameSize = this.s.maxFrameSize;
+    this.writer.write(
+      encodeHelloOk(m.id, {
+        version: hi,
+        maxFrameSize: this.s.maxFrameSize,
+        maxInFlight: this.s.maxInFlight,
+        blockSize: this.service.blockSize,
+        uuid: this.server.identity.uuid,
+        clusterId: this.server.identity.clusterId,
+        extensions: [{ type: EXT_SOFTWARE, value: Buffer.from(this.s.software) }],
+      }),
+    );
+    this.armTimer(this.s.idleTimeoutMs);
+  }
+
+  private begin(bytes: number): void {
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+    const c = this.server.counters;
+    if (this.inFlight > c.peakInFlight) c.peakInFlight = this.inFlight;
+  }
+
+  private done(bytes: number): void {
+    this.inFlight--;
+    this.inFlightBytes -= bytes;
+    const q = this.writer.queuedBytes;
+    const c = this.server.counters;
+    if (q > c.peakQueuedWriteBytes) c.peakQueuedWriteBytes = q;
+    this.pump();
+  }
+
+  private reply(frame: Buffer, bytes: number): void {
+    if (this.state !== 'closing') this.writer.write(frame);
+    this.done(bytes);
+  }
+
+  private fail(id: number, err: unknown, bytes: number): void {
+    if (this.state !== 'closing') this.writer.write(encodeError(id, codeOf(err), messageOf(err)));
+    this.done(bytes);
+  }
+
+  private get(m: GetMessage): void {
+    const bs = this.service.blockSize;
+    const whole = m.offset === 0 && m.length === 0;
+    const size = whole ? bs : m.length;
+    if (!whole && (m.length === 0 || m.offset + m.length > bs)) {
+      this.writer.write(encodeError(m.id, 'INVALID_ARGUMENT', `range ${m.offset}+${m.length} is outside a ${bs}-byte block`));
+      return;
+    }
+    if (size + HEADER_SIZE > this.peerMaxFrame) {
+      this.writer.write(encodeError(m.id, 'INVALID_ARGUMENT', `a ${size}-byte reply exceeds the peer's frame limit ${this.peerMaxFrame}`));
+      return;
+    }
+    this.begin(size);
+    const p = whole ? invoke(() => this.service.getBlock(m.ref)) : invoke(() => this.service.readRange(m.ref, m.offset, m.length));
+    p.then(
+      (data) => {
+        if (this.state === 'closing') return this.done(size);
+        if (data.length + HEADER_SIZE > this.peerMaxFrame || (!whole && data.length !== m.length)) {
+          return this.fail(m.id, new TorusError('INTERNAL', `block service returned ${data.length} bytes for a ${size}-byte read`), size);
+        }
+        this.writer.writeAll(encodeData(m.id, data));
+        this.done(size);
+      },
+      (err: unknown) => this.fail(m.id, err, size),
+    );
+  }
+
+  private putBatch(m: PutBatchMessage): void {
+    const bs = this.service.blockSize;
+    let bytes = 0;
+    for (const it of m.items) bytes += it.data.length;
+    this.begin(bytes);
+    const results = m.items.map((it): Promise<ErrorCode | null> => {
+      if (it.data.length > bs) return Promise.resolve('INVALID_ARGUMENT');
+      return invoke(() => this.service.putBlock(it.ref, it.data)).then(
+        () => null,
+        (err: unknown) => codeOf(err),
+      );
+    });
+    Promise.all(results)
+      .then(async (statuses) => {
+        // A SYNC batch is acknowledged only once durable: flush errors fail the whole frame.
+        if (m.sync && statuses.some((s) => s === null)) await this.service.flush();
+        return statuses;
+      })
+      .then(
+        (statuses) => this.reply(encodePutResult(m.id, statuses), bytes),
+        (err: unknown) => this.fail(m.id, err, bytes),
+      );
+  }
+
+  private hasBatch(m: RefsMessage): void {
+    let answers: (boolean | Promise<boolean>)[];
+    try {
+      answers = m.refs.map((r) => this.service.hasBlock(r));
+    } catch (err) {
+      this.writer.write(encodeError(m.id, codeOf(err), messageOf(err)));
+      return;
+    }
+    if (!answers.some((a) => typeof a !== 'boolean')) {
+      // The common case (an in-memory index) answers without a turn of the event loop.
+      this.writer.write(encodeHasResult(m.id, answers as boolean[]));
+      return;
+    }
+    this.begin(0);
+    Promise.all(answers).then(
+      (has) => this.reply(encodeHasResult(m.id, has), 0),
+      (err: unknown) => this.fail(m.id, err, 0),
+    );
+  }
+
+  private deleteBatch(m: RefsMessage): void {
+    this.begin(0);
+    Promise.allSettled(m.refs.map((r) => invoke(() => this.service.deleteBlock(r)))).then((results) => {
+      const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (bad) this.fail(m.id, bad.reason, 0);
+      else this.reply(encodeEmpty(Op.Ok, m.id), 0);
+    });
+  }
+
+  private protocolError(err: TorusError): void {
+    if (this.state === 'closing') return;
+    this.server.counters.protocolErrors++;
+    this.server.reportError(err, this.remote);
+    this.writer.write(encodeError(0, 'PROTOCOL', err.message));
+    this.shutdown();
+  }
+
+  /**
+   * Sends what is queued (the ERROR telling the client why), then closes. The socket is
+   * still read and discarded meanwhile: closing with unread input makes the kernel send a
+   * reset, which can destroy the ERROR before the client reads it.
+   */
+  private shutdown(): void {
+    this.state = 'closing';
+    this.clearTimer();
+    this.stream.removeAllListeners('data');
+    this.stream.on('data', () => {});
+    this.stream.resume();
+    this.writer.flush();
+    this.stream.end();
+    const t = setTimeout(() => this.stream.destroy(), 2000);
+    t.unref();
+    this.stream.once('close', () => clearTimeout(t));
+  }
+
+  private armTimer(ms: number): void {
+    this.clearTimer();
+    if (ms <= 0) return;
+    this.timer = setTimeout(() => this.onTimer(ms), ms);
+    this.timer.unref();
+  }
+
+  private clearTimer(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  private onTimer(ms: number): void {
+    this.timer = null;
+    if (this.state === 'closing') return;
+    if (this.state === 'hello') {
+      this.server.reportError(new TorusError('TIMEOUT', `no HELLO within ${ms} ms`), this.remote);
+      this.writer.write(encodeError(0, 'TIMEOUT', `no HELLO within ${ms} ms`));
+      this.shutdown();
+      return;
+    }
+    const limit = this.s.idleTimeoutMs;
+    const idle = Date.now() - this.lastActivity;
+    if (idle >= limit && this.inFlight === 0) {
+      // Quietly: the client sees a clean end with nothing pending and reconnects on demand.
+      this.shutdown();
+      return;
+    }
+    this.armTimer(Math.max(1, limit - idle));
+  }
+}
