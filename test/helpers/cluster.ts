@@ -26,12 +26,12 @@ export interface TestCluster {
   stop(): Promise<void>;
 }
 
-export async function startCluster(opts: { nodes?: number; replication?: number; blockSize?: string; size?: string } = {}): Promise<TestCluster> {
+export async function startCluster(opts: { nodes?: number; replication?: number; blockSize?: string; size?: string; torusdArgs?: string[] } = {}): Promise<TestCluster> {
   const etcd = await startEtcd();
   const C = ['-C', etcd.endpoint];
   await ok('torusctl', [...C, 'init', '--block-size', opts.blockSize ?? '64KiB', '--replication', String(opts.replication ?? 2)]);
   const nodes: Torusd[] = [];
-  for (let i = 0; i < (opts.nodes ?? 3); i++) nodes.push(await startTorusd(etcd.endpoint, { size: opts.size ?? '256MiB' }));
+  for (let i = 0; i < (opts.nodes ?? 3); i++) nodes.push(await startTorusd(etcd.endpoint, { size: opts.size ?? '256MiB', extra: opts.torusdArgs ?? [] }));
   await ok('torusctl', [...C, 'peer', 'add', '--all-peers']);
   const meta = new EtcdMetadata({ endpoints: [etcd.endpoint] });
   const clients: BlockClient[] = [];
@@ -59,7 +59,7 @@ export async function startCluster(opts: { nodes?: number; replication?: number;
     },
     async restart(i) {
       const old = nodes[i]!;
-      nodes[i] = await startTorusd(etcd.endpoint, { dataDir: old.dataDir, peerPort: old.peerPort, httpPort: old.httpPort, size: opts.size ?? '256MiB' });
+      nodes[i] = await startTorusd(etcd.endpoint, { dataDir: old.dataDir, peerPort: old.peerPort, httpPort: old.httpPort, size: opts.size ?? '256MiB', extra: opts.torusdArgs ?? [] });
     },
     uuidOf: (i) => uuids.get(i)!,
     async copies(refs) {

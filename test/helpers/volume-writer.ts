@@ -3,7 +3,9 @@
 // it with SIGKILL at some point and checks the volume equals the last state printed.
 //
 //   node volume-writer.js ETCD VOLUME SIZE
-// prints: "synced <n> <sha256 of the whole volume>" after each sync.
+// prints "syncing <n> <sha256 of the whole volume>" before each sync and "synced <n>" after it
+// succeeded. A kill can land after etcd took a sync's commit but before "synced" is printed, so
+// the volume must afterwards equal either the last synced state or the one being synced.
 import { createHash, randomBytes } from 'node:crypto';
 import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
 import { VolumeClient } from '../../src/volume/client.js';
@@ -24,7 +26,8 @@ for (;;) {
     await vol.write(off, d);
     d.copy(model, off);
   }
-  await vol.flush();
   n++;
-  process.stdout.write(`synced ${n} ${createHash('sha256').update(model).digest('hex')}\n`);
+  process.stdout.write(`syncing ${n} ${createHash('sha256').update(model).digest('hex')}\n`);
+  await vol.flush();
+  process.stdout.write(`synced ${n}\n`);
 }

@@ -10,7 +10,7 @@ import { isTorusError } from '../../src/core/errors.js';
 import { VolumeClient } from '../../src/volume/client.js';
 import { VolumeMeta } from '../../src/volume/meta.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
-import { eventually, ok, REPO, removeDir, runCli } from '../helpers/procs.js';
+import { acceptableHashes, eventually, ok, REPO, removeDir, runCli } from '../helpers/procs.js';
 
 // Block volumes against a real etcd and three storage nodes at R=2, through the real CLIs and
 // clients in other processes.
@@ -123,7 +123,7 @@ describe('data', () => {
     await new Promise((r) => setTimeout(r, 50 + Math.random() * 100)); // mid-way through more writes
     child.kill('SIGKILL');
     await new Promise((r) => child.once('exit', r));
-    const last = out.trim().split('\n').filter((l) => l.startsWith('synced ')).at(-1)!.split(' ')[2];
+    const acceptable = acceptableHashes(out);
     // Its lock holds until the lease runs out; the test does not wait 15 s for that.
     const opening = await vc.openVolume('crash').catch((e: unknown) => e);
     assert.ok(isTorusError(opening, 'LOCKED'), 'the dead client still holds the lock until its lease expires');
@@ -131,7 +131,7 @@ describe('data', () => {
     const vol = await vc.openVolume('crash', { readOnly: true });
     const got = createHash('sha256').update(await vol.read(0, 8 * MiB)).digest('hex');
     await vol.close();
-    assert.equal(got, last);
+    assert.ok(acceptable.includes(got), `volume ${got} is neither the last synced state nor the one being synced (${acceptable.join(', ')})`);
   });
 
   test('two clients race to open: exactly one wins; the other is told who holds it', async () => {
