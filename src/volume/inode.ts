@@ -205,26 +205,26 @@ export class InodeTree {
   }
 
   /**
-   * Writes every dirty page, leaves first, each under a fresh ref from `allocRef`, and returns
-   * the new root. Pages whose entries are all holes are not written: their parent gets a hole.
+   * Stores every dirty page, leaves first, each under a fresh ref from `allocRef`, and returns
+   * the new root. A parent's entry needs only its child's ref and CRC, both known before the
+   * child's put completes, so every put of a commit is in flight at once: a sync's latency does
+   * not grow with the tree's depth. The returned `stored` settles when all puts have; the pages
+   * must not change before then (syncs are serialized, and only syncs change pages).
+   * Pages whose entries are all holes are not stored: their parent gets a hole.
    */
-  async commit(allocRef: (type: BlockType) => BlockRef): Promise<{ root: Pointer | null; depth: number; pagesWritten: number }> {
+  async commit(allocRef: (type: BlockType) => BlockRef): Promise<{ root: Pointer | null; depth: number; pagesWritten: number; stored: Promise<void> }> {
     let written = 0;
+    const puts: Promise<void>[] = [];
     for (let level = 0; level < this.depth; level++) {
       const dirty = [...this.pages].filter(([k, p]) => p.dirty && k.startsWith(`${level}:`));
-      const results = await Promise.all(
-        dirty.map(async ([key, p]) => {
-          const pageNo = Number(key.slice(key.indexOf(':') + 1));
-          let ptr: Pointer | null = null;
-          if (!allZero(p.buf)) {
-            ptr = { ref: allocRef(BlockType.INode), crc: crc32c(p.buf) >>> 0 };
-            await this.store.putBlock(ptr.ref, p.buf);
-            written++;
-          }
-          return { key, p, pageNo, ptr };
-        }),
-      );
-      for (const { p, pageNo, ptr } of results) {
+      for (const [key, p] of dirty) {
+        const pageNo = Number(key.slice(key.indexOf(':') + 1));
+        let ptr: Pointer | null = null;
+        if (!allZero(p.buf)) {
+          ptr = { ref: allocRef(BlockType.INode), crc: crc32c(p.buf) >>> 0 };
+          puts.push(this.store.putBlock(ptr.ref, p.buf));
+          written++;
+        }
         if (level === this.depth - 1) this.root = ptr;
         else {
           // Any index inside this page finds the parent's slot for it.
@@ -237,8 +237,13 @@ export class InodeTree {
         this.cleanBytes += p.buf.length;
       }
     }
-    this.evict();
-    return { root: this.root, depth: this.depth, pagesWritten: written };
+    // Settle every put before reporting, so no failure goes unobserved.
+    const stored = Promise.allSettled(puts).then((rs) => {
+      const bad = rs.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (bad) throw bad.reason;
+      this.evict();
+    });
+    return { root: this.root, depth: this.depth, pagesWritten: written, stored };
   }
 
   /**

@@ -29,9 +29,6 @@ export interface VolumeContext {
   readonly session?: KVSession;
 }
 
-/** Sync parallelism: blocks in flight to the distributor at once. */
-const PUT_CONCURRENCY = 32;
-
 export class BlockVolume implements BlockDevice {
   readonly blockSize: number;
   readonly readOnly: boolean;
@@ -275,21 +272,23 @@ export class BlockVolume implements BlockDevice {
     this.dirty = new Map();
     this.dirtyBytes = 0;
     const taken = this.syncing;
+    const puts: Promise<void>[] = [];
     try {
-      const entries = [...taken];
-      for (let i = 0; i < entries.length; i += PUT_CONCURRENCY) {
-        await Promise.all(
-          entries.slice(i, i + PUT_CONCURRENCY).map(async ([index, buf]) => {
-            let ptr: Pointer | null = null;
-            if (buf) {
-              ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(buf) >>> 0 };
-              await this.ctx.store.putBlock(ptr.ref, buf);
-            }
-            await this.tree.set(index, ptr);
-          }),
-        );
+      // Data blocks and inode pages all go out at once: a page needs only its children's refs
+      // and CRCs, known before their puts complete.
+      for (const [index, buf] of taken) {
+        let ptr: Pointer | null = null;
+        if (buf) {
+          ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(buf) >>> 0 };
+          puts.push(this.ctx.store.putBlock(ptr.ref, buf));
+        }
+        await this.tree.set(index, ptr);
       }
-      const { root, depth, pagesWritten } = await this.tree.commit((t) => this.allocRef(t));
+      const { root, depth, pagesWritten, stored } = await this.tree.commit((t) => this.allocRef(t));
+      puts.push(stored);
+      const settled = await Promise.allSettled(puts);
+      const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
       await this.ctx.store.flush();
       const head = { root, depth, size: this.sizeBytes };
       await this.ctx.meta.commit(lock, head);
@@ -298,6 +297,8 @@ export class BlockVolume implements BlockDevice {
       this.syncs++;
       this.pagesWritten += pagesWritten;
     } catch (err) {
+      // Puts still in flight when something else failed must not surface as unhandled.
+      for (const p of puts) p.catch(() => undefined);
       // Start again from the last committed head, with every change since still dirty: the next
       // sync rewrites them all under fresh refs, so nothing half-written is ever referenced.
       this.tree = this.newTree(this.committed);
