@@ -1,16 +1,19 @@
 import { Command } from 'commander';
 import { VERSION } from '../core/version.js';
-import { addGlobalOptions } from './shared/config.js';
+import { addBlockIoOptions, addGlobalOptions } from './shared/config.js';
+import { nbdCommand, nbdserveCommand } from './torusblk/nbd.js';
 import { runProgram } from './shared/run.js';
 import { createVolumeAction } from './torusctl/volume.js';
 
-// The client: serves volumes over NBD and AoE. Its volume commands arrive with the volume layer.
+// The client: serves volumes over NBD (and AoE).
 export function buildProgram(): Command {
   const program = new Command('torusblk')
     .description('serve Torus block volumes to this machine (NBD, AoE)')
     .version(`torusblk\nVersion: ${VERSION}`, '--version')
     .showHelpAfterError('(run with --help for usage)');
-  addGlobalOptions(program);
+  addGlobalOptions(addBlockIoOptions(program));
+  program.addCommand(nbdserveCommand());
+  program.addCommand(nbdCommand());
   const volume = new Command('volume').description('manage block volumes (see also torusctl volume)');
   volume.addCommand(
     new Command('create').description('create a thin-provisioned block volume').argument('<name>').argument('<size>', 'size, e.g. 10GiB').action(createVolumeAction()),

@@ -1,0 +1,124 @@
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { TorusError } from '../../core/errors.js';
+
+// Giving the user a block device for an NBD export served on a private unix socket: the kernel's
+// NBD client through the standard `nbd-client` when the kernel has the module, otherwise
+// `nbdfuse` (libnbd) exposing the export as a file and a loop device on that file.
+
+/**
+ * Runs a command without blocking the event loop: the NBD server these commands talk to (through
+ * the kernel or FUSE) lives in this very process, so a synchronous spawn would deadlock.
+ */
+function run(cmd: string, args: string[], timeoutMs = 30_000): Promise<{ ok: boolean; out: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs });
+    let out = '';
+    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    p.stderr.on('data', (d: Buffer) => (out += d.toString()));
+    p.on('error', (err) => resolve({ ok: false, out: err.message }));
+    p.on('close', (code) => resolve({ ok: code === 0, out: out.trim() }));
+  });
+}
+
+function which(cmd: string): boolean {
+  return spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
+}
+
+export async function kernelHasNbd(): Promise<boolean> {
+  if (existsSync('/sys/module/nbd') && existsSync('/dev/nbd0')) return true;
+  // Loading it needs root and a kernel that ships it; try once, quietly.
+  await run('modprobe', ['nbd'], 10_000);
+  return existsSync('/sys/module/nbd') && existsSync('/dev/nbd0');
+}
+
+/** The first /dev/nbdN no client is attached to. */
+export function freeNbdDevice(): string {
+  const names = readdirSync('/sys/block')
+    .filter((n) => /^nbd\d+$/.test(n))
+    .sort((a, b) => Number(a.slice(3)) - Number(b.slice(3)));
+  for (const n of names) {
+    const pid = join('/sys/block', n, 'pid');
+    const size = Number(readFileSync(join('/sys/block', n, 'size'), 'utf8').trim() || '0');
+    if (!existsSync(pid) && size === 0) return `/dev/${n}`;
+  }
+  throw new TorusError('NOT_EXIST', 'no free /dev/nbdN device (load nbd with more devices: modprobe nbd nbds_max=32)');
+}
+
+export interface Attachment {
+  readonly device: string;
+  readonly how: 'kernel' | 'nbdfuse';
+  detach(): Promise<void>;
+}
+
+export async function attachKernel(socket: string, exportName: string, device: string, blockSize: number): Promise<Attachment> {
+  if (!which('nbd-client')) throw new TorusError('NOT_EXIST', 'nbd-client not found: install the Debian package nbd-client');
+  const bs = Math.min(4096, blockSize);
+  const r = await run('nbd-client', ['-unix', socket, device, '-N', exportName, '-b', String(bs)], 60_000);
+  if (!r.ok) throw new TorusError('IO', `nbd-client could not attach ${device}: ${r.out.split('\n').at(-1) ?? r.out}`);
+  return {
+    device,
+    how: 'kernel',
+    async detach() {
+      await run('nbd-client', ['-d', device], 60_000);
+    },
+  };
+}
+
+export async function detachKernel(device: string): Promise<void> {
+  if (!which('nbd-client')) throw new TorusError('NOT_EXIST', 'nbd-client not found: install the Debian package nbd-client');
+  const r = await run('nbd-client', ['-d', device], 60_000);
+  if (!r.ok) throw new TorusError('IO', `could not detach ${device}: ${r.out}`);
+}
+
+/** Kernel-less: nbdfuse shows the export as a file, losetup turns the file into a block device. */
+export async function attachFuse(socket: string, exportName: string): Promise<Attachment> {
+  for (const tool of ['nbdfuse', 'losetup'])
+    if (!which(tool)) throw new TorusError('NOT_EXIST', `${tool} not found: install the Debian packages libnbd-bin (nbdfuse) and mount (losetup)`);
+  if (!existsSync('/dev/fuse')) throw new TorusError('NOT_EXIST', 'no /dev/fuse: FUSE is not available here either');
+  const dir = mkdtempSync(join(tmpdir(), 'torusblk-fuse-'));
+  const uri = `nbd+unix:///${encodeURIComponent(exportName)}?socket=${encodeURIComponent(socket)}`;
+  const fuse = spawn('nbdfuse', [join(dir, 'nbd'), uri], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  fuse.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  const file = join(dir, 'nbd');
+  for (let i = 0; i < 200 && !existsSync(file); i++) {
+    if (fuse.exitCode !== null) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  if (!existsSync(file)) {
+    fuse.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+    throw new TorusError('IO', `nbdfuse did not start: ${err.trim() || 'no output'}`);
+  }
+  const lo = await run('losetup', ['--find', '--show', file]);
+  if (!lo.ok) {
+    await run('fusermount3', ['-u', dir]);
+    fuse.kill('SIGTERM');
+    rmSync(dir, { recursive: true, force: true });
+    throw new TorusError('IO', `losetup failed: ${lo.out}`);
+  }
+  const device = lo.out.split('\n').at(-1)!.trim();
+  return {
+    device,
+    how: 'nbdfuse',
+    async detach() {
+      await run('losetup', ['-d', device]);
+      // The loop device lets go of the file asynchronously; unmount may need a moment.
+      for (let i = 0; i < 50; i++) {
+        if ((await run('fusermount3', ['-u', dir])).ok || (await run('umount', [dir])).ok) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      if (fuse.exitCode === null) {
+        const gone = new Promise((r) => fuse.once('exit', r));
+        const t = setTimeout(() => fuse.kill('SIGKILL'), 5000);
+        fuse.kill('SIGTERM');
+        await gone;
+        clearTimeout(t);
+      }
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}

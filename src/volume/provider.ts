@@ -1,0 +1,84 @@
+import type { BlockDevice, DeviceProvider } from '../core/interfaces.js';
+import type { VolumeClient } from './client.js';
+import { parseVolSnap } from './records.js';
+import type { BlockVolume } from './volume.js';
+
+// Volumes for the front ends (NBD, AoE), by export name: "VOL" is the volume, writable (or
+// read-only if asked); "VOL@SNAP" is a snapshot, always read-only. A writable volume is opened
+// (and locked) once per process however many connections use it, and every connection gets the
+// same BlockVolume: a flush on any connection then covers writes completed on all of them, which
+// is what NBD's multi-conn promises. It is synced and closed when its last user releases it.
+
+interface Shared {
+  readonly volume: Promise<BlockVolume>;
+  users: number;
+}
+
+export class VolumeProvider implements DeviceProvider {
+  private readonly open_ = new Map<string, Shared>();
+  /** Volumes being synced and unlocked after their last user left; a new open waits for it. */
+  private readonly closing = new Map<string, Promise<void>>();
+
+  constructor(
+    private readonly vc: VolumeClient,
+    private readonly opts: { readOnly?: boolean; writeCacheBytes?: number } = {},
+  ) {}
+
+  async list(): Promise<string[]> {
+    return (await this.vc.vmeta.list()).map((v) => v.record.name);
+  }
+
+  async open(name: string, opts: { readOnly: boolean }): Promise<{ device: BlockDevice; release(): Promise<void> }> {
+    const { volume, snapshot } = parseVolSnap(name);
+    const wc = this.opts.writeCacheBytes !== undefined ? { writeCacheBytes: this.opts.writeCacheBytes } : {};
+    if (snapshot !== undefined || opts.readOnly || this.opts.readOnly) {
+      // Read-only views are cheap and independent: each connection gets its own.
+      const dev = await this.vc.openVolume(volume, snapshot !== undefined ? { snapshot } : { readOnly: true });
+      return { device: dev, release: () => dev.close() };
+    }
+    let shared = this.open_.get(volume);
+    if (!shared) await this.closing.get(volume);
+    shared = this.open_.get(volume);
+    if (!shared) {
+      shared = { volume: this.vc.openVolume(volume, wc), users: 0 };
+      this.open_.set(volume, shared);
+      shared.volume.catch(() => this.open_.delete(volume));
+    }
+    shared.users++;
+    let dev: BlockVolume;
+    try {
+      dev = await shared.volume;
+    } catch (err) {
+      shared.users--;
+      throw err;
+    }
+    let released = false;
+    const s = shared;
+    return {
+      device: dev,
+      release: async () => {
+        if (released) return;
+        released = true;
+        if (--s.users > 0) return;
+        this.open_.delete(volume);
+        const done = dev.close();
+        const settled: Promise<void> = done.then(
+          () => undefined,
+          () => undefined,
+        );
+        this.closing.set(volume, settled);
+        void settled.then(() => {
+          if (this.closing.get(volume) === settled) this.closing.delete(volume);
+        });
+        await done;
+      },
+    };
+  }
+
+  /** Syncs and closes every open volume (shutdown). */
+  async closeAll(): Promise<void> {
+    const all = [...this.open_.values()];
+    this.open_.clear();
+    await Promise.all(all.map(async (s) => (await s.volume.catch(() => undefined))?.close()));
+  }
+}
