@@ -16,6 +16,8 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   autoJoin?: boolean;
   heartbeat: string;
   gcInterval: string;
+  rebalanceRate: string;
+  rebalanceInterval: string;
   logLevel?: string;
 }
 
@@ -30,6 +32,8 @@ export function buildProgram(): Command {
     .option('--port <port>', 'HTTP port (with --host)', '4321')
     .option('--auto-join', 'add this node to the ring at start')
     .addOption(new Option('--heartbeat <duration>', 'how often to report to etcd').default('5s'))
+    .addOption(new Option('--rebalance-rate <size>', 'bytes per second a node may send while rebalancing (0: unlimited)').default('100MiB'))
+    .addOption(new Option('--rebalance-interval <duration>', 'pause between rebalance passes when nothing moved').default('10s'))
     .addOption(new Option('--gc-interval <duration>', 'how often to delete blocks no volume can reach any more (0: never)').default('30s'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
     .showHelpAfterError('(run torusd --help for usage)')
@@ -50,6 +54,8 @@ export function buildProgram(): Command {
           autoJoin: opts.autoJoin ?? false,
           heartbeatMs,
           gcIntervalMs: parseDuration(opts.gcInterval),
+          rebalanceRate: parseSize(opts.rebalanceRate),
+          rebalanceIntervalMs: parseDuration(opts.rebalanceInterval),
           readCacheBytes: parseSize(opts.readCacheSize),
           readLevel: opts.readLevel as ReadLevel,
           writeLevel: opts.writeLevel as WriteLevel,

@@ -21,6 +21,8 @@ export interface RebalanceInfo {
   readonly rate: number;
   /** ms since epoch of the last finished pass, 0 if none. */
   readonly lastFinish: number;
+  /** Blocks held here whose owners could not all be confirmed to hold them in the last pass. */
+  readonly underReplicated?: number;
 }
 
 export const IDLE_REBALANCE: RebalanceInfo = Object.freeze({

@@ -27,6 +27,7 @@ export interface BlockClient {
   readonly view: ClusterView;
   readonly pool: PeerPool;
   readonly distributor: Distributor;
+  readonly transport: RpcTransport;
   close(): Promise<void>;
 }
 
@@ -36,11 +37,12 @@ export async function openBlockClient(opts: OpenOptions): Promise<BlockClient> {
   const view = new ClusterView(opts.meta, opts.onError ? { onError: opts.onError } : {});
   await view.start();
   const pool = new PeerPool({ ...opts.rpc, identity: { uuid, clusterId: global.clusterId } });
+  const transport = new RpcTransport(pool, opts.observeRpc);
   const distributor = new Distributor({
     blockSize: global.blockSize,
     ring: () => view.ring,
     target: (u) => view.target(u),
-    transport: new RpcTransport(pool, opts.observeRpc),
+    transport,
     ...(opts.self ? { self: opts.self } : {}),
     ...(opts.writeLevel ? { writeLevel: opts.writeLevel } : {}),
     ...(opts.readLevel ? { readLevel: opts.readLevel } : {}),
@@ -53,6 +55,7 @@ export async function openBlockClient(opts: OpenOptions): Promise<BlockClient> {
     view,
     pool,
     distributor,
+    transport,
     async close() {
       view.stop();
       await distributor.idle();

@@ -78,6 +78,7 @@ export function decodePeer(text: string): PeerInfo {
       bytesMoved: num(reb, 'bytesMoved', w, 0),
       rate: num(reb, 'rate', w, 0),
       lastFinish: num(reb, 'lastFinish', w, 0),
+      underReplicated: num(reb, 'underReplicated', w, 0),
     },
   };
 }

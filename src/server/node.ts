@@ -14,6 +14,7 @@ import { NodeMetrics, type MetricSample } from '../http/metrics.js';
 import { addPeers } from '../ring/index.js';
 import { RpcServer } from '../rpc/server.js';
 import { FileBlockStore } from '../storage/file-store.js';
+import { Rebalancer } from '../distributor/rebalance.js';
 import { buildLiveSet, collectLocal, type GcReport } from '../volume/gc.js';
 import { VolumeMeta } from '../volume/meta.js';
 import { NEARLY_FULL, isStale, ringPeerOf, updateRing } from './cluster.js';
@@ -38,6 +39,9 @@ export interface NodeOptions {
   readonly autoJoin?: boolean;
   readonly heartbeatMs?: number;
   readonly readCacheBytes?: number;
+  /** Bytes per second the rebalancer may send (0: unlimited). */
+  readonly rebalanceRate?: number;
+  readonly rebalanceIntervalMs?: number;
   /** How often to collect garbage; 0 turns GC off. */
   readonly gcIntervalMs?: number;
   readonly readLevel?: ReadLevel;
@@ -113,6 +117,7 @@ export class StorageNode {
   private heartbeatFailures = 0;
   private heartbeatTimer: NodeJS.Timeout | undefined;
   private gcTimer: NodeJS.Timeout | undefined;
+  private rebalancer: Rebalancer | undefined;
   private gcRunning: Promise<void> | undefined;
   private readonly gcAbort = new AbortController();
   private gcStats = { runs: 0, failures: 0, deleted: 0, lastError: '' };
@@ -187,7 +192,18 @@ export class StorageNode {
       onError: (err) => log.warn({ err: err.message }, 'cluster view'),
       observeRpc: (peer, op, seconds, code) => this.metrics.observeRpc(peer, op, seconds, code),
     });
+    this.rebalancer = new Rebalancer({
+      self: { uuid: this.identity.uuid, store: this.store },
+      ring: () => this.view.ring,
+      target: (u) => this.view.target(u),
+      transport: this.client.transport,
+      blockSize: this.global.blockSize,
+      rateBytesPerSec: this.opts.rebalanceRate ?? 0,
+      intervalMs: this.opts.rebalanceIntervalMs ?? 10_000,
+      log,
+    });
     this.view.onRing((ring, prev) => {
+      if (prev) this.rebalancer?.kick();
       log.info(
         { version: ring.version, type: ring.type, replication: ring.replication, members: ring.members().length, member: ring.members().includes(this.identity.uuid) },
         prev ? 'ring changed' : 'ring loaded',
@@ -199,6 +215,7 @@ export class StorageNode {
     if (this.lastHeartbeatError) throw new TorusError('ETCD_UNAVAILABLE', `cannot register with etcd at ${this.opts.etcdDesc}: ${this.lastHeartbeatError}`);
     this.scheduleHeartbeat();
     this.scheduleGc();
+    this.rebalancer.start();
     if (this.opts.autoJoin) await this.autoJoin();
     log.info({ uuid: this.identity.uuid, address: this.address, blocks: this.store.numBlocks(), used: this.store.usedBlocks(), blockSize: this.global.blockSize }, 'torusd started');
   }
@@ -219,7 +236,7 @@ export class StorageNode {
       usedBlocks: this.store.usedBlocks(),
       blockSize: this.global.blockSize,
       protocolVersion: PROTOCOL_VERSION,
-      rebalance: IDLE_REBALANCE,
+      rebalance: this.rebalancer?.status() ?? IDLE_REBALANCE,
       version: VERSION,
     };
   }
@@ -339,6 +356,7 @@ export class StorageNode {
       { name: 'torus_storage_flushes_total', help: 'fsync rounds of the local store', type: 'counter', value: st.flushes },
       { name: 'torus_server_heartbeats_total', help: 'Heartbeats written to etcd', type: 'counter', value: this.heartbeats },
       { name: 'torus_server_heartbeat_failures_total', help: 'Heartbeats that failed', type: 'counter', value: this.heartbeatFailures },
+      ...this.rebalanceSamples(),
       { name: 'torus_gc_runs_total', help: 'Garbage collection passes completed', type: 'counter', value: this.gcStats.runs },
       { name: 'torus_gc_failures_total', help: 'Garbage collection passes skipped after an error', type: 'counter', value: this.gcStats.failures },
       { name: 'torus_gc_deleted_blocks_total', help: 'Blocks deleted by garbage collection', type: 'counter', value: this.gcStats.deleted },
@@ -372,6 +390,19 @@ export class StorageNode {
     return out;
   }
 
+  private rebalanceSamples(): MetricSample[] {
+    const r = this.rebalancer?.status();
+    if (!r) return [];
+    return [
+      { name: 'torus_rebalance_active', help: '1 while this node is moving blocks', type: 'gauge', value: r.rebalancing ? 1 : 0 },
+      { name: 'torus_rebalance_blocks_left', help: 'Estimated blocks still to move in this pass', type: 'gauge', value: r.blocksLeft },
+      { name: 'torus_rebalance_bytes_left', help: 'Estimated bytes still to move in this pass', type: 'gauge', value: r.bytesLeft },
+      { name: 'torus_rebalance_rate_bytes', help: 'Bytes per second moved in the current or last pass', type: 'gauge', value: r.rate },
+      { name: 'torus_rebalance_under_replicated_blocks', help: 'Blocks held here whose owners are not all confirmed', type: 'gauge', value: r.underReplicated },
+      { name: 'torus_rebalance_passes_total', help: 'Rebalance passes completed', type: 'counter', value: r.passes },
+    ];
+  }
+
   get httpAddress(): string {
     return this.httpAddr;
   }
@@ -382,6 +413,7 @@ export class StorageNode {
     clearTimeout(this.heartbeatTimer);
     clearTimeout(this.gcTimer);
     this.gcAbort.abort();
+    await this.rebalancer?.stop();
     await this.gcRunning;
     await this.http?.close();
     await this.client?.close();

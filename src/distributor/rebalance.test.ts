@@ -1,0 +1,114 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { BlockType, type BlockRef } from '../core/ids.js';
+import type { Ring } from '../core/interfaces.js';
+import { addPeers, changeReplication, createRing, newRingModel, removePeers } from '../ring/index.js';
+import { MemoryBlockStore } from '../storage/memory-store.js';
+import { Distributor } from './distributor.js';
+import { MemoryTransport } from './memory-transport.js';
+import { Rebalancer } from './rebalance.js';
+
+const BS = 4096;
+const ref = (i: number): BlockRef => ({ type: BlockType.Data, volume: 3, inode: 1, index: i });
+const data = (i: number): Buffer => Buffer.alloc(BS, i % 251);
+
+function cluster(n: number) {
+  const transport = new MemoryTransport();
+  const stores = new Map<string, MemoryBlockStore>();
+  const uuids = Array.from({ length: 5 }, (_, i) => `p${i}`);
+  for (const u of uuids) {
+    const s = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 10_000 });
+    stores.set(u, s);
+    transport.add(u, s);
+  }
+  let model = newRingModel('ketama', 2, uuids.slice(0, n).map((uuid) => ({ uuid, totalBlocks: 10_000 })), 2);
+  let ring: Ring = createRing(model);
+  const target = (u: string) => ({ uuid: u, address: `mem://${u}` });
+  const dist = new Distributor({ blockSize: BS, ring: () => ring, target, transport });
+  const rebalancers = uuids.map((u) => new Rebalancer({ self: { uuid: u, store: stores.get(u)! }, ring: () => ring, target, transport, blockSize: BS }));
+  return {
+    transport,
+    stores,
+    uuids,
+    dist,
+    ring: () => ring,
+    setModel(m: typeof model) {
+      model = m;
+      ring = createRing(m);
+    },
+    model: () => model,
+    /** Runs passes on every live node until nothing moves. */
+    async settle(down: string[] = []) {
+      for (let round = 0; round < 10; round++) {
+        let moved = 0;
+        for (const [i, u] of uuids.entries()) if (!down.includes(u)) moved += await rebalancers[i]!.pass();
+        if (moved === 0) return round;
+      }
+      throw new Error('did not settle');
+    },
+    copies(r: BlockRef, down: string[] = []) {
+      return uuids.filter((u) => !down.includes(u) && stores.get(u)!.hasBlock(r));
+    },
+  };
+}
+
+async function writeAll(c: ReturnType<typeof cluster>, n: number): Promise<void> {
+  for (let i = 0; i < n; i++) await c.dist.putBlock(ref(i), data(i));
+  await c.dist.flush();
+}
+
+function assertPlaced(c: ReturnType<typeof cluster>, n: number, down: string[] = []): void {
+  for (let i = 0; i < n; i++) {
+    const perm = c.ring().getPeers(ref(i));
+    const owners = perm.peers.slice(0, perm.replication);
+    assert.deepEqual(c.copies(ref(i), down).sort(), [...owners].sort(), `block ${i}`);
+  }
+}
+
+test('after a peer joins, blocks move to their new owners and leave the old ones', async () => {
+  const c = cluster(3);
+  await writeAll(c, 300);
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
+  await c.settle();
+  assertPlaced(c, 300);
+  assert.ok(c.stores.get('p3')!.usedBlocks() > 100);
+});
+
+test('after a peer is removed it drains to nothing, and everything keeps R copies', async () => {
+  const c = cluster(4);
+  await writeAll(c, 300);
+  c.setModel(removePeers(c.model(), ['p1']));
+  await c.settle();
+  assert.equal(c.stores.get('p1')!.usedBlocks(), 0);
+  assertPlaced(c, 300);
+});
+
+test('a node lost for good and force-removed: every block is back to R copies', async () => {
+  const c = cluster(4);
+  await writeAll(c, 300);
+  c.transport.down.add('p2');
+  c.setModel(removePeers(c.model(), ['p2']));
+  await c.settle(['p2']);
+  assertPlaced(c, 300, ['p2']);
+});
+
+test('raising replication to 3 makes third copies', async () => {
+  const c = cluster(4);
+  await writeAll(c, 200);
+  c.setModel(changeReplication(c.model(), 3));
+  await c.settle();
+  assertPlaced(c, 200);
+  for (let i = 0; i < 200; i++) assert.equal(c.copies(ref(i)).length, 3);
+});
+
+test('nothing is deleted on account of an owner that cannot be reached', async () => {
+  const c = cluster(3);
+  await writeAll(c, 100);
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
+  c.transport.down.add('p3');
+  await c.settle(['p3']);
+  for (let i = 0; i < 100; i++) assert.ok(c.copies(ref(i)).length >= 2, `block ${i} kept its copies`);
+  c.transport.down.delete('p3');
+  await c.settle();
+  assertPlaced(c, 100);
+});
