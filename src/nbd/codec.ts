@@ -562,7 +562,7 @@ export function encodeErrorChunk(handle: bigint, error: number, message: string,
   const withOffset = offset !== undefined;
   const len = 6 + m.length + (withOffset ? 8 : 0);
   const h = chunkHeader(doneFlag(done), withOffset ? ReplyType.ERROR_OFFSET : ReplyType.ERROR, handle, len, len);
-  let at = STRUCTURED_HEADER_SIZE;
+  const at = STRUCTURED_HEADER_SIZE;
   h.writeUInt32BE(error, at);
   h.writeUInt16BE(m.length, at + 4);
   h.set(m, at + 6);

@@ -330,8 +330,12 @@ class Connection {
   private metaExport: string | null = null;
   private exp: OpenExport | null = null;
   private inFlightBytes = 0;
-  /** DISC (or end of input) seen: take no more requests, close once in-flight ones are answered. */
+  /** DISC (or the end of input) seen: start no more requests, close once in-flight ones are answered. */
   private disconnecting = false;
+  /** The client half-closed: no more bytes will come, but buffered requests still count. */
+  private inputEnded = false;
+  /** The server is closing: new requests get ESHUTDOWN; close once in-flight ones are answered. */
+  private shuttingDown = false;
   private paused = false;
   private corked = false;
   private released = false;
@@ -356,7 +360,9 @@ class Connection {
   start(): void {
     const st = this.stream;
     st.on('data', (chunk: Buffer) => {
-      if (this.phase === 'closed' || this.phase === 'closing') return;
+      // After DISC a client must send nothing more; what it sends anyway is dropped, not
+      // buffered, while the requests in flight finish.
+      if (this.phase === 'closed' || this.phase === 'closing' || this.disconnecting) return;
       this.decoder.push(chunk);
       this.pump();
     });
@@ -368,17 +374,19 @@ class Connection {
       this.log.info({ remote: this.remote }, 'nbd handshake timed out');
       this.abort();
     }, this.s.handshakeTimeoutMs);
-    this.handshakeTimer.unref?.();
     this.send([encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)]);
   }
 
-  /** Server shutdown: stop taking work, finish what is in flight, close. */
+  /**
+   * Server shutdown (proto.md): finish what is in flight, answer anything new with ESHUTDOWN
+   * (which tells the client to disconnect), then close.
+   */
   shutdown(): void {
     if (this.phase === 'handshake') this.abort();
     else if (this.phase === 'transmission') {
-      this.disconnecting = true;
+      this.shuttingDown = true;
       this.maybeFinish();
-      this.updateFlow();
+      this.pump();
     }
   }
 
@@ -389,16 +397,27 @@ class Connection {
       if (this.phase === 'handshake') {
         while (this.phase === 'handshake' && !this.optionBusy) {
           const msg = this.decoder.next();
-          if (!msg) break;
+          if (!msg) {
+            // the client went away mid-negotiation (or after ABORT): nothing more to say
+            if (this.inputEnded) this.closeGracefully();
+            break;
+          }
           this.onHandshakeMessage(msg);
         }
       }
       if (this.phase === 'transmission') {
         while (!this.disconnecting && this.canStartRequest()) {
           const msg = this.decoder.next();
-          if (!msg) break;
-          this.dispatch(msg);
+          if (!msg) {
+            // Input is over and every whole request it held has been started: like a DISC.
+            // (A partial request left at the end can never complete and is dropped.)
+            if (this.inputEnded) this.disconnecting = true;
+            break;
+          }
+          if (this.shuttingDown && msg.type === 'request' && msg.command !== Cmd.DISC) this.sendError(msg.handle, Errno.ESHUTDOWN, 'server is shutting down');
+          else this.dispatch(msg);
         }
+        this.maybeFinish();
       }
     } catch (err) {
       this.server.counters.protocolErrors++;
@@ -411,7 +430,8 @@ class Connection {
   }
 
   private canStartRequest(): boolean {
-    if (this.inFlight === 0) return true;
+    // Byte budgets are checked before a request is added, so one request of any allowed size
+    // can always start on an idle connection.
     return (
       this.inFlight < this.s.maxInFlight &&
       this.inFlightBytes < this.s.maxInFlightBytes &&
@@ -435,15 +455,14 @@ class Connection {
     }
   }
 
+  /**
+   * The client half-closed. What it sent before is still served: options and requests left in
+   * the decoder (behind a busy option or the in-flight cap) are handled as usual, then our side
+   * closes too (pump notices once the decoder runs dry).
+   */
   private onInputEnd(): void {
-    if (this.phase === 'handshake') {
-      // a client that goes away mid-negotiation (or after ABORT) gets nothing more
-      this.closeGracefully();
-    } else if (this.phase === 'transmission') {
-      // Half-close after the last request: answer what is in flight, then close our side too.
-      this.disconnecting = true;
-      this.maybeFinish();
-    }
+    this.inputEnded = true;
+    this.pump();
   }
 
   // ---- handshake
@@ -753,7 +772,8 @@ class Connection {
         case Cmd.READ:
           return await this.read(req, d);
         case Cmd.WRITE:
-          await d.write(req.offset, req.payload ?? Buffer.alloc(0), fua);
+          // zero-length writes are legal and mean nothing; a device need not handle them
+          if (req.payload && req.payload.length > 0) await d.write(req.offset, req.payload, fua);
           return this.ok(req.handle);
         case Cmd.FLUSH:
           await d.flush();
@@ -852,7 +872,7 @@ class Connection {
   }
 
   private maybeFinish(): void {
-    if (this.phase === 'transmission' && this.disconnecting && this.inFlight === 0) this.closeGracefully();
+    if (this.phase === 'transmission' && (this.disconnecting || this.shuttingDown) && this.inFlight === 0) this.closeGracefully();
   }
 
   /** Sends what is queued, then closes (a soft end for DISC, ABORT and refusals we explain). */
@@ -866,8 +886,11 @@ class Connection {
       this.paused = false;
       st.resume();
     }
-    // Destroy once our FIN is out: waiting for the client's own close could wait forever.
+    // Destroy once our FIN is out: waiting for the client's own close could wait forever. A
+    // client that does not even read what is left to send is cut off after the handshake timeout.
     st.once('finish', () => st.destroy());
+    const stuck = setTimeout(() => st.destroy(), this.s.handshakeTimeoutMs);
+    st.once('close', () => clearTimeout(stuck));
     st.end();
   }
 

@@ -307,8 +307,16 @@ export class TestClient {
     const handle = opts.handle ?? this.nextHandle++;
     const offset = opts.offset ?? 0;
     const length = opts.length ?? opts.payload?.length ?? 0;
+    const p = this.expectReply(handle, command, offset, length);
+    const req = { flags: opts.flags ?? 0, command, handle, offset, length, ...(opts.payload ? { payload: opts.payload } : {}) };
+    if (!this.closedError) this.raw(encodeRequest(req));
+    return p;
+  }
+
+  /** Registers interest in the reply to a request sent some other way (e.g. with `raw`). */
+  expectReply(handle: bigint, command: number, offset: number, length: number): Promise<Reply> {
     if (this.closedError) return Promise.reject(this.closedError);
-    const p = new Promise<Reply>((resolve, reject) => {
+    return new Promise<Reply>((resolve, reject) => {
       this.pending.set(handle, {
         command,
         offset,
@@ -324,9 +332,6 @@ export class TestClient {
         reject,
       });
     });
-    const req = { flags: opts.flags ?? 0, command, handle, offset, length, ...(opts.payload ? { payload: opts.payload } : {}) };
-    this.raw(encodeRequest(req));
-    return p;
   }
 
   read(offset: number, length: number, flags = 0): Promise<Reply> {

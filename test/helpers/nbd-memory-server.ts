@@ -10,7 +10,7 @@
 import { rmSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { parseSize } from '../../src/core/units.js';
-import { MemoryDevice, MemoryDeviceProvider, NbdServer, type NbdLogger } from '../../src/nbd/index.js';
+import { MemoryDeviceProvider, NbdServer, type NbdLogger } from '../../src/nbd/index.js';
 
 const { values } = parseArgs({
   options: {

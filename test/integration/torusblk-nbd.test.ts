@@ -159,7 +159,7 @@ describe('torusblk nbdserve with real NBD clients', () => {
         '--verify=crc32c', '--do_verify=1', '--numjobs=1',
         '--name=rand', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${s.port}/nv`, '--rw=randwrite', '--bs=4k', '--offset=64M', '--size=16M', '--iodepth=32',
         '--verify=crc32c', '--do_verify=1', '--numjobs=2', '--offset_increment=16M',
-        '--output-format=json', `--output=${out}`,
+        '--output-format=json', `--output=${out}`, '--verify_state_save=0',
       ],
       300,
     );
