@@ -1,0 +1,120 @@
+import assert from 'node:assert/strict';
+import { spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, test } from 'node:test';
+import { packageRoot, rawSocketAvailable } from '../../src/aoe/index.js';
+import { createLab, netnsUnavailable } from '../helpers/netns.js';
+
+// The Linux kernel's own AoE initiator (aoe.ko, in a small VM: this machine's kernel has no aoe
+// module) against vblade first and then our target: the guest discovers e7.3 on a tap in the
+// segment's bridge, makes an ext4 file system, writes a file, remounts and checks it, and
+// e2fsck finds the file system clean. Slow (software emulation); each run is bounded.
+
+const HELPERS = join(dirname(fileURLToPath(import.meta.url)), '..', 'helpers');
+const MEMORY_TARGET = join(HELPERS, 'aoe-memory-target.js');
+const ROOT = packageRoot() ?? resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+const RUN_IN_VM = resolve(ROOT, '..', 'shared', 'tools', 'vm', 'run-in-vm');
+const SIZE_MIB = 64;
+
+function missing(): string | undefined {
+  if (!existsSync(RUN_IN_VM)) return `the VM tool is not at ${RUN_IN_VM}`;
+  const ns = netnsUnavailable();
+  if (ns) return ns;
+  if (!rawSocketAvailable()) return 'the AoE raw socket addon is not built (node-gyp rebuild)';
+  if (spawnSync('sh', ['-c', 'command -v qemu-system-x86_64']).status !== 0) return 'qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)';
+  if (spawnSync('sh', ['-c', 'command -v vblade']).status !== 0) return 'vblade is not installed';
+  return undefined;
+}
+
+const skip = missing();
+if (skip) console.log(`# skipping the kernel AoE initiator test: ${skip}`);
+
+const GUEST_JOB = `
+set -e
+echo eth1 > /dev/etherd/interfaces
+echo > /dev/etherd/discover
+for i in $(seq 150); do [ -e /dev/etherd/e7.3 ] && break; sleep 0.2; done
+if [ ! -e /dev/etherd/e7.3 ]; then echo "no /dev/etherd/e7.3"; ls /dev/etherd; dmesg | grep -i aoe | tail; exit 1; fi
+echo "SECTORS $(cat '/sys/block/etherd!e7.3/size')"
+mkfs.ext4 -q -F /dev/etherd/e7.3
+mount /dev/etherd/e7.3 /mnt
+dd if=/dev/urandom of=/mnt/data bs=65536 count=48 2>/dev/null
+md5sum /mnt/data > /tmp/sum
+sync
+umount /mnt
+mount /dev/etherd/e7.3 /mnt
+md5sum -c /tmp/sum
+umount /mnt
+e2fsck -fn /dev/etherd/e7.3
+dmesg | grep -E "aoe: .*(sectors|data frames)" || true
+echo KERNEL-AOE-OK
+`;
+
+function waitFor(p: ChildProcess, pattern: RegExp, what: string, ms = 15_000): Promise<void> {
+  return new Promise((res, rej) => {
+    let seen = '';
+    const timer = setTimeout(() => rej(new Error(`${what} not ready within ${ms} ms:\n${seen}`)), ms);
+    const on = (d: Buffer): void => {
+      seen += d.toString();
+      if (pattern.test(seen)) {
+        clearTimeout(timer);
+        res();
+      }
+    };
+    p.stdout?.on('data', on);
+    p.stderr?.on('data', on);
+    p.once('exit', () => {
+      clearTimeout(timer);
+      rej(new Error(`${what} exited:\n${seen}`));
+    });
+  });
+}
+
+describe('the Linux AoE initiator (in a VM) against vblade and our target', { skip }, () => {
+  for (const kind of ['vblade', 'ours'] as const) {
+    test(`${kind}: discover, mkfs.ext4, mount, write, remount, verify, e2fsck clean`, async () => {
+      const lab = createLab({ hosts: ['target'] });
+      const dir = mkdtempSync(join(tmpdir(), 'aoe-kernel-'));
+      let target: ChildProcess | undefined;
+      let targetOut = '';
+      try {
+        lab.addTap('tap0');
+        const ns = lab.hosts.target!.ns;
+        if (kind === 'vblade') {
+          const img = join(dir, 'disk.img');
+          spawnSync('truncate', ['-s', `${SIZE_MIB}M`, img]);
+          target = lab.start(ns, 'vblade', ['7', '3', 'eth0', img]);
+          await waitFor(target, /e7\.3, \d+ sectors/, 'vblade');
+        } else {
+          target = lab.start(ns, process.execPath, [MEMORY_TARGET, '--iface', 'eth0', '--shelf', '7', '--slot', '3', '--size', `${SIZE_MIB}MiB`]);
+          await waitFor(target, /"maxSectors"/, 'aoe-memory-target');
+        }
+        target.stdout?.on('data', (d: Buffer) => (targetOut += d.toString()));
+        target.stderr?.on('data', (d: Buffer) => (targetOut += d.toString()));
+        const job = join(dir, 'job.sh');
+        writeFileSync(job, GUEST_JOB);
+        const vm = spawnSync(RUN_IN_VM, ['--tap', `${lab.bridgeNs}:tap0`, '--timeout', '150', job], { encoding: 'utf8', timeout: 170_000, maxBuffer: 16 * 1024 * 1024 });
+        const out = `${vm.stdout ?? ''}${vm.stderr ?? ''}`;
+        assert.equal(vm.status, 0, `guest job failed (${vm.status}):\n${out}\ntarget:\n${targetOut}`);
+        assert.match(out, new RegExp(`SECTORS ${(SIZE_MIB * 1024 * 1024) / 512}\\b`), 'the kernel sees the capacity IDENTIFY reported');
+        assert.match(out, /data: OK/, 'the file read back after a remount matches');
+        assert.match(out, /KERNEL-AOE-OK/);
+        for (const l of out.split('\n').filter((x) => /aoe: |SECTORS/.test(x))) console.log(`guest (${kind}): ${l.trim()}`);
+      } finally {
+        if (target && target.exitCode === null && target.signalCode === null) {
+          const gone = new Promise((r) => target!.once('exit', r));
+          target.kill('SIGTERM');
+          const t = setTimeout(() => target!.kill('SIGKILL'), 5000);
+          await gone;
+          clearTimeout(t);
+        }
+        if (kind === 'ours') console.log(`# target: ${targetOut.trim().split('\n').pop() ?? ''}`);
+        lab.destroy();
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+});
