@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import { VERSION } from '../core/version.js';
 import { configCommand } from './torusctl/config.js';
+import { healthCommand, rebalanceCommand } from './torusctl/health.js';
 import { initCommand } from './torusctl/init.js';
 import { listPeersCommand, peerCommand } from './torusctl/peers.js';
 import { ringCommand } from './torusctl/ring.js';
@@ -16,7 +17,7 @@ export function buildProgram(): Command {
     .showHelpAfterError('(run with --help for usage)')
     .enablePositionalOptions(false);
   addGlobalOptions(program);
-  for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand()]) program.addCommand(c);
+  for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand(), healthCommand(), rebalanceCommand()]) program.addCommand(c);
   program.addCommand(
     new Command('version').description('print the version').action(() => {
       process.stdout.write(`torusctl\nVersion: ${VERSION}\n`);

@@ -25,11 +25,13 @@ export interface LiveSet {
   /** Tree pages read to build it (each page once per distinct tree). */
   readonly pagesRead: number;
   readonly liveBlocks: number;
+  /** Every live ref (tools and tests: counting copies per block). */
+  refs(): BlockRef[];
 }
 
 export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): Promise<LiveSet> {
   const view: GcView = await meta.gcView();
-  const live = new Set<string>();
+  const live = new Map<string, BlockRef>();
   let pagesRead = 0;
   const fanout = store.blockSize / 32;
   const seenPages = new Set<string>();
@@ -44,7 +46,7 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
         await Promise.all(
           level.slice(i, i + 32).map(async ({ ptr, depth }) => {
             const key = blockRefKey(ptr.ref);
-            live.add(key);
+            live.set(key, ptr.ref);
             if (seenPages.has(key)) return; // shared subtree (snapshots, clones) already walked
             seenPages.add(key);
             const page = await store.getBlock(ptr.ref, ptr.crc);
@@ -52,7 +54,7 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
             for (let s = 0; s < fanout; s++) {
               const child = readEntry(page, s);
               if (!child) continue;
-              if (depth === 0) live.add(blockRefKey(child.ref));
+              if (depth === 0) live.set(blockRefKey(child.ref), child.ref);
               else next.push({ ptr: child, depth: depth - 1 });
             }
           }),
@@ -74,6 +76,7 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
     revision: view.revision,
     pagesRead,
     liveBlocks: live.size,
+    refs: () => [...live.values()],
     isDead(ref: BlockRef): boolean {
       if (ref.type !== BlockType.Data && ref.type !== BlockType.INode) return false;
       if (ref.volume >= view.minter) return false;

@@ -20,7 +20,7 @@ export interface TestCluster {
   /** Starts node i again on its data dir and port. */
   restart(i: number): Promise<void>;
   uuidOf(i: number): string;
-  /** How many nodes hold a good copy of each ref (asked of every node directly). */
+  /** How many running nodes hold a good copy of each ref (asked of each directly; killed nodes are skipped). */
   copies(refs: readonly BlockRef[]): Promise<number[]>;
   newClient(): Promise<BlockClient>;
   stop(): Promise<void>;
@@ -48,6 +48,7 @@ export async function startCluster(opts: { nodes?: number; replication?: number;
     uuids.set(i, p.uuid);
   }
   const blockSize = client.global.blockSize;
+  const down = new Set<number>();
   return {
     etcd,
     nodes,
@@ -55,16 +56,19 @@ export async function startCluster(opts: { nodes?: number; replication?: number;
     client,
     blockSize,
     async kill(i) {
+      down.add(i);
       await nodes[i]!.kill('SIGKILL');
     },
     async restart(i) {
       const old = nodes[i]!;
       nodes[i] = await startTorusd(etcd.endpoint, { dataDir: old.dataDir, peerPort: old.peerPort, httpPort: old.httpPort, size: opts.size ?? '256MiB', extra: opts.torusdArgs ?? [] });
+      down.delete(i);
     },
     uuidOf: (i) => uuids.get(i)!,
     async copies(refs) {
       const counts = refs.map(() => 0);
       for (const [i, n] of nodes.entries()) {
+        if (down.has(i)) continue;
         // A node restarted a moment ago may still be behind its breaker's cool-down: retry.
         const peer = client.pool.client({ uuid: uuids.get(i)!, address: rpcAddress(n.address) });
         const has = await eventually(`node ${i} answers`, () => peer.hasBlocks(refs), 15_000);
