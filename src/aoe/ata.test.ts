@@ -43,6 +43,8 @@ describe('ata: IDENTIFY DEVICE', () => {
     assert.ok(word(id, 83) & (1 << 12) && word(id, 83) & (1 << 13), 'FLUSH CACHE and FLUSH CACHE EXT');
     assert.ok(word(id, 82) & (1 << 5) && word(id, 85) & (1 << 5), 'volatile write cache supported and enabled');
     assert.ok(word(id, 82) & (1 << 3), 'power management (CHECK POWER MODE)');
+    const wt = identifyDevice({ sectors: 1, model: '', serial: '', firmware: '', writeCache: false });
+    assert.ok(word(wt, 82) & (1 << 5) && !(word(wt, 85) & (1 << 5)), 'write-through: write cache supported, disabled');
     assert.ok(word(id, 49) & (1 << 9), 'LBA');
     assert.equal(word(id, 84) & 0xc000, 0x4000);
     assert.equal(word(id, 87) & 0xc000, 0x4000);

@@ -44,6 +44,8 @@ export interface IdentifyOptions {
   readonly firmware: string;
   /** Physical sector size to report, a power of two from 512 to 4096 bytes. */
   readonly physicalSectorSize?: number;
+  /** Whether the volatile write cache is enabled (default true); supported either way. */
+  readonly writeCache?: boolean;
 }
 
 /**
@@ -93,11 +95,12 @@ export function identifyDevice(o: IdentifyOptions): Buffer {
   //   83/86 bit 13: FLUSH CACHE EXT, bit 12: FLUSH CACHE, bit 10: 48-bit addressing
   //   83/84/87 bit 14 "shall be one" marks the words valid
   // Advertising the write cache matters: it tells initiators that data is durable only after a
-  // FLUSH CACHE, which is exactly the device's write-back contract.
+  // FLUSH CACHE, which is exactly the device's write-back contract. A write-through target (each
+  // write durable before its reply) says the cache is supported but disabled.
   w(82, (1 << 5) | (1 << 3));
   w(83, (1 << 14) | (1 << 13) | (1 << 12) | (1 << 10));
   w(84, 1 << 14);
-  w(85, (1 << 5) | (1 << 3));
+  w(85, ((o.writeCache ?? true) ? 1 << 5 : 0) | (1 << 3));
   w(86, (1 << 13) | (1 << 12) | (1 << 10));
   w(87, 1 << 14);
   // Words 100-103: the LBA48 capacity as a 64-bit little-endian count of sectors.

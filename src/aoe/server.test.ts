@@ -245,6 +245,25 @@ describe('aoe target: ATA commands', () => {
     assert.ok((await r.device.read(0, 1024)).equals(pattern(1024, 3)));
   });
 
+  test('write-through: every write is made durable (FUA) before its reply; IDENTIFY says cache disabled', async () => {
+    const r = rig({ target: { writeThrough: true } });
+    await r.ini.discover();
+    const fuas: (boolean | undefined)[] = [];
+    const write = r.device.write.bind(r.device);
+    r.device.write = async (o, d, f) => {
+      fuas.push(f);
+      return write(o, d, f);
+    };
+    await r.ini.writeSectors(0, pattern(1024, 4), true);
+    await r.ini.writeSectors(8, pattern(512, 5), false);
+    assert.deepEqual(fuas, [true, true]);
+    const id = parseIdentify(await r.ini.identify());
+    assert.equal(id.writeCacheEnabled, false);
+    const plain = rig();
+    await plain.ini.discover();
+    assert.equal(parseIdentify(await plain.ini.identify()).writeCacheEnabled, true);
+  });
+
   test('FLUSH CACHE and FLUSH CACHE EXT call device.flush() and reply after it resolves', async () => {
     const r = rig();
     await r.ini.discover();

@@ -93,6 +93,13 @@ export interface AoeTargetOptions {
   readonly maxMaskEntries?: number;
   /** Cap on sectors per command below what the MTU allows (tests use it). */
   readonly maxSectors?: number;
+  /**
+   * Reply to a write only once it is durable (written with FUA), and advertise the write cache as
+   * disabled. For initiators that never send FLUSH CACHE, such as Linux's aoe driver: without it
+   * their acknowledged writes are durable only at the device's next sync. Concurrent FUA writes
+   * share one volume sync, so this costs latency more than throughput. Default false.
+   */
+  readonly writeThrough?: boolean;
 }
 
 export const AOE_TARGET_DEFAULTS = {
@@ -130,6 +137,7 @@ export class AoeTarget {
   /** Sectors per ATA command, from the interface MTU (jumbo frames allow more). */
   readonly maxSectors: number;
   readonly totalSectors: number;
+  readonly writeThrough: boolean;
   readonly stats: AoeTargetStats = {
     framesIn: 0,
     ignored: 0,
@@ -177,6 +185,7 @@ export class AoeTarget {
     this.maxSectors = Math.min(mtuSectors, options.maxSectors ?? mtuSectors);
     if (this.maxSectors < 1) throw new TorusError('INVALID_ARGUMENT', `MTU ${conn.mtu} of ${conn.name} is too small for AoE (one sector needs 548)`);
     this.totalSectors = Math.floor(device.size / SECTOR_SIZE);
+    this.writeThrough = options.writeThrough ?? false;
     // A list must fit in one response frame: 10 + 4 + 8n (mask) and 10 + 2 + 6n (reserve) bytes.
     this.maxMaskEntries = Math.min(options.maxMaskEntries ?? AOE_TARGET_DEFAULTS.maxMaskEntries, Math.floor((conn.mtu - 14) / 8), 0xff);
     this.maxReserveEntries = Math.min(Math.floor((conn.mtu - 12) / 6), 0xff);
@@ -187,6 +196,7 @@ export class AoeTarget {
       serial: options.serial ?? `${shelf}.${slot}`,
       firmware: `V${this.firmware.toString(16)}`,
       physicalSectorSize: Math.min(device.blockSize, 4096),
+      writeCache: !this.writeThrough,
     });
     const state = options.state ?? {};
     this.config = Buffer.from(state.config ?? Buffer.alloc(0));
@@ -548,7 +558,7 @@ export class AoeTarget {
     if (write) {
       try {
         // A view into the received frame: the PacketConn hands over each frame as its own Buffer.
-        await this.device.write(lba * SECTOR_SIZE, a.data.subarray(0, bytes));
+        await this.device.write(lba * SECTOR_SIZE, a.data.subarray(0, bytes), this.writeThrough);
         reply({ status: ok });
       } catch (err) {
         reply({ ...ataFailure(err, 'write'), sectorCount: count });

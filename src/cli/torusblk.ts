@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import { VERSION } from '../core/version.js';
 import { addBlockIoOptions, addGlobalOptions } from './shared/config.js';
+import { aoeCommand } from './torusblk/aoe.js';
 import { nbdCommand, nbdserveCommand } from './torusblk/nbd.js';
 import { runProgram } from './shared/run.js';
 import { createVolumeAction } from './torusctl/volume.js';
@@ -14,6 +15,7 @@ export function buildProgram(): Command {
   addGlobalOptions(addBlockIoOptions(program));
   program.addCommand(nbdserveCommand());
   program.addCommand(nbdCommand());
+  program.addCommand(aoeCommand());
   const volume = new Command('volume').description('manage block volumes (see also torusctl volume)');
   volume.addCommand(
     new Command('create').description('create a thin-provisioned block volume').argument('<name>').argument('<size>', 'size, e.g. 10GiB').action(createVolumeAction()),

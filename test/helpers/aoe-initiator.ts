@@ -12,11 +12,14 @@
 //   mask read|add|del [--macs self,MAC,...]          MAC mask list
 //   config read|test|prefix|set|force [--string S]   query config information
 //   bench --op read|write --seconds S --depth D       4 KiB-equivalent ops/s
+//   put --file F --lba N [--flush]                   writes a file's sectors (then FLUSH CACHE EXT)
+//   get --file F --lba N --count S                   reads S sectors into a file
 //
 // Every wait is bounded: each request has a timeout and a retry budget, and the process exits on
 // its own when the command is done.
 
 import { randomBytes } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
 import { TorusError } from '../../src/core/errors.js';
@@ -291,6 +294,7 @@ export interface IdentifyInfo {
   sectors28: number;
   lba48: boolean;
   flushExt: boolean;
+  writeCacheEnabled: boolean;
   model: string;
   serial: string;
   firmware: string;
@@ -311,6 +315,7 @@ export function parseIdentify(id: Buffer): IdentifyInfo {
     sectors28: word(60) + word(61) * 0x10000,
     lba48: ((word(83) | word(86)) & (1 << 10)) !== 0,
     flushExt: (word(83) & (1 << 13)) !== 0,
+    writeCacheEnabled: (word(85) & (1 << 5)) !== 0,
     model: str(27, 20),
     serial: str(10, 10),
     firmware: str(23, 4),
@@ -454,6 +459,10 @@ async function main(): Promise<void> {
       depth: { type: 'string', default: '16' },
       'skip-flush-ext': { type: 'boolean', default: false },
       'timeout-ms': { type: 'string', default: '300' },
+      file: { type: 'string' },
+      lba: { type: 'string', default: '0' },
+      count: { type: 'string', default: '0' },
+      flush: { type: 'boolean', default: false },
     },
   });
   const [command, sub] = positionals;
@@ -516,6 +525,21 @@ async function main(): Promise<void> {
         if (ccmd === undefined) throw new Error(`config ${sub}?`);
         const r = await ini.queryConfig(ccmd, Buffer.from(values.string ?? ''), 2);
         out(r ? { error: r.error, config: r.arg.config.toString() } : { silent: true });
+        break;
+      }
+      case 'put': {
+        // Writes --file at --lba (LBA48), then FLUSH CACHE EXT with --flush.
+        const data = readFileSync(values.file!);
+        if (data.length % SECTOR_SIZE !== 0) throw new Error(`${values.file} is not a whole number of sectors`);
+        await ini.transfer('write', Number(values.lba), data.length / SECTOR_SIZE, true, data);
+        const flushed = values.flush ? (await ini.flush(true)).cmdStatus : undefined;
+        out({ sectors: data.length / SECTOR_SIZE, ...(flushed !== undefined ? { flushStatus: flushed } : {}) });
+        break;
+      }
+      case 'get': {
+        const got = await ini.transfer('read', Number(values.lba), Number(values.count), true);
+        writeFileSync(values.file!, got);
+        out({ sectors: Number(values.count) });
         break;
       }
       case 'bench': {

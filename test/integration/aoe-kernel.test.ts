@@ -1,17 +1,21 @@
 import assert from 'node:assert/strict';
 import { spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 import { packageRoot, rawSocketAvailable } from '../../src/aoe/index.js';
 import { createLab, netnsUnavailable } from '../helpers/netns.js';
+import { startNsCluster, type NsCluster } from '../helpers/ns-cluster.js';
 
 // The Linux kernel's own AoE initiator (aoe.ko, in a small VM: this machine's kernel has no aoe
 // module) against vblade first and then our target: the guest discovers e7.3 on a tap in the
 // segment's bridge, makes an ext4 file system, writes a file, remounts and checks it, and
-// e2fsck finds the file system clean. Slow (software emulation); each run is bounded.
+// e2fsck finds the file system clean. The third run serves a cluster volume with `torusblk aoe`,
+// and what the kernel wrote is then read back through NBD and checked. Slow (software
+// emulation); each run is bounded.
 
 const HELPERS = join(dirname(fileURLToPath(import.meta.url)), '..', 'helpers');
 const MEMORY_TARGET = join(HELPERS, 'aoe-memory-target.js');
@@ -25,7 +29,7 @@ function missing(): string | undefined {
   if (ns) return ns;
   if (!rawSocketAvailable()) return 'the AoE raw socket addon is not built (node-gyp rebuild)';
   if (spawnSync('sh', ['-c', 'command -v qemu-system-x86_64']).status !== 0) return 'qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)';
-  if (spawnSync('sh', ['-c', 'command -v vblade']).status !== 0) return 'vblade is not installed';
+  for (const tool of ['vblade', 'nbdcopy']) if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is not installed`;
   return undefined;
 }
 
@@ -49,6 +53,7 @@ mount /dev/etherd/e7.3 /mnt
 md5sum -c /tmp/sum
 umount /mnt
 e2fsck -fn /dev/etherd/e7.3
+echo "DEVICE-MD5 $(md5sum < /dev/etherd/e7.3 | cut -d' ' -f1)"
 dmesg | grep -E "aoe: .*(sectors|data frames)" || true
 echo KERNEL-AOE-OK
 `;
@@ -73,13 +78,23 @@ function waitFor(p: ChildProcess, pattern: RegExp, what: string, ms = 15_000): P
   });
 }
 
+async function stopTarget(p: ChildProcess): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return;
+  const gone = new Promise((r) => p.once('exit', r));
+  p.kill('SIGTERM');
+  const t = setTimeout(() => p.kill('SIGKILL'), 15_000);
+  await gone;
+  clearTimeout(t);
+}
+
 describe('the Linux AoE initiator (in a VM) against vblade and our target', { skip }, () => {
-  for (const kind of ['vblade', 'ours'] as const) {
+  for (const kind of ['vblade', 'ours', 'torus volume'] as const) {
     test(`${kind}: discover, mkfs.ext4, mount, write, remount, verify, e2fsck clean`, async () => {
       const lab = createLab({ hosts: ['target'] });
       const dir = mkdtempSync(join(tmpdir(), 'aoe-kernel-'));
       let target: ChildProcess | undefined;
       let targetOut = '';
+      let cluster: NsCluster | undefined;
       try {
         lab.addTap('tap0');
         const ns = lab.hosts.target!.ns;
@@ -88,6 +103,11 @@ describe('the Linux AoE initiator (in a VM) against vblade and our target', { sk
           spawnSync('truncate', ['-s', `${SIZE_MIB}M`, img]);
           target = lab.start(ns, 'vblade', ['7', '3', 'eth0', img]);
           await waitFor(target, /e7\.3, \d+ sectors/, 'vblade');
+        } else if (kind === 'torus volume') {
+          cluster = await startNsCluster(lab, ns);
+          cluster.ok('torusctl', ['volume', 'create-block', 'v', `${SIZE_MIB}MiB`]);
+          target = cluster.start('torusblk', ['aoe', 'v', 'eth0', '7', '3']);
+          await waitFor(target, /serving v .* as AoE target e7\.3/, 'torusblk aoe');
         } else {
           target = lab.start(ns, process.execPath, [MEMORY_TARGET, '--iface', 'eth0', '--shelf', '7', '--slot', '3', '--size', `${SIZE_MIB}MiB`]);
           await waitFor(target, /"maxSectors"/, 'aoe-memory-target');
@@ -103,14 +123,24 @@ describe('the Linux AoE initiator (in a VM) against vblade and our target', { sk
         assert.match(out, /data: OK/, 'the file read back after a remount matches');
         assert.match(out, /KERNEL-AOE-OK/);
         for (const l of out.split('\n').filter((x) => /aoe: |SECTORS/.test(x))) console.log(`guest (${kind}): ${l.trim()}`);
-      } finally {
-        if (target && target.exitCode === null && target.signalCode === null) {
-          const gone = new Promise((r) => target!.once('exit', r));
-          target.kill('SIGTERM');
-          const t = setTimeout(() => target!.kill('SIGKILL'), 5000);
-          await gone;
-          clearTimeout(t);
+        if (cluster) {
+          // What the kernel wrote, read back through NBD once the target has synced and let go.
+          const guestMd5 = /DEVICE-MD5 ([0-9a-f]{32})/.exec(out)?.[1];
+          assert.ok(guestMd5, 'the guest printed the device checksum');
+          await stopTarget(target);
+          const srv = cluster.start('torusblk', ['nbdserve', '--read-only', '--listen', '127.0.0.1:10809']);
+          await waitFor(srv, /serving NBD/, 'torusblk nbdserve');
+          const img = join(dir, 'volume.img');
+          const copy = lab.run(ns, 'nbdcopy', ['nbd://127.0.0.1:10809/v', img], 120);
+          await stopTarget(srv);
+          assert.equal(copy.code, 0, copy.stderr);
+          assert.equal(createHash('md5').update(readFileSync(img)).digest('hex'), guestMd5, 'the volume read through NBD is what the kernel wrote over AoE');
+          const fsck = spawnSync('e2fsck', ['-fn', img], { encoding: 'utf8', timeout: 60_000 });
+          assert.equal(fsck.status, 0, `e2fsck of the volume read through NBD: ${fsck.stdout}${fsck.stderr}`);
         }
+      } finally {
+        if (target) await stopTarget(target);
+        await cluster?.stop();
         if (kind === 'ours') console.log(`# target: ${targetOut.trim().split('\n').pop() ?? ''}`);
         lab.destroy();
         rmSync(dir, { recursive: true, force: true });

@@ -2,14 +2,12 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command, Option } from 'commander';
-import { pino } from 'pino';
 import { TorusError } from '../../core/errors.js';
-import type { MetadataService } from '../../core/interfaces.js';
 import { parseSize } from '../../core/units.js';
 import { NbdServer } from '../../nbd/server.js';
-import { VolumeClient } from '../../volume/client.js';
 import { VolumeProvider } from '../../volume/provider.js';
 import { connectMetadata, type BlockIoOpts, type GlobalOpts } from '../shared/config.js';
+import { clientFor, logger, untilSignal } from './common.js';
 import { attachFuse, attachKernel, detachKernel, freeNbdDevice, kernelHasNbd, type Attachment } from './attach.js';
 
 interface ServeOpts extends GlobalOpts, BlockIoOpts {
@@ -23,34 +21,6 @@ function parseListen(text: string): { host: string; port: number } {
   const m = /^(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$/.exec(text);
   if (!m || Number(m[2]) > 65535) throw new TorusError('INVALID_ARGUMENT', `invalid --listen "${text}": expected host:port, e.g. 127.0.0.1:10809`);
   return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
-}
-
-function logger(opts: GlobalOpts) {
-  return pino({ level: opts.debug ? 'debug' : 'info', base: { svc: 'torusblk' } }, pino.destination({ fd: 2, sync: true }));
-}
-
-async function clientFor(meta: MetadataService, opts: BlockIoOpts, log: ReturnType<typeof logger>): Promise<VolumeClient> {
-  return VolumeClient.open(meta, {
-    readCacheBytes: parseSize(opts.readCacheSize),
-    readLevel: opts.readLevel as 'block',
-    writeLevel: opts.writeLevel as 'all',
-    onError: (err) => log.warn({ err: err.message }, 'cluster'),
-  });
-}
-
-/** Resolves on SIGINT or SIGTERM. */
-function untilSignal(): Promise<string> {
-  return new Promise((resolve) => {
-    const on = (sig: string): void => {
-      process.off('SIGINT', onInt);
-      process.off('SIGTERM', onTerm);
-      resolve(sig);
-    };
-    const onInt = (): void => on('SIGINT');
-    const onTerm = (): void => on('SIGTERM');
-    process.on('SIGINT', onInt);
-    process.on('SIGTERM', onTerm);
-  });
 }
 
 export function nbdserveCommand(): Command {

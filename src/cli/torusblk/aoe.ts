@@ -1,0 +1,97 @@
+import { Command, Option } from 'commander';
+import { AoeTarget, RawPacketConn, formatMac } from '../../aoe/index.js';
+import { TorusError } from '../../core/errors.js';
+import { formatSize, parseDuration, parseSize } from '../../core/units.js';
+import { VolumeProvider } from '../../volume/provider.js';
+import { connectMetadata, type BlockIoOpts, type GlobalOpts } from '../shared/config.js';
+import { clientFor, logger, untilSignal } from './common.js';
+
+interface AoeOpts extends GlobalOpts, BlockIoOpts {
+  writeBack?: boolean;
+  syncInterval: string;
+  bufferCount: string;
+  writeCacheSize: string;
+}
+
+function parseAddress(text: string, what: string, max: number): number {
+  if (!/^\d{1,5}$/.test(text) || Number(text) > max) throw new TorusError('INVALID_ARGUMENT', `invalid AoE ${what} "${text}": expected a number from 0 to ${max}`);
+  return Number(text);
+}
+
+export function aoeCommand(): Command {
+  return new Command('aoe')
+    .description('serve a volume as ATA-over-Ethernet target eSHELF.SLOT on an Ethernet interface (needs CAP_NET_RAW)')
+    .argument('<volume>', 'volume to serve (taken exclusively, as for NBD)')
+    .argument('<iface>', 'Ethernet interface, e.g. eth0')
+    .argument('<shelf>', 'AoE major address, 0-65534')
+    .argument('<slot>', 'AoE minor address, 0-254')
+    .option(
+      '--write-back',
+      'answer writes before they are durable and advertise a write cache: data is safe only after the initiator sends FLUSH CACHE, or after the next --sync-interval (Linux\'s aoe driver never flushes)',
+    )
+    .option('--sync-interval <duration>', 'with --write-back: sync written data at least this often', '5s')
+    .option('--buffer-count <n>', 'ATA commands handled at once (the Buffer Count advertised to initiators)', '64')
+    .addOption(new Option('--write-cache-size <size>', 'dirty data before a write forces a sync').default('128MiB'))
+    .action(async (volume: string, iface: string, shelfText: string, slotText: string, _o: unknown, c: Command) => {
+      const opts = c.optsWithGlobals<AoeOpts>();
+      const shelf = parseAddress(shelfText, 'shelf', 0xfffe);
+      const slot = parseAddress(slotText, 'slot', 0xfe);
+      const bufferCount = Number(opts.bufferCount);
+      if (!Number.isInteger(bufferCount) || bufferCount < 1 || bufferCount > 0xffff)
+        throw new TorusError('INVALID_ARGUMENT', `invalid --buffer-count "${opts.bufferCount}": expected 1 to 65535`);
+      const syncEvery = parseDuration(opts.syncInterval);
+      const writeBack = opts.writeBack ?? false;
+      const log = logger(opts);
+      // The socket first: without CAP_NET_RAW or with a wrong interface there is nothing to lock.
+      const conn = RawPacketConn.open(iface);
+      const meta = connectMetadata(opts);
+      let vc;
+      let held;
+      try {
+        await meta.globalMetadata();
+        vc = await clientFor(meta, opts, log);
+        const provider = new VolumeProvider(vc, { writeCacheBytes: parseSize(opts.writeCacheSize) });
+        held = await provider.open(volume, { readOnly: false });
+        const device = held.device;
+        const target = new AoeTarget(conn, device, {
+          shelf,
+          slot,
+          bufferCount,
+          // Linux's initiator never sends FLUSH CACHE, so by default each write is durable (its
+          // volume sync shared with every write in flight) before the initiator hears of it.
+          writeThrough: !writeBack,
+          serial: `${volume}`.slice(0, 20),
+          log: { debug: (o, m) => log.debug(o, m), info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m) },
+        });
+        target.start();
+        let syncing = false;
+        const timer = writeBack
+          ? setInterval(() => {
+              if (syncing) return;
+              syncing = true;
+              device
+                .flush()
+                .catch((err: unknown) => log.warn({ err: (err as Error).message }, 'periodic sync failed'))
+                .finally(() => (syncing = false));
+            }, syncEvery)
+          : undefined;
+        process.stdout.write(
+          `serving ${volume} (${formatSize(device.size)}) as AoE target e${shelf}.${slot} on ${conn.name} (${formatMac(conn.mac)}, ${target.maxSectors} sectors per frame, ` +
+            `${writeBack ? `write-back, synced every ${opts.syncInterval} and on FLUSH CACHE` : 'write-through'}). Press Ctrl-C to sync and stop.\n`,
+        );
+        const sig = await untilSignal();
+        log.info({ signal: sig }, 'stopping: answering commands in flight and syncing');
+        if (timer) clearInterval(timer);
+        await target.close();
+        await device.flush();
+        await held.release();
+        await provider.closeAll();
+        process.stdout.write(`stopped; ${volume} synced\n`);
+      } finally {
+        conn.close();
+        await held?.release().catch(() => undefined);
+        await vc?.close().catch(() => undefined);
+        await meta.close().catch(() => undefined);
+      }
+    });
+}
