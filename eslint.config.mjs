@@ -2,7 +2,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['dist/**', 'node_modules/**', 'bin/**', 'scripts/**'] },
+  { ignores: ['dist/**', 'node_modules/**', 'bin/**', 'build/**', 'scripts/*.js'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

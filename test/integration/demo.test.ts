@@ -1,0 +1,137 @@
+import assert from 'node:assert/strict';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { freePort } from '../helpers/etcd.js';
+import { REPO } from '../helpers/procs.js';
+
+// `npm run demo` as a newcomer runs it (the compiled script, on free ports and a temporary
+// directory): it comes up, the commands it suggests work against it, Ctrl-C stops it cleanly, a
+// second run finds the same cluster and data, and --clean starts over.
+
+const dir = mkdtempSync(join(tmpdir(), 'torus-demo-'));
+let ports: string[] = [];
+let nbdUri = '';
+let etcd = '';
+
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+function sh(cmd: string, args: string[], timeoutSec = 60): { code: number; out: string } {
+  const r = spawnSync('timeout', [String(timeoutSec), cmd, ...args], { encoding: 'utf8' });
+  return { code: r.status ?? -1, out: `${r.stdout ?? ''}${r.stderr ?? ''}` };
+}
+
+function startDemo(extra: string[] = []): { proc: ChildProcess; output: () => string; ready: Promise<void> } {
+  const proc = spawn(process.execPath, [join(REPO, 'dist', 'scripts', 'demo.js'), '--dir', dir, ...ports, ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  proc.stdout?.on('data', (d: Buffer) => (out += d.toString()));
+  proc.stderr?.on('data', (d: Buffer) => (out += d.toString()));
+  const ready = new Promise<void>((res, rej) => {
+    const timer = setTimeout(() => rej(new Error(`demo not ready in 90 s:\n${out}`)), 90_000);
+    const check = (): void => {
+      if (out.includes('Press Ctrl-C')) {
+        clearTimeout(timer);
+        res();
+      }
+    };
+    proc.stdout?.on('data', check);
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      rej(new Error(`demo exited ${code}:\n${out}`));
+    });
+  });
+  return { proc, output: () => out, ready };
+}
+
+async function interrupt(p: ChildProcess): Promise<number | null> {
+  const gone = new Promise<number | null>((r) => p.once('exit', (code) => r(code)));
+  p.kill('SIGINT');
+  const t = setTimeout(() => p.kill('SIGKILL'), 60_000);
+  const code = await gone;
+  clearTimeout(t);
+  return code;
+}
+
+test('npm run demo: up, usable with the tools it names, stops cleanly, comes back with its data, --clean starts over', async () => {
+  const [e, n, p, h] = [await freePort(), await freePort(), await freePort(), await freePort()];
+  // Peer and HTTP ports are ranges of three from the base; pick bases away from the free ones.
+  ports = ['--etcd-port', String(e), '--nbd-port', String(n), '--peer-port', String(30000 + (p % 5000)), '--http-port', String(36000 + (h % 5000))];
+  etcd = `127.0.0.1:${e}`;
+  nbdUri = `nbd://127.0.0.1:${n}/demo`;
+
+  const first = startDemo();
+  await first.ready;
+  assert.match(first.output(), /Starting a new demo cluster/);
+  assert.match(first.output(), /ring version \d+: 3 member\(s\), replication 2/);
+  assert.match(first.output(), new RegExp(`served over NBD at ${nbdUri.replace(/[/.]/g, '\\$&')}`));
+  assert.match(first.output(), new RegExp(`torusctl -C ${etcd} list-peers`), 'suggested commands carry -C when the port is not the default');
+
+  const info = sh('nbdinfo', ['--json', nbdUri]);
+  assert.equal(info.code, 0, info.out);
+  assert.equal((JSON.parse(info.out) as { exports: { 'export-size': number }[] }).exports[0]!['export-size'], 1024 ** 3);
+  const img = sh('qemu-img', ['info', nbdUri]);
+  assert.equal(img.code, 0, img.out);
+
+  // The nbdfuse + loop device + ext4 recipe it prints, where this machine allows it.
+  if (process.getuid?.() === 0 && spawnSync('sh', ['-c', 'command -v nbdfuse && test -e /dev/fuse']).status === 0) {
+    const fuse = join(dir, 'fuse');
+    const mnt = join(dir, 'mnt');
+    mkdirSync(fuse);
+    mkdirSync(mnt);
+    const nf = spawn('nbdfuse', [join(fuse, 'demo'), nbdUri], { stdio: 'ignore' });
+    try {
+      let dev = '';
+      for (let i = 0; i < 100 && !dev; i++) {
+        const l = sh('losetup', ['-f', '--show', join(fuse, 'demo')], 10);
+        if (l.code === 0) dev = l.out.trim();
+        else await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.ok(dev, 'a loop device on the nbdfuse file');
+      try {
+        assert.equal(sh('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=1,nodiscard', dev], 120).code, 0);
+        assert.equal(sh('mount', [dev, mnt]).code, 0);
+        assert.equal(sh('sh', ['-c', `echo hello > ${mnt}/f && sync`]).code, 0);
+        assert.equal(sh('umount', [mnt]).code, 0);
+      } finally {
+        sh('umount', [mnt]);
+        sh('losetup', ['-d', dev]);
+      }
+    } finally {
+      sh('fusermount3', ['-u', fuse]);
+      nf.kill('SIGTERM');
+    }
+  }
+
+  // After the file system (mkfs would overwrite it): a pattern that must survive a restart.
+  const io = sh('qemu-io', ['-f', 'raw', '-t', 'writeback', '-c', 'write -P 7 0 1M', '-c', 'read -P 7 0 1M', nbdUri]);
+  assert.equal(io.code, 0, io.out);
+  assert.doesNotMatch(io.out, /Pattern verification failed/);
+
+  const health = sh(process.execPath, [join(REPO, 'bin', 'torusctl.js'), '-C', etcd, 'health']);
+  assert.equal(health.code, 0, health.out);
+  assert.match(health.out, /^HEALTHY/);
+  assert.equal(sh(process.execPath, [join(REPO, 'bin', 'torusctl.js'), '-C', etcd, 'block', 'snapshot', 'create', 'demo@first']).code, 0);
+
+  assert.equal(await interrupt(first.proc), 0, first.output());
+  assert.match(first.output(), /Stopped\. The cluster's data stays in/);
+
+  // Again: the same cluster, and what qemu-io wrote is still there.
+  const second = startDemo();
+  await second.ready;
+  assert.match(second.output(), /Restarting the demo cluster/);
+  assert.doesNotMatch(second.output(), /Initialized cluster|created volume/);
+  const again = sh('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 7 0 1M', nbdUri]);
+  assert.equal(again.code, 0, again.out);
+  assert.doesNotMatch(again.out, /Pattern verification failed/);
+  assert.equal(await interrupt(second.proc), 0, second.output());
+
+  // --clean starts over.
+  const third = startDemo(['--clean']);
+  await third.ready;
+  assert.match(third.output(), /Removed .*\n.*Starting a new demo cluster/);
+  const blank = sh('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0 0 1M', nbdUri]);
+  assert.doesNotMatch(blank.out, /Pattern verification failed/, 'a new volume reads as zeros');
+  assert.equal(await interrupt(third.proc), 0, third.output());
+});
