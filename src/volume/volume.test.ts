@@ -246,3 +246,30 @@ test('bad input: out of range, bad names and sizes, duplicates', async () => {
   await c.vmeta.delete('v');
   await assert.rejects(c.vmeta.get('v'), (e) => isTorusError(e, 'NOT_EXIST'));
 });
+
+test('past half the write cache a sync starts in the background; writes never wait for it, and it loses nothing', async () => {
+  const c = await memoryCluster(BS);
+  const size = 64 * BS;
+  await c.vmeta.create('v', size);
+  const vol = await BlockVolume.open(c.ctx, 'v', { writeCacheBytes: 16 * BS });
+  const ref = Buffer.alloc(size);
+  for (let i = 0; i < 12; i++) {
+    const d = randomBytes(BS);
+    await vol.write(i * BS, d);
+    d.copy(ref, i * BS);
+  }
+  // 12 dirty blocks of a 16-block cache: no write was made to wait, yet syncs happened.
+  for (let i = 0; i < 50 && vol.syncs === 0; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(vol.syncs > 0, 'a background sync ran');
+  // Writes during and after background syncs are kept, and the next flush commits them all.
+  for (let i = 12; i < 40; i++) {
+    const d = randomBytes(BS);
+    await vol.write(i * BS, d);
+    d.copy(ref, i * BS);
+  }
+  await vol.flush();
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, size)).equals(ref));
+  await again.close();
+});

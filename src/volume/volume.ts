@@ -45,6 +45,7 @@ export class BlockVolume implements BlockDevice {
   private nextIndex = 1;
   private syncChain: Promise<void> = Promise.resolve();
   private queuedSync: Promise<void> | undefined;
+  private background: Promise<void> | undefined;
   private fenced: TorusError | undefined;
   private closed = false;
   private readonly writeCacheBytes: number;
@@ -217,6 +218,19 @@ export class BlockVolume implements BlockDevice {
     }
     await Promise.all(waits);
     if (fua || this.dirtyBytes >= this.writeCacheBytes) await this.flush();
+    else if (this.dirtyBytes >= this.writeCacheBytes / 2) this.syncInBackground();
+  }
+
+  /**
+   * Starts a sync nobody waits for, so a steady writer rarely meets a full write cache and the
+   * stall of a sync of all of it. Its failure is not lost: the data stays dirty (see sync) and the
+   * next flush, which someone does wait for, retries it and reports.
+   */
+  private syncInBackground(): void {
+    if (this.background || this.fenced || this.closed) return;
+    this.background = this.flush()
+      .catch(() => undefined)
+      .finally(() => (this.background = undefined));
   }
 
   /** Zeroes a range; whole blocks become holes (free after GC) unless `noHole`. */
