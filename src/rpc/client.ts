@@ -578,9 +578,24 @@ export class PeerClient {
       timer: null,
     };
     this.conn = conn;
-    conn.timer = setTimeout(() => {
-      this.dropConnection(conn, new TorusError('TIMEOUT', `connecting to peer ${this.address} timed out after ${this.o.connectTimeoutMs} ms`));
-    }, this.o.connectTimeoutMs);
+    // The timer can fire in the loop turn that ends a long synchronous stretch (a big sync's burst
+    // of puts on a slow machine), before the poll phase has seen a connect that completed in the
+    // meantime: decide only after that phase, and give a connection whose TCP connect got
+    // through one more period for the hello.
+    let progressed = false;
+    stream.once('connect', () => (progressed = true));
+    const expire = (): void => {
+      setImmediate(() => {
+        if (conn.ready || this.conn !== conn) return;
+        if (progressed) {
+          progressed = false;
+          conn.timer = setTimeout(expire, this.o.connectTimeoutMs);
+          return;
+        }
+        this.dropConnection(conn, new TorusError('TIMEOUT', `connecting to peer ${this.address} timed out after ${this.o.connectTimeoutMs} ms`));
+      });
+    };
+    conn.timer = setTimeout(expire, this.o.connectTimeoutMs);
     stream.on('data', (chunk: Buffer) => this.onData(conn, chunk));
     stream.on('error', (err: Error) => {
       const verb = conn.ready ? 'connection to' : 'cannot connect to';

@@ -589,6 +589,21 @@ describe('rpc over TCP: failures', () => {
     }
   });
 
+  it('a connect that completed while the event loop was blocked is not timed out', async () => {
+    const { address } = await startServer(new MemService(1024));
+    const c = newClient(address, { connectTimeoutMs: 50 });
+    const p = c.ping();
+    for (let i = 0; i < 5; i++) await null;
+    // A synchronous stretch longer than the connect timeout (a big sync's burst of puts on a slow
+    // machine): the timer is due before the loop has looked at the finished connect.
+    const until = Date.now() + 300;
+    while (Date.now() < until) {
+      // busy
+    }
+    await p;
+    assert.equal(c.stats().connects, 1);
+  });
+
   it('a dead peer costs one connect timeout, then the breaker fails fast', async () => {
     // Accepts TCP connections and never answers: the worst kind of dead.
     const sockets: net.Socket[] = [];
