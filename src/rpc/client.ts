@@ -43,6 +43,9 @@ import {
 import type { NodeIdentity, VersionRange } from './server.js';
 import { Fifo, FrameWriter } from './writer.js';
 
+/** A queued call may wait this many times its timeout to be sent (it then has its whole timeout). */
+const QUEUE_TIMEOUT_FACTOR = 6;
+
 export interface PeerClientOptions {
   /** Who we are: sent in HELLO, and the cluster the peer must belong to. */
   readonly identity: NodeIdentity;
@@ -440,7 +443,9 @@ export class PeerClient {
     return new Promise<Message | Buffer>((resolve, reject) => {
       const ms = timeoutMs ?? this.o.requestTimeoutMs;
       const call: Call = { parts, op, expect, ref, getOffset, getLength, resolve, reject, timeoutMs: ms, timer: null, status: QUEUED, id: 0, probe };
-      call.timer = setTimeout(onCallTimeout, ms, this, call);
+      // Waiting behind other calls is not a sign of a dead peer (a big sync queues hundreds of
+      // puts): the timeout proper starts when the call is sent; the queue gets a bound of its own.
+      call.timer = setTimeout(onCallTimeout, ms * QUEUE_TIMEOUT_FACTOR, this, call);
       this.queue.push(call);
       this.pump();
     });
@@ -467,6 +472,8 @@ export class PeerClient {
       this.nextId = id;
       call.id = id;
       call.status = SENT;
+      if (call.timer) clearTimeout(call.timer);
+      call.timer = setTimeout(onCallTimeout, call.timeoutMs, this, call);
       this.pending.set(id, call);
       this.inFlight++;
       if (call.parts.length === 0) {
@@ -487,7 +494,12 @@ export class PeerClient {
     const wasSent = call.status === SENT;
     call.status = DONE;
     this.counters.timeouts++;
-    const err = new TorusError('TIMEOUT', `${this.describe(call)} to peer ${this.address} timed out after ${call.timeoutMs} ms${wasSent ? '' : ' (never sent)'}`);
+    const err = new TorusError(
+      'TIMEOUT',
+      wasSent
+        ? `${this.describe(call)} to peer ${this.address} timed out after ${call.timeoutMs} ms`
+        : `${this.describe(call)} to peer ${this.address} waited ${call.timeoutMs * QUEUE_TIMEOUT_FACTOR} ms to be sent`,
+    );
     if (wasSent) {
       this.pending.delete(call.id);
       this.inFlight--;

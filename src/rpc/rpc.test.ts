@@ -589,6 +589,20 @@ describe('rpc over TCP: failures', () => {
     }
   });
 
+  it('a call queued behind slow but live calls gets its whole timeout once sent', async () => {
+    const svc = new MemService(1024);
+    const { address } = await startServer(svc);
+    const c = newClient(address, { requestTimeoutMs: 150, maxInFlight: 1 });
+    await c.connect();
+    await c.putBlock(ref(1), randomBytes(1024));
+    svc.delay = () => 60;
+    // Eight calls one at a time at 60 ms each: the last waits ~420 ms in the queue, far past its
+    // 150 ms timeout, yet the peer answered every one in time.
+    const got = await Promise.all(Array.from({ length: 8 }, () => c.getBlock(ref(1))));
+    assert.equal(got.length, 8);
+    assert.equal(c.stats().timeouts, 0);
+  });
+
   it('a connect that completed while the event loop was blocked is not timed out', async () => {
     const { address } = await startServer(new MemService(1024));
     const c = newClient(address, { connectTimeoutMs: 50 });
