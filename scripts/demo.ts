@@ -3,7 +3,7 @@
 // directory, reused on the next run; `--clean` starts over. Ctrl-C stops it all cleanly.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createWriteStream, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -67,8 +67,9 @@ function tail(file: string): string {
 
 function start(name: string, cmd: string, args: string[]): ChildProcess {
   const log = join(dir, 'logs', `${name}.log`);
-  // Each run's logs start empty: readiness is read from them.
-  const out = createWriteStream(log, { flags: 'w' });
+  // Each run's logs start empty, before anything reads them: readiness is read from them.
+  writeFileSync(log, '');
+  const out = createWriteStream(log, { flags: 'a' });
   const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   proc.stdout?.pipe(out);
   proc.stderr?.pipe(out);
