@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
-import { TorusError } from '../core/errors.js';
+import { TorusError, isTorusError } from '../core/errors.js';
 import { MAX_VOLUME_ID } from '../core/ids.js';
 import type { KVEntry, KVSession, MetaKV } from '../core/interfaces.js';
 import {
@@ -190,15 +190,49 @@ export class VolumeMeta {
   async commit(lock: VolumeLock, head: Omit<Head, 'epoch'>): Promise<void> {
     if (!lock.session.alive) throw this.lostLock(lock);
     const id = lock.volume.id;
-    const res = await this.kv.txn(
-      [this.fenced(lock), { key: VKEYS.epoch(id), target: 'value', cmp: '==', value: String(lock.epoch + 1) }],
-      [
-        { op: 'put', key: VKEYS.head(id), value: encodeHead({ ...head, epoch: lock.epoch }) },
-        { op: 'put', key: VKEYS.epoch(id), value: String(lock.epoch + 2) },
-      ],
-    );
+    const value = encodeHead({ ...head, epoch: lock.epoch });
+    let res;
+    try {
+      res = await this.kv.txn(
+        [this.fenced(lock), { key: VKEYS.epoch(id), target: 'value', cmp: '==', value: String(lock.epoch + 1) }],
+        [
+          { op: 'put', key: VKEYS.head(id), value },
+          { op: 'put', key: VKEYS.epoch(id), value: String(lock.epoch + 2) },
+        ],
+      );
+    } catch (err) {
+      // The transaction may have been applied with only its reply lost. Carrying on as if it had
+      // not would leave the writer on a tree that is no longer the head (GC then takes its pages).
+      if (!isTorusError(err, 'ETCD_UNAVAILABLE') && !isTorusError(err, 'TIMEOUT')) throw err;
+      if (!(await this.commitApplied(lock, value))) throw err;
+      lock.epoch++;
+      return;
+    }
     if (!res.succeeded) throw this.lostLock(lock);
     lock.epoch++;
+  }
+
+  /**
+   * After a commit whose outcome is unknown: asks etcd, for as long as the lock can still be ours,
+   * whether it was applied. Only the lock holder moves the epoch, so epoch + 2 with our head means
+   * it was. If the lock is lost before etcd answers, the writer is fenced either way: LOCKED.
+   */
+  private async commitApplied(lock: VolumeLock, value: string): Promise<boolean> {
+    const id = lock.volume.id;
+    const deadline = Date.now() + 2 * 15_000;
+    for (;;) {
+      if (!lock.session.alive || Date.now() > deadline) throw this.lostLock(lock);
+      try {
+        const [epoch, head] = await Promise.all([this.kv.get(VKEYS.epoch(id)), this.kv.get(VKEYS.head(id))]);
+        if (epoch?.value === String(lock.epoch + 2) && head?.value === value) return true;
+        if (epoch?.value === String(lock.epoch + 1)) return false;
+        // Someone else moved the epoch: we no longer hold the lock.
+        throw this.lostLock(lock);
+      } catch (e) {
+        if (isTorusError(e, 'LOCKED')) throw e;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
   }
 
   async unlock(lock: VolumeLock): Promise<void> {

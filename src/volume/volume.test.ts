@@ -2,7 +2,11 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import fc from 'fast-check';
-import { isTorusError } from '../core/errors.js';
+import { TorusError, isTorusError } from '../core/errors.js';
+import type { BlockRef } from '../core/ids.js';
+import type { MetaKV } from '../core/interfaces.js';
+import { buildLiveSet, collectLocal } from './gc.js';
+import { VolumeMeta } from './meta.js';
 import { memoryCluster } from './testing.js';
 import { BlockVolume } from './volume.js';
 
@@ -271,5 +275,77 @@ test('past half the write cache a sync starts in the background; writes never wa
   await vol.close();
   const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await again.read(0, size)).equals(ref));
+  await again.close();
+});
+
+test('a put that fails while the sync awaits a page load fails the flush, never the process', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 64 * BS);
+  const first = await BlockVolume.open(c.ctx, 'v');
+  await first.write(0, Buffer.alloc(BS * 4, 1));
+  await first.close();
+  let failPuts = false;
+  // Puts fail at once (a full cluster); reads take a round trip, so tree.set awaits a page.
+  const store = {
+    blockSize: BS,
+    putBlock: (ref: BlockRef, data: Uint8Array) => (failPuts ? Promise.reject(new TorusError('OUT_OF_SPACE', 'cluster full')) : c.dist.putBlock(ref, data)),
+    getBlock: async (ref: BlockRef, crc?: number) => {
+      await new Promise((r) => setTimeout(r, 20));
+      return c.dist.getBlock(ref, crc);
+    },
+    readRange: (ref: BlockRef, o: number, l: number) => c.dist.readRange(ref, o, l),
+    flush: () => c.dist.flush(),
+  };
+  const unhandled: unknown[] = [];
+  const onUnhandled = (e: unknown): void => {
+    unhandled.push(e);
+  };
+  process.on('unhandledRejection', onUnhandled);
+  try {
+    const vol = await BlockVolume.open({ ...c.ctx, store }, 'v');
+    await vol.write(8 * BS, Buffer.alloc(BS, 2));
+    failPuts = true;
+    await assert.rejects(vol.flush(), (e: unknown) => isTorusError(e, 'OUT_OF_SPACE'));
+    await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(unhandled, []);
+  } finally {
+    process.off('unhandledRejection', onUnhandled);
+  }
+});
+
+test('a commit applied by etcd whose reply was lost counts as done: the writer stays on the head', async () => {
+  const c = await memoryCluster(BS);
+  const kv = c.meta.kv();
+  let loseNextCommitReply = false;
+  const flaky: MetaKV = Object.create(kv) as MetaKV;
+  flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
+    const r = await kv.txn(...args);
+    if (loseNextCommitReply && args[1].some((o) => o.op === 'put' && o.key.endsWith('/head'))) {
+      loseNextCommitReply = false;
+      throw new TorusError('ETCD_UNAVAILABLE', 'cannot reach etcd (transaction): the reply was lost');
+    }
+    return r;
+  };
+  const vmeta = new VolumeMeta(flaky);
+  await vmeta.create('v', 64 * BS);
+  const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta }, 'v');
+  await vol.write(0, Buffer.alloc(4 * BS, 1));
+  await vol.flush();
+  await vol.write(0, Buffer.alloc(BS, 2));
+  loseNextCommitReply = true;
+  await vol.flush(); // resolved by asking etcd: it was applied
+  // GC on every node, as torusd runs it: the previous tree's pages go.
+  const live = await buildLiveSet(new VolumeMeta(kv), c.dist);
+  for (const s of c.stores) await collectLocal(live, s);
+  assert.ok((await vol.read(BS, BS)).equals(Buffer.alloc(BS, 1)), 'unchanged blocks still readable');
+  await vol.write(8 * BS, Buffer.alloc(BS, 3));
+  await vol.flush();
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  const expect = Buffer.alloc(64 * BS);
+  expect.fill(1, 0, 4 * BS);
+  expect.fill(2, 0, BS);
+  expect.fill(3, 8 * BS, 9 * BS);
+  assert.ok((await again.read(0, 64 * BS)).equals(expect));
   await again.close();
 });

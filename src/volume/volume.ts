@@ -294,11 +294,16 @@ export class BlockVolume implements BlockDevice {
         let ptr: Pointer | null = null;
         if (buf) {
           ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(buf) >>> 0 };
-          puts.push(this.ctx.store.putBlock(ptr.ref, buf));
+          const put = this.ctx.store.putBlock(ptr.ref, buf);
+          // Handled now, judged at allSettled below: a put that fails while tree.set awaits a
+          // page load must not be an unhandled rejection (Node would end the process).
+          put.catch(() => undefined);
+          puts.push(put);
         }
         await this.tree.set(index, ptr);
       }
       const { root, depth, pagesWritten, stored } = await this.tree.commit((t) => this.allocRef(t));
+      stored.catch(() => undefined);
       puts.push(stored);
       const settled = await Promise.allSettled(puts);
       const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
