@@ -50,7 +50,9 @@ export async function clusterHealth(meta: MetadataService): Promise<Health> {
   if (effective < ring.replication) problems.push(`replication ${ring.replication} wanted, only ${effective} possible with ${ring.peers.length} member(s)`);
   if (under > 0) problems.push(`${under} block copies under-replicated`);
   for (const f of full) problems.push(`peer ${f.address} is ${f.usedPercent}% full`);
-  if (rebalancing) problems.push(`rebalancing: about ${formatSize(bytesLeft)} left`);
+  // Nodes publish their estimate in heartbeats, so right after a ring change it is still the last
+  // pass's (zero): say nothing rather than "about 0 B left".
+  if (rebalancing) problems.push(bytesLeft > 0 ? `rebalancing: about ${formatSize(bytesLeft)} left` : 'rebalancing: in progress');
   return {
     healthy: problems.length === 0,
     ringVersion: ring.version,
@@ -101,11 +103,8 @@ export function rebalanceCommand(): Command {
               return;
             }
             const eta = h.rate > 0 ? `${Math.ceil(h.bytesLeft / h.rate)}s` : 'unknown';
-            process.stdout.write(
-              h.rebalancing || h.underReplicatedBlocks > 0
-                ? `rebalancing: ${h.blocksLeft} blocks (${formatSize(h.bytesLeft)}) left at ${formatSize(Math.round(h.rate))}/s, ETA ${eta}; ${h.underReplicatedBlocks} under-replicated\n`
-                : 'balanced: nothing to move\n',
-            );
+            const left = h.blocksLeft > 0 ? `${h.blocksLeft} blocks (${formatSize(h.bytesLeft)}) left at ${formatSize(Math.round(h.rate))}/s, ETA ${eta}` : 'amount left not estimated yet';
+            process.stdout.write(h.rebalancing || h.underReplicatedBlocks > 0 ? `rebalancing: ${left}; ${h.underReplicatedBlocks} under-replicated\n` : 'balanced: nothing to move\n');
           };
           let h = await clusterHealth(meta);
           if (!opts.watch) {
