@@ -1,0 +1,610 @@
+// Issue 8's performance harness: the same fio jobs (nbd engine, JSON written with --output) against
+//   - Torus: etcd, three torusd at R=2, `torusblk nbdserve`, one volume (2 GiB), and
+//   - `nbdkit file` on a file of the same size (single disk, no replication: the ceiling),
+// in one run on one machine, for each cluster block size asked for. Prints a table per block size
+// (median [min-max] of the repetitions, ratio Torus/nbdkit last) with every process's peak RSS,
+// and saves everything with the machine's description under bench/results/.
+//
+//   npm run bench                                  (all three block sizes, 3 x 10 s per job)
+//   npm run bench -- --quick                       (one block size, short jobs: under 2 minutes)
+//   node dist/bench/perf.js --block-sizes 512KiB --profile /tmp/prof
+//
+// docs/performance.md has the figures, the command that produced them, and what limits each.
+
+import { closeSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { loadavg, tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { parseSize } from '../src/core/units.js';
+import { freePort } from '../test/helpers/etcd.js';
+import { have } from '../test/helpers/nbd-tools.js';
+import { ok } from '../test/helpers/procs.js';
+import { collapse, summarize, writeFlameSvg, writeFolded, type ProfileSummary } from './lib/cpuprofile.js';
+import { figure, fillArgs, JOB_IDS, JOBS, jobArgs, runFio, type FioOutcome, type JobId, type Region } from './lib/fio.js';
+import { anatomy, type Anatomy } from './lib/anatomy.js';
+import { describeMachine, type Machine } from './lib/machine.js';
+import { cpuTimes, ctxSwitches, etcdTxnMs, machineCpu, median, schedTimes, writeSyncMs } from './lib/probes.js';
+import { newTorusdSpec, startEtcdAt, startNbdkit, startNbdserve, startTorusd, type Proc, type TorusdSpec } from './lib/procs.js';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+// dist/bench/perf.js -> the repository root
+const REPO = resolve(HERE, '../..');
+
+const { values: argv } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    'block-sizes': { type: 'string' },
+    reps: { type: 'string' },
+    runtime: { type: 'string' },
+    ramp: { type: 'string' },
+    'volume-size': { type: 'string' },
+    'read-cache-size': { type: 'string', default: '64MiB' },
+    'write-cache-size': { type: 'string' },
+    'node-size': { type: 'string', default: '12GiB' },
+    jobs: { type: 'string' },
+    profile: { type: 'string' },
+    'profile-only': { type: 'boolean', default: false },
+    'data-dir': { type: 'string' },
+    out: { type: 'string' },
+    keep: { type: 'boolean', default: false },
+    help: { type: 'boolean', default: false },
+  },
+});
+
+if (argv.help) {
+  process.stdout.write(`usage: node dist/bench/perf.js [options]
+  --quick                 one block size (512KiB), 512MiB volume, 3 x 2 s per job: under 2 minutes
+  --block-sizes LIST      cluster block sizes, comma separated (default 64KiB,128KiB,512KiB)
+  --reps N                repetitions per job (default 3; the median is reported)
+  --runtime S             seconds per job, time based (default 10; quick 2)
+  --ramp S                fio ramp time before measuring (default 2; quick 0)
+  --volume-size SIZE      volume and nbdkit file size (default 2GiB; quick 512MiB)
+  --read-cache-size SIZE  torusblk's block cache; P3's working set is 4x this (default 64MiB)
+  --write-cache-size SIZE nbdserve --write-cache-size (default: nbdserve's own)
+  --node-size SIZE        each torusd's --size (sparse files; default 12GiB)
+  --jobs LIST             a subset of P1,P2,P3,P4,P5 (default all)
+  --profile DIR           afterwards, run each job once more under node --cpu-prof (nbdserve and
+                          every torusd) and write summaries, collapsed stacks and SVG flame graphs
+  --profile-only          skip the measured repetitions (with --profile)
+  --data-dir DIR          where to make the run's directory (clusters, files, fio outputs; default $TMPDIR)
+  --out FILE              results JSON (default bench/results/perf-<time>.json)
+  --keep                  keep the data dir
+`);
+  process.exit(0);
+}
+
+const quick = argv.quick;
+const blockSizes = (argv['block-sizes'] ?? (quick ? '512KiB' : '64KiB,128KiB,512KiB')).split(',').map((s) => s.trim()).filter(Boolean);
+const reps = Number(argv.reps ?? 3);
+const runtimeSec = Number(argv.runtime ?? (quick ? 2 : 10));
+const rampSec = Number(argv.ramp ?? (quick ? 0 : 2));
+const volumeSize = argv['volume-size'] ?? (quick ? '512MiB' : '2GiB');
+const readCacheSize = argv['read-cache-size'];
+const jobs = (argv.jobs ?? JOB_IDS.join(',')).split(',').map((s) => s.trim().toUpperCase()) as JobId[];
+for (const j of jobs) if (!JOB_IDS.includes(j)) throw new Error(`unknown job ${j}: expected some of ${JOB_IDS.join(',')}`);
+for (const b of blockSizes) parseSize(b);
+if (!Number.isInteger(reps) || reps < 1) throw new Error('--reps must be a positive integer');
+if (reps < 3) process.stderr.write(`note: --reps ${reps} is below the 3 repetitions issue 8 asks for\n`);
+for (const t of ['fio', 'nbdkit']) if (!have(t)) throw new Error(`${t} is not installed (Debian: apt-get install -y ${t})`);
+
+const region: Region = { whole: parseSize(volumeSize), randReadSet: 4 * parseSize(readCacheSize) };
+if (region.randReadSet > region.whole) throw new Error(`P3's working set (4 x --read-cache-size = ${region.randReadSet} bytes) exceeds the volume`);
+
+const MiB = 2 ** 20;
+
+interface Stat {
+  median: number;
+  min: number;
+  max: number;
+  values: number[];
+}
+
+function stat(values: number[]): Stat {
+  return { median: median(values), min: Math.min(...values), max: Math.max(...values), values };
+}
+
+interface Run {
+  rep: number;
+  side: 'torus' | 'nbdkit';
+  figure: number;
+  fio: FioOutcome;
+  /** CPU cores used by each server process over the fio run (Δ user+system / Δ wall). */
+  cores: Record<string, number>;
+  /** The kernel's part of `cores` (system time: syscalls, page faults, loopback TCP). */
+  sysCores: Record<string, number>;
+  /** The whole machine's busy cores meanwhile, and what neither fio nor our servers used. */
+  machineCores: number;
+  otherCores: number;
+  /** Context switches of the server processes (all of them summed) per I/O fio completed. */
+  switchesPerIo: { voluntary: number; involuntary: number };
+  /** Minor page faults of the server processes (summed) per MiB fio moved. */
+  faultsPerMiB: number;
+  /** Each server's main thread: share of the wall time it ran, and waited in a run queue. (For
+   * nbdkit this says nothing: its main thread only accepts; the per-connection worker threads
+   * that do the I/O exit with the connection, before they can be read.) */
+  mainThread: Record<string, { run: number; wait: number }>;
+  /** 1-minute load average when the run ended: other tenants of a shared machine show here. */
+  load1: number;
+}
+
+interface Row {
+  job: JobId;
+  title: string;
+  unit: string;
+  kind: 'throughput' | 'latency';
+  target: number;
+  ceph: number;
+  torus: Stat;
+  nbdkit: Stat;
+  /** Torus/nbdkit of the medians: for P5 the latency multiple. */
+  ratio: number;
+  met: boolean;
+  /** Median CPU cores used during the runs: nbdserve, the three torusd summed, etcd, fio and
+   * everything else on the machine (other tenants) during Torus runs; nbdkit and fio during its. */
+  cores: { nbdserve: number; torusd: number; etcd: number; fio: number; others: number; nbdkit: number; fioKit: number; othersKit: number };
+  /** Share of the Torus processes' CPU spent in the kernel; nbdkit's. */
+  sysShare: { torus: number; nbdkit: number };
+  /** Context switches of the server processes per I/O (voluntary + involuntary), Torus and nbdkit. */
+  switchesPerIo: { torus: number; nbdkit: number };
+  /** Minor page faults of the server processes per MiB moved, Torus and nbdkit. */
+  faultsPerMiB: { torus: number; nbdkit: number };
+  /** Share of the run the main threads waited for a CPU: nbdserve, the torusd average. */
+  runQueueWait: { nbdserve: number; torusd: number };
+  runs: Run[];
+}
+
+interface TableResult {
+  blockSize: string;
+  rows: Row[];
+  /** Peak RSS in bytes: etcd, torusd-1..3, nbdserve (largest of its instances), nbdkit. */
+  peakRss: Record<string, number>;
+  fill: { torusMiBps: number; nbdkitMiBps: number };
+  probes: { etcdTxnMs: number; writeSync4kMs: number; writeSyncBlockMs: number; anatomy: Anatomy };
+  profiles?: ProfileResult[];
+}
+
+interface ProfileResult {
+  job: JobId;
+  figure: number;
+  /** Main threads during the profiled run: the profile's "busy" is wall time, this says how much
+   * of it the thread really ran and how much it waited for a CPU. */
+  mainThread: Record<string, { run: number; wait: number }>;
+  /** The fio run's window on the monotonic clock; samples outside it are left out. */
+  window: { fromUs: number; toUs: number };
+  nbdserve: ProfileSummary;
+  torusd: ProfileSummary[];
+  files: string[];
+}
+
+function fmtFigure(unit: string, v: number): string {
+  if (!Number.isFinite(v)) return String(v);
+  if (unit === 'IOPS') return v >= 10000 ? `${(v / 1000).toFixed(1)}k` : `${Math.round(v)}`;
+  if (unit === 'MiB/s') return v >= 100 ? `${Math.round(v)}` : v.toFixed(1);
+  return v >= 1000 ? `${Math.round(v)}` : v.toFixed(0);
+}
+
+function fmtStat(unit: string, s: Stat): string {
+  return `${fmtFigure(unit, s.median)} ${unit} [${fmtFigure(unit, s.min)}–${fmtFigure(unit, s.max)}]`;
+}
+
+function fmtAnatomy(a: Anatomy): string {
+  return (
+    `in-process 4 KiB write ${a.writeMs} ms (loads the block) + flush ${a.flushMs} ms = ${a.cycleMs} ms; ` +
+    `its steps: 2 blocks to R replicas ${a.put2Ms} ms, replicas' fsync ${a.replicaFlushMs} ms, one block read ${a.getMs} ms (medians of ${a.samples})`
+  );
+}
+
+function pct(x: number): string {
+  return `${Math.round(x * 100)}%`;
+}
+
+function fmtMiB(bytes: number): string {
+  return `${Math.round(bytes / MiB)} MiB`;
+}
+
+function log(msg: string): void {
+  process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
+}
+
+class Cluster {
+  etcd!: Proc & { endpoint: string };
+  specs: TorusdSpec[] = [];
+  nodes: Proc[] = [];
+  nbd: Proc | undefined;
+  nbdPort = 0;
+  kit: Proc | undefined;
+  kitPort = 0;
+  /** Peak RSS of nbdserve instances already stopped. */
+  nbdPeak = 0;
+
+  constructor(
+    readonly dir: string,
+    readonly blockSize: string,
+  ) {}
+
+  get C(): string[] {
+    return ['-C', this.etcd.endpoint];
+  }
+
+  async start(): Promise<void> {
+    this.etcd = await startEtcdAt(join(this.dir, 'etcd'));
+    await ok('torusctl', [...this.C, 'init', '--block-size', this.blockSize, '--replication', '2']);
+    for (let i = 0; i < 3; i++) this.specs.push(await newTorusdSpec(this.etcd.endpoint, join(this.dir, `node${i + 1}`), argv['node-size']));
+    for (const [i, s] of this.specs.entries()) this.nodes.push(await startTorusd(`torusd-${i + 1}`, s));
+    await ok('torusctl', [...this.C, 'peer', 'add', '--all-peers']);
+    await ok('torusctl', [...this.C, 'volume', 'create-block', 'v', volumeSize]);
+    // For the in-process P5 anatomy probe, which must not contend for v's lock with nbdserve.
+    await ok('torusctl', [...this.C, 'volume', 'create-block', 'anatomy', '256MiB']);
+    this.nbdPort = await freePort();
+    await this.startNbd();
+    const file = join(this.dir, 'nbdkit.img');
+    const fd = openSync(file, 'w');
+    ftruncateSync(fd, region.whole);
+    closeSync(fd);
+    this.kitPort = await freePort();
+    this.kit = await startNbdkit(file, this.kitPort);
+  }
+
+  async startNbd(nodeArgs: string[] = []): Promise<void> {
+    const wc = argv['write-cache-size'];
+    this.nbd = await startNbdserve({ etcd: this.etcd.endpoint, port: this.nbdPort, readCacheSize: readCacheSize, ...(wc ? { writeCacheSize: wc } : {}) }, nodeArgs);
+  }
+
+  async stopNbd(): Promise<void> {
+    if (!this.nbd) return;
+    this.nbdPeak = Math.max(this.nbdPeak, this.nbd.peakRss());
+    // SIGTERM syncs the volume and releases its lock; a SIGKILL would leave the lock to expire.
+    await this.nbd.stop('SIGTERM', 120_000);
+    this.nbd = undefined;
+  }
+
+  async restartNodes(nodeArgs: (i: number) => string[]): Promise<void> {
+    for (const n of this.nodes) await n.stop('SIGTERM', 60_000);
+    this.nodes = [];
+    for (const [i, s] of this.specs.entries()) this.nodes.push(await startTorusd(`torusd-${i + 1}`, s, nodeArgs(i)));
+  }
+
+  torusUri(): string {
+    return `nbd://127.0.0.1:${this.nbdPort}/v`;
+  }
+
+  kitUri(): string {
+    return `nbd://127.0.0.1:${this.kitPort}/`;
+  }
+
+  serverProcs(): Proc[] {
+    return [this.etcd, ...this.nodes, ...(this.nbd ? [this.nbd] : []), ...(this.kit ? [this.kit] : [])];
+  }
+
+  peakRss(): Record<string, number> {
+    const out: Record<string, number> = { etcd: this.etcd.peakRss() };
+    for (const n of this.nodes) out[n.name] = n.peakRss();
+    out['nbdserve'] = Math.max(this.nbdPeak, this.nbd?.peakRss() ?? 0);
+    out['nbdkit'] = this.kit?.peakRss() ?? 0;
+    return out;
+  }
+
+  async stop(): Promise<void> {
+    await this.stopNbd().catch(() => undefined);
+    await this.kit?.stop('SIGTERM', 10_000).catch(() => undefined);
+    for (const n of this.nodes) await n.stop('SIGTERM', 30_000).catch(() => undefined);
+    await this.etcd?.stop('SIGKILL').catch(() => undefined);
+  }
+}
+
+/** Runs fio and measures the CPU every server process used meanwhile. */
+type Measured = Pick<Run, 'fio' | 'cores' | 'sysCores' | 'machineCores' | 'otherCores' | 'switchesPerIo' | 'faultsPerMiB' | 'mainThread'>;
+
+async function measured(c: Cluster, uri: string, name: string, args: string[], outDir: string): Promise<Measured> {
+  const procs = c.serverProcs();
+  const before = procs.map((p) => cpuTimes(p.pid));
+  const sw0 = procs.map((p) => ctxSwitches(p.pid));
+  const st0 = procs.map((p) => schedTimes(p.pid));
+  const m0 = machineCpu();
+  const t0 = process.hrtime.bigint();
+  const fio = await runFio(uri, name, args, join(outDir, `${name}.json`), runtimeSec + rampSec + 300);
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+  const m1 = machineCpu();
+  const cores: Record<string, number> = {};
+  const sysCores: Record<string, number> = {};
+  let ours = 0;
+  let faults = 0;
+  procs.forEach((p, i) => {
+    const now = cpuTimes(p.pid);
+    const f = now.minorFaults - before[i]!.minorFaults;
+    if (Number.isFinite(f)) faults += f;
+    const user = now.user - before[i]!.user;
+    const sys = now.sys - before[i]!.sys;
+    if (!Number.isFinite(user + sys)) return;
+    cores[p.name] = Number(((user + sys) / wall).toFixed(2));
+    sysCores[p.name] = Number((sys / wall).toFixed(2));
+    ours += (user + sys) / wall;
+  });
+  let vol = 0;
+  let invol = 0;
+  procs.forEach((p, i) => {
+    const now = ctxSwitches(p.pid);
+    const v = now.voluntary - sw0[i]!.voluntary;
+    const n = now.involuntary - sw0[i]!.involuntary;
+    if (Number.isFinite(v + n)) {
+      vol += v;
+      invol += n;
+    }
+  });
+  // I/Os over the whole fio run (ramp included), as the switches are counted over it too.
+  const ios = ((fio.readIops + fio.writeIops) * fio.wallMs) / 1000;
+  const switchesPerIo = { voluntary: Number((vol / Math.max(1, ios)).toFixed(2)), involuntary: Number((invol / Math.max(1, ios)).toFixed(2)) };
+  const mib = (((fio.readBytesPerSec + fio.writeBytesPerSec) / MiB) * fio.wallMs) / 1000;
+  const faultsPerMiB = Number((faults / Math.max(1 / 1024, mib)).toFixed(1));
+  const mainThread: Record<string, { run: number; wait: number }> = {};
+  procs.forEach((p, i) => {
+    const now = schedTimes(p.pid);
+    const run = (now.run - st0[i]!.run) / wall;
+    const wait = (now.wait - st0[i]!.wait) / wall;
+    if (Number.isFinite(run + wait)) mainThread[p.name] = { run: Number(run.toFixed(3)), wait: Number(wait.toFixed(3)) };
+  });
+  const machineCores = (m1.busy - m0.busy) / wall;
+  // fio's CPU share is over its job runtime, which is most of the wall time.
+  const fioCores = (fio.fioCores * fio.runtimeMs) / 1000 / wall;
+  return { fio, cores, sysCores, machineCores: Number(machineCores.toFixed(2)), otherCores: Number(Math.max(0, machineCores - ours - fioCores).toFixed(2)), switchesPerIo, faultsPerMiB, mainThread };
+}
+
+async function fill(c: Cluster, side: 'torus' | 'nbdkit', outDir: string): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  await runFio(side === 'torus' ? c.torusUri() : c.kitUri(), `fill-${side}`, fillArgs(region), join(outDir, `fill-${side}.json`), 1800);
+  const s = Number(process.hrtime.bigint() - t0) / 1e9;
+  return region.whole / MiB / s;
+}
+
+async function runTable(root: string, blockSize: string): Promise<TableResult> {
+  const dir = join(root, `bs-${blockSize}`);
+  const outDir = join(dir, 'fio');
+  mkdirSync(outDir, { recursive: true });
+  const c = new Cluster(dir, blockSize);
+  try {
+    log(`block size ${blockSize}: starting etcd, 3 torusd (R=2), nbdserve, nbdkit`);
+    await c.start();
+    const probes = {
+      etcdTxnMs: await etcdTxnMs(c.etcd.endpoint),
+      writeSync4kMs: await writeSyncMs(dir, 4096),
+      writeSyncBlockMs: await writeSyncMs(dir, parseSize(blockSize)),
+      anatomy: await anatomy(c.etcd.endpoint, 'anatomy'),
+    };
+    log(`probes: etcd txn ${probes.etcdTxnMs.toFixed(2)} ms, 4 KiB write+fdatasync ${probes.writeSync4kMs.toFixed(2)} ms, ${blockSize} write+fdatasync ${probes.writeSyncBlockMs.toFixed(2)} ms`);
+    log(`P5 anatomy: ${fmtAnatomy(probes.anatomy)}`);
+    log(`filling ${volumeSize} on both`);
+    const fillResult = { torusMiBps: await fill(c, 'torus', outDir), nbdkitMiBps: await fill(c, 'nbdkit', outDir) };
+    log(`fill: torus ${fillResult.torusMiBps.toFixed(0)} MiB/s, nbdkit ${fillResult.nbdkitMiBps.toFixed(0)} MiB/s (wall, including connect and final flush)`);
+    const runs = new Map<JobId, Run[]>(jobs.map((j) => [j, []]));
+    if (!argv['profile-only']) {
+      for (let rep = 0; rep < reps; rep++) {
+        for (const job of jobs) {
+          // Alternate who goes first, so neither side always gets the quieter or warmer moment.
+          const order: ('torus' | 'nbdkit')[] = rep % 2 === 0 ? ['torus', 'nbdkit'] : ['nbdkit', 'torus'];
+          for (const side of order) {
+            if (side === 'torus' && job === 'P2') {
+              // Client cache cold: a fresh nbdserve has an empty block cache.
+              await c.stopNbd();
+              await c.startNbd();
+            }
+            const m = await measured(c, side === 'torus' ? c.torusUri() : c.kitUri(), `${job}-${side}-${rep}`, jobArgs(job, region, runtimeSec, rampSec), outDir);
+            const f = figure(job, m.fio);
+            runs.get(job)!.push({ rep, side, figure: f, ...m, load1: Number(loadavg()[0]!.toFixed(2)) });
+            const busy = Object.entries(m.cores).filter(([, v]) => v >= 0.05);
+            log(
+              `${blockSize} rep ${rep + 1}/${reps} ${job} ${side}: ${fmtFigure(JOBS[job].unit, f)} ${JOBS[job].unit}  cores: ${busy.map(([k, v]) => `${k} ${v}`).join(', ')}, fio ${m.fio.fioCores.toFixed(2)}, others ${m.otherCores}`,
+            );
+          }
+        }
+      }
+    }
+    const rows: Row[] = [];
+    for (const job of jobs) {
+      const rs = runs.get(job)!;
+      if (rs.length === 0) continue;
+      const spec = JOBS[job];
+      const torus = stat(rs.filter((r) => r.side === 'torus').map((r) => r.figure));
+      const kit = stat(rs.filter((r) => r.side === 'nbdkit').map((r) => r.figure));
+      const ratio = torus.median / kit.median;
+      const tr = rs.filter((r) => r.side === 'torus');
+      const kr = rs.filter((r) => r.side === 'nbdkit');
+      const med = (xs: Run[], f: (r: Run) => number): number => Number(median(xs.map(f)).toFixed(2));
+      const cores = {
+        nbdserve: med(tr, (r) => r.cores['nbdserve'] ?? NaN),
+        torusd: med(tr, (r) => Object.entries(r.cores).reduce((a, [k, v]) => (k.startsWith('torusd') ? a + v : a), 0)),
+        etcd: med(tr, (r) => r.cores['etcd'] ?? NaN),
+        fio: med(tr, (r) => r.fio.fioCores),
+        others: med(tr, (r) => r.otherCores),
+        nbdkit: med(kr, (r) => r.cores['nbdkit'] ?? NaN),
+        fioKit: med(kr, (r) => r.fio.fioCores),
+        othersKit: med(kr, (r) => r.otherCores),
+      };
+      const sum = (o: Record<string, number>, keep: (k: string) => boolean): number => Object.entries(o).reduce((a, [k, v]) => (keep(k) ? a + v : a), 0);
+      const torusProc = (k: string): boolean => k !== 'nbdkit';
+      const sysShare = {
+        torus: med(tr, (r) => sum(r.sysCores, torusProc) / Math.max(0.01, sum(r.cores, torusProc))),
+        nbdkit: med(kr, (r) => (r.sysCores['nbdkit'] ?? NaN) / Math.max(0.01, r.cores['nbdkit'] ?? NaN)),
+      };
+      const switchesPerIo = {
+        torus: med(tr, (r) => r.switchesPerIo.voluntary + r.switchesPerIo.involuntary),
+        nbdkit: med(kr, (r) => r.switchesPerIo.voluntary + r.switchesPerIo.involuntary),
+      };
+      const faultsPerMiB = { torus: med(tr, (r) => r.faultsPerMiB), nbdkit: med(kr, (r) => r.faultsPerMiB) };
+      const runQueueWait = {
+        nbdserve: med(tr, (r) => r.mainThread['nbdserve']?.wait ?? NaN),
+        torusd: med(tr, (r) => {
+          const ws = Object.entries(r.mainThread).filter(([k]) => k.startsWith('torusd')).map(([, v]) => v.wait);
+          return ws.reduce((a, b) => a + b, 0) / Math.max(1, ws.length);
+        }),
+      };
+      const met = spec.kind === 'throughput' ? ratio >= spec.target : ratio <= spec.target;
+      rows.push({ job, title: spec.title, unit: spec.unit, kind: spec.kind, target: spec.target, ceph: spec.ceph, torus, nbdkit: kit, ratio, met, cores, sysShare, switchesPerIo, faultsPerMiB, runQueueWait, runs: rs });
+    }
+    const peakRss = c.peakRss();
+    const result: TableResult = { blockSize, rows, peakRss, fill: fillResult, probes };
+    if (argv.profile) result.profiles = await profilePass(c, resolve(argv.profile, `bs-${blockSize}`), outDir);
+    return result;
+  } catch (err) {
+    for (const p of c.serverProcs()) process.stderr.write(`---- ${p.name} log tail ----\n${p.log().slice(-3000)}\n`);
+    throw err;
+  } finally {
+    await c.stop();
+  }
+}
+
+/** Each job once more with nbdserve and every torusd under --cpu-prof, each in fresh processes. */
+async function profilePass(c: Cluster, dir: string, outDir: string): Promise<ProfileResult[]> {
+  const results: ProfileResult[] = [];
+  await c.stopNbd();
+  for (const job of jobs) {
+    const jd = join(dir, job);
+    rmSync(jd, { recursive: true, force: true });
+    const prof = (name: string): string[] => ['--cpu-prof', '--cpu-prof-dir', join(jd, name)];
+    log(`profiling ${job} (${c.blockSize})`);
+    await c.restartNodes((i) => prof(`torusd-${i + 1}`));
+    await c.startNbd(prof('nbdserve'));
+    const nowUs = (): number => Number(process.hrtime.bigint() / 1000n);
+    const fromUs = nowUs();
+    const { fio, mainThread } = await measured(c, c.torusUri(), `${job}-torus-profile`, jobArgs(job, region, runtimeSec, rampSec), outDir);
+    const span = { fromUs, toUs: nowUs() };
+    await c.stopNbd();
+    await c.restartNodes(() => []);
+    const files: string[] = [];
+    const one = (name: string): ProfileSummary => {
+      const file = cpuprofileIn(join(jd, name));
+      const stacks = collapse(file, span);
+      writeFolded(stacks, join(jd, `${name}.folded`));
+      writeFlameSvg(stacks, join(jd, `${name}.svg`), `${job} ${c.blockSize} ${name}`);
+      files.push(file, join(jd, `${name}.folded`), join(jd, `${name}.svg`));
+      return summarize(file, 25, span);
+    };
+    const r: ProfileResult = { job, figure: figure(job, fio), mainThread, window: span, nbdserve: one('nbdserve'), torusd: [1, 2, 3].map((i) => one(`torusd-${i}`)), files };
+    results.push(r);
+    printProfile(r, c.blockSize);
+  }
+  return results;
+}
+
+function cpuprofileIn(dir: string): string {
+  const found = readdirSafe(dir).filter((f) => f.endsWith('.cpuprofile'));
+  if (found.length === 0) throw new Error(`no .cpuprofile in ${dir}`);
+  return join(dir, found.sort().at(-1)!);
+}
+
+function readdirSafe(dir: string): string[] {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return [];
+  }
+}
+
+function printProfile(r: ProfileResult, bs: string): void {
+  const busy = (s: ProfileSummary): string => `${(((s.totalUs - s.idleUs) / Math.max(1, s.totalUs)) * 100).toFixed(0)}% busy, GC ${((s.gcUs / Math.max(1, s.totalUs - s.idleUs)) * 100).toFixed(0)}% of busy`;
+  const lines = [`\n### profile ${r.job} at ${bs}: ${fmtFigure(JOBS[r.job].unit, r.figure)} ${JOBS[r.job].unit}`];
+  for (const [name, s] of [['nbdserve', r.nbdserve], ...r.torusd.map((t, i) => [`torusd-${i + 1}`, t] as const)] as const) {
+    const mt = r.mainThread[name];
+    lines.push(`${name}: ${(s.totalUs / 1e6).toFixed(1)} s profiled, ${busy(s)}${mt ? `; main thread on a CPU ${pct(mt.run)}, waiting for one ${pct(mt.wait)}` : ''}`);
+  }
+  lines.push('', `nbdserve, top self time (share of busy time):`);
+  for (const f of r.nbdserve.top.slice(0, 12)) lines.push(`  ${(f.busyShare * 100).toFixed(1).padStart(5)}%  ${f.name}`);
+  const t = [...r.torusd].sort((a, b) => b.totalUs - b.idleUs - (a.totalUs - a.idleUs))[0]!;
+  lines.push(`busiest torusd, top self time:`);
+  for (const f of t.top.slice(0, 12)) lines.push(`  ${(f.busyShare * 100).toFixed(1).padStart(5)}%  ${f.name}`);
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+function printTable(t: TableResult): void {
+  const head = `\n## Block size ${t.blockSize}: median of ${reps} [min–max], ${runtimeSec} s per run${rampSec > 0 ? ` after ${rampSec} s ramp` : ''}, volume ${volumeSize}\n`;
+  const lines = [
+    head,
+    '| job | Torus (R=2) | nbdkit file | target | Torus/nbdkit |',
+    '| --- | --- | --- | --- | --- |',
+    ...t.rows.map(
+      (r) =>
+        `| ${r.job} ${r.title} | ${fmtStat(r.unit, r.torus)} | ${fmtStat(r.unit, r.nbdkit)} | ${r.kind === 'throughput' ? '>=' : '<='} ${r.target}${r.kind === 'latency' ? 'x' : ''} | ${r.ratio.toFixed(r.kind === 'latency' ? 1 : 3)}${r.kind === 'latency' ? 'x' : ''} ${r.met ? '(met)' : '(missed)'} |`,
+    ),
+    '',
+    `CPU cores in use (medians; ${machine.cores} in all; "others" is the rest of the machine, other tenants included):`,
+    ...t.rows.map(
+      (r) =>
+        `  ${r.job} Torus runs: nbdserve ${r.cores.nbdserve.toFixed(2)}, torusd x3 ${r.cores.torusd.toFixed(2)}, etcd ${r.cores.etcd.toFixed(2)}, fio ${r.cores.fio.toFixed(2)}, others ${r.cores.others.toFixed(2)}; kernel ${(r.sysShare.torus * 100).toFixed(0)}%, ${r.switchesPerIo.torus} switches/IO, ${r.faultsPerMiB.torus} faults/MiB, main threads waiting for a CPU ${pct(r.runQueueWait.nbdserve)} (nbdserve) ${pct(r.runQueueWait.torusd)} (torusd)` +
+          ` | nbdkit runs: nbdkit ${r.cores.nbdkit.toFixed(2)}, fio ${r.cores.fioKit.toFixed(2)}, others ${r.cores.othersKit.toFixed(2)}; kernel ${(r.sysShare.nbdkit * 100).toFixed(0)}%, ${r.switchesPerIo.nbdkit} switches/IO, ${r.faultsPerMiB.nbdkit} faults/MiB`,
+    ),
+    `peak RSS: ${Object.entries(t.peakRss).map(([k, v]) => `${k} ${fmtMiB(v)}`).join(', ')}`,
+    `fill ${volumeSize}: torus ${t.fill.torusMiBps.toFixed(0)} MiB/s, nbdkit ${t.fill.nbdkitMiBps.toFixed(0)} MiB/s; etcd txn ${t.probes.etcdTxnMs.toFixed(2)} ms, 4 KiB write+fdatasync ${t.probes.writeSync4kMs.toFixed(2)} ms, ${t.blockSize} write+fdatasync ${t.probes.writeSyncBlockMs.toFixed(2)} ms`,
+    `P5 anatomy: ${fmtAnatomy(t.probes.anatomy)}`,
+  ];
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+function printSummary(tables: TableResult[]): void {
+  if (tables.length < 2) return;
+  const lines = [
+    '\n## Torus/nbdkit by block size\n',
+    `| job | target | ${tables.map((t) => t.blockSize).join(' | ')} |`,
+    `| --- | --- | ${tables.map(() => '---').join(' | ')} |`,
+  ];
+  for (const job of jobs) {
+    const spec = JOBS[job];
+    const cells = tables.map((t) => {
+      const r = t.rows.find((x) => x.job === job);
+      return r ? `${r.ratio.toFixed(spec.kind === 'latency' ? 1 : 3)}${spec.kind === 'latency' ? 'x' : ''}` : '-';
+    });
+    lines.push(`| ${job} | ${spec.kind === 'throughput' ? '>=' : '<='} ${spec.target}${spec.kind === 'latency' ? 'x' : ''} | ${cells.join(' | ')} |`);
+  }
+  lines.push('', `| peak RSS | ${tables.map((t) => t.blockSize).join(' | ')} |`, `| --- | ${tables.map(() => '---').join(' | ')} |`);
+  for (const name of Object.keys(tables[0]!.peakRss)) lines.push(`| ${name} | ${tables.map((t) => fmtMiB(t.peakRss[name] ?? 0)).join(' | ')} |`);
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+// Always a directory of our own (removed at the end), also inside a --data-dir.
+const root = mkdtempSync(join(argv['data-dir'] ? resolve(argv['data-dir']) : tmpdir(), 'torus-perf-'));
+const machine: Machine = describeMachine(root);
+const startedAt = new Date();
+const command = `node ${process.argv.slice(1).map((a) => a.replace(`${REPO}/`, '')).join(' ')}`;
+log(`${command}\n  machine: ${machine.cpuModel}, ${machine.cores} cores, ${fmtMiB(machine.memoryBytes)}, ${machine.kernel}, node ${machine.node}, ${machine.fio}, ${machine.nbdkit}; data on ${machine.dataFilesystem}; load ${machine.loadAverage.join(' ')}`);
+let interrupted = false;
+const onSignal = (): void => {
+  if (interrupted) process.exit(130);
+  interrupted = true;
+  log('interrupted: stopping (Ctrl-C again to kill everything now)');
+  // The 'exit' handler in lib/procs.ts kills whatever is still running.
+  process.exit(130);
+};
+process.on('SIGINT', onSignal);
+process.on('SIGTERM', onSignal);
+const tables: TableResult[] = [];
+try {
+  for (const bs of blockSizes) {
+    const t = await runTable(root, bs);
+    tables.push(t);
+    if (t.rows.length > 0) printTable(t);
+  }
+  printSummary(tables);
+  const out = argv.out ? resolve(argv.out) : join(REPO, 'bench', 'results', `perf-${startedAt.toISOString().replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.json`);
+  mkdirSync(dirname(out), { recursive: true });
+  const finishedAt = new Date();
+  writeFileSync(
+    out,
+    JSON.stringify(
+      {
+        version: 1,
+        command,
+        startedAt: startedAt.toISOString(),
+        finishedAt: finishedAt.toISOString(),
+        seconds: Math.round((finishedAt.getTime() - startedAt.getTime()) / 1000),
+        machine: { ...machine, loadAverageAtEnd: describeMachine(root).loadAverage },
+        options: { quick, blockSizes, reps, runtimeSec, rampSec, volumeSize, readCacheSize, writeCacheSize: argv['write-cache-size'] ?? 'nbdserve default', nodeSize: argv['node-size'], replication: 2, nodes: 3, jobs },
+        fioJobs: Object.fromEntries(jobs.map((j) => [j, jobArgs(j, region, runtimeSec, rampSec)])),
+        tables,
+      },
+      null,
+      2,
+    ) + '\n',
+  );
+  log(`results: ${out} (${Math.round((finishedAt.getTime() - startedAt.getTime()) / 1000)} s)`);
+} finally {
+  if (!argv.keep) rmSync(root, { recursive: true, force: true });
+}

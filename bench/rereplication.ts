@@ -1,0 +1,207 @@
+// Re-replication rate after a node loss, next to raw TCP between two local processes in the same
+// run: how close the rebalancer comes to what the machine can move.
+//
+//   node dist/bench/rereplication.js [--size 512MiB] [--reps 3] [--block-size 512KiB]
+//
+// Each repetition: etcd and four torusd on loopback (R=2, --rebalance-rate 10GiB so the rate
+// limit is out of the way), a volume filled with --size of random data, one node killed with
+// SIGKILL; once its lease is gone, `torusctl peer remove --force`. From the moment the ring
+// changed until every live block (data and inode pages) has 2 copies again, counted by asking
+// every node (HAS) every 100 ms. The bytes moved are the live blocks that had one reachable copy
+// after the kill, times the block size. Then the same byte count is sent over one TCP connection
+// (net.Socket, 1 MiB writes with backpressure) from this process to a child process that discards
+// it and answers when it has it all. Prints both rates and their ratio (medians over
+// repetitions, with min and max); writes JSON to bench/results/rereplication-<date>.json.
+import { spawn } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { cpus } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { parseSize } from '../src/core/units.js';
+import { VolumeClient } from '../src/volume/client.js';
+import { startCluster } from '../test/helpers/cluster.js';
+import { countCopies } from '../test/helpers/copies.js';
+import { REPO, ok } from '../test/helpers/procs.js';
+
+const { values } = parseArgs({
+  options: {
+    size: { type: 'string', default: '512MiB' },
+    reps: { type: 'string', default: '3' },
+    'block-size': { type: 'string', default: '512KiB' },
+  },
+});
+const SIZE = parseSize(values.size);
+const REPS = Math.max(1, Number(values.reps));
+const MiB = 1024 * 1024;
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+interface Rep {
+  liveBlocks: number;
+  blocksToCopy: number;
+  bytesToCopy: number;
+  seconds: number;
+  mibPerSec: number;
+  tcpSeconds: number;
+  tcpMibPerSec: number;
+  ratio: number;
+  fillMibPerSec: number;
+}
+
+/** One TCP connection from here to a child that discards `bytes` and says when it has them all. */
+async function tcpBlast(bytes: number): Promise<number> {
+  const child = spawn(
+    process.execPath,
+    [
+      '-e',
+      `const net = require('node:net');
+       const want = Number(process.argv[1]);
+       const srv = net.createServer((s) => {
+         let got = 0;
+         s.on('data', (d) => { got += d.length; if (got >= want) { s.end('done'); srv.close(); } });
+       });
+       srv.listen(0, '127.0.0.1', () => process.stdout.write(String(srv.address().port) + '\\n'));`,
+      String(bytes),
+    ],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  try {
+    const port = await new Promise<number>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('receiver did not start')), 10_000);
+      child.stdout!.once('data', (d: Buffer) => {
+        clearTimeout(timer);
+        resolve(Number(d.toString().trim()));
+      });
+    });
+    const chunk = Buffer.alloc(MiB);
+    randomFillSync(chunk);
+    const sock = net.connect(port, '127.0.0.1');
+    await new Promise<void>((r, j) => sock.once('connect', r).once('error', j));
+    const t = process.hrtime.bigint();
+    const done = new Promise<void>((r, j) => {
+      sock.once('data', () => r());
+      sock.once('error', j);
+    });
+    for (let sent = 0; sent < bytes; sent += chunk.length) {
+      const n = Math.min(chunk.length, bytes - sent);
+      if (!sock.write(n === chunk.length ? chunk : chunk.subarray(0, n))) await new Promise((r) => sock.once('drain', r));
+    }
+    await done;
+    const secs = Number(process.hrtime.bigint() - t) / 1e9;
+    sock.destroy();
+    return secs;
+  } finally {
+    child.kill('SIGKILL');
+  }
+}
+
+async function rep(i: number): Promise<Rep> {
+  const c = await startCluster({
+    nodes: 4,
+    replication: 2,
+    blockSize: values['block-size'],
+    size: `${Math.max(1, Math.ceil((SIZE * 2) / (1024 * MiB)))}GiB`,
+    torusdArgs: ['--rebalance-rate', '10GiB', '--heartbeat', '1s', '--gc-interval', '0'],
+  });
+  try {
+    const C = ['-C', c.etcd.endpoint];
+    await ok('torusctl', [...C, 'volume', 'create-block', 'r', String(SIZE)]);
+    const vc = await VolumeClient.open(c.meta);
+    const vol = await vc.openVolume('r');
+    const chunk = Buffer.alloc(4 * MiB);
+    const tf = Date.now();
+    for (let off = 0; off < SIZE; off += chunk.length) {
+      randomFillSync(chunk);
+      await vol.write(off, chunk.subarray(0, Math.min(chunk.length, SIZE - off)));
+    }
+    await vol.close();
+    await vc.close();
+    const fillMibPerSec = SIZE / MiB / ((Date.now() - tf) / 1000);
+
+    const victim = c.uuidOf(3);
+    await c.kill(3);
+    // The lease runs out (three 1 s heartbeats): the node is gone for good, as far as etcd knows.
+    for (let k = 0; (await c.meta.getPeers()).some((p) => p.uuid === victim); k++) {
+      if (k > 100) throw new Error('the killed node never left the registry');
+      await sleep(100);
+    }
+    const before = await countCopies(c.meta, c.client);
+    const blocksToCopy = before.histogram['1'] ?? 0;
+    if ((before.histogram['0'] ?? 0) > 0) throw new Error(`blocks lost: ${JSON.stringify(before.histogram)}`);
+    await ok('torusctl', [...C, 'peer', 'remove', '--force', victim]);
+    const t0 = Date.now();
+    let seconds = -1;
+    // Bounded: two minutes is far beyond any sane rate for the sizes this runs with.
+    while (Date.now() - t0 < 120_000) {
+      const r = await countCopies(c.meta, c.client);
+      if (r.min >= 2) {
+        seconds = (Date.now() - t0) / 1000;
+        break;
+      }
+      await sleep(100);
+    }
+    if (seconds < 0) throw new Error('re-replication did not finish within 120 s');
+    const bytesToCopy = blocksToCopy * c.blockSize;
+    const tcpSeconds = await tcpBlast(bytesToCopy);
+    const out: Rep = {
+      liveBlocks: before.live,
+      blocksToCopy,
+      bytesToCopy,
+      seconds,
+      mibPerSec: bytesToCopy / MiB / seconds,
+      tcpSeconds,
+      tcpMibPerSec: bytesToCopy / MiB / tcpSeconds,
+      ratio: 0,
+      fillMibPerSec,
+    };
+    out.ratio = out.mibPerSec / out.tcpMibPerSec;
+    console.log(
+      `rep ${i + 1}: ${blocksToCopy}/${before.live} blocks (${(bytesToCopy / MiB).toFixed(0)} MiB) re-replicated in ${seconds.toFixed(2)} s = ${out.mibPerSec.toFixed(1)} MiB/s; ` +
+        `TCP ${out.tcpMibPerSec.toFixed(0)} MiB/s; ratio ${out.ratio.toFixed(3)}`,
+    );
+    return out;
+  } finally {
+    await c.stop();
+  }
+}
+
+const started = new Date();
+console.log(`re-replication after a node loss: 4 nodes, R=2, ${values['block-size']} blocks, ${(SIZE / MiB).toFixed(0)} MiB volume, ${REPS} repetition(s)`);
+const reps: Rep[] = [];
+for (let i = 0; i < REPS; i++) reps.push(await rep(i));
+
+const stat = (xs: number[]): { median: number; min: number; max: number } => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+  return { median: m, min: s[0]!, max: s[s.length - 1]! };
+};
+const rr = stat(reps.map((r) => r.mibPerSec));
+const tcp = stat(reps.map((r) => r.tcpMibPerSec));
+const ratio = stat(reps.map((r) => r.ratio));
+const f = (s: { median: number; min: number; max: number }, d = 1): string => `${s.median.toFixed(d)} [${s.min.toFixed(d)}-${s.max.toFixed(d)}]`;
+console.log('');
+console.log(`re-replication      ${f(rr)} MiB/s`);
+console.log(`raw TCP (1 conn)    ${f(tcp, 0)} MiB/s`);
+console.log(`ratio               ${f(ratio, 3)}`);
+const dir = join(REPO, 'bench', 'results');
+mkdirSync(dir, { recursive: true });
+const file = join(dir, `rereplication-${started.toISOString().slice(0, 10)}.json`);
+writeFileSync(
+  file,
+  `${JSON.stringify(
+    {
+      date: started.toISOString(),
+      settings: { nodes: 4, replication: 2, blockSize: values['block-size'], volumeBytes: SIZE, reps: REPS, torusd: '--rebalance-rate 10GiB --heartbeat 1s --gc-interval 0' },
+      machine: { cpus: cpus().length, node: process.version },
+      rereplicationMiBps: rr,
+      tcpMiBps: tcp,
+      ratio,
+      reps,
+    },
+    null,
+    2,
+  )}\n`,
+);
+console.log(`wrote ${file}`);
+process.exit(0);
