@@ -59,6 +59,14 @@ export class EtcdMetadata implements MetadataService {
       // The library's default retries three times behind a breaker; a CLI user waiting on a
       // dead endpoint would then wait several deadlines. Callers here retry where it is safe.
       faultHandling: { host: () => noop, global: noop },
+      // A partition must show up as failed calls within seconds, and a healed one must be used
+      // again within seconds: gRPC's own defaults notice neither (reconnect backoff up to 120 s).
+      grpcOptions: {
+        'grpc.keepalive_time_ms': 10_000,
+        'grpc.keepalive_timeout_ms': 5000,
+        'grpc.initial_reconnect_backoff_ms': 500,
+        'grpc.max_reconnect_backoff_ms': 2000,
+      },
     });
   }
 
@@ -192,7 +200,8 @@ export class EtcdMetadata implements MetadataService {
   async registerPeer(info: PeerInfo, ttlMs: number): Promise<void> {
     let lease = await this.ensureLease(ttlMs);
     try {
-      await this.call('renew lease', () => lease.keepaliveOnce());
+      // keepaliveOnce is a stream call, which gets no deadline from defaultCallOptions.
+      await this.call('renew lease', () => withDeadline(lease.keepaliveOnce(), this.callTimeoutMs, 'renew lease'));
     } catch (err) {
       if (isTorusError(err, 'ETCD_UNAVAILABLE')) throw err;
       // The lease expired while we were cut off: take a fresh one.
@@ -239,4 +248,15 @@ export class EtcdMetadata implements MetadataService {
 
 function firstLine(s: string): string {
   return (s.split('\n')[0] ?? '').trim();
+}
+
+/** Rejects like a gRPC deadline (wrap() makes it ETCD_UNAVAILABLE) if `p` takes longer than `ms`. */
+function withDeadline<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  // If the deadline wins, a later failure of `p` is nobody's business, but must not go unhandled.
+  p.catch(() => undefined);
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new GRPCDeadlineExceededError(`${what}: deadline exceeded`)), ms);
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
 }
