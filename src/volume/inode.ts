@@ -222,7 +222,10 @@ export class InodeTree {
         let ptr: Pointer | null = null;
         if (!allZero(p.buf)) {
           ptr = { ref: allocRef(BlockType.INode), crc: crc32c(p.buf) >>> 0 };
-          puts.push(this.store.putBlock(ptr.ref, p.buf));
+          const put = this.store.putBlock(ptr.ref, p.buf);
+          // Observed now (the await on a parent page below may outlast it), judged when settled.
+          put.catch(() => undefined);
+          puts.push(put);
           written++;
         }
         if (level === this.depth - 1) this.root = ptr;
