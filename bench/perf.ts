@@ -85,6 +85,7 @@ const jobs = (argv.jobs ?? JOB_IDS.join(',')).split(',').map((s) => s.trim().toU
 for (const j of jobs) if (!JOB_IDS.includes(j)) throw new Error(`unknown job ${j}: expected some of ${JOB_IDS.join(',')}`);
 for (const b of blockSizes) parseSize(b);
 if (!Number.isInteger(reps) || reps < 1) throw new Error('--reps must be a positive integer');
+if (!(runtimeSec > 0) || !(rampSec >= 0)) throw new Error('--runtime must be a positive number of seconds, --ramp zero or more');
 if (reps < 3) process.stderr.write(`note: --reps ${reps} is below the 3 repetitions issue 8 asks for\n`);
 for (const t of ['fio', 'nbdkit']) if (!have(t)) throw new Error(`${t} is not installed (Debian: apt-get install -y ${t})`);
 
@@ -293,9 +294,9 @@ class Cluster {
   }
 }
 
-/** Runs fio and measures the CPU every server process used meanwhile. */
 type Measured = Pick<Run, 'fio' | 'cores' | 'sysCores' | 'machineCores' | 'otherCores' | 'switchesPerIo' | 'faultsPerMiB' | 'mainThread'>;
 
+/** Runs fio, and reads from /proc what every server process (and the machine) did meanwhile. */
 async function measured(c: Cluster, uri: string, name: string, args: string[], outDir: string): Promise<Measured> {
   const procs = c.serverProcs();
   const before = procs.map((p) => cpuTimes(p.pid));
@@ -565,12 +566,10 @@ const machine: Machine = describeMachine(root);
 const startedAt = new Date();
 const command = `node ${process.argv.slice(1).map((a) => a.replace(`${REPO}/`, '')).join(' ')}`;
 log(`${command}\n  machine: ${machine.cpuModel}, ${machine.cores} cores, ${fmtMiB(machine.memoryBytes)}, ${machine.kernel}, node ${machine.node}, ${machine.fio}, ${machine.nbdkit}; data on ${machine.dataFilesystem}; load ${machine.loadAverage.join(' ')}`);
-let interrupted = false;
-const onSignal = (): void => {
-  if (interrupted) process.exit(130);
-  interrupted = true;
-  log('interrupted: stopping (Ctrl-C again to kill everything now)');
-  // The 'exit' handler in lib/procs.ts kills whatever is still running.
+const onSignal = (sig: NodeJS.Signals): void => {
+  log(`${sig}: killing every process started and ${argv.keep ? 'keeping' : 'removing'} ${root}`);
+  // lib/procs.ts's 'exit' handler, registered first, SIGKILLs the children before this one runs.
+  if (!argv.keep) process.once('exit', () => rmSync(root, { recursive: true, force: true }));
   process.exit(130);
 };
 process.on('SIGINT', onSignal);
