@@ -14,6 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { createLab, netnsUnavailable, type Lab } from '../test/helpers/netns.js';
 import { startNsCluster } from '../test/helpers/ns-cluster.js';
+import { stopProcess, waitForOutput } from '../test/helpers/procs.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const INITIATOR = join(HERE, '..', 'test', 'helpers', 'aoe-initiator.js');
@@ -33,35 +34,6 @@ const SIZE_MIB = 256;
 
 type Kind = 'vblade (file)' | 'ours (memory)' | 'torusblk aoe (volume, write-through)' | 'torusblk aoe (volume, write-back)';
 const KINDS: Kind[] = ['vblade (file)', 'ours (memory)', 'torusblk aoe (volume, write-through)', 'torusblk aoe (volume, write-back)'];
-
-function waitFor(p: ChildProcess, pattern: RegExp, what: string, ms = 30_000): Promise<void> {
-  return new Promise((resolve, reject) => {
-    let seen = '';
-    const on = (d: Buffer): void => {
-      seen += d.toString();
-      if (pattern.test(seen)) finish();
-    };
-    const timer = setTimeout(() => finish(new Error(`${what} not ready:\n${seen}`)), ms);
-    const finish = (err?: Error): void => {
-      clearTimeout(timer);
-      p.stdout?.off('data', on);
-      p.stderr?.off('data', on);
-      if (err) reject(err);
-      else resolve();
-    };
-    p.stdout?.on('data', on);
-    p.stderr?.on('data', on);
-  });
-}
-
-async function stop(p: ChildProcess): Promise<void> {
-  if (p.exitCode !== null || p.signalCode !== null) return;
-  const gone = new Promise((r) => p.once('exit', r));
-  p.kill('SIGTERM');
-  const t = setTimeout(() => p.kill('SIGKILL'), 20_000);
-  await gone;
-  clearTimeout(t);
-}
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -95,13 +67,13 @@ async function main(): Promise<void> {
             const img = join(dir, 'vblade.img');
             spawnSync('truncate', ['-s', `${SIZE_MIB}M`, img]);
             target = lab.start(ns, 'vblade', ['7', '3', 'eth0', img]);
-            await waitFor(target, /e7\.3, \d+ sectors/, 'vblade');
+            await waitForOutput(target, /e7\.3, \d+ sectors/, 'vblade');
           } else if (kind === 'ours (memory)') {
             target = lab.start(ns, process.execPath, [MEMORY_TARGET, '--iface', 'eth0', '--shelf', '7', '--slot', '3', '--size', `${SIZE_MIB}MiB`]);
-            await waitFor(target, /"maxSectors"/, 'memory target');
+            await waitForOutput(target, /"maxSectors"/, 'memory target');
           } else {
             target = cluster.start('torusblk', ['aoe', 'v', 'eth0', '7', '3', ...(kind.includes('write-back') ? ['--write-back'] : [])]);
-            await waitFor(target, /serving v /, 'torusblk aoe');
+            await waitForOutput(target, /serving v /, 'torusblk aoe');
           }
           try {
             for (const op of ['write', 'read'] as const) {
@@ -119,7 +91,7 @@ async function main(): Promise<void> {
               process.stderr.write(`mtu ${mtu} ${kind} ${op}: ${row.opsPerSec4k.median} ops/s (min ${row.opsPerSec4k.min}, max ${row.opsPerSec4k.max})\n`);
             }
           } finally {
-            await stop(target);
+            await stopProcess(target, 'SIGTERM', 20_000);
           }
         }
       } finally {

@@ -2,13 +2,10 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { etcdBinary } from './etcd.js';
-import type { Lab } from './netns.js';
-import { BIN, REPO } from './procs.js';
+import { REPO } from './procs.js';
 
 // Running shell jobs in the small VM of ../shared/tools/vm/run-in-vm (a kernel with nbd.ko, which
-// this machine's kernel lacks), and a Torus cluster in a network namespace that listens on, and
-// advertises, an address a guest on that namespace's bridge can reach.
+// this machine's kernel lacks). A Torus cluster a guest can reach is ns-cluster.ts's, with `address`.
 
 export const RUN_IN_VM = process.env['TORUS_RUN_IN_VM'] ?? resolve(REPO, '..', 'shared', 'tools', 'vm', 'run-in-vm');
 
@@ -103,100 +100,4 @@ export function guestLibsForAddons(root: string): string {
     lines.push(`mkdir -p ${dirname(lib)}`, `base64 -d > ${lib} <<'LIB_B64'`, readFileSync(lib).toString('base64').replace(/(.{76})/g, '$1\n').trimEnd(), 'LIB_B64');
   }
   return lines.join('\n');
-}
-
-export interface AddressedCluster {
-  readonly ns: string;
-  /** etcd's client endpoint, ADDRESS:2379. */
-  readonly endpoint: string;
-  cli(name: 'torusctl' | 'torusblk', args: readonly string[], timeoutS?: number): { code: number; stdout: string; stderr: string };
-  ok(name: 'torusctl' | 'torusblk', args: readonly string[], timeoutS?: number): string;
-  /** Starts a long-running torusblk in the namespace against this cluster. */
-  start(name: 'torusblk', args: readonly string[]): ChildProcess;
-  /** Output of storage node i so far (for failure messages). */
-  nodeLog(i: number): string;
-  stop(): Promise<void>;
-}
-
-async function sleep(ms: number): Promise<void> {
-  await new Promise((r) => setTimeout(r, ms));
-}
-
-/**
- * etcd and storage nodes in namespace `ns`, on `address` (which the caller has put on an
- * interface there): every peer address is one that another machine on that segment can dial,
- * unlike ns-cluster.ts, whose cluster lives on the namespace's loopback.
- */
-export async function startAddressedCluster(
-  lab: Lab,
-  ns: string,
-  address: string,
-  opts: { nodes?: number; replication?: number; blockSize?: string; size?: string } = {},
-): Promise<AddressedCluster> {
-  const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'torus-addr-'));
-  const endpoint = `${address}:2379`;
-  const procs: ChildProcess[] = [];
-  const logs: string[] = [];
-  const cli: AddressedCluster['cli'] = (name, args, timeoutS = 60) => lab.run(ns, process.execPath, [BIN(name), '-C', endpoint, ...args], timeoutS);
-  const ok: AddressedCluster['ok'] = (name, args, timeoutS) => {
-    const r = cli(name, args, timeoutS);
-    if (r.code !== 0) throw new Error(`${name} ${args.join(' ')} exited ${r.code}:\n${r.stdout}${r.stderr}`);
-    return r.stdout;
-  };
-  const stop = async (): Promise<void> => {
-    for (const p of procs.reverse()) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-    await sleep(100);
-    rmSync(dir, { recursive: true, force: true });
-  };
-  try {
-    procs.push(
-      lab.start(ns, etcdBinary(), [
-        '--name', 'addr', '--data-dir', join(dir, 'etcd'),
-        '--listen-client-urls', `http://${endpoint}`, '--advertise-client-urls', `http://${endpoint}`,
-        '--listen-peer-urls', 'http://127.0.0.1:2380', '--initial-advertise-peer-urls', 'http://127.0.0.1:2380',
-        '--initial-cluster', 'addr=http://127.0.0.1:2380', '--log-level', 'error', '--logger', 'zap',
-      ]),
-    );
-    const init = ['init', '--block-size', opts.blockSize ?? '64KiB', '--replication', String(opts.replication ?? 2)];
-    for (let i = 0; ; i++) {
-      const r = cli('torusctl', init, 20);
-      if (r.code === 0) break;
-      if (i >= 40) throw new Error(`torusctl init never succeeded:\n${r.stdout}${r.stderr}`);
-      await sleep(250);
-    }
-    const nodes = opts.nodes ?? 2;
-    for (let i = 0; i < nodes; i++) {
-      const p = lab.start(ns, process.execPath, [
-        BIN('torusd'), '-C', endpoint, '--peer-address', `http://${address}:${40000 + i}`, '--data-dir', join(dir, `node${i}`),
-        '--size', opts.size ?? '512MiB', '--host', '127.0.0.1', '--port', String(41000 + i), '--heartbeat', '1s',
-      ]);
-      logs.push('');
-      p.stdout?.on('data', (d: Buffer) => (logs[i] = (logs[i]! + d.toString()).slice(-8000)));
-      p.stderr?.on('data', (d: Buffer) => (logs[i] = (logs[i]! + d.toString()).slice(-8000)));
-      procs.push(p);
-    }
-    for (let i = 0; ; i++) {
-      const peers = cli('torusctl', ['list-peers', '--json'], 20);
-      if (peers.code === 0 && (JSON.parse(peers.stdout) as unknown[]).length >= nodes) break;
-      if (i >= 80) throw new Error(`storage nodes did not register:\n${peers.stdout}${peers.stderr}\n${logs.join('\n')}`);
-      await sleep(250);
-    }
-    ok('torusctl', ['peer', 'add', '--all-peers']);
-  } catch (err) {
-    await stop();
-    throw err;
-  }
-  return {
-    ns,
-    endpoint,
-    cli,
-    ok,
-    start: (name, args) => {
-      const p = lab.start(ns, process.execPath, [BIN(name), '-C', endpoint, ...args]);
-      procs.push(p);
-      return p;
-    },
-    nodeLog: (i) => logs[i] ?? '',
-    stop,
-  };
 }

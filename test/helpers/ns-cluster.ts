@@ -8,10 +8,13 @@ import { BIN } from './procs.js';
 
 // A whole Torus cluster inside one network namespace of a Lab: etcd and the storage nodes on that
 // namespace's own loopback (fixed ports are free there), every process under `ip netns exec`, so
-// front ends on the namespace's Ethernet (AoE) can serve volumes from it.
+// front ends on the namespace's Ethernet (AoE) can serve volumes from it. With `address` (one the
+// caller has put on an interface in that namespace) etcd's client endpoint and every peer address
+// are on it instead, so that another machine on the segment (a VM's guest) can dial them.
 
 export interface NsCluster {
   readonly ns: string;
+  /** etcd's client endpoint, ADDRESS:2379. */
   readonly endpoint: string;
   /** Runs torusctl or torusblk in the namespace against this cluster; bounded. */
   cli(name: 'torusctl' | 'torusblk', args: readonly string[], timeoutS?: number): { code: number; stdout: string; stderr: string };
@@ -19,6 +22,8 @@ export interface NsCluster {
   ok(name: 'torusctl' | 'torusblk', args: readonly string[], timeoutS?: number): string;
   /** Starts a long-running torusblk in the namespace. */
   start(name: 'torusblk', args: readonly string[]): ChildProcess;
+  /** Output of storage node i so far, its last 8000 characters (for failure messages). */
+  nodeLog(i: number): string;
   stop(): Promise<void>;
 }
 
@@ -26,10 +31,16 @@ async function sleep(ms: number): Promise<void> {
   await new Promise((r) => setTimeout(r, ms));
 }
 
-export async function startNsCluster(lab: Lab, ns: string, opts: { nodes?: number; replication?: number; blockSize?: string } = {}): Promise<NsCluster> {
+export async function startNsCluster(
+  lab: Lab,
+  ns: string,
+  opts: { nodes?: number; replication?: number; blockSize?: string; size?: string; address?: string } = {},
+): Promise<NsCluster> {
   const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'torus-ns-'));
-  const endpoint = '127.0.0.1:2379';
+  const address = opts.address ?? '127.0.0.1';
+  const endpoint = `${address}:2379`;
   const procs: ChildProcess[] = [];
+  const logs: string[] = [];
   const cli: NsCluster['cli'] = (name, args, timeoutS = 60) => lab.run(ns, process.execPath, [BIN(name), '-C', endpoint, ...args], timeoutS);
   const ok: NsCluster['ok'] = (name, args, timeoutS) => {
     const r = cli(name, args, timeoutS);
@@ -61,15 +72,18 @@ export async function startNsCluster(lab: Lab, ns: string, opts: { nodes?: numbe
     const nodes = opts.nodes ?? 2;
     for (let i = 0; i < nodes; i++) {
       const p = lab.start(ns, process.execPath, [
-        BIN('torusd'), '-C', endpoint, '--peer-address', `http://127.0.0.1:${40000 + i}`, '--data-dir', join(dir, `node${i}`),
-        '--size', '512MiB', '--host', '127.0.0.1', '--port', String(41000 + i), '--heartbeat', '1s',
+        BIN('torusd'), '-C', endpoint, '--peer-address', `http://${address}:${40000 + i}`, '--data-dir', join(dir, `node${i}`),
+        '--size', opts.size ?? '512MiB', '--host', '127.0.0.1', '--port', String(41000 + i), '--heartbeat', '1s',
       ]);
+      logs.push('');
+      p.stdout?.on('data', (d: Buffer) => (logs[i] = (logs[i]! + d.toString()).slice(-8000)));
+      p.stderr?.on('data', (d: Buffer) => (logs[i] = (logs[i]! + d.toString()).slice(-8000)));
       procs.push(p);
     }
     for (let i = 0; ; i++) {
       const peers = cli('torusctl', ['list-peers', '--json'], 20);
       if (peers.code === 0 && (JSON.parse(peers.stdout) as unknown[]).length >= nodes) break;
-      if (i >= 80) throw new Error(`storage nodes did not register:\n${peers.stdout}${peers.stderr}`);
+      if (i >= 80) throw new Error(`storage nodes did not register:\n${peers.stdout}${peers.stderr}\n${logs.join('\n')}`);
       await sleep(250);
     }
     ok('torusctl', ['peer', 'add', '--all-peers']);
@@ -87,6 +101,7 @@ export async function startNsCluster(lab: Lab, ns: string, opts: { nodes?: numbe
       procs.push(p);
       return p;
     },
+    nodeLog: (i) => logs[i] ?? '',
     stop,
   };
 }

@@ -110,6 +110,49 @@ export async function startTorusd(
   return t;
 }
 
+/**
+ * Resolves with what `p` has printed (stdout and stderr, from the call on) once that matches
+ * `pattern`. Rejects, with that output in the message, if `p` exits first or `ms` pass; `what`
+ * names the process there. Stops listening either way.
+ */
+export function waitForOutput(p: ChildProcess, pattern: RegExp, what: string, ms = 30_000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let seen = '';
+    const onData = (d: Buffer): void => {
+      seen += d.toString();
+      if (pattern.test(seen)) done(undefined);
+    };
+    const onExit = (): void => done(new Error(`${what} exited before it was ready:\n${seen}`));
+    const timer = setTimeout(() => done(new Error(`${what} was not ready within ${ms} ms:\n${seen}`)), ms);
+    const done = (err: Error | undefined): void => {
+      clearTimeout(timer);
+      p.stdout?.off('data', onData);
+      p.stderr?.off('data', onData);
+      p.off('exit', onExit);
+      if (err) reject(err);
+      else resolve(seen);
+    };
+    p.stdout?.on('data', onData);
+    p.stderr?.on('data', onData);
+    p.once('exit', onExit);
+  });
+}
+
+/**
+ * Sends `signal` to `p` unless it has already exited, SIGKILLs it if it is still running
+ * `killAfterMs` later, and resolves with its exit code (null when a signal ended it, as the
+ * SIGKILL does).
+ */
+export async function stopProcess(p: ChildProcess, signal: NodeJS.Signals = 'SIGTERM', killAfterMs = 15_000): Promise<number | null> {
+  if (p.exitCode !== null || p.signalCode !== null) return p.exitCode;
+  const gone = new Promise<number | null>((r) => p.once('exit', (code) => r(code)));
+  p.kill(signal);
+  const timer = setTimeout(() => p.kill('SIGKILL'), killAfterMs);
+  const code = await gone;
+  clearTimeout(timer);
+  return code;
+}
+
 export function removeDir(dir: string): void {
   rmSync(dir, { recursive: true, force: true });
 }

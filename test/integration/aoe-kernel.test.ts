@@ -9,6 +9,7 @@ import { describe, test } from 'node:test';
 import { packageRoot, rawSocketAvailable } from '../../src/aoe/index.js';
 import { createLab, netnsUnavailable } from '../helpers/netns.js';
 import { startNsCluster, type NsCluster } from '../helpers/ns-cluster.js';
+import { stopProcess, waitForOutput } from '../helpers/procs.js';
 
 // The Linux kernel's own AoE initiator (aoe.ko, in a small VM: this machine's kernel has no aoe
 // module) against vblade first and then our target: the guest discovers e7.3 on a tap in the
@@ -22,6 +23,7 @@ const MEMORY_TARGET = join(HELPERS, 'aoe-memory-target.js');
 const ROOT = packageRoot() ?? resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 const RUN_IN_VM = resolve(ROOT, '..', 'shared', 'tools', 'vm', 'run-in-vm');
 const SIZE_MIB = 64;
+const READY_MS = 15_000;
 
 function missing(): string | undefined {
   if (!existsSync(RUN_IN_VM)) return `the VM tool is not at ${RUN_IN_VM}`;
@@ -58,35 +60,6 @@ dmesg | grep -E "aoe: .*(sectors|data frames)" || true
 echo KERNEL-AOE-OK
 `;
 
-function waitFor(p: ChildProcess, pattern: RegExp, what: string, ms = 15_000): Promise<void> {
-  return new Promise((res, rej) => {
-    let seen = '';
-    const timer = setTimeout(() => rej(new Error(`${what} not ready within ${ms} ms:\n${seen}`)), ms);
-    const on = (d: Buffer): void => {
-      seen += d.toString();
-      if (pattern.test(seen)) {
-        clearTimeout(timer);
-        res();
-      }
-    };
-    p.stdout?.on('data', on);
-    p.stderr?.on('data', on);
-    p.once('exit', () => {
-      clearTimeout(timer);
-      rej(new Error(`${what} exited:\n${seen}`));
-    });
-  });
-}
-
-async function stopTarget(p: ChildProcess): Promise<void> {
-  if (p.exitCode !== null || p.signalCode !== null) return;
-  const gone = new Promise((r) => p.once('exit', r));
-  p.kill('SIGTERM');
-  const t = setTimeout(() => p.kill('SIGKILL'), 15_000);
-  await gone;
-  clearTimeout(t);
-}
-
 describe('the Linux AoE initiator (in a VM) against vblade and our target', { skip }, () => {
   for (const kind of ['vblade', 'ours', 'torus volume'] as const) {
     test(`${kind}: discover, mkfs.ext4, mount, write, remount, verify, e2fsck clean`, async () => {
@@ -102,15 +75,15 @@ describe('the Linux AoE initiator (in a VM) against vblade and our target', { sk
           const img = join(dir, 'disk.img');
           spawnSync('truncate', ['-s', `${SIZE_MIB}M`, img]);
           target = lab.start(ns, 'vblade', ['7', '3', 'eth0', img]);
-          await waitFor(target, /e7\.3, \d+ sectors/, 'vblade');
+          await waitForOutput(target, /e7\.3, \d+ sectors/, 'vblade', READY_MS);
         } else if (kind === 'torus volume') {
           cluster = await startNsCluster(lab, ns);
           cluster.ok('torusctl', ['volume', 'create-block', 'v', `${SIZE_MIB}MiB`]);
           target = cluster.start('torusblk', ['aoe', 'v', 'eth0', '7', '3']);
-          await waitFor(target, /serving v .* as AoE target e7\.3/, 'torusblk aoe');
+          await waitForOutput(target, /serving v .* as AoE target e7\.3/, 'torusblk aoe', READY_MS);
         } else {
           target = lab.start(ns, process.execPath, [MEMORY_TARGET, '--iface', 'eth0', '--shelf', '7', '--slot', '3', '--size', `${SIZE_MIB}MiB`]);
-          await waitFor(target, /"maxSectors"/, 'aoe-memory-target');
+          await waitForOutput(target, /"maxSectors"/, 'aoe-memory-target', READY_MS);
         }
         target.stdout?.on('data', (d: Buffer) => (targetOut += d.toString()));
         target.stderr?.on('data', (d: Buffer) => (targetOut += d.toString()));
@@ -127,19 +100,19 @@ describe('the Linux AoE initiator (in a VM) against vblade and our target', { sk
           // What the kernel wrote, read back through NBD once the target has synced and let go.
           const guestMd5 = /DEVICE-MD5 ([0-9a-f]{32})/.exec(out)?.[1];
           assert.ok(guestMd5, 'the guest printed the device checksum');
-          await stopTarget(target);
+          await stopProcess(target);
           const srv = cluster.start('torusblk', ['nbdserve', '--read-only', '--listen', '127.0.0.1:10809']);
-          await waitFor(srv, /serving NBD/, 'torusblk nbdserve');
+          await waitForOutput(srv, /serving NBD/, 'torusblk nbdserve', READY_MS);
           const img = join(dir, 'volume.img');
           const copy = lab.run(ns, 'nbdcopy', ['nbd://127.0.0.1:10809/v', img], 120);
-          await stopTarget(srv);
+          await stopProcess(srv);
           assert.equal(copy.code, 0, copy.stderr);
           assert.equal(createHash('md5').update(readFileSync(img)).digest('hex'), guestMd5, 'the volume read through NBD is what the kernel wrote over AoE');
           const fsck = spawnSync('e2fsck', ['-fn', img], { encoding: 'utf8', timeout: 60_000 });
           assert.equal(fsck.status, 0, `e2fsck of the volume read through NBD: ${fsck.stdout}${fsck.stderr}`);
         }
       } finally {
-        if (target) await stopTarget(target);
+        if (target) await stopProcess(target);
         await cluster?.stop();
         if (kind === 'ours') console.log(`# target: ${targetOut.trim().split('\n').pop() ?? ''}`);
         lab.destroy();

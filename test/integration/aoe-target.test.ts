@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { rawSocketAvailable } from '../../src/aoe/index.js';
 import { createLab, netnsUnavailable, type Lab } from '../helpers/netns.js';
+import { stopProcess, waitForOutput } from '../helpers/procs.js';
 
 // Our AoE target and Debian's vblade, side by side, on a private Ethernet segment of network
 // namespaces: the same initiator script (test/helpers/aoe-initiator.ts, on the same raw socket
@@ -21,6 +22,9 @@ const INITIATOR = join(HELPERS, 'aoe-initiator.js');
 const MEMORY_TARGET = join(HELPERS, 'aoe-memory-target.js');
 const SIZE_MIB = 64;
 const SECTORS = (SIZE_MIB * 1024 * 1024) / 512;
+const READY_MS = 15_000;
+/** How long a target or capture gets to exit on its signal before SIGKILL. */
+const STOP_MS = 5000;
 
 function missing(): string | undefined {
   const ns = netnsUnavailable();
@@ -34,39 +38,6 @@ const skip = missing();
 if (skip) console.log(`# skipping AoE integration tests: ${skip}`);
 
 type Kind = 'vblade' | 'ours';
-
-/** Reads a child's output until `pattern` shows up; bounded. */
-function waitFor(p: ChildProcess, pattern: RegExp, what: string, ms = 15_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    let seen = '';
-    const onData = (d: Buffer): void => {
-      seen += d.toString();
-      if (pattern.test(seen)) done(undefined);
-    };
-    const onExit = (): void => done(new Error(`${what} exited before it was ready:\n${seen}`));
-    const timer = setTimeout(() => done(new Error(`${what} was not ready within ${ms} ms:\n${seen}`)), ms);
-    const done = (err: Error | undefined): void => {
-      clearTimeout(timer);
-      p.stdout?.off('data', onData);
-      p.stderr?.off('data', onData);
-      p.off('exit', onExit);
-      if (err) reject(err);
-      else resolve(seen);
-    };
-    p.stdout?.on('data', onData);
-    p.stderr?.on('data', onData);
-    p.once('exit', onExit);
-  });
-}
-
-async function stop(p: ChildProcess, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
-  if (p.exitCode !== null || p.signalCode !== null) return;
-  const gone = new Promise((r) => p.once('exit', r));
-  p.kill(signal);
-  const timer = setTimeout(() => p.kill('SIGKILL'), 5000);
-  await gone;
-  clearTimeout(timer);
-}
 
 describe('AoE target against real initiators on a namespace segment', { skip }, () => {
   let lab: Lab;
@@ -95,17 +66,17 @@ describe('AoE target against real initiators on a namespace segment', { skip }, 
       const img = join(dir, `vblade-${Date.now()}.img`);
       spawnSync('truncate', ['-s', `${SIZE_MIB}M`, img]);
       const p = labToUse.start(ns, 'vblade', ['7', '3', 'eth0', img]);
-      await waitFor(p, /e7\.3, \d+ sectors/, 'vblade');
+      await waitForOutput(p, /e7\.3, \d+ sectors/, 'vblade', READY_MS);
       return p;
     }
     const p = labToUse.start(ns, process.execPath, [MEMORY_TARGET, '--iface', 'eth0', '--shelf', '7', '--slot', '3', '--size', `${SIZE_MIB}MiB`]);
-    await waitFor(p, /"maxSectors"/, 'aoe-memory-target');
+    await waitForOutput(p, /"maxSectors"/, 'aoe-memory-target', READY_MS);
     return p;
   }
 
   async function startCapture(file: string): Promise<ChildProcess> {
     const p = lab.start(lab.hosts.target!.ns, 'tshark', ['-i', 'eth0', '-f', 'ether proto 0x88a2', '-a', 'duration:150', '-w', file]);
-    await waitFor(p, /Capturing on/, 'tshark');
+    await waitForOutput(p, /Capturing on/, 'tshark', READY_MS);
     return p;
   }
 
@@ -168,8 +139,8 @@ describe('AoE target against real initiators on a namespace segment', { skip }, 
           assert.deepEqual(initiator('init2', ['probe']), { discover: 'ok', identify: 'ok', read: 'ok', write: 'ok' });
         }
       } finally {
-        await stop(target);
-        await stop(capture, 'SIGINT');
+        await stopProcess(target, 'SIGTERM', STOP_MS);
+        await stopProcess(capture, 'SIGINT', STOP_MS);
       }
       checkCapture(pcap);
     });
@@ -188,7 +159,7 @@ describe('AoE target against real initiators on a namespace segment', { skip }, 
           assert.equal(s.maxSectors, 17);
           assert.deepEqual([s.lba28, s.lba48, s.crossRead], ['match', 'match', 'match'], kind);
         } finally {
-          await stop(target);
+          await stopProcess(target, 'SIGTERM', STOP_MS);
         }
       }
     } finally {
@@ -210,7 +181,7 @@ describe('AoE target against real initiators on a namespace segment', { skip }, 
               results.push({ target: kind, mtu, op, ...(JSON.parse(r.stdout.trim()) as Record<string, unknown>) });
             }
           } finally {
-            await stop(target);
+            await stopProcess(target, 'SIGTERM', STOP_MS);
           }
         }
       } finally {

@@ -7,9 +7,10 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { freePort } from '../helpers/etcd.js';
-import { guestLibsForAddons, runInVm, startAddressedCluster, vmUnavailable, type AddressedCluster } from '../helpers/kernel-vm.js';
+import { guestLibsForAddons, runInVm, vmUnavailable } from '../helpers/kernel-vm.js';
 import { createLab, netnsUnavailable, type Lab } from '../helpers/netns.js';
-import { BIN, ok, REPO } from '../helpers/procs.js';
+import { startNsCluster, type NsCluster } from '../helpers/ns-cluster.js';
+import { BIN, ok, REPO, stopProcess, waitForOutput } from '../helpers/procs.js';
 
 // The Linux kernel's NBD client (nbd.ko, in a small VM: this machine's kernel has no nbd module)
 // on Torus volumes, twice:
@@ -32,43 +33,12 @@ else if (nsSkip) console.log(`# skipping torusblk nbd inside the VM: ${nsSkip}`)
 
 const md5 = (b: Buffer): string => createHash('md5').update(b).digest('hex');
 
-function waitFor(p: ChildProcess, pattern: RegExp, what: string, ms = 30_000): Promise<void> {
-  return new Promise((res, rej) => {
-    let seen = '';
-    const timer = setTimeout(() => rej(new Error(`${what} not ready within ${ms} ms:\n${seen}`)), ms);
-    const on = (d: Buffer): void => {
-      seen += d.toString();
-      if (pattern.test(seen)) {
-        clearTimeout(timer);
-        res();
-      }
-    };
-    p.stdout?.on('data', on);
-    p.stderr?.on('data', on);
-    p.once('exit', () => {
-      clearTimeout(timer);
-      rej(new Error(`${what} exited:\n${seen}`));
-    });
-  });
-}
-
 /** Collects a process's output from now on. */
 function capture(p: ChildProcess): () => string {
   let out = '';
   p.stdout?.on('data', (d: Buffer) => (out += d.toString()));
   p.stderr?.on('data', (d: Buffer) => (out += d.toString()));
   return () => out;
-}
-
-/** Signals p and resolves with its exit code (SIGKILL after 30 s, which then shows as null). */
-async function stopWith(p: ChildProcess, sig: NodeJS.Signals): Promise<number | null> {
-  if (p.exitCode !== null || p.signalCode !== null) return p.exitCode;
-  const gone = new Promise<number | null>((r) => p.once('exit', (code) => r(code)));
-  p.kill(sig);
-  const t = setTimeout(() => p.kill('SIGKILL'), 30_000);
-  const code = await gone;
-  clearTimeout(t);
-  return code;
 }
 
 function sh(cmd: string, args: string[], timeoutS = 120): { code: number | null; out: Buffer; err: string } {
@@ -154,7 +124,7 @@ describe('the Linux kernel NBD client (in a VM) on Torus volumes', () => {
       const proc = spawn(process.execPath, [BIN('torusblk'), '-C', cluster!.etcd.endpoint, 'nbdserve', '--listen', `127.0.0.1:${port}`, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
       servers.push(proc);
       const log = capture(proc);
-      await waitFor(proc, /serving NBD on/, 'torusblk nbdserve');
+      await waitForOutput(proc, /serving NBD on/, 'torusblk nbdserve');
       return { proc, port, log };
     };
     try {
@@ -172,16 +142,16 @@ echo KERNEL-NBD-OK
       assertGuestChecks(vm.out, 'nbd-client');
       assert.match(vm.out, /KERNEL-NBD-OK/, 'nbd-client -d detached cleanly');
 
-      assert.equal(await stopWith(srv.proc, 'SIGTERM'), 0, `nbdserve exits 0 on SIGTERM:\n${srv.log()}`);
+      assert.equal(await stopProcess(srv.proc, 'SIGTERM', 30_000), 0, `nbdserve exits 0 on SIGTERM:\n${srv.log()}`);
       assert.match(srv.log(), /stopped; every volume synced/);
       const ro = await serve(['--read-only']);
       const img = join(dir, 'volume.img');
       const copy = sh('nbdcopy', [`nbd://127.0.0.1:${ro.port}/v`, img], 120);
       assert.equal(copy.code, 0, `nbdcopy: ${copy.err}\n${ro.log()}`);
-      assert.equal(await stopWith(ro.proc, 'SIGTERM'), 0, ro.log());
+      assert.equal(await stopProcess(ro.proc, 'SIGTERM', 30_000), 0, ro.log());
       checkImage(img, vm.out);
     } finally {
-      for (const p of servers) await stopWith(p, 'SIGKILL');
+      for (const p of servers) await stopProcess(p, 'SIGKILL', 30_000);
       await cluster?.stop();
       rmSync(dir, { recursive: true, force: true });
     }
@@ -190,7 +160,7 @@ echo KERNEL-NBD-OK
   test('torusblk nbd VOLUME /dev/nbd0 inside the guest, cluster in a namespace on its segment', { skip: nsSkip, timeout: 240_000 }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'nbd-kernel-'));
     let lab: Lab | undefined;
-    let cluster: AddressedCluster | undefined;
+    let cluster: NsCluster | undefined;
     try {
       lab = createLab({ hosts: [] });
       const ns = lab.bridgeNs;
@@ -199,7 +169,7 @@ echo KERNEL-NBD-OK
       const addr = spawnSync('ip', ['-n', ns, 'addr', 'add', '10.0.3.1/24', 'dev', 'br0'], { encoding: 'utf8', timeout: 10_000 });
       assert.equal(addr.status, 0, addr.stderr);
       lab.addTap('tap0');
-      cluster = await startAddressedCluster(lab, ns, '10.0.3.1', { nodes: 2, replication: 2, blockSize: '64KiB', size: '512MiB' });
+      cluster = await startNsCluster(lab, ns, { address: '10.0.3.1', nodes: 2, replication: 2, blockSize: '64KiB', size: '512MiB' });
       cluster.ok('torusctl', ['volume', 'create-block', 'v', '256MiB']);
       const job = `set -e
 ${guestLibsForAddons(REPO)}
@@ -235,11 +205,11 @@ echo KERNEL-TORUSBLK-OK
       // torusblk has synced and gone: a fresh server in the namespace reads what the kernel wrote.
       const srv = cluster.start('torusblk', ['nbdserve', '--read-only', '--listen', '127.0.0.1:10809']);
       const log = capture(srv);
-      await waitFor(srv, /serving NBD on/, 'torusblk nbdserve');
+      await waitForOutput(srv, /serving NBD on/, 'torusblk nbdserve');
       const img = join(dir, 'volume.img');
       const copy = lab.run(ns, 'nbdcopy', ['nbd://127.0.0.1:10809/v', img], 120);
       assert.equal(copy.code, 0, `nbdcopy: ${copy.stderr}\n${log()}`);
-      assert.equal(await stopWith(srv, 'SIGTERM'), 0, log());
+      assert.equal(await stopProcess(srv, 'SIGTERM', 30_000), 0, log());
       checkImage(img, vm.out);
     } finally {
       await cluster?.stop();

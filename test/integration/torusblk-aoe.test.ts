@@ -9,7 +9,7 @@ import { after, before, describe, test } from 'node:test';
 import { rawSocketAvailable } from '../../src/aoe/index.js';
 import { createLab, netnsUnavailable, type Lab } from '../helpers/netns.js';
 import { startNsCluster, type NsCluster } from '../helpers/ns-cluster.js';
-import { BIN } from '../helpers/procs.js';
+import { BIN, stopProcess, waitForOutput } from '../helpers/procs.js';
 
 // `torusblk aoe` serving a real volume from a real cluster, all inside network namespaces: the
 // cluster (etcd + two torusd) and the target in one host namespace, our test initiator in another,
@@ -30,39 +30,6 @@ function missing(): string | undefined {
 }
 const skip = missing();
 if (skip) console.log(`# skipping torusblk aoe tests: ${skip}`);
-
-function waitFor(p: ChildProcess, pattern: RegExp, what: string, ms = 30_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    let seen = '';
-    const onData = (d: Buffer): void => {
-      seen += d.toString();
-      if (pattern.test(seen)) done(undefined);
-    };
-    const onExit = (): void => done(new Error(`${what} exited before it was ready:\n${seen}`));
-    const timer = setTimeout(() => done(new Error(`${what} was not ready within ${ms} ms:\n${seen}`)), ms);
-    const done = (err: Error | undefined): void => {
-      clearTimeout(timer);
-      p.stdout?.off('data', onData);
-      p.stderr?.off('data', onData);
-      p.off('exit', onExit);
-      if (err) reject(err);
-      else resolve(seen);
-    };
-    p.stdout?.on('data', onData);
-    p.stderr?.on('data', onData);
-    p.once('exit', onExit);
-  });
-}
-
-async function stop(p: ChildProcess, signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
-  if (p.exitCode !== null || p.signalCode !== null) return p.exitCode;
-  const gone = new Promise<number | null>((r) => p.once('exit', (code) => r(code)));
-  p.kill(signal);
-  const timer = setTimeout(() => p.kill('SIGKILL'), 15_000);
-  const code = await gone;
-  clearTimeout(timer);
-  return code;
-}
 
 describe('torusblk aoe: a cluster volume over AoE, read back through NBD', { skip }, () => {
   let lab: Lab;
@@ -92,13 +59,13 @@ describe('torusblk aoe: a cluster volume over AoE, read back through NBD', { ski
   async function readOverNbd(exportName: string, offset: number, length: number): Promise<Buffer> {
     const srv = cluster.start('torusblk', ['nbdserve', '--read-only', '--listen', '127.0.0.1:10809']);
     try {
-      await waitFor(srv, /serving NBD/, 'torusblk nbdserve');
+      await waitForOutput(srv, /serving NBD/, 'torusblk nbdserve');
       const out = join(dir, `nbd-${Date.now()}.img`);
       const r = lab.run(cluster.ns, 'nbdcopy', [`nbd://127.0.0.1:10809/${encodeURIComponent(exportName)}`, out], 60);
       assert.equal(r.code, 0, `nbdcopy: ${r.stdout}${r.stderr}`);
       return readFileSync(out).subarray(offset, offset + length);
     } finally {
-      assert.equal(await stop(srv), 0);
+      assert.equal(await stopProcess(srv), 0);
     }
   }
 
@@ -119,7 +86,7 @@ describe('torusblk aoe: a cluster volume over AoE, read back through NBD', { ski
     let output = '';
     target.stdout?.on('data', (d: Buffer) => (output += d.toString()));
     target.stderr?.on('data', (d: Buffer) => (output += d.toString()));
-    await waitFor(target, /serving v .* as AoE target e7\.3 on eth0 .*write-through/, 'torusblk aoe');
+    await waitForOutput(target, /serving v .* as AoE target e7\.3 on eth0 .*write-through/, 'torusblk aoe');
 
     // A second writer is refused while the target holds the volume.
     const second = cluster.cli('torusblk', ['aoe', 'v', 'eth0', '7', '4']);
@@ -146,7 +113,7 @@ describe('torusblk aoe: a cluster volume over AoE, read back through NBD', { ski
     const b = randomBytes(MiB);
     writeFileSync(join(dir, 'b'), b);
     assert.deepEqual(initiator(['put', '--file', join(dir, 'b'), '--lba', '20480']), { sectors: 2048 });
-    await stop(target, 'SIGKILL');
+    await stopProcess(target, 'SIGKILL');
     assert.ok((await readOverNbd('v', 20480 * 512, MiB)).equals(b), 'acknowledged writes survive SIGKILL of the target');
     assert.ok((await readOverNbd('v', 8192 * 512, MiB)).equals(a));
   });
@@ -157,7 +124,7 @@ describe('torusblk aoe: a cluster volume over AoE, read back through NBD', { ski
     for (let i = 0; i < 60 && !target; i++) {
       const t = cluster.start('torusblk', ['aoe', 'v', 'eth0', '7', '3', '--write-back', '--sync-interval', '1h']);
       try {
-        await waitFor(t, /serving v .*write-back/, 'torusblk aoe --write-back');
+        await waitForOutput(t, /serving v .*write-back/, 'torusblk aoe --write-back');
         target = t;
       } catch {
         await new Promise((r) => setTimeout(r, 1000));
@@ -173,7 +140,7 @@ describe('torusblk aoe: a cluster volume over AoE, read back through NBD', { ski
     const d = randomBytes(MiB);
     writeFileSync(join(dir, 'd'), d);
     initiator(['put', '--file', join(dir, 'd'), '--lba', '40960']);
-    assert.equal(await stop(target, 'SIGTERM'), 0);
+    assert.equal(await stopProcess(target, 'SIGTERM'), 0);
     assert.ok((await readOverNbd('v', 40960 * 512, MiB)).equals(d), 'SIGTERM syncs before the target exits');
   });
 });
