@@ -1,6 +1,8 @@
 import { crc32c } from '@node-rs/crc32';
 import assert from 'node:assert/strict';
 import { open, readFile, stat, writeFile } from 'node:fs/promises';
+import fs from 'node:fs';
+import { syncBuiltinESMExports } from 'node:module';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { blockRefKey } from '../core/ids.js';
@@ -53,8 +55,29 @@ async function flipByte(dir: string, file: string, offset: number): Promise<void
   await poke(dir, file, offset, Buffer.from([b[0]! ^ 0x5a]));
 }
 
+/**
+ * Delays every callback-style fs.read (the store's read path) by `ms` for the duration of `fn`;
+ * returns how many it delayed, so a test can prove the delay took effect.
+ */
+async function delayFsReads(ms: number, fn: () => Promise<void>): Promise<number> {
+  const orig = fs.read;
+  let delayed = 0;
+  (fs as { read: unknown }).read = (...args: unknown[]): void => {
+    delayed++;
+    setTimeout(() => (orig as (...a: unknown[]) => void)(...args), ms);
+  };
+  syncBuiltinESMExports();
+  try {
+    await fn();
+    return delayed;
+  } finally {
+    (fs as { read: unknown }).read = orig;
+    syncBuiltinESMExports();
+  }
+}
+
 /** Patches a FileHandle method for the duration of `fn` (every handle in this process). */
-async function patchFileHandle<K extends 'read' | 'datasync'>(
+async function patchFileHandle<K extends 'datasync'>(
   method: K,
   wrap: (orig: (...args: unknown[]) => Promise<unknown>) => (...args: unknown[]) => Promise<unknown>,
   fn: () => Promise<void>,
@@ -365,6 +388,34 @@ describe('FileBlockStore', () => {
       }
     }));
 
+  it('caches checksum arrays per slot generation: a reused slot and a corrupted sector are still caught', () =>
+    withTmpDir(async (dir) => {
+      const s = await openStore(dir, 1);
+      try {
+        const a = dataRef(1, 1, 0);
+        const b = dataRef(1, 1, 1);
+        await s.putBlock(a, pattern(1, B));
+        const loc = s.locate(a)!;
+        assert.deepEqual(await s.readRange(a, 4096, 4096), pattern(1, B).subarray(4096, 8192));
+        // The second ranged read uses the cached array: one pread instead of two.
+        const reads = await delayFsReads(0, async () => {
+          assert.deepEqual(await s.readRange(a, 8192, 100), pattern(1, B).subarray(8192, 8292));
+        });
+        assert.equal(reads, 1);
+        // A sector changed on disk after its array was cached still fails its check.
+        await flipByte(dir, DATA_FILE, loc.dataOffset + 3 * 4096 + 5);
+        await rejectsWith(s.readRange(a, 3 * 4096, 10), 'CORRUPT', /sector 3/);
+        // The slot goes to another block: its new array, not the cached one, applies.
+        await s.flush();
+        await s.putBlock(b, pattern(2, B));
+        assert.equal(s.locate(b)!.slot, loc.slot);
+        assert.deepEqual(await s.readRange(b, 4096, 4096), pattern(2, B).subarray(4096, 8192));
+        assert.deepEqual(await s.getBlock(b), pattern(2, B));
+      } finally {
+        await s.close();
+      }
+    }));
+
   it('never hands a slot with a read in flight to another block', () =>
     withTmpDir(async (dir) => {
       const s = await openStore(dir, 1);
@@ -372,21 +423,14 @@ describe('FileBlockStore', () => {
         const a = dataRef(1, 1, 0);
         const b = dataRef(1, 1, 1);
         await s.putBlock(a, pattern(1, B));
-        await patchFileHandle(
-          'read',
-          (orig) =>
-            async function (this: unknown, ...args: unknown[]) {
-              await sleep(40);
-              return orig.apply(this, args);
-            },
-          async () => {
-            const reading = s.getBlock(a);
-            await s.deleteBlock(a);
-            const putting = s.putBlock(b, pattern(2, B)); // needs the only slot, still being read
-            assert.deepEqual(await reading, pattern(1, B));
-            await putting;
-          },
-        );
+        const delayed = await delayFsReads(40, async () => {
+          const reading = s.getBlock(a);
+          await s.deleteBlock(a);
+          const putting = s.putBlock(b, pattern(2, B)); // needs the only slot, still being read
+          assert.deepEqual(await reading, pattern(1, B));
+          await putting;
+        });
+        assert.ok(delayed > 0, 'the read was delayed');
         assert.deepEqual(await s.getBlock(b), pattern(2, B));
         assert.equal(s.hasBlock(a), false);
       } finally {
