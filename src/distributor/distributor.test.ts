@@ -189,3 +189,33 @@ test('unflushed data is bounded: past the limit a put flushes first', async () =
   assert.ok(transport.calls.flush >= 2, 'automatic flushes happened');
   assert.ok(dist.unflushedBytes <= 4 * BS);
 });
+
+test('ranged reads fill the cache by 4 KiB chunk: a re-read hits, a read of other chunks goes out', async () => {
+  const big = 4 * BS;
+  const transport = new MemoryTransport();
+  const store = new MemoryBlockStore({ blockSize: big, capacityBlocks: 10 });
+  transport.add('only', store);
+  const ring = createRing(newRingModel('ketama', 1, [{ uuid: 'only', totalBlocks: 10 }], 2));
+  const dist = new Distributor({ blockSize: big, ring: () => ring, target: (u) => ({ uuid: u, address: 'mem://only' }), transport, readCacheBytes: 8 * big });
+  const data = Buffer.concat([block(1), block(2), block(3), block(4)]);
+  const r = ref(7);
+  await store.putBlock(r, data); // straight to the replica: the distributor has not cached it
+  const gets = (): number => transport.calls.get;
+  const g0 = gets();
+  assert.deepEqual(await dist.readRange(r, BS + 100, 50), data.subarray(BS + 100, BS + 150));
+  assert.equal(gets(), g0 + 1);
+  // Same chunk, other bytes: from the cache.
+  assert.deepEqual(await dist.readRange(r, BS, BS), data.subarray(BS, 2 * BS));
+  assert.equal(gets(), g0 + 1);
+  // Spanning a cached and an uncached chunk: fetched, then both are cached.
+  assert.deepEqual(await dist.readRange(r, 2 * BS - 10, 20), data.subarray(2 * BS - 10, 2 * BS + 10));
+  assert.equal(gets(), g0 + 2);
+  assert.deepEqual(await dist.readRange(r, BS + 5, BS + 10), data.subarray(BS + 5, 2 * BS + 15));
+  assert.equal(gets(), g0 + 2);
+  assert.ok(dist.stats.cacheHits >= 2);
+  // Without a cache every ranged read goes to a replica.
+  const plain = new Distributor({ blockSize: big, ring: () => ring, target: (u) => ({ uuid: u, address: 'mem://only' }), transport });
+  await plain.readRange(r, 0, 10);
+  await plain.readRange(r, 0, 10);
+  assert.equal(gets(), g0 + 4);
+});
