@@ -95,6 +95,12 @@ export interface Extent {
   readonly zero: boolean;
 }
 
+/** How a caller hands a block to a store. */
+export interface PutBlockOptions {
+  /** The caller never modifies the data again, so the store may keep it instead of copying. */
+  readonly immutable?: boolean;
+}
+
 /**
  * A byte-addressable virtual disk: what the NBD and AoE front ends serve. A Torus volume is one;
  * tests use an in-memory one. Offsets and lengths are bytes; every method throws TorusError
@@ -107,8 +113,12 @@ export interface BlockDevice {
   readonly blockSize: number;
   readonly readOnly: boolean;
   read(offset: number, length: number): Promise<Buffer>;
-  /** `fua`: durable before it resolves, as if followed by flush(). */
-  write(offset: number, data: Uint8Array, fua?: boolean): Promise<void>;
+  /**
+   * `fua`: durable before it resolves, as if followed by flush(). `adopt`: the caller hands `data`
+   * over and never touches it again, so the device may keep it instead of copying (the NBD server
+   * passes request payloads it owns).
+   */
+  write(offset: number, data: Uint8Array, fua?: boolean, adopt?: boolean): Promise<void>;
   /** Makes every write completed before the call durable. */
   flush(): Promise<void>;
   /** Discards a range: it reads as zeros afterwards and whole blocks free their storage. */

@@ -1,7 +1,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { TorusError, isTorusError, toTorusError, type ErrorCode } from '../core/errors.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
-import type { BlockStore, Ring } from '../core/interfaces.js';
+import type { BlockStore, PutBlockOptions, Ring } from '../core/interfaces.js';
 import { BlockCache } from './lru.js';
 import type { PeerTarget, PeerTransport } from './transport.js';
 
@@ -104,7 +104,7 @@ export class Distributor {
    * it; a failed owner is replaced by the next peer in ring order, and fewer than R successes is
    * an error, never a quiet partial success. Durable after `flush`.
    */
-  async putBlock(ref: BlockRef, data: Uint8Array): Promise<void> {
+  async putBlock(ref: BlockRef, data: Uint8Array, opts: PutBlockOptions = {}): Promise<void> {
     if (data.length > this.blockSize) throw new TorusError('INVALID_ARGUMENT', `block of ${data.length} bytes exceeds the block size ${this.blockSize}`);
     if (this.pendingBytes >= this.maxPendingBytes) {
       // Memory pressure: make what is pending durable (and forgettable) before taking more.
@@ -112,8 +112,8 @@ export class Distributor {
       await this.autoFlush;
     }
     // One private copy serves the replicas, the re-send after a failed flush, and the cache:
-    // the caller owns `data` and may reuse it as soon as we return.
-    const block = padTo(data, this.blockSize);
+    // the caller owns `data` and may reuse it as soon as we return, unless it says it never will.
+    const block = opts.immutable && data.length === this.blockSize ? asBuffer(data) : padTo(data, this.blockSize);
     const ring = this.opts.ring();
     const perm = ring.getPeers(ref);
     if (perm.peers.length === 0 || perm.replication === 0)
@@ -481,6 +481,10 @@ interface PendingBlock {
 const CACHE_CHUNK = 4096;
 /** Ranged reads spanning more chunks than this are not cached (they are rare and large). */
 const MAX_CACHED_CHUNKS = 16;
+
+function asBuffer(data: Uint8Array): Buffer {
+  return Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+}
 
 function padTo(data: Uint8Array, size: number): Buffer {
   const b = Buffer.alloc(size);

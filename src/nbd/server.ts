@@ -773,7 +773,8 @@ class Connection {
           return await this.read(req, d);
         case Cmd.WRITE:
           // zero-length writes are legal and mean nothing; a device need not handle them
-          if (req.payload && req.payload.length > 0) await d.write(req.offset, req.payload, fua);
+          // The payload is ours (the decoder's take()): the device may keep it without a copy.
+          if (req.payload && req.payload.length > 0) await d.write(req.offset, req.payload, fua, true);
           return this.ok(req.handle);
         case Cmd.FLUSH:
           await d.flush();

@@ -1,6 +1,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { TorusError } from '../core/errors.js';
 import { BLOCK_REF_SIZE, BlockType, decodeBlockRef, encodeBlockRef, isZeroRef, type BlockRef } from '../core/ids.js';
+import type { PutBlockOptions } from '../core/interfaces.js';
 import type { Head, Pointer } from './records.js';
 
 // The inode: a volume's map from block index to the block holding it, kept as a copy-on-write
@@ -22,7 +23,8 @@ export const ENTRY_SIZE = 32;
 /** The part of the distributor the volume layer needs. */
 export interface VolumeBlockStore {
   readonly blockSize: number;
-  putBlock(ref: BlockRef, data: Uint8Array): Promise<void>;
+  /** `opts.immutable`: the caller never modifies `data` again, so the store may keep it uncopied. */
+  putBlock(ref: BlockRef, data: Uint8Array, opts?: PutBlockOptions): Promise<void>;
   /** The whole block, checked against `crc` (CRC32C of the block) when given. */
   getBlock(ref: BlockRef, crc?: number): Promise<Buffer>;
   readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer>;

@@ -8,7 +8,7 @@ import { VolumeMeta } from './meta.js';
 import type { VolumeContext } from './volume.js';
 
 /** A whole cluster in memory (metadata, three stores at R=2, a distributor) for volume unit tests. */
-export async function memoryCluster(blockSize = 4096, capacityBlocks = 100_000) {
+export async function memoryCluster(blockSize = 4096, capacityBlocks = 100_000, readCacheBytes = 0) {
   const md = new MemoryMetadataStore();
   const meta = md.client();
   const transport = new MemoryTransport();
@@ -18,7 +18,7 @@ export async function memoryCluster(blockSize = 4096, capacityBlocks = 100_000) 
     return s;
   });
   const ring = createRing(newRingModel('ketama', 2, ['a', 'b', 'c'].map((uuid) => ({ uuid, totalBlocks: capacityBlocks })), 2));
-  const dist = new Distributor({ blockSize, ring: () => ring, target: (uuid) => ({ uuid, address: `mem://${uuid}` }), transport });
+  const dist = new Distributor({ blockSize, ring: () => ring, target: (uuid) => ({ uuid, address: `mem://${uuid}` }), transport, readCacheBytes });
   const vmeta = new VolumeMeta(meta.kv());
   const session: KVSession = await meta.kv().session(10_000);
   const ctx: VolumeContext = { meta: vmeta, store: dist, session };

@@ -196,6 +196,34 @@ test('snapshots, restore and clones round-trip byte-exact', async () => {
   assert.ok((await orig.read(0, 8 * BS)).equals(one), 'the clone did not change its parent');
 });
 
+test('adopted whole-block writes are stored without a copy and never change once synced', async () => {
+  // With a read cache the distributor keeps the very buffer the writer handed over.
+  const c = await memoryCluster(BS, 100_000, 64 * BS);
+  await c.vmeta.create('v', 8 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  const one = randomBytes(4 * BS);
+  await vol.write(0, Buffer.from(one), false, true);
+  await vol.flush();
+  await c.vmeta.createSnapshot('v', 's1');
+  // A partial write to an adopted, synced block, one during a sync, and a whole-block rewrite.
+  await vol.write(10, Buffer.alloc(100, 7));
+  const syncing = vol.flush();
+  await vol.write(BS + 10, Buffer.alloc(100, 8));
+  await vol.write(2 * BS, Buffer.alloc(BS, 9), false, true);
+  await syncing;
+  await vol.flush();
+  const now = Buffer.from(one);
+  now.fill(7, 10, 110);
+  now.fill(8, BS + 10, BS + 110);
+  now.fill(9, 2 * BS, 3 * BS);
+  assert.ok((await vol.read(0, 4 * BS)).equals(now));
+  const snap = await BlockVolume.open(c.ctx, 'v', { snapshot: 's1' });
+  assert.ok((await snap.read(0, 4 * BS)).equals(one), 'the snapshot still reads what was synced then');
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 4 * BS)).equals(now));
+});
+
 test('resize grows and, only when allowed, shrinks', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 4 * BS);

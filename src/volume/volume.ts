@@ -204,13 +204,15 @@ export class BlockVolume implements BlockDevice {
     }
   }
 
-  async write(offset: number, data: Uint8Array, fua = false): Promise<void> {
+  async write(offset: number, data: Uint8Array, fua = false, adopt = false): Promise<void> {
     this.checkWritable();
     this.checkRange(offset, data.length);
     const waits: Promise<void>[] = [];
     for (const { index, start, n, at } of this.pieces(offset, data.length)) {
       const src = data.subarray(at, at + n);
-      if (n === this.blockSize && !this.loading.has(index)) this.setWhole(index, Buffer.from(src));
+      // An adopted whole block is kept as it is: it becomes the dirty block and, at the sync, the
+      // block the replicas receive and the cache keeps, with no copy on the way.
+      if (n === this.blockSize && !this.loading.has(index)) this.setWhole(index, adopt ? Buffer.from(src.buffer, src.byteOffset, n) : Buffer.from(src));
       else {
         const w = this.modifyBlock(index, (buf) => buf.set(src, start));
         if (w) waits.push(w);
@@ -294,7 +296,9 @@ export class BlockVolume implements BlockDevice {
         let ptr: Pointer | null = null;
         if (buf) {
           ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(buf) >>> 0 };
-          const put = this.ctx.store.putBlock(ptr.ref, buf);
+          // Immutable from here on: later writes to the block copy it (modifyBlock loads from
+          // `syncing`), and a failed sync hands back copies (below).
+          const put = this.ctx.store.putBlock(ptr.ref, buf, { immutable: true });
           // Handled now, judged at allSettled below: a put that fails while tree.set awaits a
           // page load must not be an unhandled rejection (Node would end the process).
           put.catch(() => undefined);
@@ -323,7 +327,8 @@ export class BlockVolume implements BlockDevice {
       this.tree = this.newTree(this.committed);
       for (const [index, buf] of taken) {
         if (this.dirty.has(index)) continue;
-        this.dirty.set(index, buf);
+        // A copy: the distributor may still hold `buf` for re-sending, and dirty blocks change.
+        this.dirty.set(index, buf && Buffer.from(buf));
         if (buf) this.dirtyBytes += this.blockSize;
       }
       if (isTorusError(err, 'LOCKED')) this.fenced ??= err;
