@@ -54,13 +54,13 @@ describe('README steps 2-5', () => {
 
   test('step 2: init, init --view, and init twice', async () => {
     const out = await ok('torusctl', [...C, 'init']);
-    assert.match(out, /Initialized cluster: block size 512 KiB, ketama ring, replication 2/);
+    assert.match(out, /Initialized cluster: block size 128 KiB, ketama ring, replication 2/);
     const view = JSON.parse(await ok('torusctl', [...C, 'init', '--view', '--json'])) as { blockSize: number; clusterId: string; ring: { type: string; replication: number; version: number } };
-    assert.equal(view.blockSize, 512 * 1024);
+    assert.equal(view.blockSize, 128 * 1024);
     assert.match(view.clusterId, /^[0-9a-f-]{36}$/);
     assert.deepEqual([view.ring.type, view.ring.replication, view.ring.version], ['ketama', 2, 1]);
     const text = await ok('torusctl', [...C, 'init', '--view']);
-    assert.match(text, /Block size: 524288 bytes \(512 KiB\)/);
+    assert.match(text, /Block size: 131072 bytes \(128 KiB\)/);
     const again = await runCli('torusctl', [...C, 'init']);
     assert.equal(again.code, 5);
     assert.match(again.stderr, /already initialized/);
@@ -152,7 +152,7 @@ describe('README steps 2-5', () => {
     const m = await fetch(`http://127.0.0.1:${n.httpPort}/metrics`);
     assert.equal(m.status, 200);
     const text = await m.text();
-    assert.match(text, /^torus_storage_blocks_total 128$/m);
+    assert.match(text, /^torus_storage_blocks_total 512$/m);
     assert.match(text, /^torus_server_heartbeats_total \d+/m);
     assert.match(text, /^torus_ring_version \d+/m);
     const h = await fetch(`http://127.0.0.1:${n.httpPort}/healthz`);
@@ -284,7 +284,7 @@ describe('config profiles and wipe', () => {
     const no = await runCli('torusctl', [...C, 'wipe'], { input: 'no\n' });
     assert.notEqual(no.code, 0);
     assert.match(no.stderr, /not confirmed/);
-    assert.equal((JSON.parse(await ok('torusctl', [...C, 'init', '--view', '--json'])) as { blockSize: number }).blockSize, 524288);
+    assert.equal((JSON.parse(await ok('torusctl', [...C, 'init', '--view', '--json'])) as { blockSize: number }).blockSize, 131072);
     const yes = await runCli('torusctl', [...C, 'wipe'], { input: 'YES\n' });
     assert.equal(yes.code, 0, yes.stderr);
     const r = await runCli('torusctl', [...C, 'init', '--view']);

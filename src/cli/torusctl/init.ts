@@ -27,7 +27,7 @@ export function parseReplication(text: string): number {
 export function initCommand(): Command {
   return new Command('init')
     .description('initialize the cluster metadata in etcd (like formatting a disk: block size and ring are fixed here)')
-    .option('--block-size <size>', 'cluster block size', '512KiB')
+    .option('--block-size <size>', 'cluster block size (docs/performance.md compares 64, 128 and 512 KiB)', '128KiB')
     .option('--replication <n>', 'copies of every block', '2')
     .addOption(new Option('--ring-type <type>', 'placement ring').choices(RING_TYPES).default('ketama'))
     .option('--view', 'print the current settings and exit')
