@@ -224,6 +224,21 @@ test('adopted whole-block writes are stored without a copy and never change once
   assert.ok((await again.read(0, 4 * BS)).equals(now));
 });
 
+test('a big sync lets the event loop run while it hands out its puts', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 512 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  await vol.write(0, randomBytes(300 * BS));
+  const before = c.transport.calls.put;
+  let putsWhenTheLoopRan = -1;
+  setImmediate(() => (putsWhenTheLoopRan = c.transport.calls.put - before));
+  await vol.flush();
+  const total = c.transport.calls.put - before;
+  assert.ok(total >= 600, `${total} puts`);
+  assert.ok(putsWhenTheLoopRan >= 0 && putsWhenTheLoopRan < total / 2, `the loop ran after ${putsWhenTheLoopRan} of ${total} puts`);
+  await vol.close();
+});
+
 test('resize grows and, only when allowed, shrinks', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 4 * BS);

@@ -12,6 +12,9 @@ import { checkVolumeSize, type Head, type Pointer, type VolumeRecord } from './r
 // the head in etcd with a transaction fenced by the volume lock. A crash at any point leaves the
 // volume exactly as of the last successful sync.
 
+/** Blocks a sync hands to the distributor between two turns of the event loop. */
+const SYNC_YIELD_BLOCKS = 64;
+
 export interface OpenVolumeOptions {
   readonly readOnly?: boolean;
   /** Open this snapshot's state, read-only. */
@@ -291,8 +294,15 @@ export class BlockVolume implements BlockDevice {
     const puts: Promise<void>[] = [];
     try {
       // Data blocks and inode pages all go out at once: a page needs only its children's refs
-      // and CRCs, known before their puts complete.
+      // and CRCs, known before their puts complete. Every SYNC_YIELD_BLOCKS the loop lets the event
+      // loop run: awaiting resolved promises never does, so without it a big sync would queue all
+      // of its puts before the first byte left, and stall every other request meanwhile.
+      let sinceYield = 0;
       for (const [index, buf] of taken) {
+        if (++sinceYield === SYNC_YIELD_BLOCKS) {
+          sinceYield = 0;
+          await new Promise<void>((resolve) => setImmediate(resolve));
+        }
         let ptr: Pointer | null = null;
         if (buf) {
           ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(buf) >>> 0 };
