@@ -5,6 +5,12 @@
       "sources": ["native/aoe_socket.c"],
       "cflags": ["-Wall", "-Wextra", "-O2", "-std=gnu11"],
       "defines": ["NAPI_VERSION=8"]
+    },
+    {
+      "target_name": "page_cache_read",
+      "sources": ["native/page_cache_read.c"],
+      "cflags": ["-Wall", "-Wextra", "-O2", "-std=gnu11"],
+      "defines": ["NAPI_VERSION=8"]
     }
   ]
 }

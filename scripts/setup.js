@@ -92,8 +92,8 @@ export function ensureBuild() {
     say('building (tsc)');
     run('npm', ['run', '--silent', 'build']);
   }
-  if (!existsSync(join(ROOT, 'build', 'Release', 'aoe_socket.node'))) {
-    say('building the AoE raw socket addon (node-gyp)');
+  if (['aoe_socket.node', 'page_cache_read.node'].some((f) => !existsSync(join(ROOT, 'build', 'Release', f)))) {
+    say('building the native addons: AoE raw socket, page-cache reads (node-gyp)');
     run('npm', ['run', '--silent', 'build:native']);
   }
 }

@@ -1,15 +1,11 @@
 // PacketConn on a raw AF_PACKET socket (native/aoe_socket.c), bound to one interface and the AoE
 // EtherType, polled by libuv on the main thread. Needs root or CAP_NET_RAW.
 //
-// The addon is built by node-gyp into <repo>/build/Release/aoe_socket.node. It is located from
-// this file by walking up to the directory holding binding.gyp, so the same code works from src/
-// under a TypeScript runner and from any compiled output directory (dist/, dist-*/).
+// The addon is built by node-gyp into <repo>/build/Release/aoe_socket.node (src/core/native.ts
+// finds it).
 
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { TorusError } from '../core/errors.js';
+import { loadNativeAddon, nativeAddonPath } from '../core/native.js';
 import type { PacketConn, PacketConnStats } from './conn.js';
 
 interface NativeHandle {
@@ -26,37 +22,24 @@ interface NativeAddon {
   open(ifname: string, onFrames: (frames: Buffer[], err?: Error) => void): NativeHandle;
 }
 
-const ADDON_RELATIVE = join('build', 'Release', 'aoe_socket.node');
+const ADDON_NAME = 'aoe_socket';
 
-/** The repository (package) root: the nearest ancestor of this module holding binding.gyp. */
-export function packageRoot(from: string = dirname(fileURLToPath(import.meta.url))): string | undefined {
-  let dir = from;
-  for (;;) {
-    if (existsSync(join(dir, 'binding.gyp'))) return dir;
-    const up = dirname(dir);
-    if (up === dir) return undefined;
-    dir = up;
-  }
-}
+export { packageRoot } from '../core/native.js';
 
 /** Where the addon is expected, whether or not it is built. */
 export function addonPath(): string | undefined {
-  const root = packageRoot();
-  return root === undefined ? undefined : join(root, ADDON_RELATIVE);
+  return nativeAddonPath(ADDON_NAME);
 }
 
 let cached: NativeAddon | undefined;
 
 function loadAddon(): NativeAddon {
-  if (cached) return cached;
-  const path = addonPath();
-  if (path === undefined || !existsSync(path))
+  cached ??= loadNativeAddon<NativeAddon>(ADDON_NAME);
+  if (!cached)
     throw new TorusError(
       'INTERNAL',
-      `the AoE raw socket addon is not built (expected ${path ?? ADDON_RELATIVE}); build it with node-gyp rebuild (see docs/protocols/aoe.md)`,
+      `the AoE raw socket addon is not built (expected ${addonPath() ?? 'build/Release/aoe_socket.node'}); build it with node-gyp rebuild (see docs/protocols/aoe.md)`,
     );
-  const require = createRequire(import.meta.url);
-  cached = require(path) as NativeAddon;
   return cached;
 }
 

@@ -9,6 +9,7 @@ import { blockRefKey } from '../core/ids.js';
 import { blockStoreConformance, rejectsWith } from './block-store-conformance.js';
 import { FileBlockStore } from './file-store.js';
 import { DATA_FILE, HEADER_COPY_OFFSETS, LOCK_FILE, Layout, TABLE_FILE, encodeHeader, encodeRecord } from './format.js';
+import { dropCache, pageCacheReadsAvailable, readCached, usePageCacheReads } from './page-cache.js';
 import { dataRef, makeTmpDir, padded, pattern, removeDir, withTmpDir } from './testing.js';
 
 blockStoreConformance('FileBlockStore', async ({ blockSize, capacityBlocks }) => {
@@ -60,6 +61,8 @@ async function flipByte(dir: string, file: string, offset: number): Promise<void
  * returns how many it delayed, so a test can prove the delay took effect.
  */
 async function delayFsReads(ms: number, fn: () => Promise<void>): Promise<number> {
+  // Reads of cached bytes would never reach fs.read: send them all through it.
+  usePageCacheReads(false);
   const orig = fs.read;
   let delayed = 0;
   (fs as { read: unknown }).read = (...args: unknown[]): void => {
@@ -70,6 +73,25 @@ async function delayFsReads(ms: number, fn: () => Promise<void>): Promise<number
   try {
     await fn();
     return delayed;
+  } finally {
+    (fs as { read: unknown }).read = orig;
+    syncBuiltinESMExports();
+    usePageCacheReads(true);
+  }
+}
+
+/** Counts the reads that reach fs.read (the thread pool) during `fn`, page-cache path left on. */
+async function delayFsReadsKeepingCache(fn: () => Promise<void>): Promise<number> {
+  const orig = fs.read;
+  let calls = 0;
+  (fs as { read: unknown }).read = (...args: unknown[]): void => {
+    calls++;
+    (orig as (...a: unknown[]) => void)(...args);
+  };
+  syncBuiltinESMExports();
+  try {
+    await fn();
+    return calls;
   } finally {
     (fs as { read: unknown }).read = orig;
     syncBuiltinESMExports();
@@ -411,6 +433,38 @@ describe('FileBlockStore', () => {
         assert.equal(s.locate(b)!.slot, loc.slot);
         assert.deepEqual(await s.readRange(b, 4096, 4096), pattern(2, B).subarray(4096, 8192));
         assert.deepEqual(await s.getBlock(b), pattern(2, B));
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('reads cached bytes without the thread pool, and what the page cache lacks through it', { skip: !pageCacheReadsAvailable && 'page_cache_read addon not built' }, () =>
+    withTmpDir(async (dir) => {
+      const s = await openStore(dir, 4);
+      try {
+        const a = dataRef(1, 1, 0);
+        await s.putBlock(a, pattern(1, B));
+        await s.flush(); // clean pages can be evicted
+        const loc = s.locate(a)!;
+        const fh = await open(join(dir, DATA_FILE), 'r');
+        try {
+          const probe = Buffer.alloc(4096);
+          assert.equal(readCached(fh.fd, probe, loc.dataOffset), 4096, 'just written: in the page cache');
+          assert.deepEqual(probe, pattern(1, B).subarray(0, 4096));
+          const hot = await delayFsReadsKeepingCache(async () => {
+            assert.deepEqual(await s.readRange(a, 0, 4096), pattern(1, B).subarray(0, 4096));
+          });
+          assert.equal(hot, 0, 'a cached read never reached the thread pool');
+          // Evicted, the read must wait for the disk: it goes to the thread pool. (A probe here
+          // would start the kernel's readahead and refill the cache.)
+          dropCache(fh.fd);
+          const cold = await delayFsReadsKeepingCache(async () => {
+            assert.deepEqual(await s.getBlock(a), pattern(1, B));
+          });
+          assert.ok(cold >= 1, 'the evicted read went through the thread pool');
+        } finally {
+          await fh.close();
+        }
       } finally {
         await s.close();
       }

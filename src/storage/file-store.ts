@@ -33,6 +33,7 @@ import {
   type VerifyResult,
 } from './common.js';
 import { lockDir, type DirLock } from './dir-lock.js';
+import { readCached } from './page-cache.js';
 import {
   DATA_FILE,
   FORMAT_VERSION,
@@ -112,7 +113,8 @@ function pwritev(fd: number, bufs: Uint8Array[], position: number): Promise<numb
 }
 
 async function readFull(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
-  let off = 0;
+  // What the page cache holds is read right here; only the rest waits for the thread pool.
+  let off = readCached(fh.fd, buf, position);
   while (off < buf.length) {
     const bytesRead = await pread(fh.fd, buf, off, buf.length - off, position + off);
     if (bytesRead === 0) throw new TorusError('IO', `short read at offset ${position + off}: file ends early`);
