@@ -860,11 +860,12 @@ class Connection {
   private send(parts: Buffer[]): void {
     const st = this.stream;
     if (this.phase === 'closed' || st.destroyed || st.writableEnded) return;
-    // Replies finished in the same tick leave in one writev instead of one syscall each.
+    // Replies finished in the same turn of the event loop (every storage-node answer it read)
+    // leave in one writev instead of one syscall each.
     if (!this.corked) {
       this.corked = true;
       st.cork();
-      process.nextTick(() => {
+      setImmediate(() => {
         this.corked = false;
         st.uncork();
       });

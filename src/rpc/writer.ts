@@ -2,9 +2,9 @@ import type { Writable } from 'node:stream';
 
 // Frame output for one connection. Two costs dominate small-frame traffic in Node: one
 // Writable.write() per buffer (stream bookkeeping, a WriteWrap, often a syscall) and one
-// syscall per frame. So the frames produced during one tick are gathered and written with a
-// single corked burst (one writev): small buffers are copied side by side into a slab, large
-// ones (block payloads) are passed by reference and never copied.
+// syscall per frame. So the frames produced during one turn of the event loop are gathered and
+// written with a single corked burst (one writev): small buffers are copied side by side into a
+// slab, large ones (block payloads) are passed by reference and never copied.
 //
 // Slab memory handed to the socket is never written again: the slab only moves forward and a
 // new one is allocated when it fills up, so a queued write cannot change under the kernel.
@@ -73,9 +73,10 @@ export class FrameWriter {
     this.pending += buf.length;
     if (!this.scheduled) {
       this.scheduled = true;
-      // nextTick runs after the current batch of promise reactions: replies completed
-      // together (and requests issued together by user code) leave in one writev.
-      process.nextTick(flushWriter, this);
+      // setImmediate runs once the event loop has handled every completion it found (socket
+      // reads, file reads): requests and replies produced by all of them leave in one writev.
+      // nextTick would write once per completion: the A/B bench (P3) measured 12% fewer IOPS.
+      setImmediate(flushWriter, this);
     }
   }
 
@@ -90,7 +91,7 @@ export class FrameWriter {
     this.pending += n;
     if (!this.scheduled) {
       this.scheduled = true;
-      process.nextTick(flushWriter, this);
+      setImmediate(flushWriter, this);
     }
     return at;
   }
