@@ -444,10 +444,11 @@ export class PeerClient {
       const ms = timeoutMs ?? this.o.requestTimeoutMs;
       const call: Call = { parts, op, expect, ref, getOffset, getLength, resolve, reject, timeoutMs: ms, timer: null, status: QUEUED, id: 0, probe };
       // Waiting behind other calls is not a sign of a dead peer (a big sync queues hundreds of
-      // puts): the timeout proper starts when the call is sent; the queue gets a bound of its own.
-      call.timer = setTimeout(onCallTimeout, ms * QUEUE_TIMEOUT_FACTOR, this, call);
+      // puts): the timeout proper starts when the call is sent; the queue gets a bound of its own,
+      // armed only if the call did not go out at once (one timer per call in the common case).
       this.queue.push(call);
       this.pump();
+      if (call.status === QUEUED && call.timer === null) call.timer = setTimeout(onCallTimeout, ms * QUEUE_TIMEOUT_FACTOR, this, call);
     });
   }
 
