@@ -57,36 +57,19 @@ async function flipByte(dir: string, file: string, offset: number): Promise<void
 }
 
 /**
- * Delays every callback-style fs.read (the store's read path) by `ms` for the duration of `fn`;
- * returns how many it delayed, so a test can prove the delay took effect.
+ * Counts the reads that reach callback-style fs.read (the store's thread-pool path) during `fn`,
+ * delaying each by `delayMs` when given, so a test can prove the path it means was taken. With
+ * `allThroughFs`, reads of cached bytes go there too instead of being served on the main thread
+ * (for a test that needs a read to stay in flight).
  */
-async function delayFsReads(ms: number, fn: () => Promise<void>): Promise<number> {
-  // Reads of cached bytes would never reach fs.read: send them all through it.
-  usePageCacheReads(false);
-  const orig = fs.read;
-  let delayed = 0;
-  (fs as { read: unknown }).read = (...args: unknown[]): void => {
-    delayed++;
-    setTimeout(() => (orig as (...a: unknown[]) => void)(...args), ms);
-  };
-  syncBuiltinESMExports();
-  try {
-    await fn();
-    return delayed;
-  } finally {
-    (fs as { read: unknown }).read = orig;
-    syncBuiltinESMExports();
-    usePageCacheReads(true);
-  }
-}
-
-/** Counts the reads that reach fs.read (the thread pool) during `fn`, page-cache path left on. */
-async function delayFsReadsKeepingCache(fn: () => Promise<void>): Promise<number> {
-  const orig = fs.read;
+async function watchFsReads(opts: { delayMs?: number; allThroughFs?: boolean }, fn: () => Promise<void>): Promise<number> {
+  if (opts.allThroughFs) usePageCacheReads(false);
+  const orig = fs.read as (...a: unknown[]) => void;
   let calls = 0;
   (fs as { read: unknown }).read = (...args: unknown[]): void => {
     calls++;
-    (orig as (...a: unknown[]) => void)(...args);
+    if (opts.delayMs === undefined) orig(...args);
+    else setTimeout(() => orig(...args), opts.delayMs);
   };
   syncBuiltinESMExports();
   try {
@@ -95,6 +78,7 @@ async function delayFsReadsKeepingCache(fn: () => Promise<void>): Promise<number
   } finally {
     (fs as { read: unknown }).read = orig;
     syncBuiltinESMExports();
+    usePageCacheReads(true);
   }
 }
 
@@ -420,7 +404,7 @@ describe('FileBlockStore', () => {
         const loc = s.locate(a)!;
         assert.deepEqual(await s.readRange(a, 4096, 4096), pattern(1, B).subarray(4096, 8192));
         // The second ranged read uses the cached array: one pread instead of two.
-        const reads = await delayFsReads(0, async () => {
+        const reads = await watchFsReads({ allThroughFs: true }, async () => {
           assert.deepEqual(await s.readRange(a, 8192, 100), pattern(1, B).subarray(8192, 8292));
         });
         assert.equal(reads, 1);
@@ -451,14 +435,14 @@ describe('FileBlockStore', () => {
           const probe = Buffer.alloc(4096);
           assert.equal(readCached(fh.fd, probe, loc.dataOffset), 4096, 'just written: in the page cache');
           assert.deepEqual(probe, pattern(1, B).subarray(0, 4096));
-          const hot = await delayFsReadsKeepingCache(async () => {
+          const hot = await watchFsReads({}, async () => {
             assert.deepEqual(await s.readRange(a, 0, 4096), pattern(1, B).subarray(0, 4096));
           });
           assert.equal(hot, 0, 'a cached read never reached the thread pool');
           // Evicted, the read must wait for the disk: it goes to the thread pool. (A probe here
           // would start the kernel's readahead and refill the cache.)
           dropCache(fh.fd);
-          const cold = await delayFsReadsKeepingCache(async () => {
+          const cold = await watchFsReads({}, async () => {
             assert.deepEqual(await s.getBlock(a), pattern(1, B));
           });
           assert.ok(cold >= 1, 'the evicted read went through the thread pool');
@@ -477,7 +461,7 @@ describe('FileBlockStore', () => {
         const a = dataRef(1, 1, 0);
         const b = dataRef(1, 1, 1);
         await s.putBlock(a, pattern(1, B));
-        const delayed = await delayFsReads(40, async () => {
+        const delayed = await watchFsReads({ delayMs: 40, allThroughFs: true }, async () => {
           const reading = s.getBlock(a);
           await s.deleteBlock(a);
           const putting = s.putBlock(b, pattern(2, B)); // needs the only slot, still being read
