@@ -219,3 +219,28 @@ test('ranged reads fill the cache by 4 KiB chunk: a re-read hits, a read of othe
   await plain.readRange(r, 0, 10);
   assert.equal(gets(), g0 + 4);
 });
+
+test('cached chunks are copies: a small payload that is a view of a big receive buffer is not kept pinned', async () => {
+  const big = 4 * BS;
+  const transport = new MemoryTransport();
+  const store = new MemoryBlockStore({ blockSize: big, capacityBlocks: 10 });
+  transport.add('only', store);
+  // Like the peer RPC decoder: a 4 KiB range read comes back as a view of a 64 KiB socket read.
+  const get = transport.get.bind(transport);
+  transport.get = async (...args: Parameters<MemoryTransport['get']>) => {
+    const data = await get(...args);
+    const socketRead = Buffer.alloc(65536);
+    data.copy(socketRead, 1000);
+    return socketRead.subarray(1000, 1000 + data.length);
+  };
+  const ring = createRing(newRingModel('ketama', 1, [{ uuid: 'only', totalBlocks: 10 }], 2));
+  const dist = new Distributor({ blockSize: big, ring: () => ring, target: (u) => ({ uuid: u, address: 'mem://only' }), transport, readCacheBytes: 8 * big });
+  const data = Buffer.concat([block(1), block(2), block(3), block(4)]);
+  const r = ref(8);
+  await store.putBlock(r, data);
+  assert.deepEqual(await dist.readRange(r, BS, 100), data.subarray(BS, BS + 100));
+  const hit = await dist.readRange(r, BS, 100);
+  assert.deepEqual(hit, data.subarray(BS, BS + 100));
+  assert.equal(transport.calls.get, 1, 'the second read was a cache hit');
+  assert.ok(hit.buffer.byteLength <= BS, `the cached chunk holds ${hit.buffer.byteLength} bytes of memory`);
+});

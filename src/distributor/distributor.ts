@@ -324,7 +324,11 @@ export class Distributor {
     }
     const start = c0 * CACHE_CHUNK;
     const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start);
-    for (let c = c0; c < c1; c++) cache.set(`${key}@${c}`, span.subarray((c - c0) * CACHE_CHUNK, (c - c0 + 1) * CACHE_CHUNK));
+    // Cached as a copy of its own: a small RPC payload is a view that can pin a 64 KiB socket
+    // buffer (src/rpc/codec.ts), which would let the cache hold 16 times what it counts.
+    const own = Buffer.allocUnsafeSlow(span.length);
+    span.copy(own);
+    for (let c = c0; c < c1; c++) cache.set(`${key}@${c}`, own.subarray((c - c0) * CACHE_CHUNK, (c - c0 + 1) * CACHE_CHUNK));
     return span.subarray(at, at + length);
   }
 
