@@ -2,7 +2,7 @@ import { crc32c } from '@node-rs/crc32';
 import { TorusError, isTorusError, toTorusError, type ErrorCode } from '../core/errors.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { BlockStore, PutBlockOptions, Ring } from '../core/interfaces.js';
-import { BlockCache } from './lru.js';
+import { BlockCache } from '../core/lru.js';
 import type { PeerTarget, PeerTransport } from './transport.js';
 
 // The distributor turns "store this block" into "store it on the R peers the ring names" and

@@ -416,6 +416,11 @@ describe('FileBlockStore', () => {
         await s.putBlock(b, pattern(2, B));
         assert.equal(s.locate(b)!.slot, loc.slot);
         assert.deepEqual(await s.readRange(b, 4096, 4096), pattern(2, B).subarray(4096, 8192));
+        // ... and replaces the stale entry: the next ranged read is one pread again.
+        const again = await watchFsReads({ allThroughFs: true }, async () => {
+          assert.deepEqual(await s.readRange(b, 0, 100), pattern(2, B).subarray(0, 100));
+        });
+        assert.equal(again, 1);
         assert.deepEqual(await s.getBlock(b), pattern(2, B));
       } finally {
         await s.close();

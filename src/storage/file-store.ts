@@ -18,6 +18,7 @@ import { mkdir, open, rename, stat, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
+import { LruCache } from '../core/lru.js';
 import {
   checkBlockSize,
   checkPut,
@@ -469,18 +470,13 @@ export class FileBlockStore implements LocalBlockStore {
    * read then costs one pread instead of two. Still checked against the record's CRC on every
    * use; scrubs (verifyBlock) and open-time checks bypass it and read the disk's copy.
    */
-  private readonly sumsCache = new Map<number, { gen: number; sums: Buffer }>();
+  private readonly sumsCache = new LruCache<number, { gen: number; sums: Buffer }>(SUMS_CACHE_BYTES, (e) => e.sums.length);
 
   private cacheSums(slot: number, gen: number, sums: Buffer): void {
     // A copy outside Buffer's shared pool: a kept slice of the pool would pin all 8 KiB of it.
     const own = Buffer.allocUnsafeSlow(sums.length);
     sums.copy(own);
-    this.sumsCache.delete(slot);
     this.sumsCache.set(slot, { gen, sums: own });
-    if (this.sumsCache.size * this.layout.checksumArraySize > SUMS_CACHE_BYTES) {
-      const oldest = this.sumsCache.keys().next();
-      if (!oldest.done) this.sumsCache.delete(oldest.value);
-    }
   }
 
   /**
@@ -492,11 +488,9 @@ export class FileBlockStore implements LocalBlockStore {
     const end = Math.min(s1 * this.sectorSize, this.blockSize);
     const buf = Buffer.allocUnsafe(end - start);
     const cached = gen === undefined ? undefined : this.sumsCache.get(slot);
+    const hit = cached !== undefined && cached.gen === gen;
     let sums: Buffer;
-    if (cached && cached.gen === gen) {
-      // Refreshes its place in the LRU.
-      this.sumsCache.delete(slot);
-      this.sumsCache.set(slot, cached);
+    if (hit) {
       sums = cached.sums;
       await readFull(this.data, buf, this.layout.dataOffset(slot) + start);
     } else {
@@ -508,7 +502,7 @@ export class FileBlockStore implements LocalBlockStore {
     }
     this.counters.bytesRead += buf.length;
     if (crc32c(sums) !== checksumsCrc) return 'its sector checksum array does not match its record';
-    if (gen !== undefined && !cached) this.cacheSums(slot, gen, sums);
+    if (gen !== undefined && !hit) this.cacheSums(slot, gen, sums);
     for (let s = s0; s < s1; s++) {
       const a = s * this.sectorSize - start;
       const b = Math.min(a + this.sectorSize, buf.length);

@@ -1,31 +1,35 @@
-// A byte-bounded LRU of whole blocks and block chunks. Blocks are immutable, so an entry never
-// needs invalidating: a ref names the same bytes forever.
+// A byte-bounded LRU: the client's cache of blocks and block chunks, a storage node's cache of
+// checksum arrays.
 //
 // Recency is a doubly linked list beside the Map. A Map alone (delete and re-insert to refresh,
 // evict from keys().next()) looks like an LRU, but V8 leaves a hole per deletion at the front of
 // its table, and every eviction's iterator walks over them until the next rehash: with 16k 4 KiB
 // chunks under random reads that cost 7 µs per lookup, against 1.5 µs with the list.
 
-interface Entry {
-  readonly key: string;
-  value: Buffer;
-  prev: Entry | undefined;
-  next: Entry | undefined;
+interface Entry<K, V> {
+  readonly key: K;
+  value: V;
+  prev: Entry<K, V> | undefined;
+  next: Entry<K, V> | undefined;
 }
 
-export class BlockCache {
-  private readonly map = new Map<string, Entry>();
+export class LruCache<K, V> {
+  private readonly map = new Map<K, Entry<K, V>>();
   /** Least recently used end. */
-  private head: Entry | undefined;
+  private head: Entry<K, V> | undefined;
   /** Most recently used end. */
-  private tail: Entry | undefined;
+  private tail: Entry<K, V> | undefined;
   private bytes = 0;
   hits = 0;
   misses = 0;
 
-  constructor(private readonly capacityBytes: number) {}
+  constructor(
+    private readonly capacityBytes: number,
+    /** What an entry counts against the capacity. */
+    private readonly sizeOf: (value: V) => number,
+  ) {}
 
-  get(key: string): Buffer | undefined {
+  get(key: K): V | undefined {
     const e = this.map.get(key);
     if (e === undefined) {
       this.misses++;
@@ -39,26 +43,27 @@ export class BlockCache {
     return e.value;
   }
 
-  set(key: string, value: Buffer): void {
-    if (value.length > this.capacityBytes) return;
+  set(key: K, value: V): void {
+    const size = this.sizeOf(value);
+    if (size > this.capacityBytes) return;
     const old = this.map.get(key);
     if (old) {
-      this.bytes += value.length - old.value.length;
+      this.bytes += size - this.sizeOf(old.value);
       old.value = value;
       if (old !== this.tail) {
         this.unlink(old);
         this.append(old);
       }
     } else {
-      const e: Entry = { key, value, prev: undefined, next: undefined };
+      const e: Entry<K, V> = { key, value, prev: undefined, next: undefined };
       this.map.set(key, e);
       this.append(e);
-      this.bytes += value.length;
+      this.bytes += size;
     }
     while (this.bytes > this.capacityBytes && this.head) this.remove(this.head);
   }
 
-  delete(key: string): void {
+  delete(key: K): void {
     const e = this.map.get(key);
     if (e) this.remove(e);
   }
@@ -71,13 +76,13 @@ export class BlockCache {
     return this.bytes;
   }
 
-  private remove(e: Entry): void {
+  private remove(e: Entry<K, V>): void {
     this.unlink(e);
     this.map.delete(e.key);
-    this.bytes -= e.value.length;
+    this.bytes -= this.sizeOf(e.value);
   }
 
-  private unlink(e: Entry): void {
+  private unlink(e: Entry<K, V>): void {
     if (e.prev) e.prev.next = e.next;
     else this.head = e.next;
     if (e.next) e.next.prev = e.prev;
@@ -85,10 +90,17 @@ export class BlockCache {
     e.prev = e.next = undefined;
   }
 
-  private append(e: Entry): void {
+  private append(e: Entry<K, V>): void {
     e.prev = this.tail;
     if (this.tail) this.tail.next = e;
     else this.head = e;
     this.tail = e;
+  }
+}
+
+/** Whole blocks and block chunks by key: blocks are immutable, so an entry never needs invalidating. */
+export class BlockCache extends LruCache<string, Buffer> {
+  constructor(capacityBytes: number) {
+    super(capacityBytes, (b) => b.length);
   }
 }
