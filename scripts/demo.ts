@@ -177,6 +177,19 @@ async function main(): Promise<void> {
   if (!vols.some((v) => v.name === opts.volume)) say(mustCli('torusctl', ['volume', 'create-block', opts.volume, opts['volume-size']]));
   start('nbdserve', process.execPath, [bin('torusblk'), '-C', endpoint, 'nbdserve', '--listen', `127.0.0.1:${nbdPort}`]);
   await until('the NBD server listening', () => tail(join(dir, 'logs', 'nbdserve.log')).includes('serving NBD'));
+  // Each node publishes the ring version of its last pass over its blocks; until all have passed
+  // on the current ring, list-peers says "Balanced: false". Give them a moment, but go on anyway.
+  for (const deadline = Date.now() + 30_000; Date.now() < deadline && !stopping; ) {
+    const r = cli('torusctl', ['rebalance', 'status', '--json']);
+    let rebalancing = true;
+    try {
+      rebalancing = r.code !== 0 || (JSON.parse(r.out) as { rebalancing: boolean }).rebalancing;
+    } catch {
+      // not JSON (an error message): look again
+    }
+    if (!rebalancing) break;
+    await new Promise((res) => setTimeout(res, 200));
+  }
   say('');
   say(mustCli('torusctl', ['list-peers']));
   const uri = `nbd://127.0.0.1:${nbdPort}/${opts.volume}`;

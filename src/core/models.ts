@@ -23,6 +23,12 @@ export interface RebalanceInfo {
   readonly lastFinish: number;
   /** Blocks held here whose owners could not all be confirmed to hold them in the last pass. */
   readonly underReplicated?: number;
+  /**
+   * Version of the ring the last finished pass was made on; 0 (or absent, in records from other
+   * writers) when no pass is known to have finished. A node whose value is below the current
+   * ring's version has not yet checked its blocks against that ring, whatever `rebalancing` says.
+   */
+  readonly ringVersion?: number;
 }
 
 export const IDLE_REBALANCE: RebalanceInfo = Object.freeze({
@@ -33,6 +39,7 @@ export const IDLE_REBALANCE: RebalanceInfo = Object.freeze({
   bytesMoved: 0,
   rate: 0,
   lastFinish: 0,
+  ringVersion: 0,
 });
 
 /** What a process publishes about itself under its lease. */

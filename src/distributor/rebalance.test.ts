@@ -112,3 +112,45 @@ test('nothing is deleted on account of an owner that cannot be reached', async (
   await c.settle();
   assertPlaced(c, 100);
 });
+
+test('every finished pass records its ring version, a pass with nothing to do included; onPass sees it', async () => {
+  const c = cluster(3);
+  await writeAll(c, 50);
+  const seen: [number, boolean][] = [];
+  // p4 holds nothing and is no member: its passes have nothing to do.
+  const idle = new Rebalancer({ self: { uuid: 'p4', store: c.stores.get('p4')! }, ring: c.ring, target: (u) => ({ uuid: u, address: `mem://${u}` }), transport: c.transport, blockSize: BS, onPass: (st) => seen.push([st.ringVersion, st.rebalancing]) });
+  assert.equal(idle.status().ringVersion, 0, 'no pass yet');
+  assert.equal(await idle.pass(), 0);
+  assert.equal(idle.status().ringVersion, 2);
+  assert.equal(idle.status().rebalancing, false);
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }])); // v3
+  assert.equal(await idle.pass(), 0);
+  assert.deepEqual(seen, [
+    [2, false],
+    [3, false],
+  ]);
+  // The same through the loop: a kick after a ring change, nothing to move, still recorded.
+  c.setModel(changeReplication(c.model(), 3)); // v4
+  let onPass: (v: number) => void = () => undefined;
+  const passed = new Promise<number>((res) => (onPass = res));
+  const looping = new Rebalancer({ self: { uuid: 'p4', store: c.stores.get('p4')! }, ring: c.ring, target: (u) => ({ uuid: u, address: `mem://${u}` }), transport: c.transport, blockSize: BS, intervalMs: 60_000, onPass: (st) => onPass(st.ringVersion) });
+  looping.start();
+  looping.kick();
+  try {
+    assert.equal(await passed, 4);
+    assert.equal(looping.status().ringVersion, 4);
+  } finally {
+    await looping.stop();
+  }
+});
+
+test('a node with blocks to move records the new ring version once its pass is done', async () => {
+  const c = cluster(3);
+  await writeAll(c, 100);
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }])); // v3
+  const r = new Rebalancer({ self: { uuid: 'p0', store: c.stores.get('p0')! }, ring: c.ring, target: (u) => ({ uuid: u, address: `mem://${u}` }), transport: c.transport, blockSize: BS });
+  assert.ok((await r.pass()) > 0, 'p0 had blocks to move');
+  assert.deepEqual([r.status().ringVersion, r.status().rebalancing], [3, true]);
+  while ((await r.pass()) > 0);
+  assert.deepEqual([r.status().ringVersion, r.status().rebalancing], [3, false]);
+});

@@ -29,12 +29,18 @@ export interface RebalanceOptions {
   /** Idle time between passes when nothing moved (a ring change starts one at once). */
   readonly intervalMs?: number;
   readonly batch?: number;
+  /**
+   * Called after every finished pass with the new status, so the node can publish it without
+   * waiting for its next heartbeat (the CLI judges balance by the ring version in it).
+   */
+  readonly onPass?: (status: RebalanceStatus) => void;
   readonly log?: { info(o: object, m: string): void; warn(o: object, m: string): void };
 }
 
 export interface RebalanceStatus extends RebalanceInfo {
   readonly underReplicated: number;
   readonly passes: number;
+  /** The ring version of the last finished pass, including a pass that found nothing to do; 0 before the first. */
   readonly ringVersion: number;
 }
 
@@ -235,8 +241,12 @@ export class Rebalancer {
       const held = owners.filter((o) => o === self || confirmed.has(`${o} ${key}`)).length;
       if (held < perm.replication) under++;
     }
+    // A pass cut short by stop() did not check every block against this ring: it does not count.
+    if (this.stopped) return moved + deleted;
     this.lastRingVersion = ring.version;
     this.st.passes++;
+    // Recorded after every finished pass, one with nothing to move included: readers take a
+    // ring version below the current ring's as "this node has not caught up yet".
     this.st.ringVersion = ring.version;
     this.st.underReplicated = under;
     this.st.totalMoved += moved;
@@ -248,6 +258,11 @@ export class Rebalancer {
     // Still moving, or blocked on an owner that is unreachable: not balanced either way.
     this.st.rebalancing = didWork > 0 || notOwned.length > deleted;
     if (didWork > 0) this.opts.log?.info({ sent: moved, bytes, deleted, under, ringVersion: ring.version }, 'rebalance pass');
+    try {
+      this.opts.onPass?.(this.status());
+    } catch (err) {
+      this.opts.log?.warn({ err: toTorusError(err).message }, 'rebalance: status listener failed');
+    }
     // A pass blocked only by unreachable peers is not "work": wait for the interval to retry.
     return didWork;
   }

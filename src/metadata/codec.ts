@@ -79,8 +79,15 @@ export function decodePeer(text: string): PeerInfo {
       rate: num(reb, 'rate', w, 0),
       lastFinish: num(reb, 'lastFinish', w, 0),
       underReplicated: num(reb, 'underReplicated', w, 0),
+      // Absent in records from writers that did not publish it: no pass known, so not balanced.
+      ringVersion: num(reb, 'ringVersion', w, 0),
     },
   };
+}
+
+/** The JSON a peer record is stored as; decodePeer reads it back. */
+export function encodePeer(info: PeerInfo): string {
+  return JSON.stringify({ ...info, rebalance: { ...info.rebalance, ringVersion: info.rebalance.ringVersion ?? 0 } });
 }
 
 export function notInitialized(): TorusError {

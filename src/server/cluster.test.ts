@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import { isTorusError } from '../core/errors.js';
 import { IDLE_REBALANCE, type PeerInfo } from '../core/models.js';
 import { MemoryMetadataStore } from '../metadata/memory/memory.js';
-import { addPeersToRing, manualChange, peerStatuses, removePeersFromRing, setReplication, updateRing } from './cluster.js';
+import { addPeersToRing, judgeBalance, manualChange, peerStatuses, removePeersFromRing, setReplication, updateRing } from './cluster.js';
 import { parsePeerAddress } from './node.js';
 
 function info(uuid: string, port: number, lastSeen = Date.now()): PeerInfo {
@@ -84,4 +84,83 @@ test('parsePeerAddress', () => {
   assert.equal(parsePeerAddress('http://[::1]:4000').url, 'http://[::1]:4000');
   for (const bad of ['127.0.0.1:4000', 'ftp://a:1', 'http://a:1/path', 'http://:1'])
     assert.throws(() => parsePeerAddress(bad), (e) => isTorusError(e, 'INVALID_ARGUMENT'), bad);
+});
+
+/** A node's record after a finished pass on ring `ringVersion`, moving data or not. */
+function passed(uuid: string, port: number, ringVersion: number, rebalancing = false, usedBlocks = 0): PeerInfo {
+  return { ...info(uuid, port), usedBlocks, rebalance: { ...IDLE_REBALANCE, rebalancing, ringVersion } };
+}
+
+test('balance: right after a ring change, members whose last pass was on the old ring are still rebalancing', async () => {
+  const { meta } = await cluster();
+  const { ring } = await addPeersToRing(meta, [], true); // v2
+  // Every node idle, but their last pass was on v1 (before they were members): not balanced.
+  for (const [u, p] of [['a', 1], ['b', 2], ['c', 3]] as const) await meta.registerPeer(passed(u, 40000 + p, 1), 60_000);
+  let b = judgeBalance(ring, (await peerStatuses(meta)).peers);
+  assert.equal(b.balanced, false);
+  assert.equal(b.rebalancing, true);
+  assert.deepEqual(b.waiting.map((p) => p.uuid), ['a', 'b', 'c']);
+  assert.deepEqual(b.moving, []);
+  assert.ok(b.reasons.some((r) => r.startsWith('waiting for 3 node(s) to finish a pass on ring v2')), b.reasons.join('; '));
+  // Two caught up, one not yet.
+  await meta.registerPeer(passed('a', 40001, 2), 60_000);
+  await meta.registerPeer(passed('b', 40002, 2), 60_000);
+  b = judgeBalance(ring, (await peerStatuses(meta)).peers);
+  assert.equal(b.balanced, false);
+  assert.deepEqual(b.waiting.map((p) => p.uuid), ['c']);
+  assert.ok(b.reasons.some((r) => r.startsWith('waiting for 1 node(s) to finish a pass on ring v2')));
+  // All on v2 (a newer one, as after a change this ring object predates, counts too).
+  await meta.registerPeer(passed('c', 40003, 3), 60_000);
+  b = judgeBalance(ring, (await peerStatuses(meta)).peers);
+  assert.equal(b.balanced, true);
+  assert.equal(b.rebalancing, false);
+  assert.deepEqual(b.reasons, []);
+});
+
+test('balance: a record without a ring version counts as not caught up', async () => {
+  const { meta } = await cluster();
+  const { ring } = await addPeersToRing(meta, [], true);
+  const { ringVersion: _r, ...noVersion } = IDLE_REBALANCE;
+  await meta.registerPeer({ ...info('a', 40001), rebalance: noVersion }, 60_000);
+  await meta.registerPeer(passed('b', 40002, 2), 60_000);
+  await meta.registerPeer(passed('c', 40003, 2), 60_000);
+  const b = judgeBalance(ring, (await peerStatuses(meta)).peers);
+  assert.equal(b.balanced, false);
+  assert.deepEqual(b.waiting.map((p) => p.uuid), ['a']);
+});
+
+test('balance: moving data, down members, and who need not pass', async () => {
+  const { meta } = await cluster();
+  const { ring } = await addPeersToRing(meta, ['a', 'b'], false); // v2; c stays Avail
+  // c is not a member and holds nothing: its old pass does not matter.
+  await meta.registerPeer(passed('a', 40001, 2), 60_000);
+  await meta.registerPeer(passed('b', 40002, 2), 60_000);
+  await meta.registerPeer(passed('c', 40003, 1), 60_000);
+  assert.equal(judgeBalance(ring, (await peerStatuses(meta)).peers).balanced, true);
+  // A non-member that still holds blocks (removed, draining) has to pass on the new ring.
+  await meta.registerPeer(passed('c', 40003, 1, false, 10), 60_000);
+  let b = judgeBalance(ring, (await peerStatuses(meta)).peers);
+  assert.equal(b.balanced, false);
+  assert.deepEqual(b.waiting.map((p) => p.uuid), ['c']);
+  // Caught up but still moving.
+  await meta.registerPeer(passed('c', 40003, 2, true, 10), 60_000);
+  b = judgeBalance(ring, (await peerStatuses(meta)).peers);
+  assert.equal(b.balanced, false);
+  assert.deepEqual(b.waiting, []);
+  assert.deepEqual(b.moving.map((p) => p.uuid), ['c']);
+  assert.ok(b.reasons.some((r) => r.startsWith('1 node(s) moving data')));
+  await meta.registerPeer(passed('c', 40003, 2, false, 0), 60_000);
+  assert.equal(judgeBalance(ring, (await peerStatuses(meta)).peers).balanced, true);
+  // A down member is not balanced, but its stale record is neither moving nor waiting.
+  await meta.registerPeer({ ...passed('b', 40002, 1, true), lastSeen: Date.now() - 60_000 }, 60_000);
+  b = judgeBalance(ring, (await peerStatuses(meta)).peers);
+  assert.equal(b.balanced, false);
+  assert.equal(b.rebalancing, false);
+  assert.deepEqual(b.down.map((p) => p.uuid), ['b']);
+  assert.deepEqual([b.moving, b.waiting], [[], []]);
+  // A member with no record at all is down too.
+  await meta.unregisterPeer('b');
+  b = judgeBalance(ring, (await peerStatuses(meta)).peers);
+  assert.deepEqual(b.down.map((p) => p.uuid), ['b']);
+  assert.equal(b.balanced, false);
 });

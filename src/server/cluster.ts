@@ -44,6 +44,63 @@ export async function peerStatuses(meta: MetadataService, now = Date.now()): Pro
   return { ring, peers: out };
 }
 
+/** Whether the cluster's data sits where the current ring wants it, as far as heartbeats tell. */
+export interface BalanceState {
+  /** No live node moving data or yet to pass on the current ring, and no ring member down. */
+  readonly balanced: boolean;
+  /** Data may still be moving: some live node reports work, or has not passed on the current ring yet. */
+  readonly rebalancing: boolean;
+  readonly ringVersion: number;
+  /** Live nodes that report a pass with work left. */
+  readonly moving: readonly PeerStatus[];
+  /** Live nodes whose last finished pass was on an older ring than the current one. */
+  readonly waiting: readonly PeerStatus[];
+  /** Ring members that are not heartbeating. */
+  readonly down: readonly PeerStatus[];
+  /** Sums over the live nodes' published status. */
+  readonly underReplicated: number;
+  readonly blocksLeft: number;
+  readonly bytesLeft: number;
+  readonly rate: number;
+  /** One line per reason the cluster is not balanced (empty when balanced). */
+  readonly reasons: readonly string[];
+}
+
+/**
+ * The one judgement of "balanced" that list-peers, health and rebalance status share.
+ *
+ * A node's published `rebalancing` flag describes its last pass, and that pass may predate the
+ * current ring: right after a ring change every node still says "idle" until it has walked its
+ * blocks against the new ring and heartbeated again. So a live node counts as still rebalancing
+ * until its published `ringVersion` has caught up with the ring, if it is a ring member (it may
+ * be missing copies or hold copies the new ring places elsewhere) or holds blocks (a removed
+ * node draining). A live non-member holding nothing has nothing to move. DOWN nodes are left
+ * to `down`: their records say nothing current.
+ */
+export function judgeBalance(ring: RingModel, peers: readonly PeerStatus[]): BalanceState {
+  const live = peers.filter((p) => p.info && p.member !== 'DOWN');
+  const down = peers.filter((p) => p.inRing && p.member === 'DOWN');
+  const moving = live.filter((p) => p.info!.rebalance.rebalancing);
+  const waiting = live.filter((p) => (p.inRing || p.info!.usedBlocks > 0) && (p.info!.rebalance.ringVersion ?? 0) < ring.version);
+  let underReplicated = 0;
+  let blocksLeft = 0;
+  let bytesLeft = 0;
+  let rate = 0;
+  for (const p of live) {
+    const r = p.info!.rebalance;
+    underReplicated += r.underReplicated ?? 0;
+    blocksLeft += r.blocksLeft;
+    bytesLeft += r.bytesLeft;
+    rate += r.rate;
+  }
+  const rebalancing = moving.length > 0 || waiting.length > 0;
+  const reasons: string[] = [];
+  if (down.length > 0) reasons.push(`${down.length} ring member(s) down: ${down.map((p) => p.uuid).join(', ')}`);
+  if (moving.length > 0) reasons.push(`${moving.length} node(s) moving data: ${moving.map((p) => p.address).join(', ')}`);
+  if (waiting.length > 0) reasons.push(`waiting for ${waiting.length} node(s) to finish a pass on ring v${ring.version}: ${waiting.map((p) => p.address).join(', ')}`);
+  return { balanced: !rebalancing && down.length === 0, rebalancing, ringVersion: ring.version, moving, waiting, down, underReplicated, blocksLeft, bytesLeft, rate, reasons };
+}
+
 /**
  * Applies `change` to the current ring and stores the result as version+1, re-reading and
  * re-applying when another writer won the race. A change that is wrong for the new ring (peer

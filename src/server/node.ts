@@ -116,6 +116,12 @@ export class StorageNode {
   private heartbeats = 0;
   private heartbeatFailures = 0;
   private heartbeatTimer: NodeJS.Timeout | undefined;
+  /** The heartbeat being written, if any; another is never started alongside it. */
+  private heartbeatRunning: Promise<void> | undefined;
+  /** A heartbeat was asked for while one was being written: write again right after it. */
+  private heartbeatAgain = false;
+  /** What the last written heartbeat said about the rebalancer, to publish changes at once. */
+  private published = { ringVersion: -1, rebalancing: false };
   private gcTimer: NodeJS.Timeout | undefined;
   private rebalancer: Rebalancer | undefined;
   private gcRunning: Promise<void> | undefined;
@@ -200,6 +206,13 @@ export class StorageNode {
       blockSize: this.global.blockSize,
       rateBytesPerSec: this.opts.rebalanceRate ?? 0,
       intervalMs: this.opts.rebalanceIntervalMs ?? 10_000,
+      // A pass that caught up with a new ring, or finished moving, is published at once: until
+      // then torusctl counts this node as still rebalancing. Not while heartbeats fail: retrying
+      // etcd stays at the heartbeat's pace.
+      onPass: (st) => {
+        const changed = st.ringVersion !== this.published.ringVersion || st.rebalancing !== this.published.rebalancing;
+        if (changed && !this.lastHeartbeatError) this.beat();
+      },
       log,
     });
     this.view.onRing((ring, prev) => {
@@ -243,9 +256,25 @@ export class StorageNode {
 
   private scheduleHeartbeat(): void {
     if (this.stopping) return;
-    this.heartbeatTimer = setTimeout(() => {
-      void this.heartbeat().finally(() => this.scheduleHeartbeat());
-    }, this.heartbeatMs);
+    clearTimeout(this.heartbeatTimer);
+    this.heartbeatTimer = setTimeout(() => this.beat(), this.heartbeatMs);
+  }
+
+  /** Writes a heartbeat now (after the one in flight, if any); the timer restarts from it. */
+  private beat(): void {
+    if (this.stopping) return;
+    if (this.heartbeatRunning) {
+      this.heartbeatAgain = true;
+      return;
+    }
+    clearTimeout(this.heartbeatTimer);
+    this.heartbeatRunning = this.heartbeat().finally(() => {
+      this.heartbeatRunning = undefined;
+      if (this.heartbeatAgain) {
+        this.heartbeatAgain = false;
+        this.beat();
+      } else this.scheduleHeartbeat();
+    });
   }
 
   private async heartbeat(): Promise<void> {
@@ -253,6 +282,7 @@ export class StorageNode {
       const info = this.info();
       // The lease outlives three missed heartbeats: one slow etcd round does not make a node DOWN.
       await this.opts.meta.registerPeer(info, this.heartbeatMs * 3);
+      this.published = { ringVersion: info.rebalance.ringVersion ?? 0, rebalancing: info.rebalance.rebalancing };
       this.peersSeen = (await this.opts.meta.getPeers()).filter((p) => !isStale(p, Date.now())).length;
       this.heartbeats++;
       if (this.lastHeartbeatError) this.opts.log.info('heartbeat restored');
@@ -414,6 +444,8 @@ export class StorageNode {
     clearTimeout(this.gcTimer);
     this.gcAbort.abort();
     await this.rebalancer?.stop();
+    // A heartbeat still being written would otherwise land after the unregister below.
+    await this.heartbeatRunning;
     await this.gcRunning;
     await this.http?.close();
     await this.client?.close();

@@ -97,6 +97,15 @@ describe('README steps 2-5', () => {
     assert.match(out, /ring version 2: 3 member\(s\), replication 2/);
     const list = await peers();
     assert.deepEqual(list.map((p) => p.member), ['OK', 'OK', 'OK']);
+    // Balanced once every member has passed over its blocks on ring v2 and heartbeated that; a
+    // table printed before then says false, and why.
+    const table = await eventually('list-peers to say Balanced: true after peer add', async () => {
+      const out = await ok('torusctl', [...C, 'list-peers']);
+      if (/^Balanced: false/m.test(out)) assert.match(out, /^ {2}- waiting for [1-3] node\(s\) to finish a pass on ring v2: /m);
+      return /^Balanced: true Usage: +0\.00%$/m.test(out) ? out : undefined;
+    });
+    assert.doesNotMatch(table, /waiting for/);
+    for (const p of await peers()) assert.equal((p.rebalance as { ringVersion: number }).ringVersion, 2, `${p.address} passed on ring v2`);
     const ring = JSON.parse(await ok('torusctl', [...C, 'ring', 'get', '--json'])) as { type: string; version: number; replication: number; peers: { uuid: string }[] };
     assert.equal(ring.version, 2);
     assert.equal(ring.type, 'ketama');

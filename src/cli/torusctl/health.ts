@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import type { MetadataService } from '../../core/interfaces.js';
 import { formatSize, parseDuration } from '../../core/units.js';
 import { effectiveReplication } from '../../ring/index.js';
-import { NEARLY_FULL, peerStatuses } from '../../server/cluster.js';
+import { NEARLY_FULL, judgeBalance, peerStatuses } from '../../server/cluster.js';
 import { withMeta } from '../shared/context.js';
 import { printJson } from '../shared/output.js';
 import { byteProgress } from '../shared/progress.js';
@@ -17,54 +17,49 @@ export interface Health {
   downPeers: string[];
   nearlyFullPeers: { address: string; usedPercent: number }[];
   underReplicatedBlocks: number;
+  /** Some live node is moving data, or has not finished a pass on the current ring yet. */
   rebalancing: boolean;
+  /** Addresses of live nodes whose last finished pass was on an older ring than `ringVersion`. */
+  waitingPeers: string[];
   blocksLeft: number;
   bytesLeft: number;
   rate: number;
   problems: string[];
 }
 
+function waitingLine(n: number, ringVersion: number): string {
+  return `waiting for ${n} node(s) to finish a pass on ring v${ringVersion}`;
+}
+
 export async function clusterHealth(meta: MetadataService): Promise<Health> {
   const { ring, peers } = await peerStatuses(meta);
-  const live = peers.filter((p) => p.info && p.member !== 'DOWN');
-  const down = peers.filter((p) => p.inRing && p.member === 'DOWN');
-  const full = live
-    .filter((p) => p.info!.totalBlocks > 0 && p.info!.usedBlocks >= NEARLY_FULL * p.info!.totalBlocks)
+  const b = judgeBalance(ring, peers);
+  const full = peers
+    .filter((p) => p.info && p.member !== 'DOWN' && p.info.totalBlocks > 0 && p.info.usedBlocks >= NEARLY_FULL * p.info.totalBlocks)
     .map((p) => ({ address: p.address, usedPercent: Math.round((100 * p.info!.usedBlocks) / p.info!.totalBlocks) }));
-  let under = 0;
-  let left = 0;
-  let bytesLeft = 0;
-  let rate = 0;
-  let rebalancing = false;
-  for (const p of live) {
-    const r = p.info!.rebalance;
-    under += r.underReplicated ?? 0;
-    left += r.blocksLeft;
-    bytesLeft += r.bytesLeft;
-    rate += r.rate;
-    rebalancing ||= r.rebalancing;
-  }
   const effective = effectiveReplication(ring);
   const problems: string[] = [];
-  if (down.length > 0) problems.push(`${down.length} ring member(s) down: ${down.map((p) => p.uuid).join(', ')}`);
+  if (b.down.length > 0) problems.push(`${b.down.length} ring member(s) down: ${b.down.map((p) => p.uuid).join(', ')}`);
   if (effective < ring.replication) problems.push(`replication ${ring.replication} wanted, only ${effective} possible with ${ring.peers.length} member(s)`);
-  if (under > 0) problems.push(`${under} block copies under-replicated`);
+  if (b.underReplicated > 0) problems.push(`${b.underReplicated} block copies under-replicated`);
   for (const f of full) problems.push(`peer ${f.address} is ${f.usedPercent}% full`);
   // Nodes publish their estimate in heartbeats, so right after a ring change it is still the last
   // pass's (zero): say nothing rather than "about 0 B left".
-  if (rebalancing) problems.push(bytesLeft > 0 ? `rebalancing: about ${formatSize(bytesLeft)} left` : 'rebalancing: in progress');
+  if (b.moving.length > 0) problems.push(b.bytesLeft > 0 ? `rebalancing: about ${formatSize(b.bytesLeft)} left` : 'rebalancing: in progress');
+  if (b.waiting.length > 0) problems.push(`rebalancing: ${waitingLine(b.waiting.length, ring.version)}`);
   return {
     healthy: problems.length === 0,
     ringVersion: ring.version,
     replication: { wanted: ring.replication, effective },
     members: ring.peers.length,
-    downPeers: down.map((p) => p.uuid),
+    downPeers: b.down.map((p) => p.uuid),
     nearlyFullPeers: full,
-    underReplicatedBlocks: under,
-    rebalancing,
-    blocksLeft: left,
-    bytesLeft,
-    rate,
+    underReplicatedBlocks: b.underReplicated,
+    rebalancing: b.rebalancing,
+    waitingPeers: b.waiting.map((p) => p.address),
+    blocksLeft: b.blocksLeft,
+    bytesLeft: b.bytesLeft,
+    rate: b.rate,
     problems,
   };
 }
@@ -99,12 +94,22 @@ export function rebalanceCommand(): Command {
         withMeta(c, async (meta) => {
           const show = (h: Health): void => {
             if (opts.json) {
-              printJson({ rebalancing: h.rebalancing, blocksLeft: h.blocksLeft, bytesLeft: h.bytesLeft, rate: h.rate, underReplicatedBlocks: h.underReplicatedBlocks, downPeers: h.downPeers });
+              printJson({
+                rebalancing: h.rebalancing,
+                ringVersion: h.ringVersion,
+                waitingPeers: h.waitingPeers,
+                blocksLeft: h.blocksLeft,
+                bytesLeft: h.bytesLeft,
+                rate: h.rate,
+                underReplicatedBlocks: h.underReplicatedBlocks,
+                downPeers: h.downPeers,
+              });
               return;
             }
             const eta = h.rate > 0 ? `${Math.ceil(h.bytesLeft / h.rate)}s` : 'unknown';
             const left = h.blocksLeft > 0 ? `${h.blocksLeft} blocks (${formatSize(h.bytesLeft)}) left at ${formatSize(Math.round(h.rate))}/s, ETA ${eta}` : 'amount left not estimated yet';
-            process.stdout.write(h.rebalancing || h.underReplicatedBlocks > 0 ? `rebalancing: ${left}; ${h.underReplicatedBlocks} under-replicated\n` : 'balanced: nothing to move\n');
+            const waiting = h.waitingPeers.length > 0 ? `; ${waitingLine(h.waitingPeers.length, h.ringVersion)}` : '';
+            process.stdout.write(h.rebalancing || h.underReplicatedBlocks > 0 ? `rebalancing: ${left}; ${h.underReplicatedBlocks} under-replicated${waiting}\n` : 'balanced: nothing to move\n');
           };
           let h = await clusterHealth(meta);
           if (!opts.watch) {

@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import type { MetadataService } from '../../core/interfaces.js';
 import { formatAgo, formatSize } from '../../core/units.js';
-import { NEARLY_FULL, addPeersToRing, peerStatuses, removePeersFromRing, type PeerStatus } from '../../server/cluster.js';
+import { NEARLY_FULL, addPeersToRing, judgeBalance, peerStatuses, removePeersFromRing, type PeerStatus } from '../../server/cluster.js';
 import { ringWarnings } from '../../ring/index.js';
 import { withMeta } from '../shared/context.js';
 import { printJson, renderCsv, renderTable } from '../shared/output.js';
@@ -61,10 +61,11 @@ export async function listPeers(meta: MetadataService, opts: ListOpts): Promise<
     total += p.info?.totalBlocks ?? 0;
     used += p.info?.usedBlocks ?? 0;
   }
-  // Balanced means no node is moving data and no ring member is missing.
-  const balanced = !peers.some((p) => p.info?.rebalance.rebalancing) && !peers.some((p) => p.inRing && p.member === 'DOWN');
+  // Balanced: no node moving data or yet to pass on the current ring, no ring member missing.
+  const balance = judgeBalance(ring, peers);
   const usage = total > 0 ? ((used / total) * 100).toFixed(2) : '0.00';
-  process.stdout.write(`${renderTable(head, rows)}\nBalanced: ${balanced} Usage: ${usage.padStart(5)}%\n`);
+  process.stdout.write(`${renderTable(head, rows)}\nBalanced: ${balance.balanced} Usage: ${usage.padStart(5)}%\n`);
+  for (const r of balance.reasons) process.stdout.write(`  - ${r}\n`);
   for (const w of ringWarnings(ring)) process.stderr.write(`warning: ${w}\n`);
   for (const p of peers)
     if (p.info && p.info.usedBlocks >= NEARLY_FULL * p.info.totalBlocks)

@@ -4,7 +4,7 @@ import { Etcd3, EtcdError, type IOptions, GRPCDeadlineExceededError, GRPCUnavail
 import { TorusError, isTorusError } from '../../core/errors.js';
 import type { MetaKV, MetadataService, Unsubscribe } from '../../core/interfaces.js';
 import type { GlobalMetadata, PeerInfo, RingModel } from '../../core/models.js';
-import { decodeGlobal, decodePeer, decodeRing, notInitialized } from '../codec.js';
+import { decodeGlobal, decodePeer, decodeRing, encodePeer, notInitialized } from '../codec.js';
 import { PREFIX, keys } from '../keys.js';
 import { EtcdKV } from './kv.js';
 
@@ -208,7 +208,7 @@ export class EtcdMetadata implements MetadataService {
       this.lease = undefined;
       lease = await this.ensureLease(ttlMs);
     }
-    await this.call('register peer', () => lease.put(keys.node(info.uuid)).value(JSON.stringify(info)).exec());
+    await this.call('register peer', () => lease.put(keys.node(info.uuid)).value(encodePeer(info)).exec());
   }
 
   async unregisterPeer(uuid: string): Promise<void> {

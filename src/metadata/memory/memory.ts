@@ -1,7 +1,7 @@
 import { TorusError } from '../../core/errors.js';
 import type { MetaKV, MetadataService, Unsubscribe } from '../../core/interfaces.js';
 import type { GlobalMetadata, PeerInfo, RingModel } from '../../core/models.js';
-import { notInitialized } from '../codec.js';
+import { decodePeer, encodePeer, notInitialized } from '../codec.js';
 import { PREFIX } from '../keys.js';
 import { MemoryKVStore } from './kv.js';
 
@@ -98,7 +98,8 @@ export class MemoryMetadata implements MetadataService {
 
   async registerPeer(info: PeerInfo, ttlMs: number): Promise<void> {
     this.check();
-    this.store.peers.set(info.uuid, { info, expires: this.store.now() + ttlMs });
+    // Through the codec, as etcd's records are: a field the codec drops is dropped here too.
+    this.store.peers.set(info.uuid, { info: decodePeer(encodePeer(info)), expires: this.store.now() + ttlMs });
   }
 
   async unregisterPeer(uuid: string): Promise<void> {

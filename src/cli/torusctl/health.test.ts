@@ -1,0 +1,44 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { IDLE_REBALANCE, type PeerInfo } from '../../core/models.js';
+import { MemoryMetadataStore } from '../../metadata/memory/memory.js';
+import { addPeersToRing } from '../../server/cluster.js';
+import { clusterHealth } from './health.js';
+
+function info(uuid: string, port: number, ringVersion: number): PeerInfo {
+  return {
+    uuid,
+    address: `http://127.0.0.1:${port}`,
+    httpAddress: '',
+    lastSeen: Date.now(),
+    heartbeatMs: 1000,
+    totalBlocks: 100,
+    usedBlocks: 0,
+    blockSize: 4096,
+    protocolVersion: 1,
+    rebalance: { ...IDLE_REBALANCE, ringVersion },
+    version: 't',
+  };
+}
+
+test('health is not HEALTHY while a member has not finished a pass on the current ring', async () => {
+  const meta = new MemoryMetadataStore().client();
+  await meta.init({ blockSize: 4096, clusterId: 'c', createdAt: '' }, { type: 'ketama', version: 1, replication: 2, peers: [] });
+  for (const [u, p] of [['a', 1], ['b', 2], ['c', 3]] as const) await meta.registerPeer(info(u, 40000 + p, 1), 60_000);
+  const empty = await clusterHealth(meta);
+  assert.deepEqual([empty.rebalancing, empty.waitingPeers], [false, []], 'no members: nothing to wait for');
+  await addPeersToRing(meta, [], true); // v2; every node idle, but on v1
+  let h = await clusterHealth(meta);
+  assert.equal(h.healthy, false);
+  assert.equal(h.rebalancing, true);
+  assert.deepEqual(h.waitingPeers, ['http://127.0.0.1:40001', 'http://127.0.0.1:40002', 'http://127.0.0.1:40003']);
+  assert.ok(h.problems.includes('rebalancing: waiting for 3 node(s) to finish a pass on ring v2'), h.problems.join('; '));
+  await meta.registerPeer(info('a', 40001, 2), 60_000);
+  await meta.registerPeer(info('b', 40002, 2), 60_000);
+  h = await clusterHealth(meta);
+  assert.equal(h.healthy, false);
+  assert.deepEqual(h.waitingPeers, ['http://127.0.0.1:40003']);
+  await meta.registerPeer(info('c', 40003, 2), 60_000);
+  h = await clusterHealth(meta);
+  assert.deepEqual([h.healthy, h.rebalancing, h.waitingPeers, h.problems], [true, false, [], []]);
+});
