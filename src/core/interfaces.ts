@@ -112,7 +112,10 @@ export interface BlockDevice {
   /** The device's natural block size (the cluster block size for volumes); a power of two. */
   readonly blockSize: number;
   readonly readOnly: boolean;
+  /** The bytes, read-only: the result may be shared with a cache, so callers copy to modify. */
   read(offset: number, length: number): Promise<Buffer>;
+  /** The same bytes in pieces, in order, when the device holds them apart (also read-only). */
+  readv?(offset: number, length: number): Promise<readonly Buffer[]>;
   /**
    * `fua`: durable before it resolves, as if followed by flush(). `adopt`: the caller hands `data`
    * over and never touches it again, so the device may keep it instead of copying (the NBD server

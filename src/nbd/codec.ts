@@ -477,13 +477,27 @@ export function encodeRequest(req: Request): Buffer[] {
 }
 
 /** Simple reply; `data` (READ only, error 0) goes out as its own part. */
-export function encodeSimpleReply(handle: bigint, error: number, data?: Buffer): Buffer[] {
+/** The payload of a read reply: one buffer, or pieces sent in order without joining them. */
+export type ReplyData = Buffer | readonly Buffer[];
+
+function dataLength(data: ReplyData): number {
+  if (Buffer.isBuffer(data)) return data.length;
+  let n = 0;
+  for (const b of data) n += b.length;
+  return n;
+}
+
+function withData(h: Buffer, data: ReplyData): Buffer[] {
+  return Buffer.isBuffer(data) ? [h, data] : [h, ...data];
+}
+
+export function encodeSimpleReply(handle: bigint, error: number, data?: ReplyData): Buffer[] {
   checkU32(error, 'error');
   const h = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
   h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
   h.writeUInt32BE(error, 4);
   h.writeBigUInt64BE(BigInt.asUintN(64, handle), 8);
-  return data === undefined || data.length === 0 ? [h] : [h, data];
+  return data === undefined || dataLength(data) === 0 ? [h] : withData(h, data);
 }
 
 function chunkHeader(flags: number, type: number, handle: bigint, length: number, extra: number): Buffer {
@@ -512,12 +526,13 @@ export function encodeNoneChunk(handle: bigint): Buffer[] {
 }
 
 /** OFFSET_DATA: header and offset in one small buffer, the data as its own part. */
-export function encodeOffsetData(handle: bigint, offset: number, data: Buffer, done: boolean): Buffer[] {
+export function encodeOffsetData(handle: bigint, offset: number, data: ReplyData, done: boolean): Buffer[] {
   checkU64(offset, 'offset');
-  if (data.length === 0) throw new TorusError('INVALID_ARGUMENT', 'OFFSET_DATA must carry at least one byte');
-  const h = chunkHeader(doneFlag(done), ReplyType.OFFSET_DATA, handle, 8 + data.length, 8);
+  const length = dataLength(data);
+  if (length === 0) throw new TorusError('INVALID_ARGUMENT', 'OFFSET_DATA must carry at least one byte');
+  const h = chunkHeader(doneFlag(done), ReplyType.OFFSET_DATA, handle, 8 + length, 8);
   writeU64(h, offset, STRUCTURED_HEADER_SIZE);
-  return [h, data];
+  return withData(h, data);
 }
 
 export function encodeOffsetHole(handle: bigint, offset: number, size: number, done: boolean): Buffer[] {

@@ -29,6 +29,10 @@ test('random unaligned writes read back byte-exact, before and after sync and re
         if (o.sync) await vol.flush();
         const back = await vol.read(o.off, len);
         assert.ok(back.equals(ref.subarray(o.off, o.off + len)));
+        // The pieces of readv, one per block touched, join to the same bytes.
+        const pieces = await vol.readv(o.off, len);
+        assert.equal(pieces.length, Math.floor((o.off + len - 1) / BS) - Math.floor(o.off / BS) + 1);
+        assert.ok(Buffer.concat(pieces).equals(back));
       }
     }),
     { numRuns: 20 },

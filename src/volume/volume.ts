@@ -137,9 +137,18 @@ export class BlockVolume implements BlockDevice {
   async read(offset: number, length: number): Promise<Buffer> {
     if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
     this.checkRange(offset, length);
-    const out = Buffer.allocUnsafe(length);
-    await Promise.all([...this.pieces(offset, length)].map(async ({ index, start, n, at }) => void (await this.readBlockPart(index, start, n)).copy(out, at)));
-    return out;
+    // Within one block the piece itself is the answer: no buffer to allocate and fill. It may be
+    // a view of the block cache, which is why BlockDevice.read's result is read-only.
+    const index = Math.floor(offset / this.blockSize);
+    const start = offset - index * this.blockSize;
+    if (start + length <= this.blockSize) return this.readBlockPart(index, start, length);
+    return Buffer.concat(await this.readv(offset, length), length);
+  }
+
+  async readv(offset: number, length: number): Promise<readonly Buffer[]> {
+    if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
+    this.checkRange(offset, length);
+    return Promise.all(Array.from(this.pieces(offset, length), ({ index, start, n }) => this.readBlockPart(index, start, n)));
   }
 
   // ---- writes ----
