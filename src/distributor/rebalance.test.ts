@@ -154,3 +154,38 @@ test('a node with blocks to move records the new ring version once its pass is d
   while ((await r.pass()) > 0);
   assert.deepEqual([r.status().ringVersion, r.status().rebalancing], [3, false]);
 });
+
+test('an idle node rests in proportion to how long its walk takes; a ring change still starts a pass at once', async () => {
+  const c = cluster(3);
+  await writeAll(c, 30);
+  let passes = 0;
+  let slow = true;
+  // Each pass starts by reading the ring: here that costs 20 ms of CPU, like a walk over a big store.
+  const ring = (): Ring => {
+    if (slow) for (const until = Date.now() + 20; Date.now() < until; );
+    return c.ring();
+  };
+  const r = new Rebalancer({
+    self: { uuid: 'p0', store: c.stores.get('p0')! },
+    ring,
+    target: (u) => ({ uuid: u, address: `mem://${u}` }),
+    transport: c.transport,
+    blockSize: BS,
+    intervalMs: 1,
+    onPass: () => passes++,
+  });
+  r.start();
+  try {
+    await new Promise((res) => setTimeout(res, 400));
+    // With a 1 ms interval alone it would walk back to back, about 19 times in 400 ms; resting 19x
+    // the walk allows 2 at most (a loaded machine only makes that fewer).
+    assert.ok(passes >= 1 && passes <= 3, `passes: ${passes}`);
+    slow = false;
+    const before = passes;
+    r.kick();
+    for (let i = 0; i < 200 && passes === before; i++) await new Promise((res) => setTimeout(res, 5));
+    assert.ok(passes > before, 'a kick cuts the rest short');
+  } finally {
+    await r.stop();
+  }
+});

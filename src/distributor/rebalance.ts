@@ -44,6 +44,13 @@ export interface RebalanceStatus extends RebalanceInfo {
   readonly ringVersion: number;
 }
 
+/**
+ * The share of its time an idle node may spend walking its blocks. A pass costs about 10 µs per
+ * block held (the ring lookup, and asking the other owners); on a big store it outlasts any fixed
+ * interval, and an idle node would walk without a pause. A ring change still starts a pass at once.
+ */
+const IDLE_WALK_SHARE = 0.05;
+
 export class Rebalancer {
   private timer: NodeJS.Timeout | undefined;
   private running: Promise<void> | undefined;
@@ -73,6 +80,7 @@ export class Rebalancer {
     const loop = async (): Promise<void> => {
       while (!this.stopped) {
         let moved = 0;
+        const started = Date.now();
         try {
           moved = await this.pass();
         } catch (err) {
@@ -84,9 +92,10 @@ export class Rebalancer {
           this.kicked = false;
           continue;
         }
+        const rest = Math.max(this.opts.intervalMs ?? 10_000, (Date.now() - started) * (1 / IDLE_WALK_SHARE - 1));
         await new Promise<void>((r) => {
           this.wake = r;
-          this.timer = setTimeout(r, this.opts.intervalMs ?? 10_000);
+          this.timer = setTimeout(r, rest);
         });
         this.wake = undefined;
       }
