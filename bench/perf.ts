@@ -561,7 +561,10 @@ function printSummary(tables: TableResult[]): void {
 }
 
 // Always a directory of our own (removed at the end), also inside a --data-dir.
-const root = mkdtempSync(join(argv['data-dir'] ? resolve(argv['data-dir']) : tmpdir(), 'torus-perf-'));
+const parent = argv['data-dir'] ? resolve(argv['data-dir']) : tmpdir();
+// A --data-dir that does not exist yet is made, as the help's "where to make" promises.
+mkdirSync(parent, { recursive: true });
+const root = mkdtempSync(join(parent, 'torus-perf-'));
 const machine: Machine = describeMachine(root);
 const startedAt = new Date();
 const command = `node ${process.argv.slice(1).map((a) => a.replace(`${REPO}/`, '')).join(' ')}`;
