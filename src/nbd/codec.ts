@@ -476,7 +476,6 @@ export function encodeRequest(req: Request): Buffer[] {
   return [h, req.payload];
 }
 
-/** Simple reply; `data` (READ only, error 0) goes out as its own part. */
 /** The payload of a read reply: one buffer, or pieces sent in order without joining them. */
 export type ReplyData = Buffer | readonly Buffer[];
 
@@ -491,6 +490,7 @@ function withData(h: Buffer, data: ReplyData): Buffer[] {
   return Buffer.isBuffer(data) ? [h, data] : [h, ...data];
 }
 
+/** Simple reply; `data` (READ only, error 0) goes out as its own part(s). */
 export function encodeSimpleReply(handle: bigint, error: number, data?: ReplyData): Buffer[] {
   checkU32(error, 'error');
   const h = Buffer.allocUnsafe(SIMPLE_REPLY_SIZE);
@@ -525,7 +525,7 @@ export function encodeNoneChunk(handle: bigint): Buffer[] {
   return [chunkHeader(ReplyFlag.DONE, ReplyType.NONE, handle, 0, 0)];
 }
 
-/** OFFSET_DATA: header and offset in one small buffer, the data as its own part. */
+/** OFFSET_DATA: header and offset in one small buffer, the data as its own part(s). */
 export function encodeOffsetData(handle: bigint, offset: number, data: ReplyData, done: boolean): Buffer[] {
   checkU64(offset, 'offset');
   const length = dataLength(data);
