@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import fc from 'fast-check';
 import { TorusError, isTorusError } from '../core/errors.js';
-import type { BlockRef } from '../core/ids.js';
+import { BlockType, type BlockRef } from '../core/ids.js';
 import type { MetaKV } from '../core/interfaces.js';
 import { buildLiveSet, collectLocal } from './gc.js';
 import { VolumeMeta } from './meta.js';
@@ -394,5 +394,96 @@ test('a commit applied by etcd whose reply was lost counts as done: the writer s
   expect.fill(2, 0, BS);
   expect.fill(3, 8 * BS, 9 * BS);
   assert.ok((await again.read(0, 64 * BS)).equals(expect));
+  await again.close();
+});
+
+test('a sync whose etcd commit failed is retried without storing its blocks again; GC in between keeps them', async () => {
+  const c = await memoryCluster(BS);
+  const kv = c.meta.kv();
+  let failCommits = 0;
+  const flaky: MetaKV = Object.create(kv) as MetaKV;
+  flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
+    // Not applied at all: etcd unreachable for the head's transaction.
+    if (failCommits > 0 && args[1].some((o) => o.op === 'put' && o.key.endsWith('/head'))) {
+      failCommits--;
+      throw new TorusError('ETCD_UNAVAILABLE', 'cannot reach etcd (transaction)');
+    }
+    return kv.txn(...args);
+  };
+  const dataPuts: BlockRef[] = [];
+  const store = {
+    blockSize: BS,
+    putBlock: (ref: BlockRef, data: Uint8Array, opts?: { immutable?: boolean }) => {
+      if (ref.type === BlockType.Data) dataPuts.push(ref);
+      return c.dist.putBlock(ref, data, opts);
+    },
+    getBlock: (ref: BlockRef, crc?: number) => c.dist.getBlock(ref, crc),
+    readRange: (ref: BlockRef, o: number, l: number) => c.dist.readRange(ref, o, l),
+    flush: () => c.dist.flush(),
+  };
+  const vmeta = new VolumeMeta(flaky);
+  await vmeta.create('v', 64 * BS);
+  const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta, store }, 'v');
+  const expect = Buffer.alloc(64 * BS);
+  for (let i = 0; i < 8; i++) {
+    const b = randomBytes(BS);
+    await vol.write(i * BS, b);
+    b.copy(expect, i * BS);
+  }
+  failCommits = 2;
+  await assert.rejects(vol.flush(), (e: unknown) => isTorusError(e, 'ETCD_UNAVAILABLE'));
+  assert.equal(dataPuts.length, 8);
+  // The same bytes again, then a real change: only the changed block is new.
+  await vol.write(0, expect.subarray(0, BS));
+  const changed = randomBytes(100);
+  await vol.write(3 * BS + 7, changed);
+  changed.copy(expect, 3 * BS + 7);
+  await assert.rejects(vol.flush(), (e: unknown) => isTorusError(e, 'ETCD_UNAVAILABLE'));
+  assert.equal(dataPuts.length, 9, 'the second attempt stored only the changed block');
+  // GC on every node while nothing is committed: the stored blocks are above the head's epoch.
+  const live = await buildLiveSet(new VolumeMeta(kv), c.dist);
+  for (const s of c.stores) await collectLocal(live, s);
+  await vol.flush();
+  assert.equal(dataPuts.length, 9, 'the successful attempt stored nothing again');
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 64 * BS)).equals(expect));
+  await again.close();
+  // And after a GC with the head committed, everything is still there on the nodes themselves.
+  const live2 = await buildLiveSet(new VolumeMeta(kv), c.dist);
+  for (const s of c.stores) await collectLocal(live2, s);
+  const third = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await third.read(0, 64 * BS)).equals(expect));
+  await third.close();
+});
+
+test('a sync that failed before its flush has nothing reused: the retry stores every block again', async () => {
+  const c = await memoryCluster(BS);
+  let failPuts = false;
+  let dataPuts = 0;
+  const store = {
+    blockSize: BS,
+    putBlock: (ref: BlockRef, data: Uint8Array, opts?: { immutable?: boolean }) => {
+      if (ref.type === BlockType.Data) dataPuts++;
+      // Half the replicas take the block, then the put fails: not durable as a whole.
+      return failPuts ? c.dist.putBlock(ref, data, opts).then(() => Promise.reject(new TorusError('NO_PEER', 'wrote to only 1 of 2 replicas'))) : c.dist.putBlock(ref, data, opts);
+    },
+    getBlock: (ref: BlockRef, crc?: number) => c.dist.getBlock(ref, crc),
+    readRange: (ref: BlockRef, o: number, l: number) => c.dist.readRange(ref, o, l),
+    flush: () => c.dist.flush(),
+  };
+  await c.vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open({ ...c.ctx, store }, 'v');
+  const data = randomBytes(4 * BS);
+  await vol.write(0, data);
+  failPuts = true;
+  await assert.rejects(vol.flush(), (e: unknown) => isTorusError(e, 'NO_PEER'));
+  failPuts = false;
+  const before = dataPuts;
+  await vol.flush();
+  assert.equal(dataPuts - before, 4);
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 4 * BS)).equals(data));
   await again.close();
 });

@@ -50,6 +50,13 @@ export class BlockVolume implements BlockDevice {
   private queuedSync: Promise<void> | undefined;
   private background: Promise<void> | undefined;
   private fenced: TorusError | undefined;
+  /**
+   * Data blocks a sync stored and flushed before its etcd commit failed, by index: durable, kept
+   * by GC (their epoch is above the head's), so the retry points at them again instead of storing
+   * the same bytes once more. Without this, every retry during an etcd outage stored the whole
+   * dirty set again, and the garbage could fill the cluster before the writer gave up.
+   */
+  private storedUncommitted: Map<number, Pointer & { readonly buf: Buffer }> | undefined;
   private closed = false;
   private readonly writeCacheBytes: number;
   syncs = 0;
@@ -301,6 +308,11 @@ export class BlockVolume implements BlockDevice {
     this.dirtyBytes = 0;
     const taken = this.syncing;
     const puts: Promise<void>[] = [];
+    const reusable = this.storedUncommitted;
+    this.storedUncommitted = undefined;
+    /** This attempt's data blocks, for the next one should only the commit fail. */
+    const attempt = new Map<number, Pointer & { readonly buf: Buffer }>();
+    let flushed = false;
     try {
       // Data blocks and inode pages all go out at once: a page needs only its children's refs
       // and CRCs, known before their puts complete. Every SYNC_YIELD_BLOCKS the loop lets the event
@@ -313,7 +325,12 @@ export class BlockVolume implements BlockDevice {
           await new Promise<void>((resolve) => setImmediate(resolve));
         }
         let ptr: Pointer | null = null;
-        if (buf) {
+        const prev = reusable?.get(index);
+        // The same bytes (compared, not their CRC) as a block the failed attempt made durable.
+        if (buf && prev && buf.equals(prev.buf)) {
+          ptr = { ref: prev.ref, crc: prev.crc };
+          attempt.set(index, prev);
+        } else if (buf) {
           ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(buf) >>> 0 };
           // Immutable from here on: later writes to the block copy it (modifyBlock loads from
           // `syncing`), and a failed sync hands back copies (below).
@@ -322,6 +339,7 @@ export class BlockVolume implements BlockDevice {
           // page load must not be an unhandled rejection (Node would end the process).
           put.catch(() => undefined);
           puts.push(put);
+          attempt.set(index, { ...ptr, buf });
         }
         await this.tree.set(index, ptr);
       }
@@ -332,6 +350,7 @@ export class BlockVolume implements BlockDevice {
       const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed) throw failed.reason;
       await this.ctx.store.flush();
+      flushed = true;
       const head = { root, depth, size: this.sizeBytes };
       await this.ctx.meta.commit(lock, head);
       this.committed = { ...head, epoch: lock.epoch - 1 };
@@ -351,6 +370,9 @@ export class BlockVolume implements BlockDevice {
         if (buf) this.dirtyBytes += this.blockSize;
       }
       if (isTorusError(err, 'LOCKED')) this.fenced ??= err;
+      // Only the commit failed: every block of this attempt is durable. The refs stay valid for
+      // the next attempt because the epoch moves only with a commit.
+      else if (flushed) this.storedUncommitted = attempt;
       throw err;
     } finally {
       this.syncing = new Map();
