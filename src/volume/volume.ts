@@ -365,7 +365,8 @@ export class BlockVolume implements BlockDevice {
       this.tree = this.newTree(this.committed);
       for (const [index, buf] of taken) {
         if (this.dirty.has(index)) continue;
-        // A copy: the distributor may still hold `buf` for re-sending, and dirty blocks change.
+        // A copy: dirty blocks change in place, and `buf` must stay as it was stored, for the
+        // distributor's re-sending and for the next attempt's comparison (storedUncommitted).
         this.dirty.set(index, buf && Buffer.from(buf));
         if (buf) this.dirtyBytes += this.blockSize;
       }
