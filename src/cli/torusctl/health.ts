@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import type { MetadataService } from '../../core/interfaces.js';
 import { formatSize, parseDuration } from '../../core/units.js';
 import { effectiveReplication } from '../../ring/index.js';
-import { NEARLY_FULL, judgeBalance, peerStatuses } from '../../server/cluster.js';
+import { NEARLY_FULL, judgeBalance, peerStatuses, waitingLine } from '../../server/cluster.js';
 import { withMeta } from '../shared/context.js';
 import { printJson } from '../shared/output.js';
 import { byteProgress } from '../shared/progress.js';
@@ -25,10 +25,6 @@ export interface Health {
   bytesLeft: number;
   rate: number;
   problems: string[];
-}
-
-function waitingLine(n: number, ringVersion: number): string {
-  return `waiting for ${n} node(s) to finish a pass on ring v${ringVersion}`;
 }
 
 export async function clusterHealth(meta: MetadataService): Promise<Health> {
