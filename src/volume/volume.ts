@@ -361,7 +361,8 @@ export class BlockVolume implements BlockDevice {
       // Puts still in flight when something else failed must not surface as unhandled.
       for (const p of puts) p.catch(() => undefined);
       // Start again from the last committed head, with every change since still dirty: the next
-      // sync rewrites them all under fresh refs, so nothing half-written is ever referenced.
+      // sync stores them all under fresh refs, so nothing half-written is ever referenced. (If
+      // only the commit failed, it points unchanged blocks at this attempt's durable refs.)
       this.tree = this.newTree(this.committed);
       for (const [index, buf] of taken) {
         if (this.dirty.has(index)) continue;
