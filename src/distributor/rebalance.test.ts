@@ -6,7 +6,7 @@ import { addPeers, changeReplication, createRing, newRingModel, removePeers } fr
 import { MemoryBlockStore } from '../storage/memory-store.js';
 import { Distributor } from './distributor.js';
 import { MemoryTransport } from './memory-transport.js';
-import { Rebalancer } from './rebalance.js';
+import { Rebalancer, type RebalanceOptions } from './rebalance.js';
 
 const BS = 4096;
 const ref = (i: number): BlockRef => ({ type: BlockType.Data, volume: 3, inode: 1, index: i });
@@ -25,12 +25,16 @@ function cluster(n: number) {
   let ring: Ring = createRing(model);
   const target = (u: string) => ({ uuid: u, address: `mem://${u}` });
   const dist = new Distributor({ blockSize: BS, ring: () => ring, target, transport });
-  const rebalancers = uuids.map((u) => new Rebalancer({ self: { uuid: u, store: stores.get(u)! }, ring: () => ring, target, transport, blockSize: BS }));
+  /** A rebalancer for node `u` over this cluster; `extra` overrides its options. */
+  const rebalancer = (u: string, extra: Partial<RebalanceOptions> = {}): Rebalancer =>
+    new Rebalancer({ self: { uuid: u, store: stores.get(u)! }, ring: () => ring, target, transport, blockSize: BS, ...extra });
+  const rebalancers = uuids.map((u) => rebalancer(u));
   return {
     transport,
     stores,
     uuids,
     dist,
+    rebalancer,
     ring: () => ring,
     setModel(m: typeof model) {
       model = m;
@@ -118,7 +122,7 @@ test('every finished pass records its ring version, a pass with nothing to do in
   await writeAll(c, 50);
   const seen: [number, boolean][] = [];
   // p4 holds nothing and is no member: its passes have nothing to do.
-  const idle = new Rebalancer({ self: { uuid: 'p4', store: c.stores.get('p4')! }, ring: c.ring, target: (u) => ({ uuid: u, address: `mem://${u}` }), transport: c.transport, blockSize: BS, onPass: (st) => seen.push([st.ringVersion, st.rebalancing]) });
+  const idle = c.rebalancer('p4', { onPass: (st) => seen.push([st.ringVersion, st.rebalancing]) });
   assert.equal(idle.status().ringVersion, 0, 'no pass yet');
   assert.equal(await idle.pass(), 0);
   assert.equal(idle.status().ringVersion, 2);
@@ -133,7 +137,7 @@ test('every finished pass records its ring version, a pass with nothing to do in
   c.setModel(changeReplication(c.model(), 3)); // v4
   let onPass: (v: number) => void = () => undefined;
   const passed = new Promise<number>((res) => (onPass = res));
-  const looping = new Rebalancer({ self: { uuid: 'p4', store: c.stores.get('p4')! }, ring: c.ring, target: (u) => ({ uuid: u, address: `mem://${u}` }), transport: c.transport, blockSize: BS, intervalMs: 60_000, onPass: (st) => onPass(st.ringVersion) });
+  const looping = c.rebalancer('p4', { intervalMs: 60_000, onPass: (st) => onPass(st.ringVersion) });
   looping.start();
   looping.kick();
   try {
@@ -148,7 +152,7 @@ test('a node with blocks to move records the new ring version once its pass is d
   const c = cluster(3);
   await writeAll(c, 100);
   c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }])); // v3
-  const r = new Rebalancer({ self: { uuid: 'p0', store: c.stores.get('p0')! }, ring: c.ring, target: (u) => ({ uuid: u, address: `mem://${u}` }), transport: c.transport, blockSize: BS });
+  const r = c.rebalancer('p0');
   assert.ok((await r.pass()) > 0, 'p0 had blocks to move');
   assert.deepEqual([r.status().ringVersion, r.status().rebalancing], [3, true]);
   while ((await r.pass()) > 0);
@@ -165,15 +169,7 @@ test('an idle node rests in proportion to how long its walk takes; a ring change
     if (slow) for (const until = Date.now() + 20; Date.now() < until; );
     return c.ring();
   };
-  const r = new Rebalancer({
-    self: { uuid: 'p0', store: c.stores.get('p0')! },
-    ring,
-    target: (u) => ({ uuid: u, address: `mem://${u}` }),
-    transport: c.transport,
-    blockSize: BS,
-    intervalMs: 1,
-    onPass: () => passes++,
-  });
+  const r = c.rebalancer('p0', { ring, intervalMs: 1, onPass: () => passes++ });
   r.start();
   try {
     await new Promise((res) => setTimeout(res, 400));

@@ -479,7 +479,8 @@ export function encodeRequest(req: Request): Buffer[] {
 /** The payload of a read reply: one buffer, or pieces sent in order without joining them. */
 export type ReplyData = Buffer | readonly Buffer[];
 
-function dataLength(data: ReplyData): number {
+/** Bytes in a read reply's payload, pieces summed. */
+export function replyDataLength(data: ReplyData): number {
   if (Buffer.isBuffer(data)) return data.length;
   let n = 0;
   for (const b of data) n += b.length;
@@ -497,7 +498,7 @@ export function encodeSimpleReply(handle: bigint, error: number, data?: ReplyDat
   h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
   h.writeUInt32BE(error, 4);
   h.writeBigUInt64BE(BigInt.asUintN(64, handle), 8);
-  return data === undefined || dataLength(data) === 0 ? [h] : withData(h, data);
+  return data === undefined || replyDataLength(data) === 0 ? [h] : withData(h, data);
 }
 
 function chunkHeader(flags: number, type: number, handle: bigint, length: number, extra: number): Buffer {
@@ -528,7 +529,7 @@ export function encodeNoneChunk(handle: bigint): Buffer[] {
 /** OFFSET_DATA: header and offset in one small buffer, the data as its own part(s). */
 export function encodeOffsetData(handle: bigint, offset: number, data: ReplyData, done: boolean): Buffer[] {
   checkU64(offset, 'offset');
-  const length = dataLength(data);
+  const length = replyDataLength(data);
   if (length === 0) throw new TorusError('INVALID_ARGUMENT', 'OFFSET_DATA must carry at least one byte');
   const h = chunkHeader(doneFlag(done), ReplyType.OFFSET_DATA, handle, 8 + length, 8);
   writeU64(h, offset, STRUCTURED_HEADER_SIZE);

@@ -34,6 +34,7 @@ import {
   encodeRepServer,
   encodeSimpleReply,
   type ReplyData,
+  replyDataLength,
   errnoName,
   optionName,
   parseExportName,
@@ -940,9 +941,7 @@ async function readExact(d: BlockDevice, offset: number, length: number): Promis
   const bs = d.blockSize;
   const oneBlock = Math.floor(offset / bs) === Math.floor((offset + length - 1) / bs);
   const data = d.readv && !oneBlock ? await d.readv(offset, length) : await d.read(offset, length);
-  let got = 0;
-  if (Buffer.isBuffer(data)) got = data.length;
-  else for (const b of data) got += b.length;
+  const got = replyDataLength(data);
   if (got !== length) throw new TorusError('IO', `device returned ${got} bytes for a ${length}-byte read`);
   return data;
 }

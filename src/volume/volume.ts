@@ -149,12 +149,16 @@ export class BlockVolume implements BlockDevice {
     const index = Math.floor(offset / this.blockSize);
     const start = offset - index * this.blockSize;
     if (start + length <= this.blockSize) return this.readBlockPart(index, start, length);
-    return Buffer.concat(await this.readv(offset, length), length);
+    return Buffer.concat(await this.readPieces(offset, length), length);
   }
 
   async readv(offset: number, length: number): Promise<readonly Buffer[]> {
     if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
     this.checkRange(offset, length);
+    return this.readPieces(offset, length);
+  }
+
+  private readPieces(offset: number, length: number): Promise<Buffer[]> {
     return Promise.all(Array.from(this.pieces(offset, length), ({ index, start, n }) => this.readBlockPart(index, start, n)));
   }
 
