@@ -185,3 +185,26 @@ test('an idle node rests in proportion to how long its walk takes; a ring change
     await r.stop();
   }
 });
+
+test('a pass that leaves blocks under-replicated retries at the interval, however long its walk took', async () => {
+  const c = cluster(3);
+  await writeAll(c, 30);
+  await c.settle();
+  let passes = 0;
+  // p1 unreachable, and every walk made slow (as timeouts to a cut-off node make it).
+  c.transport.down.add('p1');
+  const ring = (): Ring => {
+    for (const until = Date.now() + 20; Date.now() < until; );
+    return c.ring();
+  };
+  const r = c.rebalancer('p0', { ring, intervalMs: 1, onPass: () => passes++ });
+  r.start();
+  try {
+    await new Promise((res) => setTimeout(res, 400));
+    assert.ok(r.status().underReplicated > 0, 'p0 saw blocks short of p1');
+    // Resting 19x a 20 ms walk would allow 2 passes in 400 ms at most; retrying at the interval, many.
+    assert.ok(passes >= 6, `passes: ${passes}`);
+  } finally {
+    await r.stop();
+  }
+});

@@ -80,9 +80,11 @@ export class Rebalancer {
     const loop = async (): Promise<void> => {
       while (!this.stopped) {
         let moved = 0;
+        let clean = false;
         const started = Date.now();
         try {
           moved = await this.pass();
+          clean = this.st.underReplicated === 0 && !this.st.rebalancing;
         } catch (err) {
           this.opts.log?.warn({ err: toTorusError(err).message }, 'rebalance pass failed');
         }
@@ -92,7 +94,11 @@ export class Rebalancer {
           this.kicked = false;
           continue;
         }
-        const rest = Math.max(this.opts.intervalMs ?? 10_000, (Date.now() - started) * (1 / IDLE_WALK_SHARE - 1));
+        // Only a pass that left nothing to do earns the long rest. One that left blocks short of
+        // their owners (an owner unreachable) retries at the interval: a walk slowed by timeouts
+        // to a cut-off node must not delay the repair for minutes once that node is back.
+        const walk = Date.now() - started;
+        const rest = Math.max(this.opts.intervalMs ?? 10_000, clean ? walk * (1 / IDLE_WALK_SHARE - 1) : 0);
         await new Promise<void>((r) => {
           this.wake = r;
           this.timer = setTimeout(r, rest);
