@@ -1,0 +1,70 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { have } from '../helpers/nbd-tools.js';
+import { REPO } from '../helpers/procs.js';
+
+// The performance harness (`npm run bench`, docs/performance.md), run small: every job on both
+// sides, three repetitions, one short block size table. It checks what the harness promises (the
+// figures, their median/min/max, the ratio last on each printed row, every process's peak RSS, the
+// machine's description in the JSON), never a figure's size: timings here are noise.
+
+const skip = have('fio') && have('nbdkit') ? false : 'fio or nbdkit not installed';
+const dir = mkdtempSync(join(tmpdir(), 'torus-bench-test-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+interface Stat {
+  median: number;
+  min: number;
+  max: number;
+  values: number[];
+}
+interface Row {
+  job: string;
+  torus: Stat;
+  nbdkit: Stat;
+  ratio: number;
+  kind: 'throughput' | 'latency';
+}
+interface Results {
+  machine: { cores: number; cpuModel: string; kernel: string; memoryBytes: number };
+  options: { reps: number };
+  fioJobs: Record<string, string[]>;
+  tables: { blockSize: string; rows: Row[]; peakRss: Record<string, number> }[];
+}
+
+test('npm run bench, small: both sides of every job, medians of 3 with min and max, ratio last, peak RSS, JSON with the machine', { skip, timeout: 600_000 }, () => {
+  const out = join(dir, 'results.json');
+  const args = ['--quick', '--block-sizes', '64KiB', '--volume-size', '64MiB', '--read-cache-size', '4MiB', '--runtime', '1', '--data-dir', join(dir, 'data'), '--out', out];
+  const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'perf.js'), ...args], { encoding: 'utf8', timeout: 540_000 });
+  assert.equal(r.status, 0, `bench exited ${r.status}:\n${r.stderr.slice(-4000)}`);
+
+  const res = JSON.parse(readFileSync(out, 'utf8')) as Results;
+  assert.ok(res.machine.cores > 0 && res.machine.cpuModel && res.machine.kernel && res.machine.memoryBytes > 0, 'the machine is described');
+  assert.equal(res.options.reps, 3);
+  assert.equal(res.tables.length, 1);
+  const [t] = res.tables;
+  assert.equal(t!.blockSize, '64KiB');
+  assert.deepEqual(t!.rows.map((x) => x.job), ['P1', 'P2', 'P3', 'P4', 'P5']);
+  for (const row of t!.rows) {
+    for (const s of [row.torus, row.nbdkit]) {
+      assert.equal(s.values.length, 3, `${row.job}: 3 repetitions`);
+      assert.ok(s.values.every((v) => Number.isFinite(v) && v > 0), `${row.job}: figures ${s.values.join(', ')}`);
+      assert.deepEqual([s.min, s.median, s.max], [Math.min(...s.values), [...s.values].sort((a, b) => a - b)[1], Math.max(...s.values)]);
+    }
+    assert.ok(Math.abs(row.ratio - row.torus.median / row.nbdkit.median) < 1e-9, `${row.job}: the ratio is Torus/nbdkit`);
+    assert.ok(res.fioJobs[row.job]!.length > 0);
+  }
+  assert.equal(t!.rows.find((x) => x.job === 'P5')!.kind, 'latency');
+  // Every process of both setups, with a peak RSS.
+  assert.deepEqual(Object.keys(t!.peakRss).sort(), ['etcd', 'nbdkit', 'nbdserve', 'torusd-1', 'torusd-2', 'torusd-3']);
+  for (const [name, bytes] of Object.entries(t!.peakRss)) assert.ok(bytes > 1024 * 1024, `${name} peak RSS ${bytes}`);
+
+  // The printed table: one row per job, both figures, the ratio last.
+  for (const job of ['P1', 'P2', 'P3', 'P4']) assert.match(r.stdout, new RegExp(`^\\| ${job} .*\\| \\d+\\.\\d{3} \\((met|missed)\\) \\|$`, 'm'));
+  assert.match(r.stdout, /^\| P5 .*\| \d+\.\dx \((met|missed)\) \|$/m);
+  assert.match(r.stdout, /^peak RSS: etcd .*nbdserve .*nbdkit /m);
+});
