@@ -11,6 +11,12 @@
       "sources": ["native/page_cache_read.c"],
       "cflags": ["-Wall", "-Wextra", "-O2", "-std=gnu11"],
       "defines": ["NAPI_VERSION=8"]
+    },
+    {
+      "target_name": "malloc_tuning",
+      "sources": ["native/malloc_tuning.c"],
+      "cflags": ["-Wall", "-Wextra", "-O2", "-std=gnu11"],
+      "defines": ["NAPI_VERSION=8"]
     }
   ]
 }

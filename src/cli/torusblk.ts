@@ -1,4 +1,5 @@
 import { Command } from 'commander';
+import { tuneMalloc } from '../core/malloc.js';
 import { VERSION } from '../core/version.js';
 import { addBlockIoOptions, addGlobalOptions } from './shared/config.js';
 import { aoeCommand } from './torusblk/aoe.js';
@@ -30,5 +31,6 @@ export function buildProgram(): Command {
 }
 
 export function main(argv: string[]): void {
+  tuneMalloc();
   void runProgram('torusblk', buildProgram(), argv).then(() => process.exit(process.exitCode ?? 0));
 }

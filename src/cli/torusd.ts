@@ -1,5 +1,6 @@
 import { Command, Option } from 'commander';
 import { pino } from 'pino';
+import { tuneMalloc } from '../core/malloc.js';
 import { VERSION } from '../core/version.js';
 import { StorageNode } from '../server/node.js';
 import { parseDuration, parseSize } from '../core/units.js';
@@ -88,6 +89,7 @@ export function buildProgram(): Command {
 }
 
 export function main(argv: string[]): void {
+  tuneMalloc();
   void runProgram('torusd', buildProgram(), argv).then(() => {
     // grpc keeps handles open for a while after close; a stopped daemon should exit now.
     process.exit(process.exitCode ?? 0);

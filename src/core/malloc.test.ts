@@ -1,0 +1,44 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { nativeAddonPath } from './native.js';
+
+// NBD payloads of 1 MiB, a few alive at a time as in a busy nbdserve, in a fresh process each,
+// counting the page faults taken: with the settings freed memory is reused; without them most of it
+// is faulted in again.
+const CHILD = `
+const { tuneMalloc } = await import(process.argv[1]);
+const tuned = tuneMalloc();
+const keep = [];
+const before = process.resourceUsage().minorPageFault;
+const n = 4000;
+for (let i = 0; i < n; i++) {
+  const b = Buffer.allocUnsafe(1 << 20);
+  b.fill(i & 255);
+  keep.push(b);
+  if (keep.length > 16) keep.shift();
+}
+console.log(JSON.stringify({ tuned, faultsPerMiB: (process.resourceUsage().minorPageFault - before) / n }));
+`;
+
+const built = existsSync(nativeAddonPath('malloc_tuning') ?? '');
+
+function run(env: NodeJS.ProcessEnv): { tuned: boolean; faultsPerMiB: number } {
+  const module = fileURLToPath(new URL('./malloc.js', import.meta.url));
+  // glibc's own variables would set the same thresholds from outside: the comparison needs them unset.
+  const { MALLOC_MMAP_THRESHOLD_: _m, MALLOC_TRIM_THRESHOLD_: _t, ...inherited } = process.env;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', CHILD, module], { encoding: 'utf8', env: { ...inherited, ...env } });
+  assert.equal(r.status, 0, r.stderr);
+  return JSON.parse(r.stdout) as { tuned: boolean; faultsPerMiB: number };
+}
+
+test('malloc settings: big buffers reuse freed memory instead of faulting in fresh pages; TORUS_MALLOC_TUNING=0 keeps the defaults', { skip: built ? false : 'native addon not built' }, () => {
+  const plain = run({ TORUS_MALLOC_TUNING: '0' });
+  const tuned = run({ TORUS_MALLOC_TUNING: '1' });
+  assert.equal(plain.tuned, false);
+  assert.equal(tuned.tuned, true);
+  // Measured here: 2.4-2.7 against 11.8-12.8.
+  assert.ok(tuned.faultsPerMiB * 3 < plain.faultsPerMiB, `faults per MiB: ${tuned.faultsPerMiB.toFixed(1)} tuned, ${plain.faultsPerMiB.toFixed(1)} with glibc's defaults`);
+});
