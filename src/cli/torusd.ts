@@ -34,7 +34,7 @@ export function buildProgram(): Command {
     .option('--auto-join', 'add this node to the ring at start')
     .addOption(new Option('--heartbeat <duration>', 'how often to report to etcd').default('5s'))
     .addOption(new Option('--rebalance-rate <size>', 'bytes per second a node may send while rebalancing (0: unlimited)').default('100MiB'))
-    .addOption(new Option('--rebalance-interval <duration>', 'pause between rebalance passes when nothing moved (after a pass that found nothing outstanding, at least 19x that pass, so an idle walk takes at most 5% of the time)').default('10s'))
+    .addOption(new Option('--rebalance-interval <duration>', 'pause between rebalance passes when nothing moved (at least 19x the last pass, not counting failed calls, so walking takes at most 5% of the time)').default('10s'))
     .addOption(new Option('--gc-interval <duration>', 'how often to delete blocks no volume can reach any more (0: never)').default('30s'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
     .showHelpAfterError('(run torusd --help for usage)')

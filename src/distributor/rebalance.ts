@@ -58,6 +58,8 @@ export class Rebalancer {
   private kicked = false;
   private wake: (() => void) | undefined;
   private lastRingVersion = -1;
+  /** Time the current pass spent in peer calls that failed (timeouts to an unreachable owner). */
+  private failedWaitMs = 0;
   private tokens = 0;
   private lastRefill = Date.now();
   private st = {
@@ -80,11 +82,10 @@ export class Rebalancer {
     const loop = async (): Promise<void> => {
       while (!this.stopped) {
         let moved = 0;
-        let clean = false;
         const started = Date.now();
+        this.failedWaitMs = 0;
         try {
           moved = await this.pass();
-          clean = this.st.underReplicated === 0 && !this.st.rebalancing;
         } catch (err) {
           this.opts.log?.warn({ err: toTorusError(err).message }, 'rebalance pass failed');
         }
@@ -94,11 +95,11 @@ export class Rebalancer {
           this.kicked = false;
           continue;
         }
-        // Only a pass that left nothing to do earns the long rest. One that left blocks short of
-        // their owners (an owner unreachable) retries at the interval: a walk slowed by timeouts
-        // to a cut-off node must not delay the repair for minutes once that node is back.
-        const walk = Date.now() - started;
-        const rest = Math.max(this.opts.intervalMs ?? 10_000, clean ? walk * (1 / IDLE_WALK_SHARE - 1) : 0);
+        // The rest is in proportion to the walk's own work, not to time spent waiting on calls that
+        // failed: a walk slowed by 5 s timeouts to a cut-off node would otherwise rest for minutes,
+        // and leave that node's blocks unrepaired that long after it is back.
+        const walk = Math.max(0, Date.now() - started - this.failedWaitMs);
+        const rest = Math.max(this.opts.intervalMs ?? 10_000, walk * (1 / IDLE_WALK_SHARE - 1));
         await new Promise<void>((r) => {
           this.wake = r;
           this.timer = setTimeout(r, rest);
@@ -199,6 +200,7 @@ export class Rebalancer {
       }
       for (let i = 0; i < list.length && !this.stopped; i += batchSize) {
         const batch = list.slice(i, i + batchSize);
+        const callStarted = Date.now();
         try {
           const has = await this.opts.transport.has(target, batch);
           const missing = batch.filter((_, j) => !has[j]);
@@ -227,6 +229,7 @@ export class Rebalancer {
             });
           }
         } catch (err) {
+          this.failedWaitMs += Date.now() - callStarted;
           unreachable.add(peer);
           this.opts.log?.warn({ peer, err: toTorusError(err).message }, 'rebalance: peer unreachable; will retry');
           checked += list.length - i;
