@@ -4,9 +4,9 @@
 // payloads, blocks, RPC bodies: 64 KiB to 1 MiB, thousands a second) from fresh mmap()s, or from a
 // heap top it gives back to the kernel as soon as it is free, so their pages are faulted in and
 // zeroed by the kernel again on every use. Keeping requests under 32 MiB in the heap and up to 64
-// MiB of free heap top resident makes them reuse memory: 37 -> 10 page faults per MiB allocated
-// in a plain allocation loop, and sequential reads through nbdserve 27-40% faster
-// (docs/performance.md). Both settings are what MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
+// MiB of free heap top resident makes them reuse memory: 12 -> 2.5 page faults per MiB allocated
+// in a loop of 1 MiB Buffers (src/core/malloc.test.ts), and sequential reads through nbdserve
+// 29-45% faster (docs/performance.md). Both settings are what MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
 // would set, had the process been started with them.
 //
 // JavaScript API (src/core/malloc.ts):

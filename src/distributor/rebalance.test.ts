@@ -203,9 +203,9 @@ test('time spent waiting on an unreachable owner does not lengthen the rest', as
   const r = c.rebalancer('p0', { transport, intervalMs: 1, onPass: () => passes++ });
   r.start();
   try {
-    await new Promise((res) => setTimeout(res, 700));
+    await new Promise((res) => setTimeout(res, 1000));
     assert.ok(r.status().underReplicated > 0, 'p0 saw blocks short of p1');
-    // Resting 19x a walk of 100 ms would allow one pass in 700 ms; retrying after the interval,
+    // Resting 19x a walk of 100 ms would allow one pass in a second; retrying after the interval,
     // about one every 100 ms.
     assert.ok(passes >= 3, `passes: ${passes}`);
   } finally {
