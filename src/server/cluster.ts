@@ -66,6 +66,11 @@ export interface BalanceState {
   readonly reasons: readonly string[];
 }
 
+/** How health and balance judgements word the ring members that are not heartbeating. */
+export function downLine(down: readonly PeerStatus[]): string {
+  return `${down.length} ring member(s) down: ${down.map((p) => p.uuid).join(', ')}`;
+}
+
 /** How balance judgements word the nodes still to pass on the current ring. */
 export function waitingLine(n: number, ringVersion: number): string {
   return `waiting for ${n} node(s) to finish a pass on ring v${ringVersion}`;
@@ -100,7 +105,7 @@ export function judgeBalance(ring: RingModel, peers: readonly PeerStatus[]): Bal
   }
   const rebalancing = moving.length > 0 || waiting.length > 0;
   const reasons: string[] = [];
-  if (down.length > 0) reasons.push(`${down.length} ring member(s) down: ${down.map((p) => p.uuid).join(', ')}`);
+  if (down.length > 0) reasons.push(downLine(down));
   if (moving.length > 0) reasons.push(`${moving.length} node(s) moving data: ${moving.map((p) => p.address).join(', ')}`);
   if (waiting.length > 0) reasons.push(`${waitingLine(waiting.length, ring.version)}: ${waiting.map((p) => p.address).join(', ')}`);
   return { balanced: !rebalancing && down.length === 0, rebalancing, ringVersion: ring.version, moving, waiting, down, underReplicated, blocksLeft, bytesLeft, rate, reasons };

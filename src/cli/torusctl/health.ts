@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import type { MetadataService } from '../../core/interfaces.js';
 import { formatSize, parseDuration } from '../../core/units.js';
 import { effectiveReplication } from '../../ring/index.js';
-import { NEARLY_FULL, judgeBalance, peerStatuses, waitingLine } from '../../server/cluster.js';
+import { NEARLY_FULL, downLine, judgeBalance, peerStatuses, waitingLine } from '../../server/cluster.js';
 import { withMeta } from '../shared/context.js';
 import { printJson } from '../shared/output.js';
 import { byteProgress } from '../shared/progress.js';
@@ -35,7 +35,7 @@ export async function clusterHealth(meta: MetadataService): Promise<Health> {
     .map((p) => ({ address: p.address, usedPercent: Math.round((100 * p.info!.usedBlocks) / p.info!.totalBlocks) }));
   const effective = effectiveReplication(ring);
   const problems: string[] = [];
-  if (b.down.length > 0) problems.push(`${b.down.length} ring member(s) down: ${b.down.map((p) => p.uuid).join(', ')}`);
+  if (b.down.length > 0) problems.push(downLine(b.down));
   if (effective < ring.replication) problems.push(`replication ${ring.replication} wanted, only ${effective} possible with ${ring.peers.length} member(s)`);
   if (b.underReplicated > 0) problems.push(`${b.underReplicated} block copies under-replicated`);
   for (const f of full) problems.push(`peer ${f.address} is ${f.usedPercent}% full`);
