@@ -31,7 +31,21 @@ const HERE = dirname(fileURLToPath(import.meta.url));
 // dist/bench/perf.js -> the repository root
 const REPO = resolve(HERE, '../..');
 
-const { values: argv } = parseArgs({
+/** A bad argument or a missing tool: one line and exit status 2, never a stack trace. */
+function usage(message: string): never {
+  process.stderr.write(`perf: ${message}\n`);
+  process.exit(2);
+}
+
+function orUsage<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (err) {
+    usage(err instanceof Error ? err.message : String(err));
+  }
+}
+
+const { values: argv } = orUsage(() => parseArgs({
   options: {
     quick: { type: 'boolean', default: false },
     'block-sizes': { type: 'string' },
@@ -50,7 +64,7 @@ const { values: argv } = parseArgs({
     keep: { type: 'boolean', default: false },
     help: { type: 'boolean', default: false },
   },
-});
+}));
 
 if (argv.help) {
   process.stdout.write(`usage: node dist/bench/perf.js [options]
@@ -82,15 +96,15 @@ const rampSec = Number(argv.ramp ?? (quick ? 0 : 2));
 const volumeSize = argv['volume-size'] ?? (quick ? '512MiB' : '2GiB');
 const readCacheSize = argv['read-cache-size'];
 const jobs = (argv.jobs ?? JOB_IDS.join(',')).split(',').map((s) => s.trim().toUpperCase()) as JobId[];
-for (const j of jobs) if (!JOB_IDS.includes(j)) throw new Error(`unknown job ${j}: expected some of ${JOB_IDS.join(',')}`);
-for (const b of blockSizes) parseSize(b);
-if (!Number.isInteger(reps) || reps < 1) throw new Error('--reps must be a positive integer');
-if (!(runtimeSec > 0) || !(rampSec >= 0)) throw new Error('--runtime must be a positive number of seconds, --ramp zero or more');
+for (const j of jobs) if (!JOB_IDS.includes(j)) usage(`unknown job ${j}: expected some of ${JOB_IDS.join(',')}`);
+for (const b of blockSizes) orUsage(() => parseSize(b));
+if (!Number.isInteger(reps) || reps < 1) usage('--reps must be a positive integer');
+if (!(runtimeSec > 0) || !(rampSec >= 0)) usage('--runtime must be a positive number of seconds, --ramp zero or more');
 if (reps < 3) process.stderr.write(`note: --reps ${reps} is below the 3 repetitions issue 8 asks for\n`);
-for (const t of ['fio', 'nbdkit']) if (!have(t)) throw new Error(`${t} is not installed (Debian: apt-get install -y ${t})`);
+for (const t of ['fio', 'nbdkit']) if (!have(t)) usage(`${t} is not installed (Debian: apt-get install -y ${t})`);
 
-const region: Region = { whole: parseSize(volumeSize), randReadSet: 4 * parseSize(readCacheSize) };
-if (region.randReadSet > region.whole) throw new Error(`P3's working set (4 x --read-cache-size = ${region.randReadSet} bytes) exceeds the volume`);
+const region: Region = orUsage(() => ({ whole: parseSize(volumeSize), randReadSet: 4 * parseSize(readCacheSize) }));
+if (region.randReadSet > region.whole) usage(`P3's working set (4 x --read-cache-size = ${region.randReadSet} bytes) exceeds the volume`);
 
 const MiB = 2 ** 20;
 

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -67,4 +67,14 @@ test('npm run bench, small: both sides of every job, medians of 3 with min and m
   for (const job of ['P1', 'P2', 'P3', 'P4']) assert.match(r.stdout, new RegExp(`^\\| ${job} .*\\| \\d+\\.\\d{3} \\((met|missed)\\) \\|$`, 'm'));
   assert.match(r.stdout, /^\| P5 .*\| \d+\.\dx \((met|missed)\) \|$/m);
   assert.match(r.stdout, /^peak RSS: etcd .*nbdserve .*nbdkit /m);
+});
+
+test('bench: bad arguments get one line and exit status 2, before anything is started', () => {
+  for (const args of [['--jobs', 'P9'], ['--reps', '0'], ['--bogus'], ['--block-sizes', '3XB'], ['--volume-size', '8MiB']]) {
+    const data = join(dir, 'bad-args');
+    const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'perf.js'), ...args, '--data-dir', data], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr, /^perf: [^\n]+\n$/, `${args.join(' ')}: one line, no stack trace`);
+    assert.equal(existsSync(data), false, `${args.join(' ')}: no data dir made`);
+  }
 });
