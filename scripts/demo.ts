@@ -9,11 +9,27 @@ import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { parseSize } from '../src/core/units.js';
+import { checkVolumeName } from '../src/volume/records.js';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const bin = (name: string): string => join(ROOT, 'bin', `${name}.js`);
 
-const { values: opts } = parseArgs({
+/** A bad argument: one line and exit status 2, before anything is started. */
+function usage(message: string): never {
+  process.stderr.write(`demo: ${message} (npm run demo -- --help)\n`);
+  process.exit(2);
+}
+
+function orUsage<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (err) {
+    usage(err instanceof Error ? err.message : String(err));
+  }
+}
+
+const { values: opts } = orUsage(() => parseArgs({
   options: {
     dir: { type: 'string', default: join(homedir(), '.torus-demo') },
     clean: { type: 'boolean', default: false },
@@ -26,7 +42,7 @@ const { values: opts } = parseArgs({
     'node-size': { type: 'string', default: '4GiB' },
     help: { type: 'boolean', short: 'h', default: false },
   },
-});
+}));
 
 if (opts.help) {
   process.stdout.write(
@@ -40,6 +56,13 @@ const etcdPort = Number(opts['etcd-port']);
 const nbdPort = Number(opts['nbd-port']);
 const peerBase = Number(opts['peer-port']);
 const httpBase = Number(opts['http-port']);
+// etcd also takes the port after its client port (for peers); the nodes take three in a row.
+for (const [flag, span] of [['etcd-port', 2], ['nbd-port', 1], ['peer-port', 3], ['http-port', 3]] as const) {
+  const port = Number(opts[flag]);
+  if (!Number.isInteger(port) || port < 1 || port + span - 1 > 65535) usage(`--${flag} ${opts[flag]}: not a port number (1-${65536 - span})`);
+}
+orUsage(() => checkVolumeName(opts.volume));
+for (const flag of ['volume-size', 'node-size'] as const) orUsage(() => parseSize(opts[flag]));
 const endpoint = `127.0.0.1:${etcdPort}`;
 const C = etcdPort === 2379 ? '' : ` -C ${endpoint}`;
 const NODES = 3;

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -134,4 +134,15 @@ test('npm run demo: up, usable with the tools it names, stops cleanly, comes bac
   const blank = sh('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0 0 1M', nbdUri]);
   assert.doesNotMatch(blank.out, /Pattern verification failed/, 'a new volume reads as zeros');
   assert.equal(await interrupt(third.proc), 0, third.output());
+});
+
+test('npm run demo: a bad argument gets one line and exit status 2, and nothing is started or made', () => {
+  const fresh = join(dir, 'never-made');
+  for (const args of [['--bogus'], ['--etcd-port', 'abc'], ['--peer-port', '65534'], ['--volume-size', '3XB'], ['--volume', 'a/b']]) {
+    const r = spawnSync(process.execPath, [join(REPO, 'dist', 'scripts', 'demo.js'), '--dir', fresh, ...args], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(r.status, 2, `${args.join(' ')}: ${r.stdout}${r.stderr}`);
+    assert.match(r.stderr, /^demo: [^\n]+\n$/, `${args.join(' ')}: one line, no stack trace`);
+    assert.equal(r.stdout, '');
+    assert.equal(existsSync(fresh), false, `${args.join(' ')}: no data dir made`);
+  }
 });
