@@ -94,13 +94,20 @@ function start(name: string, cmd: string, args: string[]): ChildProcess {
   writeFileSync(log, '');
   const out = createWriteStream(log, { flags: 'a' });
   const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  proc.stdout?.pipe(out);
-  proc.stderr?.pipe(out);
+  // Two sources into one file: neither may end it, or the other's last words (often the reason
+  // it died) are lost; the file is ended once both pipes are closed.
+  proc.stdout?.pipe(out, { end: false });
+  proc.stderr?.pipe(out, { end: false });
   children.push({ name, proc, log });
-  proc.once('exit', (code, signal) => {
+  proc.once('close', (code, signal) => {
+    out.end();
     if (stopping) return;
-    process.stderr.write(`demo: ${name} exited unexpectedly (${signal ?? `status ${code}`}); its log ${log} ends with:\n${tail(log)}\n`);
-    void stopAll(1);
+    // Read the log only once everything the process wrote has reached it.
+    out.once('finish', () => {
+      if (stopping) return;
+      process.stderr.write(`demo: ${name} exited unexpectedly (${signal ?? `status ${code}`}); its log ${log} ends with:\n${tail(log)}\n`);
+      void stopAll(1);
+    });
   });
   return proc;
 }
@@ -162,6 +169,7 @@ async function main(): Promise<void> {
   mkdirSync(join(dir, 'logs'), { recursive: true });
   for (const [what, port] of [
     ['etcd', etcdPort],
+    ['etcd peer', etcdPort + 1],
     ['NBD', nbdPort],
     ...Array.from({ length: NODES }, (_, i) => [`node ${i + 1} peer`, peerBase + i] as const),
     ...Array.from({ length: NODES }, (_, i) => [`node ${i + 1} HTTP`, httpBase + i] as const),

@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { freePort } from '../helpers/etcd.js';
 import { REPO } from '../helpers/procs.js';
 
 // `npm run demo` as a newcomer runs it (the compiled script, on free ports and a temporary
@@ -17,6 +17,26 @@ let nbdUri = '';
 let etcd = '';
 
 after(() => rmSync(dir, { recursive: true, force: true }));
+
+// The demo takes runs of ports (etcd and etcd + 1, three peer, three HTTP). Other tests running
+// alongside bind kernel-chosen ports, which come from ip_local_port_range (32768 and up here), at
+// any moment; so the demo's ports are taken below that range, where only a fixed port could clash.
+async function demoPorts(): Promise<[number, number, number, number]> {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const base = 20_000 + 10 * Math.floor(Math.random() * 1_000);
+    const all = Array.from({ length: 9 }, (_, i) => base + i);
+    if ((await Promise.all(all.map(portFree))).every(Boolean)) return [base, base + 2, base + 3, base + 6];
+  }
+  throw new Error('no run of 9 free ports found below 30000');
+}
+
+function portFree(port: number): Promise<boolean> {
+  return new Promise((res) => {
+    const s = createServer();
+    s.once('error', () => res(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => res(true)));
+  });
+}
 
 function sh(cmd: string, args: string[], timeoutSec = 60): { code: number; out: string } {
   const r = spawnSync('timeout', [String(timeoutSec), cmd, ...args], { encoding: 'utf8' });
@@ -55,9 +75,8 @@ async function interrupt(p: ChildProcess): Promise<number | null> {
 }
 
 test('npm run demo: up, usable with the tools it names, stops cleanly, comes back with its data, --clean starts over', async () => {
-  const [e, n, p, h] = [await freePort(), await freePort(), await freePort(), await freePort()];
-  // Peer and HTTP ports are ranges of three from the base; pick bases away from the free ones.
-  ports = ['--etcd-port', String(e), '--nbd-port', String(n), '--peer-port', String(30000 + (p % 5000)), '--http-port', String(36000 + (h % 5000))];
+  const [e, n, p, h] = await demoPorts();
+  ports = ['--etcd-port', String(e), '--nbd-port', String(n), '--peer-port', String(p), '--http-port', String(h)];
   etcd = `127.0.0.1:${e}`;
   nbdUri = `nbd://127.0.0.1:${n}/demo`;
 
@@ -145,4 +164,29 @@ test('npm run demo: a bad argument gets one line and exit status 2, and nothing 
     assert.equal(r.stdout, '');
     assert.equal(existsSync(fresh), false, `${args.join(' ')}: no data dir made`);
   }
+});
+
+test('npm run demo: a taken etcd peer port is refused up front; a part that dies shows the end of its log', async () => {
+  const [e, n, p, h] = await demoPorts();
+  const args = ['--etcd-port', String(e), '--nbd-port', String(n), '--peer-port', String(p), '--http-port', String(h)];
+  const demo = join(REPO, 'dist', 'scripts', 'demo.js');
+
+  const taken = createServer();
+  await new Promise<void>((r) => taken.listen(e + 1, '127.0.0.1', r));
+  try {
+    const r = spawnSync(process.execPath, [demo, '--dir', join(dir, 'taken'), ...args], { encoding: 'utf8', timeout: 30_000 });
+    assert.notEqual(r.status, 0);
+    assert.match(r.stderr, new RegExp(`port ${e + 1} \\(etcd peer\\) is in use`));
+  } finally {
+    await new Promise((r) => taken.close(r));
+  }
+
+  // etcd cannot start on a data directory that is a file; the reason it gives must reach the user.
+  const broken = join(dir, 'broken');
+  mkdirSync(broken, { recursive: true });
+  writeFileSync(join(broken, 'etcd'), 'not a directory');
+  const r = spawnSync(process.execPath, [demo, '--dir', broken, ...args], { encoding: 'utf8', timeout: 60_000 });
+  assert.equal(r.status, 1, `${r.stdout}${r.stderr}`);
+  assert.match(r.stderr, /demo: etcd exited unexpectedly \(status 1\)/);
+  assert.match(r.stderr, /not a directory/, `etcd's own reason is shown:\n${r.stderr}`);
 });
