@@ -25,7 +25,8 @@ function orUsage<T>(f: () => T): T {
   try {
     return f();
   } catch (err) {
-    usage(err instanceof Error ? err.message : String(err));
+    // Node words some argument errors over several lines (a value that starts with a dash).
+    usage((err instanceof Error ? err.message : String(err)).replace(/\s*\n\s*/g, ' '));
   }
 }
 

@@ -70,7 +70,7 @@ test('npm run bench, small: both sides of every job, medians of 3 with min and m
 });
 
 test('bench: bad arguments get one line and exit status 2, before anything is started', () => {
-  for (const args of [['--jobs', 'P9'], ['--reps', '0'], ['--bogus'], ['--block-sizes', '3XB'], ['--volume-size', '8MiB']]) {
+  for (const args of [['--jobs', 'P9'], ['--reps', '0'], ['--bogus'], ['--block-sizes', '3XB'], ['--volume-size', '8MiB'], ['--runtime', '-1']]) {
     const data = join(dir, 'bad-args');
     const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'perf.js'), ...args, '--data-dir', data], { encoding: 'utf8', timeout: 30_000 });
     assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);

@@ -157,7 +157,7 @@ test('npm run demo: up, usable with the tools it names, stops cleanly, comes bac
 
 test('npm run demo: a bad argument gets one line and exit status 2, and nothing is started or made', () => {
   const fresh = join(dir, 'never-made');
-  for (const args of [['--bogus'], ['--etcd-port', 'abc'], ['--peer-port', '65534'], ['--volume-size', '3XB'], ['--volume', 'a/b']]) {
+  for (const args of [['--bogus'], ['--etcd-port', 'abc'], ['--peer-port', '65534'], ['--volume-size', '3XB'], ['--volume', 'a/b'], ['--node-size', '-1']]) {
     const r = spawnSync(process.execPath, [join(REPO, 'dist', 'scripts', 'demo.js'), '--dir', fresh, ...args], { encoding: 'utf8', timeout: 30_000 });
     assert.equal(r.status, 2, `${args.join(' ')}: ${r.stdout}${r.stderr}`);
     assert.match(r.stderr, /^demo: [^\n]+\n$/, `${args.join(' ')}: one line, no stack trace`);
