@@ -1,8 +1,11 @@
 import { randomBytes } from 'node:crypto';
-import { BlockType, type BlockRef } from '../../src/core/ids.js';
+import { join } from 'node:path';
+import { BlockType, formatBlockRef, type BlockRef } from '../../src/core/ids.js';
+import { parseSize } from '../../src/core/units.js';
 import { rpcAddress } from '../../src/distributor/cluster-view.js';
 import { openBlockClient, type BlockClient } from '../../src/distributor/open.js';
 import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
+import { FileBlockStore } from '../../src/storage/file-store.js';
 import { startEtcd, type EtcdHandle } from './etcd.js';
 import { eventually, ok, removeDir, startTorusd, type Torusd } from './procs.js';
 
@@ -22,6 +25,13 @@ export interface TestCluster {
   uuidOf(i: number): string;
   /** How many running nodes hold a good copy of each ref (asked of each directly; killed nodes are skipped). */
   copies(refs: readonly BlockRef[]): Promise<number[]>;
+  /**
+   * How many nodes hold a good copy of each ref on disk (byte-exact against `data` when given),
+   * counted with every node stopped by SIGKILL; the nodes that were running are started again.
+   * Unlike `copies`, which asks running nodes one after another, no rebalancer can move a block
+   * from a node not yet asked to one already asked while this counts.
+   */
+  copiesAtRest(refs: readonly BlockRef[], data?: readonly Buffer[]): Promise<number[]>;
   newClient(): Promise<BlockClient>;
   stop(): Promise<void>;
 }
@@ -49,21 +59,23 @@ export async function startCluster(opts: { nodes?: number; replication?: number;
   }
   const blockSize = client.global.blockSize;
   const down = new Set<number>();
+  const kill = async (i: number): Promise<void> => {
+    down.add(i);
+    await nodes[i]!.kill('SIGKILL');
+  };
+  const restart = async (i: number): Promise<void> => {
+    const old = nodes[i]!;
+    nodes[i] = await startTorusd(etcd.endpoint, { dataDir: old.dataDir, peerPort: old.peerPort, httpPort: old.httpPort, size: opts.size ?? '256MiB', extra: opts.torusdArgs ?? [] });
+    down.delete(i);
+  };
   return {
     etcd,
     nodes,
     meta,
     client,
     blockSize,
-    async kill(i) {
-      down.add(i);
-      await nodes[i]!.kill('SIGKILL');
-    },
-    async restart(i) {
-      const old = nodes[i]!;
-      nodes[i] = await startTorusd(etcd.endpoint, { dataDir: old.dataDir, peerPort: old.peerPort, httpPort: old.httpPort, size: opts.size ?? '256MiB', extra: opts.torusdArgs ?? [] });
-      down.delete(i);
-    },
+    kill,
+    restart,
     uuidOf: (i) => uuids.get(i)!,
     async copies(refs) {
       const counts = refs.map(() => 0);
@@ -76,6 +88,27 @@ export async function startCluster(opts: { nodes?: number; replication?: number;
           if (h) counts[j]!++;
         });
       }
+      return counts;
+    },
+    async copiesAtRest(refs, data) {
+      const wasUp = nodes.map((_, i) => !down.has(i));
+      for (const [i, up] of wasUp.entries()) if (up) await kill(i);
+      const counts = refs.map(() => 0);
+      for (const n of nodes) {
+        const store = await FileBlockStore.open({ dir: join(n.dataDir, 'block'), blockSize, sizeBytes: parseSize(opts.size ?? '256MiB') });
+        try {
+          for (const [j, ref] of refs.entries()) {
+            if (!store.hasBlock(ref)) continue;
+            // getBlock checks the copy's sector CRCs; a bad copy throws rather than counting.
+            const got = await store.getBlock(ref);
+            if (data && !got.equals(data[j]!)) throw new Error(`the copy of ${formatBlockRef(ref)} in ${n.dataDir} differs from what was written`);
+            counts[j]!++;
+          }
+        } finally {
+          await store.close();
+        }
+      }
+      for (const [i, up] of wasUp.entries()) if (up) await restart(i);
       return counts;
     },
     newClient,
