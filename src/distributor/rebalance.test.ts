@@ -117,6 +117,28 @@ test('nothing is deleted on account of an owner that cannot be reached', async (
   assertPlaced(c, 100);
 });
 
+test('an owner that says it has a block but cannot flush it: nothing is deleted on its account', async () => {
+  const c = cluster(3);
+  await writeAll(c, 100);
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
+  // p3 already holds, unsynced, every block it now owns (another node's move in flight, or a
+  // client's put that timed out but landed), so HAS says yes; but its flush fails.
+  const p3 = c.stores.get('p3')!;
+  const owned = Array.from({ length: 100 }, (_, i) => i).filter((i) => c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p3'));
+  assert.ok(owned.length > 10);
+  for (const i of owned) await p3.putBlock(ref(i), data(i));
+  const flush = c.transport.flush.bind(c.transport);
+  c.transport.flush = async (peer) => {
+    if (peer.uuid === 'p3') throw new Error('p3: flush failed');
+    return flush(peer);
+  };
+  await c.settle();
+  for (const i of owned) assert.equal(c.copies(ref(i), ['p3']).length, 2, `block ${i} kept both copies outside p3`);
+  c.transport.flush = flush;
+  await c.settle();
+  assertPlaced(c, 100);
+});
+
 test('every finished pass records its ring version, a pass with nothing to do included; onPass sees it', async () => {
   const c = cluster(3);
   await writeAll(c, 50);

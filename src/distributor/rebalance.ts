@@ -10,7 +10,9 @@ import type { PeerTarget, PeerTransport } from './transport.js';
 // - an owner that lacks the block gets a copy (after a peer joins, after a hard loss and
 //   `peer remove --force`, after `ring set-replication` raises R);
 // - a block this node holds but does not own is deleted here, but only after every owner has
-//   confirmed holding it durably (HAS, or PUT then FLUSH): the drain after `peer remove`.
+//   confirmed holding it durably (HAS then FLUSH, or PUT then FLUSH): the drain after `peer
+//   remove`. HAS alone is not enough: an owner answers yes for a block it has written but not
+//   yet synced (another node's move in flight, a client's put that timed out but landed).
 //
 // An owner that cannot be reached is skipped for this pass: nothing is deleted on its account,
 // and the block counts as under-replicated. The same mechanism therefore does migration, drain,
@@ -188,8 +190,10 @@ export class Rebalancer {
       this.st.bytesMoved = bytes;
     };
 
-    // Which (peer, ref) pairs are confirmed held durably.
+    // Which (peer, ref) pairs are confirmed held durably; `unsynced`: peers with pairs confirmed
+    // by HAS only, which are durable once that peer has flushed.
     const confirmed = new Set<string>();
+    const unsynced = new Set<string>();
     const unreachable = new Set<string>();
     for (const [peer, list] of perPeer) {
       const target = this.opts.target(peer);
@@ -204,7 +208,11 @@ export class Rebalancer {
         try {
           const has = await this.opts.transport.has(target, batch);
           const missing = batch.filter((_, j) => !has[j]);
-          for (const [j, r] of batch.entries()) if (has[j]) confirmed.add(`${peer} ${blockRefKey(r)}`);
+          for (const [j, r] of batch.entries())
+            if (has[j]) {
+              confirmed.add(`${peer} ${blockRefKey(r)}`);
+              unsynced.add(peer);
+            }
           missingSeen += missing.length;
           if (missing.length > 0) {
             const items: { ref: BlockRef; data: Buffer }[] = [];
@@ -240,12 +248,31 @@ export class Rebalancer {
       }
     }
 
-    // Drain: our copies of blocks we do not own, once every owner holds them.
-    let deleted = 0;
-    for (const { ref, owners } of notOwned) {
+    // Drain: our copies of blocks we do not own, once every owner holds them durably.
+    const drainable = notOwned.filter(({ ref, owners }) => owners.every((o) => confirmed.has(`${o} ${blockRefKey(ref)}`)));
+    const toSync = new Set(drainable.flatMap(({ owners }) => owners.filter((o) => unsynced.has(o))));
+    const unsyncable = new Set<string>();
+    for (const peer of toSync) {
       if (this.stopped) break;
-      const key = blockRefKey(ref);
-      if (owners.every((o) => confirmed.has(`${o} ${key}`))) {
+      const target = this.opts.target(peer);
+      if (!target) {
+        unsyncable.add(peer);
+        continue;
+      }
+      const callStarted = Date.now();
+      try {
+        await this.opts.transport.flush(target);
+      } catch (err) {
+        this.failedWaitMs += Date.now() - callStarted;
+        unsyncable.add(peer);
+        unreachable.add(peer);
+        this.opts.log?.warn({ peer, err: toTorusError(err).message }, 'rebalance: owner cannot flush; nothing deleted on its account');
+      }
+    }
+    let deleted = 0;
+    for (const { ref, owners } of drainable) {
+      if (this.stopped) break;
+      if (owners.every((o) => !unsyncable.has(o))) {
         await store.deleteBlock(ref);
         deleted++;
       }
@@ -256,7 +283,7 @@ export class Rebalancer {
       const perm = ring.getPeers(ref);
       const owners = perm.peers.slice(0, perm.replication);
       const key = blockRefKey(ref);
-      const held = owners.filter((o) => o === self || confirmed.has(`${o} ${key}`)).length;
+      const held = owners.filter((o) => o === self || (confirmed.has(`${o} ${key}`) && !unsyncable.has(o))).length;
       if (held < perm.replication) under++;
     }
     // A pass cut short by stop() did not check every block against this ring: it does not count.
