@@ -58,21 +58,11 @@ export async function startEtcd(): Promise<EtcdHandle> {
   // tmpfs where available: etcd fsyncs every write, and test metadata need not survive a reboot.
   const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
   const dataDir = mkdtempSync(join(base, 'torus-etcd-'));
-  const clientPort = await freePort();
-  const peerPort = await freePort();
-  const endpoint = `127.0.0.1:${clientPort}`;
+  let endpoint = '';
+  let args: string[] = [];
   let output = '';
-  const args = [
-    '--name', 'test',
-    '--data-dir', join(dataDir, 'data'),
-    '--listen-client-urls', `http://${endpoint}`,
-    '--advertise-client-urls', `http://${endpoint}`,
-    '--listen-peer-urls', `http://127.0.0.1:${peerPort}`,
-    '--initial-advertise-peer-urls', `http://127.0.0.1:${peerPort}`,
-    '--initial-cluster', `test=http://127.0.0.1:${peerPort}`,
-    '--log-level', 'error',
-    '--logger', 'zap',
-  ];
+  // Resolves once a process's output has all arrived (its pipes closed), not merely on its exit.
+  const closed = new WeakMap<ChildProcess, Promise<void>>();
   const launch = (): ChildProcess => {
     const p = spawn(etcdBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const keep = (d: Buffer): void => {
@@ -80,16 +70,46 @@ export async function startEtcd(): Promise<EtcdHandle> {
     };
     p.stdout?.on('data', keep);
     p.stderr?.on('data', keep);
+    closed.set(p, new Promise((r) => p.once('close', () => r())));
     return p;
   };
-  let proc = launch();
   const stopProc = async (p: ChildProcess): Promise<void> => {
     if (p.exitCode !== null || p.signalCode !== null) return;
     const gone = new Promise((r) => p.once('exit', r));
     p.kill('SIGKILL');
     await gone;
   };
-  await waitHealthy(endpoint, proc, () => output);
+  // A port found free can be taken by a test running alongside before etcd binds it: try others.
+  const first = async (attempt: number): Promise<ChildProcess> => {
+    const clientPort = await freePort();
+    const peerPort = await freePort();
+    endpoint = `127.0.0.1:${clientPort}`;
+    args = [
+      '--name', 'test',
+      '--data-dir', join(dataDir, 'data'),
+      '--listen-client-urls', `http://${endpoint}`,
+      '--advertise-client-urls', `http://${endpoint}`,
+      '--listen-peer-urls', `http://127.0.0.1:${peerPort}`,
+      '--initial-advertise-peer-urls', `http://127.0.0.1:${peerPort}`,
+      '--initial-cluster', `test=http://127.0.0.1:${peerPort}`,
+      '--log-level', 'error',
+      '--logger', 'zap',
+    ];
+    output = '';
+    const p = launch();
+    try {
+      await waitHealthy(endpoint, p, () => output);
+      return p;
+    } catch (err) {
+      await stopProc(p);
+      await closed.get(p);
+      // Its last words may have arrived after the error was worded: word it again with them.
+      if (attempt >= 3 || !output.includes('address already in use')) throw new Error(`${(err as Error).message.split('\n')[0]}\n${output}`);
+      rmSync(join(dataDir, 'data'), { recursive: true, force: true });
+      return first(attempt + 1);
+    }
+  };
+  let proc = await first(1);
   const handle: EtcdHandle = {
     endpoint,
     dataDir,
