@@ -185,7 +185,12 @@ export class StorageNode {
     }
     if (this.http) {
       const host = this.opts.httpHost ?? '127.0.0.1';
-      const { port } = await this.http.listen(host, this.opts.httpPort ?? 4321);
+      let port: number;
+      try {
+        ({ port } = await this.http.listen(host, this.opts.httpPort ?? 4321));
+      } catch (err) {
+        throw new TorusError('INVALID_ARGUMENT', `cannot listen on ${host}:${this.opts.httpPort ?? 4321} for --host/--port: ${(err as Error).message}`);
+      }
       this.httpAddr = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
       log.info({ http: this.httpAddr }, 'serving HTTP');
     }

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -258,6 +259,27 @@ describe('bad input: one line, non-zero exit, nothing changed', () => {
     const r = await runCli('torusd', [...C, '--data-dir', dir, '--size', '8MiB']);
     assert.equal(r.code, 8);
     assert.match(r.stderr, /belongs to cluster some-other-cluster/);
+  });
+
+  test('a port in use, for peer RPC or for HTTP, is named in one line', async () => {
+    const taken = createServer();
+    await new Promise<void>((r) => taken.listen(0, '127.0.0.1', r));
+    const port = (taken.address() as AddressInfo).port;
+    try {
+      for (const [args, re] of [
+        [['--peer-address', `http://127.0.0.1:${port}`], new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for --peer-address: .*EADDRINUSE`)],
+        [['--host', '127.0.0.1', '--port', String(port)], new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for --host/--port: .*EADDRINUSE`)],
+      ] as const) {
+        const dir = mkdtempSync(join(tmpdir(), 'torusd-port-'));
+        dirs.push(dir);
+        const r = await runCli('torusd', [...C, '--data-dir', dir, '--size', '8MiB', ...args]);
+        assert.equal(r.code, 2, r.stderr);
+        assert.match(r.stderr, re);
+        assert.equal(r.stderr.trim().split('\n').filter((l) => !l.startsWith('{')).length, 1, `one line besides the log: ${r.stderr}`);
+      }
+    } finally {
+      await new Promise((r) => taken.close(r));
+    }
   });
 
   test('unknown peer to add', async () => {
