@@ -65,6 +65,23 @@ export async function startTorusd(
   opts: { dataDir?: string; size?: string; extra?: string[]; peerPort?: number; httpPort?: number; waitReady?: boolean } = {},
 ): Promise<Torusd> {
   const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'torusd-'));
+  // A port found free can be taken by a test running alongside before torusd binds it; when the
+  // ports were ours to choose, choose again.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await launchTorusd(etcd, dataDir, opts);
+    } catch (err) {
+      const chosen = opts.peerPort === undefined && opts.httpPort === undefined;
+      if (!chosen || attempt >= 3 || !/EADDRINUSE/.test((err as Error).message)) throw err;
+    }
+  }
+}
+
+async function launchTorusd(
+  etcd: string,
+  dataDir: string,
+  opts: { size?: string; extra?: string[]; peerPort?: number; httpPort?: number; waitReady?: boolean },
+): Promise<Torusd> {
   const peerPort = opts.peerPort ?? (await freePort());
   const httpPort = opts.httpPort ?? (await freePort());
   const address = `http://127.0.0.1:${peerPort}`;
@@ -83,6 +100,7 @@ export async function startTorusd(
   proc.stdout?.on('data', (d: Buffer) => (out += d.toString()));
   proc.stderr?.on('data', (d: Buffer) => (out += d.toString()));
   const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)));
+  const closed = new Promise<void>((r) => proc.once('close', () => r()));
   const t: Torusd = {
     proc,
     dataDir,
@@ -99,7 +117,11 @@ export async function startTorusd(
   if (opts.waitReady !== false) {
     const deadline = Date.now() + 20_000;
     while (!out.includes('torusd started')) {
-      if (proc.exitCode !== null) throw new Error(`torusd exited ${proc.exitCode}:\n${out}`);
+      if (proc.exitCode !== null) {
+        // Its last words (why it exited) may still be in the pipe.
+        await closed;
+        throw new Error(`torusd exited ${proc.exitCode}:\n${out}`);
+      }
       if (Date.now() > deadline) {
         proc.kill('SIGKILL');
         throw new Error(`torusd did not start:\n${out}`);
