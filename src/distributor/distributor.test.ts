@@ -179,6 +179,30 @@ test('a replica lost between put and flush: the flush re-sends its blocks elsewh
   }
 });
 
+test('a replica that restarts between put and flush (and lost what it had not synced): the flush re-sends its blocks elsewhere', async () => {
+  const { dist, transport, holders, ring, stores } = setup({ peers: 4, replication: 2 });
+  const refs = Array.from({ length: 40 }, (_, i) => ref(200 + i));
+  for (const r of refs) await dist.putBlock(r, block(r.index));
+  const victim = ring().getPeers(refs[0]!).peers[0]!;
+  // A machine crash: its unsynced blocks are gone, and a new process answers before the flush.
+  const lost = refs.filter((r) => stores.get(victim)!.hasBlock(r));
+  assert.ok(lost.length > 0);
+  for (const r of lost) await stores.get(victim)!.deleteBlock(r);
+  transport.instances.set(victim, 'second');
+  await dist.flush();
+  assert.equal(dist.unflushedBytes, 0);
+  for (const r of refs) {
+    const copies = holders(r);
+    assert.ok(copies.length >= 2, `block ${r.index} has ${copies.length} copies after a flush that succeeded`);
+    for (const u of copies) assert.deepEqual(await stores.get(u)!.getBlock(r), block(r.index));
+  }
+  // The same process before and after: nothing is re-sent.
+  const spills = dist.stats.spills;
+  for (const r of refs) await dist.putBlock(ref(r.index + 100), block(r.index + 100));
+  await dist.flush();
+  assert.equal(dist.stats.spills, spills);
+});
+
 test('unflushed data is bounded: past the limit a put flushes first', async () => {
   const transport = new MemoryTransport();
   const store = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 100 });

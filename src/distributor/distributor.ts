@@ -136,29 +136,32 @@ export class Distributor {
 
   private async putOne(uuid: string, ref: BlockRef, data: Buffer): Promise<void> {
     const peer = uuid === '' || this.isSelf(uuid) ? '' : uuid;
+    let instance: string | undefined;
     if (peer === '') {
       await this.opts.self!.store.putBlock(ref, data);
     } else {
       const target = this.opts.target(uuid);
       if (!target) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
       const [status] = await this.opts.transport.put(target, [{ ref, data }]);
+      instance = this.opts.transport.instance?.(target);
       if (status) throw new TorusError(status, `peer ${target.address} refused block ${formatBlockRef(ref)}: ${status}`);
     }
-    this.addPending(peer, ref, data);
+    this.addPending(peer, ref, data, instance);
   }
 
-  private addPending(peer: string, ref: BlockRef, data: Buffer): void {
+  private addPending(peer: string, ref: BlockRef, data: Buffer, instance: string | undefined): void {
     const key = blockRefKey(ref);
     let keys = this.pending.get(peer);
     if (!keys) this.pending.set(peer, (keys = new Set()));
     keys.add(key);
     let entry = this.pendingData.get(key);
     if (!entry) {
-      entry = { ref, data, pending: new Set(), durable: new Set() };
+      entry = { ref, data, pending: new Set(), instances: new Map(), durable: new Set() };
       this.pendingData.set(key, entry);
       this.pendingBytes += data.length;
     }
     entry.pending.add(peer);
+    entry.instances.set(peer, instance);
   }
 
   private dropPending(key: string): void {
@@ -221,28 +224,35 @@ export class Distributor {
       const outcomes = await Promise.all(
         batch.map(async ([peer, keys]) => {
           try {
+            let instance: string | undefined;
             if (peer === '') await this.opts.self!.store.flush();
             else {
               const target = this.opts.target(peer);
               if (!target) throw new TorusError('NO_PEER', `peer ${peer} has no known address`);
               await this.opts.transport.flush(target);
+              instance = this.opts.transport.instance?.(target);
             }
-            return { peer, keys, ok: true };
+            return { peer, keys, ok: true, instance };
           } catch {
-            return { peer, keys, ok: false };
+            return { peer, keys, ok: false, instance: undefined };
           }
         }),
       );
       const resend = new Set<string>();
-      for (const { peer, keys, ok } of outcomes) {
-        if (!ok) failed.add(uuidOf(peer));
+      for (const { peer, keys, ok, instance } of outcomes) {
+        let restarted = false;
         for (const key of keys) {
           const e = this.pendingData.get(key);
           if (!e) continue;
+          // A flush answered by another process than the put does not cover the put: the peer
+          // restarted in between, and what it had not synced may be gone.
+          const covered = ok && e.instances.get(peer) === instance;
+          if (ok && !covered) restarted = true;
           e.pending.delete(peer);
-          if (ok) e.durable.add(uuidOf(peer));
+          if (covered) e.durable.add(uuidOf(peer));
           else resend.add(key);
         }
+        if (!ok || restarted) failed.add(uuidOf(peer));
       }
       for (const { keys } of outcomes)
         for (const key of keys) {
@@ -477,6 +487,8 @@ interface PendingBlock {
   readonly data: Buffer;
   /** Peers that took the block and have not flushed since. */
   readonly pending: Set<string>;
+  /** The process instance of each pending peer that took it (see PeerTransport.instance). */
+  readonly instances: Map<string, string | undefined>;
   /** Peers that flushed it during the current flush. */
   readonly durable: Set<string>;
 }

@@ -10,6 +10,8 @@ import type { PeerTarget, PeerTransport, PutItem } from './transport.js';
 export class MemoryTransport implements PeerTransport {
   readonly stores = new Map<string, BlockStore>();
   readonly down = new Set<string>();
+  /** Each peer's process instance; a test sets a new one to stand for a restart. */
+  readonly instances = new Map<string, string>();
   calls = { get: 0, put: 0, has: 0, delete: 0, flush: 0 };
 
   add(uuid: string, store: BlockStore): PeerTarget {
@@ -60,5 +62,9 @@ export class MemoryTransport implements PeerTransport {
   async flush(peer: PeerTarget): Promise<void> {
     this.calls.flush++;
     await this.store(peer).flush();
+  }
+
+  instance(peer: PeerTarget): string | undefined {
+    return this.instances.get(peer.uuid) ?? 'first';
   }
 }

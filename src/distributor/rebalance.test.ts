@@ -139,6 +139,62 @@ test('an owner that says it has a block but cannot flush it: nothing is deleted 
   assertPlaced(c, 100);
 });
 
+test('an owner that restarts between HAS and its flush, losing what it had not synced: nothing is deleted on its account', async () => {
+  const c = cluster(3);
+  await writeAll(c, 100);
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
+  const p3 = c.stores.get('p3')!;
+  const owned = Array.from({ length: 100 }, (_, i) => i).filter((i) => c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p3'));
+  for (const i of owned) await p3.putBlock(ref(i), data(i));
+  // p3 answers HAS yes, then its machine crashes before the flush that follows: the unsynced
+  // blocks are gone, and a new process answers the flush.
+  const flush = c.transport.flush.bind(c.transport);
+  let crashed = false;
+  c.transport.flush = async (peer) => {
+    if (peer.uuid === 'p3' && !crashed) {
+      crashed = true;
+      for (const i of owned) await p3.deleteBlock(ref(i));
+      c.transport.instances.set('p3', 'second');
+    }
+    return flush(peer);
+  };
+  // One node's pass, checked before any other node's pass could put the lost blocks back.
+  const drained = owned.filter((i) => c.copies(ref(i)).includes('p0') && !c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p0'));
+  assert.ok(drained.length > 0, 'p0 holds blocks it no longer owns');
+  await c.rebalancer('p0').pass();
+  assert.ok(crashed);
+  for (const i of owned) assert.ok(c.copies(ref(i)).length >= 2, `block ${i} kept two copies (${c.copies(ref(i)).join(', ')})`);
+  await c.settle();
+  assertPlaced(c, 100);
+});
+
+test('an owner that restarts between the PUT of a move and its flush: the move does not count, nothing is deleted', async () => {
+  const c = cluster(3);
+  await writeAll(c, 100);
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
+  const p3 = c.stores.get('p3')!;
+  const owned = Array.from({ length: 100 }, (_, i) => i).filter((i) => c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p3'));
+  const drained = owned.filter((i) => c.copies(ref(i)).includes('p0') && !c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p0'));
+  assert.ok(drained.length > 0, 'p0 holds blocks it no longer owns');
+  // p3 takes the moved blocks, then its machine crashes before the flush: they are gone, and a
+  // new process answers the flush.
+  const flush = c.transport.flush.bind(c.transport);
+  let crashed = false;
+  c.transport.flush = async (peer) => {
+    if (peer.uuid === 'p3' && !crashed) {
+      crashed = true;
+      for (const r of p3.refs()) await p3.deleteBlock(r);
+      c.transport.instances.set('p3', 'second');
+    }
+    return flush(peer);
+  };
+  await c.rebalancer('p0').pass();
+  assert.ok(crashed);
+  for (const i of owned) assert.ok(c.copies(ref(i)).length >= 2, `block ${i} kept two copies (${c.copies(ref(i)).join(', ')})`);
+  await c.settle();
+  assertPlaced(c, 100);
+});
+
 test('every finished pass records its ring version, a pass with nothing to do included; onPass sees it', async () => {
   const c = cluster(3);
   await writeAll(c, 50);

@@ -1,4 +1,4 @@
-import { toTorusError } from '../core/errors.js';
+import { toTorusError, TorusError } from '../core/errors.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { BlockStore, Ring } from '../core/interfaces.js';
 import type { RebalanceInfo } from '../core/models.js';
@@ -194,6 +194,9 @@ export class Rebalancer {
     // by HAS only, which are durable once that peer has flushed.
     const confirmed = new Set<string>();
     const unsynced = new Set<string>();
+    // The peer process that answered HAS; a FLUSH answered by another does not cover it.
+    const hasInstance = new Map<string, string | undefined>();
+    const instanceOf = (t: PeerTarget): string | undefined => this.opts.transport.instance?.(t);
     const unreachable = new Set<string>();
     for (const [peer, list] of perPeer) {
       const target = this.opts.target(peer);
@@ -207,6 +210,9 @@ export class Rebalancer {
         const callStarted = Date.now();
         try {
           const has = await this.opts.transport.has(target, batch);
+          const answeredBy = instanceOf(target);
+          if (hasInstance.has(peer) && hasInstance.get(peer) !== answeredBy) throw new TorusError('AGAIN', `peer restarted during the pass`);
+          hasInstance.set(peer, answeredBy);
           const missing = batch.filter((_, j) => !has[j]);
           for (const [j, r] of batch.entries())
             if (has[j]) {
@@ -226,8 +232,11 @@ export class Rebalancer {
             }
             for (const it of items) await this.throttle(it.data.length);
             const status = await this.opts.transport.put(target, items);
-            // Durable on the new owner before anything relies on it (deleting our copy).
+            const tookIt = instanceOf(target);
+            // Durable on the new owner before anything relies on it (deleting our copy), and
+            // flushed by the same process that took it.
             await this.opts.transport.flush(target);
+            if (instanceOf(target) !== tookIt) throw new TorusError('AGAIN', `peer restarted between put and flush`);
             items.forEach((it, j) => {
               if (status[j] === null) {
                 confirmed.add(`${peer} ${blockRefKey(it.ref)}`);
@@ -262,6 +271,7 @@ export class Rebalancer {
       const callStarted = Date.now();
       try {
         await this.opts.transport.flush(target);
+        if (instanceOf(target) !== hasInstance.get(peer)) throw new TorusError('AGAIN', `peer restarted between has and flush`);
       } catch (err) {
         this.failedWaitMs += Date.now() - callStarted;
         unsyncable.add(peer);

@@ -49,4 +49,8 @@ export class RpcTransport implements PeerTransport {
   flush(peer: PeerTarget): Promise<void> {
     return this.timed(peer, 'flush', () => this.pool.client(peer).flush());
   }
+
+  instance(peer: PeerTarget): string | undefined {
+    return this.pool.client(peer).instance;
+  }
 }

@@ -22,4 +22,10 @@ export interface PeerTransport {
   has(peer: PeerTarget, refs: readonly BlockRef[]): Promise<boolean[]>;
   delete(peer: PeerTarget, refs: readonly BlockRef[]): Promise<void>;
   flush(peer: PeerTarget): Promise<void>;
+  /**
+   * Which process of the peer answered the call just awaited (read right after the await): a
+   * FLUSH answered by another process than the PUT before it does not make that PUT durable.
+   * Undefined when the peer does not say; then no restart can be seen.
+   */
+  instance?(peer: PeerTarget): string | undefined;
 }

@@ -15,6 +15,7 @@ import {
 import {
   DEFAULT_MAX_FRAME_SIZE,
   EXT_CRITICAL,
+  EXT_INSTANCE,
   FrameDecoder,
   HANDSHAKE_MAX_FRAME_SIZE,
   HEADER_SIZE,
@@ -91,6 +92,8 @@ export interface RemotePeer {
   readonly maxFrameSize: number;
   readonly maxInFlight: number;
   readonly blockSize: number;
+  /** The peer process's EXT_INSTANCE, hex; undefined from a peer that does not send one. */
+  readonly instance: string | undefined;
 }
 
 export type ClientState = 'idle' | 'connecting' | 'ready' | 'closed';
@@ -239,6 +242,16 @@ export class PeerClient {
   /** The peer's HELLO_OK, once connected. */
   get remote(): RemotePeer | undefined {
     return this._remote;
+  }
+
+  /**
+   * The process instance of the peer that answered the call just awaited, when read right after
+   * the await: a reply settles its call from the connection's data event, and a reconnect (the only
+   * thing that changes this) needs I/O events of its own, which cannot run before the promise
+   * continuations the reply set off.
+   */
+  get instance(): string | undefined {
+    return this._remote?.instance;
   }
 
   /** The peer's block size once known, else 0 (lets a client stand in for a BlockService). */
@@ -681,6 +694,7 @@ export class PeerClient {
       maxFrameSize: m.maxFrameSize,
       maxInFlight: m.maxInFlight,
       blockSize: m.blockSize,
+      instance: m.extensions.find((e) => e.type === EXT_INSTANCE)?.value.toString('hex'),
     };
     this._state = 'ready';
     this.attempts = 0;

@@ -89,6 +89,12 @@ export const EXT_CRITICAL = 0x8000;
 export const EXT_NONCE = 0x0001;
 /** Free-form software version string, informational. */
 export const EXT_SOFTWARE = 0x0002;
+/**
+ * In HELLO_OK: 8 random bytes the server chose when its process started. A client that sees it
+ * change between a PUT and the FLUSH meant to make it durable knows the process restarted in
+ * between, and that the PUT may have been lost with the machine's page cache.
+ */
+export const EXT_INSTANCE = 0x0005;
 /** Reserved: HMAC-SHA256 over both nonces with the cluster secret. */
 export const EXT_AUTH_HMAC = EXT_CRITICAL | 0x0003;
 /** Reserved: switch the connection to TLS after HELLO_OK. */

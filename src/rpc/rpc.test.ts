@@ -374,6 +374,28 @@ describe('rpc over TCP: handshake', () => {
     assert.match(m.message, /extension 0x8003/);
   });
 
+  it('tells the client which process answered: a server started again on the same port is a new instance', async () => {
+    const first = await startServer(new MemService());
+    const c = newClient(first.address);
+    await c.ping();
+    assert.equal(c.instance, first.server.instance.toString('hex'));
+    assert.match(c.instance ?? '', /^[0-9a-f]{16}$/);
+    await first.server.close();
+    const port = Number(new URL(first.address).port);
+    const second = await startServer(new MemService(), {}, port);
+    // The first call may still meet the old connection's end; the client then reconnects.
+    for (let i = 0; i < 50; i++) {
+      try {
+        await c.ping();
+        break;
+      } catch {
+        await sleep(20);
+      }
+    }
+    assert.equal(c.instance, second.server.instance.toString('hex'));
+    assert.notEqual(c.instance, first.server.instance.toString('hex'));
+  });
+
   it('closes a connection that never says HELLO', async () => {
     const { address } = await startServer(new MemService(), { handshakeTimeoutMs: 50 });
     const raw = new RawPeer(address);

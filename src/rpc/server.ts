@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
@@ -6,6 +7,7 @@ import type { BlockStore } from '../core/interfaces.js';
 import {
   DEFAULT_MAX_FRAME_SIZE,
   EXT_CRITICAL,
+  EXT_INSTANCE,
   EXT_SOFTWARE,
   FrameDecoder,
   HANDSHAKE_MAX_FRAME_SIZE,
@@ -141,6 +143,8 @@ function messageOf(err: unknown): string {
  * nothing a client sends can affect another connection or the process.
  */
 export class RpcServer {
+  /** Sent in every HELLO_OK (EXT_INSTANCE): new with each process, so clients can tell a restart. */
+  readonly instance: Buffer = randomBytes(8);
   readonly identity: NodeIdentity;
   private readonly service: BlockService;
   private readonly settings: Settings;
@@ -470,7 +474,10 @@ class ServerConnection {
         blockSize: this.service.blockSize,
         uuid: this.server.identity.uuid,
         clusterId: this.server.identity.clusterId,
-        extensions: [{ type: EXT_SOFTWARE, value: Buffer.from(this.s.software) }],
+        extensions: [
+          { type: EXT_SOFTWARE, value: Buffer.from(this.s.software) },
+          { type: EXT_INSTANCE, value: this.server.instance },
+        ],
       }),
     );
     this.armTimer(this.s.idleTimeoutMs);

@@ -70,6 +70,36 @@ test('writes while a node is down still reach R copies (spill), and survive its 
   for (const [i, r] of more.entries()) assert.ok((await writer.distributor.getBlock(r)).equals(data[i]!));
 });
 
+test('a node restarted between put and flush, its unsynced blocks gone: the flush notices the new process and re-sends', async () => {
+  const writer = await c.newClient();
+  const more = Array.from({ length: 40 }, (_, i) => dataRef(9, i + 1));
+  const data = more.map(() => randomBlock(c.blockSize));
+  await Promise.all(more.map((r, i) => writer.distributor.putBlock(r, data[i]!)));
+  // What a machine crash does to blocks put but not yet flushed: SIGKILL, then take them off
+  // its disk (a process crash alone would leave them in the page cache), then start it again.
+  const victim = 0;
+  await c.kill(victim);
+  const store = await FileBlockStore.open({ dir: join(c.nodes[victim]!.dataDir, 'block'), blockSize: c.blockSize, sizeBytes: 256 * 1024 ** 2 });
+  let lost = 0;
+  try {
+    for (const r of more)
+      if (store.hasBlock(r)) {
+        await store.deleteBlock(r);
+        lost++;
+      }
+    await store.flush();
+  } finally {
+    await store.close();
+  }
+  assert.ok(lost > 0, 'the victim held some of the blocks');
+  await c.restart(victim);
+  const spills = writer.distributor.stats.spills;
+  await writer.distributor.flush();
+  assert.ok(writer.distributor.stats.spills - spills >= lost, `the flush re-sent the ${lost} blocks the restarted node took (${writer.distributor.stats.spills - spills} re-sent)`);
+  const counts = await c.copiesAtRest(more, data);
+  for (const n of counts) assert.ok(n >= 2, `a block has ${n} copies after a flush that succeeded`);
+});
+
 test('a corrupted replica on disk: the read returns the right bytes, and the copy is repaired', async () => {
   const victim = 2;
   const victimUuid = c.uuidOf(victim);
