@@ -35,10 +35,20 @@ function run(env: NodeJS.ProcessEnv): { tuned: boolean; faultsPerMiB: number } {
 }
 
 test('malloc settings: big buffers reuse freed memory instead of faulting in fresh pages; TORUS_MALLOC_TUNING=0 keeps the defaults', { skip: built ? false : 'native addon not built' }, () => {
-  const plain = run({ TORUS_MALLOC_TUNING: '0' });
-  const tuned = run({ TORUS_MALLOC_TUNING: '1' });
-  assert.equal(plain.tuned, false);
-  assert.equal(tuned.tuned, true);
-  // Measured here: 2.4-2.7 against 11.8-12.8.
-  assert.ok(tuned.faultsPerMiB * 3 < plain.faultsPerMiB, `faults per MiB: ${tuned.faultsPerMiB.toFixed(1)} tuned, ${plain.faultsPerMiB.toFixed(1)} with glibc's defaults`);
+  // A busy machine only adds faults (a GC, the JIT, other processes' memory pressure): the least
+  // of three alternating runs of each is the figure. A CI run under load once saw 6.8 against 18.4
+  // in single runs.
+  const plain: number[] = [];
+  const tuned: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const p = run({ TORUS_MALLOC_TUNING: '0' });
+    const t = run({ TORUS_MALLOC_TUNING: '1' });
+    assert.equal(p.tuned, false);
+    assert.equal(t.tuned, true);
+    plain.push(p.faultsPerMiB);
+    tuned.push(t.faultsPerMiB);
+  }
+  const [t, p] = [Math.min(...tuned), Math.min(...plain)];
+  // Measured here, quiet: 2.4-2.7 against 11.8-12.8.
+  assert.ok(t * 3 < p, `faults per MiB: ${t.toFixed(1)} tuned, ${p.toFixed(1)} with glibc's defaults (least of 3 each)`);
 });
