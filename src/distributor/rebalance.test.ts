@@ -117,15 +117,40 @@ test('nothing is deleted on account of an owner that cannot be reached', async (
   assertPlaced(c, 100);
 });
 
+/** Adds p3 to the ring: the blocks it now owns, and those of them p0 held and no longer owns. */
+function addP3(c: ReturnType<typeof cluster>, n: number) {
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
+  const owners = (i: number): string[] => c.ring().getPeers(ref(i)).peers.slice(0, 2);
+  const owned = Array.from({ length: n }, (_, i) => i).filter((i) => owners(i).includes('p3'));
+  const drainedByP0 = owned.filter((i) => c.copies(ref(i)).includes('p0') && !owners(i).includes('p0'));
+  assert.ok(drainedByP0.length > 0, 'p0 holds blocks it no longer owns');
+  return { p3: c.stores.get('p3')!, owned };
+}
+
+/**
+ * The first flush sent to `uuid` finds its machine crashed and back: `lose` takes away what it had
+ * not synced, and a new process answers. Returns whether that happened.
+ */
+function crashBeforeFirstFlush(c: ReturnType<typeof cluster>, uuid: string, lose: () => Promise<void>): () => boolean {
+  const flush = c.transport.flush.bind(c.transport);
+  let crashed = false;
+  c.transport.flush = async (peer) => {
+    if (peer.uuid === uuid && !crashed) {
+      crashed = true;
+      await lose();
+      c.transport.instances.set(uuid, 'second');
+    }
+    return flush(peer);
+  };
+  return () => crashed;
+}
+
 test('an owner that says it has a block but cannot flush it: nothing is deleted on its account', async () => {
   const c = cluster(3);
   await writeAll(c, 100);
-  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
   // p3 already holds, unsynced, every block it now owns (another node's move in flight, or a
   // client's put that timed out but landed), so HAS says yes; but its flush fails.
-  const p3 = c.stores.get('p3')!;
-  const owned = Array.from({ length: 100 }, (_, i) => i).filter((i) => c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p3'));
-  assert.ok(owned.length > 10);
+  const { p3, owned } = addP3(c, 100);
   for (const i of owned) await p3.putBlock(ref(i), data(i));
   const flush = c.transport.flush.bind(c.transport);
   c.transport.flush = async (peer) => {
@@ -142,27 +167,15 @@ test('an owner that says it has a block but cannot flush it: nothing is deleted 
 test('an owner that restarts between HAS and its flush, losing what it had not synced: nothing is deleted on its account', async () => {
   const c = cluster(3);
   await writeAll(c, 100);
-  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
-  const p3 = c.stores.get('p3')!;
-  const owned = Array.from({ length: 100 }, (_, i) => i).filter((i) => c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p3'));
+  const { p3, owned } = addP3(c, 100);
   for (const i of owned) await p3.putBlock(ref(i), data(i));
-  // p3 answers HAS yes, then its machine crashes before the flush that follows: the unsynced
-  // blocks are gone, and a new process answers the flush.
-  const flush = c.transport.flush.bind(c.transport);
-  let crashed = false;
-  c.transport.flush = async (peer) => {
-    if (peer.uuid === 'p3' && !crashed) {
-      crashed = true;
-      for (const i of owned) await p3.deleteBlock(ref(i));
-      c.transport.instances.set('p3', 'second');
-    }
-    return flush(peer);
-  };
+  // p3 answers HAS yes; its machine crashes before the flush that follows.
+  const crashed = crashBeforeFirstFlush(c, 'p3', async () => {
+    for (const i of owned) await p3.deleteBlock(ref(i));
+  });
   // One node's pass, checked before any other node's pass could put the lost blocks back.
-  const drained = owned.filter((i) => c.copies(ref(i)).includes('p0') && !c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p0'));
-  assert.ok(drained.length > 0, 'p0 holds blocks it no longer owns');
   await c.rebalancer('p0').pass();
-  assert.ok(crashed);
+  assert.ok(crashed());
   for (const i of owned) assert.ok(c.copies(ref(i)).length >= 2, `block ${i} kept two copies (${c.copies(ref(i)).join(', ')})`);
   await c.settle();
   assertPlaced(c, 100);
@@ -171,25 +184,13 @@ test('an owner that restarts between HAS and its flush, losing what it had not s
 test('an owner that restarts between the PUT of a move and its flush: the move does not count, nothing is deleted', async () => {
   const c = cluster(3);
   await writeAll(c, 100);
-  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
-  const p3 = c.stores.get('p3')!;
-  const owned = Array.from({ length: 100 }, (_, i) => i).filter((i) => c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p3'));
-  const drained = owned.filter((i) => c.copies(ref(i)).includes('p0') && !c.ring().getPeers(ref(i)).peers.slice(0, 2).includes('p0'));
-  assert.ok(drained.length > 0, 'p0 holds blocks it no longer owns');
-  // p3 takes the moved blocks, then its machine crashes before the flush: they are gone, and a
-  // new process answers the flush.
-  const flush = c.transport.flush.bind(c.transport);
-  let crashed = false;
-  c.transport.flush = async (peer) => {
-    if (peer.uuid === 'p3' && !crashed) {
-      crashed = true;
-      for (const r of p3.refs()) await p3.deleteBlock(r);
-      c.transport.instances.set('p3', 'second');
-    }
-    return flush(peer);
-  };
+  const { p3, owned } = addP3(c, 100);
+  // p3 takes the moved blocks; its machine crashes before the flush.
+  const crashed = crashBeforeFirstFlush(c, 'p3', async () => {
+    for (const r of p3.refs()) await p3.deleteBlock(r);
+  });
   await c.rebalancer('p0').pass();
-  assert.ok(crashed);
+  assert.ok(crashed());
   for (const i of owned) assert.ok(c.copies(ref(i)).length >= 2, `block ${i} kept two copies (${c.copies(ref(i)).join(', ')})`);
   await c.settle();
   assertPlaced(c, 100);
