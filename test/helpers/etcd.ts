@@ -80,7 +80,7 @@ export async function startEtcd(): Promise<EtcdHandle> {
     await gone;
   };
   // A port found free can be taken by a test running alongside before etcd binds it: try others.
-  const first = async (attempt: number): Promise<ChildProcess> => {
+  const startOnFreePorts = async (attempt: number): Promise<ChildProcess> => {
     const clientPort = await freePort();
     const peerPort = await freePort();
     endpoint = `127.0.0.1:${clientPort}`;
@@ -106,10 +106,10 @@ export async function startEtcd(): Promise<EtcdHandle> {
       // Its last words may have arrived after the error was worded: word it again with them.
       if (attempt >= 3 || !output.includes('address already in use')) throw new Error(`${(err as Error).message.split('\n')[0]}\n${output}`);
       rmSync(join(dataDir, 'data'), { recursive: true, force: true });
-      return first(attempt + 1);
+      return startOnFreePorts(attempt + 1);
     }
   };
-  let proc = await first(1);
+  let proc = await startOnFreePorts(1);
   const handle: EtcdHandle = {
     endpoint,
     dataDir,
