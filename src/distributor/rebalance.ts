@@ -197,11 +197,9 @@ export class Rebalancer {
     // The peer process that answered HAS; a FLUSH answered by another does not cover it.
     const hasInstance = new Map<string, string | undefined>();
     const instanceOf = (t: PeerTarget): string | undefined => this.opts.transport.instance?.(t);
-    const unreachable = new Set<string>();
     for (const [peer, list] of perPeer) {
       const target = this.opts.target(peer);
       if (!target) {
-        unreachable.add(peer);
         checked += list.length;
         continue;
       }
@@ -247,7 +245,6 @@ export class Rebalancer {
           }
         } catch (err) {
           this.failedWaitMs += Date.now() - callStarted;
-          unreachable.add(peer);
           this.opts.log?.warn({ peer, err: toTorusError(err).message }, 'rebalance: peer unreachable; will retry');
           checked += list.length - i;
           break;
@@ -275,7 +272,6 @@ export class Rebalancer {
       } catch (err) {
         this.failedWaitMs += Date.now() - callStarted;
         unsyncable.add(peer);
-        unreachable.add(peer);
         this.opts.log?.warn({ peer, err: toTorusError(err).message }, 'rebalance: owner cannot flush; nothing deleted on its account');
       }
     }
