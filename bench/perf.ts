@@ -16,6 +16,7 @@ import { loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { usageExits } from '../scripts/lib/cli.js';
 import { parseSize } from '../src/core/units.js';
 import { freePort } from '../test/helpers/etcd.js';
 import { have } from '../test/helpers/nbd-tools.js';
@@ -31,20 +32,8 @@ const HERE = dirname(fileURLToPath(import.meta.url));
 // dist/bench/perf.js -> the repository root
 const REPO = resolve(HERE, '../..');
 
-/** A bad argument or a missing tool: one line and exit status 2, never a stack trace. */
-function usage(message: string): never {
-  process.stderr.write(`perf: ${message}\n`);
-  process.exit(2);
-}
-
-function orUsage<T>(f: () => T): T {
-  try {
-    return f();
-  } catch (err) {
-    // Node words some argument errors over several lines (a value that starts with a dash).
-    usage((err instanceof Error ? err.message : String(err)).replace(/\s*\n\s*/g, ' '));
-  }
-}
+// A bad argument or a missing tool: one line and exit status 2, never a stack trace.
+const { usage, orUsage } = usageExits('perf');
 
 const { values: argv } = orUsage(() => parseArgs({
   options: {

@@ -4,31 +4,19 @@
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { parseSize } from '../src/core/units.js';
+import { portFree, usageExits } from './lib/cli.js';
 import { checkVolumeName } from '../src/volume/records.js';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const bin = (name: string): string => join(ROOT, 'bin', `${name}.js`);
 
-/** A bad argument: one line and exit status 2, before anything is started. */
-function usage(message: string): never {
-  process.stderr.write(`demo: ${message} (npm run demo -- --help)\n`);
-  process.exit(2);
-}
-
-function orUsage<T>(f: () => T): T {
-  try {
-    return f();
-  } catch (err) {
-    // Node words some argument errors over several lines (a value that starts with a dash).
-    usage((err instanceof Error ? err.message : String(err)).replace(/\s*\n\s*/g, ' '));
-  }
-}
+// A bad argument: one line and exit status 2, before anything is started.
+const { usage, orUsage } = usageExits('demo', ' (npm run demo -- --help)');
 
 const { values: opts } = orUsage(() => parseArgs({
   options: {
@@ -122,14 +110,6 @@ function mustCli(name: 'torusctl' | 'torusblk', args: string[]): string {
   const r = cli(name, args);
   if (r.code !== 0) fail(`${name} ${args.join(' ')}: ${r.out}`);
   return r.out;
-}
-
-async function portFree(port: number): Promise<boolean> {
-  return new Promise((res) => {
-    const s = createServer();
-    s.once('error', () => res(false));
-    s.listen(port, '127.0.0.1', () => s.close(() => res(true)));
-  });
 }
 
 async function until(what: string, check: () => boolean | Promise<boolean>, ms = 30_000): Promise<void> {

@@ -5,6 +5,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { portFree } from '../../scripts/lib/cli.js';
 import { REPO } from '../helpers/procs.js';
 
 // `npm run demo` as a newcomer runs it (the compiled script, on free ports and a temporary
@@ -28,14 +29,6 @@ async function demoPorts(): Promise<[number, number, number, number]> {
     if ((await Promise.all(all.map(portFree))).every(Boolean)) return [base, base + 2, base + 3, base + 6];
   }
   throw new Error('no run of 9 free ports found below 30000');
-}
-
-function portFree(port: number): Promise<boolean> {
-  return new Promise((res) => {
-    const s = createServer();
-    s.once('error', () => res(false));
-    s.listen(port, '127.0.0.1', () => s.close(() => res(true)));
-  });
 }
 
 function sh(cmd: string, args: string[], timeoutSec = 60): { code: number; out: string } {
