@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { parseSize } from '../src/core/units.js';
 import { portFree, usageExits } from './lib/cli.js';
+import { singleEtcdArgs } from './lib/etcd.js';
 import { checkVolumeName } from '../src/volume/records.js';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -161,12 +162,7 @@ async function main(): Promise<void> {
   process.on('SIGTERM', () => void stopAll(0));
 
   say(`${fresh ? 'Starting a new' : 'Restarting the'} demo cluster in ${dir} (logs in ${join(dir, 'logs')}).`);
-  start('etcd', 'etcd', [
-    '--name', 'demo', '--data-dir', join(dir, 'etcd'),
-    '--listen-client-urls', `http://${endpoint}`, '--advertise-client-urls', `http://${endpoint}`,
-    '--listen-peer-urls', `http://127.0.0.1:${etcdPort + 1}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${etcdPort + 1}`,
-    '--initial-cluster', `demo=http://127.0.0.1:${etcdPort + 1}`, '--log-level', 'error', '--logger', 'zap',
-  ]);
+  start('etcd', 'etcd', singleEtcdArgs('demo', join(dir, 'etcd'), etcdPort, etcdPort + 1));
   await until('etcd answering', () => {
     const r = cli('torusctl', ['init', '--view']);
     return r.code === 0 || /not initialized/i.test(r.out);

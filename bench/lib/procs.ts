@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
+import { singleEtcdArgs } from '../../scripts/lib/etcd.js';
 import { etcdBinary, freePort } from '../../test/helpers/etcd.js';
 import { BIN } from '../../test/helpers/procs.js';
 
@@ -138,17 +139,7 @@ export async function startEtcdAt(dir: string): Promise<Proc & { endpoint: strin
   const p = await spawnProc(
     'etcd',
     etcdBinary(),
-    [
-      '--name', 'bench',
-      '--data-dir', join(dir, 'data'),
-      '--listen-client-urls', `http://${endpoint}`,
-      '--advertise-client-urls', `http://${endpoint}`,
-      '--listen-peer-urls', `http://127.0.0.1:${peerPort}`,
-      '--initial-advertise-peer-urls', `http://127.0.0.1:${peerPort}`,
-      '--initial-cluster', `bench=http://127.0.0.1:${peerPort}`,
-      '--log-level', 'error',
-      '--logger', 'zap',
-    ],
+    singleEtcdArgs('bench', join(dir, 'data'), clientPort, peerPort),
     { probe: healthy, readyTimeoutMs: 20_000 },
   );
   return Object.assign(p, { endpoint });

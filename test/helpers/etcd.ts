@@ -3,6 +3,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { singleEtcdArgs } from '../../scripts/lib/etcd.js';
 
 // A real etcd (Debian's etcd-server, v3 API) on free loopback ports in a temporary directory.
 // Tests start one per file and stop it with SIGKILL: a SIGTERM'd single-node leader can take
@@ -84,17 +85,7 @@ export async function startEtcd(): Promise<EtcdHandle> {
     const clientPort = await freePort();
     const peerPort = await freePort();
     endpoint = `127.0.0.1:${clientPort}`;
-    args = [
-      '--name', 'test',
-      '--data-dir', join(dataDir, 'data'),
-      '--listen-client-urls', `http://${endpoint}`,
-      '--advertise-client-urls', `http://${endpoint}`,
-      '--listen-peer-urls', `http://127.0.0.1:${peerPort}`,
-      '--initial-advertise-peer-urls', `http://127.0.0.1:${peerPort}`,
-      '--initial-cluster', `test=http://127.0.0.1:${peerPort}`,
-      '--log-level', 'error',
-      '--logger', 'zap',
-    ];
+    args = singleEtcdArgs('test', join(dataDir, 'data'), clientPort, peerPort);
     output = '';
     const p = launch();
     try {
