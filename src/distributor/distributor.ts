@@ -55,14 +55,19 @@ export class Distributor {
   private readonly readLevel: ReadLevel;
   private readonly readTimeoutMs: number;
   /**
-   * Puts that no flush has made durable yet, per peer ('' = the local store), and their data.
-   * The data is kept until every peer that took the block has flushed it, so a replica that
-   * dies between put and flush costs a re-send to another peer, not the block.
+   * Blocks that no flush has made durable on enough peers yet, with their data. An entry stays
+   * until it has `want` durable copies, even across failed flushes: a flush that cannot place a
+   * block reports it, and the next flush tries again, so no later flush can succeed while an
+   * earlier put it covers is short of copies.
    */
-  private pending = new Map<string, Set<string>>();
   private readonly pendingData = new Map<string, PendingBlock>();
   private pendingBytes = 0;
-  private autoFlush: Promise<void> | undefined;
+  /** Puts running now, by issue order: a flush waits for those issued before it started. */
+  private readonly putsInFlight = new Map<number, Promise<unknown>>();
+  private nextPutSeq = 0;
+  /** Flush passes run one at a time; callers arriving during one share the next (group commit). */
+  private runningPass: Promise<void> | undefined;
+  private queuedPass: Promise<void> | undefined;
   private readonly maxPendingBytes: number;
   private readonly repairing = new Set<string>();
   readonly stats: DistributorStats = {
@@ -106,11 +111,20 @@ export class Distributor {
    */
   async putBlock(ref: BlockRef, data: Uint8Array, opts: PutBlockOptions = {}): Promise<void> {
     if (data.length > this.blockSize) throw new TorusError('INVALID_ARGUMENT', `block of ${data.length} bytes exceeds the block size ${this.blockSize}`);
-    if (this.pendingBytes >= this.maxPendingBytes) {
-      // Memory pressure: make what is pending durable (and forgettable) before taking more.
-      this.autoFlush ??= this.flush().finally(() => (this.autoFlush = undefined));
-      await this.autoFlush;
+    // Memory pressure: make what is pending durable (and forgettable) before taking more. Not
+    // through flush(): that waits for puts in flight, and those may be waiting here too.
+    if (this.pendingBytes >= this.maxPendingBytes) await this.flushPass();
+    const seq = this.nextPutSeq++;
+    const run = this.putTracked(ref, data, opts);
+    this.putsInFlight.set(seq, run);
+    try {
+      await run;
+    } finally {
+      this.putsInFlight.delete(seq);
     }
+  }
+
+  private async putTracked(ref: BlockRef, data: Uint8Array, opts: PutBlockOptions): Promise<void> {
     // One private copy serves the replicas, the re-send after a failed flush, and the cache:
     // the caller owns `data` and may reuse it as soon as we return, unless it says it never will.
     const block = opts.immutable && data.length === this.blockSize ? asBuffer(data) : padTo(data, this.blockSize);
@@ -118,23 +132,30 @@ export class Distributor {
     const perm = ring.getPeers(ref);
     if (perm.peers.length === 0 || perm.replication === 0)
       throw new TorusError('NO_PEER', 'the ring has no members: add storage nodes with `torusctl peer add`');
+    const key = blockRefKey(ref);
     try {
       if (this.writeLevel === 'local') {
-        await this.putOne('', ref, block);
+        await this.putOne('', ref, block, 1);
       } else {
         const want = this.writeLevel === 'one' ? 1 : perm.replication;
-        await this.putReplicas(ref, block, perm.peers, want, new Set());
+        await this.putReplicas(ref, block, perm.peers, want, new Set(), want);
       }
     } catch (err) {
       this.stats.failedWrites++;
+      // Copies that landed before the put failed are garbage, not a promise to anyone: the caller
+      // saw the error. Unless an earlier, successful put of the same ref still needs them.
+      const e = this.pendingData.get(key);
+      if (e && !e.acked) this.dropPending(key);
       throw err;
     }
+    const e = this.pendingData.get(key);
+    if (e) e.acked = true;
     this.stats.writes++;
     this.stats.writeBytes += data.length;
-    this.cache?.set(blockRefKey(ref), block);
+    this.cache?.set(key, block);
   }
 
-  private async putOne(uuid: string, ref: BlockRef, data: Buffer): Promise<void> {
+  private async putOne(uuid: string, ref: BlockRef, data: Buffer, want: number): Promise<void> {
     const peer = uuid === '' || this.isSelf(uuid) ? '' : uuid;
     let instance: string | undefined;
     if (peer === '') {
@@ -146,22 +167,18 @@ export class Distributor {
       instance = this.opts.transport.instance?.(target);
       if (status) throw new TorusError(status, `peer ${target.address} refused block ${formatBlockRef(ref)}: ${status}`);
     }
-    this.addPending(peer, ref, data, instance);
+    this.addPending(peer, ref, data, instance, want);
   }
 
-  private addPending(peer: string, ref: BlockRef, data: Buffer, instance: string | undefined): void {
+  private addPending(peer: string, ref: BlockRef, data: Buffer, instance: string | undefined, want: number): void {
     const key = blockRefKey(ref);
-    let keys = this.pending.get(peer);
-    if (!keys) this.pending.set(peer, (keys = new Set()));
-    keys.add(key);
     let entry = this.pendingData.get(key);
     if (!entry) {
-      entry = { ref, data, pending: new Set(), instances: new Map(), durable: new Set() };
+      entry = { ref, data, want, pending: new Map(), durable: new Set(), acked: false };
       this.pendingData.set(key, entry);
       this.pendingBytes += data.length;
     }
-    entry.pending.add(peer);
-    entry.instances.set(peer, instance);
+    entry.pending.set(peer, instance);
   }
 
   private dropPending(key: string): void {
@@ -176,7 +193,15 @@ export class Distributor {
     return this.pendingBytes;
   }
 
-  private async putReplicas(ref: BlockRef, data: Buffer, allPeers: readonly string[], want: number, exclude: ReadonlySet<string>): Promise<void> {
+  /** Puts `want` more copies on peers of `allPeers` outside `exclude`; `durableWant` is the block's R. */
+  private async putReplicas(
+    ref: BlockRef,
+    data: Buffer,
+    allPeers: readonly string[],
+    want: number,
+    exclude: ReadonlySet<string>,
+    durableWant: number,
+  ): Promise<void> {
     const peers = exclude.size === 0 ? allPeers : allPeers.filter((p) => !exclude.has(p));
     let next = want;
     let ok = 0;
@@ -187,7 +212,7 @@ export class Distributor {
     const attempt = async (i: number): Promise<void> => {
       const uuid = peers[i]!;
       try {
-        await this.putOne(uuid, ref, data);
+        await this.putOne(uuid, ref, data, durableWant);
         ok++;
       } catch (err) {
         const e = toTorusError(err);
@@ -207,22 +232,66 @@ export class Distributor {
   }
 
   /**
-   * Makes every put that completed before this call durable. A peer whose flush fails is
-   * treated as lost for those blocks: they are sent to the next peers in ring order and
-   * flushed there, so the call succeeds as long as R copies can be made durable somewhere.
+   * Makes durable every put issued before this call, whoever else is flushing: it waits for the
+   * puts still running, then for a flush pass that starts after they completed. A peer whose
+   * flush fails is treated as lost for those blocks: they are sent to the next peers in ring
+   * order and flushed there, so the call succeeds as long as R copies can be made durable
+   * somewhere. A block that cannot be is reported, and stays pending for the next flush.
    */
   async flush(): Promise<void> {
+    const issued = this.nextPutSeq;
+    const running = [...this.putsInFlight].filter(([seq]) => seq < issued).map(([, p]) => p.catch(noop));
+    if (running.length > 0) await Promise.all(running);
+    await this.flushPass();
+  }
+
+  /**
+   * One pass covers every block pending when it starts. A caller arriving while a pass runs may
+   * have puts that pass missed, so it waits for the next one; everyone arriving before that next
+   * pass starts shares it.
+   */
+  private flushPass(): Promise<void> {
+    if (this.queuedPass) return this.queuedPass;
+    if (!this.runningPass) return this.startPass();
+    const queued = this.runningPass.catch(noop).then(() => {
+      this.queuedPass = undefined;
+      return this.startPass();
+    });
+    this.queuedPass = queued;
+    return queued;
+  }
+
+  private startPass(): Promise<void> {
+    const p = this.runPass().finally(() => {
+      if (this.runningPass === p) this.runningPass = undefined;
+    });
+    this.runningPass = p;
+    return p;
+  }
+
+  private async runPass(): Promise<void> {
+    // Blocks whose put has returned: one still running is still placing its copies, and belongs
+    // to a caller that has not flushed yet (flush() waits for the puts issued before it).
+    const targets = [...this.pendingData.values()].filter((e) => e.acked);
     const failed = new Set<string>();
     const uuidOf = (peer: string): string => (peer === '' ? (this.opts.self?.uuid ?? '') : peer);
     for (let round = 0; round < 4; round++) {
-      const batch = [...this.pending].filter(([, keys]) => keys.size > 0);
-      if (batch.length === 0) {
+      const open = targets.filter((e) => this.pendingData.get(blockRefKey(e.ref)) === e && e.durable.size < e.want);
+      if (open.length === 0) {
         this.stats.flushes++;
         return;
       }
-      for (const [peer] of batch) this.pending.set(peer, new Set());
+      // Which peers to flush, and what each flush is to cover: the copies taken so far, with the
+      // process that took each. A copy taken while the flush runs is left for a later one.
+      const byPeer = new Map<string, { entry: PendingBlock; instance: string | undefined }[]>();
+      for (const e of open)
+        for (const [peer, instance] of e.pending) {
+          let list = byPeer.get(peer);
+          if (!list) byPeer.set(peer, (list = []));
+          list.push({ entry: e, instance });
+        }
       const outcomes = await Promise.all(
-        batch.map(async ([peer, keys]) => {
+        [...byPeer].map(async ([peer, covered]) => {
           try {
             let instance: string | undefined;
             if (peer === '') await this.opts.self!.store.flush();
@@ -232,47 +301,37 @@ export class Distributor {
               await this.opts.transport.flush(target);
               instance = this.opts.transport.instance?.(target);
             }
-            return { peer, keys, ok: true, instance };
+            return { peer, covered, ok: true, instance };
           } catch {
-            return { peer, keys, ok: false, instance: undefined };
+            return { peer, covered, ok: false, instance: undefined };
           }
         }),
       );
-      const resend = new Set<string>();
-      for (const { peer, keys, ok, instance } of outcomes) {
+      for (const { peer, covered, ok, instance } of outcomes) {
         let restarted = false;
-        for (const key of keys) {
-          const e = this.pendingData.get(key);
-          if (!e) continue;
+        for (const { entry, instance: took } of covered) {
           // A flush answered by another process than the put does not cover the put: the peer
           // restarted in between, and what it had not synced may be gone.
-          const covered = ok && e.instances.get(peer) === instance;
-          if (ok && !covered) restarted = true;
-          e.pending.delete(peer);
-          if (covered) e.durable.add(uuidOf(peer));
-          else resend.add(key);
+          if (ok && took !== instance) restarted = true;
+          if (entry.pending.get(peer) === took) entry.pending.delete(peer);
+          if (ok && took === instance) entry.durable.add(uuidOf(peer));
         }
         if (!ok || restarted) failed.add(uuidOf(peer));
       }
-      for (const { keys } of outcomes)
-        for (const key of keys) {
-          const e = this.pendingData.get(key);
-          if (e && e.pending.size === 0 && !resend.has(key)) this.dropPending(key);
-        }
-      if (resend.size === 0) continue;
+      for (const e of open) if (e.durable.size >= e.want) this.dropPending(blockRefKey(e.ref));
       // What a failed peer took may be lost: send another copy to a peer that neither holds it
       // nor failed, and let the next round flush it there.
+      const short = open.filter((e) => e.durable.size < e.want && e.durable.size + e.pending.size < e.want);
       const errors: string[] = [];
       await Promise.all(
-        [...resend].map(async (key) => {
-          const e = this.pendingData.get(key)!;
-          const exclude = new Set([...failed, ...e.durable, ...[...e.pending].map(uuidOf)]);
+        short.map(async (e) => {
+          const exclude = new Set([...failed, ...e.durable, ...[...e.pending.keys()].map(uuidOf)]);
+          const more = e.want - e.durable.size - e.pending.size;
           try {
-            this.stats.spills++;
-            await this.putReplicas(e.ref, e.data, this.opts.ring().getPeers(e.ref).peers, 1, exclude);
+            this.stats.spills += more;
+            await this.putReplicas(e.ref, e.data, this.opts.ring().getPeers(e.ref).peers, more, exclude, e.want);
           } catch (err) {
             errors.push(toTorusError(err).message);
-            if (e.pending.size === 0) this.dropPending(key);
           }
         }),
       );
@@ -485,13 +544,17 @@ export class Distributor {
 interface PendingBlock {
   readonly ref: BlockRef;
   readonly data: Buffer;
-  /** Peers that took the block and have not flushed since. */
-  readonly pending: Set<string>;
-  /** The process instance of each pending peer that took it (see PeerTransport.instance). */
-  readonly instances: Map<string, string | undefined>;
-  /** Peers that flushed it during the current flush. */
+  /** Durable copies the block needs: R, or 1 for write levels `one` and `local`. */
+  readonly want: number;
+  /** Peers that took the block and have not flushed since, each with the process instance that took it (see PeerTransport.instance). */
+  readonly pending: Map<string, string | undefined>;
+  /** Peers that have it on stable storage. */
   readonly durable: Set<string>;
+  /** A put of it succeeded: its caller was told it is stored, so a later failed put of the same ref must not forget it. */
+  acked: boolean;
 }
+
+function noop(): void {}
 
 /** Granularity of the cache for reads smaller than a block (the replicas' sector size). */
 const CACHE_CHUNK = 4096;
