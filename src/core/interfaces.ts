@@ -71,10 +71,18 @@ export interface BlockStore {
   /** `length` bytes at `offset` inside the block; only the sectors touched are read and verified. */
   readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer>;
   /**
-   * Stores a block (data shorter than blockSize is zero-padded). Storing a ref that already
-   * exists is a no-op. OUT_OF_SPACE when full. Durable only after `flush`.
+   * The sectors covering [offset, offset+length), verified against the block's sector checksums,
+   * together with all of those checksums: a reader that knows the writer's CRC of the whole
+   * block checks that they combine to it (verifySectorRead), so every byte it serves is
+   * checked end to end without reading the whole block.
    */
-  putBlock(ref: BlockRef, data: Uint8Array): Promise<void>;
+  readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead>;
+  /**
+   * Stores a block (data shorter than blockSize is zero-padded). Storing a ref that already
+   * exists is a no-op. OUT_OF_SPACE when full; CORRUPT when `opts.crc` is given and the block
+   * as stored does not match it (damaged on the way). Durable only after `flush`.
+   */
+  putBlock(ref: BlockRef, data: Uint8Array, opts?: { readonly crc?: number }): Promise<void>;
   hasBlock(ref: BlockRef): boolean;
   deleteBlock(ref: BlockRef): Promise<void>;
   /** Makes every put and delete completed before the call durable. */
@@ -99,6 +107,22 @@ export interface Extent {
 export interface PutBlockOptions {
   /** The caller never modifies the data again, so the store may keep it instead of copying. */
   readonly immutable?: boolean;
+  /**
+   * CRC32C of the whole block, zero-padded to the block size, as the writer computed it: each
+   * replica checks what it stores against it, and readers check what they read.
+   */
+  readonly crc?: number;
+}
+
+/** Sectors of one block and the checksums of all its sectors (BlockStore.readSectors). */
+export interface SectorRead {
+  readonly sectorSize: number;
+  /** CRC32C of every sector of the block, u32 little-endian, in order. */
+  readonly sums: Buffer;
+  /** Where `data` starts in the block: a multiple of sectorSize. */
+  readonly offset: number;
+  /** Whole sectors (the block's last one may be short). */
+  readonly data: Buffer;
 }
 
 /**

@@ -1,5 +1,6 @@
 import { crc32c } from '@node-rs/crc32';
 import { TorusError, isTorusError, toTorusError, type ErrorCode } from '../core/errors.js';
+import { verifySectorRead } from '../core/crc.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { BlockStore, PutBlockOptions, Ring } from '../core/interfaces.js';
 import { BlockCache } from '../core/lru.js';
@@ -46,6 +47,8 @@ export interface DistributorStats {
   failedWrites: number;
   failedReads: number;
   flushes: number;
+  /** Ranged reads served by a peer too old to send sector checksums: not checked end to end. */
+  uncheckedReads: number;
 }
 
 export class Distributor {
@@ -84,6 +87,7 @@ export class Distributor {
     failedWrites: 0,
     failedReads: 0,
     flushes: 0,
+    uncheckedReads: 0,
   };
 
   constructor(private readonly opts: DistributorOptions) {
@@ -128,6 +132,9 @@ export class Distributor {
     // One private copy serves the replicas, the re-send after a failed flush, and the cache:
     // the caller owns `data` and may reuse it as soon as we return, unless it says it never will.
     const block = opts.immutable && data.length === this.blockSize ? asBuffer(data) : padTo(data, this.blockSize);
+    // Every replica checks what it stores against the writer's CRC; a caller that has it
+    // (the volume keeps it in the inode) saves a pass over the bytes.
+    const crc = opts.crc ?? crc32c(block) >>> 0;
     const ring = this.opts.ring();
     const perm = ring.getPeers(ref);
     if (perm.peers.length === 0 || perm.replication === 0)
@@ -135,10 +142,10 @@ export class Distributor {
     const key = blockRefKey(ref);
     try {
       if (this.writeLevel === 'local') {
-        await this.putOne('', ref, block, 1);
+        await this.putOne('', ref, block, crc, 1);
       } else {
         const want = this.writeLevel === 'one' ? 1 : perm.replication;
-        await this.putReplicas(ref, block, perm.peers, want, new Set(), want);
+        await this.putReplicas(ref, block, crc, perm.peers, want, new Set(), want);
       }
     } catch (err) {
       this.stats.failedWrites++;
@@ -155,26 +162,26 @@ export class Distributor {
     this.cache?.set(key, block);
   }
 
-  private async putOne(uuid: string, ref: BlockRef, data: Buffer, want: number): Promise<void> {
+  private async putOne(uuid: string, ref: BlockRef, data: Buffer, crc: number, want: number): Promise<void> {
     const peer = uuid === '' || this.isSelf(uuid) ? '' : uuid;
     let instance: string | undefined;
     if (peer === '') {
-      await this.opts.self!.store.putBlock(ref, data);
+      await this.opts.self!.store.putBlock(ref, data, { crc });
     } else {
       const target = this.opts.target(uuid);
       if (!target) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
-      const [status] = await this.opts.transport.put(target, [{ ref, data }]);
+      const [status] = await this.opts.transport.put(target, [{ ref, data, crc }]);
       instance = this.opts.transport.instance?.(target);
       if (status) throw new TorusError(status, `peer ${target.address} refused block ${formatBlockRef(ref)}: ${status}`);
     }
-    this.addPending(peer, ref, data, instance, want);
+    this.addPending(peer, ref, data, crc, instance, want);
   }
 
-  private addPending(peer: string, ref: BlockRef, data: Buffer, instance: string | undefined, want: number): void {
+  private addPending(peer: string, ref: BlockRef, data: Buffer, crc: number, instance: string | undefined, want: number): void {
     const key = blockRefKey(ref);
     let entry = this.pendingData.get(key);
     if (!entry) {
-      entry = { ref, data, want, pending: new Map(), durable: new Set(), acked: false };
+      entry = { ref, data, crc, want, pending: new Map(), durable: new Set(), acked: false };
       this.pendingData.set(key, entry);
       this.pendingBytes += data.length;
     }
@@ -197,6 +204,7 @@ export class Distributor {
   private async putReplicas(
     ref: BlockRef,
     data: Buffer,
+    crc: number,
     allPeers: readonly string[],
     want: number,
     exclude: ReadonlySet<string>,
@@ -212,7 +220,7 @@ export class Distributor {
     const attempt = async (i: number): Promise<void> => {
       const uuid = peers[i]!;
       try {
-        await this.putOne(uuid, ref, data, durableWant);
+        await this.putOne(uuid, ref, data, crc, durableWant);
         ok++;
       } catch (err) {
         const e = toTorusError(err);
@@ -329,7 +337,7 @@ export class Distributor {
           const more = e.want - e.durable.size - e.pending.size;
           try {
             this.stats.spills += more;
-            await this.putReplicas(e.ref, e.data, this.opts.ring().getPeers(e.ref).peers, more, exclude, e.want);
+            await this.putReplicas(e.ref, e.data, e.crc, this.opts.ring().getPeers(e.ref).peers, more, exclude, e.want);
           } catch (err) {
             errors.push(toTorusError(err).message);
           }
@@ -361,12 +369,16 @@ export class Distributor {
     return data;
   }
 
-  /** Part of a block; only the sectors touched are read and verified on the replica. */
-  async readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer> {
+  /**
+   * Part of a block; only the sectors touched are read. With `crc` (the writer's CRC of the whole
+   * block, as the inode keeps it) every byte is checked end to end: the replica sends the block's
+   * sector checksums with the sectors, and they must combine to `crc`.
+   */
+  async readRange(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer> {
     if (offset < 0 || length <= 0 || offset + length > this.blockSize)
       throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);
     const cache = this.cache;
-    if (!cache) return this.read(ref, offset, length);
+    if (!cache) return this.read(ref, offset, length, crc);
     const key = blockRefKey(ref);
     const cached = cache.get(key);
     if (cached) {
@@ -378,7 +390,7 @@ export class Distributor {
     // fetching the aligned span costs little more than the exact range.
     const c0 = Math.floor(offset / CACHE_CHUNK);
     const c1 = Math.ceil((offset + length) / CACHE_CHUNK);
-    if (c1 - c0 > MAX_CACHED_CHUNKS) return this.read(ref, offset, length);
+    if (c1 - c0 > MAX_CACHED_CHUNKS) return this.read(ref, offset, length, crc);
     const chunks: Buffer[] = [];
     for (let c = c0; c < c1; c++) {
       const chunk = cache.get(`${key}@${c}`);
@@ -392,7 +404,7 @@ export class Distributor {
       return joined.subarray(at, at + length);
     }
     const start = c0 * CACHE_CHUNK;
-    const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start);
+    const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start, crc);
     // Cached as a copy of its own: a small RPC payload is a view that can pin a 64 KiB socket
     // buffer (src/rpc/codec.ts), which would let the cache hold 16 times what it counts.
     const own = Buffer.allocUnsafeSlow(span.length);
@@ -415,6 +427,8 @@ export class Distributor {
   }
 
   private async readFrom(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc?: number): Promise<Buffer> {
+    const what = `block ${formatBlockRef(ref)} from ${uuid}`;
+    if (length > 0 && crc !== undefined) return this.readChecked(uuid, ref, offset, length, timeoutMs, crc, what);
     let data: Buffer;
     if (this.isSelf(uuid)) {
       const store = this.opts.self!.store;
@@ -424,10 +438,26 @@ export class Distributor {
       if (!target) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
       data = await this.opts.transport.get(target, ref, offset, length, timeoutMs);
     }
-    if (crc !== undefined && length === 0 && (crc32c(data) >>> 0) !== crc >>> 0) {
-      throw new TorusError('CORRUPT', `block ${formatBlockRef(ref)} from ${uuid} fails its end-to-end checksum`);
+    if (crc !== undefined && (crc32c(data) >>> 0) !== crc >>> 0) {
+      throw new TorusError('CORRUPT', `${what} fails its end-to-end checksum`);
     }
     return data;
+  }
+
+  /** A ranged read checked against the writer's CRC through the block's sector checksums. */
+  private async readChecked(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc: number, what: string): Promise<Buffer> {
+    if (this.isSelf(uuid)) {
+      // The store has checked the sectors against its checksums; the combination is what is left.
+      const read = await this.opts.self!.store.readSectors(ref, offset, length);
+      return verifySectorRead(read, this.blockSize, crc, offset, length, false, what);
+    }
+    const target = this.opts.target(uuid);
+    if (!target) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
+    const read = await this.opts.transport.getSectors(target, ref, offset, length, timeoutMs);
+    if (read) return verifySectorRead(read, this.blockSize, crc, offset, length, true, what);
+    // A node from before sector checksums were served: checked by it against its own sums only.
+    this.stats.uncheckedReads++;
+    return this.opts.transport.get(target, ref, offset, length, timeoutMs);
   }
 
   private async read(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer> {
@@ -449,7 +479,7 @@ export class Distributor {
     const done = (data: Buffer, from: string): Buffer => {
       this.stats.reads++;
       this.stats.readBytes += data.length;
-      if (bad.length > 0) this.scheduleRepair(ref, bad, from);
+      if (bad.length > 0) this.scheduleRepair(ref, bad, from, crc);
       return data;
     };
 
@@ -462,7 +492,7 @@ export class Distributor {
         } catch (err) {
           note(u, err);
           // A bad copy found after another replica already answered still gets repaired.
-          if (winner !== undefined && isTorusError(err, 'CORRUPT')) this.scheduleRepair(ref, [u], winner);
+          if (winner !== undefined && isTorusError(err, 'CORRUPT')) this.scheduleRepair(ref, [u], winner, crc);
           throw err;
         }
       });
@@ -497,26 +527,27 @@ export class Distributor {
   }
 
   /** Replaces bad copies with the good one, in the background. A failed repair is retried by the next read. */
-  private scheduleRepair(ref: BlockRef, bad: string[], goodFrom: string): void {
+  private scheduleRepair(ref: BlockRef, bad: string[], goodFrom: string, crc: number | undefined): void {
     const key = blockRefKey(ref);
     if (this.repairing.has(key)) return;
     this.repairing.add(key);
     void (async () => {
       try {
-        const good = await this.readFrom(goodFrom, ref, 0, 0, this.readTimeoutMs * 4);
+        const good = await this.readFrom(goodFrom, ref, 0, 0, this.readTimeoutMs * 4, crc);
+        const putOpts = crc === undefined ? undefined : { crc };
         for (const uuid of bad) {
           try {
             if (this.isSelf(uuid)) {
               const store = this.opts.self!.store;
               await store.deleteBlock(ref);
-              await store.putBlock(ref, good);
+              await store.putBlock(ref, good, putOpts);
               await store.flush();
             } else {
               const target = this.opts.target(uuid);
               if (!target) continue;
               // The bad copy must go first: a put of a ref the store already holds is a no-op.
               await this.opts.transport.delete(target, [ref]);
-              const [status] = await this.opts.transport.put(target, [{ ref, data: good }]);
+              const [status] = await this.opts.transport.put(target, [{ ref, data: good, ...putOpts }]);
               if (status) throw new TorusError(status, `repair put refused: ${status}`);
               await this.opts.transport.flush(target);
             }
@@ -544,6 +575,7 @@ export class Distributor {
 interface PendingBlock {
   readonly ref: BlockRef;
   readonly data: Buffer;
+  readonly crc: number;
   /** Durable copies the block needs: R, or 1 for write levels `one` and `local`. */
   readonly want: number;
   /** Peers that took the block and have not flushed since, each with the process instance that took it (see PeerTransport.instance). */

@@ -1,6 +1,6 @@
 import { TorusError, toTorusError, type ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
-import type { BlockStore } from '../core/interfaces.js';
+import type { BlockStore, SectorRead } from '../core/interfaces.js';
 import type { PeerTarget, PeerTransport, PutItem } from './transport.js';
 
 /**
@@ -32,13 +32,21 @@ export class MemoryTransport implements PeerTransport {
     return length === 0 ? s.getBlock(ref) : s.readRange(ref, offset, length);
   }
 
+  async getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number): Promise<SectorRead | undefined> {
+    this.calls.get++;
+    const s = this.store(peer);
+    // A copy, as a network would deliver: tests damage what a peer sends without touching its store.
+    const read = await s.readSectors(ref, offset, length);
+    return { ...read, sums: Buffer.from(read.sums), data: Buffer.from(read.data) };
+  }
+
   async put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]> {
     this.calls.put++;
     const s = this.store(peer);
     const out: (ErrorCode | null)[] = [];
     for (const it of items) {
       try {
-        await s.putBlock(it.ref, it.data);
+        await s.putBlock(it.ref, it.data, it.crc === undefined ? undefined : { crc: it.crc });
         out.push(null);
       } catch (err) {
         out.push(toTorusError(err).code);

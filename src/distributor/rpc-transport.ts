@@ -1,5 +1,6 @@
 import { toTorusError, type ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
+import type { SectorRead } from '../core/interfaces.js';
 import type { PeerPool } from '../rpc/pool.js';
 import type { PeerTarget, PeerTransport, PutItem } from './transport.js';
 
@@ -32,6 +33,11 @@ export class RpcTransport implements PeerTransport {
       const c = this.pool.client(peer);
       return length === 0 ? c.getBlock(ref, opts) : c.readRange(ref, offset, length, opts);
     });
+  }
+
+  getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number): Promise<SectorRead | undefined> {
+    const opts = timeoutMs !== undefined ? { timeoutMs } : {};
+    return this.timed(peer, 'get', () => this.pool.client(peer).readSectors(ref, offset, length, opts));
   }
 
   put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]> {

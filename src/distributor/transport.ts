@@ -1,5 +1,6 @@
 import type { ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
+import type { SectorRead } from '../core/interfaces.js';
 
 // What the distributor needs from the network: block operations addressed to one peer. The
 // peer-RPC pool is the real one; tests use MemoryTransport, which calls stores in-process.
@@ -12,11 +13,18 @@ export interface PeerTarget {
 export interface PutItem {
   readonly ref: BlockRef;
   readonly data: Uint8Array;
+  /** The writer's CRC32C of the whole block; the peer refuses to store other bytes (CORRUPT). */
+  readonly crc?: number;
 }
 
 export interface PeerTransport {
   /** `length` 0 with `offset` 0 reads the whole block. */
   get(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number): Promise<Buffer>;
+  /**
+   * Sectors covering the range, with the block's sector checksums, for an end-to-end check
+   * against the writer's CRC; undefined when the peer cannot serve them (an older node).
+   */
+  getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number): Promise<SectorRead | undefined>;
   /** One status per item: null for stored, else the error code. */
   put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]>;
   has(peer: PeerTarget, refs: readonly BlockRef[]): Promise<boolean[]>;

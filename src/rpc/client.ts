@@ -2,6 +2,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { TorusError, type ErrorCode } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
+import type { SectorRead } from '../core/interfaces.js';
 import { parsePeerAddress, type PeerAddress } from './address.js';
 import {
   ConsecutiveFailureBreaker,
@@ -15,6 +16,7 @@ import {
 import {
   DEFAULT_MAX_FRAME_SIZE,
   EXT_CRITICAL,
+  EXT_CHECKSUMS,
   EXT_INSTANCE,
   FrameDecoder,
   HANDSHAKE_MAX_FRAME_SIZE,
@@ -94,6 +96,8 @@ export interface RemotePeer {
   readonly blockSize: number;
   /** The peer process's EXT_INSTANCE, hex; undefined from a peer that does not send one. */
   readonly instance: string | undefined;
+  /** EXT_CHECKSUMS: it checks PUT CRCs and serves sector checksums. */
+  readonly checksums: boolean;
 }
 
 export type ClientState = 'idle' | 'connecting' | 'ready' | 'closed';
@@ -134,8 +138,10 @@ interface Call {
   readonly ref: BlockRef | undefined;
   readonly getOffset: number;
   readonly getLength: number;
-  /** Resolved with the DATA payload for a GET, with the reply message otherwise. */
-  readonly resolve: (value: Message | Buffer) => void;
+  /** A GET asking for sector checksums (FLAG_SUMS): resolved with a SectorRead. */
+  readonly getSums: boolean;
+  /** Resolved with the DATA payload for a GET (a SectorRead with getSums), with the reply message otherwise. */
+  readonly resolve: (value: Message | Buffer | SectorRead) => void;
   readonly reject: (err: TorusError) => void;
   readonly timeoutMs: number;
   timer: NodeJS.Timeout | null;
@@ -285,6 +291,18 @@ export class PeerClient {
     return this.get(ref, offset, length, options);
   }
 
+  /**
+   * The sectors covering [offset, offset+length) with the block's sector checksums (length 0:
+   * the whole block), for the caller to check against the writer's CRC (verifySectorRead).
+   * Undefined when the peer does not serve checksums (it did not announce EXT_CHECKSUMS).
+   */
+  async readSectors(ref: BlockRef, offset: number, length: number, options?: RequestOptions): Promise<SectorRead | undefined> {
+    checkGet(ref, offset, length);
+    const remote = this._remote ?? (await this.connect(options));
+    if (!remote.checksums) return undefined;
+    return (await this.request(NO_PARTS, Op.Get, Op.Data, ref, options?.timeoutMs, offset, length, false, true)) as SectorRead;
+  }
+
   private get(ref: BlockRef, offset: number, length: number, options: RequestOptions | undefined): Promise<Buffer> {
     try {
       checkGet(ref, offset, length);
@@ -301,10 +319,12 @@ export class PeerClient {
   async putBlocks(items: readonly PutItem[], options?: PutOptions): Promise<(TorusError | null)[]> {
     if (items.length === 0) return [];
     let limit = this._remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE;
-    if (!this._remote && items.some((it) => HEADER_SIZE + 4 + putItemFrameCost(it) > limit)) {
-      // Blocks over the protocol minimum need the peer's actual limit.
+    const crcs = items.every((it) => it.crc !== undefined);
+    if (!this._remote && (crcs || items.some((it) => HEADER_SIZE + 4 + putItemFrameCost(it) > limit))) {
+      // Blocks over the protocol minimum need the peer's actual limit, and CRCs its support.
       limit = (await this.connect(options)).maxFrameSize;
     }
+    const sendCrcs = crcs && this._remote?.checksums === true;
     const results: (TorusError | null)[] = new Array(items.length).fill(null);
     const groups: number[][] = [];
     let group: number[] = [];
@@ -327,7 +347,7 @@ export class PeerClient {
     await Promise.all(
       groups.map(async (g) => {
         const batch = g.map((i) => items[i]!);
-        const parts = encodePutBatch(0, batch, options?.sync ?? false);
+        const parts = encodePutBatch(0, batch, options?.sync ?? false, sendCrcs);
         const m = (await this.request(parts, Op.PutBatch, Op.PutResult, batch[0]?.ref, options?.timeoutMs)) as PutResultMessage;
         if (m.statuses.length !== g.length)
           throw new TorusError('PROTOCOL', `peer ${this.address} answered ${m.statuses.length} statuses for ${g.length} blocks`);
@@ -433,7 +453,8 @@ export class PeerClient {
     getOffset = 0,
     getLength = 0,
     internal = false,
-  ): Promise<Message | Buffer> {
+    getSums = false,
+  ): Promise<Message | Buffer | SectorRead> {
     if (this._state === 'closed') return Promise.reject(new TorusError('CLOSED', `client for peer ${this.address} is closed`));
     let probe = false;
     if (!internal) {
@@ -453,9 +474,9 @@ export class PeerClient {
       this.lastCall = Date.now();
     }
     this.counters.requests++;
-    return new Promise<Message | Buffer>((resolve, reject) => {
+    return new Promise<Message | Buffer | SectorRead>((resolve, reject) => {
       const ms = timeoutMs ?? this.o.requestTimeoutMs;
-      const call: Call = { parts, op, expect, ref, getOffset, getLength, resolve, reject, timeoutMs: ms, timer: null, status: QUEUED, id: 0, probe };
+      const call: Call = { parts, op, expect, ref, getOffset, getLength, getSums, resolve, reject, timeoutMs: ms, timer: null, status: QUEUED, id: 0, probe };
       // Waiting behind other calls is not a sign of a dead peer (a big sync queues hundreds of
       // puts): the timeout proper starts when the call is sent; the queue gets a bound of its own,
       // armed only if the call did not go out at once (one timer per call in the common case).
@@ -492,7 +513,7 @@ export class PeerClient {
       this.inFlight++;
       if (call.parts.length === 0) {
         const at = conn.writer.claim(GET_SIZE);
-        encodeGetInto(conn.writer.slabBuffer, at, id, call.ref!, call.getOffset, call.getLength);
+        encodeGetInto(conn.writer.slabBuffer, at, id, call.ref!, call.getOffset, call.getLength, call.getSums);
       } else {
         setFrameId(call.parts[0]!, id);
         conn.writer.writeAll(call.parts);
@@ -539,7 +560,10 @@ export class PeerClient {
     if (call.timer) clearTimeout(call.timer);
     this.breaker.success();
     if (m.op === Op.Error) call.reject(new TorusError(m.code, `peer ${this.address}: ${m.message}`));
-    else if (m.op === Op.Data && call.expect === Op.Data) {
+    else if (m.op === Op.Data && call.expect === Op.Data && call.getSums) {
+      if (!m.sums) call.reject(new TorusError('PROTOCOL', `peer ${this.address} answered a read of ${this.describe(call)} without the sector checksums asked for`));
+      else call.resolve({ sectorSize: m.sums.sectorSize, sums: m.sums.sums, offset: m.sums.offset, data: m.data });
+    } else if (m.op === Op.Data && call.expect === Op.Data) {
       if (call.getLength !== 0 && m.data.length !== call.getLength)
         call.reject(new TorusError('PROTOCOL', `peer ${this.address} returned ${m.data.length} bytes for a ${call.getLength}-byte read of ${this.describe(call)}`));
       else call.resolve(m.data);
@@ -695,6 +719,7 @@ export class PeerClient {
       maxInFlight: m.maxInFlight,
       blockSize: m.blockSize,
       instance: m.extensions.find((e) => e.type === EXT_INSTANCE)?.value.toString('hex'),
+      checksums: m.extensions.some((e) => e.type === EXT_CHECKSUMS),
     };
     this._state = 'ready';
     this.attempts = 0;

@@ -71,6 +71,11 @@ const SAMPLES: Message[] = [
     ],
   },
   { op: Op.PutBatch, id: 7, sync: false, items: [] },
+  // FLAG_CRC: every item carries the writer's CRC.
+  { op: Op.PutBatch, id: 9, sync: false, items: [{ ref: ref(4), crc: 0xdeadbeef, data: Buffer.from('four') }, { ref: ref(5), crc: 0, data: Buffer.alloc(0) }] },
+  // FLAG_SUMS.
+  { op: Op.Get, id: 11, ref: ref(6), offset: 5000, length: 100, sums: true },
+  { op: Op.Data, id: 11, data: Buffer.alloc(4096, 6), sums: { sectorSize: 4096, offset: 4096, sums: Buffer.from([1, 2, 3, 4, 5, 6, 7, 8]) } },
   { op: Op.PutResult, id: 6, statuses: [null, 'OUT_OF_SPACE', null] },
   { op: Op.HasBatch, id: 8, refs: [ref(1), ref(2), ref(3)] },
   { op: Op.HasResult, id: 8, has: [true, false, true, true, false, false, false, false, true] },
@@ -104,6 +109,19 @@ describe('codec: round trips', () => {
       assert.deepStrictEqual(decodeAll(encodeMessageBytes(m)), [m]);
     });
   }
+
+  it('pins the frame layouts of PUT_BATCH with FLAG_CRC and DATA with FLAG_SUMS', () => {
+    const put = encodeMessageBytes({ op: Op.PutBatch, id: 2, sync: true, items: [{ ref: { type: BlockType.Data, volume: 1, inode: 2, index: 3 }, crc: 0x11223344, data: Buffer.from([0xaa]) }] });
+    assert.equal(
+      put.toString('hex'),
+      '25000000' + '12' + '03' + '0000' + '02000000' + // length 37, PUT_BATCH, SYNC|CRC
+        '01000000' + // count 1
+        '0100000000000000' + '0200000000000000' + '0300000000000000' + // ref
+        '44332211' + '01000000' + 'aa', // crc, length 1, data
+    );
+    const data = encodeMessageBytes({ op: Op.Data, id: 5, data: Buffer.from([0xbb]), sums: { sectorSize: 4096, offset: 8192, sums: Buffer.from([1, 0, 0, 0]) } });
+    assert.equal(data.toString('hex'), '11000000' + '11' + '02' + '0000' + '05000000' + '00100000' + '00200000' + '01000000' + '01000000' + 'bb');
+  });
 
   it('pins the frame layout (GET)', () => {
     const f = encodeGet(0x01020304, { type: BlockType.INode, volume: 5, inode: 6, index: 7 }, 4096, 512);
@@ -355,12 +373,32 @@ const arbMessage: fc.Arbitrary<Message> = fc.oneof(
     offset: fc.integer({ min: 0, max: 0xffffffff }),
     length: fc.integer({ min: 0, max: 0xffffffff }),
   }),
+  fc.record({
+    op: fc.constant(Op.Get),
+    id: arbId,
+    ref: arbRef,
+    offset: fc.integer({ min: 0, max: 0xffffffff }),
+    length: fc.integer({ min: 0, max: 0xffffffff }),
+    sums: fc.constant(true),
+  }),
   fc.record({ op: fc.constant(Op.Data), id: arbId, data: arbBytes(2000) }),
+  fc.record({
+    op: fc.constant(Op.Data),
+    id: arbId,
+    data: arbBytes(2000),
+    sums: plain(fc.record({ sectorSize: fc.integer({ min: 1, max: 0xffffffff }), offset: fc.integer({ min: 0, max: 0xffffffff }), sums: fc.integer({ min: 0, max: 40 }).chain((n) => arbBytes(4 * n).filter((b) => b.length % 4 === 0)) })),
+  }),
   fc.record({
     op: fc.constant(Op.PutBatch),
     id: arbId,
     sync: fc.boolean(),
     items: fc.array(plain(fc.record({ ref: arbRef, data: arbBytes(300) })), { maxLength: 5 }),
+  }),
+  fc.record({
+    op: fc.constant(Op.PutBatch),
+    id: arbId,
+    sync: fc.boolean(),
+    items: fc.array(plain(fc.record({ ref: arbRef, crc: fc.integer({ min: 0, max: 0xffffffff }), data: arbBytes(300) })), { minLength: 1, maxLength: 5 }),
   }),
   fc.record({ op: fc.constant(Op.PutResult), id: arbId, statuses: fc.array(fc.option(arbCode, { nil: null }), { maxLength: 20 }) }),
   fc.record({ op: fc.constantFrom(Op.HasBatch, Op.DeleteBatch), id: arbId, refs: fc.array(arbRef, { maxLength: 10 }) }),

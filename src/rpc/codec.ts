@@ -77,8 +77,18 @@ export function opName(op: number): string {
 
 /** PUT_BATCH: the receiver flushes (fsyncs) the batch before replying, saving a FLUSH round trip. */
 export const FLAG_SYNC = 0x01;
+/**
+ * PUT_BATCH: every item carries the writer's CRC32C of the whole block (zero-padded), which the
+ * receiver checks before storing. Sent only to a server that announced EXT_CHECKSUMS.
+ */
+export const FLAG_CRC = 0x02;
+/**
+ * GET: answer with DATA carrying the block's sector checksums and whole sectors, so the client
+ * checks the bytes against the writer's CRC itself. DATA: the body has that layout.
+ */
+export const FLAG_SUMS = 0x02;
 
-const ALLOWED_FLAGS: Readonly<Record<number, number>> = { [Op.PutBatch]: FLAG_SYNC };
+const ALLOWED_FLAGS: Readonly<Record<number, number>> = { [Op.PutBatch]: FLAG_SYNC | FLAG_CRC, [Op.Get]: FLAG_SUMS, [Op.Data]: FLAG_SUMS };
 
 // Handshake extensions: TLVs after the fixed HELLO / HELLO_OK fields. A receiver ignores types it
 // does not know unless the type has the CRITICAL bit, in which case it must refuse the handshake:
@@ -95,6 +105,11 @@ export const EXT_SOFTWARE = 0x0002;
  * between, and that the PUT may have been lost with the machine's page cache.
  */
 export const EXT_INSTANCE = 0x0005;
+/**
+ * In HELLO_OK, empty: the server understands FLAG_CRC on PUT_BATCH and FLAG_SUMS on GET. Not
+ * critical: a client talking to a server without it sends neither and checks less.
+ */
+export const EXT_CHECKSUMS = 0x0006;
 /** Reserved: HMAC-SHA256 over both nonces with the cluster secret. */
 export const EXT_AUTH_HMAC = EXT_CRITICAL | 0x0003;
 /** Reserved: switch the connection to TLS after HELLO_OK. */
@@ -189,24 +204,38 @@ export interface GetMessage {
   /** offset 0 and length 0 ask for the whole block. */
   readonly offset: number;
   readonly length: number;
+  /** FLAG_SUMS: answer with the block's sector checksums and whole sectors. */
+  readonly sums?: boolean;
+}
+
+/** What a DATA with FLAG_SUMS carries besides the bytes (see SectorRead in core). */
+export interface DataSums {
+  readonly sectorSize: number;
+  /** Where the data starts in the block. */
+  readonly offset: number;
+  /** u32 LE per sector of the whole block. */
+  readonly sums: Buffer;
 }
 
 export interface DataMessage {
   readonly op: typeof Op.Data;
   readonly id: number;
   readonly data: Buffer;
+  readonly sums?: DataSums;
 }
 
 export interface PutItem {
   readonly ref: BlockRef;
   readonly data: Uint8Array;
+  /** The writer's CRC32C of the whole block; sent when every item of the batch has one. */
+  readonly crc?: number;
 }
 
 export interface PutBatchMessage {
   readonly op: typeof Op.PutBatch;
   readonly id: number;
   readonly sync: boolean;
-  readonly items: readonly { readonly ref: BlockRef; readonly data: Buffer }[];
+  readonly items: readonly { readonly ref: BlockRef; readonly data: Buffer; readonly crc?: number }[];
 }
 
 export interface PutResultMessage {
@@ -446,10 +475,10 @@ export function checkGet(ref: BlockRef, offset: number, length: number): void {
 }
 
 /** Writes a GET frame at `buf[at..at+GET_SIZE)`; fields must have passed checkGet. */
-export function encodeGetInto(buf: Buffer, at: number, id: number, ref: BlockRef, offset: number, length: number): void {
+export function encodeGetInto(buf: Buffer, at: number, id: number, ref: BlockRef, offset: number, length: number, sums = false): void {
   buf.writeUInt32LE(GET_SIZE - HEADER_SIZE, at);
   buf[at + 4] = Op.Get;
-  buf[at + 5] = 0;
+  buf[at + 5] = sums ? FLAG_SUMS : 0;
   buf[at + 6] = 0;
   buf[at + 7] = 0;
   buf.writeUInt32LE(id >>> 0, at + 8);
@@ -458,15 +487,26 @@ export function encodeGetInto(buf: Buffer, at: number, id: number, ref: BlockRef
   buf.writeUInt32LE(length, at + HEADER_SIZE + BLOCK_REF_SIZE + 4);
 }
 
-export function encodeGet(id: number, ref: BlockRef, offset: number, length: number): Buffer {
+export function encodeGet(id: number, ref: BlockRef, offset: number, length: number, sums = false): Buffer {
   checkGet(ref, offset, length);
   const buf = Buffer.allocUnsafe(GET_SIZE);
-  encodeGetInto(buf, 0, id, ref, offset, length);
+  encodeGetInto(buf, 0, id, ref, offset, length, sums);
   return buf;
 }
 
 /** Payloads up to this size are copied next to their header: one small write beats two. */
 const INLINE_PAYLOAD = 1024;
+
+/** DATA with FLAG_SUMS: `u32 sector size`, `u32 offset`, `u32 count`, count × `u32` sums, then the bytes. */
+export function encodeDataSums(id: number, sums: DataSums, data: Uint8Array): Buffer[] {
+  const head = Buffer.allocUnsafe(HEADER_SIZE + 12 + sums.sums.length);
+  writeHeader(head, 12 + sums.sums.length + data.byteLength, Op.Data, FLAG_SUMS, id);
+  head.writeUInt32LE(sums.sectorSize, HEADER_SIZE);
+  head.writeUInt32LE(sums.offset, HEADER_SIZE + 4);
+  head.writeUInt32LE(sums.sums.length / 4, HEADER_SIZE + 8);
+  sums.sums.copy(head, HEADER_SIZE + 12);
+  return [head, asBuffer(data)];
+}
 
 export function encodeData(id: number, data: Uint8Array): Buffer[] {
   if (data.byteLength <= INLINE_PAYLOAD) {
@@ -481,33 +521,35 @@ export function encodeData(id: number, data: Uint8Array): Buffer[] {
 }
 
 const PUT_ITEM_HEAD = BLOCK_REF_SIZE + 4;
+/** An item of a FLAG_CRC batch: ref, u32 crc, u32 length. */
+const PUT_ITEM_HEAD_CRC = PUT_ITEM_HEAD + 4;
 
-/** Exact frame size of a PUT_BATCH holding these items, for splitting batches by frame size. */
-export function putBatchFrameSize(items: readonly PutItem[]): number {
-  let n = HEADER_SIZE + 4;
-  for (const it of items) n += PUT_ITEM_HEAD + it.data.byteLength;
-  return n;
-}
-
+/** Bytes an item adds to a batch (the CRC's 4 counted always: a batch sends it for all or none). */
 export function putItemFrameCost(item: PutItem): number {
-  return PUT_ITEM_HEAD + item.data.byteLength;
+  return PUT_ITEM_HEAD_CRC + item.data.byteLength;
 }
 
-export function encodePutBatch(id: number, items: readonly PutItem[], sync = false): Buffer[] {
+/** With `crc`, every item must have one (FLAG_CRC); without, any item's crc is left out. */
+export function encodePutBatch(id: number, items: readonly PutItem[], sync = false, crc = false): Buffer[] {
   // All the small parts (frame header, count, per-item ref+length) share one allocation and
   // alternate with the untouched payloads in the returned list.
-  const meta = Buffer.allocUnsafe(HEADER_SIZE + 4 + items.length * PUT_ITEM_HEAD);
+  const itemHead = crc ? PUT_ITEM_HEAD_CRC : PUT_ITEM_HEAD;
+  const meta = Buffer.allocUnsafe(HEADER_SIZE + 4 + items.length * itemHead);
   let body = 4;
-  for (const it of items) body += PUT_ITEM_HEAD + it.data.byteLength;
-  writeHeader(meta, body, Op.PutBatch, sync ? FLAG_SYNC : 0, id);
+  for (const it of items) body += itemHead + it.data.byteLength;
+  writeHeader(meta, body, Op.PutBatch, (sync ? FLAG_SYNC : 0) | (crc ? FLAG_CRC : 0), id);
   meta.writeUInt32LE(items.length, HEADER_SIZE);
   const parts: Buffer[] = [];
   let start = 0;
   let p = HEADER_SIZE + 4;
   for (const it of items) {
     writeRef(meta, p, it.ref);
-    meta.writeUInt32LE(it.data.byteLength, p + BLOCK_REF_SIZE);
-    p += PUT_ITEM_HEAD;
+    if (crc) {
+      if (it.crc === undefined) throw new TorusError('INTERNAL', 'a PUT_BATCH with FLAG_CRC needs a CRC for every item');
+      meta.writeUInt32LE(it.crc >>> 0, p + BLOCK_REF_SIZE);
+      meta.writeUInt32LE(it.data.byteLength, p + BLOCK_REF_SIZE + 4);
+    } else meta.writeUInt32LE(it.data.byteLength, p + BLOCK_REF_SIZE);
+    p += itemHead;
     if (it.data.byteLength > 0) {
       parts.push(meta.subarray(start, p), asBuffer(it.data));
       start = p;
@@ -581,11 +623,11 @@ export function encodeMessage(m: Message): Buffer[] {
     case Op.Flush:
       return [encodeEmpty(m.op, m.id)];
     case Op.Get:
-      return [encodeGet(m.id, m.ref, m.offset, m.length)];
+      return [encodeGet(m.id, m.ref, m.offset, m.length, m.sums)];
     case Op.Data:
-      return encodeData(m.id, m.data);
+      return m.sums ? encodeDataSums(m.id, m.sums, m.data) : encodeData(m.id, m.data);
     case Op.PutBatch:
-      return encodePutBatch(m.id, m.items, m.sync);
+      return encodePutBatch(m.id, m.items, m.sync, m.items.length > 0 && m.items.every((it) => it.crc !== undefined));
     case Op.PutResult:
       return [encodePutResult(m.id, m.statuses)];
     case Op.HasBatch:
@@ -767,18 +809,27 @@ function decodeBody(op: number, flags: number, id: number, buf: Buffer, start: n
       m = { op, id };
       break;
     case Op.Get:
-      m = { op, id, ref: r.ref('ref'), offset: r.u32('offset'), length: r.u32('length') };
+      m = { op, id, ref: r.ref('ref'), offset: r.u32('offset'), length: r.u32('length'), ...((flags & FLAG_SUMS) !== 0 ? { sums: true } : {}) };
       break;
     case Op.Data:
-      m = { op, id, data: r.payload(r.remaining, 'data') };
+      if ((flags & FLAG_SUMS) !== 0) {
+        const sectorSize = r.u32('sector size');
+        const offset = r.u32('offset');
+        const count = readCount(r, 4);
+        if (sectorSize === 0) throw protocol('DATA: sector size 0');
+        const sums = Buffer.from(r.view(count * 4, 'sums'));
+        m = { op, id, data: r.payload(r.remaining, 'data'), sums: { sectorSize, offset, sums } };
+      } else m = { op, id, data: r.payload(r.remaining, 'data') };
       break;
     case Op.PutBatch: {
-      const count = readCount(r, PUT_ITEM_HEAD);
-      const items: { ref: BlockRef; data: Buffer }[] = new Array(count);
+      const withCrc = (flags & FLAG_CRC) !== 0;
+      const count = readCount(r, withCrc ? PUT_ITEM_HEAD_CRC : PUT_ITEM_HEAD);
+      const items: { ref: BlockRef; data: Buffer; crc?: number }[] = new Array(count);
       for (let i = 0; i < count; i++) {
         const ref = r.ref('item ref');
+        const crc = withCrc ? r.u32('item crc') : undefined;
         const len = r.u32('item length');
-        items[i] = { ref, data: r.payload(len, 'item data') };
+        items[i] = crc === undefined ? { ref, data: r.payload(len, 'item data') } : { ref, crc, data: r.payload(len, 'item data') };
       }
       m = { op, id, sync: (flags & FLAG_SYNC) !== 0, items };
       break;

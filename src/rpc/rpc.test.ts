@@ -5,6 +5,9 @@ import { afterEach, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { TorusError, type ErrorCode } from '../core/errors.js';
 import { BlockType, blockRefKey, type BlockRef } from '../core/ids.js';
+import { crc32c } from '@node-rs/crc32';
+import { verifySectorRead } from '../core/crc.js';
+import { MemoryBlockStore } from '../storage/memory-store.js';
 import { PeerClient, type PeerClientOptions } from './client.js';
 import {
   EXT_AUTH_HMAC,
@@ -339,6 +342,38 @@ describe('rpc over TCP: operations', () => {
     // The pipe copies, so the stored block is not the caller's buffer.
     blocks[0]!.fill(0);
     assert.ok(svc.blocks.get(blockRefKey(ref(0)))!.equals(pattern(0, 2048)));
+  });
+});
+
+describe('rpc over TCP: end-to-end checksums', () => {
+  it('a put carrying the writer CRC is refused when the bytes do not match it; sectors come with checksums', async () => {
+    const store = new MemoryBlockStore({ blockSize: 16384, capacityBlocks: 10 });
+    const { address } = await startServer(store);
+    const c = newClient(address);
+    const data = pattern(1, 16384);
+    const crc = crc32c(data) >>> 0;
+    const [bad] = await c.putBlocks([{ ref: ref(1), data, crc: (crc + 1) >>> 0 }]);
+    assert.equal(bad?.code, 'CORRUPT');
+    assert.equal(store.hasBlock(ref(1)), false);
+    assert.equal(c.remote?.checksums, true);
+    const [ok] = await c.putBlocks([{ ref: ref(1), data, crc }]);
+    assert.equal(ok, null);
+    const read = await c.readSectors(ref(1), 5000, 3000);
+    assert.ok(read);
+    assert.deepEqual(verifySectorRead(read, 16384, crc, 5000, 3000, true, 'test'), data.subarray(5000, 8000));
+    // The whole block, too (length 0).
+    const whole = await c.readSectors(ref(1), 0, 0);
+    assert.deepEqual(whole?.data, data);
+  });
+
+  it('a node without sector checksums does not announce them: CRCs are not sent and readSectors says so', async () => {
+    const service = new MemService(4096);
+    const { address } = await startServer(service);
+    const c = newClient(address);
+    await c.putBlocks([{ ref: ref(2), data: pattern(2, 4096), crc: 12345 }]);
+    assert.equal(c.remote?.checksums, false);
+    assert.ok(service.hasBlock(ref(2)));
+    assert.equal(await c.readSectors(ref(2), 0, 100), undefined);
   });
 });
 

@@ -3,10 +3,11 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
-import type { BlockStore } from '../core/interfaces.js';
+import type { BlockStore, SectorRead } from '../core/interfaces.js';
 import {
   DEFAULT_MAX_FRAME_SIZE,
   EXT_CRITICAL,
+  EXT_CHECKSUMS,
   EXT_INSTANCE,
   EXT_SOFTWARE,
   FrameDecoder,
@@ -17,6 +18,7 @@ import {
   Op,
   PROTOCOL_VERSION,
   encodeData,
+  encodeDataSums,
   encodeEmpty,
   encodeError,
   encodeHasResult,
@@ -40,7 +42,10 @@ export interface BlockService {
   readonly blockSize: number;
   getBlock(ref: BlockRef): Promise<Buffer>;
   readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer>;
-  putBlock(ref: BlockRef, data: Uint8Array): Promise<void>;
+  /** Sectors with the block's sector checksums; a service that has it lets clients check reads end to end (EXT_CHECKSUMS). */
+  readSectors?(ref: BlockRef, offset: number, length: number): Promise<SectorRead>;
+  /** `opts.crc`: the writer's CRC of the whole block; CORRUPT if the stored block does not match it. */
+  putBlock(ref: BlockRef, data: Uint8Array, opts?: { readonly crc?: number }): Promise<void>;
   hasBlock(ref: BlockRef): boolean | Promise<boolean>;
   deleteBlock(ref: BlockRef): Promise<void>;
   flush(): Promise<void>;
@@ -477,6 +482,7 @@ class ServerConnection {
         extensions: [
           { type: EXT_SOFTWARE, value: Buffer.from(this.s.software) },
           { type: EXT_INSTANCE, value: this.server.instance },
+          ...(this.service.readSectors ? [{ type: EXT_CHECKSUMS, value: Buffer.alloc(0) }] : []),
         ],
       }),
     );
@@ -522,6 +528,23 @@ class ServerConnection {
       return;
     }
     this.begin(size);
+    const readSectors = m.sums ? this.service.readSectors?.bind(this.service) : undefined;
+    if (readSectors) {
+      // Whole sectors and the block's checksums: the client checks them against the writer's CRC.
+      invoke(() => readSectors(m.ref, m.offset, whole ? bs : m.length)).then(
+        (read) => {
+          if (this.state === 'closing') return this.done(size);
+          const frame = HEADER_SIZE + 12 + read.sums.length + read.data.length;
+          if (frame > this.peerMaxFrame)
+            return this.fail(m.id, new TorusError('INVALID_ARGUMENT', `a ${frame}-byte reply exceeds the peer's frame limit ${this.peerMaxFrame}`), size);
+          this.writer.writeAll(encodeDataSums(m.id, read, read.data));
+          this.done(size);
+        },
+        (err: unknown) => this.fail(m.id, err, size),
+      );
+      return;
+    }
+    if (m.sums) return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node does not serve sector checksums (it did not announce EXT_CHECKSUMS)'), size);
     const p = whole ? invoke(() => this.service.getBlock(m.ref)) : invoke(() => this.service.readRange(m.ref, m.offset, m.length));
     p.then(
       (data) => {
@@ -543,7 +566,8 @@ class ServerConnection {
     this.begin(bytes);
     const results = m.items.map((it): Promise<ErrorCode | null> => {
       if (it.data.length > bs) return Promise.resolve('INVALID_ARGUMENT');
-      return invoke(() => this.service.putBlock(it.ref, it.data)).then(
+      const opts = it.crc === undefined ? undefined : { crc: it.crc };
+      return invoke(() => this.service.putBlock(it.ref, it.data, opts)).then(
         () => null,
         (err: unknown) => codeOf(err),
       );

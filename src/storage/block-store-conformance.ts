@@ -1,8 +1,10 @@
 // The behaviour every BlockStore shares, as one node:test suite run against each
 // implementation, so the in-memory twin cannot drift from the disk store.
 
+import { crc32c } from '@node-rs/crc32';
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { verifySectorRead } from '../core/crc.js';
 import { isTorusError, type ErrorCode } from '../core/errors.js';
 import { BlockType, ZERO_REF, blockRefKey, type BlockRef } from '../core/ids.js';
 import type { LocalBlockStore } from './common.js';
@@ -142,6 +144,39 @@ export function blockStoreConformance(name: string, factory: StoreFactory): void
         await rejectsWith(s.readRange(ref, B - 10, 11), 'INVALID_ARGUMENT');
         await rejectsWith(s.readRange(ref, -1, 1), 'INVALID_ARGUMENT');
         await rejectsWith(s.readRange(ref, 0.5, 1), 'INVALID_ARGUMENT');
+      }));
+
+    it('refuses a put whose bytes are not the writer CRC, and keeps nothing of it', () =>
+      withStore(4, async (s) => {
+        const data = pattern(11, 9000);
+        const crc = crc32c(padded(data, B)) >>> 0;
+        await rejectsWith(s.putBlock(dataRef(1, 2, 0), data, { crc: (crc ^ 1) >>> 0 }), 'CORRUPT', /arrived damaged/);
+        assert.equal(s.hasBlock(dataRef(1, 2, 0)), false);
+        assert.equal(s.usedBlocks(), 0);
+        // The CRC covers the block as stored: zero padding included.
+        await s.putBlock(dataRef(1, 2, 0), data, { crc });
+        assert.deepEqual(await s.getBlock(dataRef(1, 2, 0)), padded(data, B));
+      }));
+
+    it('serves sectors whose checksums combine to the block CRC, for any range', () =>
+      withStore(4, async (s) => {
+        const data = pattern(12, B);
+        const crc = crc32c(data) >>> 0;
+        await s.putBlock(dataRef(1, 3, 0), data, { crc });
+        for (const [off, len] of [
+          [0, 1],
+          [4095, 2],
+          [4096, 4096],
+          [5000, B - 5000],
+          [B - 1, 1],
+          [0, B],
+        ] as const) {
+          const read = await s.readSectors(dataRef(1, 3, 0), off, len);
+          assert.equal(read.offset % read.sectorSize, 0);
+          assert.deepEqual(verifySectorRead(read, B, crc, off, len, true, 'conformance'), data.subarray(off, off + len), `range ${off}+${len}`);
+        }
+        await rejectsWith(s.readSectors(dataRef(1, 3, 1), 0, 10), 'BLOCK_UNAVAILABLE');
+        await rejectsWith(s.readSectors(dataRef(1, 3, 0), B - 1, 2), 'INVALID_ARGUMENT');
       }));
 
     it('reads the zero padding of a short block through readRange', () =>

@@ -8,7 +8,7 @@ import { describe, it } from 'node:test';
 import { blockRefKey } from '../core/ids.js';
 import { blockStoreConformance, rejectsWith } from './block-store-conformance.js';
 import { FileBlockStore } from './file-store.js';
-import { DATA_FILE, HEADER_COPY_OFFSETS, LOCK_FILE, Layout, TABLE_FILE, encodeHeader, encodeRecord } from './format.js';
+import { DATA_FILE, HEADER_COPY_OFFSETS, LOCK_FILE, Layout, TABLE_FILE, decodeRecord, encodeHeader, encodeRecord } from './format.js';
 import { dropCache, pageCacheReadsAvailable, readCached, usePageCacheReads } from './page-cache.js';
 import { dataRef, makeTmpDir, padded, pattern, removeDir, withTmpDir } from './testing.js';
 
@@ -133,6 +133,18 @@ describe('FileBlockStore', () => {
       s = await openStore(dir, 4);
       assert.deepEqual(await s.getBlock(dataRef(1, 1, 0)), pattern(1, B));
       await s.close();
+    }));
+
+  it('keeps the writer CRC of each block in its record', () =>
+    withTmpDir(async (dir) => {
+      const s = await openStore(dir, 4);
+      const data = pattern(5, 10_000);
+      await s.putBlock(dataRef(1, 1, 0), data, { crc: crc32c(padded(data, B)) });
+      await s.putBlock(dataRef(1, 1, 1), pattern(6, B));
+      const locs = [s.locate(dataRef(1, 1, 0))!, s.locate(dataRef(1, 1, 1))!];
+      await s.close();
+      const recs = await Promise.all(locs.map(async (l) => decodeRecord(await peek(dir, TABLE_FILE, l.recordOffset, 64))));
+      assert.deepEqual(recs.map((r) => r.kind === 'used' && r.blockCrc), [crc32c(padded(data, B)) >>> 0, crc32c(pattern(6, B)) >>> 0]);
     }));
 
   it('detects a corrupted block on read, reports CORRUPT, drops it and accepts a repair', () =>

@@ -63,6 +63,10 @@ describe('on-disk format', () => {
         assert.deepEqual(decodeRecord(rec), { kind: 'used', ref, generation: gen, checksumsCrc: sum });
         assert.equal(refKeyAt(rec, 0), refKey(ref));
         assert.deepEqual(keyToRef(refKey(ref)), ref);
+        // The writer's block CRC rides in what version 1 reserved; a record without it says so.
+        const withCrc = encodeRecord(ref, gen, sum, undefined, sum ^ 0x5a5a);
+        assert.deepEqual(decodeRecord(withCrc), { kind: 'used', ref, generation: gen, checksumsCrc: sum, blockCrc: (sum ^ 0x5a5a) >>> 0 });
+        assert.equal(refKeyAt(withCrc, 0), refKey(ref));
       }),
     );
   });

@@ -52,6 +52,10 @@ const H_CRC = HEADER_COPY_SIZE - 4;
 const R_REF = 0;
 const R_GENERATION = R_REF + BLOCK_REF_SIZE;
 const R_CHECKSUMS_CRC = 32;
+const R_BLOCK_CRC = 36;
+const R_FLAGS = 40;
+/** Record flag: R_BLOCK_CRC holds the CRC32C of the whole block, checked against the writer's. */
+const RF_BLOCK_CRC = 0x01;
 const R_CRC = RECORD_SIZE - 4;
 
 export interface StoreHeader {
@@ -203,14 +207,20 @@ export interface SlotRecord {
   readonly generation: number;
   /** CRC32C of the slot's sector checksum array, which commits that array with the record. */
   readonly checksumsCrc: number;
+  /** CRC32C of the whole block, as the writer computed it; absent in records written before it was kept. */
+  readonly blockCrc?: number;
 }
 
-export function encodeRecord(ref: BlockRef, generation: number, checksumsCrc: number, out?: Buffer): Buffer {
+export function encodeRecord(ref: BlockRef, generation: number, checksumsCrc: number, out?: Buffer, blockCrc?: number): Buffer {
   const buf = out ?? Buffer.alloc(RECORD_SIZE);
   if (out) buf.fill(0, 0, RECORD_SIZE);
   encodeBlockRef(ref, buf, R_REF);
   writeU64(buf, generation, R_GENERATION);
   buf.writeUInt32LE(checksumsCrc >>> 0, R_CHECKSUMS_CRC);
+  if (blockCrc !== undefined) {
+    buf.writeUInt32LE(blockCrc >>> 0, R_BLOCK_CRC);
+    buf[R_FLAGS] = RF_BLOCK_CRC;
+  }
   buf.writeUInt32LE(crc32c(buf.subarray(0, R_CRC)), R_CRC);
   return buf;
 }
@@ -229,7 +239,9 @@ export function decodeRecord(buf: Buffer, offset = 0): RecordState {
   const kind = scanRecord(buf, offset, out);
   if (kind === RECORD_FREE) return FREE;
   if (kind === RECORD_TORN) return TORN;
-  return { kind: 'used', ref: decodeBlockRef(buf, offset + R_REF), generation: out.generation, checksumsCrc: out.checksumsCrc };
+  const rec = { ref: decodeBlockRef(buf, offset + R_REF), generation: out.generation, checksumsCrc: out.checksumsCrc };
+  if ((buf[offset + R_FLAGS]! & RF_BLOCK_CRC) === 0) return { kind: 'used', ...rec };
+  return { kind: 'used', ...rec, blockCrc: buf.readUInt32LE(offset + R_BLOCK_CRC) };
 }
 
 // Index keys. The store keys its in-memory index by a string built straight from the record

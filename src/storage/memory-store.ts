@@ -2,8 +2,10 @@
 // `temp` store). Same semantics: fixed capacity, immutable blocks, zero padding, ranged reads,
 // CORRUPT on a failed check (inject one with corruptBlock), CLOSED after close.
 
+import { crc32c } from '@node-rs/crc32';
 import { TorusError } from '../core/errors.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
+import type { SectorRead } from '../core/interfaces.js';
 import {
   checkBlockSize,
   checkPut,
@@ -18,6 +20,9 @@ import {
   type ScrubReport,
   type VerifyResult,
 } from './common.js';
+
+/** The checksum granularity readSectors reports, as the disk store's. */
+const SECTOR = 4096;
 
 export interface MemoryBlockStoreOptions {
   readonly blockSize: number;
@@ -75,7 +80,20 @@ export class MemoryBlockStore implements LocalBlockStore {
     return this.read(ref, offset, length);
   }
 
-  async putBlock(ref: BlockRef, data: Uint8Array): Promise<void> {
+  async readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead> {
+    this.check();
+    checkRange(ref, offset, length, this.blockSize);
+    const s0 = Math.floor(offset / SECTOR);
+    const s1 = length === 0 ? s0 : Math.ceil((offset + length) / SECTOR);
+    const start = s0 * SECTOR;
+    const data = this.read(ref, start, Math.min(s1 * SECTOR, this.blockSize) - start);
+    const whole = this.blocks.get(blockRefKey(ref))!.data;
+    const sums = Buffer.alloc(4 * Math.ceil(this.blockSize / SECTOR));
+    for (let s = 0; s * SECTOR < this.blockSize; s++) sums.writeUInt32LE(crc32c(whole.subarray(s * SECTOR, Math.min((s + 1) * SECTOR, this.blockSize))) >>> 0, s * 4);
+    return { sectorSize: SECTOR, sums, offset: start, data };
+  }
+
+  async putBlock(ref: BlockRef, data: Uint8Array, opts?: { readonly crc?: number }): Promise<void> {
     this.check();
     checkPut(ref, data, this.blockSize);
     const key = blockRefKey(ref);
@@ -83,6 +101,10 @@ export class MemoryBlockStore implements LocalBlockStore {
     if (this.blocks.size >= this.capacity) throw outOfSpace(this.blocks.size, this.capacity, this.blockSize);
     const copy = Buffer.alloc(this.blockSize);
     copy.set(data);
+    if (opts?.crc !== undefined && crc32c(copy) >>> 0 !== opts.crc >>> 0) {
+      this.counters.checksumFailures++;
+      throw new TorusError('CORRUPT', `block ${formatBlockRef(ref)} arrived damaged: not the writer's CRC; not stored`);
+    }
     this.blocks.set(key, { ref: { type: ref.type, volume: ref.volume, inode: ref.inode, index: ref.index }, data: copy, corrupt: false });
     this.counters.writes++;
     this.counters.bytesWritten += this.blockSize;
@@ -135,6 +157,17 @@ export class MemoryBlockStore implements LocalBlockStore {
 
   scrub(opts: { signal?: AbortSignal; onProgress?: (checked: number, total: number) => void } = {}): Promise<ScrubReport> {
     return scrubStore(this, opts);
+  }
+
+  /**
+   * Test hook: `ref` now holds other bytes, consistent with their own checksums, as a replica
+   * with a bug (or a disk that wrote a block to the wrong place) would serve them.
+   */
+  replaceBlock(ref: BlockRef, data: Uint8Array): void {
+    const entry = this.blocks.get(blockRefKey(ref));
+    if (!entry) throw unavailable(ref);
+    entry.data.fill(0);
+    entry.data.set(data);
   }
 
   /** Test hook: the next read of `ref` fails its checksum, as a damaged disk copy would. */

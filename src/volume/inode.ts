@@ -27,7 +27,8 @@ export interface VolumeBlockStore {
   putBlock(ref: BlockRef, data: Uint8Array, opts?: PutBlockOptions): Promise<void>;
   /** The whole block, checked against `crc` (CRC32C of the block) when given. */
   getBlock(ref: BlockRef, crc?: number): Promise<Buffer>;
-  readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer>;
+  /** Part of the block; with `crc` (the writer's CRC of the whole block) checked end to end. */
+  readRange(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer>;
   flush(): Promise<void>;
 }
 
@@ -224,7 +225,7 @@ export class InodeTree {
         let ptr: Pointer | null = null;
         if (!allZero(p.buf)) {
           ptr = { ref: allocRef(BlockType.INode), crc: crc32c(p.buf) >>> 0 };
-          const put = this.store.putBlock(ptr.ref, p.buf);
+          const put = this.store.putBlock(ptr.ref, p.buf, { crc: ptr.crc });
           // Observed now (the await on a parent page below may outlast it), judged when settled.
           put.catch(() => undefined);
           puts.push(put);

@@ -138,7 +138,7 @@ export class BlockVolume implements BlockDevice {
     const ptr = await this.tree.get(index);
     if (!ptr) return Buffer.alloc(length);
     if (start === 0 && length === this.blockSize) return this.ctx.store.getBlock(ptr.ref, ptr.crc);
-    return this.ctx.store.readRange(ptr.ref, start, length);
+    return this.ctx.store.readRange(ptr.ref, start, length, ptr.crc);
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -338,7 +338,7 @@ export class BlockVolume implements BlockDevice {
           ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(buf) >>> 0 };
           // Immutable from here on: later writes to the block copy it (modifyBlock loads from
           // `syncing`), and a failed sync hands back copies (below).
-          const put = this.ctx.store.putBlock(ptr.ref, buf, { immutable: true });
+          const put = this.ctx.store.putBlock(ptr.ref, buf, { immutable: true, crc: ptr.crc });
           // Handled now, judged at allSettled below: a put that fails while tree.set awaits a
           // page load must not be an unhandled rejection (Node would end the process).
           put.catch(() => undefined);
