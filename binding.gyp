@@ -13,6 +13,12 @@
       "defines": ["NAPI_VERSION=8"]
     },
     {
+      "target_name": "file_lock",
+      "sources": ["native/file_lock.c"],
+      "cflags": ["-Wall", "-Wextra", "-O2", "-std=gnu11"],
+      "defines": ["NAPI_VERSION=8"]
+    },
+    {
       "target_name": "malloc_tuning",
       "sources": ["native/malloc_tuning.c"],
       "cflags": ["-Wall", "-Wextra", "-O2", "-std=gnu11"],

@@ -92,8 +92,8 @@ export function ensureBuild() {
     say('building (tsc)');
     run('npm', ['run', '--silent', 'build']);
   }
-  if (['aoe_socket.node', 'page_cache_read.node', 'malloc_tuning.node'].some((f) => !existsSync(join(ROOT, 'build', 'Release', f)))) {
-    say('building the native addons: AoE raw socket, page-cache reads, malloc settings (node-gyp)');
+  if (['aoe_socket.node', 'page_cache_read.node', 'malloc_tuning.node', 'file_lock.node'].some((f) => !existsSync(join(ROOT, 'build', 'Release', f)))) {
+    say('building the native addons: AoE raw socket, page-cache reads, malloc settings, data-dir lock (node-gyp)');
     run('npm', ['run', '--silent', 'build:native']);
   }
 }

@@ -1,8 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, statfsSync, writeSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statfsSync, writeSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import { TorusError } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
+import { fsyncDirSync, mkdirDurableSync } from '../storage/durable-fs.js';
 
 // A storage node's identity lives in its data dir: a UUID kept across restarts (the ring names
 // nodes by it) and the id of the cluster the dir was formatted for, so a disk moved to another
@@ -26,6 +27,9 @@ function writeAtomic(path: string, text: string): void {
     closeSync(fd);
   }
   renameSync(tmp, path);
+  // The rename is durable only once the directory is: without this a power cut could leave the
+  // node with no identity, or the old one.
+  fsyncDirSync(dirname(path));
 }
 
 /** The identity a data dir already has; WRONG_CLUSTER if it was formatted for another cluster. */
@@ -49,7 +53,7 @@ export function readIdentity(dataDir: string, clusterId: string, etcdDesc: strin
 
 /** Gives a fresh data dir its identity. Call with the data dir locked (the block store's lock). */
 export function createIdentity(dataDir: string, clusterId: string): NodeIdentity {
-  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  mkdirDurableSync(dataDir);
   const id: NodeIdentity = { uuid: randomUUID(), clusterId, createdAt: new Date().toISOString() };
   writeAtomic(join(dataDir, IDENTITY_FILE), `${JSON.stringify(id, null, 2)}\n`);
   return id;
@@ -60,7 +64,7 @@ export function createIdentity(dataDir: string, clusterId: string): NodeIdentity
  * the filesystem cannot hold, counting what this node's files already occupy as available.
  */
 export function resolveStorageSize(text: string, dataDir: string, alreadyAllocated: number): number {
-  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  mkdirDurableSync(dataDir);
   const fs = statfsSync(dataDir);
   const total = fs.blocks * fs.bsize;
   const free = fs.bavail * fs.bsize;

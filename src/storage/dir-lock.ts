@@ -1,25 +1,34 @@
 // Keeps two stores (two torusd processes, or two opens in one process) from using one data dir:
 // both would allocate the same free slots and overwrite each other's blocks.
 //
-// Node has no flock(), so the lock is a file holding the owner's pid. A lock left by a process
-// that died (kill -9, power cut) is taken over when that pid no longer runs. PIDs are only
-// unique per PID namespace: containers sharing one data dir are not protected.
+// The lock is an flock() on the lock file (native/file_lock.c), held by the open file for as long
+// as the store is open. The kernel drops it when its holder dies, however it dies, so there is no
+// stale lock to take over: a pid file alone let two processes that found the same dead pid both
+// replace it and both go ahead, and pids mean nothing across containers sharing a data dir. The
+// file also holds the holder's pid, for the message a refused open prints; it is never deleted
+// (deleting it would let a waiter lock a file no longer at that name while a newcomer locks a new
+// one).
 
-import { open, readFile, rm } from 'node:fs/promises';
+import { closeSync, constants, ftruncateSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
 import { resolve } from 'node:path';
 import { TorusError } from '../core/errors.js';
+import { loadNativeAddon } from '../core/native.js';
 
-const heldInProcess = new Set<string>();
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    // EPERM: it exists but belongs to someone else.
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
+interface FileLockAddon {
+  tryLock(fd: number): number;
 }
+
+let addon: FileLockAddon | undefined;
+
+function fileLock(): FileLockAddon {
+  addon ??= loadNativeAddon<FileLockAddon>('file_lock');
+  if (!addon) throw new TorusError('IO', 'the data-dir lock needs the native addon file_lock, which is not built: run `npm run build:native`');
+  return addon;
+}
+
+const errno = osConstants.errno;
+const heldInProcess = new Set<string>();
 
 export interface DirLock {
   release(): Promise<void>;
@@ -28,29 +37,29 @@ export interface DirLock {
 export async function lockDir(dir: string, lockPath: string): Promise<DirLock> {
   const key = resolve(dir);
   if (heldInProcess.has(key)) throw new TorusError('LOCKED', `block store in ${dir} is already open in this process`);
+  const lock = fileLock();
+  let fd: number;
+  try {
+    fd = openSync(lockPath, constants.O_RDWR | constants.O_CREAT, 0o600);
+  } catch (err) {
+    throw new TorusError('IO', `cannot lock block store in ${dir}: ${(err as Error).message}`, { cause: err });
+  }
+  const rc = lock.tryLock(fd);
+  if (rc !== 0) {
+    closeSync(fd);
+    if (rc === errno.EWOULDBLOCK || rc === errno.EAGAIN) {
+      const owner = Number.parseInt(safeRead(lockPath), 10);
+      const who = Number.isInteger(owner) && owner > 0 ? `process ${owner}` : 'another process';
+      throw new TorusError('LOCKED', `block store in ${dir} is in use by ${who} (lock file ${lockPath})`);
+    }
+    throw new TorusError('IO', `cannot lock block store in ${dir}: flock failed with errno ${rc}`);
+  }
   heldInProcess.add(key);
   try {
-    for (let attempt = 0; ; attempt++) {
-      try {
-        const fh = await open(lockPath, 'wx');
-        try {
-          await fh.writeFile(`${process.pid}\n`);
-        } finally {
-          await fh.close();
-        }
-        break;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt > 0) throw err;
-      }
-      const owner = Number.parseInt(await readFile(lockPath, 'utf8').catch(() => ''), 10);
-      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner))
-        throw new TorusError('LOCKED', `block store in ${dir} is in use by process ${owner} (lock file ${lockPath})`);
-      await rm(lockPath, { force: true });
-    }
-  } catch (err) {
-    heldInProcess.delete(key);
-    if (err instanceof TorusError) throw err;
-    throw new TorusError('IO', `cannot lock block store in ${dir}: ${(err as Error).message}`, { cause: err });
+    ftruncateSync(fd, 0);
+    writeSync(fd, `${process.pid}\n`, 0);
+  } catch {
+    // The pid is only for messages; the lock is what counts.
   }
   let released = false;
   return {
@@ -58,7 +67,15 @@ export async function lockDir(dir: string, lockPath: string): Promise<DirLock> {
       if (released) return;
       released = true;
       heldInProcess.delete(key);
-      await rm(lockPath, { force: true });
+      closeSync(fd);
     },
   };
+}
+
+function safeRead(path: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch {
+    return '';
+  }
 }

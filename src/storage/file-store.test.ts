@@ -3,7 +3,9 @@ import assert from 'node:assert/strict';
 import { open, readFile, stat, writeFile } from 'node:fs/promises';
 import fs from 'node:fs';
 import { syncBuiltinESMExports } from 'node:module';
+import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { blockRefKey } from '../core/ids.js';
 import { blockStoreConformance, rejectsWith } from './block-store-conformance.js';
@@ -25,6 +27,40 @@ blockStoreConformance('FileBlockStore', async ({ blockSize, capacityBlocks }) =>
 });
 
 const B = 16384; // four sectors
+
+const LOCK_CHILD = fileURLToPath(new URL('./lock-child.js', import.meta.url));
+
+/**
+ * Starts processes that each open the store in `dir` when told to (a line on stdin; one child is
+ * told at once); `answer` is what the child said: `locked PID` or `refused MESSAGE`.
+ */
+async function lockChildren(dir: string, n: number): Promise<{ proc: ChildProcessWithoutNullStreams; answer: Promise<string> }[]> {
+  const kids = Array.from({ length: n }, () => {
+    const proc = spawn(process.execPath, [LOCK_CHILD, dir]);
+    let out = '';
+    let onLine: () => void = () => undefined;
+    proc.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      onLine();
+    });
+    const line = (i: number): Promise<string> =>
+      new Promise<string>((resolve, reject) => {
+        onLine = () => {
+          const lines = out.split('\n');
+          if (lines.length > i + 1) resolve(lines[i]!);
+        };
+        onLine();
+        proc.once('close', () => reject(new Error(`lock child ended: ${out}`)));
+      });
+    const ready = line(0);
+    const answer = ready.then(() => line(1));
+    answer.catch(() => undefined);
+    return { proc, ready, answer };
+  });
+  await Promise.all(kids.map((k) => k.ready));
+  if (n === 1) kids[0]!.proc.stdin.write('go\n');
+  return kids;
+}
 
 async function openStore(dir: string, slots: number, blockSize = B): Promise<FileBlockStore> {
   return FileBlockStore.open({ dir, blockSize, sizeBytes: slots * blockSize });
@@ -343,26 +379,39 @@ describe('FileBlockStore', () => {
       await rejectsWith(openStore(dir, 8), 'CORRUPT', /no valid header/);
     }));
 
-  it('locks its directory against a second opener', () =>
+  it('locks its directory against a second opener, in this process or another', () =>
     withTmpDir(async (dir) => {
-      const s = await openStore(dir, 2);
-      await rejectsWith(openStore(dir, 2), 'LOCKED', /already open in this process/);
+      const s = await openStore(dir, 4);
+      await rejectsWith(openStore(dir, 4), 'LOCKED', /already open in this process/);
+      const [other] = await lockChildren(dir, 1);
+      assert.match(await other!.answer, /^refused .*in use by process \d+/);
+      other!.proc.kill('SIGKILL');
       await s.close();
-      // A lock left by a live process is respected; one left by a dead process is taken over.
-      await writeFile(join(dir, LOCK_FILE), `${process.ppid}\n`);
-      await rejectsWith(openStore(dir, 2), 'LOCKED', new RegExp(`process ${process.ppid}`));
-      let dead = 4_000_000;
-      for (; dead > 3_000_000; dead--) {
-        try {
-          process.kill(dead, 0);
-        } catch {
-          break;
-        }
-      }
-      await writeFile(join(dir, LOCK_FILE), `${dead}\n`);
-      const t = await openStore(dir, 2);
+      // A holder that dies, however it dies, leaves no lock behind: the kernel drops it.
+      const [holder] = await lockChildren(dir, 1);
+      assert.equal(await holder!.answer, `locked ${holder!.proc.pid}`);
+      await rejectsWith(openStore(dir, 4), 'LOCKED', new RegExp(`in use by process ${holder!.proc.pid}`));
+      holder!.proc.kill('SIGKILL');
+      await new Promise((r) => holder!.proc.once('close', r));
+      const t = await openStore(dir, 4);
       assert.equal((await readFile(join(dir, LOCK_FILE), 'utf8')).trim(), String(process.pid));
       await t.close();
+    }));
+
+  it('lets exactly one of many processes racing for a lock a dead process left take it', () =>
+    withTmpDir(async (dir) => {
+      // A lock file naming a process that no longer runs, as a crash leaves it.
+      const dead = spawnSync(process.execPath, ['-e', '']).pid!;
+      await (await openStore(dir, 4)).close();
+      for (let round = 0; round < 4; round++) {
+        await writeFile(join(dir, LOCK_FILE), `${dead}\n`);
+        const kids = await lockChildren(dir, 6);
+        for (const k of kids) k.proc.stdin.write('go\n');
+        const answers = await Promise.all(kids.map((k) => k.answer));
+        for (const k of kids) k.proc.kill('SIGKILL');
+        await Promise.all(kids.map((k) => new Promise((r) => (k.proc.exitCode !== null || k.proc.signalCode !== null ? r(null) : k.proc.once('close', r)))));
+        assert.equal(answers.filter((a) => a.startsWith('locked')).length, 1, `round ${round}: ${answers.join(' | ')}`);
+      }
     }));
 
   it('coalesces concurrent flushes into shared fsyncs', () =>

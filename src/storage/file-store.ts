@@ -14,7 +14,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { randomBytes } from 'node:crypto';
 import { read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
-import { mkdir, open, rename, stat, type FileHandle } from 'node:fs/promises';
+import { open, rename, stat, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
@@ -36,6 +36,7 @@ import {
   type VerifyResult,
 } from './common.js';
 import { lockDir, type DirLock } from './dir-lock.js';
+import { fsyncDir, mkdirDurableSync } from './durable-fs.js';
 import { readCached } from './page-cache.js';
 import {
   DATA_FILE,
@@ -151,15 +152,6 @@ async function writeTwo(fh: FileHandle, head: Uint8Array, tail: Uint8Array, posi
   }
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
 async function fileSize(path: string): Promise<number | undefined> {
   try {
     return (await stat(path)).size;
@@ -253,7 +245,7 @@ export class FileBlockStore implements LocalBlockStore {
     if (slots < 1)
       throw new TorusError('INVALID_ARGUMENT', `store size ${sizeBytes} bytes is smaller than one block (${blockSize} bytes)`);
     try {
-      await mkdir(dir, { recursive: true });
+      mkdirDurableSync(dir);
     } catch (err) {
       throw ioError('creating the data dir', err, dir);
     }

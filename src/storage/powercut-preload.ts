@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import { syncBuiltinESMExports } from 'node:module';
 import { basename, dirname, join, resolve } from 'node:path';
-import { BACKUP_DIR, DATA_FILE, LOG_FILE, POWERCUT_ENV, type Entry } from './powercut.js';
+import { BACKUP_DIR, DATA_FILE, LOG_FILE, POWERCUT_ENV, readLog, type Entry } from './powercut.js';
 
 type Cb = (err: NodeJS.ErrnoException | null, ...rest: unknown[]) => void;
 
@@ -42,7 +42,9 @@ o.mkdirSync(join(logDir, BACKUP_DIR), { recursive: true });
 const logFd = o.openSync(join(logDir, LOG_FILE), 'a');
 const binFd = o.openSync(join(logDir, DATA_FILE), 'a');
 let binOff = o.fstatSync(binFd).size;
-let seq = 0;
+// A process started again over an uncut log (killed without a cut, as kill -9 alone is) carries
+// on its numbering: an fsync now covers the dead process's writes too, as it would on a disk.
+let seq = readLog(logDir).reduce((m, e) => Math.max(m, 'seq' in e ? e.seq : e.upto), 0);
 let backups = 0;
 
 /** An entry without what log() fills in (its seq, and where its bytes went). */

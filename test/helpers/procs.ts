@@ -60,9 +60,22 @@ export interface Torusd {
   kill(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
+export interface TorusdOptions {
+  readonly dataDir?: string;
+  readonly size?: string;
+  readonly extra?: string[];
+  readonly peerPort?: number;
+  readonly httpPort?: number;
+  readonly waitReady?: boolean;
+  /** Arguments for node itself, before the script (a preload, say). */
+  readonly nodeArgs?: string[];
+  /** Added to the test's environment. */
+  readonly env?: NodeJS.ProcessEnv;
+}
+
 export async function startTorusd(
   etcd: string,
-  opts: { dataDir?: string; size?: string; extra?: string[]; peerPort?: number; httpPort?: number; waitReady?: boolean } = {},
+  opts: TorusdOptions = {},
 ): Promise<Torusd> {
   const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'torusd-'));
   // A port found free can be taken by a test running alongside before torusd binds it; when the
@@ -80,7 +93,7 @@ export async function startTorusd(
 async function launchTorusd(
   etcd: string,
   dataDir: string,
-  opts: { size?: string; extra?: string[]; peerPort?: number; httpPort?: number; waitReady?: boolean },
+  opts: TorusdOptions,
 ): Promise<Torusd> {
   const peerPort = opts.peerPort ?? (await freePort());
   const httpPort = opts.httpPort ?? (await freePort());
@@ -95,7 +108,10 @@ async function launchTorusd(
     '--heartbeat', '1s',
     ...(opts.extra ?? []),
   ];
-  const proc = spawn(process.execPath, [BIN('torusd'), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [...(opts.nodeArgs ?? []), BIN('torusd'), ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: opts.env ? { ...process.env, ...opts.env } : process.env,
+  });
   let out = '';
   proc.stdout?.on('data', (d: Buffer) => (out += d.toString()));
   proc.stderr?.on('data', (d: Buffer) => (out += d.toString()));
