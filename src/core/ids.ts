@@ -18,6 +18,27 @@ export const MAX_VOLUME_ID = 2 ** 40 - 1;
 export enum BlockType {
   Data = 0,
   INode = 1,
+  /** A volume journal's log block: appended while open, sealed into an ordinary block (docs/journal.md). */
+  Log = 2,
+  /** A volume's overlay run: the journal extents a checkpoint made permanent. */
+  Run = 3,
+}
+
+/** The block types this build knows; a newer node's types are kept, never judged. */
+export const KNOWN_BLOCK_TYPES: readonly BlockType[] = [BlockType.Data, BlockType.INode, BlockType.Log, BlockType.Run];
+
+/**
+ * Log blocks of one journal segment share their placement: a Log ref's index is
+ * `segment × 2^24 + n`, and the ring places it by the ref with `n` cleared, so every log block of
+ * a segment lives on the same R nodes (the journal's replicas) and stays where the ring says.
+ */
+export const LOG_BLOCKS_PER_SEGMENT = 2 ** 24;
+
+/** The ref the ring places `ref` by (itself, but for Log refs: see LOG_BLOCKS_PER_SEGMENT). */
+export function placementRef(ref: BlockRef): BlockRef {
+  if (ref.type !== BlockType.Log) return ref;
+  const n = ref.index % LOG_BLOCKS_PER_SEGMENT;
+  return n === 0 ? ref : { type: ref.type, volume: ref.volume, inode: ref.inode, index: ref.index - n };
 }
 
 export interface BlockRef {
@@ -87,8 +108,10 @@ export function blockRefKey(ref: BlockRef): string {
   return `${ref.type}:${ref.volume}:${ref.inode}:${ref.index}`;
 }
 
+const BLOCK_TYPE_NAMES: Readonly<Record<number, string>> = { [BlockType.Data]: 'data', [BlockType.INode]: 'inode', [BlockType.Log]: 'log', [BlockType.Run]: 'run' };
+
 export function formatBlockRef(ref: BlockRef): string {
-  const kind = ref.type === BlockType.INode ? 'inode' : 'data';
+  const kind = BLOCK_TYPE_NAMES[ref.type] ?? `type${ref.type}`;
   return `${kind} v${ref.volume.toString(16)} i${ref.inode} #${ref.index}`;
 }
 

@@ -83,15 +83,53 @@ export interface BlockStore {
    * as stored does not match it (damaged on the way). Durable only after `flush`.
    */
   putBlock(ref: BlockRef, data: Uint8Array, opts?: { readonly crc?: number }): Promise<void>;
+  /** Held and sealed: an open log block is not (yet) a block anyone can read or copy. */
   hasBlock(ref: BlockRef): boolean;
   deleteBlock(ref: BlockRef): Promise<void>;
-  /** Makes every put and delete completed before the call durable. */
+  /** Makes every put, delete, append and seal completed before the call durable. */
   flush(): Promise<void>;
   numBlocks(): number;
   usedBlocks(): number;
-  /** A snapshot of the refs held, safe to iterate while the store changes. */
+  /** A snapshot of the refs held (open log blocks included), safe to iterate while the store changes. */
   refs(): BlockRef[];
   close(): Promise<void>;
+}
+
+/** A piece of an APPEND: bytes at an offset inside the log block. */
+export interface LogPiece {
+  readonly offset: number;
+  readonly data: Uint8Array;
+}
+
+/**
+ * What a storage node does for volume journals (docs/journal.md). A log block (BlockType.Log) is
+ * open while a writer appends to it and sealed into an ordinary block after; the ref's inode is
+ * the writer's session epoch, checked against the volume's fence.
+ */
+export interface JournalStore {
+  /**
+   * Writes `pieces` into the open log block `ref`, opening it first if it is new. LOCKED when the
+   * volume is fenced above the ref's epoch; INVALID_ARGUMENT when the block is already sealed or
+   * a piece falls outside the block. Durable after `flush`.
+   */
+  appendLog(ref: BlockRef, pieces: readonly LogPiece[]): Promise<void>;
+  /**
+   * Seals an open log block: bytes [gapStart, gapEnd) become zeros, and the block becomes an
+   * ordinary immutable one, checked against `crc` (the writer's CRC of it, gap zeroed): CORRUPT
+   * if it differs. Sealing a block already sealed with that CRC is a no-op. Crash-safe: the
+   * block is open or sealed after any crash, never half of each. Durable after `flush`.
+   */
+  sealLog(ref: BlockRef, gapStart: number, gapEnd: number, crc: number): Promise<void>;
+  /**
+   * Raises the volume's fence to `epoch`, durably, before answering: from then on appends and
+   * seals of its log blocks below that epoch are refused. LOCKED if it is already fenced higher.
+   * Returns the volume's open log blocks.
+   */
+  fenceVolume(volume: number, epoch: number): Promise<BlockRef[]>;
+  /** A block's bytes as stored, open log blocks included (unverified for those: journal replay checks its records). */
+  readRaw(ref: BlockRef): Promise<Buffer>;
+  /** True for an open log block held here. */
+  isOpenLog(ref: BlockRef): boolean;
 }
 
 /** A range of a device and what it holds, as NBD's base:allocation reports it. */

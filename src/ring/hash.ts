@@ -1,4 +1,4 @@
-import { BLOCK_REF_SIZE, MAX_VOLUME_ID, encodeBlockRef, type BlockRef } from '../core/ids.js';
+import { BLOCK_REF_SIZE, MAX_VOLUME_ID, encodeBlockRef, placementRef, type BlockRef } from '../core/ids.js';
 
 // The placement hash. Every ring type maps a block to peers through these functions, so their
 // output is part of the cluster's data format: a block lives where the hash of its ref points,
@@ -72,11 +72,13 @@ function inRange(n: number, max: number): boolean {
 }
 
 /**
- * The point of a block on the hash circle: XXH32 (seed 0) of the ref's 24-byte wire encoding
- * (core/ids.ts `encodeBlockRef`). Throws INVALID_ARGUMENT for a ref that cannot be encoded.
+ * The point of a block on the hash circle: XXH32 (seed 0) of the 24-byte wire encoding
+ * (core/ids.ts `encodeBlockRef`) of its placement ref (`placementRef`: the ref itself, except
+ * that the log blocks of one journal segment all hash as the segment). Throws INVALID_ARGUMENT
+ * for a ref that cannot be encoded.
  */
 export function hashBlockRef(ref: BlockRef): number {
-  const { type, volume, inode, index } = ref;
+  const { type, volume, inode, index } = placementRef(ref);
   // Lookups sit on every read and write, and encoding through DataViews costs more than the
   // hash, so the six little-endian words of the encoding are computed directly. Anything
   // unusual takes the byte path, which also raises the proper error.
@@ -95,7 +97,7 @@ export function hashBlockRef(ref: BlockRef): number {
 /** hashBlockRef through the literal encoding; the reference the fast path is tested against. */
 export function hashBlockRefBytes(ref: BlockRef): number {
   const buf = new Uint8Array(BLOCK_REF_SIZE);
-  encodeBlockRef(ref, buf);
+  encodeBlockRef(placementRef(ref), buf);
   return xxh32(buf);
 }
 

@@ -127,6 +127,17 @@ describe('mod ring', () => {
 });
 
 describe('every ring type', () => {
+  it('places every log block of a journal segment with the segment, and other types by their own ref', () => {
+    for (const type of ['mod', 'ketama'] as const) {
+      const ring = createRing(model(type, GOLDEN_PEERS, 2, 2));
+      const seg = (s: number, n: number): BlockRef => ({ type: 2, volume: 9, inode: 4, index: s * 2 ** 24 + n });
+      for (const s of [0, 1, 7]) for (const n of [1, 2, 1000, 2 ** 24 - 1]) assert.deepEqual(ring.getPeers(seg(s, n)), ring.getPeers(seg(s, 0)));
+      // Data blocks with the same numbers are not grouped.
+      const spread = new Set(Array.from({ length: 64 }, (_, n) => ring.getPeers({ type: 0, volume: 9, inode: 4, index: n }).peers.slice(0, 2).join()));
+      assert.ok(spread.size > 1);
+    }
+  });
+
   it('returns a permutation of its members with replication min(R, N), independent of peer order', () => {
     fc.assert(
       fc.property(

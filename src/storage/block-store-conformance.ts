@@ -179,6 +179,78 @@ export function blockStoreConformance(name: string, factory: StoreFactory): void
         await rejectsWith(s.readSectors(dataRef(1, 3, 0), B - 1, 2), 'INVALID_ARGUMENT');
       }));
 
+    it('appends to an open log block, which is unreadable but raw until sealed, then sealed is an ordinary block', () =>
+      withStore(4, async (s) => {
+        const log: BlockRef = { type: BlockType.Log, volume: 7, inode: 3, index: 2 ** 24 + 1 };
+        await s.appendLog(log, [
+          { offset: 0, data: pattern(21, 5000) },
+          { offset: B - 64, data: pattern(22, 64) },
+        ]);
+        await s.appendLog(log, [{ offset: 5120, data: pattern(23, 100) }]);
+        assert.equal(s.isOpenLog(log), true);
+        assert.equal(s.hasBlock(log), false, 'an open log block is not a block anyone can copy or read');
+        await rejectsWith(s.getBlock(log), 'BLOCK_UNAVAILABLE');
+        await rejectsWith(s.readSectors(log, 0, 10), 'BLOCK_UNAVAILABLE');
+        assert.ok(s.refs().some((r) => blockRefKey(r) === blockRefKey(log)));
+        const raw = await s.readRaw(log);
+        assert.deepEqual(raw.subarray(0, 5000), pattern(21, 5000));
+        assert.deepEqual(raw.subarray(5120, 5220), pattern(23, 100));
+        assert.deepEqual(raw.subarray(B - 64), pattern(22, 64));
+        await s.flush();
+        // Sealed with the gap zeroed: the writer's CRC of exactly that, or refused and left open.
+        const want = Buffer.from(raw);
+        want.fill(0, 5220, B - 64);
+        await rejectsWith(s.sealLog(log, 5220, B - 64, (crc32c(want) ^ 1) >>> 0), 'CORRUPT');
+        assert.equal(s.isOpenLog(log), true);
+        await s.sealLog(log, 5220, B - 64, crc32c(want) >>> 0);
+        await s.flush();
+        assert.equal(s.isOpenLog(log), false);
+        assert.equal(s.hasBlock(log), true);
+        assert.deepEqual(await s.getBlock(log), want);
+        const read = await s.readSectors(log, 5120, 100);
+        assert.deepEqual(verifySectorRead(read, B, crc32c(want) >>> 0, 5120, 100, true, 'sealed log'), pattern(23, 100));
+        // A retried seal is a no-op; nothing more can be appended.
+        await s.sealLog(log, 5220, B - 64, crc32c(want) >>> 0);
+        await rejectsWith(s.appendLog(log, [{ offset: 6000, data: pattern(24, 10) }]), 'INVALID_ARGUMENT', /sealed/);
+        await rejectsWith(s.appendLog(dataRef(1, 1, 1), [{ offset: 0, data: pattern(24, 10) }]), 'INVALID_ARGUMENT', /not a log block/);
+        await rejectsWith(s.appendLog({ ...log, index: 5 }, [{ offset: B - 1, data: pattern(24, 10) }]), 'INVALID_ARGUMENT');
+      }));
+
+    it('fences a volume: appends and seals of older epochs are refused, the open log blocks are listed', () =>
+      withStore(8, async (s) => {
+        const log = (epoch: number, n: number): BlockRef => ({ type: BlockType.Log, volume: 9, inode: epoch, index: n });
+        await s.appendLog(log(4, 1), [{ offset: 0, data: pattern(31, 100) }]);
+        await s.appendLog(log(4, 2), [{ offset: 0, data: pattern(32, 100) }]);
+        await s.appendLog({ ...log(4, 1), volume: 10 }, [{ offset: 0, data: pattern(33, 100) }]);
+        const open = await s.fenceVolume(9, 5);
+        assert.deepEqual(open.map(blockRefKey).sort(), [log(4, 1), log(4, 2)].map(blockRefKey).sort());
+        await rejectsWith(s.appendLog(log(4, 1), [{ offset: 100, data: pattern(34, 10) }]), 'LOCKED', /fenced at epoch 5/);
+        await rejectsWith(s.appendLog(log(4, 3), [{ offset: 0, data: pattern(34, 10) }]), 'LOCKED');
+        await rejectsWith(s.sealLog(log(4, 2), 100, B, 0), 'LOCKED');
+        // The fencer's own epoch and later ones append; another volume is untouched.
+        await s.appendLog(log(5, 1), [{ offset: 0, data: pattern(35, 10) }]);
+        await s.appendLog({ ...log(4, 1), volume: 10 }, [{ offset: 100, data: pattern(36, 10) }]);
+        // Fencing again at the same epoch is idempotent; below it, refused.
+        await s.fenceVolume(9, 5);
+        await rejectsWith(s.fenceVolume(9, 4), 'LOCKED', /newer writer/);
+        assert.ok(s.stats().fencedRefusals >= 3);
+      }));
+
+    it('lets a sealed copy of a log block replace an open one (a replica that missed the seal), and deletes open ones', () =>
+      withStore(4, async (s) => {
+        const log: BlockRef = { type: BlockType.Log, volume: 7, inode: 3, index: 9 };
+        await s.appendLog(log, [{ offset: 0, data: pattern(41, 3000) }]);
+        const sealed = padded(pattern(41, 3000), B);
+        await s.putBlock(log, sealed, { crc: crc32c(sealed) >>> 0 });
+        assert.equal(s.isOpenLog(log), false);
+        assert.deepEqual(await s.getBlock(log), sealed);
+        const other: BlockRef = { ...log, index: 10 };
+        await s.appendLog(other, [{ offset: 0, data: pattern(42, 10) }]);
+        await s.deleteBlock(other);
+        assert.equal(s.isOpenLog(other), false);
+        await rejectsWith(s.readRaw(other), 'BLOCK_UNAVAILABLE');
+      }));
+
     it('reads the zero padding of a short block through readRange', () =>
       withStore(2, async (s) => {
         const ref = dataRef(2, 1, 1);

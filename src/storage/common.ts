@@ -3,7 +3,7 @@
 
 import { TorusError } from '../core/errors.js';
 import { formatBlockRef, isZeroRef, type BlockRef } from '../core/ids.js';
-import type { BlockStore } from '../core/interfaces.js';
+import type { BlockStore, JournalStore } from '../core/interfaces.js';
 
 export interface BlockStoreStats {
   /** getBlock/readRange calls that returned data. */
@@ -15,6 +15,10 @@ export interface BlockStoreStats {
   bytesRead: number;
   /** Bytes written to the medium for blocks (padding included, metadata excluded). */
   bytesWritten: number;
+  /** Bytes appended to open log blocks, and the gaps zeroed when they were sealed. */
+  journalBytesWritten: number;
+  /** Appends and seals refused because a newer writer fenced the volume. */
+  fencedRefusals: number;
   /** Reads that found data not matching its checksum; the block was dropped each time. */
   checksumFailures: number;
   /** Durability rounds actually performed (one fsync of each file); less than flushRequests when coalesced. */
@@ -33,6 +37,8 @@ export function emptyStats(): BlockStoreStats {
     deletes: 0,
     bytesRead: 0,
     bytesWritten: 0,
+    journalBytesWritten: 0,
+    fencedRefusals: 0,
     checksumFailures: 0,
     flushes: 0,
     flushRequests: 0,
@@ -49,7 +55,7 @@ export interface ScrubReport {
 }
 
 /** The BlockStore plus what operators, metrics and the rebalancer use on a local store. */
-export interface LocalBlockStore extends BlockStore {
+export interface LocalBlockStore extends BlockStore, JournalStore {
   stats(): BlockStoreStats;
   /** Reads and checks the whole block; a corrupt block is dropped (so a repair put can store it). */
   verifyBlock(ref: BlockRef): Promise<VerifyResult>;

@@ -5,7 +5,8 @@ import { it } from 'node:test';
 import { isTorusError } from '../core/errors.js';
 import { FileBlockStore } from './file-store.js';
 import { applyPowerCut, POWERCUT_ENV } from './powercut.js';
-import { crashBlock, crashRef, makeTmpDir, padded, removeDir } from './testing.js';
+import { BlockType } from '../core/ids.js';
+import { CRASH_LOG_PIECE, crashBlock, crashLogPiece, crashLogRef, crashRef, makeTmpDir, padded, removeDir } from './testing.js';
 
 const CHILD = fileURLToPath(new URL('./crash-child.js', import.meta.url));
 const PRELOAD = fileURLToPath(new URL('./powercut-preload.js', import.meta.url));
@@ -21,6 +22,12 @@ interface ChildRun {
   deleted: Set<number>;
   /** Deletes started: these blocks may be gone even if not acknowledged. */
   deleting: Set<number>;
+  /** Journal appends covered by a completed flush, as [log block, offset]. */
+  appended: [number, number][];
+  /** Log blocks whose seal a completed flush covered. */
+  sealed: Set<number>;
+  /** Log blocks whose delete started. */
+  logsDeleting: Set<number>;
   killedAfterMs: number;
 }
 
@@ -53,12 +60,15 @@ async function runAndKill(dir: string, first: number, delayMs: number, from: 'sp
   clearTimeout(timer);
   clearTimeout(guard);
   assert.equal(how, 'SIGKILL', `crash child ended by itself (${String(how)}): ${err}`);
-  const sets = { P: new Set<number>(), D: new Set<number>(), d: new Set<number>() };
+  const sets = { P: new Set<number>(), D: new Set<number>(), d: new Set<number>(), S: new Set<number>(), l: new Set<number>() };
+  const appended: [number, number][] = [];
   for (const line of out.split('\n')) {
-    const m = /^([PDd]) (\d+)$/.exec(line);
-    if (m) sets[m[1] as 'P' | 'D' | 'd'].add(Number(m[2]));
+    const m = /^([PDdSl]) (\d+)$/.exec(line);
+    if (m) sets[m[1] as 'P' | 'D' | 'd' | 'S' | 'l'].add(Number(m[2]));
+    const a = /^A (\d+) (\d+)$/.exec(line);
+    if (a) appended.push([Number(a[1]), Number(a[2])]);
   }
-  return { acked: sets.P, deleted: sets.D, deleting: sets.d, killedAfterMs: Date.now() - start };
+  return { acked: sets.P, deleted: sets.D, deleting: sets.d, appended, sealed: sets.S, logsDeleting: sets.l, killedAfterMs: Date.now() - start };
 }
 
 /**
@@ -80,6 +90,8 @@ for (const mode of MODES) {
     let totalAcked = 0;
     let kills = 0;
     let undone = 0;
+    let appendsChecked = 0;
+    let sealsChecked = 0;
     try {
       for (let iter = 0; iter < ITERATIONS && Date.now() < deadline; iter++, kills++) {
         const from = iter === 0 ? 'spawn' : 'ready';
@@ -100,10 +112,28 @@ for (const mode of MODES) {
             assert.deepEqual(await s.getBlock(crashRef(i)), padded(crashBlock(i, BLOCK_SIZE), BLOCK_SIZE), `${what}: acknowledged block ${i}`);
           }
           for (const i of run.deleted) assert.equal(s.hasBlock(crashRef(i)), false, `${what}: deleted block ${i} came back`);
+          // Journal appends that a flush covered are there, in the open block or the sealed one;
+          // a block whose seal a flush covered reads as an ordinary, verified block.
+          for (const [log, at] of run.appended) {
+            if (run.logsDeleting.has(log)) continue;
+            const raw = await s.readRaw(crashLogRef(log));
+            assert.deepEqual(raw.subarray(at, at + CRASH_LOG_PIECE), crashLogPiece(log, at), `${what}: acknowledged append to log block ${log} at ${at}`);
+            appendsChecked++;
+          }
+          for (const log of run.sealed) {
+            if (run.logsDeleting.has(log)) continue;
+            assert.equal(s.isOpenLog(crashLogRef(log)), false, `${what}: log block ${log} was sealed`);
+            await s.getBlock(crashLogRef(log));
+            sealsChecked++;
+          }
           // Whatever else is present must read back exactly, or (after a power cut that kept a
           // record but not all of its block) be refused as CORRUPT: never wrong bytes.
           let corrupt = 0;
           for (const ref of s.refs()) {
+            if (ref.type === BlockType.Log) {
+              await s.deleteBlock(ref);
+              continue;
+            }
             try {
               assert.deepEqual(await s.getBlock(ref), padded(crashBlock(ref.index, BLOCK_SIZE), BLOCK_SIZE), `${what}: block ${ref.index}`);
             } catch (err) {
@@ -120,8 +150,8 @@ for (const mode of MODES) {
           await s.close();
         }
       }
-      t.diagnostic(`${kills} kills, ${totalAcked} acknowledged blocks checked, ${undone} unsynced changes undone`);
-      assert.ok(totalAcked > 0, 'the child never acknowledged a block: the test exercised nothing');
+      t.diagnostic(`${kills} kills, ${totalAcked} acknowledged blocks and ${appendsChecked} journal appends and ${sealsChecked} seals checked, ${undone} unsynced changes undone`);
+      assert.ok(totalAcked > 0 && appendsChecked > 0, 'the child never acknowledged a block: the test exercised nothing');
       if (mode.cut) assert.ok(undone > 0, 'the power cuts undid nothing: the harness was not in the loop');
     } finally {
       await removeDir(dir);

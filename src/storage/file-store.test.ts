@@ -7,10 +7,10 @@ import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:chil
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
-import { blockRefKey } from '../core/ids.js';
+import { BlockType, blockRefKey } from '../core/ids.js';
 import { blockStoreConformance, rejectsWith } from './block-store-conformance.js';
 import { FileBlockStore } from './file-store.js';
-import { DATA_FILE, HEADER_COPY_OFFSETS, LOCK_FILE, Layout, TABLE_FILE, decodeRecord, encodeHeader, encodeRecord } from './format.js';
+import { DATA_FILE, HEADER_COPY_OFFSETS, INCOMPAT_OPEN_LOG, LOCK_FILE, Layout, TABLE_FILE, decodeRecord, encodeHeader, encodeRecord } from './format.js';
 import { dropCache, pageCacheReadsAvailable, readCached, usePageCacheReads } from './page-cache.js';
 import { dataRef, makeTmpDir, padded, pattern, removeDir, withTmpDir } from './testing.js';
 
@@ -181,6 +181,34 @@ describe('FileBlockStore', () => {
       await s.close();
       const recs = await Promise.all(locs.map(async (l) => decodeRecord(await peek(dir, TABLE_FILE, l.recordOffset, 64))));
       assert.deepEqual(recs.map((r) => r.kind === 'used' && r.blockCrc), [crc32c(padded(data, B)) >>> 0, crc32c(pattern(6, B)) >>> 0]);
+    }));
+
+  it('keeps open log blocks, their appends and the fences across reopen, and marks the header for older builds', () =>
+    withTmpDir(async (dir) => {
+      const log = { type: BlockType.Log, volume: 3, inode: 2, index: 1 };
+      let s = await openStore(dir, 4);
+      assert.equal(s.info().incompatFlags, 0);
+      await s.appendLog(log, [{ offset: 0, data: pattern(7, 6000) }]);
+      await s.fenceVolume(3, 2);
+      await s.flush();
+      // An older build refuses the store rather than drop an open log block as corrupt.
+      assert.equal(s.info().incompatFlags, INCOMPAT_OPEN_LOG);
+      await s.close();
+      s = await openStore(dir, 4);
+      try {
+        assert.equal(s.isOpenLog(log), true);
+        assert.deepEqual((await s.readRaw(log)).subarray(0, 6000), pattern(7, 6000));
+        await rejectsWith(s.appendLog({ ...log, inode: 1 }, [{ offset: 0, data: pattern(8, 10) }]), 'LOCKED');
+        await s.appendLog(log, [{ offset: 6144, data: pattern(9, 100) }]);
+        const want = await s.readRaw(log);
+        await s.sealLog(log, 6244, B, crc32c(Buffer.concat([want.subarray(0, 6244), Buffer.alloc(B - 6244)])) >>> 0);
+      } finally {
+        await s.close();
+      }
+      s = await openStore(dir, 4);
+      assert.equal(s.isOpenLog(log), false);
+      assert.deepEqual((await s.getBlock(log)).subarray(6144, 6244), pattern(9, 100));
+      await s.close();
     }));
 
   it('detects a corrupted block on read, reports CORRUPT, drops it and accepts a repair', () =>

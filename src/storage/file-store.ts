@@ -17,9 +17,9 @@ import { read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
 import { open, rename, stat, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TorusError, isTorusError } from '../core/errors.js';
-import { formatBlockRef, type BlockRef } from '../core/ids.js';
+import { BlockType, formatBlockRef, type BlockRef } from '../core/ids.js';
 import { blockCrcFromSectors } from '../core/crc.js';
-import type { SectorRead } from '../core/interfaces.js';
+import type { LogPiece, SectorRead } from '../core/interfaces.js';
 import { LruCache } from '../core/lru.js';
 import {
   checkBlockSize,
@@ -58,7 +58,13 @@ import {
   RECORD_TORN,
   decodeHeader,
   encodeHeader,
+  encodeFence,
+  encodeOpenRecord,
   encodeRecord,
+  decodeFence,
+  FENCE_FILE,
+  FENCE_RECORD_SIZE,
+  INCOMPAT_OPEN_LOG,
   keyToRef,
   refKey,
   scanRecord,
@@ -85,7 +91,8 @@ export interface SlotLocation {
 
 // Slot lifecycle. FREE -> WRITING -> USED -> CLEARING -> PENDING -(flush)-> FREE, or -> DRAINING
 // (reads still in flight) -> FREE. LOST: a record write failed, so what the disk holds is unknown;
-// the slot stays out of use until the next open reads the truth back.
+// the slot stays out of use until the next open reads the truth back. A log block goes FREE ->
+// WRITING -> OPEN (appends) -> USED (sealed), and can be deleted while OPEN.
 const FREE = 0;
 const WRITING = 1;
 const USED = 2;
@@ -93,6 +100,8 @@ const CLEARING = 3;
 const PENDING = 4;
 const DRAINING = 5;
 const LOST = 6;
+/** An open log block: appended to, no checksums yet (docs/journal.md). Sealing makes it USED. */
+const OPEN = 7;
 
 const ZERO_RECORD = Buffer.alloc(RECORD_SIZE);
 const OPEN_SCAN_PARALLELISM = 4;
@@ -180,7 +189,6 @@ export class FileBlockStore implements LocalBlockStore {
   private readonly layout: Layout;
   private readonly nSlots: number;
   private readonly sectors: number;
-  private readonly header: StoreHeader;
 
   private readonly index = new Map<string, number>();
   private readonly gens: Float64Array;
@@ -209,8 +217,23 @@ export class FileBlockStore implements LocalBlockStore {
   private closePromise: Promise<void> | null = null;
   private broken: TorusError | null = null;
   private zeros: Buffer | null = null;
-  /** Set when a write completes, cleared when a flush starts: an idle flush costs no fsync. */
-  private dirty = false;
+  /**
+   * Set when a write to each file completes, cleared when a flush starts: an idle flush costs no
+   * fsync, and a flush after appends only (the journal's steady state) syncs only the data file.
+   */
+  private dataDirty = false;
+  private tableDirty = false;
+  /** The header in force; rewritten (other copy) when a feature flag is first needed. */
+  private hdr: StoreHeader;
+  /** Per volume, the highest journal epoch fenced; kept in FENCE_FILE. */
+  private readonly fences = new Map<number, number>();
+  private fenceFile: FileHandle | undefined;
+  private fenceRecords = 0;
+  /** Fence updates run one at a time (each appends a record and syncs the table). */
+  private fenceChain: Promise<unknown> = Promise.resolve();
+  /** Keys of the open log blocks held. */
+  private readonly openKeys = new Set<string>();
+  private incompatUpdate: Promise<void> | undefined;
   private readonly counters: BlockStoreStats = emptyStats();
 
   private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader) {
@@ -218,7 +241,7 @@ export class FileBlockStore implements LocalBlockStore {
     this.data = data;
     this.table = table;
     this.lock = lock;
-    this.header = header;
+    this.hdr = header;
     this.blockSize = header.blockSize;
     this.sectorSize = header.sectorSize;
     this.layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
@@ -384,7 +407,7 @@ export class FileBlockStore implements LocalBlockStore {
     const groups = Math.ceil(nSlots / G);
     const dups = new Map<string, number[]>();
     const torn: number[] = [];
-    const rec: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '' };
+    const rec: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '', open: false };
     let maxGen = 0;
     const scanGroup = async (g: number): Promise<Buffer> => {
       const count = Math.min(G, nSlots - g * G);
@@ -406,11 +429,12 @@ export class FileBlockStore implements LocalBlockStore {
             torn.push(slot);
             continue;
           }
-          this.state[slot] = USED;
+          this.state[slot] = rec.open ? OPEN : USED;
           this.gens[slot] = rec.generation;
           this.sums[slot] = rec.checksumsCrc;
           if (rec.generation > maxGen) maxGen = rec.generation;
           const key = rec.key;
+          if (rec.open) this.openKeys.add(key);
           const prev = this.index.get(key);
           if (prev === undefined) {
             this.index.set(key, slot);
@@ -434,6 +458,42 @@ export class FileBlockStore implements LocalBlockStore {
     await this.table.datasync();
     for (const s of this.pendingFree) this.pushFree(s);
     this.pendingFree = [];
+    await this.loadFences();
+  }
+
+  /** Reads the fence table, compacting it when it holds mostly superseded records. */
+  private async loadFences(): Promise<void> {
+    const path = join(this.dir, FENCE_FILE);
+    const size = await fileSize(path);
+    if (size === undefined) {
+      this.fenceFile = await open(path, 'w+');
+      await fsyncDir(this.dir);
+      return;
+    }
+    const fh = await open(path, 'r+');
+    const buf = Buffer.alloc(size);
+    if (size > 0) await readFull(fh, buf, 0);
+    let n = 0;
+    // A record cut short by a crash ends the table: it was never acknowledged.
+    for (let f = decodeFence(buf, 0); f; f = decodeFence(buf, ++n * FENCE_RECORD_SIZE)) this.fences.set(f.volume, Math.max(f.epoch, this.fences.get(f.volume) ?? 0));
+    this.fenceRecords = n;
+    if (n <= 4 * this.fences.size + 1024) {
+      this.fenceFile = fh;
+      return;
+    }
+    await fh.close();
+    const tmp = `${path}.new`;
+    const out = await open(tmp, 'w+');
+    const all = Buffer.alloc(this.fences.size * FENCE_RECORD_SIZE);
+    let i = 0;
+    for (const [volume, epoch] of this.fences) encodeFence(volume, epoch, all, i++ * FENCE_RECORD_SIZE);
+    await writeFull(out, all, 0);
+    await out.sync();
+    await out.close();
+    await rename(tmp, path);
+    await fsyncDir(this.dir);
+    this.fenceFile = await open(path, 'r+');
+    this.fenceRecords = this.fences.size;
   }
 
   /**
@@ -538,7 +598,7 @@ export class FileBlockStore implements LocalBlockStore {
     try {
       const key = refKey(ref);
       const slot = this.index.get(key);
-      if (slot === undefined) throw unavailable(ref);
+      if (slot === undefined || this.state[slot] === OPEN) throw unavailable(ref);
       return (await this.readChecked(ref, key, slot, 0, this.sectors)).buf;
     } finally {
       this.leave();
@@ -550,7 +610,7 @@ export class FileBlockStore implements LocalBlockStore {
       this.enter();
       try {
         checkRange(ref, offset, length, this.blockSize);
-        if (!this.index.has(refKey(ref))) throw unavailable(ref);
+        if (!this.hasBlock(ref)) throw unavailable(ref);
         return Buffer.alloc(0);
       } finally {
         this.leave();
@@ -567,7 +627,7 @@ export class FileBlockStore implements LocalBlockStore {
       checkRange(ref, offset, length, this.blockSize);
       const key = refKey(ref);
       const slot = this.index.get(key);
-      if (slot === undefined) throw unavailable(ref);
+      if (slot === undefined || this.state[slot] === OPEN) throw unavailable(ref);
       const s0 = Math.floor(offset / this.sectorSize);
       const s1 = length === 0 ? s0 : Math.floor((offset + length - 1) / this.sectorSize) + 1;
       const { buf, sums } = await this.readChecked(ref, key, slot, s0, s1);
@@ -578,7 +638,8 @@ export class FileBlockStore implements LocalBlockStore {
   }
 
   hasBlock(ref: BlockRef): boolean {
-    return this.index.has(refKey(ref));
+    const slot = this.index.get(refKey(ref));
+    return slot !== undefined && this.state[slot] !== OPEN;
   }
 
   async verifyBlock(ref: BlockRef): Promise<VerifyResult> {
@@ -587,6 +648,8 @@ export class FileBlockStore implements LocalBlockStore {
       const key = refKey(ref);
       const slot = this.index.get(key);
       if (slot === undefined) return 'missing';
+      // An open log block has no checksums yet; its journal records carry their own.
+      if (this.state[slot] === OPEN) return 'ok';
       await this.readChecked(ref, key, slot, 0, this.sectors, false);
       return 'ok';
     } catch (err) {
@@ -613,7 +676,7 @@ export class FileBlockStore implements LocalBlockStore {
       this.checkWritable();
       checkPut(ref, data, this.blockSize);
       const key = refKey(ref);
-      if (this.index.has(key) && !this.keyTails.has(key)) return;
+      if (this.hasBlock(ref) && !this.keyTails.has(key)) return;
       await this.keyed(key, () => this.store(key, ref, data, opts?.crc));
     } finally {
       this.leave();
@@ -621,7 +684,11 @@ export class FileBlockStore implements LocalBlockStore {
   }
 
   private async store(key: string, ref: BlockRef, data: Uint8Array, expectCrc: number | undefined): Promise<void> {
-    if (this.index.has(key)) return;
+    const held = this.index.get(key);
+    if (held !== undefined && this.state[held] !== OPEN) return;
+    // A sealed copy of a log block this node holds open (it missed the seal): the sealed one is
+    // the block; the open one goes.
+    if (held !== undefined) await this.removeKey(key);
     this.checkWritable();
     const slot = await this.allocSlot();
     const gen = this.nextGen++;
@@ -651,7 +718,8 @@ export class FileBlockStore implements LocalBlockStore {
       this.sums[slot] = sumsCrc;
       this.state[slot] = USED;
       this.index.set(key, slot);
-      this.dirty = true;
+      this.dataDirty = true;
+      this.tableDirty = true;
       this.counters.writes++;
       this.counters.bytesWritten += this.blockSize;
     } catch (err) {
@@ -723,6 +791,7 @@ export class FileBlockStore implements LocalBlockStore {
     if (current === undefined) return false;
     if (slot !== undefined && (current !== slot || this.gens[current] !== gen)) return false;
     this.index.delete(key);
+    this.openKeys.delete(key);
     this.state[current] = CLEARING;
     this.clearing++;
     try {
@@ -737,7 +806,7 @@ export class FileBlockStore implements LocalBlockStore {
     }
     this.state[current] = PENDING;
     this.pendingFree.push(current);
-    this.dirty = true;
+    this.tableDirty = true;
     return true;
   }
 
@@ -751,6 +820,199 @@ export class FileBlockStore implements LocalBlockStore {
       if (this.keyTails.get(key) === tail) this.keyTails.delete(key);
     });
     return run;
+  }
+
+  // ---- journals (docs/journal.md) ----
+
+  isOpenLog(ref: BlockRef): boolean {
+    const slot = this.index.get(refKey(ref));
+    return slot !== undefined && this.state[slot] === OPEN;
+  }
+
+  private checkFence(ref: BlockRef): void {
+    const fence = this.fences.get(ref.volume) ?? 0;
+    if (ref.inode < fence) {
+      this.counters.fencedRefusals++;
+      throw new TorusError('LOCKED', `the journal of volume ${ref.volume} was fenced at epoch ${fence} by a newer writer; refusing ${formatBlockRef(ref)}`);
+    }
+  }
+
+  async appendLog(ref: BlockRef, pieces: readonly LogPiece[]): Promise<void> {
+    this.enter();
+    try {
+      this.checkWritable();
+      if (ref.type !== BlockType.Log) throw new TorusError('INVALID_ARGUMENT', `${formatBlockRef(ref)} is not a log block`);
+      for (const p of pieces) checkRange(ref, p.offset, p.data.length, this.blockSize);
+      const key = refKey(ref);
+      await this.keyed(key, async () => {
+        this.checkFence(ref);
+        let slot = this.index.get(key);
+        if (slot === undefined) slot = await this.openLog(key, ref);
+        else if (this.state[slot] !== OPEN) throw new TorusError('INVALID_ARGUMENT', `log block ${formatBlockRef(ref)} is sealed: nothing more can be appended to it`);
+        const base = this.layout.dataOffset(slot);
+        try {
+          await Promise.all(pieces.map((p) => writeFull(this.data, p.data, base + p.offset)));
+        } catch (err) {
+          throw ioError(`appending to ${formatBlockRef(ref)}`, err, this.dir);
+        }
+        this.dataDirty = true;
+        for (const p of pieces) this.counters.journalBytesWritten += p.data.length;
+      });
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** Takes a slot for a new log block and writes its open record. */
+  private async openLog(key: string, ref: BlockRef): Promise<number> {
+    // Before the first open record can reach the disk, the header says the store may hold them.
+    if ((this.hdr.incompatFlags & INCOMPAT_OPEN_LOG) === 0) await this.setIncompat(INCOMPAT_OPEN_LOG);
+    const slot = await this.allocSlot();
+    const gen = this.nextGen++;
+    try {
+      await writeFull(this.table, encodeOpenRecord(ref, gen), this.layout.recordOffset(slot));
+    } catch (err) {
+      this.state[slot] = LOST;
+      throw ioError(`opening log block ${formatBlockRef(ref)}`, err, this.dir);
+    }
+    this.gens[slot] = gen;
+    this.sums[slot] = 0;
+    this.state[slot] = OPEN;
+    this.index.set(key, slot);
+    this.openKeys.add(key);
+    this.tableDirty = true;
+    return slot;
+  }
+
+  private setIncompat(flag: number): Promise<void> {
+    this.incompatUpdate ??= (async () => {
+      const next: StoreHeader = { ...this.hdr, incompatFlags: this.hdr.incompatFlags | flag, sequence: this.hdr.sequence + 1 };
+      // The older copy is overwritten, so a torn write leaves the current header readable.
+      await writeFull(this.table, encodeHeader(next), HEADER_COPY_OFFSETS[next.sequence % 2] ?? 0);
+      await this.table.datasync();
+      this.hdr = next;
+    })();
+    return this.incompatUpdate;
+  }
+
+  async sealLog(ref: BlockRef, gapStart: number, gapEnd: number, crc: number): Promise<void> {
+    this.enter();
+    try {
+      this.checkWritable();
+      checkRange(ref, gapStart, Math.max(0, gapEnd - gapStart), this.blockSize);
+      const key = refKey(ref);
+      await this.keyed(key, async () => {
+        this.checkFence(ref);
+        const slot = this.index.get(key);
+        if (slot === undefined) throw unavailable(ref);
+        if (this.state[slot] !== OPEN) {
+          // Sealed already (a retried seal): the same block, or a conflict.
+          const sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
+          await readFull(this.table, sums, this.layout.checksumOffset(slot));
+          if (blockCrcFromSectors(sums, this.blockSize, this.sectorSize) === crc >>> 0) return;
+          throw new TorusError('CORRUPT', `log block ${formatBlockRef(ref)} is sealed with another CRC than ${hex(crc)}`);
+        }
+        const base = this.layout.dataOffset(slot);
+        const buf = Buffer.allocUnsafe(this.blockSize);
+        try {
+          if (gapEnd > gapStart) await writeFull(this.data, this.zeroBuffer().subarray(0, gapEnd - gapStart), base + gapStart);
+          await readFull(this.data, buf, base);
+        } catch (err) {
+          throw ioError(`sealing ${formatBlockRef(ref)}`, err, this.dir);
+        }
+        const sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
+        const sumsCrc = computeChecksums(buf, this.blockSize, this.sectorSize, null, sums);
+        const blockCrc = blockCrcFromSectors(sums, this.blockSize, this.sectorSize);
+        if (blockCrc !== crc >>> 0) {
+          this.counters.checksumFailures++;
+          throw new TorusError('CORRUPT', `log block ${formatBlockRef(ref)} holds other bytes than its writer sealed (CRC ${hex(blockCrc)}, expected ${hex(crc)}); left open`);
+        }
+        await writeFull(this.table, sums, this.layout.checksumOffset(slot));
+        this.dataDirty = true;
+        this.tableDirty = true;
+        // The zeroed gap and the checksums must be durable before the record says the block is
+        // sealed: a record over checksums that never reached the disk would make a read drop the
+        // block, and with it appends that were acknowledged.
+        await this.flushInternal();
+        const gen = this.nextGen++;
+        try {
+          await writeFull(this.table, encodeRecord(ref, gen, sumsCrc, undefined, blockCrc), this.layout.recordOffset(slot));
+        } catch (err) {
+          // The disk holds the open record or the sealed one; both are readable. Keep it out of use.
+          this.state[slot] = LOST;
+          this.index.delete(key);
+          this.openKeys.delete(key);
+          throw ioError(`sealing ${formatBlockRef(ref)}`, err, this.dir);
+        }
+        this.gens[slot] = gen;
+        this.sums[slot] = sumsCrc;
+        this.state[slot] = USED;
+        this.openKeys.delete(key);
+        this.tableDirty = true;
+        this.counters.journalBytesWritten += Math.max(0, gapEnd - gapStart);
+      });
+    } finally {
+      this.leave();
+    }
+  }
+
+  async fenceVolume(volume: number, epoch: number): Promise<BlockRef[]> {
+    this.enter();
+    try {
+      this.checkWritable();
+      const run = this.fenceChain.then(async () => {
+        const cur = this.fences.get(volume) ?? 0;
+        if (epoch < cur) throw new TorusError('LOCKED', `the journal of volume ${volume} is fenced at epoch ${cur}, above ${epoch}: a newer writer has it`);
+        if (epoch > cur) {
+          const fh = this.fenceFile;
+          if (!fh) throw closedError();
+          await writeFull(fh, encodeFence(volume, epoch), this.fenceRecords * FENCE_RECORD_SIZE);
+          // Durable before anyone is told: a writer fenced out must stay out after a crash.
+          await fh.datasync();
+          this.fenceRecords++;
+          this.fences.set(volume, epoch);
+        }
+        const open: BlockRef[] = [];
+        for (const key of this.openKeys) {
+          const ref = keyToRef(key);
+          if (ref.volume === volume) open.push(ref);
+        }
+        return open;
+      });
+      this.fenceChain = run.catch(noop);
+      try {
+        return await run;
+      } catch (err) {
+        throw ioError(`fencing volume ${volume}`, err, this.dir);
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  async readRaw(ref: BlockRef): Promise<Buffer> {
+    this.enter();
+    try {
+      const slot = this.index.get(refKey(ref));
+      if (slot === undefined) throw unavailable(ref);
+      if (this.state[slot] !== OPEN) return (await this.readChecked(ref, refKey(ref), slot, 0, this.sectors)).buf;
+      const buf = Buffer.allocUnsafe(this.blockSize);
+      this.readers[slot]!++;
+      try {
+        await readFull(this.data, buf, this.layout.dataOffset(slot));
+      } catch (err) {
+        throw ioError(`reading ${formatBlockRef(ref)}`, err, this.dir);
+      } finally {
+        if (--this.readers[slot]! === 0 && (this.state[slot] as number) === DRAINING) {
+          this.draining--;
+          this.pushFree(slot);
+        }
+      }
+      this.counters.bytesRead += buf.length;
+      return buf;
+    } finally {
+      this.leave();
+    }
   }
 
   // ---- durability ----
@@ -788,23 +1050,26 @@ export class FileBlockStore implements LocalBlockStore {
 
   private async syncFiles(): Promise<void> {
     if (this.broken) throw this.broken;
-    if (!this.dirty) return;
-    this.dirty = false;
+    if (!this.dataDirty && !this.tableDirty) return;
+    const [data, table] = [this.dataDirty, this.tableDirty];
+    this.dataDirty = false;
+    this.tableDirty = false;
     const releasing = this.pendingFree;
     this.pendingFree = [];
     this.releasing += releasing.length;
     try {
       // Data before table: a record made durable by this round never points at data that was
       // written before the round yet is not durable.
-      await this.data.datasync();
-      await this.table.datasync();
+      if (data) await this.data.datasync();
+      if (table) await this.table.datasync();
     } catch (err) {
       // After a failed fsync Linux may drop the dirty pages and report success next time, so a
       // retry proves nothing: refuse writes until a restart re-reads what the disk really has.
       this.broken = ioError('syncing the block store (store now refuses writes until reopened)', err, this.dir);
       this.releasing -= releasing.length;
       this.pendingFree.push(...releasing);
-      this.dirty = true;
+      this.dataDirty = true;
+      this.tableDirty = true;
       throw this.broken;
     }
     this.releasing -= releasing.length;
@@ -850,7 +1115,7 @@ export class FileBlockStore implements LocalBlockStore {
       } catch (err) {
         failure = err;
       }
-      await Promise.allSettled([this.data.close(), this.table.close()]);
+      await Promise.allSettled([this.data.close(), this.table.close(), ...(this.fenceFile ? [this.fenceFile.close()] : [])]);
       await this.lock.release();
       if (failure) throw failure;
     })();
@@ -890,6 +1155,6 @@ export class FileBlockStore implements LocalBlockStore {
 
   /** The header currently in force (format version, store id, geometry). */
   info(): StoreHeader {
-    return this.header;
+    return this.hdr;
   }
 }

@@ -56,6 +56,39 @@ const R_BLOCK_CRC = 36;
 const R_FLAGS = 40;
 /** Record flag: R_BLOCK_CRC holds the CRC32C of the whole block, checked against the writer's. */
 const RF_BLOCK_CRC = 0x01;
+/**
+ * Record flag: an open log block (docs/journal.md): the slot's data is being appended to and has
+ * no sector checksums yet (R_CHECKSUMS_CRC is 0); its journal records carry their own CRCs.
+ */
+const RF_OPEN = 0x02;
+
+/**
+ * Incompatible header flag: the store may hold open log blocks. A build that does not know them
+ * would read one as a block with a bad checksum array and drop it, losing journal appends that
+ * were acknowledged; it refuses the store instead.
+ */
+export const INCOMPAT_OPEN_LOG = 0x01;
+const KNOWN_INCOMPAT = INCOMPAT_OPEN_LOG;
+
+/** The fence table: per volume, the highest journal session epoch fenced (docs/journal.md). */
+export const FENCE_FILE = 'fences';
+/** volume u64, epoch u64, reserved u32, CRC32C of bytes 0..19. */
+export const FENCE_RECORD_SIZE = 24;
+
+export function encodeFence(volume: number, epoch: number, out: Buffer = Buffer.alloc(FENCE_RECORD_SIZE), at = 0): Buffer {
+  out.fill(0, at, at + FENCE_RECORD_SIZE);
+  writeU64(out, volume, at);
+  writeU64(out, epoch, at + 8);
+  out.writeUInt32LE(crc32c(out.subarray(at, at + 20)), at + 20);
+  return out;
+}
+
+/** A fence record, or undefined for a torn one (an append cut short by a crash). */
+export function decodeFence(buf: Buffer, at: number): { volume: number; epoch: number } | undefined {
+  if (buf.length < at + FENCE_RECORD_SIZE) return undefined;
+  if (crc32c(buf.subarray(at, at + 20)) !== buf.readUInt32LE(at + 20)) return undefined;
+  return { volume: readU64(buf, at), epoch: readU64(buf, at + 8) };
+}
 const R_CRC = RECORD_SIZE - 4;
 
 export interface StoreHeader {
@@ -191,7 +224,7 @@ export function checkHeaderSupported(h: StoreHeader, where: string): void {
   if (h.version > FORMAT_VERSION)
     bad(`written in format version ${h.version}; this build reads format ${FORMAT_VERSION} (upgrade torus)`);
   if (h.version < 1) bad(`unknown format version ${h.version}`);
-  if (h.incompatFlags !== 0) bad(`uses features this build does not know (flags 0x${h.incompatFlags.toString(16)})`);
+  if ((h.incompatFlags & ~KNOWN_INCOMPAT) !== 0) bad(`uses features this build does not know (flags 0x${h.incompatFlags.toString(16)})`);
   if (h.recordSize !== RECORD_SIZE) bad(`record size ${h.recordSize}, expected ${RECORD_SIZE}`);
   if (h.sectorSize < 512 || h.sectorSize % 512 !== 0) bad(`invalid sector size ${h.sectorSize}`);
   if (h.blockSize < 1 || h.blockSize > MAX_BLOCK_SIZE) bad(`invalid block size ${h.blockSize}`);
@@ -209,6 +242,16 @@ export interface SlotRecord {
   readonly checksumsCrc: number;
   /** CRC32C of the whole block, as the writer computed it; absent in records written before it was kept. */
   readonly blockCrc?: number;
+  /** An open log block: no checksums yet. */
+  readonly open?: true;
+}
+
+/** The record of an open log block (RF_OPEN): no checksum array, no block CRC. */
+export function encodeOpenRecord(ref: BlockRef, generation: number, out?: Buffer): Buffer {
+  const buf = encodeRecord(ref, generation, 0, out);
+  buf[R_FLAGS] = RF_OPEN;
+  buf.writeUInt32LE(crc32c(buf.subarray(0, R_CRC)), R_CRC);
+  return buf;
 }
 
 export function encodeRecord(ref: BlockRef, generation: number, checksumsCrc: number, out?: Buffer, blockCrc?: number): Buffer {
@@ -235,11 +278,12 @@ const TORN: RecordState = Object.freeze({ kind: 'torn' });
 
 /** Decodes the record at `offset`. Anything that fails its CRC is torn, and torn means free. */
 export function decodeRecord(buf: Buffer, offset = 0): RecordState {
-  const out: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '' };
+  const out: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '', open: false };
   const kind = scanRecord(buf, offset, out);
   if (kind === RECORD_FREE) return FREE;
   if (kind === RECORD_TORN) return TORN;
   const rec = { ref: decodeBlockRef(buf, offset + R_REF), generation: out.generation, checksumsCrc: out.checksumsCrc };
+  if (out.open) return { kind: 'used', ...rec, open: true };
   if ((buf[offset + R_FLAGS]! & RF_BLOCK_CRC) === 0) return { kind: 'used', ...rec };
   return { kind: 'used', ...rec, blockCrc: buf.readUInt32LE(offset + R_BLOCK_CRC) };
 }
@@ -281,6 +325,8 @@ export interface ScannedRecord {
   generation: number;
   checksumsCrc: number;
   key: string;
+  /** An open log block (RF_OPEN). */
+  open: boolean;
 }
 
 /** The open-time fast path of decodeRecord: same verdicts, fields written into `out`. */
@@ -300,6 +346,7 @@ export function scanRecord(buf: Buffer, offset: number, out: ScannedRecord): num
   out.generation = genHi * 2 ** 32 + genLo;
   out.checksumsCrc = buf.readUInt32LE(offset + R_CHECKSUMS_CRC);
   out.key = key;
+  out.open = (buf[offset + R_FLAGS]! & RF_OPEN) !== 0;
   return RECORD_USED;
 }
 

@@ -1,11 +1,13 @@
 // The in-memory twin of FileBlockStore for unit tests and single-process use (the original's
 // `temp` store). Same semantics: fixed capacity, immutable blocks, zero padding, ranged reads,
-// CORRUPT on a failed check (inject one with corruptBlock), CLOSED after close.
+// CORRUPT on a failed check (inject one with corruptBlock), CLOSED after close, open log blocks
+// and fences. With `volatile`, what no flush covered can be lost: powerCut() undoes it, as a
+// machine losing power would (the model-based journal tests use it).
 
 import { crc32c } from '@node-rs/crc32';
 import { TorusError } from '../core/errors.js';
-import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
-import type { SectorRead } from '../core/interfaces.js';
+import { BlockType, blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
+import type { LogPiece, SectorRead } from '../core/interfaces.js';
 import {
   checkBlockSize,
   checkPut,
@@ -28,6 +30,8 @@ export interface MemoryBlockStoreOptions {
   readonly blockSize: number;
   /** Capacity in blocks. */
   readonly capacityBlocks: number;
+  /** Changes not covered by a flush are lost by powerCut(). */
+  readonly volatile?: boolean;
 }
 
 interface Entry {
@@ -35,6 +39,8 @@ interface Entry {
   /** Owned by the store: copied in on put and out on read, so callers can reuse their buffers. */
   readonly data: Buffer;
   corrupt: boolean;
+  /** An open log block: appended to, unreadable but raw until sealed. */
+  open: boolean;
 }
 
 export class MemoryBlockStore implements LocalBlockStore {
@@ -43,6 +49,10 @@ export class MemoryBlockStore implements LocalBlockStore {
   private readonly blocks = new Map<string, Entry>();
   private closed = false;
   private readonly counters: BlockStoreStats = emptyStats();
+  private readonly fences = new Map<number, number>();
+  private readonly volatile: boolean;
+  /** With `volatile`: how to undo each change since the last flush, oldest first. */
+  private undo: (() => void)[] = [];
 
   constructor(opts: MemoryBlockStoreOptions) {
     checkBlockSize(opts.blockSize, 2 ** 30);
@@ -50,6 +60,19 @@ export class MemoryBlockStore implements LocalBlockStore {
       throw new TorusError('INVALID_ARGUMENT', `invalid capacity ${opts.capacityBlocks} blocks`);
     this.blockSize = opts.blockSize;
     this.capacity = opts.capacityBlocks;
+    this.volatile = opts.volatile ?? false;
+  }
+
+  private remember(undo: () => void): void {
+    if (this.volatile) this.undo.push(undo);
+  }
+
+  /** Loses every change no flush covered (a `volatile` store); returns how many. */
+  powerCut(): number {
+    const n = this.undo.length;
+    for (const u of this.undo.reverse()) u();
+    this.undo = [];
+    return n;
   }
 
   private check(): void {
@@ -58,7 +81,7 @@ export class MemoryBlockStore implements LocalBlockStore {
 
   private read(ref: BlockRef, offset: number, length: number): Buffer {
     const entry = this.blocks.get(blockRefKey(ref));
-    if (!entry) throw unavailable(ref);
+    if (!entry || entry.open) throw unavailable(ref);
     if (entry.corrupt) {
       this.counters.checksumFailures++;
       this.blocks.delete(blockRefKey(ref));
@@ -97,32 +120,118 @@ export class MemoryBlockStore implements LocalBlockStore {
     this.check();
     checkPut(ref, data, this.blockSize);
     const key = blockRefKey(ref);
-    if (this.blocks.has(key)) return;
-    if (this.blocks.size >= this.capacity) throw outOfSpace(this.blocks.size, this.capacity, this.blockSize);
+    const held = this.blocks.get(key);
+    if (held && !held.open) return;
+    if (!held && this.blocks.size >= this.capacity) throw outOfSpace(this.blocks.size, this.capacity, this.blockSize);
     const copy = Buffer.alloc(this.blockSize);
     copy.set(data);
     if (opts?.crc !== undefined && crc32c(copy) >>> 0 !== opts.crc >>> 0) {
       this.counters.checksumFailures++;
       throw new TorusError('CORRUPT', `block ${formatBlockRef(ref)} arrived damaged: not the writer's CRC; not stored`);
     }
-    this.blocks.set(key, { ref: { type: ref.type, volume: ref.volume, inode: ref.inode, index: ref.index }, data: copy, corrupt: false });
+    // A sealed copy replaces an open one (a replica that missed the seal).
+    this.remember(() => (held ? this.blocks.set(key, held) : this.blocks.delete(key)));
+    this.blocks.set(key, { ref: { type: ref.type, volume: ref.volume, inode: ref.inode, index: ref.index }, data: copy, corrupt: false, open: false });
     this.counters.writes++;
     this.counters.bytesWritten += this.blockSize;
   }
 
   hasBlock(ref: BlockRef): boolean {
-    return this.blocks.has(blockRefKey(ref));
+    const e = this.blocks.get(blockRefKey(ref));
+    return e !== undefined && !e.open;
   }
 
   async deleteBlock(ref: BlockRef): Promise<void> {
     this.check();
-    if (this.blocks.delete(blockRefKey(ref))) this.counters.deletes++;
+    const key = blockRefKey(ref);
+    const held = this.blocks.get(key);
+    if (held && this.blocks.delete(key)) {
+      this.counters.deletes++;
+      this.remember(() => this.blocks.set(key, held));
+    }
   }
 
   async flush(): Promise<void> {
     this.check();
     this.counters.flushRequests++;
     this.counters.flushes++;
+    this.undo = [];
+  }
+
+  // ---- journals ----
+
+  isOpenLog(ref: BlockRef): boolean {
+    return this.blocks.get(blockRefKey(ref))?.open === true;
+  }
+
+  private checkFence(ref: BlockRef): void {
+    const fence = this.fences.get(ref.volume) ?? 0;
+    if (ref.inode < fence) {
+      this.counters.fencedRefusals++;
+      throw new TorusError('LOCKED', `the journal of volume ${ref.volume} was fenced at epoch ${fence} by a newer writer; refusing ${formatBlockRef(ref)}`);
+    }
+  }
+
+  async appendLog(ref: BlockRef, pieces: readonly LogPiece[]): Promise<void> {
+    this.check();
+    if (ref.type !== BlockType.Log) throw new TorusError('INVALID_ARGUMENT', `${formatBlockRef(ref)} is not a log block`);
+    for (const p of pieces) checkRange(ref, p.offset, p.data.length, this.blockSize);
+    this.checkFence(ref);
+    const key = blockRefKey(ref);
+    let entry = this.blocks.get(key);
+    if (entry && !entry.open) throw new TorusError('INVALID_ARGUMENT', `log block ${formatBlockRef(ref)} is sealed: nothing more can be appended to it`);
+    if (!entry) {
+      if (this.blocks.size >= this.capacity) throw outOfSpace(this.blocks.size, this.capacity, this.blockSize);
+      entry = { ref: { ...ref }, data: Buffer.alloc(this.blockSize), corrupt: false, open: true };
+      this.blocks.set(key, entry);
+      this.remember(() => this.blocks.delete(key));
+    }
+    const e = entry;
+    for (const p of pieces) {
+      const before = Buffer.from(e.data.subarray(p.offset, p.offset + p.data.length));
+      this.remember(() => before.copy(e.data, p.offset));
+      e.data.set(p.data, p.offset);
+      this.counters.journalBytesWritten += p.data.length;
+    }
+  }
+
+  async sealLog(ref: BlockRef, gapStart: number, gapEnd: number, crc: number): Promise<void> {
+    this.check();
+    this.checkFence(ref);
+    const e = this.blocks.get(blockRefKey(ref));
+    if (!e) throw unavailable(ref);
+    const after = Buffer.from(e.data);
+    if (gapEnd > gapStart) after.fill(0, gapStart, gapEnd);
+    if (crc32c(after) >>> 0 !== crc >>> 0) {
+      this.counters.checksumFailures++;
+      throw new TorusError('CORRUPT', `log block ${formatBlockRef(ref)} holds other bytes than its writer sealed`);
+    }
+    if (!e.open) return;
+    const before = Buffer.from(e.data);
+    this.remember(() => {
+      before.copy(e.data);
+      e.open = true;
+    });
+    after.copy(e.data);
+    e.open = false;
+    this.counters.journalBytesWritten += Math.max(0, gapEnd - gapStart);
+  }
+
+  async fenceVolume(volume: number, epoch: number): Promise<BlockRef[]> {
+    this.check();
+    const cur = this.fences.get(volume) ?? 0;
+    if (epoch < cur) throw new TorusError('LOCKED', `the journal of volume ${volume} is fenced at epoch ${cur}, above ${epoch}: a newer writer has it`);
+    // Durable at once, as the disk store syncs it before answering.
+    this.fences.set(volume, epoch);
+    return [...this.blocks.values()].filter((e) => e.open && e.ref.volume === volume).map((e) => ({ ...e.ref }));
+  }
+
+  async readRaw(ref: BlockRef): Promise<Buffer> {
+    this.check();
+    const e = this.blocks.get(blockRefKey(ref));
+    if (!e) throw unavailable(ref);
+    if (!e.open) return this.read(ref, 0, this.blockSize);
+    return Buffer.from(e.data);
   }
 
   numBlocks(): number {

@@ -59,3 +59,15 @@ export function crashBlock(i: number, blockSize: number): Buffer {
 export function crashRef(i: number): BlockRef {
   return dataRef(7, 1, i);
 }
+
+/** Bytes the crash child appends to a log block per round. */
+export const CRASH_LOG_PIECE = 8192;
+
+export function crashLogRef(i: number): BlockRef {
+  return { type: BlockType.Log, volume: 7, inode: 1, index: i };
+}
+
+/** What the crash child appends to log block `i` at offset `at`. */
+export function crashLogPiece(i: number, at: number): Buffer {
+  return pattern(i * 1000 + at / CRASH_LOG_PIECE, CRASH_LOG_PIECE);
+}
