@@ -2,7 +2,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { TorusError, type ErrorCode } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
-import type { SectorRead } from '../core/interfaces.js';
+import type { LogPiece, SectorRead } from '../core/interfaces.js';
 import { parsePeerAddress, type PeerAddress } from './address.js';
 import {
   ConsecutiveFailureBreaker,
@@ -18,6 +18,13 @@ import {
   EXT_CRITICAL,
   EXT_CHECKSUMS,
   EXT_INSTANCE,
+  EXT_JOURNAL,
+  FLAG_RAW,
+  FLAG_SUMS,
+  encodeAppend,
+  encodeFence,
+  encodeSeal,
+  type FenceResultMessage,
   FrameDecoder,
   HANDSHAKE_MAX_FRAME_SIZE,
   HEADER_SIZE,
@@ -98,6 +105,8 @@ export interface RemotePeer {
   readonly instance: string | undefined;
   /** EXT_CHECKSUMS: it checks PUT CRCs and serves sector checksums. */
   readonly checksums: boolean;
+  /** EXT_JOURNAL: it keeps volume journals. */
+  readonly journal: boolean;
 }
 
 export type ClientState = 'idle' | 'connecting' | 'ready' | 'closed';
@@ -139,8 +148,9 @@ interface Call {
   readonly getOffset: number;
   readonly getLength: number;
   /** A GET asking for sector checksums (FLAG_SUMS): resolved with a SectorRead. */
-  readonly getSums: boolean;
-  /** Resolved with the DATA payload for a GET (a SectorRead with getSums), with the reply message otherwise. */
+  /** GET flags: FLAG_SUMS (resolved with a SectorRead), FLAG_RAW, or 0. */
+  readonly getFlags: number;
+  /** Resolved with the DATA payload for a GET (a SectorRead with FLAG_SUMS), with the reply message otherwise. */
   readonly resolve: (value: Message | Buffer | SectorRead) => void;
   readonly reject: (err: TorusError) => void;
   readonly timeoutMs: number;
@@ -300,7 +310,43 @@ export class PeerClient {
     checkGet(ref, offset, length);
     const remote = this._remote ?? (await this.connect(options));
     if (!remote.checksums) return undefined;
-    return (await this.request(NO_PARTS, Op.Get, Op.Data, ref, options?.timeoutMs, offset, length, false, true)) as SectorRead;
+    return (await this.request(NO_PARTS, Op.Get, Op.Data, ref, options?.timeoutMs, offset, length, false, FLAG_SUMS)) as SectorRead;
+  }
+
+  // ---- journals (docs/journal.md) ----
+
+  /** The peer keeps volume journals (it announced EXT_JOURNAL); connects to find out. */
+  async hasJournal(options?: RequestOptions): Promise<boolean> {
+    return (this._remote ?? (await this.connect(options))).journal;
+  }
+
+  private async needJournal(options: RequestOptions | undefined): Promise<void> {
+    if (!(await this.hasJournal(options))) throw new TorusError('INVALID_ARGUMENT', `peer ${this.address} keeps no volume journals (an older node)`);
+  }
+
+  /** Writes pieces into an open log block; with `sync`, durable when it resolves. */
+  async appendLog(ref: BlockRef, pieces: readonly LogPiece[], options?: PutOptions): Promise<void> {
+    await this.needJournal(options);
+    await this.request(encodeAppend(0, ref, pieces, options?.sync ?? false), Op.Append, Op.Ok, ref, options?.timeoutMs);
+  }
+
+  async sealLog(ref: BlockRef, gapStart: number, gapEnd: number, crc: number, options?: PutOptions): Promise<void> {
+    await this.needJournal(options);
+    await this.request([encodeSeal(0, ref, gapStart, gapEnd, crc, options?.sync ?? false)], Op.Seal, Op.Ok, ref, options?.timeoutMs);
+  }
+
+  /** Fences the volume's journal at `epoch`; the volume's open log blocks on the peer. */
+  async fenceVolume(volume: number, epoch: number, options?: RequestOptions): Promise<BlockRef[]> {
+    await this.needJournal(options);
+    const m = (await this.request([encodeFence(0, volume, epoch)], Op.Fence, Op.FenceResult, undefined, options?.timeoutMs)) as FenceResultMessage;
+    return [...m.open];
+  }
+
+  /** A block as stored, open log blocks included. */
+  async readRaw(ref: BlockRef, options?: RequestOptions): Promise<Buffer> {
+    checkGet(ref, 0, 0);
+    await this.needJournal(options);
+    return (await this.request(NO_PARTS, Op.Get, Op.Data, ref, options?.timeoutMs, 0, 0, false, FLAG_RAW)) as Buffer;
   }
 
   private get(ref: BlockRef, offset: number, length: number, options: RequestOptions | undefined): Promise<Buffer> {
@@ -453,7 +499,7 @@ export class PeerClient {
     getOffset = 0,
     getLength = 0,
     internal = false,
-    getSums = false,
+    getFlags = 0,
   ): Promise<Message | Buffer | SectorRead> {
     if (this._state === 'closed') return Promise.reject(new TorusError('CLOSED', `client for peer ${this.address} is closed`));
     let probe = false;
@@ -476,7 +522,7 @@ export class PeerClient {
     this.counters.requests++;
     return new Promise<Message | Buffer | SectorRead>((resolve, reject) => {
       const ms = timeoutMs ?? this.o.requestTimeoutMs;
-      const call: Call = { parts, op, expect, ref, getOffset, getLength, getSums, resolve, reject, timeoutMs: ms, timer: null, status: QUEUED, id: 0, probe };
+      const call: Call = { parts, op, expect, ref, getOffset, getLength, getFlags, resolve, reject, timeoutMs: ms, timer: null, status: QUEUED, id: 0, probe };
       // Waiting behind other calls is not a sign of a dead peer (a big sync queues hundreds of
       // puts): the timeout proper starts when the call is sent; the queue gets a bound of its own,
       // armed only if the call did not go out at once (one timer per call in the common case).
@@ -513,7 +559,7 @@ export class PeerClient {
       this.inFlight++;
       if (call.parts.length === 0) {
         const at = conn.writer.claim(GET_SIZE);
-        encodeGetInto(conn.writer.slabBuffer, at, id, call.ref!, call.getOffset, call.getLength, call.getSums);
+        encodeGetInto(conn.writer.slabBuffer, at, id, call.ref!, call.getOffset, call.getLength, call.getFlags);
       } else {
         setFrameId(call.parts[0]!, id);
         conn.writer.writeAll(call.parts);
@@ -560,7 +606,7 @@ export class PeerClient {
     if (call.timer) clearTimeout(call.timer);
     this.breaker.success();
     if (m.op === Op.Error) call.reject(new TorusError(m.code, `peer ${this.address}: ${m.message}`));
-    else if (m.op === Op.Data && call.expect === Op.Data && call.getSums) {
+    else if (m.op === Op.Data && call.expect === Op.Data && call.getFlags === FLAG_SUMS) {
       if (!m.sums) call.reject(new TorusError('PROTOCOL', `peer ${this.address} answered a read of ${this.describe(call)} without the sector checksums asked for`));
       else call.resolve({ sectorSize: m.sums.sectorSize, sums: m.sums.sums, offset: m.sums.offset, data: m.data });
     } else if (m.op === Op.Data && call.expect === Op.Data) {
@@ -720,6 +766,7 @@ export class PeerClient {
       blockSize: m.blockSize,
       instance: m.extensions.find((e) => e.type === EXT_INSTANCE)?.value.toString('hex'),
       checksums: m.extensions.some((e) => e.type === EXT_CHECKSUMS),
+      journal: m.extensions.some((e) => e.type === EXT_JOURNAL),
     };
     this._state = 'ready';
     this.attempts = 0;

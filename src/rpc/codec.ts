@@ -63,6 +63,13 @@ export const Op = {
   HasResult: 0x15,
   DeleteBatch: 0x16,
   Flush: 0x17,
+  /** Journal (docs/journal.md): write pieces into an open log block. */
+  Append: 0x18,
+  /** Journal: seal an open log block. */
+  Seal: 0x19,
+  /** Journal: fence a volume at an epoch; answered by FENCE_RESULT. */
+  Fence: 0x1a,
+  FenceResult: 0x1b,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
@@ -88,7 +95,19 @@ export const FLAG_CRC = 0x02;
  */
 export const FLAG_SUMS = 0x02;
 
-const ALLOWED_FLAGS: Readonly<Record<number, number>> = { [Op.PutBatch]: FLAG_SYNC | FLAG_CRC, [Op.Get]: FLAG_SUMS, [Op.Data]: FLAG_SUMS };
+/**
+ * GET: the block's bytes as stored, an open log block's included (journal replay); offset and
+ * length must be 0. Sent only to a server that announced EXT_JOURNAL.
+ */
+export const FLAG_RAW = 0x04;
+
+const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
+  [Op.PutBatch]: FLAG_SYNC | FLAG_CRC,
+  [Op.Get]: FLAG_SUMS | FLAG_RAW,
+  [Op.Data]: FLAG_SUMS,
+  [Op.Append]: FLAG_SYNC,
+  [Op.Seal]: FLAG_SYNC,
+};
 
 // Handshake extensions: TLVs after the fixed HELLO / HELLO_OK fields. A receiver ignores types it
 // does not know unless the type has the CRITICAL bit, in which case it must refuse the handshake:
@@ -110,6 +129,11 @@ export const EXT_INSTANCE = 0x0005;
  * critical: a client talking to a server without it sends neither and checks less.
  */
 export const EXT_CHECKSUMS = 0x0006;
+/**
+ * In HELLO_OK, empty: the server keeps volume journals (APPEND, SEAL, FENCE, GET with FLAG_RAW).
+ * Not critical: a writer does not choose a node that lacks it for a journal.
+ */
+export const EXT_JOURNAL = 0x0007;
 /** Reserved: HMAC-SHA256 over both nonces with the cluster secret. */
 export const EXT_AUTH_HMAC = EXT_CRITICAL | 0x0003;
 /** Reserved: switch the connection to TLS after HELLO_OK. */
@@ -206,6 +230,41 @@ export interface GetMessage {
   readonly length: number;
   /** FLAG_SUMS: answer with the block's sector checksums and whole sectors. */
   readonly sums?: boolean;
+  /** FLAG_RAW: the whole block as stored, open log blocks included. */
+  readonly raw?: boolean;
+}
+
+export interface AppendMessage {
+  readonly op: typeof Op.Append;
+  readonly id: number;
+  /** Flush before replying. */
+  readonly sync: boolean;
+  readonly ref: BlockRef;
+  readonly pieces: readonly { readonly offset: number; readonly data: Buffer }[];
+}
+
+export interface SealMessage {
+  readonly op: typeof Op.Seal;
+  readonly id: number;
+  readonly sync: boolean;
+  readonly ref: BlockRef;
+  readonly gapStart: number;
+  readonly gapEnd: number;
+  readonly crc: number;
+}
+
+export interface FenceMessage {
+  readonly op: typeof Op.Fence;
+  readonly id: number;
+  readonly volume: number;
+  readonly epoch: number;
+}
+
+export interface FenceResultMessage {
+  readonly op: typeof Op.FenceResult;
+  readonly id: number;
+  /** The volume's open log blocks on the node. */
+  readonly open: readonly BlockRef[];
 }
 
 /** What a DATA with FLAG_SUMS carries besides the bytes (see SectorRead in core). */
@@ -267,6 +326,10 @@ export type Message =
   | PutBatchMessage
   | PutResultMessage
   | RefsMessage
+  | AppendMessage
+  | SealMessage
+  | FenceMessage
+  | FenceResultMessage
   | HasResultMessage;
 
 // ---------------------------------------------------------------------------------------------
@@ -345,6 +408,12 @@ function writeHeader(buf: Buffer, bodyLength: number, op: Op, flags: number, id:
   buf[6] = 0;
   buf[7] = 0;
   buf.writeUInt32LE(id >>> 0, 8);
+}
+
+function writeU64(buf: Buffer, value: number, at: number): void {
+  if (!Number.isSafeInteger(value) || value < 0) throw new TorusError('INVALID_ARGUMENT', `${value} is not a u64 below 2^53`);
+  buf.writeUInt32LE(value % 2 ** 32, at);
+  buf.writeUInt32LE(Math.floor(value / 2 ** 32), at + 4);
 }
 
 function checkU32(value: number, what: string): void {
@@ -475,10 +544,10 @@ export function checkGet(ref: BlockRef, offset: number, length: number): void {
 }
 
 /** Writes a GET frame at `buf[at..at+GET_SIZE)`; fields must have passed checkGet. */
-export function encodeGetInto(buf: Buffer, at: number, id: number, ref: BlockRef, offset: number, length: number, sums = false): void {
+export function encodeGetInto(buf: Buffer, at: number, id: number, ref: BlockRef, offset: number, length: number, flags = 0): void {
   buf.writeUInt32LE(GET_SIZE - HEADER_SIZE, at);
   buf[at + 4] = Op.Get;
-  buf[at + 5] = sums ? FLAG_SUMS : 0;
+  buf[at + 5] = flags;
   buf[at + 6] = 0;
   buf[at + 7] = 0;
   buf.writeUInt32LE(id >>> 0, at + 8);
@@ -487,10 +556,68 @@ export function encodeGetInto(buf: Buffer, at: number, id: number, ref: BlockRef
   buf.writeUInt32LE(length, at + HEADER_SIZE + BLOCK_REF_SIZE + 4);
 }
 
-export function encodeGet(id: number, ref: BlockRef, offset: number, length: number, sums = false): Buffer {
+/** `flags`: FLAG_SUMS, FLAG_RAW or 0. */
+export function encodeGet(id: number, ref: BlockRef, offset: number, length: number, flags = 0): Buffer {
   checkGet(ref, offset, length);
   const buf = Buffer.allocUnsafe(GET_SIZE);
-  encodeGetInto(buf, 0, id, ref, offset, length, sums);
+  encodeGetInto(buf, 0, id, ref, offset, length, flags);
+  return buf;
+}
+
+/** APPEND: `ref[24]`, `u32 count`, count × (`u32 offset`, `u32 n`, n bytes). */
+export function encodeAppend(id: number, ref: BlockRef, pieces: readonly { readonly offset: number; readonly data: Uint8Array }[], sync: boolean): Buffer[] {
+  const meta = Buffer.allocUnsafe(HEADER_SIZE + BLOCK_REF_SIZE + 4 + 8 * pieces.length);
+  let body = BLOCK_REF_SIZE + 4;
+  for (const p of pieces) body += 8 + p.data.byteLength;
+  writeHeader(meta, body, Op.Append, sync ? FLAG_SYNC : 0, id);
+  writeRef(meta, HEADER_SIZE, ref);
+  meta.writeUInt32LE(pieces.length, HEADER_SIZE + BLOCK_REF_SIZE);
+  const parts: Buffer[] = [];
+  let start = 0;
+  let p = HEADER_SIZE + BLOCK_REF_SIZE + 4;
+  for (const piece of pieces) {
+    checkU32(piece.offset, 'offset');
+    meta.writeUInt32LE(piece.offset, p);
+    meta.writeUInt32LE(piece.data.byteLength, p + 4);
+    p += 8;
+    if (piece.data.byteLength > 0) {
+      parts.push(meta.subarray(start, p), asBuffer(piece.data));
+      start = p;
+    }
+  }
+  if (start < p || parts.length === 0) parts.push(meta.subarray(start, p));
+  return parts;
+}
+
+export function encodeSeal(id: number, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Buffer {
+  const body = BLOCK_REF_SIZE + 12;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + body);
+  writeHeader(buf, body, Op.Seal, sync ? FLAG_SYNC : 0, id);
+  writeRef(buf, HEADER_SIZE, ref);
+  checkU32(gapStart, 'gap start');
+  checkU32(gapEnd, 'gap end');
+  buf.writeUInt32LE(gapStart, HEADER_SIZE + BLOCK_REF_SIZE);
+  buf.writeUInt32LE(gapEnd, HEADER_SIZE + BLOCK_REF_SIZE + 4);
+  buf.writeUInt32LE(crc >>> 0, HEADER_SIZE + BLOCK_REF_SIZE + 8);
+  return buf;
+}
+
+/** FENCE: `u64 volume`, `u64 epoch`. */
+export function encodeFence(id: number, volume: number, epoch: number): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + 16);
+  writeHeader(buf, 16, Op.Fence, 0, id);
+  writeU64(buf, volume, HEADER_SIZE);
+  writeU64(buf, epoch, HEADER_SIZE + 8);
+  return buf;
+}
+
+/** FENCE_RESULT: `u32 count`, count × `ref[24]`. */
+export function encodeFenceResult(id: number, open: readonly BlockRef[]): Buffer {
+  const body = 4 + BLOCK_REF_SIZE * open.length;
+  const buf = Buffer.allocUnsafe(HEADER_SIZE + body);
+  writeHeader(buf, body, Op.FenceResult, 0, id);
+  buf.writeUInt32LE(open.length, HEADER_SIZE);
+  open.forEach((r, i) => writeRef(buf, HEADER_SIZE + 4 + i * BLOCK_REF_SIZE, r));
   return buf;
 }
 
@@ -623,7 +750,15 @@ export function encodeMessage(m: Message): Buffer[] {
     case Op.Flush:
       return [encodeEmpty(m.op, m.id)];
     case Op.Get:
-      return [encodeGet(m.id, m.ref, m.offset, m.length, m.sums)];
+      return [encodeGet(m.id, m.ref, m.offset, m.length, (m.sums ? FLAG_SUMS : 0) | (m.raw ? FLAG_RAW : 0))];
+    case Op.Append:
+      return encodeAppend(m.id, m.ref, m.pieces, m.sync);
+    case Op.Seal:
+      return [encodeSeal(m.id, m.ref, m.gapStart, m.gapEnd, m.crc, m.sync)];
+    case Op.Fence:
+      return [encodeFence(m.id, m.volume, m.epoch)];
+    case Op.FenceResult:
+      return [encodeFenceResult(m.id, m.open)];
     case Op.Data:
       return m.sums ? encodeDataSums(m.id, m.sums, m.data) : encodeData(m.id, m.data);
     case Op.PutBatch:
@@ -690,6 +825,16 @@ class BodyReader {
     const v = this.buf.readUInt32LE(this.pos);
     this.pos += 4;
     return v;
+  }
+
+  /** A u64 that must be below 2^53 (ids and epochs). */
+  u64(field: string): number {
+    this.need(8, field);
+    const lo = this.buf.readUInt32LE(this.pos);
+    const hi = this.buf.readUInt32LE(this.pos + 4);
+    if (hi >= 2 ** 21) throw protocol(`${this.what}: ${field} is above 2^53`);
+    this.pos += 8;
+    return hi * 2 ** 32 + lo;
   }
 
   ref(field: string): BlockRef {
@@ -809,8 +954,41 @@ function decodeBody(op: number, flags: number, id: number, buf: Buffer, start: n
       m = { op, id };
       break;
     case Op.Get:
-      m = { op, id, ref: r.ref('ref'), offset: r.u32('offset'), length: r.u32('length'), ...((flags & FLAG_SUMS) !== 0 ? { sums: true } : {}) };
+      m = {
+        op,
+        id,
+        ref: r.ref('ref'),
+        offset: r.u32('offset'),
+        length: r.u32('length'),
+        ...((flags & FLAG_SUMS) !== 0 ? { sums: true } : {}),
+        ...((flags & FLAG_RAW) !== 0 ? { raw: true } : {}),
+      };
       break;
+    case Op.Append: {
+      const ref = r.ref('ref');
+      const count = readCount(r, 8);
+      const pieces: { offset: number; data: Buffer }[] = new Array(count);
+      for (let i = 0; i < count; i++) {
+        const offset = r.u32('piece offset');
+        const n = r.u32('piece length');
+        pieces[i] = { offset, data: r.payload(n, 'piece data') };
+      }
+      m = { op, id, sync: (flags & FLAG_SYNC) !== 0, ref, pieces };
+      break;
+    }
+    case Op.Seal:
+      m = { op, id, sync: (flags & FLAG_SYNC) !== 0, ref: r.ref('ref'), gapStart: r.u32('gap start'), gapEnd: r.u32('gap end'), crc: r.u32('crc') };
+      break;
+    case Op.Fence:
+      m = { op, id, volume: r.u64('volume'), epoch: r.u64('epoch') };
+      break;
+    case Op.FenceResult: {
+      const count = readCount(r, BLOCK_REF_SIZE);
+      const open: BlockRef[] = new Array(count);
+      for (let i = 0; i < count; i++) open[i] = r.ref('ref');
+      m = { op, id, open };
+      break;
+    }
     case Op.Data:
       if ((flags & FLAG_SUMS) !== 0) {
         const sectorSize = r.u32('sector size');

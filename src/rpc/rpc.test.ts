@@ -377,6 +377,38 @@ describe('rpc over TCP: end-to-end checksums', () => {
   });
 });
 
+describe('rpc over TCP: journals', () => {
+  it('appends, seals, fences and reads raw through a node; a fenced writer is refused', async () => {
+    const store = new MemoryBlockStore({ blockSize: 16384, capacityBlocks: 10 });
+    const { address } = await startServer(store);
+    const c = newClient(address);
+    assert.equal(await c.hasJournal(), true);
+    const log: BlockRef = { type: BlockType.Log, volume: 4, inode: 2, index: 1 };
+    await c.appendLog(log, [{ offset: 0, data: pattern(1, 4096) }, { offset: 16384 - 64, data: pattern(2, 64) }], { sync: true });
+    assert.equal(store.isOpenLog(log), true);
+    const raw = await c.readRaw(log);
+    assert.deepEqual(raw.subarray(0, 4096), pattern(1, 4096));
+    assert.deepEqual(await c.fenceVolume(4, 3), [log]);
+    await assert.rejects(c.appendLog(log, [{ offset: 4096, data: pattern(3, 10) }]), (e) => e instanceof TorusError && e.code === 'LOCKED');
+    const whole = Buffer.from(raw);
+    whole.fill(0, 4096, 16384 - 64);
+    await assert.rejects(c.sealLog(log, 4096, 16384 - 64, crc32c(whole) >>> 0), (e) => e instanceof TorusError && e.code === 'LOCKED');
+    const next: BlockRef = { ...log, inode: 3 };
+    await c.appendLog(next, [{ offset: 0, data: pattern(4, 100) }]);
+    const mine = Buffer.alloc(16384);
+    pattern(4, 100).copy(mine);
+    await c.sealLog(next, 100, 16384, crc32c(mine) >>> 0, { sync: true });
+    assert.deepEqual(await c.getBlock(next), mine);
+  });
+
+  it('a node without journals does not announce them, and the client says so', async () => {
+    const { address } = await startServer(new MemService(4096));
+    const c = newClient(address);
+    assert.equal(await c.hasJournal(), false);
+    await assert.rejects(c.appendLog({ type: BlockType.Log, volume: 1, inode: 1, index: 1 }, []), (e) => e instanceof TorusError && e.code === 'INVALID_ARGUMENT' && /no volume journals/.test(e.message));
+  });
+});
+
 describe('rpc over TCP: handshake', () => {
   it('refuses a client from another cluster', async () => {
     const { server, address } = await startServer(new MemService());

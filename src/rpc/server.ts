@@ -3,12 +3,17 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
-import type { BlockStore, SectorRead } from '../core/interfaces.js';
+import type { BlockStore, LogPiece, SectorRead } from '../core/interfaces.js';
 import {
   DEFAULT_MAX_FRAME_SIZE,
   EXT_CRITICAL,
   EXT_CHECKSUMS,
   EXT_INSTANCE,
+  EXT_JOURNAL,
+  encodeFenceResult,
+  type AppendMessage,
+  type FenceMessage,
+  type SealMessage,
   EXT_SOFTWARE,
   FrameDecoder,
   HANDSHAKE_MAX_FRAME_SIZE,
@@ -47,6 +52,11 @@ export interface BlockService {
   /** `opts.crc`: the writer's CRC of the whole block; CORRUPT if the stored block does not match it. */
   putBlock(ref: BlockRef, data: Uint8Array, opts?: { readonly crc?: number }): Promise<void>;
   hasBlock(ref: BlockRef): boolean | Promise<boolean>;
+  /** Volume journals (docs/journal.md); a service that has them announces EXT_JOURNAL. */
+  appendLog?(ref: BlockRef, pieces: readonly LogPiece[]): Promise<void>;
+  sealLog?(ref: BlockRef, gapStart: number, gapEnd: number, crc: number): Promise<void>;
+  fenceVolume?(volume: number, epoch: number): Promise<BlockRef[]>;
+  readRaw?(ref: BlockRef): Promise<Buffer>;
   deleteBlock(ref: BlockRef): Promise<void>;
   flush(): Promise<void>;
 }
@@ -428,6 +438,12 @@ class ServerConnection {
         return this.hasBatch(m);
       case Op.DeleteBatch:
         return this.deleteBatch(m);
+      case Op.Append:
+        return this.append(m);
+      case Op.Seal:
+        return this.seal(m);
+      case Op.Fence:
+        return this.fence(m);
       case Op.Flush:
         this.begin(0);
         invoke(() => this.service.flush()).then(
@@ -483,6 +499,7 @@ class ServerConnection {
           { type: EXT_SOFTWARE, value: Buffer.from(this.s.software) },
           { type: EXT_INSTANCE, value: this.server.instance },
           ...(this.service.readSectors ? [{ type: EXT_CHECKSUMS, value: Buffer.alloc(0) }] : []),
+          ...(this.journal() ? [{ type: EXT_JOURNAL, value: Buffer.alloc(0) }] : []),
         ],
       }),
     );
@@ -528,6 +545,19 @@ class ServerConnection {
       return;
     }
     this.begin(size);
+    if (m.raw) {
+      const j = this.journal();
+      if (!j || !whole) return this.fail(m.id, new TorusError('INVALID_ARGUMENT', j ? 'a raw GET reads the whole block (offset and length 0)' : 'this node keeps no journals'), size);
+      invoke(() => j.readRaw(m.ref)).then(
+        (data) => {
+          if (this.state === 'closing') return this.done(size);
+          this.writer.writeAll(encodeData(m.id, data));
+          this.done(size);
+        },
+        (err: unknown) => this.fail(m.id, err, size),
+      );
+      return;
+    }
     const readSectors = m.sums ? this.service.readSectors?.bind(this.service) : undefined;
     if (readSectors) {
       // Whole sectors and the block's checksums: the client checks them against the writer's CRC.
@@ -556,6 +586,49 @@ class ServerConnection {
         this.done(size);
       },
       (err: unknown) => this.fail(m.id, err, size),
+    );
+  }
+
+  /** The service's journal operations, when it has all of them. */
+  private journal(): Required<Pick<BlockService, 'appendLog' | 'sealLog' | 'fenceVolume' | 'readRaw'>> | undefined {
+    const sv = this.service;
+    if (!sv.appendLog || !sv.sealLog || !sv.fenceVolume || !sv.readRaw) return undefined;
+    return { appendLog: sv.appendLog.bind(sv), sealLog: sv.sealLog.bind(sv), fenceVolume: sv.fenceVolume.bind(sv), readRaw: sv.readRaw.bind(sv) };
+  }
+
+  private append(m: AppendMessage): void {
+    let bytes = 0;
+    for (const p of m.pieces) bytes += p.data.length;
+    this.begin(bytes);
+    const j = this.journal();
+    if (!j) return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node keeps no journals'), bytes);
+    invoke(() => j.appendLog(m.ref, m.pieces))
+      .then(() => (m.sync ? this.service.flush() : undefined))
+      .then(
+        () => this.reply(encodeEmpty(Op.Ok, m.id), bytes),
+        (err: unknown) => this.fail(m.id, err, bytes),
+      );
+  }
+
+  private seal(m: SealMessage): void {
+    this.begin(0);
+    const j = this.journal();
+    if (!j) return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node keeps no journals'), 0);
+    invoke(() => j.sealLog(m.ref, m.gapStart, m.gapEnd, m.crc))
+      .then(() => (m.sync ? this.service.flush() : undefined))
+      .then(
+        () => this.reply(encodeEmpty(Op.Ok, m.id), 0),
+        (err: unknown) => this.fail(m.id, err, 0),
+      );
+  }
+
+  private fence(m: FenceMessage): void {
+    this.begin(0);
+    const j = this.journal();
+    if (!j) return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node keeps no journals'), 0);
+    invoke(() => j.fenceVolume(m.volume, m.epoch)).then(
+      (open) => this.reply(encodeFenceResult(m.id, open), 0),
+      (err: unknown) => this.fail(m.id, err, 0),
     );
   }
 
