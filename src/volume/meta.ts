@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { MAX_VOLUME_ID } from '../core/ids.js';
-import type { KVEntry, KVSession, MetaKV } from '../core/interfaces.js';
+import type { KVCompare, KVEntry, KVSession, MetaKV } from '../core/interfaces.js';
 import {
   checkSnapshotName,
   checkVolumeName,
@@ -91,19 +91,55 @@ export class VolumeMeta {
     checkVolumeName(name);
     checkVolumeSize(size);
     if (await this.kv.get(VKEYS.volume(name))) throw new TorusError('EXISTS', `volume ${name} already exists`);
-    const id = await this.nextVolumeId();
-    const record: VolumeRecord = { id, name, type: 'block', createdAt: new Date().toISOString(), ...(opts.parent ? { parent: opts.parent } : {}) };
     const head: Head = opts.head ? { ...opts.head, size, epoch: 0 } : { root: null, depth: 1, size, epoch: 0 };
+    const record = await this.insert(name, head, opts.parent, []);
+    if (!record) throw new TorusError('EXISTS', `volume ${name} already exists`);
+    return record;
+  }
+
+  /**
+   * Creates volume `name` from a snapshot, or from a volume as of its last sync, sharing its
+   * blocks; `size` (default the source's) may be larger. The transaction also checks that the
+   * source key is unchanged since it was read: a GC pass that reads metadata in between then still
+   * sees the source holding the blocks, where a snapshot deleted (or a head moved) between our read
+   * and the create would leave the new volume pointing at blocks GC may take.
+   */
+  async clone(name: string, source: { volume: string; snapshot?: string }, size?: number): Promise<VolumeRecord> {
+    checkVolumeName(name);
+    for (let i = 0; i < 20; i++) {
+      const v = await this.get(source.volume);
+      const key = source.snapshot !== undefined ? VKEYS.snapshot(v.id, source.snapshot) : VKEYS.head(v.id);
+      if (source.snapshot !== undefined) checkSnapshotName(source.snapshot);
+      const e = await this.kv.get(key);
+      if (!e) throw new TorusError('NOT_EXIST', source.snapshot !== undefined ? `no snapshot ${source.volume}@${source.snapshot}` : `volume ${source.volume} has no head`);
+      const from = source.snapshot !== undefined ? decodeSnapshot(e.value).head : decodeHead(e.value);
+      const bytes = size ?? from.size;
+      checkVolumeSize(bytes);
+      if (bytes < from.size) throw new TorusError('INVALID_ARGUMENT', `a clone of ${bytes} bytes is smaller than its source (${from.size} bytes)`);
+      if (await this.kv.get(VKEYS.volume(name))) throw new TorusError('EXISTS', `volume ${name} already exists`);
+      const parent = source.snapshot !== undefined ? { volume: source.volume, snapshot: source.snapshot } : { volume: source.volume };
+      const record = await this.insert(name, { root: from.root, depth: from.depth, size: bytes, epoch: 0 }, parent, [
+        { key, target: 'mod', cmp: '==', value: e.modRevision },
+      ]);
+      if (record) return record;
+      if (await this.kv.get(VKEYS.volume(name))) throw new TorusError('EXISTS', `volume ${name} already exists`);
+    }
+    throw new TorusError('AGAIN', `volume ${source.volume} kept changing; try the clone again`);
+  }
+
+  /** The new volume's record, head and epoch in one transaction; undefined if `compares` fail. */
+  private async insert(name: string, head: Head, parent: VolumeRecord['parent'], compares: KVCompare[]): Promise<VolumeRecord | undefined> {
+    const id = await this.nextVolumeId();
+    const record: VolumeRecord = { id, name, type: 'block', createdAt: new Date().toISOString(), ...(parent ? { parent } : {}) };
     const res = await this.kv.txn(
-      [{ key: VKEYS.volume(name), target: 'version', cmp: '==', value: 0 }],
+      [{ key: VKEYS.volume(name), target: 'version', cmp: '==', value: 0 }, ...compares],
       [
         { op: 'put', key: VKEYS.volume(name), value: JSON.stringify(record) },
         { op: 'put', key: VKEYS.head(id), value: encodeHead(head) },
         { op: 'put', key: VKEYS.epoch(id), value: '1' },
       ],
     );
-    if (!res.succeeded) throw new TorusError('EXISTS', `volume ${name} already exists`);
-    return record;
+    return res.succeeded ? record : undefined;
   }
 
   async get(name: string): Promise<VolumeRecord> {
@@ -282,6 +318,24 @@ export class VolumeMeta {
     const v = await this.get(name);
     const { entries } = await this.kv.list(VKEYS.snapshots(v.id));
     return entries.map((e) => decodeSnapshot(e.value)).sort((a, b) => a.when.localeCompare(b.when) || a.name.localeCompare(b.name));
+  }
+
+  /** Every snapshot of every volume, read at one revision, with its volume. */
+  async listAllSnapshots(): Promise<{ volume: VolumeRecord; snapshot: SnapshotRecord }[]> {
+    const all = await this.kv.list(P);
+    const byId = new Map<number, VolumeRecord>();
+    for (const e of all.entries)
+      if (e.key.startsWith(VKEYS.volumesPrefix)) {
+        const r = JSON.parse(e.value) as VolumeRecord;
+        byId.set(r.id, r);
+      }
+    const out: { volume: VolumeRecord; snapshot: SnapshotRecord }[] = [];
+    for (const e of all.entries) {
+      const m = /^\/torus\/volumemeta\/(\d+)\/snapshots\//.exec(e.key);
+      const volume = m ? byId.get(Number(m[1])) : undefined;
+      if (volume) out.push({ volume, snapshot: decodeSnapshot(e.value) });
+    }
+    return out;
   }
 
   async getSnapshot(name: string, snap: string): Promise<{ volume: VolumeRecord; snapshot: SnapshotRecord }> {

@@ -29,8 +29,8 @@ export interface VolumeRecord {
   readonly name: string;
   readonly type: 'block';
   readonly createdAt: string;
-  /** For a clone: where its first inode came from. */
-  readonly parent?: { readonly volume: string; readonly snapshot: string };
+  /** For a clone: where its first inode came from (a snapshot, or a volume as of its last sync). */
+  readonly parent?: { readonly volume: string; readonly snapshot?: string };
 }
 
 export interface LockRecord {

@@ -55,7 +55,7 @@ async function listVolumes(c: Command, opts: { json?: boolean; csv?: boolean }):
       v.record.type,
       v.lock ? `in-use (${v.lock.host})` : 'free',
       String(v.snapshots),
-      v.record.parent ? `${v.record.parent.volume}@${v.record.parent.snapshot}` : '',
+      v.record.parent ? [v.record.parent.volume, v.record.parent.snapshot].filter((x) => x !== undefined).join('@') : '',
     ]);
     process.stdout.write(opts.csv ? `${renderCsv(head, rows)}\n` : `${renderTable(head, rows)}\n`);
   });
@@ -271,9 +271,7 @@ export function blockCommand(): Command {
       .action(async (vs: string, name: string, _o: unknown, c: Command) =>
         withMeta(c, async (meta) => {
           const { volume, snapshot } = volSnap(vs);
-          const vm = new VolumeMeta(meta.kv());
-          const { snapshot: rec } = await vm.getSnapshot(volume, snapshot);
-          await vm.create(name, rec.head.size, { head: rec.head, parent: { volume, snapshot } });
+          await new VolumeMeta(meta.kv()).clone(name, { volume, snapshot });
           process.stdout.write(`created volume ${name} from ${volume}@${snapshot}\n`);
         }),
       ),
