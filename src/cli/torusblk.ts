@@ -3,6 +3,7 @@ import { tuneMalloc } from '../core/malloc.js';
 import { VERSION } from '../core/version.js';
 import { addBlockIoOptions, addGlobalOptions } from './shared/config.js';
 import { aoeCommand } from './torusblk/aoe.js';
+import { csiCommand } from './torusblk/csi.js';
 import { nbdCommand, nbdserveCommand } from './torusblk/nbd.js';
 import { runProgram } from './shared/run.js';
 import { createVolumeAction } from './torusctl/volume.js';
@@ -10,13 +11,14 @@ import { createVolumeAction } from './torusctl/volume.js';
 // The client: serves volumes over NBD (and AoE).
 export function buildProgram(): Command {
   const program = new Command('torusblk')
-    .description('serve Torus block volumes to this machine (NBD, AoE)')
+    .description('serve Torus block volumes to this machine (NBD, AoE, Kubernetes CSI)')
     .version(`torusblk\nVersion: ${VERSION}`, '--version')
     .showHelpAfterError('(run with --help for usage)');
   addGlobalOptions(addBlockIoOptions(program));
   program.addCommand(nbdserveCommand());
   program.addCommand(nbdCommand());
   program.addCommand(aoeCommand());
+  program.addCommand(csiCommand());
   const volume = new Command('volume').description('manage block volumes (see also torusctl volume)');
   volume.addCommand(
     new Command('create').description('create a thin-provisioned block volume').argument('<name>').argument('<size>', 'size, e.g. 10GiB').action(createVolumeAction()),

@@ -1,31 +1,13 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TorusError } from '../../core/errors.js';
+import { haveCommand as which, runCommand as run } from '../../core/exec.js';
 
 // Giving the user a block device for an NBD export served on a private unix socket: the kernel's
 // NBD client through the standard `nbd-client` when the kernel has the module, otherwise
 // `nbdfuse` (libnbd) exposing the export as a file and a loop device on that file.
-
-/**
- * Runs a command without blocking the event loop: the NBD server these commands talk to (through
- * the kernel or FUSE) lives in this very process, so a synchronous spawn would deadlock.
- */
-function run(cmd: string, args: string[], timeoutMs = 30_000): Promise<{ ok: boolean; out: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs });
-    let out = '';
-    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    p.stderr.on('data', (d: Buffer) => (out += d.toString()));
-    p.on('error', (err) => resolve({ ok: false, out: err.message }));
-    p.on('close', (code) => resolve({ ok: code === 0, out: out.trim() }));
-  });
-}
-
-function which(cmd: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
-}
 
 export async function kernelHasNbd(): Promise<boolean> {
   if (existsSync('/sys/module/nbd') && existsSync('/dev/nbd0')) return true;
