@@ -24,11 +24,11 @@ RUN npx tsc -p tsconfig.json && npm run --silent build:native && npm prune --omi
 # ---- runtime ----
 FROM ${RUNTIME_IMAGE}
 # tini: PID 1 that reaps the helpers torusblk starts and passes signals on.
-# libnbd-bin (nbdfuse), fuse3, nbd-client, mount (losetup, mount), e2fsprogs, xfsprogs: attaching
-# volumes as block devices and file systems (torusblk nbd, the CSI node plugin).
+# libnbd-bin (nbdfuse), fuse3, nbd-client, mount (losetup, mount), e2fsprogs (mkfs.ext4,
+# resize2fs): attaching volumes as block devices and ext4 file systems (torusblk nbd, CSI).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      tini libnbd-bin fuse3 nbd-client mount util-linux e2fsprogs xfsprogs \
+      tini libnbd-bin fuse3 nbd-client mount util-linux e2fsprogs \
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
  && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin torus
 WORKDIR /opt/torus

@@ -34,6 +34,13 @@ export const PACKAGES = {
     'nbd-client',
     'e2fsprogs',
     'busybox-static',
+    // the container image's tests (test/integration/container.test.ts, shared/reference/containers.md)
+    'podman', // builds and runs the image (Docker-compatible CLI and API)
+    'buildah', // podman's image builder
+    'runc', // the OCI runtime podman is set to use: crun refuses this machine's cgroup layout
+    'catatonit', // the init of podman's pause image, which `podman kube play` builds locally
+    'debootstrap', // base images from the Debian mirror: no container registry is reachable
+    'docker-compose', // runs deploy/compose against podman's Docker API
   ],
 };
 

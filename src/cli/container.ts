@@ -68,7 +68,7 @@ function etcdFromSeed(env: NodeJS.ProcessEnv): string | undefined {
  * then TORUS_*; one setting given both ways is an error, and so is a TORUS_* no option has.
  */
 export function flagsFromEnv(env: NodeJS.ProcessEnv, options: readonly Pick<Option, 'long' | 'required' | 'optional'>[], seed: readonly string[]): string[] {
-  const byEnv = new Map(options.filter((o) => o.long).map((o) => [envName(o.long!), o]));
+  const byEnv = new Map(options.filter((o) => o.long && o.long !== '--version' && o.long !== '--help').map((o) => [envName(o.long!), o]));
   const out = [...seed];
   const fromSeed = new Set(seed.filter((a) => a.startsWith('--')));
   for (const [name, value] of Object.entries(env)) {

@@ -23,7 +23,8 @@ export const ACCESS_MODES: ReadonlySet<AccessModeName> = new Set([
   'SINGLE_NODE_MULTI_WRITER',
 ]);
 
-export const FS_TYPES: ReadonlySet<string> = new Set(['ext4', 'xfs']);
+/** ext4 only: the image carries its tools (xfsprogs would bring Python along). */
+export const FS_TYPES: ReadonlySet<string> = new Set(['ext4']);
 export const DEFAULT_FS_TYPE = 'ext4';
 
 /** Without a requested size; StorageClasses and PVCs normally give one. */

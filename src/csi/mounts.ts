@@ -4,7 +4,7 @@ import { TorusError } from '../core/errors.js';
 import { runCommand } from '../core/exec.js';
 
 // The node's view of mounts and block devices, through /proc and /sys and the standard tools
-// (mount, umount, blkid, mkfs.*, resize2fs, xfs_growfs): what the CSI node service needs to stage
+// (mount, umount, blkid, mkfs.ext4, e2fsck, resize2fs): what the CSI node service needs to stage
 // a device as a file system and bind it into pods.
 
 export interface MountEntry {
@@ -91,9 +91,8 @@ export async function probeDevice(dev: string): Promise<{ type?: string; ptType?
  * and stores nothing, so discarding all of it would only cost time.
  */
 export async function makeFs(fsType: string, dev: string): Promise<void> {
-  if (fsType === 'ext4') await mustRun('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', dev], 600_000);
-  else if (fsType === 'xfs') await mustRun('mkfs.xfs', ['-q', '-K', dev], 600_000);
-  else throw new TorusError('INVALID_ARGUMENT', `file system ${fsType} is not supported`);
+  if (fsType !== 'ext4') throw new TorusError('INVALID_ARGUMENT', `file system ${fsType} is not supported`);
+  await mustRun('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', dev], 600_000);
 }
 
 /** The bytes an ext4 file system spans (its block count times block size). */
@@ -119,9 +118,7 @@ export async function growExt4Offline(dev: string): Promise<boolean> {
   return true;
 }
 
-/** Grows a mounted file system to its device's size; a no-op when it already fills it. */
-export async function growMountedFs(fsType: string, dev: string, mountPoint: string): Promise<void> {
-  if (fsType === 'ext4') {
-    if ((await ext4Bytes(dev)) < deviceBytes(dev)) await mustRun('resize2fs', [dev], 600_000);
-  } else if (fsType === 'xfs') await mustRun('xfs_growfs', [mountPoint], 600_000);
+/** Grows a mounted ext4 to its device's size (needs CAP_SYS_RESOURCE); a no-op when it already fills it. */
+export async function growMountedExt4(dev: string): Promise<void> {
+  if ((await ext4Bytes(dev)) < deviceBytes(dev)) await mustRun('resize2fs', [dev], 600_000);
 }

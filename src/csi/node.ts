@@ -5,7 +5,7 @@ import { isTorusError } from '../core/errors.js';
 import type { Attached, Attacher } from './attach-process.js';
 import { DEFAULT_FS_TYPE, isReadOnlyMode, required, unsupported } from './common.js';
 import { alreadyExists, invalid, notFound, outOfRange, precondition } from './errors.js';
-import { deviceBytes, growExt4Offline, growMountedFs, makeFs, mountsAt, mustRun, probeDevice, unmountAll } from './mounts.js';
+import { deviceBytes, growExt4Offline, growMountedExt4, makeFs, mountsAt, mustRun, probeDevice, unmountAll } from './mounts.js';
 import type { CapacityRange, Params, VolumeCapability } from './proto.js';
 
 // The CSI node service. Staging attaches the volume through its own `torusblk nbd` process (the
@@ -105,10 +105,9 @@ export class NodeService {
     // A volume made from a smaller snapshot, or expanded while unstaged, has room past its file
     // system: it grows here, so the pod sees the size it asked for.
     const ro = isReadOnlyMode(cap);
-    if (!ro && fsType === 'ext4') await growExt4Offline(device);
+    if (!ro) await growExt4Offline(device);
     const flags = [...(cap.mount?.mount_flags ?? []), ...(ro ? ['ro'] : [])];
     await mustRun('mount', ['-t', fsType, ...(flags.length ? ['-o', flags.join(',')] : []), device, path]);
-    if (!ro && fsType !== 'ext4') await growMountedFs(fsType, device, path);
   }
 
   async unstage(req: { volume_id?: string; staging_target_path?: string }): Promise<Record<string, never>> {
@@ -196,7 +195,7 @@ export class NodeService {
     const want = Number(req.capacity_range?.required_bytes ?? 0);
     // The device takes its size when attached; ControllerExpandVolume runs while it is not.
     if (want > size) throw outOfRange(`the device of ${volume} has ${size} bytes, less than ${want}: expand it with ControllerExpandVolume while unstaged`);
-    if (s.fsType && !isReadOnlyMode(s.capability)) await growMountedFs(s.fsType, s.attached.device, s.stagingPath);
+    if (s.fsType && !isReadOnlyMode(s.capability)) await growMountedExt4(s.attached.device);
     return { capacity_bytes: size };
   }
 }

@@ -107,16 +107,22 @@ export async function ensureBases(log: (s: string) => void): Promise<void> {
     if (!existsSync(npmDir)) throw new Error(`npm not found at ${npmDir}`);
     const ctx = mkdtempSync(join(STATE, 'build-base-'));
     try {
+      // Like the official image it stands in for: npm and Node's headers (node-gyp would fetch them
+      // from nodejs.org, which is not reachable here), and this machine's CA bundle, which its
+      // TLS-inspecting route to the npm registry needs.
       writeFileSync(
         join(ctx, 'Containerfile'),
         `FROM ${RUNTIME_BASE}
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 make g++ ca-certificates \\
  && apt-get clean && rm -rf /var/lib/apt/lists/*
-RUN mkdir -p /usr/local/lib/node_modules && cp -a /hostnpm /usr/local/lib/node_modules/npm \\
- && ln -sf ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm && ln -sf ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx
+RUN mkdir -p /usr/local/lib/node_modules /usr/local/include && cp -a /hostnpm /usr/local/lib/node_modules/npm && cp -a /hostinclude /usr/local/include/node \\
+ && ln -sf ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm && ln -sf ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx \\
+ && cp /hostca/ca-certificates.crt /usr/local/share/ca-certificates/build-host.crt && update-ca-certificates
+ENV npm_config_nodedir=/usr/local npm_config_cafile=/etc/ssl/certs/ca-certificates.crt NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt
 `,
       );
-      await must('podman', ['build', '--network=host', '-v', `${npmDir}:/hostnpm:ro`, '-t', BUILD_BASE, ctx], 900);
+      const include = join(dirname(dirname(process.execPath)), 'include', 'node');
+      await must('podman', ['build', '--network=host', '-v', `${npmDir}:/hostnpm:ro`, '-v', `${include}:/hostinclude:ro`, '-v', '/etc/ssl/certs:/hostca:ro', '-t', BUILD_BASE, ctx], 900);
     } finally {
       rmSync(ctx, { recursive: true, force: true });
     }
