@@ -39,6 +39,10 @@ test('every torusd flag is a TORUS_ variable; booleans take 1/0; the seed names 
   assert.deepEqual(inv.args.slice(-2), ['--read-level', 'spread']);
   assert.deepEqual(inv.initArgs, ['--etcd', '10.0.0.1:2379,10.0.0.2:2380,[fd00::3]:2379', '--etcd-ca-file', '/tls/ca.pem', 'init']);
   assert.deepEqual(run([], { TORUS_AUTO_JOIN: '0' }).args.includes('--auto-join'), false);
+  // TORUS_* alone replaces the seed's defaults, it does not clash with them.
+  assert.deepEqual(run([], { TORUS_PEER_ADDRESS: 'http://10.0.0.9:41000', TORUS_HOST: '10.0.0.9', TORUS_PORT: '5000' }).args, [
+    '--peer-address', 'http://10.0.0.9:41000', '--host', '10.0.0.9', '--port', '5000', '--data-dir', '/data',
+  ]);
   // What comes out parses as torusd's own command line.
   const p = torusd();
   p.exitOverride();

@@ -83,23 +83,29 @@ export function flagsFromEnv(env: NodeJS.ProcessEnv, options: readonly Pick<Opti
   return out;
 }
 
-/** torusd's flags from the seed's variables (the original image's entrypoint.sh). */
-function torusdSeed(env: NodeJS.ProcessEnv): string[] {
+/**
+ * torusd's flags from the seed's variables (the original image's entrypoint.sh): those set, and
+ * defaults for what neither they nor a TORUS_* variable set.
+ */
+function torusdSeed(env: NodeJS.ProcessEnv): { given: string[]; defaults: string[] } {
   const etcd = etcdFromSeed(env);
   // Without LISTEN_HOST a container listens on every address and advertises its own (the first
   // non-loopback IPv4), which is what non-host networking needs; the original bound 127.0.0.1,
   // which no other node can reach.
   const host = env['LISTEN_HOST'] || '0.0.0.0';
   const peer = env['PEER_ADDRESS'] || `http://${host.includes(':') ? `[${host}]` : host}:${port('LISTEN_PEER_PORT', env['LISTEN_PEER_PORT'] ?? '40000')}`;
-  return [
+  const httpPort = port('LISTEN_HTTP_PORT', env['LISTEN_HTTP_PORT'] ?? '4321');
+  const set = (name: string): boolean => env[name] !== undefined && env[name] !== '';
+  const given: string[] = [
     ...(etcd ? ['--etcd', etcd] : []),
-    ...(env['STORAGE_SIZE'] ? ['--size', env['STORAGE_SIZE']] : []),
-    '--peer-address', peer,
-    '--host', host,
-    '--port', port('LISTEN_HTTP_PORT', env['LISTEN_HTTP_PORT'] ?? '4321'),
-    ...(env['AUTO_JOIN'] !== undefined && truthy('AUTO_JOIN', env['AUTO_JOIN']) ? ['--auto-join'] : []),
-    ...(env['DEBUG'] !== undefined && truthy('DEBUG', env['DEBUG']) ? ['--debug'] : []),
+    ...(set('STORAGE_SIZE') ? ['--size', env['STORAGE_SIZE']!] : []),
+    ...(set('PEER_ADDRESS') || set('LISTEN_HOST') || set('LISTEN_PEER_PORT') ? ['--peer-address', peer] : []),
+    ...(set('LISTEN_HOST') ? ['--host', host] : []),
+    ...(set('LISTEN_HTTP_PORT') ? ['--port', httpPort] : []),
+    ...(set('AUTO_JOIN') && truthy('AUTO_JOIN', env['AUTO_JOIN']!) ? ['--auto-join'] : []),
+    ...(set('DEBUG') && truthy('DEBUG', env['DEBUG']!) ? ['--debug'] : []),
   ];
+  return { given, defaults: ['--peer-address', peer, '--host', host, '--port', httpPort, '--data-dir', '/data'] };
 }
 
 /** What to run for the container's arguments and environment. */
@@ -111,8 +117,9 @@ export function invocation(argv: readonly string[], env: NodeJS.ProcessEnv, prog
   const rest = first === undefined || first.startsWith('-') ? [...argv] : argv.slice(1);
   const cmd = programs[program];
   if (program === 'torusd') {
-    const flags = flagsFromEnv(env, cmd.options, torusdSeed(env));
-    if (!flags.includes('--data-dir')) flags.push('--data-dir', '/data');
+    const seed = torusdSeed(env);
+    const flags = flagsFromEnv(env, cmd.options, seed.given);
+    for (let i = 0; i < seed.defaults.length; i += 2) if (!flags.includes(seed.defaults[i]!)) flags.push(seed.defaults[i]!, seed.defaults[i + 1]!);
     const debugInit = env['DEBUG_INIT'] !== undefined && truthy('DEBUG_INIT', env['DEBUG_INIT']);
     const conn = connectionArgs(flags, rest);
     return { program, args: [...flags, ...rest], ...(debugInit ? { initArgs: [...conn, 'init'] } : {}) };

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import ts from 'typescript';
@@ -175,4 +176,82 @@ test('the compose file: three torusd on their own ports, all with settings the e
     assert.ok(inv.args.includes('--auto-join'));
   }
   assert.equal(ports.size, 6, 'no two nodes share a port');
+});
+
+// ---- systemd ----
+
+const SYSTEMD = join(REPO, 'deploy', 'systemd');
+
+/** KEY=value lines of an environment file. */
+function envFile(path: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const line of readFileSync(path, 'utf8').split('\n')) {
+    const m = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(line.trim());
+    if (m) out[m[1]!] = m[2]!;
+  }
+  return out;
+}
+
+/** A unit's command line as systemd expands it: ${V} is one word, $V splits on spaces, %i/%I the instance. */
+function expand(line: string, env: Record<string, string>, instance: string): string[] {
+  const words: string[] = [];
+  for (const w of line.replace(/%[iI]/g, instance).split(/\s+/).filter(Boolean)) {
+    const whole = /^\$\{([A-Z0-9_]+)\}$/.exec(w);
+    const split = /^\$([A-Z0-9_]+)$/.exec(w);
+    if (whole) words.push(env[whole[1]!] ?? '');
+    else if (split) words.push(...(env[split[1]!] ?? '').split(/\s+/).filter(Boolean));
+    else words.push(w.replace(/\$\{([A-Z0-9_]+)\}/g, (_, k: string) => env[k] ?? ''));
+  }
+  return words;
+}
+
+function unitValue(text: string, key: string): string {
+  const m = new RegExp(`^${key}=(.*)$`, 'm').exec(text);
+  assert.ok(m, `${key}= is set`);
+  return m[1]!;
+}
+
+test('the systemd units pass systemd-analyze verify (only the install paths are missing here)', { skip: spawnSync('sh', ['-c', 'command -v systemd-analyze']).status === 0 ? false : 'no systemd-analyze' }, () => {
+  const dir = mkdtempSync(join(REPO, 'dist', '.units-'));
+  try {
+    for (const f of ['torusd.service', 'torusblk@.service']) writeFileSync(join(dir, f), readFileSync(join(SYSTEMD, f)));
+    symlinkSync('torusblk@.service', join(dir, 'torusblk@vol1.service'));
+    const r = spawnSync('systemd-analyze', ['verify', '--man=no', join(dir, 'torusd.service'), join(dir, 'torusblk@vol1.service')], { encoding: 'utf8', timeout: 60_000 });
+    const problems = `${r.stdout}${r.stderr}`
+      .split('\n')
+      .filter(Boolean)
+      .filter((l) => !/Command (\/usr\/local\/bin\/torus(d|blk)|\/sbin\/modprobe) is not executable/.test(l));
+    assert.deepEqual(problems, []);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("the units' command lines, with the example settings, are ones torusd and torusblk accept", () => {
+  const d = readFileSync(join(SYSTEMD, 'torusd.service'), 'utf8');
+  assert.match(d, /^After=network-online\.target etcd\.service$/m);
+  assert.match(d, /^Wants=network-online\.target$/m);
+  const dArgs = expand(unitValue(d, 'ExecStart'), envFile(join(SYSTEMD, 'torusd.env')), '');
+  assert.equal(dArgs.shift(), '/usr/local/bin/torusd');
+  const p = torusd();
+  p.exitOverride();
+  assert.deepEqual(p.parseOptions(dArgs).unknown, [], dArgs.join(' '));
+  assert.ok(dArgs.includes('--auto-join'));
+  // Every TORUS_ name in the env file is one the container image also reads (one vocabulary).
+  const programs = { torusd: torusd(), torusctl: torusctl(), torusblk: torusblk() };
+  const env = envFile(join(SYSTEMD, 'torusd.env'));
+  delete env['TORUS_OPTIONS'];
+  assert.doesNotThrow(() => invocation([], env, programs));
+
+  const b = readFileSync(join(SYSTEMD, 'torusblk@.service'), 'utf8');
+  assert.match(b, /^KillMode=mixed$/m, 'SIGTERM reaches torusblk alone, which detaches and syncs');
+  const bArgs = expand(unitValue(b, 'ExecStart'), { ...envFile(join(SYSTEMD, 'torusblk.env')), DEVICE: '/dev/nbd3' }, 'vol1');
+  assert.equal(bArgs.shift(), '/usr/local/bin/torusblk');
+  const blk = torusblk();
+  const nbd = blk.commands.find((c) => c.name() === 'nbd')!;
+  blk.exitOverride();
+  nbd.exitOverride();
+  const at = bArgs.indexOf('nbd');
+  assert.deepEqual(blk.parseOptions(bArgs.slice(0, at)).unknown, []);
+  assert.deepEqual(nbd.parseOptions(bArgs.slice(at + 1)).operands, ['vol1', '/dev/nbd3']);
 });
