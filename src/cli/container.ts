@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { chownSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { chownSync, lstatSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Command, Option } from 'commander';
@@ -229,6 +229,6 @@ export async function main(argv: string[]): Promise<void> {
   } catch (err) {
     process.exit(reportError('torus-container', err, process.env['DEBUG'] === '1'));
   }
-  if (existsSync('/proc/self')) process.title = inv.program;
+  process.title = inv.program;
   ({ torusd: torusdMain, torusctl: torusctlMain, torusblk: torusblkMain })[inv.program](inv.args);
 }

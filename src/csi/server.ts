@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, rmSync, statSync } from 'node:fs';
 import { dirname } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { TorusError, isTorusError } from '../core/errors.js';
@@ -32,6 +32,9 @@ export interface CsiServerOptions {
 }
 
 type Handler = (req: Record<string, unknown>) => Promise<unknown>;
+
+/** Calls the CO makes all the time, logged at debug level only. */
+const ROUTINE = new Set(['GetPluginInfo', 'GetPluginCapabilities', 'Probe', 'ControllerGetCapabilities', 'NodeGetCapabilities', 'NodeGetInfo', 'NodeGetVolumeStats', 'ListVolumes', 'ListSnapshots']);
 
 /** The request field that names what a call works on, for the one-call-at-a-time rule. */
 function subject(req: Record<string, unknown>): string | undefined {
@@ -140,7 +143,7 @@ export class CsiServer {
     const t0 = Date.now();
     try {
       const res = await fn(req);
-      this.opts.log[method.startsWith('Get') || method.startsWith('List') || method.endsWith('Capabilities') || method === 'Probe' || method === 'NodeGetInfo' || method === 'NodeGetVolumeStats' ? 'debug' : 'info']({ ...what, ms: Date.now() - t0 }, 'ok');
+      this.opts.log[ROUTINE.has(method) ? 'debug' : 'info']({ ...what, ms: Date.now() - t0 }, 'ok');
       return res;
     } catch (err) {
       const st = csiStatusOf(err);
@@ -162,6 +165,8 @@ export class CsiServer {
     await new Promise<void>((resolve, reject) =>
       this.server.bindAsync(`unix://${path}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(new TorusError('INVALID_ARGUMENT', `cannot listen on ${path}: ${err.message}`)) : resolve())),
     );
+    // The CO's sidecars may run as other users of the pod's group (fsGroup); nobody else may call.
+    chmodSync(path, 0o660);
     this.path = path;
     return path;
   }

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, openSync, readFileSync, readSync, closeSync, statfsSync, writeFileSync, writeSync, fsyncSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdtempSync, openSync, readFileSync, readSync, statfsSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -108,6 +108,7 @@ describe('torusblk csi', { skip }, () => {
     const node = JSON.stringify(await csi.call('Node', 'NodeGetCapabilities'));
     for (const cap of ['STAGE_UNSTAGE_VOLUME', 'GET_VOLUME_STATS', 'EXPAND_VOLUME', 'VOLUME_CONDITION']) assert.ok(node.includes(`"${cap}"`), cap);
     assert.equal((await csi.call('Node', 'NodeGetInfo'))['node_id'], 'node-a');
+    assert.equal(statSync(join(dir, 'csi', 'csi.sock')).mode & 0o777, 0o660, 'only its owner and group may call the driver');
   });
 
   test('the sanity cases: missing arguments, unknown ids, capabilities a volume does not have', async () => {
