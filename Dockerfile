@@ -35,7 +35,7 @@ WORKDIR /opt/torus
 COPY package.json binding.gyp ./
 COPY --from=build /src/node_modules node_modules
 COPY --from=build /src/dist/src dist/src
-COPY --from=build /src/build/Release/aoe_socket.node /src/build/Release/page_cache_read.node /src/build/Release/malloc_tuning.node build/Release/
+COPY --from=build /src/build/Release/*.node build/Release/
 COPY bin bin
 COPY src/csi/csi.proto src/csi/csi.proto
 COPY deploy/container/torus-entrypoint.sh /usr/local/bin/torus-entrypoint

@@ -108,29 +108,17 @@ export class ControllerService {
     const context = checkParams({ ...req.parameters, ...req.mutable_parameters });
     const name = torusName(csiName);
     const src = req.volume_content_source?.type ? req.volume_content_source : undefined;
-    // The source, as {volume, snapshot?}, and its size.
+    // The source as {volume, snapshot?}.
     let source: { volume: string; snapshot?: string } | undefined;
-    let floor = 0;
     if (src?.type === 'snapshot') {
       const id = required(src.snapshot?.snapshot_id, 'volume_content_source.snapshot.snapshot_id');
-      const s = parseSnapshotId(id);
-      if (!s) throw notFound(`no snapshot ${id}`);
-      try {
-        floor = (await this.b.vmeta.getSnapshot(s.volume, s.snapshot)).snapshot.head.size;
-      } catch (err) {
-        if (isTorusError(err, 'NOT_EXIST')) throw notFound(`no snapshot ${id}`);
-        throw err;
-      }
-      source = s;
+      source = parseSnapshotId(id);
+      if (!source) throw notFound(`no snapshot ${id}`);
     } else if (src?.type === 'volume') {
-      const id = required(src.volume?.volume_id, 'volume_content_source.volume.volume_id');
-      const v = await this.volumeInfo(id);
-      if (!v) throw notFound(`no volume ${id}`);
-      floor = v.size;
-      source = { volume: id };
+      source = { volume: required(src.volume?.volume_id, 'volume_content_source.volume.volume_id') };
     }
-    const size = sizeFor(req.capacity_range, floor);
     for (let attempt = 0; attempt < 2; attempt++) {
+      // A retried call finds what the first made, even if its source has gone since.
       const existing = await this.volumeInfo(name);
       if (existing) {
         const p = existing.record.parent;
@@ -139,6 +127,7 @@ export class ControllerService {
         if (!fits(existing.size, req.capacity_range)) throw alreadyExists(`volume ${name} exists with ${existing.size} bytes, outside the requested range`);
         return { volume: this.toVolume(name, existing.size, context, src) };
       }
+      const size = sizeFor(req.capacity_range, source ? await this.sourceBytes(source) : 0);
       try {
         if (source) await this.b.vmeta.clone(name, source, size);
         else await this.b.vmeta.create(name, size);
@@ -149,6 +138,19 @@ export class ControllerService {
       }
     }
     throw alreadyExists(`volume ${name} already exists`);
+  }
+
+  /** The size of a clone's source; NOT_FOUND when it does not exist. */
+  private async sourceBytes(source: { volume: string; snapshot?: string }): Promise<number> {
+    const what = source.snapshot !== undefined ? `snapshot ${snapshotId(source.volume, source.snapshot)}` : `volume ${source.volume}`;
+    try {
+      if (source.snapshot !== undefined) return (await this.b.vmeta.getSnapshot(source.volume, source.snapshot)).snapshot.head.size;
+      const v = await this.volumeInfo(source.volume);
+      if (v) return v.size;
+    } catch (err) {
+      if (!isTorusError(err, 'NOT_EXIST')) throw err;
+    }
+    throw notFound(`no ${what}`);
   }
 
   async deleteVolume(req: { volume_id?: string }): Promise<Record<string, never>> {

@@ -242,6 +242,8 @@ describe('torusblk csi', { skip }, () => {
 
     // Delete: snapshots first, then the volumes; each twice.
     await twice('Controller', 'DeleteSnapshot', { snapshot_id: 'pvc-life@snapshot-1' });
+    // A retried create still finds its volume after the snapshot it came from is gone.
+    await createVolume('pvc-restored', 128 * MiB, { volume_content_source: { snapshot: { snapshot_id: 'pvc-life@snapshot-1' } } });
     for (const v of ['pvc-life', 'pvc-restored', 'pvc-clone', 'pvc-other']) await twice('Controller', 'DeleteVolume', { volume_id: v });
     const left = (await csi.call('Controller', 'ListVolumes', {}))['entries'] as { volume: { volume_id: string } }[];
     assert.deepEqual(left.filter((e) => e.volume.volume_id.startsWith('pvc-')), []);
