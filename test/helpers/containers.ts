@@ -56,6 +56,14 @@ export function sh(cmd: string, args: readonly string[], timeoutS = 300, env: No
   });
 }
 
+/**
+ * A build at low CPU priority: compiling (tsc, g++) takes both cores for a minute, and the tests
+ * running alongside (a VM under software emulation among them) have deadlines.
+ */
+export function niced(cmd: string, args: readonly string[]): [string, string[]] {
+  return ['nice', ['-n', '15', cmd, ...args]];
+}
+
 export async function must(cmd: string, args: readonly string[], timeoutS = 300, env?: NodeJS.ProcessEnv): Promise<string> {
   const r = await sh(cmd, args, timeoutS, env);
   if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}:\n${r.out.slice(-4000)}`);
@@ -89,7 +97,7 @@ export async function ensureBases(log: (s: string) => void): Promise<void> {
     const t0 = Date.now();
     const root = mkdtempSync(join(STATE, 'rootfs-'));
     try {
-      await must('debootstrap', ['--variant=minbase', 'bookworm', root, debianMirror()], 600);
+      await must(...niced('debootstrap', ['--variant=minbase', 'bookworm', root, debianMirror()]), 600);
       rmSync(join(root, 'var/cache/apt/archives'), { recursive: true, force: true });
       rmSync(join(root, 'var/lib/apt/lists'), { recursive: true, force: true });
       mkdirSync(join(root, 'var/lib/apt/lists/partial'), { recursive: true });
@@ -122,7 +130,7 @@ ENV npm_config_nodedir=/usr/local npm_config_cafile=/etc/ssl/certs/ca-certificat
 `,
       );
       const include = join(dirname(dirname(process.execPath)), 'include', 'node');
-      await must('podman', ['build', '--network=host', '-v', `${npmDir}:/hostnpm:ro`, '-v', `${include}:/hostinclude:ro`, '-v', '/etc/ssl/certs:/hostca:ro', '-t', BUILD_BASE, ctx], 900);
+      await must(...niced('podman', ['build', '--network=host', '-v', `${npmDir}:/hostnpm:ro`, '-v', `${include}:/hostinclude:ro`, '-v', '/etc/ssl/certs:/hostca:ro', '-t', BUILD_BASE, ctx]), 900);
     } finally {
       rmSync(ctx, { recursive: true, force: true });
     }
@@ -132,7 +140,7 @@ ENV npm_config_nodedir=/usr/local npm_config_cafile=/etc/ssl/certs/ca-certificat
 
 /** Builds the repository's Dockerfile from the local bases. */
 export async function buildImage(tag: string): Promise<void> {
-  await must('podman', ['build', '--network=host', '--build-arg', `BUILD_IMAGE=${BUILD_BASE}`, '--build-arg', `RUNTIME_IMAGE=${RUNTIME_BASE}`, '-t', tag, '-f', join(REPO, 'Dockerfile'), REPO], 1200);
+  await must(...niced('podman', ['build', '--network=host', '--build-arg', `BUILD_IMAGE=${BUILD_BASE}`, '--build-arg', `RUNTIME_IMAGE=${RUNTIME_BASE}`, '-t', tag, '-f', join(REPO, 'Dockerfile'), REPO]), 1200);
 }
 
 export async function imageBytes(tag: string): Promise<number> {

@@ -5,7 +5,7 @@ import { mkdirSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'n
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { parseAllDocuments, stringify } from 'yaml';
-import { buildImage, containersUnavailable, containerEnv, ensureBases, imageBytes, MiB, must, RUNTIME_BASE, sh, STATE } from '../helpers/containers.js';
+import { buildImage, containersUnavailable, containerEnv, ensureBases, imageBytes, MiB, must, niced, RUNTIME_BASE, sh, STATE } from '../helpers/containers.js';
 import { freePort, startEtcd, type EtcdHandle } from '../helpers/etcd.js';
 import { eventually, REPO, stopProcess } from '../helpers/procs.js';
 
@@ -158,7 +158,7 @@ describe('the container image', { skip }, () => {
     const ctx = join(work, 'etcd-image');
     mkdirSync(ctx);
     writeFileSync(join(ctx, 'Containerfile'), `FROM ${RUNTIME_BASE}\nRUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends etcd-server && rm -rf /var/lib/apt/lists/*\n`);
-    if ((await sh('podman', ['image', 'exists', ETCD_IMAGE], 30)).code !== 0) await must('podman', ['build', '--network=host', '-t', ETCD_IMAGE, ctx], 600);
+    if ((await sh('podman', ['image', 'exists', ETCD_IMAGE], 30)).code !== 0) await must(...niced('podman', ['build', '--network=host', '-t', ETCD_IMAGE, ctx]), 600);
     const sock = join(work, 'podman.sock');
     const service = spawn('podman', ['system', 'service', '--time=0', `unix://${sock}`], { env: containerEnv(), stdio: 'ignore' });
     const ports = await Promise.all(Array.from({ length: 8 }, () => freePort()));
