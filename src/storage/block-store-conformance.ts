@@ -318,6 +318,30 @@ export function blockStoreConformance(name: string, factory: StoreFactory): void
         assert.equal(st.checksumFailures, 0);
       }));
 
+    it('inspects a copy whole and names the CRC a replacement must have', () =>
+      withStore(4, async (s) => {
+        const short = pattern(19, 5000);
+        await s.putBlock(dataRef(8, 1, 0), short);
+        await s.putBlock(dataRef(8, 1, 1), pattern(20, B), { crc: crc32c(pattern(20, B)) });
+        assert.deepEqual(await s.inspectBlock(dataRef(8, 1, 0)), { status: 'ok', crc: crc32c(padded(short, B)) >>> 0 });
+        assert.deepEqual(await s.inspectBlock(dataRef(8, 1, 1)), { status: 'ok', crc: crc32c(pattern(20, B)) >>> 0 });
+        assert.deepEqual(await s.inspectBlock(dataRef(8, 1, 2)), { status: 'missing' });
+        assert.equal(s.stats().checksumFailures, 0);
+      }));
+
+    it('lists held blocks by slot, each in exactly one window', () =>
+      withStore(6, async (s) => {
+        const refs = Array.from({ length: 5 }, (_, i) => dataRef(9, 1, i));
+        for (const [i, r] of refs.entries()) await s.putBlock(r, pattern(30 + i, 100));
+        await s.deleteBlock(refs[1]!);
+        await s.flush();
+        const all = s.refsInSlots(0, s.numBlocks());
+        assert.deepEqual(all.map(blockRefKey).sort(), [0, 2, 3, 4].map((i) => blockRefKey(refs[i]!)).sort());
+        const windows = [0, 2, 4].flatMap((from) => s.refsInSlots(from, from + 2));
+        assert.deepEqual(windows.map(blockRefKey), all.map(blockRefKey));
+        assert.deepEqual(s.refsInSlots(6, 12), []);
+      }));
+
     it('counts reads and bytes', () =>
       withStore(2, async (s) => {
         await s.putBlock(dataRef(6, 1, 0), pattern(17, B));

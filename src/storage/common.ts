@@ -49,6 +49,20 @@ export function emptyStats(): BlockStoreStats {
 
 export type VerifyResult = 'ok' | 'missing' | 'corrupt';
 
+/** What a scrubber learns about one stored copy, without the store dropping it. */
+export interface BlockInspection {
+  readonly status: VerifyResult;
+  /** Why the copy is corrupt. */
+  readonly reason?: string;
+  /**
+   * The CRC32C a good copy of the whole block has: the writer's, as the block's record keeps it,
+   * or for a record from before that, what the block's intact sector checksums combine to.
+   * Undefined when the copy is missing, or neither survives (then nothing fetched from elsewhere
+   * can be checked here).
+   */
+  readonly crc?: number;
+}
+
 export interface ScrubReport {
   checked: number;
   corrupt: BlockRef[];
@@ -59,6 +73,14 @@ export interface LocalBlockStore extends BlockStore, JournalStore {
   stats(): BlockStoreStats;
   /** Reads and checks the whole block; a corrupt block is dropped (so a repair put can store it). */
   verifyBlock(ref: BlockRef): Promise<VerifyResult>;
+  /**
+   * Reads the whole block from the medium (not from any cache of checksums) and checks every
+   * sector, and the sector checksums against the writer's CRC. Unlike verifyBlock it keeps a bad
+   * copy: its intact sectors still serve reads until a checked replacement is stored.
+   */
+  inspectBlock(ref: BlockRef): Promise<BlockInspection>;
+  /** Held blocks whose slots lie in [from, to) of [0, numBlocks()), in slot order (the data file's). */
+  refsInSlots(from: number, to: number): BlockRef[];
   /** verifyBlock over every held block. */
   scrub(opts?: { signal?: AbortSignal; onProgress?: (checked: number, total: number) => void }): Promise<ScrubReport>;
 }

@@ -240,6 +240,100 @@ describe('FileBlockStore', () => {
       }
     }));
 
+  describe('inspectBlock (the scrubber\'s check)', () => {
+    /** A store with blocks 0..2, block 1 of which is returned with its slot and writer's CRC. */
+    const setup = async (dir: string): Promise<{ s: FileBlockStore; ref: ReturnType<typeof dataRef>; loc: NonNullable<ReturnType<FileBlockStore['locate']>>; crc: number }> => {
+      const s = await openStore(dir, 4);
+      for (let i = 0; i < 3; i++) await s.putBlock(dataRef(1, 1, i), pattern(i, B));
+      await s.flush();
+      const ref = dataRef(1, 1, 1);
+      return { s, ref, loc: s.locate(ref)!, crc: crc32c(pattern(1, B)) >>> 0 };
+    };
+    /** Rewrites the block's record as a store from before block CRCs were kept wrote it. */
+    const makeOldRecord = async (dir: string, loc: { recordOffset: number }): Promise<void> => {
+      const rec = decodeRecord(await peek(dir, TABLE_FILE, loc.recordOffset, 64));
+      assert.ok(rec.kind === 'used');
+      await poke(dir, TABLE_FILE, loc.recordOffset, encodeRecord(rec.ref, rec.generation, rec.checksumsCrc));
+    };
+
+    it('finds a flipped byte on disk, keeps the copy, and names the writer\'s CRC', () =>
+      withTmpDir(async (dir) => {
+        const { s, ref, loc, crc } = await setup(dir);
+        try {
+          await flipByte(dir, DATA_FILE, loc.dataOffset + 2 * 4096 + 17);
+          const got = await s.inspectBlock(ref);
+          assert.equal(got.status, 'corrupt');
+          assert.match(got.reason!, /sector 2 does not match its checksum/);
+          assert.equal(got.crc, crc);
+          // Kept: its intact sectors still serve reads, and a replacement goes in by delete + put.
+          assert.ok(s.hasBlock(ref));
+          assert.deepEqual(await s.readRange(ref, 0, 4096), pattern(1, B).subarray(0, 4096));
+          assert.equal(s.stats().checksumFailures, 0);
+          await s.deleteBlock(ref);
+          await s.putBlock(ref, pattern(1, B), { crc });
+          assert.deepEqual(await s.inspectBlock(ref), { status: 'ok', crc });
+          assert.deepEqual(await s.inspectBlock(dataRef(1, 1, 0)), { status: 'ok', crc: crc32c(pattern(0, B)) >>> 0 });
+        } finally {
+          await s.close();
+        }
+      }));
+
+    it('reads the disk, not the cached checksum array', () =>
+      withTmpDir(async (dir) => {
+        const { s, ref, loc, crc } = await setup(dir);
+        try {
+          await s.readRange(ref, 0, 10); // caches the slot's checksum array
+          await flipByte(dir, TABLE_FILE, loc.checksumOffset + 5);
+          // The record keeps the writer's CRC, so a replacement can still be checked.
+          assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: 'its sector checksum array does not match its record', crc });
+        } finally {
+          await s.close();
+        }
+      }));
+
+    it('finds a record damaged while the store runs, and falls back on the intact array for the CRC', () =>
+      withTmpDir(async (dir) => {
+        const { s, ref, loc, crc } = await setup(dir);
+        try {
+          await flipByte(dir, TABLE_FILE, loc.recordOffset + 37); // inside the block CRC: the record's own CRC fails
+          assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: 'its slot record on disk is damaged', crc });
+        } finally {
+          await s.close();
+        }
+      }));
+
+    it('for a record without a block CRC: the intact array\'s combination, or nothing when the array is damaged too', () =>
+      withTmpDir(async (dir) => {
+        let { s, ref, loc, crc } = await setup(dir);
+        await s.close();
+        await makeOldRecord(dir, loc);
+        s = await openStore(dir, 4);
+        try {
+          await flipByte(dir, DATA_FILE, loc.dataOffset + 100);
+          assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: 'sector 0 does not match its checksum', crc });
+          await flipByte(dir, TABLE_FILE, loc.checksumOffset + 5);
+          assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: 'its sector checksum array does not match its record' });
+        } finally {
+          await s.close();
+        }
+      }));
+
+    it('finds sector checksums that do not combine to the writer\'s CRC', () =>
+      withTmpDir(async (dir) => {
+        const { s, ref, loc } = await setup(dir);
+        try {
+          // A record whose block CRC disagrees with an intact array and data: a put that stored
+          // other bytes than the writer's would look like this.
+          const rec = decodeRecord(await peek(dir, TABLE_FILE, loc.recordOffset, 64));
+          assert.ok(rec.kind === 'used');
+          await poke(dir, TABLE_FILE, loc.recordOffset, encodeRecord(rec.ref, rec.generation, rec.checksumsCrc, undefined, 0x1234));
+          assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: "its sector checksums do not combine to the writer's CRC", crc: 0x1234 });
+        } finally {
+          await s.close();
+        }
+      }));
+  });
+
   it('detects a damaged checksum array and a record whose data never landed', () =>
     withTmpDir(async (dir) => {
       let s = await openStore(dir, 4);

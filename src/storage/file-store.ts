@@ -30,6 +30,7 @@ import {
   outOfSpace,
   scrubStore,
   unavailable,
+  type BlockInspection,
   type BlockStoreStats,
   type LocalBlockStore,
   type ScrubReport,
@@ -37,6 +38,7 @@ import {
 } from './common.js';
 import { lockDir, type DirLock } from './dir-lock.js';
 import { fsyncDir, mkdirDurableSync } from './durable-fs.js';
+import { inspectSlot } from './inspect.js';
 import { readCached } from './page-cache.js';
 import {
   DATA_FILE,
@@ -526,7 +528,7 @@ export class FileBlockStore implements LocalBlockStore {
   /**
    * Checksum arrays of recently read slots, keyed by slot and valid for one generation. A ranged
    * read then costs one pread instead of two. Still checked against the record's CRC on every
-   * use; scrubs (verifyBlock) and open-time checks bypass it and read the disk's copy.
+   * use; scrubs (verifyBlock, inspectBlock) and open-time checks bypass it and read the disk's copy.
    */
   private readonly sumsCache = new LruCache<number, { gen: number; sums: Buffer }>(SUMS_CACHE_BYTES, (e) => e.sums.length);
 
@@ -578,10 +580,7 @@ export class FileBlockStore implements LocalBlockStore {
     } catch (err) {
       throw ioError(`reading block ${formatBlockRef(ref)}`, err, this.dir);
     } finally {
-      if (--this.readers[slot]! === 0 && this.state[slot] === DRAINING) {
-        this.draining--;
-        this.pushFree(slot);
-      }
+      this.releaseReader(slot);
     }
     if (typeof res === 'string') {
       this.counters.checksumFailures++;
@@ -591,6 +590,14 @@ export class FileBlockStore implements LocalBlockStore {
     }
     if (count) this.counters.reads++;
     return res;
+  }
+
+  /** Ends a read of `slot`; a slot freed while it was read is handed out only now. */
+  private releaseReader(slot: number): void {
+    if (--this.readers[slot]! === 0 && this.state[slot] === DRAINING) {
+      this.draining--;
+      this.pushFree(slot);
+    }
   }
 
   async getBlock(ref: BlockRef): Promise<Buffer> {
@@ -662,6 +669,46 @@ export class FileBlockStore implements LocalBlockStore {
 
   scrub(opts: { signal?: AbortSignal; onProgress?: (checked: number, total: number) => void } = {}): Promise<ScrubReport> {
     return scrubStore(this, opts);
+  }
+
+  async inspectBlock(ref: BlockRef): Promise<BlockInspection> {
+    this.enter();
+    try {
+      const key = refKey(ref);
+      const slot = this.index.get(key);
+      if (slot === undefined) return { status: 'missing' };
+      // An open log block has no checksums yet; its journal records carry their own.
+      if (this.state[slot] === OPEN) return { status: 'ok' };
+      const generation = this.gens[slot]!;
+      const data = Buffer.allocUnsafe(this.blockSize);
+      const sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
+      const record = Buffer.allocUnsafe(RECORD_SIZE);
+      this.readers[slot]!++;
+      try {
+        await Promise.all([
+          readFull(this.data, data, this.layout.dataOffset(slot)),
+          readFull(this.table, sums, this.layout.checksumOffset(slot)),
+          readFull(this.table, record, this.layout.recordOffset(slot)),
+        ]);
+      } catch (err) {
+        throw ioError(`reading block ${formatBlockRef(ref)}`, err, this.dir);
+      } finally {
+        this.releaseReader(slot);
+      }
+      this.counters.bytesRead += data.length;
+      // Deleted (or dropped and stored again) while it was read: what was read is no one's copy.
+      if (this.index.get(key) !== slot || this.gens[slot] !== generation) return { status: 'missing' };
+      return inspectSlot({ key, generation, checksumsCrc: this.sums[slot]!, record, sums, data, blockSize: this.blockSize, sectorSize: this.sectorSize });
+    } finally {
+      this.leave();
+    }
+  }
+
+  refsInSlots(from: number, to: number): BlockRef[] {
+    const hits: [number, string][] = [];
+    for (const [key, slot] of this.index) if (slot >= from && slot < to) hits.push([slot, key]);
+    hits.sort((a, b) => a[0] - b[0]);
+    return hits.map(([, key]) => keyToRef(key));
   }
 
   // ---- writes ----

@@ -17,6 +17,7 @@ import {
   outOfSpace,
   scrubStore,
   unavailable,
+  type BlockInspection,
   type BlockStoreStats,
   type LocalBlockStore,
   type ScrubReport,
@@ -41,12 +42,17 @@ interface Entry {
   corrupt: boolean;
   /** An open log block: appended to, unreadable but raw until sealed. */
   open: boolean;
+  /** CRC32C of `data` as stored (once sealed, for a log block), as the disk store's record keeps it. */
+  crc: number;
+  /** Creation order: refsInSlots lists blocks in it, as the disk store lists them by slot. */
+  readonly seq: number;
 }
 
 export class MemoryBlockStore implements LocalBlockStore {
   readonly blockSize: number;
   private readonly capacity: number;
   private readonly blocks = new Map<string, Entry>();
+  private nextSeq = 0;
   private closed = false;
   private readonly counters: BlockStoreStats = emptyStats();
   private readonly fences = new Map<number, number>();
@@ -125,13 +131,14 @@ export class MemoryBlockStore implements LocalBlockStore {
     if (!held && this.blocks.size >= this.capacity) throw outOfSpace(this.blocks.size, this.capacity, this.blockSize);
     const copy = Buffer.alloc(this.blockSize);
     copy.set(data);
-    if (opts?.crc !== undefined && crc32c(copy) >>> 0 !== opts.crc >>> 0) {
+    const crc = crc32c(copy) >>> 0;
+    if (opts?.crc !== undefined && crc !== opts.crc >>> 0) {
       this.counters.checksumFailures++;
       throw new TorusError('CORRUPT', `block ${formatBlockRef(ref)} arrived damaged: not the writer's CRC; not stored`);
     }
     // A sealed copy replaces an open one (a replica that missed the seal).
     this.remember(() => (held ? this.blocks.set(key, held) : this.blocks.delete(key)));
-    this.blocks.set(key, { ref: { type: ref.type, volume: ref.volume, inode: ref.inode, index: ref.index }, data: copy, corrupt: false, open: false });
+    this.blocks.set(key, { ref: { type: ref.type, volume: ref.volume, inode: ref.inode, index: ref.index }, data: copy, corrupt: false, open: false, crc, seq: this.nextSeq++ });
     this.counters.writes++;
     this.counters.bytesWritten += this.blockSize;
   }
@@ -182,7 +189,7 @@ export class MemoryBlockStore implements LocalBlockStore {
     if (entry && !entry.open) throw new TorusError('INVALID_ARGUMENT', `log block ${formatBlockRef(ref)} is sealed: nothing more can be appended to it`);
     if (!entry) {
       if (this.blocks.size >= this.capacity) throw outOfSpace(this.blocks.size, this.capacity, this.blockSize);
-      entry = { ref: { ...ref }, data: Buffer.alloc(this.blockSize), corrupt: false, open: true };
+      entry = { ref: { ...ref }, data: Buffer.alloc(this.blockSize), corrupt: false, open: true, crc: 0, seq: this.nextSeq++ };
       this.blocks.set(key, entry);
       this.remember(() => this.blocks.delete(key));
     }
@@ -214,6 +221,7 @@ export class MemoryBlockStore implements LocalBlockStore {
     });
     after.copy(e.data);
     e.open = false;
+    e.crc = crc >>> 0;
     this.counters.journalBytesWritten += Math.max(0, gapEnd - gapStart);
   }
 
@@ -262,6 +270,26 @@ export class MemoryBlockStore implements LocalBlockStore {
     this.counters.checksumFailures++;
     this.blocks.delete(blockRefKey(ref));
     return 'corrupt';
+  }
+
+  async inspectBlock(ref: BlockRef): Promise<BlockInspection> {
+    this.check();
+    const entry = this.blocks.get(blockRefKey(ref));
+    if (!entry) return { status: 'missing' };
+    // An open log block has no checksums yet; its journal records carry their own.
+    if (entry.open) return { status: 'ok' };
+    this.counters.bytesRead += this.blockSize;
+    if (entry.corrupt) return { status: 'corrupt', reason: 'a sector does not match its checksum', crc: entry.crc };
+    // Bytes swapped by replaceBlock are self-consistent, but not the writer's.
+    if (crc32c(entry.data) >>> 0 !== entry.crc) return { status: 'corrupt', reason: "its sector checksums do not combine to the writer's CRC", crc: entry.crc };
+    return { status: 'ok', crc: entry.crc };
+  }
+
+  /** Slots here are ranks in creation order: a block deleted during a pass shifts the later ones down. */
+  refsInSlots(from: number, to: number): BlockRef[] {
+    this.check();
+    const sealed = [...this.blocks.values()].filter((e) => !e.open).sort((a, b) => a.seq - b.seq);
+    return sealed.slice(Math.max(0, from), Math.max(0, to)).map((e) => e.ref);
   }
 
   scrub(opts: { signal?: AbortSignal; onProgress?: (checked: number, total: number) => void } = {}): Promise<ScrubReport> {
