@@ -42,6 +42,52 @@ export const IDLE_REBALANCE: RebalanceInfo = Object.freeze({
   ringVersion: 0,
 });
 
+/** A kind of orphaned block a storage node holds: see docs/architecture.md, "Orphans". */
+export interface OrphanGroupInfo {
+  /** `unknown-type`: a block type this node's build does not know; `unknown-volume`: a volume id etcd never handed out. */
+  readonly kind: 'unknown-type' | 'unknown-volume';
+  /** The block type or the volume id. */
+  readonly id: number;
+  readonly blocks: number;
+  /** ms since epoch this node first found them orphaned (the grace period runs from here). */
+  readonly since: number;
+}
+
+/** A storage node's background scrub and orphan handling, as published with its heartbeat. */
+export interface ScrubInfo {
+  /** Every held block is read and checked once per interval (ms); 0: scrubbing is off. */
+  readonly intervalMs: number;
+  /** The read rate limit, bytes per second. */
+  readonly rate: number;
+  /** The pass under way: when it started (0: none), and bytes checked so far of the bytes held. */
+  readonly passStartedAt: number;
+  readonly passBytes: number;
+  readonly heldBytes: number;
+  /** The last finished pass (0s when none yet). */
+  readonly lastStartedAt: number;
+  readonly lastFinishedAt: number;
+  readonly lastBytes: number;
+  readonly lastErrors: number;
+  readonly lastRepaired: number;
+  /** When the next pass is due (ms since epoch; 0 while one runs or scrubbing is off). */
+  readonly nextPassAt: number;
+  /** Since the data dir's first scrub: passes finished, bytes checked. */
+  readonly passes: number;
+  readonly checkedBytes: number;
+  /** Since the data dir's first scrub: bad copies found, replaced by a checked copy from another replica, and dropped (no checksum left here to check a replacement against). */
+  readonly errors: number;
+  readonly repaired: number;
+  readonly dropped: number;
+  /** Bad copies still here, waiting for a good copy from another replica. */
+  readonly pending: number;
+  /** Orphaned blocks held now, the kinds (at most 16 listed), and those deleted after the grace period since start. */
+  readonly orphanBlocks: number;
+  readonly orphanGroups: readonly OrphanGroupInfo[];
+  readonly orphansDeleted: number;
+  /** ms an orphan is kept before it is deleted; 0: never deleted. */
+  readonly orphanGraceMs: number;
+}
+
 /** What a process publishes about itself under its lease. */
 export interface PeerInfo {
   readonly uuid: string;
@@ -59,6 +105,10 @@ export interface PeerInfo {
   readonly protocolVersion: number;
   readonly rebalance: RebalanceInfo;
   readonly version: string;
+  /** Storage nodes: the scrubber's state; absent from clients and from builds without one. */
+  readonly scrub?: ScrubInfo;
+  /** Storage nodes: the block types this build knows; another node keeps orphans of these types. */
+  readonly blockTypes?: readonly number[];
 }
 
 export const RING_TYPES = ['empty', 'single', 'mod', 'ketama'] as const;

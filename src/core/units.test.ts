@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { isTorusError } from './errors.js';
-import { formatAgo, formatSize, parseDuration, parseSize } from './units.js';
+import { formatAgo, formatSize, formatSpan, parseDuration, parseSize } from './units.js';
 
 test('parseSize reads IEC and SI units exactly', () => {
   assert.equal(parseSize('512KiB'), 524288);
@@ -37,4 +37,6 @@ test('parseDuration and formatAgo', () => {
   assert.equal(formatAgo(1000), '1 second ago');
   assert.equal(formatAgo(2000), '2 seconds ago');
   assert.equal(formatAgo(180_000), '3 minutes ago');
+  assert.equal(formatSpan(0), '0 seconds');
+  assert.equal(formatSpan(7 * 86_400_000), '7 days');
 });

@@ -51,9 +51,13 @@ export function parseDuration(text: string): number {
 
 /** "2 seconds ago", "just now", "3 minutes ago". */
 export function formatAgo(ms: number): string {
+  return Math.round(ms / 1000) < 1 ? 'just now' : `${formatSpan(ms)} ago`;
+}
+
+/** A length of time in its largest whole unit: "1 second", "3 minutes", "2 days". */
+export function formatSpan(ms: number): string {
   const s = Math.max(0, Math.round(ms / 1000));
-  if (s < 1) return 'just now';
-  const plural = (n: number, w: string): string => `${n} ${w}${n === 1 ? '' : 's'} ago`;
+  const plural = (n: number, w: string): string => `${n} ${w}${n === 1 ? '' : 's'}`;
   if (s < 60) return plural(s, 'second');
   if (s < 3600) return plural(Math.floor(s / 60), 'minute');
   if (s < 86400) return plural(Math.floor(s / 3600), 'hour');

@@ -1,5 +1,5 @@
 import { TorusError } from '../core/errors.js';
-import type { GlobalMetadata, PeerInfo, RingModel } from '../core/models.js';
+import type { GlobalMetadata, PeerInfo, RingModel, ScrubInfo } from '../core/models.js';
 import { IDLE_REBALANCE, RING_TYPES } from '../core/models.js';
 
 // Metadata values are JSON. Decoding validates shape, so a hand-edited or foreign key gives a
@@ -82,6 +82,32 @@ export function decodePeer(text: string): PeerInfo {
       // Absent in records from writers that did not publish it: no pass known, so not balanced.
       ringVersion: num(reb, 'ringVersion', w, 0),
     },
+    ...(isObject(o['scrub']) ? { scrub: decodeScrub(o['scrub'], w) } : {}),
+    ...(Array.isArray(o['blockTypes']) ? { blockTypes: o['blockTypes'].filter((t): t is number => Number.isInteger(t)) } : {}),
+  };
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+const SCRUB_NUMBERS = [
+  'intervalMs', 'rate', 'passStartedAt', 'passBytes', 'heldBytes', 'lastStartedAt', 'lastFinishedAt', 'lastBytes', 'lastErrors',
+  'lastRepaired', 'nextPassAt', 'passes', 'checkedBytes', 'errors', 'repaired', 'dropped', 'pending', 'orphanBlocks', 'orphansDeleted', 'orphanGraceMs',
+] as const;
+
+/** Fields a writer did not publish read as 0, so records from other versions still decode. */
+function decodeScrub(o: Record<string, unknown>, w: string): ScrubInfo {
+  const nums = Object.fromEntries(SCRUB_NUMBERS.map((k) => [k, num(o, k, `${w} scrub`, 0)])) as Record<(typeof SCRUB_NUMBERS)[number], number>;
+  const groups = Array.isArray(o['orphanGroups']) ? o['orphanGroups'].filter(isObject) : [];
+  return {
+    ...nums,
+    orphanGroups: groups.map((g) => ({
+      kind: g['kind'] === 'unknown-type' ? 'unknown-type' : 'unknown-volume',
+      id: num(g, 'id', `${w} orphan group`, 0),
+      blocks: num(g, 'blocks', `${w} orphan group`, 0),
+      since: num(g, 'since', `${w} orphan group`, 0),
+    })),
   };
 }
 

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
+import { BlockType } from '../core/ids.js';
 import { buildLiveSet, collectLocal } from './gc.js';
 import { memoryCluster } from './testing.js';
 import { BlockVolume } from './volume.js';
@@ -84,6 +85,30 @@ test('blocks of a sync in flight, and of volumes newer than the view, are never 
   await late.close();
   const fresh = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await fresh.read(0, 8 * BS)).equals(data));
+});
+
+test('orphans: a block type this build does not know, and a volume id etcd never handed out; nothing else', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  await c.vmeta.create('gone', 8 * BS);
+  await c.vmeta.delete('gone');
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  await vol.write(0, randomBytes(2 * BS));
+  await vol.flush();
+  const live = await buildLiveSet(c.vmeta, c.dist);
+  const [held] = live.refs();
+  const newer = { type: 7, volume: held!.volume, inode: 1, index: 0 };
+  const restored = { type: BlockType.Data, volume: 1000, inode: 1, index: 0 };
+  const deleted = { type: BlockType.Data, volume: held!.volume + 1, inode: 1, index: 0 };
+  assert.equal(live.orphan(newer), 'unknown-type');
+  assert.equal(live.isDead(newer), false);
+  assert.equal(live.orphan(restored), 'unknown-volume');
+  assert.equal(live.isDead(restored), false);
+  // A deleted volume's blocks are plain garbage (GC deletes them at once), live ones are neither.
+  assert.equal(live.orphan(deleted), undefined);
+  assert.equal(live.isDead(deleted), true);
+  assert.equal(live.orphan(held!), undefined);
+  await vol.close();
 });
 
 test('GC racing with a stream of syncs never loses a synced byte', async () => {

@@ -1,5 +1,5 @@
 import { TorusError } from '../core/errors.js';
-import { BlockType, blockRefKey, type BlockRef } from '../core/ids.js';
+import { BlockType, KNOWN_BLOCK_TYPES, blockRefKey, type BlockRef } from '../core/ids.js';
 import { readEntry, type VolumeBlockStore } from './inode.js';
 import type { GcView, VolumeMeta } from './meta.js';
 import type { Head } from './records.js';
@@ -19,9 +19,18 @@ import type { Head } from './records.js';
 // - Any failure to read metadata or a tree page aborts the whole cycle: no partial view ever
 //   decides a deletion (the original treated a failed volume listing as "no volumes").
 
+/**
+ * Blocks GC never deletes, yet nothing in the view explains: `unknown-type`, a block type this
+ * build does not know (a newer node's, during a rolling upgrade); `unknown-volume`, a volume id at
+ * or above the minter, i.e. one etcd never handed out (metadata restored from an older backup).
+ */
+export type OrphanKind = 'unknown-type' | 'unknown-volume';
+
 export interface LiveSet {
   readonly revision: number;
   isDead(ref: BlockRef): boolean;
+  /** Why a block that isDead() keeps is an orphan, if it is one. */
+  orphan(ref: BlockRef): OrphanKind | undefined;
   /** Tree pages read to build it (each page once per distinct tree). */
   readonly pagesRead: number;
   readonly liveBlocks: number;
@@ -77,6 +86,11 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
     pagesRead,
     liveBlocks: live.size,
     refs: () => [...live.values()],
+    orphan(ref: BlockRef): OrphanKind | undefined {
+      if (!KNOWN_BLOCK_TYPES.includes(ref.type)) return 'unknown-type';
+      if (ref.volume >= view.minter && !live.has(blockRefKey(ref))) return 'unknown-volume';
+      return undefined;
+    },
     isDead(ref: BlockRef): boolean {
       if (ref.type !== BlockType.Data && ref.type !== BlockType.INode) return false;
       if (ref.volume >= view.minter) return false;
