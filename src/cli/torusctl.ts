@@ -5,6 +5,7 @@ import { healthCommand, rebalanceCommand } from './torusctl/health.js';
 import { initCommand } from './torusctl/init.js';
 import { listPeersCommand, peerCommand } from './torusctl/peers.js';
 import { ringCommand } from './torusctl/ring.js';
+import { scrubCommand } from './torusctl/scrub.js';
 import { blockCommand, volumeCommand } from './torusctl/volume.js';
 import { wipeCommand } from './torusctl/wipe.js';
 import { addGlobalOptions } from './shared/config.js';
@@ -17,7 +18,7 @@ export function buildProgram(): Command {
     .showHelpAfterError('(run with --help for usage)')
     .enablePositionalOptions(false);
   addGlobalOptions(program);
-  for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand(), healthCommand(), rebalanceCommand()]) program.addCommand(c);
+  for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand(), healthCommand(), rebalanceCommand(), scrubCommand()]) program.addCommand(c);
   program.addCommand(
     new Command('version').description('print the version').action(() => {
       process.stdout.write(`torusctl\nVersion: ${VERSION}\n`);

@@ -2,6 +2,7 @@ import { Command, Option } from 'commander';
 import { pino } from 'pino';
 import { tuneMalloc } from '../core/malloc.js';
 import { VERSION } from '../core/version.js';
+import { TorusError } from '../core/errors.js';
 import { StorageNode } from '../server/node.js';
 import { parseDuration, parseSize } from '../core/units.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
@@ -17,9 +18,18 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   autoJoin?: boolean;
   heartbeat: string;
   gcInterval: string;
+  scrubInterval: string;
+  scrubRate: string;
+  orphanGrace: string;
   rebalanceRate: string;
   rebalanceInterval: string;
   logLevel?: string;
+}
+
+function parseRate(text: string, flag: string): number {
+  const rate = parseSize(text);
+  if (rate <= 0) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} ${text}: must be above 0 (or auto)`);
+  return rate;
 }
 
 export function buildProgram(): Command {
@@ -36,6 +46,9 @@ export function buildProgram(): Command {
     .addOption(new Option('--rebalance-rate <size>', 'bytes per second a node may send while rebalancing (0: unlimited)').default('100MiB'))
     .addOption(new Option('--rebalance-interval <duration>', 'pause between rebalance passes when nothing moved (at least 19x the last pass, not counting failed calls, so walking takes at most 5% of the time)').default('10s'))
     .addOption(new Option('--gc-interval <duration>', 'how often to delete blocks no volume can reach any more (0: never)').default('30s'))
+    .addOption(new Option('--scrub-interval <duration>', 'read and check every block held once per interval, repairing bad copies from other replicas (0: never)').default('168h'))
+    .addOption(new Option('--scrub-rate <size>', "scrub read rate per second; auto: the interval's share of the data held, 1MiB to 64MiB").default('auto'))
+    .addOption(new Option('--orphan-grace <duration>', 'delete blocks of unknown types or never-created volumes once orphaned this long (0: report only)').default('168h'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
     .showHelpAfterError('(run torusd --help for usage)')
     .action(async (opts: TorusdOpts) => {
@@ -55,6 +68,9 @@ export function buildProgram(): Command {
           autoJoin: opts.autoJoin ?? false,
           heartbeatMs,
           gcIntervalMs: parseDuration(opts.gcInterval),
+          scrubIntervalMs: parseDuration(opts.scrubInterval),
+          ...(opts.scrubRate === 'auto' ? {} : { scrubRate: parseRate(opts.scrubRate, '--scrub-rate') }),
+          orphanGraceMs: parseDuration(opts.orphanGrace),
           rebalanceRate: parseSize(opts.rebalanceRate),
           rebalanceIntervalMs: parseDuration(opts.rebalanceInterval),
           readCacheBytes: parseSize(opts.readCacheSize),

@@ -16,14 +16,17 @@ import { RpcServer } from '../rpc/server.js';
 import { FileBlockStore } from '../storage/file-store.js';
 import { Rebalancer } from '../distributor/rebalance.js';
 import { buildLiveSet, collectLocal, type GcReport } from '../volume/gc.js';
+import { KNOWN_BLOCK_TYPES } from '../core/ids.js';
 import { VolumeMeta } from '../volume/meta.js';
 import { NEARLY_FULL, isStale, ringPeerOf, updateRing } from './cluster.js';
 import { createIdentity, readIdentity, resolveStorageSize, type NodeIdentity } from './datadir.js';
+import { NodeScrub } from './node-scrub.js';
 
 // The storage node (torusd): identity, heartbeat, ring watch, HTTP. The composition root for
 // everything a node runs; the CLI only parses flags into NodeOptions.
 
 export const DEFAULT_PEER_PORT = 40000;
+const WEEK_MS = 7 * 24 * 3_600_000;
 
 export interface NodeOptions {
   readonly meta: MetadataService;
@@ -44,6 +47,12 @@ export interface NodeOptions {
   readonly rebalanceIntervalMs?: number;
   /** How often to collect garbage; 0 turns GC off. */
   readonly gcIntervalMs?: number;
+  /** Check every held block once per interval (default a week); 0 turns scrubbing off. */
+  readonly scrubIntervalMs?: number;
+  /** Scrub read rate, bytes per second; by default derived from the interval. */
+  readonly scrubRate?: number;
+  /** Delete orphaned blocks once orphaned this long (default a week); 0: never. */
+  readonly orphanGraceMs?: number;
   readonly readLevel?: ReadLevel;
   readonly writeLevel?: WriteLevel;
   readonly log: Logger;
@@ -124,6 +133,7 @@ export class StorageNode {
   private published = { ringVersion: -1, rebalancing: false };
   private gcTimer: NodeJS.Timeout | undefined;
   private rebalancer: Rebalancer | undefined;
+  private scrub: NodeScrub | undefined;
   private gcRunning: Promise<void> | undefined;
   private readonly gcAbort = new AbortController();
   private gcStats = { runs: 0, failures: 0, deleted: 0, lastError: '' };
@@ -220,6 +230,21 @@ export class StorageNode {
       },
       log,
     });
+    this.scrub = new NodeScrub({
+      dataDir: this.opts.dataDir,
+      store: this.store,
+      uuid: this.identity.uuid,
+      client: this.client,
+      meta: this.opts.meta,
+      intervalMs: this.opts.scrubIntervalMs ?? WEEK_MS,
+      ...(this.opts.scrubRate !== undefined ? { rateBytesPerSec: this.opts.scrubRate } : {}),
+      orphanGraceMs: this.opts.orphanGraceMs ?? WEEK_MS,
+      // Found or repaired a bad copy, or a pass began or ended: published at once, as the rebalancer's.
+      onChange: () => {
+        if (!this.lastHeartbeatError) this.beat();
+      },
+      log,
+    });
     this.view.onRing((ring, prev) => {
       if (prev) this.rebalancer?.kick();
       log.info(
@@ -234,6 +259,7 @@ export class StorageNode {
     this.scheduleHeartbeat();
     this.scheduleGc();
     this.rebalancer.start();
+    this.scrub.start();
     if (this.opts.autoJoin) await this.autoJoin();
     log.info({ uuid: this.identity.uuid, address: this.address, blocks: this.store.numBlocks(), used: this.store.usedBlocks(), blockSize: this.global.blockSize }, 'torusd started');
   }
@@ -256,6 +282,8 @@ export class StorageNode {
       protocolVersion: PROTOCOL_VERSION,
       rebalance: this.rebalancer?.status() ?? IDLE_REBALANCE,
       version: VERSION,
+      ...(this.scrub ? { scrub: this.scrub.info() } : {}),
+      blockTypes: KNOWN_BLOCK_TYPES,
     };
   }
 
@@ -320,6 +348,7 @@ export class StorageNode {
     try {
       const live = await buildLiveSet(new VolumeMeta(this.opts.meta.kv()), this.client!.distributor);
       const report = await collectLocal(live, this.store, this.gcAbort.signal);
+      if (!this.gcAbort.signal.aborted) await this.scrub?.afterGc(live);
       this.gcStats.runs++;
       this.gcStats.deleted += report.deleted;
       if (report.deleted > 0) this.opts.log.info({ deleted: report.deleted, checked: report.checked, revision: report.revision }, 'garbage collected');
@@ -370,6 +399,7 @@ export class StorageNode {
       problems: this.problems(),
       storage: this.store.stats(),
       rpc: this.rpc?.stats() ?? null,
+      scrub: this.scrub?.info() ?? null,
       version: VERSION,
     };
   }
@@ -392,6 +422,7 @@ export class StorageNode {
       { name: 'torus_server_heartbeats_total', help: 'Heartbeats written to etcd', type: 'counter', value: this.heartbeats },
       { name: 'torus_server_heartbeat_failures_total', help: 'Heartbeats that failed', type: 'counter', value: this.heartbeatFailures },
       ...this.rebalanceSamples(),
+      ...(this.scrub?.samples() ?? []),
       { name: 'torus_gc_runs_total', help: 'Garbage collection passes completed', type: 'counter', value: this.gcStats.runs },
       { name: 'torus_gc_failures_total', help: 'Garbage collection passes skipped after an error', type: 'counter', value: this.gcStats.failures },
       { name: 'torus_gc_deleted_blocks_total', help: 'Blocks deleted by garbage collection', type: 'counter', value: this.gcStats.deleted },
@@ -449,6 +480,7 @@ export class StorageNode {
     clearTimeout(this.gcTimer);
     this.gcAbort.abort();
     await this.rebalancer?.stop();
+    await this.scrub?.stop();
     // A heartbeat still being written would otherwise land after the unregister below.
     await this.heartbeatRunning;
     await this.gcRunning;

@@ -304,10 +304,10 @@ describe('FileBlockStore', () => {
 
     it('for a record without a block CRC: the intact array\'s combination, or nothing when the array is damaged too', () =>
       withTmpDir(async (dir) => {
-        let { s, ref, loc, crc } = await setup(dir);
-        await s.close();
+        const { s: first, ref, loc, crc } = await setup(dir);
+        await first.close();
         await makeOldRecord(dir, loc);
-        s = await openStore(dir, 4);
+        const s = await openStore(dir, 4);
         try {
           await flipByte(dir, DATA_FILE, loc.dataOffset + 100);
           assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: 'sector 0 does not match its checksum', crc });

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { IDLE_REBALANCE, type PeerInfo } from '../../core/models.js';
+import { IDLE_REBALANCE, type PeerInfo, type ScrubInfo } from '../../core/models.js';
 import { MemoryMetadataStore } from '../../metadata/memory/memory.js';
 import { addPeersToRing } from '../../server/cluster.js';
 import { clusterHealth } from './health.js';
@@ -42,3 +42,23 @@ test('health is not HEALTHY while a member has not finished a pass on the curren
   h = await clusterHealth(meta);
   assert.deepEqual([h.healthy, h.rebalancing, h.waitingPeers, h.problems], [true, false, [], []]);
 });
+
+test('health names bad copies that scrubbing found and could not repair yet', async () => {
+  const meta = new MemoryMetadataStore().client();
+  await meta.init({ blockSize: 4096, clusterId: 'c', createdAt: '' }, { type: 'ketama', version: 1, replication: 1, peers: [] });
+  await meta.registerPeer(info('a', 40001, 2), 60_000);
+  await addPeersToRing(meta, [], true);
+  const scrub = { ...idleScrub, errors: 3, repaired: 1, pending: 2 };
+  await meta.registerPeer({ ...info('a', 40001, 2), scrub }, 60_000);
+  const h = await clusterHealth(meta);
+  assert.equal(h.healthy, false);
+  assert.deepEqual(h.problems, ['2 bad block copies found by scrubbing wait for a good copy (torusctl scrub status)']);
+  await meta.registerPeer({ ...info('a', 40001, 2), scrub: { ...scrub, pending: 0 } }, 60_000);
+  assert.equal((await clusterHealth(meta)).healthy, true);
+});
+
+const idleScrub: ScrubInfo = {
+  intervalMs: 1000, rate: 1, passStartedAt: 0, passBytes: 0, heldBytes: 0, lastStartedAt: 0, lastFinishedAt: 0, lastBytes: 0, lastErrors: 0,
+  lastRepaired: 0, nextPassAt: 0, passes: 0, checkedBytes: 0, errors: 0, repaired: 0, dropped: 0, pending: 0, orphanBlocks: 0,
+  orphanGroups: [], orphansDeleted: 0, orphanGraceMs: 0,
+};

@@ -39,6 +39,8 @@ export async function clusterHealth(meta: MetadataService): Promise<Health> {
   if (effective < ring.replication) problems.push(`replication ${ring.replication} wanted, only ${effective} possible with ${ring.peers.length} member(s)`);
   if (b.underReplicated > 0) problems.push(`${b.underReplicated} block copies under-replicated`);
   for (const f of full) problems.push(`peer ${f.address} is ${f.usedPercent}% full`);
+  const badCopies = peers.reduce((n, p) => n + (p.member !== 'DOWN' ? (p.info?.scrub?.pending ?? 0) : 0), 0);
+  if (badCopies > 0) problems.push(`${badCopies} bad block copies found by scrubbing wait for a good copy (torusctl scrub status)`);
   // Nodes publish their estimate in heartbeats, so right after a ring change it is still the last
   // pass's (zero): say nothing rather than "about 0 B left".
   if (b.moving.length > 0) problems.push(b.bytesLeft > 0 ? `rebalancing: about ${formatSize(b.bytesLeft)} left` : 'rebalancing: in progress');
