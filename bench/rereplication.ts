@@ -24,6 +24,7 @@ import { VolumeClient } from '../src/volume/client.js';
 import { startCluster } from '../test/helpers/cluster.js';
 import { countCopies } from '../test/helpers/copies.js';
 import { REPO, ok } from '../test/helpers/procs.js';
+import { formatSpread, spread } from './lib/probes.js';
 
 const { values } = parseArgs({
   options: {
@@ -171,15 +172,10 @@ console.log(`re-replication after a node loss: 4 nodes, R=2, ${values['block-siz
 const reps: Rep[] = [];
 for (let i = 0; i < REPS; i++) reps.push(await rep(i));
 
-const stat = (xs: number[]): { median: number; min: number; max: number } => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-  return { median: m, min: s[0]!, max: s[s.length - 1]! };
-};
-const rr = stat(reps.map((r) => r.mibPerSec));
-const tcp = stat(reps.map((r) => r.tcpMibPerSec));
-const ratio = stat(reps.map((r) => r.ratio));
-const f = (s: { median: number; min: number; max: number }, d = 1): string => `${s.median.toFixed(d)} [${s.min.toFixed(d)}-${s.max.toFixed(d)}]`;
+const rr = spread(reps.map((r) => r.mibPerSec));
+const tcp = spread(reps.map((r) => r.tcpMibPerSec));
+const ratio = spread(reps.map((r) => r.ratio));
+const f = formatSpread;
 console.log('');
 console.log(`re-replication      ${f(rr)} MiB/s`);
 console.log(`raw TCP (1 conn)    ${f(tcp, 0)} MiB/s`);

@@ -17,6 +17,16 @@ export function median(xs: readonly number[]): number {
   return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
+/** Median, least and greatest of repetitions, as the benches report them. */
+export function spread(xs: readonly number[]): { median: number; min: number; max: number } {
+  return { median: median(xs), min: Math.min(...xs), max: Math.max(...xs) };
+}
+
+/** "median [min-max]" with `digits` decimals. */
+export function formatSpread(s: { median: number; min: number; max: number }, digits = 1): string {
+  return `${s.median.toFixed(digits)} [${s.min.toFixed(digits)}-${s.max.toFixed(digits)}]`;
+}
+
 /** Median latency (ms) of `n` sequential etcd transactions shaped like a volume commit. */
 export async function etcdTxnMs(endpoint: string, n = 100): Promise<number> {
   const client = new Etcd3({ hosts: `http://${endpoint}` });

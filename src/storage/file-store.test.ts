@@ -12,7 +12,7 @@ import { blockStoreConformance, rejectsWith } from './block-store-conformance.js
 import { FileBlockStore } from './file-store.js';
 import { DATA_FILE, HEADER_COPY_OFFSETS, INCOMPAT_OPEN_LOG, LOCK_FILE, Layout, TABLE_FILE, decodeRecord, encodeHeader, encodeRecord } from './format.js';
 import { dropCache, pageCacheReadsAvailable, readCached, usePageCacheReads } from './page-cache.js';
-import { dataRef, makeTmpDir, padded, pattern, removeDir, withTmpDir } from './testing.js';
+import { dataRef, makeTmpDir, padded, pattern, peek, removeDir, withTmpDir } from './testing.js';
 
 blockStoreConformance('FileBlockStore', async ({ blockSize, capacityBlocks }) => {
   const dir = await makeTmpDir();
@@ -71,17 +71,6 @@ async function poke(dir: string, file: string, offset: number, bytes: Uint8Array
   const fh = await open(join(dir, file), 'r+');
   try {
     await fh.write(bytes, 0, bytes.length, offset);
-  } finally {
-    await fh.close();
-  }
-}
-
-async function peek(dir: string, file: string, offset: number, length: number): Promise<Buffer> {
-  const fh = await open(join(dir, file), 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    await fh.read(buf, 0, length, offset);
-    return buf;
   } finally {
     await fh.close();
   }
@@ -249,11 +238,11 @@ describe('FileBlockStore', () => {
       const ref = dataRef(1, 1, 1);
       return { s, ref, loc: s.locate(ref)!, crc: crc32c(pattern(1, B)) >>> 0 };
     };
-    /** Rewrites the block's record as a store from before block CRCs were kept wrote it. */
-    const makeOldRecord = async (dir: string, loc: { recordOffset: number }): Promise<void> => {
+    /** Rewrites the block's record with another block CRC; none, as stores wrote before they kept it. */
+    const rewriteRecord = async (dir: string, loc: { recordOffset: number }, blockCrc?: number): Promise<void> => {
       const rec = decodeRecord(await peek(dir, TABLE_FILE, loc.recordOffset, 64));
       assert.ok(rec.kind === 'used');
-      await poke(dir, TABLE_FILE, loc.recordOffset, encodeRecord(rec.ref, rec.generation, rec.checksumsCrc));
+      await poke(dir, TABLE_FILE, loc.recordOffset, encodeRecord(rec.ref, rec.generation, rec.checksumsCrc, undefined, blockCrc));
     };
 
     it('finds a flipped byte on disk, keeps the copy, and names the writer\'s CRC', () =>
@@ -306,7 +295,7 @@ describe('FileBlockStore', () => {
       withTmpDir(async (dir) => {
         const { s: first, ref, loc, crc } = await setup(dir);
         await first.close();
-        await makeOldRecord(dir, loc);
+        await rewriteRecord(dir, loc);
         const s = await openStore(dir, 4);
         try {
           await flipByte(dir, DATA_FILE, loc.dataOffset + 100);
@@ -324,9 +313,7 @@ describe('FileBlockStore', () => {
         try {
           // A record whose block CRC disagrees with an intact array and data: a put that stored
           // other bytes than the writer's would look like this.
-          const rec = decodeRecord(await peek(dir, TABLE_FILE, loc.recordOffset, 64));
-          assert.ok(rec.kind === 'used');
-          await poke(dir, TABLE_FILE, loc.recordOffset, encodeRecord(rec.ref, rec.generation, rec.checksumsCrc, undefined, 0x1234));
+          await rewriteRecord(dir, loc, 0x1234);
           assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: "its sector checksums do not combine to the writer's CRC", crc: 0x1234 });
         } finally {
           await s.close();

@@ -1,7 +1,7 @@
 // Helpers for the storage tests (and for other modules' tests that need a store). Not used by
 // production code.
 
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BlockType, type BlockRef } from '../core/ids.js';
@@ -42,6 +42,18 @@ export async function makeTmpDir(): Promise<string> {
 
 export async function removeDir(dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
+}
+
+/** `length` bytes at `offset` of one of a store's files, read as a disk holds them. */
+export async function peek(dir: string, file: string, offset: number, length: number): Promise<Buffer> {
+  const fh = await open(join(dir, file), 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    await fh.read(buf, 0, length, offset);
+    return buf;
+  } finally {
+    await fh.close();
+  }
 }
 
 /** The stored form of `data`: zero-padded to the block size. */

@@ -6,6 +6,7 @@ import { after, before, test } from 'node:test';
 import { BlockType, blockRefKey, type BlockRef } from '../../src/core/ids.js';
 import type { ScrubInfo } from '../../src/core/models.js';
 import { DATA_FILE, HEADER_COPY_SIZE, Layout, TABLE_FILE, decodeHeader, decodeRecord } from '../../src/storage/format.js';
+import { peek } from '../../src/storage/testing.js';
 import { VolumeClient } from '../../src/volume/client.js';
 import type { ScrubReport } from '../../src/cli/torusctl/scrub.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
@@ -51,15 +52,8 @@ async function findOnDisk(dataDir: string, want: (ref: BlockRef) => boolean): Pr
   }
 }
 
-async function readData(dataDir: string, offset: number, length: number): Promise<Buffer> {
-  const fh = await open(join(dataDir, 'block', DATA_FILE), 'r');
-  try {
-    const b = Buffer.alloc(length);
-    await fh.read(b, 0, length, offset);
-    return b;
-  } finally {
-    await fh.close();
-  }
+function readData(dataDir: string, offset: number, length: number): Promise<Buffer> {
+  return peek(join(dataDir, 'block'), DATA_FILE, offset, length);
 }
 
 async function scrubStatus(): Promise<ScrubReport> {
