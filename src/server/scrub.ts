@@ -111,7 +111,6 @@ export interface PassState extends PassCounts {
 interface PendingCopy {
   ref: BlockRef;
   crc: number;
-  since: number;
 }
 
 interface ScrubState {
@@ -140,7 +139,7 @@ function parseState(v: unknown): ScrubState | undefined {
   const t = o.totals as Record<string, unknown> | undefined;
   if (!t || !['passes', 'blocks', 'bytes', 'errors', 'repaired', 'dropped'].every((k) => isNum(t[k]))) return undefined;
   if (!Array.isArray(o.pending)) return undefined;
-  const pending = o.pending.filter((p: PendingCopy) => typeof p === 'object' && p !== null && isNum(p.crc) && isNum(p.since) && typeof p.ref === 'object' && p.ref !== null);
+  const pending = o.pending.filter((p: PendingCopy) => typeof p === 'object' && p !== null && isNum(p.crc) && typeof p.ref === 'object' && p.ref !== null);
   return { current: o.current, last: o.last, totals: o.totals!, pending };
 }
 
@@ -326,7 +325,7 @@ export class Scrubber {
     const good = await this.opts.fetchCopy(ref, r.crc).catch(() => undefined);
     if (!good) {
       if (!this.pending.has(key)) {
-        if (this.pending.size < MAX_PENDING) this.pending.set(key, { ref, crc: r.crc, since: this.clock.now() });
+        if (this.pending.size < MAX_PENDING) this.pending.set(key, { ref, crc: r.crc });
         log?.warn(where, 'scrub: no replica has a good copy now; keeping this one (its intact sectors still serve reads) and retrying');
       }
       return;
