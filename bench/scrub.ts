@@ -145,7 +145,7 @@ async function rep(i: number): Promise<Rep> {
     const dir = c.nodes[0]!.dataDir;
     await c.nodes[0]!.kill('SIGKILL'); // the store is opened here to find the block
     const store = await FileBlockStore.open({ dir: join(dir, 'block'), blockSize: c.blockSize, sizeBytes: parseSize(STORE_SIZE) });
-    const bySlot = store.refsInSlots(0, store.numBlocks());
+    const bySlot = await store.refsInSlots(0, store.numBlocks());
     const victim = bySlot[Math.floor(bySlot.length / 2)]!;
     const loc = store.locate(victim)!;
     await store.close();

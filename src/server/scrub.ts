@@ -26,6 +26,10 @@ import type { BlockInspection, LocalBlockStore } from '../storage/common.js';
 /** The rate limit derived from the interval stays within these bounds (bytes per second). */
 export const SCRUB_RATE_FLOOR = 1024 * 1024;
 export const SCRUB_RATE_CEILING = 64 * 1024 * 1024;
+/** Slots listed at once: listing reads their records, about 2 µs a slot on the event loop. */
+const WINDOW_SLOTS = 1024;
+/** Progress is saved at most this often (and when a pass ends or stops): a crash re-checks less than this much. */
+const SAVE_EVERY_MS = 10_000;
 /** Bad copies kept for a retry at most; more are logged and found again by the next pass. */
 const MAX_PENDING = 1024;
 
@@ -155,7 +159,7 @@ export interface ScrubberOptions {
   readonly rateBytesPerSec?: number;
   readonly state?: StateFile;
   readonly clock?: Clock;
-  /** Slots per window: a window's blocks are listed at once and progress is saved after each. */
+  /** Slots listed at once (tests). */
   readonly windowSlots?: number;
   /** How often bad copies still waiting for a good one are tried again. */
   readonly retryMs?: number;
@@ -175,6 +179,7 @@ export class Scrubber {
   private readonly pending = new Map<string, PendingCopy>();
   private running: Promise<void> | undefined;
   private lastRetry = 0;
+  private lastSave = 0;
   private warnedSlow = false;
 
   constructor(private readonly opts: ScrubberOptions) {
@@ -253,16 +258,16 @@ export class Scrubber {
     for (;;) {
       const slots = store.numBlocks();
       if (cur.cursor >= slots) break;
-      const to = Math.min(slots, cur.cursor + (this.opts.windowSlots ?? Math.max(1024, Math.ceil(slots / 256))));
-      for (const ref of store.refsInSlots(cur.cursor, to)) {
+      const to = Math.min(slots, cur.cursor + (this.opts.windowSlots ?? WINDOW_SLOTS));
+      for (const ref of await store.refsInSlots(cur.cursor, to)) {
         await this.limiter.take(store.blockSize, this.abort.signal);
-        if (this.stopped) return;
+        if (this.stopped) return this.save();
         await this.check(ref, cur);
       }
       cur.cursor = to;
-      this.save();
+      if (this.clock.now() - this.lastSave >= SAVE_EVERY_MS) this.save();
       if (this.clock.now() - this.lastRetry >= (this.opts.retryMs ?? 60_000)) await this.retryPending();
-      if (this.stopped) return;
+      if (this.stopped) return this.save();
     }
     cur.finishedAt = this.clock.now();
     this.st.last = cur;
@@ -373,6 +378,7 @@ export class Scrubber {
   }
 
   private save(): void {
+    this.lastSave = this.clock.now();
     if (!this.opts.state) return;
     this.st.pending = [...this.pending.values()];
     try {

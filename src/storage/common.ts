@@ -80,7 +80,7 @@ export interface LocalBlockStore extends BlockStore, JournalStore {
    */
   inspectBlock(ref: BlockRef): Promise<BlockInspection>;
   /** Held blocks whose slots lie in [from, to) of [0, numBlocks()), in slot order (the data file's). */
-  refsInSlots(from: number, to: number): BlockRef[];
+  refsInSlots(from: number, to: number): Promise<BlockRef[]>;
   /** verifyBlock over every held block. */
   scrub(opts?: { signal?: AbortSignal; onProgress?: (checked: number, total: number) => void }): Promise<ScrubReport>;
 }

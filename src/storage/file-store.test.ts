@@ -7,7 +7,7 @@ import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:chil
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
-import { BlockType, blockRefKey } from '../core/ids.js';
+import { BlockType, blockRefKey, type BlockRef } from '../core/ids.js';
 import { blockStoreConformance, rejectsWith } from './block-store-conformance.js';
 import { FileBlockStore } from './file-store.js';
 import { DATA_FILE, HEADER_COPY_OFFSETS, INCOMPAT_OPEN_LOG, LOCK_FILE, Layout, TABLE_FILE, decodeRecord, encodeHeader, encodeRecord } from './format.js';
@@ -302,6 +302,28 @@ describe('FileBlockStore', () => {
           assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: 'sector 0 does not match its checksum', crc });
           await flipByte(dir, TABLE_FILE, loc.checksumOffset + 5);
           assert.deepEqual(await s.inspectBlock(ref), { status: 'corrupt', reason: 'its sector checksum array does not match its record' });
+        } finally {
+          await s.close();
+        }
+      }));
+
+    it('lists blocks by slot from the records, across a slot-group boundary, a damaged record included', () =>
+      withTmpDir(async (dir) => {
+        const n = 4200;
+        const s = await openStore(dir, n, 512);
+        try {
+          const refs = Array.from({ length: n }, (_, i) => dataRef(3, 1, i));
+          for (const r of refs) await s.putBlock(r, pattern(r.index, 100));
+          for (const i of [4095, 4096, 17]) await s.deleteBlock(refs[i]!);
+          const kept = refs.filter((_, i) => ![4095, 4096, 17].includes(i)).map(blockRefKey);
+          const bySlot = (r: BlockRef): number => s.locate(r)!.slot;
+          const all = await s.refsInSlots(0, n);
+          assert.deepEqual(all.map(blockRefKey).sort(), [...kept].sort());
+          assert.deepEqual(all.map(bySlot), all.map(bySlot).sort((a, b) => a - b));
+          const edge = await s.refsInSlots(4090, 4100);
+          assert.deepEqual(edge.map(bySlot), [4090, 4091, 4092, 4093, 4094, 4097, 4098, 4099]);
+          await flipByte(dir, TABLE_FILE, s.locate(refs[4098]!)!.recordOffset + 3);
+          assert.deepEqual((await s.refsInSlots(4090, 4100)).map(blockRefKey), edge.map(blockRefKey));
         } finally {
           await s.close();
         }

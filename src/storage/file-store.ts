@@ -58,6 +58,7 @@ import {
   computeChecksums,
   RECORD_FREE,
   RECORD_TORN,
+  RECORD_USED,
   decodeHeader,
   encodeHeader,
   encodeFence,
@@ -704,11 +705,45 @@ export class FileBlockStore implements LocalBlockStore {
     }
   }
 
-  refsInSlots(from: number, to: number): BlockRef[] {
-    const hits: [number, string][] = [];
-    for (const [key, slot] of this.index) if (slot >= from && slot < to) hits.push([slot, key]);
-    hits.sort((a, b) => a[0] - b[0]);
-    return hits.map(([, key]) => keyToRef(key));
+  /**
+   * The refs come from the window's records, read from the table (they are contiguous within a
+   * group, so this is one read per group): finding them in the index would cost a walk of all of
+   * it, 200 ms for 2 million blocks, for every window.
+   */
+  async refsInSlots(from: number, to: number): Promise<BlockRef[]> {
+    this.enter();
+    try {
+      const end = Math.min(to, this.nSlots);
+      const out: BlockRef[] = [];
+      const rec: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '', open: false };
+      for (let g0 = Math.max(0, from); g0 < end; ) {
+        const g1 = Math.min(end, (Math.floor(g0 / this.layout.slotsPerGroup) + 1) * this.layout.slotsPerGroup);
+        const gens = this.gens.slice(g0, g1);
+        const buf = Buffer.allocUnsafe((g1 - g0) * RECORD_SIZE);
+        try {
+          await readFull(this.table, buf, this.layout.recordOffset(g0));
+        } catch (err) {
+          throw ioError('reading slot records', err, this.dir);
+        }
+        for (let s = g0; s < g1; s++) {
+          // Written, or freed, while the records were read: left for the next pass.
+          if (this.state[s] !== USED || this.gens[s] !== gens[s - g0]) continue;
+          const ok = scanRecord(buf, (s - g0) * RECORD_SIZE, rec) === RECORD_USED && this.index.get(rec.key) === s;
+          // A record damaged on disk since open: only the index still knows its ref (rare, so the walk is fine).
+          const key = ok ? rec.key : this.keyOfSlot(s);
+          if (key !== undefined) out.push(keyToRef(key));
+        }
+        g0 = g1;
+      }
+      return out;
+    } finally {
+      this.leave();
+    }
+  }
+
+  private keyOfSlot(slot: number): string | undefined {
+    for (const [key, s] of this.index) if (s === slot) return key;
+    return undefined;
   }
 
   // ---- writes ----

@@ -286,7 +286,7 @@ export class MemoryBlockStore implements LocalBlockStore {
   }
 
   /** Slots here are ranks in creation order: a block deleted during a pass shifts the later ones down. */
-  refsInSlots(from: number, to: number): BlockRef[] {
+  async refsInSlots(from: number, to: number): Promise<BlockRef[]> {
     this.check();
     const sealed = [...this.blocks.values()].filter((e) => !e.open).sort((a, b) => a.seq - b.seq);
     return sealed.slice(Math.max(0, from), Math.max(0, to)).map((e) => e.ref);
