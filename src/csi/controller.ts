@@ -31,6 +31,10 @@ export interface ControllerBackend {
   readonly vmeta: VolumeMeta;
   /** Opens a volume for writing: takes its lock (LOCKED while a node has it staged). */
   openVolume(name: string): Promise<BlockVolume>;
+  /** A snapshot of everything flushed (the writer takes it while the volume is staged). */
+  snapshot(name: string, snap: string): Promise<SnapshotRecord>;
+  /** A clone of a snapshot or a volume. */
+  clone(name: string, source: { volume: string; snapshot?: string }, size?: number): Promise<unknown>;
 }
 
 interface CreateVolumeRequest {
@@ -129,7 +133,7 @@ export class ControllerService {
       }
       const size = sizeFor(req.capacity_range, source ? await this.sourceBytes(source) : 0);
       try {
-        if (source) await this.b.vmeta.clone(name, source, size);
+        if (source) await this.b.clone(name, source, size);
         else await this.b.vmeta.create(name, size);
         return { volume: this.toVolume(name, size, context, src) };
       } catch (err) {
@@ -249,7 +253,7 @@ export class ControllerService {
       if (other) throw alreadyExists(`snapshot ${csiName} exists, of volume ${other.volume.name}`);
       if (same[0]) return { snapshot: toSnapshot(same[0].volume, same[0].snapshot) };
       try {
-        const rec = await this.b.vmeta.createSnapshot(volume, snap);
+        const rec = await this.b.snapshot(volume, snap);
         return { snapshot: toSnapshot(await this.b.vmeta.get(volume), rec) };
       } catch (err) {
         if (isTorusError(err, 'NOT_EXIST')) throw notFound(`no volume ${volume}`);

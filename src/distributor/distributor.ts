@@ -2,7 +2,7 @@ import { crc32c } from '@node-rs/crc32';
 import { TorusError, isTorusError, toTorusError, type ErrorCode } from '../core/errors.js';
 import { verifySectorRead } from '../core/crc.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
-import type { BlockStore, PutBlockOptions, Ring } from '../core/interfaces.js';
+import type { BlockStore, JournalStore, LogPiece, PutBlockOptions, Ring } from '../core/interfaces.js';
 import { BlockCache } from '../core/lru.js';
 import type { PeerTarget, PeerTransport } from './transport.js';
 
@@ -349,6 +349,72 @@ export class Distributor {
       }
     }
     throw new TorusError('NO_PEER', 'flush failed: peers kept failing while flushing');
+  }
+
+  // ---- journals (docs/journal.md) ----
+  //
+  // A volume's journal goes to exactly the replicas its head names, never elsewhere: these calls
+  // address one peer each (this node's own store when it is one), and leave choosing peers,
+  // retrying and moving the journal to the volume layer.
+
+  /** The ring's owners of a log segment (its placement key), in preference order, and R. */
+  journalOwners(ref: BlockRef): { peers: readonly string[]; replication: number } {
+    const p = this.opts.ring().getPeers(ref);
+    return { peers: p.peers, replication: p.replication };
+  }
+
+  private journalStore(): BlockStore & JournalStore {
+    const store = this.opts.self?.store as (BlockStore & Partial<JournalStore>) | undefined;
+    if (!store?.appendLog) throw new TorusError('INTERNAL', 'this node has no journal store');
+    return store as BlockStore & JournalStore;
+  }
+
+  private journalTarget(peer: string): PeerTarget {
+    const target = this.opts.target(peer);
+    if (!target) throw new TorusError('NO_PEER', `peer ${peer} has no known address (down?)`);
+    return target;
+  }
+
+  /** Whether `peer` can hold a journal: known, reachable, and new enough to keep journals. */
+  async journalCapable(peer: string): Promise<boolean> {
+    if (this.isSelf(peer)) return typeof (this.opts.self!.store as Partial<JournalStore>).appendLog === 'function';
+    const target = this.opts.target(peer);
+    if (!target) return false;
+    try {
+      return await this.opts.transport.hasJournal(target);
+    } catch {
+      return false;
+    }
+  }
+
+  async journalAppend(peer: string, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean): Promise<void> {
+    if (this.isSelf(peer)) {
+      const s = this.journalStore();
+      await s.appendLog(ref, pieces);
+      if (sync) await s.flush();
+      return;
+    }
+    await this.opts.transport.appendLog(this.journalTarget(peer), ref, pieces, sync);
+  }
+
+  async journalSeal(peer: string, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void> {
+    if (this.isSelf(peer)) {
+      const s = this.journalStore();
+      await s.sealLog(ref, gapStart, gapEnd, crc);
+      if (sync) await s.flush();
+      return;
+    }
+    await this.opts.transport.sealLog(this.journalTarget(peer), ref, gapStart, gapEnd, crc, sync);
+  }
+
+  async journalFence(peer: string, volume: number, epoch: number): Promise<BlockRef[]> {
+    if (this.isSelf(peer)) return this.journalStore().fenceVolume(volume, epoch);
+    return this.opts.transport.fenceVolume(this.journalTarget(peer), volume, epoch);
+  }
+
+  async journalReadRaw(peer: string, ref: BlockRef): Promise<Buffer> {
+    if (this.isSelf(peer)) return this.journalStore().readRaw(ref);
+    return this.opts.transport.readRaw(this.journalTarget(peer), ref, this.readTimeoutMs * 4);
   }
 
   // ---- reads ----

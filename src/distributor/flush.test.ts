@@ -71,7 +71,9 @@ function ref(volume: number, index: number): BlockRef {
   return { type: BlockType.Data, volume, inode: 1, index };
 }
 
-test('overlapping flushes of two volumes in one process: each returns only when its puts are on R replicas', async () => {
+test('overlapping checkpoints of two volumes in one process: each commits only when its puts are on R replicas', async () => {
+  // A volume's flush is a journal append; its checkpoint stores run pages (and folded blocks)
+  // through the distributor and flushes it, and two volumes' checkpoints share one distributor.
   const { transport, dist } = setup();
   const md = new MemoryMetadataStore();
   const vmeta = new VolumeMeta(md.client().kv());
@@ -79,22 +81,24 @@ test('overlapping flushes of two volumes in one process: each returns only when 
   const ctx = { meta: vmeta, store: dist, session };
   await vmeta.create('a', 64 * BS);
   await vmeta.create('b', 64 * BS);
-  const a = await BlockVolume.open(ctx, 'a');
-  const b = await BlockVolume.open(ctx, 'b');
+  const quiet = { checkpointIntervalMs: 0, snapshotPollMs: 0, foldIdleMs: 0 };
+  const a = await BlockVolume.open(ctx, 'a', quiet);
+  const b = await BlockVolume.open(ctx, 'b', quiet);
   for (let round = 0; round < 5; round++) {
     for (let i = 0; i < 8; i++) {
       await a.write(i * BS, Buffer.alloc(BS, 1 + round));
       await b.write(i * BS * 2, Buffer.alloc(BS, 100 + round));
     }
+    await Promise.all([a.flush(), b.flush()]);
     const check = (vol: BlockVolume) => () => {
       const refs = transport.takenOf(vol.record.id);
       assert.ok(refs.length > 0);
       const short = refs.filter((k) => transport.durableCopies(k) < 2);
-      assert.deepEqual(short, [], `volume ${vol.name}: ${short.length} of ${refs.length} puts short of 2 durable copies when its flush returned`);
+      assert.deepEqual(short, [], `volume ${vol.name}: ${short.length} of ${refs.length} puts short of 2 durable copies when its checkpoint returned`);
     };
-    // Both syncs put their blocks at once; whichever flush pass starts first takes both volumes'
-    // pending puts, and the other flush must still wait for that pass's fsyncs.
-    await Promise.all([a.flush().then(check(a)), b.flush().then(check(b))]);
+    // Both checkpoints put their pages at once; whichever flush pass starts first takes both
+    // volumes' pending puts, and the other must still wait for that pass's fsyncs.
+    await Promise.all([a.checkpoint().then(check(a)), b.checkpoint().then(check(b))]);
   }
   await a.close();
   await b.close();

@@ -1,6 +1,6 @@
 import { TorusError, toTorusError, type ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
-import type { BlockStore, SectorRead } from '../core/interfaces.js';
+import type { BlockStore, JournalStore, LogPiece, SectorRead } from '../core/interfaces.js';
 import type { PeerTarget, PeerTransport, PutItem } from './transport.js';
 
 /**
@@ -12,7 +12,7 @@ export class MemoryTransport implements PeerTransport {
   readonly down = new Set<string>();
   /** Each peer's process instance; a test sets a new one to stand for a restart. */
   readonly instances = new Map<string, string>();
-  calls = { get: 0, put: 0, has: 0, delete: 0, flush: 0 };
+  calls = { get: 0, put: 0, has: 0, delete: 0, flush: 0, append: 0, seal: 0 };
 
   add(uuid: string, store: BlockStore): PeerTarget {
     this.stores.set(uuid, store);
@@ -74,5 +74,39 @@ export class MemoryTransport implements PeerTransport {
 
   instance(peer: PeerTarget): string | undefined {
     return this.instances.get(peer.uuid) ?? 'first';
+  }
+
+  private journal(peer: PeerTarget): BlockStore & JournalStore {
+    const s = this.store(peer) as BlockStore & Partial<JournalStore>;
+    if (!s.appendLog) throw new TorusError('INVALID_ARGUMENT', `peer ${peer.uuid} keeps no volume journals`);
+    return s as BlockStore & JournalStore;
+  }
+
+  async hasJournal(peer: PeerTarget): Promise<boolean> {
+    return typeof (this.store(peer) as Partial<JournalStore>).appendLog === 'function';
+  }
+
+  async appendLog(peer: PeerTarget, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean): Promise<void> {
+    this.calls.append++;
+    const s = this.journal(peer);
+    // Copies, as a network would deliver: the writer may reuse its buffers.
+    await s.appendLog(ref, pieces.map((p) => ({ offset: p.offset, data: Buffer.from(p.data) })));
+    if (sync) await s.flush();
+  }
+
+  async sealLog(peer: PeerTarget, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void> {
+    this.calls.seal++;
+    const s = this.journal(peer);
+    await s.sealLog(ref, gapStart, gapEnd, crc);
+    if (sync) await s.flush();
+  }
+
+  async fenceVolume(peer: PeerTarget, volume: number, epoch: number): Promise<BlockRef[]> {
+    return this.journal(peer).fenceVolume(volume, epoch);
+  }
+
+  async readRaw(peer: PeerTarget, ref: BlockRef): Promise<Buffer> {
+    this.calls.get++;
+    return this.journal(peer).readRaw(ref);
   }
 }

@@ -1,6 +1,6 @@
 import { toTorusError, TorusError } from '../core/errors.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
-import type { BlockStore, Ring } from '../core/interfaces.js';
+import type { BlockStore, JournalStore, Ring } from '../core/interfaces.js';
 import type { RebalanceInfo } from '../core/models.js';
 import type { PeerTarget, PeerTransport } from './transport.js';
 
@@ -160,7 +160,9 @@ export class Rebalancer {
     let under = 0;
 
     // Work list: for each peer that should hold blocks we have, which ones to check.
-    const refs = store.refs();
+    // An open log block belongs to the writer appending to it (docs/journal.md): not moved until sealed.
+    const isOpen = (store as Partial<JournalStore>).isOpenLog?.bind(store);
+    const refs = isOpen ? store.refs().filter((r) => !isOpen(r)) : store.refs();
     const perPeer = new Map<string, BlockRef[]>();
     const notOwned: { ref: BlockRef; owners: string[] }[] = [];
     for (const ref of refs) {

@@ -1,6 +1,6 @@
 import { toTorusError, type ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
-import type { SectorRead } from '../core/interfaces.js';
+import type { LogPiece, SectorRead } from '../core/interfaces.js';
 import type { PeerPool } from '../rpc/pool.js';
 import type { PeerTarget, PeerTransport, PutItem } from './transport.js';
 
@@ -58,5 +58,25 @@ export class RpcTransport implements PeerTransport {
 
   instance(peer: PeerTarget): string | undefined {
     return this.pool.client(peer).instance;
+  }
+
+  hasJournal(peer: PeerTarget): Promise<boolean> {
+    return this.pool.client(peer).hasJournal();
+  }
+
+  appendLog(peer: PeerTarget, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean): Promise<void> {
+    return this.timed(peer, 'append', () => this.pool.client(peer).appendLog(ref, pieces, { sync }));
+  }
+
+  sealLog(peer: PeerTarget, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void> {
+    return this.timed(peer, 'seal', () => this.pool.client(peer).sealLog(ref, gapStart, gapEnd, crc, { sync }));
+  }
+
+  fenceVolume(peer: PeerTarget, volume: number, epoch: number): Promise<BlockRef[]> {
+    return this.timed(peer, 'fence', () => this.pool.client(peer).fenceVolume(volume, epoch));
+  }
+
+  readRaw(peer: PeerTarget, ref: BlockRef, timeoutMs?: number): Promise<Buffer> {
+    return this.timed(peer, 'get', () => this.pool.client(peer).readRaw(ref, timeoutMs !== undefined ? { timeoutMs } : {}));
   }
 }

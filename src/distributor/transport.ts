@@ -1,6 +1,6 @@
 import type { ErrorCode } from '../core/errors.js';
 import type { BlockRef } from '../core/ids.js';
-import type { SectorRead } from '../core/interfaces.js';
+import type { LogPiece, SectorRead } from '../core/interfaces.js';
 
 // What the distributor needs from the network: block operations addressed to one peer. The
 // peer-RPC pool is the real one; tests use MemoryTransport, which calls stores in-process.
@@ -36,4 +36,12 @@ export interface PeerTransport {
    * Undefined when the peer does not say; then no restart can be seen.
    */
   instance?(peer: PeerTarget): string | undefined;
+
+  // Volume journals (docs/journal.md).
+  /** The peer keeps journals (an older node does not). */
+  hasJournal(peer: PeerTarget): Promise<boolean>;
+  appendLog(peer: PeerTarget, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean): Promise<void>;
+  sealLog(peer: PeerTarget, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void>;
+  fenceVolume(peer: PeerTarget, volume: number, epoch: number): Promise<BlockRef[]>;
+  readRaw(peer: PeerTarget, ref: BlockRef, timeoutMs?: number): Promise<Buffer>;
 }

@@ -1,6 +1,7 @@
 import type { KVSession, MetadataService } from '../core/interfaces.js';
 import { openBlockClient, type BlockClient, type OpenOptions } from '../distributor/open.js';
-import { VolumeMeta } from './meta.js';
+import { isReplayNeeded, VolumeMeta } from './meta.js';
+import type { SnapshotRecord, VolumeRecord } from './records.js';
 import { BlockVolume, type OpenVolumeOptions } from './volume.js';
 
 // What a client process (torusblk, torusctl's data commands) needs to use volumes: the block
@@ -36,6 +37,40 @@ export class VolumeClient {
       name,
       opts,
     );
+  }
+
+  /**
+   * Replays a journal tail a writer left behind without closing: opening the volume for writing
+   * does it (and fences that writer out), closing checkpoints it.
+   */
+  async replay(name: string): Promise<void> {
+    const v = await this.openVolume(name, { snapshotPollMs: 0, checkpointIntervalMs: 0, foldIdleMs: 0 });
+    await v.close();
+  }
+
+  /** A snapshot, replaying first if the last writer left a tail (see VolumeMeta.createSnapshot). */
+  snapshot(name: string, snap: string): Promise<SnapshotRecord> {
+    return this.withReplay(name, () => this.vmeta.createSnapshot(name, snap));
+  }
+
+  /** A clone of a snapshot or of a volume, replaying the source first if it needs it. */
+  clone(name: string, source: { volume: string; snapshot?: string }, size?: number): Promise<VolumeRecord> {
+    return this.withReplay(source.volume, () => this.vmeta.clone(name, source, size));
+  }
+
+  /** Rolls an unmounted volume back to a snapshot, fencing out any writer that left a tail. */
+  async restore(name: string, snap: string): Promise<void> {
+    await BlockVolume.restore({ meta: this.vmeta, store: this.block.distributor, session: await this.session() }, name, snap);
+  }
+
+  private async withReplay<T>(volume: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!isReplayNeeded(err)) throw err;
+      await this.replay(volume);
+      return fn();
+    }
   }
 
   async close(): Promise<void> {

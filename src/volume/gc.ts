@@ -1,8 +1,10 @@
 import { TorusError } from '../core/errors.js';
-import { BlockType, KNOWN_BLOCK_TYPES, blockRefKey, type BlockRef } from '../core/ids.js';
+import { BlockType, KNOWN_BLOCK_TYPES, LOG_BLOCKS_PER_SEGMENT, blockRefKey, type BlockRef } from '../core/ids.js';
 import { readEntry, type VolumeBlockStore } from './inode.js';
+import { logRef } from './journal-format.js';
 import type { GcView, VolumeMeta } from './meta.js';
-import type { Head } from './records.js';
+import type { Head, JournalPos } from './records.js';
+import { decodeRunPage } from './runs.js';
 
 // Garbage collection decides, for blocks a storage node holds, which no one can ever read again:
 // blocks of deleted volumes, of inodes superseded by later syncs and held by no snapshot or
@@ -18,6 +20,11 @@ import type { Head } from './records.js';
 //   any head or snapshot of any volume references it, whatever volume id it carries.
 // - Any failure to read metadata or a tree page aborts the whole cycle: no partial view ever
 //   decides a deletion (the original treated a failed volume listing as "no volumes").
+// - Journals (docs/journal.md): overlay run pages and the log blocks they point into are live
+//   when any head's or snapshot's run chain (back to its base) names them. A log block of the
+//   head's journal tail (the head's session epoch: a later segment, or the same one from its
+//   start on) is live, and so is one of a session newer than the head's; any other log block is
+//   a crashed or finished session's leftover, already replayed or checkpointed.
 
 /**
  * Blocks GC never deletes, yet nothing in the view explains: `unknown-type`, a block type this
@@ -73,13 +80,43 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
     }
   };
 
+  const seenRuns = new Set<string>();
+  const walkRuns = async (head: Head): Promise<void> => {
+    for (let p = head.runs ?? null; p; ) {
+      const key = blockRefKey(p.ref);
+      live.set(key, p.ref);
+      if (seenRuns.has(key)) return; // the rest of a chain shared with a snapshot or clone
+      seenRuns.add(key);
+      const page = decodeRunPage(await store.getBlock(p.ref, p.crc));
+      pagesRead++;
+      for (const e of page.entries) if (e.kind === 'log') live.set(blockRefKey(logRef(e.log)), logRef(e.log));
+      if (page.base) return;
+      p = page.prev;
+    }
+  };
+
   const epochs = new Map<number, number>();
+  const journals = new Map<number, JournalPos | null>();
   for (const v of view.volumes) {
     if (!v.head) throw new TorusError('INTERNAL', `volume ${v.record.name} has no head; not collecting garbage`);
     epochs.set(v.record.id, v.head.epoch);
+    journals.set(v.record.id, v.head.journal ?? null);
     await walk(v.head);
-    for (const s of v.snapshots) await walk(s);
+    await walkRuns(v.head);
+    for (const s of v.snapshots) {
+      await walk(s);
+      await walkRuns(s);
+    }
   }
+
+  /** A log block the view's runs do not name: kept while it may still be (or become) part of a journal. */
+  const liveLog = (ref: BlockRef): boolean => {
+    const j = journals.get(ref.volume);
+    if (!j) return ref.inode > (epochs.get(ref.volume) ?? Infinity);
+    if (ref.inode !== j.epoch) return ref.inode > j.epoch;
+    const segment = Math.floor(ref.index / LOG_BLOCKS_PER_SEGMENT);
+    return segment > j.segment || (segment === j.segment && ref.index % LOG_BLOCKS_PER_SEGMENT >= j.start);
+  };
 
   return {
     revision: view.revision,
@@ -92,11 +129,12 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
       return undefined;
     },
     isDead(ref: BlockRef): boolean {
-      if (ref.type !== BlockType.Data && ref.type !== BlockType.INode) return false;
+      if (!KNOWN_BLOCK_TYPES.includes(ref.type)) return false;
       if (ref.volume >= view.minter) return false;
+      if (live.has(blockRefKey(ref))) return false;
+      if (ref.type === BlockType.Log) return !liveLog(ref);
       const epoch = epochs.get(ref.volume);
-      if (epoch !== undefined && ref.inode > epoch) return false;
-      return !live.has(blockRefKey(ref));
+      return !(epoch !== undefined && ref.inode > epoch);
     },
   };
 }

@@ -15,7 +15,7 @@ function fill(records: { type: number; len: number }[], firstLsn: number): { b: 
   let lsn = firstLsn;
   for (const r of records) {
     const len = r.type === RecordType.Data ? r.len : 0;
-    if (b.roomFor(len) < len) break;
+    if (!b.fits(len)) break;
     const rec: JournalRecord =
       r.type === RecordType.Data
         ? { type: RecordType.Data, lsn, offset: lsn * 512, length: len, data: randomBytes(len) }
@@ -139,10 +139,10 @@ describe('overlay runs', () => {
         lsn: fc.maxSafeNat(),
         start: fc.nat(0xffffffff),
         length: fc.nat(0xffffffff),
-        log: fc.record({ epoch: fc.integer({ min: 0, max: 5 }), index: fc.integer({ min: 0, max: 5 }), crc: fc.nat(0xffffffff) }),
+        log: fc.record({ volume: fc.integer({ min: 1, max: 3 }), epoch: fc.integer({ min: 0, max: 5 }), index: fc.integer({ min: 0, max: 5 }), crc: fc.nat(0xffffffff) }),
         logOffset: fc.nat(0xffffffff),
       }),
-      fc.record({ kind: fc.constant('zero' as const), index: fc.maxSafeNat(), lsn: fc.maxSafeNat(), start: fc.nat(0xffffffff), length: fc.nat(0xffffffff) }),
+      fc.record({ kind: fc.constantFrom('zero' as const, 'trim' as const), index: fc.maxSafeNat(), lsn: fc.maxSafeNat(), start: fc.nat(0xffffffff), length: fc.nat(0xffffffff) }),
       fc.record({ kind: fc.constant('reset' as const), index: fc.maxSafeNat(), lsn: fc.maxSafeNat() }),
     ).map((e) => ({ ...e }) as RunEntry);
     fc.assert(
@@ -151,9 +151,9 @@ describe('overlay runs', () => {
         const crcs = new Map<string, number>();
         const norm = entries.map((e) => {
           if (e.kind !== 'log') return e;
-          const k = `${e.log.epoch}:${e.log.index}`;
+          const k = `${e.log.volume}:${e.log.epoch}:${e.log.index}`;
           if (!crcs.has(k)) crcs.set(k, e.log.crc);
-          return { ...e, log: { epoch: e.log.epoch, index: e.log.index, crc: crcs.get(k)! } };
+          return { ...e, log: { volume: e.log.volume, epoch: e.log.epoch, index: e.log.index, crc: crcs.get(k)! } };
         });
         const pages = pageEntries(norm, size);
         const back: RunEntry[] = [];

@@ -150,16 +150,16 @@ export class LogBlockBuilder {
     return this.headers === 0;
   }
 
-  /** Room left for one more record's data (0 when not even a header fits). */
-  roomFor(length: number): number {
+  /** Whether one more record with `length` bytes of data (0 for a record without data) fits. */
+  fits(length: number): boolean {
     const hdrStart = this.blockSize - (this.headers + 1) * RECORD_HEADER_SIZE;
-    const start = alignUp(this.dataEnd, alignFor(length));
-    return Math.max(0, hdrStart - start);
+    const start = length > 0 ? alignUp(this.dataEnd, alignFor(length)) : this.dataEnd;
+    return start + length <= hdrStart;
   }
 
   /**
-   * Adds a record (its data must fit: see roomFor) and returns where its data landed in the
-   * block, for the overlay that points at it.
+   * Adds a record (it must fit: see fits) and returns where its data landed in the block, for
+   * the overlay that points at it.
    */
   add(r: JournalRecord): number {
     const len = r.type === RecordType.Data ? r.length : 0;

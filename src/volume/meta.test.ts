@@ -49,7 +49,7 @@ test('a clone whose snapshot is deleted while it is made fails, and no volume po
   await assert.rejects(c.vmeta.get('copy'), (e) => isTorusError(e, 'NOT_EXIST'));
 });
 
-test('a clone of a volume takes its head as of the last sync, and of a head moved meanwhile, the newer one', async () => {
+test('a clone of a mounted volume takes its head as of the last checkpoint, and of a head moved meanwhile, the newer one', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 8 * BS);
   const vol = await BlockVolume.open(c.ctx, 'v');
@@ -57,15 +57,17 @@ test('a clone of a volume takes its head as of the last sync, and of a head move
   const second = randomBytes(8 * BS);
   await vol.write(0, first);
   await vol.flush();
+  await vol.checkpoint();
   await vol.write(0, second);
+  await vol.flush();
   const id = (await c.vmeta.get('v')).id;
-  const kv = onFirstRead(c.meta.kv(), VKEYS.head(id), () => vol.flush());
+  const kv = onFirstRead(c.meta.kv(), VKEYS.head2(id), () => vol.checkpoint());
   const rec = await new VolumeMeta(kv).clone('copy', { volume: 'v' }, 16 * BS);
-  await vol.write(0, randomBytes(BS)); // not synced: not in any clone
+  await vol.write(0, randomBytes(BS)); // not checkpointed: not in any clone
   assert.deepEqual(rec.parent, { volume: 'v' });
   const copy = await BlockVolume.open(c.ctx, 'copy', { readOnly: true });
   assert.equal(copy.size, 16 * BS);
-  assert.ok((await copy.read(0, 8 * BS)).equals(second), 'the clone has the head the sync moved to');
+  assert.ok((await copy.read(0, 8 * BS)).equals(second), 'the clone has the head the checkpoint moved to');
   assert.ok((await copy.read(8 * BS, 8 * BS)).equals(Buffer.alloc(8 * BS)), 'the larger clone reads zeros past the source');
   await vol.close();
   await assert.rejects(c.vmeta.clone('copy', { volume: 'v' }), (e) => isTorusError(e, 'EXISTS'));

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { MAX_VOLUME_ID } from '../core/ids.js';
-import type { KVCompare, KVEntry, KVSession, MetaKV } from '../core/interfaces.js';
+import type { KVCompare, KVEntry, KVOp, KVSession, MetaKV } from '../core/interfaces.js';
 import {
   checkSnapshotName,
   checkVolumeName,
@@ -21,7 +21,9 @@ import {
 //
 //   /torus/meta/volumeminter               next volume id
 //   /torus/volumes/<name>                  VolumeRecord
-//   /torus/volumemeta/<id>/head            Head: what the last sync committed
+//   /torus/volumemeta/<id>/head2           Head: what the last checkpoint committed (tree, runs, journal)
+//   /torus/volumemeta/<id>/head            the same, as written before the journal (read, then replaced by head2)
+//   /torus/volumemeta/<id>/snapreq/<s>     a request to the writer to checkpoint and take snapshot <s>
 //   /torus/volumemeta/<id>/epoch           next unused epoch (the inode number new blocks get)
 //   /torus/volumemeta/<id>/lock            LockRecord, bound to the holder's lease
 //   /torus/volumemeta/<id>/snapshots/<s>   SnapshotRecord
@@ -38,6 +40,13 @@ export const VKEYS = {
   metaPrefix: `${P}volumemeta/`,
   meta: (id: number) => `${P}volumemeta/${id}/`,
   head: (id: number) => `${P}volumemeta/${id}/head`,
+  /**
+   * Heads written since the journal live under a new key: a client from before the journal
+   * finds no `head` for such a volume and refuses it instead of reading it without its overlays.
+   */
+  head2: (id: number) => `${P}volumemeta/${id}/head2`,
+  snapRequests: (id: number) => `${P}volumemeta/${id}/snapreq/`,
+  snapRequest: (id: number, s: string) => `${P}volumemeta/${id}/snapreq/${s}`,
   epoch: (id: number) => `${P}volumemeta/${id}/epoch`,
   lock: (id: number) => `${P}volumemeta/${id}/lock`,
   snapshots: (id: number) => `${P}volumemeta/${id}/snapshots/`,
@@ -58,6 +67,22 @@ export interface VolumeLock {
   readonly session: KVSession;
   /** The epoch new blocks of this session get; advanced by each commit. */
   epoch: number;
+}
+
+/** Operations a commit adds to its transaction, made from the head it commits. */
+export type ExtraOps = (head: Head) => KVOp[];
+
+/**
+ * A volume whose last writer stopped without closing has a journal tail that only a writer can
+ * make part of its head: snapshots, clones and restores of it wait for a replay (opening it for
+ * writing once does that).
+ */
+export function replayNeeded(name: string): TorusError {
+  return new TorusError('AGAIN', `volume ${name} has journal records its last writer did not checkpoint (it stopped without closing): open it for writing once (torusctl's snapshot, clone and restore do this themselves), then try again`);
+}
+
+export function isReplayNeeded(err: unknown): boolean {
+  return isTorusError(err, 'AGAIN') && /did not checkpoint/.test(err.message);
 }
 
 export function lockedError(name: string, l: LockRecord | undefined): TorusError {
@@ -91,7 +116,7 @@ export class VolumeMeta {
     checkVolumeName(name);
     checkVolumeSize(size);
     if (await this.kv.get(VKEYS.volume(name))) throw new TorusError('EXISTS', `volume ${name} already exists`);
-    const head: Head = opts.head ? { ...opts.head, size, epoch: 0 } : { root: null, depth: 1, size, epoch: 0 };
+    const head: Head = opts.head ? { ...opts.head, size, epoch: 0, journal: null } : { root: null, depth: 1, size, epoch: 0 };
     const record = await this.insert(name, head, opts.parent, []);
     if (!record) throw new TorusError('EXISTS', `volume ${name} already exists`);
     return record;
@@ -108,17 +133,22 @@ export class VolumeMeta {
     checkVolumeName(name);
     for (let i = 0; i < 20; i++) {
       const v = await this.get(source.volume);
-      const key = source.snapshot !== undefined ? VKEYS.snapshot(v.id, source.snapshot) : VKEYS.head(v.id);
       if (source.snapshot !== undefined) checkSnapshotName(source.snapshot);
-      const e = await this.kv.get(key);
+      const e = source.snapshot !== undefined ? await this.kv.get(VKEYS.snapshot(v.id, source.snapshot)) : (await this.head(v.id).catch(() => undefined))?.entry;
+      const key = e?.key ?? VKEYS.head2(v.id);
       if (!e) throw new TorusError('NOT_EXIST', source.snapshot !== undefined ? `no snapshot ${source.volume}@${source.snapshot}` : `volume ${source.volume} has no head`);
       const from = source.snapshot !== undefined ? decodeSnapshot(e.value).head : decodeHead(e.value);
+      // A mounted source is cloned as of its last checkpoint; one whose writer died with a
+      // journal tail first needs that tail replayed.
+      if (source.snapshot === undefined && from.journal && !(await this.lockHolder(v.id))) throw replayNeeded(source.volume);
       const bytes = size ?? from.size;
       checkVolumeSize(bytes);
       if (bytes < from.size) throw new TorusError('INVALID_ARGUMENT', `a clone of ${bytes} bytes is smaller than its source (${from.size} bytes)`);
       if (await this.kv.get(VKEYS.volume(name))) throw new TorusError('EXISTS', `volume ${name} already exists`);
       const parent = source.snapshot !== undefined ? { volume: source.volume, snapshot: source.snapshot } : { volume: source.volume };
-      const record = await this.insert(name, { root: from.root, depth: from.depth, size: bytes, epoch: 0 }, parent, [
+      // The source's tree and overlay runs, without its journal: a clone of a mounted volume is as
+      // of its last checkpoint.
+      const record = await this.insert(name, { root: from.root, depth: from.depth, size: bytes, epoch: 0, runs: from.runs ?? null, lsn: from.lsn ?? 1 }, parent, [
         { key, target: 'mod', cmp: '==', value: e.modRevision },
       ]);
       if (record) return record;
@@ -135,7 +165,7 @@ export class VolumeMeta {
       [{ key: VKEYS.volume(name), target: 'version', cmp: '==', value: 0 }, ...compares],
       [
         { op: 'put', key: VKEYS.volume(name), value: JSON.stringify(record) },
-        { op: 'put', key: VKEYS.head(id), value: encodeHead(head) },
+        { op: 'put', key: VKEYS.head2(id), value: encodeHead(head) },
         { op: 'put', key: VKEYS.epoch(id), value: '1' },
       ],
     );
@@ -166,8 +196,9 @@ export class VolumeMeta {
       .sort((a, b) => a.record.name.localeCompare(b.record.name));
   }
 
+  /** The volume's head: `head2`, or a head from before the journal. `entry` is the key read. */
   async head(id: number): Promise<{ head: Head; entry: KVEntry }> {
-    const e = await this.kv.get(VKEYS.head(id));
+    const e = (await this.kv.get(VKEYS.head2(id))) ?? (await this.kv.get(VKEYS.head(id)));
     if (!e) throw new TorusError('NOT_EXIST', `volume ${id} has no head`);
     return { head: decodeHead(e.value), entry: e };
   }
@@ -223,17 +254,21 @@ export class VolumeMeta {
    * Commits a new head, fenced by the lock, and moves the session to the next epoch.
    * LOCKED if the lock is no longer ours; the head is then untouched.
    */
-  async commit(lock: VolumeLock, head: Omit<Head, 'epoch'>): Promise<void> {
+  async commit(lock: VolumeLock, head: Omit<Head, 'epoch'>, extra?: ExtraOps): Promise<void> {
     if (!lock.session.alive) throw this.lostLock(lock);
     const id = lock.volume.id;
-    const value = encodeHead({ ...head, epoch: lock.epoch });
+    const full: Head = { ...head, epoch: lock.epoch };
+    const value = encodeHead(full);
     let res;
     try {
       res = await this.kv.txn(
         [this.fenced(lock), { key: VKEYS.epoch(id), target: 'value', cmp: '==', value: String(lock.epoch + 1) }],
         [
-          { op: 'put', key: VKEYS.head(id), value },
+          { op: 'put', key: VKEYS.head2(id), value },
+          // A head from before the journal is replaced, not kept beside: one head per volume.
+          { op: 'delete', key: VKEYS.head(id) },
           { op: 'put', key: VKEYS.epoch(id), value: String(lock.epoch + 2) },
+          ...(extra?.(full) ?? []),
         ],
       );
     } catch (err) {
@@ -259,7 +294,7 @@ export class VolumeMeta {
     for (;;) {
       if (!lock.session.alive || Date.now() > deadline) throw this.lostLock(lock);
       try {
-        const [epoch, head] = await Promise.all([this.kv.get(VKEYS.epoch(id)), this.kv.get(VKEYS.head(id))]);
+        const [epoch, head] = await Promise.all([this.kv.get(VKEYS.epoch(id)), this.kv.get(VKEYS.head2(id))]);
         if (epoch?.value === String(lock.epoch + 2) && head?.value === value) return true;
         if (epoch?.value === String(lock.epoch + 1)) return false;
         // Someone else moved the epoch: we no longer hold the lock.
@@ -291,27 +326,83 @@ export class VolumeMeta {
     }
   }
 
+  // ---- snapshots of mounted volumes: requests to the writer ----
+
+  /** Snapshot names requested of the volume's writer and not yet taken. */
+  async pendingSnapshotRequests(id: number): Promise<string[]> {
+    const { entries } = await this.kv.list(VKEYS.snapRequests(id));
+    return entries.map((e) => e.key.slice(VKEYS.snapRequests(id).length));
+  }
+
+  /** What a writer's checkpoint adds to take the requested snapshots of the head it commits. */
+  snapshotOps(id: number, names: readonly string[], head: Head): KVOp[] {
+    const when = new Date().toISOString();
+    // A snapshot holds the checkpoint's tree and runs; the journal is the writer's, and empty
+    // up to the checkpoint anyway.
+    const snapHead: Head = { ...head, journal: null };
+    return names.flatMap((name) => [
+      { op: 'put' as const, key: VKEYS.snapshot(id, name), value: encodeSnapshot({ name, when, head: snapHead }) },
+      { op: 'delete' as const, key: VKEYS.snapRequest(id, name) },
+    ]);
+  }
+
   // ---- snapshots ----
 
-  async createSnapshot(name: string, snap: string): Promise<SnapshotRecord> {
+  /**
+   * Snapshot of a volume nobody has mounted: its head. Of a mounted one: the writer is asked (a
+   * request key it watches for) to checkpoint and commit the snapshot with its head in one
+   * transaction, so the snapshot holds every write flushed before the request. A volume whose
+   * last writer died with a journal tail must be replayed first (REPLAY_NEEDED: open it once).
+   */
+  async createSnapshot(name: string, snap: string, opts: { timeoutMs?: number } = {}): Promise<SnapshotRecord> {
     checkSnapshotName(snap);
     const v = await this.get(name);
     for (let i = 0; i < 20; i++) {
       const { head, entry } = await this.head(v.id);
-      const rec: SnapshotRecord = { name: snap, when: new Date().toISOString(), head };
-      // As of the last sync: the head as it is at this revision, or try again.
+      const rec: SnapshotRecord = { name: snap, when: new Date().toISOString(), head: { ...head, journal: null } };
       const res = await this.kv.txn(
         [
           { key: VKEYS.snapshot(v.id, snap), target: 'version', cmp: '==', value: 0 },
-          { key: VKEYS.head(v.id), target: 'mod', cmp: '==', value: entry.modRevision },
+          { key: VKEYS.lock(v.id), target: 'version', cmp: '==', value: 0 },
+          { key: entry.key, target: 'mod', cmp: '==', value: entry.modRevision },
         ],
-        [{ op: 'put', key: VKEYS.snapshot(v.id, snap), value: encodeSnapshot(rec) }],
-        [{ op: 'get', key: VKEYS.snapshot(v.id, snap) }],
+        head.journal ? [] : [{ op: 'put', key: VKEYS.snapshot(v.id, snap), value: encodeSnapshot(rec) }],
+        [
+          { op: 'get', key: VKEYS.snapshot(v.id, snap) },
+          { op: 'get', key: VKEYS.lock(v.id) },
+        ],
       );
+      if (res.succeeded && head.journal) throw replayNeeded(name);
       if (res.succeeded) return rec;
       if (res.gets[0]?.length) throw new TorusError('EXISTS', `snapshot ${name}@${snap} already exists`);
+      if (res.gets[1]?.length) {
+        const taken = await this.requestSnapshot(v, snap, opts.timeoutMs ?? 30_000);
+        if (taken) return taken;
+      }
     }
     throw new TorusError('AGAIN', `volume ${name} kept changing; try the snapshot again`);
+  }
+
+  /** Asks the volume's writer for a snapshot and waits for it; undefined if the volume was unmounted meanwhile. */
+  private async requestSnapshot(v: VolumeRecord, snap: string, timeoutMs: number): Promise<SnapshotRecord | undefined> {
+    await this.kv.txn([{ key: VKEYS.snapRequest(v.id, snap), target: 'version', cmp: '==', value: 0 }], [
+      { op: 'put', key: VKEYS.snapRequest(v.id, snap), value: JSON.stringify({ requestedAt: new Date().toISOString() }) },
+    ]);
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const [s, lock] = await Promise.all([this.kv.get(VKEYS.snapshot(v.id, snap)), this.kv.get(VKEYS.lock(v.id))]);
+      if (s) return decodeSnapshot(s.value);
+      if (!lock || Date.now() > deadline) {
+        await this.kv.txn([], [{ op: 'delete', key: VKEYS.snapRequest(v.id, snap) }]);
+        if (!lock) return undefined;
+        const holder = JSON.parse(lock.value) as LockRecord;
+        throw new TorusError(
+          'TIMEOUT',
+          `the writer of volume ${v.name} (${holder.host} pid ${holder.pid}) did not take snapshot ${snap} within ${Math.round(timeoutMs / 1000)} s: it may be a client from before snapshots of mounted volumes; unmount the volume and try again`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
   }
 
   async listSnapshots(name: string): Promise<SnapshotRecord[]> {
@@ -349,19 +440,6 @@ export class VolumeMeta {
   async deleteSnapshot(name: string, snap: string): Promise<void> {
     const { volume } = await this.getSnapshot(name, snap);
     await this.kv.txn([], [{ op: 'delete', key: VKEYS.snapshot(volume.id, snap) }]);
-  }
-
-  /** Sets the head to the snapshot's, under the volume lock (so only while unmounted). */
-  async restoreSnapshot(name: string, snap: string, session: KVSession): Promise<void> {
-    const { snapshot } = await this.getSnapshot(name, snap);
-    const lock = await this.lock(name, session);
-    try {
-      const cur = await this.head(lock.volume.id);
-      // Keep the current size if the volume grew since: the snapshot's data, the volume's shape.
-      await this.commit(lock, { root: snapshot.head.root, depth: snapshot.head.depth, size: Math.max(snapshot.head.size, 0) || cur.head.size });
-    } finally {
-      await this.unlock(lock);
-    }
   }
 
   /** All volume metadata at one revision: what GC needs to decide what is live. */
@@ -407,7 +485,9 @@ function groupMeta(entries: readonly KVEntry[]): Map<number, { head?: string; lo
     const sub = rest.slice(slash + 1);
     let m = out.get(id);
     if (!m) out.set(id, (m = { snapshots: [] }));
-    if (sub === 'head') m.head = e.value;
+    // head2 wins over a head from before the journal (a commit replaces one with the other).
+    if (sub === 'head2') m.head = e.value;
+    else if (sub === 'head') m.head ??= e.value;
     else if (sub === 'lock') m.lock = e.value;
     else if (sub.startsWith('snapshots/')) m.snapshots.push(e.value);
   }

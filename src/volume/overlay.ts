@@ -5,10 +5,14 @@
 
 /** Where a record's bytes are in the journal: its log block and the offset of its data there. */
 export interface LogPlace {
+  /** The log block's volume (a clone reads its parent's). */
+  readonly volume: number;
   readonly epoch: number;
   /** The log block's index (segment × 2^24 + n). */
   readonly index: number;
   readonly at: number;
+  /** The log block's CRC once it is sealed: reads of it are checked against it. */
+  readonly crc?: number;
 }
 
 /**
@@ -20,6 +24,8 @@ export interface Source {
   lsn: number;
   /** Reads as zeros (ZERO and TRIM records). */
   readonly zero: boolean;
+  /** ... and needs no storage (TRIM): a block it covers whole is a hole. */
+  readonly hole?: boolean;
   /** The bytes, while held in memory (pending, and until the record is checkpointed). */
   data: Buffer | undefined;
   /** Where the bytes are in the journal, once appended. */

@@ -9,7 +9,19 @@ export interface Pointer {
   readonly crc: number;
 }
 
-/** The state a sync commits: the inode tree's root and what is needed to read it. */
+/**
+ * Where a volume's journal is (docs/journal.md): the writing session's epoch, the segment its
+ * log blocks are in, the first block of the tail (what no checkpoint covers yet), and the
+ * replicas appends go to.
+ */
+export interface JournalPos {
+  readonly epoch: number;
+  readonly segment: number;
+  readonly start: number;
+  readonly replicas: readonly string[];
+}
+
+/** The state a checkpoint commits: the inode tree's root, the overlay runs, and the journal's tail. */
 export interface Head {
   /** Root page of the inode tree; null for a volume never written (all zeros). */
   readonly root: Pointer | null;
@@ -22,6 +34,12 @@ export interface Head {
    * flight; GC never deletes those. Blocks at or below it are referenced by a tree or garbage.
    */
   readonly epoch: number;
+  /** The newest overlay run page; null or absent: no overlays (heads from before the journal). */
+  readonly runs?: Pointer | null;
+  /** The next journal record's LSN. */
+  readonly lsn?: number;
+  /** The journal's tail, if a writer has one; absent after a clean close. */
+  readonly journal?: JournalPos | null;
 }
 
 export interface VolumeRecord {
@@ -96,16 +114,33 @@ export function encodeHead(h: Head): string {
     depth: h.depth,
     size: h.size,
     epoch: h.epoch,
+    ...(h.runs ? { runs: { ref: refToJson(h.runs.ref), crc: h.runs.crc } } : {}),
+    ...(h.lsn !== undefined ? { lsn: h.lsn } : {}),
+    ...(h.journal ? { journal: { ...h.journal, replicas: [...h.journal.replicas] } } : {}),
   });
 }
 
 export function decodeHead(text: string): Head {
-  const o = JSON.parse(text) as { root: { ref: unknown; crc: number } | null; depth: number; size: number; epoch: number };
+  const o = JSON.parse(text) as {
+    root: { ref: unknown; crc: number } | null;
+    depth: number;
+    size: number;
+    epoch: number;
+    runs?: { ref: unknown; crc: number } | null;
+    lsn?: number;
+    journal?: JournalPos | null;
+  };
+  const j = o.journal;
+  if (j && !(Number.isSafeInteger(j.epoch) && Number.isSafeInteger(j.segment) && Number.isSafeInteger(j.start) && Array.isArray(j.replicas)))
+    throw new TorusError('INTERNAL', 'malformed journal position in volume metadata');
   return {
     root: o.root ? { ref: refFromJson(o.root.ref), crc: o.root.crc >>> 0 } : null,
     depth: o.depth,
     size: o.size,
     epoch: o.epoch,
+    runs: o.runs ? { ref: refFromJson(o.runs.ref), crc: o.runs.crc >>> 0 } : null,
+    lsn: o.lsn ?? 1,
+    journal: j ? { epoch: j.epoch, segment: j.segment, start: j.start, replicas: j.replicas.map(String) } : null,
   };
 }
 

@@ -10,14 +10,16 @@ import type { Pointer } from './records.js';
 
 const MAGIC = 0x314e5254; // "TRN1" little-endian
 const HEADER = 64;
-const LOG_ENTRY = 24;
+const LOG_ENTRY = 32;
 const ENTRY = 32;
 const FLAG_BASE = 0x1;
 const SLOT_ZERO = 0xffffffff;
 const SLOT_RESET = 0xfffffffe;
+const SLOT_TRIM = 0xfffffffd;
 
-/** A log block an entry points into. */
+/** A log block an entry points into (a clone's runs point into its parent's). */
 export interface RunLog {
+  readonly volume: number;
   readonly epoch: number;
   readonly index: number;
   readonly crc: number;
@@ -28,6 +30,8 @@ export type RunEntry =
   | { readonly kind: 'log'; readonly index: number; readonly lsn: number; readonly start: number; readonly length: number; readonly log: RunLog; readonly logOffset: number }
   /** ... read as zeros. */
   | { readonly kind: 'zero'; readonly index: number; readonly lsn: number; readonly start: number; readonly length: number }
+  /** ... read as zeros and need no storage. */
+  | { readonly kind: 'trim'; readonly index: number; readonly lsn: number; readonly start: number; readonly length: number }
   /** Block `index`'s overlays up to `lsn` were folded into its base. */
   | { readonly kind: 'reset'; readonly index: number; readonly lsn: number };
 
@@ -36,6 +40,10 @@ export interface RunPage {
   /** This page and the ones after it are the complete overlay state. */
   readonly base: boolean;
   readonly entries: readonly RunEntry[];
+}
+
+export function logKeyOf(l: { readonly volume: number; readonly epoch: number; readonly index: number }): string {
+  return `${l.volume}:${l.epoch}:${l.index}`;
 }
 
 function u64(buf: Buffer, v: number, at: number): void {
@@ -58,7 +66,7 @@ export function pageEntries(entries: readonly RunEntry[], pageSize: number): Run
   let logs = new Set<string>();
   let used = HEADER;
   for (const e of entries) {
-    const logKey = e.kind === 'log' ? `${e.log.epoch}:${e.log.index}` : undefined;
+    const logKey = e.kind === 'log' ? logKeyOf(e.log) : undefined;
     const need = ENTRY + (logKey !== undefined && !logs.has(logKey) ? LOG_ENTRY : 0);
     if (used + need > pageSize && cur.length > 0) {
       pages.push(cur);
@@ -82,7 +90,7 @@ export function encodeRunPage(page: RunPage, pageSize: number): Buffer {
   const slotOf = new Map<string, number>();
   for (const e of page.entries) {
     if (e.kind !== 'log') continue;
-    const k = `${e.log.epoch}:${e.log.index}`;
+    const k = logKeyOf(e.log);
     if (!slotOf.has(k)) {
       slotOf.set(k, logs.length);
       logs.push(e.log);
@@ -100,9 +108,10 @@ export function encodeRunPage(page: RunPage, pageSize: number): Buffer {
   buf.writeUInt32LE(page.entries.length, 40);
   let p = HEADER;
   for (const l of logs) {
-    u64(buf, l.epoch, p);
-    u64(buf, l.index, p + 8);
-    buf.writeUInt32LE(l.crc >>> 0, p + 16);
+    u64(buf, l.volume, p);
+    u64(buf, l.epoch, p + 8);
+    u64(buf, l.index, p + 16);
+    buf.writeUInt32LE(l.crc >>> 0, p + 24);
     p += LOG_ENTRY;
   }
   for (const e of page.entries) {
@@ -113,8 +122,9 @@ export function encodeRunPage(page: RunPage, pageSize: number): Buffer {
       buf.writeUInt32LE(e.start, p + 16);
       buf.writeUInt32LE(e.length, p + 20);
       if (e.kind === 'zero') buf.writeUInt32LE(SLOT_ZERO, p + 24);
+      else if (e.kind === 'trim') buf.writeUInt32LE(SLOT_TRIM, p + 24);
       else {
-        buf.writeUInt32LE(slotOf.get(`${e.log.epoch}:${e.log.index}`)!, p + 24);
+        buf.writeUInt32LE(slotOf.get(logKeyOf(e.log))!, p + 24);
         buf.writeUInt32LE(e.logOffset, p + 28);
       }
     }
@@ -137,7 +147,7 @@ export function decodeRunPage(buf: Buffer): RunPage {
   if (HEADER + nLogs * LOG_ENTRY + n * ENTRY > buf.length) bad('counts exceed the page');
   const logs: RunLog[] = [];
   let p = HEADER;
-  for (let i = 0; i < nLogs; i++, p += LOG_ENTRY) logs.push({ epoch: readU64(buf, p), index: readU64(buf, p + 8), crc: buf.readUInt32LE(p + 16) });
+  for (let i = 0; i < nLogs; i++, p += LOG_ENTRY) logs.push({ volume: readU64(buf, p), epoch: readU64(buf, p + 8), index: readU64(buf, p + 16), crc: buf.readUInt32LE(p + 24) });
   const entries: RunEntry[] = [];
   for (let i = 0; i < n; i++, p += ENTRY) {
     const index = readU64(buf, p);
@@ -148,6 +158,7 @@ export function decodeRunPage(buf: Buffer): RunPage {
       const start = buf.readUInt32LE(p + 16);
       const length = buf.readUInt32LE(p + 20);
       if (slot === SLOT_ZERO) entries.push({ kind: 'zero', index, lsn, start, length });
+      else if (slot === SLOT_TRIM) entries.push({ kind: 'trim', index, lsn, start, length });
       else {
         const log = logs[slot];
         if (!log) bad(`entry ${i} names log slot ${slot} of ${nLogs}`);

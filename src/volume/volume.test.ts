@@ -6,7 +6,7 @@ import { TorusError, isTorusError } from '../core/errors.js';
 import { BlockType, type BlockRef } from '../core/ids.js';
 import type { MetaKV } from '../core/interfaces.js';
 import { buildLiveSet, collectLocal } from './gc.js';
-import { VolumeMeta } from './meta.js';
+import { isReplayNeeded, VolumeMeta } from './meta.js';
 import { memoryCluster } from './testing.js';
 import { BlockVolume } from './volume.js';
 
@@ -44,24 +44,6 @@ test('random unaligned writes read back byte-exact, before and after sync and re
   await again.close();
 });
 
-test('a volume equals its last successful sync after its writer dies', async () => {
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('v', 32 * BS);
-  const s1 = await c.newSession();
-  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v');
-  const synced = randomBytes(10 * BS);
-  await vol.write(BS / 2, synced);
-  await vol.flush();
-  await vol.write(0, randomBytes(20 * BS)); // never synced
-  // The writer "dies": its lease runs out, nothing else happens.
-  (s1 as unknown as { expire(): void }).expire();
-  const after = await BlockVolume.open(c.ctx, 'v');
-  const expect = Buffer.alloc(32 * BS);
-  synced.copy(expect, BS / 2);
-  assert.ok((await after.read(0, 32 * BS)).equals(expect));
-  await after.close();
-});
-
 test('a second writer is refused with the holder named; read-only opens are allowed', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 8 * BS);
@@ -73,39 +55,6 @@ test('a second writer is refused with the holder named; read-only opens are allo
   await a.close();
   const b = await BlockVolume.open({ ...c.ctx, session: other }, 'v');
   await b.close();
-});
-
-test('fencing: after the lease expires, every flush fails and the head never moves', async () => {
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('v', 8 * BS);
-  const s = await c.newSession();
-  const vol = await BlockVolume.open({ ...c.ctx, session: s }, 'v');
-  await vol.write(0, Buffer.alloc(BS, 1));
-  await vol.flush();
-  const id = (await c.vmeta.get('v')).id;
-  const before = (await c.vmeta.head(id)).entry;
-  (s as unknown as { expire(): void }).expire();
-  await assert.rejects(vol.write(0, Buffer.alloc(BS, 2)), (e) => isTorusError(e, 'LOCKED'));
-  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
-  // Someone else takes the volume; the old writer still cannot commit.
-  const other = await BlockVolume.open(c.ctx, 'v');
-  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
-  assert.equal((await c.vmeta.head(id)).entry.modRevision, before.modRevision);
-  await other.close();
-});
-
-test('a commit fenced by etcd fails even when the writer did not notice the loss', async () => {
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('v', 8 * BS);
-  const vol = await BlockVolume.open(c.ctx, 'v');
-  const id = (await c.vmeta.get('v')).id;
-  // The lock vanishes behind the writer's back (an operator deleting it, a lease revoked elsewhere).
-  await c.meta.kv().txn([], [{ op: 'delete', key: `/torus/volumemeta/${id}/lock` }]);
-  const before = (await c.vmeta.head(id)).entry.modRevision;
-  await vol.write(0, Buffer.alloc(BS, 7));
-  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
-  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'), 'fenced for good');
-  assert.equal((await c.vmeta.head(id)).entry.modRevision, before);
 });
 
 test('thin provisioning: a 10 TiB volume costs nothing until written; unwritten ranges read as zeros', async () => {
@@ -123,123 +72,6 @@ test('thin provisioning: a 10 TiB volume costs nothing until written; unwritten 
     { length: BS, hole: false, zero: false },
     { length: BS, hole: true, zero: true },
   ]);
-  await vol.close();
-});
-
-test('a sync costs what was written, not the volume size', async () => {
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('small', 64 * BS);
-  await c.vmeta.create('huge', 2 ** 40);
-  const pages: number[] = [];
-  for (const name of ['small', 'huge']) {
-    const vol = await BlockVolume.open(c.ctx, name);
-    await vol.write(0, randomBytes(BS)); // a first sync builds the path
-    await vol.flush();
-    const before = vol.pagesWritten;
-    await vol.write(3 * BS, randomBytes(100));
-    await vol.flush();
-    pages.push(vol.pagesWritten - before);
-    await vol.close();
-  }
-  // One page per level on the path: 1 for the small volume, the tree depth for the huge one.
-  assert.equal(pages[0], 1);
-  assert.ok(pages[1]! <= 4, `huge volume wrote ${pages[1]} pages for one block`);
-});
-
-test('trim and write-zeroes: read as zeros, whole blocks become holes', async () => {
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('v', 16 * BS);
-  const vol = await BlockVolume.open(c.ctx, 'v');
-  await vol.write(0, Buffer.alloc(16 * BS, 0xee));
-  await vol.flush();
-  await vol.trim(BS + 100, 3 * BS); // blocks 2,3 whole; 1 and 4 partial
-  await vol.writeZeroes(10 * BS, 2 * BS, { noHole: true });
-  await vol.flush();
-  const all = await vol.read(0, 16 * BS);
-  const expect = Buffer.alloc(16 * BS, 0xee);
-  expect.fill(0, BS + 100, 4 * BS + 100);
-  expect.fill(0, 10 * BS, 12 * BS);
-  assert.ok(all.equals(expect));
-  const holes = (await vol.blockStatus(0, 16 * BS)).map((e) => [e.length / BS, e.hole]);
-  assert.deepEqual(holes, [
-    [2, false],
-    [2, true],
-    [12, false],
-  ]);
-  await vol.close();
-});
-
-test('snapshots, restore and clones round-trip byte-exact', async () => {
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('v', 8 * BS);
-  const vol = await BlockVolume.open(c.ctx, 'v');
-  const one = randomBytes(8 * BS);
-  await vol.write(0, one);
-  await vol.flush();
-  await c.vmeta.createSnapshot('v', 's1'); // while mounted, as of the last sync
-  await assert.rejects(c.vmeta.createSnapshot('v', 's1'), (e) => isTorusError(e, 'EXISTS'));
-  const two = randomBytes(8 * BS);
-  await vol.write(0, two);
-  await vol.flush();
-  const snap = await BlockVolume.open(c.ctx, 'v', { snapshot: 's1' });
-  assert.ok((await snap.read(0, 8 * BS)).equals(one));
-  await assert.rejects(c.vmeta.restoreSnapshot('v', 's1', c.session), (e) => isTorusError(e, 'LOCKED'));
-  await vol.close();
-  await c.vmeta.restoreSnapshot('v', 's1', c.session);
-  const restored = await BlockVolume.open(c.ctx, 'v');
-  assert.ok((await restored.read(0, 8 * BS)).equals(one));
-  await restored.close();
-  // A clone is an independent writable volume sharing the unchanged blocks.
-  const { snapshot } = await c.vmeta.getSnapshot('v', 's1');
-  await c.vmeta.create('copy', snapshot.head.size, { head: snapshot.head, parent: { volume: 'v', snapshot: 's1' } });
-  const clone = await BlockVolume.open(c.ctx, 'copy');
-  assert.ok((await clone.read(0, 8 * BS)).equals(one));
-  await clone.write(0, Buffer.alloc(BS, 9));
-  await clone.close();
-  const orig = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
-  assert.ok((await orig.read(0, 8 * BS)).equals(one), 'the clone did not change its parent');
-});
-
-test('adopted whole-block writes are stored without a copy and never change once synced', async () => {
-  // With a read cache the distributor keeps the very buffer the writer handed over.
-  const c = await memoryCluster(BS, 100_000, 64 * BS);
-  await c.vmeta.create('v', 8 * BS);
-  const vol = await BlockVolume.open(c.ctx, 'v');
-  const one = randomBytes(4 * BS);
-  await vol.write(0, Buffer.from(one), false, true);
-  await vol.flush();
-  await c.vmeta.createSnapshot('v', 's1');
-  // A partial write to an adopted, synced block, one during a sync, and a whole-block rewrite.
-  await vol.write(10, Buffer.alloc(100, 7));
-  const syncing = vol.flush();
-  await vol.write(BS + 10, Buffer.alloc(100, 8));
-  await vol.write(2 * BS, Buffer.alloc(BS, 9), false, true);
-  await syncing;
-  await vol.flush();
-  const now = Buffer.from(one);
-  now.fill(7, 10, 110);
-  now.fill(8, BS + 10, BS + 110);
-  now.fill(9, 2 * BS, 3 * BS);
-  assert.ok((await vol.read(0, 4 * BS)).equals(now));
-  const snap = await BlockVolume.open(c.ctx, 'v', { snapshot: 's1' });
-  assert.ok((await snap.read(0, 4 * BS)).equals(one), 'the snapshot still reads what was synced then');
-  await vol.close();
-  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
-  assert.ok((await again.read(0, 4 * BS)).equals(now));
-});
-
-test('a big sync lets the event loop run while it hands out its puts', async () => {
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('v', 512 * BS);
-  const vol = await BlockVolume.open(c.ctx, 'v');
-  await vol.write(0, randomBytes(300 * BS));
-  const before = c.transport.calls.put;
-  let putsWhenTheLoopRan = -1;
-  setImmediate(() => (putsWhenTheLoopRan = c.transport.calls.put - before));
-  await vol.flush();
-  const total = c.transport.calls.put - before;
-  assert.ok(total >= 600, `${total} puts`);
-  assert.ok(putsWhenTheLoopRan >= 0 && putsWhenTheLoopRan < total / 2, `the loop ran after ${putsWhenTheLoopRan} of ${total} puts`);
   await vol.close();
 });
 
@@ -298,7 +130,201 @@ test('bad input: out of range, bad names and sizes, duplicates', async () => {
   await assert.rejects(c.vmeta.get('v'), (e) => isTorusError(e, 'NOT_EXIST'));
 });
 
-test('past half the write cache a sync starts in the background; writes never wait for it, and it loses nothing', async () => {
+
+test('a writer that dies is replayed by the next: every acknowledged flush is there, nothing unflushed', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 32 * BS);
+  const s1 = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v');
+  const flushed = randomBytes(10 * BS);
+  await vol.write(BS / 2, flushed);
+  await vol.flush(); // in the journal only: no checkpoint yet
+  await vol.write(0, randomBytes(20 * BS)); // never flushed
+  // The writer "dies": its lease runs out, nothing else happens.
+  (s1 as unknown as { expire(): void }).expire();
+  // A reader sees the dead writer's tail too.
+  const reader = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  const expect = Buffer.alloc(32 * BS);
+  flushed.copy(expect, BS / 2);
+  assert.ok((await reader.read(0, 32 * BS)).equals(expect));
+  const after = await BlockVolume.open(c.ctx, 'v');
+  assert.ok((await after.read(0, 32 * BS)).equals(expect));
+  await after.close();
+  // The old writer was fenced out of the journal: it can make nothing durable any more.
+  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
+});
+
+test('a flush is one journal append per replica: no etcd transaction, the same bytes on a 1 TiB volume as on a small one', async () => {
+  const c = await memoryCluster(BS);
+  let txns = 0;
+  const kv = c.meta.kv();
+  const counting: MetaKV = Object.create(kv) as MetaKV;
+  counting.txn = (...args: Parameters<MetaKV['txn']>) => {
+    txns++;
+    return kv.txn(...args);
+  };
+  const vmeta = new VolumeMeta(counting);
+  const journalBytes = (): number => c.stores.reduce((n, s) => n + s.stats().journalBytesWritten, 0);
+  const costs: { bytes: number; appends: number }[] = [];
+  for (const [name, size] of [['small', 64 * BS], ['huge', 2 ** 40]] as const) {
+    await vmeta.create(name, size);
+    const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta }, name, { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+    await vol.write(0, randomBytes(BS));
+    await vol.flush();
+    const [t0, b0, a0] = [txns, journalBytes(), c.transport.calls.append];
+    await vol.write(3 * BS, randomBytes(100));
+    await vol.flush();
+    assert.equal(txns - t0, 0, 'no etcd transaction on a flush');
+    costs.push({ bytes: journalBytes() - b0, appends: c.transport.calls.append - a0 });
+    await vol.close();
+  }
+  assert.deepEqual(costs[1], costs[0]);
+  // 100 bytes of data and a 64-byte header on each of the two replicas.
+  assert.equal(costs[0]!.appends, 2);
+  assert.equal(costs[0]!.bytes, 2 * (100 + 64));
+});
+
+test('fencing: after the lease expires every write and flush fails, and a new writer never sees them', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const s = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s }, 'v');
+  await vol.write(0, Buffer.alloc(BS, 1));
+  await vol.flush();
+  (s as unknown as { expire(): void }).expire();
+  await assert.rejects(vol.write(0, Buffer.alloc(BS, 2)), (e) => isTorusError(e, 'LOCKED'));
+  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
+  const other = await BlockVolume.open(c.ctx, 'v');
+  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
+  assert.ok((await other.read(0, BS)).equals(Buffer.alloc(BS, 1)));
+  await other.close();
+});
+
+test('a writer whose lock was taken without its knowing gets no acknowledgement once the new writer fenced it', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const s1 = await c.newSession();
+  const a = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  await a.write(0, Buffer.alloc(BS, 1));
+  await a.flush();
+  const id = (await c.vmeta.get('v')).id;
+  // The lock vanishes behind A's back (an operator deleting it, a lease revoked elsewhere), and B
+  // opens the volume: it fences A's journal and replays it.
+  await c.meta.kv().txn([], [{ op: 'delete', key: `/torus/volumemeta/${id}/lock` }]);
+  const b = await BlockVolume.open(c.ctx, 'v');
+  await a.write(BS, Buffer.alloc(BS, 2));
+  await assert.rejects(a.flush(), (e) => isTorusError(e, 'LOCKED'));
+  await assert.rejects(a.flush(), (e) => isTorusError(e, 'LOCKED'), 'fenced for good');
+  await assert.rejects(a.checkpoint(), (e) => isTorusError(e, 'LOCKED'));
+  assert.ok((await b.read(0, 2 * BS)).equals(Buffer.concat([Buffer.alloc(BS, 1), Buffer.alloc(BS)])));
+  await b.close();
+});
+
+test('trim and write-zeroes: read as zeros, whole trimmed blocks are holes, before and after folding', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v');
+  await vol.write(0, Buffer.alloc(16 * BS, 0xee));
+  await vol.flush();
+  await vol.trim(BS + 100, 3 * BS); // blocks 2,3 whole; 1 and 4 partial
+  await vol.writeZeroes(10 * BS, 2 * BS, { noHole: true });
+  await vol.flush();
+  const expect = Buffer.alloc(16 * BS, 0xee);
+  expect.fill(0, BS + 100, 4 * BS + 100);
+  expect.fill(0, 10 * BS, 12 * BS);
+  const holes = [
+    [2, false],
+    [2, true],
+    [12, false],
+  ];
+  assert.ok((await vol.read(0, 16 * BS)).equals(expect));
+  assert.deepEqual((await vol.blockStatus(0, 16 * BS)).map((e) => [e.length / BS, e.hole]), holes);
+  await vol.foldAll();
+  assert.equal(vol.overlaySegments, 0);
+  assert.ok((await vol.read(0, 16 * BS)).equals(expect));
+  assert.deepEqual((await vol.blockStatus(0, 16 * BS)).map((e) => [e.length / BS, e.hole]), holes);
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 16 * BS)).equals(expect));
+});
+
+test('snapshots (also while mounted), restore and clones round-trip byte-exact', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { snapshotPollMs: 20 });
+  const one = randomBytes(8 * BS);
+  await vol.write(0, one);
+  await vol.flush();
+  // While mounted: the writer takes it, with everything flushed before the request.
+  await c.vmeta.createSnapshot('v', 's1');
+  await assert.rejects(c.vmeta.createSnapshot('v', 's1'), (e) => isTorusError(e, 'EXISTS'));
+  const two = randomBytes(8 * BS);
+  await vol.write(0, two);
+  await vol.flush();
+  const snap = await BlockVolume.open(c.ctx, 'v', { snapshot: 's1' });
+  assert.ok((await snap.read(0, 8 * BS)).equals(one));
+  await assert.rejects(BlockVolume.restore(c.ctx, 'v', 's1'), (e) => isTorusError(e, 'LOCKED'));
+  await vol.close();
+  await BlockVolume.restore(c.ctx, 'v', 's1');
+  const restored = await BlockVolume.open(c.ctx, 'v');
+  assert.ok((await restored.read(0, 8 * BS)).equals(one));
+  await restored.close();
+  // A clone is an independent writable volume sharing the unchanged blocks.
+  await c.vmeta.clone('copy', { volume: 'v', snapshot: 's1' });
+  const clone = await BlockVolume.open(c.ctx, 'copy');
+  assert.ok((await clone.read(0, 8 * BS)).equals(one));
+  await clone.write(0, Buffer.alloc(BS, 9));
+  await clone.close();
+  const orig = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await orig.read(0, 8 * BS)).equals(one), 'the clone did not change its parent');
+});
+
+test('a snapshot, clone or restore of a volume whose writer died first replays its tail', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const s1 = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v');
+  const data = randomBytes(8 * BS);
+  await vol.write(0, data);
+  await vol.flush();
+  (s1 as unknown as { expire(): void }).expire();
+  await assert.rejects(c.vmeta.createSnapshot('v', 's'), (e) => isReplayNeeded(e));
+  await assert.rejects(c.vmeta.clone('c1', { volume: 'v' }), (e) => isReplayNeeded(e));
+  // Opening it for writing once replays the tail into a checkpoint.
+  await (await BlockVolume.open(c.ctx, 'v')).close();
+  await c.vmeta.createSnapshot('v', 's');
+  const snap = await BlockVolume.open(c.ctx, 'v', { snapshot: 's' });
+  assert.ok((await snap.read(0, 8 * BS)).equals(data));
+});
+
+test('adopted writes are kept without a copy; later writes never change what a snapshot holds', async () => {
+  const c = await memoryCluster(BS, 100_000, 64 * BS);
+  await c.vmeta.create('v', 8 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { snapshotPollMs: 20 });
+  const one = randomBytes(4 * BS);
+  await vol.write(0, Buffer.from(one), false, true);
+  await vol.flush();
+  await c.vmeta.createSnapshot('v', 's1');
+  // A partial write over adopted data, one during a flush, and a whole-block rewrite.
+  await vol.write(10, Buffer.alloc(100, 7));
+  const flushing = vol.flush();
+  await vol.write(BS + 10, Buffer.alloc(100, 8));
+  await vol.write(2 * BS, Buffer.alloc(BS, 9), false, true);
+  await flushing;
+  await vol.flush();
+  const now = Buffer.from(one);
+  now.fill(7, 10, 110);
+  now.fill(8, BS + 10, BS + 110);
+  now.fill(9, 2 * BS, 3 * BS);
+  assert.ok((await vol.read(0, 4 * BS)).equals(now));
+  const snap = await BlockVolume.open(c.ctx, 'v', { snapshot: 's1' });
+  assert.ok((await snap.read(0, 4 * BS)).equals(one), 'the snapshot still reads what was flushed then');
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 4 * BS)).equals(now));
+});
+
+test('past half the write cache a flush starts in the background; writes never wait for it, and it loses nothing', async () => {
   const c = await memoryCluster(BS);
   const size = 64 * BS;
   await c.vmeta.create('v', size);
@@ -309,10 +335,8 @@ test('past half the write cache a sync starts in the background; writes never wa
     await vol.write(i * BS, d);
     d.copy(ref, i * BS);
   }
-  // 12 dirty blocks of a 16-block cache: no write was made to wait, yet syncs happened.
-  for (let i = 0; i < 50 && vol.syncs === 0; i++) await new Promise((r) => setTimeout(r, 10));
-  assert.ok(vol.syncs > 0, 'a background sync ran');
-  // Writes during and after background syncs are kept, and the next flush commits them all.
+  for (let i = 0; i < 50 && vol.stats.flushes === 0; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(vol.stats.flushes > 0, 'a background flush ran');
   for (let i = 12; i < 40; i++) {
     const d = randomBytes(BS);
     await vol.write(i * BS, d);
@@ -322,42 +346,86 @@ test('past half the write cache a sync starts in the background; writes never wa
   await vol.close();
   const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await again.read(0, size)).equals(ref));
-  await again.close();
 });
 
-test('a put that fails while the sync awaits a page load fails the flush, never the process', async () => {
+test('a journal replica that fails: the journal moves (tail and all) and the flush succeeds without it', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 64 * BS);
-  const first = await BlockVolume.open(c.ctx, 'v');
-  await first.write(0, Buffer.alloc(BS * 4, 1));
-  await first.close();
-  let failPuts = false;
-  // Puts fail at once (a full cluster); reads take a round trip, so tree.set awaits a page.
-  const store = {
-    blockSize: BS,
-    putBlock: (ref: BlockRef, data: Uint8Array) => (failPuts ? Promise.reject(new TorusError('OUT_OF_SPACE', 'cluster full')) : c.dist.putBlock(ref, data)),
-    getBlock: async (ref: BlockRef, crc?: number) => {
-      await new Promise((r) => setTimeout(r, 20));
-      return c.dist.getBlock(ref, crc);
-    },
-    readRange: (ref: BlockRef, o: number, l: number) => c.dist.readRange(ref, o, l),
-    flush: () => c.dist.flush(),
-  };
-  const unhandled: unknown[] = [];
-  const onUnhandled = (e: unknown): void => {
-    unhandled.push(e);
-  };
-  process.on('unhandledRejection', onUnhandled);
-  try {
-    const vol = await BlockVolume.open({ ...c.ctx, store }, 'v');
-    await vol.write(8 * BS, Buffer.alloc(BS, 2));
-    failPuts = true;
-    await assert.rejects(vol.flush(), (e: unknown) => isTorusError(e, 'OUT_OF_SPACE'));
-    await new Promise((r) => setTimeout(r, 100));
-    assert.deepEqual(unhandled, []);
-  } finally {
-    process.off('unhandledRejection', onUnhandled);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const data = randomBytes(8 * BS);
+  await vol.write(0, data);
+  await vol.flush();
+  const before = vol.head.journal!;
+  // One of the journal's replicas dies.
+  c.transport.down.add(before.replicas[0]!);
+  const more = randomBytes(8 * BS);
+  await vol.write(8 * BS, more);
+  await vol.flush();
+  const after = vol.head.journal!;
+  assert.equal(vol.stats.journalMoves, 1);
+  assert.ok(!after.replicas.includes(before.replicas[0]!), 'the new replicas leave the dead one out');
+  // etcd names the new segment: a writer that dies now is replayed from there, without the dead node.
+  const id = (await c.vmeta.get('v')).id;
+  assert.deepEqual((await c.vmeta.head(id)).head.journal, after);
+  await c.session.revoke();
+  const next = await BlockVolume.open({ ...c.ctx, session: await c.newSession() }, 'v');
+  assert.ok((await next.read(0, 16 * BS)).equals(Buffer.concat([data, more])));
+  await next.close();
+});
+
+test('checkpoints and folds move overlays into runs and whole blocks; a reopen reads the same; a long run chain is compacted', async () => {
+  const c = await memoryCluster(BS);
+  const size = 32 * BS;
+  await c.vmeta.create('v', size);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0, foldIdleMs: 0, maxRunChain: 4 });
+  const model = Buffer.alloc(size);
+  for (let round = 0; round < 10; round++) {
+    for (let i = 0; i < 20; i++) {
+      const off = Math.floor(Math.random() * (size - 600));
+      const d = randomBytes(1 + Math.floor(Math.random() * 600));
+      await vol.write(off, d);
+      d.copy(model, off);
+    }
+    await vol.flush();
+    await vol.checkpoint();
+    assert.ok((await vol.read(0, size)).equals(model), `round ${round}`);
   }
+  assert.ok(vol.stats.compactions >= 1, 'the chain was compacted');
+  await vol.foldAll();
+  assert.ok(vol.stats.folds > 0);
+  assert.ok((await vol.read(0, size)).equals(model));
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, size)).equals(model));
+});
+
+test('a checkpoint whose etcd commit fails changes nothing: the tail stays, and GC in between keeps it', async () => {
+  const c = await memoryCluster(BS);
+  const kv = c.meta.kv();
+  let failCommits = false;
+  const flaky: MetaKV = Object.create(kv) as MetaKV;
+  flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
+    if (failCommits && args[1].some((o) => o.op === 'put' && o.key.endsWith('/head2'))) throw new TorusError('ETCD_UNAVAILABLE', 'cannot reach etcd (transaction)');
+    return kv.txn(...args);
+  };
+  const vmeta = new VolumeMeta(flaky);
+  await vmeta.create('v', 64 * BS);
+  const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const data = randomBytes(16 * BS);
+  await vol.write(0, data);
+  await vol.flush();
+  failCommits = true;
+  await assert.rejects(vol.checkpoint(), (e) => isTorusError(e, 'ETCD_UNAVAILABLE'));
+  // Flushes still work: they need no etcd.
+  await vol.write(16 * BS, Buffer.alloc(BS, 5));
+  await vol.flush();
+  const live = await buildLiveSet(new VolumeMeta(kv), c.dist);
+  for (const s of c.stores) await collectLocal(live, s);
+  failCommits = false;
+  await vol.checkpoint();
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 17 * BS)).equals(Buffer.concat([data, Buffer.alloc(BS, 5)])));
 });
 
 test('a commit applied by etcd whose reply was lost counts as done: the writer stays on the head', async () => {
@@ -367,7 +435,7 @@ test('a commit applied by etcd whose reply was lost counts as done: the writer s
   const flaky: MetaKV = Object.create(kv) as MetaKV;
   flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
     const r = await kv.txn(...args);
-    if (loseNextCommitReply && args[1].some((o) => o.op === 'put' && o.key.endsWith('/head'))) {
+    if (loseNextCommitReply && args[1].some((o) => o.op === 'put' && o.key.endsWith('/head2'))) {
       loseNextCommitReply = false;
       throw new TorusError('ETCD_UNAVAILABLE', 'cannot reach etcd (transaction): the reply was lost');
     }
@@ -375,16 +443,17 @@ test('a commit applied by etcd whose reply was lost counts as done: the writer s
   };
   const vmeta = new VolumeMeta(flaky);
   await vmeta.create('v', 64 * BS);
-  const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta }, 'v');
+  const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
   await vol.write(0, Buffer.alloc(4 * BS, 1));
   await vol.flush();
+  await vol.checkpoint();
   await vol.write(0, Buffer.alloc(BS, 2));
+  await vol.flush();
   loseNextCommitReply = true;
-  await vol.flush(); // resolved by asking etcd: it was applied
-  // GC on every node, as torusd runs it: the previous tree's pages go.
+  await vol.checkpoint(); // resolved by asking etcd: it was applied
   const live = await buildLiveSet(new VolumeMeta(kv), c.dist);
   for (const s of c.stores) await collectLocal(live, s);
-  assert.ok((await vol.read(BS, BS)).equals(Buffer.alloc(BS, 1)), 'unchanged blocks still readable');
+  assert.ok((await vol.read(0, 4 * BS)).equals(Buffer.concat([Buffer.alloc(BS, 2), Buffer.alloc(3 * BS, 1)])));
   await vol.write(8 * BS, Buffer.alloc(BS, 3));
   await vol.flush();
   await vol.close();
@@ -394,96 +463,20 @@ test('a commit applied by etcd whose reply was lost counts as done: the writer s
   expect.fill(2, 0, BS);
   expect.fill(3, 8 * BS, 9 * BS);
   assert.ok((await again.read(0, 64 * BS)).equals(expect));
-  await again.close();
 });
 
-test('a sync whose etcd commit failed is retried without storing its blocks again; GC in between keeps them', async () => {
+test('a run page whose put fails fails the checkpoint, never the process; the next one succeeds', async () => {
   const c = await memoryCluster(BS);
-  const kv = c.meta.kv();
-  let failCommits = 0;
-  const flaky: MetaKV = Object.create(kv) as MetaKV;
-  flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
-    // Not applied at all: etcd unreachable for the head's transaction.
-    if (failCommits > 0 && args[1].some((o) => o.op === 'put' && o.key.endsWith('/head'))) {
-      failCommits--;
-      throw new TorusError('ETCD_UNAVAILABLE', 'cannot reach etcd (transaction)');
-    }
-    return kv.txn(...args);
-  };
-  const dataPuts: BlockRef[] = [];
-  const store = {
-    blockSize: BS,
-    putBlock: (ref: BlockRef, data: Uint8Array, opts?: { immutable?: boolean }) => {
-      if (ref.type === BlockType.Data) dataPuts.push(ref);
-      return c.dist.putBlock(ref, data, opts);
-    },
-    getBlock: (ref: BlockRef, crc?: number) => c.dist.getBlock(ref, crc),
-    readRange: (ref: BlockRef, o: number, l: number) => c.dist.readRange(ref, o, l),
-    flush: () => c.dist.flush(),
-  };
-  const vmeta = new VolumeMeta(flaky);
-  await vmeta.create('v', 64 * BS);
-  const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta, store }, 'v');
-  const expect = Buffer.alloc(64 * BS);
-  for (let i = 0; i < 8; i++) {
-    const b = randomBytes(BS);
-    await vol.write(i * BS, b);
-    b.copy(expect, i * BS);
-  }
-  failCommits = 2;
-  await assert.rejects(vol.flush(), (e: unknown) => isTorusError(e, 'ETCD_UNAVAILABLE'));
-  assert.equal(dataPuts.length, 8);
-  // The same bytes again, then a real change: only the changed block is new.
-  await vol.write(0, expect.subarray(0, BS));
-  const changed = randomBytes(100);
-  await vol.write(3 * BS + 7, changed);
-  changed.copy(expect, 3 * BS + 7);
-  await assert.rejects(vol.flush(), (e: unknown) => isTorusError(e, 'ETCD_UNAVAILABLE'));
-  assert.equal(dataPuts.length, 9, 'the second attempt stored only the changed block');
-  // GC on every node while nothing is committed: the stored blocks are above the head's epoch.
-  const live = await buildLiveSet(new VolumeMeta(kv), c.dist);
-  for (const s of c.stores) await collectLocal(live, s);
+  await c.vmeta.create('v', 64 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  await vol.write(0, randomBytes(16 * BS));
   await vol.flush();
-  assert.equal(dataPuts.length, 9, 'the successful attempt stored nothing again');
+  const put = c.dist.putBlock.bind(c.dist);
+  let fail = true;
+  c.dist.putBlock = (ref: BlockRef, data: Uint8Array, opts?: Parameters<typeof put>[2]) =>
+    fail && ref.type === BlockType.Run ? Promise.reject(new TorusError('NO_PEER', 'all replicas down')) : put(ref, data, opts);
+  await assert.rejects(vol.checkpoint(), (e) => isTorusError(e, 'NO_PEER'));
+  fail = false;
+  await vol.checkpoint();
   await vol.close();
-  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
-  assert.ok((await again.read(0, 64 * BS)).equals(expect));
-  await again.close();
-  // And after a GC with the head committed, everything is still there on the nodes themselves.
-  const live2 = await buildLiveSet(new VolumeMeta(kv), c.dist);
-  for (const s of c.stores) await collectLocal(live2, s);
-  const third = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
-  assert.ok((await third.read(0, 64 * BS)).equals(expect));
-  await third.close();
-});
-
-test('a sync that failed before its flush has nothing reused: the retry stores every block again', async () => {
-  const c = await memoryCluster(BS);
-  let failPuts = false;
-  let dataPuts = 0;
-  const store = {
-    blockSize: BS,
-    putBlock: (ref: BlockRef, data: Uint8Array, opts?: { immutable?: boolean }) => {
-      if (ref.type === BlockType.Data) dataPuts++;
-      // Half the replicas take the block, then the put fails: not durable as a whole.
-      return failPuts ? c.dist.putBlock(ref, data, opts).then(() => Promise.reject(new TorusError('NO_PEER', 'wrote to only 1 of 2 replicas'))) : c.dist.putBlock(ref, data, opts);
-    },
-    getBlock: (ref: BlockRef, crc?: number) => c.dist.getBlock(ref, crc),
-    readRange: (ref: BlockRef, o: number, l: number) => c.dist.readRange(ref, o, l),
-    flush: () => c.dist.flush(),
-  };
-  await c.vmeta.create('v', 16 * BS);
-  const vol = await BlockVolume.open({ ...c.ctx, store }, 'v');
-  const data = randomBytes(4 * BS);
-  await vol.write(0, data);
-  failPuts = true;
-  await assert.rejects(vol.flush(), (e: unknown) => isTorusError(e, 'NO_PEER'));
-  failPuts = false;
-  const before = dataPuts;
-  await vol.flush();
-  assert.equal(dataPuts - before, 4);
-  await vol.close();
-  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
-  assert.ok((await again.read(0, 4 * BS)).equals(data));
-  await again.close();
 });

@@ -3,34 +3,74 @@ import { TorusError, isTorusError } from '../core/errors.js';
 import { BlockType, type BlockRef } from '../core/ids.js';
 import type { BlockDevice, Extent, KVSession } from '../core/interfaces.js';
 import { InodeTree, type VolumeBlockStore } from './inode.js';
-import type { VolumeLock, VolumeMeta } from './meta.js';
+import { logRef, RecordType, type JournalRecord } from './journal-format.js';
+import { JournalReplicaError, JournalWriter, readTail, type JournalPeers, type TailEntry } from './journal.js';
+import type { ExtraOps, VolumeLock, VolumeMeta } from './meta.js';
+import { OverlayIndex, type Segment, type Source } from './overlay.js';
 import { checkVolumeSize, type Head, type Pointer, type VolumeRecord } from './records.js';
+import { decodeRunPage, encodeRunPage, logKeyOf, pageEntries, type RunEntry, type RunPage } from './runs.js';
 
-// A block volume: a byte-addressable disk over immutable blocks. Writes land in memory (whole
-// blocks, read-modify-write); a sync (NBD FLUSH, FUA, close, or memory pressure) stores the
-// changed blocks on their replicas, writes the changed inode pages, flushes, and only then moves
-// the head in etcd with a transaction fenced by the volume lock. A crash at any point leaves the
-// volume exactly as of the last successful sync.
+// A block volume over a journal (docs/journal.md). A write lands in memory and in the overlay
+// index; a FLUSH appends the writes since the last one to the volume's journal on R storage
+// nodes and is acknowledged once every replica has them on disk: no etcd, no block rewrite.
+// Checkpoints, in the background, seal the journal's log blocks and commit overlay runs and the
+// journal's new start to etcd; folds turn blocks with many overlays back into whole blocks. A
+// crash at any point leaves the volume as of its last acknowledged flush: the next writer fences
+// the journal and replays its tail.
 
-/** Blocks a sync hands to the distributor between two turns of the event loop. */
-const SYNC_YIELD_BLOCKS = 64;
+export type VolumeStore = VolumeBlockStore & JournalPeers;
 
 export interface OpenVolumeOptions {
   readonly readOnly?: boolean;
   /** Open this snapshot's state, read-only. */
   readonly snapshot?: string;
-  /** Dirty data held in memory before a write forces a sync. */
+  /** Written bytes held in memory before a write makes them durable (a journal append). */
   readonly writeCacheBytes?: number;
   /** Inode pages cached in memory. */
   readonly pageCacheBytes?: number;
+  /** Journal bytes since the last checkpoint that start one. */
+  readonly checkpointBytes?: number;
+  /** A checkpoint at least this often while there is a tail. 0: only by size, close and request. */
+  readonly checkpointIntervalMs?: number;
+  /** Idle this long, fold the blocks with overlays (0: never when idle). */
+  readonly foldIdleMs?: number;
+  /** Overlay segments past which the blocks with the most are folded. */
+  readonly maxOverlaySegments?: number;
+  /** A block with more segments than this is folded after the flush that made them. */
+  readonly maxSegmentsPerBlock?: number;
+  /** Run pages in the chain past which a checkpoint writes one compacted run. */
+  readonly maxRunChain?: number;
+  /** How often the writer looks for snapshot requests (ms); 0 turns it off. */
+  readonly snapshotPollMs?: number;
 }
 
 export interface VolumeContext {
   readonly meta: VolumeMeta;
-  readonly store: VolumeBlockStore;
+  readonly store: VolumeStore;
   /** The process's lease; needed to open for writing. */
   readonly session?: KVSession;
 }
+
+export interface VolumeStats {
+  flushes: number;
+  checkpoints: number;
+  folds: number;
+  journalMoves: number;
+  journalBytes: number;
+  compactions: number;
+  snapshotsTaken: number;
+}
+
+const DEFAULTS = {
+  writeCacheBytes: 128 * 1024 * 1024,
+  checkpointBytes: 64 * 1024 * 1024,
+  checkpointIntervalMs: 30_000,
+  foldIdleMs: 15_000,
+  maxOverlaySegments: 256 * 1024,
+  maxSegmentsPerBlock: 64,
+  maxRunChain: 64,
+  snapshotPollMs: 1000,
+};
 
 export class BlockVolume implements BlockDevice {
   readonly blockSize: number;
@@ -38,51 +78,58 @@ export class BlockVolume implements BlockDevice {
   readonly name: string;
   private sizeBytes: number;
   private tree: InodeTree;
-  /** Changed blocks since the last sync: a whole-block buffer, or null for a hole. */
-  private dirty = new Map<number, Buffer | null>();
-  /** The blocks a sync in progress is writing; consulted so concurrent writes see them. */
-  private syncing = new Map<number, Buffer | null>();
-  private dirtyBytes = 0;
-  private loading = new Map<number, { changes: ((buf: Buffer) => void)[]; done: Promise<void> }>();
+  /** What reads see: checkpointed overlays, the journal's tail, and pending writes. */
+  private readonly overlay = new OverlayIndex();
+  /** The overlays as of the last checkpoint, from which a compacted run is written. */
+  private readonly cpOverlay = new OverlayIndex();
   private committed: Head;
+  /** Run pages in the committed chain. */
+  private chainPages = 0;
+  private journal: JournalWriter | undefined;
+  /** Written, not yet appended to the journal. */
+  private pending: TailEntry[] = [];
+  private pendingBytes = 0;
+  /** Bytes appended since the last checkpoint. */
+  private tailBytes = 0;
+  /** Folds since the last checkpoint: what the next run must drop. */
+  private resets: { index: number; lsn: number }[] = [];
   private nextIndex = 1;
-  private syncChain: Promise<void> = Promise.resolve();
-  private queuedSync: Promise<void> | undefined;
+  private flushChain: Promise<void> = Promise.resolve();
+  private queuedFlush: Promise<void> | undefined;
   private background: Promise<void> | undefined;
+  /** Checkpoints, folds and journal moves run one at a time (they all move the head). */
+  private control: Promise<unknown> = Promise.resolve();
+  private checkpointRunning: Promise<void> | undefined;
+  /** A journal that could not be moved after a replica failed: the next flush tries again. */
+  private journalBroken = false;
   private fenced: TorusError | undefined;
-  /**
-   * Data blocks a sync stored and flushed before its etcd commit failed, by index: durable, kept
-   * by GC (their epoch is above the head's), so the retry points at them again instead of storing
-   * the same bytes once more. Without this, every retry during an etcd outage stored the whole
-   * dirty set again, and the garbage could fill the cluster before the writer gave up.
-   */
-  private storedUncommitted: Map<number, Pointer & { readonly buf: Buffer }> | undefined;
   private closed = false;
-  private readonly writeCacheBytes: number;
-  syncs = 0;
-  pagesWritten = 0;
+  private lastWrite = Date.now();
+  private timers: NodeJS.Timeout[] = [];
+  private readonly o: Required<Omit<OpenVolumeOptions, 'readOnly' | 'snapshot' | 'pageCacheBytes'>> & { pageCacheBytes?: number };
+  readonly stats: VolumeStats = { flushes: 0, checkpoints: 0, folds: 0, journalMoves: 0, journalBytes: 0, compactions: 0, snapshotsTaken: 0 };
 
   private constructor(
     private readonly ctx: VolumeContext,
     readonly record: VolumeRecord,
     head: Head,
     private readonly lock: VolumeLock | undefined,
-    private readonly opts: OpenVolumeOptions,
+    opts: OpenVolumeOptions,
   ) {
     this.name = record.name;
     this.blockSize = ctx.store.blockSize;
     this.readOnly = !lock;
     this.sizeBytes = head.size;
     this.committed = head;
+    this.o = { ...DEFAULTS, ...stripUndefined(opts) };
     this.tree = this.newTree(head);
-    this.writeCacheBytes = opts.writeCacheBytes ?? 128 * 1024 * 1024;
     lock?.session.onLost(() => {
       this.fenced ??= new TorusError('LOCKED', `lost the lock on volume ${this.name}: the etcd lease expired; writes and flushes now fail`);
     });
   }
 
   private newTree(head: Head): InodeTree {
-    const tree = new InodeTree(this.ctx.store, head, this.opts.pageCacheBytes);
+    const tree = new InodeTree(this.ctx.store, head, this.o.pageCacheBytes);
     // A head written before a resize, or by create (which knows no block size), may be shallower
     // than the size needs.
     tree.grow(Math.max(1, Math.ceil(this.sizeBytes / this.blockSize)));
@@ -92,31 +139,117 @@ export class BlockVolume implements BlockDevice {
   static async open(ctx: VolumeContext, name: string, opts: OpenVolumeOptions = {}): Promise<BlockVolume> {
     if (opts.snapshot !== undefined) {
       const { volume, snapshot } = await ctx.meta.getSnapshot(name, opts.snapshot);
-      return new BlockVolume(ctx, volume, snapshot.head, undefined, opts);
+      const v = new BlockVolume(ctx, volume, snapshot.head, undefined, opts);
+      await v.loadRuns(snapshot.head.runs ?? null);
+      return v;
     }
     const record = await ctx.meta.get(name);
     if (opts.readOnly) {
       const { head } = await ctx.meta.head(record.id);
-      return new BlockVolume(ctx, record, head, undefined, opts);
+      const v = new BlockVolume(ctx, record, head, undefined, opts);
+      await v.loadRuns(head.runs ?? null);
+      // A tail left by a writer that is gone holds flushed writes: read it (nothing is fenced; a
+      // writer opening meanwhile replays it too). A mounted volume is read as of its checkpoint.
+      if (head.journal && !(await ctx.meta.lockHolder(record.id))) {
+        const records = await readTail(ctx.store, record.id, undefined, head.journal, head.lsn ?? 1);
+        let lsn = head.lsn ?? 1;
+        for (const r of records) {
+          if (r.type === RecordType.Resize) v.applySize(r.offset);
+          else v.stage(r.type, r.offset, r.length, r.data, true);
+          for (const e of v.pending) e.src.lsn = lsn++;
+          v.pending = [];
+        }
+      }
+      return v;
     }
     if (!ctx.session) throw new TorusError('INTERNAL', 'opening a volume for writing needs an etcd session');
     const lock = await ctx.meta.lock(name, ctx.session);
     try {
       const { head } = await ctx.meta.head(record.id);
-      return new BlockVolume(ctx, record, head, lock, opts);
+      const v = new BlockVolume(ctx, record, head, lock, opts);
+      await v.loadRuns(head.runs ?? null);
+      await v.startJournal();
+      v.startTimers();
+      return v;
     } catch (err) {
       await ctx.meta.unlock(lock).catch(() => undefined);
       throw err;
     }
   }
 
+  /**
+   * A new writing session: replay what a previous writer left in the journal (fencing it out),
+   * start this session's journal in a segment of live replicas with the replayed records, and
+   * commit the head that names it. Only then is the volume served.
+   */
+  private async startJournal(): Promise<void> {
+    const lock = this.lock!;
+    const head = this.committed;
+    const epoch = lock.epoch;
+    const lsn = head.lsn ?? 1;
+    const replayed: JournalRecord[] = head.journal ? await readTail(this.ctx.store, this.record.id, epoch, head.journal, lsn) : [];
+    const j = new JournalWriter({ peers: this.ctx.store, volume: this.record.id, epoch, blockSize: this.blockSize, lsn });
+    await j.startFresh();
+    this.journal = j;
+    for (const r of replayed) {
+      if (r.type === RecordType.Resize) this.stageResize(r.offset);
+      else this.stage(r.type, r.offset, r.length, r.data, true);
+    }
+    const entries = this.takePending();
+    if (entries.length > 0) await j.append(entries);
+    this.tailBytes = sumBytes(entries);
+    await this.ctx.meta.commit(lock, { ...this.headFields(), journal: j.position });
+    this.committed = { ...this.headFields(), journal: j.position, epoch: lock.epoch - 1 };
+    this.nextIndex = 1;
+  }
+
+  /** The head as committed, with the fields a commit rewrites. */
+  private headFields(): Omit<Head, 'epoch'> {
+    const h = this.committed;
+    return { root: h.root, depth: h.depth, size: h.size, runs: h.runs ?? null, lsn: h.lsn ?? 1, journal: h.journal ?? null };
+  }
+
+  /** Reads the run chain newest first, back to its base, and applies it oldest first. */
+  private async loadRuns(head: Pointer | null): Promise<void> {
+    const pages: RunPage[] = [];
+    for (let p = head; p; ) {
+      const page = decodeRunPage(await this.ctx.store.getBlock(p.ref, p.crc));
+      pages.push(page);
+      if (page.base) break;
+      p = page.prev;
+    }
+    this.chainPages = pages.length;
+    for (const page of pages.reverse()) for (const e of page.entries) applyRunEntry(e, this.blockSize, this.overlay, this.cpOverlay);
+  }
+
+  private startTimers(): void {
+    const every = (ms: number, fn: () => void): void => {
+      if (ms <= 0) return;
+      const t = setInterval(fn, ms);
+      t.unref();
+      this.timers.push(t);
+    };
+    every(this.o.checkpointIntervalMs, () => {
+      if (this.tailBytes > 0 || this.resets.length > 0) this.checkpointInBackground();
+    });
+    every(this.o.snapshotPollMs, () => void this.takeRequestedSnapshots().catch(() => undefined));
+    every(Math.max(1000, Math.floor(this.o.foldIdleMs / 3)), () => {
+      if (this.o.foldIdleMs > 0 && Date.now() - this.lastWrite >= this.o.foldIdleMs && this.overlay.size > 0) this.foldInBackground(this.overlay.indexes());
+    });
+  }
+
   get size(): number {
     return this.sizeBytes;
   }
 
-  /** The head of the last successful sync. */
+  /** The head of the last checkpoint. */
   get head(): Head {
     return this.committed;
+  }
+
+  /** Overlay segments held (what folds bring down). */
+  get overlaySegments(): number {
+    return this.overlay.size;
   }
 
   private checkRange(offset: number, length: number): void {
@@ -130,22 +263,58 @@ export class BlockVolume implements BlockDevice {
     if (this.fenced) throw this.fenced;
   }
 
+  /** Splits [offset, offset+length) into per-block pieces. */
+  private *pieces(offset: number, length: number): Generator<{ index: number; start: number; n: number; at: number }> {
+    for (let pos = offset; pos < offset + length; ) {
+      const index = Math.floor(pos / this.blockSize);
+      const start = pos - index * this.blockSize;
+      const n = Math.min(this.blockSize - start, offset + length - pos);
+      yield { index, start, n, at: pos - offset };
+      pos += n;
+    }
+  }
+
   // ---- reads ----
 
   private async readBlockPart(index: number, start: number, length: number): Promise<Buffer> {
-    const d = this.dirty.has(index) ? this.dirty.get(index) : this.syncing.get(index);
-    if (d !== undefined) return d ? Buffer.from(d.subarray(start, start + length)) : Buffer.alloc(length);
+    const end = start + length;
+    const segs = this.overlay.segments(index).filter((s) => s.end > start && s.start < end);
+    if (segs.length === 0) return this.readBase(index, start, length);
+    const first = segs[0]!;
+    if (segs.length === 1 && first.start <= start && first.end >= end) return this.sourceBytes(first, start, length);
+    const covered = segs.reduce((n, s) => n + Math.min(s.end, end) - Math.max(s.start, start), 0);
+    const out = covered === length ? Buffer.allocUnsafe(length) : Buffer.from(await this.readBase(index, start, length));
+    await Promise.all(
+      segs.map(async (s) => {
+        const a = Math.max(s.start, start);
+        const b = Math.min(s.end, end);
+        (await this.sourceBytes(s, a, b - a)).copy(out, a - start);
+      }),
+    );
+    return out;
+  }
+
+  private async readBase(index: number, start: number, length: number): Promise<Buffer> {
     const ptr = await this.tree.get(index);
     if (!ptr) return Buffer.alloc(length);
     if (start === 0 && length === this.blockSize) return this.ctx.store.getBlock(ptr.ref, ptr.crc);
     return this.ctx.store.readRange(ptr.ref, start, length, ptr.crc);
   }
 
+  /** Bytes [from, from+n) of a block, from the segment that covers them. */
+  private async sourceBytes(s: Segment, from: number, n: number): Promise<Buffer> {
+    const src = s.src;
+    if (src.zero) return Buffer.alloc(n);
+    const at = s.at + (from - s.start);
+    if (src.data) return src.data.subarray(at, at + n);
+    const log = src.log;
+    if (!log || log.crc === undefined) throw new TorusError('INTERNAL', `volume ${this.name}: overlay bytes with no place to read them from`);
+    return this.ctx.store.readRange(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, n, log.crc);
+  }
+
   async read(offset: number, length: number): Promise<Buffer> {
     if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
     this.checkRange(offset, length);
-    // Within one block the piece itself is the answer: no buffer to allocate and fill. It may be
-    // a view of the block cache, which is why BlockDevice.read's result is read-only.
     const index = Math.floor(offset / this.blockSize);
     const start = offset - index * this.blockSize;
     if (start + length <= this.blockSize) return this.readBlockPart(index, start, length);
@@ -165,224 +334,330 @@ export class BlockVolume implements BlockDevice {
   // ---- writes ----
 
   /**
-   * Applies `change` to the block's dirty buffer. Without one, the block's current bytes are
-   * loaded first; writers arriving meanwhile queue behind the same load. Every change is applied
-   * synchronously at the moment the buffer enters the dirty map, so a sync, which swaps the map
-   * out only when no load is in flight, never takes a buffer someone is about to modify.
+   * Takes a write into memory: one pending record per piece (never across a block, never more
+   * than a fresh log block holds), each visible to reads at once through the overlay.
    */
-  private modifyBlock(index: number, change: (buf: Buffer) => void): Promise<void> | undefined {
-    const d = this.dirty.get(index);
-    if (d) {
-      change(d);
-      return undefined;
-    }
-    const pending = this.loading.get(index);
-    if (pending) {
-      pending.changes.push(change);
-      return pending.done;
-    }
-    const entry: { changes: ((buf: Buffer) => void)[]; done: Promise<void> } = { changes: [change], done: Promise.resolve() };
-    this.loading.set(index, entry);
-    entry.done = (async () => {
-      try {
-        const base = this.dirty.has(index) ? this.dirty.get(index) : this.syncing.get(index);
-        let buf: Buffer;
-        if (base === null) buf = Buffer.alloc(this.blockSize);
-        else if (base) buf = Buffer.from(base);
-        else {
-          const ptr = await this.tree.get(index);
-          buf = ptr ? Buffer.from(await this.ctx.store.getBlock(ptr.ref, ptr.crc)) : Buffer.alloc(this.blockSize);
-        }
-        // A whole-block write may have replaced the block while we loaded; it is newer than
-        // what we loaded, and the queued changes came after it.
-        const now = this.dirty.get(index);
-        if (now) buf = now;
-        else {
-          this.dirty.set(index, buf);
-          this.dirtyBytes += this.blockSize;
-        }
-        for (const c of entry.changes) c(buf);
-      } finally {
-        this.loading.delete(index);
+  private stage(type: RecordType, offset: number, length: number, data: Uint8Array | undefined, adopt: boolean): void {
+    const max = JournalWriter.maxRecord(this.blockSize);
+    for (const { index, start, n, at } of this.pieces(offset, length)) {
+      for (let done = 0; done < n; ) {
+        const len = type === RecordType.Data ? Math.min(max, n - done) : n - done;
+        const view = data?.subarray(at + done, at + done + len);
+        const bytes = view === undefined ? undefined : adopt ? Buffer.from(view.buffer, view.byteOffset, view.byteLength) : Buffer.from(view);
+        const src: Source = { lsn: Infinity, zero: type !== RecordType.Data, hole: type === RecordType.Trim, data: bytes, log: undefined };
+        const rec: JournalRecord = { type, lsn: 0, offset: offset + at + done, length: len, ...(bytes ? { data: bytes } : {}) };
+        this.pending.push({ rec, src });
+        this.pendingBytes += bytes?.length ?? 64;
+        this.overlay.insert(index, start + done, start + done + len, src, 0);
+        done += len;
       }
-    })();
-    return entry.done;
-  }
-
-  private setWhole(index: number, buf: Buffer | null): void {
-    const prev = this.dirty.get(index);
-    if (prev) this.dirtyBytes -= this.blockSize;
-    this.dirty.set(index, buf);
-    if (buf) this.dirtyBytes += this.blockSize;
-  }
-
-  /** Splits [offset, offset+length) into per-block pieces. */
-  private *pieces(offset: number, length: number): Generator<{ index: number; start: number; n: number; at: number }> {
-    for (let pos = offset; pos < offset + length; ) {
-      const index = Math.floor(pos / this.blockSize);
-      const start = pos - index * this.blockSize;
-      const n = Math.min(this.blockSize - start, offset + length - pos);
-      yield { index, start, n, at: pos - offset };
-      pos += n;
     }
+    this.lastWrite = Date.now();
+  }
+
+  private stageResize(size: number): void {
+    const src: Source = { lsn: Infinity, zero: true, data: undefined, log: undefined };
+    this.pending.push({ rec: { type: RecordType.Resize, lsn: 0, offset: size, length: 0 }, src });
+    this.applySize(size);
+  }
+
+  private applySize(size: number): void {
+    if (size < this.sizeBytes) this.overlay.truncate(Math.ceil(size / this.blockSize));
+    else this.tree.grow(Math.max(1, Math.ceil(size / this.blockSize)));
+    this.sizeBytes = size;
+  }
+
+  private takePending(): TailEntry[] {
+    const entries = this.pending;
+    this.pending = [];
+    this.pendingBytes = 0;
+    return entries;
   }
 
   async write(offset: number, data: Uint8Array, fua = false, adopt = false): Promise<void> {
     this.checkWritable();
     this.checkRange(offset, data.length);
-    const waits: Promise<void>[] = [];
-    for (const { index, start, n, at } of this.pieces(offset, data.length)) {
-      const src = data.subarray(at, at + n);
-      // An adopted whole block is kept as it is: it becomes the dirty block and, at the sync, the
-      // block the replicas receive and the cache keeps, with no copy on the way.
-      if (n === this.blockSize && !this.loading.has(index)) this.setWhole(index, adopt ? Buffer.from(src.buffer, src.byteOffset, n) : Buffer.from(src));
-      else {
-        const w = this.modifyBlock(index, (buf) => buf.set(src, start));
-        if (w) waits.push(w);
-      }
-    }
-    await Promise.all(waits);
-    if (fua || this.dirtyBytes >= this.writeCacheBytes) await this.flush();
-    else if (this.dirtyBytes >= this.writeCacheBytes / 2) this.syncInBackground();
+    this.stage(RecordType.Data, offset, data.length, data, adopt);
+    await this.afterWrite(fua);
+  }
+
+  private async afterWrite(fua: boolean): Promise<void> {
+    if (fua || this.pendingBytes >= this.o.writeCacheBytes) await this.flush();
+    else if (this.pendingBytes >= this.o.writeCacheBytes / 2) this.flushInBackground();
   }
 
   /**
-   * Starts a sync nobody waits for, so a steady writer rarely meets a full write cache and the
-   * stall of a sync of all of it. Its failure is not lost: the data stays dirty (see sync) and the
-   * next flush, which someone does wait for, retries it and reports.
+   * A flush nobody waits for, so a steady writer rarely meets a full write cache. Its failure is
+   * not lost: the next flush someone waits for reports it (the journal is broken, or fenced).
    */
-  private syncInBackground(): void {
+  private flushInBackground(): void {
     if (this.background || this.fenced || this.closed) return;
     this.background = this.flush()
       .catch(() => undefined)
       .finally(() => (this.background = undefined));
   }
 
-  /** Zeroes a range; whole blocks become holes (free after GC) unless `noHole`. */
+  /** Zeroes a range; whole blocks become holes once folded, unless `noHole`. */
   async writeZeroes(offset: number, length: number, opts: { noHole?: boolean; fua?: boolean } = {}): Promise<void> {
     this.checkWritable();
     this.checkRange(offset, length);
-    const waits: Promise<void>[] = [];
-    for (const { index, start, n } of this.pieces(offset, length)) {
-      if (n === this.blockSize && !this.loading.has(index)) this.setWhole(index, opts.noHole ? Buffer.alloc(this.blockSize) : null);
-      else {
-        const w = this.modifyBlock(index, (buf) => buf.fill(0, start, start + n));
-        if (w) waits.push(w);
-      }
-    }
-    await Promise.all(waits);
-    if (opts.fua) await this.flush();
+    this.stage(opts.noHole ? RecordType.Zero : RecordType.Trim, offset, length, undefined, false);
+    await this.afterWrite(opts.fua ?? false);
   }
 
   async trim(offset: number, length: number): Promise<void> {
     await this.writeZeroes(offset, length);
   }
 
-  // ---- sync ----
+  // ---- flush: the journal ----
 
-  /** Makes every write completed before the call durable, then advances the head. */
+  /** Makes every write completed before the call durable: one journal append per replica. */
   async flush(): Promise<void> {
     if (this.readOnly) return;
     this.checkWritable();
-    // Syncs run one at a time. A caller arriving while one runs needs the next (its writes
+    // Flushes run one at a time. A caller arriving while one runs needs the next (its writes
     // may have missed the running one); callers arriving before that next one starts share it.
-    if (this.queuedSync) return this.queuedSync;
-    const next = this.syncChain.then(() => {
-      this.queuedSync = undefined;
-      return this.sync();
+    if (this.queuedFlush) return this.queuedFlush;
+    const next = this.flushChain.then(() => {
+      this.queuedFlush = undefined;
+      return this.doFlush();
     });
-    this.queuedSync = next;
-    this.syncChain = next.catch(() => undefined);
+    this.queuedFlush = next;
+    this.flushChain = next.catch(() => undefined);
     return next;
+  }
+
+  private async doFlush(): Promise<void> {
+    if (this.fenced) throw this.fenced;
+    const j = this.journal!;
+    if (this.journalBroken) await this.moveJournal();
+    const entries = this.takePending();
+    if (entries.length === 0) return;
+    try {
+      await j.append(entries);
+    } catch (err) {
+      if (isTorusError(err, 'LOCKED')) throw (this.fenced ??= err);
+      if (!(err instanceof JournalReplicaError)) throw err;
+      // A replica failed: nothing of this flush is acknowledged until the journal has moved to
+      // replicas that work (the whole tail goes with it) and etcd names them.
+      this.journalBroken = true;
+      await this.moveJournal();
+    }
+    this.stats.flushes++;
+    const bytes = sumBytes(entries);
+    this.tailBytes += bytes;
+    this.stats.journalBytes += bytes;
+    if (this.tailBytes >= this.o.checkpointBytes) this.checkpointInBackground();
+    this.foldIfCrowded(entries);
+  }
+
+  private moveJournal(): Promise<void> {
+    return this.exclusive(async () => {
+      if (!this.journalBroken) return;
+      const j = this.journal!;
+      await j.moveTo();
+      await this.commitHead({ ...this.headFields(), journal: j.position });
+      this.journalBroken = false;
+      this.stats.journalMoves++;
+    });
+  }
+
+  /** Runs `fn` alone among checkpoints, folds and journal moves. */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.control.then(fn);
+    this.control = run.catch(() => undefined);
+    return run;
   }
 
   private allocRef(type: BlockType): BlockRef {
     return { type, volume: this.record.id, inode: this.lock!.epoch, index: this.nextIndex++ };
   }
 
-  private async sync(): Promise<void> {
-    if (this.fenced) throw this.fenced;
-    const resized = this.sizeBytes !== this.committed.size;
-    if (this.dirty.size === 0 && !resized && !this.tree.dirty) return;
+  /** Commits a head, fenced by the lock; a lost lock fences the volume. */
+  private async commitHead(head: Omit<Head, 'epoch'>, extra?: ExtraOps): Promise<void> {
     const lock = this.lock!;
-    // No load may be in flight when the map is taken (see modifyBlock).
-    while (this.loading.size > 0) await Promise.all([...this.loading.values()].map((l) => l.done.catch(() => undefined)));
-    this.syncing = this.dirty;
-    this.dirty = new Map();
-    this.dirtyBytes = 0;
-    const taken = this.syncing;
-    const puts: Promise<void>[] = [];
-    const reusable = this.storedUncommitted;
-    this.storedUncommitted = undefined;
-    /** This attempt's data blocks, for the next one should only the commit fail. */
-    const attempt = new Map<number, Pointer & { readonly buf: Buffer }>();
-    let flushed = false;
     try {
-      // Data blocks and inode pages all go out at once: a page needs only its children's refs
-      // and CRCs, known before their puts complete. Every SYNC_YIELD_BLOCKS the loop lets the event
-      // loop run: awaiting resolved promises never does, so without it a big sync would queue all
-      // of its puts before the first byte left, and stall every other request meanwhile.
-      let sinceYield = 0;
-      for (const [index, buf] of taken) {
-        if (++sinceYield === SYNC_YIELD_BLOCKS) {
-          sinceYield = 0;
-          await new Promise<void>((resolve) => setImmediate(resolve));
-        }
-        let ptr: Pointer | null = null;
-        const prev = reusable?.get(index);
-        // The same bytes (compared, not their CRC) as a block the failed attempt made durable.
-        if (buf && prev && buf.equals(prev.buf)) {
-          ptr = { ref: prev.ref, crc: prev.crc };
-          attempt.set(index, prev);
-        } else if (buf) {
-          ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(buf) >>> 0 };
-          // Immutable from here on: later writes to the block copy it (modifyBlock loads from
-          // `syncing`), and a failed sync hands back copies (below).
-          const put = this.ctx.store.putBlock(ptr.ref, buf, { immutable: true, crc: ptr.crc });
-          // Handled now, judged at allSettled below: a put that fails while tree.set awaits a
-          // page load must not be an unhandled rejection (Node would end the process).
-          put.catch(() => undefined);
-          puts.push(put);
-          attempt.set(index, { ...ptr, buf });
-        }
-        await this.tree.set(index, ptr);
-      }
-      const { root, depth, pagesWritten, stored } = await this.tree.commit((t) => this.allocRef(t));
-      stored.catch(() => undefined);
-      puts.push(stored);
-      const settled = await Promise.allSettled(puts);
-      const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason;
-      await this.ctx.store.flush();
-      flushed = true;
-      const head = { root, depth, size: this.sizeBytes };
-      await this.ctx.meta.commit(lock, head);
-      this.committed = { ...head, epoch: lock.epoch - 1 };
-      this.nextIndex = 1;
-      this.syncs++;
-      this.pagesWritten += pagesWritten;
+      await this.ctx.meta.commit(lock, head, extra);
     } catch (err) {
-      // Puts still in flight when something else failed must not surface as unhandled.
-      for (const p of puts) p.catch(() => undefined);
-      // Start again from the last committed head, with every change since still dirty: the next
-      // sync stores them all under fresh refs, so nothing half-written is ever referenced. (If
-      // only the commit failed, it points unchanged blocks at this attempt's durable refs.)
-      this.tree = this.newTree(this.committed);
-      for (const [index, buf] of taken) {
-        if (this.dirty.has(index)) continue;
-        // A copy: dirty blocks change in place, and `buf` must stay as it was stored, for the
-        // distributor's re-sending and for the next attempt's comparison (storedUncommitted).
-        this.dirty.set(index, buf && Buffer.from(buf));
-        if (buf) this.dirtyBytes += this.blockSize;
-      }
       if (isTorusError(err, 'LOCKED')) this.fenced ??= err;
-      // Only the commit failed: every block of this attempt is durable. The refs stay valid for
-      // the next attempt because the epoch moves only with a commit.
-      else if (flushed) this.storedUncommitted = attempt;
       throw err;
-    } finally {
-      this.syncing = new Map();
     }
+    this.committed = { ...head, epoch: lock.epoch - 1 };
+    this.nextIndex = 1;
+  }
+
+  // ---- checkpoints ----
+
+  private checkpointInBackground(): void {
+    if (this.checkpointRunning || this.fenced || this.closed || this.readOnly) return;
+    this.checkpointRunning = this.checkpoint()
+      .catch(() => undefined)
+      .finally(() => (this.checkpointRunning = undefined));
+  }
+
+  /**
+   * Makes the journal's tail up to now permanent without it: seals its log blocks, stores an
+   * overlay run naming them (and the pages of folds), and commits the head whose journal starts
+   * after the cut. Flushes go on meanwhile, into the blocks after the cut.
+   */
+  checkpoint(): Promise<void> {
+    return this.exclusive(() => this.doCheckpoint());
+  }
+
+  private async doCheckpoint(opts: { final?: boolean; extra?: ExtraOps; compact?: boolean } = {}): Promise<void> {
+    if (this.fenced) throw this.fenced;
+    if (this.journalBroken) throw new TorusError('NO_PEER', `volume ${this.name}: the journal lost a replica and could not move yet`);
+    const j = this.journal!;
+    const cut = await j.cut();
+    const bs = this.blockSize;
+    const runEntries: RunEntry[] = [];
+    let size = this.committed.size;
+    for (const e of cut.entries) {
+      const r = e.rec;
+      if (r.type === RecordType.Resize) {
+        size = r.offset;
+        continue;
+      }
+      const index = Math.floor(r.offset / bs);
+      const start = r.offset - index * bs;
+      if (r.type === RecordType.Data) {
+        const log = e.src.log!;
+        const crc = j.sealedCrc.get(logKeyOf(log));
+        if (crc === undefined) throw new TorusError('INTERNAL', `volume ${this.name}: log block ${log.index} is not sealed at a checkpoint`);
+        e.src.log = { ...log, crc };
+        runEntries.push({ kind: 'log', index, lsn: r.lsn, start, length: r.length, log: { volume: log.volume, epoch: log.epoch, index: log.index, crc }, logOffset: log.at });
+      } else runEntries.push({ kind: r.type === RecordType.Trim ? ('trim' as const) : ('zero' as const), index, lsn: r.lsn, start, length: r.length });
+    }
+    for (const r of this.resets) runEntries.push({ kind: 'reset', index: r.index, lsn: r.lsn });
+    const resets = this.resets.length;
+    for (const e of runEntries) applyRunEntry(e, bs, this.cpOverlay);
+    // A long chain becomes one run of the overlays as they now are: loading stays short, and the
+    // log blocks only older pages named become garbage.
+    const compact = opts.compact === true || this.chainPages + Math.ceil(runEntries.length / 1000) > this.o.maxRunChain;
+    const entries = compact ? overlayEntries(this.cpOverlay, bs) : runEntries;
+    let prev = compact ? null : (this.committed.runs ?? null);
+    const puts: Promise<void>[] = [];
+    let chain = compact ? 0 : this.chainPages;
+    // No entries: no page (a compaction of no overlays leaves no chain at all).
+    if (entries.length > 0) {
+      const pages = pageEntries(entries, bs);
+      pages.forEach((p, i) => {
+        const buf = encodeRunPage({ prev, base: compact && i === 0, entries: p }, bs);
+        const ptr: Pointer = { ref: this.allocRef(BlockType.Run), crc: crc32c(buf) >>> 0 };
+        const put = this.ctx.store.putBlock(ptr.ref, buf, { immutable: true, crc: ptr.crc });
+        put.catch(() => undefined);
+        puts.push(put);
+        prev = ptr;
+        chain++;
+      });
+    }
+    const { root, depth, stored } = await this.tree.commit((t) => this.allocRef(t));
+    stored.catch(() => undefined);
+    puts.push(stored);
+    const settled = await Promise.allSettled(puts);
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    await this.ctx.store.flush();
+    const journal = opts.final ? null : { ...j.position, start: cut.start };
+    await this.commitHead({ root, depth, size, runs: prev, lsn: cut.lsn, journal }, opts.extra);
+    j.trimmed(cut.entries.length, cut.start);
+    // The tail's bytes are in sealed log blocks now: reads go there.
+    for (const e of cut.entries) e.src.data = undefined;
+    this.resets.splice(0, resets);
+    this.tailBytes = Math.max(0, this.tailBytes - sumBytes(cut.entries));
+    this.chainPages = chain;
+    this.stats.checkpoints++;
+    if (compact) this.stats.compactions++;
+  }
+
+  // ---- folds ----
+
+  private folding = false;
+
+  private foldIfCrowded(entries: readonly TailEntry[]): void {
+    const crowded = new Set<number>();
+    for (const e of entries) {
+      if (e.rec.type === RecordType.Resize) continue;
+      const index = Math.floor(e.rec.offset / this.blockSize);
+      if (this.overlay.segments(index).length > this.o.maxSegmentsPerBlock) crowded.add(index);
+    }
+    if (this.overlay.size > this.o.maxOverlaySegments) {
+      const most = this.overlay
+        .indexes()
+        .map((i) => [i, this.overlay.segments(i).length] as const)
+        .sort((a, b) => b[1] - a[1]);
+      let drop = this.overlay.size - Math.floor((this.o.maxOverlaySegments * 3) / 4);
+      for (const [i, n] of most) {
+        if (drop <= 0) break;
+        crowded.add(i);
+        drop -= n;
+      }
+    }
+    if (crowded.size > 0) this.foldInBackground([...crowded]);
+  }
+
+  private foldInBackground(indexes: number[]): void {
+    if (this.folding || this.fenced || this.closed || this.readOnly) return;
+    this.folding = true;
+    void (async () => {
+      try {
+        for (const i of indexes) {
+          if (this.fenced || this.closed) break;
+          await this.exclusive(() => this.foldBlock(i));
+        }
+        if (this.resets.length > 0) await this.checkpoint();
+      } catch {
+        // A fold that failed leaves the overlays in place; the next one tries again.
+      } finally {
+        this.folding = false;
+      }
+    })();
+  }
+
+  /**
+   * Rewrites block `index` whole from its base and overlays, as a new data block (or a hole when
+   * it is all zeros); the overlays it took in are dropped, and the next checkpoint records that.
+   */
+  private async foldBlock(index: number): Promise<void> {
+    let lsn = -1;
+    for (const s of this.overlay.segments(index)) if (Number.isFinite(s.src.lsn) && s.src.lsn > lsn) lsn = s.src.lsn;
+    if (lsn < 0 || index * this.blockSize >= this.sizeBytes) return;
+    // All zeros becomes a hole, unless a WRITE_ZEROES asked to keep it allocated (NO_HOLE).
+    const keep = this.overlay.segments(index).some((s) => s.src.zero && !s.src.hole);
+    const data = Buffer.from(await this.readBlockPart(index, 0, this.blockSize));
+    let ptr: Pointer | null = null;
+    if (keep || !data.every((b) => b === 0)) {
+      ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(data) >>> 0 };
+      await this.ctx.store.putBlock(ptr.ref, data, { immutable: true, crc: ptr.crc });
+    }
+    await this.tree.set(index, ptr);
+    this.overlay.reset(index, lsn);
+    this.resets.push({ index, lsn });
+    this.stats.folds++;
+  }
+
+  /** Folds every block with overlays into whole blocks now, then checkpoints (tests, tools). */
+  async foldAll(): Promise<void> {
+    this.checkWritable();
+    await this.flush();
+    for (const i of this.overlay.indexes()) await this.exclusive(() => this.foldBlock(i));
+    // A compacted chain: the log blocks the folds emptied become garbage at once.
+    await this.exclusive(() => this.doCheckpoint({ compact: true }));
+  }
+
+  // ---- snapshots requested while mounted ----
+
+  /**
+   * Snapshots asked for through etcd while this writer holds the volume: one checkpoint, and the
+   * head and every requested snapshot in its transaction.
+   */
+  private async takeRequestedSnapshots(): Promise<void> {
+    if (this.fenced || this.closed) return;
+    const names = await this.ctx.meta.pendingSnapshotRequests(this.record.id);
+    if (names.length === 0) return;
+    await this.flush();
+    await this.exclusive(() => this.doCheckpoint({ extra: (head) => this.ctx.meta.snapshotOps(this.record.id, names, head) }));
+    this.stats.snapshotsTaken += names.length;
   }
 
   // ---- shape ----
@@ -396,9 +671,14 @@ export class BlockVolume implements BlockDevice {
     const last = Math.min(Math.ceil((offset + length) / bs), first + 65536);
     const alloc: { index: number; length: number; allocated: boolean }[] = [];
     await this.tree.runs(first, last - first, (index, n, allocated) => alloc.push({ index, length: n, allocated }));
-    const overrides = new Map<number, boolean>();
-    for (const m of [this.syncing, this.dirty]) for (const [i, b] of m) if (i >= first && i < last) overrides.set(i, b !== null);
-    const perBlock = (i: number, base: boolean): boolean => overrides.get(i) ?? base;
+    const perBlock = (i: number, base: boolean): boolean => {
+      const segs = this.overlay.segments(i);
+      if (segs.some((s) => !s.src.hole)) return true;
+      // Trimmed whole: a hole to the client, whatever the base (a fold drops it).
+      let covered = 0;
+      for (const s of segs) covered += s.end - s.start;
+      return base && covered < bs;
+    };
     const out: Extent[] = [];
     const push = (start: number, end: number, allocated: boolean): void => {
       const s = Math.max(start, offset);
@@ -408,8 +688,9 @@ export class BlockVolume implements BlockDevice {
       if (prev && prev.hole === !allocated) out[out.length - 1] = { ...prev, length: prev.length + (e - s) };
       else out.push({ length: e - s, hole: !allocated, zero: !allocated });
     };
+    const overlaid = new Set(this.overlay.indexes().filter((i) => i >= first && i < last));
     for (const run of alloc) {
-      if (overrides.size === 0) {
+      if (overlaid.size === 0) {
         push(run.index * bs, (run.index + run.length) * bs, run.allocated);
         continue;
       }
@@ -418,30 +699,96 @@ export class BlockVolume implements BlockDevice {
     return out.length > 0 ? out : [{ length, hole: true, zero: true }];
   }
 
-  /** Grows (or, with allowShrink, shrinks) the volume; durable after the next sync. */
+  /** Grows (or, with allowShrink, shrinks) the volume; durable after the next flush. */
   async resize(newSize: number, allowShrink = false): Promise<void> {
     this.checkWritable();
     checkVolumeSize(newSize);
     if (newSize < this.sizeBytes) {
       if (!allowShrink) throw new TorusError('INVALID_ARGUMENT', `shrinking volume ${this.name} from ${this.sizeBytes} to ${newSize} bytes loses data: pass --allow-shrink`);
-      // Drop what lies beyond the new end so its blocks become garbage.
-      await this.writeZeroes(newSize, this.sizeBytes - newSize);
-      const lastBlock = Math.ceil(newSize / this.blockSize);
-      for (const i of [...this.dirty.keys()]) if (i >= lastBlock) this.setWhole(i, null);
-    } else {
-      this.tree.grow(Math.ceil(newSize / this.blockSize));
+      // What lies beyond the new end reads as zeros if the volume grows again.
+      this.stage(RecordType.Trim, newSize, this.sizeBytes - newSize, undefined, false);
     }
-    this.sizeBytes = newSize;
+    this.stageResize(newSize);
   }
 
-  /** Syncs and releases the lock. The volume is unusable afterwards. */
+  /**
+   * Rolls an unmounted volume back to a snapshot: opened for writing first, so a writer that left
+   * a journal tail is fenced out (and its tail discarded with the rest of the current state), then
+   * the snapshot's tree and runs are committed with a journal in a fresh segment.
+   */
+  static async restore(ctx: VolumeContext, name: string, snap: string): Promise<void> {
+    const { snapshot } = await ctx.meta.getSnapshot(name, snap);
+    const v = await BlockVolume.open(ctx, name, { snapshotPollMs: 0, checkpointIntervalMs: 0, foldIdleMs: 0 });
+    try {
+      await v.exclusive(async () => {
+        const h = snapshot.head;
+        await v.journal!.restart();
+        v.pending = [];
+        v.pendingBytes = 0;
+        v.tailBytes = 0;
+        v.resets = [];
+        v.overlay.truncate(0);
+        v.cpOverlay.truncate(0);
+        v.sizeBytes = h.size;
+        await v.commitHead({ root: h.root, depth: h.depth, size: h.size, runs: h.runs ?? null, lsn: v.journal!.lsn, journal: v.journal!.position });
+        v.tree = v.newTree(v.committed);
+        await v.loadRuns(h.runs ?? null);
+      });
+    } finally {
+      await v.close();
+    }
+  }
+
+  /** Flushes, checkpoints (so readers and the next writer need no replay) and releases the lock. */
   async close(): Promise<void> {
     if (this.closed) return;
+    for (const t of this.timers) clearInterval(t);
     try {
-      if (!this.readOnly && !this.fenced) await this.flush();
+      if (!this.readOnly && !this.fenced) {
+        await this.flush();
+        await this.exclusive(() => this.doCheckpoint({ final: true }));
+      }
     } finally {
       this.closed = true;
       if (this.lock) await this.ctx.meta.unlock(this.lock).catch(() => undefined);
     }
   }
+}
+
+/** Applies a run entry to overlay indexes (loading a chain, or keeping the checkpointed one). */
+function applyRunEntry(e: RunEntry, _bs: number, ...into: OverlayIndex[]): void {
+  if (e.kind === 'reset') {
+    for (const ov of into) ov.reset(e.index, e.lsn);
+    return;
+  }
+  const src: Source =
+    e.kind === 'zero' || e.kind === 'trim'
+      ? { lsn: e.lsn, zero: true, hole: e.kind === 'trim', data: undefined, log: undefined }
+      : { lsn: e.lsn, zero: false, data: undefined, log: { volume: e.log.volume, epoch: e.log.epoch, index: e.log.index, at: e.logOffset, crc: e.log.crc } };
+  for (const ov of into) ov.insert(e.index, e.start, e.start + e.length, src, 0);
+}
+
+/** The overlays as they are, as the entries of a compacted run. */
+function overlayEntries(ov: OverlayIndex, _bs: number): RunEntry[] {
+  const out: RunEntry[] = [];
+  for (const index of ov.indexes().sort((a, b) => a - b))
+    for (const s of ov.segments(index)) {
+      const length = s.end - s.start;
+      if (s.src.zero) out.push({ kind: s.src.hole ? ('trim' as const) : ('zero' as const), index, lsn: s.src.lsn, start: s.start, length });
+      else {
+        const l = s.src.log!;
+        out.push({ kind: 'log', index, lsn: s.src.lsn, start: s.start, length, log: { volume: l.volume, epoch: l.epoch, index: l.index, crc: l.crc! }, logOffset: l.at + s.at });
+      }
+    }
+  return out;
+}
+
+function sumBytes(entries: readonly TailEntry[]): number {
+  let n = 0;
+  for (const e of entries) n += e.rec.type === RecordType.Data ? e.rec.length : 64;
+  return n;
+}
+
+function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
 }

@@ -70,6 +70,14 @@ export function csiCommand(): Command {
                 vc ??= clientFor(meta, opts, log);
                 return (await vc).openVolume(name);
               },
+              snapshot: async (name, snap) => {
+                vc ??= clientFor(meta, opts, log);
+                return (await vc).snapshot(name, snap);
+              },
+              clone: async (name, source, size) => {
+                vc ??= clientFor(meta, opts, log);
+                return (await vc).clone(name, source, size);
+              },
             });
       const node =
         opts.mode === 'controller'

@@ -204,12 +204,12 @@ export function blockCommand(): Command {
   const snap = new Command('snapshot').description('point-in-time copies of a volume');
   snap.addCommand(
     new Command('create')
-      .description('snapshot a volume as of its last sync (allowed while mounted)')
+      .description('snapshot a volume: everything flushed before the command (while mounted, its writer takes it)')
       .argument('<volume@snapshot>')
       .action(async (vs: string, _o: unknown, c: Command) =>
-        withMeta(c, async (meta) => {
+        withVolumes(c, async (vc) => {
           const { volume, snapshot } = volSnap(vs);
-          await new VolumeMeta(meta.kv()).createSnapshot(volume, snapshot);
+          await vc.snapshot(volume, snapshot);
           process.stdout.write(`created snapshot ${volume}@${snapshot}\n`);
         }),
       ),
@@ -250,14 +250,9 @@ export function blockCommand(): Command {
       .description('roll a volume back to a snapshot (only while unmounted)')
       .argument('<volume@snapshot>')
       .action(async (vs: string, _o: unknown, c: Command) =>
-        withMeta(c, async (meta) => {
+        withVolumes(c, async (vc) => {
           const { volume, snapshot } = volSnap(vs);
-          const session = await meta.kv().session(15_000);
-          try {
-            await new VolumeMeta(meta.kv()).restoreSnapshot(volume, snapshot, session);
-          } finally {
-            await session.revoke();
-          }
+          await vc.restore(volume, snapshot);
           process.stdout.write(`restored ${volume} to snapshot ${snapshot}\n`);
         }),
       ),
@@ -269,9 +264,9 @@ export function blockCommand(): Command {
       .argument('<volume@snapshot>')
       .argument('<new-volume>')
       .action(async (vs: string, name: string, _o: unknown, c: Command) =>
-        withMeta(c, async (meta) => {
+        withVolumes(c, async (vc) => {
           const { volume, snapshot } = volSnap(vs);
-          await new VolumeMeta(meta.kv()).clone(name, { volume, snapshot });
+          await vc.clone(name, { volume, snapshot });
           process.stdout.write(`created volume ${name} from ${volume}@${snapshot}\n`);
         }),
       ),

@@ -1,0 +1,341 @@
+import { TorusError, toTorusError } from '../core/errors.js';
+import { formatBlockRef, type BlockRef } from '../core/ids.js';
+import type { LogPiece } from '../core/interfaces.js';
+import { LogBlockBuilder, logIndex, logRef, parseLogBlock, RecordType, type JournalRecord, type LogAddress } from './journal-format.js';
+import type { Source } from './overlay.js';
+import type { JournalPos } from './records.js';
+import { logKeyOf } from './runs.js';
+
+// The writer's side of a volume journal (docs/journal.md): which segment and replicas it writes
+// to, the log block filling now, appends that count only when every replica has them on disk,
+// seals in the background, the cut a checkpoint makes, the move to another segment when a
+// replica fails, and (for the next writer) reading a dead writer's tail back.
+
+/** What the journal needs from the distributor. */
+export interface JournalPeers {
+  journalOwners(ref: BlockRef): { peers: readonly string[]; replication: number };
+  journalCapable(peer: string): Promise<boolean>;
+  journalAppend(peer: string, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean): Promise<void>;
+  journalSeal(peer: string, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void>;
+  journalFence(peer: string, volume: number, epoch: number): Promise<BlockRef[]>;
+  journalReadRaw(peer: string, ref: BlockRef): Promise<Buffer>;
+}
+
+/** A record of the tail: since the journal's start, kept so the journal can move with it. */
+export interface TailEntry {
+  readonly rec: JournalRecord;
+  readonly src: Source;
+  /** Every replica has it on disk: a checkpoint may take it. */
+  acked?: boolean;
+}
+
+/** Segments tried before a switch gives up. */
+const MAX_SEGMENT_TRIES = 64;
+
+export interface JournalWriterOptions {
+  readonly peers: JournalPeers;
+  readonly volume: number;
+  /** The writing session's epoch: every log block it writes carries it. */
+  readonly epoch: number;
+  readonly blockSize: number;
+  /** The next LSN. */
+  readonly lsn: number;
+}
+
+export class JournalWriter {
+  private readonly peers: JournalPeers;
+  readonly volume: number;
+  readonly epoch: number;
+  private readonly blockSize: number;
+  private segment = -1;
+  private replicaSet: string[] = [];
+  /** n of the next log block to open in the segment. */
+  private next = 0;
+  /** n of the first block of the tail (the head's journal start). */
+  private startN = 0;
+  private cur: LogBlockBuilder | undefined;
+  /** Filled blocks to seal once the appends that filled them are on every replica. */
+  private toSeal: LogBlockBuilder[] = [];
+  /** The append being sent (appends come one at a time: the volume serializes flushes). */
+  private inflight: Promise<void> | undefined;
+  /** Filled blocks whose seal has not completed, by index. */
+  private readonly sealing = new Map<number, Promise<void>>();
+  /** CRC of each sealed log block (logKeyOf): reads and runs need it. */
+  readonly sealedCrc = new Map<string, number>();
+  private lsnNext: number;
+  /** Every record since the journal's start. */
+  readonly tail: TailEntry[] = [];
+  /** Peers that failed this session: no segment with them is chosen again. */
+  private readonly failed = new Set<string>();
+  /** Seals that failed on some replica (the rebalancer or a retry covers them). */
+  sealFailures = 0;
+
+  constructor(o: JournalWriterOptions) {
+    this.peers = o.peers;
+    this.volume = o.volume;
+    this.epoch = o.epoch;
+    this.blockSize = o.blockSize;
+    this.lsnNext = o.lsn;
+  }
+
+  get lsn(): number {
+    return this.lsnNext;
+  }
+
+  get position(): JournalPos {
+    return { epoch: this.epoch, segment: this.segment, start: this.startN, replicas: [...this.replicaSet] };
+  }
+
+  private address(n: number): LogAddress {
+    return { volume: this.volume, epoch: this.epoch, index: logIndex(this.segment, n) };
+  }
+
+  /** Largest record data a writer should stage: a record always fits an empty log block. */
+  static maxRecord(blockSize: number): number {
+    return Math.max(512, Math.floor(blockSize / 4 / 512) * 512);
+  }
+
+  /**
+   * Picks the first segment (from `from`) whose R ring owners are all usable and none failed
+   * this session. NO_PEER when none can be found.
+   */
+  private async pickSegment(from: number): Promise<{ segment: number; replicas: string[] }> {
+    for (let s = from; s < from + MAX_SEGMENT_TRIES; s++) {
+      const owners = this.peers.journalOwners(logRef({ volume: this.volume, epoch: this.epoch, index: logIndex(s, 0) }));
+      const want = owners.replication;
+      const replicas = owners.peers.slice(0, want);
+      if (replicas.length === 0 || replicas.length < want) continue;
+      if (replicas.some((p) => this.failed.has(p))) continue;
+      const ok = await Promise.all(replicas.map((p) => this.peers.journalCapable(p)));
+      if (ok.every(Boolean)) return { segment: s, replicas };
+      replicas.forEach((p, i) => ok[i] || this.failed.add(p));
+    }
+    throw new TorusError('NO_PEER', `no journal segment of volume ${this.volume} has all its replicas reachable (failed: ${[...this.failed].join(', ') || 'none'})`);
+  }
+
+  /** Starts the journal in a fresh segment (a new session, before anything is appended). */
+  async startFresh(): Promise<void> {
+    const { segment, replicas } = await this.pickSegment(0);
+    this.segment = segment;
+    this.replicaSet = replicas;
+    this.next = 0;
+    this.startN = 0;
+    this.cur = undefined;
+  }
+
+  /**
+   * Appends records (LSNs assigned here, in order) and resolves when every replica has every
+   * one of them on stable storage. Each record's source learns where its bytes are. A replica
+   * that fails makes this throw with `switchNeeded`; nothing is acknowledged then.
+   */
+  async append(entries: readonly TailEntry[]): Promise<void> {
+    const touched = new Set<LogBlockBuilder>();
+    for (const e of entries) {
+      (e.rec as { lsn: number }).lsn = this.lsnNext++;
+      e.src.lsn = e.rec.lsn;
+      this.place(e, touched);
+      this.tail.push(e);
+    }
+    const send = this.send(touched);
+    this.inflight = send;
+    try {
+      await send;
+    } finally {
+      if (this.inflight === send) this.inflight = undefined;
+    }
+    for (const e of entries) e.acked = true;
+  }
+
+  private place(e: TailEntry, touched: Set<LogBlockBuilder>): void {
+    const len = e.rec.type === RecordType.Data ? e.rec.length : 0;
+    if (!this.cur || !this.cur.fits(len)) {
+      if (this.cur) this.toSeal.push(this.cur);
+      this.cur = new LogBlockBuilder(this.address(this.next++), this.blockSize);
+    }
+    const at = this.cur.add(e.rec);
+    touched.add(this.cur);
+    if (e.rec.type === RecordType.Data) e.src.log = { volume: this.volume, epoch: this.epoch, index: this.cur.address.index, at };
+  }
+
+  private async send(touched: Iterable<LogBlockBuilder>): Promise<void> {
+    const sends: Promise<void>[] = [];
+    const errors: string[] = [];
+    let fenced: TorusError | undefined;
+    for (const b of touched) {
+      const pieces = b.take();
+      if (pieces.length === 0) continue;
+      for (const peer of this.replicaSet)
+        sends.push(
+          this.peers.journalAppend(peer, b.ref, pieces, true).catch((err: unknown) => {
+            const e = toTorusError(err);
+            // A newer writer fenced the journal: this one is done, whatever else happens.
+            if (e.code === 'LOCKED') fenced ??= e;
+            else this.failed.add(peer);
+            errors.push(`${peer}: ${e.message}`);
+          }),
+        );
+    }
+    await Promise.all(sends);
+    if (fenced) throw new TorusError('LOCKED', `volume ${this.volume} was taken over by another writer: ${fenced.message}`);
+    if (errors.length > 0) throw new JournalReplicaError(errors);
+    // Filled blocks are on every replica now: seal them.
+    for (const b of this.toSeal.splice(0)) this.close(b);
+  }
+
+  /** A filled block: sealed in the background once its appends are on every replica. */
+  private close(b: LogBlockBuilder): void {
+    const n = b.address.index;
+    const { gapStart, gapEnd, crc } = b.sealInfo();
+    const key = logKeyOf({ volume: this.volume, epoch: this.epoch, index: n });
+    const replicas = [...this.replicaSet];
+    const p = (async () => {
+      // Every replica's attempt settles before the seal counts; one sealed copy makes the block
+      // readable, and a replica that missed it gets a sealed copy from the rebalancer later.
+      const rs = await Promise.allSettled(replicas.map((peer) => this.peers.journalSeal(peer, b.ref, gapStart, gapEnd, crc, true)));
+      const ok = rs.filter((r) => r.status === 'fulfilled').length;
+      if (ok < rs.length) this.sealFailures++;
+      if (ok === 0) throw new TorusError('NO_PEER', `log block ${formatBlockRef(b.ref)} could not be sealed on any replica`);
+      this.sealedCrc.set(key, crc);
+    })();
+    p.catch(() => undefined);
+    this.sealing.set(n, p);
+    p.finally(() => {
+      if (this.sealing.get(n) === p) this.sealing.delete(n);
+    }).catch(() => undefined);
+  }
+
+  /**
+   * The cut a checkpoint makes: the block filling now is closed (later appends open the next),
+   * every closed block is sealed, and the tail up to here is returned with where the journal
+   * will start once the checkpoint commits. Appends may run meanwhile; they are not in the cut.
+   */
+  async cut(): Promise<{ entries: TailEntry[]; start: number; lsn: number }> {
+    // No record goes into the current block from here on; then let the append that may be
+    // carrying its last bytes land before it is sealed.
+    const last = this.cur && !this.cur.empty ? this.cur : undefined;
+    if (last) this.cur = undefined;
+    // Records appended from here on are in blocks after the cut, not in it.
+    const upto = this.tail.length;
+    const start = this.cur ? this.cur.address.index % 2 ** 24 : this.next;
+    await this.inflight?.catch(() => undefined);
+    if (last) this.close(last);
+    await Promise.all(this.sealing.values());
+    // Only records every replica acknowledged: an append that failed is sent again when the
+    // journal moves, and until then nothing after it counts.
+    let n = 0;
+    while (n < upto && this.tail[n]!.acked) n++;
+    const entries = this.tail.slice(0, n);
+    const lsn = n < this.tail.length ? this.tail[n]!.rec.lsn : this.lsnNext;
+    return { entries, start, lsn };
+  }
+
+  /** After the checkpoint of a cut commits: the tail now starts at `start`. */
+  trimmed(upto: number, start: number): void {
+    this.tail.splice(0, upto);
+    this.startN = start;
+  }
+
+  /**
+   * Moves the journal to a segment without the failed replicas: the whole tail is appended there
+   * (same LSNs), and the caller commits the new position. Until it does, nothing may be
+   * acknowledged. Sources are re-pointed at their new place.
+   */
+  async moveTo(): Promise<void> {
+    const { segment, replicas } = await this.pickSegment(this.segment + 1);
+    this.segment = segment;
+    this.replicaSet = replicas;
+    this.next = 0;
+    this.startN = 0;
+    this.cur = undefined;
+    this.sealing.clear();
+    this.toSeal = [];
+    const touched = new Set<LogBlockBuilder>();
+    for (const e of this.tail) this.place(e, touched);
+    await this.send(touched);
+    for (const e of this.tail) e.acked = true;
+  }
+
+  /** Starts over in a fresh segment with an empty tail: what was there is discarded (a restore). */
+  async restart(): Promise<void> {
+    const { segment, replicas } = await this.pickSegment(this.segment + 1);
+    this.segment = segment;
+    this.replicaSet = replicas;
+    this.next = 0;
+    this.startN = 0;
+    this.cur = undefined;
+    this.sealing.clear();
+    this.toSeal = [];
+    this.tail.length = 0;
+  }
+
+  /** Peers this session saw fail. */
+  failedPeers(): string[] {
+    return [...this.failed];
+  }
+}
+
+/** Thrown by append when a replica failed: the journal must move before anything is acknowledged. */
+export class JournalReplicaError extends TorusError {
+  constructor(readonly errors: string[]) {
+    super('NO_PEER', `journal replica failed: ${errors[0]}${errors.length > 1 ? ` (and ${errors.length - 1} more)` : ''}`);
+  }
+}
+
+/**
+ * Fences a dead (or fenced-out) writer's journal and reads its tail back: the records of `pos`,
+ * from its start, in LSN order from `lsn`, from the first replica that can be fenced. Records
+ * past the last acknowledged flush may come back too; every acknowledged one does, because an
+ * acknowledged append reached every replica. NO_PEER when no replica can be fenced. Without a
+ * `newEpoch` (a reader, not a writer) nothing is fenced: the replicas that answer are read.
+ */
+export async function readTail(peers: JournalPeers, volume: number, newEpoch: number | undefined, pos: JournalPos, lsn: number): Promise<JournalRecord[]> {
+  const errors: string[] = [];
+  const fenced: string[] = [];
+  await Promise.all(
+    pos.replicas.map(async (peer) => {
+      try {
+        if (newEpoch !== undefined) await peers.journalFence(peer, volume, newEpoch);
+        fenced.push(peer);
+      } catch (err) {
+        errors.push(`${peer}: ${toTorusError(err).message}`);
+      }
+    }),
+  );
+  if (fenced.length === 0)
+    throw new TorusError('NO_PEER', `cannot replay the journal of volume ${volume}: none of its replicas could be fenced (${errors.join('; ')})`);
+  // Any fenced replica has every acknowledged record; the longest tail keeps the most of the rest.
+  let best: JournalRecord[] | undefined;
+  let lastErr: TorusError | undefined;
+  for (const peer of pos.replicas.filter((p) => fenced.includes(p))) {
+    try {
+      const recs = await readTailFrom(peers, peer, volume, pos, lsn);
+      if (!best || recs.length > best.length) best = recs;
+    } catch (err) {
+      lastErr = toTorusError(err);
+    }
+  }
+  if (!best) throw lastErr ?? new TorusError('NO_PEER', `cannot read the journal of volume ${volume}`);
+  return best;
+}
+
+async function readTailFrom(peers: JournalPeers, peer: string, volume: number, pos: JournalPos, lsn: number): Promise<JournalRecord[]> {
+  const out: JournalRecord[] = [];
+  let next = lsn;
+  for (let n = pos.start; ; n++) {
+    const at: LogAddress = { volume, epoch: pos.epoch, index: logIndex(pos.segment, n) };
+    let buf: Buffer;
+    try {
+      buf = await peers.journalReadRaw(peer, logRef(at));
+    } catch (err) {
+      if (toTorusError(err).code === 'BLOCK_UNAVAILABLE') break;
+      throw err;
+    }
+    const { records } = parseLogBlock(buf, at, next);
+    // A block may end early (the writer moved on at a cut, or the crash came mid-block); the
+    // next one carries on the LSNs, or the tail ends.
+    if (records.length === 0 && n > pos.start) break;
+    out.push(...records);
+    next += records.length;
+  }
+  return out;
+}
