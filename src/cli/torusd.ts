@@ -54,7 +54,7 @@ export function buildProgram(): Command {
     .action(async (opts: TorusdOpts) => {
       const log = pino({ level: opts.debug ? 'debug' : (opts.logLevel ?? 'info'), base: { svc: 'torusd' } }, pino.destination({ fd: 2, sync: true }));
       const conn = resolveConnection(opts);
-      const meta = connectMetadata(opts);
+      const meta = connectMetadata(opts, log);
       const heartbeatMs = parseDuration(opts.heartbeat);
       let node: StorageNode;
       try {

@@ -36,11 +36,12 @@ export class TorusError extends Error {
   readonly code: ErrorCode;
   readonly retryable: boolean;
 
-  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options);
+  /** `retryable` overrides the code's default, for a failure of that kind that waiting cannot cure. */
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; retryable?: boolean }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'TorusError';
     this.code = code;
-    this.retryable = retryableCodes.has(code);
+    this.retryable = options?.retryable ?? retryableCodes.has(code);
   }
 }
 

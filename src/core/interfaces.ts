@@ -238,6 +238,16 @@ export interface KVSession {
   revoke(): Promise<void>;
 }
 
+/** The keyspace's history and size, as the member that answered sees them. */
+export interface MetaStatus {
+  /** The newest revision. */
+  readonly revision: number;
+  /** Space the store takes on disk (etcd: the database file, which only defragmentation shrinks). */
+  readonly dbSizeBytes: number;
+  /** The part of it in use (etcd 3.4+); the rest is free pages that new writes reuse. */
+  readonly dbSizeInUseBytes?: number;
+}
+
 export interface MetaKV {
   get(key: string): Promise<KVEntry | undefined>;
   /** Every key under the prefix, read at one revision. */
@@ -245,4 +255,11 @@ export interface MetaKV {
   txn(compares: readonly KVCompare[], success: readonly KVOp[], failure?: readonly KVOp[]): Promise<KVTxnResult>;
   /** A new lease with this TTL, renewed in the background until revoked or lost. */
   session(ttlMs: number): Promise<KVSession>;
+  status(): Promise<MetaStatus>;
+  /**
+   * Forgets the history before `revision` (etcd keeps every revision until compacted); a
+   * revision compacted already is no error. Nothing here reads old revisions; watches that
+   * resume from one read the key again.
+   */
+  compact(revision: number): Promise<void>;
 }

@@ -253,44 +253,56 @@ export class VolumeMeta {
   /**
    * Commits a new head, fenced by the lock, and moves the session to the next epoch.
    * LOCKED if the lock is no longer ours; the head is then untouched.
+   *
+   * When etcd's answer is lost (its member died, a deadline passed), the transaction may or may
+   * not have been applied, and may still be applied later. It is then sent again until etcd
+   * answers, for as long as the lock can be ours: its compares (our lock record, the epoch it
+   * moves from e+1 to e+2) let at most one copy ever apply. A copy whose compare failed means
+   * another copy applied if the epoch is e+2 with our head; else the lock is gone.
    */
   async commit(lock: VolumeLock, head: Omit<Head, 'epoch'>, extra?: ExtraOps): Promise<void> {
     if (!lock.session.alive) throw this.lostLock(lock);
     const id = lock.volume.id;
     const full: Head = { ...head, epoch: lock.epoch };
     const value = encodeHead(full);
-    let res;
-    try {
-      res = await this.kv.txn(
-        [this.fenced(lock), { key: VKEYS.epoch(id), target: 'value', cmp: '==', value: String(lock.epoch + 1) }],
-        [
-          { op: 'put', key: VKEYS.head2(id), value },
-          // A head from before the journal is replaced, not kept beside: one head per volume.
-          { op: 'delete', key: VKEYS.head(id) },
-          { op: 'put', key: VKEYS.epoch(id), value: String(lock.epoch + 2) },
-          ...(extra?.(full) ?? []),
-        ],
-      );
-    } catch (err) {
-      // The transaction may have been applied with only its reply lost. Carrying on as if it had
-      // not would leave the writer on a tree that is no longer the head (GC then takes its pages).
-      if (!isTorusError(err, 'ETCD_UNAVAILABLE') && !isTorusError(err, 'TIMEOUT')) throw err;
-      if (!(await this.commitApplied(lock, value))) throw err;
-      lock.epoch++;
-      return;
+    const deadline = Date.now() + 2 * 15_000;
+    let uncertain = false;
+    for (;;) {
+      let res;
+      try {
+        res = await this.kv.txn(
+          [this.fenced(lock), { key: VKEYS.epoch(id), target: 'value', cmp: '==', value: String(lock.epoch + 1) }],
+          [
+            { op: 'put', key: VKEYS.head2(id), value },
+            // A head from before the journal is replaced, not kept beside: one head per volume.
+            { op: 'delete', key: VKEYS.head(id) },
+            { op: 'put', key: VKEYS.epoch(id), value: String(lock.epoch + 2) },
+            ...(extra?.(full) ?? []),
+          ],
+        );
+      } catch (err) {
+        if (!isTorusError(err) || !err.retryable || (err.code !== 'ETCD_UNAVAILABLE' && err.code !== 'TIMEOUT')) throw err;
+        uncertain = true;
+        // Carrying on as if it had not been applied would leave the writer on a tree that is no
+        // longer the head (GC then takes its pages): ask, and send it again only if it was not.
+        if (await this.commitApplied(lock, value, deadline)) break;
+        await new Promise((r) => setTimeout(r, 100));
+        continue;
+      }
+      if (res.succeeded || (uncertain && (await this.commitApplied(lock, value, deadline)))) break;
+      throw this.lostLock(lock);
     }
-    if (!res.succeeded) throw this.lostLock(lock);
     lock.epoch++;
   }
 
   /**
-   * After a commit whose outcome is unknown: asks etcd, for as long as the lock can still be ours,
-   * whether it was applied. Only the lock holder moves the epoch, so epoch + 2 with our head means
-   * it was. If the lock is lost before etcd answers, the writer is fenced either way: LOCKED.
+   * After a commit whose outcome is unknown: asks etcd, until `deadline` and while the lock can
+   * still be ours, whether it was applied. Only the lock holder moves the epoch, so epoch + 2 with
+   * our head means it was. If the lock is lost before etcd answers, the writer is fenced either
+   * way: LOCKED.
    */
-  private async commitApplied(lock: VolumeLock, value: string): Promise<boolean> {
+  private async commitApplied(lock: VolumeLock, value: string, deadline: number): Promise<boolean> {
     const id = lock.volume.id;
-    const deadline = Date.now() + 2 * 15_000;
     for (;;) {
       if (!lock.session.alive || Date.now() > deadline) throw this.lostLock(lock);
       try {

@@ -405,7 +405,8 @@ test('a checkpoint whose etcd commit fails changes nothing: the tail stays, and 
   let failCommits = false;
   const flaky: MetaKV = Object.create(kv) as MetaKV;
   flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
-    if (failCommits && args[1].some((o) => o.op === 'put' && o.key.endsWith('/head2'))) throw new TorusError('ETCD_UNAVAILABLE', 'cannot reach etcd (transaction)');
+    // Not applied, and etcd said so (a commit whose answer was lost is sent again instead).
+    if (failCommits && args[1].some((o) => o.op === 'put' && o.key.endsWith('/head2'))) throw new TorusError('ETCD_UNAVAILABLE', 'etcd is out of space (transaction)', { retryable: false });
     return kv.txn(...args);
   };
   const vmeta = new VolumeMeta(flaky);
@@ -470,6 +471,82 @@ test('a run page whose put fails fails the checkpoint, never the process; the ne
   await c.vmeta.create('v', 64 * BS);
   const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
   await vol.write(0, randomBytes(16 * BS));
+test('a commit whose answer was lost and that etcd had not applied is sent again: the checkpoint succeeds', async () => {
+  const c = await memoryCluster(BS);
+  const kv = c.meta.kv();
+  let lose = 0;
+  let commits = 0;
+  const flaky: MetaKV = Object.create(kv) as MetaKV;
+  flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
+    if (args[1].some((o) => o.op === 'put' && o.key.endsWith('/head2'))) {
+      commits++;
+      // The member died with the request: nothing applied, no answer.
+      if (lose > 0 && lose--) throw new TorusError('ETCD_UNAVAILABLE', 'etcd at http://a did not answer (transaction): connection lost');
+    }
+    return kv.txn(...args);
+  };
+  const vmeta = new VolumeMeta(flaky);
+  await vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  await vol.write(0, Buffer.alloc(BS, 7));
+  await vol.flush();
+  commits = 0;
+  lose = 2;
+  await vol.checkpoint();
+  assert.equal(commits, 3, 'sent three times, applied once');
+  await vol.write(BS, Buffer.alloc(BS, 8));
+  await vol.flush();
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  const expect = Buffer.alloc(16 * BS);
+  expect.fill(7, 0, BS);
+  expect.fill(8, BS, 2 * BS);
+  assert.ok((await again.read(0, 16 * BS)).equals(expect));
+  await again.close();
+});
+
+test('a lost commit that etcd applies only after it was sent again is applied once, and the writer goes on', async () => {
+  const c = await memoryCluster(BS);
+  const kv = c.meta.kv();
+  let late: (() => Promise<unknown>) | undefined;
+  let hold = false;
+  const flaky: MetaKV = Object.create(kv) as MetaKV;
+  flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
+    if (args[1].some((o) => o.op === 'put' && o.key.endsWith('/head2'))) {
+      if (hold) {
+        // The first copy is stuck in a dying member's proposal queue; it lands just before the second.
+        hold = false;
+        late = () => kv.txn(...args);
+        throw new TorusError('ETCD_UNAVAILABLE', 'etcd at http://a did not answer (transaction): no answer within 5 s');
+      }
+      if (late) {
+        const first = late;
+        late = undefined;
+        assert.equal((await first() as { succeeded: boolean }).succeeded, true);
+      }
+    }
+    return kv.txn(...args);
+  };
+  const vmeta = new VolumeMeta(flaky);
+  const rec = await vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const epochBefore = Number((await kv.get(`/torus/volumemeta/${rec.id}/epoch`))!.value);
+  await vol.write(0, Buffer.alloc(BS, 5));
+  await vol.flush();
+  hold = true;
+  await vol.checkpoint();
+  assert.equal(Number((await kv.get(`/torus/volumemeta/${rec.id}/epoch`))!.value), epochBefore + 1, 'one commit moved the epoch once');
+  await vol.write(BS, Buffer.alloc(BS, 6));
+  await vol.flush();
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  const expect = Buffer.alloc(16 * BS);
+  expect.fill(5, 0, BS);
+  expect.fill(6, BS, 2 * BS);
+  assert.ok((await again.read(0, 16 * BS)).equals(expect));
+  await again.close();
+});
+
   await vol.flush();
   const put = c.dist.putBlock.bind(c.dist);
   let fail = true;

@@ -37,7 +37,7 @@ export function etcdBinary(): string {
   throw new Error('etcd not found: install Debian package etcd-server (bash .ci/run does)');
 }
 
-async function waitHealthy(endpoint: string, proc: ChildProcess, log: () => string): Promise<void> {
+export async function waitHealthy(endpoint: string, proc: ChildProcess, log: () => string): Promise<void> {
   const deadline = Date.now() + 20_000;
   while (Date.now() < deadline) {
     if (proc.exitCode !== null) throw new Error(`etcd exited with ${proc.exitCode}:\n${log()}`);
@@ -55,30 +55,43 @@ async function waitHealthy(endpoint: string, proc: ChildProcess, log: () => stri
   throw new Error(`etcd did not become healthy:\n${log()}`);
 }
 
+/** An etcd process whose last output is kept; `closed` resolves once that output has all arrived. */
+export interface EtcdProc {
+  readonly proc: ChildProcess;
+  readonly closed: Promise<void>;
+  output(): string;
+}
+
+export function spawnEtcd(args: string[]): EtcdProc {
+  const proc = spawn(etcdBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  const keep = (d: Buffer): void => {
+    output = (output + d.toString()).slice(-8000);
+  };
+  proc.stdout?.on('data', keep);
+  proc.stderr?.on('data', keep);
+  return { proc, closed: new Promise((r) => proc.once('close', () => r())), output: () => output };
+}
+
+/** SIGKILL, and wait for the exit. */
+export async function killProc(p: ChildProcess): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return;
+  const gone = new Promise((r) => p.once('exit', r));
+  p.kill('SIGKILL');
+  await gone;
+}
+
 export async function startEtcd(): Promise<EtcdHandle> {
   // tmpfs where available: etcd fsyncs every write, and test metadata need not survive a reboot.
   const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
   const dataDir = mkdtempSync(join(base, 'torus-etcd-'));
   let endpoint = '';
   let args: string[] = [];
-  let output = '';
-  // Resolves once a process's output has all arrived (its pipes closed), not merely on its exit.
-  const closed = new WeakMap<ChildProcess, Promise<void>>();
+  let last: EtcdProc | undefined;
+  const output = (): string => last?.output() ?? '';
   const launch = (): ChildProcess => {
-    const p = spawn(etcdBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    const keep = (d: Buffer): void => {
-      output = (output + d.toString()).slice(-8000);
-    };
-    p.stdout?.on('data', keep);
-    p.stderr?.on('data', keep);
-    closed.set(p, new Promise((r) => p.once('close', () => r())));
-    return p;
-  };
-  const stopProc = async (p: ChildProcess): Promise<void> => {
-    if (p.exitCode !== null || p.signalCode !== null) return;
-    const gone = new Promise((r) => p.once('exit', r));
-    p.kill('SIGKILL');
-    await gone;
+    last = spawnEtcd(args);
+    return last.proc;
   };
   // A port found free can be taken by a test running alongside before etcd binds it: try others.
   const startOnFreePorts = async (attempt: number): Promise<ChildProcess> => {
@@ -86,16 +99,16 @@ export async function startEtcd(): Promise<EtcdHandle> {
     const peerPort = await freePort();
     endpoint = `127.0.0.1:${clientPort}`;
     args = singleEtcdArgs('test', join(dataDir, 'data'), clientPort, peerPort);
-    output = '';
     const p = launch();
+    const started = last!;
     try {
-      await waitHealthy(endpoint, p, () => output);
+      await waitHealthy(endpoint, p, output);
       return p;
     } catch (err) {
-      await stopProc(p);
-      await closed.get(p);
+      await killProc(p);
+      await started.closed;
       // Its last words may have arrived after the error was worded: word it again with them.
-      if (attempt >= 3 || !output.includes('address already in use')) throw new Error(`${(err as Error).message.split('\n')[0]}\n${output}`);
+      if (attempt >= 3 || !started.output().includes('address already in use')) throw new Error(`${(err as Error).message.split('\n')[0]}\n${started.output()}`);
       rmSync(join(dataDir, 'data'), { recursive: true, force: true });
       return startOnFreePorts(attempt + 1);
     }
@@ -108,16 +121,16 @@ export async function startEtcd(): Promise<EtcdHandle> {
       return proc;
     },
     async stop() {
-      await stopProc(proc);
+      await killProc(proc);
       rmSync(dataDir, { recursive: true, force: true });
     },
     async kill() {
-      await stopProc(proc);
+      await killProc(proc);
     },
     async restart() {
-      await stopProc(proc);
+      await killProc(proc);
       proc = launch();
-      await waitHealthy(endpoint, proc, () => output);
+      await waitHealthy(endpoint, proc, output);
     },
   };
   return handle;

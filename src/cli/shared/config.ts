@@ -120,11 +120,23 @@ export function resolveConnection(opts: GlobalOpts): ResolvedConnection {
   };
 }
 
-export function connectMetadata(opts: GlobalOpts): EtcdMetadata {
+/** Where a long-running process says that an etcd member failed, or answers again. */
+export interface MemberLog {
+  warn(obj: object, msg: string): void;
+  info(obj: object, msg: string): void;
+}
+
+export function connectMetadata(opts: GlobalOpts, log?: MemberLog): EtcdMetadata {
   const c = resolveConnection(opts);
   return new EtcdMetadata({
     endpoints: c.endpoints,
     callTimeoutMs: c.timeoutMs,
+    ...(log
+      ? {
+          onMemberChange: ({ member, up, why }) =>
+            up ? log.info({ member }, 'etcd member answers again') : log.warn({ member, err: why }, 'etcd member failed'),
+        }
+      : {}),
     tls: {
       ...(c.caFile ? { caFile: c.caFile } : {}),
       ...(c.certFile ? { certFile: c.certFile } : {}),

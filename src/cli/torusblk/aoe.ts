@@ -44,7 +44,7 @@ export function aoeCommand(): Command {
       const log = logger(opts);
       // The socket first: without CAP_NET_RAW or with a wrong interface there is nothing to lock.
       const conn = RawPacketConn.open(iface);
-      const meta = connectMetadata(opts);
+      const meta = connectMetadata(opts, log);
       let vc;
       let held;
       try {

@@ -34,7 +34,7 @@ export function nbdserveCommand(): Command {
       const opts = c.optsWithGlobals<ServeOpts>();
       const listen = parseListen(opts.listen ?? '127.0.0.1:10809');
       const log = logger(opts);
-      const meta = connectMetadata(opts);
+      const meta = connectMetadata(opts, log);
       await meta.globalMetadata();
       const vc = await clientFor(meta, opts, log);
       const provider = new VolumeProvider(vc, { readOnly: opts.readOnly ?? false, writeCacheBytes: parseSize(opts.writeCacheSize) });
@@ -86,7 +86,7 @@ export function nbdCommand(): Command {
       if (!kernel && device) throw new TorusError('NOT_EXIST', `${device}: this kernel has no NBD module (modprobe nbd failed)`);
       if (!kernel && !o.fallback) throw new TorusError('NOT_EXIST', 'this kernel has no NBD module (modprobe nbd failed); drop --no-fallback to use nbdfuse and a loop device instead');
       const log = logger(opts);
-      const meta = connectMetadata(opts);
+      const meta = connectMetadata(opts, log);
       await meta.globalMetadata();
       const vc = await clientFor(meta, opts, log);
       const provider = new VolumeProvider(vc, { writeCacheBytes: parseSize(opts.writeCacheSize) });

@@ -1,6 +1,7 @@
-import type { Etcd3, IKeyValue, IRequestOp } from 'etcd3';
-import { TorusError } from '../../core/errors.js';
-import type { KVCompare, KVEntry, KVOp, KVSession, KVTxnResult, MetaKV } from '../../core/interfaces.js';
+import type { IKeyValue, IRequestOp, ITxnResponse } from 'etcd3';
+import type { KVCompare, KVEntry, KVOp, KVSession, KVTxnResult, MetaKV, MetaStatus } from '../../core/interfaces.js';
+import type { EtcdEndpoints } from './endpoints.js';
+import { EtcdLease } from './lease.js';
 
 // MetaKV on etcd's own transaction API, so the volume layer's compare-and-swap and fencing are
 // exactly etcd's semantics: one revision, all or nothing.
@@ -30,75 +31,95 @@ function entry(kv: IKeyValue): KVEntry {
 
 const CMP = { '==': 'Equal', '!=': 'NotEqual', '<': 'Less', '>': 'Greater' } as const;
 
+function requestOp(o: KVOp): IRequestOp {
+  switch (o.op) {
+    case 'put':
+      return { request_put: { key: Buffer.from(o.key), value: Buffer.from(o.value), ...(o.session ? { lease: o.session.id } : {}) } };
+    case 'delete':
+      return { request_delete_range: { key: Buffer.from(o.key), ...(o.prefix ? { range_end: prefixEnd(o.key) } : {}) } };
+    case 'get':
+      return { request_range: { key: Buffer.from(o.key), ...(o.prefix ? { range_end: prefixEnd(o.key) } : {}) } };
+  }
+}
+
+/** Every key under `key` (or the key alone), read at one revision from any member. */
+export async function rangeOf(ep: EtcdEndpoints, what: string, key: string, prefix: boolean): Promise<{ entries: KVEntry[]; revision: number }> {
+  const res = await ep.call(what, 'idempotent', (c, o) => c.kv.range({ key: Buffer.from(key), ...(prefix ? { range_end: prefixEnd(key) } : {}) }, o));
+  return { entries: res.kvs.map(entry), revision: Number(res.header.revision) };
+}
+
+/**
+ * A transaction. Sent to another member only if none can have received it (see endpoints.ts);
+ * `idempotent` only for one whose second application changes nothing (a plain put or delete of
+ * keys only this process writes).
+ */
+export async function txnOf(
+  ep: EtcdEndpoints,
+  what: string,
+  compares: readonly KVCompare[],
+  success: readonly KVOp[],
+  failure: readonly KVOp[] = [],
+  kind: 'once' | 'idempotent' = 'once',
+): Promise<KVTxnResult> {
+  const compare = compares.map((c) => {
+    const base = { key: Buffer.from(c.key), result: CMP[c.cmp] };
+    if (c.target === 'value') return { ...base, target: 'Value' as const, value: Buffer.from(c.value) };
+    if (c.target === 'mod') return { ...base, target: 'Mod' as const, mod_revision: String(c.value) };
+    return { ...base, target: 'Version' as const, version: String(c.value) };
+  });
+  const res: ITxnResponse = await ep.call(what, kind, (c, o) =>
+    c.kv.txn({ compare, success: success.map(requestOp), failure: failure.map(requestOp) }, o),
+  );
+  const ran = res.succeeded ? success : failure;
+  const gets: KVEntry[][] = [];
+  ran.forEach((o, i) => {
+    if (o.op === 'get') gets.push((res.responses[i]?.response_range?.kvs ?? []).map(entry));
+  });
+  return { succeeded: res.succeeded, revision: Number(res.header.revision), gets };
+}
+
 export class EtcdKV implements MetaKV {
-  constructor(
-    private readonly client: Etcd3,
-    private readonly call: <T>(what: string, fn: () => Promise<T>) => Promise<T>,
-  ) {}
+  constructor(private readonly ep: EtcdEndpoints) {}
 
   async get(key: string): Promise<KVEntry | undefined> {
-    const res = await this.call('get', () => this.client.kv.range({ key: Buffer.from(key) }));
-    const kv = res.kvs[0];
-    return kv ? entry(kv) : undefined;
+    return (await rangeOf(this.ep, 'get', key, false)).entries[0];
   }
 
-  async list(prefix: string): Promise<{ entries: KVEntry[]; revision: number }> {
-    const res = await this.call('list', () => this.client.kv.range({ key: Buffer.from(prefix), range_end: prefixEnd(prefix) }));
-    return { entries: res.kvs.map(entry), revision: Number(res.header.revision) };
+  list(prefix: string): Promise<{ entries: KVEntry[]; revision: number }> {
+    return rangeOf(this.ep, 'list', prefix, true);
   }
 
-  private op(o: KVOp): IRequestOp {
-    switch (o.op) {
-      case 'put':
-        return { request_put: { key: Buffer.from(o.key), value: Buffer.from(o.value), ...(o.session ? { lease: o.session.id } : {}) } };
-      case 'delete':
-        return { request_delete_range: { key: Buffer.from(o.key), ...(o.prefix ? { range_end: prefixEnd(o.key) } : {}) } };
-      case 'get':
-        return { request_range: { key: Buffer.from(o.key), ...(o.prefix ? { range_end: prefixEnd(o.key) } : {}) } };
-    }
-  }
-
-  async txn(compares: readonly KVCompare[], success: readonly KVOp[], failure: readonly KVOp[] = []): Promise<KVTxnResult> {
-    const compare = compares.map((c) => {
-      const base = { key: Buffer.from(c.key), result: CMP[c.cmp] };
-      if (c.target === 'value') return { ...base, target: 'Value' as const, value: Buffer.from(c.value) };
-      if (c.target === 'mod') return { ...base, target: 'Mod' as const, mod_revision: String(c.value) };
-      return { ...base, target: 'Version' as const, version: String(c.value) };
-    });
-    const res = await this.call('transaction', () =>
-      this.client.kv.txn({ compare, success: success.map((o) => this.op(o)), failure: failure.map((o) => this.op(o)) }),
-    );
-    const ran = res.succeeded ? success : failure;
-    const gets: KVEntry[][] = [];
-    ran.forEach((o, i) => {
-      if (o.op === 'get') gets.push((res.responses[i]?.response_range?.kvs ?? []).map(entry));
-    });
-    return { succeeded: res.succeeded, revision: Number(res.header.revision), gets };
+  txn(compares: readonly KVCompare[], success: readonly KVOp[], failure: readonly KVOp[] = []): Promise<KVTxnResult> {
+    return txnOf(this.ep, 'transaction', compares, success, failure);
   }
 
   async session(ttlMs: number): Promise<KVSession> {
-    const lease = this.client.lease(Math.max(1, Math.ceil(ttlMs / 1000)), { autoKeepAlive: true });
-    let alive = true;
-    const lost: (() => void)[] = [];
-    lease.on('lost', () => {
-      if (!alive) return;
-      alive = false;
-      for (const cb of lost) cb();
-    });
-    const id = await this.call('grant lease', () => lease.grant());
-    if (!id) throw new TorusError('ETCD_UNAVAILABLE', 'etcd granted no lease');
+    const lease = await EtcdLease.grant(this.ep, ttlMs);
+    lease.keepAlive();
     return {
-      id,
+      id: lease.id,
       get alive() {
-        return alive && !lease.revoked();
+        return lease.alive;
       },
-      onLost(cb) {
-        lost.push(cb);
-      },
-      async revoke() {
-        alive = false;
-        await lease.revoke().catch(() => undefined);
-      },
+      onLost: (cb) => lease.onLost(cb),
+      revoke: () => lease.revoke().catch(() => undefined),
     };
+  }
+
+  async status(): Promise<MetaStatus> {
+    const res = await this.ep.call('status', 'idempotent', (c, o) => c.maintenance.status(o));
+    // dbSizeInUse is in etcd's protocol since 3.4, though not in the client's type.
+    const inUse = (res as { dbSizeInUse?: string }).dbSizeInUse;
+    return { revision: Number(res.header.revision), dbSizeBytes: Number(res.dbSize), ...(inUse !== undefined ? { dbSizeInUseBytes: Number(inUse) } : {}) };
+  }
+
+  async compact(revision: number): Promise<void> {
+    try {
+      await this.ep.call('compact', 'idempotent', (c, o) => c.kv.compact({ revision: String(revision) }, o));
+    } catch (err) {
+      // Compacted already (by an earlier try of this call, another node, or etcd's own
+      // auto-compaction): the history is as short as asked.
+      if (!/required revision has been compacted/.test((err as Error).message)) throw err;
+    }
   }
 }

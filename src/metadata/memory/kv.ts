@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
-import type { KVCompare, KVEntry, KVOp, KVSession, KVTxnResult, MetaKV } from '../../core/interfaces.js';
+import { TorusError } from '../../core/errors.js';
+import type { KVCompare, KVEntry, KVOp, KVSession, KVTxnResult, MetaKV, MetaStatus } from '../../core/interfaces.js';
 
 // The in-memory twin of etcd's keyspace: revisions, versions, transactions and leases with the
 // same meaning, so code written against MetaKV behaves the same on both.
@@ -37,6 +38,8 @@ class MemorySession implements KVSession {
 export class MemoryKVStore implements MetaKV {
   private readonly data = new Map<string, Stored>();
   private revision = 1;
+  /** History before this revision is forgotten (this twin keeps none; it records the request). */
+  compactedRevision = 0;
   readonly sessions = new Map<string, MemorySession>();
 
   private entry(key: string, s: Stored): KVEntry {
@@ -106,6 +109,17 @@ export class MemoryKVStore implements MetaKV {
     const s = new MemorySession(randomUUID(), this);
     this.sessions.set(s.id, s);
     return s;
+  }
+
+  async status(): Promise<MetaStatus> {
+    let bytes = 0;
+    for (const [k, s] of this.data) bytes += k.length + s.value.length;
+    return { revision: this.revision, dbSizeBytes: bytes };
+  }
+
+  async compact(revision: number): Promise<void> {
+    if (revision > this.revision) throw new TorusError('INTERNAL', `etcd compact: etcd: mvcc: required revision is a future revision`);
+    this.compactedRevision = Math.max(this.compactedRevision, revision);
   }
 
   dropLease(id: string): void {
