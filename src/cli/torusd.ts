@@ -1,9 +1,9 @@
 import { Command, Option } from 'commander';
 import { pino } from 'pino';
 import { tuneMalloc } from '../core/malloc.js';
-import { VERSION } from '../core/version.js';
 import { TorusError } from '../core/errors.js';
-import { StorageNode } from '../server/node.js';
+import { VERSION } from '../core/version.js';
+import { DEFAULT_COMPACTION, StorageNode } from '../server/node.js';
 import { parseDuration, parseSize } from '../core/units.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
 import { addBlockIoOptions, addGlobalOptions, connectMetadata, parsePort, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
@@ -23,6 +23,9 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   orphanGrace: string;
   rebalanceRate: string;
   rebalanceInterval: string;
+  compactionRetention: string;
+  compactionMaxRevisions: string;
+  compactionInterval: string;
   logLevel?: string;
 }
 
@@ -30,6 +33,12 @@ function parseRate(text: string, flag: string): number {
   const rate = parseSize(text);
   if (rate <= 0) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} ${text}: must be above 0 (or auto)`);
   return rate;
+}
+
+function parseCount(text: string, flag: string): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text.trim()) || n < 1) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} "${text}": a whole number above 0`);
+  return n;
 }
 
 export function buildProgram(): Command {
@@ -49,6 +58,9 @@ export function buildProgram(): Command {
     .addOption(new Option('--scrub-interval <duration>', 'read and check every block held once per interval, repairing bad copies from other replicas (0: never)').default('168h'))
     .addOption(new Option('--scrub-rate <size>', "scrub read rate per second; auto: the interval's share of the data held, 1MiB to 64MiB").default('auto'))
     .addOption(new Option('--orphan-grace <duration>', 'delete blocks of unknown types or never-created volumes once orphaned this long (0: report only)').default('168h'))
+    .addOption(new Option('--compaction-retention <duration>', 'etcd history to keep; one node at a time compacts the rest (0: this node never compacts)').default('5m'))
+    .addOption(new Option('--compaction-max-revisions <n>', 'keep at most this many etcd revisions, however recent').default(String(DEFAULT_COMPACTION.maxRevisions)))
+    .addOption(new Option('--compaction-interval <duration>', 'how often the compacting node looks at etcd').default('10s'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
     .showHelpAfterError('(run torusd --help for usage)')
     .action(async (opts: TorusdOpts) => {
@@ -76,6 +88,11 @@ export function buildProgram(): Command {
           readCacheBytes: parseSize(opts.readCacheSize),
           readLevel: opts.readLevel as ReadLevel,
           writeLevel: opts.writeLevel as WriteLevel,
+          compaction: {
+            retentionMs: parseDuration(opts.compactionRetention),
+            maxRevisions: parseCount(opts.compactionMaxRevisions, '--compaction-max-revisions'),
+            intervalMs: Math.max(100, parseDuration(opts.compactionInterval)),
+          },
           log,
         });
       } catch (err) {

@@ -19,6 +19,7 @@ import { Rebalancer } from '../distributor/rebalance.js';
 import { buildLiveSet, collectLocal, type GcReport } from '../volume/gc.js';
 import { VolumeMeta } from '../volume/meta.js';
 import { NEARLY_FULL, isStale, ringPeerOf, updateRing } from './cluster.js';
+import { HistoryCompactor } from './compactor.js';
 import { createIdentity, readIdentity, resolveStorageSize, type NodeIdentity } from './datadir.js';
 import { NodeScrub } from './node-scrub.js';
 
@@ -55,8 +56,12 @@ export interface NodeOptions {
   readonly orphanGraceMs?: number;
   readonly readLevel?: ReadLevel;
   readonly writeLevel?: WriteLevel;
+  /** etcd history compaction, done by one node at a time (server/compactor.ts); retentionMs 0 turns it off here. */
+  readonly compaction?: { readonly retentionMs: number; readonly maxRevisions: number; readonly intervalMs: number };
   readonly log: Logger;
 }
+
+export const DEFAULT_COMPACTION = { retentionMs: 5 * 60_000, maxRevisions: 10_000, intervalMs: 10_000 } as const;
 
 export interface PeerAddress {
   /** As advertised to peers and shown to users. */
@@ -134,6 +139,7 @@ export class StorageNode {
   private gcTimer: NodeJS.Timeout | undefined;
   private rebalancer: Rebalancer | undefined;
   private scrub: NodeScrub | undefined;
+  private compactor: HistoryCompactor | undefined;
   private gcRunning: Promise<void> | undefined;
   private readonly gcAbort = new AbortController();
   private gcStats = { runs: 0, failures: 0, deleted: 0, lastError: '' };
@@ -260,6 +266,11 @@ export class StorageNode {
     this.scheduleGc();
     this.rebalancer.start();
     this.scrub.start();
+    const compaction = this.opts.compaction ?? DEFAULT_COMPACTION;
+    if (compaction.retentionMs > 0) {
+      this.compactor = new HistoryCompactor({ kv: this.opts.meta.kv(), id: this.identity.uuid, ...compaction, log });
+      this.compactor.start();
+    }
     if (this.opts.autoJoin) await this.autoJoin();
     log.info({ uuid: this.identity.uuid, address: this.address, blocks: this.store.numBlocks(), used: this.store.usedBlocks(), blockSize: this.global.blockSize }, 'torusd started');
   }
@@ -400,6 +411,7 @@ export class StorageNode {
       storage: this.store.stats(),
       rpc: this.rpc?.stats() ?? null,
       scrub: this.scrub?.info() ?? null,
+      etcdCompaction: this.compactor?.status() ?? null,
       version: VERSION,
     };
   }
@@ -427,6 +439,7 @@ export class StorageNode {
       { name: 'torus_gc_failures_total', help: 'Garbage collection passes skipped after an error', type: 'counter', value: this.gcStats.failures },
       { name: 'torus_gc_deleted_blocks_total', help: 'Blocks deleted by garbage collection', type: 'counter', value: this.gcStats.deleted },
       { name: 'torus_server_peers_total', help: 'Peers registered in etcd as of the last heartbeat', type: 'gauge', value: this.peersSeen },
+      ...this.compactionSamples(),
     ];
     if (this.client) {
       try {
@@ -456,6 +469,18 @@ export class StorageNode {
     return out;
   }
 
+  private compactionSamples(): MetricSample[] {
+    const c = this.compactor?.status();
+    if (!c) return [];
+    return [
+      { name: 'torus_etcd_compactor_leader', help: '1 while this node is the one compacting etcd history', type: 'gauge', value: c.leader ? 1 : 0 },
+      { name: 'torus_etcd_compactions_total', help: 'etcd history compactions made by this node', type: 'counter', value: c.compactions },
+      { name: 'torus_etcd_compaction_failures_total', help: 'Compaction rounds that failed', type: 'counter', value: c.failures },
+      { name: 'torus_etcd_compacted_revision', help: 'Revision this node last compacted etcd history to', type: 'gauge', value: c.compactedRevision },
+      { name: 'torus_etcd_db_size_bytes', help: "etcd's database size as last seen by this node while compacting (one member's)", type: 'gauge', value: c.dbSizeBytes },
+    ];
+  }
+
   private rebalanceSamples(): MetricSample[] {
     const r = this.rebalancer?.status();
     if (!r) return [];
@@ -481,6 +506,7 @@ export class StorageNode {
     this.gcAbort.abort();
     await this.rebalancer?.stop();
     await this.scrub?.stop();
+    await this.compactor?.stop().catch((err: unknown) => this.opts.log.warn({ err: toTorusError(err).message }, 'could not hand over etcd compaction'));
     // A heartbeat still being written would otherwise land after the unregister below.
     await this.heartbeatRunning;
     await this.gcRunning;

@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { etcdBinary } from './etcd.js';
 import { createLab, type Lab } from './netns.js';
 import { BIN, type CliResult } from './procs.js';
+import { AUTO_COMPACTION } from '../../scripts/lib/etcd.js';
 
 // A Torus cluster spread over network namespaces with IPv4 addresses: etcd, every storage node,
 // the client (a workload process) and an admin host (torusctl, probes) each live in a namespace
@@ -211,7 +212,7 @@ export async function startIpCluster(
         '--name', 'ipc', '--data-dir', join(dir, 'etcd'),
         '--listen-client-urls', `http://${etcdHost.endpoint}`, '--advertise-client-urls', `http://${etcdHost.endpoint}`,
         '--listen-peer-urls', 'http://127.0.0.1:2380', '--initial-advertise-peer-urls', 'http://127.0.0.1:2380',
-        '--initial-cluster', 'ipc=http://127.0.0.1:2380', '--log-level', 'error', '--logger', 'zap',
+        '--initial-cluster', 'ipc=http://127.0.0.1:2380', ...AUTO_COMPACTION, '--log-level', 'error', '--logger', 'zap',
       ]),
     );
     // etcd is ready when init gets through to it (bounded).

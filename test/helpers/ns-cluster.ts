@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { etcdBinary } from './etcd.js';
 import type { Lab } from './netns.js';
 import { BIN } from './procs.js';
+import { AUTO_COMPACTION } from '../../scripts/lib/etcd.js';
 
 // A whole Torus cluster inside one network namespace of a Lab: etcd and the storage nodes on that
 // namespace's own loopback (fixed ports are free there), every process under `ip netns exec`, so
@@ -58,7 +59,7 @@ export async function startNsCluster(
         '--name', 'ns', '--data-dir', join(dir, 'etcd'),
         '--listen-client-urls', `http://${endpoint}`, '--advertise-client-urls', `http://${endpoint}`,
         '--listen-peer-urls', 'http://127.0.0.1:2380', '--initial-advertise-peer-urls', 'http://127.0.0.1:2380',
-        '--initial-cluster', 'ns=http://127.0.0.1:2380', '--log-level', 'error', '--logger', 'zap',
+        '--initial-cluster', 'ns=http://127.0.0.1:2380', ...AUTO_COMPACTION, '--log-level', 'error', '--logger', 'zap',
       ]),
     );
     // etcd is ready when init gets through to it (bounded).

@@ -169,3 +169,32 @@ test('unreachable etcd is a clear error within seconds, naming the endpoint', as
   await assert.rejects(m.globalMetadata(), (e) => isTorusError(e, 'ETCD_UNAVAILABLE') && /127\.0\.0\.1:1/.test(e.message));
   await m.close();
 });
+
+test('a ring watch that resumes from a compacted revision reads the ring again and follows it', async () => {
+  const w = new EtcdMetadata({ endpoints: [etcd.endpoint] });
+  const m = new EtcdMetadata({ endpoints: [etcd.endpoint] });
+  try {
+    await m.wipe();
+    await m.init(meta, ring1);
+    const seen: number[] = [];
+    const unsub = w.watchRing((r) => seen.push(r.version));
+    const until = async (n: number): Promise<void> => {
+      for (let i = 0; i < 200 && seen.length < n; i++) await new Promise((r) => setTimeout(r, 50));
+    };
+    await until(1);
+    assert.deepEqual(seen, [1]);
+    // History moves on and is compacted past the revision the watch would resume from.
+    for (let i = 0; i < 50; i++) await m.kv().txn([], [{ op: 'put', key: '/torus/test/churn', value: String(i) }]);
+    await m.kv().compact((await m.kv().status()).revision);
+    // The watch's stream breaks; it comes back asking for the revision after the ring's last change.
+    await etcd.kill();
+    await etcd.restart();
+    await m.setRing({ ...ring1, version: 2 });
+    await until(2);
+    assert.deepEqual(seen, [1, 2]);
+    unsub();
+  } finally {
+    await w.close();
+    await m.close();
+  }
+});
