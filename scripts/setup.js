@@ -29,6 +29,7 @@ export const PACKAGES = {
     'iproute2',
     'vblade', // the reference AoE target
     'tshark', // decodes captured AoE frames
+    'openssl', // certificates for the etcd TLS tests
     // what ../shared/tools/vm/run-in-vm needs for the kernel NBD and AoE initiators in a VM
     'qemu-system-x86',
     'nbd-client',

@@ -126,8 +126,24 @@ export interface MemberLog {
   info(obj: object, msg: string): void;
 }
 
+/**
+ * gRPC names a TLS server by the endpoint's host, and Node warns on stderr (DEP0123) when that is
+ * an IP address, as etcd endpoints usually are: noise before a command's output that the user
+ * can do nothing about (the certificate is still checked against the address).
+ */
+function quietIpServerNameWarning(): void {
+  const emit = process.emitWarning.bind(process);
+  process.emitWarning = ((warning: string | Error, ...rest: unknown[]) => {
+    const o = rest[0];
+    const code = typeof o === 'object' && o !== null ? (o as { code?: string }).code : rest[1];
+    if (code === 'DEP0123') return;
+    (emit as (...a: unknown[]) => void)(warning, ...rest);
+  }) as typeof process.emitWarning;
+}
+
 export function connectMetadata(opts: GlobalOpts, log?: MemberLog): EtcdMetadata {
   const c = resolveConnection(opts);
+  if (c.caFile || c.certFile || c.endpoints.some((e) => e.startsWith('https://'))) quietIpServerNameWarning();
   return new EtcdMetadata({
     endpoints: c.endpoints,
     callTimeoutMs: c.timeoutMs,

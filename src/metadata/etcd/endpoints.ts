@@ -35,6 +35,8 @@ export interface Member {
   readonly client: Etcd3;
   /** When it last failed (ms since epoch), 0 when its last call succeeded or it was never used. */
   failedAt: number;
+  /** It has answered at least once. */
+  answered: boolean;
 }
 
 export interface EndpointOptions {
@@ -68,6 +70,7 @@ export class EtcdEndpoints {
     this.members = opts.endpoints.map((url) => ({
       url,
       failedAt: 0,
+      answered: false,
       client: keepChannels(new Etcd3({
         hosts: [url],
         dialTimeout: opts.timeoutMs,
@@ -109,13 +112,15 @@ export class EtcdEndpoints {
   }
 
   succeeded(m: Member): void {
-    if (m.failedAt > 0) this.onMemberChange?.({ member: m.url, up: true });
+    if (m.failedAt > 0 && m.answered) this.onMemberChange?.({ member: m.url, up: true });
     m.failedAt = 0;
+    m.answered = true;
     this.pinned = m;
   }
 
+  /** A member that never answered is not news when it fails: the call's own error says so. */
   failed(m: Member, why: string): void {
-    if (m.failedAt === 0) this.onMemberChange?.({ member: m.url, up: false, why });
+    if (m.failedAt === 0 && m.answered) this.onMemberChange?.({ member: m.url, up: false, why });
     m.failedAt = Date.now();
   }
 

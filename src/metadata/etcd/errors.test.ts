@@ -29,6 +29,16 @@ const cases: [string, Error, { kind: string; text: string; transient?: boolean }
     { kind: 'unsent', text: 'TLS failed: wrong version number' },
   ],
   [
+    'plain text to a TLS etcd',
+    new GRPCUnavailableError('14 UNAVAILABLE: No connection established. Last error: Failed to connect (2026-12-06T08:57:28.825Z). Resolution note: '),
+    { kind: 'unsent', text: 'the connection failed in its handshake (a TLS endpoint spoken to without TLS?)' },
+  ],
+  [
+    'TLS to a plain-text etcd, as Node says it',
+    new GRPCUnavailableError('14 UNAVAILABLE: No connection established. Last error: Error: Client network socket disconnected before secure TLS connection was established. Resolution note: '),
+    { kind: 'unsent', text: 'TLS failed: the server closed the connection in the handshake (not a TLS endpoint?)' },
+  ],
+  [
     'a host name that does not resolve',
     new GRPCUnavailableError('14 UNAVAILABLE: No connection established. Last error: Error: getaddrinfo ENOTFOUND etcd-3.example. Resolution note: '),
     { kind: 'unsent', text: 'unknown host etcd-3.example' },

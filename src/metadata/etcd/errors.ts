@@ -61,6 +61,9 @@ export function describeConnectError(text: string): string {
   const host = /(?:ENOTFOUND|EAI_AGAIN) (\S+)/.exec(t);
   if (host) return `unknown host ${host[1]}`;
   if (/^Protocol error/.test(t)) return 'not an etcd v3 endpoint (it does not speak gRPC)';
+  // gRPC's words for an HTTP/2 handshake that never completed: a TLS server spoken to in plain text.
+  if (/^Failed to connect/.test(t)) return 'the connection failed in its handshake (a TLS endpoint spoken to without TLS?)';
+  if (/disconnected before secure TLS connection/.test(t)) return 'TLS failed: the server closed the connection in the handshake (not a TLS endpoint?)';
   // OpenSSL: "...:error:0A00010B:SSL routines::wrong version number"; Node: "self-signed certificate".
   const ssl = /SSL routines:[^:]*:+(.*)$/.exec(t);
   if (ssl) return `TLS failed: ${ssl[1]}`;
