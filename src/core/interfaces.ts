@@ -252,7 +252,11 @@ export interface MetaKV {
   get(key: string): Promise<KVEntry | undefined>;
   /** Every key under the prefix, read at one revision. */
   list(prefix: string): Promise<{ entries: KVEntry[]; revision: number }>;
-  txn(compares: readonly KVCompare[], success: readonly KVOp[], failure?: readonly KVOp[]): Promise<KVTxnResult>;
+  /**
+   * One transaction. `timeoutMs` shortens the client's deadline for it: for a caller that can
+   * resolve an unknown outcome itself and prefers that to waiting (VolumeMeta.commit).
+   */
+  txn(compares: readonly KVCompare[], success: readonly KVOp[], failure?: readonly KVOp[], opts?: { readonly timeoutMs?: number }): Promise<KVTxnResult>;
   /** A new lease with this TTL, renewed in the background until revoked or lost. */
   session(ttlMs: number): Promise<KVSession>;
   status(): Promise<MetaStatus>;

@@ -85,6 +85,13 @@ export function isReplayNeeded(err: unknown): boolean {
   return isTorusError(err, 'AGAIN') && /did not checkpoint/.test(err.message);
 }
 
+/**
+ * A commit's wait for etcd's answer. An etcd write takes milliseconds; one unanswered for this
+ * long was most likely dropped with a dying leader (etcd never answers those), and the commit
+ * is checked and sent again rather than waiting out the whole --etcd-timeout.
+ */
+const COMMIT_ATTEMPT_MS = 2000;
+
 export function lockedError(name: string, l: LockRecord | undefined): TorusError {
   const who = l ? ` (held by ${l.host} pid ${l.pid}, process ${l.holder}, since ${l.since})` : '';
   return new TorusError('LOCKED', `volume ${name} is already mounted on another host${who}`);
@@ -279,6 +286,8 @@ export class VolumeMeta {
             { op: 'put', key: VKEYS.epoch(id), value: String(lock.epoch + 2) },
             ...(extra?.(full) ?? []),
           ],
+          [],
+          { timeoutMs: COMMIT_ATTEMPT_MS },
         );
       } catch (err) {
         if (!isTorusError(err) || !err.retryable || (err.code !== 'ETCD_UNAVAILABLE' && err.code !== 'TIMEOUT')) throw err;

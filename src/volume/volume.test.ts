@@ -476,10 +476,12 @@ test('a commit whose answer was lost and that etcd had not applied is sent again
   const kv = c.meta.kv();
   let lose = 0;
   let commits = 0;
+  const timeouts: (number | undefined)[] = [];
   const flaky: MetaKV = Object.create(kv) as MetaKV;
   flaky.txn = async (...args: Parameters<MetaKV['txn']>) => {
     if (args[1].some((o) => o.op === 'put' && o.key.endsWith('/head2'))) {
       commits++;
+      timeouts.push(args[3]?.timeoutMs);
       // The member died with the request: nothing applied, no answer.
       if (lose > 0 && lose--) throw new TorusError('ETCD_UNAVAILABLE', 'etcd at http://a did not answer (transaction): connection lost');
     }
@@ -491,9 +493,13 @@ test('a commit whose answer was lost and that etcd had not applied is sent again
   await vol.write(0, Buffer.alloc(BS, 7));
   await vol.flush();
   commits = 0;
+  timeouts.length = 0;
   lose = 2;
   await vol.checkpoint();
   assert.equal(commits, 3, 'sent three times, applied once');
+  // Each copy waits 2 s at most for its answer (a commit etcd dropped with a dying leader is
+  // never answered), not the client's whole deadline.
+  assert.deepEqual(timeouts, [2000, 2000, 2000]);
   await vol.write(BS, Buffer.alloc(BS, 8));
   await vol.flush();
   await vol.close();

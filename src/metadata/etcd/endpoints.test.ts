@@ -105,6 +105,21 @@ test("etcd's own refusals are not retried; a full etcd is ETCD_UNAVAILABLE that 
   await assert.rejects(ep.call('transaction', 'once', other.fn), (e: unknown) => isTorusError(e, 'INTERNAL'));
 });
 
+test('a call may ask for a shorter deadline than the client\'s, never a longer one', async () => {
+  const ep = endpoints(2, 5000);
+  const deadlines: number[] = [];
+  const seen = async (_c: Etcd3, o: { deadline: Date }): Promise<number> => {
+    deadlines.push(o.deadline.getTime() - Date.now());
+    return 0;
+  };
+  await ep.call('transaction', 'once', seen, 2000);
+  await ep.call('transaction', 'once', seen, 60_000);
+  await ep.call('transaction', 'once', seen);
+  assert.ok(deadlines[0]! <= 2000 && deadlines[0]! > 1000, `asked 2 s, got ${deadlines[0]} ms`);
+  assert.ok(deadlines[1]! <= 5000 && deadlines[1]! > 4000, `asked 60 s, got ${deadlines[1]} ms`);
+  assert.ok(deadlines[2]! <= 5000 && deadlines[2]! > 4000);
+});
+
 test('a closed client says so', async () => {
   const ep = endpoints(2);
   ep.close();

@@ -126,24 +126,26 @@ export class EtcdEndpoints {
 
   /**
    * Runs `fn` against one member after another as described above. `fn` gets the member's client
-   * and the call options carrying the deadline shared by every attempt.
+   * and the call options carrying the deadline shared by every attempt. `timeoutMs` shortens that
+   * deadline for this call.
    */
-  async call<T>(what: string, kind: CallKind, fn: (client: Etcd3, opts: { deadline: Date }) => Promise<T>): Promise<T> {
-    const deadline = Date.now() + this.timeoutMs;
+  async call<T>(what: string, kind: CallKind, fn: (client: Etcd3, opts: { deadline: Date }) => Promise<T>, timeoutMs?: number): Promise<T> {
+    const limit = Math.min(timeoutMs ?? this.timeoutMs, this.timeoutMs);
+    const deadline = Date.now() + limit;
     const failures = new Map<Member, EtcdFailure>();
     let pause = PAUSE_MIN_MS;
     for (;;) {
       if (this.closed) throw new TorusError('CLOSED', 'metadata client is closed');
       let transient = false;
       for (const m of this.order()) {
-        if (Date.now() >= deadline) throw this.unreachable(what, failures);
+        if (Date.now() >= deadline) throw this.unreachable(what, failures, limit);
         try {
           const res = await fn(m.client, { deadline: new Date(deadline) });
           this.succeeded(m);
           return res;
         } catch (err) {
           if (this.closed) throw new TorusError('CLOSED', 'metadata client is closed');
-          const f = classifyEtcdError(err, this.timeoutMs);
+          const f = classifyEtcdError(err, limit);
           if (f.kind === 'answer') {
             this.succeeded(m);
             throw answerError(what, f, err);
@@ -155,17 +157,17 @@ export class EtcdEndpoints {
         }
       }
       const left = deadline - Date.now();
-      if (!transient || left <= 0) throw this.unreachable(what, failures);
+      if (!transient || left <= 0) throw this.unreachable(what, failures, limit);
       await new Promise((r) => setTimeout(r, Math.min(pause, left)));
       pause = Math.min(PAUSE_MAX_MS, pause * 2);
     }
   }
 
   /** Every member failed: one line naming each and what it did. */
-  unreachable(what: string, failures: ReadonlyMap<Member, EtcdFailure>): TorusError {
+  private unreachable(what: string, failures: ReadonlyMap<Member, EtcdFailure>, limitMs: number): TorusError {
     const texts = [...failures.values()].map((f) => f.text);
     let why: string;
-    if (texts.length === 0) why = `no answer within ${this.timeoutMs} ms`;
+    if (texts.length === 0) why = `no answer within ${limitMs} ms`;
     else if (new Set(texts).size === 1 && failures.size === this.members.length) why = texts[0]!;
     else why = [...failures].map(([m, f]) => `${m.url}: ${f.text}`).join('; ');
     return new TorusError('ETCD_UNAVAILABLE', `cannot reach etcd at ${this.describe()} (${what}): ${why}`);

@@ -60,6 +60,7 @@ export async function txnOf(
   success: readonly KVOp[],
   failure: readonly KVOp[] = [],
   kind: 'once' | 'idempotent' = 'once',
+  timeoutMs?: number,
 ): Promise<KVTxnResult> {
   const compare = compares.map((c) => {
     const base = { key: Buffer.from(c.key), result: CMP[c.cmp] };
@@ -67,8 +68,11 @@ export async function txnOf(
     if (c.target === 'mod') return { ...base, target: 'Mod' as const, mod_revision: String(c.value) };
     return { ...base, target: 'Version' as const, version: String(c.value) };
   });
-  const res: ITxnResponse = await ep.call(what, kind, (c, o) =>
-    c.kv.txn({ compare, success: success.map(requestOp), failure: failure.map(requestOp) }, o),
+  const res: ITxnResponse = await ep.call(
+    what,
+    kind,
+    (c, o) => c.kv.txn({ compare, success: success.map(requestOp), failure: failure.map(requestOp) }, o),
+    timeoutMs,
   );
   const ran = res.succeeded ? success : failure;
   const gets: KVEntry[][] = [];
@@ -89,8 +93,8 @@ export class EtcdKV implements MetaKV {
     return rangeOf(this.ep, 'list', prefix, true);
   }
 
-  txn(compares: readonly KVCompare[], success: readonly KVOp[], failure: readonly KVOp[] = []): Promise<KVTxnResult> {
-    return txnOf(this.ep, 'transaction', compares, success, failure);
+  txn(compares: readonly KVCompare[], success: readonly KVOp[], failure: readonly KVOp[] = [], opts: { timeoutMs?: number } = {}): Promise<KVTxnResult> {
+    return txnOf(this.ep, 'transaction', compares, success, failure, 'once', opts.timeoutMs);
   }
 
   async session(ttlMs: number): Promise<KVSession> {
