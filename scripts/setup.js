@@ -30,6 +30,7 @@ export const PACKAGES = {
     'vblade', // the reference AoE target
     'tshark', // decodes captured AoE frames
     'openssl', // certificates for the etcd TLS tests
+    'etcd-client', // etcdctl: the failure guide's recovery steps for a full etcd, run by a test
     // what ../shared/tools/vm/run-in-vm needs for the kernel NBD and AoE initiators in a VM
     'qemu-system-x86',
     'nbd-client',

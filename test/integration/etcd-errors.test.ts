@@ -8,7 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { etcdMemberArgs } from '../../scripts/lib/etcd.js';
-import { freePort, killProc, spawnEtcd, startEtcd, type EtcdHandle, type EtcdProc } from '../helpers/etcd.js';
+import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
+import { freePort, killProc, spawnEtcd, startEtcd, waitHealthy, type EtcdHandle, type EtcdProc } from '../helpers/etcd.js';
 import { eventually, removeDir, runCli, type CliResult } from '../helpers/procs.js';
 
 // Issue 13: every way of not reaching etcd is one line without gRPC's noise, and exit status 3,
@@ -112,3 +113,34 @@ describe('etcd failures: one line, exit status 3', () => {
     oneLineStatus3(await runCli('torusblk', [...C, 'nbdserve', '--listen', '127.0.0.1:0']), /answered HTTP 404: not an etcd v3 endpoint$/);
   });
 });
+
+test('a full etcd (NOSPACE) is one line with exit status 3, and the failure guide\'s recovery brings it back', async () => {
+  const clientPort = await freePort();
+  const endpoint = `127.0.0.1:${clientPort}`;
+  const proc = spawnEtcd([...etcdMemberArgs({ name: 'full', dataDir: join(dir, 'full'), clientPort, peerPort: await freePort() }), '--quota-backend-bytes', String(2 * 1024 * 1024)]);
+  const meta = new EtcdMetadata({ endpoints: [endpoint] });
+  try {
+    await waitHealthy(endpoint, proc.proc, proc.output);
+    const big = 'x'.repeat(300_000);
+    let full = '';
+    for (let i = 0; i < 50 && !full; i++) {
+      await meta.kv().txn([], [{ op: 'put', key: '/torus/test/big', value: `${i}${big}` }]).catch((e: Error) => (full = e.message));
+    }
+    assert.match(full, /^etcd is out of space \(transaction\): mvcc: database space exceeded; compact and defragment it/);
+    oneLineStatus3(await runCli('torusctl', ['-C', endpoint, 'init']), /: etcd is out of space \(init\): mvcc: database space exceeded; compact and defragment it, then disarm the alarm/);
+    // docs/failure-guide.md, "etcd out of space", word for word.
+    const steps = [
+      `rev=$(etcdctl --endpoints=${endpoint} endpoint status --write-out=json | grep -o '"revision":[0-9]*' | head -1 | cut -d: -f2)`,
+      `etcdctl --endpoints=${endpoint} compact $rev`,
+      `etcdctl --endpoints=${endpoint} defrag`,
+      `etcdctl --endpoints=${endpoint} alarm disarm`,
+    ].join(' && ');
+    const r = spawnSync('sh', ['-c', steps], { encoding: 'utf8', env: { ...process.env, ETCDCTL_API: '3' } });
+    assert.equal(r.status, 0, `${r.stdout}${r.stderr}`);
+    assert.equal((await runCli('torusctl', ['-C', endpoint, 'init'])).code, 0);
+  } finally {
+    await meta.close();
+    await killProc(proc.proc);
+  }
+});
+
