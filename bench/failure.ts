@@ -1,9 +1,9 @@
 // Failures, measured: what a client and an administrator see, how much slower I/O gets during the
 // event compared with normal in the same run, and how long until every block has R copies again.
 //
-//   node dist/bench/failure.js [--scenario a,b,c,d,e] [--reps 3] [--heartbeat 5s]
+//   node dist/bench/failure.js [--scenario a,b,c,d,e,h] [--reps 3] [--heartbeat 5s]
 //                              [--rebalance-interval 10s] [--size 64MiB] [--block-size 512KiB]
-//                              [--cut 20s]    (how long a node stays down or cut off in a and c)
+//                              [--cut 20s]    (how long a node or etcd member stays down in a, c, h)
 //
 //   a  a single storage node down (kill -9), then started again on its disk
 //   b  a node lost for good: kill -9, then `torusctl peer remove --force`
@@ -11,8 +11,10 @@
 //   d  the client cut off from etcd (not from the storage nodes): a short cut, then one longer
 //      than the volume lock's lease
 //   e  etcd itself down (kill -9, restarted on its data dir): a short outage, then a long one
+//   h  one member of a three-member etcd cluster lost: the one the client talks to, made leader
+//      first, killed (-9) and restarted after --cut; everyone is given all three endpoints
 //
-// a, b, e run on loopback (etcd and three torusd, R=2, as child processes); c and d need real
+// a, b, e, h run on loopback (etcd and three torusd, R=2, as child processes); c and d need real
 // addresses and run in network namespaces (root, iproute2, nftables; skipped otherwise). A
 // workload process writes, syncs and reads back random pieces of a volume all along
 // (test/helpers/workload.ts), and a probe process asks every node, every 300 ms, which live
@@ -26,15 +28,16 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startCluster, type TestCluster } from '../test/helpers/cluster.js';
+import { startEtcdCluster, type EtcdCluster } from '../test/helpers/etcd-cluster.js';
 import { PROBE, WORKLOAD, ipClusterUnavailable, startIpCluster, type IpCluster } from '../test/helpers/ip-cluster.js';
 import { netnsUnavailable } from '../test/helpers/netns.js';
-import { REPO, runCli, type CliResult } from '../test/helpers/procs.js';
+import { REPO, removeDir, runCli, startTorusd, type CliResult, type Torusd } from '../test/helpers/procs.js';
 import { parseDuration } from '../src/core/units.js';
 import { WorkloadProc, type ClosedEvent, type ReadEvent, type SyncEvent } from '../test/helpers/workload-proc.js';
 
 const { values } = parseArgs({
   options: {
-    scenario: { type: 'string', default: 'a,b,c,d,e' },
+    scenario: { type: 'string', default: 'a,b,c,d,e,h' },
     reps: { type: 'string', default: '3' },
     heartbeat: { type: 'string', default: '5s' },
     'rebalance-interval': { type: 'string', default: '10s' },
@@ -176,6 +179,48 @@ async function loopbackEnv(): Promise<Env & { cluster: TestCluster }> {
       await c.stop();
     },
   };
+}
+
+/** Like loopbackEnv, on a three-member etcd cluster that every process is given all of. */
+async function etcdClusterEnv(): Promise<Env & { etcd: EtcdCluster }> {
+  const etcd = await startEtcdCluster(3);
+  const nodes: Torusd[] = [];
+  const children = new Set<ChildProcess>();
+  const track = (p: ChildProcess): ChildProcess => {
+    children.add(p);
+    p.once('exit', () => children.delete(p));
+    return p;
+  };
+  const ctl = (args: readonly string[], timeoutMs = 30_000): Promise<CliResult> => runCli('torusctl', ['-C', etcd.all, ...args], { timeoutMs });
+  const stop = async (): Promise<void> => {
+    for (const p of children) p.kill('SIGKILL');
+    await Promise.all(nodes.map((n) => n.kill()));
+    for (const n of nodes) removeDir(n.dataDir);
+    await etcd.stop();
+  };
+  try {
+    const init = await ctl(['init', '--block-size', values['block-size'], '--replication', String(R)]);
+    if (init.code !== 0) throw new Error(`init: ${init.stderr}`);
+    for (let i = 0; i < 3; i++) nodes.push(await startTorusd(etcd.all, { size: '1GiB', extra: TORUSD_ARGS }));
+    const add = await ctl(['peer', 'add', '--all-peers']);
+    if (add.code !== 0) throw new Error(`peer add: ${add.stderr}`);
+    const peers = JSON.parse((await ctl(['list-peers', '--json'])).stdout) as { uuid: string; address: string }[];
+    return {
+      etcd,
+      endpoint: etcd.all,
+      uuids: nodes.map((n) => peers.find((p) => p.address === n.address)!.uuid),
+      ctl,
+      workload: (volume) => new WorkloadProc(track(spawnNode([WORKLOAD, etcd.all, volume, ...WORKLOAD_ARGS]))),
+      watch: () => new Lines<WatchLine>(track(spawnNode([PROBE, 'watch', etcd.all, '300']))),
+      probe: (args) => runNode([PROBE, ...args], 60_000),
+      killNode: (i) => nodes[i]!.kill().then(() => undefined),
+      restartNode: () => Promise.reject(new Error('not used')),
+      stop,
+    };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
 }
 
 async function netnsEnv(): Promise<Env & { cluster: IpCluster }> {
@@ -700,6 +745,55 @@ async function etcdDown(rep: number): Promise<RepResult> {
   }
 }
 
+async function etcdMemberLost(rep: number): Promise<RepResult> {
+  const env = await etcdClusterEnv();
+  const problems: string[] = [];
+  const times: RepResult['times'] = {};
+  const facts: RepResult['facts'] = {};
+  const excerpts: Record<string, string> = {};
+  try {
+    const { w, watch, t0 } = await begin(env, 'vf');
+    watch.kill();
+    // The member the client uses (every etcd call of a process goes to one member while it answers).
+    const used = env.etcd.usedBy(w.proc.pid!);
+    if (used.length !== 1) throw new Error(`the client talks to members ${used.join(',')}, expected one`);
+    const victim = used[0]!;
+    await env.etcd.moveLeader(victim);
+    facts['victimWasLeaderAndClients'] = (await env.etcd.leader()) === victim;
+    const tKill = Date.now();
+    await env.etcd.kill(victim);
+    // While it is dead: do the nodes stay OK (their leases and heartbeats fail over)?
+    let downSeen = 0;
+    let polls = 0;
+    while (Date.now() - tKill < DOWN_MIN_MS) {
+      const r = await env.ctl(['list-peers', '--json']);
+      polls++;
+      if (r.code !== 0) downSeen++;
+      else if ((JSON.parse(r.stdout) as { member: string }[]).some((p) => p.member !== 'OK')) downSeen++;
+      await sleep(1000);
+    }
+    facts['listPeersNotAllOkDuringOutage'] = `${downSeen} of ${polls}`;
+    if (rep === 0) excerpts['health'] = excerpt('torusctl health', await env.ctl(['health']));
+    const firstOk = w.syncs.find((e) => e.ok && e.t >= tKill);
+    times['firstSyncAfterKill'] = firstOk ? secs(firstOk.t + firstOk.ms - tKill) : null;
+    const tUp = Date.now();
+    await env.etcd.restart(victim);
+    times['memberRestart'] = secs(Date.now() - tUp);
+    await sleep(AFTER_MS);
+    const tEnd = Date.now();
+    const phases = phaseStats(w, [
+      ['normal', t0, tKill],
+      ['member down (leader, client\'s)', tKill, tUp],
+      ['member back', tUp, tEnd],
+    ]);
+    facts['errorsDuringEvent'] = firstMessages(w, tKill, tEnd) || null;
+    await finish(env, w, 'vf', problems, facts);
+    return { phases, times, facts, excerpts, problems };
+  } finally {
+    await env.stop();
+  }
+}
+
 // ---- driver ----
 
 const ALL: Record<string, { title: string; netns: boolean; run: (rep: number) => Promise<RepResult> }> = {
@@ -708,6 +802,7 @@ const ALL: Record<string, { title: string; netns: boolean; run: (rep: number) =>
   c: { title: `a partition: one node cut off (nftables), healed after ${values.cut}`, netns: true, run: partition },
   d: { title: 'the client cut off from etcd: 6 s, then past the lock lease', netns: true, run: clientCut },
   e: { title: 'etcd down (kill -9): 6 s, then 40 s', netns: false, run: etcdDown },
+  h: { title: `one of three etcd members lost (the client's, and leader), restarted after ${values.cut}`, netns: false, run: etcdMemberLost },
 };
 
 interface Agg {
@@ -740,7 +835,7 @@ const allProblems: string[] = [];
 
 for (const key of SCENARIOS) {
   const s = ALL[key];
-  if (!s) throw new Error(`unknown scenario ${key} (a, b, c, d, e)`);
+  if (!s) throw new Error(`unknown scenario ${key} (a, b, c, d, e, h)`);
   if (s.netns && netnsWhy) {
     console.log(`\n== ${key}: ${s.title}: skipped (${netnsWhy})`);
     (report['scenarios'] as Record<string, unknown>)[key] = { title: s.title, skipped: netnsWhy };
@@ -824,7 +919,7 @@ report['problems'] = allProblems;
 const dir = join(REPO, 'bench', 'results');
 mkdirSync(dir, { recursive: true });
 const day = startedAt.toISOString().slice(0, 10);
-const all = SCENARIOS.join(',') === 'a,b,c,d,e';
+const all = SCENARIOS.join(',') === 'a,b,c,d,e,h';
 const file = join(dir, `failure-${day}${all ? '' : `-${SCENARIOS.join('')}`}.json`);
 writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
 console.log(`\n${allProblems.length ? `${allProblems.length} problem(s):\n  ${allProblems.join('\n  ')}` : 'no problems'}\nwrote ${file}`);

@@ -30,7 +30,7 @@ setTimeout(() => {
   process.exit(cmd === 'watch' ? 0 : 3);
 }, limitMs).unref();
 
-const meta = new EtcdMetadata({ endpoints: [etcd] });
+const meta = new EtcdMetadata({ endpoints: etcd.split(',') });
 let code = 0;
 try {
   // No breaker and quick reconnects: a node that comes back must be seen at once, not after the

@@ -1,4 +1,4 @@
-import type { ChildProcess } from 'node:child_process';
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -27,6 +27,8 @@ export interface EtcdCluster {
   moveLeader(i: number): Promise<void>;
   /** Each running member's database size in bytes (etcd's Status: dbSize). */
   dbSizes(): Promise<number[]>;
+  /** The members a process has TCP connections to (from `ss`), by index. */
+  usedBy(pid: number): number[];
   stop(): Promise<void>;
 }
 
@@ -109,6 +111,17 @@ export async function startEtcdCluster(n = 3): Promise<EtcdCluster> {
     },
     async dbSizes() {
       return Promise.all(members.map((_, i) => (running(i) ? status(i).then((s) => s.dbSize) : Promise.resolve(0))));
+    },
+    usedBy(pid) {
+      const r = spawnSync('ss', ['-tnpH', 'state', 'established'], { encoding: 'utf8' });
+      const used = new Set<number>();
+      for (const line of r.stdout.split('\n')) {
+        if (!line.includes(`pid=${pid},`)) continue;
+        // Recv-Q Send-Q Local Peer Process: the peer is the fourth column.
+        const i = endpoints.indexOf(line.trim().split(/\s+/)[3] ?? '');
+        if (i >= 0) used.add(i);
+      }
+      return [...used];
     },
     async stop() {
       for (const c of clients) c.close();

@@ -73,7 +73,7 @@ process.on('SIGTERM', () => {
   }, 30_000).unref();
 });
 
-const meta = new EtcdMetadata({ endpoints: [etcd] });
+const meta = new EtcdMetadata({ endpoints: etcd.split(',') });
 const vc = await VolumeClient.open(meta);
 const vol = await vc.openVolume(name);
 const size = vol.size;

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -31,19 +31,6 @@ after(async () => {
   await etcd?.stop();
   removeDir(dir);
 });
-
-/** The members a process has TCP connections to (by client port). */
-function membersUsedBy(pid: number): number[] {
-  const r = spawnSync('ss', ['-tnpH', 'state', 'established'], { encoding: 'utf8' });
-  const used = new Set<number>();
-  for (const line of r.stdout.split('\n')) {
-    if (!line.includes(`pid=${pid},`)) continue;
-    const peer = line.trim().split(/\s+/)[3];
-    const i = etcd.endpoints.indexOf(peer ?? '');
-    if (i >= 0) used.add(i);
-  }
-  return [...used];
-}
 
 describe('a client named with every member keeps working while a minority is dead', () => {
   test('torusctl with one endpoint that refuses connections and one live: every run succeeds', async () => {
@@ -91,7 +78,7 @@ describe('a client named with every member keeps working while a minority is dea
       const fioDone = new Promise<number | null>((r) => fio!.once('close', (code) => r(code)));
 
       const victim = await eventually('torusblk connected to one member', async () => {
-        const used = membersUsedBy(serve.pid!);
+        const used = etcd.usedBy(serve.pid!);
         return used.length === 1 ? used[0] : undefined;
       });
       await new Promise((r) => setTimeout(r, 3000));
@@ -119,7 +106,7 @@ describe('a client named with every member keeps working while a minority is dea
         jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number }; sync: { total_ios: number; lat_ns: { max: number; mean: number } } }[];
       };
       const job = res.jobs[0]!;
-      // The figures docs/failure-guide.md quotes (case f).
+      // The figures docs/failure-guide.md quotes (case h).
       console.log(`# flushes ${job.sync.total_ios}, mean ${(job.sync.lat_ns.mean / 1e6).toFixed(1)} ms, worst ${(job.sync.lat_ns.max / 1e6).toFixed(0)} ms`);
       assert.equal(job.error, 0);
       assert.ok(job.write.io_bytes > 0 && job.read.io_bytes >= job.write.io_bytes / 2, 'wrote, and read back to verify');
