@@ -55,6 +55,7 @@ const cases: [string, Error, { kind: string; text: string; transient?: boolean }
     { kind: 'unknown', text: 'no answer within 5 s' },
   ],
   ['an election', new GRPCUnavailableError('14 UNAVAILABLE: etcdserver: leader changed'), { kind: 'unknown', text: 'etcd: leader changed', transient: true }],
+  ['an overloaded member, before proposing', new GRPCUnavailableError('14 UNAVAILABLE: etcdserver: too many requests'), { kind: 'unsent', text: 'etcd: too many requests', transient: true }],
   ['a proposal lost with its leader', new GRPCUnavailableError('14 UNAVAILABLE: etcdserver: request timed out'), { kind: 'unknown', text: 'etcd: request timed out', transient: true }],
   [
     'a full etcd',

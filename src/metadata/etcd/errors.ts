@@ -25,7 +25,7 @@ export interface EtcdFailure {
 // etcd's errors that mean "not now" rather than "no": a leader election, an overloaded or
 // stopping member. A proposal that timed out may still be applied, so none of them is 'unsent'.
 const TRANSIENT_ETCD =
-  /^(no leader|leader changed|request timed out|request cancelled|server stopped|too many requests|not capable|unhealthy cluster|timed out|proposal dropped|raft: proposal dropped)/;
+  /^(no leader|leader changed|request timed out|request cancelled|server stopped|not capable|unhealthy cluster|timed out|proposal dropped|raft: proposal dropped)/;
 
 export function classifyEtcdError(err: unknown, timeoutMs: number): EtcdFailure {
   if (err instanceof ClientClosedError) return { kind: 'unsent', text: 'the client is closed', transient: false };
@@ -35,6 +35,8 @@ export function classifyEtcdError(err: unknown, timeoutMs: number): EtcdFailure 
   const server = /etcdserver: (.*)$/.exec(details) ?? /^(mvcc: .*)$/.exec(details);
   if (server) {
     const said = server[1]!.trim();
+    // Refused before it was proposed (etcd's apply is too far behind): nothing was applied.
+    if (/^too many requests/.test(said)) return { kind: 'unsent', text: `etcd: ${said}`, transient: true, etcd: said };
     if (TRANSIENT_ETCD.test(said)) return { kind: 'unknown', text: `etcd: ${said}`, transient: true, etcd: said };
     return { kind: 'answer', text: `etcd: ${said}`, transient: false, etcd: said };
   }
