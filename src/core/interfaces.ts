@@ -244,8 +244,6 @@ export interface MetaStatus {
   readonly revision: number;
   /** Space the store takes on disk (etcd: the database file, which only defragmentation shrinks). */
   readonly dbSizeBytes: number;
-  /** The part of it in use (etcd 3.4+); the rest is free pages that new writes reuse. */
-  readonly dbSizeInUseBytes?: number;
 }
 
 export interface MetaKV {

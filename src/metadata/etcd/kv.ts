@@ -112,9 +112,7 @@ export class EtcdKV implements MetaKV {
 
   async status(): Promise<MetaStatus> {
     const res = await this.ep.call('status', 'idempotent', (c, o) => c.maintenance.status(o));
-    // dbSizeInUse is in etcd's protocol since 3.4, though not in the client's type.
-    const inUse = (res as { dbSizeInUse?: string }).dbSizeInUse;
-    return { revision: Number(res.header.revision), dbSizeBytes: Number(res.dbSize), ...(inUse !== undefined ? { dbSizeInUseBytes: Number(inUse) } : {}) };
+    return { revision: Number(res.header.revision), dbSizeBytes: Number(res.dbSize) };
   }
 
   async compact(revision: number): Promise<void> {
