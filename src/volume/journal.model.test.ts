@@ -90,8 +90,10 @@ function mortalKv(kv: MetaKV, dead: () => boolean): MetaKV {
   return {
     get: async (k) => (check(), kv.get(k)),
     list: async (p) => (check(), kv.list(p)),
-    txn: async (c, s, f) => (check(), kv.txn(c, s, f)),
+    txn: async (c, s, f, o) => (check(), kv.txn(c, s, f, o)),
     session: (t) => kv.session(t),
+    status: () => kv.status(),
+    compact: (r) => kv.compact(r),
   };
 }
 

@@ -159,7 +159,7 @@ describe('data', () => {
     await vol.write(0, Buffer.alloc(1000, 1));
     await vol.flush();
     const id = (await vc.vmeta.get('v2')).id;
-    const head = await c.meta.kv().get(`/torus/volumemeta/${id}/head`);
+    const head = await c.meta.kv().get(`/torus/volumemeta/${id}/head2`);
     await revokeLockLease('v2');
     await vol.write(0, Buffer.alloc(1000, 2)).catch(() => undefined);
     await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
@@ -167,7 +167,7 @@ describe('data', () => {
     const other = await vc.openVolume('v2');
     await other.close();
     await assert.rejects(vol.flush(), (e) => isTorusError(e, 'LOCKED'));
-    const now = await c.meta.kv().get(`/torus/volumemeta/${id}/head`);
+    const now = await c.meta.kv().get(`/torus/volumemeta/${id}/head2`);
     assert.ok(now && head && now.modRevision >= head.modRevision);
     const ro = await vc.openVolume('v2', { readOnly: true });
     assert.ok((await ro.read(0, 1000)).equals(Buffer.alloc(1000, 1)), 'the fenced write never landed');
