@@ -28,6 +28,8 @@ export interface BlockStoreStats {
   tornRecordsAtOpen: number;
   /** Refs found in more than one slot at open (crash between a delete and a re-put); one copy kept. */
   duplicatesAtOpen: number;
+  /** Blocks written after the last durable generation whose data failed its check at open (dropped). */
+  unsyncedDroppedAtOpen: number;
 }
 
 export function emptyStats(): BlockStoreStats {
@@ -44,6 +46,7 @@ export function emptyStats(): BlockStoreStats {
     flushRequests: 0,
     tornRecordsAtOpen: 0,
     duplicatesAtOpen: 0,
+    unsyncedDroppedAtOpen: 0,
   };
 }
 

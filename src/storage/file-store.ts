@@ -68,6 +68,7 @@ import {
   FENCE_FILE,
   FENCE_RECORD_SIZE,
   INCOMPAT_OPEN_LOG,
+  COMPAT_DURABLE_GEN,
   keyToRef,
   refKey,
   scanRecord,
@@ -237,6 +238,10 @@ export class FileBlockStore implements LocalBlockStore {
   /** Keys of the open log blocks held. */
   private readonly openKeys = new Set<string>();
   private incompatUpdate: Promise<void> | undefined;
+  /** Generations handed out whose writes have not completed (their records may not be on disk yet). */
+  private readonly inflightGens = new Set<number>();
+  /** Header rewrites run one at a time (they alternate copies by sequence). */
+  private headerChain: Promise<unknown> = Promise.resolve();
   private readonly counters: BlockStoreStats = emptyStats();
 
   private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader) {
@@ -343,7 +348,8 @@ export class FileBlockStore implements LocalBlockStore {
       checksumArraySize: checksumArraySize(blockSize, SECTOR_SIZE),
       slotsPerGroup: SLOTS_PER_GROUP,
       incompatFlags: 0,
-      compatFlags: 0,
+      compatFlags: COMPAT_DURABLE_GEN,
+      durableGen: 0,
       storeId: randomBytes(16).toString('hex'),
       createdAt: Date.now(),
     };
@@ -451,6 +457,7 @@ export class FileBlockStore implements LocalBlockStore {
     }
     this.nextGen = maxGen + 1;
     for (const [key, slots] of dups) await this.resolveDuplicate(key, slots);
+    await this.checkUnsynced();
     // Cleared so the damage is reported once, not at every open until the slot is reused.
     for (const slot of torn) await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(slot));
     this.counters.tornRecordsAtOpen = torn.length;
@@ -497,6 +504,27 @@ export class FileBlockStore implements LocalBlockStore {
     await fsyncDir(this.dir);
     this.fenceFile = await open(path, 'r+');
     this.fenceRecords = this.fences.size;
+  }
+
+  /**
+   * After a crash, the blocks written since the header's durable generation may have records
+   * without their data (a power cut persists writes in any order): each is read and checked, and
+   * one that fails is dropped here, at open. Otherwise the store would answer HAS for it and take
+   * a put of it as a no-op, and a replica with a bad copy would pass for one with a good copy.
+   */
+  private async checkUnsynced(): Promise<void> {
+    if ((this.hdr.compatFlags & COMPAT_DURABLE_GEN) === 0) return;
+    const since = this.hdr.durableGen ?? 0;
+    for (const [key, slot] of this.index) {
+      if (this.state[slot] !== USED || this.gens[slot]! <= since) continue;
+      const res = await this.readSlotSectors(slot, this.sums[slot]!, 0, this.sectors);
+      if (typeof res !== 'string') continue;
+      this.index.delete(key);
+      this.state[slot] = FREE;
+      this.gens[slot] = 0;
+      await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(slot));
+      this.counters.unsyncedDroppedAtOpen++;
+    }
   }
 
   /**
@@ -774,6 +802,7 @@ export class FileBlockStore implements LocalBlockStore {
     this.checkWritable();
     const slot = await this.allocSlot();
     const gen = this.nextGen++;
+    this.inflightGens.add(gen);
     const sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
     const record = Buffer.allocUnsafe(RECORD_SIZE);
     let recordIssued = false;
@@ -810,6 +839,8 @@ export class FileBlockStore implements LocalBlockStore {
       if (recordIssued) this.state[slot] = LOST;
       else this.pushFree(slot);
       throw ioError(`writing block ${formatBlockRef(ref)}`, err, this.dir);
+    } finally {
+      this.inflightGens.delete(gen);
     }
   }
 
@@ -951,11 +982,14 @@ export class FileBlockStore implements LocalBlockStore {
     if ((this.hdr.incompatFlags & INCOMPAT_OPEN_LOG) === 0) await this.setIncompat(INCOMPAT_OPEN_LOG);
     const slot = await this.allocSlot();
     const gen = this.nextGen++;
+    this.inflightGens.add(gen);
     try {
       await writeFull(this.table, encodeOpenRecord(ref, gen), this.layout.recordOffset(slot));
     } catch (err) {
       this.state[slot] = LOST;
       throw ioError(`opening log block ${formatBlockRef(ref)}`, err, this.dir);
+    } finally {
+      this.inflightGens.delete(gen);
     }
     this.gens[slot] = gen;
     this.sums[slot] = 0;
@@ -967,14 +1001,31 @@ export class FileBlockStore implements LocalBlockStore {
   }
 
   private setIncompat(flag: number): Promise<void> {
-    this.incompatUpdate ??= (async () => {
-      const next: StoreHeader = { ...this.hdr, incompatFlags: this.hdr.incompatFlags | flag, sequence: this.hdr.sequence + 1 };
-      // The older copy is overwritten, so a torn write leaves the current header readable.
-      await writeFull(this.table, encodeHeader(next), HEADER_COPY_OFFSETS[next.sequence % 2] ?? 0);
-      await this.table.datasync();
-      this.hdr = next;
-    })();
+    this.incompatUpdate ??= this.rewriteHeader((h) => ({ ...h, incompatFlags: h.incompatFlags | flag }), true);
     return this.incompatUpdate;
+  }
+
+  /**
+   * Writes the header with `change` applied over the older copy (a torn write leaves the current
+   * one readable); with `sync`, durable before it resolves.
+   */
+  private rewriteHeader(change: (h: StoreHeader) => StoreHeader, sync: boolean): Promise<void> {
+    const run = this.headerChain.then(async () => {
+      const next: StoreHeader = { ...change(this.hdr), sequence: this.hdr.sequence + 1 };
+      await writeFull(this.table, encodeHeader(next), HEADER_COPY_OFFSETS[next.sequence % 2] ?? 0);
+      if (sync) await this.table.datasync();
+      else this.tableDirty = true;
+      this.hdr = next;
+    });
+    this.headerChain = run.catch(noop);
+    return run;
+  }
+
+  /** Generations at or below this have completed their writes: a flush starting now covers them. */
+  private completedGen(): number {
+    let min = this.nextGen;
+    for (const g of this.inflightGens) if (g < min) min = g;
+    return min - 1;
   }
 
   async sealLog(ref: BlockRef, gapStart: number, gapEnd: number, crc: number): Promise<void> {
@@ -1017,6 +1068,7 @@ export class FileBlockStore implements LocalBlockStore {
         // block, and with it appends that were acknowledged.
         await this.flushInternal();
         const gen = this.nextGen++;
+        this.inflightGens.add(gen);
         try {
           await writeFull(this.table, encodeRecord(ref, gen, sumsCrc, undefined, blockCrc), this.layout.recordOffset(slot));
         } catch (err) {
@@ -1025,6 +1077,8 @@ export class FileBlockStore implements LocalBlockStore {
           this.index.delete(key);
           this.openKeys.delete(key);
           throw ioError(`sealing ${formatBlockRef(ref)}`, err, this.dir);
+        } finally {
+          this.inflightGens.delete(gen);
         }
         this.gens[slot] = gen;
         this.sums[slot] = sumsCrc;
@@ -1136,6 +1190,7 @@ export class FileBlockStore implements LocalBlockStore {
     const [data, table] = [this.dataDirty, this.tableDirty];
     this.dataDirty = false;
     this.tableDirty = false;
+    const durableGen = this.completedGen();
     const releasing = this.pendingFree;
     this.pendingFree = [];
     this.releasing += releasing.length;
@@ -1156,6 +1211,10 @@ export class FileBlockStore implements LocalBlockStore {
     }
     this.releasing -= releasing.length;
     this.counters.flushes++;
+    // Every generation up to durableGen is on stable storage now. Said in the header (made durable
+    // by the next flush), so an open after a crash checks only blocks written after it.
+    if (durableGen > (this.hdr.durableGen ?? 0))
+      await this.rewriteHeader((h) => ({ ...h, durableGen, compatFlags: h.compatFlags | COMPAT_DURABLE_GEN }), false).catch(noop);
     for (const slot of releasing) {
       if (this.readers[slot]! > 0) {
         this.state[slot] = DRAINING;
@@ -1193,7 +1252,11 @@ export class FileBlockStore implements LocalBlockStore {
       while (this.active > 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
       let failure: unknown = null;
       try {
-        if (!this.broken) await this.flushInternal();
+        if (!this.broken) {
+          await this.flushInternal();
+          // The header's watermark durable too: a clean open checks nothing.
+          if (this.tableDirty) await this.table.datasync();
+        }
       } catch (err) {
         failure = err;
       }

@@ -46,6 +46,8 @@ const H_INCOMPAT_FLAGS = 52;
 const H_COMPAT_FLAGS = 56;
 const H_STORE_ID = 64;
 const H_CREATED_AT = 80;
+/** With COMPAT_DURABLE_GEN: every block of a generation at or below this was on stable storage. */
+const H_DURABLE_GEN = 88;
 const H_CRC = HEADER_COPY_SIZE - 4;
 
 // Record fields.
@@ -68,6 +70,14 @@ const RF_OPEN = 0x02;
  * were acknowledged; it refuses the store instead.
  */
 export const INCOMPAT_OPEN_LOG = 0x01;
+
+/**
+ * Compatible header flag: the header's durable generation is kept. At open, blocks written after
+ * it are read and checked: a power cut may have left their records without their data, and a
+ * store that said it held such a block (HAS, a put taken as a no-op) would pass bad copies for
+ * good ones. Older readers ignore the field.
+ */
+export const COMPAT_DURABLE_GEN = 0x01;
 const KNOWN_INCOMPAT = INCOMPAT_OPEN_LOG;
 
 /** The fence table: per volume, the highest journal session epoch fenced (docs/journal.md). */
@@ -109,6 +119,8 @@ export interface StoreHeader {
   readonly storeId: string;
   /** ms since epoch at format time. */
   readonly createdAt: number;
+  /** Every block of a generation at or below this was durable when the header was written (COMPAT_DURABLE_GEN). */
+  readonly durableGen?: number;
 }
 
 export function sectorsPerBlock(blockSize: number, sectorSize = SECTOR_SIZE): number {
@@ -188,6 +200,7 @@ export function encodeHeader(h: StoreHeader): Buffer {
   buf.writeUInt32LE(h.compatFlags, H_COMPAT_FLAGS);
   Buffer.from(h.storeId, 'hex').copy(buf, H_STORE_ID, 0, 16);
   writeU64(buf, h.createdAt, H_CREATED_AT);
+  writeU64(buf, h.durableGen ?? 0, H_DURABLE_GEN);
   buf.writeUInt32LE(crc32c(buf.subarray(0, H_CRC)), H_CRC);
   return buf;
 }
@@ -213,6 +226,7 @@ export function decodeHeader(buf: Buffer): StoreHeader | undefined {
     compatFlags: buf.readUInt32LE(H_COMPAT_FLAGS),
     storeId: buf.toString('hex', H_STORE_ID, H_STORE_ID + 16),
     createdAt: readU64(buf, H_CREATED_AT),
+    durableGen: readU64(buf, H_DURABLE_GEN),
   };
 }
 

@@ -39,6 +39,8 @@ export interface TestCluster {
    * from a node not yet asked to one already asked while this counts.
    */
   copiesAtRest(refs: readonly BlockRef[], data?: readonly Buffer[]): Promise<number[]>;
+  /** What each node held of the j-th ref at the last copiesAtRest (for failure messages). */
+  copiesReport(j: number): string;
   newClient(): Promise<BlockClient>;
   /**
    * With `powercut`: node i loses power (SIGKILL, then every change no fsync covered is undone,
@@ -82,6 +84,7 @@ export async function startCluster(
   }
   const blockSize = client.global.blockSize;
   const down = new Set<number>();
+  let lastCopies: string[] = [];
   const kill = async (i: number): Promise<void> => {
     down.add(i);
     await nodes[i]!.kill('SIGKILL');
@@ -124,11 +127,16 @@ export async function startCluster(
       const wasUp = nodes.map((_, i) => !down.has(i));
       for (const [i, up] of wasUp.entries()) if (up) await kill(i);
       const counts = refs.map(() => 0);
-      for (const n of nodes) {
+      // Per ref, what each node holds: for the message of a test that finds too few copies.
+      const seen = refs.map(() => [] as string[]);
+      for (const [i, n] of nodes.entries()) {
         const store = await FileBlockStore.open({ dir: join(n.dataDir, 'block'), blockSize, sizeBytes: parseSize(opts.size ?? '256MiB') });
         try {
           for (const [j, ref] of refs.entries()) {
-            if (!store.hasBlock(ref)) continue;
+            if (!store.hasBlock(ref)) {
+              seen[j]!.push(`node${i}:${store.isOpenLog(ref) ? 'open' : 'absent'}`);
+              continue;
+            }
             // getBlock checks the copy's sector CRCs: a copy a power cut left without all of its
             // bytes (its record persisted, its data not: legitimate for a copy never flushed, such
             // as a move or spill in progress) is refused as CORRUPT, and does not count.
@@ -136,18 +144,26 @@ export async function startCluster(
             try {
               got = await store.getBlock(ref);
             } catch (err) {
-              if (isTorusError(err, 'CORRUPT')) continue;
+              if (isTorusError(err, 'CORRUPT')) {
+                seen[j]!.push(`node${i}:corrupt`);
+                continue;
+              }
               throw err;
             }
             if (data && !got.equals(data[j]!)) throw new Error(`the copy of ${formatBlockRef(ref)} in ${n.dataDir} differs from what was written`);
             counts[j]!++;
+            seen[j]!.push(`node${i}:ok`);
           }
         } finally {
           await store.close();
         }
       }
       for (const [i, up] of wasUp.entries()) if (up) await restart(i);
+      lastCopies = refs.map((r, j) => `${formatBlockRef(r)} owners ${client.distributor.journalOwners(r).peers.slice(0, 2).map((u) => `node${[...uuids.values()].indexOf(u)}`).join(',')}: ${seen[j]!.join(' ')}`);
       return counts;
+    },
+    copiesReport(j: number): string {
+      return lastCopies[j] ?? '';
     },
     newClient,
     async powerCut(i, keep = 'none') {

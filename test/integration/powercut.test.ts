@@ -55,10 +55,13 @@ test('every flushed block survives power cuts of single nodes and of the whole c
   const started = Date.now();
   let undone = 0;
   let cutsMidStream = 0;
+  const cuts: string[] = [];
   for (let k = 0; k < CUTS && Date.now() - started < TIME_CAP_MS; k++) {
     await new Promise((r) => setTimeout(r, 300 + Math.random() * 900));
     if (next <= MAX_BLOCKS) cutsMidStream++;
-    const report = await c.powerCut(Math.floor(Math.random() * c.nodes.length), k % 2 === 0 ? 'none' : 'random');
+    const victim = Math.floor(Math.random() * c.nodes.length);
+    cuts.push(`node${victim}@${flushed.length}:${k % 2 === 0 ? 'none' : 'random'}`);
+    const report = await c.powerCut(victim, k % 2 === 0 ? 'none' : 'random');
     undone += Object.values(report.undone).reduce((a, b) => a + b, 0);
   }
   await new Promise((r) => setTimeout(r, 300));
@@ -84,8 +87,8 @@ test('every flushed block survives power cuts of single nodes and of the whole c
     flushed.map((b) => b.ref),
     flushed.map((b) => b.data),
   );
-  const under = counts.filter((n) => n < 2).length;
-  assert.equal(under, 0, `${under} flushed blocks have fewer than 2 copies`);
+  const under = counts.map((n, j) => [n, j] as const).filter(([n]) => n < 2);
+  assert.equal(under.length, 0, `${under.length} flushed blocks have fewer than 2 copies: ${under.map(([, j]) => c.copiesReport(j)).join('; ')}; cuts: ${cuts.join(', ')}`);
   const reader = await c.newClient();
   for (const b of flushed) {
     const got = await reader.distributor.getBlock(b.ref, crc32c(b.data));
