@@ -10,20 +10,16 @@ import { blockCommand, volumeCommand } from './torusctl/volume.js';
 import { wipeCommand } from './torusctl/wipe.js';
 import { addGlobalOptions } from './shared/config.js';
 import { runProgram } from './shared/run.js';
+import { versionCommand } from './shared/output.js';
 
 export function buildProgram(): Command {
   const program = new Command('torusctl')
     .description('administer a Torus cluster')
     .version(`torusctl\nVersion: ${VERSION}`, '--version')
-    .showHelpAfterError('(run with --help for usage)')
     .enablePositionalOptions(false);
   addGlobalOptions(program);
   for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand(), healthCommand(), rebalanceCommand(), scrubCommand()]) program.addCommand(c);
-  program.addCommand(
-    new Command('version').description('print the version').action(() => {
-      process.stdout.write(`torusctl\nVersion: ${VERSION}\n`);
-    }),
-  );
+  program.addCommand(versionCommand('torusctl'));
   return program;
 }
 

@@ -1,5 +1,4 @@
 import { Command, Option } from 'commander';
-import { pino } from 'pino';
 import { tuneMalloc } from '../core/malloc.js';
 import { TorusError } from '../core/errors.js';
 import { VERSION } from '../core/version.js';
@@ -8,6 +7,7 @@ import { parseDuration, parseSize } from '../core/units.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
 import { addBlockIoOptions, addGlobalOptions, connectMetadata, parsePort, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
 import { reportError, runProgram } from './shared/run.js';
+import { addLogOptions, makeLogger } from './shared/log.js';
 
 interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   dataDir: string;
@@ -27,6 +27,7 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   compactionMaxRevisions: string;
   compactionInterval: string;
   logLevel?: string;
+  logFormat?: string;
 }
 
 function parseRate(text: string, flag: string): number {
@@ -47,7 +48,7 @@ export function buildProgram(): Command {
     .version(`torusd\nVersion: ${VERSION}`, '--version')
     .option('--data-dir <dir>', 'where this node keeps its identity and blocks', 'torus-data')
     .option('--size <size>', 'storage to offer: bytes (20GiB) or a share of the filesystem (50%)', '1GiB')
-    .option('--peer-address <url>', 'address peers reach this node on, e.g. http://10.0.0.5:40000')
+    .option('--peer-address <url>', 'address peers reach this node on, e.g. http://10.0.0.5:40000 (required)')
     .option('--host <host>', 'serve HTTP (/metrics, /healthz) on this host')
     .option('--port <port>', 'HTTP port (with --host)', '4321')
     .option('--auto-join', 'add this node to the ring at start')
@@ -61,10 +62,11 @@ export function buildProgram(): Command {
     .addOption(new Option('--compaction-retention <duration>', 'etcd history to keep; one node at a time compacts the rest (0: this node never compacts)').default('5m'))
     .addOption(new Option('--compaction-max-revisions <n>', 'keep at most this many etcd revisions, however recent').default(String(DEFAULT_COMPACTION.maxRevisions)))
     .addOption(new Option('--compaction-interval <duration>', 'how often the compacting node looks at etcd').default('10s'))
-    .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
-    .showHelpAfterError('(run torusd --help for usage)')
     .action(async (opts: TorusdOpts) => {
-      const log = pino({ level: opts.debug ? 'debug' : (opts.logLevel ?? 'info'), base: { svc: 'torusd' } }, pino.destination({ fd: 2, sync: true }));
+      // Without it the node registers no address: peers cannot reach it and it can never join.
+      if (!opts.peerAddress)
+        throw new TorusError('INVALID_ARGUMENT', '--peer-address is required: the address peers reach this node on, e.g. --peer-address http://10.0.0.5:40000');
+      const log = makeLogger('torusd', opts);
       const conn = resolveConnection(opts);
       const meta = connectMetadata(opts, log);
       const heartbeatMs = parseDuration(opts.heartbeat);
@@ -118,7 +120,7 @@ export function buildProgram(): Command {
       });
       log.info('stopped');
     });
-  return addGlobalOptions(addBlockIoOptions(program));
+  return addGlobalOptions(addBlockIoOptions(addLogOptions(program)));
 }
 
 export function main(argv: string[]): void {

@@ -2,19 +2,26 @@ import { TorusError, isTorusError } from '../core/errors.js';
 import type { MetadataService } from '../core/interfaces.js';
 import type { PeerInfo, RingModel, RingPeer, RingType } from '../core/models.js';
 import { addPeers, changeReplication, newRingModel, removePeers, validateRingModel } from '../ring/index.js';
+import { forgetPeer, knownPeers, maintenances, type KnownPeer, type Maintenance } from './peer-records.js';
 
 // Cluster administration shared by torusctl and torusd --auto-join: resolving peers, reading their
 // state, and changing the ring with compare-and-swap.
 
-export type MemberStatus = 'OK' | 'Avail' | 'DOWN';
+/** MAINT: a ring member that is not heartbeating during a maintenance window (planned down). */
+export type MemberStatus = 'OK' | 'Avail' | 'DOWN' | 'MAINT';
 
 export interface PeerStatus {
   readonly uuid: string;
+  /** The live record's, else the last known one's (a down member), else ''. */
   readonly address: string;
   readonly member: MemberStatus;
   readonly inRing: boolean;
   /** The live record, absent for a ring member that stopped heartbeating. */
   readonly info?: PeerInfo;
+  /** What the node last said about itself; for a down member, its address and size. */
+  readonly known?: KnownPeer;
+  /** A maintenance window in force. */
+  readonly maintenance?: Maintenance;
 }
 
 /** Share of capacity above which a node is reported as nearly full. */
@@ -28,17 +35,23 @@ export function isStale(info: PeerInfo, now: number): boolean {
 }
 
 export async function peerStatuses(meta: MetadataService, now = Date.now()): Promise<{ ring: RingModel; peers: PeerStatus[] }> {
-  const [ring, live] = await Promise.all([meta.getRing(), meta.getPeers()]);
+  const [ring, live, known, maint] = await Promise.all([meta.getRing(), meta.getPeers(), knownPeers(meta.kv()), maintenances(meta.kv(), now)]);
   const members = new Set(ring.peers.map((p) => p.uuid));
   const byUuid = new Map(live.filter((p) => p.address !== '').map((p) => [p.uuid, p]));
   const out: PeerStatus[] = [];
+  const extra = (uuid: string): { known?: KnownPeer; maintenance?: Maintenance } => {
+    const k = known.get(uuid);
+    const m = maint.get(uuid);
+    return { ...(k ? { known: k } : {}), ...(m ? { maintenance: m } : {}) };
+  };
+  const absent = (uuid: string): MemberStatus => (maint.has(uuid) ? 'MAINT' : 'DOWN');
   for (const info of byUuid.values()) {
     const inRing = members.has(info.uuid);
-    const member: MemberStatus = isStale(info, now) ? 'DOWN' : inRing ? 'OK' : 'Avail';
-    out.push({ uuid: info.uuid, address: info.address, member, inRing, info });
+    const member: MemberStatus = isStale(info, now) ? absent(info.uuid) : inRing ? 'OK' : 'Avail';
+    out.push({ uuid: info.uuid, address: info.address, member, inRing, info, ...extra(info.uuid) });
   }
   for (const p of ring.peers) {
-    if (!byUuid.has(p.uuid)) out.push({ uuid: p.uuid, address: '', member: 'DOWN', inRing: true });
+    if (!byUuid.has(p.uuid)) out.push({ uuid: p.uuid, address: known.get(p.uuid)?.address ?? '', member: absent(p.uuid), inRing: true, ...extra(p.uuid) });
   }
   out.sort((a, b) => a.address.localeCompare(b.address) || a.uuid.localeCompare(b.uuid));
   return { ring, peers: out };
@@ -55,8 +68,10 @@ export interface BalanceState {
   readonly moving: readonly PeerStatus[];
   /** Live nodes whose last finished pass was on an older ring than the current one. */
   readonly waiting: readonly PeerStatus[];
-  /** Ring members that are not heartbeating. */
+  /** Ring members that are not heartbeating, and not in a maintenance window. */
   readonly down: readonly PeerStatus[];
+  /** Ring members that are not heartbeating during a maintenance window (planned). */
+  readonly planned: readonly PeerStatus[];
   /** Sums over the live nodes' published status. */
   readonly underReplicated: number;
   readonly blocksLeft: number;
@@ -66,9 +81,18 @@ export interface BalanceState {
   readonly reasons: readonly string[];
 }
 
+function named(p: PeerStatus): string {
+  return p.address ? `${p.address} (${p.uuid})` : p.uuid;
+}
+
 /** How health and balance judgements word the ring members that are not heartbeating. */
 export function downLine(down: readonly PeerStatus[]): string {
-  return `${down.length} ring member(s) down: ${down.map((p) => p.uuid).join(', ')}`;
+  return `${down.length} ring member(s) down: ${down.map(named).join(', ')}`;
+}
+
+/** How they word the members down for planned maintenance. */
+export function plannedLine(planned: readonly PeerStatus[]): string {
+  return `${planned.length} ring member(s) down for maintenance: ${planned.map((p) => `${named(p)} until ${p.maintenance?.until ?? '?'}`).join(', ')}`;
 }
 
 /** How balance judgements word the nodes still to pass on the current ring. */
@@ -88,8 +112,9 @@ export function waitingLine(n: number, ringVersion: number): string {
  * to `down`: their records say nothing current.
  */
 export function judgeBalance(ring: RingModel, peers: readonly PeerStatus[]): BalanceState {
-  const live = peers.filter((p) => p.info && p.member !== 'DOWN');
+  const live = peers.filter((p) => p.info && p.member !== 'DOWN' && p.member !== 'MAINT');
   const down = peers.filter((p) => p.inRing && p.member === 'DOWN');
+  const planned = peers.filter((p) => p.inRing && p.member === 'MAINT');
   const moving = live.filter((p) => p.info!.rebalance.rebalancing);
   const waiting = live.filter((p) => (p.inRing || p.info!.usedBlocks > 0) && (p.info!.rebalance.ringVersion ?? 0) < ring.version);
   let underReplicated = 0;
@@ -106,9 +131,10 @@ export function judgeBalance(ring: RingModel, peers: readonly PeerStatus[]): Bal
   const rebalancing = moving.length > 0 || waiting.length > 0;
   const reasons: string[] = [];
   if (down.length > 0) reasons.push(downLine(down));
+  if (planned.length > 0) reasons.push(plannedLine(planned));
   if (moving.length > 0) reasons.push(`${moving.length} node(s) moving data: ${moving.map((p) => p.address).join(', ')}`);
   if (waiting.length > 0) reasons.push(`${waitingLine(waiting.length, ring.version)}: ${waiting.map((p) => p.address).join(', ')}`);
-  return { balanced: !rebalancing && down.length === 0, rebalancing, ringVersion: ring.version, moving, waiting, down, underReplicated, blocksLeft, bytesLeft, rate, reasons };
+  return { balanced: !rebalancing && down.length === 0 && planned.length === 0, rebalancing, ringVersion: ring.version, moving, waiting, down, planned, underReplicated, blocksLeft, bytesLeft, rate, reasons };
 }
 
 /**
@@ -164,23 +190,56 @@ export async function addPeersToRing(meta: MetadataService, selectors: readonly 
   return { added: chosen, ring };
 }
 
-export async function removePeersFromRing(meta: MetadataService, selectors: readonly string[], force: boolean): Promise<{ removed: string[]; ring: RingModel }> {
+/**
+ * The ring member a selector names: a live node's address or UUID, or a down member's UUID or
+ * last known address. NOT_EXIST when none.
+ */
+export async function resolveMember(meta: MetadataService, sel: string): Promise<{ uuid: string; address: string; live: boolean }> {
+  const [ring, live, known] = await Promise.all([meta.getRing(), meta.getPeers(), knownPeers(meta.kv())]);
+  const now = Date.now();
+  const l = live.find((p) => p.address !== '' && matches(p, sel) && ring.peers.some((m) => m.uuid === p.uuid));
+  if (l) return { uuid: l.uuid, address: l.address, live: !isStale(l, now) };
+  const m = ring.peers.find((p) => p.uuid === sel || matches({ uuid: p.uuid, address: known.get(p.uuid)?.address ?? '' }, sel));
+  if (m) return { uuid: m.uuid, address: known.get(m.uuid)?.address ?? '', live: false };
+  throw new TorusError('NOT_EXIST', `no ring member ${sel}: check \`torusctl list-peers\``);
+}
+
+export async function removePeersFromRing(
+  meta: MetadataService,
+  selectors: readonly string[],
+  force: boolean,
+  allowDegraded = false,
+): Promise<{ removed: string[]; ring: RingModel }> {
   if (selectors.length === 0) throw new TorusError('INVALID_ARGUMENT', 'name the peers to remove by address or UUID');
-  const [cur, live] = await Promise.all([meta.getRing(), meta.getPeers()]);
+  const [cur, live, known] = await Promise.all([meta.getRing(), meta.getPeers(), knownPeers(meta.kv())]);
   const uuids = new Set<string>();
+  const gone = new Set<string>();
   for (const sel of selectors) {
     const liveMatch = live.filter((p) => p.address !== '' && matches(p, sel));
-    const member = cur.peers.find((p) => p.uuid === sel);
+    // A down member by UUID, or by the address it last had.
+    const member = cur.peers.find((p) => p.uuid === sel || matches({ uuid: p.uuid, address: known.get(p.uuid)?.address ?? '' }, sel));
     if (liveMatch.length > 0) {
       for (const p of liveMatch) uuids.add(p.uuid);
     } else if (member) {
       if (!force) throw new TorusError('INVALID_ARGUMENT', `peer ${sel} is down; to remove a node that is gone for good, use --force`);
       uuids.add(member.uuid);
+      gone.add(member.uuid);
     } else {
       throw new TorusError('NOT_EXIST', `no peer ${sel} in the ring or running: check \`torusctl list-peers\``);
     }
   }
-  const ring = await updateRing(meta, (r) => removePeers(r, [...uuids]));
+  const ring = await updateRing(meta, (r) => {
+    const left = r.peers.filter((p) => !uuids.has(p.uuid)).length;
+    // The same rule as set-replication: fewer members than copies is degraded, and says so.
+    if (left < r.replication && !allowDegraded)
+      throw new TorusError(
+        'INVALID_ARGUMENT',
+        `removing ${uuids.size} peer(s) leaves ${left} ring member(s) for replication ${r.replication}: add peers first, lower it with \`torusctl ring set-replication\`, or pass --allow-degraded`,
+      );
+    return removePeers(r, [...uuids]);
+  });
+  // A node gone for good: nothing more to remember about it.
+  for (const u of gone) await forgetPeer(meta.kv(), u);
   return { removed: [...uuids], ring };
 }
 

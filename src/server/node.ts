@@ -20,6 +20,7 @@ import { buildLiveSet, collectLocal, type GcReport } from '../volume/gc.js';
 import { VolumeMeta } from '../volume/meta.js';
 import { NEARLY_FULL, isStale, ringPeerOf, updateRing } from './cluster.js';
 import { HistoryCompactor } from './compactor.js';
+import { knownFrom, maintenances, writeKnown, type Maintenance } from './peer-records.js';
 import { createIdentity, readIdentity, resolveStorageSize, type NodeIdentity } from './datadir.js';
 import { NodeScrub } from './node-scrub.js';
 
@@ -145,6 +146,12 @@ export class StorageNode {
   private gcStats = { runs: 0, failures: 0, deleted: 0, lastError: '' };
   private warnedFull = false;
   private stopping = false;
+  /** When /torus/lastknown/<uuid> was last written; it is refreshed about once a minute. */
+  private knownWritten = 0;
+  /** Maintenance windows in force, as of the last heartbeat. */
+  private maint = new Map<string, Maintenance>();
+  /** While the rebalancer moves data, progress is published every second, not every heartbeat. */
+  private progressTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly opts: NodeOptions,
@@ -222,7 +229,9 @@ export class StorageNode {
     this.rebalancer = new Rebalancer({
       self: { uuid: this.identity.uuid, store: this.store },
       ring: () => this.view.ring,
-      target: (u) => this.view.target(u),
+      // A member down for planned maintenance is not called at all: no timeouts, no retries and
+      // no log lines every pass. What it lacks is sent once it heartbeats again.
+      target: (u) => (this.plannedDown(u) ? undefined : this.view.target(u)),
       transport: this.client.transport,
       blockSize: this.global.blockSize,
       rateBytesPerSec: this.opts.rebalanceRate ?? 0,
@@ -271,6 +280,11 @@ export class StorageNode {
       this.compactor = new HistoryCompactor({ kv: this.opts.meta.kv(), id: this.identity.uuid, ...compaction, log });
       this.compactor.start();
     }
+    this.progressTimer = setInterval(() => {
+      // `rebalance status --watch` and the dashboard follow these; a heartbeat's pace made a
+      // move of a few seconds look like nothing, then done.
+      if (this.rebalancer?.status().rebalancing && !this.lastHeartbeatError) this.beat();
+    }, Math.min(1000, this.heartbeatMs));
     if (this.opts.autoJoin) await this.autoJoin();
     log.info({ uuid: this.identity.uuid, address: this.address, blocks: this.store.numBlocks(), used: this.store.usedBlocks(), blockSize: this.global.blockSize }, 'torusd started');
   }
@@ -336,11 +350,26 @@ export class StorageNode {
       if (full >= NEARLY_FULL && !this.warnedFull) this.opts.log.warn({ used: info.usedBlocks, total: info.totalBlocks }, 'storage is nearly full');
       this.warnedFull = full >= NEARLY_FULL;
     } catch (err) {
-      this.heartbeatFailures++;
-      const msg = toTorusError(err).message;
-      if (msg !== this.lastHeartbeatError) this.opts.log.warn({ err: msg }, 'heartbeat failed');
-      this.lastHeartbeatError = msg;
+      this.heartbeatFailed(err);
+      return;
     }
+    // Bookkeeping beside the heartbeat: its failure is not the heartbeat's.
+    try {
+      this.maint = await maintenances(this.opts.meta.kv());
+      if (Date.now() - this.knownWritten >= 60_000) {
+        await writeKnown(this.opts.meta.kv(), knownFrom(this.info()));
+        this.knownWritten = Date.now();
+      }
+    } catch (err) {
+      this.opts.log.debug({ err: toTorusError(err).message }, 'maintenance and last-known records not refreshed');
+    }
+  }
+
+  private heartbeatFailed(err: unknown): void {
+    this.heartbeatFailures++;
+    const msg = toTorusError(err).message;
+    if (msg !== this.lastHeartbeatError) this.opts.log.warn({ err: msg }, 'heartbeat failed');
+    this.lastHeartbeatError = msg;
   }
 
   private scheduleGc(): void {
@@ -380,6 +409,13 @@ export class StorageNode {
       if (isTorusError(err, 'EXISTS')) return; // already a member
       throw err;
     }
+  }
+
+  /** A ring member in a maintenance window that is not heartbeating. */
+  private plannedDown(uuid: string): boolean {
+    if (!this.maint.has(uuid)) return false;
+    const live = this.view.peers.find((p) => p.uuid === uuid);
+    return !live || isStale(live, Date.now());
   }
 
   problems(): string[] {
@@ -503,6 +539,7 @@ export class StorageNode {
     this.stopping = true;
     clearTimeout(this.heartbeatTimer);
     clearTimeout(this.gcTimer);
+    clearInterval(this.progressTimer);
     this.gcAbort.abort();
     await this.rebalancer?.stop();
     await this.scrub?.stop();
@@ -515,6 +552,8 @@ export class StorageNode {
     await this.rpc?.close();
     // Leaving the registry at once (rather than when the lease runs out) makes a clean stop
     // visible immediately; ring membership is untouched: a restart is not a removal.
+    // What list-peers shows for this node while it is down: its address, size, and when it left.
+    if (this.address) await writeKnown(this.opts.meta.kv(), knownFrom(this.info())).catch(() => undefined);
     await this.opts.meta.unregisterPeer(this.identity.uuid).catch((err: unknown) => this.opts.log.warn({ err: toTorusError(err).message }, 'could not unregister'));
     await this.store.flush().catch(() => undefined);
     await this.store.close();

@@ -1,6 +1,6 @@
 import { TorusError } from '../core/errors.js';
 import { BlockType, KNOWN_BLOCK_TYPES, LOG_BLOCKS_PER_SEGMENT, blockRefKey, type BlockRef } from '../core/ids.js';
-import { readEntry, type VolumeBlockStore } from './inode.js';
+import { walkTree, type VolumeBlockStore } from './inode.js';
 import { logRef } from './journal-format.js';
 import type { GcView, VolumeMeta } from './meta.js';
 import type { Head, JournalPos } from './records.js';
@@ -52,33 +52,23 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
   const fanout = store.blockSize / 32;
   const seenPages = new Set<string>();
 
-  const walk = async (head: Head): Promise<void> => {
-    if (!head.root) return;
-    // Breadth-first, a level at a time, with bounded parallelism.
-    let level: { ptr: NonNullable<Head['root']>; depth: number }[] = [{ ptr: head.root, depth: head.depth - 1 }];
-    while (level.length > 0) {
-      const next: typeof level = [];
-      for (let i = 0; i < level.length; i += 32) {
-        await Promise.all(
-          level.slice(i, i + 32).map(async ({ ptr, depth }) => {
-            const key = blockRefKey(ptr.ref);
-            live.set(key, ptr.ref);
-            if (seenPages.has(key)) return; // shared subtree (snapshots, clones) already walked
-            seenPages.add(key);
-            const page = await store.getBlock(ptr.ref, ptr.crc);
-            pagesRead++;
-            for (let s = 0; s < fanout; s++) {
-              const child = readEntry(page, s);
-              if (!child) continue;
-              if (depth === 0) live.set(blockRefKey(child.ref), child.ref);
-              else next.push({ ptr: child, depth: depth - 1 });
-            }
-          }),
-        );
-      }
-      level = next;
-    }
-  };
+  const walk = (head: Head): Promise<void> =>
+    walkTree(
+      head,
+      fanout,
+      async (ptr) => {
+        pagesRead++;
+        return store.getBlock(ptr.ref, ptr.crc);
+      },
+      (ptr, kind) => {
+        const key = blockRefKey(ptr.ref);
+        live.set(key, ptr.ref);
+        if (kind === 'data') return false;
+        if (seenPages.has(key)) return false; // shared subtree (snapshots, clones) already walked
+        seenPages.add(key);
+        return true;
+      },
+    );
 
   const seenRuns = new Set<string>();
   const walkRuns = async (head: Head): Promise<void> => {

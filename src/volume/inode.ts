@@ -72,6 +72,39 @@ function allZero(buf: Buffer): boolean {
   return true;
 }
 
+/**
+ * Walks a tree from its root, a level at a time with bounded parallelism. `visit` sees every page
+ * and every data pointer; for a page it returns whether to descend into it (false: skip a subtree
+ * already seen). Pages are read with `readPage`, so callers choose caching and counting.
+ */
+export async function walkTree(
+  head: Head,
+  fanout: number,
+  readPage: (ptr: Pointer) => Promise<Buffer>,
+  visit: (ptr: Pointer, kind: 'page' | 'data') => boolean,
+): Promise<void> {
+  if (!head.root) return;
+  let level: { ptr: Pointer; depth: number }[] = [{ ptr: head.root, depth: head.depth - 1 }];
+  while (level.length > 0) {
+    const next: typeof level = [];
+    for (let i = 0; i < level.length; i += 32) {
+      await Promise.all(
+        level.slice(i, i + 32).map(async ({ ptr, depth }) => {
+          if (!visit(ptr, 'page')) return;
+          const page = await readPage(ptr);
+          for (let s = 0; s < fanout; s++) {
+            const child = readEntry(page, s);
+            if (!child) continue;
+            if (depth === 0) visit(child, 'data');
+            else next.push({ ptr: child, depth: depth - 1 });
+          }
+        }),
+      );
+    }
+    level = next;
+  }
+}
+
 export class InodeTree {
   readonly fanout: number;
   private depth: number;

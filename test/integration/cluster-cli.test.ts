@@ -4,7 +4,7 @@ import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { startEtcd, type EtcdHandle } from '../helpers/etcd.js';
+import { freePort, startEtcd, type EtcdHandle } from '../helpers/etcd.js';
 import { eventually, ok, removeDir, runCli, startTorusd, type Torusd } from '../helpers/procs.js';
 
 // The seed README's steps 2-5 through the real CLIs, against a real etcd and three torusd
@@ -48,7 +48,7 @@ describe('README steps 2-5', () => {
     assert.equal(r.code, 4);
     assert.match(r.stderr, /not initialized.*torusctl init/);
     assert.equal(r.stderr.trim().split('\n').length, 1, 'one line, no stack trace');
-    const d = await runCli('torusd', [...C, '--data-dir', join(tmpdir(), 'never'), '--size', '1MiB']);
+    const d = await runCli('torusd', [...C, '--data-dir', join(tmpdir(), 'never'), '--size', '1MiB', '--peer-address', 'http://127.0.0.1:1']);
     assert.equal(d.code, 4);
     assert.match(d.stderr, /not initialized/);
   });
@@ -229,7 +229,8 @@ describe('bad input: one line, non-zero exit, nothing changed', () => {
     const x = join(scratch, 'x');
     const cases: [('torusctl' | 'torusd'), string[], RegExp][] = [
       ['torusctl', ['-C', 'nohostport', 'list-peers'], /invalid etcd endpoint "nohostport"/],
-      ['torusd', [...C, '--data-dir', x, '--size', '10QB'], /invalid size "10QB": unknown unit/],
+      ['torusd', [...C, '--data-dir', x, '--size', '10QB', '--peer-address', 'http://127.0.0.1:1'], /invalid size "10QB": unknown unit/],
+      ['torusd', [...C, '--data-dir', x, '--size', '1MiB'], /--peer-address is required/],
       ['torusd', [...C, '--data-dir', x, '--size', '1MiB', '--peer-address', 'localhost:40000'], /invalid --peer-address/],
       ['torusd', [...C, '--data-dir', x, '--size', '1MiB', '--peer-address', 'ftp://1.2.3.4:5'], /scheme must be http:\/\/ or tdp:\/\//],
       ['torusctl', [...C, 'init', '--block-size', '1000'], /invalid --block-size 1000/],
@@ -247,7 +248,7 @@ describe('bad input: one line, non-zero exit, nothing changed', () => {
   test('--size larger than the free disk', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'torusd-big-'));
     dirs.push(dir);
-    const r = await runCli('torusd', [...C, '--data-dir', dir, '--size', '5PiB']);
+    const r = await runCli('torusd', [...C, '--data-dir', dir, '--size', '5PiB', '--peer-address', 'http://127.0.0.1:1']);
     assert.equal(r.code, 2);
     assert.match(r.stderr, /larger than the \d+ bytes free/);
   });
@@ -256,7 +257,7 @@ describe('bad input: one line, non-zero exit, nothing changed', () => {
     const dir = mkdtempSync(join(tmpdir(), 'torusd-other-'));
     dirs.push(dir);
     writeFileSync(join(dir, 'node.json'), JSON.stringify({ uuid: '11111111-1111-1111-1111-111111111111', clusterId: 'some-other-cluster', createdAt: '' }));
-    const r = await runCli('torusd', [...C, '--data-dir', dir, '--size', '8MiB']);
+    const r = await runCli('torusd', [...C, '--data-dir', dir, '--size', '8MiB', '--peer-address', 'http://127.0.0.1:1']);
     assert.equal(r.code, 8);
     assert.match(r.stderr, /belongs to cluster some-other-cluster/);
   });
@@ -268,7 +269,7 @@ describe('bad input: one line, non-zero exit, nothing changed', () => {
     try {
       for (const [args, re] of [
         [['--peer-address', `http://127.0.0.1:${port}`], new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for --peer-address: .*EADDRINUSE`)],
-        [['--host', '127.0.0.1', '--port', String(port)], new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for --host/--port: .*EADDRINUSE`)],
+        [['--host', '127.0.0.1', '--port', String(port), '--peer-address', `http://127.0.0.1:${await freePort()}`], new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for --host/--port: .*EADDRINUSE`)],
       ] as const) {
         const dir = mkdtempSync(join(tmpdir(), 'torusd-port-'));
         dirs.push(dir);

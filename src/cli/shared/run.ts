@@ -1,8 +1,10 @@
 import { CommanderError, type Command } from 'commander';
 import { toTorusError, type ErrorCode, type TorusError } from '../../core/errors.js';
+import { fromSystemError } from './system-errors.js';
 
 // The CLI edge: every error becomes one line on stderr and a stable exit status. A stack trace is
-// printed only with --debug, because a user error is not a program crash.
+// printed only with --debug, because a user error is not a program crash. docs/cli.md is the
+// contract; test/integration/cli-contract.test.ts holds every subcommand to it.
 
 const exitCodes: Partial<Record<ErrorCode, number>> = {
   INVALID_ARGUMENT: 2,
@@ -20,20 +22,45 @@ export function exitCodeFor(err: TorusError): number {
 }
 
 export function reportError(prog: string, err: unknown, debug: boolean): number {
-  const e = toTorusError(err);
+  const e = toTorusError(fromSystemError(err));
   process.stderr.write(`${prog}: ${e.message}\n`);
   if (debug && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
   return exitCodeFor(e);
 }
 
+/** The full name of a (sub)command as typed: "torusctl volume create-block". */
+function commandPath(cmd: Command): string {
+  const names: string[] = [];
+  for (let c: Command | null = cmd; c; c = c.parent) names.unshift(c.name());
+  return names.join(' ');
+}
+
+/** commander's parse errors in our one-line form, with the hint on the same line. */
+export function parseErrorLine(prog: string, cmd: Command, text: string): string {
+  let msg = text.replace(/^error: /, '').trim();
+  // A negative number is taken for an option by every argument parser; say what is really wrong.
+  const negative = /^unknown option '(-\d[^']*)'/.exec(msg);
+  if (negative) msg = `invalid value "${negative[1]}": sizes and counts cannot be negative`;
+  return `${prog}: ${msg} (see \`${commandPath(cmd)} --help\`)\n`;
+}
+
+/**
+ * commander gives each subcommand its own output and exit settings, and `addCommand` does not
+ * copy them from the parent: set them on every command, or a subcommand's parse error exits 1
+ * with commander's own wording.
+ */
+function configureTree(prog: string, cmd: Command): void {
+  cmd.exitOverride();
+  cmd.configureOutput({
+    writeErr: (s) => process.stderr.write(s),
+    outputError: (s, write) => write(parseErrorLine(prog, cmd, s)),
+  });
+  for (const sub of cmd.commands) configureTree(prog, sub);
+}
+
 /** Runs a commander program, mapping every failure to a one-line message and an exit status. */
 export async function runProgram(prog: string, program: Command, argv: string[]): Promise<void> {
-  program.exitOverride();
-  program.configureOutput({
-    writeErr: (s) => process.stderr.write(s),
-    // commander prints "error: ..." itself; prefix it with the program so users know who spoke.
-    outputError: (s, write) => write(`${prog}: ${s.replace(/^error: /, '')}`),
-  });
+  configureTree(prog, program);
   const debug = argv.includes('--debug');
   try {
     await program.parseAsync(argv, { from: 'user' });
@@ -44,7 +71,8 @@ export async function runProgram(prog: string, program: Command, argv: string[])
         process.exitCode = 0;
         return;
       }
-      process.exitCode = err.exitCode === 1 ? 2 : err.exitCode;
+      // Usage errors are status 2, whatever commander's own number (it uses 1).
+      process.exitCode = 2;
       return;
     }
     process.exitCode = reportError(prog, err, debug);

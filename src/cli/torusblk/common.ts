@@ -1,13 +1,14 @@
-import { pino, type Logger } from 'pino';
+import type { Logger } from 'pino';
 import type { MetadataService } from '../../core/interfaces.js';
 import { parseSize } from '../../core/units.js';
 import { VolumeClient } from '../../volume/client.js';
 import type { BlockIoOpts, GlobalOpts } from '../shared/config.js';
+import { makeLogger } from '../shared/log.js';
 
 // What every torusblk front end (NBD, AoE) shares: its log, its volume client, its way to stop.
 
-export function logger(opts: GlobalOpts): Logger {
-  return pino({ level: opts.debug ? 'debug' : 'info', base: { svc: 'torusblk' } }, pino.destination({ fd: 2, sync: true }));
+export function logger(opts: GlobalOpts & { logLevel?: string; logFormat?: string }): Logger {
+  return makeLogger('torusblk', opts);
 }
 
 export async function clientFor(meta: MetadataService, opts: BlockIoOpts, log: Logger): Promise<VolumeClient> {

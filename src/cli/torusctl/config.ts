@@ -1,12 +1,12 @@
 import { Command } from 'commander';
 import { defaultConfigPath, readConfigFile, writeConfigFile, parseEndpoints, type GlobalOpts, type Profile } from '../shared/config.js';
-import { printJson } from '../shared/output.js';
+import { emit, outputOptions, printJson } from '../shared/output.js';
 
 export function configCommand(): Command {
-  return new Command('config')
+  return outputOptions(new Command('config'))
     .description('save connection settings (-C, etcd TLS files) as a named profile in ~/.torus/config.json')
-    .option('--view', 'print the config file')
-    .action(async (opts: { view?: boolean }, cmd: Command) => {
+    .option('--view', 'print the config file (JSON, as stored)')
+    .action(async (opts: { view?: boolean; json?: boolean }, cmd: Command) => {
       const g = cmd.optsWithGlobals<GlobalOpts>();
       const path = g.config ?? defaultConfigPath();
       const cfg = readConfigFile(path);
@@ -24,6 +24,6 @@ export function configCommand(): Command {
       next.etcd ??= '127.0.0.1:2379';
       cfg.etcd_config[name] = next;
       writeConfigFile(path, cfg);
-      process.stdout.write(`Saved profile "${name}" to ${path}\n`);
+      emit(opts, { profile: name, path, settings: next }, `Saved profile "${name}" to ${path}`);
     });
 }

@@ -5,7 +5,7 @@ import { RING_TYPES, type RingType } from '../../core/models.js';
 import { formatSize, parseSize } from '../../core/units.js';
 import { newRingModel, validateRingModel } from '../../ring/index.js';
 import { withMeta } from '../shared/context.js';
-import { printJson } from '../shared/output.js';
+import { emit, outputOptions, printJson } from '../shared/output.js';
 
 const MIN_BLOCK = 4096;
 const MAX_BLOCK = 64 * 1024 * 1024;
@@ -25,13 +25,12 @@ export function parseReplication(text: string): number {
 }
 
 export function initCommand(): Command {
-  return new Command('init')
+  return outputOptions(new Command('init'))
     .description('initialize the cluster metadata in etcd (like formatting a disk: block size and ring are fixed here)')
     .option('--block-size <size>', 'cluster block size (docs/performance.md compares 64, 128 and 512 KiB)', '128KiB')
     .option('--replication <n>', 'copies of every block', '2')
     .addOption(new Option('--ring-type <type>', 'placement ring').choices(RING_TYPES).default('ketama'))
     .option('--view', 'print the current settings and exit')
-    .option('--json', 'with --view: print JSON')
     .action(async (opts: { blockSize: string; replication: string; ringType: RingType; view?: boolean; json?: boolean }, cmd: Command) => {
       await withMeta(cmd, async (meta) => {
         if (opts.view) {
@@ -49,8 +48,13 @@ export function initCommand(): Command {
         if (opts.ringType === 'single') throw new TorusError('INVALID_ARGUMENT', 'a single ring needs its peer: init with another type, then use `torusctl ring manual-change --type single`');
         const ring = newRingModel(opts.ringType, opts.ringType === 'empty' ? 1 : replication, [], 1);
         validateRingModel(ring);
-        await meta.init({ blockSize, clusterId: randomUUID(), createdAt: new Date().toISOString() }, ring);
-        process.stdout.write(`Initialized cluster: block size ${formatSize(blockSize)}, ${opts.ringType} ring, replication ${replication}.\nNext: start torusd on each node, then \`torusctl peer add --all-peers\`.\n`);
+        const g = { blockSize, clusterId: randomUUID(), createdAt: new Date().toISOString() };
+        await meta.init(g, ring);
+        emit(
+          opts,
+          { ...g, ring },
+          `Initialized cluster: block size ${formatSize(blockSize)}, ${opts.ringType} ring, replication ${replication}.\nNext: start torusd on each node, then \`torusctl peer add --all-peers\`.`,
+        );
       });
     });
 }

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { IDLE_REBALANCE, type PeerInfo, type ScrubInfo } from '../../core/models.js';
-import { MemoryMetadataStore } from '../../metadata/memory/memory.js';
-import { addPeersToRing } from '../../server/cluster.js';
+import { IDLE_REBALANCE, type PeerInfo, type ScrubInfo } from '../core/models.js';
+import { MemoryMetadataStore } from '../metadata/memory/memory.js';
+import { addPeersToRing } from './cluster.js';
 import { clusterHealth } from './health.js';
 
 function info(uuid: string, port: number, ringVersion: number): PeerInfo {
