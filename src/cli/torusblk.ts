@@ -16,6 +16,7 @@ export function buildProgram(): Command {
     .description('serve Torus block volumes to this machine (NBD, AoE, Kubernetes CSI)')
     .version(`torusblk\nVersion: ${VERSION}`, '--version');
   addGlobalOptions(addBlockIoOptions(addLogOptions(program)));
+  program.option('--metrics <host:port>', 'serve Prometheus metrics (per-volume I/O, latency histograms, NBD/AoE counters) on http://HOST:PORT/metrics');
   program.addCommand(nbdserveCommand());
   program.addCommand(nbdCommand());
   program.addCommand(aoeCommand());

@@ -19,6 +19,7 @@ export class NodeMetrics {
   private readonly counters = new Map<string, { metric: Counter; last: Map<string, number> }>();
   private readonly rpcLatency: Histogram;
   private readonly rpcErrors: Counter;
+  private volume: { latency: Histogram; requests: Counter; bytes: Counter; errors: Counter } | undefined;
 
   constructor(private readonly collect: () => MetricSample[]) {
     collectDefaultMetrics({ register: this.registry, prefix: 'torus_' });
@@ -40,6 +41,35 @@ export class NodeMetrics {
   observeRpc(peer: string, op: string, seconds: number, errorCode?: string): void {
     this.rpcLatency.observe({ peer, op }, seconds);
     if (errorCode) this.rpcErrors.inc({ peer, op, code: errorCode });
+  }
+
+  /**
+   * One request on a volume served by this process (torusblk's NBD and AoE front ends), measured
+   * at the device: latency by operation, bytes, and errors by code. The histograms exist only in
+   * processes that serve volumes.
+   */
+  observeVolumeIo(volume: string, op: string, seconds: number, bytes: number, errorCode?: string): void {
+    this.volume ??= {
+      latency: new Histogram({
+        name: 'torus_volume_request_seconds',
+        help: 'Volume request latency at the device, by volume and operation (flush: until the data is on R replicas and the head moved in etcd)',
+        labelNames: ['volume', 'op'],
+        buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+        registers: [this.registry],
+      }),
+      requests: new Counter({ name: 'torus_volume_requests_total', help: 'Volume requests completed, by volume and operation', labelNames: ['volume', 'op'], registers: [this.registry] }),
+      bytes: new Counter({ name: 'torus_volume_bytes_total', help: 'Bytes read and written on a volume, by direction', labelNames: ['volume', 'direction'], registers: [this.registry] }),
+      errors: new Counter({ name: 'torus_volume_errors_total', help: 'Volume requests that failed, by volume, operation and error code', labelNames: ['volume', 'op', 'code'], registers: [this.registry] }),
+    };
+    const v = this.volume;
+    v.latency.observe({ volume, op }, seconds);
+    if (errorCode) {
+      v.errors.inc({ volume, op, code: errorCode });
+      return;
+    }
+    v.requests.inc({ volume, op });
+    if (bytes > 0 && op === 'read') v.bytes.inc({ volume, direction: 'read' }, bytes);
+    else if (bytes > 0 && (op === 'write' || op === 'write_zeroes')) v.bytes.inc({ volume, direction: 'write' }, bytes);
   }
 
   private apply(s: MetricSample): void {

@@ -10,12 +10,16 @@ export interface HealthSource {
   status(): unknown;
 }
 
+/** More GET routes, by path: torusd's dashboard and its data. */
+export type Routes = Readonly<Record<string, (req: IncomingMessage, res: ServerResponse) => Promise<void> | void>>;
+
 export class HttpServer {
   private server: Server | undefined;
 
   constructor(
     private readonly metrics: NodeMetrics,
     private readonly health: HealthSource,
+    private readonly routes: Routes = {},
   ) {}
 
   async listen(host: string, port: number): Promise<{ host: string; port: number }> {
@@ -43,6 +47,8 @@ export class HttpServer {
       res.writeHead(405, { allow: 'GET, HEAD' }).end();
       return;
     }
+    const route = path !== undefined ? this.routes[path] : undefined;
+    if (route) return route(req, res);
     switch (path) {
       case '/metrics': {
         const { contentType, body } = await this.metrics.render();

@@ -480,6 +480,7 @@ export class StorageNode {
     if (this.client) {
       try {
         out.push({ name: 'torus_ring_version', help: 'Version of the ring this node follows', type: 'gauge', value: this.view.ring.version });
+        out.push(...this.clusterSamples());
       } catch {
         // ring not read yet
       }
@@ -514,6 +515,32 @@ export class StorageNode {
       { name: 'torus_etcd_compaction_failures_total', help: 'Compaction rounds that failed', type: 'counter', value: c.failures },
       { name: 'torus_etcd_compacted_revision', help: 'Revision this node last compacted etcd history to', type: 'gauge', value: c.compactedRevision },
       { name: 'torus_etcd_db_size_bytes', help: "etcd's database size as last seen by this node while compacting (one member's)", type: 'gauge', value: c.dbSizeBytes },
+    ];
+  }
+
+  /**
+   * The cluster as this node sees it (ring, peers polled every 2 s, maintenance windows): every
+   * node reports the same figures, so alert rules take max() over nodes, and one node's scrape is
+   * enough while any node is up.
+   */
+  private clusterSamples(): MetricSample[] {
+    const ring = this.view.ring;
+    const now = Date.now();
+    const members = ring.members();
+    let down = 0;
+    let planned = 0;
+    for (const u of members) {
+      const p = this.view.peers.find((x) => x.uuid === u);
+      if (p && !isStale(p, now)) continue;
+      if (this.maint.has(u)) planned++;
+      else down++;
+    }
+    return [
+      { name: 'torus_cluster_members', help: 'Ring members', type: 'gauge', value: members.length },
+      { name: 'torus_cluster_members_down', help: 'Ring members not heartbeating, maintenance windows not counted', type: 'gauge', value: down },
+      { name: 'torus_cluster_members_maintenance', help: 'Ring members down during a maintenance window', type: 'gauge', value: planned },
+      { name: 'torus_cluster_replication', help: 'Copies the ring asks for', type: 'gauge', value: ring.replication },
+      { name: 'torus_server_etcd_up', help: '1 when the last heartbeat reached etcd, else 0', type: 'gauge', value: this.lastHeartbeatError ? 0 : 1 },
     ];
   }
 

@@ -3,10 +3,13 @@ import { AoeTarget, RawPacketConn, formatMac } from '../../aoe/index.js';
 import { TorusError } from '../../core/errors.js';
 import { formatSize, parseDuration, parseSize } from '../../core/units.js';
 import { VolumeProvider } from '../../volume/provider.js';
-import { connectMetadata, type BlockIoOpts, type GlobalOpts } from '../shared/config.js';
-import { clientFor, logger, untilSignal } from './common.js';
+import type { MetricSample } from '../../http/metrics.js';
+import { connectMetadata } from '../shared/config.js';
+import { emit, outputOptions } from '../shared/output.js';
+import { ClientRuntime, logger, untilSignal, type ClientOpts } from './common.js';
 
-interface AoeOpts extends GlobalOpts, BlockIoOpts {
+interface AoeOpts extends ClientOpts {
+  json?: boolean;
   writeBack?: boolean;
   syncInterval: string;
   bufferCount: string;
@@ -18,8 +21,22 @@ function parseAddress(text: string, what: string, max: number): number {
   return Number(text);
 }
 
+function aoeSamples(st: AoeTarget['stats']): MetricSample[] {
+  const c = (name: string, help: string, value: number): MetricSample => ({ name, help, type: 'counter', value });
+  return [
+    { name: 'torus_aoe_in_flight', help: 'ATA commands being served', type: 'gauge', value: st.inFlight },
+    c('torus_aoe_frames_total', 'AoE frames received', st.framesIn),
+    c('torus_aoe_ata_commands_total', 'ATA commands served', st.ataCommands),
+    c('torus_aoe_ata_errors_total', 'ATA commands answered with an error', st.ataErrors),
+    c('torus_aoe_errors_total', 'AoE error replies', st.aoeErrors),
+    c('torus_aoe_malformed_frames_total', 'Frames that did not parse', st.malformed),
+    c('torus_aoe_busy_drops_total', 'Commands dropped because the buffer count was reached', st.busyDrops),
+    c('torus_aoe_send_drops_total', 'Replies dropped by the socket', st.sendDrops),
+  ];
+}
+
 export function aoeCommand(): Command {
-  return new Command('aoe')
+  return outputOptions(new Command('aoe'))
     .description('serve a volume as ATA-over-Ethernet target eSHELF.SLOT on an Ethernet interface (needs CAP_NET_RAW)')
     .argument('<volume>', 'volume to serve (taken exclusively, as for NBD)')
     .argument('<iface>', 'Ethernet interface, e.g. eth0')
@@ -45,12 +62,13 @@ export function aoeCommand(): Command {
       // The socket first: without CAP_NET_RAW or with a wrong interface there is nothing to lock.
       const conn = RawPacketConn.open(iface);
       const meta = connectMetadata(opts, log);
-      let vc;
+      let rt: ClientRuntime | undefined;
       let held;
       try {
         await meta.globalMetadata();
-        vc = await clientFor(meta, opts, log);
-        const provider = new VolumeProvider(vc, { writeCacheBytes: parseSize(opts.writeCacheSize) });
+        rt = await ClientRuntime.open(meta, opts, log);
+        const volumes = new VolumeProvider(rt.vc, { writeCacheBytes: parseSize(opts.writeCacheSize) });
+        const provider = rt.measured(volumes);
         held = await provider.open(volume, { readOnly: false });
         const device = held.device;
         const target = new AoeTarget(conn, device, {
@@ -64,6 +82,7 @@ export function aoeCommand(): Command {
           log: { debug: (o, m) => log.debug(o, m), info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m) },
         });
         target.start();
+        rt.addSamples(() => aoeSamples(target.stats));
         let syncing = false;
         const timer = writeBack
           ? setInterval(() => {
@@ -75,9 +94,11 @@ export function aoeCommand(): Command {
                 .finally(() => (syncing = false));
             }, syncEvery)
           : undefined;
-        process.stdout.write(
+        emit(
+          opts,
+          { volume, size: device.size, target: `e${shelf}.${slot}`, interface: conn.name, mac: formatMac(conn.mac), sectorsPerFrame: target.maxSectors, writeBack },
           `serving ${volume} (${formatSize(device.size)}) as AoE target e${shelf}.${slot} on ${conn.name} (${formatMac(conn.mac)}, ${target.maxSectors} sectors per frame, ` +
-            `${writeBack ? `write-back, synced every ${opts.syncInterval} and on FLUSH CACHE` : 'write-through'}). Press Ctrl-C to sync and stop.\n`,
+            `${writeBack ? `write-back, synced every ${opts.syncInterval} and on FLUSH CACHE` : 'write-through'}). Press Ctrl-C to sync and stop.`,
         );
         const sig = await untilSignal();
         log.info({ signal: sig }, 'stopping: answering commands in flight and syncing');
@@ -85,12 +106,12 @@ export function aoeCommand(): Command {
         await target.close();
         await device.flush();
         await held.release();
-        await provider.closeAll();
-        process.stdout.write(`stopped; ${volume} synced\n`);
+        await volumes.closeAll();
+        emit(opts, { stopped: true, synced: true }, `stopped; ${volume} synced`);
       } finally {
         conn.close();
         await held?.release().catch(() => undefined);
-        await vc?.close().catch(() => undefined);
+        await rt?.close().catch(() => undefined);
         await meta.close().catch(() => undefined);
       }
     });

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, constants, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TorusError } from '../../core/errors.js';
@@ -103,4 +103,41 @@ export async function attachFuse(socket: string, exportName: string): Promise<At
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * Why a block device cannot be let go of now, or undefined when nothing holds it. A mounted file
+ * system (or device-mapper, md, swap) holds its device exclusively, so an O_EXCL open fails with
+ * EBUSY exactly then; the mount table says where, for the message.
+ */
+export function deviceBusy(device: string): string | undefined {
+  let fd: number;
+  try {
+    fd = openSync(device, constants.O_RDONLY | constants.O_EXCL);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EBUSY') return undefined;
+    return mountPointOf(device) ? `mounted on ${mountPointOf(device)}` : 'in use (a file system, device-mapper or swap holds it)';
+  }
+  closeSync(fd);
+  return undefined;
+}
+
+function mountPointOf(device: string): string | undefined {
+  let rdev: number;
+  try {
+    rdev = statSync(device).rdev;
+  } catch {
+    return undefined;
+  }
+  const majmin = `${Math.floor(rdev / 256) & 0xfff}:${(rdev & 0xff) | ((rdev >> 12) & 0xfff00)}`;
+  try {
+    // mountinfo: id parent major:minor root mountpoint ...
+    for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+      const f = line.split(' ');
+      if (f[2] === majmin && f[4]) return f[4].replace(/\\040/g, ' ');
+    }
+  } catch {
+    // no /proc: the message just says "in use"
+  }
+  return undefined;
 }

@@ -1,23 +1,121 @@
 import type { Logger } from 'pino';
-import type { MetadataService } from '../../core/interfaces.js';
+import { TorusError } from '../../core/errors.js';
+import type { DeviceProvider, MetadataService } from '../../core/interfaces.js';
 import { parseSize } from '../../core/units.js';
+import { HttpServer } from '../../http/server.js';
+import { NodeMetrics, type MetricSample } from '../../http/metrics.js';
 import { VolumeClient } from '../../volume/client.js';
+import { MeasuredProvider, VolumeIo, publishIo } from '../../volume/io-stats.js';
 import type { BlockIoOpts, GlobalOpts } from '../shared/config.js';
 import { makeLogger } from '../shared/log.js';
 
-// What every torusblk front end (NBD, AoE) shares: its log, its volume client, its way to stop.
+// What every torusblk front end (NBD, AoE) shares: its log, its volume client, its metrics, its
+// way to stop.
 
-export function logger(opts: GlobalOpts & { logLevel?: string; logFormat?: string }): Logger {
+export interface ClientOpts extends GlobalOpts, BlockIoOpts {
+  logLevel?: string;
+  logFormat?: string;
+  metrics?: string;
+}
+
+export function logger(opts: ClientOpts): Logger {
   return makeLogger('torusblk', opts);
 }
 
-export async function clientFor(meta: MetadataService, opts: BlockIoOpts, log: Logger): Promise<VolumeClient> {
-  return VolumeClient.open(meta, {
-    readCacheBytes: parseSize(opts.readCacheSize),
-    readLevel: opts.readLevel as 'block',
-    writeLevel: opts.writeLevel as 'all',
-    onError: (err) => log.warn({ err: err.message }, 'cluster'),
-  });
+/** How often the volume holder publishes its I/O rates in etcd for `torusctl volume info`. */
+const IO_PUBLISH_MS = 5000;
+
+export function parseHostPort(text: string, flag: string): { host: string; port: number } {
+  const m = /^(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$/.exec(text);
+  if (!m || Number(m[2]) > 65535) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} "${text}": expected host:port, e.g. 127.0.0.1:10809`);
+  return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
+}
+
+/**
+ * A torusblk process's client side: the volume client, per-volume I/O accounting, Prometheus
+ * metrics on --metrics, and the I/O rates it publishes for the volumes it serves.
+ */
+export class ClientRuntime {
+  readonly metrics: NodeMetrics;
+  readonly io: VolumeIo;
+  private readonly sources: (() => MetricSample[])[] = [];
+  private http: HttpServer | undefined;
+  private stopPublishing: (() => Promise<void>) | undefined;
+
+  private constructor(
+    readonly vc: VolumeClient,
+    metrics: NodeMetrics,
+  ) {
+    this.metrics = metrics;
+    this.io = new VolumeIo((volume, op, seconds, bytes, code) => metrics.observeVolumeIo(volume, op, seconds, bytes, code));
+    this.sources.push(() => distributorSamples(vc));
+  }
+
+  static async open(meta: MetadataService, opts: ClientOpts, log: Logger): Promise<ClientRuntime> {
+    const listen = opts.metrics !== undefined ? parseHostPort(opts.metrics, '--metrics') : undefined;
+    const sources: (() => MetricSample[])[] = [];
+    const metrics = new NodeMetrics(() => sources.flatMap((f) => f()));
+    const vc = await VolumeClient.open(meta, {
+      readCacheBytes: parseSize(opts.readCacheSize),
+      readLevel: opts.readLevel as 'block',
+      writeLevel: opts.writeLevel as 'all',
+      onError: (err) => log.warn({ err: err.message }, 'cluster'),
+      observeRpc: (peer, op, seconds, code) => metrics.observeRpc(peer, op, seconds, code),
+    });
+    const rt = new ClientRuntime(vc, metrics);
+    // The collect function reads the runtime's list: front ends add theirs once they exist.
+    sources.push(() => rt.sources.flatMap((f) => f()));
+    try {
+      if (listen) {
+        rt.http = new HttpServer(metrics, { problems: () => [], status: () => ({ volumes: Object.fromEntries(rt.io.all()) }) });
+        try {
+          await rt.http.listen(listen.host, listen.port);
+        } catch (err) {
+          throw new TorusError('INVALID_ARGUMENT', `cannot listen on ${opts.metrics} for --metrics: ${(err as Error).message}`);
+        }
+        log.info({ metrics: `http://${opts.metrics}/metrics` }, 'serving metrics');
+      }
+      rt.stopPublishing = publishIo(meta.kv(), () => vc.session(), rt.io, IO_PUBLISH_MS, (err) => log.debug({ err: err.message }, 'I/O rates not published'));
+    } catch (err) {
+      await rt.close();
+      throw err;
+    }
+    return rt;
+  }
+
+  /** The provider the front ends serve from: every device measured. */
+  measured(inner: DeviceProvider): MeasuredProvider {
+    return new MeasuredProvider(inner, this.io);
+  }
+
+  /** A front end's own counters, read at every scrape. */
+  addSamples(f: () => MetricSample[]): void {
+    this.sources.push(f);
+  }
+
+  async close(): Promise<void> {
+    await this.stopPublishing?.().catch(() => undefined);
+    await this.http?.close();
+    await this.vc.close();
+  }
+}
+
+function distributorSamples(vc: VolumeClient): MetricSample[] {
+  const d = vc.block.distributor.stats;
+  const c = (name: string, help: string, value: number): MetricSample => ({ name, help, type: 'counter', value });
+  return [
+    c('torus_client_block_reads_total', 'Blocks (or ranges) read from storage nodes', d.reads),
+    c('torus_client_block_read_bytes_total', 'Bytes read from storage nodes', d.readBytes),
+    c('torus_client_block_writes_total', 'Blocks written to storage nodes (each to R replicas)', d.writes),
+    c('torus_client_block_written_bytes_total', 'Bytes written to storage nodes (once per block, not per replica)', d.writeBytes),
+    c('torus_client_cache_hits_total', 'Reads answered from the read cache (shared by every volume of the process)', d.cacheHits),
+    c('torus_client_checksum_failures_total', 'Replica copies that failed their checksum', d.checksumFailures),
+    c('torus_client_replica_fallbacks_total', 'Reads that needed another replica', d.replicaFallbacks),
+    c('torus_client_spills_total', 'Writes that went to the next peer because an owner failed', d.spills),
+    c('torus_client_failed_writes_total', 'Block writes that failed', d.failedWrites),
+    c('torus_client_failed_reads_total', 'Block reads that failed on every replica', d.failedReads),
+    c('torus_client_flushes_total', 'Flushes sent to storage nodes', d.flushes),
+  ];
 }
 
 /** Resolves on SIGINT or SIGTERM. */
@@ -34,4 +132,3 @@ export function untilSignal(): Promise<string> {
     process.on('SIGTERM', onTerm);
   });
 }
-

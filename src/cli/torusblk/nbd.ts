@@ -4,27 +4,34 @@ import { join } from 'node:path';
 import { Command, Option } from 'commander';
 import { TorusError } from '../../core/errors.js';
 import { parseSize } from '../../core/units.js';
-import { NbdServer } from '../../nbd/server.js';
+import type { MetricSample } from '../../http/metrics.js';
+import { NbdServer, type NbdServerStats } from '../../nbd/server.js';
 import { VolumeProvider } from '../../volume/provider.js';
-import { connectMetadata, type BlockIoOpts, type GlobalOpts } from '../shared/config.js';
-import { clientFor, logger, untilSignal } from './common.js';
-import { attachFuse, attachKernel, detachKernel, freeNbdDevice, kernelHasNbd, type Attachment } from './attach.js';
+import { connectMetadata } from '../shared/config.js';
+import { emit, outputOptions } from '../shared/output.js';
+import { ClientRuntime, logger, parseHostPort, untilSignal, type ClientOpts } from './common.js';
+import { attachFuse, attachKernel, detachKernel, deviceBusy, freeNbdDevice, kernelHasNbd, type Attachment } from './attach.js';
 
-interface ServeOpts extends GlobalOpts, BlockIoOpts {
+interface ServeOpts extends ClientOpts {
   listen?: string;
   unix?: string;
   readOnly?: boolean;
   writeCacheSize: string;
+  json?: boolean;
 }
 
-function parseListen(text: string): { host: string; port: number } {
-  const m = /^(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$/.exec(text);
-  if (!m || Number(m[2]) > 65535) throw new TorusError('INVALID_ARGUMENT', `invalid --listen "${text}": expected host:port, e.g. 127.0.0.1:10809`);
-  return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
+export function nbdSamples(st: NbdServerStats): MetricSample[] {
+  return [
+    { name: 'torus_nbd_connections', help: 'Open NBD connections', type: 'gauge', value: st.connections },
+    { name: 'torus_nbd_in_flight', help: 'NBD requests being served', type: 'gauge', value: st.inFlight },
+    { name: 'torus_nbd_handshakes_total', help: 'NBD handshakes completed', type: 'counter', value: st.handshakes },
+    { name: 'torus_nbd_requests_total', help: 'NBD requests received', type: 'counter', value: st.requests },
+    { name: 'torus_nbd_protocol_errors_total', help: 'NBD connections dropped for protocol errors', type: 'counter', value: st.protocolErrors },
+  ];
 }
 
 export function nbdserveCommand(): Command {
-  return new Command('nbdserve')
+  return outputOptions(new Command('nbdserve'))
     .description('serve every volume over NBD by export name (VOLUME, or VOLUME@SNAPSHOT read-only)')
     .option('-l, --listen <host:port>', 'TCP address to listen on; anything but loopback must be asked for', '127.0.0.1:10809')
     .option('--unix <path>', 'also listen on a unix socket')
@@ -32,43 +39,69 @@ export function nbdserveCommand(): Command {
     .addOption(new Option('--write-cache-size <size>', 'dirty data per volume before a write forces a sync').default('128MiB'))
     .action(async (_o: unknown, c: Command) => {
       const opts = c.optsWithGlobals<ServeOpts>();
-      const listen = parseListen(opts.listen ?? '127.0.0.1:10809');
+      const listen = parseHostPort(opts.listen ?? '127.0.0.1:10809', '--listen');
       const log = logger(opts);
       const meta = connectMetadata(opts, log);
       await meta.globalMetadata();
-      const vc = await clientFor(meta, opts, log);
-      const provider = new VolumeProvider(vc, { readOnly: opts.readOnly ?? false, writeCacheBytes: parseSize(opts.writeCacheSize) });
-      const server = new NbdServer(provider, {
+      const rt = await ClientRuntime.open(meta, opts, log);
+      const volumes = new VolumeProvider(rt.vc, { readOnly: opts.readOnly ?? false, writeCacheBytes: parseSize(opts.writeCacheSize) });
+      const server = new NbdServer(rt.measured(volumes), {
         listenTcp: listen,
         ...(opts.unix ? { listenUnix: opts.unix } : {}),
         readOnly: opts.readOnly ?? false,
         log: { debug: (o, m) => log.debug(o, m), info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m) },
       });
+      rt.addSamples(() => nbdSamples(server.stats()));
       let addrs;
       try {
         addrs = await server.listen();
       } catch (err) {
-        await vc.close();
+        await rt.close();
         await meta.close();
         throw new TorusError('INVALID_ARGUMENT', `cannot listen: ${(err as Error).message}`);
       }
-      const where = [addrs.tcp ? `nbd://${addrs.tcp.host.includes(':') ? `[${addrs.tcp.host}]` : addrs.tcp.host}:${addrs.tcp.port}` : '', addrs.unix ? `nbd+unix:///?socket=${addrs.unix}` : '']
-        .filter(Boolean)
-        .join(' and ');
-      process.stdout.write(`serving NBD on ${where}; exports are volume names (VOLUME@SNAPSHOT read-only)\n`);
+      const tcp = addrs.tcp ? `nbd://${addrs.tcp.host.includes(':') ? `[${addrs.tcp.host}]` : addrs.tcp.host}:${addrs.tcp.port}` : '';
+      const unix = addrs.unix ? `nbd+unix:///?socket=${addrs.unix}` : '';
+      const where = [tcp, unix].filter(Boolean).join(' and ');
+      emit(opts, { serving: { tcp: tcp || null, unix: unix || null }, metrics: opts.metrics ? `http://${opts.metrics}/metrics` : null }, `serving NBD on ${where}; exports are volume names (VOLUME@SNAPSHOT read-only)`);
       const sig = await untilSignal();
       log.info({ signal: sig }, 'stopping: finishing requests and syncing volumes');
       await server.close();
-      await provider.closeAll();
-      await vc.close();
+      await volumes.closeAll();
+      await rt.close();
       await meta.close();
-      process.stdout.write('stopped; every volume synced\n');
+      emit(opts, { stopped: true, synced: true }, 'stopped; every volume synced');
     });
 }
 
+/**
+ * Waits for a signal, then until the device can be let go of: detaching a device under a mounted
+ * file system fails every write it still has to make (ext4 then remounts read-only), so while it
+ * is mounted torusblk says so and waits for the umount.
+ */
+async function untilDetachable(device: string, log: { info(o: object, m: string): void }): Promise<void> {
+  let sig = await untilSignal();
+  for (;;) {
+    const busy = deviceBusy(device);
+    if (!busy) break;
+    process.stderr.write(`torusblk: not detaching ${device}: it is ${busy}; unmount it and torusblk syncs and detaches by itself\n`);
+    log.info({ signal: sig, device, busy }, 'detach postponed: device in use');
+    // Poll for the umount; another Ctrl-C meanwhile only repeats the reason.
+    const next = untilSignal();
+    for (;;) {
+      const woke = await Promise.race([next.then((s) => ({ s })), new Promise<undefined>((r) => setTimeout(() => r(undefined), 500))]);
+      if (woke) {
+        sig = woke.s;
+        break;
+      }
+      if (!deviceBusy(device)) return;
+    }
+  }
+}
+
 export function nbdCommand(): Command {
-  return new Command('nbd')
-    .description('attach a volume as a local block device (kernel NBD via nbd-client, or nbdfuse + loop device without the module)')
+  return outputOptions(new Command('nbd'))
+    .description('attach a volume as a local block device (kernel NBD via nbd-client, or nbdfuse + loop device without the module); Ctrl-C syncs and detaches, once the device is unmounted')
     .argument('[volume]', 'volume to attach')
     .argument('[device]', '/dev/nbdN (default: the first free one)')
     .option('-d, --detach <device>', 'detach a kernel NBD device and exit')
@@ -77,8 +110,10 @@ export function nbdCommand(): Command {
     .action(async (volume: string | undefined, device: string | undefined, o: { detach?: string; fallback: boolean }, c: Command) => {
       const opts = c.optsWithGlobals<ServeOpts>();
       if (o.detach) {
+        const busy = deviceBusy(o.detach);
+        if (busy) throw new TorusError('LOCKED', `not detaching ${o.detach}: it is ${busy}; unmount it first`);
         await detachKernel(o.detach);
-        process.stdout.write(`detached ${o.detach}\n`);
+        emit(opts, { detached: o.detach }, `detached ${o.detach}`);
         return;
       }
       if (!volume) throw new TorusError('INVALID_ARGUMENT', 'name the volume to attach (or -d DEVICE to detach)');
@@ -88,17 +123,19 @@ export function nbdCommand(): Command {
       const log = logger(opts);
       const meta = connectMetadata(opts, log);
       await meta.globalMetadata();
-      const vc = await clientFor(meta, opts, log);
-      const provider = new VolumeProvider(vc, { writeCacheBytes: parseSize(opts.writeCacheSize) });
+      const rt = await ClientRuntime.open(meta, opts, log);
+      const volumes = new VolumeProvider(rt.vc, { writeCacheBytes: parseSize(opts.writeCacheSize) });
+      const provider = rt.measured(volumes);
       // Opening here, before any client connects, takes the lock and fails early if it is taken.
       const held = await provider.open(volume, { readOnly: false }).catch(async (err: unknown) => {
-        await vc.close();
+        await rt.close();
         await meta.close();
         throw err;
       });
       const dir = mkdtempSync(join(tmpdir(), 'torusblk-'));
       const socket = join(dir, 'nbd.sock');
       const server = new NbdServer(provider, { listenUnix: socket, log: { debug: (x, m) => log.debug(x, m), info: (x, m) => log.info(x, m), warn: (x, m) => log.warn(x, m) } });
+      rt.addSamples(() => nbdSamples(server.stats()));
       let att: Attachment | undefined;
       try {
         await server.listen();
@@ -107,19 +144,23 @@ export function nbdCommand(): Command {
           process.stderr.write('torusblk: this kernel has no NBD module; using nbdfuse and a loop device instead\n');
           att = await attachFuse(socket, volume);
         }
-        process.stdout.write(`Attached ${volume} to ${att.device}${att.how === 'nbdfuse' ? ' (nbdfuse + loop)' : ''}. Press Ctrl-C to sync and detach.\n`);
-        const sig = await untilSignal();
-        log.info({ signal: sig }, 'detaching');
+        emit(
+          opts,
+          { volume, device: att.device, how: att.how },
+          `Attached ${volume} to ${att.device}${att.how === 'nbdfuse' ? ' (nbdfuse + loop)' : ''}. Press Ctrl-C to sync and detach (after umount).`,
+        );
+        await untilDetachable(att.device, log);
+        log.info({ device: att.device }, 'detaching');
       } finally {
         // Order matters: the device lets go first (it may still write), then the volume syncs.
         if (att) await att.detach().catch((err: unknown) => log.warn({ err: (err as Error).message }, 'detach'));
         await server.close().catch(() => undefined);
         await held.release();
-        await provider.closeAll();
-        await vc.close();
+        await volumes.closeAll();
+        await rt.close();
         await meta.close();
         rmSync(dir, { recursive: true, force: true });
       }
-      process.stdout.write(`Detached ${volume}; synced.\n`);
+      emit(opts, { volume, detached: true, synced: true }, `Detached ${volume}; synced.`);
     });
 }
