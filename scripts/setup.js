@@ -43,6 +43,8 @@ export const PACKAGES = {
     'catatonit', // the init of podman's pause image, which `podman kube play` builds locally
     'debootstrap', // base images from the Debian mirror: no container registry is reachable
     'docker-compose', // runs deploy/compose against podman's Docker API
+    'chromium', // the headless browser the dashboard test drives (playwright-core downloads none)
+    'zsh', // the shell-completion test loads the zsh completion in a real zsh
   ],
 };
 

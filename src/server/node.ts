@@ -10,7 +10,9 @@ import { PROTOCOL_VERSION, VERSION } from '../core/version.js';
 import { ClusterView } from '../distributor/cluster-view.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
 import { openBlockClient, type BlockClient } from '../distributor/open.js';
-import { HttpServer } from '../http/server.js';
+import { HttpServer, type Routes } from '../http/server.js';
+import { DASHBOARD_CSS, DASHBOARD_HEADERS, DASHBOARD_HTML, DASHBOARD_JS } from '../http/dashboard-page.js';
+import { Dashboard } from './dashboard.js';
 import { NodeMetrics, type MetricSample } from '../http/metrics.js';
 import { addPeers } from '../ring/index.js';
 import { RpcServer } from '../rpc/server.js';
@@ -122,6 +124,7 @@ export class StorageNode {
   readonly metrics: NodeMetrics;
   private readonly heartbeatMs: number;
   private readonly http: HttpServer | undefined;
+  private readonly dashboard: Dashboard | undefined;
   private rpc: RpcServer | undefined;
   private client: BlockClient | undefined;
   private httpAddr = '';
@@ -162,8 +165,32 @@ export class StorageNode {
     this.heartbeatMs = opts.heartbeatMs ?? 5000;
     this.address = opts.peerAddress ? parsePeerAddress(opts.peerAddress).url : '';
     this.metrics = new NodeMetrics(() => this.samples());
-    if (opts.httpHost !== undefined || opts.httpPort !== undefined)
-      this.http = new HttpServer(this.metrics, { problems: () => this.problems(), status: () => this.status() });
+    if (opts.httpHost !== undefined || opts.httpPort !== undefined) {
+      this.dashboard = new Dashboard(opts.meta, { uuid: identity.uuid, address: this.address }, () => this.client?.distributor, (err) =>
+        opts.log.debug({ err: err.message }, 'dashboard'),
+      );
+      this.http = new HttpServer(this.metrics, { problems: () => this.problems(), status: () => this.status() }, this.dashboardRoutes(this.dashboard));
+    }
+  }
+
+  private dashboardRoutes(d: Dashboard): Routes {
+    const file = (type: string, body: string): Routes[string] => (_req, res) => {
+      res.writeHead(200, { 'content-type': type, ...DASHBOARD_HEADERS }).end(body);
+    };
+    return {
+      '/': file('text/html; charset=utf-8', DASHBOARD_HTML),
+      '/dashboard.css': file('text/css; charset=utf-8', DASHBOARD_CSS),
+      '/dashboard.js': file('text/javascript; charset=utf-8', DASHBOARD_JS),
+      '/v1/cluster': async (_req, res) => {
+        try {
+          const view = await d.view();
+          res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'no-store' }).end(`${JSON.stringify(view)}\n`);
+        } catch (err) {
+          const e = toTorusError(err);
+          res.writeHead(503, { 'content-type': 'application/json' }).end(`${JSON.stringify({ error: e.code, message: e.message })}\n`);
+        }
+      },
+    };
   }
 
   static async start(opts: NodeOptions): Promise<StorageNode> {
@@ -280,6 +307,7 @@ export class StorageNode {
       this.compactor = new HistoryCompactor({ kv: this.opts.meta.kv(), id: this.identity.uuid, ...compaction, log });
       this.compactor.start();
     }
+    this.dashboard?.start();
     this.progressTimer = setInterval(() => {
       // `rebalance status --watch` and the dashboard follow these; a heartbeat's pace made a
       // move of a few seconds look like nothing, then done.
@@ -567,6 +595,7 @@ export class StorageNode {
     clearTimeout(this.heartbeatTimer);
     clearTimeout(this.gcTimer);
     clearInterval(this.progressTimer);
+    this.dashboard?.stop();
     this.gcAbort.abort();
     await this.rebalancer?.stop();
     await this.scrub?.stop();
