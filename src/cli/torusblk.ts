@@ -5,7 +5,8 @@ import { addBlockIoOptions, addGlobalOptions } from './shared/config.js';
 import { aoeCommand } from './torusblk/aoe.js';
 import { csiCommand } from './torusblk/csi.js';
 import { nbdCommand, nbdserveCommand } from './torusblk/nbd.js';
-import { runProgram } from './shared/run.js';
+import { EXIT_STATUSES, runProgram } from './shared/run.js';
+import { docsCommands } from './shared/docs-gen.js';
 import { versionCommand } from './shared/output.js';
 import { addLogOptions } from './shared/log.js';
 import { createVolumeCommand } from './torusctl/volume.js';
@@ -25,6 +26,7 @@ export function buildProgram(): Command {
   volume.addCommand(createVolumeCommand('create', 'create a thin-provisioned block volume'));
   program.addCommand(volume);
   program.addCommand(versionCommand('torusblk'));
+  for (const c of docsCommands('torusblk', buildProgram, VERSION, EXIT_STATUSES)) program.addCommand(c);
   return program;
 }
 

@@ -9,7 +9,8 @@ import { scrubCommand } from './torusctl/scrub.js';
 import { blockCommand, volumeCommand } from './torusctl/volume.js';
 import { wipeCommand } from './torusctl/wipe.js';
 import { addGlobalOptions } from './shared/config.js';
-import { runProgram } from './shared/run.js';
+import { EXIT_STATUSES, runProgram } from './shared/run.js';
+import { docsCommands } from './shared/docs-gen.js';
 import { versionCommand } from './shared/output.js';
 
 export function buildProgram(): Command {
@@ -20,6 +21,7 @@ export function buildProgram(): Command {
   addGlobalOptions(program);
   for (const c of [initCommand(), wipeCommand(), configCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand(), healthCommand(), rebalanceCommand(), scrubCommand()]) program.addCommand(c);
   program.addCommand(versionCommand('torusctl'));
+  for (const c of docsCommands('torusctl', buildProgram, VERSION, EXIT_STATUSES)) program.addCommand(c);
   return program;
 }
 

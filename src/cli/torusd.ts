@@ -6,7 +6,8 @@ import { DEFAULT_COMPACTION, StorageNode } from '../server/node.js';
 import { parseDuration, parseSize } from '../core/units.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
 import { addBlockIoOptions, addGlobalOptions, connectMetadata, parsePort, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
-import { reportError, runProgram } from './shared/run.js';
+import { EXIT_STATUSES, reportError, runProgram } from './shared/run.js';
+import { docsCommands } from './shared/docs-gen.js';
 import { addLogOptions, makeLogger } from './shared/log.js';
 
 interface TorusdOpts extends GlobalOpts, BlockIoOpts {
@@ -120,7 +121,9 @@ export function buildProgram(): Command {
       });
       log.info('stopped');
     });
-  return addGlobalOptions(addBlockIoOptions(addLogOptions(program)));
+  addGlobalOptions(addBlockIoOptions(addLogOptions(program)));
+  for (const c of docsCommands('torusd', buildProgram, VERSION, EXIT_STATUSES)) program.addCommand(c);
+  return program;
 }
 
 export function main(argv: string[]): void {

@@ -17,6 +17,20 @@ const exitCodes: Partial<Record<ErrorCode, number>> = {
   OUT_OF_SPACE: 9,
 };
 
+/** The exit statuses of every program, as README.md and docs/cli.md list them (and the man pages). */
+export const EXIT_STATUSES: readonly [number, string][] = [
+  [0, 'success'],
+  [1, 'other failure; torusctl health and rebalance status --watch: not healthy / not balanced'],
+  [2, 'invalid argument or usage'],
+  [3, 'etcd unreachable (the message names the endpoints)'],
+  [4, 'cluster not initialized'],
+  [5, 'already exists'],
+  [6, 'no such peer, volume, snapshot or file'],
+  [7, 'locked (a volume is in use elsewhere, or a device is still mounted)'],
+  [8, 'data dir belongs to another cluster'],
+  [9, 'out of space'],
+];
+
 export function exitCodeFor(err: TorusError): number {
   return exitCodes[err.code] ?? 1;
 }
