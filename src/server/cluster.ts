@@ -183,6 +183,7 @@ export function ringPeerOf(p: PeerInfo): RingPeer {
 
 export async function addPeersToRing(meta: MetadataService, selectors: readonly string[], all: boolean): Promise<{ added: PeerInfo[]; ring: RingModel }> {
   if (all === (selectors.length > 0)) throw new TorusError('INVALID_ARGUMENT', 'name peers to add by address or UUID, or pass --all-peers (not both)');
+  await meta.getRing(); // "not initialized" before "no running peers"
   const live = (await meta.getPeers()).filter((p) => p.address !== '' && !isStale(p, Date.now()));
   const chosen = all ? live : resolveLivePeers(live, selectors);
   if (chosen.length === 0) throw new TorusError('NOT_EXIST', 'no running peers to add: start torusd first');

@@ -3,11 +3,16 @@ import type { MetadataService } from '../../core/interfaces.js';
 import { VolumeClient } from '../../volume/client.js';
 import { connectMetadata, type GlobalOpts } from './config.js';
 
-/** Runs `fn` with a metadata connection made from the command's (global) flags, then closes it. */
-export async function withMeta<T>(cmd: Command, fn: (meta: MetadataService, opts: GlobalOpts) => Promise<T>): Promise<T> {
+/**
+ * Runs `fn` with a metadata connection made from the command's (global) flags, then closes it.
+ * Every command but init and wipe needs an initialized cluster: that is checked first, so each
+ * says "not initialized" (exit 4) rather than whatever its first lookup would find missing.
+ */
+export async function withMeta<T>(cmd: Command, fn: (meta: MetadataService, opts: GlobalOpts) => Promise<T>, o: { initialized?: boolean } = {}): Promise<T> {
   const opts = cmd.optsWithGlobals<GlobalOpts>();
   const meta = connectMetadata(opts);
   try {
+    if (o.initialized !== false) await meta.globalMetadata();
     return await fn(meta, opts);
   } finally {
     await meta.close();

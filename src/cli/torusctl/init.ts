@@ -55,6 +55,6 @@ export function initCommand(): Command {
           { ...g, ring },
           `Initialized cluster: block size ${formatSize(blockSize)}, ${opts.ringType} ring, replication ${replication}.\nNext: start torusd on each node, then \`torusctl peer add --all-peers\`.`,
         );
-      });
+      }, { initialized: false });
     });
 }

@@ -31,6 +31,6 @@ export function wipeCommand(): Command {
       await withMeta(cmd, async (meta) => {
         await meta.wipe();
         emit(opts, { wiped: true }, 'Wiped all Torus metadata.');
-      });
+      }, { initialized: false });
     });
 }
