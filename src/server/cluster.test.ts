@@ -5,6 +5,7 @@ import { IDLE_REBALANCE, type PeerInfo } from '../core/models.js';
 import { MemoryMetadataStore } from '../metadata/memory/memory.js';
 import { addPeersToRing, judgeBalance, manualChange, peerStatuses, removePeersFromRing, setReplication, updateRing } from './cluster.js';
 import { parsePeerAddress } from './node.js';
+import { endMaintenance, knownFrom, knownPeers, startMaintenance, writeKnown } from './peer-records.js';
 
 function info(uuid: string, port: number, lastSeen = Date.now()): PeerInfo {
   return {
@@ -163,4 +164,47 @@ test('balance: moving data, down members, and who need not pass', async () => {
   b = judgeBalance(ring, (await peerStatuses(meta)).peers);
   assert.deepEqual(b.down.map((p) => p.uuid), ['b']);
   assert.equal(b.balanced, false);
+});
+
+test('a down member keeps its last known address: listed with it, removable by it', async () => {
+  const { meta } = await cluster();
+  await addPeersToRing(meta, [], true);
+  await writeKnown(meta.kv(), knownFrom(info('c', 40003)));
+  await meta.unregisterPeer('c');
+  const st = await peerStatuses(meta);
+  const c = st.peers.find((p) => p.uuid === 'c');
+  assert.deepEqual([c?.member, c?.address, c?.known?.totalBlocks], ['DOWN', 'http://127.0.0.1:40003', 100]);
+  await assert.rejects(removePeersFromRing(meta, ['http://127.0.0.1:40003'], false), (e) => isTorusError(e, 'INVALID_ARGUMENT') && /--force/.test(e.message));
+  const r = await removePeersFromRing(meta, ['http://127.0.0.1:40003'], true);
+  assert.deepEqual(r.removed, ['c']);
+  assert.equal((await knownPeers(meta.kv())).has('c'), false, 'a node removed for good is forgotten');
+});
+
+test('peer remove that leaves fewer members than copies is refused unless degraded is accepted', async () => {
+  const { meta } = await cluster();
+  await addPeersToRing(meta, [], true);
+  await setReplication(meta, 3, false);
+  await assert.rejects(removePeersFromRing(meta, ['a'], false), (e) => isTorusError(e, 'INVALID_ARGUMENT') && /leaves 2 ring member\(s\) for replication 3.*--allow-degraded/.test(e.message));
+  assert.equal((await meta.getRing()).peers.length, 3, 'nothing changed');
+  const r = await removePeersFromRing(meta, ['a'], false, true);
+  assert.equal(r.ring.peers.length, 2);
+});
+
+test('maintenance: a member down in its window is MAINT, not DOWN; after the deadline it is DOWN again', async () => {
+  const { meta } = await cluster();
+  await addPeersToRing(meta, [], true);
+  await meta.unregisterPeer('b');
+  await startMaintenance(meta.kv(), 'b', 60_000, 'kernel update');
+  let st = await peerStatuses(meta);
+  assert.equal(st.peers.find((p) => p.uuid === 'b')?.member, 'MAINT');
+  let b = judgeBalance(st.ring, st.peers);
+  assert.deepEqual([b.down.length, b.planned.length], [0, 1]);
+  assert.match(b.reasons.join('\n'), /1 ring member\(s\) down for maintenance: b until /);
+  // Past the deadline (judged 2 minutes later) normal rules resume.
+  st = await peerStatuses(meta, Date.now() + 120_000);
+  b = judgeBalance(st.ring, st.peers);
+  assert.deepEqual([b.down.map((p) => p.uuid).sort(), b.planned.length], [['a', 'b', 'c'], 0], 'every record is stale by then, b included');
+  assert.equal(await endMaintenance(meta.kv(), 'b'), true);
+  assert.equal(await endMaintenance(meta.kv(), 'b'), false);
+  await assert.rejects(startMaintenance(meta.kv(), 'b', 0, ''), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
 });

@@ -4,6 +4,7 @@ import { IDLE_REBALANCE, type PeerInfo, type ScrubInfo } from '../core/models.js
 import { MemoryMetadataStore } from '../metadata/memory/memory.js';
 import { addPeersToRing } from './cluster.js';
 import { clusterHealth } from './health.js';
+import { endMaintenance, startMaintenance } from './peer-records.js';
 
 function info(uuid: string, port: number, ringVersion: number): PeerInfo {
   return {
@@ -62,3 +63,28 @@ const idleScrub: ScrubInfo = {
   lastRepaired: 0, nextPassAt: 0, passes: 0, checkedBytes: 0, errors: 0, repaired: 0, dropped: 0, pending: 0, orphanBlocks: 0,
   orphanGroups: [], orphansDeleted: 0, orphanGraceMs: 0,
 };
+
+test('health: a member down for maintenance is MAINTENANCE (healthy), its missing copies a note; past the window DEGRADED', async () => {
+  const meta = new MemoryMetadataStore().client();
+  await meta.init({ blockSize: 4096, clusterId: 'c', createdAt: '' }, { type: 'ketama', version: 1, replication: 2, peers: [] });
+  for (const [u, p] of [['a', 1], ['b', 2], ['c', 3]] as const) await meta.registerPeer(info(u, 40000 + p, 2), 60_000);
+  await addPeersToRing(meta, [], true);
+  await meta.unregisterPeer('c');
+  // A survivor reports copies it could not confirm on c.
+  await meta.registerPeer({ ...info('a', 40001, 2), rebalance: { ...IDLE_REBALANCE, ringVersion: 2, underReplicated: 7 } }, 60_000);
+  let h = await clusterHealth(meta);
+  assert.equal(h.status, 'DEGRADED');
+  assert.match(h.problems.join('\n'), /1 ring member\(s\) down: c/);
+  await startMaintenance(meta.kv(), 'c', 60_000, 'disk swap');
+  h = await clusterHealth(meta);
+  assert.deepEqual([h.status, h.healthy, h.problems], ['MAINTENANCE', true, []]);
+  assert.deepEqual(h.maintenancePeers.map((p) => [p.uuid, p.reason]), [['c', 'disk swap']]);
+  assert.match(h.notes.join('\n'), /down for maintenance: c until .*\n7 block copies under-replicated \(expected during maintenance\)/);
+  // Another member down is still a problem during maintenance.
+  await meta.unregisterPeer('b');
+  h = await clusterHealth(meta);
+  assert.equal(h.status, 'DEGRADED');
+  await endMaintenance(meta.kv(), 'c');
+  h = await clusterHealth(meta);
+  assert.match(h.problems.join('\n'), /2 ring member\(s\) down/);
+});

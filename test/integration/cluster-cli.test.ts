@@ -14,7 +14,7 @@ import { eventually, ok, removeDir, runCli, startTorusd, type Torusd } from '../
 interface PeerJson {
   uuid: string;
   address: string;
-  member: 'OK' | 'Avail' | 'DOWN';
+  member: 'OK' | 'Avail' | 'DOWN' | 'MAINT';
   size: number | null;
   used: number | null;
   updated: string | null;
@@ -91,6 +91,10 @@ describe('README steps 2-5', () => {
     const csv = await ok('torusctl', [...C, 'list-peers', '--csv']);
     assert.equal(csv.trim().split('\n').length, 4);
     assert.match(csv, /^ADDRESS,UUID,SIZE,USED,MEMBER,UPDATED,REB\/REP DATA/);
+    // CSV carries machine values: bytes and ISO times, not "64 MiB" and "2 seconds ago".
+    assert.match(csv, /^http:\/\/127\.0\.0\.1:\d+,[0-9a-f-]{36},67108864,0,Avail,\d{4}-\d\d-\d\dT[\d:.]+Z,\d+$/m);
+    const json = await ok('torusctl', [...C, 'list-peers', '--json']);
+    assert.doesNotMatch(json, /"lastSeen"|"lastFinish": \d/, 'times in JSON are ISO 8601 only');
   });
 
   test('step 5: peer add --all-peers puts every node in the ring', async () => {
@@ -182,10 +186,13 @@ describe('README steps 2-5', () => {
     assert.deepEqual(down.filter((p) => p.uuid !== uuid).map((p) => p.member), ['OK', 'OK']);
     const table = await ok('torusctl', [...C, 'list-peers']);
     assert.match(table, /Balanced: false/);
+    // The down row keeps the address and size the node last reported.
+    assert.match(table, new RegExp(`\\| ${victim.address.replace(/[.]/g, '\\.')} +\\| ${uuid} \\| 64 MiB +\\| 0 B +\\| DOWN +\\| last seen `));
     const noForce = await runCli('torusctl', [...C, 'peer', 'remove', uuid]);
     assert.equal(noForce.code, 2);
     assert.match(noForce.stderr, /is down.*--force/);
-    const forced = await ok('torusctl', [...C, 'peer', 'remove', '--force', uuid]);
+    // By the address it had, as list-peers shows it.
+    const forced = await ok('torusctl', [...C, 'peer', 'remove', '--force', victim.address]);
     assert.match(forced, /removed/);
     const ring = JSON.parse(await ok('torusctl', [...C, 'ring', 'get', '--json'])) as { peers: { uuid: string }[] };
     assert.equal(ring.peers.length, 2);
@@ -205,6 +212,43 @@ describe('README steps 2-5', () => {
     const p = (await peers()).find((x) => x.address === again.address);
     assert.equal(p?.uuid, uuid);
     assert.equal(p?.member, 'OK');
+  });
+
+  test('maintenance: a planned stop is MAINT and health passes; past the deadline, or off, it is DOWN and DEGRADED', async () => {
+    const n = nodes[1]!;
+    const on = JSON.parse(await ok('torusctl', [...C, 'peer', 'maintenance', 'on', n.address, '--for', '1h', '--reason', 'kernel update', '--json'])) as { uuid: string; until: string };
+    assert.ok(Date.parse(on.until) > Date.now() + 3_500_000);
+    assert.equal(await n.kill('SIGTERM'), 0);
+    const list = await eventually('MAINT', async () => {
+      const l = (await peers()) as (PeerJson & { maintenance: { reason: string } | null })[];
+      return l.find((p) => p.uuid === on.uuid)?.member === 'MAINT' ? l : undefined;
+    });
+    assert.equal(list.find((p) => p.uuid === on.uuid)?.maintenance?.reason, 'kernel update');
+    let h = await runCli('torusctl', [...C, 'health']);
+    assert.equal(h.code, 0, h.stdout);
+    assert.match(h.stdout, /^MAINTENANCE: ring v\d+/);
+    assert.match(h.stdout, new RegExp(`down for maintenance: ${n.address.replace(/[.]/g, '\\.')} \\(${on.uuid}\\) until `));
+    // A short window runs out: normal rules again.
+    await ok('torusctl', [...C, 'peer', 'maintenance', 'on', on.uuid, '--for', '1s']);
+    await new Promise((r) => setTimeout(r, 1500));
+    h = await runCli('torusctl', [...C, 'health']);
+    assert.equal(h.code, 1, h.stdout);
+    assert.match(h.stdout, /^DEGRADED: .*\n {2}- 1 ring member\(s\) down: /);
+    await ok('torusctl', [...C, 'peer', 'maintenance', 'on', on.uuid]);
+    const off = await ok('torusctl', [...C, 'peer', 'maintenance', 'off', n.address]);
+    assert.match(off, /^maintenance off for /);
+    assert.equal((await runCli('torusctl', [...C, 'health'])).code, 1);
+    nodes[1] = await startTorusd(etcd.endpoint, { dataDir: n.dataDir, peerPort: n.peerPort });
+    await eventually('back OK', async () => (await peers()).find((p) => p.uuid === on.uuid)?.member === 'OK');
+  });
+
+  test('peer remove leaving fewer members than copies is refused (exit 2) unless --allow-degraded', async () => {
+    const before = (JSON.parse(await ok('torusctl', [...C, 'ring', 'get', '--json'])) as { version: number; peers: unknown[]; replication: number });
+    assert.deepEqual([before.peers.length, before.replication], [2, 2]);
+    const r = await runCli('torusctl', [...C, 'peer', 'remove', nodes[0]!.address]);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /leaves 1 ring member\(s\) for replication 2: .*--allow-degraded/);
+    assert.equal((JSON.parse(await ok('torusctl', [...C, 'ring', 'get', '--json'])) as { version: number }).version, before.version);
   });
 
   test('--auto-join adds the node to the ring by itself', async () => {
@@ -313,6 +357,10 @@ describe('config profiles and wipe', () => {
   });
 
   test('wipe asks for YES and deletes everything only then', async () => {
+    // No terminal and nothing on standard input: refused, and said so (it used to exit 0 silently).
+    const none = await runCli('torusctl', [...C, 'wipe'], { input: '' });
+    assert.equal(none.code, 2);
+    assert.match(none.stderr, /not confirmed \(no answer on standard input; pass --yes-i-am-sure/);
     const no = await runCli('torusctl', [...C, 'wipe'], { input: 'no\n' });
     assert.notEqual(no.code, 0);
     assert.match(no.stderr, /not confirmed/);
