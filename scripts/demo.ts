@@ -203,7 +203,10 @@ async function main(): Promise<void> {
   const uri = `nbd://127.0.0.1:${nbdPort}/${opts.volume}`;
   say(`
 Torus is running: etcd on ${endpoint}, three storage nodes (replication 2), and volume "${opts.volume}"
-served over NBD at ${uri}. In another terminal, from this directory:
+served over NBD at ${uri}.
+Dashboard: http://127.0.0.1:${httpBase}/ (each node serves one: ${Array.from({ length: NODES }, (_, i) => `http://127.0.0.1:${httpBase + i}/`).join(', ')});
+Prometheus metrics at /metrics, health at /healthz on the same addresses.
+In another terminal, from this directory:
 
   nbdinfo ${uri}                              # what the server offers
   qemu-img info ${uri}
@@ -212,7 +215,7 @@ served over NBD at ${uri}. In another terminal, from this directory:
   # a file system without kernel NBD: nbdfuse exposes the volume as a file, a loop device mounts it
   mkdir -p /tmp/torus-fuse /mnt/torus && nbdfuse /tmp/torus-fuse/${opts.volume} ${uri} &
   dev=$(losetup -f --show /tmp/torus-fuse/${opts.volume}) && mkfs.ext4 -q $dev && mount $dev /mnt/torus
-  # ... and later: umount /mnt/torus; losetup -d $dev; fusermount3 -u /tmp/torus-fuse
+  # ... and later: umount /mnt/torus; losetup -d $dev; umount /tmp/torus-fuse (as root; else fusermount3 -u, package fuse3)
 
   # with the kernel's NBD module (stop this demo's NBD server first, or use another volume):
   npx torusctl${C} volume create-block vol2 1GiB

@@ -79,6 +79,11 @@ test('npm run demo: up, usable with the tools it names, stops cleanly, comes bac
   assert.match(first.output(), /ring version \d+: 3 member\(s\), replication 2/);
   assert.match(first.output(), new RegExp(`served over NBD at ${nbdUri.replace(/[/.]/g, '\\$&')}`));
   assert.match(first.output(), new RegExp(`torusctl -C ${etcd} list-peers`), 'suggested commands carry -C when the port is not the default');
+  // The banner says where the nodes' HTTP endpoints are, and they answer there.
+  const dash = new RegExp(`Dashboard: (http://127\\.0\\.0\\.1:\\d+/) \\(each node serves one: `).exec(first.output());
+  assert.ok(dash, first.output());
+  assert.match(await (await fetch(dash[1]!)).text(), /<title>Torus<\/title>/);
+  assert.doesNotMatch(first.output(), /^[^#]*fusermount3 -u \/tmp/m, 'no tool that may be missing as the one way to clean up');
 
   const info = sh('nbdinfo', ['--json', nbdUri]);
   assert.equal(info.code, 0, info.out);
@@ -111,7 +116,7 @@ test('npm run demo: up, usable with the tools it names, stops cleanly, comes bac
         sh('losetup', ['-d', dev]);
       }
     } finally {
-      sh('fusermount3', ['-u', fuse]);
+      sh('umount', [fuse]);
       nf.kill('SIGTERM');
     }
   }
