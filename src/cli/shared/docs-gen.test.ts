@@ -34,6 +34,19 @@ test('bash completion: commands, subcommands, options, option values', () => {
   assert.deepEqual(bashComplete('torusctl peer maintenance o').sort(), ['off', 'on']);
 });
 
+test('`torusctl completion bash|zsh` and `man` print what the generators make', () => {
+  const bin = `${REPO}bin/torusctl.js`;
+  for (const [args, want] of [
+    [['completion', 'bash'], bashCompletion('torusctl', torusctl())],
+    [['completion', 'zsh'], zshCompletion('torusctl', torusctl())],
+    [['man'], manPage('torusctl', torusctl(), VERSION, EXIT_STATUSES)],
+  ] as const) {
+    const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout, want);
+  }
+});
+
 test('zsh completion: the same tree, in a real zsh', (t) => {
   if (spawnSync('zsh', ['-c', 'true']).status !== 0) return t.skip('zsh is not installed (scripts/setup.js installs it)');
   // zsh's completion system needs a terminal; the generated function's own logic is run with
