@@ -13,6 +13,11 @@ export interface MetricSample {
   readonly labels?: Readonly<Record<string, string>>;
 }
 
+/** A counter sample (a total read from a stats object). */
+export function counterSample(name: string, help: string, value: number): MetricSample {
+  return { name, help, type: 'counter', value };
+}
+
 export class NodeMetrics {
   readonly registry = new Registry();
   private readonly gauges = new Map<string, Gauge>();

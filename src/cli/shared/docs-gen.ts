@@ -45,6 +45,33 @@ function wantsFile(text: string): boolean {
   return /file|dir|path|input|output|device/i.test(text);
 }
 
+/**
+ * The shell loop both completions start with: walk the words typed so far, skipping options and
+ * the values of those that take one, to find the command path ("volume create-block").
+ */
+function pathWalk(nodes: readonly Node[], indent: string): string[] {
+  const lines: string[] = [];
+  lines.push(`${indent}if ((skip)); then skip=0; continue; fi`);
+  lines.push(`${indent}case "$w" in`);
+  const valued = [...new Set(nodes.flatMap((n) => options(n.cmd).filter(takesValue).flatMap(flagsOf)))];
+  if (valued.length > 0) lines.push(`${indent}  ${valued.join('|')}) skip=1 ;;`);
+  lines.push(`${indent}  -*) ;;`);
+  lines.push(`${indent}  *) case "$cmdpath \${w}" in`);
+  for (const n of nodes)
+    for (const s of visible(n.cmd).flatMap((c) => [c.name(), ...c.aliases()]))
+      lines.push(`${indent}       ${q((n.path ? `${n.path} ` : ' ') + s)}) cmdpath="${n.path ? `${n.path} ` : ''}${s}" ;;`);
+  lines.push(`${indent}     esac ;;`);
+  lines.push(`${indent}esac`);
+  return lines;
+}
+
+/** Options that take a value, once each, with the flags that name them ("-C|--etcd"). */
+function valueOptions(nodes: readonly Node[]): { key: string; o: Option }[] {
+  const seen = new Map<string, Option>();
+  for (const n of nodes) for (const o of options(n.cmd).filter(takesValue)) if (!seen.has(flagsOf(o).join('|'))) seen.set(flagsOf(o).join('|'), o);
+  return [...seen].map(([key, o]) => ({ key, o }));
+}
+
 export function bashCompletion(prog: string, program: Command): string {
   const nodes = walk(program);
   const fn = `_${prog}_complete`;
@@ -52,38 +79,22 @@ export function bashCompletion(prog: string, program: Command): string {
   lines.push(`# bash completion for ${prog}: generated from its command definitions (\`${prog} completion bash\`).`);
   lines.push(`# Load it with: source <(${prog} completion bash), or save it in /etc/bash_completion.d/${prog}`);
   lines.push(`${fn}() {`);
-  lines.push('  local cur prev path="" i w skip=0');
+  lines.push('  local cur prev cmdpath="" i w skip=0');
   lines.push('  cur="${COMP_WORDS[COMP_CWORD]}"');
   lines.push('  prev="${COMP_WORDS[COMP_CWORD-1]}"');
   lines.push('  for ((i = 1; i < COMP_CWORD; i++)); do');
   lines.push('    w="${COMP_WORDS[i]}"');
-  lines.push('    if ((skip)); then skip=0; continue; fi');
-  lines.push('    case "$w" in');
-  const valued = [...new Set(nodes.flatMap((n) => options(n.cmd).filter(takesValue).flatMap(flagsOf)))];
-  if (valued.length > 0) lines.push(`      ${valued.join('|')}) skip=1 ;;`);
-  lines.push('      -*) ;;');
-  lines.push('      *) case "$path ${w}" in');
-  for (const n of nodes) {
-    const subs = visible(n.cmd).flatMap((c) => [c.name(), ...c.aliases()]);
-    for (const s of subs) lines.push(`           ${q((n.path ? `${n.path} ` : ' ') + s)}) path="${n.path ? `${n.path} ` : ''}${s}" ;;`);
-  }
-  lines.push('         esac ;;');
-  lines.push('    esac');
+  lines.push(...pathWalk(nodes, '    '));
   lines.push('  done');
   // Values of the option just typed: its choices, or files.
   lines.push('  case "$prev" in');
-  const seen = new Set<string>();
-  for (const n of nodes)
-    for (const o of options(n.cmd).filter(takesValue)) {
-      const key = flagsOf(o).join('|');
-      if (seen.has(key)) continue;
-      seen.add(key);
-      if (o.argChoices) lines.push(`    ${key}) COMPREPLY=($(compgen -W ${q(o.argChoices.join(' '))} -- "$cur")); return ;;`);
-      else if (wantsFile(o.flags)) lines.push(`    ${key}) COMPREPLY=($(compgen -f -- "$cur")); return ;;`);
-      else lines.push(`    ${key}) COMPREPLY=(); return ;;`);
-    }
+  for (const { key, o } of valueOptions(nodes)) {
+    if (o.argChoices) lines.push(`    ${key}) COMPREPLY=($(compgen -W ${q(o.argChoices.join(' '))} -- "$cur")); return ;;`);
+    else if (wantsFile(o.flags)) lines.push(`    ${key}) COMPREPLY=($(compgen -f -- "$cur")); return ;;`);
+    else lines.push(`    ${key}) COMPREPLY=(); return ;;`);
+  }
   lines.push('  esac');
-  lines.push('  case "$path" in');
+  lines.push('  case "$cmdpath" in');
   for (const n of nodes) {
     const subs = visible(n.cmd).flatMap((c) => [c.name(), ...c.aliases()]);
     const opts = [...new Set([...options(n.cmd).flatMap(flagsOf), '--help'])];
@@ -107,35 +118,20 @@ export function zshCompletion(prog: string, program: Command): string {
   lines.push(`# zsh completion for ${prog}: generated from its command definitions (\`${prog} completion zsh\`).`);
   lines.push(`# Save it as _${prog} in a directory of $fpath, or: source <(${prog} completion zsh)`);
   lines.push(`${fn}() {`);
-  lines.push('  local path="" w i skip=0');
+  lines.push('  local cmdpath="" w i skip=0');
   lines.push('  local -a subs opts');
   lines.push('  for ((i = 2; i < CURRENT; i++)); do');
   lines.push('    w="${words[i]}"');
-  lines.push('    if ((skip)); then skip=0; continue; fi');
-  lines.push('    case "$w" in');
-  const valued = [...new Set(nodes.flatMap((n) => options(n.cmd).filter(takesValue).flatMap(flagsOf)))];
-  if (valued.length > 0) lines.push(`      ${valued.join('|')}) skip=1 ;;`);
-  lines.push('      -*) ;;');
-  lines.push('      *) case "$path ${w}" in');
-  for (const n of nodes)
-    for (const s of visible(n.cmd).flatMap((c) => [c.name(), ...c.aliases()]))
-      lines.push(`           ${q((n.path ? `${n.path} ` : ' ') + s)}) path="${n.path ? `${n.path} ` : ''}${s}" ;;`);
-  lines.push('         esac ;;');
-  lines.push('    esac');
+  lines.push(...pathWalk(nodes, '    '));
   lines.push('  done');
   lines.push('  case "${words[CURRENT-1]}" in');
-  const seen = new Set<string>();
-  for (const n of nodes)
-    for (const o of options(n.cmd).filter(takesValue)) {
-      const key = flagsOf(o).join('|');
-      if (seen.has(key)) continue;
-      seen.add(key);
-      if (o.argChoices) lines.push(`    ${key}) compadd -- ${o.argChoices.map(q).join(' ')}; return ;;`);
-      else if (wantsFile(o.flags)) lines.push(`    ${key}) _files; return ;;`);
-      else lines.push(`    ${key}) return ;;`);
-    }
+  for (const { key, o } of valueOptions(nodes)) {
+    if (o.argChoices) lines.push(`    ${key}) compadd -- ${o.argChoices.map(q).join(' ')}; return ;;`);
+    else if (wantsFile(o.flags)) lines.push(`    ${key}) _files; return ;;`);
+    else lines.push(`    ${key}) return ;;`);
+  }
   lines.push('  esac');
-  lines.push('  case "$path" in');
+  lines.push('  case "$cmdpath" in');
   for (const n of nodes) {
     lines.push(`    ${q(n.path)})`);
     const subs = visible(n.cmd).flatMap((c) => [c.name(), ...c.aliases()].map((name) => `'${name}:${desc(c.description())}'`));

@@ -3,7 +3,7 @@ import { AoeTarget, RawPacketConn, formatMac } from '../../aoe/index.js';
 import { TorusError } from '../../core/errors.js';
 import { formatSize, parseDuration, parseSize } from '../../core/units.js';
 import { VolumeProvider } from '../../volume/provider.js';
-import type { MetricSample } from '../../http/metrics.js';
+import { counterSample as c, type MetricSample } from '../../http/metrics.js';
 import { connectMetadata } from '../shared/config.js';
 import { emit, outputOptions } from '../shared/output.js';
 import { ClientRuntime, logger, untilSignal, type ClientOpts } from './common.js';
@@ -22,7 +22,6 @@ function parseAddress(text: string, what: string, max: number): number {
 }
 
 function aoeSamples(st: AoeTarget['stats']): MetricSample[] {
-  const c = (name: string, help: string, value: number): MetricSample => ({ name, help, type: 'counter', value });
   return [
     { name: 'torus_aoe_in_flight', help: 'ATA commands being served', type: 'gauge', value: st.inFlight },
     c('torus_aoe_frames_total', 'AoE frames received', st.framesIn),

@@ -3,7 +3,7 @@ import { TorusError } from '../../core/errors.js';
 import type { DeviceProvider, MetadataService } from '../../core/interfaces.js';
 import { parseSize } from '../../core/units.js';
 import { HttpServer } from '../../http/server.js';
-import { NodeMetrics, type MetricSample } from '../../http/metrics.js';
+import { NodeMetrics, counterSample as c, type MetricSample } from '../../http/metrics.js';
 import { VolumeClient } from '../../volume/client.js';
 import { MeasuredProvider, VolumeIo, publishIo } from '../../volume/io-stats.js';
 import type { BlockIoOpts, GlobalOpts } from '../shared/config.js';
@@ -102,7 +102,6 @@ export class ClientRuntime {
 
 function distributorSamples(vc: VolumeClient): MetricSample[] {
   const d = vc.block.distributor.stats;
-  const c = (name: string, help: string, value: number): MetricSample => ({ name, help, type: 'counter', value });
   return [
     c('torus_client_block_reads_total', 'Blocks (or ranges) read from storage nodes', d.reads),
     c('torus_client_block_read_bytes_total', 'Bytes read from storage nodes', d.readBytes),
