@@ -82,7 +82,7 @@ export interface BalanceState {
 }
 
 function named(p: PeerStatus): string {
-  return p.address ? `${p.address} (${p.uuid})` : p.uuid;
+  return p.address ? `${p.uuid} (${p.address})` : p.uuid;
 }
 
 /** How health and balance judgements word the ring members that are not heartbeating. */

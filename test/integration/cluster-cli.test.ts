@@ -227,7 +227,7 @@ describe('README steps 2-5', () => {
     let h = await runCli('torusctl', [...C, 'health']);
     assert.equal(h.code, 0, h.stdout);
     assert.match(h.stdout, /^MAINTENANCE: ring v\d+/);
-    assert.match(h.stdout, new RegExp(`down for maintenance: ${n.address.replace(/[.]/g, '\\.')} \\(${on.uuid}\\) until `));
+    assert.match(h.stdout, new RegExp(`down for maintenance: ${on.uuid} \\(${n.address.replace(/[.]/g, '\\.')}\\) until `));
     // A short window runs out: normal rules again.
     await ok('torusctl', [...C, 'peer', 'maintenance', 'on', on.uuid, '--for', '1s']);
     await new Promise((r) => setTimeout(r, 1500));
