@@ -22,6 +22,21 @@ export function logger(opts: ClientOpts): Logger {
   return makeLogger('torusblk', opts);
 }
 
+export async function clientFor(
+  meta: MetadataService,
+  opts: BlockIoOpts,
+  log: Logger,
+  observeRpc?: (peer: string, op: string, seconds: number, code?: string) => void,
+): Promise<VolumeClient> {
+  return VolumeClient.open(meta, {
+    readCacheBytes: parseSize(opts.readCacheSize),
+    readLevel: opts.readLevel as 'block',
+    writeLevel: opts.writeLevel as 'all',
+    onError: (err) => log.warn({ err: err.message }, 'cluster'),
+    ...(observeRpc ? { observeRpc } : {}),
+  });
+}
+
 /** How often the volume holder publishes its I/O rates in etcd for `torusctl volume info`. */
 const IO_PUBLISH_MS = 5000;
 
@@ -55,13 +70,7 @@ export class ClientRuntime {
     const listen = opts.metrics !== undefined ? parseHostPort(opts.metrics, '--metrics') : undefined;
     const sources: (() => MetricSample[])[] = [];
     const metrics = new NodeMetrics(() => sources.flatMap((f) => f()));
-    const vc = await VolumeClient.open(meta, {
-      readCacheBytes: parseSize(opts.readCacheSize),
-      readLevel: opts.readLevel as 'block',
-      writeLevel: opts.writeLevel as 'all',
-      onError: (err) => log.warn({ err: err.message }, 'cluster'),
-      observeRpc: (peer, op, seconds, code) => metrics.observeRpc(peer, op, seconds, code),
-    });
+    const vc = await clientFor(meta, opts, log, (peer, op, seconds, code) => metrics.observeRpc(peer, op, seconds, code));
     const rt = new ClientRuntime(vc, metrics);
     // The collect function reads the runtime's list: front ends add theirs once they exist.
     sources.push(() => rt.sources.flatMap((f) => f()));

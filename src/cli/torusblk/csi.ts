@@ -11,6 +11,7 @@ import { CsiServer } from '../../csi/server.js';
 import type { VolumeClient } from '../../volume/client.js';
 import { VolumeMeta } from '../../volume/meta.js';
 import { connectMetadata, resolveConnection, type BlockIoOpts, type GlobalOpts } from '../shared/config.js';
+import { emit, outputOptions } from '../shared/output.js';
 import { clientFor, logger, untilSignal } from './common.js';
 
 // `torusblk csi`: the Kubernetes CSI driver (src/csi) on a unix socket, as the controller (one per
@@ -22,6 +23,7 @@ interface CsiOpts extends GlobalOpts, BlockIoOpts {
   nodeId?: string;
   mode: 'all' | 'controller' | 'node';
   driverName: string;
+  json?: boolean;
 }
 
 /** This program, for the per-volume `torusblk nbd` processes the node service starts. */
@@ -48,7 +50,7 @@ function childArgs(opts: CsiOpts): string[] {
 }
 
 export function csiCommand(): Command {
-  return new Command('csi')
+  return outputOptions(new Command('csi'))
     .description('serve the Kubernetes CSI driver (Identity, Controller, Node) on a unix socket')
     .requiredOption('--endpoint <unix:///path>', 'the socket to serve gRPC on, e.g. unix:///csi/csi.sock')
     .option('--node-id <name>', 'this node\'s name as the CO knows it (default: the host name)')
@@ -104,7 +106,11 @@ export function csiCommand(): Command {
         log: { info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m), debug: (o, m) => log.debug(o, m) },
       });
       const path = await server.listen();
-      process.stdout.write(`serving CSI driver ${opts.driverName} (${opts.mode === 'all' ? 'controller and node' : opts.mode}${node ? `, node ${node.nodeId}` : ''}) on unix://${path}\n`);
+      emit(
+        opts,
+        { serving: `unix://${path}`, driver: opts.driverName, mode: opts.mode, node: node?.nodeId ?? null },
+        `serving CSI driver ${opts.driverName} (${opts.mode === 'all' ? 'controller and node' : opts.mode}${node ? `, node ${node.nodeId}` : ''}) on unix://${path}`,
+      );
       const sig = await untilSignal();
       log.info({ signal: sig }, 'stopping');
       await server.close();
