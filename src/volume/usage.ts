@@ -1,12 +1,16 @@
 import { blockRefKey } from '../core/ids.js';
 import { walkTree, type VolumeBlockStore } from './inode.js';
+import { logRef } from './journal-format.js';
 import type { VolumeMeta } from './meta.js';
 import type { Head, Pointer } from './records.js';
+import { decodeRunPage } from './runs.js';
 
 // How much storage a volume takes, found by walking its inode trees (pages only: the leaves name
-// the data blocks, which are never read). Blocks are shared by identity: a snapshot shares every
-// block its volume has not rewritten since, and a clone shares its parent snapshot's blocks. Sizes
-// are of one copy; the cluster stores R of each.
+// the data blocks, which are never read) and its overlay run chains (docs/journal.md: the runs
+// name the journal's log blocks that hold data not yet folded into whole blocks). Blocks are
+// shared by identity: a snapshot shares every block its volume has not rewritten since, and a
+// clone shares its parent snapshot's blocks. Sizes are of one copy; the cluster stores R of each.
+// A log block counts whole while any run names it, as it takes its slot until it is collected.
 
 export interface SnapshotUsage {
   readonly name: string;
@@ -19,13 +23,13 @@ export interface SnapshotUsage {
 }
 
 export interface VolumeUsage {
-  /** Bytes of data blocks the volume's current head references (written, not trimmed). */
+  /** Bytes of data blocks and journal log blocks the volume's current head references (written, not trimmed). */
   readonly allocated: number;
   /** Of those, bytes also held by a snapshot of it, its parent snapshot or a clone of it. */
   readonly shared: number;
   /** allocated - shared: what the volume alone holds. */
   readonly exclusive: number;
-  /** Bytes of inode pages of the head. */
+  /** Bytes of inode pages and overlay run pages of the head. */
   readonly metadata: number;
   readonly snapshots: readonly SnapshotUsage[];
 }
@@ -39,7 +43,7 @@ export class TreeReader {
     this.fanout = store.blockSize / 32;
   }
 
-  /** Keys of the data blocks and of the pages of a tree. */
+  /** Keys of the data (and log) blocks, and the count of inode and run pages, of a head. */
   async blocks(head: Head): Promise<{ data: Set<string>; pages: number }> {
     const data = new Set<string>();
     let pages = 0;
@@ -53,6 +57,13 @@ export class TreeReader {
         return kind === 'page';
       },
     );
+    for (let p = head.runs ?? null; p; ) {
+      const page = decodeRunPage(await this.page(p));
+      pages++;
+      for (const e of page.entries) if (e.kind === 'log') data.add(blockRefKey(logRef(e.log)));
+      if (page.base) break;
+      p = page.prev;
+    }
     return { data, pages };
   }
 

@@ -135,10 +135,11 @@ async function volumeInfo(c: Command, name: string, opts: OutputOpts): Promise<v
       metadata: usage.metadata,
       snapshots: usage.snapshots,
       lock: lock ? { host: lock.host, pid: lock.pid, process: lock.holder, since: lock.since } : null,
-      // Volumes have no write journal (a sync commits whole blocks and a new head); there is no
-      // journal or checkpoint to report, and the field says so rather than being left out.
-      journal: { kind: 'none', detail: 'volumes have no journal: each sync commits a new head in etcd' },
-      lastSyncEpoch: head.epoch,
+      // docs/journal.md: where the writer's journal is, and what the last checkpoint committed.
+      journal: head.journal
+        ? { kind: 'replicated', epoch: head.journal.epoch, segment: head.journal.segment, start: head.journal.start, replicas: head.journal.replicas, nextLsn: head.lsn ?? 1, tail: lock ? 'held by the writer' : 'left by a writer that stopped without closing: replayed by the next open' }
+        : { kind: 'replicated', replicas: [], nextLsn: head.lsn ?? 1, tail: 'none (checkpointed at close)' },
+      lastCheckpointEpoch: head.epoch,
       io: rates ? { at: rates.at, intervalSec: rates.intervalSec, rates: rates.rates, totals: rates.totals } : null,
     };
     if (opts.json) {
@@ -150,9 +151,13 @@ async function volumeInfo(c: Command, name: string, opts: OutputOpts): Promise<v
       `Volume:      ${record.name} (id ${record.id}, ${record.type}${record.parent ? `, cloned from ${record.parent.volume}@${record.parent.snapshot}` : ''})`,
       `Created:     ${record.createdAt}`,
       `Size:        ${sz(head.size)}`,
-      `Allocated:   ${sz(usage.allocated)} (${sz(usage.exclusive)} its own, ${sz(usage.shared)} shared with snapshots or clones), plus ${sz(usage.metadata)} of inode pages; each stored on R replicas`,
+      `Allocated:   ${sz(usage.allocated)} (${sz(usage.exclusive)} its own, ${sz(usage.shared)} shared with snapshots or clones), plus ${sz(usage.metadata)} of inode and run pages; each stored on R replicas (journal data counts until folded; the tail since the last checkpoint is not counted)`,
       `Lock:        ${lock ? `held by ${lock.host} pid ${lock.pid} (process ${lock.holder}) since ${lock.since}` : 'free (not mounted)'}`,
-      `Journal:     none (volumes have no journal: each sync commits a new head in etcd)`,
+      `Journal:     ${
+        head.journal
+          ? `segment ${head.journal.segment} of epoch ${head.journal.epoch} on ${head.journal.replicas.join(', ')}, tail from log block ${head.journal.start}${lock ? '' : ' (left without a close: the next open replays it)'}`
+          : 'no tail (everything checkpointed)'
+      }; next LSN ${head.lsn ?? 1}`,
       `I/O:         ${
         rates
           ? `${rates.rates.readOps} reads/s (${sz(Math.round(rates.rates.readBytes))}/s), ${rates.rates.writeOps} writes/s (${sz(Math.round(rates.rates.writtenBytes))}/s), ${rates.rates.flushOps} flushes/s over ${rates.intervalSec}s to ${rates.at}`
