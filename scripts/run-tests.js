@@ -8,7 +8,7 @@
 //   node scripts/run-tests.js integration     integration tests (dist/test)
 //   node scripts/run-tests.js ring storage    only files whose path contains one of the words
 import { spawnSync } from 'node:child_process';
-import { readdirSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 
 function walk(dir) {
@@ -22,7 +22,8 @@ function walk(dir) {
   for (const name of entries) {
     const p = join(dir, name);
     if (statSync(p).isDirectory()) out = out.concat(walk(p));
-    else if (name.endsWith('.test.js')) out.push(p);
+    // A compiled test whose source is gone (renamed or deleted since the last build) is stale.
+    else if (name.endsWith('.test.js') && existsSync(p.replace(/^dist\//, '').replace(/\.js$/, '.ts'))) out.push(p);
   }
   return out.sort();
 }

@@ -10,7 +10,7 @@ import { describe, it } from 'node:test';
 import { BlockType, blockRefKey, type BlockRef } from '../core/ids.js';
 import { blockStoreConformance, rejectsWith } from './block-store-conformance.js';
 import { FileBlockStore } from './file-store.js';
-import { DATA_FILE, HEADER_COPY_OFFSETS, INCOMPAT_OPEN_LOG, LOCK_FILE, Layout, TABLE_FILE, decodeRecord, encodeHeader, encodeRecord } from './format.js';
+import { DATA_FILE, HEADER_COPY_OFFSETS, INCOMPAT_OPEN_LOG, LOCK_FILE, Layout, TABLE_FILE, decodeHeader, decodeRecord, encodeHeader, encodeRecord } from './format.js';
 import { dropCache, pageCacheReadsAvailable, readCached, usePageCacheReads } from './page-cache.js';
 import { dataRef, makeTmpDir, padded, pattern, peek, removeDir, withTmpDir } from './testing.js';
 
@@ -354,12 +354,46 @@ describe('FileBlockStore', () => {
       await flipByte(dir, TABLE_FILE, a.checksumOffset + 13);
       // Slot b's record now names another ref, committing checksums that are not on disk: what
       // a power cut leaves when the record reached the disk and the data did not.
-      await poke(dir, TABLE_FILE, b.recordOffset, encodeRecord(dataRef(9, 9, 9), b.generation + 10, 0x1234));
+      // Its generation is one the header says was synced, so this is damage, not a lost write.
+      await poke(dir, TABLE_FILE, b.recordOffset, encodeRecord(dataRef(9, 9, 9), b.generation, 0x1234));
       s = await openStore(dir, 4);
       try {
+        assert.equal(s.stats().unsyncedDroppedAtOpen, 0);
         await rejectsWith(s.readRange(dataRef(1, 1, 0), 0, 1), 'CORRUPT', /checksum array/);
         await rejectsWith(s.getBlock(dataRef(9, 9, 9)), 'CORRUPT');
         assert.equal(s.usedBlocks(), 0);
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('at open, checks the blocks written after the durable watermark and drops those whose data never landed', () =>
+    withTmpDir(async (dir) => {
+      let s = await openStore(dir, 4);
+      await s.putBlock(dataRef(1, 1, 0), pattern(1, B));
+      await s.putBlock(dataRef(1, 1, 1), pattern(2, B));
+      const a = s.locate(dataRef(1, 1, 0))!;
+      const b = s.locate(dataRef(1, 1, 1))!;
+      await s.close();
+      const layout = new Layout(B);
+      // Two writes a power cut interrupted, both after the watermark: slot 2 got its record and
+      // data (a complete but unsynced put), slot 3 its record only (data and checksums never landed).
+      const sums = await peek(dir, TABLE_FILE, a.checksumOffset, layout.checksumArraySize);
+      await poke(dir, DATA_FILE, layout.dataOffset(2), pattern(1, B));
+      await poke(dir, TABLE_FILE, layout.checksumOffset(2), sums);
+      await poke(dir, TABLE_FILE, layout.recordOffset(2), encodeRecord(dataRef(2, 1, 0), b.generation + 5, crc32c(sums)));
+      await poke(dir, TABLE_FILE, layout.recordOffset(3), encodeRecord(dataRef(2, 1, 1), b.generation + 6, crc32c(sums)));
+      s = await openStore(dir, 4);
+      try {
+        assert.equal(s.stats().unsyncedDroppedAtOpen, 1);
+        assert.deepEqual(await s.getBlock(dataRef(2, 1, 0)), pattern(1, B));
+        assert.equal(s.hasBlock(dataRef(2, 1, 1)), false, 'a block whose data never landed is not claimed');
+        assert.equal(s.usedBlocks(), 3);
+        await s.close();
+        // The store's own close made everything durable: the next open has nothing to check.
+        s = await openStore(dir, 4);
+        assert.equal(s.stats().unsyncedDroppedAtOpen, 0);
+        assert.equal(s.usedBlocks(), 3);
       } finally {
         await s.close();
       }
@@ -459,7 +493,7 @@ describe('FileBlockStore', () => {
       await s.close();
       s = await FileBlockStore.open({ dir, blockSize: bs, sizeBytes: 4200 * bs + 100 });
       assert.equal(s.numBlocks(), 4200);
-      assert.equal(s.info().sequence, 2);
+      assert.equal(s.info().slotCount, 4200);
       for (let i = 4; i < 4200; i += 100) {
         await Promise.all(Array.from({ length: Math.min(100, 4200 - i) }, (_, j) => s.putBlock(dataRef(1, 1, i + j), pattern(i + j, bs))));
       }
@@ -495,12 +529,16 @@ describe('FileBlockStore', () => {
   it('uses the second header copy when the newest is damaged, and refuses unknown formats', () =>
     withTmpDir(async (dir) => {
       await (await openStore(dir, 4)).close();
-      let s = await openStore(dir, 8); // grow: sequence 2 goes to copy 0
+      let s = await openStore(dir, 8); // grows: the other copy says 8 slots
       await s.putBlock(dataRef(1, 1, 0), pattern(1, B));
       const header = s.info();
       await s.close();
-      await flipByte(dir, TABLE_FILE, HEADER_COPY_OFFSETS[0] + 30);
+      const copies = await Promise.all(HEADER_COPY_OFFSETS.map(async (off) => decodeHeader(await peek(dir, TABLE_FILE, off, 512))));
+      const newest = copies[0]!.sequence > copies[1]!.sequence ? 0 : 1;
+      await flipByte(dir, TABLE_FILE, HEADER_COPY_OFFSETS[newest]! + 30);
       s = await openStore(dir, 8);
+      assert.equal(s.info().sequence, copies[1 - newest]!.sequence);
+      assert.equal(s.numBlocks(), 8);
       assert.deepEqual(await s.getBlock(dataRef(1, 1, 0)), pattern(1, B));
       await s.close();
       await poke(dir, TABLE_FILE, HEADER_COPY_OFFSETS[0], encodeHeader({ ...header, version: 2, sequence: 99 }));

@@ -240,11 +240,23 @@ export class FileBlockStore implements LocalBlockStore {
   private incompatUpdate: Promise<void> | undefined;
   /** Generations handed out whose writes have not completed (their records may not be on disk yet). */
   private readonly inflightGens = new Set<number>();
-  /** Header rewrites run one at a time (they alternate copies by sequence). */
+  /** Header rewrites run one at a time. */
   private headerChain: Promise<unknown> = Promise.resolve();
+  /**
+   * The header copy known to be on stable storage. Every rewrite goes to the other copy, so a
+   * torn or lost rewrite always leaves this one readable, whatever order the disk persisted in.
+   */
+  private durableCopy: number;
+  /**
+   * Counts each rewrite's start and its end (odd while one is writing): a table sync promotes the
+   * other copy only if no rewrite was under way when it started and none began during it.
+   */
+  private headerWrites = 0;
+  private unsyncedHeader = false;
   private readonly counters: BlockStoreStats = emptyStats();
 
-  private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader) {
+  private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader, headerCopy: number) {
+    this.durableCopy = headerCopy;
     this.dir = dir;
     this.data = data;
     this.table = table;
@@ -286,6 +298,7 @@ export class FileBlockStore implements LocalBlockStore {
       const tablePath = join(dir, TABLE_FILE);
       const dataPath = join(dir, DATA_FILE);
       let header: StoreHeader;
+      let headerCopy = 0;
       let data: FileHandle;
       let table: FileHandle;
       if ((await fileSize(tablePath)) === undefined) {
@@ -301,7 +314,7 @@ export class FileBlockStore implements LocalBlockStore {
         handles.push(data);
         table = await open(tablePath, 'r+');
         handles.push(table);
-        header = await FileBlockStore.readHeader(dir, table);
+        ({ header, copy: headerCopy } = await FileBlockStore.readHeader(dir, table));
         if (header.blockSize !== blockSize)
           throw new TorusError(
             'INVALID_ARGUMENT',
@@ -320,9 +333,9 @@ export class FileBlockStore implements LocalBlockStore {
             `block store in ${dir} holds ${header.slotCount} blocks (${header.slotCount * blockSize} bytes); ` +
               `refusing to shrink it to ${slots} blocks (${sizeBytes} bytes): stores only grow`,
           );
-        if (slots > header.slotCount) header = await FileBlockStore.grow(data, table, header, slots);
+        if (slots > header.slotCount) ({ header, copy: headerCopy } = await FileBlockStore.grow(data, table, header, headerCopy, slots));
       }
-      const store = new FileBlockStore(dir, data, table, lock, header);
+      const store = new FileBlockStore(dir, data, table, lock, header, headerCopy);
       await store.load();
       return store;
     } catch (err) {
@@ -375,25 +388,27 @@ export class FileBlockStore implements LocalBlockStore {
     return header;
   }
 
-  private static async readHeader(dir: string, table: FileHandle): Promise<StoreHeader> {
+  /** The newest valid header copy and which copy it is. */
+  private static async readHeader(dir: string, table: FileHandle): Promise<{ header: StoreHeader; copy: number }> {
     const area = Buffer.alloc(HEADER_AREA_SIZE);
     const { bytesRead } = await table.read(area, 0, HEADER_AREA_SIZE, 0);
     let best: StoreHeader | undefined;
-    for (const off of HEADER_COPY_OFFSETS) {
-      if (bytesRead < off + HEADER_COPY_SIZE) continue;
+    let copy = 0;
+    HEADER_COPY_OFFSETS.forEach((off, i) => {
+      if (bytesRead < off + HEADER_COPY_SIZE) return;
       const h = decodeHeader(area.subarray(off, off + HEADER_COPY_SIZE));
-      if (h && (!best || h.sequence > best.sequence)) best = h;
-    }
+      if (h && (!best || h.sequence > best.sequence)) [best, copy] = [h, i];
+    });
     if (!best) throw new TorusError('CORRUPT', `${join(dir, TABLE_FILE)} has no valid header (not a torus block store, or both copies damaged)`);
     checkHeaderSupported(best, dir);
-    return best;
+    return { header: best, copy };
   }
 
   /**
    * Extends both files, makes the new sizes durable, and only then publishes the new slot count
    * in the header: a crash before that leaves longer files the old header ignores.
    */
-  private static async grow(data: FileHandle, table: FileHandle, header: StoreHeader, slots: number): Promise<StoreHeader> {
+  private static async grow(data: FileHandle, table: FileHandle, header: StoreHeader, copy: number, slots: number): Promise<{ header: StoreHeader; copy: number }> {
     const layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
     const dataSize = (await data.stat()).size;
     const tableSize = (await table.stat()).size;
@@ -402,11 +417,10 @@ export class FileBlockStore implements LocalBlockStore {
     await data.sync();
     await table.sync();
     const next: StoreHeader = { ...header, slotCount: slots, sequence: header.sequence + 1 };
-    // Alternate copies so the copy being overwritten is never the only valid one.
-    const off = HEADER_COPY_OFFSETS[next.sequence % 2] ?? 0;
-    await writeFull(table, encodeHeader(next), off);
+    // Into the other copy, so the one being overwritten is never the only valid one.
+    await writeFull(table, encodeHeader(next), HEADER_COPY_OFFSETS[1 - copy] ?? 0);
     await table.datasync();
-    return next;
+    return { header: next, copy: 1 - copy };
   }
 
   /** Rebuilds the index from the records, reading only the record regions of the table. */
@@ -1006,16 +1020,28 @@ export class FileBlockStore implements LocalBlockStore {
   }
 
   /**
-   * Writes the header with `change` applied over the older copy (a torn write leaves the current
-   * one readable); with `sync`, durable before it resolves.
+   * Writes the header with `change` applied into the copy that is not known durable; with `sync`,
+   * durable before it resolves. Without, it becomes durable with the table's next sync (or never:
+   * only the watermark is written so, and a stale one only makes the next open check more).
    */
   private rewriteHeader(change: (h: StoreHeader) => StoreHeader, sync: boolean): Promise<void> {
     const run = this.headerChain.then(async () => {
       const next: StoreHeader = { ...change(this.hdr), sequence: this.hdr.sequence + 1 };
-      await writeFull(this.table, encodeHeader(next), HEADER_COPY_OFFSETS[next.sequence % 2] ?? 0);
-      if (sync) await this.table.datasync();
-      else this.tableDirty = true;
+      const target = 1 - this.durableCopy;
+      this.headerWrites++;
+      try {
+        await writeFull(this.table, encodeHeader(next), HEADER_COPY_OFFSETS[target] ?? 0);
+      } finally {
+        this.headerWrites++;
+      }
       this.hdr = next;
+      if (sync) {
+        await this.table.datasync();
+        this.durableCopy = target;
+        this.unsyncedHeader = false;
+      } else {
+        this.unsyncedHeader = true;
+      }
     });
     this.headerChain = run.catch(noop);
     return run;
@@ -1191,6 +1217,8 @@ export class FileBlockStore implements LocalBlockStore {
     this.dataDirty = false;
     this.tableDirty = false;
     const durableGen = this.completedGen();
+    const headerWrites = this.headerWrites;
+    const promote = table && this.unsyncedHeader && headerWrites % 2 === 0;
     const releasing = this.pendingFree;
     this.pendingFree = [];
     this.releasing += releasing.length;
@@ -1211,6 +1239,12 @@ export class FileBlockStore implements LocalBlockStore {
     }
     this.releasing -= releasing.length;
     this.counters.flushes++;
+    // The header copy written before this sync is durable now, unless another rewrite raced the
+    // sync into the same copy (it may be torn): then the older copy stays the one to keep.
+    if (promote && this.headerWrites === headerWrites) {
+      this.durableCopy = 1 - this.durableCopy;
+      this.unsyncedHeader = false;
+    }
     // Every generation up to durableGen is on stable storage now. Said in the header (made durable
     // by the next flush), so an open after a crash checks only blocks written after it.
     if (durableGen > (this.hdr.durableGen ?? 0))
@@ -1254,8 +1288,9 @@ export class FileBlockStore implements LocalBlockStore {
       try {
         if (!this.broken) {
           await this.flushInternal();
+          await this.headerChain;
           // The header's watermark durable too: a clean open checks nothing.
-          if (this.tableDirty) await this.table.datasync();
+          if (this.unsyncedHeader) await this.table.datasync();
         }
       } catch (err) {
         failure = err;

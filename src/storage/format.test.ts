@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { MAX_VOLUME_ID, type BlockRef } from '../core/ids.js';
 import {
+  COMPAT_DURABLE_GEN,
   HEADER_AREA_SIZE,
   Layout,
   RECORD_SIZE,
@@ -38,7 +39,8 @@ const header: StoreHeader = {
   checksumArraySize: checksumArraySize(512 * 1024),
   slotsPerGroup: 4096,
   incompatFlags: 0,
-  compatFlags: 0,
+  compatFlags: COMPAT_DURABLE_GEN,
+  durableGen: 2 ** 40 + 5,
   storeId: '00112233445566778899aabbccddeeff',
   createdAt: 1_700_000_000_000,
 };
