@@ -113,6 +113,14 @@ export class JournalWriter {
     throw new TorusError('NO_PEER', `no journal segment of volume ${this.volume} has all its replicas reachable (failed: ${[...this.failed].join(', ') || 'none'})`);
   }
 
+  /** Whether the ring now gives the segment other owners than the replicas it is written to. */
+  misplaced(): boolean {
+    if (this.segment < 0) return false;
+    const owners = this.peers.journalOwners(logRef({ volume: this.volume, epoch: this.epoch, index: logIndex(this.segment, 0) }));
+    const want = owners.peers.slice(0, owners.replication);
+    return want.length !== this.replicaSet.length || want.some((p) => !this.replicaSet.includes(p));
+  }
+
   /** Starts the journal in a fresh segment (a new session, before anything is appended). */
   async startFresh(): Promise<void> {
     const { segment, replicas } = await this.pickSegment(0);

@@ -61,6 +61,9 @@ export interface VolumeStats {
   snapshotsTaken: number;
 }
 
+/** How often a writer checks that the ring still puts its journal where it writes it. */
+const RING_CHECK_MS = 1000;
+
 const DEFAULTS = {
   writeCacheBytes: 128 * 1024 * 1024,
   checkpointBytes: 64 * 1024 * 1024,
@@ -102,6 +105,9 @@ export class BlockVolume implements BlockDevice {
   private checkpointRunning: Promise<void> | undefined;
   /** A journal that could not be moved after a replica failed: the next flush tries again. */
   private journalBroken = false;
+  /** The ring places the journal's segment on other nodes now: move it at the next flush. */
+  private journalMisplaced = false;
+  private ringMove: Promise<void> | undefined;
   private fenced: TorusError | undefined;
   private closed = false;
   private lastWrite = Date.now();
@@ -145,22 +151,31 @@ export class BlockVolume implements BlockDevice {
     }
     const record = await ctx.meta.get(name);
     if (opts.readOnly) {
-      const { head } = await ctx.meta.head(record.id);
-      const v = new BlockVolume(ctx, record, head, undefined, opts);
-      await v.loadRuns(head.runs ?? null);
-      // A tail left by a writer that is gone holds flushed writes: read it (nothing is fenced; a
-      // writer opening meanwhile replays it too). A mounted volume is read as of its checkpoint.
-      if (head.journal && !(await ctx.meta.lockHolder(record.id))) {
-        const records = await readTail(ctx.store, record.id, undefined, head.journal, head.lsn ?? 1);
-        let lsn = head.lsn ?? 1;
-        for (const r of records) {
-          if (r.type === RecordType.Resize) v.applySize(r.offset);
-          else v.stage(r.type, r.offset, r.length, r.data, true);
-          for (const e of v.pending) e.src.lsn = lsn++;
-          v.pending = [];
+      // The committed head and its journal tail: every flush acknowledged before the open, even
+      // while a writer has the volume mounted (nothing is fenced: records past the last complete
+      // one are not read). A checkpoint racing the read may collect the tail's log blocks; then
+      // the newer head has the data, so read again.
+      for (let attempt = 1; ; attempt++) {
+        const { head } = await ctx.meta.head(record.id);
+        const v = new BlockVolume(ctx, record, head, undefined, opts);
+        try {
+          await v.loadRuns(head.runs ?? null);
+          if (head.journal) {
+            const records = await readTail(ctx.store, record.id, undefined, head.journal, head.lsn ?? 1);
+            let lsn = head.lsn ?? 1;
+            for (const r of records) {
+              if (r.type === RecordType.Resize) v.applySize(r.offset);
+              else v.stage(r.type, r.offset, r.length, r.data, true);
+              for (const e of v.pending) e.src.lsn = lsn++;
+              v.pending = [];
+            }
+          }
+          return v;
+        } catch (err) {
+          const { head: now } = await ctx.meta.head(record.id);
+          if (attempt >= 5 || now.epoch === head.epoch) throw err;
         }
       }
-      return v;
     }
     if (!ctx.session) throw new TorusError('INTERNAL', 'opening a volume for writing needs an etcd session');
     const lock = await ctx.meta.lock(name, ctx.session);
@@ -233,6 +248,7 @@ export class BlockVolume implements BlockDevice {
       if (this.tailBytes > 0 || this.resets.length > 0) this.checkpointInBackground();
     });
     every(this.o.snapshotPollMs, () => void this.takeRequestedSnapshots().catch(() => undefined));
+    every(RING_CHECK_MS, () => this.followRing());
     every(Math.max(1000, Math.floor(this.o.foldIdleMs / 3)), () => {
       if (this.o.foldIdleMs > 0 && Date.now() - this.lastWrite >= this.o.foldIdleMs && this.overlay.size > 0) this.foldInBackground(this.overlay.indexes());
     });
@@ -431,6 +447,7 @@ export class BlockVolume implements BlockDevice {
     if (this.fenced) throw this.fenced;
     const j = this.journal!;
     if (this.journalBroken) await this.moveJournal();
+    else if (this.journalMisplaced) await this.followRingNow(j);
     const entries = this.takePending();
     if (entries.length === 0) return;
     try {
@@ -453,13 +470,48 @@ export class BlockVolume implements BlockDevice {
 
   private moveJournal(): Promise<void> {
     return this.exclusive(async () => {
-      if (!this.journalBroken) return;
+      if (!this.journalBroken && !this.journalMisplaced) return;
       const j = this.journal!;
       await j.moveTo();
       await this.commitHead({ ...this.headFields(), journal: j.position });
       this.journalBroken = false;
+      this.journalMisplaced = false;
       this.stats.journalMoves++;
     });
+  }
+
+  /**
+   * Moves a journal whose replicas all work but that the ring now places elsewhere. If no
+   * segment can be had, the journal stays where it is and the flush goes on there; if the move
+   * failed half way (the writer already appends to the new segment), it is broken like any.
+   */
+  private async followRingNow(j: JournalWriter): Promise<void> {
+    const before = j.position.segment;
+    try {
+      await this.moveJournal();
+    } catch (err) {
+      if (isTorusError(err, 'LOCKED')) throw err;
+      if (j.position.segment !== before) {
+        this.journalBroken = true;
+        await this.moveJournal();
+      } else {
+        this.journalMisplaced = false;
+      }
+    }
+  }
+
+  /**
+   * A node added, drained or removed can change the owners of the journal's segment. The open
+   * log blocks are the writer's (the rebalancer never moves them), so the writer moves the journal
+   * to where the ring now puts it: otherwise a node being drained would keep them for good.
+   * Through the flush chain, which keeps appends one at a time.
+   */
+  private followRing(): void {
+    if (this.fenced || this.closed || this.readOnly || this.ringMove || this.journalBroken || !this.journal?.misplaced()) return;
+    this.journalMisplaced = true;
+    this.ringMove = this.flush()
+      .catch(() => undefined)
+      .finally(() => (this.ringMove = undefined));
   }
 
   /** Runs `fn` alone among checkpoints, folds and journal moves. */
