@@ -210,20 +210,3 @@ export async function eventually<T>(what: string, fn: () => Promise<T | undefine
   }
 }
 
-/**
- * From volume-writer output: the states the volume may be in after the writer was killed (the
- * last synced one, and the one whose sync was under way, which may or may not have committed).
- */
-export function acceptableHashes(out: string): string[] {
-  const syncing = new Map<number, string>();
-  let lastSynced = 0;
-  for (const line of out.split('\n')) {
-    const m = /^syncing (\d+) ([0-9a-f]{64})$/.exec(line);
-    if (m) syncing.set(Number(m[1]), m[2]!);
-    const d = /^synced (\d+)$/.exec(line);
-    if (d) lastSynced = Number(d[1]);
-  }
-  const out2 = [syncing.get(lastSynced)];
-  if (syncing.has(lastSynced + 1)) out2.push(syncing.get(lastSynced + 1));
-  return out2.filter((h): h is string => h !== undefined);
-}

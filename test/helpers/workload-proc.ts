@@ -14,6 +14,7 @@ export interface SyncEvent {
   msg?: string;
   spills?: number;
   fallbacks?: number;
+  journalMoves?: number;
 }
 
 export interface ReadEvent {
@@ -37,6 +38,7 @@ export interface ClosedEvent {
   verified: boolean;
   spills: number;
   fallbacks: number;
+  journalMoves: number;
   finalError?: { code: string; msg: string };
   verifyError?: { code: string; msg: string };
 }

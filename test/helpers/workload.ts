@@ -48,8 +48,16 @@ const errInfo = (err: unknown): { code: string; msg: string } => {
   const e = toTorusError(err);
   return { code: e.code, msg: e.message };
 };
-/** The distributor's counters: spills (a replica replaced by the next peer) and read fallbacks. */
-const dist = (): { spills: number; fallbacks: number } => ({ spills: vc.block.distributor.stats.spills, fallbacks: vc.block.distributor.stats.replicaFallbacks });
+/**
+ * How the client routed around failures: spills (a block put on the next peer instead of a failed
+ * owner), read fallbacks (a read served by another replica) and journal moves (the journal taken
+ * to replicas that work, docs/journal.md).
+ */
+const dist = (): { spills: number; fallbacks: number; journalMoves: number } => ({
+  spills: vc.block.distributor.stats.spills,
+  fallbacks: vc.block.distributor.stats.replicaFallbacks,
+  journalMoves: vol.stats.journalMoves,
+});
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 let stopping = false;

@@ -109,7 +109,7 @@ describe('etcd failures: one line, exit status 3', () => {
 
   test('torusd and torusblk say it the same way', async () => {
     const C = ['-C', `127.0.0.1:${h2Port}`];
-    oneLineStatus3(await runCli('torusd', [...C, '--data-dir', join(dir, 'node'), '--size', '64MiB']), /answered HTTP 404: not an etcd v3 endpoint$/);
+    oneLineStatus3(await runCli('torusd', [...C, '--data-dir', join(dir, 'node'), '--size', '64MiB', '--peer-address', 'http://127.0.0.1:1']), /answered HTTP 404: not an etcd v3 endpoint$/);
     oneLineStatus3(await runCli('torusblk', [...C, 'nbdserve', '--listen', '127.0.0.1:0']), /answered HTTP 404: not an etcd v3 endpoint$/);
   });
 });
