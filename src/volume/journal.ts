@@ -31,6 +31,8 @@ export interface TailEntry {
 
 /** Segments tried before a switch gives up. */
 const MAX_SEGMENT_TRIES = 64;
+/** How long a peer that failed an append is kept out of new segments while others will do. */
+const FAILED_PEER_AVOID_MS = 60_000;
 
 export interface JournalWriterOptions {
   readonly peers: JournalPeers;
@@ -65,8 +67,12 @@ export class JournalWriter {
   private lsnNext: number;
   /** Every record since the journal's start. */
   readonly tail: TailEntry[] = [];
-  /** Peers that failed this session: no segment with them is chosen again. */
-  private readonly failed = new Set<string>();
+  /**
+   * Peers that failed an append, and when. A segment with one that failed recently is avoided
+   * (it may answer probes and still fail appends), but not for good: a node that comes back is
+   * needed again when the ring has no segment of R live owners without it.
+   */
+  private readonly failed = new Map<string, number>();
   /** Seals that failed on some replica (the rebalancer or a retry covers them). */
   sealFailures = 0;
 
@@ -100,17 +106,22 @@ export class JournalWriter {
    * this session. NO_PEER when none can be found.
    */
   private async pickSegment(from: number): Promise<{ segment: number; replicas: string[] }> {
-    for (let s = from; s < from + MAX_SEGMENT_TRIES; s++) {
-      const owners = this.peers.journalOwners(logRef({ volume: this.volume, epoch: this.epoch, index: logIndex(s, 0) }));
-      const want = owners.replication;
-      const replicas = owners.peers.slice(0, want);
-      if (replicas.length === 0 || replicas.length < want) continue;
-      if (replicas.some((p) => this.failed.has(p))) continue;
-      const ok = await Promise.all(replicas.map((p) => this.peers.journalCapable(p)));
-      if (ok.every(Boolean)) return { segment: s, replicas };
-      replicas.forEach((p, i) => ok[i] || this.failed.add(p));
+    const recent = Date.now() - FAILED_PEER_AVOID_MS;
+    const down = new Set<string>();
+    // First without any peer that failed recently; then with them, if they answer now.
+    for (const avoidRecent of [true, false]) {
+      for (let s = from; s < from + MAX_SEGMENT_TRIES; s++) {
+        const owners = this.peers.journalOwners(logRef({ volume: this.volume, epoch: this.epoch, index: logIndex(s, 0) }));
+        const want = owners.replication;
+        const replicas = owners.peers.slice(0, want);
+        if (replicas.length === 0 || replicas.length < want) continue;
+        if (replicas.some((p) => down.has(p) || (avoidRecent && (this.failed.get(p) ?? 0) > recent))) continue;
+        const ok = await Promise.all(replicas.map((p) => this.peers.journalCapable(p)));
+        if (ok.every(Boolean)) return { segment: s, replicas };
+        replicas.forEach((p, i) => ok[i] || down.add(p));
+      }
     }
-    throw new TorusError('NO_PEER', `no journal segment of volume ${this.volume} has all its replicas reachable (failed: ${[...this.failed].join(', ') || 'none'})`);
+    throw new TorusError('NO_PEER', `no journal segment of volume ${this.volume} has all its replicas reachable (unreachable: ${[...down].join(', ') || 'none'})`);
   }
 
   /** Whether the ring now gives the segment other owners than the replicas it is written to. */
@@ -178,7 +189,7 @@ export class JournalWriter {
             const e = toTorusError(err);
             // A newer writer fenced the journal: this one is done, whatever else happens.
             if (e.code === 'LOCKED') fenced ??= e;
-            else this.failed.add(peer);
+            else this.failed.set(peer, Date.now());
             errors.push(`${peer}: ${e.message}`);
           }),
         );
@@ -278,7 +289,7 @@ export class JournalWriter {
 
   /** Peers this session saw fail. */
   failedPeers(): string[] {
-    return [...this.failed];
+    return [...this.failed.keys()];
   }
 }
 

@@ -399,6 +399,77 @@ test('checkpoints and folds move overlays into runs and whole blocks; a reopen r
   assert.ok((await again.read(0, size)).equals(model));
 });
 
+test('a journal replica that failed and came back is used again when no segment can do without it', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 64 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const model = Buffer.alloc(64 * BS);
+  const step = async (i: number): Promise<void> => {
+    const d = randomBytes(BS);
+    await vol.write(i * BS, d);
+    d.copy(model, i * BS);
+    await vol.flush();
+  };
+  await step(0);
+  const first = vol.head.journal!.replicas;
+  c.transport.down.add(first[0]!);
+  await step(1);
+  const second = vol.head.journal!.replicas;
+  assert.ok(!second.includes(first[0]!));
+  // It comes back; one of the new pair dies. Three nodes at R=2: the only live pair has the node
+  // that failed a moment ago, and it answers again.
+  c.transport.down.delete(first[0]!);
+  c.transport.down.add(second.find((p) => p !== first[0])!);
+  await step(2);
+  assert.equal(vol.stats.journalMoves, 2);
+  assert.ok(vol.head.journal!.replicas.includes(first[0]!));
+  assert.ok((await vol.read(0, 64 * BS)).equals(model));
+  await vol.close();
+});
+
+test('folds: a block after three times its size written into it, one split into too many segments, one trimmed whole; never a block written once', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 64 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0, maxSegmentsPerBlock: 4 });
+  const model = Buffer.alloc(64 * BS);
+  const write = async (off: number, len: number): Promise<void> => {
+    const d = randomBytes(len);
+    await vol.write(off, d);
+    d.copy(model, off);
+  };
+  // Background folds queue behind each other; a checkpoint queues behind them.
+  const settled = async (): Promise<number> => {
+    await vol.flush();
+    await vol.checkpoint();
+    return vol.stats.folds;
+  };
+  // One small write into each of 32 blocks: folding any would write a whole block for 512 bytes.
+  for (let i = 0; i < 32; i++) await write(i * BS + 512, 512);
+  assert.equal(await settled(), 0);
+  // Block 40, overwritten in place: folded once 3 x 4096 bytes went into it, not before.
+  for (let i = 0; i < 23; i++) {
+    await write(40 * BS + (i % 2) * 512, 512);
+    await vol.flush();
+  }
+  assert.equal(await settled(), 0, 'folded after 11,776 bytes');
+  await write(40 * BS, 512);
+  assert.equal(await settled(), 1, 'folded at 12,288 bytes');
+  // Block 50 in five separate pieces: more segments than a read should gather.
+  for (let i = 0; i < 5; i++) await write(50 * BS + i * 700, 100);
+  assert.equal(await settled(), 2);
+  // Block 60 written whole, then trimmed whole: folded into a hole.
+  await write(60 * BS, BS);
+  await vol.foldAll();
+  const folds = vol.stats.folds;
+  await vol.trim(60 * BS, BS);
+  model.fill(0, 60 * BS, 61 * BS);
+  assert.equal(await settled(), folds + 1);
+  assert.ok((await vol.read(0, 64 * BS)).equals(model));
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 64 * BS)).equals(model));
+});
+
 test('a checkpoint whose etcd commit fails changes nothing: the tail stays, and GC in between keeps it', async () => {
   const c = await memoryCluster(BS);
   const kv = c.meta.kv();

@@ -32,7 +32,12 @@ export interface OpenVolumeOptions {
   readonly checkpointBytes?: number;
   /** A checkpoint at least this often while there is a tail. 0: only by size, close and request. */
   readonly checkpointIntervalMs?: number;
-  /** Idle this long, fold the blocks with overlays (0: never when idle). */
+  /**
+   * A block is folded once this many times its size has been written into it since its last fold:
+   * folds then add at most R / foldAfter to the write amplification (docs/journal.md).
+   */
+  readonly foldAfter?: number;
+  /** Idle this long, fold every block with overlays (0, the default: never for idleness). */
   readonly foldIdleMs?: number;
   /** Overlay segments past which the blocks with the most are folded. */
   readonly maxOverlaySegments?: number;
@@ -68,7 +73,8 @@ const DEFAULTS = {
   writeCacheBytes: 128 * 1024 * 1024,
   checkpointBytes: 64 * 1024 * 1024,
   checkpointIntervalMs: 30_000,
-  foldIdleMs: 15_000,
+  foldAfter: 3,
+  foldIdleMs: 0,
   maxOverlaySegments: 256 * 1024,
   maxSegmentsPerBlock: 64,
   maxRunChain: 64,
@@ -198,6 +204,9 @@ export class BlockVolume implements BlockDevice {
    * commit the head that names it. Only then is the volume served.
    */
   private async startJournal(): Promise<void> {
+    // What was written since the last fold is not kept across sessions; the overlays' live bytes
+    // are a lower bound, so a block overwritten again and again still gets folded.
+    for (const i of this.overlay.indexes()) this.writtenSinceFold.set(i, this.overlay.segments(i).reduce((a, g) => a + g.end - g.start, 0));
     const lock = this.lock!;
     const head = this.committed;
     const epoch = lock.epoch;
@@ -625,13 +634,31 @@ export class BlockVolume implements BlockDevice {
   // ---- folds ----
 
   private folding = false;
+  /** Bytes written into each block index since this session last folded it. */
+  private readonly writtenSinceFold = new Map<number, number>();
 
+  /**
+   * Picks the blocks a flush made worth folding: written into foldAfter times their size since
+   * the last fold (so a fold's whole-block write is paid for by that much written), split into
+   * more overlay segments than a read should gather, or wholly trimmed (a fold then only drops the
+   * block from the tree, and the space comes back). Folding any earlier is what made write
+   * amplification 32-64 before the journal.
+   */
   private foldIfCrowded(entries: readonly TailEntry[]): void {
+    const bs = this.blockSize;
     const crowded = new Set<number>();
     for (const e of entries) {
-      if (e.rec.type === RecordType.Resize) continue;
-      const index = Math.floor(e.rec.offset / this.blockSize);
-      if (this.overlay.segments(index).length > this.o.maxSegmentsPerBlock) crowded.add(index);
+      const r = e.rec;
+      if (r.type === RecordType.Resize) continue;
+      for (let off = r.offset, end = r.offset + r.length; off < end; ) {
+        const index = Math.floor(off / bs);
+        const n = Math.min(end, (index + 1) * bs) - off;
+        const written = (this.writtenSinceFold.get(index) ?? 0) + n;
+        this.writtenSinceFold.set(index, written);
+        if (written >= this.o.foldAfter * bs || (n === bs && r.type === RecordType.Trim) || this.overlay.segments(index).length > this.o.maxSegmentsPerBlock)
+          crowded.add(index);
+        off += n;
+      }
     }
     if (this.overlay.size > this.o.maxOverlaySegments) {
       const most = this.overlay
@@ -648,18 +675,24 @@ export class BlockVolume implements BlockDevice {
     if (crowded.size > 0) this.foldInBackground([...crowded]);
   }
 
-  private foldInBackground(indexes: number[]): void {
-    if (this.folding || this.fenced || this.closed || this.readOnly) return;
+  /** Blocks waiting for a background fold, in the order they were asked for. */
+  private readonly foldQueue = new Set<number>();
+
+  private foldInBackground(indexes: Iterable<number>): void {
+    if (this.fenced || this.closed || this.readOnly) return;
+    for (const i of indexes) this.foldQueue.add(i);
+    if (this.folding) return;
     this.folding = true;
     void (async () => {
       try {
-        for (const i of indexes) {
+        for (const i of this.foldQueue) {
           if (this.fenced || this.closed) break;
+          this.foldQueue.delete(i);
           await this.exclusive(() => this.foldBlock(i));
         }
         if (this.resets.length > 0) await this.checkpoint();
       } catch {
-        // A fold that failed leaves the overlays in place; the next one tries again.
+        // A fold that failed leaves the overlays in place; the block's next write asks again.
       } finally {
         this.folding = false;
       }
@@ -685,6 +718,7 @@ export class BlockVolume implements BlockDevice {
     await this.tree.set(index, ptr);
     this.overlay.reset(index, lsn);
     this.resets.push({ index, lsn });
+    this.writtenSinceFold.delete(index);
     this.stats.folds++;
   }
 
