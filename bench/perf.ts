@@ -24,6 +24,7 @@ import { ok } from '../test/helpers/procs.js';
 import { collapse, summarize, writeFlameSvg, writeFolded, type ProfileSummary } from './lib/cpuprofile.js';
 import { figure, fillArgs, JOB_IDS, JOBS, jobArgs, runFio, type FioOutcome, type JobId, type Region } from './lib/fio.js';
 import { anatomy, type Anatomy } from './lib/anatomy.js';
+import { counterDelta, nodeCounters, type NodeCounters } from './lib/node-counters.js';
 import { describeMachine, type Machine } from './lib/machine.js';
 import { cpuTimes, ctxSwitches, etcdTxnMs, machineCpu, median, schedTimes, writeSyncMs } from './lib/probes.js';
 import { newTorusdSpec, startEtcdAt, startNbdkit, startNbdserve, startTorusd, type Proc, type TorusdSpec } from './lib/procs.js';
@@ -131,6 +132,8 @@ interface Run {
   mainThread: Record<string, { run: number; wait: number }>;
   /** 1-minute load average when the run ended: other tenants of a shared machine show here. */
   load1: number;
+  /** Torus runs: what the three storage nodes wrote and synced over the run (summed). */
+  storage?: NodeCounters;
 }
 
 interface Row {
@@ -156,7 +159,25 @@ interface Row {
   faultsPerMiB: { torus: number; nbdkit: number };
   /** Share of the run the main threads waited for a CPU: nbdserve, the torusd average. */
   runQueueWait: { nbdserve: number; torusd: number };
+  /** Latency jobs (P5): fio's write and flush latencies (medians over the Torus runs) and the
+   * replicas' mean fsync round, absolute and as a share of the write+flush cycle. */
+  latency?: { writeP50Us: number; writeP99Us: number; flushP50Us: number; flushP99Us: number; replicaSyncUs: number; syncShare: number; kitFlushP50Us: number; kitFlushP99Us: number };
   runs: Run[];
+}
+
+/** Bytes stored per byte written by a sustained 4 KiB random write load (P4's pattern), at R=2. */
+interface WriteAmp {
+  name: string;
+  /** The region written: the whole volume, or a hot region small enough for folds to happen. */
+  regionBytes: number;
+  writtenBytes: number;
+  /** (journal + whole-block bytes on all nodes) / written: what Torus itself wrote. */
+  logical: number;
+  /** The kernel's count of bytes the torusd processes sent to storage / written: page granular,
+   * slot tables and headers included. */
+  physical: number;
+  storage: NodeCounters;
+  iops: number;
 }
 
 interface TableResult {
@@ -166,6 +187,7 @@ interface TableResult {
   peakRss: Record<string, number>;
   fill: { torusMiBps: number; nbdkitMiBps: number };
   probes: { etcdTxnMs: number; writeSync4kMs: number; writeSyncBlockMs: number; anatomy: Anatomy };
+  writeAmp: WriteAmp[];
   profiles?: ProfileResult[];
 }
 
@@ -195,8 +217,8 @@ function fmtStat(unit: string, s: Stat): string {
 
 function fmtAnatomy(a: Anatomy): string {
   return (
-    `in-process 4 KiB write ${a.writeMs} ms (loads the block) + flush ${a.flushMs} ms = ${a.cycleMs} ms; ` +
-    `its steps: 2 blocks to R replicas ${a.put2Ms} ms, replicas' fsync ${a.replicaFlushMs} ms, one block read ${a.getMs} ms (medians of ${a.samples})`
+    `in-process 4 KiB write ${a.writeMs} ms + flush ${a.flushMs} ms = ${a.cycleMs} ms (medians of ${a.samples}); ` +
+    `the replicas made ${a.syncsPerFlush} fsync rounds per flush, ${a.replicaSyncMs} ms each on average`
   );
 }
 
@@ -270,6 +292,11 @@ class Cluster {
     for (const [i, s] of this.specs.entries()) this.nodes.push(await startTorusd(`torusd-${i + 1}`, s, nodeArgs(i)));
   }
 
+  /** Every storage node's counters, in node order. */
+  counters(): Promise<NodeCounters[]> {
+    return nodeCounters(this.nodes.map((p, i) => ({ pid: p.pid, httpPort: this.specs[i]!.httpPort })));
+  }
+
   torusUri(): string {
     return `nbd://127.0.0.1:${this.nbdPort}/v`;
   }
@@ -298,7 +325,7 @@ class Cluster {
   }
 }
 
-type Measured = Pick<Run, 'fio' | 'cores' | 'sysCores' | 'machineCores' | 'otherCores' | 'switchesPerIo' | 'faultsPerMiB' | 'mainThread'>;
+type Measured = Pick<Run, 'fio' | 'cores' | 'sysCores' | 'machineCores' | 'otherCores' | 'switchesPerIo' | 'faultsPerMiB' | 'mainThread' | 'storage'>;
 
 /** Runs fio, and reads from /proc what every server process (and the machine) did meanwhile. */
 async function measured(c: Cluster, uri: string, name: string, args: string[], outDir: string): Promise<Measured> {
@@ -306,11 +333,14 @@ async function measured(c: Cluster, uri: string, name: string, args: string[], o
   const before = procs.map((p) => cpuTimes(p.pid));
   const sw0 = procs.map((p) => ctxSwitches(p.pid));
   const st0 = procs.map((p) => schedTimes(p.pid));
+  const torus = uri === c.torusUri();
+  const n0 = torus ? await c.counters() : undefined;
   const m0 = machineCpu();
   const t0 = process.hrtime.bigint();
   const fio = await runFio(uri, name, args, join(outDir, `${name}.json`), runtimeSec + rampSec + 300);
   const wall = Number(process.hrtime.bigint() - t0) / 1e9;
   const m1 = machineCpu();
+  const storage = n0 ? counterDelta(n0, await c.counters()) : undefined;
   const cores: Record<string, number> = {};
   const sysCores: Record<string, number> = {};
   let ours = 0;
@@ -352,7 +382,17 @@ async function measured(c: Cluster, uri: string, name: string, args: string[], o
   const machineCores = (m1.busy - m0.busy) / wall;
   // fio's CPU share is over its job runtime, which is most of the wall time.
   const fioCores = (fio.fioCores * fio.runtimeMs) / 1000 / wall;
-  return { fio, cores, sysCores, machineCores: Number(machineCores.toFixed(2)), otherCores: Number(Math.max(0, machineCores - ours - fioCores).toFixed(2)), switchesPerIo, faultsPerMiB, mainThread };
+  return {
+    fio,
+    cores,
+    sysCores,
+    machineCores: Number(machineCores.toFixed(2)),
+    otherCores: Number(Math.max(0, machineCores - ours - fioCores).toFixed(2)),
+    switchesPerIo,
+    faultsPerMiB,
+    mainThread,
+    ...(storage ? { storage } : {}),
+  };
 }
 
 async function fill(c: Cluster, side: 'torus' | 'nbdkit', outDir: string): Promise<number> {
@@ -374,7 +414,7 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
       etcdTxnMs: await etcdTxnMs(c.etcd.endpoint),
       writeSync4kMs: await writeSyncMs(dir, 4096),
       writeSyncBlockMs: await writeSyncMs(dir, parseSize(blockSize)),
-      anatomy: await anatomy(c.etcd.endpoint, 'anatomy'),
+      anatomy: await anatomy(c.etcd.endpoint, 'anatomy', () => c.counters()),
     };
     log(`probes: etcd txn ${probes.etcdTxnMs.toFixed(2)} ms, 4 KiB write+fdatasync ${probes.writeSync4kMs.toFixed(2)} ms, ${blockSize} write+fdatasync ${probes.writeSyncBlockMs.toFixed(2)} ms`);
     log(`P5 anatomy: ${fmtAnatomy(probes.anatomy)}`);
@@ -444,10 +484,25 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
         }),
       };
       const met = spec.kind === 'throughput' ? ratio >= spec.target : ratio <= spec.target;
-      rows.push({ job, title: spec.title, unit: spec.unit, kind: spec.kind, target: spec.target, ceph: spec.ceph, torus, nbdkit: kit, ratio, met, cores, sysShare, switchesPerIo, faultsPerMiB, runQueueWait, runs: rs });
+      let latency: Row['latency'];
+      if (spec.kind === 'latency') {
+        const replicaSyncUs = med(tr, (r) => ((r.storage?.syncSeconds ?? NaN) * 1e6) / Math.max(1, r.storage?.flushes ?? 0));
+        latency = {
+          writeP50Us: med(tr, (r) => r.fio.writeClatP50Us),
+          writeP99Us: med(tr, (r) => r.fio.writeClatP99Us),
+          flushP50Us: med(tr, (r) => r.fio.syncLatP50Us),
+          flushP99Us: med(tr, (r) => r.fio.syncLatP99Us),
+          replicaSyncUs,
+          syncShare: Number((replicaSyncUs / torus.median).toFixed(2)),
+          kitFlushP50Us: med(kr, (r) => r.fio.syncLatP50Us),
+          kitFlushP99Us: med(kr, (r) => r.fio.syncLatP99Us),
+        };
+      }
+      rows.push({ job, title: spec.title, unit: spec.unit, kind: spec.kind, target: spec.target, ceph: spec.ceph, torus, nbdkit: kit, ratio, met, cores, sysShare, switchesPerIo, faultsPerMiB, runQueueWait, ...(latency ? { latency } : {}), runs: rs });
     }
+    const writeAmp = jobs.includes('P4') && !argv['profile-only'] ? await writeAmplification(c, outDir) : [];
     const peakRss = c.peakRss();
-    const result: TableResult = { blockSize, rows, peakRss, fill: fillResult, probes };
+    const result: TableResult = { blockSize, rows, peakRss, fill: fillResult, probes, writeAmp };
     if (argv.profile) result.profiles = await profilePass(c, resolve(argv.profile, `bs-${blockSize}`), outDir);
     return result;
   } catch (err) {
@@ -456,6 +511,45 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
   } finally {
     await c.stop();
   }
+}
+
+/**
+ * P4's pattern (4 KiB random writes, qd 32, a flush every 32) for a fixed number of bytes, over
+ * the whole volume and over a hot region a few times its size (where blocks are written often
+ * enough to be folded), each followed by closing the volume (its last checkpoint) so that the
+ * work the writes caused is counted too. Bytes the storage nodes wrote / bytes fio wrote.
+ */
+async function writeAmplification(c: Cluster, outDir: string): Promise<WriteAmp[]> {
+  const hot = Math.min(region.whole, quick ? 32 * MiB : 64 * MiB);
+  const cases = [
+    { name: 'whole volume', regionBytes: region.whole, writtenBytes: Math.min(region.whole, quick ? 64 * MiB : 256 * MiB) },
+    { name: 'hot region', regionBytes: hot, writtenBytes: (quick ? 4 : 8) * hot },
+  ];
+  const out: WriteAmp[] = [];
+  for (const k of cases) {
+    const before = await c.counters();
+    const fio = await runFio(
+      c.torusUri(),
+      `wa-${k.name.replace(' ', '-')}`,
+      ['--rw=randwrite', '--bs=4k', '--iodepth=32', `--size=${k.regionBytes}`, `--io_size=${k.writtenBytes}`, '--fsync=32'],
+      join(outDir, `wa-${k.name.replace(' ', '-')}.json`),
+      1800,
+    );
+    // SIGTERM: the last flush and checkpoint, and the folds already under way.
+    await c.stopNbd();
+    const d = counterDelta(before, await c.counters());
+    await c.startNbd();
+    const w: WriteAmp = {
+      ...k,
+      logical: Number(((d.blockBytes + d.journalBytes) / k.writtenBytes).toFixed(2)),
+      physical: Number((d.physicalBytes / k.writtenBytes).toFixed(2)),
+      storage: d,
+      iops: Math.round(fio.writeIops),
+    };
+    log(`${c.blockSize} write amplification, ${k.name} (${fmtMiB(k.regionBytes)}, ${fmtMiB(k.writtenBytes)} written at ${w.iops} IOPS): ${w.logical} (journal ${fmtMiB(d.journalBytes)}, blocks ${fmtMiB(d.blockBytes)}), physical ${w.physical}`);
+    out.push(w);
+  }
+  return out;
 }
 
 /** Each job once more with nbdserve and every torusd under --cpu-prof, each in fresh processes. */
@@ -540,6 +634,13 @@ function printTable(t: TableResult): void {
     `peak RSS: ${Object.entries(t.peakRss).map(([k, v]) => `${k} ${fmtMiB(v)}`).join(', ')}`,
     `fill ${volumeSize}: torus ${t.fill.torusMiBps.toFixed(0)} MiB/s, nbdkit ${t.fill.nbdkitMiBps.toFixed(0)} MiB/s; etcd txn ${t.probes.etcdTxnMs.toFixed(2)} ms, 4 KiB write+fdatasync ${t.probes.writeSync4kMs.toFixed(2)} ms, ${t.blockSize} write+fdatasync ${t.probes.writeSyncBlockMs.toFixed(2)} ms`,
     `P5 anatomy: ${fmtAnatomy(t.probes.anatomy)}`,
+    ...t.rows
+      .filter((r) => r.latency)
+      .map((r) => {
+        const l = r.latency!;
+        return `${r.job} latency (Torus medians of runs): write p50 ${l.writeP50Us.toFixed(0)} µs p99 ${l.writeP99Us.toFixed(0)} µs, flush p50 ${l.flushP50Us.toFixed(0)} µs p99 ${l.flushP99Us.toFixed(0)} µs (nbdkit flush p50 ${l.kitFlushP50Us.toFixed(0)} p99 ${l.kitFlushP99Us.toFixed(0)}); a replica's fsync round ${l.replicaSyncUs.toFixed(0)} µs = ${pct(l.syncShare)} of the cycle`;
+      }),
+    ...t.writeAmp.map((w) => `write amplification (R=2, target <= 3), ${w.name} ${fmtMiB(w.regionBytes)}: ${w.logical} (physical ${w.physical}), ${fmtMiB(w.writtenBytes)} written at ${w.iops} IOPS`),
   ];
   process.stdout.write(lines.join('\n') + '\n');
 }

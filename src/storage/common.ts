@@ -24,6 +24,8 @@ export interface BlockStoreStats {
   /** Durability rounds actually performed (one fsync of each file); less than flushRequests when coalesced. */
   flushes: number;
   flushRequests: number;
+  /** Milliseconds spent in those fsyncs (data and table file, one after the other). */
+  syncMs: number;
   /** Slot records found torn at open (treated as free). */
   tornRecordsAtOpen: number;
   /** Refs found in more than one slot at open (crash between a delete and a re-put); one copy kept. */
@@ -44,6 +46,7 @@ export function emptyStats(): BlockStoreStats {
     checksumFailures: 0,
     flushes: 0,
     flushRequests: 0,
+    syncMs: 0,
     tornRecordsAtOpen: 0,
     duplicatesAtOpen: 0,
     unsyncedDroppedAtOpen: 0,

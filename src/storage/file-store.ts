@@ -1225,8 +1225,10 @@ export class FileBlockStore implements LocalBlockStore {
     try {
       // Data before table: a record made durable by this round never points at data that was
       // written before the round yet is not durable.
+      const t0 = performance.now();
       if (data) await this.data.datasync();
       if (table) await this.table.datasync();
+      this.counters.syncMs += performance.now() - t0;
     } catch (err) {
       // After a failed fsync Linux may drop the dirty pages and report success next time, so a
       // retry proves nothing: refuse writes until a restart re-reads what the disk really has.

@@ -28,12 +28,13 @@ interface Row {
   nbdkit: Stat;
   ratio: number;
   kind: 'throughput' | 'latency';
+  latency?: { flushP50Us: number; flushP99Us: number; replicaSyncUs: number; syncShare: number };
 }
 interface Results {
   machine: { cores: number; cpuModel: string; kernel: string; memoryBytes: number };
   options: { reps: number };
   fioJobs: Record<string, string[]>;
-  tables: { blockSize: string; rows: Row[]; peakRss: Record<string, number> }[];
+  tables: { blockSize: string; rows: Row[]; peakRss: Record<string, number>; writeAmp: { name: string; logical: number; physical: number; writtenBytes: number }[] }[];
 }
 
 test('npm run bench, small: both sides of every job, medians of 3 with min and max, ratio last, peak RSS, JSON with the machine', { skip, timeout: 600_000 }, () => {
@@ -58,7 +59,15 @@ test('npm run bench, small: both sides of every job, medians of 3 with min and m
     assert.ok(Math.abs(row.ratio - row.torus.median / row.nbdkit.median) < 1e-9, `${row.job}: the ratio is Torus/nbdkit`);
     assert.ok(res.fioJobs[row.job]!.length > 0);
   }
-  assert.equal(t!.rows.find((x) => x.job === 'P5')!.kind, 'latency');
+  const p5 = t!.rows.find((x) => x.job === 'P5')!;
+  assert.equal(p5.kind, 'latency');
+  // Its anatomy: fio's flush latencies and the replicas' own fsync time, as a share of the cycle.
+  assert.ok(p5.latency && p5.latency.flushP50Us > 0 && p5.latency.flushP99Us >= p5.latency.flushP50Us, JSON.stringify(p5.latency));
+  assert.ok(p5.latency.replicaSyncUs > 0 && p5.latency.syncShare > 0, JSON.stringify(p5.latency));
+  // Write amplification, from the storage nodes' counters: at R=2 the journal alone stores every
+  // byte twice, so anything below 2 would mean a replica was not written.
+  assert.deepEqual(t!.writeAmp.map((w) => w.name), ['whole volume', 'hot region']);
+  for (const w of t!.writeAmp) assert.ok(w.logical >= 2 && w.physical > 0 && w.writtenBytes > 0, JSON.stringify(w));
   // Every process of both setups, with a peak RSS.
   assert.deepEqual(Object.keys(t!.peakRss).sort(), ['etcd', 'nbdkit', 'nbdserve', 'torusd-1', 'torusd-2', 'torusd-3']);
   for (const [name, bytes] of Object.entries(t!.peakRss)) assert.ok(bytes > 1024 * 1024, `${name} peak RSS ${bytes}`);
@@ -67,6 +76,8 @@ test('npm run bench, small: both sides of every job, medians of 3 with min and m
   for (const job of ['P1', 'P2', 'P3', 'P4']) assert.match(r.stdout, new RegExp(`^\\| ${job} .*\\| \\d+\\.\\d{3} \\((met|missed)\\) \\|$`, 'm'));
   assert.match(r.stdout, /^\| P5 .*\| \d+\.\dx \((met|missed)\) \|$/m);
   assert.match(r.stdout, /^peak RSS: etcd .*nbdserve .*nbdkit /m);
+  assert.match(r.stdout, /^P5 latency .*flush p50 \d+ µs p99 \d+ µs.* of the cycle$/m);
+  assert.match(r.stdout, /^write amplification \(R=2, target <= 3\), hot region .*: \d+\.\d+ \(physical \d+\.\d+\)/m);
 });
 
 test('bench: bad arguments get one line and exit status 2, before anything is started', () => {
