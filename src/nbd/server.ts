@@ -334,6 +334,8 @@ class Connection {
   private inFlightBytes = 0;
   /** DISC (or the end of input) seen: start no more requests, close once in-flight ones are answered. */
   private disconnecting = false;
+  /** Error codes already logged at warn level for this connection. */
+  private readonly failedCodes = new Set<string>();
   /** The client half-closed: no more bytes will come, but buffered requests still count. */
   private inputEnded = false;
   /** The server is closing: new requests get ESHUTDOWN; close once in-flight ones are answered. */
@@ -807,7 +809,14 @@ class Connection {
     } catch (err) {
       const errno = nbdErrno(err, WRITE_COMMANDS.has(req.command));
       const e = toTorusError(err);
-      this.log.debug({ remote: this.remote, command: commandName(req.command), offset: req.offset, length: req.length, code: e.code, err: e.message }, 'nbd request failed');
+      // A client sees only an errno: the first failure of each kind on a connection is worth the
+      // operator's attention, the rest would flood the log.
+      const first = !this.failedCodes.has(e.code);
+      this.failedCodes.add(e.code);
+      this.log[first ? 'warn' : 'debug'](
+        { remote: this.remote, command: commandName(req.command), offset: req.offset, length: req.length, code: e.code, err: e.message },
+        first ? 'nbd request failed (more like it on this connection are logged at debug level)' : 'nbd request failed',
+      );
       this.sendError(req.handle, errno, messageOf(err));
     }
   }
