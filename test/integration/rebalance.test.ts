@@ -104,7 +104,9 @@ async function converged(r: number, what: string): Promise<void> {
 
 async function verify(what: string): Promise<void> {
   const before = syncs;
-  await eventually(`${what}: the workload keeps syncing`, async () => syncs > before + 2, 60_000);
+  await eventually(`${what}: the workload keeps syncing`, async () => syncs > before + 2, 60_000).catch((err: Error) => {
+    throw new Error(`${err.message} (${syncs - before} syncs; last workload errors: ${errors.slice(-3).join(' | ') || 'none'}; volume ${JSON.stringify(vol.stats)})`);
+  });
   await exclusive(async () => {
     await vol.flush();
     assert.ok((await vol.read(0, SIZE)).equals(model), `${what}: the writer reads back exactly what it wrote`);
