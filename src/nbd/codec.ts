@@ -857,7 +857,13 @@ export class ClientStreamDecoder {
     return { type: 'option', option, data: length === 0 ? EMPTY : this.q.take(length) };
   }
 
-  private nextRequest(): ClientMessage | undefined {
+  /**
+   * The next request's header once its 28 bytes are in, without taking it (transmission only), so
+   * a server can decide whether to start the request, or to read its payload, before either
+   * costs memory. Bad magic throws as in next().
+   */
+  peekRequest(): RequestHeader | undefined {
+    if (this.phaseValue !== 'transmission') return undefined;
     if (this.q.length < REQUEST_HEADER_SIZE) {
       if (this.q.length > 0) this.checkPrefix(this.q.peek(Math.min(this.q.length, 4)), BigInt(REQUEST_MAGIC), 4, 'request');
       return undefined;
@@ -865,13 +871,18 @@ export class ClientStreamDecoder {
     const h = this.q.peek(REQUEST_HEADER_SIZE);
     const magic = h.readUInt32BE(0);
     if (magic !== REQUEST_MAGIC) this.fail(`request magic 0x${magic.toString(16)} is not 0x${REQUEST_MAGIC.toString(16)}`);
-    const header: RequestHeader = {
+    return {
       flags: h.readUInt16BE(4),
       command: h.readUInt16BE(6),
       handle: h.readBigUInt64BE(8),
       offset: readU64(h, 16),
       length: h.readUInt32BE(24),
     };
+  }
+
+  private nextRequest(): ClientMessage | undefined {
+    const header = this.peekRequest();
+    if (!header) return undefined;
     if (header.command !== Cmd.WRITE) {
       this.q.skip(REQUEST_HEADER_SIZE);
       return { type: 'request', ...header };

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import net from 'node:net';
 import { describe, it } from 'node:test';
 import { pino } from 'pino';
 import { TorusError } from '../core/errors.js';
@@ -39,6 +40,20 @@ async function eventually(what: string, fn: () => boolean, timeoutMs = 5000): Pr
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 5));
   }
+}
+
+/** Awaits `p`, failing after `ms`; the timer also keeps the event loop alive, which in-process pipes do not. */
+async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function commandNameOf(c: number): string {
+  return Object.entries(Cmd).find(([, v]) => v === c)?.[0] ?? String(c);
 }
 
 /** Waits until `fn` returns the same value twice over `ms`: the server has stopped making progress. */
@@ -753,6 +768,182 @@ describe('nbd server: hostile clients do not disturb a good one', () => {
     good.disconnect();
     await good.closed;
     await eventually('all released', () => provider.openCount.get('disk') === 0);
+  });
+});
+
+describe('nbd server: limits (issue 13)', () => {
+  it('every command counts against the bytes in flight, not only READ and WRITE', async () => {
+    // Each command's cost, from its header alone: CACHE reads 4 MiB pieces, zeroing and trimming
+    // hold at most the two partial blocks at the ends (4 KiB blocks here), BLOCK_STATUS its reply.
+    const cases: { command: number; length: number; cost: number; op: string }[] = [
+      { command: Cmd.CACHE, length: 32 * MiB, cost: 4 * MiB, op: 'read' },
+      { command: Cmd.WRITE_ZEROES, length: 32 * MiB, cost: 8 * KiB, op: 'zero' },
+      { command: Cmd.TRIM, length: 32 * MiB, cost: 8 * KiB, op: 'trim' },
+      { command: Cmd.BLOCK_STATUS, length: 32 * MiB, cost: 32 + 8 * (8192 + 1), op: 'status' },
+    ];
+    for (const k of cases) {
+      const provider = new MemoryDeviceProvider();
+      const gated = new GatedDevice(new MemoryDevice({ size: 64 * MiB, blockSize: 4 * KiB }));
+      const server = new NbdServer(
+        { list: () => provider.list(), open: () => Promise.resolve({ device: gated, release: () => Promise.resolve() }) },
+        { maxInFlightBytes: 2 * k.cost },
+      );
+      const c = TestClient.connect((st) => server.handle(st));
+      await c.go('disk');
+      const all = Array.from({ length: 20 }, (_, i) => c.request(k.command, { offset: (i % 2) * MiB, length: k.length }));
+      await eventually(`${k.op} at the device`, () => gated.waiting.length === 2);
+      assert.equal(await settled(() => gated.waiting.length), 2, `${commandNameOf(k.command)}: two fit in ${2 * k.cost} bytes, not twenty`);
+      assert.equal(server.stats().throttled.bytes, 1);
+      gated.auto = true;
+      gated.release();
+      for (const r of await Promise.all(all)) assert.equal(r.error, 0);
+      c.disconnect();
+      await c.closed;
+    }
+  });
+
+  it('hostile connections cannot take more than the shared budget, and a good client keeps working among them', async () => {
+    const budget = 48 * MiB;
+    const provider = new MemoryDeviceProvider();
+    provider.create('disk', { size: 8 * MiB, blockSize: 64 * KiB });
+    const victim = provider.create('victim', { size: 256 * MiB, blockSize: 64 * KiB });
+    await victim.write(0, randomBytes(64 * MiB));
+    const server = new NbdServer(provider, { maxBufferedBytes: budget, stallTimeoutMs: 0 });
+    const connect = (): TestClient => TestClient.connect((st) => server.handle(st));
+    const good = connect();
+    await good.go('disk');
+    let goodOps = 0;
+    let stop = false;
+    let peak = 0;
+    const goodLoop = (async () => {
+      while (!stop) {
+        const off = Math.floor(Math.random() * 100) * 64 * KiB;
+        const data = randomBytes(64 * KiB);
+        assert.equal((await good.write(off, data)).error, 0);
+        assert.ok((await good.read(off, data.length)).data?.equals(data));
+        goodOps++;
+        peak = Math.max(peak, server.stats().bufferedBytes);
+        await new Promise((r) => setImmediate(r));
+      }
+    })();
+    const hostile: TestClient[] = [];
+    // Eight connections announce 32 MiB WRITEs and send nothing more.
+    for (let i = 0; i < 8; i++) {
+      const c = connect();
+      await c.go('victim');
+      c.raw(encodeRequest({ flags: 0, command: Cmd.WRITE, handle: 1n, offset: 0, length: 32 * MiB }));
+      hostile.push(c);
+    }
+    // Four ask for 128 MiB of data each and never read a byte of it.
+    for (let i = 0; i < 4; i++) {
+      const c = connect();
+      await c.go('victim', { structured: false });
+      c.stream.pause();
+      for (let j = 0; j < 16; j++) void c.read((j % 8) * 8 * MiB, 8 * MiB).catch(() => undefined);
+      hostile.push(c);
+    }
+    // One zeroes the whole export, over and over.
+    const zc = connect();
+    await zc.go('victim');
+    for (let j = 0; j < 8; j++) void zc.request(Cmd.WRITE_ZEROES, { offset: 64 * MiB, length: 192 * MiB, flags: CmdFlag.NO_HOLE }).catch(() => undefined);
+    hostile.push(zc);
+    const before = goodOps;
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 10));
+      peak = Math.max(peak, server.stats().bufferedBytes);
+    }
+    stop = true;
+    await goodLoop;
+    const st = server.stats();
+    for (const c of hostile) c.stream.destroy();
+    assert.ok(goodOps - before >= 20, `the good client made ${goodOps - before} round trips while attacked`);
+    // Fair shares add up to half the budget; one 64 KiB socket read each is the slack.
+    const bound = 1.5 * budget + st.connections * 64 * KiB;
+    assert.ok(peak <= bound && st.peakBufferedBytes <= bound, `held at most ${st.peakBufferedBytes} bytes (sampled ${peak}) against a budget of ${budget}`);
+    assert.ok(st.throttled.budget > 0, 'the budget was what held the hostile clients back');
+    good.disconnect();
+    await good.closed;
+    await eventually('every connection gone', () => server.stats().connections === 0);
+    assert.equal(server.stats().bufferedBytes, 0);
+  });
+
+  it('a client that leaves a payload half-sent, trickles it, or does not read its replies is dropped after the stall timeout', async () => {
+    const { server, connect } = setup({ stallTimeoutMs: 300 }, { size: 64 * MiB });
+    const good = connect();
+    await good.go('disk');
+    const half = connect();
+    await half.go('disk');
+    half.raw([encodeRequest({ flags: 0, command: Cmd.WRITE, handle: 1n, offset: 0, length: 1 * MiB })[0]!, Buffer.alloc(1000)]);
+    const trickle = connect();
+    await trickle.go('disk');
+    trickle.raw(encodeRequest({ flags: 0, command: Cmd.WRITE, handle: 1n, offset: 0, length: 4096 })[0]!);
+    const dribble = setInterval(() => trickle.raw(Buffer.alloc(1)), 20);
+    const deaf = connect();
+    await deaf.go('disk', { structured: false });
+    deaf.stream.pause();
+    for (let i = 0; i < 40; i++) void deaf.read(i * MiB, MiB).catch(() => undefined);
+    const started = Date.now();
+    try {
+      await within(Promise.all([half.closed, trickle.closed, deaf.closed]), 5000, 'the stalled clients to be dropped');
+    } finally {
+      clearInterval(dribble);
+      for (const c of [half, trickle, deaf]) c.stream.destroy();
+    }
+    assert.ok(Date.now() - started >= 250, 'not before the timeout');
+    assert.equal(server.stats().stallTimeouts, 3);
+    // A client that merely waits, with nothing half-sent and everything read, stays.
+    await new Promise((r) => setTimeout(r, 400));
+    assert.ok(!good.isClosed);
+    assert.equal((await good.read(0, 10)).error, 0);
+    good.disconnect();
+    await good.closed;
+  });
+
+  it('the idle timeout is off by default (kernel NBD idles for hours); when set, an idle connection is closed', async () => {
+    const quiet = setup({ stallTimeoutMs: 200 });
+    const a = quiet.connect();
+    await a.go('disk');
+    await new Promise((r) => setTimeout(r, 600));
+    assert.ok(!a.isClosed, 'an idle connection stays by default');
+    assert.equal((await a.read(0, 10)).error, 0);
+    a.disconnect();
+    await a.closed;
+    const strict = setup({ idleTimeoutMs: 300 });
+    const b = strict.connect();
+    await b.go('disk');
+    assert.equal((await b.read(0, 10)).error, 0);
+    const t0 = Date.now();
+    await within(b.closed, 5000, 'the idle connection to be closed').finally(() => b.stream.destroy());
+    assert.ok(Date.now() - t0 >= 250, 'closed only once idle for the timeout');
+    assert.equal(strict.server.stats().idleTimeouts, 1);
+  });
+
+  it('each listener takes at most maxConnections; the rest are closed at once and counted', async () => {
+    const { server } = setup({ listenTcp: { host: '127.0.0.1', port: 0 }, maxConnections: 3 });
+    const { tcp } = await server.listen();
+    const open = (): Promise<TestClient> =>
+      new Promise((resolve, reject) => {
+        const s = net.connect(tcp!.port, '127.0.0.1', () => resolve(new TestClient(s)));
+        s.once('error', reject);
+      });
+    const first = await Promise.all([open(), open(), open()]);
+    for (const c of first) await c.go('disk');
+    const extra = await open();
+    await within(extra.closed, 5000, 'the extra connection to be closed').catch(async (err: unknown) => {
+      extra.stream.destroy();
+      await server.close();
+      throw err;
+    });
+    assert.ok(extra.isClosed);
+    await eventually('refusal counted', () => server.stats().refusedConnections === 1);
+    for (const c of first) assert.equal((await c.read(0, 10)).error, 0);
+    first[0]!.disconnect();
+    await first[0]!.closed;
+    await eventually('slot freed', () => server.stats().connections === 2);
+    const again = await open();
+    await again.go('disk');
+    assert.equal((await again.read(0, 10)).error, 0);
+    await server.close();
   });
 });
 

@@ -1,7 +1,9 @@
 import { existsSync } from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { toTorusError, TorusError } from '../core/errors.js';
+import { LogThrottle } from '../core/log-throttle.js';
 import type { BlockDevice, DeviceProvider, Extent } from '../core/interfaces.js';
 import {
   BASE_ALLOCATION,
@@ -16,6 +18,7 @@ import {
   Info,
   KNOWN_CLIENT_FLAGS,
   Opt,
+  REQUEST_HEADER_SIZE,
   Rep,
   State,
   TransmissionFlag,
@@ -44,6 +47,7 @@ import {
   type BlockSizeConstraints,
   type ClientMessage,
   type Request,
+  type RequestHeader,
 } from './codec.js';
 import { nbdErrno, openErrorReply } from './errors.js';
 
@@ -56,6 +60,13 @@ import { nbdErrno, openErrorReply } from './errors.js';
 // payload, or `maxQueuedWriteBytes` of replies the client has not read, the socket is paused,
 // so TCP pushes back on the client instead of this process buffering without bound; it
 // resumes when a request finishes or the socket drains.
+//
+// Bounded memory, whatever the clients do: every command has a cost in bytes (its payload, its
+// reply, or what the device holds for it), decided from the 28-byte header before the request
+// starts or its payload is read. All connections share one budget (`maxBufferedBytes`, see
+// core/budget.ts: past it each connection still gets a fair share, so clients that filled it
+// cannot stall the rest), listeners take at most `maxConnections` each, and a client that
+// leaves a request half-sent or stops reading its replies for `stallTimeoutMs` is dropped.
 //
 // Multi-conn: the server keeps no data of its own between requests (no write cache, no read
 // cache), so what one connection sees is exactly what the device holds. Together with the
@@ -84,6 +95,24 @@ export interface NbdServerOptions {
   readonly maxQueuedWriteBytes?: number;
   /** A connection still negotiating after this long is dropped. Default 10 s. */
   readonly handshakeTimeoutMs?: number;
+  /** Connections each listener accepts at once; more are closed at once. Default 512. */
+  readonly maxConnections?: number;
+  /**
+   * Request, payload and reply bytes held for all connections together (see core/budget.ts).
+   * Default 256 MiB.
+   */
+  readonly maxBufferedBytes?: number;
+  /**
+   * A connection in transmission with nothing in flight and nothing sent for this long is
+   * closed; 0 (the default) never. Kernel NBD keeps an idle connection for as long as the device
+   * is attached, and fails I/O once it is gone.
+   */
+  readonly idleTimeoutMs?: number;
+  /**
+   * A client that leaves a request's payload unfinished, or has replies waiting that it does not
+   * read, for this long is dropped. Default 60 s.
+   */
+  readonly stallTimeoutMs?: number;
   /** Options accepted in one handshake before the client is deemed hostile. Default 1024. */
   readonly maxOptions?: number;
   /** Largest READ/WRITE/CACHE length (the advertised maximum block size). Default 32 MiB. */
@@ -103,7 +132,21 @@ export interface NbdServerStats {
   readonly protocolErrors: number;
   readonly peakInFlight: number;
   readonly inFlight: number;
+  /** Request, payload and reply bytes held now, for all connections; and the most held. */
+  readonly bufferedBytes: number;
+  readonly peakBufferedBytes: number;
+  /** Connections closed on arrival because a listener had `maxConnections`. */
+  readonly refusedConnections: number;
+  /** Requests refused before reaching the device for a length over the maximum. */
+  readonly oversizedRequests: number;
+  /** Times a connection stopped being read, by the limit that stopped it. */
+  readonly throttled: Readonly<Record<ThrottleReason, number>>;
+  readonly idleTimeouts: number;
+  readonly stallTimeouts: number;
 }
+
+/** Why a connection is not read: requests in flight, their bytes, unread replies, the shared budget. */
+export type ThrottleReason = 'requests' | 'bytes' | 'replies' | 'budget';
 
 export interface NbdListenAddresses {
   readonly tcp?: { readonly host: string; readonly port: number };
@@ -117,6 +160,10 @@ export const NBD_SERVER_DEFAULTS = {
   handshakeTimeoutMs: 10_000,
   maxOptions: 1024,
   multiConn: true,
+  maxConnections: 512,
+  maxBufferedBytes: 256 * 1024 * 1024,
+  idleTimeoutMs: 0,
+  stallTimeoutMs: 60_000,
 } as const;
 
 /** The context id we hand out for base:allocation (any nonzero value would do). */
@@ -129,6 +176,9 @@ const MAX_DESCRIPTORS = 64 * 1024;
 const CACHE_PIECE = 4 * 1024 * 1024;
 /** Error texts sent to clients are cut to this; proto.md allows 4096 but logs hold the rest. */
 const MAX_CLIENT_MESSAGE = 256;
+/** Connections are checked for idleness and stalls every quarter timeout, within these bounds. */
+const SWEEP_MIN_MS = 50;
+const SWEEP_MAX_MS = 1000;
 
 interface Settings {
   readonly readOnly: boolean;
@@ -136,6 +186,8 @@ interface Settings {
   readonly maxInFlightBytes: number;
   readonly maxQueuedWriteBytes: number;
   readonly handshakeTimeoutMs: number;
+  readonly idleTimeoutMs: number;
+  readonly stallTimeoutMs: number;
   readonly maxOptions: number;
   readonly maxPayload: number;
   readonly maxOptionLength: number;
@@ -182,8 +234,24 @@ export class NbdServer {
   private readonly conns = new Set<Connection>();
   private readonly listeners: net.Server[] = [];
   private closing = false;
+  private sweeper: NodeJS.Timeout | null = null;
+  private readonly sweepMs: number;
+  private readonly maxConnections: number;
+  /** Shared with connections. */
+  readonly budget: ByteBudget;
+  readonly logThrottle = new LogThrottle();
   /** Mutable counters shared with connections. */
-  readonly counters = { handshakes: 0, requests: 0, protocolErrors: 0, peakInFlight: 0 };
+  readonly counters = {
+    handshakes: 0,
+    requests: 0,
+    protocolErrors: 0,
+    peakInFlight: 0,
+    refusedConnections: 0,
+    oversizedRequests: 0,
+    idleTimeouts: 0,
+    stallTimeouts: 0,
+    throttled: { requests: 0, bytes: 0, replies: 0, budget: 0 } satisfies Record<ThrottleReason, number>,
+  };
 
   constructor(provider: DeviceProvider, options: NbdServerOptions = {}) {
     this.provider = provider;
@@ -197,6 +265,8 @@ export class NbdServer {
       maxInFlightBytes: options.maxInFlightBytes ?? NBD_SERVER_DEFAULTS.maxInFlightBytes,
       maxQueuedWriteBytes: options.maxQueuedWriteBytes ?? NBD_SERVER_DEFAULTS.maxQueuedWriteBytes,
       handshakeTimeoutMs: options.handshakeTimeoutMs ?? NBD_SERVER_DEFAULTS.handshakeTimeoutMs,
+      idleTimeoutMs: options.idleTimeoutMs ?? NBD_SERVER_DEFAULTS.idleTimeoutMs,
+      stallTimeoutMs: options.stallTimeoutMs ?? NBD_SERVER_DEFAULTS.stallTimeoutMs,
       maxOptions: options.maxOptions ?? NBD_SERVER_DEFAULTS.maxOptions,
       maxPayload,
       maxOptionLength: options.maxOptionLength ?? DEFAULT_MAX_OPTION_LENGTH,
@@ -204,6 +274,20 @@ export class NbdServer {
       log: options.log ?? silent,
       describe: options.describe ?? defaultDescribe,
     };
+    this.maxConnections = options.maxConnections ?? NBD_SERVER_DEFAULTS.maxConnections;
+    if (!Number.isInteger(this.maxConnections) || this.maxConnections < 1)
+      throw new TorusError('INVALID_ARGUMENT', `maxConnections ${this.maxConnections} must be a positive integer`);
+    const budget = options.maxBufferedBytes ?? NBD_SERVER_DEFAULTS.maxBufferedBytes;
+    if (!(budget >= maxPayload)) throw new TorusError('INVALID_ARGUMENT', `maxBufferedBytes ${budget} must be at least the ${maxPayload}-byte maximum payload`);
+    this.budget = new ByteBudget(budget);
+    const timeouts = [this.settings.idleTimeoutMs, this.settings.stallTimeoutMs].filter((t) => t > 0);
+    this.sweepMs = Math.min(SWEEP_MAX_MS, Math.max(SWEEP_MIN_MS, Math.min(...timeouts, SWEEP_MAX_MS * 4) / 4));
+  }
+
+  /** Logs a line about a limit at most once per ten seconds per kind, with how many were held back. */
+  limitLog(kind: string, obj: object, msg: string): void {
+    const held = this.logThrottle.take(kind);
+    if (held !== undefined) this.settings.log.warn(held > 0 ? { ...obj, alsoSince: held } : obj, msg);
   }
 
   /** Listens on what the options name (TCP and/or a unix socket); resolves to the bound addresses. */
@@ -228,6 +312,13 @@ export class NbdServer {
     const srv = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: false }, (socket) => {
       const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort ?? '?'}` : where;
       void this.handle(socket, remote);
+    });
+    // Past it net closes new connections at once, before any of our code or memory is spent.
+    srv.maxConnections = this.maxConnections;
+    srv.on('drop', (d?: { remoteAddress?: string; remotePort?: number }) => {
+      this.counters.refusedConnections++;
+      const remote = d?.remoteAddress ? `${d.remoteAddress}:${d.remotePort ?? '?'}` : where;
+      this.limitLog('maxConnections', { listener: where, remote, max: this.maxConnections }, 'nbd connection refused: the listener has its maximum of connections (--max-connections)');
     });
     return new Promise((resolve, reject) => {
       const onError = (err: Error): void => reject(new TorusError('IO', `cannot listen on ${where}: ${err.message}`, { cause: err }));
@@ -254,16 +345,34 @@ export class NbdServer {
     if (stream instanceof net.Socket) stream.setNoDelay(true);
     const conn = new Connection(this, this.provider, this.settings, stream, remote);
     this.conns.add(conn);
+    this.sweeper ??= setInterval(() => this.sweep(), this.sweepMs).unref();
     conn.start();
     return conn.done.then(() => {
       this.conns.delete(conn);
+      if (this.conns.size === 0 && this.sweeper) {
+        clearInterval(this.sweeper);
+        this.sweeper = null;
+      }
     });
+  }
+
+  private sweep(): void {
+    const now = Date.now();
+    for (const c of this.conns) c.check(now);
   }
 
   stats(): NbdServerStats {
     let inFlight = 0;
     for (const c of this.conns) inFlight += c.inFlight;
-    return { connections: this.conns.size, ...this.counters, inFlight };
+    const { throttled, ...counters } = this.counters;
+    return {
+      connections: this.conns.size,
+      ...counters,
+      throttled: { ...throttled },
+      inFlight,
+      bufferedBytes: this.budget.used,
+      peakBufferedBytes: this.budget.peak,
+    };
   }
 
   /**
@@ -345,6 +454,19 @@ class Connection {
   private released = false;
   private handshakeTimer: NodeJS.Timeout | null = null;
   private readonly queueLimit: number;
+  private readonly budget: BudgetHolder;
+  /** A WRITE whose payload is being read: admitted (its bytes counted) before the payload arrived. */
+  private admitted = false;
+  /** When that payload began to be awaited; 0 when none is. */
+  private payloadSince = 0;
+  /** The limit that keeps the next request (whose header is in) from starting; counted once per stop. */
+  private throttledBy: ThrottleReason | null = null;
+  /** Last time a request arrived or finished (the idle timeout counts from it). */
+  private lastActive = Date.now();
+  /** Bytes handed to the stream, and how many of them had left it at the last check. */
+  private sentTotal = 0;
+  private drainedAtCheck = 0;
+  private drainCheckedAt = Date.now();
 
   constructor(
     private readonly server: NbdServer,
@@ -359,6 +481,84 @@ class Connection {
     // Below the stream's own high-water mark we could wait for a 'drain' that never comes: the
     // stream emits it only after a write() returned false.
     this.queueLimit = Math.max(s.maxQueuedWriteBytes, stream.writableHighWaterMark);
+    this.budget = server.budget.join();
+  }
+
+  /** Everything this connection holds: bytes received and not started, payloads admitted or in flight, replies unsent. */
+  private held(): number {
+    const pending = this.admitted ? this.pendingPayload() : 0;
+    return this.decoder.buffered + pending + this.inFlightBytes + this.stream.writableLength;
+  }
+
+  /** Bytes of the admitted WRITE's payload not received yet. */
+  private pendingPayload(): number {
+    const h = this.decoder.peekRequest();
+    return h ? Math.max(0, REQUEST_HEADER_SIZE + h.length - this.decoder.buffered) : 0;
+  }
+
+  private account(): void {
+    this.budget.set(this.phase === 'closed' ? 0 : this.held());
+  }
+
+  /**
+   * What a request holds while it runs, decided from its header: its payload (WRITE), its reply
+   * (READ, BLOCK_STATUS), or what the device holds for it (CACHE reads in pieces; zeroing and
+   * trimming load at most the partial blocks at either end, the rest stays within the device's
+   * own write cache).
+   */
+  private costOf(h: RequestHeader): number {
+    const bs = this.exp?.device.blockSize ?? 4096;
+    switch (h.command) {
+      case Cmd.READ:
+        return Math.min(h.length, this.s.maxPayload);
+      case Cmd.WRITE:
+        return h.length <= this.s.maxPayload ? h.length : 0;
+      case Cmd.CACHE:
+        return Math.min(h.length, CACHE_PIECE);
+      case Cmd.TRIM:
+      case Cmd.WRITE_ZEROES:
+        return Math.min(h.length, 2 * bs);
+      case Cmd.BLOCK_STATUS: {
+        const n = (h.flags & CmdFlag.REQ_ONE) !== 0 ? 1 : Math.min(MAX_DESCRIPTORS, Math.ceil(h.length / bs) + 1);
+        return 32 + 8 * n;
+      }
+      default:
+        return 0;
+    }
+  }
+
+  /**
+   * Called every few hundred milliseconds: the idle and stall timeouts, and a fresh count of what this
+   * connection holds (replies leave the stream without an event below its high-water mark).
+   */
+  check(now: number): void {
+    if (this.phase !== 'transmission') return;
+    const st = this.stream;
+    const drained = this.sentTotal - st.writableLength;
+    if (st.writableLength === 0 || drained !== this.drainedAtCheck) {
+      this.drainedAtCheck = drained;
+      this.drainCheckedAt = now;
+    }
+    const stall = this.s.stallTimeoutMs;
+    if (stall > 0) {
+      let why: string | undefined;
+      if (this.payloadSince > 0 && now - this.payloadSince >= stall) why = 'a request payload left unfinished';
+      else if (now - this.drainCheckedAt >= stall) why = `${st.writableLength} bytes of replies left unread`;
+      if (why !== undefined) {
+        this.server.counters.stallTimeouts++;
+        this.server.limitLog('stall', { remote: this.remote, why, ms: stall }, 'nbd client stalled; dropping it (--stall-timeout)');
+        this.abort();
+        return;
+      }
+    }
+    const idle = this.s.idleTimeoutMs;
+    if (idle > 0 && this.inFlight === 0 && this.decoder.buffered === 0 && st.writableLength === 0 && now - this.lastActive >= idle) {
+      this.server.counters.idleTimeouts++;
+      this.log.info({ remote: this.remote, ms: idle }, 'nbd connection idle; closing it (--idle-timeout)');
+      this.closeGracefully();
+      return;
+    }
+    this.account();
   }
 
   start(): void {
@@ -367,6 +567,7 @@ class Connection {
       // After DISC a client must send nothing more; what it sends anyway is dropped, not
       // buffered, while the requests in flight finish.
       if (this.phase === 'closed' || this.phase === 'closing' || this.disconnecting) return;
+      this.lastActive = Date.now();
       this.decoder.push(chunk);
       this.pump();
     });
@@ -410,17 +611,35 @@ class Connection {
         }
       }
       if (this.phase === 'transmission') {
-        while (!this.disconnecting && this.canStartRequest()) {
-          const msg = this.decoder.next();
+        this.account();
+        while (!this.disconnecting) {
+          const h = this.decoder.peekRequest();
+          if (h && !this.admitted) {
+            const reason = this.shuttingDown || h.command === Cmd.DISC ? null : this.admission(h);
+            if (reason) {
+              this.throttle(reason);
+              break;
+            }
+            this.admitted = true;
+            this.throttledBy = null;
+          }
+          const msg = h ? this.decoder.next() : undefined;
           if (!msg) {
+            // Waiting for the rest of a header, or for an admitted WRITE's payload.
+            if (this.admitted && this.payloadSince === 0) this.payloadSince = Date.now();
             // Input is over and every whole request it held has been started: like a DISC.
             // (A partial request left at the end can never complete and is dropped.)
             if (this.inputEnded) this.disconnecting = true;
             break;
           }
+          this.admitted = false;
+          this.payloadSince = 0;
           if (this.shuttingDown && msg.type === 'request' && msg.command !== Cmd.DISC) this.sendError(msg.handle, Errno.ESHUTDOWN, 'server is shutting down');
           else this.dispatch(msg);
+          this.account();
         }
+        // An admitted payload counts from now on, before a byte of it has arrived.
+        this.account();
         this.maybeFinish();
       }
     } catch (err) {
@@ -433,21 +652,47 @@ class Connection {
     this.updateFlow();
   }
 
-  private canStartRequest(): boolean {
-    // Byte budgets are checked before a request is added, so one request of any allowed size
-    // can always start on an idle connection.
-    return (
-      this.inFlight < this.s.maxInFlight &&
-      this.inFlightBytes < this.s.maxInFlightBytes &&
-      this.stream.writableLength < this.queueLimit
-    );
+  /**
+   * Whether a request may start (or its payload be read), by its header; the limit in the way if
+   * not. One request of any allowed size can always start on a connection with nothing in
+   * flight, so a single large request never waits for itself; the shared budget is the
+   * exception, since every connection could be in that position at once.
+   */
+  private admission(h: RequestHeader): ThrottleReason | null {
+    const cost = this.costOf(h);
+    if (this.inFlight >= this.s.maxInFlight) return 'requests';
+    if (this.inFlight > 0 && this.inFlightBytes + cost > this.s.maxInFlightBytes) return 'bytes';
+    if (this.stream.writableLength >= this.queueLimit) return 'replies';
+    // A WRITE's payload received so far is already counted (decoder.buffered).
+    const have = h.command === Cmd.WRITE ? Math.min(cost, this.decoder.buffered - REQUEST_HEADER_SIZE) : 0;
+    if (!this.budget.mayTake(cost - have)) return 'budget';
+    return null;
+  }
+
+  private throttle(reason: ThrottleReason): void {
+    if (this.throttledBy !== reason) {
+      this.throttledBy = reason;
+      this.server.counters.throttled[reason]++;
+      if (reason === 'budget') {
+        const b = this.server.budget;
+        this.server.limitLog('budget', { remote: this.remote, usedBytes: b.used, limitBytes: b.limit, connections: b.holders }, 'nbd memory budget reached: connections beyond their share wait (--max-buffered)');
+      }
+    }
+    if (reason === 'budget') this.budget.waitForRoom(() => this.pump());
+  }
+
+  /** Whether to read on: for an admitted payload, or, with no request waiting to start, if there is room for one. */
+  private mayRead(): boolean {
+    if (this.admitted) return true;
+    if (this.throttledBy) return false;
+    return this.inFlight < this.s.maxInFlight && this.stream.writableLength < this.queueLimit && this.budget.mayTake(0);
   }
 
   private updateFlow(): void {
     if (this.phase === 'closed') return;
     let blocked: boolean;
     if (this.phase === 'handshake') blocked = this.optionBusy;
-    else if (this.phase === 'transmission') blocked = !this.disconnecting && !this.canStartRequest();
+    else if (this.phase === 'transmission') blocked = !this.disconnecting && !this.mayRead();
     // After DISC the client must send nothing; reading on just lets us notice it hang up.
     else blocked = false;
     if (blocked && !this.paused) {
@@ -695,6 +940,7 @@ class Connection {
       // The payload would have to be read and thrown away to find the next request; a client
       // sending that much in one WRITE is broken or hostile (proto.md allows a hard disconnect).
       this.server.counters.protocolErrors++;
+      this.server.counters.oversizedRequests++;
       this.log.info({ remote: this.remote, length: msg.length }, 'nbd WRITE over the payload limit; dropping client');
       this.sendError(msg.handle, Errno.EINVAL, `WRITE of ${msg.length} bytes exceeds the ${this.s.maxPayload}-byte maximum`);
       this.closeGracefully();
@@ -706,7 +952,7 @@ class Connection {
       this.maybeFinish();
       return;
     }
-    const cost = (msg.payload?.length ?? 0) + (msg.command === Cmd.READ ? Math.min(msg.length, this.s.maxPayload) : 0);
+    const cost = this.costOf(msg);
     this.inFlight++;
     this.inFlightBytes += cost;
     this.server.counters.requests++;
@@ -720,6 +966,7 @@ class Connection {
       .finally(() => {
         this.inFlight--;
         this.inFlightBytes -= cost;
+        this.lastActive = Date.now();
         if (this.phase === 'closed') this.maybeRelease();
         else {
           this.pump();
@@ -750,8 +997,10 @@ class Connection {
     if (req.command === Cmd.FLUSH) return undefined;
     if (req.command === Cmd.BLOCK_STATUS && this.metaExport === null)
       return new Refusal(Errno.EINVAL, 'BLOCK_STATUS needs base:allocation selected with SET_META_CONTEXT for this export');
-    if ((req.command === Cmd.READ || req.command === Cmd.CACHE) && req.length > this.s.maxPayload)
+    if ((req.command === Cmd.READ || req.command === Cmd.CACHE) && req.length > this.s.maxPayload) {
+      this.server.counters.oversizedRequests++;
       return new Refusal(Errno.EINVAL, `${commandName(req.command)} of ${req.length} bytes exceeds the ${this.s.maxPayload}-byte maximum`);
+    }
     if (req.offset + req.length > exp.size) {
       // proto.md: ENOSPC for writes past the end (the disk is full there), EINVAL for the rest
       const errno = req.command === Cmd.WRITE || req.command === Cmd.WRITE_ZEROES ? Errno.ENOSPC : Errno.EINVAL;
@@ -881,7 +1130,11 @@ class Connection {
         st.uncork();
       });
     }
-    for (const p of parts) st.write(p);
+    for (const p of parts) {
+      this.sentTotal += p.length;
+      st.write(p);
+    }
+    if (this.phase === 'transmission') this.account();
   }
 
   private maybeFinish(): void {
@@ -926,6 +1179,7 @@ class Connection {
       this.clearTimer();
       if (!this.stream.destroyed) this.stream.destroy();
     }
+    this.budget.leave();
     this.maybeRelease();
   }
 
