@@ -167,6 +167,13 @@ export function parsePort(text: string, flag: string): number {
   return n;
 }
 
+/** A whole number of at least `min`, for flags such as --max-connections. */
+export function parseCount(text: string, flag: string, min = 1): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(n) || n < min) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} "${text}": expected a whole number of at least ${min}`);
+  return n;
+}
+
 export interface BlockIoOpts {
   readCacheSize: string;
   readLevel: string;

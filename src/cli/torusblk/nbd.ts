@@ -3,11 +3,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command, Option } from 'commander';
 import { TorusError } from '../../core/errors.js';
-import { parseSize } from '../../core/units.js';
+import { parseDuration, parseSize } from '../../core/units.js';
 import type { MetricSample } from '../../http/metrics.js';
-import { NbdServer, type NbdServerStats } from '../../nbd/server.js';
+import { DEFAULT_MAX_PAYLOAD } from '../../nbd/codec.js';
+import { NBD_SERVER_DEFAULTS, NbdServer, type NbdServerOptions, type NbdServerStats } from '../../nbd/server.js';
 import { VolumeProvider } from '../../volume/provider.js';
-import { connectMetadata } from '../shared/config.js';
+import { connectMetadata, parseCount } from '../shared/config.js';
 import { emit, outputOptions } from '../shared/output.js';
 import { ClientRuntime, logger, parseHostPort, untilSignal, type ClientOpts } from './common.js';
 import { attachFuse, attachKernel, detachKernel, deviceBusy, freeNbdDevice, kernelHasNbd, type Attachment } from './attach.js';
@@ -18,6 +19,23 @@ interface ServeOpts extends ClientOpts {
   readOnly?: boolean;
   writeCacheSize: string;
   json?: boolean;
+  maxConnections: string;
+  maxBuffered: string;
+  stallTimeout: string;
+  idleTimeout: string;
+}
+
+/** The server's limits from nbdserve's flags, each checked before anything starts. */
+function serverLimits(opts: ServeOpts): Partial<NbdServerOptions> {
+  const maxBufferedBytes = parseSize(opts.maxBuffered);
+  // One request of the largest size must fit, or a client sending one would wait forever.
+  if (maxBufferedBytes < DEFAULT_MAX_PAYLOAD) throw new TorusError('INVALID_ARGUMENT', `invalid --max-buffered "${opts.maxBuffered}": at least 32MiB, the largest request`);
+  return {
+    maxConnections: parseCount(opts.maxConnections, '--max-connections'),
+    maxBufferedBytes,
+    stallTimeoutMs: parseDuration(opts.stallTimeout),
+    idleTimeoutMs: parseDuration(opts.idleTimeout),
+  };
 }
 
 export function nbdSamples(st: NbdServerStats): MetricSample[] {
@@ -37,9 +55,22 @@ export function nbdserveCommand(): Command {
     .option('--unix <path>', 'also listen on a unix socket')
     .option('--read-only', 'serve every export read-only')
     .addOption(new Option('--write-cache-size <size>', 'dirty data per volume before a write forces a sync').default('128MiB'))
+    .addOption(new Option('--max-connections <n>', 'connections each listener accepts at once; more are closed on arrival').default(String(NBD_SERVER_DEFAULTS.maxConnections)))
+    .addOption(
+      new Option('--max-buffered <size>', 'request and reply bytes held for all clients together; past it each connection still gets a fair share').default(
+        `${NBD_SERVER_DEFAULTS.maxBufferedBytes / (1024 * 1024)}MiB`,
+      ),
+    )
+    .addOption(new Option('--stall-timeout <duration>', 'drop a client that leaves a request half-sent, or its replies unread, this long (0: never)').default(`${NBD_SERVER_DEFAULTS.stallTimeoutMs / 1000}s`))
+    .addOption(
+      new Option('--idle-timeout <duration>', 'close a connection with no request for this long (0: never; kernel NBD keeps an idle connection as long as the device is attached)').default(
+        String(NBD_SERVER_DEFAULTS.idleTimeoutMs),
+      ),
+    )
     .action(async (_o: unknown, c: Command) => {
       const opts = c.optsWithGlobals<ServeOpts>();
       const listen = parseHostPort(opts.listen ?? '127.0.0.1:10809', '--listen');
+      const limits = serverLimits(opts);
       const log = logger(opts);
       const meta = connectMetadata(opts, log);
       await meta.globalMetadata();
@@ -49,6 +80,7 @@ export function nbdserveCommand(): Command {
         listenTcp: listen,
         ...(opts.unix ? { listenUnix: opts.unix } : {}),
         readOnly: opts.readOnly ?? false,
+        ...limits,
         log: { debug: (o, m) => log.debug(o, m), info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m) },
       });
       rt.addSamples(() => nbdSamples(server.stats()));
