@@ -194,10 +194,24 @@ export interface BlockDevice {
   blockStatus(offset: number, length: number): Promise<Extent[]>;
 }
 
+/** What a front end may tell a client about an export without opening it. */
+export interface DeviceInfo {
+  readonly size: number;
+  readonly blockSize: number;
+  readonly readOnly: boolean;
+  readonly description?: string;
+}
+
 /** Opens devices by export name for a front end; `release` when a connection is done with it. */
 export interface DeviceProvider {
   list(): Promise<string[]>;
   open(name: string, opts: { readOnly: boolean }): Promise<{ device: BlockDevice; release(): Promise<void> }>;
+  /**
+   * The export as open() would give it, without opening it: failing as open() would, but taking
+   * no lock (NBD_OPT_INFO asks this of every export a client merely looks at). Without it the
+   * front end opens and releases.
+   */
+  info?(name: string, opts: { readOnly: boolean }): Promise<DeviceInfo>;
 }
 
 // ---- transactional key-value access, for metadata that lives beyond the fixed keys above ----

@@ -4,7 +4,7 @@ import type { Duplex } from 'node:stream';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { toTorusError, TorusError } from '../core/errors.js';
 import { LogThrottle } from '../core/log-throttle.js';
-import type { BlockDevice, DeviceProvider, Extent } from '../core/interfaces.js';
+import type { BlockDevice, DeviceInfo, DeviceProvider, Extent } from '../core/interfaces.js';
 import {
   BASE_ALLOCATION,
   ClientFlag,
@@ -122,7 +122,7 @@ export interface NbdServerOptions {
   readonly multiConn?: boolean;
   readonly log?: NbdLogger;
   /** Text for NBD_INFO_DESCRIPTION; by default a device's own `description` string if it has one. */
-  readonly describe?: (name: string, device: BlockDevice) => string | undefined;
+  readonly describe?: (name: string, device: BlockDevice | DeviceInfo) => string | undefined;
 }
 
 export interface NbdServerStats {
@@ -193,10 +193,10 @@ interface Settings {
   readonly maxOptionLength: number;
   readonly multiConn: boolean;
   readonly log: NbdLogger;
-  readonly describe: (name: string, device: BlockDevice) => string | undefined;
+  readonly describe: (name: string, device: BlockDevice | DeviceInfo) => string | undefined;
 }
 
-function defaultDescribe(_name: string, device: BlockDevice): string | undefined {
+function defaultDescribe(_name: string, device: BlockDevice | DeviceInfo): string | undefined {
   const d = (device as { description?: unknown }).description;
   return typeof d === 'string' && d !== '' ? d : undefined;
 }
@@ -209,7 +209,7 @@ function defaultDescribe(_name: string, device: BlockDevice): string | undefined
  * round requests up to it, and a huge value would turn small writes into huge ones. Maximum: the
  * payload limit, which is what this server will take in one READ or WRITE.
  */
-export function blockSizeConstraints(device: BlockDevice, maxPayload = DEFAULT_MAX_PAYLOAD): BlockSizeConstraints {
+export function blockSizeConstraints(device: { readonly blockSize: number }, maxPayload = DEFAULT_MAX_PAYLOAD): BlockSizeConstraints {
   let preferred = 512;
   while (preferred * 2 <= device.blockSize && preferred < 2 * 1024 * 1024) preferred *= 2;
   return { minimum: 1, preferred: Math.min(preferred, maxPayload), maximum: maxPayload };
@@ -388,14 +388,20 @@ export class NbdServer {
   }
 }
 
-interface OpenExport {
+/** What INFO and GO tell a client about an export. */
+interface ExportView {
   readonly name: string;
-  readonly device: BlockDevice;
-  readonly release: () => Promise<void>;
   readonly readOnly: boolean;
   readonly size: number;
   readonly flags: number;
   readonly blockSizes: BlockSizeConstraints;
+  /** The device, or what the provider said about it without opening it. */
+  readonly source: BlockDevice | DeviceInfo;
+}
+
+interface OpenExport extends ExportView {
+  readonly device: BlockDevice;
+  readonly release: () => Promise<void>;
 }
 
 type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
@@ -802,22 +808,35 @@ class Connection {
     }
   }
 
-  private async open(name: string): Promise<OpenExport> {
-    const { device, release } = await this.provider.open(name, { readOnly: this.s.readOnly });
-    if (!Number.isSafeInteger(device.size) || device.size < 0) {
-      await release();
-      throw new TorusError('INTERNAL', `device for "${name}" reports size ${device.size}`);
-    }
-    const readOnly = this.s.readOnly || device.readOnly;
+  private view(name: string, source: BlockDevice | DeviceInfo): ExportView {
+    if (!Number.isSafeInteger(source.size) || source.size < 0) throw new TorusError('INTERNAL', `device for "${name}" reports size ${source.size}`);
+    const readOnly = this.s.readOnly || source.readOnly;
     return {
       name,
-      device,
-      release,
       readOnly,
-      size: device.size,
+      size: source.size,
       flags: transmissionFlags({ readOnly, structured: this.structured, multiConn: this.s.multiConn }),
-      blockSizes: blockSizeConstraints(device, this.s.maxPayload),
+      blockSizes: blockSizeConstraints(source, this.s.maxPayload),
+      source,
     };
+  }
+
+  private async open(name: string): Promise<OpenExport> {
+    const { device, release } = await this.provider.open(name, { readOnly: this.s.readOnly });
+    try {
+      return { ...this.view(name, device), device, release };
+    } catch (err) {
+      await release();
+      throw err;
+    }
+  }
+
+  /** For INFO: the provider's word if it can give one without opening (no lock), else open and release. */
+  private async look(name: string): Promise<ExportView> {
+    if (this.provider.info) return this.view(name, await this.provider.info(name, { readOnly: this.s.readOnly }));
+    const exp = await this.open(name);
+    await exp.release().catch(() => {});
+    return exp;
   }
 
   private async optExportName(data: Buffer): Promise<void> {
@@ -882,22 +901,21 @@ class Connection {
     } catch (err) {
       return this.replyError(option, Rep.ERR_INVALID, messageOf(err));
     }
-    let exp: OpenExport;
+    const go = option === Opt.GO;
+    let exp: ExportView;
     try {
-      exp = await this.open(req.name);
+      if (go) {
+        const opened = await this.open(req.name);
+        if (!this.adopt(opened)) return;
+        exp = opened;
+      } else exp = await this.look(req.name);
     } catch (err) {
       return this.replyError(option, openErrorReply(err), `export "${req.name}" is not available: ${messageOf(err)}`);
-    }
-    const go = option === Opt.GO;
-    if (go) {
-      if (!this.adopt(exp)) return;
-    } else {
-      await exp.release().catch(() => {});
     }
     this.send([encodeInfoReply(option, { type: Info.EXPORT, size: exp.size, flags: exp.flags })]);
     if (req.requests.includes(Info.NAME)) this.send([encodeInfoReply(option, { type: Info.NAME, name: exp.name })]);
     if (req.requests.includes(Info.DESCRIPTION)) {
-      const d = this.s.describe(exp.name, exp.device);
+      const d = this.s.describe(exp.name, exp.source);
       if (d !== undefined) this.send([encodeInfoReply(option, { type: Info.DESCRIPTION, description: d })]);
     }
     // Sent whether asked or not: clients must ignore unrequested info, and it tells those that

@@ -1,5 +1,6 @@
-import type { BlockDevice, DeviceProvider } from '../core/interfaces.js';
+import type { BlockDevice, DeviceInfo, DeviceProvider } from '../core/interfaces.js';
 import type { VolumeClient } from './client.js';
+import { lockedError } from './meta.js';
 import { parseVolSnap } from './records.js';
 import type { BlockVolume } from './volume.js';
 
@@ -73,6 +74,26 @@ export class VolumeProvider implements DeviceProvider {
         await done;
       },
     };
+  }
+
+  /**
+   * Size and flags from etcd, with reads only. Opening for that took the lock, bumped the epoch
+   * and unlocked: three transactions for every NBD_OPT_INFO on a volume nobody had open.
+   */
+  async info(name: string, opts: { readOnly: boolean }): Promise<DeviceInfo> {
+    const { volume, snapshot } = parseVolSnap(name);
+    const blockSize = this.vc.block.distributor.blockSize;
+    if (snapshot !== undefined) return { size: (await this.vc.vmeta.getSnapshot(volume, snapshot)).snapshot.head.size, blockSize, readOnly: true };
+    const readOnly = opts.readOnly || (this.opts.readOnly ?? false);
+    const shared = this.open_.get(volume);
+    // Open here already: its size may have changed since the last sync.
+    if (shared) return { size: (await shared.volume).size, blockSize, readOnly };
+    const record = await this.vc.vmeta.get(volume);
+    const [{ head }, holder] = await Promise.all([this.vc.vmeta.head(record.id), readOnly ? undefined : this.vc.vmeta.lockHolder(record.id)]);
+    // Opening for writing would fail while another process holds the volume; so does this. (Our
+    // own lock may still be held by a close in progress, which an open waits out.)
+    if (holder && !this.closing.has(volume)) throw lockedError(volume, holder);
+    return { size: head.size, blockSize, readOnly };
   }
 
   /** Syncs and closes every open volume (shutdown). */
