@@ -643,7 +643,8 @@ export class PeerClient {
     if (this._state === 'closed') return;
     this._state = 'connecting';
     this.counters.connects++;
-    const decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE });
+    // Replies to our own requests: lengths we asked for, so each payload is read in place.
+    const decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE, allocateOnHeader: true });
     let stream: Duplex;
     try {
       stream = this.connectFn

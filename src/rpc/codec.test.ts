@@ -23,6 +23,7 @@ import {
   errorCodeFromWire,
   readRef,
   writeRef,
+  type DecoderOptions,
   type Message,
 } from './codec.js';
 
@@ -269,6 +270,28 @@ describe('codec: invalid input', () => {
     // The decoder stays failed.
     assertProtocol(() => d.next());
     assertProtocol(() => d.push(Buffer.alloc(1)));
+  });
+
+  it('allocates a body as its bytes arrive: a header announcing 16 MiB costs 16 KiB, and room stays within 4x what came (issue 13)', () => {
+    const d = new FrameDecoder();
+    const big = Buffer.alloc(16 * 1024 * 1024 - 64, 7);
+    const frame = Buffer.concat(encodeData(1, big));
+    d.push(frame.subarray(0, HEADER_SIZE + 1));
+    assert.ok(d.heldBytes <= HEADER_SIZE + 16 * 1024, `held ${d.heldBytes} after one byte of body`);
+    let at = HEADER_SIZE + 1;
+    for (const step of [1000, 60_000, 500_000, 3_000_000]) {
+      d.push(frame.subarray(at, at + step));
+      at += step;
+      assert.ok(d.heldBytes <= HEADER_SIZE + Math.max(16 * 1024, 4 * (at - HEADER_SIZE)), `held ${d.heldBytes} with ${at - HEADER_SIZE} bytes in`);
+      assert.equal(d.next(), null);
+    }
+    d.push(frame.subarray(at));
+    const m = d.next();
+    assert.ok(m && m.op === Op.Data && m.data.equals(big));
+    // A client trusting its replies' lengths takes the whole body at once.
+    const eager = new FrameDecoder({ allocateOnHeader: true });
+    eager.push(frame.subarray(0, HEADER_SIZE + 1));
+    assert.ok(eager.heldBytes >= big.length);
   });
 
   it('refuses an oversized frame whose header arrives in pieces', () => {
@@ -597,8 +620,8 @@ describe('codec: block refs', () => {
 
 describe('codec: reads into decoder-chosen buffers (net onread)', () => {
   /** Plays a socket that reads `bytes` into readTarget() in pieces of the sizes given. */
-  function readAll(bytes: Buffer, sizes: number[]): { messages: Message[]; targets: Buffer[] } {
-    const d = new FrameDecoder();
+  function readAll(bytes: Buffer, sizes: number[], options: DecoderOptions = {}): { messages: Message[]; targets: Buffer[] } {
+    const d = new FrameDecoder(options);
     const messages: Message[] = [];
     const targets: Buffer[] = [];
     let pos = 0;
@@ -620,6 +643,7 @@ describe('codec: reads into decoder-chosen buffers (net onread)', () => {
     const stream = Buffer.concat(SAMPLES.map(encodeMessageBytes));
     for (const sizes of [[1], [7, 3, 100], [65536], [12, 12, 5000], [4096]]) {
       assert.deepStrictEqual(readAll(stream, sizes).messages, SAMPLES);
+      assert.deepStrictEqual(readAll(stream, sizes, { allocateOnHeader: true }).messages, SAMPLES);
     }
   });
 
@@ -632,7 +656,7 @@ describe('codec: reads into decoder-chosen buffers (net onread)', () => {
       ...encodeData(2, big),
       encodeMessageBytes(SAMPLES[3]!),
     ]);
-    const { messages, targets } = readAll(stream, [65536]);
+    const { messages, targets } = readAll(stream, [65536], { allocateOnHeader: true });
     assert.equal(messages.length, 4);
     for (const m of messages.slice(1, 3)) {
       assert.ok(m.op === Op.Data && m.data.equals(big));

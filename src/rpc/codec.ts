@@ -1052,6 +1052,13 @@ function decodeBody(op: number, flags: number, id: number, buf: Buffer, start: n
 export interface DecoderOptions {
   /** Largest whole frame (header included) accepted; checked as soon as a header is seen. */
   readonly maxFrameSize?: number;
+  /**
+   * Allocate a body whole as soon as its header is in, rather than as its bytes arrive: for a
+   * client reading replies to its own requests, whose lengths it asked for, so that the kernel
+   * writes each payload straight into its final buffer. A server must not: a peer can announce
+   * 16 MiB in a 12-byte header.
+   */
+  readonly allocateOnHeader?: boolean;
 }
 
 interface PendingHeader {
@@ -1063,6 +1070,14 @@ interface PendingHeader {
 
 /** Reads offered by readTarget() when no body is being assembled. */
 const READ_SLAB = 64 * 1024;
+/**
+ * A body assembled as its bytes arrive gets room for at most BODY_GROWTH times what has arrived
+ * (at least BODY_MIN_ROOM), and all of it once a BODY_GROWTH-th is in: a 12-byte header
+ * announcing 16 MiB costs 16 KiB, while a block whose first read brings a quarter of it is still
+ * assembled in its final buffer, each byte copied once.
+ */
+const BODY_GROWTH = 4;
+const BODY_MIN_ROOM = 16 * 1024;
 /** After a large frame, the next read is kept small so the next large body lands in place. */
 const SMALL_READ = 4096;
 const LARGE_FRAME = 128 * 1024;
@@ -1073,11 +1088,12 @@ const LARGE_FRAME = 128 * 1024;
  * buffered. `next` returns one whole message or null ("wait for more").
  *
  * A body that lies inside one chunk is decoded from a view of it. A body that spans chunks is
- * assembled in its own allocation as the chunks arrive (each byte copied once, while it is still
- * in cache, and the chunks released at once), so the cost is linear however TCP splits the
- * stream. A socket created with net's `onread` option can skip even that copy: `readTarget()`
- * hands out the unfilled rest of the body being assembled, so the kernel writes the payload
- * straight into the buffer the application will receive; `commitRead()` reports the bytes read.
+ * assembled in its own allocation as the chunks arrive (the chunks released at once), so the
+ * cost is linear however TCP splits the stream. That allocation grows with the bytes received
+ * (BODY_GROWTH), unless `allocateOnHeader` trusts the header's length. A socket created with
+ * net's `onread` option can skip even the copy: `readTarget()` hands out the unfilled rest of
+ * the body being assembled, so the kernel writes the payload straight into the buffer the
+ * application will receive; `commitRead()` reports the bytes read.
  *
  * After a protocol error the decoder stays failed and every call throws the same
  * TorusError('PROTOCOL').
@@ -1089,9 +1105,10 @@ export class FrameDecoder {
   private offset = 0;
   private buffered = 0;
   private header: PendingHeader | null = null;
-  /** The body being assembled when it spans chunks; `filled` bytes of it are in. */
+  /** The body being assembled when it spans chunks (room for part or all of it); `filled` bytes of it are in. */
   private body: Buffer | null = null;
   private filled = 0;
+  private readonly allocateOnHeader: boolean;
   private failure: TorusError | null = null;
   private readonly scratch = Buffer.allocUnsafe(HEADER_SIZE);
   private slab: Buffer = EMPTY;
@@ -1101,11 +1118,22 @@ export class FrameDecoder {
 
   constructor(options: DecoderOptions = {}) {
     this.maxFrameSize = options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE;
+    this.allocateOnHeader = options.allocateOnHeader ?? false;
   }
 
   /** Bytes received and not yet returned as messages. */
   get bufferedBytes(): number {
     return this.buffered + (this.header ? HEADER_SIZE : 0) + this.filled;
+  }
+
+  /** Memory the decoder holds: chunks received and the room allocated for a body. */
+  get heldBytes(): number {
+    return this.buffered + (this.header ? HEADER_SIZE : 0) + (this.body?.length ?? 0);
+  }
+
+  /** The op of the frame whose header is in and whose body is not yet complete, or null. */
+  get pendingOp(): number | null {
+    return this.header?.op ?? null;
   }
 
   /** Size of the frame being waited for, or 0 if its header has not arrived. */
@@ -1116,7 +1144,8 @@ export class FrameDecoder {
   push(chunk: Buffer): void {
     if (this.failure) throw this.failure;
     if (this.body !== null) {
-      const take = Math.min(chunk.length, this.body.length - this.filled);
+      const take = Math.min(chunk.length, this.header!.length - this.filled);
+      this.room(this.filled + take);
       chunk.copy(this.body, this.filled, 0, take);
       this.filled += take;
       if (take === chunk.length) return;
@@ -1136,8 +1165,10 @@ export class FrameDecoder {
    */
   readTarget(): Buffer {
     let t: Buffer;
-    if (this.body !== null && this.filled < this.body.length && this.failure === null) t = this.body.subarray(this.filled);
-    else {
+    if (this.body !== null && this.filled < this.header!.length && this.failure === null) {
+      this.room(this.filled + 1);
+      t = this.body.subarray(this.filled);
+    } else {
       if (this.slab.length - this.slabPos < SMALL_READ) {
         this.slab = Buffer.allocUnsafeSlow(READ_SLAB);
         this.slabPos = 0;
@@ -1175,6 +1206,7 @@ export class FrameDecoder {
     let shared = false;
     if (this.body !== null) {
       if (this.filled < h.length) return null;
+      // Complete: room() made the last allocation exactly the body's length.
       buf = this.body;
       this.body = null;
       this.filled = 0;
@@ -1213,10 +1245,21 @@ export class FrameDecoder {
     if (h === null || this.body !== null || h.length === 0) return;
     const first = this.chunks[0];
     if (first !== undefined && first.length - this.offset >= h.length) return;
-    this.body = Buffer.allocUnsafeSlow(h.length);
     const n = Math.min(this.buffered, h.length);
-    this.copyOut(this.body, n);
+    this.room(this.allocateOnHeader ? h.length : n);
+    this.copyOut(this.body!, n);
     this.filled = n;
+  }
+
+  /** Makes the body's allocation hold at least `need` bytes (never more than the body). */
+  private room(need: number): void {
+    const length = this.header!.length;
+    const have = this.body?.length ?? 0;
+    if (have >= need && have > 0) return;
+    const size = need * BODY_GROWTH >= length ? length : Math.max(need * BODY_GROWTH, Math.min(BODY_MIN_ROOM, length));
+    const next = Buffer.allocUnsafeSlow(size);
+    if (this.body !== null) this.body.copy(next, 0, 0, this.filled);
+    this.body = next;
   }
 
   private fail(err: unknown): TorusError {
