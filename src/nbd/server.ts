@@ -3,7 +3,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { toTorusError, TorusError } from '../core/errors.js';
-import { LogThrottle } from '../core/log-throttle.js';
+import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
 import type { BlockDevice, DeviceInfo, DeviceProvider, Extent } from '../core/interfaces.js';
 import {
   BASE_ALLOCATION,
@@ -176,9 +176,6 @@ const MAX_DESCRIPTORS = 64 * 1024;
 const CACHE_PIECE = 4 * 1024 * 1024;
 /** Error texts sent to clients are cut to this; proto.md allows 4096 but logs hold the rest. */
 const MAX_CLIENT_MESSAGE = 256;
-/** Connections are checked for idleness and stalls every quarter timeout, within these bounds. */
-const SWEEP_MIN_MS = 50;
-const SWEEP_MAX_MS = 1000;
 
 interface Settings {
   readonly readOnly: boolean;
@@ -275,13 +272,10 @@ export class NbdServer {
       describe: options.describe ?? defaultDescribe,
     };
     this.maxConnections = options.maxConnections ?? NBD_SERVER_DEFAULTS.maxConnections;
-    if (!Number.isInteger(this.maxConnections) || this.maxConnections < 1)
-      throw new TorusError('INVALID_ARGUMENT', `maxConnections ${this.maxConnections} must be a positive integer`);
     const budget = options.maxBufferedBytes ?? NBD_SERVER_DEFAULTS.maxBufferedBytes;
     if (!(budget >= maxPayload)) throw new TorusError('INVALID_ARGUMENT', `maxBufferedBytes ${budget} must be at least the ${maxPayload}-byte maximum payload`);
     this.budget = new ByteBudget(budget);
-    const timeouts = [this.settings.idleTimeoutMs, this.settings.stallTimeoutMs].filter((t) => t > 0);
-    this.sweepMs = Math.min(SWEEP_MAX_MS, Math.max(SWEEP_MIN_MS, Math.min(...timeouts, SWEEP_MAX_MS * 4) / 4));
+    this.sweepMs = sweepInterval(this.settings.idleTimeoutMs, this.settings.stallTimeoutMs);
   }
 
   /** Logs a line about a limit at most once per ten seconds per kind, with how many were held back. */
@@ -313,11 +307,8 @@ export class NbdServer {
       const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort ?? '?'}` : where;
       void this.handle(socket, remote);
     });
-    // Past it net closes new connections at once, before any of our code or memory is spent.
-    srv.maxConnections = this.maxConnections;
-    srv.on('drop', (d?: { remoteAddress?: string; remotePort?: number }) => {
+    capConnections(srv, this.maxConnections, (remote) => {
       this.counters.refusedConnections++;
-      const remote = d?.remoteAddress ? `${d.remoteAddress}:${d.remotePort ?? '?'}` : where;
       this.limitLog('maxConnections', { listener: where, remote, max: this.maxConnections }, 'nbd connection refused: the listener has its maximum of connections (--max-connections)');
     });
     return new Promise((resolve, reject) => {
@@ -463,16 +454,13 @@ class Connection {
   private readonly budget: BudgetHolder;
   /** A WRITE whose payload is being read: admitted (its bytes counted) before the payload arrived. */
   private admitted = false;
-  /** When that payload began to be awaited; 0 when none is. */
-  private payloadSince = 0;
+  private readonly stall = new StallWatch();
   /** The limit that keeps the next request (whose header is in) from starting; counted once per stop. */
   private throttledBy: ThrottleReason | null = null;
   /** Last time a request arrived or finished (the idle timeout counts from it). */
   private lastActive = Date.now();
-  /** Bytes handed to the stream, and how many of them had left it at the last check. */
+  /** Bytes handed to the stream. */
   private sentTotal = 0;
-  private drainedAtCheck = 0;
-  private drainCheckedAt = Date.now();
 
   constructor(
     private readonly server: NbdServer,
@@ -540,22 +528,12 @@ class Connection {
   check(now: number): void {
     if (this.phase !== 'transmission') return;
     const st = this.stream;
-    const drained = this.sentTotal - st.writableLength;
-    if (st.writableLength === 0 || drained !== this.drainedAtCheck) {
-      this.drainedAtCheck = drained;
-      this.drainCheckedAt = now;
-    }
-    const stall = this.s.stallTimeoutMs;
-    if (stall > 0) {
-      let why: string | undefined;
-      if (this.payloadSince > 0 && now - this.payloadSince >= stall) why = 'a request payload left unfinished';
-      else if (now - this.drainCheckedAt >= stall) why = `${st.writableLength} bytes of replies left unread`;
-      if (why !== undefined) {
-        this.server.counters.stallTimeouts++;
-        this.server.limitLog('stall', { remote: this.remote, why, ms: stall }, 'nbd client stalled; dropping it (--stall-timeout)');
-        this.abort();
-        return;
-      }
+    const why = this.stall.check(now, this.s.stallTimeoutMs, st.writableLength, this.sentTotal - st.writableLength);
+    if (why !== undefined) {
+      this.server.counters.stallTimeouts++;
+      this.server.limitLog('stall', { remote: this.remote, why, ms: this.s.stallTimeoutMs }, 'nbd client stalled; dropping it (--stall-timeout)');
+      this.abort();
+      return;
     }
     const idle = this.s.idleTimeoutMs;
     if (idle > 0 && this.inFlight === 0 && this.decoder.buffered === 0 && st.writableLength === 0 && now - this.lastActive >= idle) {
@@ -632,14 +610,14 @@ class Connection {
           const msg = h ? this.decoder.next() : undefined;
           if (!msg) {
             // Waiting for the rest of a header, or for an admitted WRITE's payload.
-            if (this.admitted && this.payloadSince === 0) this.payloadSince = Date.now();
+            if (this.admitted) this.stall.messageStarted();
             // Input is over and every whole request it held has been started: like a DISC.
             // (A partial request left at the end can never complete and is dropped.)
             if (this.inputEnded) this.disconnecting = true;
             break;
           }
           this.admitted = false;
-          this.payloadSince = 0;
+          this.stall.messageDone();
           if (this.shuttingDown && msg.type === 'request' && msg.command !== Cmd.DISC) this.sendError(msg.handle, Errno.ESHUTDOWN, 'server is shutting down');
           else this.dispatch(msg);
           this.account();
