@@ -15,8 +15,10 @@ import {
   HEADER_SIZE,
   Op,
   encodeData,
+  encodeDeleteBatch,
   encodeGet,
   encodeHello,
+  encodePutBatch,
   type Message,
 } from './codec.js';
 import { connectPipe } from './pipe.js';
@@ -571,6 +573,134 @@ describe('rpc over TCP: misbehaving clients', () => {
     raw.socket.resume();
     await waitFor(() => raw.messages.length >= total + 1, 'all replies');
     assert.equal(raw.messages.filter((m) => m.op === Op.Data && m.data.length === bs).length, total);
+  });
+});
+
+describe('rpc over TCP: limits (issue 13)', () => {
+  it('hostile peers cannot hold more than the shared budget, and a good client keeps working among them', async () => {
+    const bs = 64 * 1024;
+    const budget = 8 * 1024 * 1024;
+    const svc = new MemService(bs);
+    for (let i = 0; i < 16; i++) svc.blocks.set(blockRefKey(ref(1000 + i)), pattern(i, bs));
+    const { server, address } = await startServer(svc, { maxFrameSize: 2 * 1024 * 1024, maxBufferedBytes: budget, stallTimeoutMs: 0 });
+    const good = newClient(address);
+    let goodOps = 0;
+    let stop = false;
+    let peak = 0;
+    const work = (async () => {
+      for (let i = 0; !stop; i++) {
+        const data = pattern(i, bs);
+        await good.putBlock(ref(i % 50), data);
+        assert.ok((await good.getBlock(ref(i % 50))).equals(data));
+        goodOps++;
+        peak = Math.max(peak, server.stats().heldBytes);
+      }
+    })();
+    const raws: RawPeer[] = [];
+    // Twelve announce 2 MiB PUT_BATCH frames and send nothing more.
+    for (let i = 0; i < 12; i++) {
+      const r = new RawPeer(address, false);
+      r.hello();
+      r.socket.write(encodePutBatch(1, [{ ref: ref(1), data: Buffer.alloc(2 * 1024 * 1024 - 64) }])[0]!);
+      raws.push(r);
+    }
+    // Four ask for thousands of blocks each and never read a reply.
+    for (let i = 0; i < 4; i++) {
+      const r = new RawPeer(address, false);
+      r.socket.pause();
+      r.hello();
+      r.socket.write(Buffer.concat(Array.from({ length: 2000 }, (_, j) => encodeGet(j + 2, ref(1000 + (j % 16)), 0, 0))));
+      raws.push(r);
+    }
+    // One deletes 80,000 refs in one frame, over and over.
+    const del = new RawPeer(address, false);
+    del.hello();
+    const refs = Array.from({ length: 80_000 }, (_, j) => ref(100_000 + j));
+    for (let j = 0; j < 5; j++) del.socket.write(encodeDeleteBatch(j + 2, refs));
+    raws.push(del);
+    const before = goodOps;
+    for (let i = 0; i < 100; i++) {
+      await sleep(10);
+      peak = Math.max(peak, server.stats().heldBytes);
+    }
+    stop = true;
+    await work;
+    const st = server.stats();
+    for (const r of raws) r.socket.destroy();
+    assert.ok(goodOps - before >= 20, `the good client made ${goodOps - before} round trips while attacked`);
+    // Fair shares add up to half the budget; a socket read each is the slack.
+    const bound = 1.5 * budget + st.connections * 64 * 1024;
+    assert.ok(peak <= bound && st.peakHeldBytes <= bound, `held at most ${st.peakHeldBytes} bytes (sampled ${peak}) against a budget of ${budget}`);
+    assert.ok(st.throttled.budget > 0, 'the budget held the hostile peers back');
+    await waitFor(() => server.stats().connections === 1, 'hostile connections gone');
+  });
+
+  it('runs the deletes of a DELETE_BATCH a few at a time', async () => {
+    const svc = new MemService(4096);
+    let running = 0;
+    let peak = 0;
+    const del = svc.deleteBlock.bind(svc);
+    svc.deleteBlock = async (r: BlockRef): Promise<void> => {
+      peak = Math.max(peak, ++running);
+      await sleep(1);
+      await del(r);
+      running--;
+    };
+    const { address } = await startServer(svc);
+    const c = newClient(address);
+    await c.deleteBlocks(Array.from({ length: 2000 }, (_, i) => ref(i)));
+    assert.ok(peak <= 32, `${peak} deletes ran at once`);
+  });
+
+  it('drops a peer that leaves a frame half-sent, trickles it, or does not read its replies, after the stall timeout', async () => {
+    const bs = 64 * 1024;
+    const svc = new MemService(bs);
+    svc.blocks.set(blockRefKey(ref(1)), pattern(1, bs));
+    const { server, address } = await startServer(svc, { stallTimeoutMs: 300, maxQueuedWriteBytes: 256 * 1024 });
+    const good = newClient(address);
+    await good.putBlock(ref(2), pattern(2, bs));
+    const half = new RawPeer(address);
+    half.hello();
+    half.socket.write(encodeGet(2, ref(1), 0, 0).subarray(0, 20));
+    const trickle = new RawPeer(address);
+    trickle.hello();
+    const frame = Buffer.concat(encodePutBatch(2, [{ ref: ref(3), data: pattern(3, 4096) }]));
+    let at = 0;
+    const dribble = setInterval(() => at < frame.length && trickle.socket.write(frame.subarray(at, ++at)), 20);
+    const deaf = new RawPeer(address, false);
+    deaf.socket.pause();
+    deaf.hello();
+    deaf.socket.write(Buffer.concat(Array.from({ length: 3000 }, (_, j) => encodeGet(j + 2, ref(1), 0, 0))));
+    const started = Date.now();
+    try {
+      // (A paused socket does not notice its reset, so the deaf peer is judged by the server's count.)
+      await waitFor(() => half.closed && trickle.closed && server.stats().connections === 1, 'the stalling peers to be dropped', 5000);
+    } finally {
+      clearInterval(dribble);
+    }
+    assert.ok(Date.now() - started >= 250);
+    assert.equal(server.stats().stallTimeouts, 3);
+    assert.ok((await good.getBlock(ref(2))).equals(pattern(2, bs)), 'a quiet good client is not a stalled one');
+  });
+
+  it('takes at most maxConnections; the rest are closed on arrival and counted', async () => {
+    const svc = new MemService(4096);
+    const limits: string[] = [];
+    const { server, address } = await startServer(svc, { maxConnections: 2, onLimit: (what) => limits.push(what) });
+    const a = new RawPeer(address);
+    const b = new RawPeer(address);
+    a.hello();
+    b.hello();
+    await waitFor(() => a.messages.length > 0 && b.messages.length > 0, 'two handshakes');
+    const c = new RawPeer(address);
+    await waitFor(() => c.closed, 'the third connection to be closed');
+    assert.equal(server.stats().refusedConnections, 1);
+    assert.deepEqual(limits, ['maxConnections']);
+    a.socket.destroy();
+    await waitFor(() => server.stats().connections === 1, 'a slot freed');
+    const d = new RawPeer(address);
+    d.hello();
+    await waitFor(() => d.messages.length > 0, 'a new handshake');
   });
 });
 

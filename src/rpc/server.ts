@@ -1,8 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
-import type { BlockRef } from '../core/ids.js';
+import { BLOCK_REF_SIZE, type BlockRef } from '../core/ids.js';
+import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
 import type { BlockStore, LogPiece, SectorRead } from '../core/interfaces.js';
 import {
   DEFAULT_MAX_FRAME_SIZE,
@@ -89,6 +91,20 @@ export interface RpcServerOptions {
   readonly handshakeTimeoutMs?: number;
   /** A connection with nothing received and nothing in flight for this long is closed; 0 = never. */
   readonly idleTimeoutMs?: number;
+  /** Connections accepted at once; more are closed on arrival. Default 1024. */
+  readonly maxConnections?: number;
+  /**
+   * Request, payload and reply bytes held for all connections together (see core/budget.ts).
+   * Default 256 MiB.
+   */
+  readonly maxBufferedBytes?: number;
+  /**
+   * A client that leaves a frame half-sent, or has replies waiting that it does not read, for
+   * this long is dropped; 0 = never. Default 60 s.
+   */
+  readonly stallTimeoutMs?: number;
+  /** Told, at most once per ten seconds per kind, when a limit bites (a connection refused, the budget full, a client dropped for stalling). */
+  readonly onLimit?: (what: string, detail: object) => void;
   readonly versions?: VersionRange;
   /** Told about every connection dropped for a protocol error or refused handshake. */
   readonly onConnectionError?: (err: TorusError, remote: string) => void;
@@ -111,7 +127,19 @@ export interface RpcServerStats {
   /** Bytes received and sent, over all connections past and present. */
   readonly bytesIn: number;
   readonly bytesOut: number;
+  /** What all connections hold (frames received, payloads in flight, replies unsent), now and at most. */
+  readonly heldBytes: number;
+  readonly peakHeldBytes: number;
+  /** Connections closed on arrival because `maxConnections` were open. */
+  readonly refusedConnections: number;
+  /** Times a connection stopped being read, by the limit that stopped it. */
+  readonly throttled: Readonly<Record<RpcThrottle, number>>;
+  readonly stallTimeouts: number;
+  readonly idleTimeouts: number;
 }
+
+/** Why a connection is not read: requests in flight, their bytes, unsent replies, the shared budget. */
+export type RpcThrottle = 'requests' | 'bytes' | 'replies' | 'budget';
 
 export const SERVER_DEFAULTS = {
   maxInFlight: 64,
@@ -119,7 +147,15 @@ export const SERVER_DEFAULTS = {
   maxQueuedWriteBytes: 8 * 1024 * 1024,
   handshakeTimeoutMs: 5000,
   idleTimeoutMs: 120_000,
+  maxConnections: 1024,
+  maxBufferedBytes: 256 * 1024 * 1024,
+  stallTimeoutMs: 60_000,
 } as const;
+
+/** Deletes of one DELETE_BATCH run at most this many at a time (a frame can hold 700,000 refs). */
+const DELETE_CONCURRENCY = 32;
+/** Decoded refs are objects: about this many times their 24 wire bytes (measured: 4.7). */
+const REFS_MEMORY_FACTOR = 5;
 
 interface Settings {
   readonly maxInFlight: number;
@@ -128,6 +164,7 @@ interface Settings {
   readonly maxFrameSize: number;
   readonly handshakeTimeoutMs: number;
   readonly idleTimeoutMs: number;
+  readonly stallTimeoutMs: number;
   readonly versions: VersionRange;
   readonly software: string;
 }
@@ -138,6 +175,25 @@ function invoke<T>(fn: () => T | Promise<T>): Promise<T> {
   } catch (err) {
     return Promise.reject(err);
   }
+}
+
+/** Like Promise.allSettled over `items.map(fn)`, with at most `limit` calls running at once. */
+async function settleEach<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<PromiseSettledResult<void>[]> {
+  const out: PromiseSettledResult<void>[] = new Array(items.length);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const i = next++;
+      try {
+        await fn(items[i]!);
+        out[i] = { status: 'fulfilled', value: undefined };
+      } catch (reason) {
+        out[i] = { status: 'rejected', reason };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
 }
 
 function codeOf(err: unknown): ErrorCode {
@@ -168,6 +224,12 @@ export class RpcServer {
   private server: net.Server | null = null;
   private closed = false;
   private url: string | null = null;
+  private sweeper: NodeJS.Timeout | null = null;
+  private readonly maxConnections: number;
+  private readonly onLimit: ((what: string, detail: object) => void) | undefined;
+  private readonly logThrottle = new LogThrottle();
+  /** Shared with connections. */
+  readonly budget: ByteBudget;
   /** Mutable counters shared with connections. */
   readonly counters = {
     requests: 0,
@@ -178,6 +240,10 @@ export class RpcServer {
     /** Of connections already closed; live ones are added in stats(). */
     bytesIn: 0,
     bytesOut: 0,
+    refusedConnections: 0,
+    stallTimeouts: 0,
+    idleTimeouts: 0,
+    throttled: { requests: 0, bytes: 0, replies: 0, budget: 0 } satisfies Record<RpcThrottle, number>,
   };
 
   constructor(options: RpcServerOptions) {
@@ -196,9 +262,27 @@ export class RpcServer {
       maxFrameSize,
       handshakeTimeoutMs: options.handshakeTimeoutMs ?? SERVER_DEFAULTS.handshakeTimeoutMs,
       idleTimeoutMs: options.idleTimeoutMs ?? SERVER_DEFAULTS.idleTimeoutMs,
+      stallTimeoutMs: options.stallTimeoutMs ?? SERVER_DEFAULTS.stallTimeoutMs,
       versions: options.versions ?? { min: MIN_PROTOCOL_VERSION, max: PROTOCOL_VERSION },
       software: options.software ?? 'torus-ts',
     };
+    this.maxConnections = options.maxConnections ?? SERVER_DEFAULTS.maxConnections;
+    this.onLimit = options.onLimit;
+    const budget = options.maxBufferedBytes ?? SERVER_DEFAULTS.maxBufferedBytes;
+    // The largest frame must fit, or a client sending one would wait forever.
+    if (!(budget >= maxFrameSize)) throw new TorusError('INVALID_ARGUMENT', `a buffer budget of ${budget} bytes is below the ${maxFrameSize}-byte frame limit`);
+    this.budget = new ByteBudget(budget);
+  }
+
+  /** @internal Reports a limit that bit, at most once per ten seconds per kind. */
+  limitHit(what: string, detail: object): void {
+    const held = this.logThrottle.take(what);
+    if (held === undefined) return;
+    try {
+      this.onLimit?.(what, held > 0 ? { ...detail, alsoSince: held } : detail);
+    } catch {
+      // a logging hook must not take the server down
+    }
   }
 
   /** Starts listening on TCP; resolves to the address peers should use (tdp://host:port). */
@@ -208,6 +292,10 @@ export class RpcServer {
     const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => {
       const remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`;
       this.handle(socket, remote);
+    });
+    capConnections(server, this.maxConnections, (remote) => {
+      this.counters.refusedConnections++;
+      this.limitHit('maxConnections', { remote, max: this.maxConnections });
     });
     this.server = server;
     return new Promise((resolve, reject) => {
@@ -242,6 +330,10 @@ export class RpcServer {
     if (stream instanceof net.Socket) stream.setNoDelay(true);
     const conn = new ServerConnection(this, this.service, this.settings, stream, remote);
     this.conns.add(conn);
+    this.sweeper ??= setInterval(() => {
+      const now = Date.now();
+      for (const c of this.conns) c.check(now);
+    }, sweepInterval(this.settings.stallTimeoutMs)).unref();
   }
 
   /** @internal */
@@ -249,6 +341,10 @@ export class RpcServer {
     if (this.conns.delete(conn)) {
       this.counters.bytesIn += bytesIn;
       this.counters.bytesOut += bytesOut;
+    }
+    if (this.conns.size === 0 && this.sweeper) {
+      clearInterval(this.sweeper);
+      this.sweeper = null;
     }
   }
 
@@ -274,14 +370,18 @@ export class RpcServer {
       bytesIn += c.bytesIn;
       bytesOut += c.bytesOut;
     }
+    const { throttled, ...counters } = this.counters;
     return {
       connections: this.conns.size,
       inFlight,
       queuedWriteBytes: queued,
       bufferedReadBytes: buffered,
-      ...this.counters,
+      ...counters,
+      throttled: { ...throttled },
       bytesIn,
       bytesOut,
+      heldBytes: this.budget.used,
+      peakHeldBytes: this.budget.peak,
     };
   }
 
@@ -313,6 +413,12 @@ class ServerConnection {
   private lastActivity = Date.now();
   private timer: NodeJS.Timeout | null = null;
   private readonly closedPromise: Promise<void>;
+  private readonly budget: BudgetHolder;
+  /** The frame being received was admitted: its whole size counts, before all of it is here. */
+  private admitted = false;
+  private readonly stall = new StallWatch();
+  /** The limit that stopped reading, counted once per stop. */
+  private throttledBy: RpcThrottle | null = null;
 
   constructor(
     private readonly server: RpcServer,
@@ -323,6 +429,7 @@ class ServerConnection {
   ) {
     this.writer = new FrameWriter(stream, { maxQueuedBytes: s.maxQueuedWriteBytes, onWritable: () => this.pump() });
     this.closedPromise = new Promise((resolve) => stream.once('close', resolve));
+    this.budget = server.budget.join();
     stream.on('data', (chunk: Buffer) => this.onData(chunk));
     stream.on('end', () => this.onEnd());
     stream.on('error', () => {
@@ -378,15 +485,65 @@ class ServerConnection {
     this.state = 'closing';
     this.clearTimer();
     this.writer.discard();
+    this.budget.leave();
     this.server.connectionClosed(this, this.bytesIn, this.writer.bytesOut);
   }
 
-  private blocked(): boolean {
-    return (
-      this.inFlight >= this.s.maxInFlight ||
-      (this.inFlight > 0 && this.inFlightBytes >= this.s.maxInFlightBytes) ||
-      this.writer.needDrain
-    );
+  /** What this connection holds: frames received (an admitted one whole), payloads in flight, replies unsent. */
+  private held(): number {
+    const d = this.decoder;
+    const frames = this.admitted ? Math.max(d.heldBytes, d.pendingFrameSize) : d.heldBytes;
+    return frames + this.inFlightBytes + this.writer.queuedBytes;
+  }
+
+  private account(): void {
+    this.budget.set(this.state === 'closing' ? 0 : this.held());
+  }
+
+  /** Bytes the frame whose header is in will add: the rest of its body, and what serving it holds. */
+  private admissionCost(): number {
+    const d = this.decoder;
+    const body = d.pendingFrameSize - HEADER_SIZE;
+    let serving = 0;
+    if (d.pendingOp === Op.Get) serving = this.service.blockSize;
+    else if (d.pendingOp === Op.HasBatch || d.pendingOp === Op.DeleteBatch) serving = REFS_MEMORY_FACTOR * body;
+    return Math.max(0, d.pendingFrameSize - d.bufferedBytes) + serving;
+  }
+
+  private blockedBy(): RpcThrottle | null {
+    if (this.inFlight >= this.s.maxInFlight) return 'requests';
+    if (this.inFlight > 0 && this.inFlightBytes >= this.s.maxInFlightBytes) return 'bytes';
+    if (this.writer.needDrain) return 'replies';
+    // A frame is admitted from its header (past the handshake, whose frames are small), before
+    // its body costs anything; one the shared budget has no room for waits, its sender paused.
+    if (!this.admitted && this.state === 'ready' && this.decoder.pendingOp !== null) {
+      if (!this.budget.mayTake(this.admissionCost())) return 'budget';
+      this.admitted = true;
+    }
+    return null;
+  }
+
+  private throttle(why: RpcThrottle): void {
+    if (this.throttledBy !== why) {
+      this.throttledBy = why;
+      this.server.counters.throttled[why]++;
+      if (why === 'budget') {
+        const b = this.server.budget;
+        this.server.limitHit('budget', { remote: this.remote, usedBytes: b.used, limitBytes: b.limit, connections: b.holders });
+      }
+    }
+    if (why === 'budget') this.budget.waitForRoom(() => this.pump());
+  }
+
+  /** Called every few hundred milliseconds: drops a client that stalls its connection. */
+  check(now: number): void {
+    if (this.state !== 'ready') return;
+    const w = this.writer;
+    const why = this.stall.check(now, this.s.stallTimeoutMs, w.queuedBytes, w.bytesOut - this.stream.writableLength);
+    if (why === undefined) return this.account();
+    this.server.counters.stallTimeouts++;
+    this.server.limitHit('stall', { remote: this.remote, why, ms: this.s.stallTimeoutMs });
+    this.stream.destroy();
   }
 
   /** Starts every complete request the limits allow; pauses or resumes reading accordingly. */
@@ -395,7 +552,10 @@ class ServerConnection {
     this.pumping = true;
     try {
       while (this.state !== 'closing') {
-        if (this.blocked()) {
+        this.account();
+        const why = this.blockedBy();
+        if (why !== null) {
+          this.throttle(why);
           if (!this.paused) {
             this.paused = true;
             this.stream.pause();
@@ -409,7 +569,13 @@ class ServerConnection {
           this.protocolError(toTorusError(err, 'PROTOCOL'));
           return;
         }
-        if (m === null) break;
+        if (m === null) {
+          if (this.admitted) this.stall.messageStarted();
+          break;
+        }
+        this.admitted = false;
+        this.throttledBy = null;
+        this.stall.messageDone();
         this.dispatch(m);
       }
       if (this.paused && this.state !== 'closing') {
@@ -419,6 +585,7 @@ class ServerConnection {
       if (this.inFlight === 0 && this.stream.readableEnded) this.finish();
     } finally {
       this.pumping = false;
+      this.account();
     }
   }
 
@@ -670,19 +837,22 @@ class ServerConnection {
       this.writer.write(encodeHasResult(m.id, answers as boolean[]));
       return;
     }
-    this.begin(0);
+    const bytes = REFS_MEMORY_FACTOR * BLOCK_REF_SIZE * m.refs.length;
+    this.begin(bytes);
     Promise.all(answers).then(
-      (has) => this.reply(encodeHasResult(m.id, has), 0),
-      (err: unknown) => this.fail(m.id, err, 0),
+      (has) => this.reply(encodeHasResult(m.id, has), bytes),
+      (err: unknown) => this.fail(m.id, err, bytes),
     );
   }
 
   private deleteBatch(m: RefsMessage): void {
-    this.begin(0);
-    Promise.allSettled(m.refs.map((r) => invoke(() => this.service.deleteBlock(r)))).then((results) => {
+    const bytes = REFS_MEMORY_FACTOR * BLOCK_REF_SIZE * m.refs.length;
+    this.begin(bytes);
+    // Not all at once: a frame may hold 700,000 refs, and each delete holds a promise and its I/O.
+    void settleEach(m.refs, DELETE_CONCURRENCY, (r) => invoke(() => this.service.deleteBlock(r))).then((results) => {
       const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (bad) this.fail(m.id, bad.reason, 0);
-      else this.reply(encodeEmpty(Op.Ok, m.id), 0);
+      if (bad) this.fail(m.id, bad.reason, bytes);
+      else this.reply(encodeEmpty(Op.Ok, m.id), bytes);
     });
   }
 
@@ -737,6 +907,7 @@ class ServerConnection {
     const idle = Date.now() - this.lastActivity;
     if (idle >= limit && this.inFlight === 0) {
       // Quietly: the client sees a clean end with nothing pending and reconnects on demand.
+      this.server.counters.idleTimeouts++;
       this.shutdown();
       return;
     }
