@@ -2,10 +2,13 @@ import { Command, Option } from 'commander';
 import { tuneMalloc } from '../core/malloc.js';
 import { TorusError } from '../core/errors.js';
 import { VERSION } from '../core/version.js';
+import { HTTP_DEFAULTS } from '../http/server.js';
+import { DEFAULT_MAX_FRAME_SIZE } from '../rpc/codec.js';
+import { SERVER_DEFAULTS } from '../rpc/server.js';
 import { DEFAULT_COMPACTION, StorageNode } from '../server/node.js';
 import { parseDuration, parseSize } from '../core/units.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
-import { addBlockIoOptions, addGlobalOptions, connectMetadata, parsePort, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
+import { addBlockIoOptions, addGlobalOptions, connectMetadata, parseCount, parsePort, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
 import { EXIT_STATUSES, reportError, runProgram } from './shared/run.js';
 import { docsCommands } from './shared/docs-gen.js';
 import { addLogOptions, makeLogger } from './shared/log.js';
@@ -29,18 +32,17 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   compactionInterval: string;
   logLevel?: string;
   logFormat?: string;
+  peerMaxConnections: string;
+  peerMaxBuffered: string;
+  peerStallTimeout: string;
+  peerIdleTimeout: string;
+  httpMaxConnections: string;
 }
 
 function parseRate(text: string, flag: string): number {
   const rate = parseSize(text);
   if (rate <= 0) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} ${text}: must be above 0 (or auto)`);
   return rate;
-}
-
-function parseCount(text: string, flag: string): number {
-  const n = Number(text);
-  if (!/^\d+$/.test(text.trim()) || n < 1) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} "${text}": a whole number above 0`);
-  return n;
 }
 
 export function buildProgram(): Command {
@@ -63,6 +65,16 @@ export function buildProgram(): Command {
     .addOption(new Option('--compaction-retention <duration>', 'etcd history to keep; one node at a time compacts the rest (0: this node never compacts)').default('5m'))
     .addOption(new Option('--compaction-max-revisions <n>', 'keep at most this many etcd revisions, however recent').default(String(DEFAULT_COMPACTION.maxRevisions)))
     .addOption(new Option('--compaction-interval <duration>', 'how often the compacting node looks at etcd').default('10s'))
+    .addOption(new Option('--peer-max-connections <n>', 'peer RPC connections accepted at once; more are closed on arrival').default(String(SERVER_DEFAULTS.maxConnections)))
+    .addOption(
+      new Option('--peer-max-buffered <size>', 'peer RPC frames and replies held for all connections together; past it each connection still gets a fair share').default(
+        `${SERVER_DEFAULTS.maxBufferedBytes / (1024 * 1024)}MiB`,
+      ),
+    )
+    .addOption(new Option('--peer-stall-timeout <duration>', 'drop a peer that leaves a frame half-sent, or its replies unread, this long (0: never)').default(`${SERVER_DEFAULTS.stallTimeoutMs / 1000}s`))
+    .addOption(new Option('--peer-idle-timeout <duration>', 'close a peer connection with nothing sent or in flight this long (0: never; peers reconnect on demand)').default(`${SERVER_DEFAULTS.idleTimeoutMs / 1000}s`))
+    .addOption(new Option('--http-max-connections <n>', 'HTTP connections accepted at once; more are closed on arrival').default(String(HTTP_DEFAULTS.maxConnections)))
+    .showHelpAfterError('(run torusd --help for usage)')
     .action(async (opts: TorusdOpts) => {
       // Without it the node registers no address: peers cannot reach it and it can never join.
       if (!opts.peerAddress)
@@ -71,6 +83,16 @@ export function buildProgram(): Command {
       const conn = resolveConnection(opts);
       const meta = connectMetadata(opts, log);
       const heartbeatMs = parseDuration(opts.heartbeat);
+      const peerLimits = {
+        maxConnections: parseCount(opts.peerMaxConnections, '--peer-max-connections'),
+        maxBufferedBytes: parseSize(opts.peerMaxBuffered),
+        stallTimeoutMs: parseDuration(opts.peerStallTimeout),
+        idleTimeoutMs: parseDuration(opts.peerIdleTimeout),
+      };
+      // The largest frame must fit, or a peer sending one would wait forever.
+      if (peerLimits.maxBufferedBytes < DEFAULT_MAX_FRAME_SIZE)
+        throw new TorusError('INVALID_ARGUMENT', `invalid --peer-max-buffered "${opts.peerMaxBuffered}": at least 17MiB, the largest frame`);
+      const httpLimits = { maxConnections: parseCount(opts.httpMaxConnections, '--http-max-connections') };
       let node: StorageNode;
       try {
         node = await StorageNode.start({
@@ -96,6 +118,8 @@ export function buildProgram(): Command {
             maxRevisions: parseCount(opts.compactionMaxRevisions, '--compaction-max-revisions'),
             intervalMs: Math.max(100, parseDuration(opts.compactionInterval)),
           },
+          peerLimits,
+          httpLimits,
           log,
         });
       } catch (err) {

@@ -1,8 +1,17 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { LogThrottle, capConnections } from '../core/limits.js';
 import type { NodeMetrics } from './metrics.js';
 
 // The node's HTTP endpoint: /metrics for Prometheus, /healthz for load balancers and
 // orchestrators, /v1/status for humans and the dashboard.
+//
+// Limits, so that no client can bring the node down through it: at most `maxConnections`; a
+// whole request within 30 s (a client that sends nothing, or dribbles its headers, is cut off
+// rather than waited for); at most 8 requests answered per connection (later ones get a 503 of a
+// few bytes), because Node answers pipelined requests whether or not the client reads, and one
+// that sent 5,000 GETs without reading made it buffer 500 MB; requests other than GET and HEAD
+// are refused and the connection closed, so no body is read.
 
 export interface HealthSource {
   /** Empty when healthy; otherwise the reasons the node is not. */
@@ -13,22 +22,75 @@ export interface HealthSource {
 /** More GET routes, by path: torusd's dashboard and its data. */
 export type Routes = Readonly<Record<string, (req: IncomingMessage, res: ServerResponse) => Promise<void> | void>>;
 
+export interface HttpServerOptions {
+  /** Connections at once; more are closed on arrival. Default 128. */
+  readonly maxConnections?: number;
+  /** A request (headers and all) must arrive within this. Default 30 s. */
+  readonly requestTimeoutMs?: number;
+  /** Told, at most once per ten seconds per kind, when a limit bites. */
+  readonly onLimit?: (what: string, detail: object) => void;
+}
+
+export interface HttpServerStats {
+  readonly refusedConnections: number;
+  /** Requests whose headers or body did not arrive in time. */
+  readonly timeouts: number;
+  /** Requests that did not parse (bad syntax, headers over 16 KiB). */
+  readonly badRequests: number;
+}
+
+export const HTTP_DEFAULTS = {
+  maxConnections: 128,
+  requestTimeoutMs: 30_000,
+  keepAliveTimeoutMs: 5_000,
+  maxRequestsPerSocket: 8,
+} as const;
+
 export class HttpServer {
   private server: Server | undefined;
+  private readonly counters = { refusedConnections: 0, timeouts: 0, badRequests: 0 };
+  private readonly logThrottle = new LogThrottle();
 
   constructor(
     private readonly metrics: NodeMetrics,
     private readonly health: HealthSource,
     private readonly routes: Routes = {},
+    private readonly options: HttpServerOptions = {},
   ) {}
 
+  stats(): HttpServerStats {
+    return { ...this.counters };
+  }
+
+  private limitHit(what: string, detail: object): void {
+    const held = this.logThrottle.take(what);
+    if (held !== undefined) this.options.onLimit?.(what, held > 0 ? { ...detail, alsoSince: held } : detail);
+  }
+
   async listen(host: string, port: number): Promise<{ host: string; port: number }> {
-    const server = createServer((req, res) => {
-      void this.handle(req, res).catch((err: unknown) => {
-        if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
-        res.end(`${(err as Error).message}\n`);
-      });
+    const timeout = this.options.requestTimeoutMs ?? HTTP_DEFAULTS.requestTimeoutMs;
+    const server = createServer(
+      {
+        headersTimeout: timeout,
+        requestTimeout: timeout,
+        keepAliveTimeout: HTTP_DEFAULTS.keepAliveTimeoutMs,
+        // How often the timeouts are checked; Node's default lets them run 30 s late.
+        connectionsCheckingInterval: Math.min(1000, Math.max(50, timeout / 4)),
+      },
+      (req, res) => {
+        void this.handle(req, res).catch((err: unknown) => {
+          if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
+          res.end(`${(err as Error).message}\n`);
+        });
+      },
+    );
+    server.maxRequestsPerSocket = HTTP_DEFAULTS.maxRequestsPerSocket;
+    const max = this.options.maxConnections ?? HTTP_DEFAULTS.maxConnections;
+    capConnections(server, max, (remote) => {
+      this.counters.refusedConnections++;
+      this.limitHit('maxConnections', { remote, max });
     });
+    server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => this.clientError(err, socket));
     this.server = server;
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -41,10 +103,27 @@ export class HttpServer {
     return { host, port: typeof addr === 'object' && addr ? addr.port : port };
   }
 
+  /** Counts what went wrong, answers it in one line if the socket still can, and closes (not half: a client that does not read would hold it open). */
+  private clientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+    let status = 400;
+    if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' || err.code === 'ERR_HTTP_HEADERS_TIMEOUT') {
+      status = 408;
+      this.counters.timeouts++;
+      this.limitHit('timeout', { err: err.code });
+    } else if (err.code !== 'ECONNRESET') {
+      if (err.code === 'HPE_HEADER_OVERFLOW') status = 431;
+      this.counters.badRequests++;
+      this.limitHit('badRequest', { err: err.code ?? err.message });
+    }
+    if (socket.writable && err.code !== 'ECONNRESET') socket.write(`HTTP/1.1 ${status} ${status === 408 ? 'Request Timeout' : 'Bad Request'}\r\nconnection: close\r\n\r\n`);
+    socket.destroy();
+  }
+
   private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method !== 'GET' && req.method !== 'HEAD') {
-      res.writeHead(405, { allow: 'GET, HEAD' }).end();
+      // Closing, rather than reading and discarding whatever body it announced.
+      res.writeHead(405, { allow: 'GET, HEAD', connection: 'close' }).end();
       return;
     }
     const route = path !== undefined ? this.routes[path] : undefined;

@@ -10,12 +10,12 @@ import { PROTOCOL_VERSION, VERSION } from '../core/version.js';
 import { ClusterView } from '../distributor/cluster-view.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
 import { openBlockClient, type BlockClient } from '../distributor/open.js';
-import { HttpServer, type Routes } from '../http/server.js';
+import { HttpServer, type HttpServerOptions, type Routes } from '../http/server.js';
 import { DASHBOARD_CSS, DASHBOARD_HEADERS, DASHBOARD_HTML, DASHBOARD_JS } from '../http/dashboard-page.js';
 import { Dashboard } from './dashboard.js';
 import { NodeMetrics, type MetricSample } from '../http/metrics.js';
 import { addPeers } from '../ring/index.js';
-import { RpcServer } from '../rpc/server.js';
+import { RpcServer, type RpcServerOptions } from '../rpc/server.js';
 import { FileBlockStore } from '../storage/file-store.js';
 import { Rebalancer } from '../distributor/rebalance.js';
 import { buildLiveSet, collectLocal, type GcReport } from '../volume/gc.js';
@@ -31,6 +31,15 @@ import { NodeScrub } from './node-scrub.js';
 
 export const DEFAULT_PEER_PORT = 40000;
 const WEEK_MS = 7 * 24 * 3_600_000;
+
+/** What each limit's log line says happened, and the flag that sets it. */
+const LIMIT_TEXT: Record<string, string> = {
+  maxConnections: 'a connection was refused, the listener has its maximum (--peer-max-connections, --http-max-connections)',
+  budget: 'the memory for requests and replies is used up; connections beyond their share wait (--peer-max-buffered)',
+  stall: 'a client left a message half-sent or its replies unread, and was dropped (--peer-stall-timeout)',
+  timeout: 'a request did not arrive in time, and its connection was closed',
+  badRequest: 'a request did not parse, and its connection was closed',
+};
 
 export interface NodeOptions {
   readonly meta: MetadataService;
@@ -61,6 +70,10 @@ export interface NodeOptions {
   readonly writeLevel?: WriteLevel;
   /** etcd history compaction, done by one node at a time (server/compactor.ts); retentionMs 0 turns it off here. */
   readonly compaction?: { readonly retentionMs: number; readonly maxRevisions: number; readonly intervalMs: number };
+  /** Limits of the peer RPC listener (see RpcServerOptions); defaults there. */
+  readonly peerLimits?: Pick<RpcServerOptions, 'maxConnections' | 'maxBufferedBytes' | 'stallTimeoutMs' | 'idleTimeoutMs'>;
+  /** Limits of the HTTP listener. */
+  readonly httpLimits?: Pick<HttpServerOptions, 'maxConnections'>;
   readonly log: Logger;
 }
 
@@ -169,7 +182,10 @@ export class StorageNode {
       this.dashboard = new Dashboard(opts.meta, { uuid: identity.uuid, address: this.address }, () => this.client?.distributor, (err) =>
         opts.log.debug({ err: err.message }, 'dashboard'),
       );
-      this.http = new HttpServer(this.metrics, { problems: () => this.problems(), status: () => this.status() }, this.dashboardRoutes(this.dashboard));
+      this.http = new HttpServer(this.metrics, { problems: () => this.problems(), status: () => this.status() }, this.dashboardRoutes(this.dashboard), {
+        ...opts.httpLimits,
+        onLimit: (what, detail) => opts.log.warn({ ...detail, limit: what }, `HTTP limit reached: ${LIMIT_TEXT[what] ?? what}`),
+      });
     }
   }
 
@@ -225,6 +241,8 @@ export class StorageNode {
         identity: { uuid: this.identity.uuid, clusterId: this.global.clusterId },
         software: `torusd ${VERSION}`,
         onConnectionError: (err, remote) => log.warn({ remote, err: err.message }, 'peer connection dropped'),
+        ...this.opts.peerLimits,
+        onLimit: (what, detail) => log.warn({ ...detail, limit: what }, `peer RPC limit reached: ${LIMIT_TEXT[what] ?? what}`),
       });
       try {
         await this.rpc.listen(peer.port, peer.listenHost);
@@ -526,12 +544,32 @@ export class StorageNode {
     const r = this.rpc?.stats();
     if (r) {
       out.push(
+        { name: 'torus_rpc_server_held_bytes', help: 'Peer RPC frames, payloads and replies held in memory, for all connections', type: 'gauge', value: r.heldBytes },
+        { name: 'torus_rpc_server_held_bytes_limit', help: 'The peer RPC memory budget (--peer-max-buffered)', type: 'gauge', value: this.rpc!.budget.limit },
+        { name: 'torus_rpc_server_refused_connections_total', help: 'Peer RPC connections closed on arrival (--peer-max-connections)', type: 'counter', value: r.refusedConnections },
+        { name: 'torus_rpc_server_stall_timeouts_total', help: 'Peer RPC clients dropped for a frame left half-sent or replies left unread (--peer-stall-timeout)', type: 'counter', value: r.stallTimeouts },
+        { name: 'torus_rpc_server_idle_timeouts_total', help: 'Idle peer RPC connections closed (--peer-idle-timeout)', type: 'counter', value: r.idleTimeouts },
+        ...Object.entries(r.throttled).map(([limit, value]): MetricSample => ({
+          name: 'torus_rpc_server_throttled_total',
+          help: 'Times a peer RPC connection stopped being read, by the limit that stopped it',
+          type: 'counter',
+          value,
+          labels: { limit },
+        })),
         { name: 'torus_rpc_server_connections', help: 'Open peer RPC connections', type: 'gauge', value: r.connections },
         { name: 'torus_rpc_server_in_flight', help: 'Peer RPC requests being served', type: 'gauge', value: r.inFlight },
         { name: 'torus_rpc_server_requests_total', help: 'Peer RPC requests served', type: 'counter', value: r.requests },
         { name: 'torus_rpc_server_protocol_errors_total', help: 'Peer RPC connections dropped for protocol errors', type: 'counter', value: r.protocolErrors },
         { name: 'torus_rpc_server_received_bytes_total', help: 'Peer RPC bytes received', type: 'counter', value: r.bytesIn },
         { name: 'torus_rpc_server_sent_bytes_total', help: 'Peer RPC bytes sent', type: 'counter', value: r.bytesOut },
+      );
+    }
+    const h = this.http?.stats();
+    if (h) {
+      out.push(
+        { name: 'torus_http_refused_connections_total', help: 'HTTP connections closed on arrival (--http-max-connections)', type: 'counter', value: h.refusedConnections },
+        { name: 'torus_http_timeouts_total', help: 'HTTP requests that did not arrive in time', type: 'counter', value: h.timeouts },
+        { name: 'torus_http_bad_requests_total', help: 'HTTP requests that did not parse', type: 'counter', value: h.badRequests },
       );
     }
     return out;
