@@ -381,6 +381,29 @@ describe('aoe target: ATA commands', () => {
     assert.equal(cfg.bufferCount, 2);
   });
 
+  test('an initiator flooding the target takes only its own buffers; another is never dropped (issue 13)', async () => {
+    const r = rig({ target: { bufferCount: 4 } });
+    await settle();
+    r.device.setLatency(10);
+    // One try per command, so a single dropped frame fails the good initiator.
+    const careful = new AoeInitiator(r.segment.attach(parseMac('02:00:00:00:00:05'), 'careful'), { shelf: 7, slot: 3, timeoutMs: 2000, attempts: 1 });
+    await careful.discover();
+    let tag = 1;
+    const flood = setInterval(() => {
+      for (let i = 0; i < 50; i++) r.raw.send(encodeAta(rawHeader(r, tag++), { sectorCount: 1, cmdStatus: AtaCmd.READ_SECTORS_EXT, extended: true }));
+    }, 5);
+    try {
+      await until('the flood to fill its buffers', () => r.target.stats.busyDrops > 0);
+      const data = Buffer.alloc(64 * SECTOR_SIZE, 0x5a);
+      await careful.transfer('write', 100, 64, true, data, 4);
+      assert.ok((await careful.transfer('read', 100, 64, true, undefined, 4)).equals(data));
+    } finally {
+      clearInterval(flood);
+      careful.close();
+    }
+    assert.ok(r.target.stats.peakInFlight <= 8, `peak ${r.target.stats.peakInFlight} in flight`);
+  });
+
   test('close() waits for commands in flight to be answered', async () => {
     const r = rig();
     await r.ini.discover();

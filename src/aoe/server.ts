@@ -1,9 +1,10 @@
 // An ATA over Ethernet target (AoE r11) serving any BlockDevice over a PacketConn.
 //
 // Every frame is handled on its own: ATA commands run concurrently (a slow read never holds up
-// the frames behind it), up to `bufferCount` at a time, the number the target advertises; frames
-// beyond that are dropped, as r11 says a target does when its buffers are full, and the
-// initiator retransmits. Nothing a peer sends can throw out of the receive path: frames that do
+// the frames behind it), up to `bufferCount` at a time per initiator, the number the target
+// advertises to each, and `maxInFlight` in all; frames beyond that are dropped, as r11 says a
+// target does when its buffers are full, and the initiator retransmits. The per-initiator cap is
+// what keeps one initiator flooding the target from taking every buffer from the others. Nothing a peer sends can throw out of the receive path: frames that do
 // not parse are ignored, and device failures become ATA error registers (errors.ts).
 //
 // Addressing and access control, in the order applied to each frame:
@@ -18,6 +19,7 @@
 
 import { TorusError, toTorusError } from '../core/errors.js';
 import type { BlockDevice } from '../core/interfaces.js';
+import { LogThrottle } from '../core/limits.js';
 import { AtaCmd, AtaErrorBit, AtaStatus, POWER_MODE_ACTIVE, commandLba, identifyDevice } from './ata.js';
 import type { PacketConn } from './conn.js';
 import { ataFailure } from './errors.js';
@@ -76,8 +78,10 @@ export interface AoeTargetOptions {
   readonly shelf: number;
   /** Minor address, 0..0xfe (0xff is broadcast). */
   readonly slot: number;
-  /** Requests handled at once, and the Buffer Count advertised. */
+  /** Requests handled at once for one initiator, and the Buffer Count advertised. */
   readonly bufferCount?: number;
+  /** Requests handled at once for all initiators together. Default 4 x bufferCount. */
+  readonly maxInFlight?: number;
   /** Firmware version advertised in config responses. */
   readonly firmware?: number;
   readonly log?: AoeLogger;
@@ -118,8 +122,10 @@ export interface AoeTargetStats {
   replies: number;
   /** Replies the PacketConn dropped (queue full). */
   sendDrops: number;
-  /** ATA requests dropped because `bufferCount` were already running. */
+  /** ATA requests dropped because `bufferCount` of their initiator's, or `maxInFlight` in all, were already running. */
   busyDrops: number;
+  /** Initiators with commands running now. */
+  initiators: number;
   ataCommands: number;
   ataErrors: number;
   aoeErrors: number;
@@ -136,6 +142,7 @@ export class AoeTarget {
   readonly firmware: number;
   /** Sectors per ATA command, from the interface MTU (jumbo frames allow more). */
   readonly maxSectors: number;
+  readonly maxInFlight: number;
   readonly totalSectors: number;
   readonly writeThrough: boolean;
   readonly stats: AoeTargetStats = {
@@ -145,6 +152,7 @@ export class AoeTarget {
     replies: 0,
     sendDrops: 0,
     busyDrops: 0,
+    initiators: 0,
     ataCommands: 0,
     ataErrors: 0,
     aoeErrors: 0,
@@ -159,6 +167,9 @@ export class AoeTarget {
   private macMask: Buffer[];
   private reserve: Buffer[];
   private readonly inFlight = new Set<Promise<void>>();
+  /** Commands running per initiator MAC; an initiator with none has no entry. */
+  private readonly perInitiator = new Map<string, number>();
+  private readonly logThrottle = new LogThrottle();
   private started = false;
   private closing = false;
   private closed: Promise<void> | undefined;
@@ -178,6 +189,9 @@ export class AoeTarget {
     this.bufferCount = options.bufferCount ?? AOE_TARGET_DEFAULTS.bufferCount;
     if (!Number.isInteger(this.bufferCount) || this.bufferCount < 1 || this.bufferCount > 0xffff)
       throw new TorusError('INVALID_ARGUMENT', `AoE buffer count ${this.bufferCount} is not in 1..65535`);
+    this.maxInFlight = options.maxInFlight ?? 4 * this.bufferCount;
+    if (!Number.isInteger(this.maxInFlight) || this.maxInFlight < this.bufferCount)
+      throw new TorusError('INVALID_ARGUMENT', `AoE maxInFlight ${this.maxInFlight} is below the buffer count ${this.bufferCount}`);
     this.firmware = options.firmware ?? AOE_TARGET_DEFAULTS.firmware;
     if (!Number.isInteger(this.firmware) || this.firmware < 0 || this.firmware > 0xffff)
       throw new TorusError('INVALID_ARGUMENT', `AoE firmware version ${this.firmware} is not in 0..65535`);
@@ -470,8 +484,16 @@ export class AoeTarget {
   // ------------------------------------------------------------------------------------ ATA --
 
   private startAta(h: AoeHeader, a: AtaArg, frame: Buffer): void {
-    if (this.stats.inFlight >= this.bufferCount) {
+    const who = formatMac(h.src);
+    const mine = this.perInitiator.get(who) ?? 0;
+    if (mine >= this.bufferCount || this.stats.inFlight >= this.maxInFlight) {
       this.stats.busyDrops++;
+      const held = this.logThrottle.take('busy');
+      if (held !== undefined)
+        this.log.warn(
+          { initiator: who, running: mine, total: this.stats.inFlight, bufferCount: this.bufferCount, maxInFlight: this.maxInFlight, alsoSince: held },
+          'AoE buffers full: dropping commands beyond the buffer count (the initiator retransmits; --buffer-count)',
+        );
       return;
     }
     this.stats.ataCommands++;
@@ -480,11 +502,17 @@ export class AoeTarget {
       return;
     }
     this.stats.inFlight++;
+    this.perInitiator.set(who, mine + 1);
+    this.stats.initiators = this.perInitiator.size;
     if (this.stats.inFlight > this.stats.peakInFlight) this.stats.peakInFlight = this.stats.inFlight;
     const p = this.runAta(h, a, frame)
       .catch((err: unknown) => this.log.warn({ err: toTorusError(err).message }, 'AoE ATA command failed unexpectedly'))
       .finally(() => {
         this.stats.inFlight--;
+        const left = (this.perInitiator.get(who) ?? 1) - 1;
+        if (left > 0) this.perInitiator.set(who, left);
+        else this.perInitiator.delete(who);
+        this.stats.initiators = this.perInitiator.size;
         this.inFlight.delete(p);
       });
     this.inFlight.add(p);
