@@ -3,13 +3,16 @@
 // read) and asks before taking more. Two rules decide:
 //
 //   - anyone may take more while the total stays within the limit;
-//   - past the limit, a connection may still hold its fair share, limit / (2 x connections).
+//   - past the limit, a connection may still hold its fair share, limit / (2 x connections that
+//     hold something, itself included). Idle connections take no share: a flood of connections
+//     that send nothing does not shrink everyone else's.
 //
 // The first lets one busy client use the whole budget when it is alone. The second keeps a few
 // greedy or hostile connections that filled the budget (requests announced and never sent,
-// replies never read) from stalling everyone else: a newcomer always gets its share. Since the
-// shares add up to half the limit, the total stays below 1.5 x limit however many connections
-// there are (plus what one request may exceed its check by, which callers bound).
+// replies never read) from stalling everyone else: a newcomer still gets its share. Shares taken
+// one after another as connections arrive could add up to more than half the limit (the
+// harmonic series), so the total is also held to 1.5 x limit: past that everyone waits, and what
+// was taken without progress is freed by the servers' stall timeouts.
 //
 // A connection refused room waits: it is woken, at most once per turn of the event loop, when
 // the total has gone back under the limit or someone left.
@@ -17,12 +20,19 @@
 export class ByteBudget {
   private total = 0;
   private members = 0;
+  /** Members holding more than nothing. */
+  private active = 0;
   private readonly waiters = new Map<BudgetHolder, () => void>();
   private wakeScheduled = false;
   /** The most held at once. */
   peak = 0;
 
   constructor(readonly limit: number) {}
+
+  /** The total never exceeds this. */
+  get hardLimit(): number {
+    return 1.5 * this.limit;
+  }
 
   /** Bytes held now, by everyone. */
   get used(): number {
@@ -33,9 +43,9 @@ export class ByteBudget {
     return this.members;
   }
 
-  /** What each member may hold whatever the others do. */
-  get share(): number {
-    return this.limit / (2 * Math.max(1, this.members));
+  /** What a member may hold whatever the others do: with `holding` false, counting itself in. */
+  share(holding = true): number {
+    return this.limit / (2 * Math.max(1, this.active + (holding ? 0 : 1)));
   }
 
   join(): BudgetHolder {
@@ -46,6 +56,8 @@ export class ByteBudget {
   /** @internal */
   change(from: number, to: number): void {
     this.total += to - from;
+    if (from === 0 && to > 0) this.active++;
+    else if (from > 0 && to === 0) this.active--;
     if (this.total > this.peak) this.peak = this.total;
     if (to < from) this.maybeWake();
   }
@@ -76,7 +88,7 @@ export class ByteBudget {
   }
 
   private anyUnderShare(): boolean {
-    for (const h of this.waiters.keys()) if (h.held < this.share) return true;
+    for (const h of this.waiters.keys()) if (h.held < this.share(h.held > 0)) return true;
     return false;
   }
 }
@@ -95,7 +107,8 @@ export class BudgetHolder {
   /** Whether going from what this holder holds to `more` bytes beyond it is allowed now. */
   mayTake(more: number): boolean {
     const b = this.budget;
-    return b.used + more <= b.limit || this.bytes + more <= b.share;
+    if (b.used + more <= b.limit) return true;
+    return this.bytes + more <= b.share(this.bytes > 0) && b.used + more <= b.hardLimit;
   }
 
   /** Reports what the holder holds now. */
