@@ -857,7 +857,7 @@ describe('nbd server: limits (issue 13)', () => {
     const st = server.stats();
     for (const c of hostile) c.stream.destroy();
     assert.ok(goodOps - before >= 20, `the good client made ${goodOps - before} round trips while attacked`);
-    // Fair shares add up to half the budget; one 64 KiB socket read each is the slack.
+    // The budget holds the total to 1.5 x its limit; one 64 KiB socket read each is the slack.
     const bound = 1.5 * budget + st.connections * 64 * KiB;
     assert.ok(peak <= bound && st.peakBufferedBytes <= bound, `held at most ${st.peakBufferedBytes} bytes (sampled ${peak}) against a budget of ${budget}`);
     assert.ok(st.throttled.budget > 0, 'the budget was what held the hostile clients back');
