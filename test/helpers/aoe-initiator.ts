@@ -438,6 +438,26 @@ export async function bench(ini: AoeInitiator, op: 'read' | 'write', seconds: nu
   return { opsPerSec4k: Math.round(bytes / 4096 / elapsed), framesPerSec: Math.round(frames / elapsed), mibPerSec: Math.round((bytes / 1048576 / elapsed) * 10) / 10, sectorsPerFrame: per, depth, seconds: Math.round(elapsed * 10) / 10 };
 }
 
+/**
+ * A hostile initiator: READ frames of one sector, `burst` every millisecond for `seconds`, never
+ * waiting for an answer (each with its own tag), spread over the first MiB. Counts what comes back.
+ */
+export async function flood(ini: AoeInitiator, seconds: number, burst: number): Promise<Record<string, number>> {
+  let sent = 0;
+  let tag = 0x40000000;
+  const deadline = Date.now() + seconds * 1000;
+  while (Date.now() < deadline) {
+    for (let i = 0; i < burst; i++) {
+      ini.conn.send(
+        encodeAta({ dst: ini.target, src: ini.conn.mac, response: false, shelf: ini.opts.shelf, slot: ini.opts.slot, tag: tag++ }, { extended: true, write: false, sectorCount: 1, cmdStatus: AtaCmd.READ_SECTORS_EXT, lba: sent % 2048 }),
+      );
+      sent++;
+    }
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  return { sent, seconds };
+}
+
 // -------------------------------------------------------------------------------------- main --
 
 function macList(text: string | undefined, self: Buffer): Buffer[] {
@@ -542,6 +562,9 @@ async function main(): Promise<void> {
         out({ sectors: Number(values.count) });
         break;
       }
+      case 'flood':
+        out(await flood(ini, Number(values.seconds), Number(values.depth)));
+        break;
       case 'bench': {
         const id = parseIdentify(await ini.identify());
         out(await bench(ini, values.op === 'write' ? 'write' : 'read', Number(values.seconds), Number(values.depth), id.sectors48));
