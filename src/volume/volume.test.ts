@@ -634,3 +634,30 @@ test('a run page whose put fails fails the checkpoint, never the process; the ne
   await vol.checkpoint();
   await vol.close();
 });
+
+test('zeroing a range far beyond the write cache flushes as it goes and lets the event loop run (issue 13)', async () => {
+  const c = await memoryCluster(BS);
+  const blocks = 2048;
+  await c.vmeta.create('v', blocks * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { writeCacheBytes: 16 * BS, foldIdleMs: 0, checkpointIntervalMs: 0 });
+  const data = randomBytes(blocks * BS);
+  await vol.write(0, data);
+  await vol.flush();
+  for (const noHole of [false, true]) {
+    const flushes = vol.stats.flushes;
+    let turns = 0;
+    const ticker = setInterval(() => turns++, 0);
+    try {
+      // 2048 records against a 64 KiB cache: 128 fit, at 512 bytes each.
+      await vol.writeZeroes(100, blocks * BS - 200, { noHole });
+    } finally {
+      clearInterval(ticker);
+    }
+    assert.ok(vol.stats.flushes - flushes >= 8, `${noHole ? 'NO_HOLE' : 'holes'}: ${vol.stats.flushes - flushes} flushes for 2048 records`);
+    assert.ok(turns >= 8, `the event loop turned ${turns} times during the zeroing`);
+    const back = await vol.read(0, blocks * BS);
+    assert.ok(back.subarray(0, 100).equals(data.subarray(0, 100)) && back.subarray(blocks * BS - 100).equals(data.subarray(blocks * BS - 100)));
+    assert.ok(back.subarray(100, blocks * BS - 100).every((b) => b === 0));
+  }
+  await vol.close();
+});
