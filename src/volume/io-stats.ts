@@ -1,6 +1,6 @@
 import { hostname } from 'node:os';
 import { toTorusError } from '../core/errors.js';
-import type { BlockDevice, DeviceProvider, KVSession, MetaKV } from '../core/interfaces.js';
+import type { BlockDevice, DeviceInfo, DeviceProvider, KVSession, MetaKV } from '../core/interfaces.js';
 
 // Per-volume I/O accounting for the front ends (NBD, AoE): every device a provider hands out is
 // wrapped, so both servers are measured the same way, at the device, without either knowing.
@@ -110,6 +110,14 @@ export class MeasuredProvider implements DeviceProvider {
   async open(name: string, opts: { readOnly: boolean }): Promise<{ device: BlockDevice; release(): Promise<void> }> {
     const got = await this.inner.open(name, opts);
     return { device: this.io.wrap(name, got.device), release: () => got.release() };
+  }
+
+  /** Passed through: without it a front end would open (and lock) a volume just to describe it. */
+  async info(name: string, opts: { readOnly: boolean }): Promise<DeviceInfo> {
+    if (this.inner.info) return this.inner.info(name, opts);
+    const { device, release } = await this.inner.open(name, opts);
+    await release();
+    return { size: device.size, blockSize: device.blockSize, readOnly: device.readOnly };
   }
 }
 

@@ -5,6 +5,7 @@ import { Info, Opt, Rep, encodeInfoRequest } from '../nbd/codec.js';
 import { NbdServer } from '../nbd/server.js';
 import { TestClient } from '../nbd/testing.js';
 import type { VolumeClient } from './client.js';
+import { MeasuredProvider, VolumeIo } from './io-stats.js';
 import { VKEYS, VolumeMeta } from './meta.js';
 import { VolumeProvider } from './provider.js';
 import { memoryCluster } from './testing.js';
@@ -20,11 +21,13 @@ async function countedProvider() {
   const counted: MetaKV = {
     get: (k) => kv.get(k),
     list: (p) => kv.list(p),
-    txn: (cmp, ok, fail) => {
+    txn: (cmp, ok, fail, opts) => {
       txns++;
-      return kv.txn(cmp, ok, fail);
+      return kv.txn(cmp, ok, fail, opts);
     },
     session: (ttl) => kv.session(ttl),
+    status: () => kv.status(),
+    compact: (revision) => kv.compact(revision),
   };
   const vmeta = new VolumeMeta(counted);
   const vc = {
@@ -42,7 +45,8 @@ test('NBD INFO on a writable volume costs no etcd transaction: no lock, no epoch
   const epoch = async (): Promise<string | undefined> => (await c.meta.kv().get(VKEYS.epoch(rec.id)))?.value;
   const epochBefore = await epoch();
   const before = txns();
-  const server = new NbdServer(provider);
+  // As nbdserve serves it: measured.
+  const server = new NbdServer(new MeasuredProvider(provider, new VolumeIo()));
   const client = TestClient.connect((s) => server.handle(s));
   await client.handshake();
   for (let i = 0; i < 20; i++) {
