@@ -34,7 +34,14 @@ const headroom = 2 * 64 * MiB + 64 * MiB;
 let c: TestCluster;
 let C: string[];
 let dir: string;
-let nbd: { proc: ChildProcess; port: number; log: () => string };
+let nbd: { proc: ChildProcess; port: number; metricsPort: number; log: () => string };
+
+/** A counter or gauge from a /metrics page, 0 when absent. */
+async function metricValue(port: number, name: string): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const escaped = name.replace(/[{}"]/g, (ch) => `\\${ch}`);
+  return Number(new RegExp(`^${escaped} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+}
 
 before(async () => {
   c = await startCluster({
@@ -49,11 +56,13 @@ before(async () => {
   await ok('torusctl', [...C, 'volume', 'create-block', 'work', '64MiB']);
   await ok('torusctl', [...C, 'volume', 'create-block', 'victim', '256MiB']);
   const port = await freePort();
+  const metricsPort = await freePort();
   const proc = spawn(
     process.execPath,
     [
       BIN('torusblk'), ...C, 'nbdserve', '--listen', `127.0.0.1:${port}`, ...(process.env.HOSTILE_DEBUG ? ['--debug'] : []),
       '--max-buffered', BUDGET, '--stall-timeout', '4s', '--max-connections', '64', '--write-cache-size', '8MiB', '--read-cache-size', '16MiB',
+      '--metrics', `127.0.0.1:${metricsPort}`,
     ],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
@@ -61,7 +70,7 @@ before(async () => {
   proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   proc.stderr!.on('data', (d: Buffer) => (out += d.toString()));
   await eventually('nbdserve listening', async () => out.includes('serving NBD on') || (proc.exitCode !== null ? Promise.reject(new Error(out)) : false));
-  nbd = { proc, port, log: () => out };
+  nbd = { proc, port, metricsPort, log: () => out };
 });
 
 after(async () => {
@@ -172,6 +181,10 @@ test('NBD: clients that stall payloads, never read, zero whole volumes, dribble 
   const log = nbd.log();
   assert.match(log, /nbd memory budget reached/);
   assert.match(log, /nbd connection refused: the listener has its maximum of connections/);
+  // And its /metrics counts them.
+  assert.ok((await metricValue(nbd.metricsPort, 'torus_nbd_throttled_total{limit="budget"}')) > 0);
+  assert.ok((await metricValue(nbd.metricsPort, 'torus_nbd_refused_connections_total')) > 0);
+  assert.ok((await metricValue(nbd.metricsPort, 'torus_nbd_stall_timeouts_total')) > 0);
   // And the volume the normal client wrote reads back as it was written, over a new connection.
   const back = join(dir, 'work.bin');
   await eventually('a new connection is accepted', async () => (await run('nbdcopy', [`nbd://127.0.0.1:${nbd.port}/work`, back])).code === 0, 20_000);
@@ -266,10 +279,7 @@ test('peer RPC and HTTP: peers that stall frames, never read, delete 400,000 ref
   })();
   const during = await normalClient(3);
   const { stalled, drip } = await attack;
-  const stallDrops = async (): Promise<boolean> => {
-    const r = await fetch(`http://127.0.0.1:${node.httpPort}/metrics`);
-    return /^torus_rpc_server_stall_timeouts_total [1-9]/m.test(await r.text());
-  };
+  const stallDrops = async (): Promise<boolean> => (await metricValue(node.httpPort, 'torus_rpc_server_stall_timeouts_total')) > 0;
   // The stalled peers are dropped once stalled for the stall timeout (4 s).
   await eventually('stalled peers dropped', stallDrops, 30_000);
   clearInterval(drip);
@@ -282,17 +292,10 @@ test('peer RPC and HTTP: peers that stall frames, never read, delete 400,000 ref
   );
   assert.ok(peak <= before + headroom, `torusd peaked at ${mib(peak)}, ${mib(peak - before)} above its ${mib(before)} before the attack`);
   assert.equal(node.proc.exitCode, null, 'torusd is still running');
-  const metrics = await eventually(
-    'node 0 answers /metrics',
-    async () => {
-      const r = await fetch(`http://127.0.0.1:${node.httpPort}/metrics`);
-      return r.ok ? r.text() : undefined;
-    },
-    30_000,
-  );
-  const value = (name: string): number => Number(new RegExp(`^${name.replace(/[{}"]/g, (ch) => `\\${ch}`)} (\\d+)`, 'm').exec(metrics)?.[1] ?? 0);
-  assert.ok(value('torus_rpc_server_refused_connections_total') > 0, 'peer connections refused');
-  assert.ok(value('torus_rpc_server_throttled_total{limit="budget"}') > 0, 'the peer budget held hostile peers back');
-  assert.ok(value('torus_http_refused_connections_total') > 0, 'HTTP connections refused');
+  await eventually('node 0 answers /metrics', async () => (await fetch(`http://127.0.0.1:${node.httpPort}/metrics`)).ok, 30_000);
+  const value = (name: string): Promise<number> => metricValue(node.httpPort, name);
+  assert.ok((await value('torus_rpc_server_refused_connections_total')) > 0, 'peer connections refused');
+  assert.ok((await value('torus_rpc_server_throttled_total{limit="budget"}')) > 0, 'the peer budget held hostile peers back');
+  assert.ok((await value('torus_http_refused_connections_total')) > 0, 'HTTP connections refused');
   assert.match(node.log(), /peer RPC limit reached: the memory for requests and replies is used up/);
 });

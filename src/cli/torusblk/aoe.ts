@@ -29,7 +29,8 @@ function aoeSamples(st: AoeTarget['stats']): MetricSample[] {
     c('torus_aoe_ata_errors_total', 'ATA commands answered with an error', st.ataErrors),
     c('torus_aoe_errors_total', 'AoE error replies', st.aoeErrors),
     c('torus_aoe_malformed_frames_total', 'Frames that did not parse', st.malformed),
-    c('torus_aoe_busy_drops_total', 'Commands dropped because the buffer count was reached', st.busyDrops),
+    c('torus_aoe_busy_drops_total', "Commands dropped because their initiator's buffer count, or 4x it in all, was reached", st.busyDrops),
+    { name: 'torus_aoe_initiators', help: 'Initiators with commands being served', type: 'gauge', value: st.initiators },
     c('torus_aoe_send_drops_total', 'Replies dropped by the socket', st.sendDrops),
   ];
 }

@@ -45,6 +45,18 @@ export function nbdSamples(st: NbdServerStats): MetricSample[] {
     { name: 'torus_nbd_handshakes_total', help: 'NBD handshakes completed', type: 'counter', value: st.handshakes },
     { name: 'torus_nbd_requests_total', help: 'NBD requests received', type: 'counter', value: st.requests },
     { name: 'torus_nbd_protocol_errors_total', help: 'NBD connections dropped for protocol errors', type: 'counter', value: st.protocolErrors },
+    { name: 'torus_nbd_buffered_bytes', help: 'NBD requests, payloads and replies held in memory, for all connections', type: 'gauge', value: st.bufferedBytes },
+    { name: 'torus_nbd_refused_connections_total', help: 'NBD connections closed on arrival (--max-connections)', type: 'counter', value: st.refusedConnections },
+    { name: 'torus_nbd_oversized_requests_total', help: 'NBD requests refused for a length over the 32 MiB maximum', type: 'counter', value: st.oversizedRequests },
+    { name: 'torus_nbd_stall_timeouts_total', help: 'NBD clients dropped for a payload left half-sent or replies left unread (--stall-timeout)', type: 'counter', value: st.stallTimeouts },
+    { name: 'torus_nbd_idle_timeouts_total', help: 'Idle NBD connections closed (--idle-timeout)', type: 'counter', value: st.idleTimeouts },
+    ...Object.entries(st.throttled).map(([limit, value]): MetricSample => ({
+      name: 'torus_nbd_throttled_total',
+      help: 'Times an NBD connection stopped being read, by the limit that stopped it (budget: --max-buffered)',
+      type: 'counter',
+      value,
+      labels: { limit },
+    })),
   ];
 }
 
