@@ -18,6 +18,11 @@ export function counterSample(name: string, help: string, value: number): Metric
   return { name, help, type: 'counter', value };
 }
 
+/** One counter with a label, a sample per value of it: `{ budget: 3, requests: 0 }` by `limit`. */
+export function labelledCounters(name: string, help: string, label: string, values: Readonly<Record<string, number>>): MetricSample[] {
+  return Object.entries(values).map(([key, value]) => ({ name, help, type: 'counter', value, labels: { [label]: key } }));
+}
+
 export class NodeMetrics {
   readonly registry = new Registry();
   private readonly gauges = new Map<string, Gauge>();

@@ -13,7 +13,7 @@ import { openBlockClient, type BlockClient } from '../distributor/open.js';
 import { HttpServer, type HttpServerOptions, type Routes } from '../http/server.js';
 import { DASHBOARD_CSS, DASHBOARD_HEADERS, DASHBOARD_HTML, DASHBOARD_JS } from '../http/dashboard-page.js';
 import { Dashboard } from './dashboard.js';
-import { NodeMetrics, type MetricSample } from '../http/metrics.js';
+import { NodeMetrics, labelledCounters, type MetricSample } from '../http/metrics.js';
 import { addPeers } from '../ring/index.js';
 import { RpcServer, type RpcServerOptions } from '../rpc/server.js';
 import { FileBlockStore } from '../storage/file-store.js';
@@ -549,13 +549,7 @@ export class StorageNode {
         { name: 'torus_rpc_server_refused_connections_total', help: 'Peer RPC connections closed on arrival (--peer-max-connections)', type: 'counter', value: r.refusedConnections },
         { name: 'torus_rpc_server_stall_timeouts_total', help: 'Peer RPC clients dropped for a frame left half-sent or replies left unread (--peer-stall-timeout)', type: 'counter', value: r.stallTimeouts },
         { name: 'torus_rpc_server_idle_timeouts_total', help: 'Idle peer RPC connections closed (--peer-idle-timeout)', type: 'counter', value: r.idleTimeouts },
-        ...Object.entries(r.throttled).map(([limit, value]): MetricSample => ({
-          name: 'torus_rpc_server_throttled_total',
-          help: 'Times a peer RPC connection stopped being read, by the limit that stopped it',
-          type: 'counter',
-          value,
-          labels: { limit },
-        })),
+        ...labelledCounters('torus_rpc_server_throttled_total', 'Times a peer RPC connection stopped being read, by the limit that stopped it', 'limit', r.throttled),
         { name: 'torus_rpc_server_connections', help: 'Open peer RPC connections', type: 'gauge', value: r.connections },
         { name: 'torus_rpc_server_in_flight', help: 'Peer RPC requests being served', type: 'gauge', value: r.inFlight },
         { name: 'torus_rpc_server_requests_total', help: 'Peer RPC requests served', type: 'counter', value: r.requests },

@@ -58,6 +58,35 @@ export function pushUntilBlocked(s: net.Socket, total: number, settleMs = 200, f
   });
 }
 
+/**
+ * Watches a process's memory from now: its resident size now, and once stopped the peak since
+ * (VmHWM, reset now) and the largest of samples taken every 100 ms.
+ */
+export function watchRss(pid: number): { readonly before: number; stop(): { peak: number; sampled: number } } {
+  const before = rss(pid).now;
+  resetPeakRss(pid);
+  const sampler = sampleRss(pid);
+  return { before, stop: () => ({ sampled: sampler.stop(), peak: rss(pid).peak }) };
+}
+
+/**
+ * `n` connections from `open` that each send `header` and then as much of `bytes` as the server
+ * takes, and stop there: what a server that buffers announced payloads pays for. Resolves with
+ * the sockets and the bytes the servers took.
+ */
+export async function stallWriters(n: number, open: () => Promise<net.Socket>, header: Buffer, bytes: number): Promise<{ sockets: net.Socket[]; accepted: number }> {
+  const sockets: net.Socket[] = [];
+  const taken = await Promise.all(
+    Array.from({ length: n }, async () => {
+      const s = await open();
+      sockets.push(s);
+      s.write(header);
+      return pushUntilBlocked(s, bytes);
+    }),
+  );
+  return { sockets, accepted: taken.reduce((a, b) => a + b, 0) };
+}
+
 /** Samples a process's resident memory every `ms` until stopped; the largest value seen. */
 export function sampleRss(pid: number, ms = 100): { stop(): number } {
   let max = 0;

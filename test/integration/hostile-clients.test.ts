@@ -12,7 +12,7 @@ import { TestClient } from '../../src/nbd/testing.js';
 import { HEADER_SIZE, Op, encodeDeleteBatch, encodeGet, encodeHello, encodePutBatch } from '../../src/rpc/codec.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { freePort } from '../helpers/etcd.js';
-import { MiB, connect, mib, pushUntilBlocked, resetPeakRss, rss, sampleRss } from '../helpers/hostile.js';
+import { MiB, connect, mib, stallWriters, watchRss } from '../helpers/hostile.js';
 import { run } from '../helpers/nbd-tools.js';
 import { BIN, eventually, ok, removeDir } from '../helpers/procs.js';
 
@@ -116,20 +116,13 @@ async function nbdSession(name: string, structured = true): Promise<{ s: net.Soc
 test('NBD: clients that stall payloads, never read, zero whole volumes, dribble and flood connections leave qemu-io unaffected and nbdserve within its memory', async () => {
   const pid = nbd.proc.pid!;
   const quiet = await normalClient(3);
-  const before = rss(pid).now;
-  resetPeakRss(pid);
-  const sampler = sampleRss(pid);
+  const memory = watchRss(pid);
   const hostile: net.Socket[] = [];
   const attack = (async () => {
     // 24 connections announce 32 MiB WRITEs and send 30 MiB of each, then stall.
-    const stalled = await Promise.all(
-      Array.from({ length: 24 }, async () => {
-        const { s } = await nbdSession('victim');
-        hostile.push(s);
-        s.write(encodeRequest({ flags: 0, command: Cmd.WRITE, handle: 1n, offset: 0, length: 32 * MiB })[0]!);
-        return pushUntilBlocked(s, 30 * MiB);
-      }),
-    );
+    const write = encodeRequest({ flags: 0, command: Cmd.WRITE, handle: 1n, offset: 0, length: 32 * MiB })[0]!;
+    const stalled = await stallWriters(24, async () => (await nbdSession('victim')).s, write, 30 * MiB);
+    hostile.push(...stalled.sockets);
     // 6 ask for 64 x 8 MiB each and never read a byte.
     for (let i = 0; i < 6; i++) {
       const { s } = await nbdSession('victim', false);
@@ -157,12 +150,12 @@ test('NBD: clients that stall payloads, never read, zero whole volumes, dribble 
   const zeroed = await Promise.all(zeroes);
   // The stalled writers and the dribbler are dropped once stalled for the stall timeout (4 s).
   await eventually('stalled clients dropped', async () => /nbd client stalled; dropping it/.test(nbd.log()), 20_000);
-  const peakSampled = sampler.stop();
-  const peak = rss(pid).peak;
+  const { peak, sampled } = memory.stop();
+  const before = memory.before;
   for (const s of hostile) s.destroy();
   console.log(
-    `nbdserve: resident ${mib(before)} before the attack, peak ${mib(peak)} during it (sampled ${mib(peakSampled)}); ` +
-      `qemu-io took ${quiet} ms alone, ${during} ms under attack; the stalled writers got ${mib(stalled.reduce((a, b) => a + b, 0))} accepted; ` +
+    `nbdserve: resident ${mib(before)} before the attack, peak ${mib(peak)} during it (sampled ${mib(sampled)}); ` +
+      `qemu-io took ${quiet} ms alone, ${during} ms under attack; the stalled writers got ${mib(stalled.accepted)} accepted; ` +
       `zeroings answered: ${zeroed.filter((r) => r?.error === 0).length} of 4`,
   );
   assert.ok(peak <= before + headroom, `nbdserve peaked at ${mib(peak)}, ${mib(peak - before)} above its ${mib(before)} before the attack`);
@@ -217,23 +210,15 @@ test('peer RPC and HTTP: peers that stall frames, never read, delete 400,000 ref
   owner.write(Buffer.concat(encodePutBatch(2, [{ ref: rpcRef(1), data: Buffer.alloc(bs, 7) }], true)));
   await sleep(500);
   owner.destroy();
-  const before = rss(pid).now;
-  resetPeakRss(pid);
-  const sampler = sampleRss(pid);
+  const memory = watchRss(pid);
   const hostile: net.Socket[] = [];
   const attack = (async () => {
     // 24 peers announce 16 MiB PUT_BATCH frames, send 15 MiB of each, and stall.
-    const stalled = await Promise.all(
-      Array.from({ length: 24 }, async () => {
-        const s = await peer(0, clusterId);
-        hostile.push(s);
-        const h = Buffer.alloc(HEADER_SIZE);
-        h.writeUInt32LE(16 * MiB, 0);
-        h[4] = Op.PutBatch;
-        s.write(h);
-        return pushUntilBlocked(s, 15 * MiB);
-      }),
-    );
+    const h = Buffer.alloc(HEADER_SIZE);
+    h.writeUInt32LE(16 * MiB, 0);
+    h[4] = Op.PutBatch;
+    const stalled = await stallWriters(24, () => peer(0, clusterId), h, 15 * MiB);
+    hostile.push(...stalled.sockets);
     // 6 ask for the block 4,000 times each and never read.
     for (let i = 0; i < 6; i++) {
       const s = await peer(0, clusterId);
@@ -274,12 +259,12 @@ test('peer RPC and HTTP: peers that stall frames, never read, delete 400,000 ref
   // The stalled peers are dropped once stalled for the stall timeout (4 s).
   await eventually('stalled peers dropped', stallDrops, 30_000);
   clearInterval(drip);
-  const peakSampled = sampler.stop();
-  const peak = rss(pid).peak;
+  const { peak, sampled } = memory.stop();
+  const before = memory.before;
   for (const s of hostile) s.destroy();
   console.log(
-    `torusd: resident ${mib(before)} before the attack, peak ${mib(peak)} during it (sampled ${mib(peakSampled)}); ` +
-      `qemu-io through the cluster took ${quiet} ms before, ${during} ms under attack; the stalled peers got ${mib(stalled.reduce((a, b) => a + b, 0))} accepted`,
+    `torusd: resident ${mib(before)} before the attack, peak ${mib(peak)} during it (sampled ${mib(sampled)}); ` +
+      `qemu-io through the cluster took ${quiet} ms before, ${during} ms under attack; the stalled peers got ${mib(stalled.accepted)} accepted`,
   );
   assert.ok(peak <= before + headroom, `torusd peaked at ${mib(peak)}, ${mib(peak - before)} above its ${mib(before)} before the attack`);
   assert.equal(node.proc.exitCode, null, 'torusd is still running');

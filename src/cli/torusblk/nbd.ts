@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { Command, Option } from 'commander';
 import { TorusError } from '../../core/errors.js';
 import { parseDuration, parseSize } from '../../core/units.js';
-import type { MetricSample } from '../../http/metrics.js';
+import { labelledCounters, type MetricSample } from '../../http/metrics.js';
 import { DEFAULT_MAX_PAYLOAD } from '../../nbd/codec.js';
 import { NBD_SERVER_DEFAULTS, NbdServer, type NbdServerOptions, type NbdServerStats } from '../../nbd/server.js';
 import { VolumeProvider } from '../../volume/provider.js';
@@ -50,13 +50,7 @@ export function nbdSamples(st: NbdServerStats): MetricSample[] {
     { name: 'torus_nbd_oversized_requests_total', help: 'NBD requests refused for a length over the 32 MiB maximum', type: 'counter', value: st.oversizedRequests },
     { name: 'torus_nbd_stall_timeouts_total', help: 'NBD clients dropped for a payload left half-sent or replies left unread (--stall-timeout)', type: 'counter', value: st.stallTimeouts },
     { name: 'torus_nbd_idle_timeouts_total', help: 'Idle NBD connections closed (--idle-timeout)', type: 'counter', value: st.idleTimeouts },
-    ...Object.entries(st.throttled).map(([limit, value]): MetricSample => ({
-      name: 'torus_nbd_throttled_total',
-      help: 'Times an NBD connection stopped being read, by the limit that stopped it (budget: --max-buffered)',
-      type: 'counter',
-      value,
-      labels: { limit },
-    })),
+    ...labelledCounters('torus_nbd_throttled_total', 'Times an NBD connection stopped being read, by the limit that stopped it (budget: --max-buffered)', 'limit', st.throttled),
   ];
 }
 
