@@ -497,8 +497,8 @@ class Connection {
   /**
    * What a request holds while it runs, decided from its header: its payload (WRITE), its reply
    * (READ, BLOCK_STATUS), or what the device holds for it (CACHE reads in pieces; zeroing and
-   * trimming load at most the partial blocks at either end, the rest stays within the device's
-   * own write cache).
+   * trimming, two blocks: what a volume holds for them beyond that stays within its own write
+   * cache).
    */
   private costOf(h: RequestHeader): number {
     const bs = this.exp?.device.blockSize ?? 4096;
