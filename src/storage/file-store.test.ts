@@ -10,9 +10,9 @@ import { describe, it } from 'node:test';
 import { BlockType, blockRefKey, type BlockRef } from '../core/ids.js';
 import { blockStoreConformance, rejectsWith } from './block-store-conformance.js';
 import { FileBlockStore } from './file-store.js';
-import { DATA_FILE, HEADER_COPY_OFFSETS, INCOMPAT_OPEN_LOG, LOCK_FILE, Layout, TABLE_FILE, decodeHeader, decodeRecord, encodeHeader, encodeRecord } from './format.js';
+import { COMPAT_DURABLE_GEN, DATA_FILE, HEADER_COPY_OFFSETS, INCOMPAT_OPEN_LOG, LOCK_FILE, Layout, TABLE_FILE, decodeHeader, decodeRecord, encodeHeader, encodeRecord } from './format.js';
 import { dropCache, pageCacheReadsAvailable, readCached, usePageCacheReads } from './page-cache.js';
-import { dataRef, makeTmpDir, padded, pattern, peek, removeDir, withTmpDir } from './testing.js';
+import { dataRef, headerOnDisk, makeTmpDir, padded, pattern, peek, removeDir, withTmpDir } from './testing.js';
 
 blockStoreConformance('FileBlockStore', async ({ blockSize, capacityBlocks }) => {
   const dir = await makeTmpDir();
@@ -394,6 +394,35 @@ describe('FileBlockStore', () => {
         s = await openStore(dir, 4);
         assert.equal(s.stats().unsyncedDroppedAtOpen, 0);
         assert.equal(s.usedBlocks(), 3);
+      } finally {
+        await s.close();
+      }
+    }));
+
+  it('gives a store from before the durable watermark one at its first open, so a power cut before the first flush is still checked', () =>
+    withTmpDir(async (dir) => {
+      let s = await openStore(dir, 4);
+      await s.putBlock(dataRef(1, 1, 0), pattern(1, B));
+      const a = s.locate(dataRef(1, 1, 0))!;
+      await s.close();
+      // The header as the first release wrote it: no compatible flags, no watermark.
+      const h = s.info();
+      const old = encodeHeader({ ...h, sequence: h.sequence + 1, compatFlags: 0, durableGen: 0 });
+      for (const off of HEADER_COPY_OFFSETS) await poke(dir, TABLE_FILE, off, old);
+      s = await openStore(dir, 4);
+      const newest = await headerOnDisk(dir);
+      await s.close();
+      assert.equal(newest?.compatFlags, COMPAT_DURABLE_GEN, 'written at open, before any write');
+      assert.equal(newest?.durableGen, a.generation);
+      // This build's first put after the upgrade, cut by a power cut before any flush: its
+      // record landed, its data and checksums did not.
+      const layout = new Layout(B);
+      await poke(dir, TABLE_FILE, layout.recordOffset(2), encodeRecord(dataRef(2, 1, 0), a.generation + 1, 0x1234));
+      s = await openStore(dir, 4);
+      try {
+        assert.equal(s.stats().unsyncedDroppedAtOpen, 1);
+        assert.equal(s.hasBlock(dataRef(2, 1, 0)), false, 'a block whose data never landed is not claimed');
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 0)), pattern(1, B));
       } finally {
         await s.close();
       }

@@ -480,6 +480,12 @@ export class FileBlockStore implements LocalBlockStore {
     // flush and crash starts from a known baseline (and duplicate clears below are durable).
     await this.data.datasync();
     await this.table.datasync();
+    // A store from before the durable watermark (the first release) gets one now, durable before
+    // any write: everything it holds was just synced. Left for the first flush to add, a power cut
+    // before that flush's header reached the disk found no flag at the next open and checked none
+    // of the blocks this build had written since.
+    if ((this.hdr.compatFlags & COMPAT_DURABLE_GEN) === 0)
+      await this.rewriteHeader((h) => ({ ...h, durableGen: this.nextGen - 1, compatFlags: h.compatFlags | COMPAT_DURABLE_GEN }), true);
     for (const s of this.pendingFree) this.pushFree(s);
     this.pendingFree = [];
     await this.loadFences();

@@ -5,6 +5,7 @@ import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BlockType, type BlockRef } from '../core/ids.js';
+import { HEADER_COPY_OFFSETS, HEADER_COPY_SIZE, TABLE_FILE, decodeHeader, type StoreHeader } from './format.js';
 
 /** Deterministic bytes for a seed, so a checker can rebuild what a writer stored. */
 export function pattern(seed: number, length: number): Buffer {
@@ -54,6 +55,12 @@ export async function peek(dir: string, file: string, offset: number, length: nu
   } finally {
     await fh.close();
   }
+}
+
+/** The header a reader of the store in `dir` goes by, as on disk: the valid copy with the highest sequence. */
+export async function headerOnDisk(dir: string): Promise<StoreHeader | undefined> {
+  const copies = await Promise.all(HEADER_COPY_OFFSETS.map(async (off) => decodeHeader(await peek(dir, TABLE_FILE, off, HEADER_COPY_SIZE))));
+  return copies.reduce((a, b) => (b && (!a || b.sequence > a.sequence) ? b : a), undefined);
 }
 
 /** The stored form of `data`: zero-padded to the block size. */
