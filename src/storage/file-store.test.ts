@@ -428,6 +428,32 @@ describe('FileBlockStore', () => {
       }
     }));
 
+  it('numbers new blocks above the durable watermark after a reopen, even when the newest blocks were deleted', () =>
+    withTmpDir(async (dir) => {
+      let s = await openStore(dir, 4);
+      for (let i = 0; i < 3; i++) await s.putBlock(dataRef(1, 1, i), pattern(i, B));
+      await s.flush();
+      for (let i = 0; i < 3; i++) await s.deleteBlock(dataRef(1, 1, i));
+      await s.close();
+      const before = (await headerOnDisk(dir))!;
+      s = await openStore(dir, 4);
+      await s.putBlock(dataRef(2, 1, 0), pattern(9, B));
+      const c = s.locate(dataRef(2, 1, 0))!;
+      await s.close();
+      assert.ok(c.generation > before.durableGen!, `generation ${c.generation} is above the watermark ${before.durableGen}`);
+      // A power cut before any flush of that put: the header from before it, its record without its data.
+      const now = (await headerOnDisk(dir))!;
+      for (const off of HEADER_COPY_OFFSETS) await poke(dir, TABLE_FILE, off, encodeHeader({ ...before, sequence: now.sequence + 1 }));
+      await poke(dir, DATA_FILE, c.dataOffset, Buffer.alloc(B));
+      s = await openStore(dir, 4);
+      try {
+        assert.equal(s.stats().unsyncedDroppedAtOpen, 1);
+        assert.equal(s.hasBlock(dataRef(2, 1, 0)), false, 'a block whose data never landed is not claimed');
+      } finally {
+        await s.close();
+      }
+    }));
+
   it('treats a torn slot record as free', () =>
     withTmpDir(async (dir) => {
       let s = await openStore(dir, 3);

@@ -469,7 +469,10 @@ export class FileBlockStore implements LocalBlockStore {
         }
       });
     }
-    this.nextGen = maxGen + 1;
+    // Above the durable watermark too: when the newest blocks were deleted before this open, the
+    // records alone would hand out generations at or below it again, and a power cut that left
+    // such a block's record without its data was taken for durable by the next open, unchecked.
+    this.nextGen = Math.max(maxGen, this.hdr.durableGen ?? 0) + 1;
     for (const [key, slots] of dups) await this.resolveDuplicate(key, slots);
     await this.checkUnsynced();
     // Cleared so the damage is reported once, not at every open until the slot is reused.
