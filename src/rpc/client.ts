@@ -315,9 +315,13 @@ export class PeerClient {
 
   // ---- journals (docs/journal.md) ----
 
-  /** The peer keeps volume journals (it announced EXT_JOURNAL); connects to find out. */
+  /**
+   * The peer keeps volume journals (it announced EXT_JOURNAL). Connects when not connected, so a
+   * peer that went away answers false (by failing), not what its last handshake said: a writer
+   * picking journal replicas asks this of peers that failed it recently.
+   */
   async hasJournal(options?: RequestOptions): Promise<boolean> {
-    return (this._remote ?? (await this.connect(options))).journal;
+    return (await this.connect(options)).journal;
   }
 
   private async needJournal(options: RequestOptions | undefined): Promise<void> {

@@ -403,6 +403,15 @@ describe('rpc over TCP: journals', () => {
     assert.deepEqual(await c.getBlock(next), mine);
   });
 
+  it('a node that went away is not journal-capable any more: hasJournal asks it, not its old handshake', async () => {
+    const { server, address } = await startServer(new MemoryBlockStore({ blockSize: 16384, capacityBlocks: 10 }));
+    const c = newClient(address);
+    assert.equal(await c.hasJournal(), true);
+    await server.close();
+    await waitFor(() => c.state !== 'ready', 'the client noticed the close');
+    await assert.rejects(c.hasJournal());
+  });
+
   it('a node without journals does not announce them, and the client says so', async () => {
     const { address } = await startServer(new MemService(4096));
     const c = newClient(address);

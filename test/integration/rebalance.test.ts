@@ -66,7 +66,9 @@ before(async () => {
           if (!(await vol.read(off, 65536)).equals(model.subarray(off, off + 65536))) errors.push(`read mismatch at ${off}`);
         });
       } catch (err) {
-        errors.push((err as Error).message);
+        // Every replica's error (a journal failure names only the first), and where the journal is.
+        const all = (err as { errors?: string[] }).errors;
+        errors.push(`${(err as Error).message}${all ? ` [${all.join('; ')}]` : ''} (journal ${JSON.stringify(vol.head.journal)}, moves ${vol.stats.journalMoves})`);
       }
       // A steady, modest rate: the point is I/O during membership changes, not filling disks.
       await new Promise((r) => setTimeout(r, 20));
