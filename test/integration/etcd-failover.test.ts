@@ -93,10 +93,12 @@ describe('a client named with every member keeps working while a minority is dea
       await ok('torusblk', [...C, 'volume', 'create', 'during', '16MiB']);
       // Longer dead than the volume lock's and the nodes' lease TTLs (15 s and 3 s).
       while (Date.now() - killedAt < 20_000) await new Promise((r) => setTimeout(r, 500));
+      let lastHealth = '';
       const health = await eventually('health with the member dead', async () => {
         const r = await runCli('torusctl', [...C, 'health']);
+        lastHealth = r.stdout + r.stderr;
         return r.code === 0 ? r.stdout : undefined;
-      }, 30_000);
+      }, 60_000).catch((e: Error) => Promise.reject(new Error(`${e.message}; health said:\n${lastHealth}`)));
       assert.match(health, /^HEALTHY: ring v3, 3 member\(s\), replication 3\/3/);
       await etcd.restart(victim!);
 
