@@ -143,3 +143,32 @@ test('GC racing with a stream of syncs never loses a synced byte', async () => {
   const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await ro.read(0, 32 * BS)).equals(model));
 });
+
+test('blocks named by Block records: kept while a dead writer\'s tail names them, collected once superseded', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const s1 = await c.newSession();
+  const first = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const one = randomBytes(8 * BS);
+  await first.write(0, one);
+  await first.flush();
+  // The writer dies before any checkpoint: only its journal names the 8 blocks.
+  (s1 as unknown as { expire(): void }).expire();
+  await gcAll(c);
+  const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await ro.read(0, 8 * BS)).equals(one), 'GC kept what the tail names');
+  const second = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  assert.ok((await second.read(0, 8 * BS)).equals(one), 'replayed');
+  const two = randomBytes(4 * BS);
+  await second.write(0, two);
+  await second.flush();
+  await second.checkpoint();
+  await second.close();
+  const before = c.used();
+  const deleted = await gcAll(c);
+  // The 4 superseded blocks on both replicas, at least (and the first session's log blocks).
+  assert.ok(deleted >= 4 * 2, `deleted ${deleted}`);
+  assert.ok(c.used() < before);
+  const after = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await after.read(0, 8 * BS)).equals(Buffer.concat([two, one.subarray(4 * BS)])));
+});

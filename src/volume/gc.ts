@@ -1,7 +1,7 @@
 import { TorusError } from '../core/errors.js';
 import { BlockType, KNOWN_BLOCK_TYPES, LOG_BLOCKS_PER_SEGMENT, blockRefKey, type BlockRef } from '../core/ids.js';
 import { walkTree, type VolumeBlockStore } from './inode.js';
-import { logRef } from './journal-format.js';
+import { DIRECT_INDEX_BASE, isDirectRef, logRef } from './journal-format.js';
 import type { GcView, VolumeMeta } from './meta.js';
 import type { Head, JournalPos } from './records.js';
 import { decodeRunPage } from './runs.js';
@@ -24,7 +24,9 @@ import { decodeRunPage } from './runs.js';
 //   when any head's or snapshot's run chain (back to its base) names them. A log block of the
 //   head's journal tail (the head's session epoch: a later segment, or the same one from its
 //   start on) is live, and so is one of a session newer than the head's; any other log block is
-//   a crashed or finished session's leftover, already replayed or checkpointed.
+//   a crashed or finished session's leftover, already replayed or checkpointed. A data block a
+//   Block record names is kept the same way: of the head's session from the head's directStart
+//   on, and of any newer session.
 
 /**
  * Blocks GC never deletes, yet nothing in the view explains: `unknown-type`, a block type this
@@ -108,6 +110,18 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
     return segment > j.segment || (segment === j.segment && ref.index % LOG_BLOCKS_PER_SEGMENT >= j.start);
   };
 
+  /**
+   * A block a Block record names (journal-format.ts, directRef): kept from the head's session on
+   * from the head's directStart (the tail may name it, or will once its record is appended), and
+   * any of a newer session; the rest were checkpointed into a tree (then live above) or dropped.
+   */
+  const liveDirect = (ref: BlockRef): boolean => {
+    const j = journals.get(ref.volume);
+    if (!j) return ref.inode > (epochs.get(ref.volume) ?? Infinity);
+    if (ref.inode !== j.epoch) return ref.inode > j.epoch;
+    return ref.index - DIRECT_INDEX_BASE >= (j.directStart ?? 0);
+  };
+
   return {
     revision: view.revision,
     pagesRead,
@@ -123,6 +137,7 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
       if (ref.volume >= view.minter) return false;
       if (live.has(blockRefKey(ref))) return false;
       if (ref.type === BlockType.Log) return !liveLog(ref);
+      if (isDirectRef(ref)) return !liveDirect(ref);
       const epoch = epochs.get(ref.volume);
       return !(epoch !== undefined && ref.inode > epoch);
     },

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { describe, it } from 'node:test';
+import { BlockType } from '../core/ids.js';
 import fc from 'fast-check';
 import { LogBlockBuilder, parseLogBlock, RECORD_HEADER_SIZE, RecordType, type JournalRecord } from './journal-format.js';
 import { OverlayIndex, type Source } from './overlay.js';
@@ -15,11 +16,13 @@ function fill(records: { type: number; len: number }[], firstLsn: number): { b: 
   let lsn = firstLsn;
   for (const r of records) {
     const len = r.type === RecordType.Data ? r.len : 0;
-    if (!b.fits(len)) break;
     const rec: JournalRecord =
       r.type === RecordType.Data
         ? { type: RecordType.Data, lsn, offset: lsn * 512, length: len, data: randomBytes(len) }
-        : { type: r.type as JournalRecord['type'], lsn, offset: lsn * 4096, length: r.len };
+        : r.type === RecordType.Block
+          ? { type: RecordType.Block, lsn, offset: lsn * 65536, length: 65536, block: { ref: { type: BlockType.Data, volume: 5, inode: 9, index: 2 ** 40 + lsn }, crc: (lsn * 2654435761) >>> 0 } }
+          : { type: r.type as JournalRecord['type'], lsn, offset: lsn * 4096, length: r.len };
+    if (!b.fits(rec)) break;
     const off = b.add(rec);
     if (rec.type === RecordType.Data) assert.equal(off % (len % 4096 === 0 ? 4096 : 512), 0, 'data aligned');
     added.push(rec);
@@ -29,7 +32,7 @@ function fill(records: { type: number; len: number }[], firstLsn: number): { b: 
 }
 
 const arbRecords = fc.array(
-  fc.record({ type: fc.constantFrom(RecordType.Data, RecordType.Data, RecordType.Data, RecordType.Zero, RecordType.Trim, RecordType.Resize), len: fc.oneof(fc.constant(4096), fc.integer({ min: 1, max: 20000 })) }),
+  fc.record({ type: fc.constantFrom(RecordType.Data, RecordType.Data, RecordType.Data, RecordType.Zero, RecordType.Trim, RecordType.Resize, RecordType.Block), len: fc.oneof(fc.constant(4096), fc.integer({ min: 1, max: 20000 })) }),
   { maxLength: 40 },
 );
 

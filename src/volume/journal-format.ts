@@ -1,6 +1,6 @@
 import { crc32c } from '@node-rs/crc32';
 import { TorusError } from '../core/errors.js';
-import { BlockType, LOG_BLOCKS_PER_SEGMENT, type BlockRef } from '../core/ids.js';
+import { BLOCK_REF_SIZE, BlockType, decodeBlockRef, encodeBlockRef, LOG_BLOCKS_PER_SEGMENT, type BlockRef } from '../core/ids.js';
 import type { LogPiece } from '../core/interfaces.js';
 
 // The journal's on-disk records, as pure functions over buffers (docs/journal.md). A log block
@@ -20,6 +20,12 @@ export const RecordType = {
   Trim: 3,
   /** The volume's new size, in `offset`. */
   Resize: 4,
+  /**
+   * A whole block written at once: its bytes were stored as a data block of their own (durable
+   * on R replicas before this record was appended), and the record names it. Big writes thus
+   * cost one copy per replica, not a journal copy and a fold's.
+   */
+  Block: 5,
 } as const;
 export type RecordType = (typeof RecordType)[keyof typeof RecordType];
 
@@ -31,8 +37,28 @@ export interface JournalRecord {
   readonly offset: number;
   /** Bytes covered (Data: the data's length). */
   readonly length: number;
-  /** Data records only. */
+  /** Data records, and Block records until their block is stored. */
   readonly data?: Buffer;
+  /** Block records: the data block holding the bytes, and its CRC. */
+  readonly block?: { readonly ref: BlockRef; readonly crc: number };
+}
+
+/** A Block record's payload in the log block: the data block's ref and its CRC. */
+const BLOCK_PAYLOAD = BLOCK_REF_SIZE + 4;
+
+/**
+ * Data blocks that Block records name are `(Data, volume, session epoch, DIRECT_INDEX_BASE + k)`,
+ * k counting up in the session: apart from every ref a fold or checkpoint allocates, and easy for
+ * GC to tell (docs/journal.md).
+ */
+export const DIRECT_INDEX_BASE = 2 ** 40;
+
+export function directRef(volume: number, epoch: number, k: number): BlockRef {
+  return { type: BlockType.Data, volume, inode: epoch, index: DIRECT_INDEX_BASE + k };
+}
+
+export function isDirectRef(ref: BlockRef): boolean {
+  return ref.type === BlockType.Data && ref.index >= DIRECT_INDEX_BASE;
 }
 
 /** Where a log block sits: its volume, the writing session's epoch, and its index (segment × 2^24 + n). */
@@ -61,23 +87,38 @@ function readU64(buf: Buffer, at: number): number {
 }
 
 /** Data offsets are aligned so that 4 KiB writes stay 4 KiB aligned (one sector per 4 KiB read). */
-function alignFor(length: number): number {
+function alignFor(type: RecordType, length: number): number {
+  if (type === RecordType.Block) return 32;
   return length % 4096 === 0 ? 4096 : 512;
+}
+
+/** Bytes a record stores in the log block's data region. */
+function payloadLength(r: { readonly type: RecordType; readonly length: number }): number {
+  return r.type === RecordType.Data ? r.length : r.type === RecordType.Block ? BLOCK_PAYLOAD : 0;
+}
+
+function blockPayload(r: JournalRecord): Buffer {
+  if (!r.block) throw new TorusError('INTERNAL', `Block record ${r.lsn} has no stored block`);
+  const out = Buffer.alloc(BLOCK_PAYLOAD);
+  encodeBlockRef(r.block.ref, out, 0);
+  out.writeUInt32LE(r.block.crc >>> 0, BLOCK_REF_SIZE);
+  return out;
 }
 
 function alignUp(n: number, a: number): number {
   return Math.ceil(n / a) * a;
 }
 
-export function encodeRecordHeader(r: JournalRecord, at: LogAddress, dataOffset: number, out: Buffer, pos = 0): void {
+export function encodeRecordHeader(r: JournalRecord, at: LogAddress, dataOffset: number, out: Buffer, pos = 0, payload?: Buffer): void {
   out.fill(0, pos, pos + RECORD_HEADER_SIZE);
   out.writeUInt32LE(MAGIC, pos);
   out[pos + 4] = r.type;
   u64(out, r.lsn, pos + 8);
   u64(out, r.offset, pos + 16);
   out.writeUInt32LE(r.length, pos + 24);
-  out.writeUInt32LE(r.type === RecordType.Data ? dataOffset : 0, pos + 28);
-  out.writeUInt32LE(r.type === RecordType.Data && r.data ? crc32c(r.data) >>> 0 : 0, pos + 32);
+  const body = r.type === RecordType.Data ? r.data : r.type === RecordType.Block ? (payload ?? blockPayload(r)) : undefined;
+  out.writeUInt32LE(body ? dataOffset : 0, pos + 28);
+  out.writeUInt32LE(body ? crc32c(body) >>> 0 : 0, pos + 32);
   u64(out, at.volume, pos + 36);
   u64(out, at.epoch, pos + 44);
   u64(out, at.index, pos + 52);
@@ -103,13 +144,15 @@ export function parseLogBlock(buf: Buffer, at: LogAddress, firstLsn: number): { 
     const type = buf[pos + 4] as RecordType;
     const offset = readU64(buf, pos + 16);
     const length = buf.readUInt32LE(pos + 24);
-    if (type === RecordType.Data) {
+    if (type === RecordType.Data || type === RecordType.Block) {
       const dataOffset = buf.readUInt32LE(pos + 28);
-      if (dataOffset + length > pos) break;
-      const data = buf.subarray(dataOffset, dataOffset + length);
-      if (crc32c(data) >>> 0 !== buf.readUInt32LE(pos + 32)) break;
-      records.push({ type, lsn, offset, length, data });
-      dataEnd = Math.max(dataEnd, dataOffset + length);
+      const n = type === RecordType.Data ? length : BLOCK_PAYLOAD;
+      if (dataOffset + n > pos) break;
+      const body = buf.subarray(dataOffset, dataOffset + n);
+      if (crc32c(body) >>> 0 !== buf.readUInt32LE(pos + 32)) break;
+      if (type === RecordType.Data) records.push({ type, lsn, offset, length, data: body });
+      else records.push({ type, lsn, offset, length, block: { ref: decodeBlockRef(body, 0), crc: body.readUInt32LE(BLOCK_REF_SIZE) } });
+      dataEnd = Math.max(dataEnd, dataOffset + n);
     } else if (type === RecordType.Zero || type === RecordType.Trim || type === RecordType.Resize) {
       records.push({ type, lsn, offset, length });
     } else break;
@@ -150,10 +193,11 @@ export class LogBlockBuilder {
     return this.headers === 0;
   }
 
-  /** Whether one more record with `length` bytes of data (0 for a record without data) fits. */
-  fits(length: number): boolean {
+  /** Whether one more record fits. */
+  fits(r: { readonly type: RecordType; readonly length: number }): boolean {
     const hdrStart = this.blockSize - (this.headers + 1) * RECORD_HEADER_SIZE;
-    const start = length > 0 ? alignUp(this.dataEnd, alignFor(length)) : this.dataEnd;
+    const length = payloadLength(r);
+    const start = length > 0 ? alignUp(this.dataEnd, alignFor(r.type, length)) : this.dataEnd;
     return start + length <= hdrStart;
   }
 
@@ -162,12 +206,14 @@ export class LogBlockBuilder {
    * the overlay that points at it.
    */
   add(r: JournalRecord): number {
-    const len = r.type === RecordType.Data ? r.length : 0;
-    const start = r.type === RecordType.Data ? alignUp(this.dataEnd, alignFor(len)) : this.dataEnd;
+    const len = payloadLength(r);
+    const start = len > 0 ? alignUp(this.dataEnd, alignFor(r.type, len)) : this.dataEnd;
     const hdr = this.blockSize - (this.headers + 1) * RECORD_HEADER_SIZE;
     if (start + len > hdr) throw new TorusError('INTERNAL', `a ${len}-byte record does not fit in log block ${this.address.index}`);
+    const payload = r.type === RecordType.Block ? blockPayload(r) : undefined;
     if (r.type === RecordType.Data && r.data) r.data.copy(this.buf, start);
-    encodeRecordHeader(r, this.address, start, this.buf, hdr);
+    else if (payload) payload.copy(this.buf, start);
+    encodeRecordHeader(r, this.address, start, this.buf, hdr, payload);
     this.dataEnd = start + len;
     this.headers++;
     return start;

@@ -1,7 +1,7 @@
 import { TorusError, toTorusError } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { LogPiece } from '../core/interfaces.js';
-import { LogBlockBuilder, logIndex, logRef, parseLogBlock, RecordType, type JournalRecord, type LogAddress } from './journal-format.js';
+import { directRef, DIRECT_INDEX_BASE, LogBlockBuilder, logIndex, logRef, parseLogBlock, RecordType, type JournalRecord, type LogAddress } from './journal-format.js';
 import type { Source } from './overlay.js';
 import type { JournalPos } from './records.js';
 import { logKeyOf } from './runs.js';
@@ -89,7 +89,27 @@ export class JournalWriter {
   }
 
   get position(): JournalPos {
-    return { epoch: this.epoch, segment: this.segment, start: this.startN, replicas: [...this.replicaSet] };
+    // directStart 0 is left out, as the head's codec does: one shape for the same position.
+    return { epoch: this.epoch, segment: this.segment, start: this.startN, replicas: [...this.replicaSet], ...(this.directStart ? { directStart: this.directStart } : {}) };
+  }
+
+  /** k of the next data block a Block record will name (directRef). */
+  private nextDirect = 0;
+  /** The smallest k a Block record of the tail may name: GC keeps this session's from there on. */
+  private directStart = 0;
+  /** k's handed out whose records are not in the tail yet (their blocks are being stored). */
+  private readonly directPending = new Set<number>();
+
+  /** A ref for a whole block a Block record will name; `placed` or `releaseDirect` must follow. */
+  allocDirect(): BlockRef {
+    const k = this.nextDirect++;
+    this.directPending.add(k);
+    return directRef(this.volume, this.epoch, k);
+  }
+
+  /** A block from allocDirect that no record will name after all (storing it failed): garbage. */
+  releaseDirect(ref: BlockRef): void {
+    this.directPending.delete(ref.index - DIRECT_INDEX_BASE);
   }
 
   private address(n: number): LogAddress {
@@ -154,6 +174,8 @@ export class JournalWriter {
       e.src.lsn = e.rec.lsn;
       this.place(e, touched);
       this.tail.push(e);
+      const b = e.rec.block;
+      if (b && b.ref.inode === this.epoch && b.ref.volume === this.volume) this.directPending.delete(b.ref.index - DIRECT_INDEX_BASE);
     }
     const send = this.send(touched);
     this.inflight = send;
@@ -166,8 +188,7 @@ export class JournalWriter {
   }
 
   private place(e: TailEntry, touched: Set<LogBlockBuilder>): void {
-    const len = e.rec.type === RecordType.Data ? e.rec.length : 0;
-    if (!this.cur || !this.cur.fits(len)) {
+    if (!this.cur || !this.cur.fits(e.rec)) {
       if (this.cur) this.toSeal.push(this.cur);
       this.cur = new LogBlockBuilder(this.address(this.next++), this.blockSize);
     }
@@ -228,7 +249,7 @@ export class JournalWriter {
    * every closed block is sealed, and the tail up to here is returned with where the journal
    * will start once the checkpoint commits. Appends may run meanwhile; they are not in the cut.
    */
-  async cut(): Promise<{ entries: TailEntry[]; start: number; lsn: number }> {
+  async cut(): Promise<{ entries: TailEntry[]; start: number; lsn: number; directStart: number }> {
     // No record goes into the current block from here on; then let the append that may be
     // carrying its last bytes land before it is sealed.
     const last = this.cur && !this.cur.empty ? this.cur : undefined;
@@ -245,13 +266,21 @@ export class JournalWriter {
     while (n < upto && this.tail[n]!.acked) n++;
     const entries = this.tail.slice(0, n);
     const lsn = n < this.tail.length ? this.tail[n]!.rec.lsn : this.lsnNext;
-    return { entries, start, lsn };
+    // The data blocks that records after the cut name, or will: from the smallest such k on.
+    let directStart = this.nextDirect;
+    for (const k of this.directPending) directStart = Math.min(directStart, k);
+    for (const e of this.tail.slice(n)) {
+      const b = e.rec.block;
+      if (b && b.ref.inode === this.epoch && b.ref.volume === this.volume) directStart = Math.min(directStart, b.ref.index - DIRECT_INDEX_BASE);
+    }
+    return { entries, start, lsn, directStart };
   }
 
-  /** After the checkpoint of a cut commits: the tail now starts at `start`. */
-  trimmed(upto: number, start: number): void {
+  /** After the checkpoint of a cut commits: the tail now starts at `start` (and `directStart`). */
+  trimmed(upto: number, start: number, directStart: number): void {
     this.tail.splice(0, upto);
     this.startN = start;
+    this.directStart = directStart;
   }
 
   /**
@@ -285,6 +314,7 @@ export class JournalWriter {
     this.sealing.clear();
     this.toSeal = [];
     this.tail.length = 0;
+    this.directStart = this.nextDirect;
   }
 
   /** Peers this session saw fail. */

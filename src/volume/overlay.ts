@@ -3,6 +3,8 @@
 // takes those ranges from where the records' bytes are, and the rest from the base; a fold turns
 // a block's overlays into a new base. Pure data structure: no I/O.
 
+import type { BlockRef } from '../core/ids.js';
+
 /** Where a record's bytes are in the journal: its log block and the offset of its data there. */
 export interface LogPlace {
   /** The log block's volume (a clone reads its parent's). */
@@ -30,6 +32,8 @@ export interface Source {
   data: Buffer | undefined;
   /** Where the bytes are in the journal, once appended. */
   log: LogPlace | undefined;
+  /** A whole block stored as a data block of its own (a Block record): where it is, and its CRC. */
+  block?: { readonly ref: BlockRef; readonly crc: number };
 }
 
 /** A range [start, end) of one block, taken from `src` at `at` (offset into the source's bytes). */

@@ -19,6 +19,11 @@ export interface JournalPos {
   readonly segment: number;
   readonly start: number;
   readonly replicas: readonly string[];
+  /**
+   * The smallest k of this session's directly stored blocks (Block records) the tail may name:
+   * GC keeps them from there on. Absent in heads from before Block records: 0.
+   */
+  readonly directStart?: number;
 }
 
 /** The state a checkpoint commits: the inode tree's root, the overlay runs, and the journal's tail. */
@@ -131,7 +136,7 @@ export function decodeHead(text: string): Head {
     journal?: JournalPos | null;
   };
   const j = o.journal;
-  if (j && !(Number.isSafeInteger(j.epoch) && Number.isSafeInteger(j.segment) && Number.isSafeInteger(j.start) && Array.isArray(j.replicas)))
+  if (j && !(Number.isSafeInteger(j.epoch) && Number.isSafeInteger(j.segment) && Number.isSafeInteger(j.start) && Array.isArray(j.replicas) && (j.directStart === undefined || Number.isSafeInteger(j.directStart))))
     throw new TorusError('INTERNAL', 'malformed journal position in volume metadata');
   return {
     root: o.root ? { ref: refFromJson(o.root.ref), crc: o.root.crc >>> 0 } : null,
@@ -140,7 +145,7 @@ export function decodeHead(text: string): Head {
     epoch: o.epoch,
     runs: o.runs ? { ref: refFromJson(o.runs.ref), crc: o.runs.crc >>> 0 } : null,
     lsn: o.lsn ?? 1,
-    journal: j ? { epoch: j.epoch, segment: j.segment, start: j.start, replicas: j.replicas.map(String) } : null,
+    journal: j ? { epoch: j.epoch, segment: j.segment, start: j.start, replicas: j.replicas.map(String), ...(j.directStart ? { directStart: j.directStart } : {}) } : null,
   };
 }
 

@@ -169,7 +169,7 @@ test('a flush is one journal append per replica: no etcd transaction, the same b
   for (const [name, size] of [['small', 64 * BS], ['huge', 2 ** 40]] as const) {
     await vmeta.create(name, size);
     const vol = await BlockVolume.open({ ...c.ctx, meta: vmeta }, name, { checkpointIntervalMs: 0, snapshotPollMs: 0 });
-    await vol.write(0, randomBytes(BS));
+    await vol.write(0, randomBytes(512));
     await vol.flush();
     const [t0, b0, a0] = [txns, journalBytes(), c.transport.calls.append];
     await vol.write(3 * BS, randomBytes(100));
@@ -660,4 +660,58 @@ test('zeroing a range far beyond the write cache flushes as it goes and lets the
     assert.ok(back.subarray(100, blocks * BS - 100).every((b) => b === 0));
   }
   await vol.close();
+});
+
+test('whole blocks are stored once: the journal names them (Block records), the checkpoint takes them into the tree without a copy', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 64 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const journalBytes = (): number => c.stores.reduce((n, s) => n + s.stats().journalBytesWritten, 0);
+  const data = randomBytes(16 * BS);
+  await vol.write(0, data);
+  const [p0, j0] = [c.transport.calls.put, journalBytes()];
+  await vol.flush();
+  // Each block once on each of the two replicas; the journal holds a few dozen bytes per block.
+  assert.equal(c.transport.calls.put - p0, 16 * 2);
+  assert.ok(journalBytes() - j0 < 16 * 2 * 128, `journal bytes ${journalBytes() - j0}`);
+  assert.ok((await vol.read(0, 16 * BS)).equals(data));
+  const p1 = c.transport.calls.put;
+  await vol.checkpoint();
+  // Only tree and run pages are written: no data block is copied.
+  assert.ok(c.transport.calls.put - p1 <= 2 * 3, `checkpoint puts ${c.transport.calls.put - p1}`);
+  assert.ok((await vol.read(0, 16 * BS)).equals(data));
+  await vol.close();
+  const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await ro.read(0, 16 * BS)).equals(data));
+});
+
+test('whole and partial writes to one block keep their order, in memory, after a replay and after a checkpoint', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 8 * BS);
+  const s1 = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const expect = Buffer.alloc(8 * BS);
+  const put = async (off: number, d: Buffer): Promise<void> => {
+    await vol.write(off, d);
+    d.copy(expect, off);
+  };
+  await put(10, randomBytes(100));
+  await put(0, randomBytes(BS)); // over the partial write
+  await put(2000, randomBytes(50)); // over the whole block
+  await vol.flush();
+  await put(BS, randomBytes(3 * BS));
+  await put(BS + 7, randomBytes(9));
+  await put(2 * BS, randomBytes(BS));
+  await vol.flush();
+  assert.ok((await vol.read(0, 8 * BS)).equals(expect));
+  (s1 as unknown as { expire(): void }).expire();
+  const next = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  assert.ok((await next.read(0, 8 * BS)).equals(expect), 'after the replay');
+  await next.write(3 * BS, Buffer.alloc(BS, 9));
+  Buffer.alloc(BS, 9).copy(expect, 3 * BS);
+  await next.checkpoint();
+  assert.ok((await next.read(0, 8 * BS)).equals(expect), 'after a checkpoint');
+  await next.close();
+  const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await ro.read(0, 8 * BS)).equals(expect), 'after a reopen');
 });

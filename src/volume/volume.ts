@@ -176,7 +176,7 @@ export class BlockVolume implements BlockDevice {
             let lsn = head.lsn ?? 1;
             for (const r of records) {
               if (r.type === RecordType.Resize) v.applySize(r.offset);
-              else v.stage(r.type, r.offset, r.length, r.data, true);
+              else v.stageRecord(r);
               for (const e of v.pending) e.src.lsn = lsn++;
               v.pending = [];
             }
@@ -222,14 +222,47 @@ export class BlockVolume implements BlockDevice {
     this.journal = j;
     for (const r of replayed) {
       if (r.type === RecordType.Resize) this.stageResize(r.offset);
-      else this.stage(r.type, r.offset, r.length, r.data, true);
+      else this.stageRecord(r);
     }
     const entries = this.takePending();
     if (entries.length > 0) await j.append(entries);
     this.tailBytes = sumBytes(entries);
-    await this.ctx.meta.commit(lock, { ...this.headFields(), journal: j.position });
-    this.committed = { ...this.headFields(), journal: j.position, epoch: lock.epoch - 1 };
+    // The dead session's directly stored blocks: GC keeps those of the head's session only, so
+    // they go into the tree in this very commit (the records stay in the tail, harmless).
+    let fields = this.headFields();
+    let applied = 0;
+    for (const e of entries) {
+      const reset = await this.applyBlockRecord(e);
+      if (!reset) continue;
+      this.resets.push(reset);
+      applied++;
+    }
+    if (applied > 0) {
+      const { root, depth, stored } = await this.tree.commit((t) => this.allocRef(t));
+      await stored;
+      await this.ctx.store.flush();
+      fields = { ...fields, root, depth };
+    }
+    await this.ctx.meta.commit(lock, { ...fields, journal: j.position });
+    this.committed = { ...fields, journal: j.position, epoch: lock.epoch - 1 };
     this.nextIndex = 1;
+  }
+
+  /**
+   * Makes the block of a Block record the tree's own for its index, and drops the overlays up to
+   * the record; later writes stay over it, whether or not they cover it. Only a fold since the
+   * last checkpoint can have put newer bytes in the tree (it took this record in): then nothing.
+   * Returns the run entry that says so, or nothing.
+   */
+  private async applyBlockRecord(e: TailEntry): Promise<{ kind: 'reset'; index: number; lsn: number } | undefined> {
+    const r = e.rec;
+    const block = e.src.block;
+    if (r.type !== RecordType.Block || !block) return undefined;
+    const index = Math.floor(r.offset / this.blockSize);
+    if (this.resets.some((f) => f.index === index && f.lsn >= r.lsn)) return undefined;
+    await this.tree.set(index, { ref: block.ref, crc: block.crc });
+    this.overlay.reset(index, r.lsn);
+    return { kind: 'reset', index, lsn: r.lsn };
   }
 
   /** The head as committed, with the fields a commit rewrites. */
@@ -337,6 +370,7 @@ export class BlockVolume implements BlockDevice {
     if (src.zero) return Buffer.alloc(n);
     const at = s.at + (from - s.start);
     if (src.data) return src.data.subarray(at, at + n);
+    if (src.block) return this.ctx.store.readRange(src.block.ref, at, n, src.block.crc);
     const log = src.log;
     if (!log || log.crc === undefined) throw new TorusError('INTERNAL', `volume ${this.name}: overlay bytes with no place to read them from`);
     return this.ctx.store.readRange(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, n, log.crc);
@@ -370,6 +404,13 @@ export class BlockVolume implements BlockDevice {
   private stage(type: RecordType, offset: number, length: number, data: Uint8Array | undefined, adopt: boolean): void {
     const max = JournalWriter.maxRecord(this.blockSize);
     for (const { index, start, n, at } of this.pieces(offset, length)) {
+      if (type === RecordType.Data && n === this.blockSize && data) {
+        // A whole block: stored as a block of its own at the flush, and named by a Block record.
+        const view = data.subarray(at, at + n);
+        const bytes = adopt ? Buffer.from(view.buffer, view.byteOffset, view.byteLength) : Buffer.from(view);
+        this.stageRecord({ type: RecordType.Block, lsn: 0, offset: offset + at, length: n, data: bytes });
+        continue;
+      }
       for (let done = 0; done < n; ) {
         const len = type === RecordType.Data ? Math.min(max, n - done) : n - done;
         const view = data?.subarray(at + done, at + done + len);
@@ -382,6 +423,21 @@ export class BlockVolume implements BlockDevice {
         done += len;
       }
     }
+    this.lastWrite = Date.now();
+  }
+
+  /**
+   * Stages one record as it is (a replayed one, or a whole block from stage): no splitting. A
+   * Block record without its bytes reads from the block it names.
+   */
+  private stageRecord(r: JournalRecord): void {
+    const index = Math.floor(r.offset / this.blockSize);
+    const start = r.offset - index * this.blockSize;
+    const src: Source = { lsn: Infinity, zero: r.type === RecordType.Zero || r.type === RecordType.Trim, hole: r.type === RecordType.Trim, data: r.data, log: undefined };
+    if (r.block) src.block = r.block;
+    this.pending.push({ rec: { ...r, lsn: 0 }, src });
+    this.pendingBytes += r.data?.length ?? 64;
+    this.overlay.insert(index, start, start + r.length, src, 0);
     this.lastWrite = Date.now();
   }
 
@@ -483,6 +539,14 @@ export class BlockVolume implements BlockDevice {
     const entries = this.takePending();
     if (entries.length === 0) return;
     try {
+      await this.storeWholeBlocks(j, entries);
+    } catch (err) {
+      // Nothing of this flush is in the journal: its writes stay pending for the next one.
+      this.pending = entries.concat(this.pending);
+      this.pendingBytes += sumBytes(entries);
+      throw err;
+    }
+    try {
       await j.append(entries);
     } catch (err) {
       if (isTorusError(err, 'LOCKED')) throw (this.fenced ??= err);
@@ -498,6 +562,38 @@ export class BlockVolume implements BlockDevice {
     this.stats.journalBytes += bytes;
     if (this.tailBytes >= this.o.checkpointBytes) this.checkpointInBackground();
     this.foldIfCrowded(entries);
+  }
+
+  /**
+   * Stores the whole blocks of Block records as data blocks of their own, durable on R replicas,
+   * before any record naming them is appended: a replayed record never names a block that is
+   * not there. Then their bytes need not stay in memory.
+   */
+  private async storeWholeBlocks(j: JournalWriter, entries: readonly TailEntry[]): Promise<void> {
+    const todo = entries.filter((e) => e.rec.type === RecordType.Block && !e.src.block);
+    if (todo.length === 0) return;
+    const refs = todo.map(() => j.allocDirect());
+    try {
+      await Promise.all(
+        todo.map(async (e, i) => {
+          const data = e.rec.data!;
+          const block = { ref: refs[i]!, crc: crc32c(data) >>> 0 };
+          await this.ctx.store.putBlock(block.ref, data, { immutable: true, crc: block.crc });
+          e.src.block = block;
+        }),
+      );
+      await this.ctx.store.flush();
+    } catch (err) {
+      for (const [i, e] of todo.entries()) {
+        delete e.src.block;
+        j.releaseDirect(refs[i]!);
+      }
+      throw err;
+    }
+    for (const e of todo) {
+      (e as { rec: JournalRecord }).rec = { type: RecordType.Block, lsn: e.rec.lsn, offset: e.rec.offset, length: e.rec.length, block: e.src.block! };
+      e.src.data = undefined;
+    }
   }
 
   private moveJournal(): Promise<void> {
@@ -602,6 +698,11 @@ export class BlockVolume implements BlockDevice {
         size = r.offset;
         continue;
       }
+      if (r.type === RecordType.Block) {
+        const reset = await this.applyBlockRecord(e);
+        if (reset) runEntries.push(reset);
+        continue;
+      }
       const index = Math.floor(r.offset / bs);
       const start = r.offset - index * bs;
       if (r.type === RecordType.Data) {
@@ -642,9 +743,10 @@ export class BlockVolume implements BlockDevice {
     const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
     await this.ctx.store.flush();
-    const journal = opts.final ? null : { ...j.position, start: cut.start };
+    const { directStart: _, ...pos } = j.position;
+    const journal = opts.final ? null : { ...pos, start: cut.start, ...(cut.directStart ? { directStart: cut.directStart } : {}) };
     await this.commitHead({ root, depth, size, runs: prev, lsn: cut.lsn, journal }, opts.extra);
-    j.trimmed(cut.entries.length, cut.start);
+    j.trimmed(cut.entries.length, cut.start, cut.directStart);
     // The tail's bytes are in sealed log blocks now: reads go there.
     for (const e of cut.entries) e.src.data = undefined;
     this.resets.splice(0, resets);
@@ -672,7 +774,8 @@ export class BlockVolume implements BlockDevice {
     const crowded = new Set<number>();
     for (const e of entries) {
       const r = e.rec;
-      if (r.type === RecordType.Resize) continue;
+      // A whole block stored as a block of its own needs no fold: the checkpoint takes it as is.
+      if (r.type === RecordType.Resize || r.type === RecordType.Block) continue;
       for (let off = r.offset, end = r.offset + r.length; off < end; ) {
         const index = Math.floor(off / bs);
         const n = Math.min(end, (index + 1) * bs) - off;
@@ -727,6 +830,10 @@ export class BlockVolume implements BlockDevice {
    * it is all zeros); the overlays it took in are dropped, and the next checkpoint records that.
    */
   private async foldBlock(index: number): Promise<void> {
+    const segs = this.overlay.segments(index);
+    // A whole block stored as a block of its own, nothing over it: the checkpoint makes it the
+    // tree's without a copy.
+    if (segs.length === 1 && segs[0]!.src.block && segs[0]!.start === 0 && segs[0]!.end === this.blockSize) return;
     let lsn = -1;
     for (const s of this.overlay.segments(index)) if (Number.isFinite(s.src.lsn) && s.src.lsn > lsn) lsn = s.src.lsn;
     if (lsn < 0 || index * this.blockSize >= this.sizeBytes) return;
@@ -894,7 +1001,7 @@ function overlayEntries(ov: OverlayIndex, _bs: number): RunEntry[] {
 
 function sumBytes(entries: readonly TailEntry[]): number {
   let n = 0;
-  for (const e of entries) n += e.rec.type === RecordType.Data ? e.rec.length : 64;
+  for (const e of entries) n += e.rec.type === RecordType.Data ? e.rec.length : e.rec.type === RecordType.Block && e.rec.data ? e.rec.data.length : 64;
   return n;
 }
 
