@@ -17,6 +17,11 @@ export function buildProgram(): Command {
     .description('serve Torus block volumes to this machine (NBD, AoE, Kubernetes CSI)')
     .version(`torusblk\nVersion: ${VERSION}`, '--version');
   addGlobalOptions(addBlockIoOptions(addLogOptions(program)));
+  program.option(
+    '--lock-ttl <duration>',
+    'how long the volumes this client opens stay locked after it dies or loses etcd (a new writer waits that long; too short and a stalled client loses its volumes)',
+    '15s',
+  );
   program.option('--metrics <host:port>', 'serve Prometheus metrics (per-volume I/O, latency histograms, NBD/AoE counters) on http://HOST:PORT/metrics');
   program.addCommand(nbdserveCommand());
   program.addCommand(nbdCommand());

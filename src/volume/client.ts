@@ -17,16 +17,19 @@ export class VolumeClient {
   private constructor(
     readonly meta: MetadataService,
     readonly block: BlockClient,
+    private readonly lockTtlMs: number,
   ) {
     this.vmeta = new VolumeMeta(meta.kv(), block.uuid);
   }
 
-  static async open(meta: MetadataService, opts: Omit<OpenOptions, 'meta'> = {}): Promise<VolumeClient> {
-    return new VolumeClient(meta, await openBlockClient({ ...opts, meta }));
+  /** `lockTtlMs`: how long this client's volume locks outlive it (LOCK_TTL_MS by default). */
+  static async open(meta: MetadataService, opts: Omit<OpenOptions, 'meta'> & { lockTtlMs?: number } = {}): Promise<VolumeClient> {
+    const { lockTtlMs = LOCK_TTL_MS, ...rest } = opts;
+    return new VolumeClient(meta, await openBlockClient({ ...rest, meta }), lockTtlMs);
   }
 
   session(): Promise<KVSession> {
-    this.sessionP ??= this.meta.kv().session(LOCK_TTL_MS);
+    this.sessionP ??= this.meta.kv().session(this.lockTtlMs);
     return this.sessionP;
   }
 

@@ -3,6 +3,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { after, before, test } from 'node:test';
 import { parser } from '@prometheus-io/lezer-promql';
+import { Etcd3 } from 'etcd3';
 import { parse as parseYaml } from 'yaml';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { freePort } from '../helpers/etcd.js';
@@ -26,7 +27,7 @@ before(async () => {
   await ok('torusctl', [...C, 'volume', 'create', 'mon', '64MiB']);
   metricsPort = await freePort();
   nbdPort = await freePort();
-  blk = spawn(process.execPath, [BIN('torusblk'), ...C, '--metrics', `127.0.0.1:${metricsPort}`, 'nbdserve', '--listen', `127.0.0.1:${nbdPort}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  blk = spawn(process.execPath, [BIN('torusblk'), ...C, '--lock-ttl', '40s', '--metrics', `127.0.0.1:${metricsPort}`, 'nbdserve', '--listen', `127.0.0.1:${nbdPort}`], { stdio: ['ignore', 'pipe', 'pipe'] });
   await waitForOutput(blk, /serving NBD on/, 'torusblk nbdserve');
   // Writes, flushes (qemu-io flushes before it exits) and reads on the volume.
   await nbdOk('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 2M', '-c', 'flush', '-c', 'read -P 0x5a 0 1M', `nbd://127.0.0.1:${nbdPort}/mon`], { timeoutSec: 60 });
@@ -138,6 +139,15 @@ test('volume info: allocation, lock holder, I/O rates; volume list: ALLOCATED', 
       },
       30_000,
     );
+    // The lock is bound to a lease of --lock-ttl.
+    const etcd = new Etcd3({ hosts: cluster.etcd.endpoint });
+    try {
+      const locks = (await etcd.getAll().prefix('/torus/volumemeta/').exec()).kvs.filter((kv) => kv.key.toString().endsWith('/lock'));
+      assert.equal(locks.length, 1);
+      assert.equal(Number((await etcd.leaseClient.leaseTimeToLive({ ID: locks[0]!.lease })).grantedTTL), 40);
+    } finally {
+      etcd.close();
+    }
     const text = await ok('torusctl', [...C, 'volume', 'info', 'mon']);
     assert.match(text, new RegExp(`^Lock: +held by \\S+ pid ${blk.pid}`, 'm'));
     assert.match(text, /^I\/O: +[\d.]+ reads\/s \([^)]*\), [\d.]+ writes\/s/m);
@@ -154,25 +164,25 @@ test('volume info: allocation, lock holder, I/O rates; volume list: ALLOCATED', 
   assert.equal(info.lock?.pid, blk.pid);
   // docs/journal.md: the writer's journal; its tail is not counted until a checkpoint names it.
   assert.equal(info.journal.kind, 'replicated');
-  // A snapshot of the mounted volume is taken by its writer at a checkpoint: from then on the
-  // runs name the log blocks holding what was written (3 MiB at least: rewrites of the same
-  // range keep their log blocks until folded), all shared with the snapshot.
+  // A snapshot of the mounted volume is taken by its writer at a checkpoint. Every write here
+  // covered whole 64 KiB blocks, so each is a data block of its own (docs/journal.md, BLOCK
+  // records): 0-2 MiB and 4-5 MiB, all shared with the snapshot.
   await ok('torusctl', [...C, 'block', 'snapshot', 'create', 'mon@s1']);
   type Info = { allocated: number; exclusive: number; shared: number; snapshots: { name: string; referenced: number; exclusive: number }[] };
   const snapped = JSON.parse(await ok('torusctl', [...C, 'volume', 'info', 'mon', '--json'])) as Info;
-  assert.ok(snapped.allocated >= 3 * 1024 * 1024, `allocated ${snapped.allocated}`);
+  assert.equal(snapped.allocated, 3 * 1024 * 1024);
   assert.deepEqual([snapped.exclusive, snapped.shared], [0, snapped.allocated]);
   await nbdOk('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 0 1M', '-c', 'flush', `nbd://127.0.0.1:${nbdPort}/mon`], { timeoutSec: 30 });
   await ok('torusctl', [...C, 'block', 'snapshot', 'create', 'mon@s2']);
   const after = JSON.parse(await ok('torusctl', [...C, 'volume', 'info', 'mon', '--json'])) as Info;
-  // The rewritten 1 MiB is in new log blocks; the old ones stay named by the head's runs (and
-  // take their space) until folds and a compaction let them go.
-  assert.ok(after.allocated >= snapped.allocated + 1024 * 1024, `allocated ${after.allocated} after ${snapped.allocated}`);
+  // The rewritten 1 MiB replaced its blocks in the tree: the volume still holds 3 MiB, and the
+  // 1 MiB it replaced is s1's alone.
+  assert.equal(after.allocated, snapped.allocated, `allocated ${after.allocated} after ${snapped.allocated}`);
   assert.deepEqual(
-    after.snapshots.map((s) => [s.name, s.referenced]),
+    after.snapshots.map((s) => [s.name, s.referenced, s.exclusive]),
     [
-      ['s1', snapped.allocated],
-      ['s2', after.allocated],
+      ['s1', snapped.allocated, 1024 * 1024],
+      ['s2', after.allocated, 0],
     ],
   );
   const text = await ok('torusctl', [...C, 'volume', 'info', 'mon', '--bytes']);

@@ -177,7 +177,9 @@ ip addr add 10.0.3.15/24 dev eth1
 for i in $(seq 50); do ping -c 1 -W 1 10.0.3.1 >/dev/null 2>&1 && break; sleep 0.2; done
 # Whatever happens, the host gets to see what torusblk said.
 trap 'echo "--- torusblk output"; cat /tmp/blk.log' EXIT
-node ${REPO}/bin/torusblk.js -C ${cluster.endpoint} nbd v /dev/nbd0 >/tmp/blk.log 2>&1 &
+# An emulated guest on a loaded host stalls for tens of seconds at times (CI saw 40 s without an
+# etcd answer, and the 15 s lock lease expired): a lease long enough to ride that out.
+node ${REPO}/bin/torusblk.js -C ${cluster.endpoint} --lock-ttl 120s nbd v /dev/nbd0 >/tmp/blk.log 2>&1 &
 BLK=$!
 START=$(date +%s)
 for i in $(seq 450); do grep -q '^Attached' /tmp/blk.log && break; kill -0 $BLK 2>/dev/null || break; sleep 0.2; done

@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import { TorusError } from '../../core/errors.js';
 import type { DeviceProvider, MetadataService } from '../../core/interfaces.js';
-import { parseSize } from '../../core/units.js';
+import { parseDuration, parseSize } from '../../core/units.js';
 import { HttpServer } from '../../http/server.js';
 import { NodeMetrics, counterSample as c, type MetricSample } from '../../http/metrics.js';
 import { VolumeClient } from '../../volume/client.js';
@@ -16,6 +16,7 @@ export interface ClientOpts extends GlobalOpts, BlockIoOpts {
   logLevel?: string;
   logFormat?: string;
   metrics?: string;
+  lockTtl?: string;
 }
 
 export function logger(opts: ClientOpts): Logger {
@@ -24,17 +25,25 @@ export function logger(opts: ClientOpts): Logger {
 
 export async function clientFor(
   meta: MetadataService,
-  opts: BlockIoOpts,
+  opts: BlockIoOpts & { lockTtl?: string },
   log: Logger,
   observeRpc?: (peer: string, op: string, seconds: number, code?: string) => void,
 ): Promise<VolumeClient> {
   return VolumeClient.open(meta, {
+    ...(opts.lockTtl !== undefined ? { lockTtlMs: lockTtlMs(opts.lockTtl) } : {}),
     readCacheBytes: parseSize(opts.readCacheSize),
     readLevel: opts.readLevel as 'block',
     writeLevel: opts.writeLevel as 'all',
     onError: (err) => log.warn({ err: err.message }, 'cluster'),
     ...(observeRpc ? { observeRpc } : {}),
   });
+}
+
+/** --lock-ttl: etcd leases are whole seconds, and below 5 s a busy client loses its locks. */
+function lockTtlMs(text: string): number {
+  const ms = parseDuration(text);
+  if (!(ms >= 5000 && ms <= 3_600_000)) throw new TorusError('INVALID_ARGUMENT', `invalid --lock-ttl "${text}": expected a duration from 5s to 1h`);
+  return ms;
 }
 
 /** How often the volume holder publishes its I/O rates in etcd for `torusctl volume info`. */
