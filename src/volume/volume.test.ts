@@ -715,3 +715,39 @@ test('whole and partial writes to one block keep their order, in memory, after a
   const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await ro.read(0, 8 * BS)).equals(expect), 'after a reopen');
 });
+
+test('large blocks: aligned 4 KiB writes alone never fold for segments, and folds wait for the next checkpoint rather than taking one each', async () => {
+  const big = 512 * 1024;
+  const c = await memoryCluster(big);
+  await c.vmeta.create('v', 4 * big);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const model = Buffer.alloc(4 * big);
+  // 100 distinct 4 KiB pieces of block 0, every other one: 100 segments, more than 64.
+  for (let i = 0; i < 100; i++) {
+    const d = randomBytes(4096);
+    await vol.write(i * 8192 - (i >= 64 ? 64 * 8192 - 4096 : 0), d);
+    d.copy(model, i * 8192 - (i >= 64 ? 64 * 8192 - 4096 : 0));
+    await vol.flush();
+  }
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(vol.stats.folds, 0, 'no fold for 100 segments of 4 KiB in a 512 KiB block');
+  // Three times the block written into block 1: folded, in the background, with no checkpoint.
+  const checkpoints = vol.stats.checkpoints;
+  for (let i = 0; i < 3 * 128; i++) {
+    const d = randomBytes(4096);
+    const off = big + (i % 128) * 4096;
+    await vol.write(off, d);
+    d.copy(model, off);
+    if (i % 32 === 31) await vol.flush();
+  }
+  await vol.flush();
+  for (let i = 0; i < 100 && vol.stats.folds === 0; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.equal(vol.stats.folds, 1);
+  // Give a checkpoint that would follow the fold batch time to happen (it must not).
+  for (let i = 0; i < 20 && vol.stats.checkpoints === checkpoints; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.equal(vol.stats.checkpoints, checkpoints, 'the fold waits for the next checkpoint');
+  assert.ok((await vol.read(0, 4 * big)).equals(model));
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 4 * big)).equals(model));
+});

@@ -41,7 +41,11 @@ export interface OpenVolumeOptions {
   readonly foldIdleMs?: number;
   /** Overlay segments past which the blocks with the most are folded. */
   readonly maxOverlaySegments?: number;
-  /** A block with more segments than this is folded after the flush that made them. */
+  /**
+   * A block with more segments than this is folded after the flush that made them. Default: 64,
+   * or one per 4 KiB of the block if that is more, so that aligned 4 KiB writes alone never
+   * trigger it (at 512 KiB blocks a fold every 64 of them made bytes stored per byte written 8).
+   */
   readonly maxSegmentsPerBlock?: number;
   /** Run pages in the chain past which a checkpoint writes one compacted run. */
   readonly maxRunChain?: number;
@@ -74,6 +78,9 @@ const RING_CHECK_MS = 1000;
  */
 const RECORD_COST = 512;
 
+/** Folds not yet in a checkpoint past which one is taken at once (bounds this.resets). */
+const FOLD_CHECKPOINT_BACKLOG = 4096;
+
 const DEFAULTS = {
   writeCacheBytes: 128 * 1024 * 1024,
   checkpointBytes: 64 * 1024 * 1024,
@@ -81,7 +88,6 @@ const DEFAULTS = {
   foldAfter: 3,
   foldIdleMs: 0,
   maxOverlaySegments: 256 * 1024,
-  maxSegmentsPerBlock: 64,
   maxRunChain: 64,
   snapshotPollMs: 1000,
 };
@@ -138,7 +144,7 @@ export class BlockVolume implements BlockDevice {
     this.readOnly = !lock;
     this.sizeBytes = head.size;
     this.committed = head;
-    this.o = { ...DEFAULTS, ...stripUndefined(opts) };
+    this.o = { ...DEFAULTS, maxSegmentsPerBlock: Math.max(64, this.blockSize / 4096), ...stripUndefined(opts) };
     this.tree = this.newTree(head);
     lock?.session.onLost(() => {
       this.fenced ??= new TorusError('LOCKED', `lost the lock on volume ${this.name}: the etcd lease expired; writes and flushes now fail`);
@@ -816,7 +822,11 @@ export class BlockVolume implements BlockDevice {
           this.foldQueue.delete(i);
           await this.exclusive(() => this.foldBlock(i));
         }
-        if (this.resets.length > 0) await this.checkpoint();
+        // The folds reach etcd with the next checkpoint (by size or time), not one per batch:
+        // each checkpoint cuts the open log block (its rest is sealed as padding) and writes
+        // tree and run pages of a whole block each, which at 512 KiB blocks cost more than the
+        // folds. Only a backlog large enough to matter for memory is checkpointed at once.
+        if (this.resets.length >= FOLD_CHECKPOINT_BACKLOG) await this.checkpoint();
       } catch {
         // A fold that failed leaves the overlays in place; the block's next write asks again.
       } finally {
