@@ -54,7 +54,10 @@ for (const [flag, span] of [['etcd-port', 2], ['nbd-port', 1], ['peer-port', 3],
 orUsage(() => checkVolumeName(opts.volume));
 for (const flag of ['volume-size', 'node-size'] as const) orUsage(() => parseSize(opts[flag]));
 const endpoint = `127.0.0.1:${etcdPort}`;
-const C = etcdPort === 2379 ? '' : ` -C ${endpoint}`;
+// Everything runs on loopback, one machine: peer RPC in plaintext, said so below. A real cluster
+// uses certificates (docs/security.md).
+const C = `${etcdPort === 2379 ? '' : ` -C ${endpoint}`} --insecure-peer-network`;
+const DEMO_ENV = { ...process.env, TORUS_TLS_CERTIFICATES: '', TORUS_PEER_SECRET_FILE: '', TORUS_INSECURE_PEER_NETWORK: '1' };
 const NODES = 3;
 
 const children: { name: string; proc: ChildProcess; log: string }[] = [];
@@ -83,7 +86,7 @@ function start(name: string, cmd: string, args: string[]): ChildProcess {
   // Each run's logs start empty, before anything reads them: readiness is read from them.
   writeFileSync(log, '');
   const out = createWriteStream(log, { flags: 'a' });
-  const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: DEMO_ENV });
   // Two sources into one file: neither may end it, or the other's last words (often the reason
   // it died) are lost; the file is ended once both pipes are closed.
   proc.stdout?.pipe(out, { end: false });
@@ -103,7 +106,7 @@ function start(name: string, cmd: string, args: string[]): ChildProcess {
 }
 
 function cli(name: 'torusctl' | 'torusblk', args: string[]): { code: number; out: string } {
-  const r = spawnSync(process.execPath, [bin(name), '-C', endpoint, ...args], { encoding: 'utf8', timeout: 60_000 });
+  const r = spawnSync(process.execPath, [bin(name), '-C', endpoint, ...args], { encoding: 'utf8', timeout: 60_000, env: DEMO_ENV });
   return { code: r.status ?? 1, out: `${r.stdout ?? ''}${r.stderr ?? ''}`.trim() };
 }
 
@@ -204,6 +207,8 @@ async function main(): Promise<void> {
   say(`
 Torus is running: etcd on ${endpoint}, three storage nodes (replication 2), and volume "${opts.volume}"
 served over NBD at ${uri}.
+Peer RPC between them is plaintext (--insecure-peer-network): fine on loopback, never on a shared
+network; docs/security.md sets up certificates.
 Dashboard: http://127.0.0.1:${httpBase}/ (each node serves one: ${Array.from({ length: NODES }, (_, i) => `http://127.0.0.1:${httpBase + i}/`).join(', ')});
 Prometheus metrics at /metrics, health at /healthz on the same addresses.
 In another terminal, from this directory:

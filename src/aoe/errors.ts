@@ -31,6 +31,7 @@ export const ATA_READ_ERROR: Readonly<Record<ErrorCode, number>> = {
   NON_SEQUENTIAL_RING: ABRT,
   PROTOCOL: ABRT,
   WRONG_CLUSTER: ABRT,
+  PERMISSION_DENIED: ABRT,
   INTERNAL: ABRT,
 };
 

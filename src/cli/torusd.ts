@@ -8,7 +8,7 @@ import { SERVER_DEFAULTS } from '../rpc/server.js';
 import { DEFAULT_COMPACTION, StorageNode } from '../server/node.js';
 import { parseDuration, parseSize } from '../core/units.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
-import { addBlockIoOptions, addGlobalOptions, connectMetadata, parseCount, parsePort, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
+import { addBlockIoOptions, addGlobalOptions, connectMetadata, parseCount, parsePort, peerSecurity, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
 import { EXIT_STATUSES, reportError, runProgram } from './shared/run.js';
 import { docsCommands } from './shared/docs-gen.js';
 import { addLogOptions, makeLogger } from './shared/log.js';
@@ -80,6 +80,8 @@ export function buildProgram(): Command {
       if (!opts.peerAddress)
         throw new TorusError('INVALID_ARGUMENT', '--peer-address is required: the address peers reach this node on, e.g. --peer-address http://10.0.0.5:40000');
       const log = makeLogger('torusd', opts);
+      const peerSec = await peerSecurity(opts, true, (m) => log.warn(m));
+      if (peerSec.security.mode === 'insecure') log.warn('peer RPC is plaintext with no authentication (--insecure-peer-network): anyone who reaches the peer port can read and overwrite every block');
       const conn = resolveConnection(opts);
       const meta = connectMetadata(opts, log);
       const heartbeatMs = parseDuration(opts.heartbeat);
@@ -100,6 +102,8 @@ export function buildProgram(): Command {
           etcdDesc: conn.endpoints.join(','),
           dataDir: opts.dataDir,
           size: opts.size,
+          peerSecurity: peerSec.security,
+          ...(peerSec.uuid !== undefined ? { certUuid: peerSec.uuid } : {}),
           ...(opts.peerAddress !== undefined ? { peerAddress: opts.peerAddress } : {}),
           ...(opts.host !== undefined ? { httpHost: opts.host, httpPort: parsePort(opts.port ?? '4321', '--port') } : {}),
           autoJoin: opts.autoJoin ?? false,

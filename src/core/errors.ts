@@ -21,6 +21,7 @@ export const ErrorCodes = [
   'WRONG_CLUSTER', // a data dir initialized for another cluster
   'IO', // the local disk failed
   'INTERNAL',
+  'PERMISSION_DENIED', // no credential, a wrong one, or one that does not allow this
 ] as const;
 
 export type ErrorCode = (typeof ErrorCodes)[number];

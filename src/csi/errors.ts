@@ -28,6 +28,7 @@ export const CSI_STATUS: Readonly<Record<ErrorCode, status>> = {
   NON_SEQUENTIAL_RING: status.INTERNAL,
   PROTOCOL: status.INTERNAL,
   WRONG_CLUSTER: status.INTERNAL,
+  PERMISSION_DENIED: status.PERMISSION_DENIED,
   INTERNAL: status.INTERNAL,
 };
 

@@ -32,6 +32,7 @@ export const NBD_ERRNO: Readonly<Record<ErrorCode, Errno>> = {
   NON_SEQUENTIAL_RING: Errno.EIO,
   PROTOCOL: Errno.EIO,
   WRONG_CLUSTER: Errno.EIO,
+  PERMISSION_DENIED: Errno.EPERM,
   INTERNAL: Errno.EIO,
 };
 

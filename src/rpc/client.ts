@@ -1,4 +1,5 @@
 import net from 'node:net';
+import tls from 'node:tls';
 import type { Duplex } from 'node:stream';
 import { TorusError, type ErrorCode } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
@@ -15,6 +16,7 @@ import {
 } from './breaker.js';
 import {
   DEFAULT_MAX_FRAME_SIZE,
+  EXT_AUTH_HMAC,
   EXT_CRITICAL,
   EXT_CHECKSUMS,
   EXT_INSTANCE,
@@ -50,6 +52,7 @@ import {
   type PutItem,
   type PutResultMessage,
 } from './codec.js';
+import { clientProof, connectionEkm, dialTls, verifyServerProof, type PeerSecurity } from './security.js';
 import type { NodeIdentity, VersionRange } from './server.js';
 import { Fifo, FrameWriter } from './writer.js';
 
@@ -82,6 +85,8 @@ export interface PeerClientOptions {
   readonly versions?: VersionRange;
   /** Transport override (tests, in-process nodes): must return a connected or connecting stream. */
   readonly connect?: (address: PeerAddress) => Duplex;
+  /** TLS and how both ends prove who they are (security.ts); plaintext if absent. */
+  readonly security?: PeerSecurity;
 }
 
 export interface RequestOptions {
@@ -208,6 +213,7 @@ export class PeerClient {
   private readonly identity: NodeIdentity;
   private readonly expectUuid: string | undefined;
   private readonly connectFn: ((address: PeerAddress) => Duplex) | undefined;
+  private readonly security: PeerSecurity;
   private readonly backoff: BackoffPolicy;
   readonly breaker: CircuitBreaker;
 
@@ -234,6 +240,7 @@ export class PeerClient {
     this.identity = options.identity;
     this.expectUuid = options.expectUuid;
     this.connectFn = options.connect;
+    this.security = options.security ?? { mode: 'insecure' };
     this.o = {
       connectTimeoutMs: options.connectTimeoutMs ?? CLIENT_DEFAULTS.connectTimeoutMs,
       requestTimeoutMs: options.requestTimeoutMs ?? CLIENT_DEFAULTS.requestTimeoutMs,
@@ -651,9 +658,12 @@ export class PeerClient {
     const decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE, allocateOnHeader: true });
     let stream: Duplex;
     try {
+      const sec = this.security;
       stream = this.connectFn
         ? this.connectFn(this.target)
-        : net.connect({
+        : sec.mode !== 'insecure'
+          ? dialTls(sec, this.target, this.expectUuid)
+          : net.connect({
             host: this.target.host,
             port: this.target.port,
             noDelay: true,
@@ -705,6 +715,8 @@ export class PeerClient {
     stream.on('end', () => this.dropConnection(conn, null));
     stream.on('close', () => this.dropConnection(conn, null));
     const hello = (): void => {
+      const sec = this.security;
+      const ekm = sec.mode === 'secret' ? connectionEkm(stream) : undefined;
       conn.writer.write(
         encodeHello(0, {
           minVersion: this.o.versions.min,
@@ -712,11 +724,13 @@ export class PeerClient {
           maxFrameSize: this.o.maxFrameSize,
           uuid: this.identity.uuid,
           clusterId: this.identity.clusterId,
-          extensions: [],
+          extensions: sec.mode === 'secret' && ekm ? [{ type: EXT_AUTH_HMAC, value: clientProof(sec, ekm) }] : [],
         }),
       );
     };
-    if (stream instanceof net.Socket && stream.connecting) stream.once('connect', hello);
+    // Over TLS, HELLO goes once the handshake has checked the server's certificate.
+    if (stream instanceof tls.TLSSocket && !this.connectFn) stream.once('secureConnect', hello);
+    else if (stream instanceof net.Socket && stream.connecting) stream.once('connect', hello);
     else hello();
   }
 
@@ -784,11 +798,17 @@ export class PeerClient {
     const v = this.o.versions;
     if (m.version < v.min || m.version > v.max)
       return new TorusError('PROTOCOL', `peer ${this.address} chose protocol version ${m.version}, we speak ${v.min}..${v.max}`);
-    if (m.clusterId !== this.identity.clusterId)
-      return new TorusError('WRONG_CLUSTER', `peer ${this.address} belongs to cluster ${m.clusterId}, we to ${this.identity.clusterId}`);
+    const sec = this.security;
+    if (sec.mode === 'secret') {
+      const ekm = this.conn ? connectionEkm(this.conn.stream) : undefined;
+      const proof = m.extensions.find((e) => e.type === EXT_AUTH_HMAC)?.value;
+      if (!ekm || !verifyServerProof(sec, ekm, proof))
+        return new TorusError('PERMISSION_DENIED', `peer ${this.address} did not prove it holds the cluster secret`);
+    }
+    if (m.clusterId !== this.identity.clusterId) return new TorusError('WRONG_CLUSTER', `peer ${this.address} belongs to another cluster`);
     if (this.expectUuid !== undefined && m.uuid !== this.expectUuid)
       return new TorusError('NO_PEER', `peer at ${this.address} is node ${m.uuid}, not the expected ${this.expectUuid}`);
-    const critical = m.extensions.find((e) => (e.type & EXT_CRITICAL) !== 0);
+    const critical = m.extensions.find((e) => (e.type & EXT_CRITICAL) !== 0 && !(e.type === EXT_AUTH_HMAC && sec.mode === 'secret'));
     if (critical) return new TorusError('PROTOCOL', `peer ${this.address} requires handshake extension 0x${critical.type.toString(16)}, which we do not support`);
     return null;
   }

@@ -162,6 +162,7 @@ export const WIRE_ERROR_CODES: Readonly<Record<ErrorCode, number>> = {
   WRONG_CLUSTER: 16,
   IO: 17,
   INTERNAL: 18,
+  PERMISSION_DENIED: 19,
 };
 
 const CODE_BY_WIRE: ReadonlyMap<number, ErrorCode> = new Map(ErrorCodes.map((c) => [WIRE_ERROR_CODES[c], c]));

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import tls from 'node:tls';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
 import { BLOCK_REF_SIZE, type BlockRef } from '../core/ids.js';
@@ -8,6 +9,7 @@ import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/
 import type { BlockStore, LogPiece, SectorRead } from '../core/interfaces.js';
 import {
   DEFAULT_MAX_FRAME_SIZE,
+  EXT_AUTH_HMAC,
   EXT_CRITICAL,
   EXT_CHECKSUMS,
   EXT_INSTANCE,
@@ -40,6 +42,7 @@ import {
 } from './codec.js';
 import { FrameWriter } from './writer.js';
 import { formatPeerAddress } from './address.js';
+import { serverPeerAuth, serverTlsOptions, verifyClientProof, type PeerAuth, type PeerSecurity } from './security.js';
 
 /**
  * What the server needs from the node behind it. A core BlockStore fits as is; `hasBlock` may
@@ -110,6 +113,8 @@ export interface RpcServerOptions {
   readonly onConnectionError?: (err: TorusError, remote: string) => void;
   /** Informational string sent in HELLO_OK. */
   readonly software?: string;
+  /** TLS and how peers prove who they are (security.ts); plaintext if absent. */
+  readonly security?: PeerSecurity;
 }
 
 export interface RpcServerStats {
@@ -217,10 +222,12 @@ export class RpcServer {
   /** Sent in every HELLO_OK (EXT_INSTANCE): new with each process, so clients can tell a restart. */
   readonly instance: Buffer = randomBytes(8);
   readonly identity: NodeIdentity;
+  readonly security: PeerSecurity;
   private readonly service: BlockService;
   private readonly settings: Settings;
   private readonly onConnectionError: ((err: TorusError, remote: string) => void) | undefined;
   private readonly conns = new Set<ServerConnection>();
+  private readonly handshaking = new Set<net.Socket>();
   private server: net.Server | null = null;
   private closed = false;
   private url: string | null = null;
@@ -249,6 +256,7 @@ export class RpcServer {
   constructor(options: RpcServerOptions) {
     this.service = options.service;
     this.identity = options.identity;
+    this.security = options.security ?? { mode: 'insecure' };
     this.onConnectionError = options.onConnectionError;
     const maxFrameSize = options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE;
     if (maxFrameSize < MIN_MAX_FRAME_SIZE)
@@ -289,10 +297,31 @@ export class RpcServer {
   listen(port = 0, host = '127.0.0.1'): Promise<string> {
     if (this.closed) return Promise.reject(new TorusError('CLOSED', 'server is closed'));
     if (this.server) return Promise.reject(new TorusError('EXISTS', 'server is already listening'));
-    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => {
-      const remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`;
-      this.handle(socket, remote);
-    });
+    const remoteOf = (socket: net.Socket): string => `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`;
+    const tlsOptions = serverTlsOptions(this.security);
+    let server: net.Server;
+    if (tlsOptions) {
+      const secure = tls.createServer({ ...tlsOptions, allowHalfOpen: true, noDelay: true, handshakeTimeout: this.settings.handshakeTimeoutMs }, (socket) =>
+        this.handle(socket, remoteOf(socket), serverPeerAuth(this.security, socket)),
+      );
+      // No certificate, one from another CA, plaintext, a stalled handshake: the connection never
+      // reaches HELLO. Counted and reported like a refused handshake; the peer learns nothing.
+      secure.on('tlsClientError', (err: Error & { code?: string }, socket: tls.TLSSocket) => {
+        this.counters.refusedHandshakes++;
+        this.reportError(new TorusError('PERMISSION_DENIED', `TLS handshake failed: ${err.code ?? err.message}`), remoteOf(socket));
+        socket.destroy();
+      });
+      // Until its handshake completes a connection is the TLS layer's, not a ServerConnection:
+      // close() must still end it (half-open, it would hold server.close() forever).
+      secure.on('connection', (raw: net.Socket) => {
+        this.handshaking.add(raw);
+        raw.once('close', () => this.handshaking.delete(raw));
+      });
+      server = secure;
+    } else
+      server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => {
+        this.handle(socket, remoteOf(socket));
+      });
     capConnections(server, this.maxConnections, (remote) => {
       this.counters.refusedConnections++;
       this.limitHit('maxConnections', { remote, max: this.maxConnections });
@@ -322,13 +351,13 @@ export class RpcServer {
   }
 
   /** Serves one already-connected stream (a socket, or a pipe end in tests). */
-  handle(stream: Duplex, remote = 'stream'): void {
+  handle(stream: Duplex, remote = 'stream', auth: PeerAuth = {}): void {
     if (this.closed) {
       stream.destroy();
       return;
     }
     if (stream instanceof net.Socket) stream.setNoDelay(true);
-    const conn = new ServerConnection(this, this.service, this.settings, stream, remote);
+    const conn = new ServerConnection(this, this.service, this.settings, stream, auth.name ? `${remote} ${auth.name}` : remote, auth);
     this.conns.add(conn);
     this.sweeper ??= setInterval(() => {
       const now = Date.now();
@@ -392,6 +421,7 @@ export class RpcServer {
     const server = this.server;
     this.server = null;
     const closing = [...this.conns].map((c) => c.destroy());
+    for (const raw of this.handshaking) raw.destroy();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
     await Promise.all(closing);
   }
@@ -426,6 +456,7 @@ class ServerConnection {
     private readonly s: Settings,
     private readonly stream: Duplex,
     private readonly remote: string,
+    private readonly auth: PeerAuth,
   ) {
     this.writer = new FrameWriter(stream, { maxQueuedBytes: s.maxQueuedWriteBytes, onWritable: () => this.pump() });
     this.closedPromise = new Promise((resolve) => stream.once('close', resolve));
@@ -628,20 +659,24 @@ class ServerConnection {
 
   private hello(m: HelloMessage): void {
     const v = this.s.versions;
-    const critical = m.extensions.find((e) => (e.type & EXT_CRITICAL) !== 0);
+    const sec = this.server.security;
+    const critical = m.extensions.find((e) => (e.type & EXT_CRITICAL) !== 0 && !(e.type === EXT_AUTH_HMAC && sec.mode === 'secret'));
     const lo = Math.max(v.min, m.minVersion);
     const hi = Math.min(v.max, m.maxVersion);
+    // Checked first, and the refusal says nothing else: a stranger learns neither our versions
+    // nor who we are.
+    const proofReply =
+      sec.mode === 'secret' && this.auth.ekm ? verifyClientProof(sec, this.auth.ekm, m.extensions.find((e) => e.type === EXT_AUTH_HMAC)?.value) : null;
     let refusal: TorusError | null = null;
-    if (lo > hi)
+    if (sec.mode === 'secret' && !proofReply) refusal = new TorusError('PERMISSION_DENIED', 'peer did not prove it holds the cluster secret');
+    else if (lo > hi)
       refusal = new TorusError(
         'PROTOCOL',
         `protocol version mismatch: peer ${m.uuid} speaks versions ${m.minVersion}..${m.maxVersion}, node ${this.server.identity.uuid} speaks ${v.min}..${v.max}`,
       );
     else if (m.clusterId !== this.server.identity.clusterId)
-      refusal = new TorusError(
-        'WRONG_CLUSTER',
-        `node ${this.server.identity.uuid} belongs to cluster ${this.server.identity.clusterId}, peer ${m.uuid} to cluster ${m.clusterId}`,
-      );
+      // The cluster id is no credential, but it is not told to whoever asks either.
+      refusal = new TorusError('WRONG_CLUSTER', `peer ${m.uuid} belongs to another cluster than node ${this.server.identity.uuid}`);
     else if (critical)
       refusal = new TorusError('PROTOCOL', `peer requires handshake extension 0x${critical.type.toString(16)}, which this node does not support`);
     if (refusal) {
@@ -667,6 +702,7 @@ class ServerConnection {
           { type: EXT_INSTANCE, value: this.server.instance },
           ...(this.service.readSectors ? [{ type: EXT_CHECKSUMS, value: Buffer.alloc(0) }] : []),
           ...(this.journal() ? [{ type: EXT_JOURNAL, value: Buffer.alloc(0) }] : []),
+          ...(proofReply ? [{ type: EXT_AUTH_HMAC, value: proofReply }] : []),
         ],
       }),
     );

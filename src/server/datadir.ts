@@ -52,9 +52,9 @@ export function readIdentity(dataDir: string, clusterId: string, etcdDesc: strin
 }
 
 /** Gives a fresh data dir its identity. Call with the data dir locked (the block store's lock). */
-export function createIdentity(dataDir: string, clusterId: string): NodeIdentity {
+export function createIdentity(dataDir: string, clusterId: string, uuid: string = randomUUID()): NodeIdentity {
   mkdirDurableSync(dataDir);
-  const id: NodeIdentity = { uuid: randomUUID(), clusterId, createdAt: new Date().toISOString() };
+  const id: NodeIdentity = { uuid, clusterId, createdAt: new Date().toISOString() };
   writeAtomic(join(dataDir, IDENTITY_FILE), `${JSON.stringify(id, null, 2)}\n`);
   return id;
 }

@@ -16,6 +16,7 @@ import { Dashboard } from './dashboard.js';
 import { NodeMetrics, labelledCounters, type MetricSample } from '../http/metrics.js';
 import { addPeers } from '../ring/index.js';
 import { RpcServer, type RpcServerOptions } from '../rpc/server.js';
+import type { PeerSecurity } from '../rpc/security.js';
 import { FileBlockStore } from '../storage/file-store.js';
 import { Rebalancer } from '../distributor/rebalance.js';
 import { buildLiveSet, collectLocal, type GcReport } from '../volume/gc.js';
@@ -42,6 +43,10 @@ const LIMIT_TEXT: Record<string, string> = {
 };
 
 export interface NodeOptions {
+  /** Peer RPC protection, served and dialled (rpc/security.ts); plaintext if absent. */
+  readonly peerSecurity?: PeerSecurity;
+  /** The uuid this node's certificate names: a fresh data dir takes it, an existing one must have it. */
+  readonly certUuid?: string;
   readonly meta: MetadataService;
   /** How to describe etcd in messages (endpoints). */
   readonly etcdDesc: string;
@@ -218,11 +223,16 @@ export class StorageNode {
     if (bytes < global.blockSize)
       throw new TorusError('INVALID_ARGUMENT', `--size ${opts.size} holds no block of the cluster's block size (${global.blockSize} bytes)`);
     const known = readIdentity(opts.dataDir, global.clusterId, opts.etcdDesc);
+    if (known && opts.certUuid !== undefined && known.uuid !== opts.certUuid)
+      throw new TorusError(
+        'INVALID_ARGUMENT',
+        `the node certificate names node ${opts.certUuid}, but data dir ${opts.dataDir} is node ${known.uuid}: issue this node's with torusctl cert issue CA-DIR NAME --uuid ${known.uuid}`,
+      );
     // The block store's lock is the data dir's lock: one torusd per data dir.
     const store = await FileBlockStore.open({ dir: blockDir, blockSize: global.blockSize, sizeBytes: bytes });
     let node: StorageNode | undefined;
     try {
-      const identity = known ?? createIdentity(opts.dataDir, global.clusterId);
+      const identity = known ?? createIdentity(opts.dataDir, global.clusterId, opts.certUuid);
       node = new StorageNode(opts, identity, global, store);
       await node.run(peer);
       return node;
@@ -240,6 +250,7 @@ export class StorageNode {
         service: this.store,
         identity: { uuid: this.identity.uuid, clusterId: this.global.clusterId },
         software: `torusd ${VERSION}`,
+        ...(this.opts.peerSecurity ? { security: this.opts.peerSecurity } : {}),
         onConnectionError: (err, remote) => log.warn({ remote, err: err.message }, 'peer connection dropped'),
         ...this.opts.peerLimits,
         onLimit: (what, detail) => log.warn({ ...detail, limit: what }, `peer RPC limit reached: ${LIMIT_TEXT[what] ?? what}`),
@@ -265,6 +276,7 @@ export class StorageNode {
     this.client = await openBlockClient({
       meta: this.opts.meta,
       self: { uuid: this.identity.uuid, store: this.store },
+      ...(this.opts.peerSecurity ? { rpc: { security: this.opts.peerSecurity } } : {}),
       ...(this.opts.readCacheBytes !== undefined ? { readCacheBytes: this.opts.readCacheBytes } : {}),
       ...(this.opts.readLevel ? { readLevel: this.opts.readLevel } : {}),
       ...(this.opts.writeLevel ? { writeLevel: this.opts.writeLevel } : {}),

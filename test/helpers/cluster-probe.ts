@@ -15,8 +15,8 @@
 import { createHash } from 'node:crypto';
 import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
 import { NO_BREAKER } from '../../src/rpc/breaker.js';
-import { VolumeClient } from '../../src/volume/client.js';
 import { countCopies } from './copies.js';
+import { openVolumeClient } from './certs.js';
 
 const [cmd, etcd, volume, extra] = process.argv.slice(2);
 if (!cmd || !etcd) {
@@ -35,7 +35,7 @@ let code = 0;
 try {
   // No breaker and quick reconnects: a node that comes back must be seen at once, not after the
   // cool-down a breaker opened while it was away would impose.
-  const vc = await VolumeClient.open(meta, { rpc: { requestTimeoutMs: 3000, connectTimeoutMs: 1500, breaker: NO_BREAKER, backoff: { initialMs: 50, maxMs: 300 } } });
+  const vc = await openVolumeClient(meta, { rpc: { requestTimeoutMs: 3000, connectTimeoutMs: 1500, breaker: NO_BREAKER, backoff: { initialMs: 50, maxMs: 300 } } });
   try {
     if (cmd === 'copies') {
       process.stdout.write(`${JSON.stringify(await countCopies(meta, vc.block))}\n`);

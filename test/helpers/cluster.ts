@@ -12,6 +12,7 @@ import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
 import { FileBlockStore } from '../../src/storage/file-store.js';
 import { applyPowerCut, POWERCUT_ENV, type CutReport } from '../../src/storage/powercut.js';
 import { startEtcd, type EtcdHandle } from './etcd.js';
+import { clientSecurity } from './certs.js';
 import { eventually, ok, removeDir, startTorusd, type Torusd } from './procs.js';
 
 const POWERCUT_PRELOAD = fileURLToPath(new URL('../../src/storage/powercut-preload.js', import.meta.url));
@@ -71,7 +72,7 @@ export async function startCluster(
   const meta = new EtcdMetadata({ endpoints: [etcd.endpoint] });
   const clients: BlockClient[] = [];
   const newClient = async (): Promise<BlockClient> => {
-    const c = await openBlockClient({ meta, rpc: { requestTimeoutMs: 3000, connectTimeoutMs: 1000 } });
+    const c = await openBlockClient({ meta, rpc: { requestTimeoutMs: 3000, connectTimeoutMs: 1000, security: await clientSecurity() } });
     clients.push(c);
     return c;
   };

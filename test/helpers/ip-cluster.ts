@@ -7,6 +7,7 @@ import { etcdBinary } from './etcd.js';
 import { createLab, type Lab } from './netns.js';
 import { BIN, type CliResult } from './procs.js';
 import { AUTO_COMPACTION } from '../../scripts/lib/etcd.js';
+import { nodeCertDir } from './certs.js';
 
 // A Torus cluster spread over network namespaces with IPv4 addresses: etcd, every storage node,
 // the client (a workload process) and an admin host (torusctl, probes) each live in a namespace
@@ -189,6 +190,7 @@ export async function startIpCluster(
     const proc = track(
       lab.start(h.ns, process.execPath, [
         BIN('torusd'), '-C', etcdHost.endpoint, '--peer-address', `http://${h.ip}:40000`, '--data-dir', dataDir,
+        '--tls-certificates', await nodeCertDir(dataDir),
         '--size', opts.size ?? '512MiB', '--host', '127.0.0.1', '--port', '41000', '--heartbeat', '1s',
         ...(opts.torusdArgs ?? []),
       ]),

@@ -6,6 +6,7 @@ import { etcdBinary } from './etcd.js';
 import type { Lab } from './netns.js';
 import { BIN } from './procs.js';
 import { AUTO_COMPACTION } from '../../scripts/lib/etcd.js';
+import { nodeCertDir } from './certs.js';
 
 // A whole Torus cluster inside one network namespace of a Lab: etcd and the storage nodes on that
 // namespace's own loopback (fixed ports are free there), every process under `ip netns exec`, so
@@ -74,6 +75,7 @@ export async function startNsCluster(
     for (let i = 0; i < nodes; i++) {
       const p = lab.start(ns, process.execPath, [
         BIN('torusd'), '-C', endpoint, '--peer-address', `http://${address}:${40000 + i}`, '--data-dir', join(dir, `node${i}`),
+        '--tls-certificates', await nodeCertDir(join(dir, `node${i}`)),
         '--size', opts.size ?? '512MiB', '--host', '127.0.0.1', '--port', String(41000 + i), '--heartbeat', '1s',
       ]);
       logs.push('');

@@ -4,9 +4,16 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { freePort } from './etcd.js';
+import { nodeCertDir, testCerts } from './certs.js';
 
 // Real processes for integration tests: the CLIs as a user runs them (bin/*.js), and torusd
 // daemons on free loopback ports with their own data dirs.
+
+/** Flags that give torusd its peer credential; without one the helper issues it a certificate. */
+export const PEER_CREDENTIAL_FLAGS = ['--tls-certificates', '--peer-secret-file', '--insecure-peer-network'];
+
+// Every CLI a test runs finds the test CA's client certificates in TORUS_TLS_CERTIFICATES.
+await testCerts();
 
 export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
 export const BIN = (name: string): string => join(REPO, 'bin', `${name}.js`);
@@ -98,7 +105,9 @@ async function launchTorusd(
   const peerPort = opts.peerPort ?? (await freePort());
   const httpPort = opts.httpPort ?? (await freePort());
   const address = `http://127.0.0.1:${peerPort}`;
+  const credential = (opts.extra ?? []).some((a) => PEER_CREDENTIAL_FLAGS.includes(a)) ? [] : ['--tls-certificates', await nodeCertDir(dataDir)];
   const args = [
+    ...credential,
     '-C', etcd,
     '--peer-address', address,
     '--data-dir', dataDir,

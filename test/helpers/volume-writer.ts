@@ -12,8 +12,8 @@
 import { parseArgs } from 'node:util';
 import { toTorusError } from '../../src/core/errors.js';
 import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
-import { VolumeClient } from '../../src/volume/client.js';
 import { writeBytes } from './journal-check.js';
+import { openVolumeClient } from './certs.js';
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
@@ -26,7 +26,7 @@ const { values, positionals } = parseArgs({
 });
 const [etcd, name] = positionals;
 const meta = new EtcdMetadata({ endpoints: [etcd!] });
-const vc = await VolumeClient.open(meta);
+const vc = await openVolumeClient(meta);
 const num = (k: string): number | undefined => (values[k as keyof typeof values] === undefined ? undefined : Number(values[k as keyof typeof values]));
 const vol = await vc.openVolume(name!, {
   ...(num('checkpoint-bytes') !== undefined ? { checkpointBytes: num('checkpoint-bytes')! } : {}),

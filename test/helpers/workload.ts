@@ -18,7 +18,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { toTorusError } from '../../src/core/errors.js';
 import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
-import { VolumeClient } from '../../src/volume/client.js';
+import { openVolumeClient } from './certs.js';
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
@@ -82,7 +82,7 @@ process.on('SIGTERM', () => {
 });
 
 const meta = new EtcdMetadata({ endpoints: etcd.split(',') });
-const vc = await VolumeClient.open(meta);
+const vc = await openVolumeClient(meta);
 const vol = await vc.openVolume(name);
 const size = vol.size;
 let model = await vol.read(0, size);

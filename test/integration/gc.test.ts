@@ -3,11 +3,11 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { Etcd3 } from 'etcd3';
-import { VolumeClient } from '../../src/volume/client.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { checkJournalState, parseWriterLog } from '../helpers/journal-check.js';
 import { eventually, ok, REPO } from '../helpers/procs.js';
 import { join } from 'node:path';
+import { openVolumeClient } from '../helpers/certs.js';
 
 // Garbage collection on real storage nodes (GC every second here): what a deleted volume or a
 // superseded write held comes back, and GC racing a stream of flushes never loses a flushed byte.
@@ -31,7 +31,7 @@ after(async () => {
 test('superseded blocks are collected, and a deleted volume gives all its space back', async () => {
   const baseline = await used();
   await ok('torusctl', [...C, 'volume', 'create-block', 'g', '16MiB']);
-  const vc = await VolumeClient.open(c.meta);
+  const vc = await openVolumeClient(c.meta);
   const vol = await vc.openVolume('g');
   await vol.write(0, randomBytes(8 * MiB));
   await vol.flush();
@@ -72,7 +72,7 @@ test('GC racing a stream of flushes (and the checkpoints and folds they bring) f
     raw.close();
   }
   await new Promise((r) => setTimeout(r, 2500));
-  const vc = await VolumeClient.open(c.meta);
+  const vc = await openVolumeClient(c.meta);
   const vol = await vc.openVolume('race');
   checkJournalState(await vol.read(0, 4 * MiB), Buffer.alloc(4 * MiB), parseWriterLog(out));
   await vol.close();

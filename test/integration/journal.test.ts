@@ -3,11 +3,11 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { Etcd3 } from 'etcd3';
-import { VolumeClient } from '../../src/volume/client.js';
 import { VolumeMeta } from '../../src/volume/meta.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { checkJournalState, parseWriterLog } from '../helpers/journal-check.js';
 import { eventually, ok, REPO } from '../helpers/procs.js';
+import { openVolumeClient } from '../helpers/certs.js';
 
 // The journal (docs/journal.md) against real processes: three torusd under the power-cut harness
 // and a writer process (test/helpers/volume-writer.ts) that writes and flushes with small
@@ -68,7 +68,7 @@ async function releaseLock(volume: string): Promise<void> {
 test('writers killed and replicas losing power at random moments of a write+flush stream: every acknowledged flush survives', async () => {
   await ok('torusctl', [...C, 'volume', 'create-block', 'j', '8MiB']);
   let image: Buffer = Buffer.alloc(SIZE);
-  const vc = await VolumeClient.open(c.meta);
+  const vc = await openVolumeClient(c.meta);
   const faults: string[] = [];
   let undone = 0;
   let replayed = 0;
@@ -123,7 +123,7 @@ test('two writers race: once the second has fenced the journal, the first gets n
   // A loses its lock without knowing (its lease revoked behind its back) and keeps writing; B
   // opens the volume: it fences A's journal and replays it.
   await releaseLock('race');
-  const vc = await VolumeClient.open(c.meta);
+  const vc = await openVolumeClient(c.meta);
   try {
     const b = await vc.openVolume('race');
     const seen = await b.read(0, SIZE);
@@ -157,7 +157,7 @@ test('a snapshot taken during a write+flush stream holds every write flushed bef
     await kill(w);
   }
   const log = parseWriterLog(w.out);
-  const vc = await VolumeClient.open(c.meta);
+  const vc = await openVolumeClient(c.meta);
   try {
     for (const s of taken) {
       const v = await vc.openVolume('snaps', { snapshot: s.name });

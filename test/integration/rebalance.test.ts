@@ -7,6 +7,7 @@ import { VolumeMeta } from '../../src/volume/meta.js';
 import type { BlockVolume } from '../../src/volume/volume.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { eventually, ok, runCli } from '../helpers/procs.js';
+import { openVolumeClient } from '../helpers/certs.js';
 
 // Membership changes under a running write/verify workload: add a node, remove one (drain), lose
 // one for good (kill -9, force-remove), raise replication. After each, every synced byte reads
@@ -42,7 +43,7 @@ before(async () => {
   await ok('torusctl', [...C, 'peer', 'remove', c.nodes[3]!.address]);
   await eventually('node 3 drained before the test', async () => (await c.meta.getPeers()).find((p) => p.address === c.nodes[3]!.address)?.usedBlocks === 0);
   await ok('torusctl', [...C, 'volume', 'create-block', 'w', String(SIZE)]);
-  vc = await VolumeClient.open(c.meta);
+  vc = await openVolumeClient(c.meta);
   vol = await vc.openVolume('w');
   const first = randomBytes(SIZE);
   await vol.write(0, first);
@@ -112,7 +113,7 @@ async function verify(what: string): Promise<void> {
   await exclusive(async () => {
     await vol.flush();
     assert.ok((await vol.read(0, SIZE)).equals(model), `${what}: the writer reads back exactly what it wrote`);
-    const other = await VolumeClient.open(c.meta);
+    const other = await openVolumeClient(c.meta);
     try {
       const ro = await other.openVolume('w', { readOnly: true });
       assert.ok((await ro.read(0, SIZE)).equals(model), `${what}: another client reads the synced head exactly`);

@@ -7,10 +7,10 @@ import { BlockType, blockRefKey, type BlockRef } from '../../src/core/ids.js';
 import type { ScrubInfo } from '../../src/core/models.js';
 import { DATA_FILE, HEADER_COPY_SIZE, Layout, TABLE_FILE, decodeHeader, decodeRecord } from '../../src/storage/format.js';
 import { peek } from '../../src/storage/testing.js';
-import { VolumeClient } from '../../src/volume/client.js';
 import type { ScrubReport } from '../../src/cli/torusctl/scrub.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { eventually, ok } from '../helpers/procs.js';
+import { openVolumeClient } from '../helpers/certs.js';
 
 // Background scrubbing on real storage nodes: bytes flipped in one replica's data file on disk
 // are found by the scrub, the copy is replaced by a replica's copy checked against the block's CRC,
@@ -70,7 +70,7 @@ test('bytes flipped in one replica on disk: found and repaired by the scrub, rea
   const size = 4 * MiB;
   await ok('torusctl', [...C, 'volume', 'create-block', 's', String(size)]);
   const data = randomBytes(size);
-  const vc = await VolumeClient.open(c.meta);
+  const vc = await openVolumeClient(c.meta);
   const vol = await vc.openVolume('s');
   await vol.write(0, data);
   // Folded into whole data blocks (left alone, the writes would stay in the journal's log blocks).
@@ -118,7 +118,7 @@ test('bytes flipped in one replica on disk: found and repaired by the scrub, rea
   assert.match(metrics, /^torus_storage_checksum_failures_total 0$/m);
 
   // Every byte of the volume reads back, through a fresh client.
-  const vc2 = await VolumeClient.open(c.meta);
+  const vc2 = await openVolumeClient(c.meta);
   const ro = await vc2.openVolume('s', { readOnly: true });
   assert.ok((await ro.read(0, size)).equals(data));
   await vc2.close();
@@ -161,7 +161,7 @@ test('orphans (an unknown block type, a volume id etcd never handed out) are rep
     throw new Error(`${err.message}: ${JSON.stringify(last?.totals)} ${JSON.stringify(last?.nodes.flatMap((n) => n.scrub?.orphanGroups ?? []))}`);
   });
   // The volume written above is untouched.
-  const vc = await VolumeClient.open(c.meta);
+  const vc = await openVolumeClient(c.meta);
   const ro = await vc.openVolume('s', { readOnly: true });
   assert.equal((await ro.read(0, 4 * MiB)).length, 4 * MiB);
   await vc.close();

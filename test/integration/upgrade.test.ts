@@ -14,6 +14,7 @@ import { VKEYS } from '../../src/volume/meta.js';
 import { freePort, startEtcd, type EtcdHandle } from '../helpers/etcd.js';
 import { ok as must, sha256File } from '../helpers/nbd-tools.js';
 import { BIN, eventually, ok, REPO, removeDir, startTorusd, stopProcess, type Torusd } from '../helpers/procs.js';
+import { openVolumeClient } from '../helpers/certs.js';
 
 // Issue 14's compatibility promise: a cluster written by the first release (wave 1, commit
 // 77a2673; test/fixtures/wave1, made by scripts/make-wave1-fixture.ts with that release's
@@ -65,7 +66,7 @@ function checkImage(name: string, got: Buffer, want: Digest): void {
 /** Reads a volume (or VOLUME@SNAPSHOT) whole through a fresh VolumeClient, read-only. */
 async function readVolume(spec: string): Promise<Buffer> {
   const [volume, snapshot] = spec.split('@') as [string, string | undefined];
-  const vc = await VolumeClient.open(meta);
+  const vc = await openVolumeClient(meta);
   try {
     const v = await vc.openVolume(volume, snapshot !== undefined ? { snapshot } : { readOnly: true });
     try {
@@ -269,7 +270,7 @@ test('opening a volume for writing moves it from head to head2; old data and the
     beta: [[5 * 64 * KiB, Buffer.alloc(64 * KiB, 0xb1)]], // a whole block shared with the snapshot
   };
   for (const name of ['alpha', 'beta'] as const) {
-    const vc = await VolumeClient.open(meta);
+    const vc = await openVolumeClient(meta);
     const v = await vc.openVolume(name);
     // The open committed the session's journal position: under head2, the wave-1 head deleted.
     const kv = meta.kv();

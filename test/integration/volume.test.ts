@@ -12,6 +12,7 @@ import { VolumeMeta } from '../../src/volume/meta.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { eventually, ok, REPO, removeDir, runCli } from '../helpers/procs.js';
 import { checkJournalState, parseWriterLog } from '../helpers/journal-check.js';
+import { openVolumeClient } from '../helpers/certs.js';
 
 // Block volumes against a real etcd and three storage nodes at R=2, through the real CLIs and
 // clients in other processes.
@@ -39,7 +40,7 @@ async function revokeLockLease(volume: string): Promise<void> {
 before(async () => {
   c = await startCluster({ nodes: 3, replication: 2, blockSize: '64KiB', size: '512MiB' });
   C = ['-C', c.etcd.endpoint];
-  vc = await VolumeClient.open(c.meta);
+  vc = await openVolumeClient(c.meta);
 });
 
 after(async () => {
@@ -108,7 +109,7 @@ describe('data', () => {
       if (i % 25 === 0) assert.ok((await vol.read(off, len)).equals(d));
     }
     await vol.close();
-    const other = await VolumeClient.open(c.meta);
+    const other = await openVolumeClient(c.meta);
     const again = await other.openVolume('v1', { readOnly: true });
     assert.ok((await again.read(0, size)).equals(model));
     await again.close();
@@ -137,8 +138,8 @@ describe('data', () => {
   });
 
   test('two clients race to open: exactly one wins; the other is told who holds it', async () => {
-    const a = await VolumeClient.open(c.meta);
-    const b = await VolumeClient.open(c.meta);
+    const a = await openVolumeClient(c.meta);
+    const b = await openVolumeClient(c.meta);
     const res = await Promise.allSettled([a.openVolume('v2'), b.openVolume('v2')]);
     const won = res.filter((r) => r.status === 'fulfilled');
     assert.equal(won.length, 1);
@@ -156,7 +157,7 @@ describe('data', () => {
   });
 
   test('an expired lease: once the client notices, its flushes fail; what it flushed before is kept', async () => {
-    const client = await VolumeClient.open(c.meta);
+    const client = await openVolumeClient(c.meta);
     const vol = await client.openVolume('v2');
     await vol.write(0, Buffer.alloc(1000, 1));
     await vol.flush();

@@ -5,6 +5,7 @@ import { Option, type Command } from 'commander';
 import { TorusError } from '../../core/errors.js';
 import { EtcdMetadata } from '../../metadata/etcd/etcd.js';
 import { parseDuration } from '../../core/units.js';
+import { resolvePeerSecurity, type PeerSecurityOpts, type ResolvedPeerSecurity } from './certs.js';
 
 // Connection settings shared by torusd, torusctl and torusblk: etcdctl's `-C host:port`, etcd TLS
 // files, and named profiles in ~/.torus/config.json. Precedence: flag > profile > default.
@@ -16,6 +17,9 @@ export interface Profile {
   'etcd-ca-file'?: string;
   'etcd-cert-file'?: string;
   'etcd-key-file'?: string;
+  /** Paths only: a profile names where the credential is, never holds it. */
+  'tls-certificates'?: string;
+  'peer-secret-file'?: string;
 }
 
 export interface ConfigFile {
@@ -31,6 +35,9 @@ export interface GlobalOpts {
   config?: string;
   profile?: string;
   debug?: boolean;
+  tlsCertificates?: string;
+  peerSecretFile?: string;
+  insecurePeerNetwork?: boolean;
 }
 
 export function addGlobalOptions(cmd: Command): Command {
@@ -42,6 +49,9 @@ export function addGlobalOptions(cmd: Command): Command {
     .addOption(new Option('--etcd-timeout <duration>', 'give up on an etcd call after this long').default('5s'))
     .option('--config <file>', 'CLI config file (default ~/.torus/config.json)')
     .option('--profile <name>', 'profile in the config file', 'default')
+    .option('--tls-certificates <dir>', 'peer RPC over TLS with the certificates in DIR (ca-cert.pem, server-*.pem, client-*.pem; torusctl cert issue); or $TORUS_TLS_CERTIFICATES')
+    .option('--peer-secret-file <file>', 'peer RPC over TLS, both ends proving they hold the cluster secret in FILE; or $TORUS_PEER_SECRET_FILE')
+    .option('--insecure-peer-network', 'peer RPC in plaintext with no authentication, only on a network where every host is trusted; or TORUS_INSECURE_PEER_NETWORK=1')
     .option('--debug', 'print stack traces and debug logs');
 }
 
@@ -118,6 +128,35 @@ export function resolveConnection(opts: GlobalOpts): ResolvedConnection {
     ...(keyFile ? { keyFile } : {}),
     timeoutMs: parseDuration(opts.etcdTimeout ?? '5s'),
   };
+}
+
+function credentialGiven(o: PeerSecurityOpts): boolean {
+  return o.tlsCertificates !== undefined || o.peerSecretFile !== undefined || o.insecurePeerNetwork === true;
+}
+
+/**
+ * The peer RPC credential: from the flags; else from the environment (TORUS_TLS_CERTIFICATES,
+ * TORUS_PEER_SECRET_FILE, TORUS_INSECURE_PEER_NETWORK=1); else from the profile's paths.
+ */
+export async function peerSecurity(opts: GlobalOpts, server: boolean, warn: (msg: string) => void = (m) => process.stderr.write(`warning: ${m}\n`)): Promise<ResolvedPeerSecurity> {
+  const env = process.env;
+  const fromEnv: PeerSecurityOpts = {
+    ...(env.TORUS_TLS_CERTIFICATES ? { tlsCertificates: env.TORUS_TLS_CERTIFICATES } : {}),
+    ...(env.TORUS_PEER_SECRET_FILE ? { peerSecretFile: env.TORUS_PEER_SECRET_FILE } : {}),
+    ...(env.TORUS_INSECURE_PEER_NETWORK === '1' || env.TORUS_INSECURE_PEER_NETWORK === 'true' ? { insecurePeerNetwork: true } : {}),
+  };
+  let merged: PeerSecurityOpts = credentialGiven(opts) ? opts : fromEnv;
+  if (!credentialGiven(merged)) {
+    const cfgPath = opts.config ?? defaultConfigPath();
+    const p = readConfigFile(cfgPath).etcd_config[opts.profile ?? 'default'] ?? {};
+    merged = {
+      ...(p['tls-certificates'] !== undefined ? { tlsCertificates: p['tls-certificates'] } : {}),
+      ...(p['peer-secret-file'] !== undefined ? { peerSecretFile: p['peer-secret-file'] } : {}),
+    };
+  }
+  const r = await resolvePeerSecurity(merged, server);
+  for (const w of r.warnings) warn(w);
+  return r;
 }
 
 /** Where a long-running process says that an etcd member failed, or answers again. */

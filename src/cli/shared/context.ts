@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import type { MetadataService } from '../../core/interfaces.js';
 import { VolumeClient } from '../../volume/client.js';
-import { connectMetadata, type GlobalOpts } from './config.js';
+import { connectMetadata, peerSecurity, type GlobalOpts } from './config.js';
 
 /**
  * Runs `fn` with a metadata connection made from the command's (global) flags, then closes it.
@@ -21,8 +21,9 @@ export async function withMeta<T>(cmd: Command, fn: (meta: MetadataService, opts
 
 /** Runs `fn` with a volume client (metadata + block I/O to the storage nodes), then closes it. */
 export async function withVolumes<T>(cmd: Command, fn: (vc: VolumeClient, meta: MetadataService) => Promise<T>): Promise<T> {
-  return withMeta(cmd, async (meta) => {
-    const vc = await VolumeClient.open(meta);
+  return withMeta(cmd, async (meta, opts) => {
+    const { security } = await peerSecurity(opts, false);
+    const vc = await VolumeClient.open(meta, { rpc: { security } });
     try {
       return await fn(vc, meta);
     } finally {

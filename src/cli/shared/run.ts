@@ -15,6 +15,7 @@ const exitCodes: Partial<Record<ErrorCode, number>> = {
   LOCKED: 7,
   WRONG_CLUSTER: 8,
   OUT_OF_SPACE: 9,
+  PERMISSION_DENIED: 10,
 };
 
 /** The exit statuses of every program, as README.md and docs/cli.md list them (and the man pages). */
@@ -29,6 +30,7 @@ export const EXIT_STATUSES: readonly [number, string][] = [
   [7, 'locked (a volume is in use elsewhere, or a device is still mounted)'],
   [8, 'data dir belongs to another cluster'],
   [9, 'out of space'],
+  [10, 'permission denied (no credential, a wrong one, or one that does not allow this)'],
 ];
 
 export function exitCodeFor(err: TorusError): number {

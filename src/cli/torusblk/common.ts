@@ -6,7 +6,7 @@ import { HttpServer } from '../../http/server.js';
 import { NodeMetrics, counterSample as c, type MetricSample } from '../../http/metrics.js';
 import { VolumeClient } from '../../volume/client.js';
 import { MeasuredProvider, VolumeIo, publishIo } from '../../volume/io-stats.js';
-import type { BlockIoOpts, GlobalOpts } from '../shared/config.js';
+import { peerSecurity, type BlockIoOpts, type GlobalOpts } from '../shared/config.js';
 import { makeLogger } from '../shared/log.js';
 
 // What every torusblk front end (NBD, AoE) shares: its log, its volume client, its metrics, its
@@ -25,11 +25,13 @@ export function logger(opts: ClientOpts): Logger {
 
 export async function clientFor(
   meta: MetadataService,
-  opts: BlockIoOpts & { lockTtl?: string },
+  opts: BlockIoOpts & GlobalOpts & { lockTtl?: string },
   log: Logger,
   observeRpc?: (peer: string, op: string, seconds: number, code?: string) => void,
 ): Promise<VolumeClient> {
+  const { security } = await peerSecurity(opts, false, (m) => log.warn(m));
   return VolumeClient.open(meta, {
+    rpc: { security },
     ...(opts.lockTtl !== undefined ? { lockTtlMs: lockTtlMs(opts.lockTtl) } : {}),
     readCacheBytes: parseSize(opts.readCacheSize),
     readLevel: opts.readLevel as 'block',

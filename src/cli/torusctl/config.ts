@@ -1,3 +1,4 @@
+import { resolve } from 'node:path';
 import { Command } from 'commander';
 import { defaultConfigPath, readConfigFile, writeConfigFile, parseEndpoints, type GlobalOpts, type Profile } from '../shared/config.js';
 import { emit, outputOptions, printJson } from '../shared/output.js';
@@ -21,6 +22,9 @@ export function configCommand(): Command {
       if (g.etcdCaFile !== undefined) next['etcd-ca-file'] = g.etcdCaFile;
       if (g.etcdCertFile !== undefined) next['etcd-cert-file'] = g.etcdCertFile;
       if (g.etcdKeyFile !== undefined) next['etcd-key-file'] = g.etcdKeyFile;
+      // The paths, never what the files hold.
+      if (g.tlsCertificates !== undefined) next['tls-certificates'] = resolve(g.tlsCertificates);
+      if (g.peerSecretFile !== undefined) next['peer-secret-file'] = resolve(g.peerSecretFile);
       next.etcd ??= '127.0.0.1:2379';
       cfg.etcd_config[name] = next;
       writeConfigFile(path, cfg);
