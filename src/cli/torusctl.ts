@@ -1,5 +1,6 @@
 import { Command } from 'commander';
 import { VERSION } from '../core/version.js';
+import { accessCommand } from './torusctl/access.js';
 import { certCommand } from './torusctl/cert.js';
 import { configCommand } from './torusctl/config.js';
 import { healthCommand, rebalanceCommand } from './torusctl/health.js';
@@ -20,7 +21,7 @@ export function buildProgram(): Command {
     .version(`torusctl\nVersion: ${VERSION}`, '--version')
     .enablePositionalOptions(false);
   addGlobalOptions(program);
-  for (const c of [initCommand(), wipeCommand(), configCommand(), certCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand(), healthCommand(), rebalanceCommand(), scrubCommand()]) program.addCommand(c);
+  for (const c of [initCommand(), wipeCommand(), configCommand(), certCommand(), accessCommand(), listPeersCommand(), peerCommand(), ringCommand(), volumeCommand(), blockCommand(), healthCommand(), rebalanceCommand(), scrubCommand()]) program.addCommand(c);
   program.addCommand(versionCommand('torusctl'));
   for (const c of docsCommands('torusctl', buildProgram, VERSION, EXIT_STATUSES)) program.addCommand(c);
   return program;

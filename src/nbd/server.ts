@@ -1,6 +1,8 @@
+import { X509Certificate } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import tls from 'node:tls';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { toTorusError, TorusError } from '../core/errors.js';
 import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
@@ -123,7 +125,30 @@ export interface NbdServerOptions {
   readonly log?: NbdLogger;
   /** Text for NBD_INFO_DESCRIPTION; by default a device's own `description` string if it has one. */
   readonly describe?: (name: string, device: BlockDevice | DeviceInfo) => string | undefined;
+  /** NBD_OPT_STARTTLS; without it the server runs in proto.md's NOTLS mode. */
+  readonly tls?: NbdTlsOptions;
+  /** Who may open which export; without it every client may open every export. */
+  readonly access?: NbdAccess;
 }
+
+export interface NbdTlsOptions {
+  /** 'on': a client may start TLS (proto.md SELECTIVETLS); 'require': it must, before any other option (FORCEDTLS). */
+  readonly mode: 'on' | 'require';
+  /** The server's certificate and key (PEM), for X.509. */
+  readonly cert?: Buffer;
+  readonly key?: Buffer;
+  /** CA certificates (PEM): with them every X.509 client must present a certificate that chains to one. */
+  readonly ca?: Buffer;
+  /** Pre-shared keys by identity (GnuTLS psktool files: `identity:hexkey`), for TLS-PSK. */
+  readonly psk?: ReadonlyMap<string, Buffer>;
+}
+
+/**
+ * The access a client has to an export: 'rw', 'ro', or null (refused, and told no more than
+ * that). `identity` is the common name of its certificate or its PSK identity; null for a client
+ * that did not start TLS.
+ */
+export type NbdAccess = (identity: string | null, exportName: string) => Promise<'rw' | 'ro' | null>;
 
 export interface NbdServerStats {
   readonly connections: number;
@@ -191,6 +216,8 @@ interface Settings {
   readonly multiConn: boolean;
   readonly log: NbdLogger;
   readonly describe: (name: string, device: BlockDevice | DeviceInfo) => string | undefined;
+  readonly tls: (NbdTlsOptions & { readonly context: tls.SecureContext; readonly caCerts: readonly X509Certificate[] }) | undefined;
+  readonly access: NbdAccess | undefined;
 }
 
 function defaultDescribe(_name: string, device: BlockDevice | DeviceInfo): string | undefined {
@@ -222,6 +249,44 @@ export function transmissionFlags(opts: { readOnly: boolean; structured: boolean
   if (opts.structured) f |= TransmissionFlag.SEND_DF;
   if (opts.multiConn) f |= TransmissionFlag.CAN_MULTI_CONN;
   return f;
+}
+
+function caCertificates(pem: Buffer | undefined): X509Certificate[] {
+  if (!pem) return [];
+  const blocks = pem.toString('latin1').match(/-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----/g) ?? [];
+  if (blocks.length === 0) throw new TorusError('INVALID_ARGUMENT', 'the CA file holds no certificate');
+  return blocks.map((b) => new X509Certificate(b));
+}
+
+/**
+ * Why a client's certificate is refused, or undefined if it was issued by one of the CAs (a CA
+ * bundle during a rotation), is in its validity period and may authenticate a client. OpenSSL
+ * checks the handshake's signatures; a TLSSocket made for a connection already accepted (as
+ * STARTTLS needs) leaves the chain to us.
+ */
+export function clientCertificateProblem(socket: tls.TLSSocket, cas: readonly X509Certificate[]): string | undefined {
+  const peer = socket.getPeerX509Certificate();
+  if (!peer) return 'no client certificate';
+  const now = Date.now();
+  if (now < Date.parse(peer.validFrom) || now > Date.parse(peer.validTo)) return 'client certificate expired or not yet valid';
+  if (peer.keyUsage && !peer.keyUsage.includes('1.3.6.1.5.5.7.3.2')) return 'certificate is not for client authentication';
+  const ok = cas.some((ca) => now >= Date.parse(ca.validFrom) && now <= Date.parse(ca.validTo) && peer.checkIssued(ca) && peer.verify(ca.publicKey));
+  return ok ? undefined : 'client certificate not issued by the CA';
+}
+
+function secureContext(o: NbdTlsOptions): tls.SecureContext {
+  if (!o.psk && !(o.cert && o.key)) throw new TorusError('INVALID_ARGUMENT', 'TLS needs a certificate and key, or pre-shared keys');
+  try {
+    return tls.createSecureContext({
+      minVersion: 'TLSv1.2', // proto.md: MUST support 1.2
+      ...(o.cert && o.key ? { cert: o.cert, key: o.key } : {}),
+      ...(o.ca ? { ca: o.ca } : {}),
+      // PSK suites are off by default in OpenSSL; TLS 1.3 suites stay as they are.
+      ...(o.psk ? { ciphers: o.cert ? 'PSK:ECDHE-PSK:DHE-PSK:HIGH:!aNULL' : 'PSK:ECDHE-PSK:DHE-PSK' } : {}),
+    });
+  } catch (err) {
+    throw new TorusError('INVALID_ARGUMENT', `TLS credentials cannot be used: ${(err as Error).message}`);
+  }
 }
 
 export class NbdServer {
@@ -270,6 +335,8 @@ export class NbdServer {
       multiConn: options.multiConn ?? NBD_SERVER_DEFAULTS.multiConn,
       log: options.log ?? silent,
       describe: options.describe ?? defaultDescribe,
+      tls: options.tls ? { ...options.tls, context: secureContext(options.tls), caCerts: caCertificates(options.tls.ca) } : undefined,
+      access: options.access,
     };
     this.maxConnections = options.maxConnections ?? NBD_SERVER_DEFAULTS.maxConnections;
     const budget = options.maxBufferedBytes ?? NBD_SERVER_DEFAULTS.maxBufferedBytes;
@@ -434,6 +501,12 @@ class Connection {
   private optionsSeen = 0;
   private noZeroes = false;
   private structured = false;
+  /** STARTTLS done: everything since went over TLS. */
+  private tlsDone = false;
+  /** Who the client proved to be over TLS (certificate CN, PSK identity); null before or without TLS. */
+  private identity: string | null = null;
+  /** The access rules grant this client read-only access to the export it opens. */
+  private grantedReadOnly = false;
   /** The export name the last successful SET_META_CONTEXT selected base:allocation for. */
   private metaExport: string | null = null;
   private exp: OpenExport | null = null;
@@ -466,7 +539,7 @@ class Connection {
     private readonly server: NbdServer,
     private readonly provider: DeviceProvider,
     private readonly s: Settings,
-    private readonly stream: Duplex,
+    private stream: Duplex,
     private readonly remote: string,
   ) {
     this.done = new Promise((r) => (this.resolveDone = r));
@@ -545,20 +618,37 @@ class Connection {
     this.account();
   }
 
+  private readonly onData = (chunk: Buffer): void => {
+    // After DISC a client must send nothing more; what it sends anyway is dropped, not
+    // buffered, while the requests in flight finish.
+    if (this.phase === 'closed' || this.phase === 'closing' || this.disconnecting) return;
+    this.lastActive = Date.now();
+    this.decoder.push(chunk);
+    this.pump();
+  };
+  private readonly onEnd = (): void => this.onInputEnd();
+  private readonly onDrain = (): void => this.pump();
+  private readonly onError = (err: Error): void => this.log.debug({ remote: this.remote, err: err.message }, 'nbd connection error');
+  private readonly onClose = (): void => this.teardown();
+
+  private attach(st: Duplex): void {
+    st.on('data', this.onData);
+    st.on('end', this.onEnd);
+    st.on('drain', this.onDrain);
+    st.on('error', this.onError);
+    st.on('close', this.onClose);
+  }
+
+  private detach(st: Duplex): void {
+    st.off('data', this.onData);
+    st.off('end', this.onEnd);
+    st.off('drain', this.onDrain);
+    st.off('error', this.onError);
+    st.off('close', this.onClose);
+  }
+
   start(): void {
-    const st = this.stream;
-    st.on('data', (chunk: Buffer) => {
-      // After DISC a client must send nothing more; what it sends anyway is dropped, not
-      // buffered, while the requests in flight finish.
-      if (this.phase === 'closed' || this.phase === 'closing' || this.disconnecting) return;
-      this.lastActive = Date.now();
-      this.decoder.push(chunk);
-      this.pump();
-    });
-    st.on('end', () => this.onInputEnd());
-    st.on('drain', () => this.pump());
-    st.on('error', (err) => this.log.debug({ remote: this.remote, err: err.message }, 'nbd connection error'));
-    st.on('close', () => this.teardown());
+    this.attach(this.stream);
     this.handshakeTimer = setTimeout(() => {
       this.log.info({ remote: this.remote }, 'nbd handshake timed out');
       this.abort();
@@ -757,6 +847,13 @@ class Connection {
 
   private async handleOption(option: number, data: Buffer): Promise<void> {
     this.log.debug({ remote: this.remote, option: optionName(option), length: data.length }, 'nbd option');
+    // FORCEDTLS (proto.md): before STARTTLS every option but ABORT is refused, and EXPORT_NAME,
+    // which cannot be refused, ends the session.
+    if (this.s.tls?.mode === 'require' && !this.tlsDone && option !== Opt.STARTTLS && option !== Opt.ABORT) {
+      if (option !== Opt.EXPORT_NAME) return this.replyError(option, Rep.ERR_TLS_REQD, 'this server requires TLS: send STARTTLS first');
+      this.log.info({ remote: this.remote }, 'nbd EXPORT_NAME without TLS on a server that requires it; dropping client');
+      return this.abort();
+    }
     switch (option) {
       case Opt.EXPORT_NAME:
         return this.optExportName(data);
@@ -768,8 +865,7 @@ class Connection {
       case Opt.LIST:
         return this.optList(data);
       case Opt.STARTTLS:
-        // NOTLS mode: proto.md allows ERR_UNSUP "if it does not support STARTTLS at all"
-        return this.replyError(option, Rep.ERR_UNSUP, 'TLS is not supported by this server');
+        return this.startTls(data);
       case Opt.INFO:
       case Opt.GO:
         return this.optInfoGo(option, data);
@@ -786,9 +882,94 @@ class Connection {
     }
   }
 
+  /**
+   * NBD_OPT_STARTTLS: ACK in plaintext, then the TLS handshake on the same connection; options
+   * go on over TLS. A failed handshake ends the session (proto.md: too late to go on without).
+   */
+  private async startTls(data: Buffer): Promise<void> {
+    const t = this.s.tls;
+    // NOTLS mode: proto.md allows ERR_UNSUP "if it does not support STARTTLS at all"
+    if (!t) return this.replyError(Opt.STARTTLS, Rep.ERR_UNSUP, 'TLS is not supported by this server');
+    if (this.tlsDone) return this.replyError(Opt.STARTTLS, Rep.ERR_INVALID, 'TLS is already on');
+    if (data.length !== 0) return this.replyError(Opt.STARTTLS, Rep.ERR_INVALID, 'STARTTLS takes no data');
+    // Bytes sent after STARTTLS and before the TLS handshake could only be an injection.
+    if (this.decoder.buffered > 0) {
+      this.log.info({ remote: this.remote }, 'nbd client sent data after STARTTLS before the TLS handshake; dropping it');
+      return this.abort();
+    }
+    const raw = this.stream;
+    this.detach(raw);
+    raw.on('error', () => {}); // the TLS socket reports errors from here on
+    await new Promise<void>((resolve) => raw.write(encodeOptionReply(Opt.STARTTLS, Rep.ACK), () => resolve()));
+    let pskIdentity: string | null = null;
+    const psk = t.psk;
+    const secure = new tls.TLSSocket(raw as net.Socket, {
+      isServer: true,
+      secureContext: t.context,
+      requestCert: t.ca !== undefined,
+      // Checked below, so that the refusal is logged and counted like any other.
+      rejectUnauthorized: false,
+      ...(psk
+        ? {
+            pskCallback: (_socket: tls.TLSSocket, id: string): Buffer | null => {
+              const key = psk.get(id);
+              if (key) pskIdentity = id;
+              return key ?? null;
+            },
+          }
+        : {}),
+    } as tls.TLSSocketOptions);
+    const ok = await new Promise<boolean>((resolve) => {
+      secure.once('secure', () => resolve(true));
+      secure.once('error', (err) => {
+        this.log.info({ remote: this.remote, err: err.message }, 'nbd TLS handshake failed; dropping client');
+        resolve(false);
+      });
+      secure.once('close', () => resolve(false));
+    });
+    const refusal = ok && pskIdentity === null && t.ca !== undefined ? clientCertificateProblem(secure, t.caCerts) : undefined;
+    if (refusal !== undefined) {
+      this.log.info({ remote: this.remote, err: refusal }, 'nbd client certificate refused; dropping client');
+    } else if (ok) {
+      const cn: unknown = secure.getPeerCertificate().subject?.CN;
+      this.identity = pskIdentity ?? (typeof cn === 'string' && cn !== '' ? cn : null);
+      this.stream = secure;
+      this.tlsDone = true;
+      // Nothing negotiated in plaintext carries over (a man in the middle could have chosen it).
+      this.structured = false;
+      this.metaExport = null;
+      this.attach(secure);
+      this.log.debug({ remote: this.remote, identity: this.identity }, 'nbd TLS on');
+      return;
+    }
+    secure.destroy();
+    this.stream = secure;
+    this.attach(secure);
+    this.abort();
+  }
+
+  /**
+   * The access rules' word on an export for this client; null also when the rules cannot be
+   * read (refusing is the safe side).
+   */
+  private async allowed(name: string): Promise<'rw' | 'ro' | null> {
+    const access = this.s.access;
+    if (!access) return 'rw';
+    try {
+      return await access(this.identity, name);
+    } catch (err) {
+      this.log.warn({ remote: this.remote, export: name, err: messageOf(err) }, 'nbd access rules cannot be read; refusing');
+      return null;
+    }
+  }
+
+  private refused(name: string): void {
+    this.log.info({ remote: this.remote, identity: this.identity ?? '(no TLS)', export: name }, 'nbd client not allowed this export');
+  }
+
   private view(name: string, source: BlockDevice | DeviceInfo): ExportView {
     if (!Number.isSafeInteger(source.size) || source.size < 0) throw new TorusError('INTERNAL', `device for "${name}" reports size ${source.size}`);
-    const readOnly = this.s.readOnly || source.readOnly;
+    const readOnly = this.s.readOnly || this.grantedReadOnly || source.readOnly;
     return {
       name,
       readOnly,
@@ -800,7 +981,7 @@ class Connection {
   }
 
   private async open(name: string): Promise<OpenExport> {
-    const { device, release } = await this.provider.open(name, { readOnly: this.s.readOnly });
+    const { device, release } = await this.provider.open(name, { readOnly: this.s.readOnly || this.grantedReadOnly });
     try {
       return { ...this.view(name, device), device, release };
     } catch (err) {
@@ -811,7 +992,7 @@ class Connection {
 
   /** For INFO: the provider's word if it can give one without opening (no lock), else open and release. */
   private async look(name: string): Promise<ExportView> {
-    if (this.provider.info) return this.view(name, await this.provider.info(name, { readOnly: this.s.readOnly }));
+    if (this.provider.info) return this.view(name, await this.provider.info(name, { readOnly: this.s.readOnly || this.grantedReadOnly }));
     const exp = await this.open(name);
     await exp.release().catch(() => {});
     return exp;
@@ -825,6 +1006,13 @@ class Connection {
       this.log.info({ remote: this.remote, err: messageOf(err) }, 'nbd EXPORT_NAME with a malformed name; dropping client');
       return this.abort();
     }
+    const grant = await this.allowed(name);
+    if (grant === null) {
+      // EXPORT_NAME has no error reply: proto.md says terminate the session
+      this.refused(name);
+      return this.abort();
+    }
+    this.grantedReadOnly = grant === 'ro';
     let exp: OpenExport;
     try {
       exp = await this.open(name);
@@ -868,7 +1056,9 @@ class Connection {
       const shut = toTorusError(err).code === 'CLOSED';
       return this.replyError(Opt.LIST, shut ? Rep.ERR_SHUTDOWN : Rep.ERR_POLICY, `cannot list exports: ${messageOf(err)}`);
     }
-    for (const n of names) this.send([encodeRepServer(Opt.LIST, n)]);
+    const visible: string[] = [];
+    for (const n of names) if ((await this.allowed(n)) !== null) visible.push(n);
+    for (const n of visible) this.send([encodeRepServer(Opt.LIST, n)]);
     this.reply(Opt.LIST, Rep.ACK);
   }
 
@@ -880,6 +1070,13 @@ class Connection {
       return this.replyError(option, Rep.ERR_INVALID, messageOf(err));
     }
     const go = option === Opt.GO;
+    const grant = await this.allowed(req.name);
+    if (grant === null) {
+      this.refused(req.name);
+      // The same answer whether the export exists or not.
+      return this.replyError(option, Rep.ERR_POLICY, `not allowed to open "${req.name}"`);
+    }
+    this.grantedReadOnly = grant === 'ro';
     let exp: ExportView;
     try {
       if (go) {

@@ -3,14 +3,19 @@
 //
 //   node dist/test/helpers/nbd-memory-server.js --export disk=64MiB --export small=1MiB:ro \
 //     [--host 127.0.0.1] [--port 0] [--unix /tmp/nbd.sock] [--read-only] [--block-size 64KiB]
+//     [--tls on|require --tls-certificates DIR --tls-psk-file FILE --allow IDENTITY=EXPORT:rw|ro ...]
 //
+// With --allow, only the clients and exports listed are served (identity '-' for a client
+// without TLS), as torusblk nbdserve serves its access rules from etcd.
 // Prints one JSON line once listening: {"port":N,"unix":"..."}; SIGTERM closes it cleanly.
 // With --verbose, logs to stderr.
 
 import { rmSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { parseSize } from '../../src/core/units.js';
+import { readCertDir, readPskFile } from '../../src/cli/shared/certs.js';
 import { MemoryDeviceProvider, NbdServer, type NbdLogger } from '../../src/nbd/index.js';
+import type { NbdAccess, NbdTlsOptions } from '../../src/nbd/server.js';
 
 const { values } = parseArgs({
   options: {
@@ -23,8 +28,35 @@ const { values } = parseArgs({
     'default-export': { type: 'string' },
     'max-in-flight': { type: 'string' },
     verbose: { type: 'boolean', default: false },
+    tls: { type: 'string', default: 'off' },
+    'tls-certificates': { type: 'string' },
+    'tls-psk-file': { type: 'string' },
+    allow: { type: 'string', multiple: true },
   },
 });
+
+function tlsOptions(): NbdTlsOptions | undefined {
+  const mode = values.tls;
+  if (mode === 'off') return undefined;
+  if (mode !== 'on' && mode !== 'require') throw new Error(`bad --tls ${mode}`);
+  const dir = values['tls-certificates'];
+  const certs = dir !== undefined ? readCertDir(dir) : undefined;
+  const psk = values['tls-psk-file'] !== undefined ? readPskFile(values['tls-psk-file']) : undefined;
+  return { mode, ...(certs ? { cert: certs.serverCert, key: certs.serverKey, ca: certs.ca } : {}), ...(psk ? { psk } : {}) };
+}
+
+function accessOption(): NbdAccess | undefined {
+  if (values.allow === undefined) return undefined;
+  const rules = new Map<string, 'rw' | 'ro'>();
+  for (const a of values.allow) {
+    const m = /^([^=]+)=([^:]*):(rw|ro)$/.exec(a);
+    if (!m) throw new Error(`bad --allow ${a}: expected IDENTITY=EXPORT:rw|ro`);
+    rules.set(`${m[1]}=${m[2]}`, m[3] as 'rw' | 'ro');
+  }
+  return (identity, name) => Promise.resolve(rules.get(`${identity ?? '-'}=${name}`) ?? null);
+}
+const tls = tlsOptions();
+const access = accessOption();
 
 const provider = new MemoryDeviceProvider({}, values['default-export'] !== undefined ? { defaultExport: values['default-export'] } : {});
 for (const spec of values.export) {
@@ -50,6 +82,8 @@ const server = new NbdServer(provider, {
   ...(values.unix !== undefined ? { listenUnix: values.unix } : {}),
   ...(values['max-in-flight'] !== undefined ? { maxInFlight: Number(values['max-in-flight']) } : {}),
   ...(log ? { log } : {}),
+  ...(tls ? { tls } : {}),
+  ...(access ? { access } : {}),
 });
 const addr = await server.listen();
 process.stdout.write(`${JSON.stringify({ port: addr.tcp?.port, unix: addr.unix })}\n`);

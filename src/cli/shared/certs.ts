@@ -234,6 +234,21 @@ export function readSecretFile(path: string): Buffer[] {
   return secrets.map((s) => Buffer.from(s));
 }
 
+/** A GnuTLS PSK file (psktool): `identity:hexkey` a line, as nbdkit, qemu and libnbd read it. */
+export function readPskFile(path: string): Map<string, Buffer> {
+  if (!existsSync(path)) throw new TorusError('INVALID_ARGUMENT', `--tls-psk-file ${path}: no such file`);
+  const keys = new Map<string, Buffer>();
+  for (const [i, line] of readFileSync(path, 'utf8').split('\n').entries()) {
+    if (line.trim() === '') continue;
+    const m = /^([^:\s]+):([0-9a-fA-F]+)$/.exec(line.trim());
+    if (!m || m[2]!.length % 2 !== 0 || m[2]!.length < 32)
+      throw new TorusError('INVALID_ARGUMENT', `--tls-psk-file ${path} line ${i + 1}: expected identity:hexkey (psktool -u NAME -p FILE), a key of at least 16 bytes`);
+    keys.set(m[1]!, Buffer.from(m[2]!, 'hex'));
+  }
+  if (keys.size === 0) throw new TorusError('INVALID_ARGUMENT', `--tls-psk-file ${path} holds no key`);
+  return keys;
+}
+
 /** `torusctl cert secret FILE`: 32 random bytes, hex, mode 0600. */
 export function createSecretFile(path: string): void {
   if (existsSync(path)) throw new TorusError('EXISTS', `${path} already exists`);

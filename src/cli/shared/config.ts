@@ -130,6 +130,13 @@ export function resolveConnection(opts: GlobalOpts): ResolvedConnection {
   };
 }
 
+/** The --tls-certificates directory, from the flag, the environment or the profile (NBD's TLS uses it too). */
+export function tlsCertificatesDir(opts: GlobalOpts): string | undefined {
+  if (opts.tlsCertificates !== undefined) return opts.tlsCertificates;
+  if (process.env.TORUS_TLS_CERTIFICATES) return process.env.TORUS_TLS_CERTIFICATES;
+  return readConfigFile(opts.config ?? defaultConfigPath()).etcd_config[opts.profile ?? 'default']?.['tls-certificates'];
+}
+
 function credentialGiven(o: PeerSecurityOpts): boolean {
   return o.tlsCertificates !== undefined || o.peerSecretFile !== undefined || o.insecurePeerNetwork === true;
 }

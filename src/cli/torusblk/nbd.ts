@@ -6,9 +6,12 @@ import { TorusError } from '../../core/errors.js';
 import { parseDuration, parseSize } from '../../core/units.js';
 import { labelledCounters, type MetricSample } from '../../http/metrics.js';
 import { DEFAULT_MAX_PAYLOAD } from '../../nbd/codec.js';
-import { NBD_SERVER_DEFAULTS, NbdServer, type NbdServerOptions, type NbdServerStats } from '../../nbd/server.js';
+import { NBD_SERVER_DEFAULTS, NbdServer, type NbdServerOptions, type NbdServerStats, type NbdTlsOptions } from '../../nbd/server.js';
+import type { MetadataService } from '../../core/interfaces.js';
+import { AccessRules } from '../../metadata/access.js';
+import { readCertDir, readPskFile } from '../shared/certs.js';
 import { VolumeProvider } from '../../volume/provider.js';
-import { connectMetadata, parseCount } from '../shared/config.js';
+import { connectMetadata, parseCount, tlsCertificatesDir } from '../shared/config.js';
 import { emit, outputOptions } from '../shared/output.js';
 import { ClientRuntime, logger, parseHostPort, untilSignal, type ClientOpts } from './common.js';
 import { attachFuse, attachKernel, detachKernel, deviceBusy, freeNbdDevice, kernelHasNbd, type Attachment } from './attach.js';
@@ -23,6 +26,36 @@ interface ServeOpts extends ClientOpts {
   maxBuffered: string;
   stallTimeout: string;
   idleTimeout: string;
+  tls: 'off' | 'on' | 'require';
+  tlsPskFile?: string;
+  access?: 'rules' | 'open';
+}
+
+/**
+ * NBD TLS and access from nbdserve's flags: certificates from --tls-certificates (the same
+ * directory as peer RPC: server-cert.pem, server-key.pem, and ca-cert.pem that client
+ * certificates must chain to), pre-shared keys from --tls-psk-file; access rules from etcd
+ * (torusctl access) whenever TLS is on, unless --access open.
+ */
+function nbdSecurity(opts: ServeOpts, meta: MetadataService): Partial<NbdServerOptions> {
+  let tls: NbdTlsOptions | undefined;
+  if (opts.tls !== 'off') {
+    const dir = tlsCertificatesDir(opts);
+    const psk = opts.tlsPskFile !== undefined ? readPskFile(opts.tlsPskFile) : undefined;
+    if (dir === undefined && !psk) throw new TorusError('INVALID_ARGUMENT', `--tls ${opts.tls} needs --tls-certificates DIR (torusctl cert issue) or --tls-psk-file FILE`);
+    const certs = dir !== undefined ? readCertDir(dir) : undefined;
+    tls = { mode: opts.tls, ...(certs ? { cert: certs.serverCert, key: certs.serverKey, ca: certs.ca } : {}), ...(psk ? { psk } : {}) };
+  } else if (opts.tlsPskFile !== undefined) throw new TorusError('INVALID_ARGUMENT', '--tls-psk-file needs --tls on or --tls require');
+  const access = opts.access ?? (tls ? 'rules' : 'open');
+  const rules = new AccessRules(meta.kv());
+  return {
+    ...(tls ? { tls } : {}),
+    ...(access === 'rules' ? { access: (identity: string | null, name: string) => rules.check(identity, name.split('@')[0]!) } : {}),
+  };
+}
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
 }
 
 /** The server's limits from nbdserve's flags, each checked before anything starts. */
@@ -73,12 +106,24 @@ export function nbdserveCommand(): Command {
         String(NBD_SERVER_DEFAULTS.idleTimeoutMs),
       ),
     )
+    .addOption(new Option('--tls <mode>', 'NBD over TLS (STARTTLS) with --tls-certificates DIR or --tls-psk-file: on lets clients choose, require refuses every client that does not').choices(['off', 'on', 'require']).default('off'))
+    .option('--tls-psk-file <file>', 'pre-shared keys for TLS-PSK, identity:hexkey a line (psktool)')
+    .addOption(new Option('--access <policy>', 'rules: a client opens only volumes torusctl access grants its identity; open: any client any volume (default: rules with TLS, open without)').choices(['rules', 'open']))
     .action(async (_o: unknown, c: Command) => {
       const opts = c.optsWithGlobals<ServeOpts>();
       const listen = parseHostPort(opts.listen ?? '127.0.0.1:10809', '--listen');
       const limits = serverLimits(opts);
       const log = logger(opts);
       const meta = connectMetadata(opts, log);
+      let security: Partial<NbdServerOptions>;
+      try {
+        security = nbdSecurity(opts, meta);
+      } catch (err) {
+        await meta.close();
+        throw err;
+      }
+      if (!security.tls && !isLoopback(listen.host))
+        log.warn({ listen: opts.listen }, 'serving NBD beyond loopback without TLS: anyone who reaches this address can read and write the volumes (use --tls require, docs/security.md)');
       await meta.globalMetadata();
       const rt = await ClientRuntime.open(meta, opts, log);
       const volumes = new VolumeProvider(rt.vc, { readOnly: opts.readOnly ?? false, writeCacheBytes: parseSize(opts.writeCacheSize) });
@@ -87,6 +132,7 @@ export function nbdserveCommand(): Command {
         ...(opts.unix ? { listenUnix: opts.unix } : {}),
         readOnly: opts.readOnly ?? false,
         ...limits,
+        ...security,
         log: { debug: (o, m) => log.debug(o, m), info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m) },
       });
       rt.addSamples(() => nbdSamples(server.stats()));
