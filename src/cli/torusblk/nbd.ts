@@ -144,7 +144,7 @@ export function nbdserveCommand(): Command {
         await meta.close();
         throw new TorusError('INVALID_ARGUMENT', `cannot listen: ${(err as Error).message}`);
       }
-      const tcp = addrs.tcp ? `nbd://${addrs.tcp.host.includes(':') ? `[${addrs.tcp.host}]` : addrs.tcp.host}:${addrs.tcp.port}` : '';
+      const tcp = addrs.tcp ? `${security.tls ? 'nbds' : 'nbd'}://${addrs.tcp.host.includes(':') ? `[${addrs.tcp.host}]` : addrs.tcp.host}:${addrs.tcp.port}` : '';
       const unix = addrs.unix ? `nbd+unix:///?socket=${addrs.unix}` : '';
       const where = [tcp, unix].filter(Boolean).join(' and ');
       emit(opts, { serving: { tcp: tcp || null, unix: unix || null }, metrics: opts.metrics ? `http://${opts.metrics}/metrics` : null }, `serving NBD on ${where}; exports are volume names (VOLUME@SNAPSHOT read-only)`);

@@ -1,0 +1,152 @@
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { join } from 'node:path';
+import tls from 'node:tls';
+import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createCa, issueCertificates, throwawayCertificate } from '../../src/cli/shared/certs.js';
+import { encodeHello, encodePutBatch, MIN_MAX_FRAME_SIZE, PROTOCOL_VERSION } from '../../src/rpc/codec.js';
+import { startCluster, dataRef, type TestCluster } from '../helpers/cluster.js';
+import { testCerts } from '../helpers/certs.js';
+import { freePort } from '../helpers/etcd.js';
+import { BIN, eventually, ok, runCli } from '../helpers/procs.js';
+import { have, run } from '../helpers/nbd-tools.js';
+
+// The whole cluster as a stranger meets it (docs/security.md): torusd's peer port and nbdserve's
+// NBD port answer nothing without a credential, and the access rules in etcd decide which client
+// certificate opens which volume. Everything over TLS, as every test cluster runs.
+
+let c: TestCluster;
+let C: string[];
+let caDir: string;
+let clusterId: string;
+let nbd: ChildProcess;
+let nbdPort: number;
+let nbdLog = '';
+
+before(async () => {
+  c = await startCluster({ nodes: 2, size: '128MiB' });
+  C = ['-C', c.etcd.endpoint];
+  ({ caDir } = await testCerts());
+  for (const who of ['alice', 'bob', 'mallory']) await issueCertificates(caDir, who);
+  clusterId = c.client.global.clusterId;
+  await ok('torusctl', [...C, 'volume', 'create-block', 'vol', '16MiB']);
+  await ok('torusctl', [...C, 'volume', 'create-block', 'other', '16MiB']);
+  nbdPort = await freePort();
+  // The server certificate comes from TORUS_TLS_CERTIFICATES, the test CA's (as --tls-certificates).
+  nbd = spawn(process.execPath, [BIN('torusblk'), ...C, 'nbdserve', '--listen', `127.0.0.1:${nbdPort}`, '--tls', 'require'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  nbd.stdout?.on('data', (d: Buffer) => (nbdLog += d.toString()));
+  nbd.stderr?.on('data', (d: Buffer) => (nbdLog += d.toString()));
+  await eventually('nbdserve listening', async () => nbdLog.includes('serving NBD on') || (nbd.exitCode !== null ? Promise.reject(new Error(nbdLog)) : false));
+});
+
+after(async () => {
+  nbd?.kill('SIGTERM');
+  await c?.stop();
+});
+
+const uri = (vol: string, who: string): string => `nbds://127.0.0.1:${nbdPort}/${vol}?tls-certificates=${join(caDir, who)}`;
+
+describe('NBD access rules in etcd', () => {
+  test('torusctl access grant|list|revoke decide who opens which volume, read-write or read-only', { skip: have('nbdinfo') ? false : 'nbdinfo is not installed' }, async () => {
+    // No rule, no access: even a certificate from the cluster CA opens nothing.
+    assert.notEqual((await run('nbdinfo', [uri('vol', 'alice')])).code, 0);
+    await ok('torusctl', [...C, 'access', 'grant', 'vol', 'alice']);
+    await ok('torusctl', [...C, 'access', 'grant', 'vol', 'bob', '--read-only']);
+    const list = JSON.parse(await ok('torusctl', [...C, 'access', 'list', '--json'])) as { volume: string; identity: string; mode: string }[];
+    assert.deepEqual(list, [
+      { volume: 'vol', identity: 'alice', mode: 'rw' },
+      { volume: 'vol', identity: 'bob', mode: 'ro' },
+    ]);
+    assert.match((await run('nbdinfo', [uri('vol', 'alice')])).stdout, /is_read_only: false/);
+    assert.match((await run('nbdinfo', [uri('vol', 'bob')])).stdout, /is_read_only: true/);
+    assert.notEqual((await run('nbdinfo', [uri('vol', 'mallory')])).code, 0);
+    assert.notEqual((await run('nbdinfo', [uri('other', 'alice')])).code, 0);
+    // Data through it, byte-exact.
+    const img = join(caDir, 'img');
+    writeFileSync(img, randomBytes(1024 * 1024));
+    const up = await run('nbdcopy', [img, uri('vol', 'alice')]);
+    assert.equal(up.code, 0, up.stderr);
+    const back = join(caDir, 'back');
+    assert.equal((await run('nbdcopy', [uri('vol', 'bob'), back])).code, 0);
+    assert.ok(readFileSync(back).subarray(0, 1024 * 1024).equals(readFileSync(img)));
+    await ok('torusctl', [...C, 'access', 'revoke', 'vol', 'alice']);
+    assert.notEqual((await run('nbdinfo', [uri('vol', 'alice')])).code, 0);
+    assert.match(nbdLog, /"identity":"mallory"[^\n]*not allowed this export/);
+  });
+});
+
+/** What a stranger gets from torusd's peer port for a HELLO with the stolen cluster id and a PUT. */
+async function peerProbe(port: number, how: 'plain' | { cert?: Buffer; key?: Buffer }): Promise<Buffer> {
+  const s: net.Socket = how === 'plain' ? net.connect({ port, host: '127.0.0.1' }) : tls.connect({ port, host: '127.0.0.1', rejectUnauthorized: false, ...how });
+  const got: Buffer[] = [];
+  s.on('data', (d: Buffer) => got.push(d));
+  s.on('error', () => {});
+  await new Promise<void>((r) => {
+    s.once(how === 'plain' ? 'connect' : 'secureConnect', () => r());
+    s.once('close', () => r());
+  });
+  if (!s.destroyed) {
+    s.write(encodeHello(1, { minVersion: 1, maxVersion: PROTOCOL_VERSION, maxFrameSize: MIN_MAX_FRAME_SIZE, uuid: 'stranger', clusterId, extensions: [] }));
+    for (const p of encodePutBatch(2, [{ ref: dataRef(77, 0), data: Buffer.alloc(c.blockSize, 0xee) }])) s.write(p);
+  }
+  for (let i = 0; i < 100 && !s.destroyed; i++) await sleep(20);
+  s.destroy();
+  return Buffer.concat(got);
+}
+
+describe("torusd's peer port", () => {
+  test('a stranger with no certificate, a self-signed one, another CA\'s or only the stolen cluster id stores nothing and learns nothing; the cluster goes on', async () => {
+    const other = join(caDir, '..', `other-ca-${process.pid}`);
+    await createCa(other);
+    const foreign = await issueCertificates(other, 'node');
+    const self = await throwawayCertificate();
+    const ways: ('plain' | { cert?: Buffer; key?: Buffer })[] = [
+      'plain',
+      {},
+      self,
+      { cert: readFileSync(join(foreign.dir, 'client-cert.pem')), key: readFileSync(join(foreign.dir, 'client-key.pem')) },
+    ];
+    for (const n of c.nodes)
+      for (const how of ways) {
+        const answer = await peerProbe(n.peerPort, how);
+        assert.ok(!answer.includes(Buffer.from(clusterId)), 'the answer holds the cluster id');
+      }
+    assert.deepEqual(await c.copies([dataRef(77, 0)]), [0], 'a stranger stored a block');
+    // The legitimate client, and the CLI, still work.
+    const ref = dataRef(78, 0);
+    const data = randomBytes(c.blockSize);
+    await c.client.distributor.putBlock(ref, data);
+    assert.ok((await c.client.distributor.getBlock(ref)).equals(data));
+    assert.match(await ok('torusctl', [...C, 'list-peers']), /OK|Avail|Member/i);
+    for (const n of c.nodes) assert.match(n.log(), /TLS handshake failed/);
+  });
+
+  test('torusctl and torusd refuse to run peer RPC without a credential, in one line', async () => {
+    const env = { TORUS_TLS_CERTIFICATES: '' };
+    const r = await runCli('torusctl', [...C, 'block', 'dump', 'vol', '/dev/null'], { env });
+    assert.equal(r.code, 10, r.stderr);
+    assert.match(r.stderr, /^torusctl: peer RPC needs a credential: --tls-certificates DIR/m);
+    assert.equal(r.stderr.trim().split('\n').length, 1);
+  });
+});
+
+test('torusctl cert: keys 0600 in directories 0700, whatever the umask', async () => {
+  const dir = join(caDir, '..', `umask-${process.pid}`);
+  const old = process.umask(0o000);
+  try {
+    await ok('torusctl', ['cert', 'init', dir]);
+    await ok('torusctl', ['cert', 'issue', dir, 'n1']);
+  } finally {
+    process.umask(old);
+  }
+  const mode = (p: string): number => statSync(p).mode & 0o777;
+  assert.equal(mode(dir), 0o700);
+  assert.equal(mode(join(dir, 'ca-key.pem')), 0o600);
+  assert.equal(mode(join(dir, 'n1')), 0o700);
+  for (const f of ['server-key.pem', 'client-key.pem']) assert.equal(mode(join(dir, 'n1', f)), 0o600);
+  for (const f of ['ca-cert.pem', 'server-cert.pem', 'client-cert.pem']) assert.equal(mode(join(dir, 'n1', f)), 0o644);
+});
