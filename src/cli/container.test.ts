@@ -69,3 +69,12 @@ test('torusctl and torusblk get only the etcd settings, and flags on the command
   assert.deepEqual(run(['torusblock', '-C', '10.9.9.9:2379', 'nbdserve'], { ETCD_HOST: '10.0.0.1' }), { program: 'torusblk', args: ['-C', '10.9.9.9:2379', 'nbdserve'] });
   assert.deepEqual(run(['torusctl', 'init'], {}), { program: 'torusctl', args: ['init'] });
 });
+
+test('torusctl and torusblk get the peer credential too: a switch stands alone, a path takes its value', () => {
+  assert.deepEqual(run(['torusblk', 'nbdserve'], { ETCD_HOST: '10.0.0.1', TORUS_INSECURE_PEER_NETWORK: '1', TORUS_ETCD_TIMEOUT: '9s' }), {
+    program: 'torusblk',
+    args: ['--etcd', '10.0.0.1:2379', '--insecure-peer-network', '--etcd-timeout', '9s', 'nbdserve'],
+  });
+  assert.deepEqual(run(['torusctl', 'list-peers'], { TORUS_TLS_CERTIFICATES: '/etc/torus/tls' }).args, ['--tls-certificates', '/etc/torus/tls', 'list-peers']);
+  assert.deepEqual(run(['torusctl', '--insecure-peer-network', 'list-peers'], { TORUS_INSECURE_PEER_NETWORK: '1', ETCD_HOST: '10.0.0.1' }).args, ['--etcd', '10.0.0.1:2379', '--insecure-peer-network', 'list-peers']);
+});

@@ -21,8 +21,11 @@ const RETIRED: Readonly<Record<string, string>> = {
 /** TORUS_* variables read by the programs themselves rather than turned into flags. */
 const PASSED_THROUGH = new Set(['TORUS_MALLOC_TUNING']);
 
-/** The flags every program takes for reaching etcd. */
-const CONNECTION_FLAGS = ['--etcd', '--etcd-cert-file', '--etcd-key-file', '--etcd-ca-file', '--etcd-timeout'];
+/** The flags every program takes for reaching etcd and its peers. */
+const CONNECTION_FLAGS = ['--etcd', '--etcd-cert-file', '--etcd-key-file', '--etcd-ca-file', '--etcd-timeout', '--tls-certificates', '--peer-secret-file', '--insecure-peer-network'];
+
+/** Connection flags that take no value. */
+const BOOLEAN_FLAGS: ReadonlySet<string> = new Set(['--insecure-peer-network']);
 
 export type Program = 'torusd' | 'torusctl' | 'torusblk';
 
@@ -134,7 +137,12 @@ export function invocation(argv: readonly string[], env: NodeJS.ProcessEnv, prog
   // Flags on the command line win over the environment.
   const given = new Set(rest.filter((a) => a.startsWith('-')).map((a) => (a === '-C' ? '--etcd' : a.split('=')[0]!)));
   const keep: string[] = [];
-  for (let i = 0; i < conn.length; i += 2) if (!given.has(conn[i]!)) keep.push(conn[i]!, conn[i + 1]!);
+  for (let i = 0; i < conn.length; i++) {
+    // A switch (--insecure-peer-network) stands alone; every other flag takes the next word.
+    const n = BOOLEAN_FLAGS.has(conn[i]!) ? 1 : 2;
+    if (!given.has(conn[i]!)) keep.push(...conn.slice(i, i + n));
+    i += n - 1;
+  }
   return { program, args: [...keep, ...rest] };
 }
 
@@ -146,7 +154,7 @@ function connectionArgs(flags: readonly string[], rest: readonly string[]): stri
     const a = all[i]!;
     const name = a === '-C' ? '--etcd' : a.split('=')[0]!;
     if (!CONNECTION_FLAGS.includes(name)) continue;
-    if (a.includes('=')) out.push(a);
+    if (a.includes('=') || BOOLEAN_FLAGS.has(name)) out.push(a);
     else if (i + 1 < all.length) out.push(name, all[++i]!);
   }
   return out;

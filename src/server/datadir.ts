@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statfsSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, openSync, readdirSync, readFileSync, renameSync, statfsSync, statSync, writeSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { TorusError } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
@@ -57,6 +57,30 @@ export function createIdentity(dataDir: string, clusterId: string, uuid: string 
   const id: NodeIdentity = { uuid, clusterId, createdAt: new Date().toISOString() };
   writeAtomic(join(dataDir, IDENTITY_FILE), `${JSON.stringify(id, null, 2)}\n`);
   return id;
+}
+
+/**
+ * What in a data dir others can get at: the dir, its block dir and the files in it, and anything
+ * group or others may read, list or write (mode bits 0077). Older releases created the block
+ * files 0644 under the usual umask; they are reported, not changed, so the operator decides.
+ */
+export function openPermissions(dataDir: string): string[] {
+  const out: string[] = [];
+  const look = (path: string): void => {
+    let st;
+    try {
+      st = statSync(path);
+    } catch {
+      return;
+    }
+    const mode = st.mode & 0o777;
+    if ((mode & 0o077) !== 0) out.push(`${path} (mode ${mode.toString(8).padStart(4, '0')})`);
+    if (st.isDirectory() && path !== dataDir) for (const f of readdirSync(path)) look(join(path, f));
+  };
+  look(dataDir);
+  look(join(dataDir, 'block'));
+  look(join(dataDir, IDENTITY_FILE));
+  return out;
 }
 
 /**

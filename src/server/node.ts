@@ -24,7 +24,7 @@ import { VolumeMeta } from '../volume/meta.js';
 import { NEARLY_FULL, isStale, ringPeerOf, updateRing } from './cluster.js';
 import { HistoryCompactor } from './compactor.js';
 import { knownFrom, maintenances, writeKnown, type Maintenance } from './peer-records.js';
-import { createIdentity, readIdentity, resolveStorageSize, type NodeIdentity } from './datadir.js';
+import { createIdentity, openPermissions, readIdentity, resolveStorageSize, type NodeIdentity } from './datadir.js';
 import { NodeScrub } from './node-scrub.js';
 
 // The storage node (torusd): identity, heartbeat, ring watch, HTTP. The composition root for
@@ -223,6 +223,9 @@ export class StorageNode {
     if (bytes < global.blockSize)
       throw new TorusError('INVALID_ARGUMENT', `--size ${opts.size} holds no block of the cluster's block size (${global.blockSize} bytes)`);
     const known = readIdentity(opts.dataDir, global.clusterId, opts.etcdDesc);
+    const exposed = openPermissions(opts.dataDir);
+    if (exposed.length > 0)
+      opts.log.warn({ paths: exposed.slice(0, 10), more: Math.max(0, exposed.length - 10) }, `data dir ${opts.dataDir} is open to other users: chmod -R go-rwx ${opts.dataDir}`);
     if (known && opts.certUuid !== undefined && known.uuid !== opts.certUuid)
       throw new TorusError(
         'INVALID_ARGUMENT',

@@ -89,7 +89,7 @@ export function jsonStateFile(path: string): StateFile {
       }
     },
     save(value) {
-      writeFileSync(`${path}.tmp`, `${JSON.stringify(value)}\n`);
+      writeFileSync(`${path}.tmp`, `${JSON.stringify(value)}\n`, { mode: 0o600 });
       renameSync(`${path}.tmp`, path);
     },
   };

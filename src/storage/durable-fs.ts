@@ -8,6 +8,9 @@ import { closeSync, fsyncSync, mkdirSync, openSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 
+/** Block data, tables and journals are this process's alone, whatever the umask (which can only take bits away). */
+export const PRIVATE_FILE = 0o600;
+
 export function fsyncDirSync(dir: string): void {
   const fd = openSync(dir, 'r');
   try {

@@ -37,7 +37,7 @@ import {
   type VerifyResult,
 } from './common.js';
 import { lockDir, type DirLock } from './dir-lock.js';
-import { fsyncDir, mkdirDurableSync } from './durable-fs.js';
+import { fsyncDir, mkdirDurableSync, PRIVATE_FILE } from './durable-fs.js';
 import { inspectSlot } from './inspect.js';
 import { readCached } from './page-cache.js';
 import {
@@ -366,7 +366,7 @@ export class FileBlockStore implements LocalBlockStore {
       storeId: randomBytes(16).toString('hex'),
       createdAt: Date.now(),
     };
-    const data = await open(join(dir, DATA_FILE), 'w+');
+    const data = await open(join(dir, DATA_FILE), 'w+', PRIVATE_FILE);
     try {
       await data.truncate(layout.dataFileSize(slots));
       await data.sync();
@@ -374,7 +374,7 @@ export class FileBlockStore implements LocalBlockStore {
       await data.close();
     }
     const tmp = join(dir, `${TABLE_FILE}.new`);
-    const table = await open(tmp, 'w+');
+    const table = await open(tmp, 'w+', PRIVATE_FILE);
     try {
       await table.truncate(layout.tableFileSize(slots));
       const enc = encodeHeader(header);
@@ -499,7 +499,7 @@ export class FileBlockStore implements LocalBlockStore {
     const path = join(this.dir, FENCE_FILE);
     const size = await fileSize(path);
     if (size === undefined) {
-      this.fenceFile = await open(path, 'w+');
+      this.fenceFile = await open(path, 'w+', PRIVATE_FILE);
       await fsyncDir(this.dir);
       return;
     }
@@ -516,7 +516,7 @@ export class FileBlockStore implements LocalBlockStore {
     }
     await fh.close();
     const tmp = `${path}.new`;
-    const out = await open(tmp, 'w+');
+    const out = await open(tmp, 'w+', PRIVATE_FILE);
     const all = Buffer.alloc(this.fences.size * FENCE_RECORD_SIZE);
     let i = 0;
     for (const [volume, epoch] of this.fences) encodeFence(volume, epoch, all, i++ * FENCE_RECORD_SIZE);

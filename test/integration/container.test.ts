@@ -29,7 +29,8 @@ const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
 function etcdEnv(): string[] {
   const [host, port] = etcd.endpoint.split(':');
-  return ['-e', `ETCD_HOST=${host}`, '-e', `ETCD_PORT=${port}`];
+  // Every container on this host's loopback (--net=host): peer RPC in plaintext, as the compose file does.
+  return ['-e', `ETCD_HOST=${host}`, '-e', `ETCD_PORT=${port}`, '-e', 'TORUS_INSECURE_PEER_NETWORK=1'];
 }
 
 /** `podman run --rm --net=host IMAGE ARGS` with the test etcd's settings. */
@@ -142,7 +143,7 @@ describe('the container image', { skip }, () => {
       await inNs('podman', ['run', '--rm', '-e', 'ETCD_HOST=127.0.0.1', IMAGE, 'torusctl', 'init']);
       names.push(name);
       // As written: no --net=host, no LISTEN_HOST; podman's default network here is the one it runs in.
-      await inNs('podman', ['run', '-d', '--name', name, '-v', `${join(dir, 'data')}:/data`, '-e', 'STORAGE_SIZE=256MiB', '-e', 'ETCD_HOST=127.0.0.1', IMAGE]);
+      await inNs('podman', ['run', '-d', '--name', name, '-v', `${join(dir, 'data')}:/data`, '-e', 'STORAGE_SIZE=256MiB', '-e', 'ETCD_HOST=127.0.0.1', '-e', 'TORUS_INSECURE_PEER_NETWORK=1', IMAGE]);
       await eventually('the node reporting in', async () => /http:\/\/10\.77\.0\.1:40000/.test(await inNs('podman', ['run', '--rm', '-e', 'ETCD_HOST=127.0.0.1', IMAGE, 'torusctl', 'list-peers', '--json'])), 60_000);
       assert.equal((await inNs('curl', ['-fsS', 'http://10.77.0.1:4321/healthz'])).length > 0, true, '/healthz on the advertised address');
     } finally {
@@ -221,6 +222,13 @@ describe('the container image', { skip }, () => {
     c.readinessProbe.httpGet.port = http;
     c.livenessProbe.httpGet.port = http;
     spec.volumes[0].hostPath.path = dataDir;
+    // The peer secret the cluster would hold in a Secret, here a file the node's user can read.
+    const secretDir = join(work, 'kube-peer');
+    mkdirSync(secretDir);
+    writeFileSync(join(secretDir, 'secret'), `${randomBytes(32).toString('hex')}\n`, { mode: 0o444 });
+    const sv = spec.volumes.find((v: { name: string }) => v.name === 'peer-secret');
+    delete sv.secret;
+    sv.hostPath = { path: secretDir, type: 'Directory' };
     delete spec.priorityClassName;
     delete spec.serviceAccountName;
     const pod = { apiVersion: 'v1', kind: 'Pod', metadata: { name: `torusd-kube-${process.pid}`, labels: ds['spec'].template.metadata.labels }, spec };

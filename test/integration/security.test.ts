@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import tls from 'node:tls';
@@ -68,7 +68,8 @@ describe('NBD access rules in etcd', () => {
     // Data through it, byte-exact.
     const img = join(caDir, 'img');
     writeFileSync(img, randomBytes(1024 * 1024));
-    const up = await run('nbdcopy', [img, uri('vol', 'alice')]);
+    // --flush: a read-only opener reads what was synced (VolumeProvider), not alice's write cache.
+    const up = await run('nbdcopy', ['--flush', img, uri('vol', 'alice')]);
     assert.equal(up.code, 0, up.stderr);
     const back = join(caDir, 'back');
     assert.equal((await run('nbdcopy', [uri('vol', 'bob'), back])).code, 0);
@@ -149,4 +150,35 @@ test('torusctl cert: keys 0600 in directories 0700, whatever the umask', async (
   assert.equal(mode(join(dir, 'n1')), 0o700);
   for (const f of ['server-key.pem', 'client-key.pem']) assert.equal(mode(join(dir, 'n1', f)), 0o600);
   for (const f of ['ca-cert.pem', 'server-cert.pem', 'client-cert.pem']) assert.equal(mode(join(dir, 'n1', f)), 0o644);
+});
+
+describe('data at rest', () => {
+  test('block and table files 0600 in directories 0700 under the usual umask; a data dir opened up is reported at start', async () => {
+    const old = process.umask(0o022);
+    try {
+      const n = c.nodes[1]!;
+      const mode = (p: string): number => statSync(p).mode & 0o777;
+      const seen: string[] = [];
+      const walk = (dir: string): void => {
+        for (const e of readdirSync(dir, { withFileTypes: true })) {
+          const p = join(dir, e.name);
+          seen.push(p);
+          if (e.isDirectory()) {
+            assert.equal(mode(p), 0o700, p);
+            walk(p);
+          } else if (!e.name.endsWith('.lock')) assert.equal(mode(p) & 0o077, 0, `${p} is mode ${mode(p).toString(8)}`);
+        }
+      };
+      walk(n.dataDir);
+      assert.ok(seen.some((p) => p.includes('block')), seen.join(' '));
+      assert.doesNotMatch(n.log(), /open to other users/);
+      chmodSync(n.dataDir, 0o755);
+      await c.kill(1);
+      await c.restart(1);
+      assert.match(c.nodes[1]!.log(), /data dir [^\n]* is open to other users: chmod -R go-rwx/);
+      chmodSync(n.dataDir, 0o700);
+    } finally {
+      process.umask(old);
+    }
+  });
 });

@@ -174,10 +174,10 @@ export async function throwawayCertificate(): Promise<{ cert: Buffer; key: Buffe
   return { cert: Buffer.from(cert.toString('pem')), key: Buffer.from(await keyPem(keys.privateKey)) };
 }
 
-/** A file holding keys or secrets must be this process's alone: says so if group or others can read it. */
+/** A file holding keys or secrets must not be readable by everyone (group access is how Kubernetes mounts them): says so if it is. */
 export function tooOpen(path: string): string | undefined {
   const mode = statSync(path).mode & 0o777;
-  return (mode & 0o077) !== 0 ? `${path} is readable by others (mode ${mode.toString(8).padStart(4, '0')}): chmod 600 it` : undefined;
+  return (mode & 0o007) !== 0 ? `${path} is readable by every user (mode ${mode.toString(8).padStart(4, '0')}): chmod 600 it` : undefined;
 }
 
 function readRequired(dir: string, file: string, flag: string): Buffer {
