@@ -8,7 +8,9 @@ import { SERVER_DEFAULTS } from '../rpc/server.js';
 import { DEFAULT_COMPACTION, StorageNode } from '../server/node.js';
 import { parseDuration, parseSize } from '../core/units.js';
 import type { ReadLevel, WriteLevel } from '../distributor/distributor.js';
-import { addBlockIoOptions, addGlobalOptions, connectMetadata, parseCount, parsePort, peerSecurity, resolveConnection, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
+import { existsSync, readFileSync } from 'node:fs';
+import { readCertDir, tooOpen } from './shared/certs.js';
+import { addBlockIoOptions, addGlobalOptions, connectMetadata, parseCount, parsePort, peerSecurity, resolveConnection, tlsCertificatesDir, type BlockIoOpts, type GlobalOpts } from './shared/config.js';
 import { EXIT_STATUSES, reportError, runProgram } from './shared/run.js';
 import { docsCommands } from './shared/docs-gen.js';
 import { addLogOptions, makeLogger } from './shared/log.js';
@@ -37,6 +39,28 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   peerStallTimeout: string;
   peerIdleTimeout: string;
   httpMaxConnections: string;
+  httpTls?: boolean;
+  httpTokenFile?: string;
+}
+
+/** --http-tls and --http-token-file: the certificate from --tls-certificates, the token from its file (never from argv). */
+function httpSecurityFrom(opts: TorusdOpts, warn: (m: string) => void): { tls?: { cert: Buffer; key: Buffer }; bearerToken?: string } {
+  let tls: { cert: Buffer; key: Buffer } | undefined;
+  if (opts.httpTls) {
+    const dir = tlsCertificatesDir(opts);
+    if (dir === undefined) throw new TorusError('INVALID_ARGUMENT', '--http-tls needs --tls-certificates DIR (its server-cert.pem and server-key.pem)');
+    const c = readCertDir(dir);
+    tls = { cert: c.serverCert, key: c.serverKey };
+  }
+  let bearerToken: string | undefined;
+  if (opts.httpTokenFile !== undefined) {
+    if (!existsSync(opts.httpTokenFile)) throw new TorusError('INVALID_ARGUMENT', `--http-token-file ${opts.httpTokenFile}: no such file`);
+    bearerToken = readFileSync(opts.httpTokenFile, 'utf8').trim();
+    if (bearerToken.length < 16 || /\s/.test(bearerToken)) throw new TorusError('INVALID_ARGUMENT', `--http-token-file ${opts.httpTokenFile}: the token must be one word of at least 16 characters`);
+    const open = tooOpen(opts.httpTokenFile);
+    if (open) warn(open);
+  }
+  return { ...(tls ? { tls } : {}), ...(bearerToken !== undefined ? { bearerToken } : {}) };
 }
 
 function parseRate(text: string, flag: string): number {
@@ -73,6 +97,8 @@ export function buildProgram(): Command {
     )
     .addOption(new Option('--peer-stall-timeout <duration>', 'drop a peer that leaves a frame half-sent, or its replies unread, this long (0: never)').default(`${SERVER_DEFAULTS.stallTimeoutMs / 1000}s`))
     .addOption(new Option('--peer-idle-timeout <duration>', 'close a peer connection with nothing sent or in flight this long (0: never; peers reconnect on demand)').default(`${SERVER_DEFAULTS.idleTimeoutMs / 1000}s`))
+    .option('--http-tls', "serve HTTP over TLS with the node's server certificate from --tls-certificates")
+    .option('--http-token-file <file>', '/v1/* only for requests bearing the token in FILE (Authorization: Bearer); /metrics and /healthz stay open')
     .addOption(new Option('--http-max-connections <n>', 'HTTP connections accepted at once; more are closed on arrival').default(String(HTTP_DEFAULTS.maxConnections)))
     .showHelpAfterError('(run torusd --help for usage)')
     .action(async (opts: TorusdOpts) => {
@@ -95,6 +121,7 @@ export function buildProgram(): Command {
       if (peerLimits.maxBufferedBytes < DEFAULT_MAX_FRAME_SIZE)
         throw new TorusError('INVALID_ARGUMENT', `invalid --peer-max-buffered "${opts.peerMaxBuffered}": at least 17MiB, the largest frame`);
       const httpLimits = { maxConnections: parseCount(opts.httpMaxConnections, '--http-max-connections') };
+      const httpSecurity = httpSecurityFrom(opts, (m) => log.warn(m));
       let node: StorageNode;
       try {
         node = await StorageNode.start({
@@ -124,6 +151,7 @@ export function buildProgram(): Command {
           },
           peerLimits,
           httpLimits,
+          httpSecurity,
           log,
         });
       } catch (err) {

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
+import https from 'node:https';
 import net from 'node:net';
 import { after, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { throwawayCertificate } from '../cli/shared/certs.js';
 import { NodeMetrics } from './metrics.js';
 import { HttpServer, type HttpServerOptions } from './server.js';
 
@@ -97,4 +99,41 @@ test('a request with a body is refused and its connection closed, the body unrea
   s.write(Buffer.alloc(64 * 1024));
   await within(h.closed(s), 5000, 'the connection closed');
   assert.match(reply, /^HTTP\/1\.1 405/);
+});
+
+async function startWith(opts: HttpServerOptions): Promise<number> {
+  const server = new HttpServer(new NodeMetrics(() => []), { problems: () => [], status: () => ({ uuid: 'node-status' }) }, {}, opts);
+  servers.push(server);
+  return (await server.listen('127.0.0.1', 0)).port;
+}
+
+test('with a bearer token, /v1/* answers only requests that bear it; /metrics and /healthz stay open', async () => {
+  const port = await startWith({ bearerToken: 'correct-horse-battery-staple' });
+  const url = (p: string): string => `http://127.0.0.1:${port}${p}`;
+  const none = await fetch(url('/v1/status'));
+  assert.equal(none.status, 401);
+  assert.equal(none.headers.get('www-authenticate'), 'Bearer realm="torus"');
+  assert.doesNotMatch(await none.text(), /node-status/);
+  for (const bad of ['Bearer wrong', 'Bearer correct-horse-battery-stapl', 'Basic Y29ycmVjdA==', 'correct-horse-battery-staple'])
+    assert.equal((await fetch(url('/v1/status'), { headers: { authorization: bad } })).status, 401, bad);
+  const good = await fetch(url('/v1/status'), { headers: { authorization: 'Bearer correct-horse-battery-staple' } });
+  assert.equal(good.status, 200);
+  assert.match(await good.text(), /node-status/);
+  assert.equal((await fetch(url('/metrics'))).status, 200);
+  assert.equal((await fetch(url('/healthz'))).status, 200);
+});
+
+test('over TLS: HTTPS with the given certificate, and plaintext HTTP gets no answer', async () => {
+  const port = await startWith({ tls: await throwawayCertificate() });
+  const body = await new Promise<string>((resolve, reject) => {
+    https
+      .get({ host: '127.0.0.1', port, path: '/healthz', rejectUnauthorized: false }, (res) => {
+        let b = '';
+        res.on('data', (d: Buffer) => (b += d.toString()));
+        res.on('end', () => resolve(b));
+      })
+      .on('error', reject);
+  });
+  assert.equal(body, 'ok\n');
+  await assert.rejects(fetch(`http://127.0.0.1:${port}/healthz`, { signal: AbortSignal.timeout(5000) }));
 });

@@ -1,4 +1,6 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import type { Duplex } from 'node:stream';
 import { LogThrottle, capConnections } from '../core/limits.js';
 import type { NodeMetrics } from './metrics.js';
@@ -29,6 +31,14 @@ export interface HttpServerOptions {
   readonly requestTimeoutMs?: number;
   /** Told, at most once per ten seconds per kind, when a limit bites. */
   readonly onLimit?: (what: string, detail: object) => void;
+  /** Serve HTTPS with this certificate and key (PEM). */
+  readonly tls?: { readonly cert: Buffer; readonly key: Buffer };
+  /**
+   * /v1/* (status and the dashboard's data) only for requests with `Authorization: Bearer TOKEN`.
+   * /metrics and /healthz stay open to scrapers and probes: they say how the node is, nothing
+   * that lets anyone reach a block.
+   */
+  readonly bearerToken?: string;
 }
 
 export interface HttpServerStats {
@@ -69,7 +79,10 @@ export class HttpServer {
 
   async listen(host: string, port: number): Promise<{ host: string; port: number }> {
     const timeout = this.options.requestTimeoutMs ?? HTTP_DEFAULTS.requestTimeoutMs;
-    const server = createServer(
+    const make = this.options.tls
+      ? (o: object, h: (req: IncomingMessage, res: ServerResponse) => void): Server => createHttpsServer({ ...o, cert: this.options.tls!.cert, key: this.options.tls!.key, minVersion: 'TLSv1.2' }, h)
+      : (o: object, h: (req: IncomingMessage, res: ServerResponse) => void): Server => createServer(o, h);
+    const server = make(
       {
         headersTimeout: timeout,
         requestTimeout: timeout,
@@ -126,6 +139,10 @@ export class HttpServer {
       res.writeHead(405, { allow: 'GET, HEAD', connection: 'close' }).end();
       return;
     }
+    if (path?.startsWith('/v1/') && !this.authorized(req)) {
+      res.writeHead(401, { 'www-authenticate': 'Bearer realm="torus"', 'content-type': 'text/plain' }).end('a bearer token is required for /v1/\n');
+      return;
+    }
     const route = path !== undefined ? this.routes[path] : undefined;
     if (route) return route(req, res);
     switch (path) {
@@ -147,6 +164,16 @@ export class HttpServer {
       default:
         res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics, /healthz or /v1/status\n');
     }
+  }
+
+  /** Compared as digests, in constant time: the length of a wrong guess tells nothing either. */
+  private authorized(req: IncomingMessage): boolean {
+    const token = this.options.bearerToken;
+    if (token === undefined) return true;
+    const m = /^Bearer\s+(\S+)\s*$/i.exec(req.headers.authorization ?? '');
+    if (!m) return false;
+    const digest = (t: string): Buffer => createHash('sha256').update(t).digest();
+    return timingSafeEqual(digest(m[1]!), digest(token));
   }
 
   async close(): Promise<void> {

@@ -79,6 +79,8 @@ export interface NodeOptions {
   readonly peerLimits?: Pick<RpcServerOptions, 'maxConnections' | 'maxBufferedBytes' | 'stallTimeoutMs' | 'idleTimeoutMs'>;
   /** Limits of the HTTP listener. */
   readonly httpLimits?: Pick<HttpServerOptions, 'maxConnections'>;
+  /** HTTPS and the bearer token /v1/* asks for. */
+  readonly httpSecurity?: Pick<HttpServerOptions, 'tls' | 'bearerToken'>;
   readonly log: Logger;
 }
 
@@ -189,6 +191,7 @@ export class StorageNode {
       );
       this.http = new HttpServer(this.metrics, { problems: () => this.problems(), status: () => this.status() }, this.dashboardRoutes(this.dashboard), {
         ...opts.httpLimits,
+        ...opts.httpSecurity,
         onLimit: (what, detail) => opts.log.warn({ ...detail, limit: what }, `HTTP limit reached: ${LIMIT_TEXT[what] ?? what}`),
       });
     }
@@ -273,7 +276,7 @@ export class StorageNode {
       } catch (err) {
         throw new TorusError('INVALID_ARGUMENT', `cannot listen on ${host}:${this.opts.httpPort ?? 4321} for --host/--port: ${(err as Error).message}`);
       }
-      this.httpAddr = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
+      this.httpAddr = `${this.opts.httpSecurity?.tls ? 'https' : 'http'}://${host.includes(':') ? `[${host}]` : host}:${port}`;
       log.info({ http: this.httpAddr }, 'serving HTTP');
     }
     this.client = await openBlockClient({
@@ -497,7 +500,6 @@ export class StorageNode {
     }
     return {
       uuid: this.identity.uuid,
-      clusterId: this.identity.clusterId,
       address: this.address,
       blockSize: this.global.blockSize,
       totalBlocks: this.store.numBlocks(),

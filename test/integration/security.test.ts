@@ -182,3 +182,14 @@ describe('data at rest', () => {
     }
   });
 });
+
+test("torusd's HTTP endpoints (/metrics, /healthz, /v1/status, /v1/cluster) hold no credential: no key, no secret, not even the cluster id", async () => {
+  const keys = ['client-key.pem', 'server-key.pem'].map((f) => readFileSync(join(caDir, 'alice', f), 'utf8'));
+  for (const path of ['/metrics', '/healthz', '/v1/status', '/v1/cluster', '/']) {
+    const body = await (await fetch(`http://127.0.0.1:${c.nodes[0]!.httpPort}${path}`)).text();
+    assert.ok(body.length > 0, path);
+    assert.ok(!body.includes(clusterId), `${path} shows the cluster id`);
+    assert.doesNotMatch(body, /PRIVATE KEY/);
+    for (const k of keys) assert.ok(!body.includes(k.split('\n')[1]!), path);
+  }
+});
