@@ -448,7 +448,7 @@ describe('aoe target: Query Config', () => {
 
 describe('aoe target: MAC mask list', () => {
   test('read, add, delete, and enforcement: unlisted initiators get no service at all', async () => {
-    const r = rig();
+    const r = rig({ target: { remoteConfig: true } });
     await r.ini.discover();
     await r.other.discover();
     assert.deepEqual((await r.ini.mask(MaskCommand.READ))?.arg.directives, []);
@@ -471,7 +471,7 @@ describe('aoe target: MAC mask list', () => {
   });
 
   test('errors: a bad directive stops the edit at its index; a full list says so; unknown MCmd is a bad argument', async () => {
-    const r = rig({ target: { maxMaskEntries: 2 } });
+    const r = rig({ target: { maxMaskEntries: 2, remoteConfig: true } });
     await r.ini.discover();
     const bad = await r.ini.mask(MaskCommand.EDIT, [
       { dcmd: DirectiveCommand.ADD, mac: INIT_MAC },
@@ -500,7 +500,7 @@ describe('aoe target: MAC mask list', () => {
 describe('aoe target: reserve/release', () => {
   test('read, set, enforcement (error 6 for ATA but IDENTIFY), force set, release', async () => {
     const persisted: AoeTargetState[] = [];
-    const r = rig({ target: { persist: (s) => void persisted.push(s) } });
+    const r = rig({ target: { persist: (s) => void persisted.push(s), remoteConfig: true } });
     await r.ini.discover();
     await r.other.discover();
     assert.deepEqual((await r.ini.reserve(ReserveCommand.READ)).arg.macs, []);
@@ -531,9 +531,38 @@ describe('aoe target: reserve/release', () => {
   });
 
   test('an unknown RCmd is a bad argument', async () => {
-    const r = rig();
+    const r = rig({ target: { remoteConfig: true } });
     await r.ini.discover();
     assert.equal((await r.ini.reserve(3)).error, AoeError.BAD_ARGUMENT);
+  });
+});
+
+describe('aoe target: access control (issue 16)', () => {
+  test('by default no initiator edits the MAC mask list or reservations: error 1, nothing changed, everyone still served', async () => {
+    const persisted: AoeTargetState[] = [];
+    const r = rig({ target: { persist: (s) => void persisted.push(s) } });
+    await r.ini.discover();
+    await r.other.discover();
+    assert.equal((await r.other.mask(MaskCommand.EDIT, [{ dcmd: DirectiveCommand.ADD, mac: OTHER_MAC }]))?.error, AoeError.BAD_COMMAND);
+    assert.equal((await r.other.reserve(ReserveCommand.FORCE_SET, [OTHER_MAC])).error, AoeError.BAD_COMMAND);
+    assert.deepEqual((await r.ini.mask(MaskCommand.READ))?.arg.directives, []);
+    assert.deepEqual((await r.ini.reserve(ReserveCommand.READ)).arg.macs, []);
+    assert.equal((await r.ini.readSectors(0, 1, true)).length, 512);
+    assert.deepEqual(persisted, []);
+    assert.equal(r.target.stats.remoteConfigRefused, 2);
+  });
+
+  test('--allow: an initiator not on the list gets no answer at all and changes nothing; the listed one is served', async () => {
+    const r = rig({ target: { allow: [formatMac(INIT_MAC)], remoteConfig: true } });
+    await r.ini.discover();
+    await r.ini.writeSectors(0, Buffer.alloc(512, 7), true);
+    await assert.rejects(r.other.identify(), (e) => e instanceof TorusError && e.code === 'TIMEOUT');
+    assert.equal(await r.other.queryConfig(ConfigCommand.READ, Buffer.alloc(0), 1), undefined);
+    assert.equal(await r.other.mask(MaskCommand.EDIT, [{ dcmd: DirectiveCommand.ADD, mac: OTHER_MAC }], 1), undefined);
+    await assert.rejects(r.other.writeSectors(0, Buffer.alloc(512, 9), true), (e) => e instanceof TorusError && e.code === 'TIMEOUT');
+    assert.ok((await r.device.read(0, 512)).equals(Buffer.alloc(512, 7)));
+    assert.deepEqual((await r.ini.mask(MaskCommand.READ))?.arg.directives, []);
+    assert.ok(r.target.stats.notAllowed > 0);
   });
 });
 

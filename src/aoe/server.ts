@@ -8,6 +8,9 @@
 // not parse are ignored, and device failures become ATA error registers (errors.ts).
 //
 // Addressing and access control, in the order applied to each frame:
+//   0. an allow list set at start (--allow) without the source     -> ignored (AoE has no
+//      authentication: a MAC is all there is, so a segment the operator does not control needs
+//      it, and no initiator can change it)
 //   1. not AoE, a response, or not for our MAC (or broadcast)      -> ignored
 //   2. shelf/slot neither ours nor the broadcast values            -> ignored
 //   3. MAC mask list non-empty and the source not on it            -> ignored (no service at all)
@@ -16,6 +19,9 @@
 //      would land on every target on the segment)
 //   6. reserve list non-empty, source not on it, ATA other than
 //      IDENTIFY DEVICE                                             -> error 6, target is reserved
+// Edits of the MAC mask list and reservations from the network are refused (error 1, as a target
+// without them) unless `remoteConfig` is on: with them any host on the segment could mask out
+// everyone else or reserve the target for itself.
 
 import { TorusError, toTorusError } from '../core/errors.js';
 import type { BlockDevice } from '../core/interfaces.js';
@@ -95,6 +101,10 @@ export interface AoeTargetOptions {
   readonly persist?: (state: AoeTargetState) => void | Promise<void>;
   /** Largest MAC mask list accepted (list full beyond it); 64 by default. */
   readonly maxMaskEntries?: number;
+  /** Only these initiators ("aa:bb:cc:dd:ee:ff") are served; the rest get no answer at all. Empty or absent: everyone. */
+  readonly allow?: readonly string[];
+  /** Let initiators edit the MAC mask list and reservations (AoE r11 says they may); off by default. */
+  readonly remoteConfig?: boolean;
   /** Cap on sectors per command below what the MTU allows (tests use it). */
   readonly maxSectors?: number;
   /**
@@ -131,6 +141,10 @@ export interface AoeTargetStats {
   aoeErrors: number;
   inFlight: number;
   peakInFlight: number;
+  /** Frames from initiators not on the allow list (counted in `ignored` too). */
+  notAllowed: number;
+  /** MAC mask edits and reservations refused because remote configuration is off. */
+  remoteConfigRefused: number;
 }
 
 const ATA_ARG_LEN = 12;
@@ -158,6 +172,8 @@ export class AoeTarget {
     aoeErrors: 0,
     inFlight: 0,
     peakInFlight: 0,
+    notAllowed: 0,
+    remoteConfigRefused: 0,
   };
   private readonly log: AoeLogger;
   private readonly identify: Buffer;
@@ -165,6 +181,8 @@ export class AoeTarget {
   private readonly maxReserveEntries: number;
   private config: Buffer;
   private macMask: Buffer[];
+  private readonly allow: readonly Buffer[];
+  private readonly remoteConfig: boolean;
   private reserve: Buffer[];
   private readonly inFlight = new Set<Promise<void>>();
   /** Commands running per initiator MAC; an initiator with none has no entry. */
@@ -216,6 +234,8 @@ export class AoeTarget {
     this.config = Buffer.from(state.config ?? Buffer.alloc(0));
     if (this.config.length > 1024) throw new TorusError('INVALID_ARGUMENT', 'AoE config string is longer than 1024 bytes');
     this.macMask = (state.macMask ?? []).map(parseMac);
+    this.allow = (options.allow ?? []).map(parseMac);
+    this.remoteConfig = options.remoteConfig ?? false;
     this.reserve = (state.reserve ?? []).map(parseMac);
   }
 
@@ -285,6 +305,11 @@ export class AoeTarget {
 
   private dispatch(frame: Buffer): void {
     const h = decodeHeader(frame);
+    if (this.allow.length > 0 && !this.allow.some((m) => m.equals(h.src))) {
+      this.stats.ignored++;
+      this.stats.notAllowed++;
+      return;
+    }
     if (h.response || !this.forUs(h) || isGroupMac(h.src)) {
       this.stats.ignored++;
       return;
@@ -416,6 +441,7 @@ export class AoeTarget {
 
   private handleMask(h: AoeHeader, m: MaskArg): void {
     const hdr = this.replyHeader({ dst: h.src, tag: h.tag }, AoeCommand.MAC_MASK);
+    if (m.mcmd === MaskCommand.EDIT && !this.remoteConfig) return this.refuseRemoteConfig(h, 'MAC mask edit', Buffer.from([0, m.mcmd, m.merror, m.dirCount]));
     if (m.mcmd === MaskCommand.EDIT) {
       let changed = false;
       for (let i = 0; i < m.directives.length; i++) {
@@ -457,6 +483,8 @@ export class AoeTarget {
     const hdr = this.replyHeader({ dst: h.src, tag: h.tag }, AoeCommand.RESERVE);
     const listReply = (extra: { error?: boolean; errorCode?: number } = {}): Buffer =>
       encodeReserve({ ...hdr, ...extra }, { rcmd: r.rcmd, macs: this.reserve });
+    if ((r.rcmd === ReserveCommand.SET || r.rcmd === ReserveCommand.FORCE_SET) && !this.remoteConfig)
+      return this.refuseRemoteConfig(h, 'reservation', Buffer.from([r.rcmd, r.macs.length]));
     if (r.rcmd === ReserveCommand.SET && !this.mayUse(h.src)) {
       this.stats.aoeErrors++;
       this.send(listReply({ error: true, errorCode: AoeError.TARGET_RESERVED }));
@@ -475,6 +503,13 @@ export class AoeTarget {
       return;
     }
     this.send(listReply());
+  }
+
+  private refuseRemoteConfig(h: AoeHeader, what: string, arg: Buffer): void {
+    this.stats.remoteConfigRefused++;
+    if (this.logThrottle.take('remoteConfig') !== undefined)
+      this.log.info({ from: formatMac(h.src) }, `AoE ${what} from the network refused (torusblk aoe --allow-remote-config enables it)`);
+    this.replyError(h, AoeError.BAD_COMMAND, arg);
   }
 
   private mayUse(src: Buffer): boolean {

@@ -2,7 +2,7 @@
 // and measurements (the volume-backed target is `torusblk aoe`):
 //
 //   node dist/test/helpers/aoe-memory-target.js --iface eth0 --shelf 7 --slot 3 --size 64MiB \
-//     [--block-size 64KiB] [--buffer-count 64] [--verbose]
+//     [--block-size 64KiB] [--buffer-count 64] [--allow MAC,...] [--allow-remote-config] [--verbose]
 //
 // Prints one JSON line once serving: {"mac":"..","mtu":N,"maxSectors":N,"sectors":N}. SIGTERM or
 // SIGINT stops it cleanly and prints the target's counters to stderr.
@@ -21,6 +21,8 @@ const { values } = parseArgs({
     'block-size': { type: 'string', default: '64KiB' },
     'buffer-count': { type: 'string', default: '64' },
     verbose: { type: 'boolean', default: false },
+    allow: { type: 'string' },
+    'allow-remote-config': { type: 'boolean', default: false },
   },
 });
 
@@ -33,6 +35,8 @@ const target = new AoeTarget(conn, device, {
   shelf: Number(values.shelf),
   slot: Number(values.slot),
   bufferCount: Number(values['buffer-count']),
+  ...(values.allow ? { allow: values.allow.split(',') } : {}),
+  remoteConfig: values['allow-remote-config'],
   ...(log ? { log } : {}),
 });
 target.start();

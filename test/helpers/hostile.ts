@@ -1,5 +1,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import { join } from 'node:path';
+import tls from 'node:tls';
 
 // Tools for hostile-client tests (issue 13): a process's resident memory from /proc, and sockets
 // that misbehave without costing the test process the memory they cost a careless server.
@@ -19,6 +21,24 @@ export function resetPeakRss(pid: number): void {
 export function connect(port: number, host = '127.0.0.1'): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const s = net.connect(port, host, () => {
+      s.off('error', reject);
+      s.on('error', () => {});
+      resolve(s);
+    });
+    s.once('error', reject);
+  });
+}
+
+/**
+ * A peer-RPC connection as an insider makes it: TLS with the test's client certificate (the
+ * limits must hold against peers that authenticated, not only against strangers).
+ */
+export async function connectPeer(port: number, host = '127.0.0.1'): Promise<tls.TLSSocket> {
+  const dir = process.env.TORUS_TLS_CERTIFICATES;
+  if (!dir) throw new Error('connectPeer needs TORUS_TLS_CERTIFICATES (test/helpers/certs.ts)');
+  const file = (f: string): Buffer => readFileSync(join(dir, f));
+  return new Promise((resolve, reject) => {
+    const s = tls.connect({ port, host, ca: file('ca-cert.pem'), cert: file('client-cert.pem'), key: file('client-key.pem'), checkServerIdentity: () => undefined }, () => {
       s.off('error', reject);
       s.on('error', () => {});
       resolve(s);

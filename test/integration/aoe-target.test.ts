@@ -19,6 +19,8 @@ import { stopProcess, waitForOutput } from '../helpers/procs.js';
 
 const HELPERS = join(dirname(fileURLToPath(import.meta.url)), '..', 'helpers');
 const INITIATOR = join(HELPERS, 'aoe-initiator.js');
+// With --allow-remote-config: the conformance checks edit mask lists and reservations over the
+// network, as vblade allows.
 const MEMORY_TARGET = join(HELPERS, 'aoe-memory-target.js');
 const SIZE_MIB = 64;
 const SECTORS = (SIZE_MIB * 1024 * 1024) / 512;
@@ -69,7 +71,7 @@ describe('AoE target against real initiators on a namespace segment', { skip }, 
       await waitForOutput(p, /e7\.3, \d+ sectors/, 'vblade', READY_MS);
       return p;
     }
-    const p = labToUse.start(ns, process.execPath, [MEMORY_TARGET, '--iface', 'eth0', '--shelf', '7', '--slot', '3', '--size', `${SIZE_MIB}MiB`]);
+    const p = labToUse.start(ns, process.execPath, [MEMORY_TARGET, '--iface', 'eth0', '--shelf', '7', '--slot', '3', '--size', `${SIZE_MIB}MiB`, '--allow-remote-config']);
     await waitForOutput(p, /"maxSectors"/, 'aoe-memory-target', READY_MS);
     return p;
   }

@@ -12,7 +12,7 @@ import { TestClient } from '../../src/nbd/testing.js';
 import { HEADER_SIZE, Op, encodeDeleteBatch, encodeGet, encodeHello, encodePutBatch } from '../../src/rpc/codec.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { freePort } from '../helpers/etcd.js';
-import { MiB, connect, mib, stallWriters, watchRss } from '../helpers/hostile.js';
+import { MiB, connect, connectPeer, mib, stallWriters, watchRss } from '../helpers/hostile.js';
 import { run } from '../helpers/nbd-tools.js';
 import { BIN, eventually, ok, removeDir } from '../helpers/procs.js';
 
@@ -180,7 +180,7 @@ const rpcRef = (index: number): BlockRef => ({ type: BlockType.Data, volume: 0xf
 
 /** A raw peer connection to node `i` that has said HELLO and read HELLO_OK. */
 async function peer(i: number, clusterId: string): Promise<net.Socket> {
-  const s = await connect(c.nodes[i]!.peerPort);
+  const s = await connectPeer(c.nodes[i]!.peerPort);
   s.write(encodeHello(1, { minVersion: 1, maxVersion: 1, maxFrameSize: 64 * MiB, uuid: 'hostile', clusterId, extensions: [] }));
   await new Promise<void>((resolve, reject) => {
     let got = Buffer.alloc(0);

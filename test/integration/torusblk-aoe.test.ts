@@ -172,6 +172,27 @@ describe('torusblk aoe: a cluster volume over AoE, read back through NBD', { ski
     assert.equal(await stopProcess(target, 'SIGTERM'), 0);
   });
 
+  test('--allow: an initiator not on the list gets nothing and changes nothing; remote mask and reservation edits are refused; the listed initiator is served (issue 16)', async () => {
+    const mac1 = lab.hosts.init1!.mac;
+    const target = await startTarget(['--allow', mac1]);
+    const f = randomBytes(MiB);
+    writeFileSync(join(dir, 'f'), f);
+    assert.deepEqual(initiator(['put', '--file', join(dir, 'f'), '--lba', '57344', '--flush']), { sectors: 2048, flushStatus: 0x40 });
+    // init2 is not on the list: no discovery, no write, no reservation, no mask edit.
+    const stranger = (args: string[]): number => lab.run(lab.hosts.init2!.ns, process.execPath, [INITIATOR, ...args, '--iface', 'eth0', '--shelf', '7', '--slot', '3'], 60).code;
+    writeFileSync(join(dir, 'g'), Buffer.alloc(MiB, 0x66));
+    assert.notEqual(stranger(['put', '--file', join(dir, 'g'), '--lba', '57344', '--flush']), 0);
+    assert.notEqual(stranger(['identify']), 0);
+    assert.notEqual(stranger(['reserve', 'force', '--macs', 'self']), 0);
+    // init1 may use the target but not lock others out: edits from the network are off.
+    assert.equal(initiator(['reserve', 'force', '--macs', 'self']).error, 1);
+    assert.deepEqual(initiator(['reserve', 'read']), { error: 0, macs: [] });
+    assert.equal(initiator(['mask', 'add', '--macs', 'self']).error, 1);
+    assert.deepEqual(initiator(['get', '--file', join(dir, 'f2'), '--lba', '57344', '--count', '2048']), { sectors: 2048 });
+    assert.ok(readFileSync(join(dir, 'f2')).equals(f), 'what init1 wrote is intact');
+    assert.equal(await stopProcess(target, 'SIGTERM'), 0);
+  });
+
   test('--write-back: writes are acknowledged before they are durable; FLUSH CACHE and SIGTERM sync them', async () => {
     const target = await startTarget(['--write-back', '--sync-interval', '1h']);
     assert.equal(initiator(['identify']).writeCacheEnabled, true, 'write-back: IDENTIFY says the write cache is on');

@@ -14,6 +14,8 @@ interface AoeOpts extends ClientOpts {
   syncInterval: string;
   bufferCount: string;
   writeCacheSize: string;
+  allow?: string;
+  allowRemoteConfig?: boolean;
 }
 
 function parseAddress(text: string, what: string, max: number): number {
@@ -32,7 +34,17 @@ function aoeSamples(st: AoeTarget['stats']): MetricSample[] {
     c('torus_aoe_busy_drops_total', "Commands dropped because their initiator's buffer count, or 4x it in all, was reached", st.busyDrops),
     { name: 'torus_aoe_initiators', help: 'Initiators with commands being served', type: 'gauge', value: st.initiators },
     c('torus_aoe_send_drops_total', 'Replies dropped by the socket', st.sendDrops),
+    c('torus_aoe_not_allowed_total', 'Frames from initiators not on --allow, ignored', st.notAllowed),
+    c('torus_aoe_remote_config_refused_total', 'MAC mask edits and reservations refused (--allow-remote-config is off)', st.remoteConfigRefused),
   ];
+}
+
+function parseAllow(text: string | undefined): string[] {
+  if (text === undefined) return [];
+  const macs = text.split(',').map((m) => m.trim().toLowerCase()).filter((m) => m !== '');
+  for (const m of macs) if (!/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/.test(m)) throw new TorusError('INVALID_ARGUMENT', `invalid --allow "${m}": expected MAC addresses like 52:54:00:12:34:56, comma-separated`);
+  if (macs.length === 0) throw new TorusError('INVALID_ARGUMENT', '--allow names no MAC address');
+  return macs;
 }
 
 export function aoeCommand(): Command {
@@ -49,6 +61,8 @@ export function aoeCommand(): Command {
     .option('--sync-interval <duration>', 'with --write-back: sync written data at least this often', '5s')
     .option('--buffer-count <n>', 'ATA commands handled at once (the Buffer Count advertised to initiators)', '64')
     .addOption(new Option('--write-cache-size <size>', 'dirty data before a write forces a sync').default('128MiB'))
+    .option('--allow <mac,...>', 'serve only these initiators (MAC addresses); others get no answer. AoE has no other authentication: use it on any segment you do not control')
+    .option('--allow-remote-config', 'let initiators edit the MAC mask list and reservations over the network (AoE r11 allows it; any host on the segment could then lock the others out)')
     .action(async (volume: string, iface: string, shelfText: string, slotText: string, _o: unknown, c: Command) => {
       const opts = c.optsWithGlobals<AoeOpts>();
       const shelf = parseAddress(shelfText, 'shelf', 0xfffe);
@@ -58,6 +72,7 @@ export function aoeCommand(): Command {
         throw new TorusError('INVALID_ARGUMENT', `invalid --buffer-count "${opts.bufferCount}": expected 1 to 65535`);
       const syncEvery = parseDuration(opts.syncInterval);
       const writeBack = opts.writeBack ?? false;
+      const allow = parseAllow(opts.allow);
       const log = logger(opts);
       // The socket first: without CAP_NET_RAW or with a wrong interface there is nothing to lock.
       const conn = RawPacketConn.open(iface);
@@ -78,10 +93,13 @@ export function aoeCommand(): Command {
           // Linux's initiator never sends FLUSH CACHE, so by default each write is durable (its
           // volume sync shared with every write in flight) before the initiator hears of it.
           writeThrough: !writeBack,
+          allow,
+          remoteConfig: opts.allowRemoteConfig ?? false,
           serial: `${volume}`.slice(0, 20),
           log: { debug: (o, m) => log.debug(o, m), info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m) },
         });
         target.start();
+        if (allow.length === 0) log.warn({ iface }, 'serving AoE to every host on the segment: AoE has no authentication (--allow MAC,... restricts it)');
         rt.addSamples(() => aoeSamples(target.stats));
         let syncing = false;
         const timer = writeBack
