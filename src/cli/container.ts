@@ -19,10 +19,10 @@ const RETIRED: Readonly<Record<string, string>> = {
 };
 
 /** TORUS_* variables read by the programs themselves rather than turned into flags. */
-const PASSED_THROUGH = new Set(['TORUS_MALLOC_TUNING']);
+const PASSED_THROUGH = new Set(['TORUS_MALLOC_TUNING', 'TORUS_ETCD_PASSWORD']);
 
 /** The flags every program takes for reaching etcd and its peers. */
-const CONNECTION_FLAGS = ['--etcd', '--etcd-cert-file', '--etcd-key-file', '--etcd-ca-file', '--etcd-timeout', '--tls-certificates', '--peer-secret-file', '--insecure-peer-network'];
+const CONNECTION_FLAGS = ['--etcd', '--etcd-cert-file', '--etcd-key-file', '--etcd-ca-file', '--etcd-user', '--etcd-password-file', '--etcd-timeout', '--tls-certificates', '--peer-secret-file', '--insecure-peer-network'];
 
 /** Connection flags that take no value. */
 const BOOLEAN_FLAGS: ReadonlySet<string> = new Set(['--insecure-peer-network']);

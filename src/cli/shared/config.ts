@@ -17,9 +17,11 @@ export interface Profile {
   'etcd-ca-file'?: string;
   'etcd-cert-file'?: string;
   'etcd-key-file'?: string;
+  'etcd-user'?: string;
   /** Paths only: a profile names where the credential is, never holds it. */
   'tls-certificates'?: string;
   'peer-secret-file'?: string;
+  'etcd-password-file'?: string;
 }
 
 export interface ConfigFile {
@@ -31,6 +33,8 @@ export interface GlobalOpts {
   etcdCertFile?: string;
   etcdKeyFile?: string;
   etcdCaFile?: string;
+  etcdUser?: string;
+  etcdPasswordFile?: string;
   etcdTimeout?: string;
   config?: string;
   profile?: string;
@@ -46,6 +50,8 @@ export function addGlobalOptions(cmd: Command): Command {
     .option('--etcd-cert-file <file>', 'client certificate for etcd TLS')
     .option('--etcd-key-file <file>', 'client key for etcd TLS')
     .option('--etcd-ca-file <file>', 'CA bundle to verify etcd with')
+    .option('--etcd-user <name>', 'etcd user (RBAC); or $TORUS_ETCD_USER')
+    .option('--etcd-password-file <file>', "the etcd user's password, read from FILE (never given on the command line); or $TORUS_ETCD_PASSWORD")
     .addOption(new Option('--etcd-timeout <duration>', 'give up on an etcd call after this long').default('5s'))
     .option('--config <file>', 'CLI config file (default ~/.torus/config.json)')
     .option('--profile <name>', 'profile in the config file', 'default')
@@ -85,6 +91,7 @@ export interface ResolvedConnection {
   caFile?: string;
   certFile?: string;
   keyFile?: string;
+  auth?: { username: string; password: string };
   timeoutMs: number;
 }
 
@@ -121,13 +128,34 @@ export function resolveConnection(opts: GlobalOpts): ResolvedConnection {
     if (f && !existsSync(f)) throw new TorusError('INVALID_ARGUMENT', `${flag}: file ${f} does not exist`);
   if (Boolean(certFile) !== Boolean(keyFile))
     throw new TorusError('INVALID_ARGUMENT', '--etcd-cert-file and --etcd-key-file must be given together');
+  const auth = etcdAuth(opts, p);
   return {
     endpoints: parseEndpoints(opts.etcd ?? p.etcd ?? DEFAULT_ETCD),
     ...(caFile ? { caFile } : {}),
     ...(certFile ? { certFile } : {}),
     ...(keyFile ? { keyFile } : {}),
+    ...(auth ? { auth } : {}),
     timeoutMs: parseDuration(opts.etcdTimeout ?? '5s'),
   };
+}
+
+/**
+ * The etcd user and password: the user from --etcd-user, TORUS_ETCD_USER or the profile; the
+ * password from --etcd-password-file (or the profile's file), else TORUS_ETCD_PASSWORD. Never
+ * from argv, where ps shows it to every user; the profile keeps the file's path, not the secret.
+ */
+function etcdAuth(opts: GlobalOpts, p: Profile): { username: string; password: string } | undefined {
+  const username = opts.etcdUser ?? process.env.TORUS_ETCD_USER ?? p['etcd-user'];
+  const file = opts.etcdPasswordFile ?? process.env.TORUS_ETCD_PASSWORD_FILE ?? p['etcd-password-file'];
+  let password: string | undefined;
+  if (file !== undefined) {
+    if (!existsSync(file)) throw new TorusError('INVALID_ARGUMENT', `--etcd-password-file: file ${file} does not exist`);
+    password = readFileSync(file, 'utf8').replace(/\r?\n$/, '');
+  } else password = process.env.TORUS_ETCD_PASSWORD;
+  if (username === undefined && password === undefined) return undefined;
+  if (username === undefined || password === undefined || password === '')
+    throw new TorusError('INVALID_ARGUMENT', 'etcd authentication needs both a user (--etcd-user) and a password (--etcd-password-file or $TORUS_ETCD_PASSWORD)');
+  return { username, password };
 }
 
 /** The --tls-certificates directory, from the flag, the environment or the profile (NBD's TLS uses it too). */
@@ -199,6 +227,7 @@ export function connectMetadata(opts: GlobalOpts, log?: MemberLog): EtcdMetadata
             up ? log.info({ member }, 'etcd member answers again') : log.warn({ member, err: why }, 'etcd member failed'),
         }
       : {}),
+    ...(c.auth ? { auth: c.auth } : {}),
     tls: {
       ...(c.caFile ? { caFile: c.caFile } : {}),
       ...(c.certFile ? { certFile: c.certFile } : {}),

@@ -22,6 +22,8 @@ export function configCommand(): Command {
       if (g.etcdCaFile !== undefined) next['etcd-ca-file'] = g.etcdCaFile;
       if (g.etcdCertFile !== undefined) next['etcd-cert-file'] = g.etcdCertFile;
       if (g.etcdKeyFile !== undefined) next['etcd-key-file'] = g.etcdKeyFile;
+      if (g.etcdUser !== undefined) next['etcd-user'] = g.etcdUser;
+      if (g.etcdPasswordFile !== undefined) next['etcd-password-file'] = resolve(g.etcdPasswordFile);
       // The paths, never what the files hold.
       if (g.tlsCertificates !== undefined) next['tls-certificates'] = resolve(g.tlsCertificates);
       if (g.peerSecretFile !== undefined) next['peer-secret-file'] = resolve(g.peerSecretFile);

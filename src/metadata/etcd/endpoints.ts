@@ -42,6 +42,8 @@ export interface Member {
 export interface EndpointOptions {
   readonly endpoints: readonly string[];
   readonly credentials?: IOptions['credentials'];
+  /** etcd RBAC user and password, exchanged for a token by the client. */
+  readonly auth?: { readonly username: string; readonly password: string };
   readonly timeoutMs: number;
   /** Tests: the member to prefer first (index into endpoints) instead of a random one. */
   readonly firstChoice?: number;
@@ -75,6 +77,7 @@ export class EtcdEndpoints {
         hosts: [url],
         dialTimeout: opts.timeoutMs,
         ...(opts.credentials ? { credentials: opts.credentials } : {}),
+        ...(opts.auth ? { auth: { username: opts.auth.username, password: opts.auth.password } } : {}),
         // One host per client: failover is ours (above), so the library's retry and breaker stay off.
         faultHandling: { host: () => noop, global: noop },
         // A partition must show up as failed calls within seconds, and a healed one must be used
@@ -214,6 +217,8 @@ export function answerError(what: string, f: EtcdFailure, cause: unknown): Torus
       `etcd is out of space (${what}): ${said}; compact and defragment it, then disarm the alarm (docs/failure-guide.md, "etcd out of space")`,
       { cause, retryable: false },
     );
+  if (/user name is empty/i.test(said))
+    return new TorusError('ETCD_UNAVAILABLE', `etcd requires a user (${what}): give --etcd-user and --etcd-password-file (or $TORUS_ETCD_PASSWORD)`, { cause, retryable: false });
   if (/permission denied|authentication failed|invalid auth token|user name not found/i.test(said))
     return new TorusError('ETCD_UNAVAILABLE', `etcd refused access (${what}): ${said}`, { cause, retryable: false });
   return new TorusError('INTERNAL', `etcd ${what}: ${f.text}`, { cause });

@@ -20,6 +20,8 @@ export interface EtcdOptions {
   /** host:port list; a scheme (http:// or https://) is added when missing. */
   readonly endpoints: readonly string[];
   readonly tls?: EtcdTls;
+  /** etcd RBAC user and password (never from the command line: callers read them from a file or the environment). */
+  readonly auth?: { readonly username: string; readonly password: string };
   /** Deadline for each call, failover to other members included; an unreachable etcd fails within this. */
   readonly callTimeoutMs?: number;
   /** Tests: the endpoint (index) to try first instead of a random one. */
@@ -53,6 +55,7 @@ export class EtcdMetadata implements MetadataService {
       endpoints: normalizeEndpoints(opts.endpoints, useTls),
       timeoutMs: opts.callTimeoutMs ?? 5000,
       ...(credentials ? { credentials } : {}),
+      ...(opts.auth ? { auth: opts.auth } : {}),
       ...(opts.firstChoice !== undefined ? { firstChoice: opts.firstChoice } : {}),
       ...(opts.onMemberChange ? { onMemberChange: opts.onMemberChange } : {}),
     });
