@@ -1,7 +1,10 @@
 // Peer RPC throughput between two local processes, next to what raw Node TCP does on the same
 // machine in the same run (so the ratios mean something whatever the hardware).
 //
-//   npx tsc -p tsconfig.json --outDir dist-rpc && node dist-rpc/bench/rpc.js [--seconds=0.7] [--rounds=5]
+//   npx tsc -p tsconfig.json --outDir dist-rpc && node dist-rpc/bench/rpc.js [--seconds=0.7] [--rounds=5] [--tls]
+//
+// --tls: peer RPC over TLS with certificates from a CA made for the run, both ends verified, as
+// deployed (docs/security.md); the raw references stay plaintext, so the ratios show what TLS costs.
 //
 // The parent process is the client; it forks itself as the server ("--child"), which runs
 //   - a sink that counts bytes (raw TCP throughput reference),
@@ -16,6 +19,11 @@ import { TorusError } from '../src/core/errors.js';
 import { BlockType, blockRefKey, type BlockRef } from '../src/core/ids.js';
 import { PeerClient } from '../src/rpc/client.js';
 import { RpcServer, type BlockService } from '../src/rpc/server.js';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createCa, issueCertificates, resolvePeerSecurity } from '../src/cli/shared/certs.js';
+import type { PeerSecurity } from '../src/rpc/security.js';
 
 const BLOCK = 512 * 1024;
 const SMALL = 4096;
@@ -26,6 +34,15 @@ interface Ports {
   sink: number;
   echo: number;
   rpc: number;
+}
+
+const SERVER_UUID = '00000000-0000-4000-8000-00000000b5e1';
+
+/** With --tls (BENCH_RPC_CERTS set by the parent): both ends' certificates. */
+async function security(who: 'server' | 'client'): Promise<{ security?: PeerSecurity }> {
+  const ca = process.env.BENCH_RPC_CERTS;
+  if (!ca) return {};
+  return { security: (await resolvePeerSecurity({ tlsCertificates: join(ca, who) }, who === 'server')).security };
 }
 
 function arg(name: string, fallback: number): number {
@@ -111,7 +128,7 @@ async function child(): Promise<void> {
       }
     });
   });
-  const rpc = new RpcServer({ service: new MemoryStore(), identity: { uuid: 'bench-server', clusterId: 'bench' } });
+  const rpc = new RpcServer({ service: new MemoryStore(), identity: { uuid: 'bench-server', clusterId: 'bench' }, ...(await security('server')) });
   const rpcPort = Number(new URL(await rpc.listen()).port);
   const ports: Ports = { sink: await listen(sink), echo: await listen(echo), rpc: rpcPort };
   process.send?.(ports);
@@ -194,12 +211,20 @@ function row(name: string, value: string, ref: string): string {
 }
 
 async function parent(): Promise<void> {
+  if (process.argv.includes('--tls')) {
+    const dir = mkdtempSync(join(tmpdir(), 'bench-rpc-'));
+    await createCa(join(dir, 'ca'));
+    await issueCertificates(join(dir, 'ca'), 'server', { uuid: SERVER_UUID });
+    await issueCertificates(join(dir, 'ca'), 'client');
+    process.env.BENCH_RPC_CERTS = join(dir, 'ca');
+  }
   const proc = fork(fileURLToPath(import.meta.url), ['--child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
   const ports = await new Promise<Ports>((resolve) => proc.once('message', (m) => resolve(m as Ports)));
 
   const client = new PeerClient(`tdp://127.0.0.1:${ports.rpc}`, {
     identity: { uuid: 'bench-client', clusterId: 'bench' },
     maxInFlight: 64,
+    ...(await security('client')),
   });
   await client.connect();
   const blocks = Array.from({ length: 8 }, (_, i) => Buffer.alloc(BLOCK, i + 1));
@@ -230,7 +255,7 @@ async function parent(): Promise<void> {
   const gib = (x: number): string => `${(x / GiB).toFixed(2)} GiB/s`;
   const ops = (x: number): string => `${Math.round(x).toLocaleString('en-US')} ops/s`;
   const pct = (x: number, of: number): string => `${((x / of) * 100).toFixed(0)}%`;
-  console.log(`peer RPC benchmark: two processes over loopback, best of ${ROUNDS} x ${SECONDS}s, node ${process.version}`);
+  console.log(`peer RPC benchmark${process.env.BENCH_RPC_CERTS ? ' over TLS' : ''}: two processes over loopback, best of ${ROUNDS} x ${SECONDS}s, node ${process.version}`);
   console.log(row('measurement', 'result', 'vs raw'));
   console.log(row('raw TCP, 512 KiB writes', gib(b('raw')), '100%'));
   console.log(row('raw pipelined 4 KiB request/reply (64)', ops(b('rawOps')), '100%'));

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
 import { VolumeClient } from '../../src/volume/client.js';
+import { peerSecurity } from './procs.js';
 import { counterDelta, type NodeCounters } from './node-counters.js';
 import { median } from './probes.js';
 
@@ -25,7 +26,7 @@ export interface Anatomy {
 
 export async function anatomy(etcd: string, volume: string, counters: () => Promise<NodeCounters[]>, n = 50): Promise<Anatomy> {
   const meta = new EtcdMetadata({ endpoints: [etcd] });
-  const vc = await VolumeClient.open(meta, { readCacheBytes: 0 });
+  const vc = await VolumeClient.open(meta, { readCacheBytes: 0, rpc: { security: await peerSecurity() } });
   try {
     const v = await vc.openVolume(volume);
     const span = Math.floor(v.size / 4096);

@@ -4,6 +4,8 @@ import net from 'node:net';
 import { join } from 'node:path';
 import { singleEtcdArgs } from '../../scripts/lib/etcd.js';
 import { etcdBinary, freePort } from '../../test/helpers/etcd.js';
+import type { PeerSecurity } from '../../src/rpc/security.js';
+import { clientSecurity, nodeCertDir, testCerts } from '../../test/helpers/certs.js';
 import { BIN } from '../../test/helpers/procs.js';
 
 // The processes of one benchmark table: etcd, the storage nodes, the NBD server and nbdkit, each
@@ -157,14 +159,33 @@ export async function newTorusdSpec(etcd: string, dataDir: string, size: string)
   return { etcd, dataDir, size, peerPort: await freePort(), httpPort: await freePort() };
 }
 
+/** How the bench's processes protect peer RPC: TLS with a CA made for the run (as deployed), or plaintext (--insecure-peer-network), to measure what TLS costs. */
+export type PeerRpcMode = 'tls' | 'plain';
+let peerRpc: PeerRpcMode = 'tls';
+export function setPeerRpc(mode: PeerRpcMode): void {
+  peerRpc = mode;
+}
+
+/** The in-process client's peer security, as the bench's processes have it. */
+export async function peerSecurity(): Promise<PeerSecurity> {
+  return peerRpc === 'plain' ? { mode: 'insecure' } : clientSecurity();
+}
+
+/** A process's peer credential: a node's own certificates (naming its uuid), or the client's. */
+async function credential(dataDir?: string): Promise<string[]> {
+  if (peerRpc === 'plain') return ['--insecure-peer-network'];
+  return ['--tls-certificates', dataDir !== undefined ? await nodeCertDir(dataDir) : (await testCerts()).clientDir];
+}
+
 /** A storage node; `nodeArgs` go to node itself (e.g. --cpu-prof). Same spec = same node. */
-export function startTorusd(name: string, spec: TorusdSpec, nodeArgs: string[] = []): Promise<Proc> {
+export async function startTorusd(name: string, spec: TorusdSpec, nodeArgs: string[] = []): Promise<Proc> {
   return spawnProc(
     name,
     process.execPath,
     [
       ...nodeArgs,
       BIN('torusd'),
+      ...(await credential(spec.dataDir)),
       '-C', spec.etcd,
       '--peer-address', `http://127.0.0.1:${spec.peerPort}`,
       '--data-dir', spec.dataDir,
@@ -183,13 +204,14 @@ export interface NbdserveSpec {
   readonly writeCacheSize?: string;
 }
 
-export function startNbdserve(spec: NbdserveSpec, nodeArgs: string[] = []): Promise<Proc> {
+export async function startNbdserve(spec: NbdserveSpec, nodeArgs: string[] = []): Promise<Proc> {
   return spawnProc(
     'nbdserve',
     process.execPath,
     [
       ...nodeArgs,
       BIN('torusblk'),
+      ...(await credential()),
       '-C', spec.etcd,
       '--read-cache-size', spec.readCacheSize,
       'nbdserve',

@@ -40,6 +40,8 @@ const node = x509((await issueCertificates(join(dir, 'ca'), 'node1', { uuid: SER
 const client = x509((await issueCertificates(join(dir, 'ca'), 'client1')).dir);
 /** A node certificate from the right CA naming another uuid. */
 const impostor = x509((await issueCertificates(join(dir, 'ca'), 'node2')).dir);
+/** An NBD client's certificate from the cluster CA: no uuid, no peer RPC. */
+const nbdClient = x509((await issueCertificates(join(dir, 'ca'), 'alice', { nbdOnly: true })).dir);
 /** Another cluster's CA. */
 const foreign = x509((await issueCertificates(join(dir, 'other'), 'node1', { uuid: SERVER_UUID })).dir);
 const secretA = await secret('alpha');
@@ -164,6 +166,15 @@ describe('peer RPC over TLS with the cluster CA', () => {
     assert.ok(server.stats().refusedHandshakes >= 5, `refused ${server.stats().refusedHandshakes}`);
     assert.ok(errors.every((e) => !e.includes(CLUSTER)));
     assert.deepEqual(await legit.getBlock(ref(1)), block(1));
+  });
+
+  it("an NBD client's certificate (torusctl cert issue --nbd-only) from the same CA gets no peer RPC", async () => {
+    const { address, store, server } = await serve(node);
+    const err = await failure(dial(address, nbdClient).putBlock(ref(99), block(9)));
+    assert.equal(err.code, 'BLOCK_UNAVAILABLE');
+    assert.equal(store.hasBlock(ref(99)), false);
+    assert.equal(server.stats().refusedHandshakes, 1);
+    await dial(address, client).putBlock(ref(1), block(1));
   });
 
   it('a client with a certificate from another CA refuses a node whose CA it does not trust', async () => {

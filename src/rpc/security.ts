@@ -45,6 +45,8 @@ export interface PeerAuth {
   readonly ekm?: Buffer;
   /** Who the certificate says the peer is (x509 mode), for logs. */
   readonly name?: string;
+  /** Why the peer may not use peer RPC although TLS let it in. */
+  readonly refusal?: string;
 }
 
 const EKM_LABEL = 'EXPORTER-torus-peer-auth';
@@ -120,7 +122,11 @@ export function serverPeerAuth(s: PeerSecurity, socket: tls.TLSSocket): PeerAuth
   if (s.mode === 'secret') return { ekm: ekmOf(socket) };
   const cert = socket.getPeerCertificate();
   const uuid = cert.raw ? certificateUuid(cert.raw) : undefined;
-  return { name: `${cert.subject?.CN ?? '?'}${uuid ? ` (${uuid})` : ''}` };
+  const name = `${cert.subject?.CN ?? '?'}${uuid ? ` (${uuid})` : ''}`;
+  // Certificates without a uuid are for NBD clients (torusctl cert issue --nbd-only): the same CA
+  // signs them, and they must not reach every block.
+  if (!uuid) return { name, refusal: `certificate of ${name} names no uuid: it is for NBD only` };
+  return { name };
 }
 
 /**

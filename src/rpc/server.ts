@@ -301,9 +301,16 @@ export class RpcServer {
     const tlsOptions = serverTlsOptions(this.security);
     let server: net.Server;
     if (tlsOptions) {
-      const secure = tls.createServer({ ...tlsOptions, allowHalfOpen: true, noDelay: true, handshakeTimeout: this.settings.handshakeTimeoutMs }, (socket) =>
-        this.handle(socket, remoteOf(socket), serverPeerAuth(this.security, socket)),
-      );
+      const secure = tls.createServer({ ...tlsOptions, allowHalfOpen: true, noDelay: true, handshakeTimeout: this.settings.handshakeTimeoutMs }, (socket) => {
+        const auth = serverPeerAuth(this.security, socket);
+        if (auth.refusal !== undefined) {
+          this.counters.refusedHandshakes++;
+          this.reportError(new TorusError('PERMISSION_DENIED', auth.refusal), remoteOf(socket));
+          socket.destroy();
+          return;
+        }
+        this.handle(socket, remoteOf(socket), auth);
+      });
       // No certificate, one from another CA, plaintext, a stalled handshake: the connection never
       // reaches HELLO. Counted and reported like a refused handshake; the peer learns nothing.
       secure.on('tlsClientError', (err: Error & { code?: string }, socket: tls.TLSSocket) => {

@@ -31,7 +31,7 @@ before(async () => {
   c = await startCluster({ nodes: 2, size: '128MiB' });
   C = ['-C', c.etcd.endpoint];
   ({ caDir } = await testCerts());
-  for (const who of ['alice', 'bob', 'mallory']) await issueCertificates(caDir, who);
+  for (const who of ['alice', 'bob', 'mallory']) await issueCertificates(caDir, who, { nbdOnly: true });
   clusterId = c.client.global.clusterId;
   await ok('torusctl', [...C, 'volume', 'create-block', 'vol', '16MiB']);
   await ok('torusctl', [...C, 'volume', 'create-block', 'other', '16MiB']);
@@ -105,10 +105,13 @@ describe("torusd's peer port", () => {
     await createCa(other);
     const foreign = await issueCertificates(other, 'node');
     const self = await throwawayCertificate();
+    const alice = join(caDir, 'alice');
     const ways: ('plain' | { cert?: Buffer; key?: Buffer })[] = [
       'plain',
       {},
       self,
+      // an NBD client's certificate from the cluster's own CA
+      { cert: readFileSync(join(alice, 'client-cert.pem')), key: readFileSync(join(alice, 'client-key.pem')) },
       { cert: readFileSync(join(foreign.dir, 'client-cert.pem')), key: readFileSync(join(foreign.dir, 'client-key.pem')) },
     ];
     for (const n of c.nodes)
@@ -124,6 +127,7 @@ describe("torusd's peer port", () => {
     assert.ok((await c.client.distributor.getBlock(ref)).equals(data));
     assert.match(await ok('torusctl', [...C, 'list-peers']), /OK|Avail|Member/i);
     for (const n of c.nodes) assert.match(n.log(), /TLS handshake failed/);
+    for (const n of c.nodes) assert.match(n.log(), /names no uuid: it is for NBD only/);
   });
 
   test('torusctl and torusd refuse to run peer RPC without a credential, in one line', async () => {

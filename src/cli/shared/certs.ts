@@ -102,6 +102,11 @@ export interface IssueOptions {
   readonly days?: number;
   /** Where to write; default CA_DIR/NAME. */
   readonly out?: string;
+  /**
+   * For an NBD client only: the certificates name no uuid, which peer RPC requires, so they open
+   * the volumes access rules grant NAME and nothing else.
+   */
+  readonly nbdOnly?: boolean;
 }
 
 /** `torusctl cert issue DIR NAME`: DIR/NAME/ in the qemu/nbdkit/libnbd layout. */
@@ -119,7 +124,7 @@ export async function issueCertificates(caDir: string, name: string, opts: Issue
   const now = Date.now();
   const hosts = ['localhost', '127.0.0.1', '::1', ...(opts.hosts ?? [])];
   const sans = (server: boolean): x509.JsonGeneralName[] => [
-    { type: 'url', value: `urn:uuid:${uuid}` },
+    ...(opts.nbdOnly ? [] : [{ type: 'url', value: `urn:uuid:${uuid}` } as x509.JsonGeneralName]),
     ...(server ? [...new Set(hosts)].map((h): x509.JsonGeneralName => (net.isIP(h) ? { type: 'ip', value: h } : { type: 'dns', value: h })) : []),
   ];
   const leaf = async (server: boolean): Promise<{ cert: string; key: string }> => {
@@ -137,7 +142,7 @@ export async function issueCertificates(caDir: string, name: string, opts: Issue
         new x509.BasicConstraintsExtension(false, undefined, true),
         new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyAgreement, true),
         new x509.ExtendedKeyUsageExtension([server ? x509.ExtendedKeyUsage.serverAuth : x509.ExtendedKeyUsage.clientAuth]),
-        new x509.SubjectAlternativeNameExtension(sans(server)),
+        ...(server || !opts.nbdOnly ? [new x509.SubjectAlternativeNameExtension(sans(server))] : []),
         await x509.AuthorityKeyIdentifierExtension.create(caCert),
         await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
       ],

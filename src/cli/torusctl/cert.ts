@@ -29,15 +29,21 @@ export function certCommand(): Command {
       .option('--uuid <uuid>', "the node uuid to name (an existing node's, from torusctl list-peers); a fresh one by default")
       .option('--host <name,...>', 'host names and addresses the server certificate is valid for (besides localhost, 127.0.0.1, ::1)', collect, [] as string[])
       .option('--out <dir>', 'write here instead of DIR/NAME')
+      .option('--nbd-only', 'for an NBD client: no node uuid in the certificates, so peer RPC refuses them and they open only the volumes torusctl access grants NAME')
       .addOption(new Option('--days <n>', 'validity in days').default('825'))
-      .action(async (dir: string, name: string, opts: { uuid?: string; host: string[]; out?: string; days: string; json?: boolean }) => {
+      .action(async (dir: string, name: string, opts: { uuid?: string; host: string[]; out?: string; days: string; nbdOnly?: boolean; json?: boolean }) => {
         const r = await issueCertificates(dir, name, {
+          ...(opts.nbdOnly ? { nbdOnly: true } : {}),
           ...(opts.uuid ? { uuid: opts.uuid } : {}),
           hosts: opts.host,
           ...(opts.out ? { out: opts.out } : {}),
           days: Number(opts.days),
         });
-        emit(opts, { name, uuid: r.uuid, dir: r.dir }, `Issued certificates for ${name} (node uuid ${r.uuid}) in ${r.dir}`);
+        emit(
+          opts,
+          { name, uuid: opts.nbdOnly ? null : r.uuid, dir: r.dir },
+          `Issued certificates for ${name} (${opts.nbdOnly ? 'NBD client only' : `node uuid ${r.uuid}`}) in ${r.dir}`,
+        );
       }),
   );
   cert.addCommand(
