@@ -9,7 +9,6 @@ import { Etcd3 } from 'etcd3';
 import { EtcdMetadata } from '../../src/metadata/etcd/etcd.js';
 import { COMPAT_DURABLE_GEN, DATA_FILE, Layout, TABLE_FILE, decodeRecord, type StoreHeader } from '../../src/storage/format.js';
 import { headerOnDisk } from '../../src/storage/testing.js';
-import { VolumeClient } from '../../src/volume/client.js';
 import { VKEYS } from '../../src/volume/meta.js';
 import { freePort, startEtcd, type EtcdHandle } from '../helpers/etcd.js';
 import { ok as must, sha256File } from '../helpers/nbd-tools.js';
