@@ -38,8 +38,15 @@ function checkVolume(volume: string): void {
   if (!VOLUME.test(volume)) throw new TorusError('INVALID_ARGUMENT', `invalid volume name "${volume}"`);
 }
 
+/** Stored as JSON like every value under /torus/: `"rw"` or `"ro"`. */
 function parseMode(value: string): AccessMode | undefined {
-  return value === 'rw' || value === 'ro' ? value : undefined;
+  let v: unknown;
+  try {
+    v = JSON.parse(value);
+  } catch {
+    return undefined;
+  }
+  return v === 'rw' || v === 'ro' ? v : undefined;
 }
 
 export class AccessRules {
@@ -48,7 +55,7 @@ export class AccessRules {
   async grant(volume: string, identity: string, mode: AccessMode): Promise<void> {
     checkVolume(volume);
     checkIdentity(identity);
-    await this.kv.txn([], [{ op: 'put', key: ruleKey(volume, identity), value: mode }]);
+    await this.kv.txn([], [{ op: 'put', key: ruleKey(volume, identity), value: JSON.stringify(mode) }]);
   }
 
   /** False if there was no such rule. */
