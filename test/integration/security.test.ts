@@ -12,7 +12,7 @@ import { encodeHello, encodePutBatch, MIN_MAX_FRAME_SIZE, PROTOCOL_VERSION } fro
 import { startCluster, dataRef, type TestCluster } from '../helpers/cluster.js';
 import { testCerts } from '../helpers/certs.js';
 import { freePort } from '../helpers/etcd.js';
-import { BIN, eventually, ok, runCli } from '../helpers/procs.js';
+import { BIN, eventually, ok, runCli, startTorusd } from '../helpers/procs.js';
 import { have, run } from '../helpers/nbd-tools.js';
 
 // The whole cluster as a stranger meets it (docs/security.md): torusd's peer port and nbdserve's
@@ -196,4 +196,18 @@ test("torusd's HTTP endpoints (/metrics, /healthz, /v1/status, /v1/cluster) hold
     assert.doesNotMatch(body, /PRIVATE KEY/);
     for (const k of keys) assert.ok(!body.includes(k.split('\n')[1]!), path);
   }
+});
+
+test("a node's certificate names its uuid: a fresh data dir takes it, and a data dir holding another node refuses to start", async () => {
+  const first = await issueCertificates(caDir, 'solo');
+  const n = await startTorusd(c.etcd.endpoint, { extra: ['--tls-certificates', first.dir] });
+  try {
+    assert.equal(JSON.parse(readFileSync(join(n.dataDir, 'node.json'), 'utf8')).uuid, first.uuid);
+  } finally {
+    await n.kill('SIGKILL');
+  }
+  const other = await issueCertificates(caDir, 'solo2');
+  const r = await runCli('torusd', [...C, '--tls-certificates', other.dir, '--peer-address', 'http://127.0.0.1:1', '--data-dir', n.dataDir]);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, new RegExp(`torusd: the node certificate names node ${other.uuid}, but data dir .* is node ${first.uuid}: issue this node's with torusctl cert issue CA-DIR NAME --uuid ${first.uuid}`));
 });
