@@ -37,8 +37,6 @@ export interface SecretPeerSecurity {
 
 export type PeerSecurity = X509PeerSecurity | SecretPeerSecurity | { readonly mode: 'insecure' };
 
-export const INSECURE: PeerSecurity = { mode: 'insecure' };
-
 /** What the server learned about the other end from the TLS layer. */
 export interface PeerAuth {
   /** Keying material exported from this TLS session (secret mode), for the HMAC. */
@@ -53,7 +51,7 @@ const EKM_LABEL = 'EXPORTER-torus-peer-auth';
 const EKM_LENGTH = 32;
 const MAC_LENGTH = 32;
 /** A client proves with at most this many secrets at once (a rotation needs two). */
-export const MAX_SECRETS = 4;
+const MAX_SECRETS = 4;
 
 const TLS_COMMON = { minVersion: 'TLSv1.3' } as const;
 

@@ -36,14 +36,17 @@ async function sleep(ms: number): Promise<void> {
 export async function startNsCluster(
   lab: Lab,
   ns: string,
-  opts: { nodes?: number; replication?: number; blockSize?: string; size?: string; address?: string } = {},
+  opts: { nodes?: number; replication?: number; blockSize?: string; size?: string; address?: string; insecurePeerNetwork?: boolean } = {},
 ): Promise<NsCluster> {
+  // Every process of the cluster with the same peer credential: the test CA's certificates, or
+  // plaintext where a test says the network is trusted.
+  const plain = opts.insecurePeerNetwork ? ['--insecure-peer-network'] : [];
   const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'torus-ns-'));
   const address = opts.address ?? '127.0.0.1';
   const endpoint = `${address}:2379`;
   const procs: ChildProcess[] = [];
   const logs: string[] = [];
-  const cli: NsCluster['cli'] = (name, args, timeoutS = 60) => lab.run(ns, process.execPath, [BIN(name), '-C', endpoint, ...args], timeoutS);
+  const cli: NsCluster['cli'] = (name, args, timeoutS = 60) => lab.run(ns, process.execPath, [BIN(name), '-C', endpoint, ...plain, ...args], timeoutS);
   const ok: NsCluster['ok'] = (name, args, timeoutS) => {
     const r = cli(name, args, timeoutS);
     if (r.code !== 0) throw new Error(`${name} ${args.join(' ')} exited ${r.code}:\n${r.stdout}${r.stderr}`);
@@ -75,7 +78,7 @@ export async function startNsCluster(
     for (let i = 0; i < nodes; i++) {
       const p = lab.start(ns, process.execPath, [
         BIN('torusd'), '-C', endpoint, '--peer-address', `http://${address}:${40000 + i}`, '--data-dir', join(dir, `node${i}`),
-        '--tls-certificates', await nodeCertDir(join(dir, `node${i}`)),
+        ...(opts.insecurePeerNetwork ? plain : ['--tls-certificates', await nodeCertDir(join(dir, `node${i}`))]),
         '--size', opts.size ?? '512MiB', '--host', '127.0.0.1', '--port', String(41000 + i), '--heartbeat', '1s',
       ]);
       logs.push('');
@@ -100,7 +103,7 @@ export async function startNsCluster(
     cli,
     ok,
     start: (name, args) => {
-      const p = lab.start(ns, process.execPath, [BIN(name), '-C', endpoint, ...args]);
+      const p = lab.start(ns, process.execPath, [BIN(name), '-C', endpoint, ...plain, ...args]);
       procs.push(p);
       return p;
     },

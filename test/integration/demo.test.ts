@@ -78,7 +78,7 @@ test('npm run demo: up, usable with the tools it names, stops cleanly, comes bac
   assert.match(first.output(), /Starting a new demo cluster/);
   assert.match(first.output(), /ring version \d+: 3 member\(s\), replication 2/);
   assert.match(first.output(), new RegExp(`served over NBD at ${nbdUri.replace(/[/.]/g, '\\$&')}`));
-  assert.match(first.output(), new RegExp(`torusctl -C ${etcd} list-peers`), 'suggested commands carry -C when the port is not the default');
+  assert.match(first.output(), new RegExp(`torusctl -C ${etcd} --insecure-peer-network list-peers`), "suggested commands carry -C when the port is not the default, and the demo's plaintext peer flag");
   // The banner says where the nodes' HTTP endpoints are, and they answer there.
   const dash = new RegExp(`Dashboard: (http://127\\.0\\.0\\.1:\\d+/) \\(each node serves one: `).exec(first.output());
   assert.ok(dash, first.output());
@@ -126,10 +126,10 @@ test('npm run demo: up, usable with the tools it names, stops cleanly, comes bac
   assert.equal(io.code, 0, io.out);
   assert.doesNotMatch(io.out, /Pattern verification failed/);
 
-  const health = sh(process.execPath, [join(REPO, 'bin', 'torusctl.js'), '-C', etcd, 'health']);
+  const health = sh(process.execPath, [join(REPO, 'bin', 'torusctl.js'), '-C', etcd, '--insecure-peer-network', 'health']);
   assert.equal(health.code, 0, health.out);
   assert.match(health.out, /^HEALTHY/);
-  assert.equal(sh(process.execPath, [join(REPO, 'bin', 'torusctl.js'), '-C', etcd, 'block', 'snapshot', 'create', 'demo@first']).code, 0);
+  assert.equal(sh(process.execPath, [join(REPO, 'bin', 'torusctl.js'), '-C', etcd, '--insecure-peer-network', 'block', 'snapshot', 'create', 'demo@first']).code, 0);
 
   assert.equal(await interrupt(first.proc), 0, first.output());
   assert.match(first.output(), /Stopped\. The cluster's data stays in/);

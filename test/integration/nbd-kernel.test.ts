@@ -5,7 +5,6 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { testCerts } from '../helpers/certs.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { freePort } from '../helpers/etcd.js';
 import { guestLibsForAddons, runInVm, vmUnavailable } from '../helpers/kernel-vm.js';
@@ -170,24 +169,20 @@ echo KERNEL-NBD-OK
       const addr = spawnSync('ip', ['-n', ns, 'addr', 'add', '10.0.3.1/24', 'dev', 'br0'], { encoding: 'utf8', timeout: 10_000 });
       assert.equal(addr.status, 0, addr.stderr);
       lab.addTap('tap0');
-      cluster = await startNsCluster(lab, ns, { address: '10.0.3.1', nodes: 2, replication: 2, blockSize: '64KiB', size: '512MiB' });
+      // Peer RPC in plaintext here: the guest is emulated (no KVM), and with TLS its replica PUTs
+      // outran their 5 s timeout while mkfs wrote; this test is about the kernel's NBD client, and
+      // every other test covers the peer path over TLS.
+      cluster = await startNsCluster(lab, ns, { address: '10.0.3.1', nodes: 2, replication: 2, blockSize: '64KiB', size: '512MiB', insecurePeerNetwork: true });
       cluster.ok('torusctl', ['volume', 'create-block', 'v', '256MiB']);
-      // The test's client certificates travel in the job (only it and the shared tree reach the guest).
-      const certs = (await testCerts()).clientDir;
-      const certFiles = ['ca-cert.pem', 'client-cert.pem', 'client-key.pem']
-        .map((f) => `cat > /tmp/tls/${f} <<'PEM'\n${readFileSync(join(certs, f), 'utf8').trim()}\nPEM`)
-        .join('\n');
       const job = `set -e
 ${guestLibsForAddons(REPO)}
-mkdir -m 700 /tmp/tls
-${certFiles}
 ip addr add 10.0.3.15/24 dev eth1
 for i in $(seq 50); do ping -c 1 -W 1 10.0.3.1 >/dev/null 2>&1 && break; sleep 0.2; done
 # Whatever happens, the host gets to see what torusblk said.
 trap 'echo "--- torusblk output"; cat /tmp/blk.log' EXIT
 # An emulated guest on a loaded host stalls for tens of seconds at times (CI saw 40 s without an
 # etcd answer, and the 15 s lock lease expired): a lease long enough to ride that out.
-node ${REPO}/bin/torusblk.js -C ${cluster.endpoint} --tls-certificates /tmp/tls --lock-ttl 120s nbd v /dev/nbd0 >/tmp/blk.log 2>&1 &
+node ${REPO}/bin/torusblk.js -C ${cluster.endpoint} --insecure-peer-network --lock-ttl 120s nbd v /dev/nbd0 >/tmp/blk.log 2>&1 &
 BLK=$!
 START=$(date +%s)
 for i in $(seq 450); do grep -q '^Attached' /tmp/blk.log && break; kill -0 $BLK 2>/dev/null || break; sleep 0.2; done
