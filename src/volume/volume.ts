@@ -607,7 +607,15 @@ export class BlockVolume implements BlockDevice {
       if (!this.journalBroken && !this.journalMisplaced) return;
       const j = this.journal!;
       await j.moveTo();
-      await this.commitHead({ ...this.headFields(), journal: j.position });
+      // The commit claims this session's current epoch, which blocks written since the last
+      // checkpoint carry (folds, the tree pages of BLOCK records applied by a checkpoint that
+      // failed): GC keeps such blocks only while their epoch is above the head's, so the tree
+      // that names them goes into this commit too. The runs stay as they were: overlays older
+      // than a fold, read over the folded block, give the same bytes.
+      const { root, depth, stored } = await this.tree.commit((t) => this.allocRef(t));
+      await stored;
+      await this.ctx.store.flush();
+      await this.commitHead({ ...this.headFields(), root, depth, journal: j.position });
       this.journalBroken = false;
       this.journalMisplaced = false;
       this.stats.journalMoves++;
