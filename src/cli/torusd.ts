@@ -29,6 +29,7 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   orphanGrace: string;
   rebalanceRate: string;
   rebalanceInterval: string;
+  rebalanceMemory: string;
   compactionRetention: string;
   compactionMaxRevisions: string;
   compactionInterval: string;
@@ -82,6 +83,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--heartbeat <duration>', 'how often to report to etcd').default('5s'))
     .addOption(new Option('--rebalance-rate <size>', 'bytes per second a node may send while rebalancing (0: unlimited)').default('100MiB'))
     .addOption(new Option('--rebalance-interval <duration>', 'pause between rebalance passes when nothing moved (at least 19x the last pass, not counting failed calls, so walking takes at most 5% of the time)').default('10s'))
+    .addOption(new Option('--rebalance-memory <size>', 'blocks the rebalancer holds in flight at once: read here, not yet acknowledged by their receiver').default('64MiB'))
     .addOption(new Option('--gc-interval <duration>', 'how often to delete blocks no volume can reach any more (0: never)').default('30s'))
     .addOption(new Option('--scrub-interval <duration>', 'read and check every block held once per interval, repairing bad copies from other replicas (0: never)').default('168h'))
     .addOption(new Option('--scrub-rate <size>', "scrub read rate per second; auto: the interval's share of the data held, 1MiB to 64MiB").default('auto'))
@@ -120,6 +122,8 @@ export function buildProgram(): Command {
       // The largest frame must fit, or a peer sending one would wait forever.
       if (peerLimits.maxBufferedBytes < DEFAULT_MAX_FRAME_SIZE)
         throw new TorusError('INVALID_ARGUMENT', `invalid --peer-max-buffered "${opts.peerMaxBuffered}": at least 17MiB, the largest frame`);
+      const rebalanceMemory = parseSize(opts.rebalanceMemory);
+      if (rebalanceMemory <= 0) throw new TorusError('INVALID_ARGUMENT', `invalid --rebalance-memory "${opts.rebalanceMemory}": must be above 0`);
       const httpLimits = { maxConnections: parseCount(opts.httpMaxConnections, '--http-max-connections') };
       const httpSecurity = httpSecurityFrom(opts, (m) => log.warn(m));
       let node: StorageNode;
@@ -141,6 +145,7 @@ export function buildProgram(): Command {
           orphanGraceMs: parseDuration(opts.orphanGrace),
           rebalanceRate: parseSize(opts.rebalanceRate),
           rebalanceIntervalMs: parseDuration(opts.rebalanceInterval),
+          rebalanceMemory,
           readCacheBytes: parseSize(opts.readCacheSize),
           readLevel: opts.readLevel as ReadLevel,
           writeLevel: opts.writeLevel as WriteLevel,

@@ -12,12 +12,13 @@ const BS = 4096;
 const ref = (i: number): BlockRef => ({ type: BlockType.Data, volume: 3, inode: 1, index: i });
 const data = (i: number): Buffer => Buffer.alloc(BS, i % 251);
 
-function cluster(n: number) {
+/** With `volatile`, what a store's flush did not cover is lost by its powerCut(). */
+function cluster(n: number, volatile = false) {
   const transport = new MemoryTransport();
   const stores = new Map<string, MemoryBlockStore>();
   const uuids = Array.from({ length: 5 }, (_, i) => `p${i}`);
   for (const u of uuids) {
-    const s = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 10_000 });
+    const s = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 10_000, volatile });
     stores.set(u, s);
     transport.add(u, s);
   }
@@ -290,4 +291,117 @@ test('time spent waiting on an unreachable owner does not lengthen the rest', as
   } finally {
     await r.stop();
   }
+});
+
+/**
+ * Wraps `c.transport` so each PUT takes `delayMs` and is recorded: the most PUTs in flight to one
+ * peer at once, the most bytes in all PUTs in flight, and each PUT's start time and bytes.
+ */
+function recordPuts(c: ReturnType<typeof cluster>, delayMs: number) {
+  const transport = Object.create(c.transport) as MemoryTransport;
+  const rec = { maxPerPeer: 0, maxBytes: 0, puts: [] as { at: number; bytes: number }[], flushes: new Map<string, number>() };
+  const perPeer = new Map<string, number>();
+  let bytes = 0;
+  transport.put = async (peer, items) => {
+    const n = items.reduce((a, it) => a + it.data.length, 0);
+    rec.puts.push({ at: Date.now(), bytes: n });
+    perPeer.set(peer.uuid, (perPeer.get(peer.uuid) ?? 0) + 1);
+    bytes += n;
+    rec.maxPerPeer = Math.max(rec.maxPerPeer, perPeer.get(peer.uuid)!);
+    rec.maxBytes = Math.max(rec.maxBytes, bytes);
+    try {
+      await new Promise((res) => setTimeout(res, delayMs));
+      return await c.transport.put(peer, items);
+    } finally {
+      perPeer.set(peer.uuid, perPeer.get(peer.uuid)! - 1);
+      bytes -= n;
+    }
+  };
+  transport.flush = async (peer) => {
+    rec.flushes.set(peer.uuid, (rec.flushes.get(peer.uuid) ?? 0) + 1);
+    return c.transport.flush(peer);
+  };
+  return { transport, rec };
+}
+
+test('a pass keeps several batches in flight to a peer, and flushes each receiving peer once', async () => {
+  const c = cluster(3);
+  await writeAll(c, 300);
+  const { owned } = addP3(c, 300);
+  const { transport, rec } = recordPuts(c, 5);
+  // Small batches: p0 sends p3 its share in many of them.
+  const r = c.rebalancer('p0', { transport, batch: 4 });
+  const moved = await r.pass();
+  assert.ok(moved > 8, `moved ${moved}`);
+  assert.ok(rec.puts.length > 2, `${rec.puts.length} puts`);
+  assert.ok(rec.maxPerPeer > 1, `at most ${rec.maxPerPeer} put(s) in flight to one peer`);
+  // p3 received blocks; the other owners of blocks p0 drops are flushed too (HAS then FLUSH).
+  assert.equal(rec.flushes.get('p3'), 1);
+  for (const [peer, n] of rec.flushes) assert.equal(n, 1, `${peer}: ${n} flushes in one pass`);
+  for (const i of owned) assert.ok(c.stores.get('p3')!.hasBlock(ref(i)) || !c.stores.get('p0')!.hasBlock(ref(i)), `block ${i} sent to p3`);
+  await c.settle();
+  assertPlaced(c, 300);
+});
+
+test('the blocks in flight stay within the byte budget', async () => {
+  const c = cluster(3);
+  await writeAll(c, 300);
+  addP3(c, 300);
+  // Raising R sends third copies to every peer at once: p0 has three receivers.
+  c.setModel(changeReplication(c.model(), 3));
+  const { transport, rec } = recordPuts(c, 5);
+  const budget = 3 * BS;
+  const r = c.rebalancer('p0', { transport, batch: 4, inFlightBytes: budget });
+  assert.ok((await r.pass()) > 8);
+  assert.ok(rec.maxBytes > BS, `${rec.maxBytes} bytes in flight at most: the budget allows more than one block`);
+  assert.ok(rec.maxBytes <= budget, `${rec.maxBytes} bytes in flight, budget ${budget}`);
+  assert.ok(r.inFlight.peak <= budget && r.inFlight.used === 0, `peak ${r.inFlight.peak}, left ${r.inFlight.used}`);
+  await c.settle();
+  assertPlaced(c, 300);
+});
+
+test('the rate limit holds with several batches in flight', async () => {
+  const c = cluster(3);
+  await writeAll(c, 120);
+  addP3(c, 120);
+  const { transport, rec } = recordPuts(c, 1);
+  const rate = 64 * 1024;
+  const started = Date.now();
+  const r = c.rebalancer('p0', { transport, batch: 4, rateBytesPerSec: rate });
+  assert.ok((await r.pass()) > 0);
+  const sent = rec.puts.reduce((a, p) => a + p.bytes, 0);
+  assert.ok(sent > rate, `sent ${sent} bytes: more than the bucket holds`);
+  // By any moment, at most the rate times the time since the start, plus one PUT of 4 blocks
+  // (the bucket starts empty and may be overdrawn by one request). A slow machine only sends less.
+  let cum = 0;
+  for (const p of rec.puts) {
+    cum += p.bytes;
+    const allowed = (rate * (p.at - started)) / 1000 + 4 * BS;
+    assert.ok(cum <= allowed, `${cum} bytes sent ${p.at - started} ms in; the rate allows ${Math.round(allowed)}`);
+  }
+});
+
+test('a peer that restarts mid-pipeline, losing what it had not flushed: the lost blocks are sent again in the same pass', async () => {
+  const c = cluster(3, true);
+  await writeAll(c, 300);
+  const { owned } = addP3(c, 300);
+  const p3 = c.stores.get('p3') as MemoryBlockStore;
+  const fromP0 = owned.filter((i) => c.stores.get('p0')!.hasBlock(ref(i)));
+  // After p3 took its second PUT, its machine crashes: what it took is lost, a new process answers.
+  const transport = Object.create(c.transport) as MemoryTransport;
+  let puts = 0;
+  let lost = 0;
+  transport.put = async (peer, items) => {
+    if (peer.uuid === 'p3' && ++puts === 3) {
+      lost = p3.powerCut();
+      c.transport.instances.set('p3', 'second');
+    }
+    return c.transport.put(peer, items);
+  };
+  await c.rebalancer('p0', { transport, batch: 4, depth: 1 }).pass();
+  assert.ok(lost > 0, 'p3 lost blocks it had taken');
+  // What p3 holds now survives another crash: it was flushed by the process that took it.
+  p3.powerCut();
+  for (const i of fromP0) assert.ok(p3.hasBlock(ref(i)), `block ${i} is on p3 after one pass of p0`);
+  for (let i = 0; i < 300; i++) assert.ok(c.copies(ref(i)).length >= 2, `block ${i} has two copies (${c.copies(ref(i)).join(', ')})`);
 });

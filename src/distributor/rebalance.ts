@@ -1,7 +1,8 @@
-import { toTorusError, TorusError } from '../core/errors.js';
-import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
+import { toTorusError } from '../core/errors.js';
+import { blockRefKey, type BlockRef } from '../core/ids.js';
 import type { BlockStore, JournalStore, Ring } from '../core/interfaces.js';
 import type { RebalanceInfo } from '../core/models.js';
+import { InFlightBytes, sendAndConfirm, type SendContext } from './rebalance-send.js';
 import type { PeerTarget, PeerTransport } from './transport.js';
 
 // The rebalancer: one loop per storage node that walks the node's own blocks and makes the
@@ -19,6 +20,10 @@ import type { PeerTarget, PeerTransport } from './transport.js';
 // re-replication and replication changes (as the original's did), and it is rate-limited so
 // foreground I/O keeps going. Reads keep working meanwhile because they walk the whole ring
 // permutation, old holders included.
+//
+// A pass plans (which peer should hold which of our blocks), then sends and confirms, every peer
+// at once and each pipelined with one FLUSH per peer at the end (rebalance-send.ts), then drains,
+// then counts what is still short of R copies. The blocks in flight are held to a byte budget.
 
 export interface RebalanceOptions {
   readonly self: { readonly uuid: string; readonly store: BlockStore };
@@ -30,7 +35,12 @@ export interface RebalanceOptions {
   readonly rateBytesPerSec?: number;
   /** Idle time between passes when nothing moved (a ring change starts one at once). */
   readonly intervalMs?: number;
+  /** Refs per HAS call. */
   readonly batch?: number;
+  /** Batches in flight per receiving peer (1: stop-and-wait). */
+  readonly depth?: number;
+  /** Bytes of blocks read here and not yet acknowledged by their receivers, at most. */
+  readonly inFlightBytes?: number;
   /**
    * Called after every finished pass with the new status, so the node can publish it without
    * waiting for its next heartbeat (the CLI judges balance by the ring version in it).
@@ -53,6 +63,19 @@ export interface RebalanceStatus extends RebalanceInfo {
  */
 const IDLE_WALK_SHARE = 0.05;
 
+export const REBALANCE_DEFAULTS = { depth: 4, inFlightBytes: 64 * 1024 * 1024 };
+/** A PUT of a few MiB keeps the peer's disk and the link busy without holding much per call. */
+const MAX_PUT_BYTES = 4 * 1024 * 1024;
+
+interface Plan {
+  /** Every block held here that may move (open log blocks left out). */
+  readonly refs: readonly BlockRef[];
+  /** For each other owner of some of them, which ones. */
+  readonly perPeer: ReadonlyMap<string, BlockRef[]>;
+  /** Blocks held here that this node does not own, with their owners. */
+  readonly notOwned: readonly { readonly ref: BlockRef; readonly owners: readonly string[] }[];
+}
+
 export class Rebalancer {
   private timer: NodeJS.Timeout | undefined;
   private running: Promise<void> | undefined;
@@ -64,6 +87,9 @@ export class Rebalancer {
   private failedWaitMs = 0;
   private tokens = 0;
   private lastRefill = Date.now();
+  private readonly depth: number;
+  /** What the pipelines hold; its `used` is published as a metric. */
+  readonly inFlight: InFlightBytes;
   private st = {
     rebalancing: false,
     blocksLeft: 0,
@@ -78,7 +104,10 @@ export class Rebalancer {
     totalMoved: 0,
   };
 
-  constructor(private readonly opts: RebalanceOptions) {}
+  constructor(private readonly opts: RebalanceOptions) {
+    this.depth = Math.max(1, opts.depth ?? REBALANCE_DEFAULTS.depth);
+    this.inFlight = new InFlightBytes(opts.inFlightBytes ?? REBALANCE_DEFAULTS.inFlightBytes);
+  }
 
   start(): void {
     const loop = async (): Promise<void> => {
@@ -147,19 +176,49 @@ export class Rebalancer {
     }
   }
 
-  /** One walk over the local blocks. Returns the number of blocks sent or deleted. */
+  /** One walk over the local blocks. Returns the number of blocks sent (and confirmed) or deleted. */
   async pass(): Promise<number> {
     const ring = this.opts.ring();
+    const ringChanged = ring.version !== this.lastRingVersion;
+    const plan = this.plan(ring);
+    const progress = this.startProgress(plan);
+    this.st.rebalancing = ringChanged || plan.notOwned.length > 0 || this.st.blocksMoved > 0;
+    const { confirmed, moved, bytes } = await this.sendAll(plan, progress);
+    const deleted = await this.drain(plan.notOwned, confirmed);
+    // A pass cut short by stop() did not check every block against this ring: it does not count.
+    if (this.stopped) return moved + deleted;
+    const under = this.countUnderReplicated(ring, plan.refs, confirmed);
+    this.lastRingVersion = ring.version;
+    this.st.passes++;
+    // Recorded after every finished pass, one with nothing to move included: readers take a
+    // ring version below the current ring's as "this node has not caught up yet".
+    this.st.ringVersion = ring.version;
+    this.st.underReplicated = under;
+    this.st.totalMoved += moved;
+    progress.update();
+    this.st.blocksLeft = 0;
+    this.st.bytesLeft = 0;
+    this.st.lastFinish = Date.now();
+    const didWork = moved + deleted;
+    // Still moving, or blocked on an owner that is unreachable: not balanced either way.
+    this.st.rebalancing = didWork > 0 || plan.notOwned.length > deleted;
+    if (didWork > 0) this.opts.log?.info({ sent: moved, bytes, deleted, under, ringVersion: ring.version }, 'rebalance pass');
+    try {
+      this.opts.onPass?.(this.status());
+    } catch (err) {
+      this.opts.log?.warn({ err: toTorusError(err).message }, 'rebalance: status listener failed');
+    }
+    // A pass blocked only by unreachable peers is not "work": wait for the interval to retry.
+    return didWork;
+  }
+
+  /**
+   * What this pass has to check: for each other owner of blocks held here, which ones; and which
+   * blocks held here this node does not own (to drop once their owners hold them durably).
+   */
+  private plan(ring: Ring): Plan {
     const self = this.opts.self.uuid;
     const store = this.opts.self.store;
-    const batchSize = this.opts.batch ?? 64;
-    const ringChanged = ring.version !== this.lastRingVersion;
-    const started = Date.now();
-    let moved = 0;
-    let bytes = 0;
-    let under = 0;
-
-    // Work list: for each peer that should hold blocks we have, which ones to check.
     // An open log block belongs to the writer appending to it (docs/journal.md): not moved until sealed.
     const isOpen = (store as Partial<JournalStore>).isOpenLog?.bind(store);
     const refs = isOpen ? store.refs().filter((r) => !isOpen(r)) : store.refs();
@@ -177,146 +236,105 @@ export class Rebalancer {
       }
       if (!owners.includes(self)) notOwned.push({ ref, owners });
     }
-    const pairs = [...perPeer.values()].reduce((n, l) => n + l.length, 0);
+    return { refs, perPeer, notOwned };
+  }
+
+  /** The pass's counters and the status estimate they feed, updated as answers come in. */
+  private startProgress(plan: Plan): { readonly add: SendContext['progress']; update(): void } {
+    const pairs = [...plan.perPeer.values()].reduce((n, l) => n + l.length, 0);
+    const started = Date.now();
     let checked = 0;
     let missingSeen = 0;
-    this.st.rebalancing = ringChanged || notOwned.length > 0 || this.st.blocksMoved > 0;
-    const estimate = (): void => {
-      const missRate = checked > 0 ? missingSeen / checked : notOwned.length > 0 ? 1 : 0;
+    let sentBlocks = 0;
+    let sentBytes = 0;
+    const update = (): void => {
+      const missRate = checked > 0 ? missingSeen / checked : plan.notOwned.length > 0 ? 1 : 0;
       const left = Math.round((pairs - checked) * missRate);
       this.st.blocksLeft = left;
       this.st.bytesLeft = left * this.opts.blockSize;
       const secs = Math.max(0.001, (Date.now() - started) / 1000);
-      this.st.rate = bytes / secs;
-      this.st.blocksMoved = moved;
-      this.st.bytesMoved = bytes;
+      this.st.rate = sentBytes / secs;
+      this.st.blocksMoved = sentBlocks;
+      this.st.bytesMoved = sentBytes;
     };
+    return {
+      add: (p) => {
+        checked += p.checked ?? 0;
+        missingSeen += p.missing ?? 0;
+        sentBlocks += p.sentBlocks ?? 0;
+        sentBytes += p.sentBytes ?? 0;
+        update();
+      },
+      update,
+    };
+  }
 
-    // Which (peer, ref) pairs are confirmed held durably; `unsynced`: peers with pairs confirmed
-    // by HAS only, which are durable once that peer has flushed.
+  /**
+   * Send-and-confirm for every peer at once, each pipelined (rebalance-send.ts). Returns which
+   * (peer, block) pairs are confirmed, as `${peer} ${blockRefKey}`.
+   */
+  private async sendAll(plan: Plan, progress: { readonly add: SendContext['progress'] }): Promise<{ confirmed: Set<string>; moved: number; bytes: number }> {
+    const notOwned = new Set(plan.notOwned.map(({ ref }) => blockRefKey(ref)));
+    const ctx: SendContext = {
+      transport: this.opts.transport,
+      store: this.opts.self.store,
+      blockSize: this.opts.blockSize,
+      batch: this.opts.batch ?? 64,
+      putBlocks: Math.max(1, Math.floor(Math.min(MAX_PUT_BYTES, this.inFlight.limit / (2 * this.depth)) / this.opts.blockSize)),
+      depth: this.depth,
+      inFlight: this.inFlight,
+      throttle: (bytes) => this.throttle(bytes),
+      stopped: () => this.stopped,
+      progress: progress.add,
+      log: this.opts.log,
+    };
     const confirmed = new Set<string>();
-    const unsynced = new Set<string>();
-    // The peer process that answered HAS; a FLUSH answered by another does not cover it.
-    const hasInstance = new Map<string, string | undefined>();
-    const instanceOf = (t: PeerTarget): string | undefined => this.opts.transport.instance?.(t);
-    for (const [peer, list] of perPeer) {
-      const target = this.opts.target(peer);
-      if (!target) {
-        checked += list.length;
-        continue;
-      }
-      for (let i = 0; i < list.length && !this.stopped; i += batchSize) {
-        const batch = list.slice(i, i + batchSize);
-        const callStarted = Date.now();
-        try {
-          const has = await this.opts.transport.has(target, batch);
-          const answeredBy = instanceOf(target);
-          if (hasInstance.has(peer) && hasInstance.get(peer) !== answeredBy) throw new TorusError('AGAIN', `peer restarted during the pass`);
-          hasInstance.set(peer, answeredBy);
-          const missing = batch.filter((_, j) => !has[j]);
-          for (const [j, r] of batch.entries())
-            if (has[j]) {
-              confirmed.add(`${peer} ${blockRefKey(r)}`);
-              unsynced.add(peer);
-            }
-          missingSeen += missing.length;
-          if (missing.length > 0) {
-            const items: { ref: BlockRef; data: Buffer }[] = [];
-            for (const ref of missing) {
-              try {
-                items.push({ ref, data: await store.getBlock(ref) });
-              } catch (err) {
-                // Gone (GC) or corrupt here: another holder will do it, or the repair path.
-                this.opts.log?.warn({ ref: formatBlockRef(ref), err: toTorusError(err).message }, 'rebalance: cannot read local block');
-              }
-            }
-            for (const it of items) await this.throttle(it.data.length);
-            const status = await this.opts.transport.put(target, items);
-            const tookIt = instanceOf(target);
-            // Durable on the new owner before anything relies on it (deleting our copy), and
-            // flushed by the same process that took it.
-            await this.opts.transport.flush(target);
-            if (instanceOf(target) !== tookIt) throw new TorusError('AGAIN', `peer restarted between put and flush`);
-            items.forEach((it, j) => {
-              if (status[j] === null) {
-                confirmed.add(`${peer} ${blockRefKey(it.ref)}`);
-                moved++;
-                bytes += it.data.length;
-              }
-            });
-          }
-        } catch (err) {
-          this.failedWaitMs += Date.now() - callStarted;
-          this.opts.log?.warn({ peer, err: toTorusError(err).message }, 'rebalance: peer unreachable; will retry');
-          checked += list.length - i;
-          break;
+    let moved = 0;
+    let bytes = 0;
+    const outcomes = await Promise.all(
+      [...plan.perPeer].map(async ([peer, list]) => {
+        const target = this.opts.target(peer);
+        if (!target) {
+          progress.add({ checked: list.length });
+          return undefined;
         }
-        checked += batch.length;
-        estimate();
-      }
-    }
+        const out = await sendAndConfirm(ctx, target, list, (ref) => notOwned.has(blockRefKey(ref)));
+        for (const ref of out.confirmed) confirmed.add(`${peer} ${blockRefKey(ref)}`);
+        moved += out.moved;
+        bytes += out.bytes;
+        return out;
+      }),
+    );
+    // The peers wait side by side: the longest wait on a failing one is what the walk lost.
+    this.failedWaitMs += Math.max(0, ...outcomes.map((o) => o?.failedWaitMs ?? 0));
+    return { confirmed, moved, bytes };
+  }
 
-    // Drain: our copies of blocks we do not own, once every owner holds them durably.
-    const drainable = notOwned.filter(({ ref, owners }) => owners.every((o) => confirmed.has(`${o} ${blockRefKey(ref)}`)));
-    const toSync = new Set(drainable.flatMap(({ owners }) => owners.filter((o) => unsynced.has(o))));
-    const unsyncable = new Set<string>();
-    for (const peer of toSync) {
-      if (this.stopped) break;
-      const target = this.opts.target(peer);
-      if (!target) {
-        unsyncable.add(peer);
-        continue;
-      }
-      const callStarted = Date.now();
-      try {
-        await this.opts.transport.flush(target);
-        if (instanceOf(target) !== hasInstance.get(peer)) throw new TorusError('AGAIN', `peer restarted between has and flush`);
-      } catch (err) {
-        this.failedWaitMs += Date.now() - callStarted;
-        unsyncable.add(peer);
-        this.opts.log?.warn({ peer, err: toTorusError(err).message }, 'rebalance: owner cannot flush; nothing deleted on its account');
-      }
-    }
+  /** Drops the copies held here of blocks this node does not own, once every owner holds them durably. */
+  private async drain(notOwned: Plan['notOwned'], confirmed: ReadonlySet<string>): Promise<number> {
     let deleted = 0;
-    for (const { ref, owners } of drainable) {
+    for (const { ref, owners } of notOwned) {
       if (this.stopped) break;
-      if (owners.every((o) => !unsyncable.has(o))) {
-        await store.deleteBlock(ref);
-        deleted++;
-      }
+      const key = blockRefKey(ref);
+      if (!owners.every((o) => confirmed.has(`${o} ${key}`))) continue;
+      await this.opts.self.store.deleteBlock(ref);
+      deleted++;
     }
-    if (deleted > 0) await store.flush();
+    if (deleted > 0) await this.opts.self.store.flush();
+    return deleted;
+  }
 
+  /** Blocks held here that fewer than R owners (this node included) were confirmed to hold. */
+  private countUnderReplicated(ring: Ring, refs: readonly BlockRef[], confirmed: ReadonlySet<string>): number {
+    const self = this.opts.self.uuid;
+    let under = 0;
     for (const ref of refs) {
       const perm = ring.getPeers(ref);
-      const owners = perm.peers.slice(0, perm.replication);
       const key = blockRefKey(ref);
-      const held = owners.filter((o) => o === self || (confirmed.has(`${o} ${key}`) && !unsyncable.has(o))).length;
+      const held = perm.peers.slice(0, perm.replication).filter((o) => o === self || confirmed.has(`${o} ${key}`)).length;
       if (held < perm.replication) under++;
     }
-    // A pass cut short by stop() did not check every block against this ring: it does not count.
-    if (this.stopped) return moved + deleted;
-    this.lastRingVersion = ring.version;
-    this.st.passes++;
-    // Recorded after every finished pass, one with nothing to move included: readers take a
-    // ring version below the current ring's as "this node has not caught up yet".
-    this.st.ringVersion = ring.version;
-    this.st.underReplicated = under;
-    this.st.totalMoved += moved;
-    estimate();
-    this.st.blocksLeft = 0;
-    this.st.bytesLeft = 0;
-    this.st.lastFinish = Date.now();
-    const didWork = moved + deleted;
-    // Still moving, or blocked on an owner that is unreachable: not balanced either way.
-    this.st.rebalancing = didWork > 0 || notOwned.length > deleted;
-    if (didWork > 0) this.opts.log?.info({ sent: moved, bytes, deleted, under, ringVersion: ring.version }, 'rebalance pass');
-    try {
-      this.opts.onPass?.(this.status());
-    } catch (err) {
-      this.opts.log?.warn({ err: toTorusError(err).message }, 'rebalance: status listener failed');
-    }
-    // A pass blocked only by unreachable peers is not "work": wait for the interval to retry.
-    return didWork;
+    return under;
   }
 }
+

@@ -63,6 +63,8 @@ export interface NodeOptions {
   /** Bytes per second the rebalancer may send (0: unlimited). */
   readonly rebalanceRate?: number;
   readonly rebalanceIntervalMs?: number;
+  /** Bytes of blocks the rebalancer holds in flight at once. */
+  readonly rebalanceMemory?: number;
   /** How often to collect garbage; 0 turns GC off. */
   readonly gcIntervalMs?: number;
   /** Check every held block once per interval (default a week); 0 turns scrubbing off. */
@@ -299,6 +301,7 @@ export class StorageNode {
       blockSize: this.global.blockSize,
       rateBytesPerSec: this.opts.rebalanceRate ?? 0,
       intervalMs: this.opts.rebalanceIntervalMs ?? 10_000,
+      ...(this.opts.rebalanceMemory !== undefined ? { inFlightBytes: this.opts.rebalanceMemory } : {}),
       // A pass that caught up with a new ring, or finished moving, is published at once: until
       // then torusctl counts this node as still rebalancing. Not while heartbeats fail: retrying
       // etcd stays at the heartbeat's pace.
@@ -626,7 +629,8 @@ export class StorageNode {
 
   private rebalanceSamples(): MetricSample[] {
     const r = this.rebalancer?.status();
-    if (!r) return [];
+    const held = this.rebalancer?.inFlight;
+    if (!r || !held) return [];
     return [
       { name: 'torus_rebalance_active', help: '1 while this node is moving blocks', type: 'gauge', value: r.rebalancing ? 1 : 0 },
       { name: 'torus_rebalance_blocks_left', help: 'Estimated blocks still to move in this pass', type: 'gauge', value: r.blocksLeft },
@@ -634,6 +638,9 @@ export class StorageNode {
       { name: 'torus_rebalance_rate_bytes', help: 'Bytes per second moved in the current or last pass', type: 'gauge', value: r.rate },
       { name: 'torus_rebalance_under_replicated_blocks', help: 'Blocks held here whose owners are not all confirmed', type: 'gauge', value: r.underReplicated },
       { name: 'torus_rebalance_passes_total', help: 'Rebalance passes completed', type: 'counter', value: r.passes },
+      { name: 'torus_rebalance_inflight_bytes', help: 'Bytes of blocks read for sending and not yet acknowledged by their receiver', type: 'gauge', value: held.used },
+      { name: 'torus_rebalance_inflight_bytes_peak', help: 'The most bytes of blocks in flight at once since start', type: 'gauge', value: held.peak },
+      { name: 'torus_rebalance_inflight_bytes_limit', help: 'The budget for blocks in flight (--rebalance-memory)', type: 'gauge', value: held.limit },
     ];
   }
 
