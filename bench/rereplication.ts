@@ -11,7 +11,9 @@
 // after the kill, times the block size. Then the same byte count is sent over one TCP connection
 // (net.Socket, 1 MiB writes with backpressure) from this process to a child process that discards
 // it and answers when it has it all. Prints both rates and their ratio (medians over
-// repetitions, with min and max); writes JSON to bench/results/rereplication-<date>.json.
+// repetitions, with min and max), and the CPU the surviving torusd used per MiB re-replicated
+// (user + system, from /proc): on a shared, noisy machine the rates swing with the neighbours'
+// load, the CPU per MiB much less. Writes JSON to bench/results/rereplication-<date>.json.
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -24,7 +26,7 @@ import { VolumeClient } from '../src/volume/client.js';
 import { startCluster } from '../test/helpers/cluster.js';
 import { countCopies } from '../test/helpers/copies.js';
 import { REPO, ok } from '../test/helpers/procs.js';
-import { formatSpread, spread } from './lib/probes.js';
+import { cpuTimes, formatSpread, spread } from './lib/probes.js';
 
 const { values } = parseArgs({
   options: {
@@ -48,6 +50,8 @@ interface Rep {
   tcpMibPerSec: number;
   ratio: number;
   fillMibPerSec: number;
+  /** User + system CPU of the surviving torusd while re-replicating, per MiB copied. */
+  cpuMsPerMiB: number;
 }
 
 /** One TCP connection from here to a child that discards `bytes` and says when it has them all. */
@@ -130,14 +134,19 @@ async function rep(i: number): Promise<Rep> {
     const before = await countCopies(c.meta, c.client);
     const blocksToCopy = before.histogram['1'] ?? 0;
     if ((before.histogram['0'] ?? 0) > 0) throw new Error(`blocks lost: ${JSON.stringify(before.histogram)}`);
+    const survivors = c.nodes.slice(0, 3).map((n) => n.proc.pid!);
+    const cpu = (): number => survivors.reduce((a, pid) => a + cpuTimes(pid).user + cpuTimes(pid).sys, 0);
+    const cpu0 = cpu();
     await ok('torusctl', [...C, 'peer', 'remove', '--force', victim]);
     const t0 = Date.now();
     let seconds = -1;
+    let cpuSeconds = 0;
     // Bounded: two minutes is far beyond any sane rate for the sizes this runs with.
     while (Date.now() - t0 < 120_000) {
       const r = await countCopies(c.meta, c.client);
       if (r.min >= 2) {
         seconds = (Date.now() - t0) / 1000;
+        cpuSeconds = cpu() - cpu0;
         break;
       }
       await sleep(100);
@@ -155,11 +164,12 @@ async function rep(i: number): Promise<Rep> {
       tcpMibPerSec: bytesToCopy / MiB / tcpSeconds,
       ratio: 0,
       fillMibPerSec,
+      cpuMsPerMiB: (cpuSeconds * 1000) / (bytesToCopy / MiB),
     };
     out.ratio = out.mibPerSec / out.tcpMibPerSec;
     console.log(
       `rep ${i + 1}: ${blocksToCopy}/${before.live} blocks (${(bytesToCopy / MiB).toFixed(0)} MiB) re-replicated in ${seconds.toFixed(2)} s = ${out.mibPerSec.toFixed(1)} MiB/s; ` +
-        `TCP ${out.tcpMibPerSec.toFixed(0)} MiB/s; ratio ${out.ratio.toFixed(3)}`,
+        `torusd CPU ${out.cpuMsPerMiB.toFixed(1)} ms/MiB; TCP ${out.tcpMibPerSec.toFixed(0)} MiB/s; ratio ${out.ratio.toFixed(3)}`,
     );
     return out;
   } finally {
@@ -175,9 +185,11 @@ for (let i = 0; i < REPS; i++) reps.push(await rep(i));
 const rr = spread(reps.map((r) => r.mibPerSec));
 const tcp = spread(reps.map((r) => r.tcpMibPerSec));
 const ratio = spread(reps.map((r) => r.ratio));
+const cpuPerMiB = spread(reps.map((r) => r.cpuMsPerMiB));
 const f = formatSpread;
 console.log('');
 console.log(`re-replication      ${f(rr)} MiB/s`);
+console.log(`torusd CPU          ${f(cpuPerMiB)} ms per MiB`);
 console.log(`raw TCP (1 conn)    ${f(tcp, 0)} MiB/s`);
 console.log(`ratio               ${f(ratio, 3)}`);
 const dir = join(REPO, 'bench', 'results');
@@ -191,6 +203,7 @@ writeFileSync(
       settings: { nodes: 4, replication: 2, blockSize: values['block-size'], volumeBytes: SIZE, reps: REPS, torusd: '--rebalance-rate 10GiB --heartbeat 1s --gc-interval 0' },
       machine: { cpus: cpus().length, node: process.version },
       rereplicationMiBps: rr,
+      torusdCpuMsPerMiB: cpuPerMiB,
       tcpMiBps: tcp,
       ratio,
       reps,
