@@ -25,7 +25,8 @@ let stop = false;
 let workload: Promise<void> = Promise.resolve();
 const errors: string[] = [];
 let syncs = 0;
-const ARGS = ['--rebalance-interval', '1s', '--gc-interval', '2s'];
+// A small rebalance budget (64 KiB blocks: 4 per PUT), so the joins and losses below run with it binding.
+const ARGS = ['--rebalance-interval', '1s', '--gc-interval', '2s', '--rebalance-memory', '2MiB'];
 
 // The workload and the checks take turns: a check runs between two of the workload's syncs, so
 // the model is exactly what the head should hold.
@@ -137,6 +138,17 @@ test('a node joins: blocks move to it; R copies; no I/O errors', async () => {
   );
   await converged(2, 'after add');
   await verify('after add');
+  // The nodes that sent blocks held them within --rebalance-memory, and say so on /metrics.
+  let peak = 0;
+  for (const n of c.nodes.slice(0, 3)) {
+    const text = await (await fetch(`http://127.0.0.1:${n.httpPort}/metrics`)).text();
+    const value = (name: string): number => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1]);
+    assert.equal(value('torus_rebalance_inflight_bytes_limit'), 2 * MiB);
+    assert.ok(value('torus_rebalance_inflight_bytes_peak') <= 2 * MiB, `peak ${value('torus_rebalance_inflight_bytes_peak')}`);
+    assert.ok(value('torus_rebalance_inflight_bytes') >= 0);
+    peak = Math.max(peak, value('torus_rebalance_inflight_bytes_peak'));
+  }
+  assert.ok(peak > 0, 'some node had blocks in flight');
 });
 
 test('a node is removed: it drains to nothing; R copies remain', async () => {
