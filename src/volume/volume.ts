@@ -442,7 +442,7 @@ export class BlockVolume implements BlockDevice {
     const src: Source = { lsn: Infinity, zero: r.type === RecordType.Zero || r.type === RecordType.Trim, hole: r.type === RecordType.Trim, data: r.data, log: undefined };
     if (r.block) src.block = r.block;
     this.pending.push({ rec: { ...r, lsn: 0 }, src });
-    this.pendingBytes += r.data?.length ?? 64;
+    this.pendingBytes += r.data?.length ?? RECORD_COST;
     this.overlay.insert(index, start, start + r.length, src, 0);
     this.lastWrite = Date.now();
   }
@@ -549,7 +549,7 @@ export class BlockVolume implements BlockDevice {
     } catch (err) {
       // Nothing of this flush is in the journal: its writes stay pending for the next one.
       this.pending = entries.concat(this.pending);
-      this.pendingBytes += sumBytes(entries);
+      for (const e of entries) this.pendingBytes += e.rec.data?.length ?? RECORD_COST;
       throw err;
     }
     try {
