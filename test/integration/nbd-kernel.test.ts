@@ -5,6 +5,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import { issueCertificates } from '../../src/cli/shared/certs.js';
+import { testCerts } from '../helpers/certs.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { freePort } from '../helpers/etcd.js';
 import { guestLibsForAddons, runInVm, vmUnavailable } from '../helpers/kernel-vm.js';
@@ -221,6 +223,53 @@ echo KERNEL-TORUSBLK-OK
       await cluster?.stop();
       lab?.destroy();
       rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('nbd-client with TLS in the guest: a client certificate granted the volume reads and writes it; torusblk nbdserve --tls require', { skip: vmSkip, timeout: 240_000 }, async () => {
+    let cluster: TestCluster | undefined;
+    let srv: ChildProcess | undefined;
+    // Only the client's certificate files go into the guest (run-in-vm copies --share there).
+    const share = mkdtempSync(join(tmpdir(), 'nbd-kernel-tls-'));
+    try {
+      cluster = await startCluster({ nodes: 2, replication: 2, blockSize: '64KiB', size: '256MiB' });
+      const C = ['-C', cluster.etcd.endpoint];
+      await ok('torusctl', [...C, 'volume', 'create-block', 'v', '64MiB']);
+      const { caDir } = await testCerts();
+      const { dir } = await issueCertificates(caDir, 'kclient', { nbdOnly: true, out: join(share, 'kclient') });
+      await ok('torusctl', [...C, 'access', 'grant', 'v', 'kclient']);
+      const port = await freePort();
+      // The server's certificate is the test CA's (TORUS_TLS_CERTIFICATES, as --tls-certificates).
+      srv = spawn(process.execPath, [BIN('torusblk'), ...C, '--log-level', 'debug', 'nbdserve', '--listen', `127.0.0.1:${port}`, '--tls', 'require'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const log = capture(srv);
+      await waitForOutput(srv, /serving NBD on/, 'torusblk nbdserve');
+      const tlsArgs = `-certfile ${dir}/client-cert.pem -keyfile ${dir}/client-key.pem -cacertfile ${dir}/ca-cert.pem -tlshostname localhost`;
+      const job = `set -e
+# Without TLS the server refuses (it requires it).
+if nbd-client 10.0.2.2 ${port} /dev/nbd1 -N v >/tmp/plain.log 2>&1; then echo PLAIN-ATTACHED; nbd-client -d /dev/nbd1; else echo PLAIN-REFUSED; fi
+nbd-client 10.0.2.2 ${port} /dev/nbd0 -N v ${tlsArgs}
+dd if=/dev/urandom of=/tmp/x bs=64k count=32 2>/dev/null
+dd if=/tmp/x of=/dev/nbd0 bs=64k oflag=direct conv=fsync 2>/dev/null
+dd if=/dev/nbd0 of=/tmp/y bs=64k count=32 iflag=direct 2>/dev/null
+cmp /tmp/x /tmp/y && echo TLS-RW-OK
+echo "SHA $(sha256sum /tmp/x | cut -d' ' -f1)"
+nbd-client -d /dev/nbd0
+`;
+      const vm = await runInVm(job, { timeoutS: 150, share });
+      assert.equal(vm.code, 0, `guest job failed (${vm.code}):\n${vm.out}\nnbdserve:\n${log()}`);
+      assert.match(vm.out, /PLAIN-REFUSED/, 'a client without TLS is refused');
+      assert.match(vm.out, /TLS-RW-OK/, 'the guest read back what it wrote over TLS');
+      assert.match(log(), /"identity":"kclient"[^\n]*"msg":"nbd TLS on"/, 'the server saw the guest\'s certificate');
+      // What the guest wrote is in the volume: read back on the host over TLS with the same identity.
+      const sha = /^SHA ([0-9a-f]{64})$/m.exec(vm.out)?.[1];
+      assert.ok(sha, vm.out);
+      const copy = spawnSync('nbdcopy', [`nbds://127.0.0.1:${port}/v?tls-certificates=${dir}`, '-'], { maxBuffer: 256 * 1024 * 1024, timeout: 120_000 });
+      assert.equal(copy.status, 0, String(copy.stderr));
+      assert.equal(createHash('sha256').update(copy.stdout.subarray(0, 2 * 1024 * 1024)).digest('hex'), sha);
+    } finally {
+      if (srv) await stopProcess(srv, 'SIGKILL', 30_000);
+      await cluster?.stop();
+      rmSync(share, { recursive: true, force: true });
     }
   });
 });
