@@ -62,6 +62,8 @@ export class JournalWriter {
   private inflight: Promise<void> | undefined;
   /** Filled blocks whose seal has not completed, by index. */
   private readonly sealing = new Map<number, Promise<void>>();
+  /** Filled blocks whose seal failed on every replica: sealed again by the next cut. */
+  private readonly unsealed = new Map<number, LogBlockBuilder>();
   /** CRC of each sealed log block (logKeyOf): reads and runs need it. */
   readonly sealedCrc = new Map<string, number>();
   private lsnNext: number;
@@ -234,7 +236,12 @@ export class JournalWriter {
       const rs = await Promise.allSettled(replicas.map((peer) => this.peers.journalSeal(peer, b.ref, gapStart, gapEnd, crc, true)));
       const ok = rs.filter((r) => r.status === 'fulfilled').length;
       if (ok < rs.length) this.sealFailures++;
-      if (ok === 0) throw new TorusError('NO_PEER', `log block ${formatBlockRef(b.ref)} could not be sealed on any replica`);
+      if (ok === 0) {
+        // Its records are appended and acknowledged; only the seal is missing, and a checkpoint
+        // needs it (its CRC goes into the run): the next cut tries again.
+        this.unsealed.set(n, b);
+        throw new TorusError('NO_PEER', `log block ${formatBlockRef(b.ref)} could not be sealed on any replica`);
+      }
       this.sealedCrc.set(key, crc);
     })();
     p.catch(() => undefined);
@@ -259,6 +266,12 @@ export class JournalWriter {
     const start = this.cur ? this.cur.address.index % 2 ** 24 : this.next;
     await this.inflight?.catch(() => undefined);
     if (last) this.close(last);
+    // A seal that failed in the background (every replica timed out, say) left its block
+    // unsealed: seal it now, or fail this checkpoint with the reason (it is tried again).
+    for (const [n, b] of [...this.unsealed]) {
+      this.unsealed.delete(n);
+      if (!this.sealing.has(n)) this.close(b);
+    }
     await Promise.all(this.sealing.values());
     // Only records every replica acknowledged: an append that failed is sent again when the
     // journal moves, and until then nothing after it counts.
@@ -296,6 +309,7 @@ export class JournalWriter {
     this.startN = 0;
     this.cur = undefined;
     this.sealing.clear();
+    this.unsealed.clear();
     this.toSeal = [];
     const touched = new Set<LogBlockBuilder>();
     for (const e of this.tail) this.place(e, touched);
@@ -312,6 +326,7 @@ export class JournalWriter {
     this.startN = 0;
     this.cur = undefined;
     this.sealing.clear();
+    this.unsealed.clear();
     this.toSeal = [];
     this.tail.length = 0;
     this.directStart = this.nextDirect;

@@ -791,3 +791,33 @@ test('a journal move between a fold and the next checkpoint commits the folded b
   const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await again.read(0, 16 * BS)).equals(model));
 });
+
+test('a log block whose seal failed on every replica in the background is sealed by the next checkpoint', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const seal = c.transport.sealLog.bind(c.transport);
+  let failing = true;
+  let failed = 0;
+  c.transport.sealLog = async (...a: Parameters<typeof seal>) => {
+    if (!failing) return seal(...a);
+    failed++;
+    throw new TorusError('TIMEOUT', 'the seal timed out');
+  };
+  const model = Buffer.alloc(16 * BS);
+  // 512-byte writes flushed one by one fill 4 KiB log blocks (data and headers) every few.
+  for (let i = 0; i < 16; i++) {
+    const d = randomBytes(512);
+    await vol.write(i * 512, d);
+    d.copy(model, i * 512);
+    await vol.flush();
+  }
+  for (let i = 0; i < 100 && failed === 0; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(failed > 0, 'a background seal failed');
+  failing = false;
+  await vol.checkpoint();
+  assert.ok((await vol.read(0, 16 * BS)).equals(model));
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 16 * BS)).equals(model));
+});
