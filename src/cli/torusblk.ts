@@ -22,6 +22,7 @@ export function buildProgram(): Command {
     'how long the volumes this client opens stay locked after it dies or loses etcd (a new writer waits that long; too short and a stalled client loses its volumes)',
     '15s',
   );
+  program.option('--peer-timeout <duration>', 'how long a call to a storage node may take before it fails and counts against that node (a slow or overloaded client host needs longer)', '5s');
   program.option('--metrics <host:port>', 'serve Prometheus metrics (per-volume I/O, latency histograms, NBD/AoE counters) on http://HOST:PORT/metrics');
   program.addCommand(nbdserveCommand());
   program.addCommand(nbdCommand());

@@ -183,8 +183,9 @@ for i in $(seq 50); do ping -c 1 -W 1 10.0.3.1 >/dev/null 2>&1 && break; sleep 0
 # Whatever happens, the host gets to see what torusblk said.
 trap 'echo "--- torusblk output"; cat /tmp/blk.log' EXIT
 # An emulated guest on a loaded host stalls for tens of seconds at times (CI saw 40 s without an
-# etcd answer, and the 15 s lock lease expired): a lease long enough to ride that out.
-node ${REPO}/bin/torusblk.js -C ${cluster.endpoint} --insecure-peer-network --lock-ttl 120s nbd v /dev/nbd0 >/tmp/blk.log 2>&1 &
+# etcd answer, and the 15 s lock lease expired; its peer calls timed out at 5 s and opened the
+# nodes' circuits): a lease and peer timeouts long enough to ride that out.
+node ${REPO}/bin/torusblk.js -C ${cluster.endpoint} --insecure-peer-network --lock-ttl 120s --peer-timeout 60s nbd v /dev/nbd0 >/tmp/blk.log 2>&1 &
 BLK=$!
 START=$(date +%s)
 for i in $(seq 450); do grep -q '^Attached' /tmp/blk.log && break; kill -0 $BLK 2>/dev/null || break; sleep 0.2; done

@@ -17,6 +17,7 @@ export interface ClientOpts extends GlobalOpts, BlockIoOpts {
   logFormat?: string;
   metrics?: string;
   lockTtl?: string;
+  peerTimeout?: string;
 }
 
 export function logger(opts: ClientOpts): Logger {
@@ -25,13 +26,13 @@ export function logger(opts: ClientOpts): Logger {
 
 export async function clientFor(
   meta: MetadataService,
-  opts: BlockIoOpts & GlobalOpts & { lockTtl?: string },
+  opts: BlockIoOpts & GlobalOpts & { lockTtl?: string; peerTimeout?: string },
   log: Logger,
   observeRpc?: (peer: string, op: string, seconds: number, code?: string) => void,
 ): Promise<VolumeClient> {
   const { security } = await peerSecurity(opts, false, (m) => log.warn(m));
   return VolumeClient.open(meta, {
-    rpc: { security },
+    rpc: { security, ...(opts.peerTimeout !== undefined ? { requestTimeoutMs: peerTimeoutMs(opts.peerTimeout) } : {}) },
     ...(opts.lockTtl !== undefined ? { lockTtlMs: lockTtlMs(opts.lockTtl) } : {}),
     readCacheBytes: parseSize(opts.readCacheSize),
     readLevel: opts.readLevel as 'block',
@@ -45,6 +46,13 @@ export async function clientFor(
 function lockTtlMs(text: string): number {
   const ms = parseDuration(text);
   if (!(ms >= 5000 && ms <= 3_600_000)) throw new TorusError('INVALID_ARGUMENT', `invalid --lock-ttl "${text}": expected a duration from 5s to 1h`);
+  return ms;
+}
+
+/** --peer-timeout: a call to a storage node fails (and counts against its breaker) after this long. */
+function peerTimeoutMs(text: string): number {
+  const ms = parseDuration(text);
+  if (!(ms >= 500 && ms <= 600_000)) throw new TorusError('INVALID_ARGUMENT', `invalid --peer-timeout "${text}": expected a duration from 500ms to 10m`);
   return ms;
 }
 
