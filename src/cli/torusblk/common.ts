@@ -32,8 +32,8 @@ export async function clientFor(
 ): Promise<VolumeClient> {
   const { security } = await peerSecurity(opts, false, (m) => log.warn(m));
   return VolumeClient.open(meta, {
-    rpc: { security, ...(opts.peerTimeout !== undefined ? { requestTimeoutMs: peerTimeoutMs(opts.peerTimeout) } : {}) },
-    ...(opts.lockTtl !== undefined ? { lockTtlMs: lockTtlMs(opts.lockTtl) } : {}),
+    rpc: { security, ...(opts.peerTimeout !== undefined ? { requestTimeoutMs: durationFlag(opts.peerTimeout, '--peer-timeout', 500, 600_000, '500ms to 10m') } : {}) },
+    ...(opts.lockTtl !== undefined ? { lockTtlMs: durationFlag(opts.lockTtl, '--lock-ttl', 5000, 3_600_000, '5s to 1h') } : {}),
     readCacheBytes: parseSize(opts.readCacheSize),
     readLevel: opts.readLevel as 'block',
     writeLevel: opts.writeLevel as 'all',
@@ -42,17 +42,14 @@ export async function clientFor(
   });
 }
 
-/** --lock-ttl: etcd leases are whole seconds, and below 5 s a busy client loses its locks. */
-function lockTtlMs(text: string): number {
+/**
+ * A duration flag within bounds. --lock-ttl: etcd leases are whole seconds, and below 5 s a busy
+ * client loses its locks. --peer-timeout: a call to a storage node fails (and counts against its
+ * breaker) after this long.
+ */
+function durationFlag(text: string, flag: string, minMs: number, maxMs: number, range: string): number {
   const ms = parseDuration(text);
-  if (!(ms >= 5000 && ms <= 3_600_000)) throw new TorusError('INVALID_ARGUMENT', `invalid --lock-ttl "${text}": expected a duration from 5s to 1h`);
-  return ms;
-}
-
-/** --peer-timeout: a call to a storage node fails (and counts against its breaker) after this long. */
-function peerTimeoutMs(text: string): number {
-  const ms = parseDuration(text);
-  if (!(ms >= 500 && ms <= 600_000)) throw new TorusError('INVALID_ARGUMENT', `invalid --peer-timeout "${text}": expected a duration from 500ms to 10m`);
+  if (!(ms >= minMs && ms <= maxMs)) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} "${text}": expected a duration from ${range}`);
   return ms;
 }
 
