@@ -551,7 +551,7 @@ async function writeAmplification(c: Cluster, outDir: string): Promise<WriteAmp[
       storage: d,
       iops: Math.round(fio.writeIops),
     };
-    log(`${c.blockSize} write amplification, ${k.name} (${fmtMiB(k.regionBytes)}, ${fmtMiB(k.writtenBytes)} written at ${w.iops} IOPS): ${w.logical} (journal ${fmtMiB(d.journalBytes)}, blocks ${fmtMiB(d.blockBytes)}), physical ${w.physical}`);
+    log(`${c.blockSize} write amplification, ${k.name} (${fmtMiB(k.regionBytes)}, ${fmtMiB(k.writtenBytes)} written at ${w.iops} IOPS): ${w.logical.toFixed(2)} (journal ${fmtMiB(d.journalBytes)}, blocks ${fmtMiB(d.blockBytes)}), physical ${w.physical.toFixed(2)}`);
     out.push(w);
   }
   return out;
@@ -645,7 +645,7 @@ function printTable(t: TableResult): void {
         const l = r.latency!;
         return `${r.job} latency (Torus medians of runs): write p50 ${l.writeP50Us.toFixed(0)} µs p99 ${l.writeP99Us.toFixed(0)} µs, flush p50 ${l.flushP50Us.toFixed(0)} µs p99 ${l.flushP99Us.toFixed(0)} µs (nbdkit flush p50 ${l.kitFlushP50Us.toFixed(0)} p99 ${l.kitFlushP99Us.toFixed(0)}); a replica's fsync round ${l.replicaSyncUs.toFixed(0)} µs = ${pct(l.syncShare)} of the cycle`;
       }),
-    ...t.writeAmp.map((w) => `write amplification (R=2, target <= 3), ${w.name} ${fmtMiB(w.regionBytes)}: ${w.logical} (physical ${w.physical}), ${fmtMiB(w.writtenBytes)} written at ${w.iops} IOPS`),
+    ...t.writeAmp.map((w) => `write amplification (R=2, target <= 3), ${w.name} ${fmtMiB(w.regionBytes)}: ${w.logical.toFixed(2)} (physical ${w.physical.toFixed(2)}), ${fmtMiB(w.writtenBytes)} written at ${w.iops} IOPS`),
   ];
   process.stdout.write(lines.join('\n') + '\n');
 }
