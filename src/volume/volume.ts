@@ -243,12 +243,7 @@ export class BlockVolume implements BlockDevice {
       this.resets.push(reset);
       applied++;
     }
-    if (applied > 0) {
-      const { root, depth, stored } = await this.tree.commit((t) => this.allocRef(t));
-      await stored;
-      await this.ctx.store.flush();
-      fields = { ...fields, root, depth };
-    }
+    if (applied > 0) fields = { ...fields, ...(await this.storeTree()) };
     await this.ctx.meta.commit(lock, { ...fields, journal: j.position });
     this.committed = { ...fields, journal: j.position, epoch: lock.epoch - 1 };
     this.nextIndex = 1;
@@ -269,6 +264,14 @@ export class BlockVolume implements BlockDevice {
     await this.tree.set(index, { ref: block.ref, crc: block.crc });
     this.overlay.reset(index, r.lsn);
     return { kind: 'reset', index, lsn: r.lsn };
+  }
+
+  /** Stores the in-memory tree's changed pages, durable on R replicas; its root for a head. */
+  private async storeTree(): Promise<Pick<Head, 'root' | 'depth'>> {
+    const { root, depth, stored } = await this.tree.commit((t) => this.allocRef(t));
+    await stored;
+    await this.ctx.store.flush();
+    return { root, depth };
   }
 
   /** The head as committed, with the fields a commit rewrites. */
@@ -612,10 +615,7 @@ export class BlockVolume implements BlockDevice {
       // failed): GC keeps such blocks only while their epoch is above the head's, so the tree
       // that names them goes into this commit too. The runs stay as they were: overlays older
       // than a fold, read over the folded block, give the same bytes.
-      const { root, depth, stored } = await this.tree.commit((t) => this.allocRef(t));
-      await stored;
-      await this.ctx.store.flush();
-      await this.commitHead({ ...this.headFields(), root, depth, journal: j.position });
+      await this.commitHead({ ...this.headFields(), ...(await this.storeTree()), journal: j.position });
       this.journalBroken = false;
       this.journalMisplaced = false;
       this.stats.journalMoves++;
