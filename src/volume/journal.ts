@@ -1,5 +1,5 @@
 import { TorusError, toTorusError } from '../core/errors.js';
-import { formatBlockRef, type BlockRef } from '../core/ids.js';
+import { formatBlockRef, LOG_BLOCKS_PER_SEGMENT, type BlockRef } from '../core/ids.js';
 import type { LogPiece } from '../core/interfaces.js';
 import { directRef, DIRECT_INDEX_BASE, LogBlockBuilder, logIndex, logRef, parseLogBlock, RecordType, type JournalRecord, type LogAddress } from './journal-format.js';
 import type { Source } from './overlay.js';
@@ -42,6 +42,8 @@ export interface JournalWriterOptions {
   readonly blockSize: number;
   /** The next LSN. */
   readonly lsn: number;
+  /** Log blocks a segment may hold (LOG_BLOCKS_PER_SEGMENT; smaller only in tests). */
+  readonly blocksPerSegment?: number;
 }
 
 export class JournalWriter {
@@ -49,6 +51,7 @@ export class JournalWriter {
   readonly volume: number;
   readonly epoch: number;
   private readonly blockSize: number;
+  private readonly blocksPerSegment: number;
   private segment = -1;
   private replicaSet: string[] = [];
   /** n of the next log block to open in the segment. */
@@ -83,7 +86,17 @@ export class JournalWriter {
     this.volume = o.volume;
     this.epoch = o.epoch;
     this.blockSize = o.blockSize;
+    this.blocksPerSegment = o.blocksPerSegment ?? LOG_BLOCKS_PER_SEGMENT;
     this.lsnNext = o.lsn;
+  }
+
+  /**
+   * Whether `records` more fit in this segment, each in a block of its own at worst. A session
+   * that fills its segment (2^24 log blocks: 2 TiB of journal at 128 KiB blocks) moves on to
+   * another, as after a failed replica, before appending.
+   */
+  roomFor(records: number): boolean {
+    return this.next + records + 1 <= this.blocksPerSegment;
   }
 
   get lsn(): number {
@@ -170,6 +183,10 @@ export class JournalWriter {
    * that fails makes this throw with `switchNeeded`; nothing is acknowledged then.
    */
   async append(entries: readonly TailEntry[]): Promise<void> {
+    // Checked before anything changes: a record that failed half way through the loop below
+    // would leave a gap in the LSNs, and a replay stops at a gap (every later record lost).
+    for (const e of entries) if (e.rec.type === RecordType.Block && !e.rec.block) throw new TorusError('INTERNAL', `a Block record of volume ${this.volume} names no stored block`);
+    if (!this.roomFor(entries.length)) throw new TorusError('INTERNAL', `journal segment ${this.segment} of volume ${this.volume} is full`);
     const touched = new Set<LogBlockBuilder>();
     for (const e of entries) {
       (e.rec as { lsn: number }).lsn = this.lsnNext++;

@@ -6,6 +6,7 @@ import { TorusError, isTorusError } from '../core/errors.js';
 import { BlockType, type BlockRef } from '../core/ids.js';
 import type { MetaKV } from '../core/interfaces.js';
 import { buildLiveSet, collectLocal } from './gc.js';
+import { DIRECT_INDEX_BASE } from './journal-format.js';
 import { isReplayNeeded, VolumeMeta } from './meta.js';
 import { memoryCluster } from './testing.js';
 import { BlockVolume } from './volume.js';
@@ -820,4 +821,64 @@ test('a log block whose seal failed on every replica in the background is sealed
   await vol.close();
   const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await again.read(0, 16 * BS)).equals(model));
+});
+
+test('a flush whose whole-block puts fail one fast and one slow loses nothing: later acknowledged flushes all replay', async () => {
+  // Found by the CA rotation test under load: the fast failure ended the flush while the slow put
+  // was still running; it then marked its record stored without the record saying where, the
+  // next flush failed half way through the journal append (INTERNAL), and the LSN it skipped hid
+  // every later acknowledged flush from the replay.
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const s1 = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0, foldIdleMs: 0 });
+  const expect = Buffer.alloc(16 * BS);
+  const put = c.dist.putBlock.bind(c.dist);
+  let slow: Promise<void> | undefined;
+  let direct = 0;
+  c.dist.putBlock = (ref: BlockRef, data: Uint8Array, opts?: Parameters<typeof put>[2]) => {
+    if (ref.index < DIRECT_INDEX_BASE) return put(ref, data, opts);
+    if (direct++ === 0) return Promise.reject(new TorusError('NO_PEER', 'replica down'));
+    slow = new Promise<void>((r) => setTimeout(r, 20)).then(() => put(ref, data, opts));
+    return slow;
+  };
+  const whole = randomBytes(2 * BS);
+  await vol.write(0, whole);
+  await assert.rejects(vol.flush(), (e) => isTorusError(e, 'NO_PEER'));
+  await slow;
+  c.dist.putBlock = put;
+  // The failed flush's writes are still pending: the next flush takes them.
+  whole.copy(expect, 0);
+  for (let i = 0; i < 4; i++) {
+    const d = randomBytes(BS / 2);
+    await vol.write(4 * BS + i * BS, d);
+    d.copy(expect, 4 * BS + i * BS);
+    await vol.flush();
+  }
+  assert.ok((await vol.read(0, 16 * BS)).equals(expect));
+  (s1 as unknown as { expire(): void }).expire();
+  const after = await BlockVolume.open(c.ctx, 'v');
+  assert.ok((await after.read(0, 16 * BS)).equals(expect), 'every acknowledged flush after the failed one replays');
+  await after.close();
+});
+
+test('a session that fills its journal segment moves to the next one; every acknowledged flush replays', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const s1 = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v', { checkpointIntervalMs: 0, checkpointBytes: 8 * 1024, snapshotPollMs: 0, logBlocksPerSegment: 8 });
+  const expect = Buffer.alloc(16 * BS);
+  // Each flush of a 3 KiB record opens a log block of its own at worst: 8 fill a segment.
+  for (let i = 0; i < 40; i++) {
+    const d = randomBytes(3 * 1024);
+    const at = (i * 5 * 1024) % (15 * BS);
+    await vol.write(at, d);
+    d.copy(expect, at);
+    await vol.flush();
+  }
+  assert.ok(vol.stats.journalMoves >= 3, `${vol.stats.journalMoves} journal moves`);
+  (s1 as unknown as { expire(): void }).expire();
+  const after = await BlockVolume.open(c.ctx, 'v');
+  assert.ok((await after.read(0, 16 * BS)).equals(expect));
+  await after.close();
 });

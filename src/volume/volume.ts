@@ -1,6 +1,6 @@
 import { crc32c } from '@node-rs/crc32';
 import { TorusError, isTorusError } from '../core/errors.js';
-import { BlockType, type BlockRef } from '../core/ids.js';
+import { BlockType, LOG_BLOCKS_PER_SEGMENT, type BlockRef } from '../core/ids.js';
 import type { BlockDevice, Extent, KVSession } from '../core/interfaces.js';
 import { InodeTree, type VolumeBlockStore } from './inode.js';
 import { logRef, RecordType, type JournalRecord } from './journal-format.js';
@@ -51,6 +51,8 @@ export interface OpenVolumeOptions {
   readonly maxRunChain?: number;
   /** How often the writer looks for snapshot requests (ms); 0 turns it off. */
   readonly snapshotPollMs?: number;
+  /** Log blocks per journal segment (tests: the real limit, 2^24, is never reached in one). */
+  readonly logBlocksPerSegment?: number;
 }
 
 export interface VolumeContext {
@@ -90,6 +92,7 @@ const DEFAULTS = {
   maxOverlaySegments: 256 * 1024,
   maxRunChain: 64,
   snapshotPollMs: 1000,
+  logBlocksPerSegment: LOG_BLOCKS_PER_SEGMENT,
 };
 
 export class BlockVolume implements BlockDevice {
@@ -223,7 +226,7 @@ export class BlockVolume implements BlockDevice {
     const epoch = lock.epoch;
     const lsn = head.lsn ?? 1;
     const replayed: JournalRecord[] = head.journal ? await readTail(this.ctx.store, this.record.id, epoch, head.journal, lsn) : [];
-    const j = new JournalWriter({ peers: this.ctx.store, volume: this.record.id, epoch, blockSize: this.blockSize, lsn });
+    const j = new JournalWriter({ peers: this.ctx.store, volume: this.record.id, epoch, blockSize: this.blockSize, lsn, blocksPerSegment: this.o.logBlocksPerSegment });
     await j.startFresh();
     this.journal = j;
     for (const r of replayed) {
@@ -543,6 +546,7 @@ export class BlockVolume implements BlockDevice {
   private async doFlush(): Promise<void> {
     if (this.fenced) throw this.fenced;
     const j = this.journal!;
+    if (!j.roomFor(this.pending.length)) this.journalBroken = true;
     if (this.journalBroken) await this.moveJournal();
     else if (this.journalMisplaced) await this.followRingNow(j);
     const entries = this.takePending();
@@ -581,28 +585,23 @@ export class BlockVolume implements BlockDevice {
   private async storeWholeBlocks(j: JournalWriter, entries: readonly TailEntry[]): Promise<void> {
     const todo = entries.filter((e) => e.rec.type === RecordType.Block && !e.src.block);
     if (todo.length === 0) return;
-    const refs = todo.map(() => j.allocDirect());
+    const blocks = todo.map((e) => ({ ref: j.allocDirect(), crc: crc32c(e.rec.data!) >>> 0 }));
+    // Every put settles before the outcome counts: a put still running after another failed
+    // must not change the entries the next flush takes up again.
+    const settled = await Promise.allSettled(todo.map((e, i) => this.ctx.store.putBlock(blocks[i]!.ref, e.rec.data!, { immutable: true, crc: blocks[i]!.crc })));
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     try {
-      await Promise.all(
-        todo.map(async (e, i) => {
-          const data = e.rec.data!;
-          const block = { ref: refs[i]!, crc: crc32c(data) >>> 0 };
-          await this.ctx.store.putBlock(block.ref, data, { immutable: true, crc: block.crc });
-          e.src.block = block;
-        }),
-      );
+      if (failed) throw failed.reason;
       await this.ctx.store.flush();
     } catch (err) {
-      for (const [i, e] of todo.entries()) {
-        delete e.src.block;
-        j.releaseDirect(refs[i]!);
-      }
+      for (const b of blocks) j.releaseDirect(b.ref);
       throw err;
     }
-    for (const e of todo) {
-      (e as { rec: JournalRecord }).rec = { type: RecordType.Block, lsn: e.rec.lsn, offset: e.rec.offset, length: e.rec.length, block: e.src.block! };
+    todo.forEach((e, i) => {
+      e.src.block = blocks[i]!;
+      (e as { rec: JournalRecord }).rec = { type: RecordType.Block, lsn: e.rec.lsn, offset: e.rec.offset, length: e.rec.length, block: blocks[i]! };
       e.src.data = undefined;
-    }
+    });
   }
 
   private moveJournal(): Promise<void> {
