@@ -80,6 +80,11 @@ export class JournalWriter {
   private readonly failed = new Map<string, number>();
   /** Seals that failed on some replica (the rebalancer or a retry covers them). */
   sealFailures = 0;
+  /**
+   * An append failed on a replica: the blocks it filled were never sealed, and nothing goes on
+   * in this segment until the journal moves (moveTo clears it).
+   */
+  private broken = false;
 
   constructor(o: JournalWriterOptions) {
     this.peers = o.peers;
@@ -236,7 +241,10 @@ export class JournalWriter {
     }
     await Promise.all(sends);
     if (fenced) throw new TorusError('LOCKED', `volume ${this.volume} was taken over by another writer: ${fenced.message}`);
-    if (errors.length > 0) throw new JournalReplicaError(errors);
+    if (errors.length > 0) {
+      this.broken = true;
+      throw new JournalReplicaError(errors);
+    }
     // Filled blocks are on every replica now: seal them.
     for (const b of this.toSeal.splice(0)) this.close(b);
   }
@@ -282,6 +290,12 @@ export class JournalWriter {
     const upto = this.tail.length;
     const start = this.cur ? this.cur.address.index % 2 ** 24 : this.next;
     await this.inflight?.catch(() => undefined);
+    if (this.broken) {
+      // The blocks that append filled are not on every replica, so they cannot be sealed; the
+      // move sends the whole tail elsewhere, and the checkpoint after it cuts there.
+      if (last && !this.cur) this.cur = last;
+      throw new TorusError('NO_PEER', `volume ${this.volume}: the journal lost a replica; checkpointing waits for it to move`);
+    }
     if (last) this.close(last);
     // A seal that failed in the background (every replica timed out, say) left its block
     // unsealed: seal it now, or fail this checkpoint with the reason (it is tried again).
@@ -328,6 +342,7 @@ export class JournalWriter {
     this.sealing.clear();
     this.unsealed.clear();
     this.toSeal = [];
+    this.broken = false;
     const touched = new Set<LogBlockBuilder>();
     for (const e of this.tail) this.place(e, touched);
     await this.send(touched);
@@ -345,6 +360,7 @@ export class JournalWriter {
     this.sealing.clear();
     this.unsealed.clear();
     this.toSeal = [];
+    this.broken = false;
     this.tail.length = 0;
     this.directStart = this.nextDirect;
   }

@@ -882,3 +882,47 @@ test('a session that fills its journal segment moves to the next one; every ackn
   assert.ok((await after.read(0, 16 * BS)).equals(expect));
   await after.close();
 });
+
+test('a checkpoint cut while an append fails on a replica waits for the move (NO_PEER), and the next one succeeds', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const expect = Buffer.alloc(16 * BS);
+  const put = (at: number, len: number): void => {
+    const d = randomBytes(len);
+    d.copy(expect, at);
+    void vol.write(at, d);
+  };
+  // Acknowledged records in the first log block, then a flush whose records fill it and spill
+  // into the next: the block it filled is to be sealed once that append is on every replica.
+  put(0, 1024);
+  await vol.flush();
+  const victim = vol.head.journal!.replicas[1]!;
+  const append = c.dist.journalAppend.bind(c.dist);
+  let release!: () => void;
+  const held = new Promise<void>((r) => (release = r));
+  let reached!: () => void;
+  const sent = new Promise<void>((r) => (reached = r));
+  c.dist.journalAppend = async (peer, ref, pieces, sync) => {
+    if (peer !== victim) return append(peer, ref, pieces, sync);
+    reached();
+    await held;
+    throw new TorusError('NO_PEER', 'replica died mid-append');
+  };
+  put(BS, 2048);
+  put(2 * BS, 2048);
+  const flushing = vol.flush();
+  await sent;
+  const cp = vol.checkpoint();
+  await new Promise((r) => setTimeout(r, 10));
+  c.dist.journalAppend = append;
+  release();
+  await assert.rejects(cp, (e) => isTorusError(e, 'NO_PEER'));
+  await flushing;
+  assert.equal(vol.stats.journalMoves, 1);
+  await vol.checkpoint();
+  assert.ok((await vol.read(0, 16 * BS)).equals(expect));
+  await vol.close();
+  const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await ro.read(0, 16 * BS)).equals(expect));
+});
