@@ -554,16 +554,18 @@ export class BlockVolume implements BlockDevice {
     try {
       await this.storeWholeBlocks(j, entries);
     } catch (err) {
-      // Nothing of this flush is in the journal: its writes stay pending for the next one.
-      this.pending = entries.concat(this.pending);
-      for (const e of entries) this.pendingBytes += e.rec.data?.length ?? RECORD_COST;
+      this.putBack(entries);
       throw err;
     }
     try {
       await j.append(entries);
     } catch (err) {
       if (isTorusError(err, 'LOCKED')) throw (this.fenced ??= err);
-      if (!(err instanceof JournalReplicaError)) throw err;
+      if (!(err instanceof JournalReplicaError)) {
+        // Refused before it handed out LSNs (append checks first): not in the tail either.
+        if (entries[0]!.rec.lsn === 0) this.putBack(entries);
+        throw err;
+      }
       // A replica failed: nothing of this flush is acknowledged until the journal has moved to
       // replicas that work (the whole tail goes with it) and etcd names them.
       this.journalBroken = true;
@@ -575,6 +577,15 @@ export class BlockVolume implements BlockDevice {
     this.stats.journalBytes += bytes;
     if (this.tailBytes >= this.o.checkpointBytes) this.checkpointInBackground();
     this.foldIfCrowded(entries);
+  }
+
+  /**
+   * A flush that failed with nothing of it in the journal: its writes stay pending, and the next
+   * flush, which covers every write completed before it, takes them.
+   */
+  private putBack(entries: readonly TailEntry[]): void {
+    this.pending = entries.concat(this.pending);
+    for (const e of entries) this.pendingBytes += e.rec.data?.length ?? RECORD_COST;
   }
 
   /**
