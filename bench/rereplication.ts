@@ -10,14 +10,12 @@
 // every node (HAS) every 100 ms. The bytes moved are the live blocks that had one reachable copy
 // after the kill, times the block size. Then the same byte count is sent over one TCP connection
 // (net.Socket, 1 MiB writes with backpressure) from this process to a child process that discards
-// it and answers when it has it all. Prints both rates and their ratio (medians over
+// it and answers when it has it all (bench/lib/tcp.ts). Prints both rates and their ratio (medians over
 // repetitions, with min and max), and the CPU the surviving torusd used per MiB re-replicated
 // (user + system, from /proc): on a shared, noisy machine the rates swing with the neighbours'
 // load, the CPU per MiB much less. Writes JSON to bench/results/rereplication-<date>.json.
-import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import { cpus } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -27,6 +25,7 @@ import { startCluster } from '../test/helpers/cluster.js';
 import { countCopies } from '../test/helpers/copies.js';
 import { REPO, ok } from '../test/helpers/procs.js';
 import { cpuTimes, formatSpread, spread } from './lib/probes.js';
+import { rawTcp } from './lib/tcp.js';
 
 const { values } = parseArgs({
   options: {
@@ -52,53 +51,6 @@ interface Rep {
   fillMibPerSec: number;
   /** User + system CPU of the surviving torusd while re-replicating, per MiB copied. */
   cpuMsPerMiB: number;
-}
-
-/** One TCP connection from here to a child that discards `bytes` and says when it has them all. */
-async function tcpBlast(bytes: number): Promise<number> {
-  const child = spawn(
-    process.execPath,
-    [
-      '-e',
-      `const net = require('node:net');
-       const want = Number(process.argv[1]);
-       const srv = net.createServer((s) => {
-         let got = 0;
-         s.on('data', (d) => { got += d.length; if (got >= want) { s.end('done'); srv.close(); } });
-       });
-       srv.listen(0, '127.0.0.1', () => process.stdout.write(String(srv.address().port) + '\\n'));`,
-      String(bytes),
-    ],
-    { stdio: ['ignore', 'pipe', 'inherit'] },
-  );
-  try {
-    const port = await new Promise<number>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('receiver did not start')), 10_000);
-      child.stdout!.once('data', (d: Buffer) => {
-        clearTimeout(timer);
-        resolve(Number(d.toString().trim()));
-      });
-    });
-    const chunk = Buffer.alloc(MiB);
-    randomFillSync(chunk);
-    const sock = net.connect(port, '127.0.0.1');
-    await new Promise<void>((r, j) => sock.once('connect', r).once('error', j));
-    const t = process.hrtime.bigint();
-    const done = new Promise<void>((r, j) => {
-      sock.once('data', () => r());
-      sock.once('error', j);
-    });
-    for (let sent = 0; sent < bytes; sent += chunk.length) {
-      const n = Math.min(chunk.length, bytes - sent);
-      if (!sock.write(n === chunk.length ? chunk : chunk.subarray(0, n))) await new Promise((r) => sock.once('drain', r));
-    }
-    await done;
-    const secs = Number(process.hrtime.bigint() - t) / 1e9;
-    sock.destroy();
-    return secs;
-  } finally {
-    child.kill('SIGKILL');
-  }
 }
 
 async function rep(i: number): Promise<Rep> {
@@ -153,7 +105,7 @@ async function rep(i: number): Promise<Rep> {
     }
     if (seconds < 0) throw new Error('re-replication did not finish within 120 s');
     const bytesToCopy = blocksToCopy * c.blockSize;
-    const tcpSeconds = await tcpBlast(bytesToCopy);
+    const tcpSeconds = (await rawTcp({ bytes: bytesToCopy })).seconds;
     const out: Rep = {
       liveBlocks: before.live,
       blocksToCopy,

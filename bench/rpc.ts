@@ -7,7 +7,7 @@
 // deployed (docs/security.md); the raw references stay plaintext, so the ratios show what TLS costs.
 //
 // The parent process is the client; it forks itself as the server ("--child"), which runs
-//   - a sink that counts bytes (raw TCP throughput reference),
+//   - a sink that counts bytes (raw TCP throughput reference, bench/lib/tcp.ts),
 //   - a fixed-size request/reply responder (raw pipelined 4 KiB request/reply reference),
 //   - an RpcServer on an in-memory block store with 512 KiB blocks.
 // Profile with: node --cpu-prof dist-rpc/bench/rpc.js (the child inherits the flag).
@@ -24,6 +24,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createCa, issueCertificates, resolvePeerSecurity } from '../src/cli/shared/certs.js';
 import type { PeerSecurity } from '../src/rpc/security.js';
+import { blast, sinkServer } from './lib/tcp.js';
 
 const BLOCK = 512 * 1024;
 const SMALL = 4096;
@@ -103,15 +104,7 @@ function listen(server: net.Server): Promise<number> {
 }
 
 async function child(): Promise<void> {
-  const sink = net.createServer({ allowHalfOpen: true }, (s) => {
-    let n = 0;
-    s.on('data', (c: Buffer) => (n += c.length));
-    s.on('end', () => {
-      const b = Buffer.alloc(8);
-      b.writeDoubleLE(n);
-      s.end(b);
-    });
-  });
+  const sink = sinkServer();
   // One preallocated run of replies; each request is answered by a slice of it, corked per
   // chunk of requests: as close to free as a Node responder gets.
   const replies = Buffer.alloc(SMALL * 512, 7);
@@ -143,23 +136,6 @@ function connect(port: number): Promise<net.Socket> {
     const s = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => resolve(s));
     s.once('error', reject);
   });
-}
-
-async function rawThroughput(port: number): Promise<number> {
-  const s = await connect(port);
-  const buf = Buffer.alloc(BLOCK, 1);
-  const start = process.hrtime.bigint();
-  const deadline = Date.now() + SECONDS * 1000;
-  while (Date.now() < deadline) {
-    if (!s.write(buf)) await new Promise((r) => s.once('drain', r));
-  }
-  const total = await new Promise<number>((resolve) => {
-    s.once('data', (b: Buffer) => resolve(b.readDoubleLE(0)));
-    s.end();
-  });
-  const secs = Number(process.hrtime.bigint() - start) / 1e9;
-  s.destroy();
-  return total / secs;
 }
 
 async function rawRequestReply(port: number, window: number): Promise<number> {
@@ -233,7 +209,7 @@ async function parent(): Promise<void> {
 
   let fresh = STORED;
   const runs: Record<string, () => Promise<number>> = {
-    raw: () => rawThroughput(ports.sink),
+    raw: async () => (await blast(ports.sink, { chunk: Buffer.alloc(BLOCK, 1), seconds: SECONDS })).bytesPerSec,
     rawOps: () => rawRequestReply(ports.echo, 64),
     // New refs each time, so every PUT is stored, not skipped as a duplicate.
     put: async () => (await loop(16, () => client.putBlock(ref(fresh++), blocks[fresh % blocks.length]!))) * BLOCK,
