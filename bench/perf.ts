@@ -22,12 +22,13 @@ import { freePort } from '../test/helpers/etcd.js';
 import { have } from '../test/helpers/nbd-tools.js';
 import { ok } from '../test/helpers/procs.js';
 import { collapse, summarize, writeFlameSvg, writeFolded, type ProfileSummary } from './lib/cpuprofile.js';
-import { figure, fillArgs, JOB_IDS, JOBS, jobArgs, runFio, type FioOutcome, type JobId, type Region } from './lib/fio.js';
+import { directEngine, diskWrite, diskWriteArgs, figure, fillArgs, JOB_IDS, JOBS, jobArgs, runFio, type FioOutcome, type JobId, type Region } from './lib/fio.js';
 import { anatomy, type Anatomy } from './lib/anatomy.js';
 import { counterDelta, nodeCounters, type NodeCounters } from './lib/node-counters.js';
 import { describeMachine, type Machine } from './lib/machine.js';
 import { cpuTimes, ctxSwitches, etcdTxnMs, machineCpu, median, schedTimes, writeSyncMs } from './lib/probes.js';
-import { newTorusdSpec, setPeerRpc, startEtcdAt, startNbdkit, startNbdserve, startTorusd, type Proc, type TorusdSpec } from './lib/procs.js';
+import { newTorusdSpec, RssSumPeak, setPeerRpc, startEtcdAt, startNbdkit, startNbdserve, startTorusd, type Proc, type RssSum, type TorusdSpec } from './lib/procs.js';
+import { rawTcp } from './lib/tcp.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 // dist/bench/perf.js -> the repository root
@@ -98,11 +99,19 @@ if (reps < 3) process.stderr.write(`note: --reps ${reps} is below the 3 repetiti
 if (argv['peer-rpc'] !== 'tls' && argv['peer-rpc'] !== 'plain') usage(`--peer-rpc ${argv['peer-rpc']}: expected tls or plain`);
 setPeerRpc(argv['peer-rpc'] as 'tls' | 'plain');
 for (const t of ['fio', 'nbdkit']) if (!have(t)) usage(`${t} is not installed (Debian: apt-get install -y ${t})`);
+// fio's engine for the disk's own write bandwidth, checked before anything starts.
+const diskEngine = orUsage(() => directEngine());
 
 const region: Region = orUsage(() => ({ whole: parseSize(volumeSize), randReadSet: 4 * parseSize(readCacheSize) }));
 if (region.randReadSet > region.whole) usage(`P3's working set (4 x --read-cache-size = ${region.randReadSet} bytes) exceeds the volume`);
 
 const MiB = 2 ** 20;
+const REPLICATION = 2;
+// The disk probe writes at most this much (and for at most --runtime): the volume, up to 1 GiB.
+const diskProbeBytes = Math.min(region.whole, 2 ** 30);
+// Issue 15's targets for what the bench measures beside the jobs.
+const P1_DISK_TARGET = 0.8;
+const P8_TARGET_BYTES = 2 ** 30;
 
 interface Stat {
   median: number;
@@ -139,6 +148,37 @@ interface Run {
   load1: number;
   /** Torus runs: what the three storage nodes wrote and synced over the run (summed). */
   storage?: NodeCounters;
+  /** CPU (user + system) of each server process and of fio over the run, in ms per MiB fio moved
+   * and in µs per I/O it completed: unlike a throughput, these hardly move when the machine is busy. */
+  cpuMsPerMiB: Record<string, number>;
+  cpuUsPerIo: Record<string, number>;
+}
+
+/** Each process's CPU per unit (medians of one side's runs), by process name. */
+interface CpuPerUnit {
+  msPerMiB: Record<string, number>;
+  usPerIo: Record<string, number>;
+}
+
+/** This machine's own limits, measured in the same run, once at the start of each repetition. */
+interface LimitRun {
+  rep: number;
+  /** The disk's sequential write bandwidth (fio, O_DIRECT, 1 MiB, qd 8) on the data dirs' file system. */
+  diskWriteMiBps: number;
+  /** Raw Node TCP throughput on loopback between two Node processes, one connection. */
+  tcpMiBps: number;
+  disk: FioOutcome;
+  tcp: { bytes: number; seconds: number };
+}
+
+interface Limits {
+  diskEngine: string;
+  diskArgs: string[];
+  diskWriteMiBps: Stat;
+  /** Disk write bandwidth / R: what a replicated write can reach when every replica shares the disk. */
+  replicatedDiskMiBps: Stat;
+  tcpMiBps: Stat;
+  runs: LimitRun[];
 }
 
 interface Row {
@@ -156,6 +196,10 @@ interface Row {
   /** Median CPU cores used during the runs: nbdserve, the three torusd summed, etcd, fio and
    * everything else on the machine (other tenants) during Torus runs; nbdkit and fio during its. */
   cores: { nbdserve: number; torusd: number; etcd: number; fio: number; others: number; nbdkit: number; fioKit: number; othersKit: number };
+  /** CPU per MiB and per I/O of every process, Torus runs and nbdkit runs. */
+  cpu: { torus: CpuPerUnit; nbdkit: CpuPerUnit };
+  /** P1 only: against the replicated disk limit (disk write bandwidth / R, medians), issue 15. */
+  disk?: { limit: Stat; ratio: number; target: number; met: boolean };
   /** Share of the Torus processes' CPU spent in the kernel; nbdkit's. */
   sysShare: { torus: number; nbdkit: number };
   /** Context switches of the server processes per I/O (voluntary + involuntary), Torus and nbdkit. */
@@ -190,6 +234,10 @@ interface TableResult {
   rows: Row[];
   /** Peak RSS in bytes: etcd, torusd-1..3, nbdserve (largest of its instances), nbdkit. */
   peakRss: Record<string, number>;
+  /** P8: the largest sum of the Torus processes' (storage nodes' and NBD server's) resident
+   * memory sampled at one instant, over the whole table (the profile pass excepted). */
+  peakRssSum: RssSum & { target: number; met: boolean };
+  limits?: Limits;
   fill: { torusMiBps: number; nbdkitMiBps: number };
   probes: { etcdTxnMs: number; writeSync4kMs: number; writeSyncBlockMs: number; anatomy: Anatomy };
   writeAmp: WriteAmp[];
@@ -249,6 +297,8 @@ class Cluster {
   kitPort = 0;
   /** Peak RSS of nbdserve instances already stopped. */
   nbdPeak = 0;
+  /** P8: the Torus processes' memory together, sampled from start to stop. */
+  readonly rssSum = new RssSumPeak(() => this.torusProcs());
 
   constructor(
     readonly dir: string,
@@ -261,7 +311,7 @@ class Cluster {
 
   async start(): Promise<void> {
     this.etcd = await startEtcdAt(join(this.dir, 'etcd'));
-    await ok('torusctl', [...this.C, 'init', '--block-size', this.blockSize, '--replication', '2']);
+    await ok('torusctl', [...this.C, 'init', '--block-size', this.blockSize, '--replication', String(REPLICATION)]);
     for (let i = 0; i < 3; i++) this.specs.push(await newTorusdSpec(this.etcd.endpoint, join(this.dir, `node${i + 1}`), argv['node-size']));
     for (const [i, s] of this.specs.entries()) this.nodes.push(await startTorusd(`torusd-${i + 1}`, s));
     await ok('torusctl', [...this.C, 'peer', 'add', '--all-peers']);
@@ -278,6 +328,8 @@ class Cluster {
     this.kit = await startNbdkit(file, this.kitPort);
   }
 
+  // Where the NBD server runs (the topology) is decided here, in startNbd, stopNbd and torusUri,
+  // and nowhere else: today `torusblk nbdserve` in a process of its own, as on a client host.
   async startNbd(nodeArgs: string[] = []): Promise<void> {
     const wc = argv['write-cache-size'];
     this.nbd = await startNbdserve({ etcd: this.etcd.endpoint, port: this.nbdPort, readCacheSize: readCacheSize, ...(wc ? { writeCacheSize: wc } : {}) }, nodeArgs);
@@ -286,6 +338,7 @@ class Cluster {
   async stopNbd(): Promise<void> {
     if (!this.nbd) return;
     this.nbdPeak = Math.max(this.nbdPeak, this.nbd.peakRss());
+    this.rssSum.sample();
     // SIGTERM syncs the volume and releases its lock; a SIGKILL would leave the lock to expire.
     await this.nbd.stop('SIGTERM', 120_000);
     this.nbd = undefined;
@@ -310,6 +363,11 @@ class Cluster {
     return `nbd://127.0.0.1:${this.kitPort}/`;
   }
 
+  /** The processes whose memory P8 adds up: every storage node and the NBD server. */
+  torusProcs(): Proc[] {
+    return [...this.nodes, ...(this.nbd ? [this.nbd] : [])];
+  }
+
   serverProcs(): Proc[] {
     return [this.etcd, ...this.nodes, ...(this.nbd ? [this.nbd] : []), ...(this.kit ? [this.kit] : [])];
   }
@@ -323,6 +381,7 @@ class Cluster {
   }
 
   async stop(): Promise<void> {
+    this.rssSum.stop();
     await this.stopNbd().catch(() => undefined);
     await this.kit?.stop('SIGTERM', 10_000).catch(() => undefined);
     for (const n of this.nodes) await n.stop('SIGTERM', 30_000).catch(() => undefined);
@@ -330,7 +389,7 @@ class Cluster {
   }
 }
 
-type Measured = Pick<Run, 'fio' | 'cores' | 'sysCores' | 'machineCores' | 'otherCores' | 'switchesPerIo' | 'faultsPerMiB' | 'mainThread' | 'storage'>;
+type Measured = Pick<Run, 'fio' | 'cores' | 'sysCores' | 'machineCores' | 'otherCores' | 'switchesPerIo' | 'faultsPerMiB' | 'mainThread' | 'storage' | 'cpuMsPerMiB' | 'cpuUsPerIo'>;
 
 /** Runs fio, and reads from /proc what every server process (and the machine) did meanwhile. */
 async function measured(c: Cluster, uri: string, name: string, args: string[], outDir: string): Promise<Measured> {
@@ -348,6 +407,7 @@ async function measured(c: Cluster, uri: string, name: string, args: string[], o
   const storage = n0 ? counterDelta(n0, await c.counters()) : undefined;
   const cores: Record<string, number> = {};
   const sysCores: Record<string, number> = {};
+  const cpuSeconds: Record<string, number> = {};
   let ours = 0;
   let faults = 0;
   procs.forEach((p, i) => {
@@ -357,6 +417,7 @@ async function measured(c: Cluster, uri: string, name: string, args: string[], o
     const user = now.user - before[i]!.user;
     const sys = now.sys - before[i]!.sys;
     if (!Number.isFinite(user + sys)) return;
+    cpuSeconds[p.name] = user + sys;
     cores[p.name] = Number(((user + sys) / wall).toFixed(2));
     sysCores[p.name] = Number((sys / wall).toFixed(2));
     ours += (user + sys) / wall;
@@ -387,6 +448,9 @@ async function measured(c: Cluster, uri: string, name: string, args: string[], o
   const machineCores = (m1.busy - m0.busy) / wall;
   // fio's CPU share is over its job runtime, which is most of the wall time.
   const fioCores = (fio.fioCores * fio.runtimeMs) / 1000 / wall;
+  cpuSeconds['fio'] = fioCores * wall;
+  const per = (unit: number, scale: number, digits: number): Record<string, number> =>
+    Object.fromEntries(Object.entries(cpuSeconds).map(([k, v]) => [k, Number(((v * scale) / Math.max(1e-9, unit)).toFixed(digits))]));
   return {
     fio,
     cores,
@@ -397,6 +461,28 @@ async function measured(c: Cluster, uri: string, name: string, args: string[], o
     faultsPerMiB,
     mainThread,
     ...(storage ? { storage } : {}),
+    cpuMsPerMiB: per(mib, 1e3, 3),
+    cpuUsPerIo: per(ios, 1e6, 1),
+  };
+}
+
+/** The disk's sequential write bandwidth and raw Node TCP, each bounded in bytes and in time. */
+async function measureLimits(dir: string, outDir: string, rep: number): Promise<LimitRun> {
+  const disk = await diskWrite(join(dir, 'disk-write-probe'), diskProbeBytes, runtimeSec, diskEngine, join(outDir, `disk-write-${rep}.json`));
+  const tcp = await rawTcp({ seconds: Math.min(runtimeSec, 3) });
+  const r: LimitRun = { rep, diskWriteMiBps: disk.writeBytesPerSec / MiB, tcpMiBps: tcp.bytesPerSec / MiB, disk, tcp: { bytes: tcp.bytes, seconds: tcp.seconds } };
+  log(`machine limits, rep ${rep + 1}: disk write ${r.diskWriteMiBps.toFixed(0)} MiB/s (fio ${diskEngine}, O_DIRECT, 1 MiB, qd 8), raw Node TCP ${r.tcpMiBps.toFixed(0)} MiB/s`);
+  return r;
+}
+
+function limitsOf(runs: LimitRun[]): Limits {
+  return {
+    diskEngine,
+    diskArgs: diskWriteArgs('FILE', diskProbeBytes, runtimeSec, diskEngine),
+    diskWriteMiBps: stat(runs.map((r) => r.diskWriteMiBps)),
+    replicatedDiskMiBps: stat(runs.map((r) => r.diskWriteMiBps / REPLICATION)),
+    tcpMiBps: stat(runs.map((r) => r.tcpMiBps)),
+    runs,
   };
 }
 
@@ -427,8 +513,11 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
     const fillResult = { torusMiBps: await fill(c, 'torus', outDir), nbdkitMiBps: await fill(c, 'nbdkit', outDir) };
     log(`fill: torus ${fillResult.torusMiBps.toFixed(0)} MiB/s, nbdkit ${fillResult.nbdkitMiBps.toFixed(0)} MiB/s (wall, including connect and final flush)`);
     const runs = new Map<JobId, Run[]>(jobs.map((j) => [j, []]));
+    const limitRuns: LimitRun[] = [];
     if (!argv['profile-only']) {
       for (let rep = 0; rep < reps; rep++) {
+        // In every repetition, so that the limits and the jobs see the same moments of a shared machine.
+        limitRuns.push(await measureLimits(dir, outDir, rep));
         for (const job of jobs) {
           // Alternate who goes first, so neither side always gets the quieter or warmer moment.
           const order: ('torus' | 'nbdkit')[] = rep % 2 === 0 ? ['torus', 'nbdkit'] : ['nbdkit', 'torus'];
@@ -449,6 +538,7 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
         }
       }
     }
+    const limits = limitRuns.length > 0 ? limitsOf(limitRuns) : undefined;
     const rows: Row[] = [];
     for (const job of jobs) {
       const rs = runs.get(job)!;
@@ -489,6 +579,18 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
         }),
       };
       const met = spec.kind === 'throughput' ? ratio >= spec.target : ratio <= spec.target;
+      const cpuOf = (xs: Run[], keep: (k: string) => boolean): CpuPerUnit => {
+        const names = Object.keys(xs[0]?.cpuMsPerMiB ?? {}).filter(keep);
+        const each = (f: (r: Run) => Record<string, number>): Record<string, number> => Object.fromEntries(names.map((k) => [k, median(xs.map((r) => f(r)[k] ?? NaN))]));
+        return { msPerMiB: each((r) => r.cpuMsPerMiB), usPerIo: each((r) => r.cpuUsPerIo) };
+      };
+      const cpu = { torus: cpuOf(tr, (k) => k !== 'nbdkit'), nbdkit: cpuOf(kr, (k) => k === 'nbdkit' || k === 'fio') };
+      let disk: Row['disk'];
+      if (job === 'P1' && limits) {
+        const limit = limits.replicatedDiskMiBps;
+        const dr = torus.median / limit.median;
+        disk = { limit, ratio: dr, target: P1_DISK_TARGET, met: dr >= P1_DISK_TARGET };
+      }
       let latency: Row['latency'];
       if (spec.kind === 'latency') {
         const replicaSyncUs = med(tr, (r) => ((r.storage?.syncSeconds ?? NaN) * 1e6) / Math.max(1, r.storage?.flushes ?? 0));
@@ -503,11 +605,16 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
           kitFlushP99Us: med(kr, (r) => r.fio.syncLatP99Us),
         };
       }
-      rows.push({ job, title: spec.title, unit: spec.unit, kind: spec.kind, target: spec.target, ceph: spec.ceph, torus, nbdkit: kit, ratio, met, cores, sysShare, switchesPerIo, faultsPerMiB, runQueueWait, ...(latency ? { latency } : {}), runs: rs });
+      rows.push({ job, title: spec.title, unit: spec.unit, kind: spec.kind, target: spec.target, ceph: spec.ceph, torus, nbdkit: kit, ratio, met, cpu, ...(disk ? { disk } : {}), cores, sysShare, switchesPerIo, faultsPerMiB, runQueueWait, ...(latency ? { latency } : {}), runs: rs });
     }
     const writeAmp = jobs.includes('P4') && !argv['profile-only'] ? await writeAmplification(c, outDir) : [];
     const peakRss = c.peakRss();
-    const result: TableResult = { blockSize, rows, peakRss, fill: fillResult, probes, writeAmp };
+    // P8 covers the measured part; processes under --cpu-prof use more memory than in service.
+    c.rssSum.sample();
+    c.rssSum.stop();
+    const sum = c.rssSum.peak();
+    const peakRssSum = { ...sum, target: P8_TARGET_BYTES, met: sum.bytes <= P8_TARGET_BYTES };
+    const result: TableResult = { blockSize, rows, peakRss, peakRssSum, ...(limits ? { limits } : {}), fill: fillResult, probes, writeAmp };
     if (argv.profile) result.profiles = await profilePass(c, resolve(argv.profile, `bs-${blockSize}`), outDir);
     return result;
   } catch (err) {
@@ -623,12 +730,22 @@ function printTable(t: TableResult): void {
   const head = `\n## Block size ${t.blockSize}: median of ${reps} [min–max], ${runtimeSec} s per run${rampSec > 0 ? ` after ${rampSec} s ramp` : ''}, volume ${volumeSize}\n`;
   const lines = [
     head,
-    '| job | Torus (R=2) | nbdkit file | target | Torus/nbdkit |',
+    '| job | Torus (R=2) | reference | target | Torus/reference |',
     '| --- | --- | --- | --- | --- |',
-    ...t.rows.map(
-      (r) =>
-        `| ${r.job} ${r.title} | ${fmtStat(r.unit, r.torus)} | ${fmtStat(r.unit, r.nbdkit)} | ${r.kind === 'throughput' ? '>=' : '<='} ${r.target}${r.kind === 'latency' ? 'x' : ''} | ${r.ratio.toFixed(r.kind === 'latency' ? 1 : 3)}${r.kind === 'latency' ? 'x' : ''} ${r.met ? '(met)' : '(missed)'} |`,
-    ),
+    ...t.rows.flatMap((r) => [
+      `| ${r.job} ${r.title} | ${fmtStat(r.unit, r.torus)} | nbdkit file ${fmtStat(r.unit, r.nbdkit)} | ${r.kind === 'throughput' ? '>=' : '<='} ${r.target}${r.kind === 'latency' ? 'x' : ''} | ${r.ratio.toFixed(r.kind === 'latency' ? 1 : 3)}${r.kind === 'latency' ? 'x' : ''} ${r.met ? '(met)' : '(missed)'} |`,
+      ...(r.disk
+        ? [`| ${r.job} against the replicated disk limit | ${fmtStat(r.unit, r.torus)} | disk write / ${REPLICATION} ${fmtStat(r.unit, r.disk.limit)} | >= ${r.disk.target} | ${r.disk.ratio.toFixed(3)} ${r.disk.met ? '(met)' : '(missed)'} |`]
+        : []),
+    ]),
+    '',
+    ...(t.limits
+      ? [
+          `machine limits (median [min–max] of ${t.limits.runs.length}, one at the start of each repetition): disk sequential write ${fmtStat('MiB/s', t.limits.diskWriteMiBps)} (fio ${t.limits.diskEngine}, O_DIRECT, 1 MiB, qd 8, on ${machine.dataFilesystem}), / R=${REPLICATION} ${fmtStat('MiB/s', t.limits.replicatedDiskMiBps)}; raw Node TCP on loopback ${fmtStat('MiB/s', t.limits.tcpMiBps)} (two processes, one connection)`,
+          '',
+        ]
+      : []),
+    ...cpuTable(t.rows),
     '',
     `CPU cores in use (medians; ${machine.cores} in all; "others" is the rest of the machine, other tenants included):`,
     ...t.rows.map(
@@ -637,6 +754,7 @@ function printTable(t: TableResult): void {
           ` | nbdkit runs: nbdkit ${r.cores.nbdkit.toFixed(2)}, fio ${r.cores.fioKit.toFixed(2)}, others ${r.cores.othersKit.toFixed(2)}; kernel ${(r.sysShare.nbdkit * 100).toFixed(0)}%, ${r.switchesPerIo.nbdkit} switches/IO, ${r.faultsPerMiB.nbdkit} faults/MiB`,
     ),
     `peak RSS: ${Object.entries(t.peakRss).map(([k, v]) => `${k} ${fmtMiB(v)}`).join(', ')}`,
+    fmtP8(t.peakRssSum),
     `fill ${volumeSize}: torus ${t.fill.torusMiBps.toFixed(0)} MiB/s, nbdkit ${t.fill.nbdkitMiBps.toFixed(0)} MiB/s; etcd txn ${t.probes.etcdTxnMs.toFixed(2)} ms, 4 KiB write+fdatasync ${t.probes.writeSync4kMs.toFixed(2)} ms, ${t.blockSize} write+fdatasync ${t.probes.writeSyncBlockMs.toFixed(2)} ms`,
     `P5 anatomy: ${fmtAnatomy(t.probes.anatomy)}`,
     ...t.rows
@@ -648,6 +766,29 @@ function printTable(t: TableResult): void {
     ...t.writeAmp.map((w) => `write amplification (R=2, target <= 3), ${w.name} ${fmtMiB(w.regionBytes)}: ${w.logical.toFixed(2)} (physical ${w.physical.toFixed(2)}), ${fmtMiB(w.writtenBytes)} written at ${w.iops} IOPS`),
   ];
   process.stdout.write(lines.join('\n') + '\n');
+}
+
+function fmtP8(p: TableResult['peakRssSum']): string {
+  const each = Object.entries(p.each).map(([k, v]) => `${k} ${fmtMiB(v)}`).join(', ');
+  return `P8 peak RSS of the Torus processes together (sampled at one instant every 250 ms): ${fmtMiB(p.bytes)} (${each}) at ${p.at.slice(11, 19)}; target <= ${fmtMiB(p.target)} ${p.met ? '(met)' : '(missed)'}`;
+}
+
+/** Each process's CPU per MiB and per I/O, a column per process, a row per job. */
+function cpuTable(rows: Row[]): string[] {
+  if (rows.length === 0) return [];
+  const cols = [...Object.keys(rows[0]!.cpu.torus.msPerMiB).map((k) => ({ side: 'torus' as const, k, head: k })), ...Object.keys(rows[0]!.cpu.nbdkit.msPerMiB).map((k) => ({ side: 'nbdkit' as const, k, head: k === 'fio' ? 'fio (nbdkit runs)' : k }))];
+  const cell = (r: Row, side: 'torus' | 'nbdkit', k: string): string => {
+    const c = r.cpu[side];
+    const ms = c.msPerMiB[k] ?? NaN;
+    const us = c.usPerIo[k] ?? NaN;
+    return `${ms.toFixed(ms >= 10 ? 1 : 2)} / ${us.toFixed(us >= 100 ? 0 : 1)}`;
+  };
+  return [
+    'CPU (user + system) per MiB moved, ms / per I/O, µs (medians of the runs; fio is the client):',
+    `| job | ${cols.map((c) => c.head).join(' | ')} |`,
+    `| --- | ${cols.map(() => '---').join(' | ')} |`,
+    ...rows.map((r) => `| ${r.job} | ${cols.map((c) => cell(r, c.side, c.k)).join(' | ')} |`),
+  ];
 }
 
 function printSummary(tables: TableResult[]): void {
@@ -664,9 +805,14 @@ function printSummary(tables: TableResult[]): void {
       return r ? `${r.ratio.toFixed(spec.kind === 'latency' ? 1 : 3)}${spec.kind === 'latency' ? 'x' : ''}` : '-';
     });
     lines.push(`| ${job} | ${spec.kind === 'throughput' ? '>=' : '<='} ${spec.target}${spec.kind === 'latency' ? 'x' : ''} | ${cells.join(' | ')} |`);
+    if (job === 'P1') {
+      const d = tables.map((t) => t.rows.find((x) => x.job === job)?.disk?.ratio.toFixed(3) ?? '-');
+      lines.push(`| P1 against disk write / ${REPLICATION} | >= ${P1_DISK_TARGET} | ${d.join(' | ')} |`);
+    }
   }
   lines.push('', `| peak RSS | ${tables.map((t) => t.blockSize).join(' | ')} |`, `| --- | ${tables.map(() => '---').join(' | ')} |`);
   for (const name of Object.keys(tables[0]!.peakRss)) lines.push(`| ${name} | ${tables.map((t) => fmtMiB(t.peakRss[name] ?? 0)).join(' | ')} |`);
+  lines.push(`| P8: Torus processes together (target <= ${fmtMiB(P8_TARGET_BYTES)}) | ${tables.map((t) => fmtMiB(t.peakRssSum.bytes)).join(' | ')} |`);
   process.stdout.write(lines.join('\n') + '\n');
 }
 
@@ -708,8 +854,10 @@ try {
         finishedAt: finishedAt.toISOString(),
         seconds: Math.round((finishedAt.getTime() - startedAt.getTime()) / 1000),
         machine: { ...machine, loadAverageAtEnd: describeMachine(root).loadAverage },
-        options: { quick, blockSizes, reps, runtimeSec, rampSec, volumeSize, readCacheSize, writeCacheSize: argv['write-cache-size'] ?? 'nbdserve default', nodeSize: argv['node-size'], replication: 2, nodes: 3, jobs },
+        options: { quick, blockSizes, reps, runtimeSec, rampSec, volumeSize, readCacheSize, writeCacheSize: argv['write-cache-size'] ?? 'nbdserve default', nodeSize: argv['node-size'], replication: REPLICATION, nodes: 3, jobs },
         fioJobs: Object.fromEntries(jobs.map((j) => [j, jobArgs(j, region, runtimeSec, rampSec)])),
+        // P8 over the whole bench: the largest of the tables' (each table is a cluster of its own).
+        peakRssSum: tables.reduce<TableResult['peakRssSum'] | undefined>((a, t) => (a && a.bytes >= t.peakRssSum.bytes ? a : t.peakRssSum), undefined),
         tables,
       },
       null,

@@ -32,12 +32,60 @@ process.on('exit', () => {
   for (const p of live) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
 });
 
-function readHwm(pid: number): number | undefined {
+/** A memory field of /proc/PID/status (VmHWM, VmRSS) in bytes; undefined once the process is gone. */
+function readStatusBytes(pid: number, field: 'VmHWM' | 'VmRSS'): number | undefined {
   try {
-    const m = /^VmHWM:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
     return m ? Number(m[1]) * 1024 : undefined;
   } catch {
     return undefined;
+  }
+}
+
+/** The largest sum of several processes' resident memory, and each one's part at that instant. */
+export interface RssSum {
+  readonly bytes: number;
+  /** When it was sampled (ISO time); empty before the first sample. */
+  readonly at: string;
+  readonly each: Readonly<Record<string, number>>;
+}
+
+/**
+ * Samples the resident memory (VmRSS) of the processes `procs()` returns, all in one pass, every
+ * `everyMs` and whenever asked, and keeps the largest sum: what they need together, which the sum
+ * of each one's own peak (VmHWM, reached at different times) overstates. The set is read afresh
+ * each time, so processes restarted along the way are followed.
+ */
+export class RssSumPeak {
+  private best: RssSum = { bytes: 0, at: '', each: {} };
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly procs: () => readonly Proc[],
+    everyMs = 250,
+  ) {
+    this.timer = setInterval(() => this.sample(), everyMs);
+    this.timer.unref();
+  }
+
+  sample(): void {
+    const each: Record<string, number> = {};
+    let bytes = 0;
+    for (const p of this.procs()) {
+      const v = readStatusBytes(p.pid, 'VmRSS');
+      if (v === undefined) continue;
+      each[p.name] = v;
+      bytes += v;
+    }
+    if (bytes > this.best.bytes) this.best = { bytes, at: new Date().toISOString(), each };
+  }
+
+  peak(): RssSum {
+    return this.best;
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
   }
 }
 
@@ -72,7 +120,7 @@ export async function spawnProc(name: string, cmd: string, args: string[], opts:
   const pid = proc.pid;
   let peak = 0;
   const sample = (): void => {
-    const v = readHwm(pid);
+    const v = readStatusBytes(pid, 'VmHWM');
     if (v !== undefined && v > peak) peak = v;
   };
   const sampler = setInterval(sample, 500);

@@ -29,15 +29,37 @@ interface Row {
   ratio: number;
   kind: 'throughput' | 'latency';
   latency?: { flushP50Us: number; flushP99Us: number; replicaSyncUs: number; syncShare: number };
+  cpu: Record<'torus' | 'nbdkit', { msPerMiB: Record<string, number>; usPerIo: Record<string, number> }>;
+  disk?: { limit: Stat; ratio: number; target: number; met: boolean };
+}
+interface RssSum {
+  bytes: number;
+  at: string;
+  each: Record<string, number>;
 }
 interface Results {
   machine: { cores: number; cpuModel: string; kernel: string; memoryBytes: number };
   options: { reps: number };
   fioJobs: Record<string, string[]>;
-  tables: { blockSize: string; rows: Row[]; peakRss: Record<string, number>; writeAmp: { name: string; logical: number; physical: number; writtenBytes: number }[] }[];
+  peakRssSum: RssSum;
+  tables: {
+    blockSize: string;
+    rows: Row[];
+    peakRss: Record<string, number>;
+    peakRssSum: RssSum & { target: number; met: boolean };
+    limits: { diskEngine: string; diskArgs: string[]; diskWriteMiBps: Stat; replicatedDiskMiBps: Stat; tcpMiBps: Stat; runs: unknown[] };
+    writeAmp: { name: string; logical: number; physical: number; writtenBytes: number }[];
+  }[];
 }
 
-test('npm run bench, small: both sides of every job, medians of 3 with min and max, ratio last, peak RSS, JSON with the machine', { skip, timeout: 600_000 }, () => {
+/** Three finite, positive repetitions, with their median, least and greatest. */
+function assertStat(s: Stat, what: string): void {
+  assert.equal(s.values.length, 3, `${what}: 3 repetitions`);
+  assert.ok(s.values.every((v) => Number.isFinite(v) && v > 0), `${what}: figures ${s.values.join(', ')}`);
+  assert.deepEqual([s.min, s.median, s.max], [Math.min(...s.values), [...s.values].sort((a, b) => a - b)[1], Math.max(...s.values)], what);
+}
+
+test('npm run bench, small: both sides of every job, medians of 3 with min and max, ratio last, the machine limits, CPU per unit, peak RSS alone and together, JSON with the machine', { skip, timeout: 600_000 }, () => {
   const out = join(dir, 'results.json');
   const args = ['--quick', '--block-sizes', '64KiB', '--volume-size', '64MiB', '--read-cache-size', '4MiB', '--runtime', '1', '--data-dir', join(dir, 'data'), '--out', out];
   const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'perf.js'), ...args], { encoding: 'utf8', timeout: 540_000 });
@@ -51,14 +73,31 @@ test('npm run bench, small: both sides of every job, medians of 3 with min and m
   assert.equal(t!.blockSize, '64KiB');
   assert.deepEqual(t!.rows.map((x) => x.job), ['P1', 'P2', 'P3', 'P4', 'P5']);
   for (const row of t!.rows) {
-    for (const s of [row.torus, row.nbdkit]) {
-      assert.equal(s.values.length, 3, `${row.job}: 3 repetitions`);
-      assert.ok(s.values.every((v) => Number.isFinite(v) && v > 0), `${row.job}: figures ${s.values.join(', ')}`);
-      assert.deepEqual([s.min, s.median, s.max], [Math.min(...s.values), [...s.values].sort((a, b) => a - b)[1], Math.max(...s.values)]);
-    }
+    assertStat(row.torus, `${row.job} Torus`);
+    assertStat(row.nbdkit, `${row.job} nbdkit`);
     assert.ok(Math.abs(row.ratio - row.torus.median / row.nbdkit.median) < 1e-9, `${row.job}: the ratio is Torus/nbdkit`);
     assert.ok(res.fioJobs[row.job]!.length > 0);
+    // CPU per MiB and per I/O of every process, on each side: finite, not negative.
+    assert.deepEqual(Object.keys(row.cpu.torus.msPerMiB).sort(), ['etcd', 'fio', 'nbdserve', 'torusd-1', 'torusd-2', 'torusd-3'], row.job);
+    assert.deepEqual(Object.keys(row.cpu.nbdkit.msPerMiB).sort(), ['fio', 'nbdkit'], row.job);
+    for (const side of [row.cpu.torus, row.cpu.nbdkit]) {
+      for (const per of [side.msPerMiB, side.usPerIo]) assert.ok(Object.values(per).every((v) => Number.isFinite(v) && v >= 0), `${row.job} CPU ${JSON.stringify(per)}`);
+      assert.deepEqual(Object.keys(side.usPerIo), Object.keys(side.msPerMiB));
+    }
+    // The servers did work in every job: some of their CPU shows.
+    assert.ok(Object.entries(row.cpu.torus.msPerMiB).some(([k, v]) => k.startsWith('torusd') && v > 0), `${row.job}: torusd CPU`);
+    assert.ok(row.cpu.torus.msPerMiB['nbdserve']! > 0 && row.cpu.nbdkit.msPerMiB['nbdkit']! > 0, `${row.job}: NBD servers' CPU`);
   }
+  // The machine's limits, one measurement per repetition; P1 against the replicated disk limit.
+  const lim = t!.limits;
+  assert.ok(['libaio', 'io_uring'].includes(lim.diskEngine) && lim.diskArgs.includes('--direct=1') && lim.runs.length === 3, JSON.stringify(lim.diskArgs));
+  for (const [what, s] of [['disk write', lim.diskWriteMiBps], ['disk write / R', lim.replicatedDiskMiBps], ['raw TCP', lim.tcpMiBps]] as const) assertStat(s, what);
+  assert.deepEqual(lim.replicatedDiskMiBps.values, lim.diskWriteMiBps.values.map((v) => v / 2));
+  const p1 = t!.rows.find((x) => x.job === 'P1')!;
+  assert.ok(p1.disk && p1.disk.target === 0.8 && p1.disk.met === p1.disk.ratio >= 0.8, JSON.stringify(p1.disk));
+  assert.deepEqual(p1.disk.limit, lim.replicatedDiskMiBps);
+  assert.ok(Math.abs(p1.disk.ratio - p1.torus.median / lim.replicatedDiskMiBps.median) < 1e-9, 'P1 against disk / R');
+  assert.ok(t!.rows.every((x) => x.job === 'P1' || x.disk === undefined), 'only P1 has a disk ratio');
   const p5 = t!.rows.find((x) => x.job === 'P5')!;
   assert.equal(p5.kind, 'latency');
   // Its anatomy: fio's flush latencies and the replicas' own fsync time, as a share of the cycle.
@@ -71,11 +110,23 @@ test('npm run bench, small: both sides of every job, medians of 3 with min and m
   // Every process of both setups, with a peak RSS.
   assert.deepEqual(Object.keys(t!.peakRss).sort(), ['etcd', 'nbdkit', 'nbdserve', 'torusd-1', 'torusd-2', 'torusd-3']);
   for (const [name, bytes] of Object.entries(t!.peakRss)) assert.ok(bytes > 1024 * 1024, `${name} peak RSS ${bytes}`);
+  // P8: the Torus processes' RSS at one instant, summed; no more than the sum of each one's own peak.
+  const p8 = t!.peakRssSum;
+  assert.deepEqual(Object.keys(p8.each).sort(), ['nbdserve', 'torusd-1', 'torusd-2', 'torusd-3']);
+  assert.equal(p8.bytes, Object.values(p8.each).reduce((a, b) => a + b, 0));
+  for (const [name, bytes] of Object.entries(p8.each)) assert.ok(bytes > 1024 * 1024 && bytes <= t!.peakRss[name]!, `P8 ${name} ${bytes} (peak ${t!.peakRss[name]})`);
+  assert.ok(Number.isFinite(Date.parse(p8.at)) && p8.target === 2 ** 30 && p8.met === p8.bytes <= p8.target, JSON.stringify(p8));
+  assert.deepEqual(res.peakRssSum, { bytes: p8.bytes, at: p8.at, each: p8.each, target: p8.target, met: p8.met });
 
   // The printed table: one row per job, both figures, the ratio last.
   for (const job of ['P1', 'P2', 'P3', 'P4']) assert.match(r.stdout, new RegExp(`^\\| ${job} .*\\| \\d+\\.\\d{3} \\((met|missed)\\) \\|$`, 'm'));
   assert.match(r.stdout, /^\| P5 .*\| \d+\.\dx \((met|missed)\) \|$/m);
+  assert.match(r.stdout, /^\| P1 against the replicated disk limit \| .* \| disk write \/ 2 .* \| >= 0\.8 \| \d+\.\d{3} \((met|missed)\) \|$/m);
+  assert.match(r.stdout, /^machine limits .*: disk sequential write \d+ MiB\/s .*raw Node TCP on loopback \d+ MiB\/s/m);
+  assert.match(r.stdout, /^\| job \| etcd \| torusd-1 \| torusd-2 \| torusd-3 \| nbdserve \| fio \| nbdkit \| fio \(nbdkit runs\) \|$/m);
+  for (const job of ['P1', 'P2', 'P3', 'P4', 'P5']) assert.match(r.stdout, new RegExp(`^\\| ${job} (\\| \\d+\\.\\d+ / \\d+(\\.\\d)? ){8}\\|$`, 'm'));
   assert.match(r.stdout, /^peak RSS: etcd .*nbdserve .*nbdkit /m);
+  assert.match(r.stdout, /^P8 peak RSS of the Torus processes together .*: \d+ MiB \(torusd-1 .*nbdserve \d+ MiB\) at .*; target <= 1024 MiB \((met|missed)\)$/m);
   assert.match(r.stdout, /^P5 latency .*flush p50 \d+ µs p99 \d+ µs.* of the cycle$/m);
   assert.match(r.stdout, /^write amplification \(R=2, target <= 3\), hot region .*: \d+\.\d+ \(physical \d+\.\d+\)/m);
 });
