@@ -22,6 +22,7 @@ import { parseArgs } from 'node:util';
 import { parseSize } from '../src/core/units.js';
 import { VolumeClient } from '../src/volume/client.js';
 import { startCluster } from '../test/helpers/cluster.js';
+import { clientSecurity } from '../test/helpers/certs.js';
 import { countCopies } from '../test/helpers/copies.js';
 import { REPO, ok } from '../test/helpers/procs.js';
 import { cpuTimes, formatSpread, spread } from './lib/probes.js';
@@ -64,7 +65,7 @@ async function rep(i: number): Promise<Rep> {
   try {
     const C = ['-C', c.etcd.endpoint];
     await ok('torusctl', [...C, 'volume', 'create-block', 'r', String(SIZE)]);
-    const vc = await VolumeClient.open(c.meta);
+    const vc = await VolumeClient.open(c.meta, { rpc: { security: await clientSecurity() } });
     const vol = await vc.openVolume('r');
     const chunk = Buffer.alloc(4 * MiB);
     const tf = Date.now();

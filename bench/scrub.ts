@@ -25,6 +25,7 @@ import { DATA_FILE, TABLE_FILE } from '../src/storage/format.js';
 import { dropCache } from '../src/storage/page-cache.js';
 import { VolumeClient } from '../src/volume/client.js';
 import { startCluster, type TestCluster } from '../test/helpers/cluster.js';
+import { clientSecurity } from '../test/helpers/certs.js';
 import { REPO, ok, startTorusd } from '../test/helpers/procs.js';
 import { cpuTimes, formatSpread, spread } from './lib/probes.js';
 
@@ -131,7 +132,7 @@ async function rep(i: number): Promise<Rep> {
   try {
     const C = ['-C', c.etcd.endpoint];
     await ok('torusctl', [...C, 'volume', 'create-block', 's', String(SIZE)]);
-    const vc = await VolumeClient.open(c.meta);
+    const vc = await VolumeClient.open(c.meta, { rpc: { security: await clientSecurity() } });
     const vol = await vc.openVolume('s');
     const chunk = Buffer.alloc(4 * MiB);
     for (let off = 0; off < SIZE; off += chunk.length) {

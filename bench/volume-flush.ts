@@ -6,6 +6,7 @@
 //   npm run bench:volume            (etcd + three torusd at R=2 on loopback, 128 KiB blocks)
 import { randomBytes } from 'node:crypto';
 import { startCluster } from '../test/helpers/cluster.js';
+import { clientSecurity } from '../test/helpers/certs.js';
 import { ok } from '../test/helpers/procs.js';
 import { VolumeClient } from '../src/volume/client.js';
 
@@ -20,7 +21,7 @@ try {
   const C = ['-C', c.etcd.endpoint];
   await ok('torusctl', [...C, 'volume', 'create-block', 'small', '1GiB']);
   await ok('torusctl', [...C, 'volume', 'create-block', 'thin', '1TiB']);
-  const vc = await VolumeClient.open(c.meta);
+  const vc = await VolumeClient.open(c.meta, { rpc: { security: await clientSecurity() } });
   const quiet = { checkpointIntervalMs: 0, checkpointBytes: 2 ** 40, foldIdleMs: 0, snapshotPollMs: 0 };
   const vols = { small: await vc.openVolume('small', quiet), thin: await vc.openVolume('thin', quiet) };
   const lat: Record<string, number[]> = { small: [], thin: [] };
