@@ -3,7 +3,9 @@
 //   - `nbdkit file` on a file of the same size (single disk, no replication: the ceiling),
 // in one run on one machine, for each cluster block size asked for. Prints a table per block size
 // (median [min-max] of the repetitions, ratio Torus/nbdkit last) with every process's peak RSS,
-// and saves everything with the machine's description under bench/results/.
+// their sum at one instant (P8) and each one's CPU per MiB and per I/O, beside this machine's own
+// limits measured in the same run (the disk's write bandwidth, raw Node TCP), and saves everything
+// with the machine's description under bench/results/.
 //
 //   npm run bench                                  (all three block sizes, 3 x 10 s per job)
 //   npm run bench -- --quick                       (one block size, short jobs: under 2 minutes)
