@@ -79,7 +79,8 @@ class MemoryStore implements BlockService {
     // read, puts are taken and dropped, as a disk store drops the buffer once written: keeping
     // gigabytes in the JS heap would measure V8's garbage collector, not the protocol.
     if (this.blocks.has(blockRefKey(r)) || this.blocks.size >= STORED) return;
-    let b = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+    // A copy: the server reuses the memory a put arrived in once the put returns.
+    let b = Buffer.from(data);
     if (b.length < BLOCK) {
       const padded = Buffer.alloc(BLOCK);
       padded.set(b);

@@ -25,6 +25,7 @@
 //   payloads for long (a cache) should copy them, as hypercore's maybeUnslab does.
 //   Items of one PUT_BATCH that spanned chunks share their frame's allocation.
 
+import type { BufferLease } from '../core/buffer-pool.js';
 import { ErrorCodes, TorusError, type ErrorCode } from '../core/errors.js';
 import { BLOCK_REF_SIZE, MAX_VOLUME_ID, encodeBlockRef, type BlockRef } from '../core/ids.js';
 
@@ -242,6 +243,8 @@ export interface AppendMessage {
   readonly sync: boolean;
   readonly ref: BlockRef;
   readonly pieces: readonly { readonly offset: number; readonly data: Buffer }[];
+  /** When the pieces are views of a pooled buffer: released once they are no longer read. */
+  readonly lease?: BufferLease;
 }
 
 export interface SealMessage {
@@ -296,6 +299,8 @@ export interface PutBatchMessage {
   readonly id: number;
   readonly sync: boolean;
   readonly items: readonly { readonly ref: BlockRef; readonly data: Buffer; readonly crc?: number }[];
+  /** When the items' data are views of a pooled buffer: released once they are no longer read. */
+  readonly lease?: BufferLease;
 }
 
 export interface PutResultMessage {
@@ -1060,6 +1065,12 @@ export interface DecoderOptions {
    * 16 MiB in a 12-byte header.
    */
   readonly allocateOnHeader?: boolean;
+  /**
+   * Asked, once the header of a body that spans reads is in, for pooled memory to assemble it in
+   * (the whole body at once); null: allocate as usual. Only PUT_BATCH and APPEND bodies
+   * keep their lease (in the message); the holder releases it when done with the payloads.
+   */
+  readonly pooledBody?: (op: number, length: number) => BufferLease | null;
 }
 
 interface PendingHeader {
@@ -1116,10 +1127,27 @@ export class FrameDecoder {
   private slabPos = 0;
   private lastTarget: Buffer | null = null;
   private lastWasLarge = false;
+  private readonly pooledBody: DecoderOptions['pooledBody'];
+  /** The lease of `body` when it is pooled memory. */
+  private lease: BufferLease | null = null;
 
   constructor(options: DecoderOptions = {}) {
     this.maxFrameSize = options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE;
     this.allocateOnHeader = options.allocateOnHeader ?? false;
+    this.pooledBody = options.pooledBody;
+  }
+
+  /** Gives back pooled memory held for a frame that will never complete (the connection closed). */
+  dispose(): void {
+    this.body = null;
+    this.filled = 0;
+    this.dropLease();
+  }
+
+  private dropLease(): void {
+    const l = this.lease;
+    this.lease = null;
+    l?.release();
   }
 
   /** Bytes received and not yet returned as messages. */
@@ -1205,12 +1233,15 @@ export class FrameDecoder {
     let buf: Buffer;
     let start = 0;
     let shared = false;
+    let lease: BufferLease | null = null;
     if (this.body !== null) {
       if (this.filled < h.length) return null;
       // Complete: room() made the last allocation exactly the body's length.
       buf = this.body;
       this.body = null;
       this.filled = 0;
+      lease = this.lease;
+      this.lease = null;
     } else if (h.length === 0) buf = EMPTY;
     else {
       // startBody() began assembling unless the whole body sits in the first chunk.
@@ -1224,7 +1255,12 @@ export class FrameDecoder {
     try {
       m = decodeBody(h.op, h.flags, h.id, buf, start, start + h.length, shared);
     } catch (err) {
+      lease?.release();
       throw this.fail(err);
+    }
+    if (lease !== null) {
+      if (m.op === Op.PutBatch || m.op === Op.Append) m = { ...m, lease };
+      else lease.release();
     }
     if (shared) this.consume(h.length);
     if (this.buffered >= HEADER_SIZE) {
@@ -1257,6 +1293,18 @@ export class FrameDecoder {
     const length = this.header!.length;
     const have = this.body?.length ?? 0;
     if (have >= need && have > 0) return;
+    if (this.body === null && this.pooledBody !== undefined) {
+      const lease = this.pooledBody(this.header!.op, length);
+      if (lease !== null) {
+        if (lease.buffer.length !== length) {
+          lease.release();
+          throw new TorusError('INTERNAL', `pooled body of ${lease.buffer.length} bytes for a ${length}-byte frame`);
+        }
+        this.lease = lease;
+        this.body = lease.buffer;
+        return;
+      }
+    }
     const size = need * BODY_GROWTH >= length ? length : Math.max(need * BODY_GROWTH, Math.min(BODY_MIN_ROOM, length));
     const next = Buffer.allocUnsafeSlow(size);
     if (this.body !== null) this.body.copy(next, 0, 0, this.filled);
@@ -1269,6 +1317,7 @@ export class FrameDecoder {
     this.buffered = 0;
     this.body = null;
     this.filled = 0;
+    this.dropLease();
     return this.failure;
   }
 

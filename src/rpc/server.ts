@@ -3,6 +3,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
+import { BufferPool, type BufferLease } from '../core/buffer-pool.js';
 import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
 import { BLOCK_REF_SIZE, type BlockRef } from '../core/ids.js';
 import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
@@ -54,7 +55,11 @@ export interface BlockService {
   readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer>;
   /** Sectors with the block's sector checksums; a service that has it lets clients check reads end to end (EXT_CHECKSUMS). */
   readSectors?(ref: BlockRef, offset: number, length: number): Promise<SectorRead>;
-  /** `opts.crc`: the writer's CRC of the whole block; CORRUPT if the stored block does not match it. */
+  /**
+   * `opts.crc`: the writer's CRC of the whole block; CORRUPT if the stored block does not match it.
+   * `data` (like an append's pieces) is pooled memory, handed out again once the promise settles:
+   * keep a copy, never the view, and do not read it after settling.
+   */
   putBlock(ref: BlockRef, data: Uint8Array, opts?: { readonly crc?: number }): Promise<void>;
   hasBlock(ref: BlockRef): boolean | Promise<boolean>;
   /** Volume journals (docs/journal.md); a service that has them announces EXT_JOURNAL. */
@@ -141,6 +146,9 @@ export interface RpcServerStats {
   readonly throttled: Readonly<Record<RpcThrottle, number>>;
   readonly stallTimeouts: number;
   readonly idleTimeouts: number;
+  readonly directReads: number;
+  /** Pooled receive buffers: held by requests now, idle, and how many frames reused one. */
+  readonly pool: { readonly outstanding: number; readonly idleBytes: number; readonly reused: number; readonly allocated: number };
 }
 
 /** Why a connection is not read: requests in flight, their bytes, unsent replies, the shared budget. */
@@ -157,6 +165,10 @@ export const SERVER_DEFAULTS = {
   stallTimeoutMs: 60_000,
 } as const;
 
+/** Where an accepted socket's first read lands (see handleAccepted). */
+const HANDSHAKE_FIRST_READ = 4096;
+/** Pooled receive buffers kept idle at most (a few frames of the largest size). */
+const POOL_IDLE_BYTES = 64 * 1024 * 1024;
 /** Deletes of one DELETE_BATCH run at most this many at a time (a frame can hold 700,000 refs). */
 const DELETE_CONCURRENCY = 32;
 /** Decoded refs are objects: about this many times their 24 wire bytes (measured: 4.7). */
@@ -237,6 +249,8 @@ export class RpcServer {
   private readonly logThrottle = new LogThrottle();
   /** Shared with connections. */
   readonly budget: ByteBudget;
+  /** Memory PUT_BATCH and APPEND bodies are received into, reused from frame to frame. */
+  readonly pool: BufferPool;
   /** Mutable counters shared with connections. */
   readonly counters = {
     requests: 0,
@@ -250,6 +264,8 @@ export class RpcServer {
     refusedConnections: 0,
     stallTimeouts: 0,
     idleTimeouts: 0,
+    /** Connections whose socket reads land in the decoder's memory (onread). */
+    directReads: 0,
     throttled: { requests: 0, bytes: 0, replies: 0, budget: 0 } satisfies Record<RpcThrottle, number>,
   };
 
@@ -280,6 +296,7 @@ export class RpcServer {
     // The largest frame must fit, or a client sending one would wait forever.
     if (!(budget >= maxFrameSize)) throw new TorusError('INVALID_ARGUMENT', `a buffer budget of ${budget} bytes is below the ${maxFrameSize}-byte frame limit`);
     this.budget = new ByteBudget(budget);
+    this.pool = new BufferPool(Math.min(POOL_IDLE_BYTES, budget));
   }
 
   /** @internal Reports a limit that bit, at most once per ten seconds per kind. */
@@ -326,8 +343,8 @@ export class RpcServer {
       });
       server = secure;
     } else
-      server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => {
-        this.handle(socket, remoteOf(socket));
+      server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) => {
+        this.handleAccepted(socket, remoteOf(socket));
       });
     capConnections(server, this.maxConnections, (remote) => {
       this.counters.refusedConnections++;
@@ -358,10 +375,10 @@ export class RpcServer {
   }
 
   /** Serves one already-connected stream (a socket, or a pipe end in tests). */
-  handle(stream: Duplex, remote = 'stream', auth: PeerAuth = {}): void {
+  handle(stream: Duplex, remote = 'stream', auth: PeerAuth = {}): ServerConnection | null {
     if (this.closed) {
       stream.destroy();
-      return;
+      return null;
     }
     if (stream instanceof net.Socket) stream.setNoDelay(true);
     const conn = new ServerConnection(this, this.service, this.settings, stream, auth.name ? `${remote} ${auth.name}` : remote, auth);
@@ -370,6 +387,48 @@ export class RpcServer {
       const now = Date.now();
       for (const c of this.conns) c.check(now);
     }, sweepInterval(this.settings.stallTimeoutMs)).unref();
+    return conn;
+  }
+
+  /**
+   * A plaintext socket just accepted, not yet read from. Node lets only sockets it creates from a
+   * handle take `onread` (reads into memory the caller chooses, no buffer allocated per read), and
+   * net.Server creates its sockets itself: so the accepted socket's handle moves to a socket made
+   * with `onread`, whose reads land where the connection's frame decoder says (a PUT's payload
+   * straight in its pooled buffer). The accepted socket stays open without a handle until the new
+   * one closes, so the server's connection count (maxConnections, close()) still includes it.
+   * Where the handle cannot move (a Node without these internals), the socket is read as a stream.
+   */
+  private handleAccepted(socket: net.Socket, remote: string): void {
+    const internal = socket as net.Socket & { _handle?: { readStart?: unknown; useUserBuffer?: unknown } | null };
+    const h = internal._handle;
+    if (this.closed || !h || typeof h.readStart !== 'function' || typeof h.useUserBuffer !== 'function') {
+      this.handle(socket, remote);
+      socket.resume();
+      return;
+    }
+    internal._handle = null;
+    let conn: ServerConnection | null = null;
+    // net asks for the first target while the socket is being made, before the connection
+    // exists: that first read (the HELLO, small) lands here and is passed on as a chunk.
+    const first = Buffer.allocUnsafe(HANDSHAKE_FIRST_READ);
+    const own = new net.Socket({
+      handle: h,
+      allowHalfOpen: true,
+      readable: true,
+      writable: true,
+      onread: {
+        buffer: () => (conn === null ? first : conn.readTarget()),
+        callback: (n: number, buf: Uint8Array) => {
+          if (buf === first) conn?.onRead(first.subarray(0, n), -1);
+          else conn?.onRead(buf as Buffer, n);
+          return true;
+        },
+      },
+    } as net.SocketConstructorOpts);
+    own.once('close', () => socket.destroy());
+    conn = this.handle(own, remote);
+    this.counters.directReads++;
   }
 
   /** @internal */
@@ -418,6 +477,7 @@ export class RpcServer {
       bytesOut,
       heldBytes: this.budget.used,
       peakHeldBytes: this.budget.peak,
+      pool: { outstanding: this.pool.outstanding, idleBytes: this.pool.idleByteCount, reused: this.pool.reused, allocated: this.pool.allocated },
     };
   }
 
@@ -436,9 +496,9 @@ export class RpcServer {
 
 type ConnState = 'hello' | 'ready' | 'closing';
 
-class ServerConnection {
+export class ServerConnection {
   private state: ConnState = 'hello';
-  private readonly decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE });
+  private readonly decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE, pooledBody: (op, length) => this.pooledBody(op, length) });
   private readonly writer: FrameWriter;
   inFlight = 0;
   bytesIn = 0;
@@ -495,16 +555,39 @@ class ServerConnection {
   }
 
   private onData(chunk: Buffer): void {
+    this.onRead(chunk, -1);
+  }
+
+  /** @internal Where the next read of an `onread` socket should land. */
+  readTarget(): Buffer {
+    return this.decoder.readTarget();
+  }
+
+  /** @internal `n` >= 0: `buf` is the last readTarget() and got n bytes; -1: `buf` is a chunk. */
+  onRead(buf: Buffer, n: number): void {
     if (this.state === 'closing') return;
     this.lastActivity = Date.now();
-    this.bytesIn += chunk.length;
+    this.bytesIn += n < 0 ? buf.length : n;
     try {
-      this.decoder.push(chunk);
+      if (n < 0) this.decoder.push(buf);
+      else this.decoder.commitRead(buf, n);
     } catch (err) {
       this.protocolError(toTorusError(err, 'PROTOCOL'));
       return;
     }
     this.pump();
+  }
+
+  /**
+   * Pooled memory for a PUT_BATCH or APPEND body, whose bytes go to the store as they are: only
+   * past the handshake, and only for a frame the shared budget admits (checked here, before a
+   * byte of it is held, as blockedBy() would).
+   */
+  private pooledBody(op: number, length: number): BufferLease | null {
+    if (this.state !== 'ready' || (op !== Op.PutBatch && op !== Op.Append)) return null;
+    if (!this.budget.mayTake(this.admissionCost())) return null;
+    this.admitted = true;
+    return this.server.pool.take(length);
   }
 
   private onEnd(): void {
@@ -523,6 +606,7 @@ class ServerConnection {
     this.state = 'closing';
     this.clearTimer();
     this.writer.discard();
+    this.decoder.dispose();
     this.budget.leave();
     this.server.connectionClosed(this, this.bytesIn, this.writer.bytesOut);
   }
@@ -630,6 +714,7 @@ class ServerConnection {
   private dispatch(m: Message): void {
     this.server.counters.requests++;
     if (this.state === 'hello') {
+      if ('lease' in m) m.lease?.release();
       if (m.op !== Op.Hello) this.protocolError(new TorusError('PROTOCOL', `expected HELLO, got ${opName(m.op)}`));
       else this.hello(m);
       return;
@@ -811,8 +896,12 @@ class ServerConnection {
     for (const p of m.pieces) bytes += p.data.length;
     this.begin(bytes);
     const j = this.journal();
-    if (!j) return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node keeps no journals'), bytes);
+    if (!j) {
+      m.lease?.release();
+      return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node keeps no journals'), bytes);
+    }
     invoke(() => j.appendLog(m.ref, m.pieces))
+      .finally(() => m.lease?.release())
       .then(() => (m.sync ? this.service.flush() : undefined))
       .then(
         () => this.reply(encodeEmpty(Op.Ok, m.id), bytes),
@@ -856,6 +945,7 @@ class ServerConnection {
       );
     });
     Promise.all(results)
+      .finally(() => m.lease?.release())
       .then(async (statuses) => {
         // A SYNC batch is acknowledged only once durable: flush errors fail the whole frame.
         if (m.sync && statuses.some((s) => s === null)) await this.service.flush();

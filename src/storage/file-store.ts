@@ -842,10 +842,13 @@ export class FileBlockStore implements LocalBlockStore {
       const pos = this.layout.dataOffset(slot);
       // The record goes last: once it is on disk it commits data and checksums, whose CRCs
       // expose any part of them that did not make it.
-      await Promise.all([
+      // Both settle before this returns, failed or not: the caller may reuse `data` then (the
+      // peer-RPC server's pooled receive buffers), and a write still reading it must not see that.
+      const written = await Promise.allSettled([
         zeros ? writeTwo(this.data, data, zeros.subarray(0, this.blockSize - data.length), pos) : writeFull(this.data, data, pos),
         writeFull(this.table, sums, this.layout.checksumOffset(slot)),
       ]);
+      for (const w of written) if (w.status === 'rejected') throw w.reason;
       recordIssued = true;
       await writeFull(this.table, record, this.layout.recordOffset(slot));
       this.gens[slot] = gen;
@@ -987,7 +990,9 @@ export class FileBlockStore implements LocalBlockStore {
         else if (this.state[slot] !== OPEN) throw new TorusError('INVALID_ARGUMENT', `log block ${formatBlockRef(ref)} is sealed: nothing more can be appended to it`);
         const base = this.layout.dataOffset(slot);
         try {
-          await Promise.all(pieces.map((p) => writeFull(this.data, p.data, base + p.offset)));
+          // Settled all, as in store(): the pieces may be reused once this returns.
+          const written = await Promise.allSettled(pieces.map((p) => writeFull(this.data, p.data, base + p.offset)));
+          for (const w of written) if (w.status === 'rejected') throw w.reason;
         } catch (err) {
           throw ioError(`appending to ${formatBlockRef(ref)}`, err, this.dir);
         }
