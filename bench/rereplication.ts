@@ -1,7 +1,7 @@
 // Re-replication rate after a node loss, next to raw TCP between two local processes in the same
 // run: how close the rebalancer comes to what the machine can move.
 //
-//   node dist/bench/rereplication.js [--size 512MiB] [--reps 3] [--block-size 512KiB]
+//   node dist/bench/rereplication.js [--size 512MiB] [--reps 3] [--block-size 512KiB] [--peer-rpc tls|plain]
 //
 // Each repetition: etcd and four torusd on loopback (R=2, --rebalance-rate 10GiB so the rate
 // limit is out of the way), a volume filled with --size of random data, one node killed with
@@ -20,9 +20,8 @@ import { cpus } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parseSize } from '../src/core/units.js';
-import { VolumeClient } from '../src/volume/client.js';
+import { openVolumeClient } from '../test/helpers/certs.js';
 import { startCluster } from '../test/helpers/cluster.js';
-import { clientSecurity } from '../test/helpers/certs.js';
 import { countCopies } from '../test/helpers/copies.js';
 import { REPO, ok } from '../test/helpers/procs.js';
 import { cpuTimes, formatSpread, spread } from './lib/probes.js';
@@ -33,8 +32,15 @@ const { values } = parseArgs({
     size: { type: 'string', default: '512MiB' },
     reps: { type: 'string', default: '3' },
     'block-size': { type: 'string', default: '512KiB' },
+    /** tls (the default, as deployed) or plain (--insecure-peer-network): the raw TCP reference is plaintext either way. */
+    'peer-rpc': { type: 'string', default: 'tls' },
   },
 });
+if (values['peer-rpc'] !== 'tls' && values['peer-rpc'] !== 'plain') throw new Error('--peer-rpc is tls or plain');
+const PLAIN = values['peer-rpc'] === 'plain';
+// The in-process client and every torusctl follow the nodes.
+if (PLAIN) process.env.TORUS_INSECURE_PEER_NETWORK = '1';
+const TORUSD = ['--rebalance-rate', '10GiB', '--heartbeat', '1s', '--gc-interval', '0', ...(PLAIN ? ['--insecure-peer-network'] : [])];
 const SIZE = parseSize(values.size);
 const REPS = Math.max(1, Number(values.reps));
 const MiB = 1024 * 1024;
@@ -60,12 +66,12 @@ async function rep(i: number): Promise<Rep> {
     replication: 2,
     blockSize: values['block-size'],
     size: `${Math.max(1, Math.ceil((SIZE * 2) / (1024 * MiB)))}GiB`,
-    torusdArgs: ['--rebalance-rate', '10GiB', '--heartbeat', '1s', '--gc-interval', '0'],
+    torusdArgs: TORUSD,
   });
   try {
     const C = ['-C', c.etcd.endpoint];
     await ok('torusctl', [...C, 'volume', 'create-block', 'r', String(SIZE)]);
-    const vc = await VolumeClient.open(c.meta, { rpc: { security: await clientSecurity() } });
+    const vc = await openVolumeClient(c.meta);
     const vol = await vc.openVolume('r');
     const chunk = Buffer.alloc(4 * MiB);
     const tf = Date.now();
@@ -131,7 +137,7 @@ async function rep(i: number): Promise<Rep> {
 }
 
 const started = new Date();
-console.log(`re-replication after a node loss: 4 nodes, R=2, ${values['block-size']} blocks, ${(SIZE / MiB).toFixed(0)} MiB volume, ${REPS} repetition(s)`);
+console.log(`re-replication after a node loss: 4 nodes, R=2, ${values['block-size']} blocks, ${(SIZE / MiB).toFixed(0)} MiB volume, ${REPS} repetition(s), peer RPC ${values['peer-rpc']}`);
 const reps: Rep[] = [];
 for (let i = 0; i < REPS; i++) reps.push(await rep(i));
 
@@ -153,7 +159,7 @@ writeFileSync(
   `${JSON.stringify(
     {
       date: started.toISOString(),
-      settings: { nodes: 4, replication: 2, blockSize: values['block-size'], volumeBytes: SIZE, reps: REPS, torusd: '--rebalance-rate 10GiB --heartbeat 1s --gc-interval 0' },
+      settings: { nodes: 4, replication: 2, blockSize: values['block-size'], volumeBytes: SIZE, reps: REPS, torusd: TORUSD.join(' '), peerRpc: values['peer-rpc'] },
       machine: { cpus: cpus().length, node: process.version },
       rereplicationMiBps: rr,
       torusdCpuMsPerMiB: cpuPerMiB,

@@ -37,6 +37,8 @@ export async function nodeCertDir(dataDir: string, name = 'node'): Promise<strin
 
 /** The peer security of an in-process client talking to spawned nodes (as torusblk would, from its environment). */
 export async function clientSecurity(): Promise<PeerSecurity> {
+  // A run whose nodes are plaintext (bench --peer-rpc plain) says so, even once the test CA exists.
+  if (process.env.TORUS_INSECURE_PEER_NETWORK === '1') return { mode: 'insecure' };
   if (process.env.TORUS_TLS_CERTIFICATES === undefined && process.env.TORUS_INSECURE_PEER_NETWORK === undefined) await testCerts();
   const dir = process.env.TORUS_TLS_CERTIFICATES;
   return (await resolvePeerSecurity(dir !== undefined ? { tlsCertificates: dir } : { insecurePeerNetwork: true }, false)).security;
