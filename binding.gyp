@@ -19,6 +19,12 @@
       "defines": ["NAPI_VERSION=8"]
     },
     {
+      "target_name": "block_write",
+      "sources": ["native/block_write.c"],
+      "cflags": ["-Wall", "-Wextra", "-O2", "-std=gnu11"],
+      "defines": ["NAPI_VERSION=8"]
+    },
+    {
       "target_name": "malloc_tuning",
       "sources": ["native/malloc_tuning.c"],
       "cflags": ["-Wall", "-Wextra", "-O2", "-std=gnu11"],

@@ -104,7 +104,7 @@ export function ensureBuild() {
     run('npm', ['run', '--silent', 'build']);
   }
   if (['aoe_socket.node', 'page_cache_read.node', 'malloc_tuning.node', 'file_lock.node'].some((f) => !existsSync(join(ROOT, 'build', 'Release', f)))) {
-    say('building the native addons: AoE raw socket, page-cache reads, malloc settings, data-dir lock (node-gyp)');
+    say('building the native addons: AoE raw socket, page-cache reads, batched block writes, malloc settings, data-dir lock (node-gyp)');
     run('npm', ['run', '--silent', 'build:native']);
   }
 }

@@ -16,6 +16,8 @@ const slots = Number(slotsArg);
 let next = Number(firstArg);
 
 const store = await FileBlockStore.open({ dir, blockSize, sizeBytes: slots * blockSize });
+// Under the power-cut preload every write must go through fs, where its undo log is kept.
+if (process.env.TORUS_POWERCUT_DIR !== undefined && store.batchedWrites() !== undefined) throw new Error('batched native writes under the power-cut preload');
 process.stdout.write('ready\n');
 const live: number[] = [];
 // The journal side: log block `log` gets one piece per round, sealed when the next would not fit.

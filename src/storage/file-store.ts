@@ -19,6 +19,7 @@ import { join } from 'node:path';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { BlockType, formatBlockRef, type BlockRef } from '../core/ids.js';
 import { blockCrcFromSectors } from '../core/crc.js';
+import { WriteBatcher, WriteFailure, type Write } from './batch-write.js';
 import type { LogPiece, SectorRead } from '../core/interfaces.js';
 import { LruCache } from '../core/lru.js';
 import {
@@ -254,6 +255,8 @@ export class FileBlockStore implements LocalBlockStore {
   private headerWrites = 0;
   private unsyncedHeader = false;
   private readonly counters: BlockStoreStats = emptyStats();
+  /** Block writes of one turn of the event loop in one thread-pool job; fs call by call without the addon. */
+  private readonly batcher = WriteBatcher.available ? new WriteBatcher() : undefined;
 
   private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader, headerCopy: number) {
     this.durableCopy = headerCopy;
@@ -799,6 +802,11 @@ export class FileBlockStore implements LocalBlockStore {
 
   // ---- writes ----
 
+  /** Thread-pool jobs the batched block writes took, and the blocks they stored; undefined when writes go through fs one by one. */
+  batchedWrites(): { readonly jobs: number; readonly blocks: number } | undefined {
+    return this.batcher && { jobs: this.batcher.jobs, blocks: this.batcher.groups };
+  }
+
   /**
    * `data` is read while the call is pending, so the caller must not modify it until the
    * returned promise settles (copying every 512 KiB block would halve write throughput).
@@ -842,15 +850,28 @@ export class FileBlockStore implements LocalBlockStore {
       const pos = this.layout.dataOffset(slot);
       // The record goes last: once it is on disk it commits data and checksums, whose CRCs
       // expose any part of them that did not make it.
-      // Both settle before this returns, failed or not: the caller may reuse `data` then (the
-      // peer-RPC server's pooled receive buffers), and a write still reading it must not see that.
-      const written = await Promise.allSettled([
-        zeros ? writeTwo(this.data, data, zeros.subarray(0, this.blockSize - data.length), pos) : writeFull(this.data, data, pos),
-        writeFull(this.table, sums, this.layout.checksumOffset(slot)),
-      ]);
-      for (const w of written) if (w.status === 'rejected') throw w.reason;
-      recordIssued = true;
-      await writeFull(this.table, record, this.layout.recordOffset(slot));
+      if (this.batcher !== undefined) {
+        const writes: Write[] = [[this.data.fd, data, pos]];
+        if (zeros) writes.push([this.data.fd, zeros.subarray(0, this.blockSize - data.length), pos + data.length]);
+        writes.push([this.table.fd, sums, this.layout.checksumOffset(slot)], [this.table.fd, record, this.layout.recordOffset(slot)]);
+        try {
+          await this.batcher.submit(writes);
+        } catch (err) {
+          // The record is the last write of the group: issued only if everything before it went.
+          recordIssued = err instanceof WriteFailure && err.index === writes.length - 1;
+          throw err;
+        }
+      } else {
+        // Both settle before this returns, failed or not: the caller may reuse `data` then (the
+        // peer-RPC server's pooled receive buffers), and a write still reading it must not see that.
+        const written = await Promise.allSettled([
+          zeros ? writeTwo(this.data, data, zeros.subarray(0, this.blockSize - data.length), pos) : writeFull(this.data, data, pos),
+          writeFull(this.table, sums, this.layout.checksumOffset(slot)),
+        ]);
+        for (const w of written) if (w.status === 'rejected') throw w.reason;
+        recordIssued = true;
+        await writeFull(this.table, record, this.layout.recordOffset(slot));
+      }
       this.gens[slot] = gen;
       this.sums[slot] = sumsCrc;
       this.state[slot] = USED;
@@ -990,9 +1011,12 @@ export class FileBlockStore implements LocalBlockStore {
         else if (this.state[slot] !== OPEN) throw new TorusError('INVALID_ARGUMENT', `log block ${formatBlockRef(ref)} is sealed: nothing more can be appended to it`);
         const base = this.layout.dataOffset(slot);
         try {
-          // Settled all, as in store(): the pieces may be reused once this returns.
-          const written = await Promise.allSettled(pieces.map((p) => writeFull(this.data, p.data, base + p.offset)));
-          for (const w of written) if (w.status === 'rejected') throw w.reason;
+          if (this.batcher !== undefined) await this.batcher.submit(pieces.map((p): Write => [this.data.fd, p.data, base + p.offset]));
+          else {
+            // Settled all, as in store(): the pieces may be reused once this returns.
+            const written = await Promise.allSettled(pieces.map((p) => writeFull(this.data, p.data, base + p.offset)));
+            for (const w of written) if (w.status === 'rejected') throw w.reason;
+          }
         } catch (err) {
           throw ioError(`appending to ${formatBlockRef(ref)}`, err, this.dir);
         }

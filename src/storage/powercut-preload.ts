@@ -15,6 +15,9 @@ type Cb = (err: NodeJS.ErrnoException | null, ...rest: unknown[]) => void;
 
 const logDir = process.env[POWERCUT_ENV];
 if (!logDir) throw new Error(`powercut-preload: set ${POWERCUT_ENV} to the directory for the undo log`);
+// The store's batched writes (native/block_write.c) bypass fs, where the undo log is kept: the
+// store writes through fs in this process.
+process.env.TORUS_NATIVE_WRITES = '0';
 
 // The originals, captured before anything is patched.
 const o = {

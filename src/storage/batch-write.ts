@@ -1,0 +1,111 @@
+// Writes of the blocks stored in one turn of the event loop, as one thread-pool job
+// (native/block_write.c). Without the addon, or with TORUS_NATIVE_WRITES=0 (the power-cut preload
+// sets it: it sees only writes made through Node's fs), the caller writes through fs as before.
+
+import { loadNativeAddon } from '../core/native.js';
+import { constants } from 'node:os';
+
+interface BlockWriteAddon {
+  writeBatch(fds: Int32Array, positions: Float64Array, buffers: Uint8Array[], groupEnds: Uint32Array, callback: (failedAt: Int32Array, errnos: Int32Array) => void): void;
+}
+
+function load(): BlockWriteAddon | undefined {
+  if (process.env.TORUS_NATIVE_WRITES === '0') return undefined;
+  try {
+    return loadNativeAddon<BlockWriteAddon>('block_write');
+  } catch {
+    // A broken build must not stop the store: fs still writes everything.
+    return undefined;
+  }
+}
+
+const addon = load();
+
+/** One write: `data` at `position` of `fd`, whole. */
+export type Write = readonly [fd: number, data: Uint8Array, position: number];
+
+/** A group of writes stopped at `index` (0-based within the group) with this error. */
+export class WriteFailure extends Error {
+  constructor(
+    readonly index: number,
+    readonly errno: number,
+  ) {
+    const code = errnoName(errno);
+    super(`${code}: write failed`);
+    (this as NodeJS.ErrnoException).code = code;
+    (this as NodeJS.ErrnoException).errno = -errno;
+  }
+}
+
+function errnoName(errno: number): string {
+  for (const [name, value] of Object.entries(constants.errno)) if (value === errno) return name;
+  return `errno ${errno}`;
+}
+
+interface Pending {
+  readonly writes: readonly Write[];
+  readonly resolve: () => void;
+  readonly reject: (err: Error) => void;
+}
+
+/**
+ * Collects groups of writes submitted in one turn of the event loop and hands them to the
+ * thread pool together. A group's writes are made in order and stop at the first that fails;
+ * groups are independent. Each submit settles once its group is done (or stopped).
+ */
+export class WriteBatcher {
+  private queue: Pending[] = [];
+  private scheduled = false;
+  /** Jobs sent to the thread pool, and groups written: for tests and metrics. */
+  jobs = 0;
+  groups = 0;
+
+  static get available(): boolean {
+    return addon !== undefined;
+  }
+
+  submit(writes: readonly Write[]): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ writes, resolve, reject });
+      if (!this.scheduled) {
+        this.scheduled = true;
+        // After the poll phase: every put that arrived in this turn has queued its writes.
+        setImmediate(() => this.run());
+      }
+    });
+  }
+
+  private run(): void {
+    this.scheduled = false;
+    const batch = this.queue;
+    this.queue = [];
+    let n = 0;
+    for (const p of batch) n += p.writes.length;
+    const fds = new Int32Array(n);
+    const positions = new Float64Array(n);
+    const buffers: Uint8Array[] = new Array(n);
+    const ends = new Uint32Array(batch.length);
+    let i = 0;
+    batch.forEach((p, g) => {
+      for (const [fd, data, position] of p.writes) {
+        fds[i] = fd;
+        positions[i] = position;
+        buffers[i++] = data;
+      }
+      ends[g] = i;
+    });
+    this.jobs++;
+    this.groups += batch.length;
+    try {
+      addon!.writeBatch(fds, positions, buffers, ends, (failedAt, errnos) => {
+        batch.forEach((p, g) => {
+          if (failedAt[g]! < 0) p.resolve();
+          else p.reject(new WriteFailure(failedAt[g]!, errnos[g]!));
+        });
+      });
+    } catch (err) {
+      // Not queued (bad arguments): nothing was written.
+      for (const p of batch) p.reject(err instanceof Error ? err : new Error(String(err)));
+    }
+  }
+}
