@@ -167,8 +167,8 @@ export const SERVER_DEFAULTS = {
 
 /** Where an accepted socket's first read lands (see handleAccepted). */
 const HANDSHAKE_FIRST_READ = 4096;
-/** Pooled receive buffers kept idle at most (a few frames of the largest size). */
-const POOL_IDLE_BYTES = 64 * 1024 * 1024;
+/** Pooled receive buffers kept idle at most: a rebalancer's 4 MiB frames, 4 in flight from each of two peers. */
+const POOL_IDLE_BYTES = 32 * 1024 * 1024;
 /** Deletes of one DELETE_BATCH run at most this many at a time (a frame can hold 700,000 refs). */
 const DELETE_CONCURRENCY = 32;
 /** Decoded refs are objects: about this many times their 24 wire bytes (measured: 4.7). */
