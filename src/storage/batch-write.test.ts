@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { closeSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { WriteBatcher, WriteFailure } from './batch-write.js';
+import { crc32c } from '@node-rs/crc32';
+import { WriteBatcher, WriteFailure, nativeSectorCrcs } from './batch-write.js';
 import { withTmpDir } from './testing.js';
 
 describe('WriteBatcher (native/block_write.c)', { skip: !WriteBatcher.available && 'the block_write addon is not built' }, () => {
@@ -41,4 +42,24 @@ describe('WriteBatcher (native/block_write.c)', { skip: !WriteBatcher.available 
         closeSync(fd);
       }
     }));
+});
+
+describe('nativeSectorCrcs', { skip: !WriteBatcher.available && 'the block_write addon is not built' }, () => {
+  it('gives the CRC32C of every sector, a short last one included, as crc32c does', () => {
+    for (const [size, sector] of [
+      [512 * 1024, 4096],
+      [65536, 512],
+      [10_000, 4096],
+      [7, 4096],
+      [4096 * 3 + 13, 4096],
+    ] as const) {
+      const data = Buffer.alloc(size);
+      for (let i = 0; i < size; i++) data[i] = (i * 2654435761) >>> 24;
+      const n = Math.ceil(size / sector);
+      const out = Buffer.alloc(n * 4 + 4, 0xee);
+      assert.equal(nativeSectorCrcs(data, sector, out), true);
+      for (let s = 0; s < n; s++) assert.equal(out.readUInt32LE(s * 4), crc32c(data.subarray(s * sector, Math.min(size, (s + 1) * sector))) >>> 0, `size ${size} sector ${s}`);
+      assert.equal(out.readUInt32LE(n * 4), 0xeeeeeeee, 'nothing written past the last sector');
+    }
+  });
 });
