@@ -5,6 +5,7 @@ import { addBlockIoOptions, addGlobalOptions } from './shared/config.js';
 import { aoeCommand } from './torusblk/aoe.js';
 import { csiCommand } from './torusblk/csi.js';
 import { nbdCommand, nbdserveCommand } from './torusblk/nbd.js';
+import { addVolumeClientOptions } from './torusblk/common.js';
 import { EXIT_STATUSES, runProgram } from './shared/run.js';
 import { docsCommands } from './shared/docs-gen.js';
 import { versionCommand } from './shared/output.js';
@@ -17,12 +18,7 @@ export function buildProgram(): Command {
     .description('serve Torus block volumes to this machine (NBD, AoE, Kubernetes CSI)')
     .version(`torusblk\nVersion: ${VERSION}`, '--version');
   addGlobalOptions(addBlockIoOptions(addLogOptions(program)));
-  program.option(
-    '--lock-ttl <duration>',
-    'how long the volumes this client opens stay locked after it dies or loses etcd (a new writer waits that long; too short and a stalled client loses its volumes)',
-    '15s',
-  );
-  program.option('--peer-timeout <duration>', 'how long a call to a storage node may take before it fails and counts against that node (a slow or overloaded client host needs longer)', '5s');
+  addVolumeClientOptions(program, 'client');
   program.option('--metrics <host:port>', 'serve Prometheus metrics (per-volume I/O, latency histograms, NBD/AoE counters) on http://HOST:PORT/metrics');
   program.addCommand(nbdserveCommand());
   program.addCommand(nbdCommand());

@@ -14,8 +14,15 @@ import { addBlockIoOptions, addGlobalOptions, connectMetadata, parseCount, parse
 import { EXIT_STATUSES, reportError, runProgram } from './shared/run.js';
 import { docsCommands } from './shared/docs-gen.js';
 import { addLogOptions, makeLogger } from './shared/log.js';
+import { addNbdServeOptions, listenNbd, nbdSamples, nbdServeFlags, nbdServerOptions, type NbdLog } from './shared/nbd-serve.js';
+import { addVolumeClientOptions, ClientRuntime, lockTtl, parseHostPort, peerTimeoutMs, type VolumeClientOpts } from './torusblk/common.js';
+import type { Logger } from 'pino';
+import type { MetadataService } from '../core/interfaces.js';
+import type { NbdServerOptions } from '../nbd/server.js';
+import { VolumeClient } from '../volume/client.js';
+import { VolumeProvider } from '../volume/provider.js';
 
-interface TorusdOpts extends GlobalOpts, BlockIoOpts {
+interface TorusdOpts extends GlobalOpts, BlockIoOpts, VolumeClientOpts {
   dataDir: string;
   size: string;
   peerAddress?: string;
@@ -42,6 +49,8 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts {
   httpMaxConnections: string;
   httpTls?: boolean;
   httpTokenFile?: string;
+  nbdListen?: string;
+  nbdUnix?: string;
 }
 
 /** --http-tls and --http-token-file: the certificate from --tls-certificates, the token from its file (never from argv). */
@@ -68,6 +77,50 @@ function parseRate(text: string, flag: string): number {
   const rate = parseSize(text);
   if (rate <= 0) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} ${text}: must be above 0 (or auto)`);
   return rate;
+}
+
+/** --nbd-listen / --nbd-unix and the flags that go with them, checked before the node starts; undefined when it serves no NBD. */
+function nbdOptionsFrom(opts: TorusdOpts, meta: MetadataService, log: NbdLog): NbdServerOptions | undefined {
+  lockTtl(opts); // checked with the rest, though only exports use it
+  if (opts.nbdListen === undefined && opts.nbdUnix === undefined) return undefined;
+  const flags = nbdServeFlags(opts, 'nbd-');
+  const listenTcp = opts.nbdListen !== undefined ? parseHostPort(opts.nbdListen, '--nbd-listen') : undefined;
+  return nbdServerOptions(flags, 'nbd-', { ...(listenTcp ? { listenTcp } : {}), ...(opts.nbdUnix !== undefined ? { listenUnix: opts.nbdUnix } : {}) }, opts, meta, log);
+}
+
+interface NodeExports {
+  close(): Promise<void>;
+}
+
+/**
+ * The node serves the cluster's volumes over NBD, through its own block client: this node's
+ * replicas are read and written on its disk directly, the others' over peer RPC, and a flush
+ * is acknowledged once R replicas (this one among them) have it on stable storage, as from any
+ * client. If this process dies, so do the exports; the data stays on the other replicas.
+ */
+async function serveExports(node: StorageNode, meta: MetadataService, nbd: NbdServerOptions, opts: TorusdOpts, log: Logger): Promise<NodeExports> {
+  const flags = nbdServeFlags(opts, 'nbd-');
+  const vc = VolumeClient.over(meta, node.blockClient, lockTtl(opts));
+  const rt = ClientRuntime.over(meta, vc, node.metrics, (f) => node.addSamples(f), log);
+  const volumes = new VolumeProvider(vc, { readOnly: flags.readOnly, writeCacheBytes: parseSize(flags.writeCacheSize) });
+  let served;
+  try {
+    served = await listenNbd(rt.measured(volumes), nbd, opts.nbdListen !== undefined ? '--nbd-listen' : '--nbd-unix');
+  } catch (err) {
+    await rt.close();
+    throw err;
+  }
+  const { server, tcp, unix } = served;
+  rt.addSamples(() => nbdSamples(server.stats()));
+  log.info({ ...(tcp ? { nbd: tcp } : {}), ...(unix ? { nbdUnix: unix } : {}) }, `serving NBD on ${[tcp, unix].filter(Boolean).join(' and ')}; exports are volume names (VOLUME@SNAPSHOT read-only)`);
+  return {
+    async close() {
+      log.info('stopping NBD: finishing requests and syncing volumes');
+      await server.close();
+      await volumes.closeAll();
+      await rt.close();
+    },
+  };
 }
 
 export function buildProgram(): Command {
@@ -102,6 +155,11 @@ export function buildProgram(): Command {
     .option('--http-tls', "serve HTTP over TLS with the node's server certificate from --tls-certificates")
     .option('--http-token-file <file>', '/v1/* only for requests bearing the token in FILE (Authorization: Bearer); /metrics and /healthz stay open')
     .addOption(new Option('--http-max-connections <n>', 'HTTP connections accepted at once; more are closed on arrival').default(String(HTTP_DEFAULTS.maxConnections)))
+    .option('--nbd-listen <host:port>', "serve the cluster's volumes over NBD here, as torusblk nbdserve does, reading this node's own replicas without a network hop (off by default)")
+    .option('--nbd-unix <path>', 'serve them over NBD on this unix socket too (or only)');
+  addNbdServeOptions(program, 'nbd-');
+  addVolumeClientOptions(program, 'node');
+  program
     .showHelpAfterError('(run torusd --help for usage)')
     .action(async (opts: TorusdOpts) => {
       // Without it the node registers no address: peers cannot reach it and it can never join.
@@ -126,8 +184,10 @@ export function buildProgram(): Command {
       if (rebalanceMemory <= 0) throw new TorusError('INVALID_ARGUMENT', `invalid --rebalance-memory "${opts.rebalanceMemory}": must be above 0`);
       const httpLimits = { maxConnections: parseCount(opts.httpMaxConnections, '--http-max-connections') };
       const httpSecurity = httpSecurityFrom(opts, (m) => log.warn(m));
+      let nbd: NbdServerOptions | undefined;
       let node: StorageNode;
       try {
+        nbd = nbdOptionsFrom(opts, meta, log);
         node = await StorageNode.start({
           meta,
           etcdDesc: conn.endpoints.join(','),
@@ -155,6 +215,7 @@ export function buildProgram(): Command {
             intervalMs: Math.max(100, parseDuration(opts.compactionInterval)),
           },
           peerLimits,
+          ...(peerTimeoutMs(opts) !== undefined ? { peerTimeoutMs: peerTimeoutMs(opts)! } : {}),
           httpLimits,
           httpSecurity,
           log,
@@ -163,13 +224,24 @@ export function buildProgram(): Command {
         await meta.close();
         throw err;
       }
+      let exports: NodeExports | undefined;
+      if (nbd) {
+        try {
+          exports = await serveExports(node, meta, nbd, opts, log);
+        } catch (err) {
+          await node.stop().catch(() => undefined);
+          await meta.close();
+          throw err;
+        }
+      }
       await new Promise<void>((resolve) => {
         const shutdown = (sig: string): void => {
           log.info({ signal: sig }, 'stopping');
           process.off('SIGINT', onInt);
           process.off('SIGTERM', onTerm);
-          void node
-            .stop()
+          // The exports first: their volumes sync through this node and its peers.
+          void (exports?.close() ?? Promise.resolve())
+            .then(() => node.stop())
             .catch((err: unknown) => {
               process.exitCode = reportError('torusd', err, opts.debug ?? false);
             })

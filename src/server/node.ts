@@ -79,6 +79,8 @@ export interface NodeOptions {
   readonly compaction?: { readonly retentionMs: number; readonly maxRevisions: number; readonly intervalMs: number };
   /** Limits of the peer RPC listener (see RpcServerOptions); defaults there. */
   readonly peerLimits?: Pick<RpcServerOptions, 'maxConnections' | 'maxBufferedBytes' | 'stallTimeoutMs' | 'idleTimeoutMs'>;
+  /** How long a call to another node may take (the RPC client's default, 5 s, if absent). */
+  readonly peerTimeoutMs?: number;
   /** Limits of the HTTP listener. */
   readonly httpLimits?: Pick<HttpServerOptions, 'maxConnections'>;
   /** HTTPS and the bearer token /v1/* asks for. */
@@ -177,6 +179,8 @@ export class StorageNode {
   private maint = new Map<string, Maintenance>();
   /** While the rebalancer moves data, progress is published every second, not every heartbeat. */
   private progressTimer: NodeJS.Timeout | undefined;
+  /** Samples of what else this process runs (the NBD server of torusd --nbd-listen). */
+  private readonly extraSamples: (() => MetricSample[])[] = [];
 
   private constructor(
     private readonly opts: NodeOptions,
@@ -284,7 +288,10 @@ export class StorageNode {
     this.client = await openBlockClient({
       meta: this.opts.meta,
       self: { uuid: this.identity.uuid, store: this.store },
-      ...(this.opts.peerSecurity ? { rpc: { security: this.opts.peerSecurity } } : {}),
+      rpc: {
+        ...(this.opts.peerSecurity ? { security: this.opts.peerSecurity } : {}),
+        ...(this.opts.peerTimeoutMs !== undefined ? { requestTimeoutMs: this.opts.peerTimeoutMs } : {}),
+      },
       ...(this.opts.readCacheBytes !== undefined ? { readCacheBytes: this.opts.readCacheBytes } : {}),
       ...(this.opts.readLevel ? { readLevel: this.opts.readLevel } : {}),
       ...(this.opts.writeLevel ? { writeLevel: this.opts.writeLevel } : {}),
@@ -354,6 +361,20 @@ export class StorageNode {
     }, Math.min(1000, this.heartbeatMs));
     if (this.opts.autoJoin) await this.autoJoin();
     log.info({ uuid: this.identity.uuid, address: this.address, blocks: this.store.numBlocks(), used: this.store.usedBlocks(), blockSize: this.global.blockSize }, 'torusd started');
+  }
+
+  /**
+   * The node's own block client: its distributor reaches this node's disk directly, other nodes
+   * over peer RPC. What torusd --nbd-listen serves volumes through.
+   */
+  get blockClient(): BlockClient {
+    if (!this.client) throw new TorusError('INTERNAL', 'node not started');
+    return this.client;
+  }
+
+  /** Adds what `f` returns to /metrics. */
+  addSamples(f: () => MetricSample[]): void {
+    this.extraSamples.push(f);
   }
 
   private get view(): ClusterView {
@@ -545,6 +566,7 @@ export class StorageNode {
       { name: 'torus_gc_deleted_blocks_total', help: 'Blocks deleted by garbage collection', type: 'counter', value: this.gcStats.deleted },
       { name: 'torus_server_peers_total', help: 'Peers registered in etcd as of the last heartbeat', type: 'gauge', value: this.peersSeen },
       ...this.compactionSamples(),
+      ...this.extraSamples.flatMap((f) => f()),
     ];
     if (this.client) {
       try {

@@ -18,6 +18,7 @@ export class VolumeClient {
     readonly meta: MetadataService,
     readonly block: BlockClient,
     private readonly lockTtlMs: number,
+    private readonly ownsBlock = true,
   ) {
     this.vmeta = new VolumeMeta(meta.kv(), block.uuid);
   }
@@ -26,6 +27,14 @@ export class VolumeClient {
   static async open(meta: MetadataService, opts: Omit<OpenOptions, 'meta'> & { lockTtlMs?: number } = {}): Promise<VolumeClient> {
     const { lockTtlMs = LOCK_TTL_MS, ...rest } = opts;
     return new VolumeClient(meta, await openBlockClient({ ...rest, meta }), lockTtlMs);
+  }
+
+  /**
+   * Volumes over a block client the caller has and keeps (a storage node's own, which reaches its
+   * disk without the network): close() ends the volume locks' session and leaves `block` open.
+   */
+  static over(meta: MetadataService, block: BlockClient, opts: { lockTtlMs?: number } = {}): VolumeClient {
+    return new VolumeClient(meta, block, opts.lockTtlMs ?? LOCK_TTL_MS, false);
   }
 
   session(): Promise<KVSession> {
@@ -77,7 +86,7 @@ export class VolumeClient {
   }
 
   async close(): Promise<void> {
-    await this.block.close();
+    if (this.ownsBlock) await this.block.close();
     if (this.sessionP) await (await this.sessionP).revoke();
   }
 }

@@ -1,3 +1,4 @@
+import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import { TorusError } from '../../core/errors.js';
 import type { DeviceProvider, MetadataService } from '../../core/interfaces.js';
@@ -12,12 +13,10 @@ import { makeLogger } from '../shared/log.js';
 // What every torusblk front end (NBD, AoE) shares: its log, its volume client, its metrics, its
 // way to stop.
 
-export interface ClientOpts extends GlobalOpts, BlockIoOpts {
+export interface ClientOpts extends GlobalOpts, BlockIoOpts, VolumeClientOpts {
   logLevel?: string;
   logFormat?: string;
   metrics?: string;
-  lockTtl?: string;
-  peerTimeout?: string;
 }
 
 export function logger(opts: ClientOpts): Logger {
@@ -26,20 +25,50 @@ export function logger(opts: ClientOpts): Logger {
 
 export async function clientFor(
   meta: MetadataService,
-  opts: BlockIoOpts & GlobalOpts & { lockTtl?: string; peerTimeout?: string },
+  opts: BlockIoOpts & GlobalOpts & VolumeClientOpts,
   log: Logger,
   observeRpc?: (peer: string, op: string, seconds: number, code?: string) => void,
 ): Promise<VolumeClient> {
   const { security } = await peerSecurity(opts, false, (m) => log.warn(m));
+  const requestTimeoutMs = peerTimeoutMs(opts);
   return VolumeClient.open(meta, {
-    rpc: { security, ...(opts.peerTimeout !== undefined ? { requestTimeoutMs: durationFlag(opts.peerTimeout, '--peer-timeout', 500, 600_000, '500ms to 10m') } : {}) },
-    ...(opts.lockTtl !== undefined ? { lockTtlMs: durationFlag(opts.lockTtl, '--lock-ttl', 5000, 3_600_000, '5s to 1h') } : {}),
+    rpc: { security, ...(requestTimeoutMs !== undefined ? { requestTimeoutMs } : {}) },
+    ...lockTtl(opts),
     readCacheBytes: parseSize(opts.readCacheSize),
     readLevel: opts.readLevel as 'block',
     writeLevel: opts.writeLevel as 'all',
     onError: (err) => log.warn({ err: err.message }, 'cluster'),
     ...(observeRpc ? { observeRpc } : {}),
   });
+}
+
+export interface VolumeClientOpts {
+  lockTtl?: string;
+  peerTimeout?: string;
+}
+
+/** --lock-ttl and --peer-timeout: every process that opens volumes (torusblk, torusd --nbd-listen) takes them. */
+export function addVolumeClientOptions(cmd: Command, who: 'client' | 'node'): Command {
+  return cmd
+    .option(
+      '--lock-ttl <duration>',
+      `how long the volumes this ${who} opens stay locked after it dies or loses etcd (a new writer waits that long; too short and a stalled ${who} loses its volumes)`,
+      '15s',
+    )
+    .option(
+      '--peer-timeout <duration>',
+      `how long a call to ${who === 'node' ? 'another' : 'a'} storage node may take before it fails and counts against that node (a slow or overloaded ${who === 'node' ? '' : 'client '}host needs longer)`,
+      '5s',
+    );
+}
+
+/** The lock TTL option for VolumeClient.open / over, when given. */
+export function lockTtl(opts: VolumeClientOpts): { lockTtlMs?: number } {
+  return opts.lockTtl !== undefined ? { lockTtlMs: durationFlag(opts.lockTtl, '--lock-ttl', 5000, 3_600_000, '5s to 1h') } : {};
+}
+
+export function peerTimeoutMs(opts: VolumeClientOpts): number | undefined {
+  return opts.peerTimeout !== undefined ? durationFlag(opts.peerTimeout, '--peer-timeout', 500, 600_000, '500ms to 10m') : undefined;
 }
 
 /**
@@ -67,7 +96,6 @@ export function parseHostPort(text: string, flag: string): { host: string; port:
  * metrics on --metrics, and the I/O rates it publishes for the volumes it serves.
  */
 export class ClientRuntime {
-  readonly metrics: NodeMetrics;
   readonly io: VolumeIo;
   private readonly sources: (() => MetricSample[])[] = [];
   private http: HttpServer | undefined;
@@ -75,11 +103,9 @@ export class ClientRuntime {
 
   private constructor(
     readonly vc: VolumeClient,
-    metrics: NodeMetrics,
+    readonly metrics: NodeMetrics,
   ) {
-    this.metrics = metrics;
     this.io = new VolumeIo((volume, op, seconds, bytes, code) => metrics.observeVolumeIo(volume, op, seconds, bytes, code));
-    this.sources.push(() => distributorSamples(vc));
   }
 
   static async open(meta: MetadataService, opts: ClientOpts, log: Logger): Promise<ClientRuntime> {
@@ -88,6 +114,7 @@ export class ClientRuntime {
     const metrics = new NodeMetrics(() => sources.flatMap((f) => f()));
     const vc = await clientFor(meta, opts, log, (peer, op, seconds, code) => metrics.observeRpc(peer, op, seconds, code));
     const rt = new ClientRuntime(vc, metrics);
+    rt.sources.push(() => distributorSamples(vc));
     // The collect function reads the runtime's list: front ends add theirs once they exist.
     sources.push(() => rt.sources.flatMap((f) => f()));
     try {
@@ -100,12 +127,27 @@ export class ClientRuntime {
         }
         log.info({ metrics: `http://${opts.metrics}/metrics` }, 'serving metrics');
       }
-      rt.stopPublishing = publishIo(meta.kv(), () => vc.session(), rt.io, IO_PUBLISH_MS, (err) => log.debug({ err: err.message }, 'I/O rates not published'));
+      rt.publish(meta, log);
     } catch (err) {
       await rt.close();
       throw err;
     }
     return rt;
+  }
+
+  /**
+   * A runtime over a volume client and metrics a storage node already has (torusd --nbd-listen):
+   * the node's /metrics shows the volumes' I/O, through `addTo`.
+   */
+  static over(meta: MetadataService, vc: VolumeClient, metrics: NodeMetrics, addTo: (f: () => MetricSample[]) => void, log: Logger): ClientRuntime {
+    const rt = new ClientRuntime(vc, metrics);
+    addTo(() => rt.sources.flatMap((f) => f()));
+    rt.publish(meta, log);
+    return rt;
+  }
+
+  private publish(meta: MetadataService, log: Logger): void {
+    this.stopPublishing = publishIo(meta.kv(), () => this.vc.session(), this.io, IO_PUBLISH_MS, (err) => log.debug({ err: err.message }, 'I/O rates not published'));
   }
 
   /** The provider the front ends serve from: every device measured. */

@@ -3,15 +3,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command, Option } from 'commander';
 import { TorusError } from '../../core/errors.js';
-import { parseDuration, parseSize } from '../../core/units.js';
-import { labelledCounters, type MetricSample } from '../../http/metrics.js';
-import { DEFAULT_MAX_PAYLOAD } from '../../nbd/codec.js';
-import { NBD_SERVER_DEFAULTS, NbdServer, type NbdServerOptions, type NbdServerStats, type NbdTlsOptions } from '../../nbd/server.js';
-import type { MetadataService } from '../../core/interfaces.js';
-import { AccessRules } from '../../metadata/access.js';
-import { readCertDir, readPskFile } from '../shared/certs.js';
+import { parseSize } from '../../core/units.js';
+import { NbdServer } from '../../nbd/server.js';
 import { VolumeProvider } from '../../volume/provider.js';
-import { connectMetadata, parseCount, tlsCertificatesDir } from '../shared/config.js';
+import { connectMetadata } from '../shared/config.js';
+import { addNbdServeOptions, listenNbd, nbdSamples, nbdServeFlags, nbdServerOptions } from '../shared/nbd-serve.js';
 import { emit, outputOptions } from '../shared/output.js';
 import { ClientRuntime, logger, parseHostPort, untilSignal, type ClientOpts } from './common.js';
 import { attachFuse, attachKernel, detachKernel, deviceBusy, freeNbdDevice, kernelHasNbd, type Attachment } from './attach.js';
@@ -19,143 +15,51 @@ import { attachFuse, attachKernel, detachKernel, deviceBusy, freeNbdDevice, kern
 interface ServeOpts extends ClientOpts {
   listen?: string;
   unix?: string;
-  readOnly?: boolean;
   writeCacheSize: string;
   json?: boolean;
-  maxConnections: string;
-  maxBuffered: string;
-  stallTimeout: string;
-  idleTimeout: string;
-  tls: 'off' | 'on' | 'require';
-  tlsPskFile?: string;
-  access?: 'rules' | 'open';
-}
-
-/**
- * NBD TLS and access from nbdserve's flags: certificates from --tls-certificates (the same
- * directory as peer RPC: server-cert.pem, server-key.pem, and ca-cert.pem that client
- * certificates must chain to), pre-shared keys from --tls-psk-file; access rules from etcd
- * (torusctl access) whenever TLS is on, unless --access open.
- */
-function nbdSecurity(opts: ServeOpts, meta: MetadataService): Partial<NbdServerOptions> {
-  let tls: NbdTlsOptions | undefined;
-  if (opts.tls !== 'off') {
-    const dir = tlsCertificatesDir(opts);
-    const psk = opts.tlsPskFile !== undefined ? readPskFile(opts.tlsPskFile) : undefined;
-    if (dir === undefined && !psk) throw new TorusError('INVALID_ARGUMENT', `--tls ${opts.tls} needs --tls-certificates DIR (torusctl cert issue) or --tls-psk-file FILE`);
-    const certs = dir !== undefined ? readCertDir(dir) : undefined;
-    tls = { mode: opts.tls, ...(certs ? { cert: certs.serverCert, key: certs.serverKey, ca: certs.ca } : {}), ...(psk ? { psk } : {}) };
-  } else if (opts.tlsPskFile !== undefined) throw new TorusError('INVALID_ARGUMENT', '--tls-psk-file needs --tls on or --tls require');
-  const access = opts.access ?? (tls ? 'rules' : 'open');
-  const rules = new AccessRules(meta.kv());
-  return {
-    ...(tls ? { tls } : {}),
-    ...(access === 'rules' ? { access: (identity: string | null, name: string) => rules.check(identity, name.split('@')[0]!) } : {}),
-  };
-}
-
-function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || /^127\./.test(host);
-}
-
-/** The server's limits from nbdserve's flags, each checked before anything starts. */
-function serverLimits(opts: ServeOpts): Partial<NbdServerOptions> {
-  const maxBufferedBytes = parseSize(opts.maxBuffered);
-  // One request of the largest size must fit, or a client sending one would wait forever.
-  if (maxBufferedBytes < DEFAULT_MAX_PAYLOAD) throw new TorusError('INVALID_ARGUMENT', `invalid --max-buffered "${opts.maxBuffered}": at least 32MiB, the largest request`);
-  return {
-    maxConnections: parseCount(opts.maxConnections, '--max-connections'),
-    maxBufferedBytes,
-    stallTimeoutMs: parseDuration(opts.stallTimeout),
-    idleTimeoutMs: parseDuration(opts.idleTimeout),
-  };
-}
-
-export function nbdSamples(st: NbdServerStats): MetricSample[] {
-  return [
-    { name: 'torus_nbd_connections', help: 'Open NBD connections', type: 'gauge', value: st.connections },
-    { name: 'torus_nbd_in_flight', help: 'NBD requests being served', type: 'gauge', value: st.inFlight },
-    { name: 'torus_nbd_handshakes_total', help: 'NBD handshakes completed', type: 'counter', value: st.handshakes },
-    { name: 'torus_nbd_requests_total', help: 'NBD requests received', type: 'counter', value: st.requests },
-    { name: 'torus_nbd_protocol_errors_total', help: 'NBD connections dropped for protocol errors', type: 'counter', value: st.protocolErrors },
-    { name: 'torus_nbd_buffered_bytes', help: 'NBD requests, payloads and replies held in memory, for all connections', type: 'gauge', value: st.bufferedBytes },
-    { name: 'torus_nbd_refused_connections_total', help: 'NBD connections closed on arrival (--max-connections)', type: 'counter', value: st.refusedConnections },
-    { name: 'torus_nbd_oversized_requests_total', help: 'NBD requests refused for a length over the 32 MiB maximum', type: 'counter', value: st.oversizedRequests },
-    { name: 'torus_nbd_stall_timeouts_total', help: 'NBD clients dropped for a payload left half-sent or replies left unread (--stall-timeout)', type: 'counter', value: st.stallTimeouts },
-    { name: 'torus_nbd_idle_timeouts_total', help: 'Idle NBD connections closed (--idle-timeout)', type: 'counter', value: st.idleTimeouts },
-    ...labelledCounters('torus_nbd_throttled_total', 'Times an NBD connection stopped being read, by the limit that stopped it (budget: --max-buffered)', 'limit', st.throttled),
-  ];
 }
 
 export function nbdserveCommand(): Command {
-  return outputOptions(new Command('nbdserve'))
+  const cmd = outputOptions(new Command('nbdserve'))
     .description('serve every volume over NBD by export name (VOLUME, or VOLUME@SNAPSHOT read-only)')
     .option('-l, --listen <host:port>', 'TCP address to listen on; anything but loopback must be asked for', '127.0.0.1:10809')
-    .option('--unix <path>', 'also listen on a unix socket')
-    .option('--read-only', 'serve every export read-only')
-    .addOption(new Option('--write-cache-size <size>', 'dirty data per volume before a write forces a sync').default('128MiB'))
-    .addOption(new Option('--max-connections <n>', 'connections each listener accepts at once; more are closed on arrival').default(String(NBD_SERVER_DEFAULTS.maxConnections)))
-    .addOption(
-      new Option('--max-buffered <size>', 'request and reply bytes held for all clients together; past it each connection still gets a fair share').default(
-        `${NBD_SERVER_DEFAULTS.maxBufferedBytes / (1024 * 1024)}MiB`,
-      ),
-    )
-    .addOption(new Option('--stall-timeout <duration>', 'drop a client that leaves a request half-sent, or its replies unread, this long (0: never)').default(`${NBD_SERVER_DEFAULTS.stallTimeoutMs / 1000}s`))
-    .addOption(
-      new Option('--idle-timeout <duration>', 'close a connection with no request for this long (0: never; kernel NBD keeps an idle connection as long as the device is attached)').default(
-        String(NBD_SERVER_DEFAULTS.idleTimeoutMs),
-      ),
-    )
-    .addOption(new Option('--tls <mode>', 'NBD over TLS (STARTTLS) with --tls-certificates DIR or --tls-psk-file: on lets clients choose, require refuses every client that does not').choices(['off', 'on', 'require']).default('off'))
-    .option('--tls-psk-file <file>', 'pre-shared keys for TLS-PSK, identity:hexkey a line (psktool)')
-    .addOption(new Option('--access <policy>', 'rules: a client opens only volumes torusctl access grants its identity; open: any client any volume (default: rules with TLS, open without)').choices(['rules', 'open']))
-    .action(async (_o: unknown, c: Command) => {
-      const opts = c.optsWithGlobals<ServeOpts>();
-      const listen = parseHostPort(opts.listen ?? '127.0.0.1:10809', '--listen');
-      const limits = serverLimits(opts);
-      const log = logger(opts);
-      const meta = connectMetadata(opts, log);
-      let security: Partial<NbdServerOptions>;
-      try {
-        security = nbdSecurity(opts, meta);
-      } catch (err) {
-        await meta.close();
-        throw err;
-      }
-      if (!security.tls && !isLoopback(listen.host))
-        log.warn({ listen: opts.listen }, 'serving NBD beyond loopback without TLS: anyone who reaches this address can read and write the volumes (use --tls require, docs/security.md)');
-      await meta.globalMetadata();
-      const rt = await ClientRuntime.open(meta, opts, log);
-      const volumes = new VolumeProvider(rt.vc, { readOnly: opts.readOnly ?? false, writeCacheBytes: parseSize(opts.writeCacheSize) });
-      const server = new NbdServer(rt.measured(volumes), {
-        listenTcp: listen,
-        ...(opts.unix ? { listenUnix: opts.unix } : {}),
-        readOnly: opts.readOnly ?? false,
-        ...limits,
-        ...security,
-        log: { debug: (o, m) => log.debug(o, m), info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m) },
-      });
-      rt.addSamples(() => nbdSamples(server.stats()));
-      let addrs;
-      try {
-        addrs = await server.listen();
-      } catch (err) {
-        await rt.close();
-        await meta.close();
-        throw new TorusError('INVALID_ARGUMENT', `cannot listen: ${(err as Error).message}`);
-      }
-      const tcp = addrs.tcp ? `${security.tls ? 'nbds' : 'nbd'}://${addrs.tcp.host.includes(':') ? `[${addrs.tcp.host}]` : addrs.tcp.host}:${addrs.tcp.port}` : '';
-      const unix = addrs.unix ? `nbd+unix:///?socket=${addrs.unix}` : '';
-      const where = [tcp, unix].filter(Boolean).join(' and ');
-      emit(opts, { serving: { tcp: tcp || null, unix: unix || null }, metrics: opts.metrics ? `http://${opts.metrics}/metrics` : null }, `serving NBD on ${where}; exports are volume names (VOLUME@SNAPSHOT read-only)`);
-      const sig = await untilSignal();
-      log.info({ signal: sig }, 'stopping: finishing requests and syncing volumes');
-      await server.close();
-      await volumes.closeAll();
+    .option('--unix <path>', 'also listen on a unix socket');
+  return addNbdServeOptions(cmd, '').action(async (_o: unknown, c: Command) => {
+    const opts = c.optsWithGlobals<ServeOpts>();
+    const flags = nbdServeFlags(opts, '');
+    const listen = parseHostPort(opts.listen ?? '127.0.0.1:10809', '--listen');
+    const log = logger(opts);
+    const meta = connectMetadata(opts, log);
+    let options;
+    try {
+      options = nbdServerOptions(flags, '', { listenTcp: listen, ...(opts.unix ? { listenUnix: opts.unix } : {}) }, opts, meta, log);
+    } catch (err) {
+      await meta.close();
+      throw err;
+    }
+    await meta.globalMetadata();
+    const rt = await ClientRuntime.open(meta, opts, log);
+    const volumes = new VolumeProvider(rt.vc, { readOnly: flags.readOnly, writeCacheBytes: parseSize(flags.writeCacheSize) });
+    let served;
+    try {
+      served = await listenNbd(rt.measured(volumes), options, '--listen');
+    } catch (err) {
       await rt.close();
       await meta.close();
-      emit(opts, { stopped: true, synced: true }, 'stopped; every volume synced');
-    });
+      throw err;
+    }
+    const { server, tcp, unix } = served;
+    rt.addSamples(() => nbdSamples(server.stats()));
+    const where = [tcp, unix].filter(Boolean).join(' and ');
+    emit(opts, { serving: { tcp: tcp || null, unix: unix || null }, metrics: opts.metrics ? `http://${opts.metrics}/metrics` : null }, `serving NBD on ${where}; exports are volume names (VOLUME@SNAPSHOT read-only)`);
+    const sig = await untilSignal();
+    log.info({ signal: sig }, 'stopping: finishing requests and syncing volumes');
+    await server.close();
+    await volumes.closeAll();
+    await rt.close();
+    await meta.close();
+    emit(opts, { stopped: true, synced: true }, 'stopped; every volume synced');
+  });
 }
 
 /**
