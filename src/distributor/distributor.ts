@@ -2,8 +2,9 @@ import { crc32c } from '@node-rs/crc32';
 import { TorusError, isTorusError, toTorusError, type ErrorCode } from '../core/errors.js';
 import { verifySectorRead } from '../core/crc.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
-import type { BlockStore, JournalStore, LogPiece, PutBlockOptions, Ring } from '../core/interfaces.js';
+import type { BlockStore, LogPiece, PutBlockOptions, Ring } from '../core/interfaces.js';
 import { BlockCache } from '../core/lru.js';
+import { LocalTransport } from './local-transport.js';
 import type { PeerTarget, PeerTransport } from './transport.js';
 
 // The distributor turns "store this block" into "store it on the R peers the ring names" and
@@ -73,6 +74,8 @@ export class Distributor {
   private queuedPass: Promise<void> | undefined;
   private readonly maxPendingBytes: number;
   private readonly repairing = new Set<string>();
+  /** This node's own disk, when it is a storage node: calls for its uuid go there, not over the network. */
+  private readonly local: { readonly target: PeerTarget; readonly transport: LocalTransport } | undefined;
   readonly stats: DistributorStats = {
     reads: 0,
     readBytes: 0,
@@ -98,12 +101,20 @@ export class Distributor {
     this.maxPendingBytes = opts.maxPendingBytes ?? 256 * 1024 * 1024;
     if (this.writeLevel === 'local' && !opts.self)
       throw new TorusError('INVALID_ARGUMENT', 'write level "local" needs a local disk: only storage nodes can use it');
+    this.local = opts.self ? { target: { uuid: opts.self.uuid, address: 'local' }, transport: new LocalTransport(opts.self.store) } : undefined;
     const cacheBytes = opts.readCacheBytes ?? 0;
     this.cache = cacheBytes >= opts.blockSize ? new BlockCache(cacheBytes) : undefined;
   }
 
   private isSelf(uuid: string): boolean {
     return this.opts.self?.uuid === uuid;
+  }
+
+  /** Where calls for `uuid` go: this node's disk for its own uuid, else the peer over the network (undefined: no known address). */
+  private route(uuid: string): { readonly target: PeerTarget; readonly transport: PeerTransport } | undefined {
+    if (this.local && this.isSelf(uuid)) return this.local;
+    const target = this.opts.target(uuid);
+    return target ? { target, transport: this.opts.transport } : undefined;
   }
 
   // ---- writes ----
@@ -142,7 +153,7 @@ export class Distributor {
     const key = blockRefKey(ref);
     try {
       if (this.writeLevel === 'local') {
-        await this.putOne('', ref, block, crc, 1);
+        await this.putOne(this.opts.self!.uuid, ref, block, crc, 1);
       } else {
         const want = this.writeLevel === 'one' ? 1 : perm.replication;
         await this.putReplicas(ref, block, crc, perm.peers, want, new Set(), want);
@@ -163,18 +174,12 @@ export class Distributor {
   }
 
   private async putOne(uuid: string, ref: BlockRef, data: Buffer, crc: number, want: number): Promise<void> {
-    const peer = uuid === '' || this.isSelf(uuid) ? '' : uuid;
-    let instance: string | undefined;
-    if (peer === '') {
-      await this.opts.self!.store.putBlock(ref, data, { crc });
-    } else {
-      const target = this.opts.target(uuid);
-      if (!target) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
-      const [status] = await this.opts.transport.put(target, [{ ref, data, crc }]);
-      instance = this.opts.transport.instance?.(target);
-      if (status) throw new TorusError(status, `peer ${target.address} refused block ${formatBlockRef(ref)}: ${status}`);
-    }
-    this.addPending(peer, ref, data, crc, instance, want);
+    const to = this.route(uuid);
+    if (!to) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
+    const [status] = await to.transport.put(to.target, [{ ref, data, crc }]);
+    const instance = to.transport.instance?.(to.target);
+    if (status) throw new TorusError(status, `peer ${to.target.address} refused block ${formatBlockRef(ref)}: ${status}`);
+    this.addPending(uuid, ref, data, crc, instance, want);
   }
 
   private addPending(peer: string, ref: BlockRef, data: Buffer, crc: number, instance: string | undefined, want: number): void {
@@ -282,7 +287,6 @@ export class Distributor {
     // to a caller that has not flushed yet (flush() waits for the puts issued before it).
     const targets = [...this.pendingData.values()].filter((e) => e.acked);
     const failed = new Set<string>();
-    const uuidOf = (peer: string): string => (peer === '' ? (this.opts.self?.uuid ?? '') : peer);
     for (let round = 0; round < 4; round++) {
       const open = targets.filter((e) => this.pendingData.get(blockRefKey(e.ref)) === e && e.durable.size < e.want);
       if (open.length === 0) {
@@ -301,15 +305,10 @@ export class Distributor {
       const outcomes = await Promise.all(
         [...byPeer].map(async ([peer, covered]) => {
           try {
-            let instance: string | undefined;
-            if (peer === '') await this.opts.self!.store.flush();
-            else {
-              const target = this.opts.target(peer);
-              if (!target) throw new TorusError('NO_PEER', `peer ${peer} has no known address`);
-              await this.opts.transport.flush(target);
-              instance = this.opts.transport.instance?.(target);
-            }
-            return { peer, covered, ok: true, instance };
+            const to = this.route(peer);
+            if (!to) throw new TorusError('NO_PEER', `peer ${peer} has no known address`);
+            await to.transport.flush(to.target);
+            return { peer, covered, ok: true, instance: to.transport.instance?.(to.target) };
           } catch {
             return { peer, covered, ok: false, instance: undefined };
           }
@@ -322,9 +321,9 @@ export class Distributor {
           // restarted in between, and what it had not synced may be gone.
           if (ok && took !== instance) restarted = true;
           if (entry.pending.get(peer) === took) entry.pending.delete(peer);
-          if (ok && took === instance) entry.durable.add(uuidOf(peer));
+          if (ok && took === instance) entry.durable.add(peer);
         }
-        if (!ok || restarted) failed.add(uuidOf(peer));
+        if (!ok || restarted) failed.add(peer);
       }
       for (const e of open) if (e.durable.size >= e.want) this.dropPending(blockRefKey(e.ref));
       // What a failed peer took may be lost: send another copy to a peer that neither holds it
@@ -333,7 +332,7 @@ export class Distributor {
       const errors: string[] = [];
       await Promise.all(
         short.map(async (e) => {
-          const exclude = new Set([...failed, ...e.durable, ...[...e.pending.keys()].map(uuidOf)]);
+          const exclude = new Set([...failed, ...e.durable, ...e.pending.keys()]);
           const more = e.want - e.durable.size - e.pending.size;
           try {
             this.stats.spills += more;
@@ -363,58 +362,41 @@ export class Distributor {
     return { peers: p.peers, replication: p.replication };
   }
 
-  private journalStore(): BlockStore & JournalStore {
-    const store = this.opts.self?.store as (BlockStore & Partial<JournalStore>) | undefined;
-    if (!store?.appendLog) throw new TorusError('INTERNAL', 'this node has no journal store');
-    return store as BlockStore & JournalStore;
-  }
-
-  private journalTarget(peer: string): PeerTarget {
-    const target = this.opts.target(peer);
-    if (!target) throw new TorusError('NO_PEER', `peer ${peer} has no known address (down?)`);
-    return target;
+  private journalRoute(peer: string): { readonly target: PeerTarget; readonly transport: PeerTransport } {
+    const to = this.route(peer);
+    if (!to) throw new TorusError('NO_PEER', `peer ${peer} has no known address (down?)`);
+    return to;
   }
 
   /** Whether `peer` can hold a journal: known, reachable, and new enough to keep journals. */
   async journalCapable(peer: string): Promise<boolean> {
-    if (this.isSelf(peer)) return typeof (this.opts.self!.store as Partial<JournalStore>).appendLog === 'function';
-    const target = this.opts.target(peer);
-    if (!target) return false;
+    const to = this.route(peer);
+    if (!to) return false;
     try {
-      return await this.opts.transport.hasJournal(target);
+      return await to.transport.hasJournal(to.target);
     } catch {
       return false;
     }
   }
 
   async journalAppend(peer: string, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean): Promise<void> {
-    if (this.isSelf(peer)) {
-      const s = this.journalStore();
-      await s.appendLog(ref, pieces);
-      if (sync) await s.flush();
-      return;
-    }
-    await this.opts.transport.appendLog(this.journalTarget(peer), ref, pieces, sync);
+    const to = this.journalRoute(peer);
+    await to.transport.appendLog(to.target, ref, pieces, sync);
   }
 
   async journalSeal(peer: string, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void> {
-    if (this.isSelf(peer)) {
-      const s = this.journalStore();
-      await s.sealLog(ref, gapStart, gapEnd, crc);
-      if (sync) await s.flush();
-      return;
-    }
-    await this.opts.transport.sealLog(this.journalTarget(peer), ref, gapStart, gapEnd, crc, sync);
+    const to = this.journalRoute(peer);
+    await to.transport.sealLog(to.target, ref, gapStart, gapEnd, crc, sync);
   }
 
   async journalFence(peer: string, volume: number, epoch: number): Promise<BlockRef[]> {
-    if (this.isSelf(peer)) return this.journalStore().fenceVolume(volume, epoch);
-    return this.opts.transport.fenceVolume(this.journalTarget(peer), volume, epoch);
+    const to = this.journalRoute(peer);
+    return to.transport.fenceVolume(to.target, volume, epoch);
   }
 
   async journalReadRaw(peer: string, ref: BlockRef): Promise<Buffer> {
-    if (this.isSelf(peer)) return this.journalStore().readRaw(ref);
-    return this.opts.transport.readRaw(this.journalTarget(peer), ref, this.readTimeoutMs * 4);
+    const to = this.journalRoute(peer);
+    return to.transport.readRaw(to.target, ref, this.readTimeoutMs * 4);
   }
 
   // ---- reads ----
@@ -495,15 +477,9 @@ export class Distributor {
   private async readFrom(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc?: number): Promise<Buffer> {
     const what = `block ${formatBlockRef(ref)} from ${uuid}`;
     if (length > 0 && crc !== undefined) return this.readChecked(uuid, ref, offset, length, timeoutMs, crc, what);
-    let data: Buffer;
-    if (this.isSelf(uuid)) {
-      const store = this.opts.self!.store;
-      data = length === 0 ? await store.getBlock(ref) : await store.readRange(ref, offset, length);
-    } else {
-      const target = this.opts.target(uuid);
-      if (!target) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
-      data = await this.opts.transport.get(target, ref, offset, length, timeoutMs);
-    }
+    const to = this.route(uuid);
+    if (!to) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
+    const data = await to.transport.get(to.target, ref, offset, length, timeoutMs);
     if (crc !== undefined && (crc32c(data) >>> 0) !== crc >>> 0) {
       throw new TorusError('CORRUPT', `${what} fails its end-to-end checksum`);
     }
@@ -512,18 +488,15 @@ export class Distributor {
 
   /** A ranged read checked against the writer's CRC through the block's sector checksums. */
   private async readChecked(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc: number, what: string): Promise<Buffer> {
-    if (this.isSelf(uuid)) {
-      // The store has checked the sectors against its checksums; the combination is what is left.
-      const read = await this.opts.self!.store.readSectors(ref, offset, length);
-      return verifySectorRead(read, this.blockSize, crc, offset, length, false, what);
-    }
-    const target = this.opts.target(uuid);
-    if (!target) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
-    const read = await this.opts.transport.getSectors(target, ref, offset, length, timeoutMs);
-    if (read) return verifySectorRead(read, this.blockSize, crc, offset, length, true, what);
+    const to = this.route(uuid);
+    if (!to) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
+    const read = await to.transport.getSectors(to.target, ref, offset, length, timeoutMs);
+    // Our own store has checked the sectors against its checksums; the combination is what is
+    // left. What came over the network is checked sector by sector again.
+    if (read) return verifySectorRead(read, this.blockSize, crc, offset, length, to !== this.local, what);
     // A node from before sector checksums were served: checked by it against its own sums only.
     this.stats.uncheckedReads++;
-    return this.opts.transport.get(target, ref, offset, length, timeoutMs);
+    return to.transport.get(to.target, ref, offset, length, timeoutMs);
   }
 
   private async read(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer> {
@@ -603,20 +576,13 @@ export class Distributor {
         const putOpts = crc === undefined ? undefined : { crc };
         for (const uuid of bad) {
           try {
-            if (this.isSelf(uuid)) {
-              const store = this.opts.self!.store;
-              await store.deleteBlock(ref);
-              await store.putBlock(ref, good, putOpts);
-              await store.flush();
-            } else {
-              const target = this.opts.target(uuid);
-              if (!target) continue;
-              // The bad copy must go first: a put of a ref the store already holds is a no-op.
-              await this.opts.transport.delete(target, [ref]);
-              const [status] = await this.opts.transport.put(target, [{ ref, data: good, ...putOpts }]);
-              if (status) throw new TorusError(status, `repair put refused: ${status}`);
-              await this.opts.transport.flush(target);
-            }
+            const to = this.route(uuid);
+            if (!to) continue;
+            // The bad copy must go first: a put of a ref the store already holds is a no-op.
+            await to.transport.delete(to.target, [ref]);
+            const [status] = await to.transport.put(to.target, [{ ref, data: good, ...putOpts }]);
+            if (status) throw new TorusError(status, `repair put refused: ${status}`);
+            await to.transport.flush(to.target);
             this.stats.repairs++;
           } catch (err) {
             this.stats.repairFailures++;

@@ -75,6 +75,52 @@ export interface BlockService {
 const _blockStoreIsABlockService = (s: BlockStore): BlockService => s;
 void _blockStoreIsABlockService;
 
+/** A service that keeps volume journals, with the sync that makes an append durable. */
+export type JournalService = Required<Pick<BlockService, 'appendLog' | 'sealLog' | 'fenceVolume' | 'readRaw'>> & Pick<BlockService, 'flush'>;
+
+/** The service's journal operations, when it has all of them (a node that keeps no journals has none). */
+export function journalService(sv: BlockService): JournalService | undefined {
+  if (!sv.appendLog || !sv.sealLog || !sv.fenceVolume || !sv.readRaw) return undefined;
+  return { appendLog: sv.appendLog.bind(sv), sealLog: sv.sealLog.bind(sv), fenceVolume: sv.fenceVolume.bind(sv), readRaw: sv.readRaw.bind(sv), flush: sv.flush.bind(sv) };
+}
+
+// What a node does for a PUT, an APPEND and a SEAL, whoever asks: a peer over the network (the
+// server below) or the node itself, serving a volume from its own disk (distributor/local-transport.ts).
+// One code path, so the journal's fencing and the sync that makes an append durable cannot differ.
+
+/** Stores each block, checked against its writer's CRC; one status per item: null for stored, else the error code. */
+export function storeBlocks(service: BlockService, items: readonly { readonly ref: BlockRef; readonly data: Uint8Array; readonly crc?: number }[]): Promise<(ErrorCode | null)[]> {
+  return Promise.all(
+    items.map((it): Promise<ErrorCode | null> => {
+      if (it.data.length > service.blockSize) return Promise.resolve('INVALID_ARGUMENT');
+      const opts = it.crc === undefined ? undefined : { crc: it.crc };
+      return invoke(() => service.putBlock(it.ref, it.data, opts)).then(
+        () => null,
+        (err: unknown) => codeOf(err),
+      );
+    }),
+  );
+}
+
+/**
+ * A journal append: refused (fenced) below the volume's epoch by the store; with `sync`, on
+ * stable storage before it resolves. `stored` is told as soon as the store is done with the
+ * pieces (the server hands their pooled memory out again then, not after the sync).
+ */
+export async function appendJournal(j: JournalService, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean, stored?: () => void): Promise<void> {
+  try {
+    await j.appendLog(ref, pieces);
+  } finally {
+    stored?.();
+  }
+  if (sync) await j.flush();
+}
+
+export async function sealJournal(j: JournalService, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void> {
+  await j.sealLog(ref, gapStart, gapEnd, crc);
+  if (sync) await j.flush();
+}
+
 export interface NodeIdentity {
   readonly uuid: string;
   readonly clusterId: string;
@@ -884,11 +930,8 @@ export class ServerConnection {
     );
   }
 
-  /** The service's journal operations, when it has all of them. */
-  private journal(): Required<Pick<BlockService, 'appendLog' | 'sealLog' | 'fenceVolume' | 'readRaw'>> | undefined {
-    const sv = this.service;
-    if (!sv.appendLog || !sv.sealLog || !sv.fenceVolume || !sv.readRaw) return undefined;
-    return { appendLog: sv.appendLog.bind(sv), sealLog: sv.sealLog.bind(sv), fenceVolume: sv.fenceVolume.bind(sv), readRaw: sv.readRaw.bind(sv) };
+  private journal(): JournalService | undefined {
+    return journalService(this.service);
   }
 
   private append(m: AppendMessage): void {
@@ -900,25 +943,20 @@ export class ServerConnection {
       m.lease?.release();
       return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node keeps no journals'), bytes);
     }
-    invoke(() => j.appendLog(m.ref, m.pieces))
-      .finally(() => m.lease?.release())
-      .then(() => (m.sync ? this.service.flush() : undefined))
-      .then(
-        () => this.reply(encodeEmpty(Op.Ok, m.id), bytes),
-        (err: unknown) => this.fail(m.id, err, bytes),
-      );
+    invoke(() => appendJournal(j, m.ref, m.pieces, m.sync, () => m.lease?.release())).then(
+      () => this.reply(encodeEmpty(Op.Ok, m.id), bytes),
+      (err: unknown) => this.fail(m.id, err, bytes),
+    );
   }
 
   private seal(m: SealMessage): void {
     this.begin(0);
     const j = this.journal();
     if (!j) return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node keeps no journals'), 0);
-    invoke(() => j.sealLog(m.ref, m.gapStart, m.gapEnd, m.crc))
-      .then(() => (m.sync ? this.service.flush() : undefined))
-      .then(
-        () => this.reply(encodeEmpty(Op.Ok, m.id), 0),
-        (err: unknown) => this.fail(m.id, err, 0),
-      );
+    invoke(() => sealJournal(j, m.ref, m.gapStart, m.gapEnd, m.crc, m.sync)).then(
+      () => this.reply(encodeEmpty(Op.Ok, m.id), 0),
+      (err: unknown) => this.fail(m.id, err, 0),
+    );
   }
 
   private fence(m: FenceMessage): void {
@@ -932,19 +970,10 @@ export class ServerConnection {
   }
 
   private putBatch(m: PutBatchMessage): void {
-    const bs = this.service.blockSize;
     let bytes = 0;
     for (const it of m.items) bytes += it.data.length;
     this.begin(bytes);
-    const results = m.items.map((it): Promise<ErrorCode | null> => {
-      if (it.data.length > bs) return Promise.resolve('INVALID_ARGUMENT');
-      const opts = it.crc === undefined ? undefined : { crc: it.crc };
-      return invoke(() => this.service.putBlock(it.ref, it.data, opts)).then(
-        () => null,
-        (err: unknown) => codeOf(err),
-      );
-    });
-    Promise.all(results)
+    storeBlocks(this.service, m.items)
       .finally(() => m.lease?.release())
       .then(async (statuses) => {
         // A SYNC batch is acknowledged only once durable: flush errors fail the whole frame.

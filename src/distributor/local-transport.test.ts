@@ -1,0 +1,95 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+import { isTorusError } from '../core/errors.js';
+import { MemoryMetadataStore } from '../metadata/memory/memory.js';
+import { createRing, newRingModel } from '../ring/index.js';
+import { MemoryBlockStore } from '../storage/memory-store.js';
+import { VolumeMeta } from '../volume/meta.js';
+import { BlockVolume } from '../volume/volume.js';
+import { Distributor } from './distributor.js';
+import { MemoryTransport } from './memory-transport.js';
+import type { PeerTarget, PeerTransport } from './transport.js';
+
+// A storage node that serves volumes (torusd --nbd-listen) reaches its own replicas through its
+// disk, never through the network; the journal's fencing holds on that path as on the network's.
+
+const BS = 4096;
+
+/** Two storage nodes "a" and "b" at R=2, so every block and journal has a copy on each. */
+async function twoNodes() {
+  const md = new MemoryMetadataStore();
+  const meta = md.client();
+  const transport = new MemoryTransport();
+  const a = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 10_000 });
+  const b = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 10_000 });
+  // "a" is reachable over the network too, as a real node is: a call to it there would be seen.
+  transport.add('a', a);
+  transport.add('b', b);
+  // What node a's distributor sends over the network, by operation and peer.
+  const calls: string[] = [];
+  const recording = Object.create(transport) as Record<string, (peer: PeerTarget, ...rest: unknown[]) => Promise<unknown>>;
+  for (const m of ['get', 'getSectors', 'put', 'has', 'delete', 'flush', 'hasJournal', 'appendLog', 'sealLog', 'fenceVolume', 'readRaw']) {
+    const inner = (transport as unknown as typeof recording)[m]!.bind(transport);
+    recording[m] = (peer, ...rest) => {
+      calls.push(`${m} ${peer.uuid}`);
+      return inner(peer, ...rest);
+    };
+  }
+  const ring = createRing(newRingModel('ketama', 2, [{ uuid: 'a', totalBlocks: 10_000 }, { uuid: 'b', totalBlocks: 10_000 }], 2));
+  const opts = { blockSize: BS, ring: () => ring, target: (uuid: string) => ({ uuid, address: `mem://${uuid}` }), transport };
+  // Node a's own distributor, as torusd builds it; and a client's, with no disk of its own.
+  const node = new Distributor({ ...opts, transport: recording as unknown as PeerTransport, self: { uuid: 'a', store: a } });
+  const client = new Distributor(opts);
+  const vmeta = new VolumeMeta(meta.kv());
+  return { meta, vmeta, a, b, node, client, calls };
+}
+
+test("a node's distributor reads and writes its own replicas on its disk: no call to its uuid goes over the network", async () => {
+  const c = await twoNodes();
+  await c.vmeta.create('v', 64 * BS);
+  const session = await c.meta.kv().session(10_000);
+  const vol = await BlockVolume.open({ meta: c.vmeta, store: c.node, session }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const data = randomBytes(40 * BS);
+  await vol.write(3 * BS + 100, data);
+  await vol.flush(); // journal appends, on both replicas
+  await vol.foldAll(); // whole data blocks, put and flushed on both
+  await vol.close(); // a checkpoint: sealed log blocks, inode pages
+  const reader = await BlockVolume.open({ meta: c.vmeta, store: c.node }, 'v', { readOnly: true });
+  assert.deepEqual(await reader.read(3 * BS + 100, data.length), data);
+  // Partial reads, checked end to end, from the local replica first.
+  assert.deepEqual(await reader.read(10 * BS + 7, 300), data.subarray(7 * BS - 93, 7 * BS + 207));
+  await reader.close();
+
+  assert.deepEqual(
+    c.calls.filter((x) => x.endsWith(' a')),
+    [],
+    'nothing addressed to node a went through the network transport',
+  );
+  for (const op of ['put', 'flush', 'appendLog', 'sealLog']) assert.ok(c.calls.includes(`${op} b`), `the other replica got ${op} over the network`);
+  const st = c.a.stats();
+  assert.ok(st.writes > 0 && st.journalBytesWritten > 0 && st.reads > 0, `node a's disk took the blocks and the journal, and served reads: ${JSON.stringify(st)}`);
+  assert.equal(c.a.usedBlocks(), c.b.usedBlocks(), 'both replicas hold every block');
+});
+
+test("the journal's fencing holds through the local path: a writer on the node whose lock was taken gets nothing more acknowledged", async () => {
+  const c = await twoNodes();
+  await c.vmeta.create('v', 8 * BS);
+  const s1 = await c.meta.kv().session(10_000);
+  const onNode = await BlockVolume.open({ meta: c.vmeta, store: c.node, session: s1 }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  await onNode.write(0, Buffer.alloc(BS, 1));
+  await onNode.flush();
+  // The lock vanishes behind the node's back, and a client elsewhere opens the volume: it fences
+  // the journal on both replicas (node a's over the network) and replays it.
+  const id = (await c.vmeta.get('v')).id;
+  await c.meta.kv().txn([], [{ op: 'delete', key: `/torus/volumemeta/${id}/lock` }]);
+  const s2 = await c.meta.kv().session(10_000);
+  const elsewhere = await BlockVolume.open({ meta: c.vmeta, store: c.client, session: s2 }, 'v');
+  const refusedBefore = c.a.stats().fencedRefusals;
+  await onNode.write(BS, Buffer.alloc(BS, 2));
+  await assert.rejects(onNode.flush(), (e) => isTorusError(e, 'LOCKED'));
+  assert.ok(c.a.stats().fencedRefusals > refusedBefore, "node a's own store refused the fenced writer's append");
+  assert.ok(!c.calls.includes('appendLog a') && c.calls.includes('appendLog b'), `which came through the local path, not the network: ${c.calls.join(', ')}`);
+  assert.deepEqual(await elsewhere.read(0, 2 * BS), Buffer.concat([Buffer.alloc(BS, 1), Buffer.alloc(BS)]));
+  await elsewhere.close();
+});
