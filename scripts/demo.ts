@@ -1,6 +1,8 @@
 // `npm run demo`: a whole Torus cluster on this machine's loopback, for trying it out. A real etcd,
-// three storage nodes at replication 2, one volume, served over NBD. Everything lives under one
-// directory, reused on the next run; `--clean` starts over. Ctrl-C stops it all cleanly.
+// three storage nodes at replication 2, one volume, served over NBD by the first storage node
+// (torusd --nbd-listen; `--nbd-on-client` serves it from a separate torusblk nbdserve instead, as a
+// client host would). Everything lives under one directory, reused on the next run; `--clean`
+// starts over. Ctrl-C stops it all cleanly.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -30,13 +32,15 @@ const { values: opts } = orUsage(() => parseArgs({
     volume: { type: 'string', default: 'demo' },
     'volume-size': { type: 'string', default: '1GiB' },
     'node-size': { type: 'string', default: '4GiB' },
+    'nbd-on-client': { type: 'boolean', default: false },
     help: { type: 'boolean', short: 'h', default: false },
   },
 }));
 
 if (opts.help) {
   process.stdout.write(
-    'npm run demo [-- --clean] [--dir DIR] [--etcd-port N] [--nbd-port N] [--peer-port N] [--http-port N] [--volume NAME] [--volume-size S] [--node-size S]\n',
+    'npm run demo [-- --clean] [--dir DIR] [--etcd-port N] [--nbd-port N] [--peer-port N] [--http-port N] [--volume NAME] [--volume-size S] [--node-size S] [--nbd-on-client]\n' +
+      '  NBD is served by storage node 1 (torusd --nbd-listen); --nbd-on-client serves it from a torusblk nbdserve process instead.\n',
   );
   process.exit(0);
 }
@@ -59,6 +63,10 @@ const endpoint = `127.0.0.1:${etcdPort}`;
 const C = `${etcdPort === 2379 ? '' : ` -C ${endpoint}`} --insecure-peer-network`;
 const DEMO_ENV = { ...process.env, TORUS_TLS_CERTIFICATES: '', TORUS_PEER_SECRET_FILE: '', TORUS_INSECURE_PEER_NETWORK: '1' };
 const NODES = 3;
+
+const onClient = opts['nbd-on-client'];
+/** The process that serves NBD, and whose log says when it does. */
+const nbdServer = onClient ? 'nbdserve' : 'torusd-1';
 
 const children: { name: string; proc: ChildProcess; log: string }[] = [];
 let stopping = false;
@@ -128,8 +136,8 @@ async function until(what: string, check: () => boolean | Promise<boolean>, ms =
 async function stopAll(code: number): Promise<void> {
   if (stopping) return;
   stopping = true;
-  // The NBD server first (it syncs the volume), then the nodes, then etcd.
-  const order = [...children].reverse();
+  // The NBD server first (it syncs the volume through the nodes), then the nodes, then etcd.
+  const order = [...children].reverse().sort((a, b) => Number(b.name === nbdServer) - Number(a.name === nbdServer));
   for (const c of order) {
     if (c.proc.exitCode !== null || c.proc.signalCode !== null) continue;
     const gone = new Promise((r) => c.proc.once('exit', r));
@@ -175,6 +183,7 @@ async function main(): Promise<void> {
     start(`torusd-${i + 1}`, process.execPath, [
       bin('torusd'), '-C', endpoint, '--peer-address', `http://127.0.0.1:${peerBase + i}`, '--data-dir', join(dir, `node${i + 1}`),
       '--size', opts['node-size'], '--host', '127.0.0.1', '--port', String(httpBase + i),
+      ...(`torusd-${i + 1}` === nbdServer ? ['--nbd-listen', `127.0.0.1:${nbdPort}`] : []),
     ]);
   }
   interface PeerJson { member: string }
@@ -186,8 +195,8 @@ async function main(): Promise<void> {
   if (peers.some((p) => p.member === 'Avail')) say(mustCli('torusctl', ['peer', 'add', '--all-peers']));
   const vols = JSON.parse(mustCli('torusctl', ['volume', 'list', '--json'])) as { name: string }[];
   if (!vols.some((v) => v.name === opts.volume)) say(mustCli('torusctl', ['volume', 'create-block', opts.volume, opts['volume-size']]));
-  start('nbdserve', process.execPath, [bin('torusblk'), '-C', endpoint, 'nbdserve', '--listen', `127.0.0.1:${nbdPort}`]);
-  await until('the NBD server listening', () => tail(join(dir, 'logs', 'nbdserve.log')).includes('serving NBD'));
+  if (onClient) start('nbdserve', process.execPath, [bin('torusblk'), '-C', endpoint, 'nbdserve', '--listen', `127.0.0.1:${nbdPort}`]);
+  await until('the NBD server listening', () => readFileSync(join(dir, 'logs', `${nbdServer}.log`), 'utf8').includes('serving NBD'));
   // Each node publishes the ring version of its last pass over its blocks; until all have passed
   // on the current ring, list-peers says "Balanced: false". Give them a moment, but go on anyway.
   for (const deadline = Date.now() + 30_000; Date.now() < deadline && !stopping; ) {
@@ -206,7 +215,13 @@ async function main(): Promise<void> {
   const uri = `nbd://127.0.0.1:${nbdPort}/${opts.volume}`;
   say(`
 Torus is running: etcd on ${endpoint}, three storage nodes (replication 2), and volume "${opts.volume}"
-served over NBD at ${uri}.
+served over NBD at ${uri}${
+    onClient
+      ? ' by torusblk nbdserve, a client of the nodes.'
+      : ` by storage node 1
+(torusd --nbd-listen), which reads its own replicas from its disk. If that node stops, the export
+stops with it; the data stays on the other replicas (--nbd-on-client serves it from a client instead).`
+  }
 Peer RPC between them is plaintext (--insecure-peer-network): fine on loopback, never on a shared
 network; docs/security.md sets up certificates.
 Dashboard: http://127.0.0.1:${httpBase}/ (each node serves one: ${Array.from({ length: NODES }, (_, i) => `http://127.0.0.1:${httpBase + i}/`).join(', ')});

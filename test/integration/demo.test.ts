@@ -77,7 +77,7 @@ test('npm run demo: up, usable with the tools it names, stops cleanly, comes bac
   await first.ready;
   assert.match(first.output(), /Starting a new demo cluster/);
   assert.match(first.output(), /ring version \d+: 3 member\(s\), replication 2/);
-  assert.match(first.output(), new RegExp(`served over NBD at ${nbdUri.replace(/[/.]/g, '\\$&')}`));
+  assert.match(first.output(), new RegExp(`served over NBD at ${nbdUri.replace(/[/.]/g, '\\$&')} by storage node 1`), 'by default a storage node serves NBD');
   assert.match(first.output(), new RegExp(`torusctl -C ${etcd} --insecure-peer-network list-peers`), "suggested commands carry -C when the port is not the default, and the demo's plaintext peer flag");
   // The banner says where the nodes' HTTP endpoints are, and they answer there.
   const dash = new RegExp(`Dashboard: (http://127\\.0\\.0\\.1:\\d+/) \\(each node serves one: `).exec(first.output());
@@ -144,10 +144,11 @@ test('npm run demo: up, usable with the tools it names, stops cleanly, comes bac
   assert.doesNotMatch(again.out, /Pattern verification failed/);
   assert.equal(await interrupt(second.proc), 0, second.output());
 
-  // --clean starts over.
-  const third = startDemo(['--clean']);
+  // --clean starts over; --nbd-on-client serves NBD from a torusblk nbdserve process instead.
+  const third = startDemo(['--clean', '--nbd-on-client']);
   await third.ready;
   assert.match(third.output(), /Removed .*\n.*Starting a new demo cluster/);
+  assert.match(third.output(), /served over NBD at \S+ by torusblk nbdserve/);
   const blank = sh('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0 0 1M', nbdUri]);
   assert.doesNotMatch(blank.out, /Pattern verification failed/, 'a new volume reads as zeros');
   assert.equal(await interrupt(third.proc), 0, third.output());
