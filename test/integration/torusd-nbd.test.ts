@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { Cmd } from '../../src/nbd/codec.js';
+import { testCerts } from '../helpers/certs.js';
 import { rawClient } from '../helpers/nbd-tools.js';
 import { freePort, startEtcd, type EtcdHandle } from '../helpers/etcd.js';
 import { BIN, eventually, ok, removeDir, startTorusd, stopProcess, type Torusd } from '../helpers/procs.js';
@@ -108,6 +109,26 @@ test('torusd --nbd-listen: nbdinfo sizes the export; nbdcopy and qemu-img write 
   const metrics = await (await fetch(`http://127.0.0.1:${nodes[0]!.httpPort}/metrics`)).text();
   assert.match(metrics, /torus_nbd_handshakes_total [1-9]/, 'the NBD counters are on the node\'s /metrics');
   assert.match(metrics, /torus_volume_/, 'and the volumes\' I/O');
+});
+
+test('torusd --nbd-tls require --nbd-read-only: plaintext is refused; a client certificate granted the volume reads it, read-only', async () => {
+  // Another node serving NBD, with TLS from its --tls-certificates (its node certificate) and the
+  // access rules in etcd; it need not be a ring member to serve.
+  const port = await freePort();
+  const extra = ['--nbd-listen', `127.0.0.1:${port}`, '--nbd-tls', 'require', '--nbd-read-only'];
+  nodes.push(await startTorusd(etcd.endpoint, { size: '64MiB', extra }));
+  const { clientDir } = await testCerts();
+  const uri = `nbds://127.0.0.1:${port}/v1?tls-certificates=${clientDir}`;
+  assert.notEqual(sh('nbdinfo', [`nbd://127.0.0.1:${port}/v1`]).code, 0, 'plaintext refused');
+  assert.notEqual(sh('nbdinfo', [uri]).code, 0, 'no access granted yet');
+  await ok('torusctl', [...C, 'access', 'grant', 'v1', 'test-client']);
+  const info = must('nbdinfo', ['--json', uri]);
+  assert.match(info, /"is_read_only": true/);
+  assert.match(info, /"export-size": 67108864/);
+  const small = join(dir, 'small.img');
+  writeFileSync(small, randomBytes(MiB));
+  const write = sh('nbdcopy', [small, uri]);
+  assert.notEqual(write.code, 0, `a write to a read-only export: ${write.out}`);
 });
 
 test('SIGKILL of the serving torusd after a flushed write: a torusblk client reads every byte from the surviving replicas', async () => {
