@@ -131,9 +131,10 @@ test('torusd --nbd-tls require --nbd-read-only: plaintext is refused; a client c
   assert.notEqual(write.code, 0, `a write to a read-only export: ${write.out}`);
 });
 
-test('SIGKILL of the serving torusd after a flushed write: a torusblk client reads every byte from the surviving replicas', async () => {
+test('SIGKILL of the serving torusd after a flushed write: a torusblk client reads every byte from the surviving replicas', async (t) => {
   await ok('torusctl', [...C, 'volume', 'create-block', 'v2', '32MiB']);
   const data = randomBytes(8 * MiB);
+  let killedAt = 0;
   const c = await rawClient(nbdPort);
   try {
     await c.go('v2');
@@ -143,6 +144,7 @@ test('SIGKILL of the serving torusd after a flushed write: a torusblk client rea
     // And a write after the flush that nobody flushed: it may or may not survive, but not corrupt anything.
     await c.write(20 * MiB, randomBytes(MiB));
     await nodes[0]!.kill('SIGKILL');
+    killedAt = Date.now();
   } finally {
     c.disconnect();
   }
@@ -151,6 +153,7 @@ test('SIGKILL of the serving torusd after a flushed write: a torusblk client rea
     // The lock the dead node held expires after its --lock-ttl (5 s); then torusblk opens the
     // volume, fences and replays its journal from the replicas that are left.
     const got = await readAll(blk.uri('v2'), join(dir, 'after-kill.img'), 'torusblk reading v2 after the serving node died');
+    t.diagnostic(`read back through torusblk ${((Date.now() - killedAt) / 1000).toFixed(1)} s after the SIGKILL (lock TTL 5 s)`);
     assert.equal(sha(got.subarray(5 * MiB, 13 * MiB)), sha(data));
     assert.equal(sha(got.subarray(0, 5 * MiB)), sha(Buffer.alloc(5 * MiB)));
   } finally {
