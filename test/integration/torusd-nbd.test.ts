@@ -1,13 +1,13 @@
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { Cmd } from '../../src/nbd/codec.js';
 import { testCerts } from '../helpers/certs.js';
-import { rawClient } from '../helpers/nbd-tools.js';
+import { ok as tool, rawClient, run } from '../helpers/nbd-tools.js';
 import { freePort, startEtcd, type EtcdHandle } from '../helpers/etcd.js';
 import { BIN, eventually, ok, removeDir, startTorusd, stopProcess, type Torusd } from '../helpers/procs.js';
 
@@ -23,21 +23,6 @@ const nodes: Torusd[] = [];
 let nbdPort = 0;
 let dir: string;
 
-function sh(cmd: string, args: string[], timeoutS = 120): { code: number; out: string } {
-  const r = spawnSync('timeout', [String(timeoutS), cmd, ...args], { encoding: 'utf8', maxBuffer: 64 * MiB });
-  return { code: r.status ?? -1, out: `${r.stdout ?? ''}${r.stderr ?? ''}` };
-}
-
-function must(cmd: string, args: string[], timeoutS = 120): string {
-  const r = sh(cmd, args, timeoutS);
-  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed:\n${r.out}`);
-  return r.out;
-}
-
-function sha(buf: Buffer): string {
-  return createHash('sha256').update(buf).digest('hex');
-}
-
 /** `torusblk nbdserve` on a port of its own: a client process beside the cluster. */
 async function torusblkServe(): Promise<{ proc: ChildProcess; uri: (vol: string) => string; out: () => string }> {
   const port = await freePort();
@@ -51,7 +36,7 @@ async function torusblkServe(): Promise<{ proc: ChildProcess; uri: (vol: string)
 
 /** Reads a whole export into a file with nbdcopy, retrying while the volume is still locked by its last writer. */
 async function readAll(uri: string, file: string, what: string): Promise<Buffer> {
-  await eventually(what, async () => sh('nbdcopy', [uri, file], 60).code === 0, 60_000);
+  await eventually(what, async () => (await run('nbdcopy', [uri, file])).code === 0, 60_000);
   return readFileSync(file);
 }
 
@@ -78,10 +63,10 @@ after(async () => {
 test('torusd --nbd-listen: nbdinfo sizes the export; nbdcopy and qemu-img write and read back; torusblk nbdserve reads the same bytes', async () => {
   await ok('torusctl', [...C, 'volume', 'create-block', 'v1', '64MiB']);
   const uri = `nbd://127.0.0.1:${nbdPort}/v1`;
-  const info = JSON.parse(must('nbdinfo', ['--json', uri])) as { exports: { 'export-name': string; 'export-size': number }[] };
+  const info = JSON.parse(await tool('nbdinfo', ['--json', uri])) as { exports: { 'export-name': string; 'export-size': number }[] };
   assert.equal(info.exports[0]!['export-size'], 64 * MiB);
   // --list: every volume is an export.
-  assert.match(must('nbdinfo', ['--list', `nbd://127.0.0.1:${nbdPort}`]), /export="v1"/);
+  assert.match(await tool('nbdinfo', ['--list', `nbd://127.0.0.1:${nbdPort}`]), /export="v1"/);
 
   // 24 MiB of random bytes at an unaligned offset, and back.
   const data = randomBytes(24 * MiB);
@@ -89,20 +74,20 @@ test('torusd --nbd-listen: nbdinfo sizes the export; nbdcopy and qemu-img write 
   data.copy(image, 3 * MiB + 4096);
   const src = join(dir, 'src.img');
   writeFileSync(src, image);
-  must('nbdcopy', ['--flush', src, uri]);
+  await tool('nbdcopy', ['--flush', src, uri]);
   const back = await readAll(uri, join(dir, 'back.img'), 'nbdcopy reading back through torusd');
-  assert.equal(sha(back), sha(image));
+  assert.ok(back.equals(image), 'read back through torusd');
   // qemu's client too: a pattern written with qemu-io, checked by qemu-img against the file.
-  must('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 40M 1M', '-c', 'flush', uri]);
+  await tool('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 40M 1M', '-c', 'flush', uri]);
   image.fill(0x5c, 40 * MiB, 41 * MiB);
   writeFileSync(src, image);
-  must('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, uri]);
+  await tool('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, uri]);
 
   // The same bytes through a client beside the cluster, once torusd's export has let go of the volume.
   const blk = await torusblkServe();
   try {
     const viaClient = await readAll(blk.uri('v1'), join(dir, 'client.img'), 'torusblk nbdserve reading v1');
-    assert.equal(sha(viaClient), sha(image));
+    assert.ok(viaClient.equals(image), 'the same bytes through torusblk');
   } finally {
     await stopProcess(blk.proc);
   }
@@ -119,16 +104,16 @@ test('torusd --nbd-tls require --nbd-read-only: plaintext is refused; a client c
   nodes.push(await startTorusd(etcd.endpoint, { size: '64MiB', extra }));
   const { clientDir } = await testCerts();
   const uri = `nbds://127.0.0.1:${port}/v1?tls-certificates=${clientDir}`;
-  assert.notEqual(sh('nbdinfo', [`nbd://127.0.0.1:${port}/v1`]).code, 0, 'plaintext refused');
-  assert.notEqual(sh('nbdinfo', [uri]).code, 0, 'no access granted yet');
+  assert.notEqual((await run('nbdinfo', [`nbd://127.0.0.1:${port}/v1`])).code, 0, 'plaintext refused');
+  assert.notEqual((await run('nbdinfo', [uri])).code, 0, 'no access granted yet');
   await ok('torusctl', [...C, 'access', 'grant', 'v1', 'test-client']);
-  const info = must('nbdinfo', ['--json', uri]);
+  const info = await tool('nbdinfo', ['--json', uri]);
   assert.match(info, /"is_read_only": true/);
   assert.match(info, /"export-size": 67108864/);
   const small = join(dir, 'small.img');
   writeFileSync(small, randomBytes(MiB));
-  const write = sh('nbdcopy', [small, uri]);
-  assert.notEqual(write.code, 0, `a write to a read-only export: ${write.out}`);
+  const write = await run('nbdcopy', [small, uri]);
+  assert.notEqual(write.code, 0, `a write to a read-only export: ${write.stdout}`);
 });
 
 test('SIGKILL of the serving torusd after a flushed write: a torusblk client reads every byte from the surviving replicas', async (t) => {
@@ -154,8 +139,8 @@ test('SIGKILL of the serving torusd after a flushed write: a torusblk client rea
     // volume, fences and replays its journal from the replicas that are left.
     const got = await readAll(blk.uri('v2'), join(dir, 'after-kill.img'), 'torusblk reading v2 after the serving node died');
     t.diagnostic(`read back through torusblk ${((Date.now() - killedAt) / 1000).toFixed(1)} s after the SIGKILL (lock TTL 5 s)`);
-    assert.equal(sha(got.subarray(5 * MiB, 13 * MiB)), sha(data));
-    assert.equal(sha(got.subarray(0, 5 * MiB)), sha(Buffer.alloc(5 * MiB)));
+    assert.ok(got.subarray(5 * MiB, 13 * MiB).equals(data), 'every flushed byte');
+    assert.ok(got.subarray(0, 5 * MiB).equals(Buffer.alloc(5 * MiB)), 'and zeros around it');
   } finally {
     await stopProcess(blk.proc);
   }
