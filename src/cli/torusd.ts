@@ -111,7 +111,7 @@ async function serveExports(node: StorageNode, meta: MetadataService, nbd: NbdSe
     throw err;
   }
   const { server, tcp, unix } = served;
-  rt.addSamples(() => nbdSamples(server.stats()));
+  rt.addSamples(() => nbdSamples(server.stats(), 'nbd-'));
   log.info({ ...(tcp ? { nbd: tcp } : {}), ...(unix ? { nbdUnix: unix } : {}) }, `serving NBD on ${[tcp, unix].filter(Boolean).join(' and ')}; exports are volume names (VOLUME@SNAPSHOT read-only)`);
   return {
     async close() {

@@ -34,6 +34,12 @@ export interface DistributorOptions {
   readonly maxPendingBytes?: number;
 }
 
+/** A peer and the transport that reaches it. */
+interface Route {
+  readonly target: PeerTarget;
+  readonly transport: PeerTransport;
+}
+
 export interface DistributorStats {
   reads: number;
   readBytes: number;
@@ -75,7 +81,7 @@ export class Distributor {
   private readonly maxPendingBytes: number;
   private readonly repairing = new Set<string>();
   /** This node's own disk, when it is a storage node: calls for its uuid go there, not over the network. */
-  private readonly local: { readonly target: PeerTarget; readonly transport: LocalTransport } | undefined;
+  private readonly local: Route | undefined;
   readonly stats: DistributorStats = {
     reads: 0,
     readBytes: 0,
@@ -111,10 +117,17 @@ export class Distributor {
   }
 
   /** Where calls for `uuid` go: this node's disk for its own uuid, else the peer over the network (undefined: no known address). */
-  private route(uuid: string): { readonly target: PeerTarget; readonly transport: PeerTransport } | undefined {
+  private route(uuid: string): Route | undefined {
     if (this.local && this.isSelf(uuid)) return this.local;
     const target = this.opts.target(uuid);
     return target ? { target, transport: this.opts.transport } : undefined;
+  }
+
+  /** route(), or NO_PEER when the peer has no known address. */
+  private reach(uuid: string): Route {
+    const to = this.route(uuid);
+    if (!to) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
+    return to;
   }
 
   // ---- writes ----
@@ -174,8 +187,7 @@ export class Distributor {
   }
 
   private async putOne(uuid: string, ref: BlockRef, data: Buffer, crc: number, want: number): Promise<void> {
-    const to = this.route(uuid);
-    if (!to) throw new TorusError('NO_PEER', `peer ${uuid} has no known address (down?)`);
+    const to = this.reach(uuid);
     const [status] = await to.transport.put(to.target, [{ ref, data, crc }]);
     const instance = to.transport.instance?.(to.target);
     if (status) throw new TorusError(status, `peer ${to.target.address} refused block ${formatBlockRef(ref)}: ${status}`);
@@ -362,12 +374,6 @@ export class Distributor {
     return { peers: p.peers, replication: p.replication };
   }
 
-  private journalRoute(peer: string): { readonly target: PeerTarget; readonly transport: PeerTransport } {
-    const to = this.route(peer);
-    if (!to) throw new TorusError('NO_PEER', `peer ${peer} has no known address (down?)`);
-    return to;
-  }
-
   /** Whether `peer` can hold a journal: known, reachable, and new enough to keep journals. */
   async journalCapable(peer: string): Promise<boolean> {
     const to = this.route(peer);
@@ -380,22 +386,22 @@ export class Distributor {
   }
 
   async journalAppend(peer: string, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean): Promise<void> {
-    const to = this.journalRoute(peer);
+    const to = this.reach(peer);
     await to.transport.appendLog(to.target, ref, pieces, sync);
   }
 
   async journalSeal(peer: string, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void> {
-    const to = this.journalRoute(peer);
+    const to = this.reach(peer);
     await to.transport.sealLog(to.target, ref, gapStart, gapEnd, crc, sync);
   }
 
   async journalFence(peer: string, volume: number, epoch: number): Promise<BlockRef[]> {
-    const to = this.journalRoute(peer);
+    const to = this.reach(peer);
     return to.transport.fenceVolume(to.target, volume, epoch);
   }
 
   async journalReadRaw(peer: string, ref: BlockRef): Promise<Buffer> {
-    const to = this.journalRoute(peer);
+    const to = this.reach(peer);
     return to.transport.readRaw(to.target, ref, this.readTimeoutMs * 4);
   }
 

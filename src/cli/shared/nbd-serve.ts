@@ -152,8 +152,10 @@ export function nbdServerOptions(
   return { ...where, readOnly: f.readOnly, ...limits, ...security, log: { debug: (o, m) => log.debug(o, m), info: (o, m) => log.info(o, m), warn: (o, m) => log.warn(o, m) } };
 }
 
-/** Starts the server; the URLs it serves on, as users type them (nbd:// or nbds://, nbd+unix://). */
-/** `flag`: the flag that named the address, for the message when it cannot be had. */
+/**
+ * Starts the server; the URLs it serves on, as users type them (nbd:// or nbds://, nbd+unix://).
+ * `flag`: the flag that named the address, for the message when it cannot be had.
+ */
 export async function listenNbd(provider: DeviceProvider, options: NbdServerOptions, flag: string): Promise<{ server: NbdServer; tcp: string; unix: string }> {
   const server = new NbdServer(provider, options);
   let addrs;
@@ -168,7 +170,8 @@ export async function listenNbd(provider: DeviceProvider, options: NbdServerOpti
   return { server, tcp, unix };
 }
 
-export function nbdSamples(st: NbdServerStats): MetricSample[] {
+/** The server's counters for /metrics; `prefix` as the flags have it, to name them in the help. */
+export function nbdSamples(st: NbdServerStats, prefix: NbdFlagPrefix): MetricSample[] {
   return [
     { name: 'torus_nbd_connections', help: 'Open NBD connections', type: 'gauge', value: st.connections },
     { name: 'torus_nbd_in_flight', help: 'NBD requests being served', type: 'gauge', value: st.inFlight },
@@ -176,10 +179,10 @@ export function nbdSamples(st: NbdServerStats): MetricSample[] {
     { name: 'torus_nbd_requests_total', help: 'NBD requests received', type: 'counter', value: st.requests },
     { name: 'torus_nbd_protocol_errors_total', help: 'NBD connections dropped for protocol errors', type: 'counter', value: st.protocolErrors },
     { name: 'torus_nbd_buffered_bytes', help: 'NBD requests, payloads and replies held in memory, for all connections', type: 'gauge', value: st.bufferedBytes },
-    { name: 'torus_nbd_refused_connections_total', help: 'NBD connections closed on arrival (--max-connections)', type: 'counter', value: st.refusedConnections },
+    { name: 'torus_nbd_refused_connections_total', help: `NBD connections closed on arrival (--${prefix}max-connections)`, type: 'counter', value: st.refusedConnections },
     { name: 'torus_nbd_oversized_requests_total', help: 'NBD requests refused for a length over the 32 MiB maximum', type: 'counter', value: st.oversizedRequests },
-    { name: 'torus_nbd_stall_timeouts_total', help: 'NBD clients dropped for a payload left half-sent or replies left unread (--stall-timeout)', type: 'counter', value: st.stallTimeouts },
-    { name: 'torus_nbd_idle_timeouts_total', help: 'Idle NBD connections closed (--idle-timeout)', type: 'counter', value: st.idleTimeouts },
-    ...labelledCounters('torus_nbd_throttled_total', 'Times an NBD connection stopped being read, by the limit that stopped it (budget: --max-buffered)', 'limit', st.throttled),
+    { name: 'torus_nbd_stall_timeouts_total', help: `NBD clients dropped for a payload left half-sent or replies left unread (--${prefix}stall-timeout)`, type: 'counter', value: st.stallTimeouts },
+    { name: 'torus_nbd_idle_timeouts_total', help: `Idle NBD connections closed (--${prefix}idle-timeout)`, type: 'counter', value: st.idleTimeouts },
+    ...labelledCounters('torus_nbd_throttled_total', `Times an NBD connection stopped being read, by the limit that stopped it (budget: --${prefix}max-buffered)`, 'limit', st.throttled),
   ];
 }

@@ -49,7 +49,7 @@ export function nbdserveCommand(): Command {
       throw err;
     }
     const { server, tcp, unix } = served;
-    rt.addSamples(() => nbdSamples(server.stats()));
+    rt.addSamples(() => nbdSamples(server.stats(), ''));
     const where = [tcp, unix].filter(Boolean).join(' and ');
     emit(opts, { serving: { tcp: tcp || null, unix: unix || null }, metrics: opts.metrics ? `http://${opts.metrics}/metrics` : null }, `serving NBD on ${where}; exports are volume names (VOLUME@SNAPSHOT read-only)`);
     const sig = await untilSignal();
@@ -123,7 +123,7 @@ export function nbdCommand(): Command {
       const dir = mkdtempSync(join(tmpdir(), 'torusblk-'));
       const socket = join(dir, 'nbd.sock');
       const server = new NbdServer(provider, { listenUnix: socket, log: { debug: (x, m) => log.debug(x, m), info: (x, m) => log.info(x, m), warn: (x, m) => log.warn(x, m) } });
-      rt.addSamples(() => nbdSamples(server.stats()));
+      rt.addSamples(() => nbdSamples(server.stats(), ''));
       let att: Attachment | undefined;
       try {
         await server.listen();
