@@ -47,7 +47,7 @@ before(async () => {
   await ok('torusctl', [...C, 'init', '--block-size', '128KiB', '--replication', '2']);
   nbdPort = await freePort();
   // Node 0 serves NBD; a short lock TTL lets another client take its volume soon after it dies.
-  nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB', extra: ['--nbd-listen', `127.0.0.1:${nbdPort}`, '--lock-ttl', '5s'] }));
+  nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB', extra: ['--nbd-listen', `127.0.0.1:${nbdPort}`, '--nbd-unix', join(dir, 'nbd.sock'), '--lock-ttl', '5s'] }));
   for (let i = 1; i < 3; i++) nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB' }));
   await ok('torusctl', [...C, 'peer', 'add', '--all-peers']);
   assert.match(nodes[0]!.log(), new RegExp(`serving NBD on nbd://127\\.0\\.0\\.1:${nbdPort}`));
@@ -65,8 +65,9 @@ test('torusd --nbd-listen: nbdinfo sizes the export; nbdcopy and qemu-img write 
   const uri = `nbd://127.0.0.1:${nbdPort}/v1`;
   const info = JSON.parse(await tool('nbdinfo', ['--json', uri])) as { exports: { 'export-name': string; 'export-size': number }[] };
   assert.equal(info.exports[0]!['export-size'], 64 * MiB);
-  // --list: every volume is an export.
+  // --list: every volume is an export; and on the unix socket too.
   assert.match(await tool('nbdinfo', ['--list', `nbd://127.0.0.1:${nbdPort}`]), /export="v1"/);
+  assert.match(await tool('nbdinfo', [`nbd+unix:///v1?socket=${join(dir, 'nbd.sock')}`]), /export-size: 67108864/);
 
   // 24 MiB of random bytes at an unaligned offset, and back.
   const data = randomBytes(24 * MiB);
