@@ -51,6 +51,7 @@ const { values: argv } = orUsage(() => parseArgs({
     'write-cache-size': { type: 'string' },
     'node-size': { type: 'string', default: '12GiB' },
     'peer-rpc': { type: 'string', default: 'tls' },
+    'nbd-on': { type: 'string', default: 'client' },
     jobs: { type: 'string' },
     profile: { type: 'string' },
     'profile-only': { type: 'boolean', default: false },
@@ -74,6 +75,10 @@ if (argv.help) {
   --node-size SIZE        each torusd's --size (sparse files; default 12GiB)
   --peer-rpc tls|plain    peer RPC over TLS with a CA made for the run (default, as deployed), or
                           plaintext (--insecure-peer-network) to measure what TLS costs
+  --nbd-on client|storage where the NBD server runs: torusblk nbdserve in a process of its own, as
+                          on a client host (default), or torusd --nbd-listen on storage node 1,
+                          which reads its own replicas without a network hop (issue 15's target
+                          topology; the write-amplification pass and --profile need client)
   --jobs LIST             a subset of P1,P2,P3,P4,P5 (default all)
   --profile DIR           afterwards, run each job once more under node --cpu-prof (nbdserve and
                           every torusd) and write summaries, collapsed stacks and SVG flame graphs
@@ -100,6 +105,9 @@ if (!(runtimeSec > 0) || !(rampSec >= 0)) usage('--runtime must be a positive nu
 if (reps < 3) process.stderr.write(`note: --reps ${reps} is below the 3 repetitions issue 8 asks for\n`);
 if (argv['peer-rpc'] !== 'tls' && argv['peer-rpc'] !== 'plain') usage(`--peer-rpc ${argv['peer-rpc']}: expected tls or plain`);
 setPeerRpc(argv['peer-rpc'] as 'tls' | 'plain');
+if (argv['nbd-on'] !== 'client' && argv['nbd-on'] !== 'storage') usage(`--nbd-on ${argv['nbd-on']}: expected client or storage`);
+const onStorage = argv['nbd-on'] === 'storage';
+if (onStorage && argv.profile) usage('--profile runs with --nbd-on client only');
 for (const t of ['fio', 'nbdkit']) if (!have(t)) usage(`${t} is not installed (Debian: apt-get install -y ${t})`);
 // fio's engine for the disk's own write bandwidth, checked before anything starts.
 const diskEngine = orUsage(() => directEngine());
@@ -297,7 +305,7 @@ class Cluster {
   nbdPort = 0;
   kit: Proc | undefined;
   kitPort = 0;
-  /** Peak RSS of nbdserve instances already stopped. */
+  /** Peak RSS of nbdserve instances (with --nbd-on storage: torusd-1's) already stopped. */
   nbdPeak = 0;
   /** P8: the Torus processes' memory together, sampled from start to stop. */
   readonly rssSum = new RssSumPeak(() => this.torusProcs());
@@ -315,13 +323,13 @@ class Cluster {
     this.etcd = await startEtcdAt(join(this.dir, 'etcd'));
     await ok('torusctl', [...this.C, 'init', '--block-size', this.blockSize, '--replication', String(REPLICATION)]);
     for (let i = 0; i < 3; i++) this.specs.push(await newTorusdSpec(this.etcd.endpoint, join(this.dir, `node${i + 1}`), argv['node-size']));
-    for (const [i, s] of this.specs.entries()) this.nodes.push(await startTorusd(`torusd-${i + 1}`, s));
+    this.nbdPort = await freePort();
+    for (const [i, s] of this.specs.entries()) this.nodes.push(await startTorusd(`torusd-${i + 1}`, s, [], this.nbdArgs(i)));
     await ok('torusctl', [...this.C, 'peer', 'add', '--all-peers']);
     await ok('torusctl', [...this.C, 'volume', 'create-block', 'v', volumeSize]);
     // For the in-process P5 anatomy probe, which must not contend for v's lock with nbdserve.
     await ok('torusctl', [...this.C, 'volume', 'create-block', 'anatomy', '256MiB']);
-    this.nbdPort = await freePort();
-    await this.startNbd();
+    if (!onStorage) await this.startNbd();
     const file = join(this.dir, 'nbdkit.img');
     const fd = openSync(file, 'w');
     ftruncateSync(fd, region.whole);
@@ -330,14 +338,32 @@ class Cluster {
     this.kit = await startNbdkit(file, this.kitPort);
   }
 
-  // Where the NBD server runs (the topology) is decided here, in startNbd, stopNbd and torusUri,
-  // and nowhere else: today `torusblk nbdserve` in a process of its own, as on a client host.
+  // Where the NBD server runs (the topology) is decided here, in nbdArgs, startNbd, stopNbd and
+  // torusUri, and nowhere else: `torusblk nbdserve` in a process of its own, as on a client host,
+  // or (--nbd-on storage) storage node 1 itself, whose restart is then the NBD server's.
+  nbdArgs(i: number): string[] {
+    if (!onStorage || i !== 0) return [];
+    const wc = argv['write-cache-size'];
+    return ['--nbd-listen', `127.0.0.1:${this.nbdPort}`, '--read-cache-size', readCacheSize, ...(wc ? ['--nbd-write-cache-size', wc] : [])];
+  }
+
   async startNbd(nodeArgs: string[] = []): Promise<void> {
+    if (onStorage) {
+      this.nodes[0] = await startTorusd('torusd-1', this.specs[0]!, nodeArgs, this.nbdArgs(0));
+      return;
+    }
     const wc = argv['write-cache-size'];
     this.nbd = await startNbdserve({ etcd: this.etcd.endpoint, port: this.nbdPort, readCacheSize: readCacheSize, ...(wc ? { writeCacheSize: wc } : {}) }, nodeArgs);
   }
 
   async stopNbd(): Promise<void> {
+    if (onStorage) {
+      // SIGTERM closes the exports first (their volumes sync), then the node.
+      this.rssSum.sample();
+      this.nbdPeak = Math.max(this.nbdPeak, this.nodes[0]!.peakRss());
+      await this.nodes[0]!.stop('SIGTERM', 120_000);
+      return;
+    }
     if (!this.nbd) return;
     this.nbdPeak = Math.max(this.nbdPeak, this.nbd.peakRss());
     this.rssSum.sample();
@@ -349,7 +375,7 @@ class Cluster {
   async restartNodes(nodeArgs: (i: number) => string[]): Promise<void> {
     for (const n of this.nodes) await n.stop('SIGTERM', 60_000);
     this.nodes = [];
-    for (const [i, s] of this.specs.entries()) this.nodes.push(await startTorusd(`torusd-${i + 1}`, s, nodeArgs(i)));
+    for (const [i, s] of this.specs.entries()) this.nodes.push(await startTorusd(`torusd-${i + 1}`, s, nodeArgs(i), this.nbdArgs(i)));
   }
 
   /** Every storage node's counters, in node order. */
@@ -377,7 +403,9 @@ class Cluster {
   peakRss(): Record<string, number> {
     const out: Record<string, number> = { etcd: this.etcd.peakRss() };
     for (const n of this.nodes) out[n.name] = n.peakRss();
-    out['nbdserve'] = Math.max(this.nbdPeak, this.nbd?.peakRss() ?? 0);
+    // On a storage node the NBD server is torusd-1, restarted with it: its peak is over all its runs.
+    if (onStorage) out['torusd-1'] = Math.max(this.nbdPeak, out['torusd-1'] ?? 0);
+    out['nbdserve'] = onStorage ? 0 : Math.max(this.nbdPeak, this.nbd?.peakRss() ?? 0);
     out['nbdkit'] = this.kit?.peakRss() ?? 0;
     return out;
   }
@@ -609,7 +637,10 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
       }
       rows.push({ job, title: spec.title, unit: spec.unit, kind: spec.kind, target: spec.target, ceph: spec.ceph, torus, nbdkit: kit, ratio, met, cpu, ...(disk ? { disk } : {}), cores, sysShare, switchesPerIo, faultsPerMiB, runQueueWait, ...(latency ? { latency } : {}), runs: rs });
     }
-    const writeAmp = jobs.includes('P4') && !argv['profile-only'] ? await writeAmplification(c, outDir) : [];
+    // The pass reads every node's counters after stopping the NBD server: with the server on node
+    // 1 its counters would go with it. What is stored per byte written does not depend on where
+    // the server runs.
+    const writeAmp = jobs.includes('P4') && !argv['profile-only'] && !onStorage ? await writeAmplification(c, outDir) : [];
     const peakRss = c.peakRss();
     // P8 covers the measured part; processes under --cpu-prof use more memory than in service.
     c.rssSum.sample();
@@ -752,7 +783,8 @@ function printTable(t: TableResult): void {
     `CPU cores in use (medians; ${machine.cores} in all; "others" is the rest of the machine, other tenants included):`,
     ...t.rows.map(
       (r) =>
-        `  ${r.job} Torus runs: nbdserve ${r.cores.nbdserve.toFixed(2)}, torusd x3 ${r.cores.torusd.toFixed(2)}, etcd ${r.cores.etcd.toFixed(2)}, fio ${r.cores.fio.toFixed(2)}, others ${r.cores.others.toFixed(2)}; kernel ${(r.sysShare.torus * 100).toFixed(0)}%, ${r.switchesPerIo.torus} switches/IO, ${r.faultsPerMiB.torus} faults/MiB, main threads waiting for a CPU ${pct(r.runQueueWait.nbdserve)} (nbdserve) ${pct(r.runQueueWait.torusd)} (torusd)` +
+        // With --nbd-on storage there is no nbdserve: torusd-1 serves NBD, counted with the nodes.
+        `  ${r.job} Torus runs: ${Number.isNaN(r.cores.nbdserve) ? '' : `nbdserve ${r.cores.nbdserve.toFixed(2)}, `}torusd x3 ${r.cores.torusd.toFixed(2)}, etcd ${r.cores.etcd.toFixed(2)}, fio ${r.cores.fio.toFixed(2)}, others ${r.cores.others.toFixed(2)}; kernel ${(r.sysShare.torus * 100).toFixed(0)}%, ${r.switchesPerIo.torus} switches/IO, ${r.faultsPerMiB.torus} faults/MiB, main threads waiting for a CPU ${Number.isNaN(r.runQueueWait.nbdserve) ? '' : `${pct(r.runQueueWait.nbdserve)} (nbdserve) `}${pct(r.runQueueWait.torusd)} (torusd)` +
           ` | nbdkit runs: nbdkit ${r.cores.nbdkit.toFixed(2)}, fio ${r.cores.fioKit.toFixed(2)}, others ${r.cores.othersKit.toFixed(2)}; kernel ${(r.sysShare.nbdkit * 100).toFixed(0)}%, ${r.switchesPerIo.nbdkit} switches/IO, ${r.faultsPerMiB.nbdkit} faults/MiB`,
     ),
     `peak RSS: ${Object.entries(t.peakRss).map(([k, v]) => `${k} ${fmtMiB(v)}`).join(', ')}`,
@@ -856,7 +888,7 @@ try {
         finishedAt: finishedAt.toISOString(),
         seconds: Math.round((finishedAt.getTime() - startedAt.getTime()) / 1000),
         machine: { ...machine, loadAverageAtEnd: describeMachine(root).loadAverage },
-        options: { quick, blockSizes, reps, runtimeSec, rampSec, volumeSize, readCacheSize, writeCacheSize: argv['write-cache-size'] ?? 'nbdserve default', nodeSize: argv['node-size'], replication: REPLICATION, nodes: 3, jobs },
+        options: { quick, blockSizes, reps, runtimeSec, rampSec, volumeSize, readCacheSize, writeCacheSize: argv['write-cache-size'] ?? 'nbdserve default', nodeSize: argv['node-size'], replication: REPLICATION, nodes: 3, jobs, nbdOn: argv['nbd-on'], peerRpc: argv['peer-rpc'] },
         fioJobs: Object.fromEntries(jobs.map((j) => [j, jobArgs(j, region, runtimeSec, rampSec)])),
         // P8 over the whole bench: the largest of the tables' (each table is a cluster of its own).
         peakRssSum: tables.reduce<TableResult['peakRssSum'] | undefined>((a, t) => (a && a.bytes >= t.peakRssSum.bytes ? a : t.peakRssSum), undefined),

@@ -226,7 +226,7 @@ async function credential(dataDir?: string): Promise<string[]> {
 }
 
 /** A storage node; `nodeArgs` go to node itself (e.g. --cpu-prof). Same spec = same node. */
-export async function startTorusd(name: string, spec: TorusdSpec, nodeArgs: string[] = []): Promise<Proc> {
+export async function startTorusd(name: string, spec: TorusdSpec, nodeArgs: string[] = [], extra: string[] = []): Promise<Proc> {
   return spawnProc(
     name,
     process.execPath,
@@ -240,6 +240,7 @@ export async function startTorusd(name: string, spec: TorusdSpec, nodeArgs: stri
       '--size', spec.size,
       '--host', '127.0.0.1',
       '--port', String(spec.httpPort),
+      ...extra,
     ],
     { ready: /torusd started/, readyTimeoutMs: 30_000 },
   );
