@@ -217,6 +217,14 @@ export class Distributor {
     return this.pendingBytes;
   }
 
+  /**
+   * Bytes held in memory beside their budgets: the block cache (--read-cache-size), and the
+   * copies of unflushed puts kept for re-sending (a put past that budget flushes first).
+   */
+  memory(): { readCache: number; readCacheLimit: number; unflushed: number; unflushedLimit: number } {
+    return { readCache: this.cache?.usedBytes ?? 0, readCacheLimit: this.cache ? (this.opts.readCacheBytes ?? 0) : 0, unflushed: this.pendingBytes, unflushedLimit: this.maxPendingBytes };
+  }
+
   /** Puts `want` more copies on peers of `allPeers` outside `exclude`; `durableWant` is the block's R. */
   private async putReplicas(
     ref: BlockRef,

@@ -109,6 +109,8 @@ export class NodeMetrics {
   }
 
   async render(): Promise<{ contentType: string; body: string }> {
+    // A gauge shows what its source reports now: the series of a closed volume go with it.
+    for (const g of this.gauges.values()) g.reset();
     for (const s of this.collect()) this.apply(s);
     return { contentType: this.registry.contentType, body: await this.registry.metrics() };
   }

@@ -160,6 +160,8 @@ export interface NbdServerStats {
   /** Request, payload and reply bytes held now, for all connections; and the most held. */
   readonly bufferedBytes: number;
   readonly peakBufferedBytes: number;
+  /** The budget they share (`maxBufferedBytes`). */
+  readonly bufferedLimit: number;
   /** Connections closed on arrival because a listener had `maxConnections`. */
   readonly refusedConnections: number;
   /** Requests refused before reaching the device for a length over the maximum. */
@@ -430,6 +432,7 @@ export class NbdServer {
       inFlight,
       bufferedBytes: this.budget.used,
       peakBufferedBytes: this.budget.peak,
+      bufferedLimit: this.budget.limit,
     };
   }
 

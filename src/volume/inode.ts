@@ -132,6 +132,13 @@ export class InodeTree {
     return this.depth;
   }
 
+  /** Bytes of the pages held: the clean ones the cache keeps, and dirty ones until commit. */
+  get heldBytes(): number {
+    let n = 0;
+    for (const p of this.pages.values()) n += p.buf.length;
+    return n;
+  }
+
   /** Blocks addressable without growing the tree. */
   get capacity(): number {
     return this.fanout ** this.depth;

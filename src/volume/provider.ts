@@ -2,7 +2,7 @@ import type { BlockDevice, DeviceInfo, DeviceProvider } from '../core/interfaces
 import type { VolumeClient } from './client.js';
 import { lockedError } from './meta.js';
 import { parseVolSnap } from './records.js';
-import type { BlockVolume } from './volume.js';
+import type { BlockVolume, VolumeMemory } from './volume.js';
 
 // Volumes for the front ends (NBD, AoE), by export name: "VOL" is the volume, writable (or
 // read-only if asked); "VOL@SNAP" is a snapshot, always read-only. A writable volume is opened
@@ -13,6 +13,16 @@ import type { BlockVolume } from './volume.js';
 interface Shared {
   readonly volume: Promise<BlockVolume>;
   users: number;
+  /** Once open. */
+  opened?: BlockVolume;
+}
+
+/** The memory budgets of each volume opened for writing (BlockVolume's options of these names). */
+export interface VolumeBudgets {
+  readonly writeCacheBytes?: number;
+  readonly journalTailBytes?: number;
+  readonly checkpointBytes?: number;
+  readonly pageCacheBytes?: number;
 }
 
 export class VolumeProvider implements DeviceProvider {
@@ -22,7 +32,7 @@ export class VolumeProvider implements DeviceProvider {
 
   constructor(
     private readonly vc: VolumeClient,
-    private readonly opts: { readOnly?: boolean; writeCacheBytes?: number } = {},
+    private readonly opts: { readOnly?: boolean } & VolumeBudgets = {},
   ) {}
 
   async list(): Promise<string[]> {
@@ -31,7 +41,7 @@ export class VolumeProvider implements DeviceProvider {
 
   async open(name: string, opts: { readOnly: boolean }): Promise<{ device: BlockDevice; release(): Promise<void> }> {
     const { volume, snapshot } = parseVolSnap(name);
-    const wc = this.opts.writeCacheBytes !== undefined ? { writeCacheBytes: this.opts.writeCacheBytes } : {};
+    const { readOnly: _, ...budgets } = this.opts;
     if (snapshot !== undefined || opts.readOnly || this.opts.readOnly) {
       // Read-only views are cheap and independent: each connection gets its own.
       const dev = await this.vc.openVolume(volume, snapshot !== undefined ? { snapshot } : { readOnly: true });
@@ -41,9 +51,13 @@ export class VolumeProvider implements DeviceProvider {
     if (!shared) await this.closing.get(volume);
     shared = this.open_.get(volume);
     if (!shared) {
-      shared = { volume: this.vc.openVolume(volume, wc), users: 0 };
-      this.open_.set(volume, shared);
-      shared.volume.catch(() => this.open_.delete(volume));
+      const s: Shared = { volume: this.vc.openVolume(volume, budgets), users: 0 };
+      shared = s;
+      this.open_.set(volume, s);
+      s.volume.then(
+        (v) => (s.opened = v),
+        () => this.open_.delete(volume),
+      );
     }
     shared.users++;
     let dev: BlockVolume;
@@ -94,6 +108,13 @@ export class VolumeProvider implements DeviceProvider {
     // own lock may still be held by a close in progress, which an open waits out.)
     if (holder && !this.closing.has(volume)) throw lockedError(volume, holder);
     return { size: head.size, blockSize, readOnly };
+  }
+
+  /** What each volume open for writing holds in memory, by volume name. */
+  memory(): Map<string, VolumeMemory> {
+    const out = new Map<string, VolumeMemory>();
+    for (const [name, s] of this.open_) if (s.opened) out.set(name, s.opened.memory());
+    return out;
   }
 
   /** Syncs and closes every open volume (shutdown). */

@@ -9,7 +9,7 @@ import { buildLiveSet, collectLocal } from './gc.js';
 import { DIRECT_INDEX_BASE } from './journal-format.js';
 import { isReplayNeeded, VolumeMeta } from './meta.js';
 import { memoryCluster } from './testing.js';
-import { BlockVolume } from './volume.js';
+import { BlockVolume, type VolumeContext } from './volume.js';
 
 const BS = 4096;
 
@@ -925,4 +925,66 @@ test('a checkpoint cut while an append fails on a replica waits for the move (NO
   await vol.close();
   const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await ro.read(0, 16 * BS)).equals(expect));
+});
+
+/**
+ * The cluster's distributor, every call of which answers 1 ms late, and a seal (which only
+ * checkpoints wait for) 10 ms late: flushes fall behind the writers, checkpoints behind flushes.
+ */
+function slowStore(store: VolumeContext['store']): VolumeContext['store'] {
+  return new Proxy(store, {
+    get(target, prop, receiver) {
+      const v: unknown = Reflect.get(target, prop, receiver);
+      if (typeof v !== 'function') return v;
+      return (...args: unknown[]) => {
+        const r: unknown = (v as (...a: unknown[]) => unknown).apply(target, args);
+        const ms = prop === 'journalSeal' ? 10 : 1;
+        return r instanceof Promise ? r.then(async (x: unknown) => (await new Promise((res) => setTimeout(res, ms)), x)) : r;
+      };
+    },
+  });
+}
+
+test('memory budgets: the write cache and the journal tail stay within theirs under concurrent writers and slow replicas, and lose nothing', async () => {
+  const c = await memoryCluster(BS);
+  const size = 256 * BS;
+  await c.vmeta.create('v', size);
+  const budget = { writeCacheBytes: 16 * BS, checkpointBytes: 8 * BS, journalTailBytes: 16 * BS };
+  const vol = await BlockVolume.open({ ...c.ctx, store: slowStore(c.ctx.store) }, 'v', { ...budget, checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const m0 = vol.memory();
+  assert.deepEqual([m0.writeCacheLimit, m0.journalTailLimit, m0.pageCacheLimit], [16 * BS, 16 * BS, 64 * 1024 * 1024]);
+  const ref = Buffer.alloc(size);
+  let maxCache = 0;
+  let maxTail = 0;
+  const sample = (): void => {
+    const m = vol.memory();
+    maxCache = Math.max(maxCache, m.writeCache);
+    maxTail = Math.max(maxTail, m.journalTail);
+  };
+  const sampler = setInterval(sample, 1);
+  // Four writers, each on its own quarter: small writes (kept in the tail until a checkpoint)
+  // and whole blocks (stored at the flush), 60 each.
+  await Promise.all(
+    [0, 1, 2, 3].map(async (w) => {
+      for (let i = 0; i < 60; i++) {
+        const block = w * 64 + ((i * 7) % 64);
+        const whole = i % 3 === 0;
+        const off = block * BS + (whole ? 0 : (i * 512) % (BS / 2));
+        const d = randomBytes(whole ? BS : BS / 2);
+        await vol.write(off, d);
+        d.copy(ref, off);
+        sample();
+      }
+    }),
+  );
+  clearInterval(sampler);
+  assert.ok(maxCache > BS && maxCache <= budget.writeCacheBytes, `write cache peaked at ${maxCache} bytes, budget ${budget.writeCacheBytes}`);
+  assert.ok(maxTail > 0 && maxTail <= budget.journalTailBytes, `journal tail peaked at ${maxTail} bytes, budget ${budget.journalTailBytes}`);
+  assert.ok(vol.stats.checkpoints >= 2, 'checkpoints made room in the tail');
+  await vol.flush();
+  assert.equal(vol.memory().writeCache, 0, 'nothing held once flushed');
+  assert.ok((await vol.read(0, size)).equals(ref));
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, size)).equals(ref), 'every acknowledged write is there after reopening');
 });

@@ -24,12 +24,21 @@ export interface OpenVolumeOptions {
   readonly readOnly?: boolean;
   /** Open this snapshot's state, read-only. */
   readonly snapshot?: string;
-  /** Written bytes held in memory before a write makes them durable (a journal append). */
+  /**
+   * The write cache's budget: written bytes held in memory until the journal has them, counting
+   * those of the flush under way. A write that finds it full waits for a flush; none is dropped.
+   */
   readonly writeCacheBytes?: number;
   /** Inode pages cached in memory. */
   readonly pageCacheBytes?: number;
   /** Journal bytes since the last checkpoint that start one. */
   readonly checkpointBytes?: number;
+  /**
+   * The journal tail's budget: bytes of small writes kept in memory from their append until a
+   * checkpoint has them in sealed log blocks. A flush that finds it full first waits for the
+   * checkpoint. Default: twice checkpointBytes.
+   */
+  readonly journalTailBytes?: number;
   /** A checkpoint at least this often while there is a tail. 0: only by size, close and request. */
   readonly checkpointIntervalMs?: number;
   /**
@@ -62,6 +71,19 @@ export interface VolumeContext {
   readonly session?: KVSession;
 }
 
+/** What a volume holds in memory now, in bytes, beside its budgets. */
+export interface VolumeMemory {
+  /** Written and not yet in the journal: pending, and the flush under way. */
+  readonly writeCache: number;
+  readonly writeCacheLimit: number;
+  /** Bytes of small writes appended since the last checkpoint. */
+  readonly journalTail: number;
+  readonly journalTailLimit: number;
+  /** Inode pages held, clean (bounded by the limit) and dirty (until the next checkpoint). */
+  readonly pageCache: number;
+  readonly pageCacheLimit: number;
+}
+
 export interface VolumeStats {
   flushes: number;
   checkpoints: number;
@@ -85,6 +107,7 @@ const FOLD_CHECKPOINT_BACKLOG = 4096;
 
 const DEFAULTS = {
   writeCacheBytes: 128 * 1024 * 1024,
+  pageCacheBytes: 64 * 1024 * 1024,
   checkpointBytes: 64 * 1024 * 1024,
   checkpointIntervalMs: 30_000,
   foldAfter: 3,
@@ -112,6 +135,8 @@ export class BlockVolume implements BlockDevice {
   /** Written, not yet appended to the journal. */
   private pending: TailEntry[] = [];
   private pendingBytes = 0;
+  /** Of the entries the running flush took: what it still holds (whole blocks go once stored). */
+  private flushingBytes = 0;
   /** Bytes appended since the last checkpoint. */
   private tailBytes = 0;
   /** Folds since the last checkpoint: what the next run must drop. */
@@ -132,7 +157,7 @@ export class BlockVolume implements BlockDevice {
   private closed = false;
   private lastWrite = Date.now();
   private timers: NodeJS.Timeout[] = [];
-  private readonly o: Required<Omit<OpenVolumeOptions, 'readOnly' | 'snapshot' | 'pageCacheBytes'>> & { pageCacheBytes?: number };
+  private readonly o: Required<Omit<OpenVolumeOptions, 'readOnly' | 'snapshot'>>;
   readonly stats: VolumeStats = { flushes: 0, checkpoints: 0, folds: 0, journalMoves: 0, journalBytes: 0, compactions: 0, snapshotsTaken: 0 };
 
   private constructor(
@@ -147,7 +172,8 @@ export class BlockVolume implements BlockDevice {
     this.readOnly = !lock;
     this.sizeBytes = head.size;
     this.committed = head;
-    this.o = { ...DEFAULTS, maxSegmentsPerBlock: Math.max(64, this.blockSize / 4096), ...stripUndefined(opts) };
+    const o = { ...DEFAULTS, maxSegmentsPerBlock: Math.max(64, this.blockSize / 4096), ...stripUndefined(opts) };
+    this.o = { ...o, journalTailBytes: o.journalTailBytes ?? 2 * o.checkpointBytes };
     this.tree = this.newTree(head);
     lock?.session.onLost(() => {
       this.fenced ??= new TorusError('LOCKED', `lost the lock on volume ${this.name}: the etcd lease expired; writes and flushes now fail`);
@@ -313,6 +339,18 @@ export class BlockVolume implements BlockDevice {
     });
   }
 
+  /** Bytes held in memory by this volume's caches, beside their budgets (for metrics). */
+  memory(): VolumeMemory {
+    return {
+      writeCache: this.pendingBytes + this.flushingBytes,
+      writeCacheLimit: this.o.writeCacheBytes,
+      journalTail: this.tailBytes,
+      journalTailLimit: this.o.journalTailBytes,
+      pageCache: this.tree.heldBytes,
+      pageCacheLimit: this.o.pageCacheBytes,
+    };
+  }
+
   get size(): number {
     return this.sizeBytes;
   }
@@ -475,12 +513,25 @@ export class BlockVolume implements BlockDevice {
   async write(offset: number, data: Uint8Array, fua = false, adopt = false): Promise<void> {
     this.checkWritable();
     this.checkRange(offset, data.length);
+    await this.roomInCache(data.length);
     this.stage(RecordType.Data, offset, data.length, data, adopt);
     await this.afterWrite(fua);
   }
 
+  /**
+   * Waits until `cost` more bytes fit in the write cache (pending, and what the running flush
+   * holds), flushing for room: the cache is a budget, never exceeded but by a write larger than
+   * all of it, which goes in alone. Concurrent writers each wait here, so together they stay
+   * within it too.
+   */
+  private async roomInCache(cost: number): Promise<void> {
+    const cache = this.o.writeCacheBytes;
+    while (this.pendingBytes + this.flushingBytes > 0 && this.pendingBytes + this.flushingBytes + cost > cache) await this.flush();
+    this.checkWritable();
+  }
+
   private async afterWrite(fua: boolean): Promise<void> {
-    if (fua || this.pendingBytes >= this.o.writeCacheBytes) await this.flush();
+    if (fua) await this.flush();
     else if (this.pendingBytes >= this.o.writeCacheBytes / 2) this.flushInBackground();
   }
 
@@ -506,14 +557,10 @@ export class BlockVolume implements BlockDevice {
     this.checkWritable();
     this.checkRange(offset, length);
     const type = opts.noHole ? RecordType.Zero : RecordType.Trim;
-    const cache = this.o.writeCacheBytes;
-    const batch = Math.max(1, Math.floor(cache / 4 / RECORD_COST)) * this.blockSize;
+    const batch = Math.max(1, Math.floor(this.o.writeCacheBytes / 4 / RECORD_COST)) * this.blockSize;
     for (let at = offset, end = offset + length; at < end; ) {
       const n = Math.min(batch, end - at);
-      const cost = (Math.ceil(n / this.blockSize) + 1) * RECORD_COST;
-      // Concurrent zeroings each wait here, so together they stay within the cache too.
-      while (this.pendingBytes > 0 && this.pendingBytes + cost > cache) await this.flush();
-      this.checkWritable();
+      await this.roomInCache((Math.ceil(n / this.blockSize) + 1) * RECORD_COST);
       this.stage(type, at, n, undefined, false);
       at += n;
       if (at < end) await new Promise<void>((resolve) => setImmediate(resolve));
@@ -549,27 +596,14 @@ export class BlockVolume implements BlockDevice {
     if (!j.roomFor(this.pending.length)) this.journalBroken = true;
     if (this.journalBroken) await this.moveJournal();
     else if (this.journalMisplaced) await this.followRingNow(j);
+    else await this.roomInTail(sumBytes(this.pending));
     const entries = this.takePending();
     if (entries.length === 0) return;
+    this.flushingBytes = pendingCost(entries);
     try {
-      await this.storeWholeBlocks(j, entries);
-    } catch (err) {
-      this.putBack(entries);
-      throw err;
-    }
-    try {
-      await j.append(entries);
-    } catch (err) {
-      if (isTorusError(err, 'LOCKED')) throw (this.fenced ??= err);
-      if (!(err instanceof JournalReplicaError)) {
-        // Refused before it handed out LSNs (append checks first): not in the tail either.
-        if (entries[0]!.rec.lsn === 0) this.putBack(entries);
-        throw err;
-      }
-      // A replica failed: nothing of this flush is acknowledged until the journal has moved to
-      // replicas that work (the whole tail goes with it) and etcd names them.
-      this.journalBroken = true;
-      await this.moveJournal();
+      await this.appendEntries(j, entries);
+    } finally {
+      this.flushingBytes = 0;
     }
     this.stats.flushes++;
     const bytes = sumBytes(entries);
@@ -585,7 +619,33 @@ export class BlockVolume implements BlockDevice {
    */
   private putBack(entries: readonly TailEntry[]): void {
     this.pending = entries.concat(this.pending);
-    for (const e of entries) this.pendingBytes += e.rec.data?.length ?? RECORD_COST;
+    this.pendingBytes += pendingCost(entries);
+  }
+
+  /** Stores a flush's whole blocks, then appends its records. */
+  private async appendEntries(j: JournalWriter, entries: readonly TailEntry[]): Promise<void> {
+    try {
+      await this.storeWholeBlocks(j, entries);
+    } catch (err) {
+      this.putBack(entries);
+      throw err;
+    }
+    // The whole blocks' bytes are on their replicas now; what is left waits for the append.
+    this.flushingBytes = pendingCost(entries);
+    try {
+      await j.append(entries);
+    } catch (err) {
+      if (isTorusError(err, 'LOCKED')) throw (this.fenced ??= err);
+      if (!(err instanceof JournalReplicaError)) {
+        // Refused before it handed out LSNs (append checks first): not in the tail either.
+        if (entries[0]!.rec.lsn === 0) this.putBack(entries);
+        throw err;
+      }
+      // A replica failed: nothing of this flush is acknowledged until the journal has moved to
+      // replicas that work (the whole tail goes with it) and etcd names them.
+      this.journalBroken = true;
+      await this.moveJournal();
+    }
   }
 
   /**
@@ -691,6 +751,19 @@ export class BlockVolume implements BlockDevice {
   }
 
   // ---- checkpoints ----
+
+  /**
+   * Makes room for `cost` more bytes in the journal tail before a flush appends them: a
+   * checkpoint (the one running, then one that cuts the whole tail) moves the tail's bytes into
+   * sealed log blocks. A checkpoint that fails does not stop flushes, which durability needs
+   * more than the budget; the next flush tries again.
+   */
+  private async roomInTail(cost: number): Promise<void> {
+    for (let i = 0; i < 2 && this.tailBytes > 0 && this.tailBytes + cost > this.o.journalTailBytes; i++) {
+      this.checkpointInBackground();
+      await this.checkpointRunning;
+    }
+  }
 
   private checkpointInBackground(): void {
     if (this.checkpointRunning || this.fenced || this.closed || this.readOnly) return;
@@ -1027,9 +1100,20 @@ function overlayEntries(ov: OverlayIndex, _bs: number): RunEntry[] {
   return out;
 }
 
+/** What pending entries hold, as the write cache counts it. */
+function pendingCost(entries: readonly TailEntry[]): number {
+  let n = 0;
+  for (const e of entries) n += e.rec.data?.length ?? RECORD_COST;
+  return n;
+}
+
+/**
+ * What entries weigh in the journal tail: the bytes of small writes, which stay in memory until a
+ * checkpoint; a whole block's bytes are stored before its record is appended.
+ */
 function sumBytes(entries: readonly TailEntry[]): number {
   let n = 0;
-  for (const e of entries) n += e.rec.type === RecordType.Data ? e.rec.length : e.rec.type === RecordType.Block && e.rec.data ? e.rec.data.length : 64;
+  for (const e of entries) n += e.rec.type === RecordType.Data ? e.rec.length : 64;
   return n;
 }
 

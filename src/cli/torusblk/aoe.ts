@@ -6,7 +6,7 @@ import { VolumeProvider } from '../../volume/provider.js';
 import { counterSample as c, type MetricSample } from '../../http/metrics.js';
 import { connectMetadata } from '../shared/config.js';
 import { emit, outputOptions } from '../shared/output.js';
-import { ClientRuntime, logger, untilSignal, type ClientOpts } from './common.js';
+import { ClientRuntime, logger, untilSignal, volumeBudgets, volumeMemoryOptions, volumeMemorySamples, type ClientOpts } from './common.js';
 
 interface AoeOpts extends ClientOpts {
   json?: boolean;
@@ -14,6 +14,8 @@ interface AoeOpts extends ClientOpts {
   syncInterval: string;
   bufferCount: string;
   writeCacheSize: string;
+  journalTailSize: string;
+  pageCacheSize: string;
   allow?: string;
   allowRemoteConfig?: boolean;
 }
@@ -48,7 +50,7 @@ function parseAllow(text: string | undefined): string[] {
 }
 
 export function aoeCommand(): Command {
-  return outputOptions(new Command('aoe'))
+  return volumeMemoryOptions(outputOptions(new Command('aoe')))
     .description('serve a volume as ATA-over-Ethernet target eSHELF.SLOT on an Ethernet interface (needs CAP_NET_RAW)')
     .argument('<volume>', 'volume to serve (taken exclusively, as for NBD)')
     .argument('<iface>', 'Ethernet interface, e.g. eth0')
@@ -82,7 +84,7 @@ export function aoeCommand(): Command {
       try {
         await meta.globalMetadata();
         rt = await ClientRuntime.open(meta, opts, log);
-        const volumes = new VolumeProvider(rt.vc, { writeCacheBytes: parseSize(opts.writeCacheSize) });
+        const volumes = new VolumeProvider(rt.vc, volumeBudgets(opts));
         const provider = rt.measured(volumes);
         held = await provider.open(volume, { readOnly: false });
         const device = held.device;
@@ -100,7 +102,7 @@ export function aoeCommand(): Command {
         });
         target.start();
         if (allow.length === 0) log.warn({ iface }, 'serving AoE to every host on the segment: AoE has no authentication (--allow MAC,... restricts it)');
-        rt.addSamples(() => aoeSamples(target.stats));
+        rt.addSamples(() => [...aoeSamples(target.stats), ...volumeMemorySamples(volumes)]);
         let syncing = false;
         const timer = writeBack
           ? setInterval(() => {

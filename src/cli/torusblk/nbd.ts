@@ -3,24 +3,25 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command, Option } from 'commander';
 import { TorusError } from '../../core/errors.js';
-import { parseSize } from '../../core/units.js';
 import { NbdServer } from '../../nbd/server.js';
 import { VolumeProvider } from '../../volume/provider.js';
 import { connectMetadata } from '../shared/config.js';
 import { addNbdServeOptions, listenNbd, nbdSamples, nbdServeFlags, nbdServerOptions } from '../shared/nbd-serve.js';
 import { emit, outputOptions } from '../shared/output.js';
-import { ClientRuntime, logger, parseHostPort, untilSignal, type ClientOpts } from './common.js';
+import { ClientRuntime, logger, parseHostPort, untilSignal, volumeBudgets, volumeMemoryOptions, volumeMemorySamples, type ClientOpts } from './common.js';
 import { attachFuse, attachKernel, detachKernel, deviceBusy, freeNbdDevice, kernelHasNbd, type Attachment } from './attach.js';
 
 interface ServeOpts extends ClientOpts {
   listen?: string;
   unix?: string;
   writeCacheSize: string;
+  journalTailSize: string;
+  pageCacheSize: string;
   json?: boolean;
 }
 
 export function nbdserveCommand(): Command {
-  const cmd = outputOptions(new Command('nbdserve'))
+  const cmd = volumeMemoryOptions(outputOptions(new Command('nbdserve')))
     .description('serve every volume over NBD by export name (VOLUME, or VOLUME@SNAPSHOT read-only)')
     .option('-l, --listen <host:port>', 'TCP address to listen on; anything but loopback must be asked for', '127.0.0.1:10809')
     .option('--unix <path>', 'also listen on a unix socket');
@@ -39,7 +40,7 @@ export function nbdserveCommand(): Command {
     }
     await meta.globalMetadata();
     const rt = await ClientRuntime.open(meta, opts, log);
-    const volumes = new VolumeProvider(rt.vc, { readOnly: flags.readOnly, writeCacheBytes: parseSize(flags.writeCacheSize) });
+    const volumes = new VolumeProvider(rt.vc, { readOnly: flags.readOnly, ...volumeBudgets({ ...opts, writeCacheSize: flags.writeCacheSize }) });
     let served;
     try {
       served = await listenNbd(rt.measured(volumes), options, '--listen');
@@ -49,7 +50,7 @@ export function nbdserveCommand(): Command {
       throw err;
     }
     const { server, tcp, unix } = served;
-    rt.addSamples(() => nbdSamples(server.stats(), ''));
+    rt.addSamples(() => [...nbdSamples(server.stats(), ''), ...volumeMemorySamples(volumes)]);
     const where = [tcp, unix].filter(Boolean).join(' and ');
     emit(opts, { serving: { tcp: tcp || null, unix: unix || null }, metrics: opts.metrics ? `http://${opts.metrics}/metrics` : null }, `serving NBD on ${where}; exports are volume names (VOLUME@SNAPSHOT read-only)`);
     const sig = await untilSignal();
@@ -88,7 +89,7 @@ async function untilDetachable(device: string, log: { info(o: object, m: string)
 }
 
 export function nbdCommand(): Command {
-  return outputOptions(new Command('nbd'))
+  return volumeMemoryOptions(outputOptions(new Command('nbd')))
     .description('attach a volume as a local block device (kernel NBD via nbd-client, or nbdfuse + loop device without the module); Ctrl-C syncs and detaches, once the device is unmounted')
     .argument('[volume]', 'volume to attach')
     .argument('[device]', '/dev/nbdN (default: the first free one)')
@@ -112,7 +113,7 @@ export function nbdCommand(): Command {
       const meta = connectMetadata(opts, log);
       await meta.globalMetadata();
       const rt = await ClientRuntime.open(meta, opts, log);
-      const volumes = new VolumeProvider(rt.vc, { writeCacheBytes: parseSize(opts.writeCacheSize) });
+      const volumes = new VolumeProvider(rt.vc, volumeBudgets(opts));
       const provider = rt.measured(volumes);
       // Opening here, before any client connects, takes the lock and fails early if it is taken.
       const held = await provider.open(volume, { readOnly: false }).catch(async (err: unknown) => {
@@ -123,7 +124,7 @@ export function nbdCommand(): Command {
       const dir = mkdtempSync(join(tmpdir(), 'torusblk-'));
       const socket = join(dir, 'nbd.sock');
       const server = new NbdServer(provider, { listenUnix: socket, log: { debug: (x, m) => log.debug(x, m), info: (x, m) => log.info(x, m), warn: (x, m) => log.warn(x, m) } });
-      rt.addSamples(() => nbdSamples(server.stats(), ''));
+      rt.addSamples(() => [...nbdSamples(server.stats(), ''), ...volumeMemorySamples(volumes)]);
       let att: Attachment | undefined;
       try {
         await server.listen();
