@@ -1,7 +1,7 @@
 import { Command, Option } from 'commander';
 import { AoeTarget, RawPacketConn, formatMac } from '../../aoe/index.js';
 import { TorusError } from '../../core/errors.js';
-import { formatSize, parseDuration, parseSize } from '../../core/units.js';
+import { formatSize, parseDuration } from '../../core/units.js';
 import { VolumeProvider } from '../../volume/provider.js';
 import { counterSample as c, type MetricSample } from '../../http/metrics.js';
 import { connectMetadata } from '../shared/config.js';
