@@ -137,6 +137,8 @@ export class BlockVolume implements BlockDevice {
   private pendingBytes = 0;
   /** Of the entries the running flush took: what it still holds (whole blocks go once stored). */
   private flushingBytes = 0;
+  /** Writes waiting for room in the write cache. */
+  private cacheWaiters = 0;
   /** Bytes appended since the last checkpoint. */
   private tailBytes = 0;
   /** Folds since the last checkpoint: what the next run must drop. */
@@ -513,20 +515,41 @@ export class BlockVolume implements BlockDevice {
   async write(offset: number, data: Uint8Array, fua = false, adopt = false): Promise<void> {
     this.checkWritable();
     this.checkRange(offset, data.length);
-    await this.roomInCache(data.length);
+    const wait = this.roomInCache(data.length);
+    if (wait) {
+      await wait;
+      // A shrink may have come while this write waited.
+      this.checkRange(offset, data.length);
+    }
     this.stage(RecordType.Data, offset, data.length, data, adopt);
     await this.afterWrite(fua);
   }
 
   /**
-   * Waits until `cost` more bytes fit in the write cache (pending, and what the running flush
-   * holds), flushing for room: the cache is a budget, never exceeded but by a write larger than
-   * all of it, which goes in alone. Concurrent writers each wait here, so together they stay
-   * within it too.
+   * Room for `cost` more bytes in the write cache (pending, and what the running flush holds):
+   * undefined if there is room now, else a wait that flushes for it. The cache is a budget, never
+   * passed but by a write larger than all of it, which goes in alone. Concurrent writers each
+   * wait, so together they stay within it too; while some wait, a new write queues behind them
+   * (staged at once, it could pass an earlier, larger one).
    */
-  private async roomInCache(cost: number): Promise<void> {
-    const cache = this.o.writeCacheBytes;
-    while (this.pendingBytes + this.flushingBytes > 0 && this.pendingBytes + this.flushingBytes + cost > cache) await this.flush();
+  private roomInCache(cost: number): Promise<void> | undefined {
+    if (this.cacheWaiters === 0 && !this.cacheFull(cost)) return undefined;
+    return this.waitForRoom(cost);
+  }
+
+  private cacheFull(cost: number): boolean {
+    const used = this.pendingBytes + this.flushingBytes;
+    return used > 0 && used + cost > this.o.writeCacheBytes;
+  }
+
+  private async waitForRoom(cost: number): Promise<void> {
+    this.cacheWaiters++;
+    try {
+      do await this.flush();
+      while (this.cacheFull(cost));
+    } finally {
+      this.cacheWaiters--;
+    }
     this.checkWritable();
   }
 
