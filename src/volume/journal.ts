@@ -288,7 +288,7 @@ export class JournalWriter {
     if (last) this.cur = undefined;
     // Records appended from here on are in blocks after the cut, not in it.
     const upto = this.tail.length;
-    const start = this.cur ? this.cur.address.index % 2 ** 24 : this.next;
+    const start = this.cur ? this.cur.address.index % LOG_BLOCKS_PER_SEGMENT : this.next;
     await this.inflight?.catch(() => undefined);
     if (this.broken) {
       // The blocks that append filled are not on every replica, so they cannot be sealed; the
