@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { BlockType, type BlockRef } from '../core/ids.js';
-import type { MetaKV } from '../core/interfaces.js';
+import type { KVSession, MetaKV } from '../core/interfaces.js';
 import { buildLiveSet, collectLocal } from './gc.js';
 import { DIRECT_INDEX_BASE } from './journal-format.js';
 import { isReplayNeeded, VolumeMeta } from './meta.js';
@@ -823,6 +823,14 @@ test('a log block whose seal failed on every replica in the background is sealed
   assert.ok((await again.read(0, 16 * BS)).equals(model));
 });
 
+/** The writer of `session` dies (its lease runs out); the next writer of 'v' replays exactly `expect`. */
+async function diesAndReplays(c: Awaited<ReturnType<typeof memoryCluster>>, session: KVSession, expect: Buffer, what: string): Promise<void> {
+  (session as unknown as { expire(): void }).expire();
+  const after = await BlockVolume.open(c.ctx, 'v');
+  assert.ok((await after.read(0, expect.length)).equals(expect), what);
+  await after.close();
+}
+
 test('a flush whose whole-block puts fail one fast and one slow loses nothing: later acknowledged flushes all replay', async () => {
   // Found by the CA rotation test under load: the fast failure ended the flush while the slow put
   // was still running; it then marked its record stored without the record saying where, the
@@ -856,10 +864,7 @@ test('a flush whose whole-block puts fail one fast and one slow loses nothing: l
     await vol.flush();
   }
   assert.ok((await vol.read(0, 16 * BS)).equals(expect));
-  (s1 as unknown as { expire(): void }).expire();
-  const after = await BlockVolume.open(c.ctx, 'v');
-  assert.ok((await after.read(0, 16 * BS)).equals(expect), 'every acknowledged flush after the failed one replays');
-  await after.close();
+  await diesAndReplays(c, s1, expect, 'every acknowledged flush after the failed one replays');
 });
 
 test('a session that fills its journal segment moves to the next one; every acknowledged flush replays', async () => {
@@ -877,10 +882,7 @@ test('a session that fills its journal segment moves to the next one; every ackn
     await vol.flush();
   }
   assert.ok(vol.stats.journalMoves >= 3, `${vol.stats.journalMoves} journal moves`);
-  (s1 as unknown as { expire(): void }).expire();
-  const after = await BlockVolume.open(c.ctx, 'v');
-  assert.ok((await after.read(0, 16 * BS)).equals(expect));
-  await after.close();
+  await diesAndReplays(c, s1, expect, 'every acknowledged flush replays after the segment switches');
 });
 
 test('a checkpoint cut while an append fails on a replica waits for the move (NO_PEER), and the next one succeeds', async () => {
