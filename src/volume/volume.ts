@@ -958,8 +958,12 @@ export class BlockVolume implements BlockDevice {
     // A whole block stored as a block of its own, nothing over it: the checkpoint makes it the
     // tree's without a copy.
     if (segs.length === 1 && segs[0]!.src.block && segs[0]!.start === 0 && segs[0]!.end === this.blockSize) return;
+    // A write not yet journaled stays out of a fold. Folded, it would reach the next checkpoint
+    // (or snapshot) without the flushed writes before it: a crash or a snapshot would then show a
+    // later write without earlier ones. The flush that journals it asks for the fold again.
+    if (segs.some((s) => !Number.isFinite(s.src.lsn))) return;
     let lsn = -1;
-    for (const s of this.overlay.segments(index)) if (Number.isFinite(s.src.lsn) && s.src.lsn > lsn) lsn = s.src.lsn;
+    for (const s of segs) if (s.src.lsn > lsn) lsn = s.src.lsn;
     if (lsn < 0 || index * this.blockSize >= this.sizeBytes) return;
     // All zeros becomes a hole, unless a WRITE_ZEROES asked to keep it allocated (NO_HOLE).
     const keep = this.overlay.segments(index).some((s) => s.src.zero && !s.src.hole);
