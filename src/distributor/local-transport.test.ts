@@ -55,7 +55,7 @@ test("a node's distributor reads and writes its own replicas on its disk: no cal
   await vol.flush(); // journal appends, on both replicas
   await vol.foldAll(); // whole data blocks, put and flushed on both
   await vol.close(); // a checkpoint: sealed log blocks, inode pages
-  const reader = await BlockVolume.open({ meta: c.vmeta, store: c.node }, 'v', { readOnly: true });
+  const reader = await BlockVolume.open({ meta: c.vmeta, store: c.node, session }, 'v', { readOnly: true });
   assert.deepEqual(await reader.read(3 * BS + 100, data.length), data);
   // Partial reads, checked end to end, from the local replica first.
   assert.deepEqual(await reader.read(10 * BS + 7, 300), data.subarray(7 * BS - 93, 7 * BS + 207));

@@ -43,12 +43,8 @@ export class VolumeClient {
   }
 
   async openVolume(name: string, opts: OpenVolumeOptions = {}): Promise<BlockVolume> {
-    const writable = !opts.readOnly && opts.snapshot === undefined;
-    return BlockVolume.open(
-      { meta: this.vmeta, store: this.block.distributor, ...(writable ? { session: await this.session() } : {}) },
-      name,
-      opts,
-    );
+    // Writers lock with the session's lease; readers hold what they opened with it.
+    return BlockVolume.open({ meta: this.vmeta, store: this.block.distributor, session: await this.session() }, name, opts);
   }
 
   /**

@@ -157,6 +157,8 @@ test('blocks named by Block records: kept while a dead writer\'s tail names them
   await gcAll(c);
   const ro = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await ro.read(0, 8 * BS)).equals(one), 'GC kept what the tail names');
+  // A reader holds what it opened until it closes.
+  await ro.close();
   const second = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
   assert.ok((await second.read(0, 8 * BS)).equals(one), 'replayed');
   const two = randomBytes(4 * BS);

@@ -27,6 +27,8 @@ import { decodeRunPage } from './runs.js';
 //   a crashed or finished session's leftover, already replayed or checkpointed. A data block a
 //   Block record names is kept the same way: of the head's session from the head's directStart
 //   on, and of any newer session.
+// - A read-only opener holds the head it opened (meta.hold, bound to its lease): that head's
+//   tree, runs and journal tail are live by the same rules, as long as the hold is there.
 
 /**
  * Blocks GC never deletes, yet nothing in the view explains: `unknown-type`, a block type this
@@ -89,38 +91,42 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
 
   const epochs = new Map<number, number>();
   const journals = new Map<number, JournalPos | null>();
+  /** The journals of the heads read-only openers hold. */
+  const heldJournals = new Map<number, JournalPos[]>();
   for (const v of view.volumes) {
     if (!v.head) throw new TorusError('INTERNAL', `volume ${v.record.name} has no head; not collecting garbage`);
     epochs.set(v.record.id, v.head.epoch);
     journals.set(v.record.id, v.head.journal ?? null);
-    await walk(v.head);
-    await walkRuns(v.head);
-    for (const s of v.snapshots) {
-      await walk(s);
-      await walkRuns(s);
+    heldJournals.set(
+      v.record.id,
+      v.held.flatMap((h) => (h.journal ? [h.journal] : [])),
+    );
+    for (const h of [v.head, ...v.snapshots, ...v.held]) {
+      await walk(h);
+      await walkRuns(h);
     }
   }
 
-  /** A log block the view's runs do not name: kept while it may still be (or become) part of a journal. */
-  const liveLog = (ref: BlockRef): boolean => {
+  /** Kept by the head's journal (or, without one, newer than the head), or by a held head's journal. */
+  const liveBy = (ref: BlockRef, inJournal: (ref: BlockRef, j: JournalPos) => boolean): boolean => {
     const j = journals.get(ref.volume);
-    if (!j) return ref.inode > (epochs.get(ref.volume) ?? Infinity);
-    if (ref.inode !== j.epoch) return ref.inode > j.epoch;
-    const segment = Math.floor(ref.index / LOG_BLOCKS_PER_SEGMENT);
-    return segment > j.segment || (segment === j.segment && ref.index % LOG_BLOCKS_PER_SEGMENT >= j.start);
+    const byHead = j ? (ref.inode !== j.epoch ? ref.inode > j.epoch : inJournal(ref, j)) : ref.inode > (epochs.get(ref.volume) ?? Infinity);
+    return byHead || (heldJournals.get(ref.volume) ?? []).some((h) => ref.inode === h.epoch && inJournal(ref, h));
   };
+
+  /** A log block the view's runs do not name: kept while it may still be (or become) part of a journal. */
+  const liveLog = (ref: BlockRef): boolean =>
+    liveBy(ref, (r, j) => {
+      const segment = Math.floor(r.index / LOG_BLOCKS_PER_SEGMENT);
+      return segment > j.segment || (segment === j.segment && r.index % LOG_BLOCKS_PER_SEGMENT >= j.start);
+    });
 
   /**
    * A block a Block record names (journal-format.ts, directRef): kept from the head's session on
    * from the head's directStart (the tail may name it, or will once its record is appended), and
    * any of a newer session; the rest were checkpointed into a tree (then live above) or dropped.
    */
-  const liveDirect = (ref: BlockRef): boolean => {
-    const j = journals.get(ref.volume);
-    if (!j) return ref.inode > (epochs.get(ref.volume) ?? Infinity);
-    if (ref.inode !== j.epoch) return ref.inode > j.epoch;
-    return ref.index - DIRECT_INDEX_BASE >= (j.directStart ?? 0);
-  };
+  const liveDirect = (ref: BlockRef): boolean => liveBy(ref, (r, j) => r.index - DIRECT_INDEX_BASE >= (j.directStart ?? 0));
 
   return {
     revision: view.revision,

@@ -320,8 +320,9 @@ export async function run(ops: Op[]): Promise<void> {
   await reopenAfterCrash();
   assert.ok((await w.vol.read(0, SIZE)).equals(image()));
   for (const [name, want] of snaps) {
-    const s = await BlockVolume.open({ meta: new VolumeMeta(kv), store: dist(net) }, 'v', { snapshot: name });
+    const s = await BlockVolume.open({ meta: new VolumeMeta(kv), store: dist(net), session: w.session }, 'v', { snapshot: name });
     assert.ok((await s.read(0, SIZE)).equals(want), `snapshot ${name}`);
+    await s.close();
   }
   await w.vol.close();
 }

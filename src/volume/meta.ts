@@ -27,6 +27,7 @@ import {
 //   /torus/volumemeta/<id>/epoch           next unused epoch (the inode number new blocks get)
 //   /torus/volumemeta/<id>/lock            LockRecord, bound to the holder's lease
 //   /torus/volumemeta/<id>/snapshots/<s>   SnapshotRecord
+//   /torus/volumemeta/<id>/readers/<token> Head a read-only opener holds, bound to its lease
 //
 // The head only moves through a transaction that also checks the lock record is still the
 // writer's own (token included): a writer whose lease expired, or whose lock was taken over,
@@ -51,6 +52,7 @@ export const VKEYS = {
   lock: (id: number) => `${P}volumemeta/${id}/lock`,
   snapshots: (id: number) => `${P}volumemeta/${id}/snapshots/`,
   snapshot: (id: number, s: string) => `${P}volumemeta/${id}/snapshots/${s}`,
+  reader: (id: number, token: string) => `${P}volumemeta/${id}/readers/${token}`,
 };
 
 export interface VolumeInfo {
@@ -450,12 +452,34 @@ export class VolumeMeta {
     return out;
   }
 
-  async getSnapshot(name: string, snap: string): Promise<{ volume: VolumeRecord; snapshot: SnapshotRecord }> {
+  async getSnapshot(name: string, snap: string): Promise<{ volume: VolumeRecord; snapshot: SnapshotRecord; entry: KVEntry }> {
     checkSnapshotName(snap);
     const volume = await this.get(name);
     const e = await this.kv.get(VKEYS.snapshot(volume.id, snap));
     if (!e) throw new TorusError('NOT_EXIST', `no snapshot ${name}@${snap}`);
-    return { volume, snapshot: decodeSnapshot(e.value) };
+    return { volume, snapshot: decodeSnapshot(e.value), entry: e };
+  }
+
+  // ---- read-only opens: what a reader holds ----
+
+  /**
+   * A read-only opener's hold on `head`, the head (or snapshot) it read from `entry`: GC keeps
+   * everything that head names (tree, runs and journal tail) as it keeps a snapshot's, until the
+   * reader lets go or its lease runs out. Taken only if `entry` is unchanged since it was read,
+   * so no GC pass in between can have judged by a newer head alone; undefined if it changed
+   * (read it again).
+   */
+  async hold(id: number, session: KVSession, entry: KVEntry, head: Head): Promise<string | undefined> {
+    const token = randomUUID();
+    const res = await this.kv.txn(
+      [{ key: entry.key, target: 'mod', cmp: '==', value: entry.modRevision }],
+      [{ op: 'put', key: VKEYS.reader(id, token), value: encodeHead(head), session }],
+    );
+    return res.succeeded ? token : undefined;
+  }
+
+  async letGo(id: number, token: string): Promise<void> {
+    await this.kv.txn([], [{ op: 'delete', key: VKEYS.reader(id, token) }]);
   }
 
   async deleteSnapshot(name: string, snap: string): Promise<void> {
@@ -484,6 +508,7 @@ export class VolumeMeta {
           record,
           head: m?.head ? decodeHead(m.head) : undefined,
           snapshots: (m?.snapshots ?? []).map((s) => decodeSnapshot(s).head),
+          held: (m?.readers ?? []).map(decodeHead),
         };
       }),
     };
@@ -494,23 +519,25 @@ export interface GcView {
   readonly revision: number;
   /** Volume ids at or above this did not exist when the view was read. */
   readonly minter: number;
-  readonly volumes: readonly { record: VolumeRecord; head: Head | undefined; snapshots: Head[] }[];
+  /** `held`: the heads read-only openers hold (meta.hold). */
+  readonly volumes: readonly { record: VolumeRecord; head: Head | undefined; snapshots: Head[]; held: Head[] }[];
 }
 
-function groupMeta(entries: readonly KVEntry[]): Map<number, { head?: string; lock?: string; snapshots: string[] }> {
-  const out = new Map<number, { head?: string; lock?: string; snapshots: string[] }>();
+function groupMeta(entries: readonly KVEntry[]): Map<number, { head?: string; lock?: string; snapshots: string[]; readers: string[] }> {
+  const out = new Map<number, { head?: string; lock?: string; snapshots: string[]; readers: string[] }>();
   for (const e of entries) {
     const rest = e.key.slice(VKEYS.metaPrefix.length);
     const slash = rest.indexOf('/');
     const id = Number(rest.slice(0, slash));
     const sub = rest.slice(slash + 1);
     let m = out.get(id);
-    if (!m) out.set(id, (m = { snapshots: [] }));
+    if (!m) out.set(id, (m = { snapshots: [], readers: [] }));
     // head2 wins over a head from before the journal (a commit replaces one with the other).
     if (sub === 'head2') m.head = e.value;
     else if (sub === 'head') m.head ??= e.value;
     else if (sub === 'lock') m.lock = e.value;
     else if (sub.startsWith('snapshots/')) m.snapshots.push(e.value);
+    else if (sub.startsWith('readers/')) m.readers.push(e.value);
   }
   return out;
 }

@@ -471,6 +471,53 @@ test('folds: a block after three times its size written into it, one split into 
   assert.ok((await again.read(0, 64 * BS)).equals(model));
 });
 
+test('a read-only open holds what it opened until it closes: GC keeps it while the writer moves on; a reader that dies lets it go', async () => {
+  // Found by the rebalance test: a reader opened while the writer was mounted loaded a tree page
+  // after the writer's next checkpoint, and GC had collected it meanwhile.
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const gc = async (): Promise<number> => {
+    const live = await buildLiveSet(c.vmeta, c.dist);
+    let deleted = 0;
+    for (const s of c.stores) deleted += (await collectLocal(live, s)).deleted;
+    return deleted;
+  };
+  // Checkpointed (tree and runs), then a tail of small writes and whole blocks in the journal.
+  const one = randomBytes(16 * BS);
+  await vol.write(0, one);
+  await vol.flush();
+  await vol.checkpoint();
+  for (let i = 0; i < 8; i++) {
+    const d = i % 2 ? randomBytes(BS) : randomBytes(300);
+    await vol.write(i * 2 * BS + 7, d);
+    d.copy(one, i * 2 * BS + 7);
+  }
+  await vol.flush();
+  const rs = await c.newSession();
+  const reader = await BlockVolume.open({ ...c.ctx, session: rs }, 'v', { readOnly: true });
+  // The writer rewrites everything, folds and checkpoints: nothing the reader opened is named
+  // by the head any more.
+  const two = randomBytes(16 * BS);
+  await vol.write(0, two);
+  await vol.foldAll();
+  assert.ok((await gc()) > 0, 'GC collected what the head no longer names');
+  assert.ok((await reader.read(0, 16 * BS)).equals(one), 'the reader reads what it opened');
+  await reader.close();
+  assert.ok((await gc()) > 0, 'once the reader closed, what it held is collected');
+  // A reader that dies (its lease expires) holds nothing either.
+  const ds = await c.newSession();
+  const dead = await BlockVolume.open({ ...c.ctx, session: ds }, 'v', { readOnly: true });
+  await vol.write(0, randomBytes(16 * BS));
+  await vol.foldAll();
+  await gc();
+  (ds as unknown as { expire(): void }).expire();
+  assert.ok((await gc()) > 0, 'what the dead reader held is collected');
+  await assert.rejects(dead.read(0, 16 * BS), (e) => isTorusError(e, 'BLOCK_UNAVAILABLE') || isTorusError(e, 'CORRUPT'));
+  assert.ok((await vol.read(0, 16 * BS)).length === 16 * BS);
+  await vol.close();
+});
+
 test('a checkpoint whose etcd commit fails changes nothing: the tail stays, and GC in between keeps it', async () => {
   const c = await memoryCluster(BS);
   const kv = c.meta.kv();

@@ -160,6 +160,8 @@ export class BlockVolume implements BlockDevice {
   private lastWrite = Date.now();
   private timers: NodeJS.Timeout[] = [];
   private readonly o: Required<Omit<OpenVolumeOptions, 'readOnly' | 'snapshot'>>;
+  /** A read-only open's hold on what it opened (meta.hold), let go at close. */
+  private held: string | undefined;
   readonly stats: VolumeStats = { flushes: 0, checkpoints: 0, folds: 0, journalMoves: 0, journalBytes: 0, compactions: 0, snapshotsTaken: 0 };
 
   private constructor(
@@ -191,41 +193,9 @@ export class BlockVolume implements BlockDevice {
   }
 
   static async open(ctx: VolumeContext, name: string, opts: OpenVolumeOptions = {}): Promise<BlockVolume> {
-    if (opts.snapshot !== undefined) {
-      const { volume, snapshot } = await ctx.meta.getSnapshot(name, opts.snapshot);
-      const v = new BlockVolume(ctx, volume, snapshot.head, undefined, opts);
-      await v.loadRuns(snapshot.head.runs ?? null);
-      return v;
-    }
+    if (!ctx.session) throw new TorusError('INTERNAL', 'opening a volume needs an etcd session');
+    if (opts.snapshot !== undefined || opts.readOnly) return BlockVolume.openHeld(ctx, ctx.session, name, opts);
     const record = await ctx.meta.get(name);
-    if (opts.readOnly) {
-      // The committed head and its journal tail: every flush acknowledged before the open, even
-      // while a writer has the volume mounted (nothing is fenced: records past the last complete
-      // one are not read). A checkpoint racing the read may collect the tail's log blocks; then
-      // the newer head has the data, so read again.
-      for (let attempt = 1; ; attempt++) {
-        const { head } = await ctx.meta.head(record.id);
-        const v = new BlockVolume(ctx, record, head, undefined, opts);
-        try {
-          await v.loadRuns(head.runs ?? null);
-          if (head.journal) {
-            const records = await readTail(ctx.store, record.id, undefined, head.journal, head.lsn ?? 1);
-            let lsn = head.lsn ?? 1;
-            for (const r of records) {
-              if (r.type === RecordType.Resize) v.applySize(r.offset);
-              else v.stageRecord(r);
-              for (const e of v.pending) e.src.lsn = lsn++;
-              v.pending = [];
-            }
-          }
-          return v;
-        } catch (err) {
-          const { head: now } = await ctx.meta.head(record.id);
-          if (attempt >= 5 || now.epoch === head.epoch) throw err;
-        }
-      }
-    }
-    if (!ctx.session) throw new TorusError('INTERNAL', 'opening a volume for writing needs an etcd session');
     const lock = await ctx.meta.lock(name, ctx.session);
     try {
       const { head } = await ctx.meta.head(record.id);
@@ -238,6 +208,46 @@ export class BlockVolume implements BlockDevice {
       await ctx.meta.unlock(lock).catch(() => undefined);
       throw err;
     }
+  }
+
+  /**
+   * A read-only open: the committed head and its journal tail (every flush acknowledged before
+   * the open, even while a writer has the volume mounted; nothing is fenced, and records past the
+   * last complete one are not read), or a snapshot. The reader holds what it opened until it
+   * closes (meta.hold): the writer's checkpoints move the head on, and GC would otherwise collect
+   * the pages and log blocks this reader has yet to read.
+   */
+  private static async openHeld(ctx: VolumeContext, session: KVSession, name: string, opts: OpenVolumeOptions): Promise<BlockVolume> {
+    // The head or snapshot changes between the read and the hold only if a commit lands in
+    // between: read it again.
+    for (let attempt = 1; attempt <= 20; attempt++) {
+      const { record, head, entry } =
+        opts.snapshot !== undefined
+          ? await ctx.meta.getSnapshot(name, opts.snapshot).then((s) => ({ record: s.volume, head: s.snapshot.head, entry: s.entry }))
+          : await ctx.meta.get(name).then(async (record) => ({ record, ...(await ctx.meta.head(record.id)) }));
+      const token = await ctx.meta.hold(record.id, session, entry, head);
+      if (token === undefined) continue;
+      const v = new BlockVolume(ctx, record, head, undefined, opts);
+      v.held = token;
+      try {
+        await v.loadRuns(head.runs ?? null);
+        if (opts.snapshot === undefined && head.journal) {
+          const records = await readTail(ctx.store, record.id, undefined, head.journal, head.lsn ?? 1);
+          let lsn = head.lsn ?? 1;
+          for (const r of records) {
+            if (r.type === RecordType.Resize) v.applySize(r.offset);
+            else v.stageRecord(r);
+            for (const e of v.pending) e.src.lsn = lsn++;
+            v.pending = [];
+          }
+        }
+        return v;
+      } catch (err) {
+        await v.close().catch(() => undefined);
+        throw err;
+      }
+    }
+    throw new TorusError('AGAIN', `volume ${name} kept changing while it was opened read-only; try again`);
   }
 
   /**
@@ -1095,6 +1105,8 @@ export class BlockVolume implements BlockDevice {
     } finally {
       this.closed = true;
       if (this.lock) await this.ctx.meta.unlock(this.lock).catch(() => undefined);
+      // A hold left behind (etcd unreachable) goes with the reader's lease.
+      if (this.held !== undefined) await this.ctx.meta.letGo(this.record.id, this.held).catch(() => undefined);
     }
   }
 }
