@@ -112,6 +112,8 @@ export class InodeTree {
   /** Pages by "level:pageNo", level 0 = leaves. Dirty pages stay until commit. */
   private readonly pages = new Map<string, Page>();
   private cleanBytes = 0;
+  /** Counts commits and grows: a page read that began before one may have read a stale pointer. */
+  private generation = 0;
 
   constructor(
     private readonly store: VolumeBlockStore,
@@ -162,24 +164,31 @@ export class InodeTree {
   /** The page at `level` on the path to `index`, loading (or creating, for holes) the path. */
   private async page(level: number, index: number): Promise<Page> {
     const key = `${level}:${this.pageNo(level, index)}`;
-    const have = this.pages.get(key);
-    if (have) return have;
-    let ptr: Pointer | null;
-    if (level === this.depth - 1) ptr = this.root;
-    else {
-      const parent = await this.page(level + 1, index);
-      ptr = readEntry(parent.buf, this.slot(level + 1, index));
+    for (;;) {
+      const have = this.pages.get(key);
+      if (have) return have;
+      const generation = this.generation;
+      let ptr: Pointer | null;
+      if (level === this.depth - 1) ptr = this.root;
+      else {
+        const parent = await this.page(level + 1, index);
+        ptr = readEntry(parent.buf, this.slot(level + 1, index));
+      }
+      // Another call may have loaded it while we awaited.
+      const raced = this.pages.get(key);
+      if (raced) return raced;
+      const page: Page = { buf: await this.loadPointer(ptr), dirty: false };
+      const again = this.pages.get(key);
+      if (again) return again;
+      // A commit (or grow) while we read may have re-pointed this page and the cache let the new
+      // one go: what we read is then an old version, and kept it would be committed again over
+      // the newer one. Read it again from where its parent points now.
+      if (generation !== this.generation) continue;
+      this.pages.set(key, page);
+      this.cleanBytes += page.buf.length;
+      this.evict();
+      return page;
     }
-    // Another call may have loaded it while we awaited.
-    const raced = this.pages.get(key);
-    if (raced) return raced;
-    const page: Page = { buf: await this.loadPointer(ptr), dirty: false };
-    const again = this.pages.get(key);
-    if (again) return again;
-    this.pages.set(key, page);
-    this.cleanBytes += page.buf.length;
-    this.evict();
-    return page;
   }
 
   private evict(): void {
@@ -231,6 +240,7 @@ export class InodeTree {
       this.depth = want;
       return;
     }
+    this.generation++;
     while (this.depth < want) {
       // The old tree becomes child 0 of a new root; pages keep their numbers at their levels.
       const newRoot: Page = { buf: Buffer.alloc(this.store.blockSize), dirty: true };
@@ -256,6 +266,7 @@ export class InodeTree {
    * Pages whose entries are all holes are not stored: their parent gets a hole.
    */
   async commit(allocRef: (type: BlockType) => BlockRef): Promise<{ root: Pointer | null; depth: number; pagesWritten: number; stored: Promise<void> }> {
+    this.generation++;
     let written = 0;
     const puts: Promise<void>[] = [];
     for (let level = 0; level < this.depth; level++) {
