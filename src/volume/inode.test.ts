@@ -62,3 +62,29 @@ test('a page read that outlasts a commit and an eviction is read again from wher
   assert.deepEqual(await tree.get(200), data(2));
   assert.deepEqual(await tree.get(400), data(4));
 });
+
+test('a commit whose page puts fail leaves its pages dirty: the next commit stores them again instead of naming refs that may be nowhere', async () => {
+  const { store } = heldStore();
+  const put = store.putBlock.bind(store);
+  let fail = false;
+  (store as { putBlock: VolumeBlockStore['putBlock'] }).putBlock = async (ref, data, opts) => {
+    if (fail && ref.type === BlockType.INode && ref.index % 2 === 0) throw new Error('replica down');
+    return put(ref, data, opts);
+  };
+  let n = 0;
+  const alloc = (type: BlockType): BlockRef => ({ type, volume: 1, inode: 1, index: ++n });
+  const data = (i: number): Pointer => ({ ref: { type: BlockType.Data, volume: 1, inode: 1, index: 1000 + i }, crc: i });
+  const tree = new InodeTree(store, { root: null, depth: 2, size: 0, epoch: 0 });
+  for (const i of [0, 200, 400]) await tree.set(i, data(i));
+  fail = true;
+  const c1 = await tree.commit(alloc);
+  await assert.rejects(c1.stored);
+  assert.ok(tree.dirty, 'the failed commit left its pages dirty');
+  fail = false;
+  const c2 = await tree.commit(alloc);
+  await c2.stored;
+  assert.equal(c2.pagesWritten, 4, 'every page of the failed commit is stored again');
+  // A fresh tree from the new root finds every entry: no page it names is missing.
+  const again = new InodeTree(store, { root: c2.root, depth: 2, size: 0, epoch: 0 });
+  for (const i of [0, 200, 400]) assert.deepEqual(await again.get(i), data(i));
+});

@@ -35,6 +35,8 @@ export interface VolumeBlockStore {
 interface Page {
   buf: Buffer;
   dirty: boolean;
+  /** Committed, its put not yet settled: kept in memory, dirty again if the put fails. */
+  storing?: boolean;
 }
 
 export function depthFor(blocks: number, fanout: number): number {
@@ -195,7 +197,7 @@ export class InodeTree {
     if (this.cleanBytes <= this.cacheBytes) return;
     for (const [key, p] of this.pages) {
       if (this.cleanBytes <= this.cacheBytes / 2) break;
-      if (p.dirty) continue;
+      if (p.dirty || p.storing) continue;
       this.pages.delete(key);
       this.cleanBytes -= p.buf.length;
     }
@@ -269,6 +271,7 @@ export class InodeTree {
     this.generation++;
     let written = 0;
     const puts: Promise<void>[] = [];
+    const committed: Page[] = [];
     for (let level = 0; level < this.depth; level++) {
       const dirty = [...this.pages].filter(([k, p]) => p.dirty && k.startsWith(`${level}:`));
       for (const [key, p] of dirty) {
@@ -291,12 +294,21 @@ export class InodeTree {
           writeEntry(parent.buf, this.slot(level + 1, anyIndex), ptr);
         }
         p.dirty = false;
+        p.storing = true;
+        committed.push(p);
         this.cleanBytes += p.buf.length;
       }
     }
-    // Settle every put before reporting, so no failure goes unobserved.
+    // Settle every put before reporting, so no failure goes unobserved. If any failed, every
+    // page of this commit is dirty again: the head that would have named them was not committed,
+    // and the next commit must store them (under new refs) rather than name refs that may be on
+    // no replica.
     const stored = Promise.allSettled(puts).then((rs) => {
       const bad = rs.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      for (const p of committed) {
+        p.storing = false;
+        if (bad) this.markDirty(p);
+      }
       if (bad) throw bad.reason;
       this.evict();
     });
