@@ -879,6 +879,40 @@ test('a fold never takes in a write not yet flushed: a crash after the next chec
   await diesAndReplays(c, s1, expect, 'the replayed volume holds the flushed writes and not the unflushed one');
 });
 
+test('filled log blocks are sealed eight at a time, and a checkpoint seals the rest', async () => {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const seal = c.transport.sealLog.bind(c.transport);
+  const seals: number[] = [];
+  c.transport.sealLog = async (...a: Parameters<typeof seal>) => {
+    seals.push(a[1].index);
+    return seal(...a);
+  };
+  const model = Buffer.alloc(16 * BS);
+  const sealedBlocks = (): number => new Set(seals).size;
+  let most = 0;
+  // 512-byte writes flushed one by one: a 4 KiB log block fills every seven or so.
+  for (let i = 0; i < 100; i++) {
+    const d = randomBytes(512);
+    await vol.write((i % 100) * 512, d);
+    d.copy(model, (i % 100) * 512);
+    await vol.flush();
+    await new Promise((r) => setImmediate(r));
+    const n = sealedBlocks();
+    assert.ok(n % 8 === 0, `blocks are sealed in batches of eight (${n} sealed after ${i + 1} flushes)`);
+    most = n;
+  }
+  assert.ok(most >= 8, 'a batch was sealed while writing');
+  await vol.checkpoint();
+  assert.ok(sealedBlocks() > most, 'the checkpoint sealed what was waiting');
+  assert.ok((await vol.read(0, 16 * BS)).equals(model));
+  await vol.close();
+  const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
+  assert.ok((await again.read(0, 16 * BS)).equals(model));
+  await again.close();
+});
+
 test('a log block whose seal failed on every replica in the background is sealed by the next checkpoint', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 16 * BS);
@@ -892,8 +926,9 @@ test('a log block whose seal failed on every replica in the background is sealed
     throw new TorusError('TIMEOUT', 'the seal timed out');
   };
   const model = Buffer.alloc(16 * BS);
-  // 512-byte writes flushed one by one fill 4 KiB log blocks (data and headers) every few.
-  for (let i = 0; i < 16; i++) {
+  // 512-byte writes flushed one by one fill 4 KiB log blocks (data and headers) every few, and
+  // a batch of filled blocks (eight) is sealed in the background.
+  for (let i = 0; i < 80; i++) {
     const d = randomBytes(512);
     await vol.write(i * 512, d);
     d.copy(model, i * 512);
