@@ -13,6 +13,7 @@
 //
 // docs/performance.md has the figures, the command that produced them, and what limits each.
 
+import { spawnSync } from 'node:child_process';
 import { closeSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -78,7 +79,7 @@ if (argv.help) {
   --nbd-on client|storage where the NBD server runs: torusblk nbdserve in a process of its own, as
                           on a client host (default), or torusd --nbd-listen on storage node 1,
                           which reads its own replicas without a network hop (issue 15's target
-                          topology; the write-amplification pass and --profile need client)
+                          topology; the write-amplification pass needs client)
   --jobs LIST             a subset of P1,P2,P3,P4,P5 (default all)
   --profile DIR           afterwards, run each job once more under node --cpu-prof (nbdserve and
                           every torusd) and write summaries, collapsed stacks and SVG flame graphs
@@ -107,7 +108,6 @@ if (argv['peer-rpc'] !== 'tls' && argv['peer-rpc'] !== 'plain') usage(`--peer-rp
 setPeerRpc(argv['peer-rpc'] as 'tls' | 'plain');
 if (argv['nbd-on'] !== 'client' && argv['nbd-on'] !== 'storage') usage(`--nbd-on ${argv['nbd-on']}: expected client or storage`);
 const onStorage = argv['nbd-on'] === 'storage';
-if (onStorage && argv.profile) usage('--profile runs with --nbd-on client only');
 for (const t of ['fio', 'nbdkit']) if (!have(t)) usage(`${t} is not installed (Debian: apt-get install -y ${t})`);
 // fio's engine for the disk's own write bandwidth, checked before anything starts.
 const diskEngine = orUsage(() => directEngine());
@@ -262,7 +262,8 @@ interface ProfileResult {
   mainThread: Record<string, { run: number; wait: number }>;
   /** The fio run's window on the monotonic clock; samples outside it are left out. */
   window: { fromUs: number; toUs: number };
-  nbdserve: ProfileSummary;
+  /** Absent with --nbd-on storage: torusd-1 is the NBD server. */
+  nbdserve?: ProfileSummary;
   torusd: ProfileSummary[];
   files: string[];
 }
@@ -381,6 +382,17 @@ class Cluster {
   /** Every storage node's counters, in node order. */
   counters(): Promise<NodeCounters[]> {
     return nodeCounters(this.nodes.map((p, i) => ({ pid: p.pid, httpPort: this.specs[i]!.httpPort })));
+  }
+
+  /** Waits (at most 60 s) until the NBD server opens the volume for a client. */
+  async exportReady(): Promise<void> {
+    const until = Date.now() + 60_000;
+    for (;;) {
+      const r = spawnSync('nbdinfo', ['--size', this.torusUri()], { encoding: 'utf8', timeout: 30_000 });
+      if (r.status === 0) return;
+      if (Date.now() > until) throw new Error(`the NBD server does not open the volume: ${r.stderr.trim()}`);
+      await new Promise((res) => setTimeout(res, 500));
+    }
   }
 
   torusUri(): string {
@@ -700,19 +712,23 @@ async function writeAmplification(c: Cluster, outDir: string): Promise<WriteAmp[
 /** Each job once more with nbdserve and every torusd under --cpu-prof, each in fresh processes. */
 async function profilePass(c: Cluster, dir: string, outDir: string): Promise<ProfileResult[]> {
   const results: ProfileResult[] = [];
-  await c.stopNbd();
+  // On a storage node the NBD server is torusd-1: restarting the nodes restarts it, profiled.
+  if (!onStorage) await c.stopNbd();
   for (const job of jobs) {
     const jd = join(dir, job);
     rmSync(jd, { recursive: true, force: true });
     const prof = (name: string): string[] => ['--cpu-prof', '--cpu-prof-dir', join(jd, name)];
     log(`profiling ${job} (${c.blockSize})`);
     await c.restartNodes((i) => prof(`torusd-${i + 1}`));
-    await c.startNbd(prof('nbdserve'));
+    if (!onStorage) await c.startNbd(prof('nbdserve'));
+    // torusd-1 came up before its peers: its first opens of the volume may fail until it has
+    // reached them again.
+    else await c.exportReady();
     const nowUs = (): number => Number(process.hrtime.bigint() / 1000n);
     const fromUs = nowUs();
     const { fio, mainThread } = await measured(c, c.torusUri(), `${job}-torus-profile`, jobArgs(job, region, runtimeSec, rampSec), outDir);
     const span = { fromUs, toUs: nowUs() };
-    await c.stopNbd();
+    if (!onStorage) await c.stopNbd();
     await c.restartNodes(() => []);
     const files: string[] = [];
     const one = (name: string): ProfileSummary => {
@@ -723,7 +739,7 @@ async function profilePass(c: Cluster, dir: string, outDir: string): Promise<Pro
       files.push(file, join(jd, `${name}.folded`), join(jd, `${name}.svg`));
       return summarize(file, 25, span);
     };
-    const r: ProfileResult = { job, figure: figure(job, fio), mainThread, window: span, nbdserve: one('nbdserve'), torusd: [1, 2, 3].map((i) => one(`torusd-${i}`)), files };
+    const r: ProfileResult = { job, figure: figure(job, fio), mainThread, window: span, ...(onStorage ? {} : { nbdserve: one('nbdserve') }), torusd: [1, 2, 3].map((i) => one(`torusd-${i}`)), files };
     results.push(r);
     printProfile(r, c.blockSize);
   }
@@ -747,15 +763,18 @@ function readdirSafe(dir: string): string[] {
 function printProfile(r: ProfileResult, bs: string): void {
   const busy = (s: ProfileSummary): string => `${(((s.totalUs - s.idleUs) / Math.max(1, s.totalUs)) * 100).toFixed(0)}% busy, GC ${((s.gcUs / Math.max(1, s.totalUs - s.idleUs)) * 100).toFixed(0)}% of busy`;
   const lines = [`\n### profile ${r.job} at ${bs}: ${fmtFigure(JOBS[r.job].unit, r.figure)} ${JOBS[r.job].unit}`];
-  for (const [name, s] of [['nbdserve', r.nbdserve], ...r.torusd.map((t, i) => [`torusd-${i + 1}`, t] as const)] as const) {
+  const procs = [...(r.nbdserve ? [['nbdserve', r.nbdserve] as const] : []), ...r.torusd.map((t, i) => [`torusd-${i + 1}`, t] as const)];
+  for (const [name, s] of procs) {
     const mt = r.mainThread[name];
     lines.push(`${name}: ${(s.totalUs / 1e6).toFixed(1)} s profiled, ${busy(s)}${mt ? `; main thread on a CPU ${pct(mt.run)}, waiting for one ${pct(mt.wait)}` : ''}`);
   }
-  lines.push('', `nbdserve, top self time (share of busy time):`);
-  for (const f of r.nbdserve.top.slice(0, 12)) lines.push(`  ${(f.busyShare * 100).toFixed(1).padStart(5)}%  ${f.name}`);
+  if (r.nbdserve) {
+    lines.push('', `nbdserve, top self time (share of busy time):`);
+    for (const f of r.nbdserve.top.slice(0, 12)) lines.push(`  ${(f.busyShare * 100).toFixed(1).padStart(5)}%  ${f.name}`);
+  }
   const t = [...r.torusd].sort((a, b) => b.totalUs - b.idleUs - (a.totalUs - a.idleUs))[0]!;
-  lines.push(`busiest torusd, top self time:`);
-  for (const f of t.top.slice(0, 12)) lines.push(`  ${(f.busyShare * 100).toFixed(1).padStart(5)}%  ${f.name}`);
+  lines.push(`busiest torusd${onStorage ? ' (torusd-1 serves NBD)' : ''}, top self time:`);
+  for (const f of t.top.slice(0, onStorage ? 25 : 12)) lines.push(`  ${(f.busyShare * 100).toFixed(1).padStart(5)}%  ${f.name}`);
   process.stdout.write(lines.join('\n') + '\n');
 }
 

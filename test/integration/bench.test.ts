@@ -133,7 +133,8 @@ test('npm run bench, small: both sides of every job, medians of 3 with min and m
 
 test('npm run bench --nbd-on storage: storage node 1 serves NBD itself (torusd --nbd-listen); no nbdserve process, P8 counts the three nodes', { skip, timeout: 600_000 }, () => {
   const out = join(dir, 'storage.json');
-  const args = ['--quick', '--nbd-on', 'storage', '--jobs', 'P1,P5', '--block-sizes', '64KiB', '--volume-size', '64MiB', '--read-cache-size', '4MiB', '--runtime', '1', '--data-dir', join(dir, 'data-storage'), '--out', out];
+  const prof = join(dir, 'profile-storage');
+  const args = ['--quick', '--nbd-on', 'storage', '--jobs', 'P1,P5', '--block-sizes', '64KiB', '--volume-size', '64MiB', '--read-cache-size', '4MiB', '--runtime', '1', '--profile', prof, '--data-dir', join(dir, 'data-storage'), '--out', out];
   const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'perf.js'), ...args], { encoding: 'utf8', timeout: 540_000 });
   assert.equal(r.status, 0, `bench exited ${r.status}:\n${r.stdout.slice(-3000)}\n${r.stderr.slice(-3000)}`);
   assert.match(r.stdout, /^\| P1 .*\| \d+\.\d{3} \((met|missed)\) \|$/m);
@@ -143,10 +144,15 @@ test('npm run bench --nbd-on storage: storage node 1 serves NBD itself (torusd -
   const json = JSON.parse(readFileSync(out, 'utf8')) as { options: Record<string, unknown>; tables: { peakRss: Record<string, number> }[] };
   assert.equal(json.options['nbdOn'], 'storage');
   assert.equal(json.tables[0]!.peakRss['nbdserve'], 0);
+  // Profiled too: torusd-1 is the NBD server, so there is no nbdserve profile.
+  assert.match(r.stdout, /^busiest torusd \(torusd-1 serves NBD\), top self time:$/m);
+  const profiles = (JSON.parse(readFileSync(out, 'utf8')) as { tables: { profiles?: { job: string; nbdserve?: unknown; torusd: unknown[] }[] }[] }).tables[0]!.profiles!;
+  assert.deepEqual(profiles.map((p) => [p.job, p.nbdserve === undefined, p.torusd.length]), [['P1', true, 3], ['P5', true, 3]]);
+  assert.ok(existsSync(join(prof, 'bs-64KiB', 'P5', 'torusd-1.svg')), 'a flame graph of torusd-1');
 });
 
 test('bench: bad arguments get one line and exit status 2, before anything is started', () => {
-  for (const args of [['--jobs', 'P9'], ['--reps', '0'], ['--bogus'], ['--block-sizes', '3XB'], ['--volume-size', '8MiB'], ['--runtime', '-1'], ['--nbd-on', 'elsewhere'], ['--nbd-on', 'storage', '--profile', 'p']]) {
+  for (const args of [['--jobs', 'P9'], ['--reps', '0'], ['--bogus'], ['--block-sizes', '3XB'], ['--volume-size', '8MiB'], ['--runtime', '-1'], ['--nbd-on', 'elsewhere']]) {
     const data = join(dir, 'bad-args');
     const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'perf.js'), ...args, '--data-dir', data], { encoding: 'utf8', timeout: 30_000 });
     assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);
