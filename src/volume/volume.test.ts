@@ -844,11 +844,7 @@ test('a fold never takes in a write not yet flushed: a crash after the next chec
   // Found by the snapshot-during-writes test: a fold read its block with a pending write in it,
   // the next checkpoint (a snapshot's) committed it, and the snapshot held a later write without
   // the flushed ones before it.
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('v', 16 * BS);
-  const s1 = await c.newSession();
-  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0, foldIdleMs: 0 });
-  const expect = Buffer.alloc(16 * BS);
+  const { c, s1, vol, expect } = await dyingWriter();
   // A checkpoint held up by its run page keeps the background fold asked for below waiting.
   const put = c.dist.putBlock.bind(c.dist);
   let release!: () => void;
@@ -952,16 +948,21 @@ async function diesAndReplays(c: Awaited<ReturnType<typeof memoryCluster>>, sess
   await after.close();
 }
 
+/** Volume 'v' (16 blocks) open by a writer whose session diesAndReplays can end; nothing in the background but flushes and folds. */
+async function dyingWriter() {
+  const c = await memoryCluster(BS);
+  await c.vmeta.create('v', 16 * BS);
+  const s1 = await c.newSession();
+  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0, foldIdleMs: 0 });
+  return { c, s1, vol, expect: Buffer.alloc(16 * BS) };
+}
+
 test('a flush whose whole-block puts fail one fast and one slow loses nothing: later acknowledged flushes all replay', async () => {
   // Found by the CA rotation test under load: the fast failure ended the flush while the slow put
   // was still running; it then marked its record stored without the record saying where, the
   // next flush failed half way through the journal append (INTERNAL), and the LSN it skipped hid
   // every later acknowledged flush from the replay.
-  const c = await memoryCluster(BS);
-  await c.vmeta.create('v', 16 * BS);
-  const s1 = await c.newSession();
-  const vol = await BlockVolume.open({ ...c.ctx, session: s1 }, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0, foldIdleMs: 0 });
-  const expect = Buffer.alloc(16 * BS);
+  const { c, s1, vol, expect } = await dyingWriter();
   const put = c.dist.putBlock.bind(c.dist);
   let slow: Promise<void> | undefined;
   let direct = 0;
