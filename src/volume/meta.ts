@@ -52,6 +52,7 @@ export const VKEYS = {
   lock: (id: number) => `${P}volumemeta/${id}/lock`,
   snapshots: (id: number) => `${P}volumemeta/${id}/snapshots/`,
   snapshot: (id: number, s: string) => `${P}volumemeta/${id}/snapshots/${s}`,
+  readers: (id: number) => `${P}volumemeta/${id}/readers/`,
   reader: (id: number, token: string) => `${P}volumemeta/${id}/readers/${token}`,
 };
 
@@ -476,6 +477,11 @@ export class VolumeMeta {
       [{ op: 'put', key: VKEYS.reader(id, token), value: encodeHead(head), session }],
     );
     return res.succeeded ? token : undefined;
+  }
+
+  /** How many read-only opens hold a view of the volume now. */
+  async readers(id: number): Promise<number> {
+    return (await this.kv.list(VKEYS.readers(id))).entries.length;
   }
 
   async letGo(id: number, token: string): Promise<void> {

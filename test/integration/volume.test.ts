@@ -112,7 +112,12 @@ describe('data', () => {
     const other = await openVolumeClient(c.meta);
     const again = await other.openVolume('v1', { readOnly: true });
     assert.ok((await again.read(0, size)).equals(model));
+    // The reader holds its view (GC keeps it) until it closes, and volume info says so.
+    const readers = async (): Promise<number> => (JSON.parse(await ok('torusctl', [...C, 'volume', 'info', 'v1', '--json'])) as { readers: number }).readers;
+    assert.equal(await readers(), 1);
+    assert.match(await ok('torusctl', [...C, 'volume', 'info', 'v1']), /^Readers: +1 read-only open, each holding the view it opened/m);
     await again.close();
+    assert.equal(await readers(), 0);
     await other.close();
   });
 

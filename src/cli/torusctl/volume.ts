@@ -117,7 +117,7 @@ async function volumeInfo(c: Command, name: string, opts: OutputOpts): Promise<v
     const g = await meta.globalMetadata();
     const vm = vc.vmeta;
     const record = await vm.get(name);
-    const [{ head }, lock, io] = await Promise.all([vm.head(record.id), vm.lockHolder(record.id), readPublishedIo(meta.kv(), name)]);
+    const [{ head }, lock, io, readers] = await Promise.all([vm.head(record.id), vm.lockHolder(record.id), readPublishedIo(meta.kv(), name), vm.readers(record.id)]);
     const usage = await volumeUsage(vm, new TreeReader(vc.block.distributor), name);
     // Only the holder's own figures: a record from another process is not about this mount.
     const rates = io && lock && io.host === lock.host && io.pid === lock.pid ? io : undefined;
@@ -135,6 +135,7 @@ async function volumeInfo(c: Command, name: string, opts: OutputOpts): Promise<v
       metadata: usage.metadata,
       snapshots: usage.snapshots,
       lock: lock ? { host: lock.host, pid: lock.pid, process: lock.holder, since: lock.since } : null,
+      readers,
       // docs/journal.md: where the writer's journal is, and what the last checkpoint committed.
       journal: head.journal
         ? { kind: 'replicated', epoch: head.journal.epoch, segment: head.journal.segment, start: head.journal.start, replicas: head.journal.replicas, nextLsn: head.lsn ?? 1, tail: lock ? 'held by the writer' : 'left by a writer that stopped without closing: replayed by the next open' }
@@ -153,6 +154,7 @@ async function volumeInfo(c: Command, name: string, opts: OutputOpts): Promise<v
       `Size:        ${sz(head.size)}`,
       `Allocated:   ${sz(usage.allocated)} (${sz(usage.exclusive)} its own, ${sz(usage.shared)} shared with snapshots or clones), plus ${sz(usage.metadata)} of inode and run pages; each stored on R replicas (journal data counts until folded; the tail since the last checkpoint is not counted)`,
       `Lock:        ${lock ? `held by ${lock.host} pid ${lock.pid} (process ${lock.holder}) since ${lock.since}` : 'free (not mounted)'}`,
+      `Readers:     ${readers === 0 ? 'none' : `${readers} read-only open${readers === 1 ? '' : 's'}, each holding the view it opened (GC keeps what it names until it closes)`}`,
       `Journal:     ${
         head.journal
           ? `segment ${head.journal.segment} of epoch ${head.journal.epoch} on ${head.journal.replicas.join(', ')}, tail from log block ${head.journal.start}${lock ? '' : ' (left without a close: the next open replays it)'}`
