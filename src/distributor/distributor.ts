@@ -382,6 +382,11 @@ export class Distributor {
     return { peers: p.peers, replication: p.replication };
   }
 
+  /** The storage node this distributor runs in (torusd), if any: its own disk needs no hop. */
+  localPeer(): string | undefined {
+    return this.opts.self?.uuid;
+  }
+
   /** Whether `peer` can hold a journal: known, reachable, and new enough to keep journals. */
   async journalCapable(peer: string): Promise<boolean> {
     const to = this.route(peer);

@@ -6,6 +6,7 @@ import { MemoryMetadataStore } from '../metadata/memory/memory.js';
 import { createRing, newRingModel } from '../ring/index.js';
 import { MemoryBlockStore } from '../storage/memory-store.js';
 import { VolumeMeta } from '../volume/meta.js';
+import { logIndex, logRef } from '../volume/journal-format.js';
 import { BlockVolume } from '../volume/volume.js';
 import { Distributor } from './distributor.js';
 import { MemoryTransport } from './memory-transport.js';
@@ -92,4 +93,39 @@ test("the journal's fencing holds through the local path: a writer on the node w
   assert.ok(!c.calls.includes('appendLog a') && c.calls.includes('appendLog b'), `which came through the local path, not the network: ${c.calls.join(', ')}`);
   assert.deepEqual(await elsewhere.read(0, 2 * BS), Buffer.concat([Buffer.alloc(BS, 1), Buffer.alloc(BS)]));
   await elsewhere.close();
+});
+
+test("a writer inside a storage node puts its journal on a segment that node owns: one replica's appends stay on its disk", async () => {
+  const md = new MemoryMetadataStore();
+  const meta = md.client();
+  const transport = new MemoryTransport();
+  const stores = new Map(['a', 'b', 'c'].map((u) => [u, new MemoryBlockStore({ blockSize: BS, capacityBlocks: 10_000 })]));
+  for (const [u, s] of stores) transport.add(u, s);
+  const ring = createRing(newRingModel('ketama', 2, [...stores.keys()].map((uuid) => ({ uuid, totalBlocks: 10_000 })), 2));
+  const opts = { blockSize: BS, ring: () => ring, target: (uuid: string) => ({ uuid, address: `mem://${uuid}` }), transport };
+  const node = new Distributor({ ...opts, self: { uuid: 'a', store: stores.get('a')! } });
+  const client = new Distributor(opts);
+  const vmeta = new VolumeMeta(meta.kv());
+  const session = await meta.kv().session(10_000);
+  // Volumes whose first segment (of their first session, epoch 1) node a does not own.
+  const firstOwners = (id: number): readonly string[] => ring.getPeers(logRef({ volume: id, epoch: 1, index: logIndex(0, 0) })).peers.slice(0, 2);
+  let checked = 0;
+  for (let i = 0; checked < 3 && i < 60; i++) {
+    const rec = await vmeta.create(`v${i}`, 16 * BS);
+    if (firstOwners(rec.id).includes('a')) continue;
+    checked++;
+    const mine = await BlockVolume.open({ meta: vmeta, store: node, session }, `v${i}`, { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+    assert.ok(mine.head.journal!.replicas.includes('a'), `node a's writer journals on a segment a owns: ${JSON.stringify(mine.head.journal)}`);
+    assert.ok(mine.head.journal!.segment > 0);
+    const data = randomBytes(3 * BS);
+    await mine.write(0, data);
+    await mine.flush();
+    await mine.close();
+    // A client with no disk of its own takes the first segment that works, as before.
+    const theirs = await BlockVolume.open({ meta: vmeta, store: client, session }, `v${i}`, { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+    assert.deepEqual(await theirs.read(0, data.length), data);
+    assert.deepEqual([...theirs.head.journal!.replicas].sort(), [...ring.getPeers(logRef({ volume: rec.id, epoch: theirs.head.journal!.epoch, index: logIndex(theirs.head.journal!.segment, 0) })).peers.slice(0, 2)].sort());
+    await theirs.close();
+  }
+  assert.equal(checked, 3, 'volumes whose first segment node a does not own were found');
 });

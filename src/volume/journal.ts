@@ -19,6 +19,8 @@ export interface JournalPeers {
   journalSeal(peer: string, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void>;
   journalFence(peer: string, volume: number, epoch: number): Promise<BlockRef[]>;
   journalReadRaw(peer: string, ref: BlockRef): Promise<Buffer>;
+  /** The storage node the writer runs in, if it runs in one (torusd serving NBD). */
+  localPeer?(): string | undefined;
 }
 
 /** A record of the tail: since the journal's start, kept so the journal can move with it. */
@@ -162,18 +164,31 @@ export class JournalWriter {
   private async pickSegment(from: number): Promise<{ segment: number; replicas: string[] }> {
     const recent = Date.now() - FAILED_PEER_AVOID_MS;
     const down = new Set<string>();
+    // A writer inside a storage node prefers a segment that node owns: one replica's appends then
+    // go to its own disk, without a network hop or another process on the path of every flush.
+    // Any segment is still placed by the ring; a node that owns none of the first ones, or cannot
+    // take a journal, gets the first segment that works.
+    const local = this.peers.localPeer?.();
     // First without any peer that failed recently; then with them, if they answer now.
     for (const avoidRecent of [true, false]) {
+      let other: { segment: number; replicas: string[] } | undefined;
       for (let s = from; s < from + MAX_SEGMENT_TRIES; s++) {
         const owners = this.peers.journalOwners(logRef({ volume: this.volume, epoch: this.epoch, index: logIndex(s, 0) }));
         const want = owners.replication;
         const replicas = owners.peers.slice(0, want);
         if (replicas.length === 0 || replicas.length < want) continue;
         if (replicas.some((p) => down.has(p) || (avoidRecent && (this.failed.get(p) ?? 0) > recent))) continue;
+        const mine = local === undefined || replicas.includes(local);
+        if (!mine && other) continue;
         const ok = await Promise.all(replicas.map((p) => this.peers.journalCapable(p)));
-        if (ok.every(Boolean)) return { segment: s, replicas };
+        if (ok.every(Boolean)) {
+          if (mine) return { segment: s, replicas };
+          other = { segment: s, replicas };
+          continue;
+        }
         replicas.forEach((p, i) => ok[i] || down.add(p));
       }
+      if (other) return other;
     }
     throw new TorusError('NO_PEER', `no journal segment of volume ${this.volume} has all its replicas reachable (unreachable: ${[...down].join(', ') || 'none'})`);
   }
