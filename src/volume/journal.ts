@@ -73,8 +73,8 @@ export class JournalWriter {
   private toSeal: LogBlockBuilder[] = [];
   /**
    * Filled blocks on every replica, waiting to be sealed together: a seal costs each replica
-   * fsync rounds of its own, and seals sent at once share them. Sealed when they reach
-   * SEAL_BATCH_BYTES, and by every cut.
+   * fsync rounds of its own, and seals sent at once share them. Sealed once SEAL_BATCH_BLOCKS
+   * (or SEAL_BATCH_BYTES) wait, and by every cut.
    */
   private sealBatch: LogBlockBuilder[] = [];
   /** The append being sent (appends come one at a time: the volume serializes flushes). */
