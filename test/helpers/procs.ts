@@ -185,6 +185,28 @@ export function waitForOutput(p: ChildProcess, pattern: RegExp, what: string, ms
   });
 }
 
+/** A running `torusblk nbdserve`: its port, and everything it has printed so far. */
+export interface Nbdserve {
+  readonly proc: ChildProcess;
+  readonly port: number;
+  out(): string;
+}
+
+/**
+ * Starts `torusblk nbdserve --listen 127.0.0.1:PORT` on a free port, with `connect` (the -C and
+ * credential flags) and `args`, and resolves once it serves; rejects with its output if it exits
+ * first.
+ */
+export async function startNbdserve(connect: readonly string[], args: readonly string[] = []): Promise<Nbdserve> {
+  const port = await freePort();
+  const proc = spawn(process.execPath, [BIN('torusblk'), ...connect, 'nbdserve', '--listen', `127.0.0.1:${port}`, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+  await eventually('nbdserve listening', async () => out.includes('serving NBD on') || (proc.exitCode !== null ? Promise.reject(new Error(out)) : false));
+  return { proc, port, out: () => out };
+}
+
 /**
  * Sends `signal` to `p` unless it has already exited, SIGKILLs it if it is still running
  * `killAfterMs` later, and resolves with its exit code (null when a signal ended it, as the

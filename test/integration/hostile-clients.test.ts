@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import type net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -14,7 +14,7 @@ import { startCluster, type TestCluster } from '../helpers/cluster.js';
 import { freePort } from '../helpers/etcd.js';
 import { MiB, connect, connectPeer, mib, stallWriters, watchRss } from '../helpers/hostile.js';
 import { run } from '../helpers/nbd-tools.js';
-import { BIN, eventually, ok, removeDir } from '../helpers/procs.js';
+import { eventually, ok, removeDir, startNbdserve } from '../helpers/procs.js';
 
 // Issue 13, "bounded resources": every listener attacked by hostile clients (scripted here) while
 // a normal client keeps reading and writing. The normal client must not notice, the attacked
@@ -55,22 +55,13 @@ before(async () => {
   dir = mkdtempSync(join(tmpdir(), 'torus-hostile-'));
   await ok('torusctl', [...C, 'volume', 'create-block', 'work', '64MiB']);
   await ok('torusctl', [...C, 'volume', 'create-block', 'victim', '256MiB']);
-  const port = await freePort();
   const metricsPort = await freePort();
-  const proc = spawn(
-    process.execPath,
-    [
-      BIN('torusblk'), ...C, 'nbdserve', '--listen', `127.0.0.1:${port}`, ...(process.env.HOSTILE_DEBUG ? ['--debug'] : []),
-      '--max-buffered', BUDGET, '--stall-timeout', '4s', '--max-connections', '64', '--write-cache-size', '8MiB', '--read-cache-size', '16MiB',
-      '--metrics', `127.0.0.1:${metricsPort}`,
-    ],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  let out = '';
-  proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-  proc.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-  await eventually('nbdserve listening', async () => out.includes('serving NBD on') || (proc.exitCode !== null ? Promise.reject(new Error(out)) : false));
-  nbd = { proc, port, metricsPort, log: () => out };
+  const served = await startNbdserve(C, [
+    ...(process.env.HOSTILE_DEBUG ? ['--debug'] : []),
+    '--max-buffered', BUDGET, '--stall-timeout', '4s', '--max-connections', '64', '--write-cache-size', '8MiB', '--read-cache-size', '16MiB',
+    '--metrics', `127.0.0.1:${metricsPort}`,
+  ]);
+  nbd = { proc: served.proc, port: served.port, metricsPort, log: served.out };
 });
 
 after(async () => {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -8,8 +8,7 @@ import { after, before, describe, test } from 'node:test';
 import { Etcd3 } from 'etcd3';
 import { VolumeMeta } from '../../src/volume/meta.js';
 import { startCluster, type TestCluster } from '../helpers/cluster.js';
-import { freePort } from '../helpers/etcd.js';
-import { BIN, eventually, ok, removeDir } from '../helpers/procs.js';
+import { BIN, eventually, ok, removeDir, startNbdserve, type Nbdserve } from '../helpers/procs.js';
 
 // Volumes over NBD with real clients we did not write (libnbd's nbdinfo and nbdcopy, qemu-img,
 // qemu-io, fio, and the kernel's loop device with ext4 through nbdfuse), against torusblk in its
@@ -35,20 +34,10 @@ function sha(buf: Buffer): string {
   return createHash('sha256').update(buf).digest('hex');
 }
 
-interface Served {
-  proc: ChildProcess;
-  port: number;
-  out: () => string;
-}
+type Served = Nbdserve;
 
-async function serve(): Promise<Served> {
-  const port = await freePort();
-  const proc = spawn(process.execPath, [BIN('torusblk'), ...C, 'nbdserve', '--listen', `127.0.0.1:${port}`], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-  proc.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-  await eventually('nbdserve listening', async () => out.includes('serving NBD on') || (proc.exitCode !== null ? Promise.reject(new Error(out)) : false));
-  return { proc, port, out: () => out };
+function serve(): Promise<Served> {
+  return startNbdserve(C);
 }
 
 async function stop(s: Served, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -9,7 +9,7 @@ import { Cmd } from '../../src/nbd/codec.js';
 import { testCerts } from '../helpers/certs.js';
 import { ok as tool, rawClient, run } from '../helpers/nbd-tools.js';
 import { freePort, startEtcd, type EtcdHandle } from '../helpers/etcd.js';
-import { BIN, eventually, ok, removeDir, startTorusd, stopProcess, type Torusd } from '../helpers/procs.js';
+import { eventually, ok, removeDir, startNbdserve, startTorusd, stopProcess, type Torusd } from '../helpers/procs.js';
 
 // Serving where the data is: `torusd --nbd-listen` exports the cluster's volumes from a storage
 // node, with real NBD clients (nbdinfo, nbdcopy, qemu-img), a real etcd and three torusd at R=2.
@@ -25,13 +25,8 @@ let dir: string;
 
 /** `torusblk nbdserve` on a port of its own: a client process beside the cluster. */
 async function torusblkServe(): Promise<{ proc: ChildProcess; uri: (vol: string) => string; out: () => string }> {
-  const port = await freePort();
-  const proc = spawn(process.execPath, [BIN('torusblk'), ...C, 'nbdserve', '--listen', `127.0.0.1:${port}`], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-  proc.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-  await eventually('torusblk nbdserve listening', async () => out.includes('serving NBD on') || (proc.exitCode !== null ? Promise.reject(new Error(out)) : false));
-  return { proc, uri: (vol) => `nbd://127.0.0.1:${port}/${vol}`, out: () => out };
+  const s = await startNbdserve(C);
+  return { proc: s.proc, uri: (vol) => `nbd://127.0.0.1:${s.port}/${vol}`, out: s.out };
 }
 
 /** Reads a whole export into a file with nbdcopy, retrying while the volume is still locked by its last writer. */
