@@ -325,8 +325,7 @@ export class Distributor {
       const outcomes = await Promise.all(
         [...byPeer].map(async ([peer, covered]) => {
           try {
-            const to = this.route(peer);
-            if (!to) throw new TorusError('NO_PEER', `peer ${peer} has no known address`);
+            const to = this.reach(peer);
             await to.transport.flush(to.target);
             return { peer, covered, ok: true, instance: to.transport.instance?.(to.target) };
           } catch {
