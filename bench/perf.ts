@@ -653,10 +653,12 @@ async function runTable(root: string, blockSize: string): Promise<TableResult> {
     // 1 its counters would go with it. What is stored per byte written does not depend on where
     // the server runs.
     const writeAmp = jobs.includes('P4') && !argv['profile-only'] && !onStorage ? await writeAmplification(c, outDir) : [];
-    const peakRss = c.peakRss();
     // P8 covers the measured part; processes under --cpu-prof use more memory than in service.
+    // Its last sample comes before each process's own peak is read: a peak (VmHWM) read after
+    // covers every RSS sampled before, where one read first could be below a later sample.
     c.rssSum.sample();
     c.rssSum.stop();
+    const peakRss = c.peakRss();
     const sum = c.rssSum.peak();
     const peakRssSum = { ...sum, target: P8_TARGET_BYTES, met: sum.bytes <= P8_TARGET_BYTES };
     const result: TableResult = { blockSize, rows, peakRss, peakRssSum, ...(limits ? { limits } : {}), fill: fillResult, probes, writeAmp };
