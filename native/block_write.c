@@ -8,12 +8,15 @@
 //
 // JavaScript API (see src/storage/batch-write.ts for the typed wrapper):
 //   writeBatch(fds: Int32Array, positions: Float64Array, buffers: Uint8Array[], groupEnds: Uint32Array,
-//              callback(failedAt: Int32Array, errnos: Int32Array))
+//              callback(failedAt: Int32Array, errnos: Int32Array, syncErrno: number), syncFd?: number)
 // Write i puts buffers[i] at positions[i] of fds[i], whole (short writes are continued). Writes
 // are grouped: group g is writes [groupEnds[g-1], groupEnds[g]). A group's writes are made in
 // order and the group stops at its first failure: failedAt[g] is the index within the group of
 // the write that failed (-1: all done), errnos[g] its errno. Other groups go on. The caller keeps
 // the buffers unchanged until the callback (the job holds a reference to the array).
+// With syncFd (>= 0), the job ends with fdatasync(syncFd) after every write, and syncErrno is its
+// errno (0: done; -1: not asked). A journal append made durable costs one hand-off, not two: the
+// flush that followed it through Node's fs was a second job, with both threads woken again.
 
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,6 +42,8 @@ typedef struct {
   uint32_t *group_ends;
   int32_t *failed_at;
   int32_t *errnos;
+  int sync_fd;
+  int sync_errno;
 } Batch;
 
 static napi_value throw_error(napi_env env, const char *msg) {
@@ -78,6 +83,13 @@ static void execute(napi_env env, void *data) {
     }
     start = end;
   }
+  b->sync_errno = -1;
+  if (b->sync_fd >= 0) {
+    int r;
+    do r = fdatasync(b->sync_fd);
+    while (r < 0 && errno == EINTR);
+    b->sync_errno = r < 0 ? errno : 0;
+  }
 }
 
 static void free_batch(napi_env env, Batch *b) {
@@ -108,13 +120,15 @@ static void complete(napi_env env, napi_status status, void *data) {
       b->errnos[g] = ECANCELED;
     }
   }
-  napi_value cb, global, argv[2];
+  napi_value cb, global, argv[3];
   napi_get_reference_value(env, b->callback, &cb);
   napi_get_global(env, &global);
   argv[0] = int32_array(env, b->failed_at, b->ngroups);
   argv[1] = int32_array(env, b->errnos, b->ngroups);
+  // A cancelled job synced nothing.
+  napi_create_int32(env, status != napi_ok && b->sync_fd >= 0 ? ECANCELED : b->sync_errno, &argv[2]);
   free_batch(env, b);
-  napi_call_function(env, global, cb, 2, argv, NULL);
+  napi_call_function(env, global, cb, 3, argv, NULL);
 }
 
 static int typed(napi_env env, napi_value v, napi_typedarray_type want, void **out, size_t *len) {
@@ -126,10 +140,17 @@ static int typed(napi_env env, napi_value v, napi_typedarray_type want, void **o
 }
 
 static napi_value WriteBatch(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
+  size_t argc = 6;
+  napi_value argv[6];
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5)
-    return throw_error(env, "writeBatch(fds, positions, buffers, groupEnds, callback)");
+    return throw_error(env, "writeBatch(fds, positions, buffers, groupEnds, callback[, syncFd])");
+  int32_t sync_fd = -1;
+  if (argc >= 6) {
+    napi_valuetype t;
+    napi_typeof(env, argv[5], &t);
+    if (t != napi_undefined && (t != napi_number || napi_get_value_int32(env, argv[5], &sync_fd) != napi_ok))
+      return throw_error(env, "syncFd must be a number");
+  }
   int32_t *fds;
   double *positions;
   uint32_t *ends;
@@ -152,6 +173,8 @@ static napi_value WriteBatch(napi_env env, napi_callback_info info) {
   if (!b) return throw_error(env, "out of memory");
   b->nwrites = n;
   b->ngroups = ngroups;
+  b->sync_fd = sync_fd;
+  b->sync_errno = -1;
   b->writes = calloc(n ? n : 1, sizeof(Write));
   b->group_ends = calloc(ngroups, sizeof(uint32_t));
   b->failed_at = calloc(ngroups, sizeof(int32_t));
@@ -256,6 +279,47 @@ static napi_value SectorCrcs(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+// dataRanges(fd: number): Float64Array of [start, end) pairs, the parts of the file that hold
+// written data (SEEK_DATA/SEEK_HOLE; on ext4, unwritten extents count as holes). The store uses
+// it at open to find free slots written before, which a journal append can use without
+// allocating. Empty when the file system cannot tell (EINVAL: then every byte would be "data").
+static napi_value DataRanges(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int32_t fd;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok)
+    return throw_error(env, "dataRanges(fd)");
+  size_t cap = 64, n = 0;
+  double *r = malloc(cap * sizeof(double));
+  if (!r) return throw_error(env, "out of memory");
+  off_t pos = 0;
+  for (;;) {
+    off_t start = lseek(fd, pos, SEEK_DATA);
+    if (start < 0) break;
+    off_t end = lseek(fd, start, SEEK_HOLE);
+    if (end < 0) break;
+    if (n + 2 > cap) {
+      cap *= 2;
+      double *grown = realloc(r, cap * sizeof(double));
+      if (!grown) {
+        free(r);
+        return throw_error(env, "out of memory");
+      }
+      r = grown;
+    }
+    r[n++] = (double)start;
+    r[n++] = (double)end;
+    pos = end;
+  }
+  void *out;
+  napi_value ab, arr;
+  napi_create_arraybuffer(env, n * sizeof(double), &out, &ab);
+  for (size_t i = 0; i < n; i++) ((double *)out)[i] = r[i];
+  free(r);
+  napi_create_typedarray(env, napi_float64_array, n, ab, 0, &arr);
+  return arr;
+}
+
 static napi_value Init(napi_env env, napi_value exports) {
   init_crc_table();
 #if defined(__x86_64__)
@@ -264,6 +328,7 @@ static napi_value Init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"writeBatch", NULL, WriteBatch, NULL, NULL, NULL, napi_default, NULL},
       {"sectorCrcs", NULL, SectorCrcs, NULL, NULL, NULL, napi_default, NULL},
+      {"dataRanges", NULL, DataRanges, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

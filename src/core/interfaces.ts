@@ -110,9 +110,9 @@ export interface JournalStore {
   /**
    * Writes `pieces` into the open log block `ref`, opening it first if it is new. LOCKED when the
    * volume is fenced above the ref's epoch; INVALID_ARGUMENT when the block is already sealed or
-   * a piece falls outside the block. Durable after `flush`.
+   * a piece falls outside the block. Durable after `flush`, or, with `sync`, when it resolves.
    */
-  appendLog(ref: BlockRef, pieces: readonly LogPiece[]): Promise<void>;
+  appendLog(ref: BlockRef, pieces: readonly LogPiece[], sync?: boolean): Promise<void>;
   /**
    * Seals an open log block: bytes [gapStart, gapEnd) become zeros, and the block becomes an
    * ordinary immutable one, checked against `crc` (the writer's CRC of it, gap zeroed): CORRUPT

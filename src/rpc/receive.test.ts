@@ -43,9 +43,9 @@ class SlowReader extends MemoryBlockStore {
     return super.putBlock(r, data, opts);
   }
 
-  override async appendLog(r: BlockRef, pieces: readonly LogPiece[]): Promise<void> {
+  override async appendLog(r: BlockRef, pieces: readonly LogPiece[], sync?: boolean): Promise<void> {
     await sleep(3);
-    return super.appendLog(r, pieces);
+    return super.appendLog(r, pieces, sync);
   }
 }
 

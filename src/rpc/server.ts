@@ -63,7 +63,7 @@ export interface BlockService {
   putBlock(ref: BlockRef, data: Uint8Array, opts?: { readonly crc?: number }): Promise<void>;
   hasBlock(ref: BlockRef): boolean | Promise<boolean>;
   /** Volume journals (docs/journal.md); a service that has them announces EXT_JOURNAL. */
-  appendLog?(ref: BlockRef, pieces: readonly LogPiece[]): Promise<void>;
+  appendLog?(ref: BlockRef, pieces: readonly LogPiece[], sync?: boolean): Promise<void>;
   sealLog?(ref: BlockRef, gapStart: number, gapEnd: number, crc: number): Promise<void>;
   fenceVolume?(volume: number, epoch: number): Promise<BlockRef[]>;
   readRaw?(ref: BlockRef): Promise<Buffer>;
@@ -104,16 +104,16 @@ export function storeBlocks(service: BlockService, items: readonly { readonly re
 
 /**
  * A journal append: refused (fenced) below the volume's epoch by the store; with `sync`, on
- * stable storage before it resolves. `stored` is told as soon as the store is done with the
- * pieces (the server hands their pooled memory out again then, not after the sync).
+ * stable storage before it resolves (the store writes and syncs it in one go when it can).
+ * `stored` is told once the store is done with the pieces (the server hands their pooled memory
+ * out again then).
  */
 export async function appendJournal(j: JournalService, ref: BlockRef, pieces: readonly LogPiece[], sync: boolean, stored?: () => void): Promise<void> {
   try {
-    await j.appendLog(ref, pieces);
+    await j.appendLog(ref, pieces, sync);
   } finally {
     stored?.();
   }
-  if (sync) await j.flush();
 }
 
 export async function sealJournal(j: JournalService, ref: BlockRef, gapStart: number, gapEnd: number, crc: number, sync: boolean): Promise<void> {

@@ -553,6 +553,7 @@ export class StorageNode {
       { name: 'torus_storage_read_bytes_total', help: 'Bytes read from the local medium', type: 'counter', value: st.bytesRead },
       { name: 'torus_storage_written_bytes_total', help: 'Bytes of whole blocks written to the local medium', type: 'counter', value: st.bytesWritten },
       { name: 'torus_storage_journal_written_bytes_total', help: 'Bytes appended to volume journals (open log blocks), seal padding included', type: 'counter', value: st.journalBytesWritten },
+      { name: 'torus_storage_slot_prep_written_bytes_total', help: 'Zeros written into never-written free slots so that journal appends into them allocate nothing', type: 'counter', value: st.slotPrepBytes },
       { name: 'torus_storage_journal_fenced_refusals_total', help: 'Journal appends and seals refused from a writer a newer one fenced', type: 'counter', value: st.fencedRefusals },
       { name: 'torus_storage_checksum_failures_total', help: 'Local reads whose data failed its checksum', type: 'counter', value: st.checksumFailures },
       { name: 'torus_storage_flushes_total', help: 'fsync rounds of the local store', type: 'counter', value: st.flushes },

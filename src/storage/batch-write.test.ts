@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { crc32c } from '@node-rs/crc32';
-import { WriteBatcher, WriteFailure, nativeSectorCrcs } from './batch-write.js';
+import { SyncFailure, WriteBatcher, WriteFailure, nativeSectorCrcs } from './batch-write.js';
 import { withTmpDir } from './testing.js';
 
 describe('WriteBatcher (native/block_write.c)', { skip: !WriteBatcher.available && 'the block_write addon is not built' }, () => {
@@ -40,6 +41,42 @@ describe('WriteBatcher (native/block_write.c)', { skip: !WriteBatcher.available 
         assert.equal(b.jobs, 2, 'a later turn is another job');
       } finally {
         closeSync(fd);
+      }
+    }));
+});
+
+describe('WriteBatcher: writes made durable in the same job', { skip: !WriteBatcher.available && 'the block_write addon is not built' }, () => {
+  it('ends the job with an fdatasync of the file asked for, reports its failure to the groups that asked, and syncs one file per job', () =>
+    withTmpDir(async (dir) => {
+      const file = join(dir, 'f');
+      const fd = openSync(file, 'w+');
+      // fdatasync of a FIFO fails with EINVAL: proof that the job called it, and on which fd.
+      const fifo = join(dir, 'fifo');
+      assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
+      const pipeWrite = openSync(fifo, 'r+');
+      try {
+        const b = new WriteBatcher();
+        await b.submit([[fd, Buffer.from('one'), 0]], fd);
+        assert.equal(b.jobs, 1);
+        const results = await Promise.allSettled([
+          b.submit([[fd, Buffer.from('two'), 3]], pipeWrite),
+          b.submit([[fd, Buffer.from('three'), 6]]),
+          b.submit([[fd, Buffer.from('four'), 11]], fd),
+        ]);
+        assert.deepEqual(
+          results.map((r) => r.status),
+          ['rejected', 'fulfilled', 'fulfilled'],
+        );
+        const err = (results[0] as PromiseRejectedResult).reason as SyncFailure;
+        assert.ok(err instanceof SyncFailure, String(err));
+        assert.equal((err as NodeJS.ErrnoException).code, 'EINVAL');
+        // The write itself was made; only its sync failed.
+        assert.equal(readFileSync(file).toString('latin1'), 'onetwothreefour');
+        // The group that wanted another file synced went in a job of its own.
+        assert.equal(b.jobs, 3);
+      } finally {
+        closeSync(fd);
+        closeSync(pipeWrite);
       }
     }));
 });

@@ -7,7 +7,15 @@ import { constants } from 'node:os';
 
 interface BlockWriteAddon {
   sectorCrcs(data: Uint8Array, sectorSize: number, out: Uint8Array): void;
-  writeBatch(fds: Int32Array, positions: Float64Array, buffers: Uint8Array[], groupEnds: Uint32Array, callback: (failedAt: Int32Array, errnos: Int32Array) => void): void;
+  dataRanges(fd: number): Float64Array;
+  writeBatch(
+    fds: Int32Array,
+    positions: Float64Array,
+    buffers: Uint8Array[],
+    groupEnds: Uint32Array,
+    callback: (failedAt: Int32Array, errnos: Int32Array, syncErrno: number) => void,
+    syncFd?: number,
+  ): void;
 }
 
 function load(): BlockWriteAddon | undefined {
@@ -32,6 +40,14 @@ export function nativeSectorCrcs(data: Uint8Array, sectorSize: number, out: Uint
   return true;
 }
 
+/**
+ * The parts of the file holding written data, as [start, end) pairs (SEEK_DATA/SEEK_HOLE: holes
+ * and, on ext4, unwritten extents are left out); undefined without the addon.
+ */
+export function nativeDataRanges(fd: number): Float64Array | undefined {
+  return addon?.dataRanges(fd);
+}
+
 /** One write: `data` at `position` of `fd`, whole. */
 export type Write = readonly [fd: number, data: Uint8Array, position: number];
 
@@ -48,6 +64,16 @@ export class WriteFailure extends Error {
   }
 }
 
+/** The writes were made, but the fdatasync that was to make them durable failed with this error. */
+export class SyncFailure extends Error {
+  constructor(readonly errno: number) {
+    const code = errnoName(errno);
+    super(`${code}: fdatasync failed`);
+    (this as NodeJS.ErrnoException).code = code;
+    (this as NodeJS.ErrnoException).errno = -errno;
+  }
+}
+
 function errnoName(errno: number): string {
   for (const [name, value] of Object.entries(constants.errno)) if (value === errno) return name;
   return `errno ${errno}`;
@@ -55,6 +81,7 @@ function errnoName(errno: number): string {
 
 interface Pending {
   readonly writes: readonly Write[];
+  readonly syncFd: number | undefined;
   readonly resolve: () => void;
   readonly reject: (err: Error) => void;
 }
@@ -75,21 +102,32 @@ export class WriteBatcher {
     return addon !== undefined;
   }
 
-  submit(writes: readonly Write[]): Promise<void> {
+  /**
+   * With `syncFd`, the group settles once its writes are made and an fdatasync of that file after
+   * them is done (SyncFailure if that failed): the job syncs once for every group that asked.
+   */
+  submit(writes: readonly Write[], syncFd?: number): Promise<void> {
     return new Promise((resolve, reject) => {
-      this.queue.push({ writes, resolve, reject });
-      if (!this.scheduled) {
-        this.scheduled = true;
-        // After the poll phase: every put that arrived in this turn has queued its writes.
-        setImmediate(() => this.run());
-      }
+      this.queue.push({ writes, syncFd, resolve, reject });
+      this.schedule();
     });
+  }
+
+  private schedule(): void {
+    if (!this.scheduled) {
+      this.scheduled = true;
+      // After the poll phase: every put that arrived in this turn has queued its writes.
+      setImmediate(() => this.run());
+    }
   }
 
   private run(): void {
     this.scheduled = false;
-    const batch = this.queue;
-    this.queue = [];
+    // One file synced per job; groups that want another wait for the next.
+    const syncFd = this.queue.find((p) => p.syncFd !== undefined)?.syncFd;
+    const batch = this.queue.filter((p) => p.syncFd === undefined || p.syncFd === syncFd);
+    this.queue = this.queue.filter((p) => p.syncFd !== undefined && p.syncFd !== syncFd);
+    if (this.queue.length > 0) this.schedule();
     let n = 0;
     for (const p of batch) n += p.writes.length;
     const fds = new Int32Array(n);
@@ -108,12 +146,20 @@ export class WriteBatcher {
     this.jobs++;
     this.groups += batch.length;
     try {
-      addon!.writeBatch(fds, positions, buffers, ends, (failedAt, errnos) => {
-        batch.forEach((p, g) => {
-          if (failedAt[g]! < 0) p.resolve();
-          else p.reject(new WriteFailure(failedAt[g]!, errnos[g]!));
-        });
-      });
+      addon!.writeBatch(
+        fds,
+        positions,
+        buffers,
+        ends,
+        (failedAt, errnos, syncErrno) => {
+          batch.forEach((p, g) => {
+            if (failedAt[g]! >= 0) p.reject(new WriteFailure(failedAt[g]!, errnos[g]!));
+            else if (p.syncFd !== undefined && syncErrno !== 0) p.reject(new SyncFailure(syncErrno));
+            else p.resolve();
+          });
+        },
+        syncFd,
+      );
     } catch (err) {
       // Not queued (bad arguments): nothing was written.
       for (const p of batch) p.reject(err instanceof Error ? err : new Error(String(err)));

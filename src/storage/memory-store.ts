@@ -179,7 +179,7 @@ export class MemoryBlockStore implements LocalBlockStore {
     }
   }
 
-  async appendLog(ref: BlockRef, pieces: readonly LogPiece[]): Promise<void> {
+  async appendLog(ref: BlockRef, pieces: readonly LogPiece[], sync = false): Promise<void> {
     this.check();
     if (ref.type !== BlockType.Log) throw new TorusError('INVALID_ARGUMENT', `${formatBlockRef(ref)} is not a log block`);
     for (const p of pieces) checkRange(ref, p.offset, p.data.length, this.blockSize);
@@ -200,6 +200,7 @@ export class MemoryBlockStore implements LocalBlockStore {
       e.data.set(p.data, p.offset);
       this.counters.journalBytesWritten += p.data.length;
     }
+    if (sync) await this.flush();
   }
 
   async sealLog(ref: BlockRef, gapStart: number, gapEnd: number, crc: number): Promise<void> {
