@@ -27,7 +27,7 @@ import { ok } from '../test/helpers/procs.js';
 import { collapse, summarize, writeFlameSvg, writeFolded, type ProfileSummary } from './lib/cpuprofile.js';
 import { directEngine, diskWrite, diskWriteArgs, figure, fillArgs, JOB_IDS, JOBS, jobArgs, runFio, type FioOutcome, type JobId, type Region } from './lib/fio.js';
 import { anatomy, type Anatomy } from './lib/anatomy.js';
-import { counterDelta, nodeCounters, type NodeCounters } from './lib/node-counters.js';
+import { counterDelta, diskWrittenBytes, nodeCounters, type NodeCounters } from './lib/node-counters.js';
 import { describeMachine, type Machine } from './lib/machine.js';
 import { cpuTimes, ctxSwitches, etcdTxnMs, machineCpu, median, schedTimes, writeSyncMs } from './lib/probes.js';
 import { newTorusdSpec, RssSumPeak, setPeerRpc, startEtcdAt, startNbdkit, startNbdserve, startTorusd, type Proc, type RssSum, type TorusdSpec } from './lib/procs.js';
@@ -230,11 +230,20 @@ interface WriteAmp {
   /** The region written: the whole volume, or a hot region small enough for folds to happen. */
   regionBytes: number;
   writtenBytes: number;
-  /** (journal + whole-block bytes on all nodes) / written: what Torus itself wrote. */
+  /** (journal + whole-block bytes on all nodes) / written: what Torus itself stored. */
   logical: number;
-  /** The kernel's count of bytes the torusd processes sent to storage / written: page granular,
-   * slot tables and headers included. */
+  /**
+   * As logical, with the zeros written to prepare never-written slots for journal appends: once
+   * per slot in the life of a store, so what a young store (as every bench cluster is) pays on
+   * top of the steady state's figure.
+   */
+  withPrep: number;
+  /** The kernel's count of bytes the torusd processes sent to storage / written: charged per
+   * page-cache folio dirtied, so above what reached the disk when folios are large. */
   physical: number;
+  /** Bytes the disk under the data dirs took (/proc/diskstats, whole machine: etcd, the file
+   * system's journal and anything else running included) / written. */
+  disk: number;
   storage: NodeCounters;
   iops: number;
 }
@@ -687,6 +696,7 @@ async function writeAmplification(c: Cluster, outDir: string): Promise<WriteAmp[
   const out: WriteAmp[] = [];
   for (const k of cases) {
     const before = await c.counters();
+    const diskBefore = diskWrittenBytes(c.dir);
     const fio = await runFio(
       c.torusUri(),
       `wa-${k.name.replace(' ', '-')}`,
@@ -697,15 +707,18 @@ async function writeAmplification(c: Cluster, outDir: string): Promise<WriteAmp[
     // SIGTERM: the last flush and checkpoint, and the folds already under way.
     await c.stopNbd();
     const d = counterDelta(before, await c.counters());
+    const diskAfter = diskWrittenBytes(c.dir);
     await c.startNbd();
     const w: WriteAmp = {
       ...k,
       logical: Number(((d.blockBytes + d.journalBytes) / k.writtenBytes).toFixed(2)),
+      withPrep: Number(((d.blockBytes + d.journalBytes + d.prepBytes) / k.writtenBytes).toFixed(2)),
       physical: Number((d.physicalBytes / k.writtenBytes).toFixed(2)),
+      disk: Number(((diskAfter - diskBefore) / k.writtenBytes).toFixed(2)),
       storage: d,
       iops: Math.round(fio.writeIops),
     };
-    log(`${c.blockSize} write amplification, ${k.name} (${fmtMiB(k.regionBytes)}, ${fmtMiB(k.writtenBytes)} written at ${w.iops} IOPS): ${w.logical.toFixed(2)} (journal ${fmtMiB(d.journalBytes)}, blocks ${fmtMiB(d.blockBytes)}), physical ${w.physical.toFixed(2)}`);
+    log(`${c.blockSize} write amplification, ${k.name} (${fmtMiB(k.regionBytes)}, ${fmtMiB(k.writtenBytes)} written at ${w.iops} IOPS): ${w.logical.toFixed(2)} (journal ${fmtMiB(d.journalBytes)}, blocks ${fmtMiB(d.blockBytes)}); ${w.withPrep.toFixed(2)} with slot preparation (${fmtMiB(d.prepBytes)}); disk ${w.disk.toFixed(2)}, process count ${w.physical.toFixed(2)}`);
     out.push(w);
   }
   return out;
@@ -818,7 +831,7 @@ function printTable(t: TableResult): void {
         const l = r.latency!;
         return `${r.job} latency (Torus medians of runs): write p50 ${l.writeP50Us.toFixed(0)} µs p99 ${l.writeP99Us.toFixed(0)} µs, flush p50 ${l.flushP50Us.toFixed(0)} µs p99 ${l.flushP99Us.toFixed(0)} µs (nbdkit flush p50 ${l.kitFlushP50Us.toFixed(0)} p99 ${l.kitFlushP99Us.toFixed(0)}); a replica's fsync round ${l.replicaSyncUs.toFixed(0)} µs = ${pct(l.syncShare)} of the cycle`;
       }),
-    ...t.writeAmp.map((w) => `write amplification (R=2, target <= 3), ${w.name} ${fmtMiB(w.regionBytes)}: ${w.logical.toFixed(2)} (physical ${w.physical.toFixed(2)}), ${fmtMiB(w.writtenBytes)} written at ${w.iops} IOPS`),
+    ...t.writeAmp.map((w) => `write amplification (R=2, target <= 3), ${w.name} ${fmtMiB(w.regionBytes)}: ${w.logical.toFixed(2)} (${w.withPrep.toFixed(2)} with the zeros that prepare a young store's slots; disk ${w.disk.toFixed(2)}), ${fmtMiB(w.writtenBytes)} written at ${w.iops} IOPS`),
   ];
   process.stdout.write(lines.join('\n') + '\n');
 }

@@ -1,4 +1,6 @@
+import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
+import { basename } from 'node:path';
 
 // What the storage nodes wrote and synced, read from each torusd's /metrics and from the kernel's
 // per-process I/O accounting: the write amplification and the fsync share of a flush come from
@@ -9,6 +11,8 @@ export interface NodeCounters {
   readonly blockBytes: number;
   /** Journal appends and seal padding. */
   readonly journalBytes: number;
+  /** Zeros written to make never-written free slots ready for journal appends. */
+  readonly prepBytes: number;
   /** Bytes the process caused to be written to storage (/proc/PID/io write_bytes: page-granular,
    * table and header writes included, the file system's own journal not). */
   readonly physicalBytes: number;
@@ -27,6 +31,26 @@ function procWriteBytes(pid: number): number {
   return m ? Number(m[1]) : NaN;
 }
 
+/**
+ * Bytes written to the disk under `dir` since boot, by the kernel's own count (/proc/diskstats:
+ * sectors written), whole machine; NaN when the device is not found there. The per-process count
+ * above is charged when a page is dirtied, and with large page-cache folios (Linux 6.1x on ext4)
+ * a 4 KiB write into cached data can be charged a whole folio: this one is what reached the disk.
+ */
+export function diskWrittenBytes(dir: string): number {
+  try {
+    const source = execFileSync('df', ['--output=source', dir], { encoding: 'utf8' }).split('\n')[1]?.trim() ?? '';
+    const dev = basename(source);
+    for (const line of readFileSync('/proc/diskstats', 'utf8').split('\n')) {
+      const f = line.trim().split(/\s+/);
+      if (f[2] === dev) return Number(f[9]) * 512;
+    }
+  } catch {
+    // No df or no diskstats: reported as unknown.
+  }
+  return NaN;
+}
+
 export async function nodeCounters(nodes: readonly { pid: number; httpPort: number }[]): Promise<NodeCounters[]> {
   return Promise.all(
     nodes.map(async (n) => {
@@ -34,6 +58,7 @@ export async function nodeCounters(nodes: readonly { pid: number; httpPort: numb
       return {
         blockBytes: metric(text, 'torus_storage_written_bytes_total'),
         journalBytes: metric(text, 'torus_storage_journal_written_bytes_total'),
+        prepBytes: metric(text, 'torus_storage_slot_prep_written_bytes_total'),
         physicalBytes: procWriteBytes(n.pid),
         flushes: metric(text, 'torus_storage_flushes_total'),
         syncSeconds: metric(text, 'torus_storage_sync_seconds_total'),
@@ -48,6 +73,7 @@ export function counterDelta(before: readonly NodeCounters[], after: readonly No
   return {
     blockBytes: sum((c) => c.blockBytes),
     journalBytes: sum((c) => c.journalBytes),
+    prepBytes: sum((c) => c.prepBytes),
     physicalBytes: sum((c) => c.physicalBytes),
     flushes: sum((c) => c.flushes),
     syncSeconds: sum((c) => c.syncSeconds),
