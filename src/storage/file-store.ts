@@ -209,14 +209,16 @@ export class FileBlockStore implements LocalBlockStore {
   private readonly sums: Uint32Array;
   private readonly readers: Uint32Array;
   private readonly state: Uint8Array;
-  /** Free slots not known to be written (at format, every slot: the files are sparse). */
+  /**
+   * Two stacks of free slots in one array (there are never more free slots than slots): from the
+   * bottom, `freeTop` cold ones, not known to be written (at format, every slot: the files are
+   * sparse); from the top, `warmTop` warm ones, which log blocks take first.
+   */
   private readonly freeStack: Uint32Array;
   private freeTop = 0;
-  /** Whether every byte of the slot's data has been written since the store was opened. */
-  private readonly warm: Uint8Array;
-  /** Free slots that are warm: log blocks take these first, whole blocks leave a reserve. */
-  private readonly warmStack: Uint32Array;
   private warmTop = 0;
+  /** Whether every byte of the slot's data is known written (the store never punches holes). */
+  private readonly warm: Uint8Array;
   private readonly warmReserve: number;
   /** Free slots being zeroed to become warm. */
   private prepping = 0;
@@ -297,7 +299,6 @@ export class FileBlockStore implements LocalBlockStore {
     this.state = new Uint8Array(this.nSlots);
     this.freeStack = new Uint32Array(this.nSlots);
     this.warm = new Uint8Array(this.nSlots);
-    this.warmStack = new Uint32Array(this.nSlots);
     this.warmReserve = Math.min(this.nSlots >> 2, Math.max(WARM_RESERVE_MIN_SLOTS, Math.ceil(WARM_RESERVE_BYTES / this.blockSize)));
   }
 
@@ -969,7 +970,7 @@ export class FileBlockStore implements LocalBlockStore {
 
   private popFree(forLog: boolean): number | undefined {
     const takeWarm = this.warmTop > 0 && (forLog || this.warmTop > this.warmReserve || this.freeTop === 0);
-    if (takeWarm) return this.warmStack[--this.warmTop]!;
+    if (takeWarm) return this.freeStack[this.nSlots - this.warmTop--]!;
     if (this.freeTop > 0) return this.freeStack[--this.freeTop]!;
     return undefined;
   }
@@ -977,7 +978,7 @@ export class FileBlockStore implements LocalBlockStore {
   private pushFree(slot: number): void {
     this.state[slot] = FREE;
     this.gens[slot] = 0;
-    if (this.warm[slot]) this.warmStack[this.warmTop++] = slot;
+    if (this.warm[slot]) this.freeStack[this.nSlots - ++this.warmTop] = slot;
     else this.freeStack[this.freeTop++] = slot;
     this.wakeSlotWaiters();
   }
