@@ -1112,7 +1112,7 @@ export class FileBlockStore implements LocalBlockStore {
         const base = this.layout.dataOffset(slot);
         // Written and synced in one thread-pool job when nothing else needs syncing for it: its
         // open record durable already (the table needs no sync).
-        const fused = sync && this.batcher !== undefined && this.gens[slot]! <= this.syncedGen;
+        const fused = sync && pieces.length > 0 && this.batcher !== undefined && this.gens[slot]! <= this.syncedGen;
         try {
           if (this.batcher !== undefined) {
             const writes = pieces.map((p): Write => [this.data.fd, p.data, base + p.offset]);
@@ -1123,7 +1123,7 @@ export class FileBlockStore implements LocalBlockStore {
               this.counters.flushes++;
               this.counters.syncMs += performance.now() - t0;
               synced = true;
-            } else await this.batcher.submit(writes);
+            } else if (writes.length > 0) await this.batcher.submit(writes);
           } else {
             // Settled all, as in store(): the pieces may be reused once this returns.
             const written = await Promise.allSettled(pieces.map((p) => writeFull(this.data, p.data, base + p.offset)));
@@ -1137,7 +1137,7 @@ export class FileBlockStore implements LocalBlockStore {
           }
           throw ioError(`appending to ${formatBlockRef(ref)}`, err, this.dir);
         }
-        if (!synced) this.dataDirty = true;
+        if (!synced && pieces.length > 0) this.dataDirty = true;
         for (const p of pieces) this.counters.journalBytesWritten += p.data.length;
       });
     } finally {

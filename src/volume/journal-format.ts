@@ -193,6 +193,11 @@ export class LogBlockBuilder {
     return this.headers === 0;
   }
 
+  /** Bytes taken: records' data from the front, their headers from the back. */
+  get used(): number {
+    return this.dataEnd + this.headers * RECORD_HEADER_SIZE;
+  }
+
   /** Whether one more record fits. */
   fits(r: { readonly type: RecordType; readonly length: number }): boolean {
     const hdrStart = this.blockSize - (this.headers + 1) * RECORD_HEADER_SIZE;

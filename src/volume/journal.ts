@@ -43,6 +43,14 @@ const FAILED_PEER_AVOID_MS = 60_000;
  */
 const SEAL_BATCH_BLOCKS = 8;
 const SEAL_BATCH_BYTES = 1024 * 1024;
+/**
+ * Once the block filling is this full, the next one is opened on the replicas ahead of its first
+ * append. A replica makes a block's first append durable with its open record, which costs a
+ * table write and a second fsync after the data's; ahead of time that is off any flush's path,
+ * and the first append is synced in one job like the others. Measured in P5 at 128 KiB: 3.3% of
+ * flushes opened a block and took 1.9 ms on average against 0.55.
+ */
+const PREOPEN_AT = 0.5;
 
 export interface JournalWriterOptions {
   readonly peers: JournalPeers;
@@ -68,6 +76,8 @@ export class JournalWriter {
   private next = 0;
   /** n of the first block of the tail (the head's journal start). */
   private startN = 0;
+  /** "segment/n" of the block last opened ahead of its first append. */
+  private preopened = '';
   private cur: LogBlockBuilder | undefined;
   /** Filled blocks to seal once the appends that filled them are on every replica. */
   private toSeal: LogBlockBuilder[] = [];
@@ -278,6 +288,23 @@ export class JournalWriter {
     this.sealBatch.push(...this.toSeal.splice(0));
     const n = this.sealBatch.length;
     if (n >= SEAL_BATCH_BLOCKS || n * this.blockSize >= SEAL_BATCH_BYTES) this.sealBatched();
+    this.preopen();
+  }
+
+  /**
+   * Opens the next log block on every replica (an append of nothing, synced) once the current one
+   * is PREOPEN_AT full. Nothing waits for it and a failure is ignored: the first append opens the
+   * block if this did not, and reports any failure itself. A block opened ahead and never
+   * appended to is empty: a replay stops there, and GC takes it with the session's other blocks.
+   */
+  private preopen(): void {
+    const cur = this.cur;
+    if (!cur || this.broken || cur.used < PREOPEN_AT * this.blockSize || !this.roomFor(1)) return;
+    const key = `${this.segment}/${this.next}`;
+    if (this.preopened === key) return;
+    this.preopened = key;
+    const ref = logRef(this.address(this.next));
+    for (const peer of this.replicaSet) this.peers.journalAppend(peer, ref, [], true).catch(() => undefined);
   }
 
   private sealBatched(): void {

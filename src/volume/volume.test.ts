@@ -909,6 +909,41 @@ test('filled log blocks are sealed eight at a time, and a checkpoint seals the r
   await again.close();
 });
 
+test('the next log block is opened on every replica before its first append, and a replay past one opened and left empty holds every flushed write', async () => {
+  const { c, s1, vol, expect } = await dyingWriter();
+  const append = c.transport.appendLog.bind(c.transport);
+  const calls: { peer: string; index: number; pieces: number }[] = [];
+  c.transport.appendLog = async (...a: Parameters<typeof append>) => {
+    calls.push({ peer: a[0].uuid, index: a[1].index, pieces: a[2].length });
+    return append(...a);
+  };
+  // 512-byte writes flushed one by one: a 4 KiB log block fills every seven or so.
+  for (let i = 0; i < 60; i++) {
+    const d = randomBytes(512);
+    await vol.write((i % 16) * 512, d);
+    d.copy(expect, (i % 16) * 512);
+    await vol.flush();
+    await new Promise((r) => setImmediate(r));
+  }
+  const firstData = new Map<string, number>();
+  calls.forEach((call, i) => {
+    if (call.pieces > 0 && !firstData.has(`${call.peer}/${call.index}`)) firstData.set(`${call.peer}/${call.index}`, i);
+  });
+  const indexes = [...new Set(calls.map((x) => x.index))].sort((x, y) => x - y);
+  assert.ok(indexes.length >= 5, `log blocks used: ${indexes.join(', ')}`);
+  for (const index of indexes.slice(1)) {
+    for (const peer of new Set(calls.map((x) => x.peer))) {
+      const opened = calls.findIndex((x) => x.peer === peer && x.index === index && x.pieces === 0);
+      const data = firstData.get(`${peer}/${index}`);
+      assert.ok(opened >= 0 && (data === undefined || opened < data), `block ${index} on ${peer}: opened ahead at call ${opened}, first data at ${data}`);
+    }
+  }
+  // The last block opened ahead has no records yet: the replay ends there, nothing lost.
+  const last = indexes[indexes.length - 1]!;
+  assert.ok(!calls.some((x) => x.index === last && x.pieces > 0), 'the newest block was opened ahead and is still empty');
+  await diesAndReplays(c, s1, expect, 'the replay holds every flushed write');
+});
+
 test('a log block whose seal failed on every replica in the background is sealed by the next checkpoint', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 16 * BS);
