@@ -282,7 +282,8 @@ static napi_value SectorCrcs(napi_env env, napi_callback_info info) {
 // dataRanges(fd: number): Float64Array of [start, end) pairs, the parts of the file that hold
 // written data (SEEK_DATA/SEEK_HOLE; on ext4, unwritten extents count as holes). The store uses
 // it at open to find free slots written before, which a journal append can use without
-// allocating. Empty when the file system cannot tell (EINVAL: then every byte would be "data").
+// allocating. A file system without hole support reports the whole file as data: every slot then
+// counts as written and none is prepared, which is how the store behaved before.
 static napi_value DataRanges(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
