@@ -29,7 +29,10 @@ export interface BlockStoreStats {
   /** Durability rounds actually performed (one fsync of each file); less than flushRequests when coalesced. */
   flushes: number;
   flushRequests: number;
-  /** Milliseconds spent in those fsyncs (data and table file, one after the other). */
+  /**
+   * Milliseconds spent in those fsyncs (data and table file, one after the other); for a journal
+   * append synced in the job that writes it, the whole job, its write included.
+   */
   syncMs: number;
   /** Slot records found torn at open (treated as free). */
   tornRecordsAtOpen: number;

@@ -1116,8 +1116,8 @@ export class FileBlockStore implements LocalBlockStore {
         try {
           if (this.batcher !== undefined) {
             const writes = pieces.map((p): Write => [this.data.fd, p.data, base + p.offset]);
-            const t0 = fused ? performance.now() : 0;
             if (fused) {
+              const t0 = performance.now();
               this.counters.flushRequests++;
               await this.batcher.submit(writes, this.data.fd);
               this.counters.flushes++;
