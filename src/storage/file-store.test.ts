@@ -864,6 +864,27 @@ describe('FileBlockStore', () => {
       }
     }));
 
+  it('tops the warm reserve up a batch of slots at a time, so its fdatasyncs stay rare', () =>
+    withTmpDir(async (dir) => {
+      const bs = 128 * 1024;
+      const s = await FileBlockStore.open({ dir, blockSize: bs, sizeBytes: 128 * bs });
+      const log = (index: number) => ({ type: BlockType.Log, volume: 5, inode: 1, index });
+      const open = async (index: number) => {
+        await s.appendLog(log(index), [{ offset: 0, data: pattern(index, 4096) }]);
+        await s.prepared();
+        return s.stats().slotPrepBytes / bs;
+      };
+      try {
+        // The first fills the 4 MiB reserve; later ones wait until 512 KiB of it is used.
+        assert.equal(await open(0), 32);
+        for (let i = 1; i < 4; i++) assert.equal(await open(i), 32, `log block ${i} started a preparation`);
+        assert.equal(await open(4), 36);
+        assert.equal(await open(5), 36);
+      } finally {
+        await s.close();
+      }
+    }));
+
   it('makes a synced append durable in the job that writes it once its log block is known on disk', { skip: !WriteBatcher.available && 'the block_write addon is not built' }, () =>
     withTmpDir(async (dir) => {
       const log = { type: BlockType.Log, volume: 6, inode: 1, index: 0 };

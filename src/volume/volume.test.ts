@@ -938,6 +938,13 @@ test('the next log block is opened on every replica before its first append, and
       assert.ok(opened >= 0 && (data === undefined || opened < data), `block ${index} on ${peer}: opened ahead at call ${opened}, first data at ${data}`);
     }
   }
+  // Blocks are opened a few at a time, so that their open records share a replica's fsyncs.
+  for (const peer of new Set(calls.map((x) => x.peer))) {
+    const mine = calls.filter((x) => x.peer === peer);
+    const bursts = mine.filter((x, i) => x.pieces === 0 && (i === 0 || mine[i - 1]!.pieces > 0)).length;
+    const opened = mine.filter((x) => x.pieces === 0).length;
+    assert.ok(opened >= 2 * bursts, `${peer}: ${opened} blocks opened ahead in ${bursts} bursts`);
+  }
   // The last block opened ahead has no records yet: the replay ends there, nothing lost.
   const last = indexes[indexes.length - 1]!;
   assert.ok(!calls.some((x) => x.index === last && x.pieces > 0), 'the newest block was opened ahead and is still empty');
