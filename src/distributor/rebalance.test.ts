@@ -405,3 +405,34 @@ test('a peer that restarts mid-pipeline, losing what it had not flushed: the los
   for (const i of fromP0) assert.ok(p3.hasBlock(ref(i)), `block ${i} is on p3 after one pass of p0`);
   for (let i = 0; i < 300; i++) assert.ok(c.copies(ref(i)).length >= 2, `block ${i} has two copies (${c.copies(ref(i)).join(', ')})`);
 });
+
+test('a pass gives the event loop back while it walks the store, before and after it asks the peers', async () => {
+  const c = cluster(3);
+  await writeAll(c, 300);
+  // The ring is asked about each block while planning and again while counting. Between two
+  // such calls, a walk that never pauses lets nothing else run; with a zero slice it pauses
+  // every 32 blocks, and a ticker scheduled with setImmediate advances.
+  let ticks = 0;
+  let ticking = true;
+  const tick = (): void => {
+    ticks++;
+    if (ticking) setImmediate(tick);
+  };
+  const seen: number[] = [];
+  const ring = c.ring();
+  const watched = { ...ring, getPeers: (r: BlockRef) => (seen.push(ticks), ring.getPeers(r)) } as Ring;
+  const r = c.rebalancer('p0', { ring: () => watched, yieldSliceMs: 0 });
+  setImmediate(tick);
+  try {
+    await r.pass();
+  } finally {
+    ticking = false;
+  }
+  const held = c.stores.get('p0')!.usedBlocks();
+  assert.ok(held > 100 && seen.length === 2 * held, `${seen.length} ring lookups for ${held} blocks`);
+  // The plan's lookups come first, the count's last; each walk saw the ticker move on.
+  const plan = seen.slice(0, held);
+  const count = seen.slice(held);
+  assert.ok(plan[plan.length - 1]! - plan[0]! >= 2, `ticks during the plan: ${plan[0]}..${plan[plan.length - 1]}`);
+  assert.ok(count[count.length - 1]! - count[0]! >= 2, `ticks during the count: ${count[0]}..${count[count.length - 1]}`);
+});

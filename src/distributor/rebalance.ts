@@ -2,6 +2,7 @@ import { toTorusError } from '../core/errors.js';
 import { blockRefKey, type BlockRef } from '../core/ids.js';
 import type { BlockStore, JournalStore, Ring } from '../core/interfaces.js';
 import type { RebalanceInfo } from '../core/models.js';
+import { Yielder } from '../core/yielder.js';
 import { InFlightBytes, sendAndConfirm, type SendContext } from './rebalance-send.js';
 import type { PeerTarget, PeerTransport } from './transport.js';
 
@@ -35,6 +36,8 @@ export interface RebalanceOptions {
   readonly rateBytesPerSec?: number;
   /** Idle time between passes when nothing moved (a ring change starts one at once). */
   readonly intervalMs?: number;
+  /** Milliseconds a pass's walks run before giving the event loop back (Yielder; tests set 0). */
+  readonly yieldSliceMs?: number;
   /** Refs per HAS call. */
   readonly batch?: number;
   /** Batches in flight per receiving peer (1: stop-and-wait). */
@@ -180,14 +183,16 @@ export class Rebalancer {
   async pass(): Promise<number> {
     const ring = this.opts.ring();
     const ringChanged = ring.version !== this.lastRingVersion;
-    const plan = this.plan(ring);
+    // One yielder for the pass: its walks give the event loop back to the node's foreground work.
+    const y = new Yielder(this.opts.yieldSliceMs);
+    const plan = await this.plan(ring, y);
     const progress = this.startProgress(plan);
     this.st.rebalancing = ringChanged || plan.notOwned.length > 0 || this.st.blocksMoved > 0;
-    const { confirmed, moved, bytes } = await this.sendAll(plan, progress);
-    const deleted = await this.drain(plan.notOwned, confirmed);
+    const { confirmed, moved, bytes } = await this.sendAll(plan, progress, y);
+    const deleted = await this.drain(plan.notOwned, confirmed, y);
     // A pass cut short by stop() did not check every block against this ring: it does not count.
     if (this.stopped) return moved + deleted;
-    const under = this.countUnderReplicated(ring, plan.refs, confirmed);
+    const under = await this.countUnderReplicated(ring, plan.refs, confirmed, y);
     this.lastRingVersion = ring.version;
     this.st.passes++;
     // Recorded after every finished pass, one with nothing to move included: readers take a
@@ -216,15 +221,20 @@ export class Rebalancer {
    * What this pass has to check: for each other owner of blocks held here, which ones; and which
    * blocks held here this node does not own (to drop once their owners hold them durably).
    */
-  private plan(ring: Ring): Plan {
+  private async plan(ring: Ring, y: Yielder): Promise<Plan> {
     const self = this.opts.self.uuid;
     const store = this.opts.self.store;
     // An open log block belongs to the writer appending to it (docs/journal.md): not moved until sealed.
     const isOpen = (store as Partial<JournalStore>).isOpenLog?.bind(store);
-    const refs = isOpen ? store.refs().filter((r) => !isOpen(r)) : store.refs();
+    const refs: BlockRef[] = [];
+    for (const ref of store.refs()) {
+      if (y.due()) await y.pause();
+      if (!isOpen?.(ref)) refs.push(ref);
+    }
     const perPeer = new Map<string, BlockRef[]>();
     const notOwned: { ref: BlockRef; owners: string[] }[] = [];
     for (const ref of refs) {
+      if (y.due()) await y.pause();
       const perm = ring.getPeers(ref);
       if (perm.replication === 0) continue; // empty ring: nothing to place anywhere
       const owners = perm.peers.slice(0, perm.replication);
@@ -273,7 +283,7 @@ export class Rebalancer {
    * Send-and-confirm for every peer at once, each pipelined (rebalance-send.ts). Returns which
    * (peer, block) pairs are confirmed, as `${peer} ${blockRefKey}`.
    */
-  private async sendAll(plan: Plan, progress: { readonly add: SendContext['progress'] }): Promise<{ confirmed: Set<string>; moved: number; bytes: number }> {
+  private async sendAll(plan: Plan, progress: { readonly add: SendContext['progress'] }, y: Yielder): Promise<{ confirmed: Set<string>; moved: number; bytes: number }> {
     const notOwned = new Set(plan.notOwned.map(({ ref }) => blockRefKey(ref)));
     const ctx: SendContext = {
       transport: this.opts.transport,
@@ -299,7 +309,10 @@ export class Rebalancer {
           return undefined;
         }
         const out = await sendAndConfirm(ctx, target, list, (ref) => notOwned.has(blockRefKey(ref)));
-        for (const ref of out.confirmed) confirmed.add(`${peer} ${blockRefKey(ref)}`);
+        for (const ref of out.confirmed) {
+          if (y.due()) await y.pause();
+          confirmed.add(`${peer} ${blockRefKey(ref)}`);
+        }
         moved += out.moved;
         bytes += out.bytes;
         return out;
@@ -311,10 +324,11 @@ export class Rebalancer {
   }
 
   /** Drops the copies held here of blocks this node does not own, once every owner holds them durably. */
-  private async drain(notOwned: Plan['notOwned'], confirmed: ReadonlySet<string>): Promise<number> {
+  private async drain(notOwned: Plan['notOwned'], confirmed: ReadonlySet<string>, y: Yielder): Promise<number> {
     let deleted = 0;
     for (const { ref, owners } of notOwned) {
       if (this.stopped) break;
+      if (y.due()) await y.pause();
       const key = blockRefKey(ref);
       if (!owners.every((o) => confirmed.has(`${o} ${key}`))) continue;
       await this.opts.self.store.deleteBlock(ref);
@@ -325,10 +339,11 @@ export class Rebalancer {
   }
 
   /** Blocks held here that fewer than R owners (this node included) were confirmed to hold. */
-  private countUnderReplicated(ring: Ring, refs: readonly BlockRef[], confirmed: ReadonlySet<string>): number {
+  private async countUnderReplicated(ring: Ring, refs: readonly BlockRef[], confirmed: ReadonlySet<string>, y: Yielder): Promise<number> {
     const self = this.opts.self.uuid;
     let under = 0;
     for (const ref of refs) {
+      if (y.due()) await y.pause();
       const perm = ring.getPeers(ref);
       const key = blockRefKey(ref);
       const held = perm.peers.slice(0, perm.replication).filter((o) => o === self || confirmed.has(`${o} ${key}`)).length;

@@ -2,6 +2,7 @@ import { crc32c } from '@node-rs/crc32';
 import { TorusError } from '../core/errors.js';
 import { BLOCK_REF_SIZE, BlockType, decodeBlockRef, encodeBlockRef, isZeroRef, type BlockRef } from '../core/ids.js';
 import type { PutBlockOptions } from '../core/interfaces.js';
+import { Yielder } from '../core/yielder.js';
 import type { Head, Pointer } from './records.js';
 
 // The inode: a volume's map from block index to the block holding it, kept as a copy-on-write
@@ -86,6 +87,9 @@ export async function walkTree(
   visit: (ptr: Pointer, kind: 'page' | 'data') => boolean,
 ): Promise<void> {
   if (!head.root) return;
+  // Pages read from a cache resolve together, and a page holds thousands of entries: without
+  // pauses a walk of a large volume held the event loop for tens of milliseconds.
+  const y = new Yielder();
   let level: { ptr: Pointer; depth: number }[] = [{ ptr: head.root, depth: head.depth - 1 }];
   while (level.length > 0) {
     const next: typeof level = [];
@@ -94,6 +98,7 @@ export async function walkTree(
         level.slice(i, i + 32).map(async ({ ptr, depth }) => {
           if (!visit(ptr, 'page')) return;
           const page = await readPage(ptr);
+          if (y.due(fanout)) await y.pause();
           for (let s = 0; s < fanout; s++) {
             const child = readEntry(page, s);
             if (!child) continue;

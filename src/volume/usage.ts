@@ -1,4 +1,5 @@
 import { blockRefKey } from '../core/ids.js';
+import { Yielder } from '../core/yielder.js';
 import { walkTree, type VolumeBlockStore } from './inode.js';
 import { logRef } from './journal-format.js';
 import type { VolumeMeta } from './meta.js';
@@ -57,8 +58,10 @@ export class TreeReader {
         return kind === 'page';
       },
     );
+    const y = new Yielder();
     for (let p = head.runs ?? null; p; ) {
       const page = decodeRunPage(await this.page(p));
+      if (y.due(page.entries.length)) await y.pause();
       pages++;
       for (const e of page.entries) if (e.kind === 'log') data.add(blockRefKey(logRef(e.log)));
       if (page.base) break;

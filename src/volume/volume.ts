@@ -2,6 +2,7 @@ import { crc32c } from '@node-rs/crc32';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { BlockType, LOG_BLOCKS_PER_SEGMENT, type BlockRef } from '../core/ids.js';
 import type { BlockDevice, Extent, KVSession } from '../core/interfaces.js';
+import { Yielder } from '../core/yielder.js';
 import { InodeTree, type VolumeBlockStore } from './inode.js';
 import { logRef, RecordType, type JournalRecord } from './journal-format.js';
 import { JournalReplicaError, JournalWriter, readTail, type JournalPeers, type TailEntry } from './journal.js';
@@ -822,7 +823,11 @@ export class BlockVolume implements BlockDevice {
     const bs = this.blockSize;
     const runEntries: RunEntry[] = [];
     let size = this.committed.size;
+    // A cut holds up to checkpointBytes of small writes (tens of thousands of records): the walks
+    // over it pause, so that the flushes running meanwhile are not held up behind them.
+    const y = new Yielder();
     for (const e of cut.entries) {
+      if (y.due()) await y.pause();
       const r = e.rec;
       if (r.type === RecordType.Resize) {
         size = r.offset;
@@ -845,7 +850,10 @@ export class BlockVolume implements BlockDevice {
     }
     for (const r of this.resets) runEntries.push({ kind: 'reset', index: r.index, lsn: r.lsn });
     const resets = this.resets.length;
-    for (const e of runEntries) applyRunEntry(e, bs, this.cpOverlay);
+    for (const e of runEntries) {
+      if (y.due()) await y.pause();
+      applyRunEntry(e, bs, this.cpOverlay);
+    }
     // A long chain becomes one run of the overlays as they now are: loading stays short, and the
     // log blocks only older pages named become garbage.
     const compact = opts.compact === true || this.chainPages + Math.ceil(runEntries.length / 1000) > this.o.maxRunChain;
@@ -856,7 +864,8 @@ export class BlockVolume implements BlockDevice {
     // No entries: no page (a compaction of no overlays leaves no chain at all).
     if (entries.length > 0) {
       const pages = pageEntries(entries, bs);
-      pages.forEach((p, i) => {
+      for (const [i, p] of pages.entries()) {
+        if (y.due(p.length)) await y.pause();
         const buf = encodeRunPage({ prev, base: compact && i === 0, entries: p }, bs);
         const ptr: Pointer = { ref: this.allocRef(BlockType.Run), crc: crc32c(buf) >>> 0 };
         const put = this.ctx.store.putBlock(ptr.ref, buf, { immutable: true, crc: ptr.crc });
@@ -864,7 +873,7 @@ export class BlockVolume implements BlockDevice {
         puts.push(put);
         prev = ptr;
         chain++;
-      });
+      }
     }
     const { root, depth, stored } = await this.tree.commit((t) => this.allocRef(t));
     stored.catch(() => undefined);
