@@ -75,6 +75,12 @@ export class JournalWriter {
   private readonly blocksPerSegment: number;
   private segment = -1;
   private replicaSet: string[] = [];
+  /**
+   * The replicas in the order appends are sent: another node's first. Its append crosses the
+   * network and another process before it reaches a disk; the local one, sent after it, still
+   * finishes first, so the flush waits for the remote one only.
+   */
+  private sendOrder: string[] = [];
   /** n of the next log block to open in the segment. */
   private next = 0;
   /** n of the first block of the tail (the head's journal start). */
@@ -207,6 +213,12 @@ export class JournalWriter {
     throw new TorusError('NO_PEER', `no journal segment of volume ${this.volume} has all its replicas reachable (unreachable: ${[...down].join(', ') || 'none'})`);
   }
 
+  private setReplicas(replicas: string[]): void {
+    this.replicaSet = replicas;
+    const local = this.peers.localPeer?.();
+    this.sendOrder = [...replicas.filter((p) => p !== local), ...replicas.filter((p) => p === local)];
+  }
+
   /** Whether the ring now gives the segment other owners than the replicas it is written to. */
   misplaced(): boolean {
     if (this.segment < 0) return false;
@@ -219,7 +231,7 @@ export class JournalWriter {
   async startFresh(): Promise<void> {
     const { segment, replicas } = await this.pickSegment(0);
     this.segment = segment;
-    this.replicaSet = replicas;
+    this.setReplicas(replicas);
     this.next = 0;
     this.startN = 0;
     this.cur = undefined;
@@ -271,7 +283,7 @@ export class JournalWriter {
     for (const b of touched) {
       const pieces = b.take();
       if (pieces.length === 0) continue;
-      for (const peer of this.replicaSet)
+      for (const peer of this.sendOrder)
         sends.push(
           this.peers.journalAppend(peer, b.ref, pieces, true).catch((err: unknown) => {
             const e = toTorusError(err);
@@ -408,7 +420,7 @@ export class JournalWriter {
   async moveTo(): Promise<void> {
     const { segment, replicas } = await this.pickSegment(this.segment + 1);
     this.segment = segment;
-    this.replicaSet = replicas;
+    this.setReplicas(replicas);
     this.next = 0;
     this.startN = 0;
     this.cur = undefined;
@@ -427,7 +439,7 @@ export class JournalWriter {
   async restart(): Promise<void> {
     const { segment, replicas } = await this.pickSegment(this.segment + 1);
     this.segment = segment;
-    this.replicaSet = replicas;
+    this.setReplicas(replicas);
     this.next = 0;
     this.startN = 0;
     this.cur = undefined;

@@ -1154,3 +1154,30 @@ test('memory budgets: the write cache and the journal tail stay within theirs un
   const again = await BlockVolume.open(c.ctx, 'v', { readOnly: true });
   assert.ok((await again.read(0, size)).equals(ref), 'every acknowledged write is there after reopening');
 });
+
+test('a writer inside a storage node sends each append to the other replica before its own', async () => {
+  const c = await memoryCluster(BS);
+  // As torusd's distributor says: the writer runs in storage node "a".
+  c.dist.localPeer = () => 'a';
+  const append = c.dist.journalAppend.bind(c.dist);
+  const calls: { peer: string; pieces: number }[] = [];
+  c.dist.journalAppend = async (...a: Parameters<typeof append>) => {
+    calls.push({ peer: a[0], pieces: a[2].length });
+    return append(...a);
+  };
+  await c.vmeta.create('v', 16 * BS);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  calls.length = 0;
+  for (let i = 0; i < 20; i++) {
+    await vol.write((i % 16) * 512, randomBytes(512));
+    await vol.flush();
+  }
+  await vol.close();
+  const data = calls.filter((x) => x.pieces > 0);
+  assert.ok(data.length >= 40 && data.some((x) => x.peer === 'a'), `appends: ${data.map((x) => x.peer).join(' ')}`);
+  // Appends come in pairs, one per replica, the local one last.
+  for (let i = 0; i + 1 < data.length; i += 2) {
+    assert.notEqual(data[i]!.peer, 'a', `append pair ${i / 2}: ${data[i]!.peer} then ${data[i + 1]!.peer}`);
+    assert.equal(data[i + 1]!.peer, 'a');
+  }
+});
