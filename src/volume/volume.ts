@@ -125,10 +125,12 @@ export class BlockVolume implements BlockDevice {
   readonly name: string;
   private sizeBytes: number;
   private tree: InodeTree;
-  /** What reads see: checkpointed overlays, the journal's tail, and pending writes. */
+  /**
+   * What reads see: checkpointed overlays, the journal's tail, and pending writes. The only
+   * overlay index a volume keeps: a compaction rebuilds the checkpointed overlays from the run
+   * chain it replaces (a second index kept for it was half of a writer's overlay memory).
+   */
   private readonly overlay = new OverlayIndex();
-  /** The overlays as of the last checkpoint, from which a compacted run is written. */
-  private readonly cpOverlay = new OverlayIndex();
   private committed: Head;
   /** Run pages in the committed chain. */
   private chainPages = 0;
@@ -324,6 +326,13 @@ export class BlockVolume implements BlockDevice {
 
   /** Reads the run chain newest first, back to its base, and applies it oldest first. */
   private async loadRuns(head: Pointer | null): Promise<void> {
+    const pages = await this.readChain(head);
+    this.chainPages = pages.length;
+    for (const page of pages) for (const e of page.entries) applyRunEntry(e, this.overlay);
+  }
+
+  /** The pages of the run chain from `head` back to its base, oldest first. */
+  private async readChain(head: Pointer | null): Promise<RunPage[]> {
     const pages: RunPage[] = [];
     for (let p = head; p; ) {
       const page = decodeRunPage(await this.ctx.store.getBlock(p.ref, p.crc));
@@ -331,8 +340,21 @@ export class BlockVolume implements BlockDevice {
       if (page.base) break;
       p = page.prev;
     }
-    this.chainPages = pages.length;
-    for (const page of pages.reverse()) for (const e of page.entries) applyRunEntry(e, this.blockSize, this.overlay, this.cpOverlay);
+    return pages.reverse();
+  }
+
+  /** The overlays a run chain and then `more` make: what a compacted run writes out. */
+  private async chainOverlays(head: Pointer | null, more: readonly RunEntry[], y: Yielder): Promise<OverlayIndex> {
+    const ov = new OverlayIndex();
+    for (const page of await this.readChain(head)) {
+      if (y.due(page.entries.length)) await y.pause();
+      for (const e of page.entries) applyRunEntry(e, ov);
+    }
+    for (const e of more) {
+      if (y.due()) await y.pause();
+      applyRunEntry(e, ov);
+    }
+    return ov;
   }
 
   private startTimers(): void {
@@ -850,14 +872,10 @@ export class BlockVolume implements BlockDevice {
     }
     for (const r of this.resets) runEntries.push({ kind: 'reset', index: r.index, lsn: r.lsn });
     const resets = this.resets.length;
-    for (const e of runEntries) {
-      if (y.due()) await y.pause();
-      applyRunEntry(e, bs, this.cpOverlay);
-    }
     // A long chain becomes one run of the overlays as they now are: loading stays short, and the
     // log blocks only older pages named become garbage.
     const compact = opts.compact === true || this.chainPages + Math.ceil(runEntries.length / 1000) > this.o.maxRunChain;
-    const entries = compact ? overlayEntries(this.cpOverlay, bs) : runEntries;
+    const entries = compact ? overlayEntries(await this.chainOverlays(this.committed.runs ?? null, runEntries, y)) : runEntries;
     let prev = compact ? null : (this.committed.runs ?? null);
     const puts: Promise<void>[] = [];
     let chain = compact ? 0 : this.chainPages;
@@ -1091,7 +1109,6 @@ export class BlockVolume implements BlockDevice {
         v.tailBytes = 0;
         v.resets = [];
         v.overlay.truncate(0);
-        v.cpOverlay.truncate(0);
         v.sizeBytes = h.size;
         await v.commitHead({ root: h.root, depth: h.depth, size: h.size, runs: h.runs ?? null, lsn: v.journal!.lsn, journal: v.journal!.position });
         v.tree = v.newTree(v.committed);
@@ -1121,20 +1138,20 @@ export class BlockVolume implements BlockDevice {
 }
 
 /** Applies a run entry to overlay indexes (loading a chain, or keeping the checkpointed one). */
-function applyRunEntry(e: RunEntry, _bs: number, ...into: OverlayIndex[]): void {
+function applyRunEntry(e: RunEntry, ov: OverlayIndex): void {
   if (e.kind === 'reset') {
-    for (const ov of into) ov.reset(e.index, e.lsn);
+    ov.reset(e.index, e.lsn);
     return;
   }
   const src: Source =
     e.kind === 'zero' || e.kind === 'trim'
       ? { lsn: e.lsn, zero: true, hole: e.kind === 'trim', data: undefined, log: undefined }
       : { lsn: e.lsn, zero: false, data: undefined, log: { volume: e.log.volume, epoch: e.log.epoch, index: e.log.index, at: e.logOffset, crc: e.log.crc } };
-  for (const ov of into) ov.insert(e.index, e.start, e.start + e.length, src, 0);
+  ov.insert(e.index, e.start, e.start + e.length, src, 0);
 }
 
 /** The overlays as they are, as the entries of a compacted run. */
-function overlayEntries(ov: OverlayIndex, _bs: number): RunEntry[] {
+function overlayEntries(ov: OverlayIndex): RunEntry[] {
   const out: RunEntry[] = [];
   for (const index of ov.indexes().sort((a, b) => a - b))
     for (const s of ov.segments(index)) {
