@@ -77,8 +77,8 @@ export class JournalWriter {
   private replicaSet: string[] = [];
   /**
    * The replicas in the order appends are sent: another node's first. Its append crosses the
-   * network and another process before it reaches a disk; the local one, sent after it, still
-   * finishes first, so the flush waits for the remote one only.
+   * network and another process before it reaches a disk, and a flush waits for the slowest
+   * replica: sent first, that hop overlaps the local append's own work.
    */
   private sendOrder: string[] = [];
   /** n of the next log block to open in the segment. */
