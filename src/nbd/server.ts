@@ -1,57 +1,58 @@
-import { X509Certificate } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
-import tls from 'node:tls';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { toTorusError, TorusError } from '../core/errors.js';
 import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
 import type { BlockDevice, DeviceInfo, DeviceProvider, Extent } from '../core/interfaces.js';
 import {
-  BASE_ALLOCATION,
-  ClientFlag,
   ClientStreamDecoder,
   Cmd,
   CmdFlag,
   DEFAULT_MAX_OPTION_LENGTH,
   DEFAULT_MAX_PAYLOAD,
   Errno,
-  HandshakeFlag,
-  Info,
-  KNOWN_CLIENT_FLAGS,
-  Opt,
   REQUEST_HEADER_SIZE,
-  Rep,
   State,
-  TransmissionFlag,
   commandName,
   encodeBlockStatus,
   encodeErrorChunk,
-  encodeExportNameReply,
-  encodeGreeting,
-  encodeInfoReply,
-  encodeMetaContextReply,
   encodeNoneChunk,
   encodeOffsetData,
   encodeOffsetHole,
-  encodeOptionError,
-  encodeOptionReply,
-  encodeRepServer,
   encodeSimpleReply,
   type ReplyData,
   replyDataLength,
   errnoName,
-  optionName,
-  parseExportName,
-  parseInfoRequest,
-  parseMetaContextRequest,
   type BlockDescriptor,
-  type BlockSizeConstraints,
   type ClientMessage,
   type Request,
   type RequestHeader,
 } from './codec.js';
-import { nbdErrno, openErrorReply } from './errors.js';
+import { nbdErrno } from './errors.js';
+import {
+  ALLOCATION_CONTEXT_ID,
+  Negotiation,
+  caCertificates,
+  messageOf,
+  secureContext,
+  type Agreed,
+  type NbdAccess,
+  type NbdLogger,
+  type NbdTlsOptions,
+  type NegotiationLink,
+  type NegotiationSettings,
+  type OpenExport,
+} from './negotiation.js';
+
+export {
+  blockSizeConstraints,
+  clientCertificateProblem,
+  transmissionFlags,
+  type NbdAccess,
+  type NbdLogger,
+  type NbdTlsOptions,
+} from './negotiation.js';
 
 // An NBD server (fixed newstyle, structured replies, base:allocation) for any DeviceProvider.
 // docs/protocols/nbd.md is the user-facing description; the reasons live here.
@@ -75,12 +76,6 @@ import { nbdErrno, openErrorReply } from './errors.js';
 // DeviceProvider contract (every connection of an export gets the same BlockDevice, whose
 // flush() covers every write completed on it) a FLUSH or FUA on one connection covers writes
 // completed on all of them, which is what NBD_FLAG_CAN_MULTI_CONN promises.
-
-export interface NbdLogger {
-  debug(obj: object, msg: string): void;
-  info(obj: object, msg: string): void;
-  warn(obj: object, msg: string): void;
-}
 
 const silent: NbdLogger = { debug: () => {}, info: () => {}, warn: () => {} };
 
@@ -131,25 +126,6 @@ export interface NbdServerOptions {
   readonly access?: NbdAccess;
 }
 
-export interface NbdTlsOptions {
-  /** 'on': a client may start TLS (proto.md SELECTIVETLS); 'require': it must, before any other option (FORCEDTLS). */
-  readonly mode: 'on' | 'require';
-  /** The server's certificate and key (PEM), for X.509. */
-  readonly cert?: Buffer;
-  readonly key?: Buffer;
-  /** CA certificates (PEM): with them every X.509 client must present a certificate that chains to one. */
-  readonly ca?: Buffer;
-  /** Pre-shared keys by identity (GnuTLS psktool files: `identity:hexkey`), for TLS-PSK. */
-  readonly psk?: ReadonlyMap<string, Buffer>;
-}
-
-/**
- * The access a client has to an export: 'rw', 'ro', or null (refused, and told no more than
- * that). `identity` is the common name of its certificate or its PSK identity; null for a client
- * that did not start TLS.
- */
-export type NbdAccess = (identity: string | null, exportName: string) => Promise<'rw' | 'ro' | null>;
-
 export interface NbdServerStats {
   readonly connections: number;
   readonly handshakes: number;
@@ -193,102 +169,25 @@ export const NBD_SERVER_DEFAULTS = {
   stallTimeoutMs: 60_000,
 } as const;
 
-/** The context id we hand out for base:allocation (any nonzero value would do). */
-const ALLOCATION_CONTEXT_ID = 1;
 /** Structured READs at least this long ask the device for holes and send them as OFFSET_HOLE. */
 const SPARSE_READ_MIN = 64 * 1024;
 /** A BLOCK_STATUS reply carries at most this many descriptors (512 KiB); proto.md allows fewer. */
 const MAX_DESCRIPTORS = 64 * 1024;
 /** CACHE warms the device in pieces this big, so a large hint never holds one huge buffer. */
 const CACHE_PIECE = 4 * 1024 * 1024;
-/** Error texts sent to clients are cut to this; proto.md allows 4096 but logs hold the rest. */
-const MAX_CLIENT_MESSAGE = 256;
 
-interface Settings {
-  readonly readOnly: boolean;
+interface Settings extends NegotiationSettings {
   readonly maxInFlight: number;
   readonly maxInFlightBytes: number;
   readonly maxQueuedWriteBytes: number;
   readonly handshakeTimeoutMs: number;
   readonly idleTimeoutMs: number;
   readonly stallTimeoutMs: number;
-  readonly maxOptions: number;
-  readonly maxPayload: number;
-  readonly maxOptionLength: number;
-  readonly multiConn: boolean;
-  readonly log: NbdLogger;
-  readonly describe: (name: string, device: BlockDevice | DeviceInfo) => string | undefined;
-  readonly tls: (NbdTlsOptions & { readonly context: tls.SecureContext; readonly caCerts: readonly X509Certificate[] }) | undefined;
-  readonly access: NbdAccess | undefined;
 }
 
 function defaultDescribe(_name: string, device: BlockDevice | DeviceInfo): string | undefined {
   const d = (device as { description?: unknown }).description;
   return typeof d === 'string' && d !== '' ? d : undefined;
-}
-
-/**
- * proto.md block size constraints for a device. Minimum 1: BlockDevice takes any byte offset and
- * length (a volume does the read-modify-write), so no client needs to be refused for alignment.
- * Preferred: the device's block size, so that aligned I/O of that size avoids read-modify-write,
- * kept within [512, 2 MiB] because proto.md requires at least 512 and clients (the kernel, qemu)
- * round requests up to it, and a huge value would turn small writes into huge ones. Maximum: the
- * payload limit, which is what this server will take in one READ or WRITE.
- */
-export function blockSizeConstraints(device: { readonly blockSize: number }, maxPayload = DEFAULT_MAX_PAYLOAD): BlockSizeConstraints {
-  let preferred = 512;
-  while (preferred * 2 <= device.blockSize && preferred < 2 * 1024 * 1024) preferred *= 2;
-  return { minimum: 1, preferred: Math.min(preferred, maxPayload), maximum: maxPayload };
-}
-
-/** Transmission flags for an export. SEND_DF only makes sense once structured replies are on. */
-export function transmissionFlags(opts: { readOnly: boolean; structured: boolean; multiConn: boolean }): number {
-  let f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_CACHE;
-  if (opts.readOnly) f |= TransmissionFlag.READ_ONLY;
-  else
-    f |=
-      TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO;
-  if (opts.structured) f |= TransmissionFlag.SEND_DF;
-  if (opts.multiConn) f |= TransmissionFlag.CAN_MULTI_CONN;
-  return f;
-}
-
-function caCertificates(pem: Buffer | undefined): X509Certificate[] {
-  if (!pem) return [];
-  const blocks = pem.toString('latin1').match(/-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----/g) ?? [];
-  if (blocks.length === 0) throw new TorusError('INVALID_ARGUMENT', 'the CA file holds no certificate');
-  return blocks.map((b) => new X509Certificate(b));
-}
-
-/**
- * Why a client's certificate is refused, or undefined if it was issued by one of the CAs (a CA
- * bundle during a rotation), is in its validity period and may authenticate a client. OpenSSL
- * checks the handshake's signatures; a TLSSocket made for a connection already accepted (as
- * STARTTLS needs) leaves the chain to us.
- */
-export function clientCertificateProblem(socket: tls.TLSSocket, cas: readonly X509Certificate[]): string | undefined {
-  const peer = socket.getPeerX509Certificate();
-  if (!peer) return 'no client certificate';
-  const now = Date.now();
-  if (now < Date.parse(peer.validFrom) || now > Date.parse(peer.validTo)) return 'client certificate expired or not yet valid';
-  if (peer.keyUsage && !peer.keyUsage.includes('1.3.6.1.5.5.7.3.2')) return 'certificate is not for client authentication';
-  const ok = cas.some((ca) => now >= Date.parse(ca.validFrom) && now <= Date.parse(ca.validTo) && peer.checkIssued(ca) && peer.verify(ca.publicKey));
-  return ok ? undefined : 'client certificate not issued by the CA';
-}
-
-function secureContext(o: NbdTlsOptions): tls.SecureContext {
-  if (!o.psk && !(o.cert && o.key)) throw new TorusError('INVALID_ARGUMENT', 'TLS needs a certificate and key, or pre-shared keys');
-  try {
-    return tls.createSecureContext({
-      minVersion: 'TLSv1.2', // proto.md: MUST support 1.2
-      ...(o.cert && o.key ? { cert: o.cert, key: o.key } : {}),
-      ...(o.ca ? { ca: o.ca } : {}),
-      // PSK suites are off by default in OpenSSL; TLS 1.3 suites stay as they are.
-      ...(o.psk ? { ciphers: o.cert ? 'PSK:ECDHE-PSK:DHE-PSK:HIGH:!aNULL' : 'PSK:ECDHE-PSK:DHE-PSK' } : {}),
-    });
-  } catch (err) {
-    throw new TorusError('INVALID_ARGUMENT', `TLS credentials cannot be used: ${(err as Error).message}`);
-  }
 }
 
 export class NbdServer {
@@ -449,28 +348,7 @@ export class NbdServer {
   }
 }
 
-/** What INFO and GO tell a client about an export. */
-interface ExportView {
-  readonly name: string;
-  readonly readOnly: boolean;
-  readonly size: number;
-  readonly flags: number;
-  readonly blockSizes: BlockSizeConstraints;
-  /** The device, or what the provider said about it without opening it. */
-  readonly source: BlockDevice | DeviceInfo;
-}
-
-interface OpenExport extends ExportView {
-  readonly device: BlockDevice;
-  readonly release: () => Promise<void>;
-}
-
 type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
-
-function messageOf(err: unknown): string {
-  const m = err instanceof Error ? err.message : String(err);
-  return m.length > MAX_CLIENT_MESSAGE ? `${m.slice(0, MAX_CLIENT_MESSAGE - 3)}...` : m;
-}
 
 /** A request that fails before reaching the device, with the errno proto.md asks for. */
 class Refusal {
@@ -493,25 +371,17 @@ const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
   [Cmd.BLOCK_STATUS]: CmdFlag.FUA | CmdFlag.REQ_ONE,
 };
 
-class Connection {
+class Connection implements NegotiationLink {
   readonly done: Promise<void>;
   inFlight = 0;
   private resolveDone!: () => void;
   private phase: Phase = 'handshake';
   private readonly decoder: ClientStreamDecoder;
   private readonly log: NbdLogger;
-  private optionBusy = false;
-  private optionsSeen = 0;
-  private noZeroes = false;
+  private readonly negotiation: Negotiation;
   private structured = false;
-  /** STARTTLS done: everything since went over TLS. */
-  private tlsDone = false;
-  /** Who the client proved to be over TLS (certificate CN, PSK identity); null before or without TLS. */
-  private identity: string | null = null;
-  /** The access rules grant this client read-only access to the export it opens. */
-  private grantedReadOnly = false;
-  /** The export name the last successful SET_META_CONTEXT selected base:allocation for. */
-  private metaExport: string | null = null;
+  /** base:allocation was selected for the export: BLOCK_STATUS may be asked. */
+  private allocation = false;
   private exp: OpenExport | null = null;
   private inFlightBytes = 0;
   /** DISC (or the end of input) seen: start no more requests, close once in-flight ones are answered. */
@@ -540,14 +410,15 @@ class Connection {
 
   constructor(
     private readonly server: NbdServer,
-    private readonly provider: DeviceProvider,
+    provider: DeviceProvider,
     private readonly s: Settings,
     private stream: Duplex,
-    private readonly remote: string,
+    readonly remote: string,
   ) {
     this.done = new Promise((r) => (this.resolveDone = r));
     this.decoder = new ClientStreamDecoder({ maxOptionLength: s.maxOptionLength, maxPayload: s.maxPayload });
     this.log = s.log;
+    this.negotiation = new Negotiation(this, provider, s);
     // Below the stream's own high-water mark we could wait for a 'drain' that never comes: the
     // stream emits it only after a write() returned false.
     this.queueLimit = Math.max(s.maxQueuedWriteBytes, stream.writableHighWaterMark);
@@ -656,7 +527,7 @@ class Connection {
       this.log.info({ remote: this.remote }, 'nbd handshake timed out');
       this.abort();
     }, this.s.handshakeTimeoutMs);
-    this.send([encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)]);
+    this.negotiation.greet();
   }
 
   /**
@@ -677,14 +548,14 @@ class Connection {
   private pump(): void {
     try {
       if (this.phase === 'handshake') {
-        while (this.phase === 'handshake' && !this.optionBusy) {
+        while (this.phase === 'handshake' && !this.negotiation.optionBusy) {
           const msg = this.decoder.next();
           if (!msg) {
             // the client went away mid-negotiation (or after ABORT): nothing more to say
             if (this.inputEnded) this.closeGracefully();
             break;
           }
-          this.onHandshakeMessage(msg);
+          this.negotiation.onMessage(msg);
         }
       }
       if (this.phase === 'transmission') {
@@ -768,7 +639,7 @@ class Connection {
   private updateFlow(): void {
     if (this.phase === 'closed') return;
     let blocked: boolean;
-    if (this.phase === 'handshake') blocked = this.optionBusy;
+    if (this.phase === 'handshake') blocked = this.negotiation.optionBusy;
     else if (this.phase === 'transmission') blocked = !this.disconnecting && !this.mayRead();
     // After DISC the client must send nothing; reading on just lets us notice it hang up.
     else blocked = false;
@@ -793,254 +664,41 @@ class Connection {
 
   // ---- handshake
 
-  private onHandshakeMessage(msg: ClientMessage): void {
-    switch (msg.type) {
-      case 'clientFlags':
-        if ((msg.flags & ~KNOWN_CLIENT_FLAGS) !== 0) {
-          // proto.md: the server MUST drop the connection on unknown client flags
-          this.log.info({ remote: this.remote, flags: msg.flags }, 'nbd client sent unknown client flags');
-          this.abort();
-          return;
-        }
-        // Clients without FIXED_NEWSTYLE are served fixed-newstyle replies anyway (proto.md
-        // allows it): the only such clients left send EXPORT_NAME at once, which has no reply.
-        this.noZeroes = (msg.flags & ClientFlag.NO_ZEROES) !== 0;
-        return;
-      case 'optionTooLong':
-        // proto.md lets a server drop a client it deems hostile; a body this size is refused
-        // from its header alone, so none of it is ever buffered.
-        this.log.info({ remote: this.remote, option: optionName(msg.option), length: msg.length }, 'nbd option too long; dropping client');
-        this.send([encodeOptionError(msg.option, Rep.ERR_TOO_BIG, `option data of ${msg.length} bytes exceeds ${this.s.maxOptionLength}`)]);
-        this.closeGracefully();
-        return;
-      case 'option':
-        if (++this.optionsSeen > this.s.maxOptions) {
-          this.log.info({ remote: this.remote }, 'nbd client sent too many options; dropping it');
-          this.abort();
-          return;
-        }
-        this.optionBusy = true;
-        this.handleOption(msg.option, msg.data).then(
-          () => {
-            this.optionBusy = false;
-            // the client may have gone while the option waited on the provider
-            if (this.phase === 'closed') this.maybeRelease();
-            else this.pump();
-          },
-          (err: unknown) => {
-            this.optionBusy = false;
-            this.log.warn({ remote: this.remote, err: messageOf(err) }, 'nbd option handling failed');
-            this.abort();
-            this.maybeRelease();
-          },
-        );
-        return;
-      default:
-        throw new TorusError('INTERNAL', `unexpected ${msg.type} during the handshake`);
-    }
+  // ---- handshake (negotiation.ts)
+
+  get buffered(): number {
+    return this.decoder.buffered;
   }
 
-  private reply(option: number, type: number, data?: Buffer): void {
-    this.send([encodeOptionReply(option, type, data)]);
-  }
-
-  private replyError(option: number, type: number, message: string): void {
-    this.send([encodeOptionError(option, type, message)]);
-  }
-
-  private async handleOption(option: number, data: Buffer): Promise<void> {
-    this.log.debug({ remote: this.remote, option: optionName(option), length: data.length }, 'nbd option');
-    // FORCEDTLS (proto.md): before STARTTLS every option but ABORT is refused, and EXPORT_NAME,
-    // which cannot be refused, ends the session.
-    if (this.s.tls?.mode === 'require' && !this.tlsDone && option !== Opt.STARTTLS && option !== Opt.ABORT) {
-      if (option !== Opt.EXPORT_NAME) return this.replyError(option, Rep.ERR_TLS_REQD, 'this server requires TLS: send STARTTLS first');
-      this.log.info({ remote: this.remote }, 'nbd EXPORT_NAME without TLS on a server that requires it; dropping client');
-      return this.abort();
-    }
-    switch (option) {
-      case Opt.EXPORT_NAME:
-        return this.optExportName(data);
-      case Opt.ABORT:
-        // proto.md: reply ACK (data, if any, is ignored), then the client hangs up
-        this.reply(option, Rep.ACK);
-        this.closeGracefully();
-        return;
-      case Opt.LIST:
-        return this.optList(data);
-      case Opt.STARTTLS:
-        return this.startTls(data);
-      case Opt.INFO:
-      case Opt.GO:
-        return this.optInfoGo(option, data);
-      case Opt.STRUCTURED_REPLY:
-        if (data.length !== 0) return this.replyError(option, Rep.ERR_INVALID, 'STRUCTURED_REPLY takes no data');
-        this.structured = true;
-        return this.reply(option, Rep.ACK);
-      case Opt.LIST_META_CONTEXT:
-      case Opt.SET_META_CONTEXT:
-        return this.optMetaContext(option, data);
-      default:
-        // includes EXTENDED_HEADERS: clients fall back to compact headers on ERR_UNSUP
-        return this.replyError(option, Rep.ERR_UNSUP, `${optionName(option)} is not supported`);
-    }
-  }
-
-  /**
-   * NBD_OPT_STARTTLS: ACK in plaintext, then the TLS handshake on the same connection; options
-   * go on over TLS. A failed handshake ends the session (proto.md: too late to go on without).
-   */
-  private async startTls(data: Buffer): Promise<void> {
-    const t = this.s.tls;
-    // NOTLS mode: proto.md allows ERR_UNSUP "if it does not support STARTTLS at all"
-    if (!t) return this.replyError(Opt.STARTTLS, Rep.ERR_UNSUP, 'TLS is not supported by this server');
-    if (this.tlsDone) return this.replyError(Opt.STARTTLS, Rep.ERR_INVALID, 'TLS is already on');
-    if (data.length !== 0) return this.replyError(Opt.STARTTLS, Rep.ERR_INVALID, 'STARTTLS takes no data');
-    // Bytes sent after STARTTLS and before the TLS handshake could only be an injection.
-    if (this.decoder.buffered > 0) {
-      this.log.info({ remote: this.remote }, 'nbd client sent data after STARTTLS before the TLS handshake; dropping it');
-      return this.abort();
-    }
+  takeStream(): Duplex {
     const raw = this.stream;
     this.detach(raw);
-    raw.on('error', () => {}); // the TLS socket reports errors from here on
-    await new Promise<void>((resolve) => raw.write(encodeOptionReply(Opt.STARTTLS, Rep.ACK), () => resolve()));
-    let pskIdentity: string | null = null;
-    const psk = t.psk;
-    const secure = new tls.TLSSocket(raw as net.Socket, {
-      isServer: true,
-      secureContext: t.context,
-      requestCert: t.ca !== undefined,
-      // Checked below, so that the refusal is logged and counted like any other.
-      rejectUnauthorized: false,
-      ...(psk
-        ? {
-            pskCallback: (_socket: tls.TLSSocket, id: string): Buffer | null => {
-              const key = psk.get(id);
-              if (key) pskIdentity = id;
-              return key ?? null;
-            },
-          }
-        : {}),
-    } as tls.TLSSocketOptions);
-    const ok = await new Promise<boolean>((resolve) => {
-      secure.once('secure', () => resolve(true));
-      secure.once('error', (err) => {
-        this.log.info({ remote: this.remote, err: err.message }, 'nbd TLS handshake failed; dropping client');
-        resolve(false);
-      });
-      secure.once('close', () => resolve(false));
-    });
-    const refusal = ok && pskIdentity === null && t.ca !== undefined ? clientCertificateProblem(secure, t.caCerts) : undefined;
-    if (refusal !== undefined) {
-      this.log.info({ remote: this.remote, err: refusal }, 'nbd client certificate refused; dropping client');
-    } else if (ok) {
-      const cn: unknown = secure.getPeerCertificate().subject?.CN;
-      this.identity = pskIdentity ?? (typeof cn === 'string' && cn !== '' ? cn : null);
-      this.stream = secure;
-      this.tlsDone = true;
-      // Nothing negotiated in plaintext carries over (a man in the middle could have chosen it).
-      this.structured = false;
-      this.metaExport = null;
-      this.attach(secure);
-      this.log.debug({ remote: this.remote, identity: this.identity }, 'nbd TLS on');
-      return;
-    }
-    secure.destroy();
-    this.stream = secure;
-    this.attach(secure);
-    this.abort();
+    return raw;
   }
 
-  /**
-   * The access rules' word on an export for this client; null also when the rules cannot be
-   * read (refusing is the safe side).
-   */
-  private async allowed(name: string): Promise<'rw' | 'ro' | null> {
-    const access = this.s.access;
-    if (!access) return 'rw';
-    try {
-      return await access(this.identity, name);
-    } catch (err) {
-      this.log.warn({ remote: this.remote, export: name, err: messageOf(err) }, 'nbd access rules cannot be read; refusing');
-      return null;
-    }
+  useStream(stream: Duplex): void {
+    this.stream = stream;
+    this.attach(stream);
   }
 
-  private refused(name: string): void {
-    this.log.info({ remote: this.remote, identity: this.identity ?? '(no TLS)', export: name }, 'nbd client not allowed this export');
-  }
-
-  private view(name: string, source: BlockDevice | DeviceInfo): ExportView {
-    if (!Number.isSafeInteger(source.size) || source.size < 0) throw new TorusError('INTERNAL', `device for "${name}" reports size ${source.size}`);
-    const readOnly = this.s.readOnly || this.grantedReadOnly || source.readOnly;
-    return {
-      name,
-      readOnly,
-      size: source.size,
-      flags: transmissionFlags({ readOnly, structured: this.structured, multiConn: this.s.multiConn }),
-      blockSizes: blockSizeConstraints(source, this.s.maxPayload),
-      source,
-    };
-  }
-
-  private async open(name: string): Promise<OpenExport> {
-    const { device, release } = await this.provider.open(name, { readOnly: this.s.readOnly || this.grantedReadOnly });
-    try {
-      return { ...this.view(name, device), device, release };
-    } catch (err) {
-      await release();
-      throw err;
-    }
-  }
-
-  /** For INFO: the provider's word if it can give one without opening (no lock), else open and release. */
-  private async look(name: string): Promise<ExportView> {
-    if (this.provider.info) return this.view(name, await this.provider.info(name, { readOnly: this.s.readOnly || this.grantedReadOnly }));
-    const exp = await this.open(name);
-    await exp.release().catch(() => {});
-    return exp;
-  }
-
-  private async optExportName(data: Buffer): Promise<void> {
-    let name: string;
-    try {
-      name = parseExportName(data);
-    } catch (err) {
-      this.log.info({ remote: this.remote, err: messageOf(err) }, 'nbd EXPORT_NAME with a malformed name; dropping client');
-      return this.abort();
-    }
-    const grant = await this.allowed(name);
-    if (grant === null) {
-      // EXPORT_NAME has no error reply: proto.md says terminate the session
-      this.refused(name);
-      return this.abort();
-    }
-    this.grantedReadOnly = grant === 'ro';
-    let exp: OpenExport;
-    try {
-      exp = await this.open(name);
-    } catch (err) {
-      // EXPORT_NAME has no error reply: proto.md says terminate the session
-      this.log.info({ remote: this.remote, export: name, err: messageOf(err) }, 'nbd EXPORT_NAME for an export that cannot be opened; dropping client');
-      return this.abort();
-    }
-    if (!this.adopt(exp)) return;
-    this.send([encodeExportNameReply(exp.size, exp.flags, this.noZeroes)]);
-    this.enterTransmission();
-  }
-
-  /** Keeps an opened export unless the connection went away while it was being opened. */
-  private adopt(exp: OpenExport): boolean {
+  adopt(exp: OpenExport): boolean {
     if (this.phase !== 'handshake') {
       void exp.release().catch(() => {});
       return false;
     }
     this.exp = exp;
-    if (this.metaExport !== exp.name) this.metaExport = null;
     return true;
   }
 
-  private enterTransmission(): void {
+  optionDone(): void {
+    // the client may have gone while the option waited on the provider
+    if (this.phase === 'closed') this.maybeRelease();
+    else this.pump();
+  }
+
+  transmit(agreed: Agreed): void {
+    this.structured = agreed.structured;
+    this.allocation = agreed.allocation;
     this.decoder.startTransmission();
     this.phase = 'transmission';
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
@@ -1048,85 +706,6 @@ class Connection {
     this.server.counters.handshakes++;
     const e = this.exp;
     this.log.debug({ remote: this.remote, export: e?.name, size: e?.size, flags: e?.flags, structured: this.structured }, 'nbd transmission');
-  }
-
-  private async optList(data: Buffer): Promise<void> {
-    if (data.length !== 0) return this.replyError(Opt.LIST, Rep.ERR_INVALID, 'LIST takes no data');
-    let names: string[];
-    try {
-      names = await this.provider.list();
-    } catch (err) {
-      const shut = toTorusError(err).code === 'CLOSED';
-      return this.replyError(Opt.LIST, shut ? Rep.ERR_SHUTDOWN : Rep.ERR_POLICY, `cannot list exports: ${messageOf(err)}`);
-    }
-    const visible: string[] = [];
-    for (const n of names) if ((await this.allowed(n)) !== null) visible.push(n);
-    for (const n of visible) this.send([encodeRepServer(Opt.LIST, n)]);
-    this.reply(Opt.LIST, Rep.ACK);
-  }
-
-  private async optInfoGo(option: number, data: Buffer): Promise<void> {
-    let req;
-    try {
-      req = parseInfoRequest(data);
-    } catch (err) {
-      return this.replyError(option, Rep.ERR_INVALID, messageOf(err));
-    }
-    const go = option === Opt.GO;
-    const grant = await this.allowed(req.name);
-    if (grant === null) {
-      this.refused(req.name);
-      // The same answer whether the export exists or not.
-      return this.replyError(option, Rep.ERR_POLICY, `not allowed to open "${req.name}"`);
-    }
-    this.grantedReadOnly = grant === 'ro';
-    let exp: ExportView;
-    try {
-      if (go) {
-        const opened = await this.open(req.name);
-        if (!this.adopt(opened)) return;
-        exp = opened;
-      } else exp = await this.look(req.name);
-    } catch (err) {
-      return this.replyError(option, openErrorReply(err), `export "${req.name}" is not available: ${messageOf(err)}`);
-    }
-    this.send([encodeInfoReply(option, { type: Info.EXPORT, size: exp.size, flags: exp.flags })]);
-    if (req.requests.includes(Info.NAME)) this.send([encodeInfoReply(option, { type: Info.NAME, name: exp.name })]);
-    if (req.requests.includes(Info.DESCRIPTION)) {
-      const d = this.s.describe(exp.name, exp.source);
-      if (d !== undefined) this.send([encodeInfoReply(option, { type: Info.DESCRIPTION, description: d })]);
-    }
-    // Sent whether asked or not: clients must ignore unrequested info, and it tells those that
-    // understand it about the 32 MiB cap even if they forgot to ask.
-    this.send([encodeInfoReply(option, { type: Info.BLOCK_SIZE, ...exp.blockSizes })]);
-    this.reply(option, Rep.ACK);
-    if (go) this.enterTransmission();
-  }
-
-  private optMetaContext(option: number, data: Buffer): void {
-    const set = option === Opt.SET_META_CONTEXT;
-    // proto.md: SET replaces the selection even when it fails
-    if (set) this.metaExport = null;
-    if (!this.structured) return this.replyError(option, Rep.ERR_INVALID, 'negotiate STRUCTURED_REPLY first');
-    let req;
-    try {
-      req = parseMetaContextRequest(data);
-    } catch (err) {
-      return this.replyError(option, Rep.ERR_INVALID, messageOf(err));
-    }
-    let found = !set && req.queries.length === 0;
-    for (const q of req.queries) {
-      const colon = q.indexOf(':');
-      if (colon <= 0) return this.replyError(option, Rep.ERR_INVALID, `query "${q}" has no namespace`);
-      // other namespaces and unknown base: leaves MUST be ignored, not refused
-      if (q.slice(0, colon) !== 'base') continue;
-      const leaf = q.slice(colon + 1);
-      if (leaf === 'allocation' || (!set && leaf === '')) found = true;
-    }
-    // The export is checked when GO names it: opening it here could take a volume's lock twice.
-    if (found) this.send([encodeMetaContextReply(option, set ? ALLOCATION_CONTEXT_ID : 0, BASE_ALLOCATION)]);
-    if (set && found) this.metaExport = req.name;
-    this.reply(option, Rep.ACK);
   }
 
   // ---- transmission
@@ -1191,7 +770,7 @@ class Connection {
     const writes = WRITE_COMMANDS.has(req.command);
     if (writes && exp.readOnly) return new Refusal(Errno.EPERM, 'export is read-only');
     if (req.command === Cmd.FLUSH) return undefined;
-    if (req.command === Cmd.BLOCK_STATUS && this.metaExport === null)
+    if (req.command === Cmd.BLOCK_STATUS && !this.allocation)
       return new Refusal(Errno.EINVAL, 'BLOCK_STATUS needs base:allocation selected with SET_META_CONTEXT for this export');
     if ((req.command === Cmd.READ || req.command === Cmd.CACHE) && req.length > this.s.maxPayload) {
       this.server.counters.oversizedRequests++;
@@ -1313,7 +892,7 @@ class Connection {
 
   // ---- output and teardown
 
-  private send(parts: Buffer[]): void {
+  send(parts: Buffer[]): void {
     const st = this.stream;
     if (this.phase === 'closed' || st.destroyed || st.writableEnded) return;
     // Replies finished in the same turn of the event loop (every storage-node answer it read)
@@ -1338,7 +917,7 @@ class Connection {
   }
 
   /** Sends what is queued, then closes (a soft end for DISC, ABORT and refusals we explain). */
-  private closeGracefully(): void {
+  closeGracefully(): void {
     if (this.phase === 'closed' || this.phase === 'closing') return;
     this.phase = 'closing';
     this.clearTimer();
@@ -1357,7 +936,7 @@ class Connection {
   }
 
   /** Hard disconnect: the client broke the protocol or is hostile. */
-  private abort(): void {
+  abort(): void {
     if (this.phase === 'closed') return;
     this.clearTimer();
     this.stream.destroy();
@@ -1381,7 +960,7 @@ class Connection {
 
   /** Releases the device once no request or option can still be using it, then reports the connection done. */
   private maybeRelease(): void {
-    if (this.released || this.phase !== 'closed' || this.inFlight > 0 || this.optionBusy) return;
+    if (this.released || this.phase !== 'closed' || this.inFlight > 0 || this.negotiation.optionBusy) return;
     this.released = true;
     const exp = this.exp;
     this.exp = null;

@@ -1,10 +1,8 @@
-import net from 'node:net';
-import tls from 'node:tls';
 import type { Duplex } from 'node:stream';
 import { TorusError, type ErrorCode } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { LogPiece, SectorRead } from '../core/interfaces.js';
-import { parsePeerAddress, type PeerAddress } from './address.js';
+import type { PeerAddress } from './address.js';
 import {
   ConsecutiveFailureBreaker,
   exponentialBackoff,
@@ -16,19 +14,12 @@ import {
 } from './breaker.js';
 import {
   DEFAULT_MAX_FRAME_SIZE,
-  EXT_AUTH_HMAC,
-  EXT_CRITICAL,
-  EXT_CHECKSUMS,
-  EXT_INSTANCE,
-  EXT_JOURNAL,
   FLAG_RAW,
   FLAG_SUMS,
   encodeAppend,
   encodeFence,
   encodeSeal,
   type FenceResultMessage,
-  FrameDecoder,
-  HANDSHAKE_MAX_FRAME_SIZE,
   HEADER_SIZE,
   MIN_MAX_FRAME_SIZE,
   MIN_PROTOCOL_VERSION,
@@ -40,21 +31,22 @@ import {
   encodeEmpty,
   encodeGetInto,
   encodeHasBatch,
-  encodeHello,
   encodePutBatch,
   maxRefsPerFrame,
   opName,
   putItemFrameCost,
   setFrameId,
   type HasResultMessage,
-  type HelloOkMessage,
   type Message,
   type PutItem,
   type PutResultMessage,
 } from './codec.js';
-import { clientProof, connectionEkm, dialTls, verifyServerProof, type PeerSecurity } from './security.js';
+import { PeerConnection, type CallQueue, type ClientState, type Connection, type RemotePeer } from './connection.js';
+import type { PeerSecurity } from './security.js';
 import type { NodeIdentity, VersionRange } from './server.js';
-import { Fifo, FrameWriter } from './writer.js';
+import { Fifo } from './writer.js';
+
+export type { ClientState, RemotePeer } from './connection.js';
 
 /** A queued call may wait this many times its timeout to be sent (it then has its whole timeout). */
 const QUEUE_TIMEOUT_FACTOR = 6;
@@ -97,24 +89,6 @@ export interface PutOptions extends RequestOptions {
   /** Ask the peer to flush before acknowledging, making the blocks durable in one round trip. */
   readonly sync?: boolean;
 }
-
-/** What the peer told us about itself in HELLO_OK. */
-export interface RemotePeer {
-  readonly uuid: string;
-  readonly clusterId: string;
-  readonly version: number;
-  readonly maxFrameSize: number;
-  readonly maxInFlight: number;
-  readonly blockSize: number;
-  /** The peer process's EXT_INSTANCE, hex; undefined from a peer that does not send one. */
-  readonly instance: string | undefined;
-  /** EXT_CHECKSUMS: it checks PUT CRCs and serves sector checksums. */
-  readonly checksums: boolean;
-  /** EXT_JOURNAL: it keeps volume journals. */
-  readonly journal: boolean;
-}
-
-export type ClientState = 'idle' | 'connecting' | 'ready' | 'closed';
 
 export interface PeerClientStats {
   readonly state: ClientState;
@@ -165,14 +139,6 @@ interface Call {
   probe: boolean;
 }
 
-interface Connection {
-  readonly stream: Duplex;
-  readonly decoder: FrameDecoder;
-  readonly writer: FrameWriter;
-  ready: boolean;
-  timer: NodeJS.Timeout | null;
-}
-
 const NO_PARTS: readonly Buffer[] = [];
 
 function onCallTimeout(client: PeerClient, call: Call): void {
@@ -198,73 +164,72 @@ function onCallTimeout(client: PeerClient, call: Call): void {
  */
 export class PeerClient {
   readonly address: string;
-  private readonly target: PeerAddress;
   private readonly o: {
-    readonly connectTimeoutMs: number;
     readonly requestTimeoutMs: number;
     readonly maxInFlight: number;
     readonly maxQueued: number;
-    readonly maxQueuedWriteBytes: number;
-    readonly maxFrameSize: number;
-    readonly keepaliveMs: number;
-    readonly idleCloseMs: number;
-    readonly versions: VersionRange;
   };
-  private readonly identity: NodeIdentity;
-  private readonly expectUuid: string | undefined;
-  private readonly connectFn: ((address: PeerAddress) => Duplex) | undefined;
-  private readonly security: PeerSecurity;
-  private readonly backoff: BackoffPolicy;
   readonly breaker: CircuitBreaker;
+  private readonly connection: PeerConnection;
 
-  private _state: ClientState = 'idle';
-  private conn: Connection | null = null;
-  private _remote: RemotePeer | undefined;
   private readonly queue = new Fifo<Call>();
   private readonly pending = new Map<number, Call>();
   private inFlight = 0;
   private nextId = 0;
-  private attempts = 0;
-  private nextAttemptAt = 0;
-  private backoffTimer: NodeJS.Timeout | null = null;
-  private keepaliveTimer: NodeJS.Timeout | null = null;
-  private pingOutstanding = false;
-  private lastReceived = 0;
   private lastCall = 0;
-  private lastError: TorusError | null = null;
-  private readonly counters = { connects: 0, connectFailures: 0, timeouts: 0, requests: 0 };
+  private readonly counters = { timeouts: 0, requests: 0 };
 
   constructor(address: string, options: PeerClientOptions) {
     this.address = address;
-    this.target = parsePeerAddress(address);
-    this.identity = options.identity;
-    this.expectUuid = options.expectUuid;
-    this.connectFn = options.connect;
-    this.security = options.security ?? { mode: 'insecure' };
     this.o = {
-      connectTimeoutMs: options.connectTimeoutMs ?? CLIENT_DEFAULTS.connectTimeoutMs,
       requestTimeoutMs: options.requestTimeoutMs ?? CLIENT_DEFAULTS.requestTimeoutMs,
       maxInFlight: Math.max(1, options.maxInFlight ?? CLIENT_DEFAULTS.maxInFlight),
       maxQueued: options.maxQueued ?? CLIENT_DEFAULTS.maxQueued,
-      maxQueuedWriteBytes: options.maxQueuedWriteBytes ?? CLIENT_DEFAULTS.maxQueuedWriteBytes,
-      maxFrameSize: Math.max(MIN_MAX_FRAME_SIZE, options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE),
-      keepaliveMs: options.keepaliveMs ?? CLIENT_DEFAULTS.keepaliveMs,
-      idleCloseMs: options.idleCloseMs ?? CLIENT_DEFAULTS.idleCloseMs,
-      versions: options.versions ?? { min: MIN_PROTOCOL_VERSION, max: PROTOCOL_VERSION },
     };
     const b = options.backoff;
-    this.backoff = typeof b === 'function' ? b : exponentialBackoff(b);
     const br = options.breaker;
-    this.breaker = br !== undefined && 'tryAcquire' in br ? br : new ConsecutiveFailureBreaker(br);
+    this.connection = new PeerConnection(
+      address,
+      {
+        identity: options.identity,
+        expectUuid: options.expectUuid,
+        connectTimeoutMs: options.connectTimeoutMs ?? CLIENT_DEFAULTS.connectTimeoutMs,
+        maxQueuedWriteBytes: options.maxQueuedWriteBytes ?? CLIENT_DEFAULTS.maxQueuedWriteBytes,
+        maxFrameSize: Math.max(MIN_MAX_FRAME_SIZE, options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE),
+        keepaliveMs: options.keepaliveMs ?? CLIENT_DEFAULTS.keepaliveMs,
+        idleCloseMs: options.idleCloseMs ?? CLIENT_DEFAULTS.idleCloseMs,
+        versions: options.versions ?? { min: MIN_PROTOCOL_VERSION, max: PROTOCOL_VERSION },
+        backoff: typeof b === 'function' ? b : exponentialBackoff(b),
+        breaker: br !== undefined && 'tryAcquire' in br ? br : new ConsecutiveFailureBreaker(br),
+        connect: options.connect,
+        security: options.security ?? { mode: 'insecure' },
+      },
+      this.callQueue(),
+    );
+    this.breaker = this.connection.breaker;
+  }
+
+  /** The calls as the connection sees them; kept off PeerClient's own surface. */
+  private callQueue(): CallQueue {
+    return {
+      inFlight: () => this.inFlight,
+      queued: () => this.queue.length,
+      lastCall: () => this.lastCall,
+      complete: (conn, m) => this.complete(conn, m),
+      pump: () => this.pump(),
+      failPending: (err) => this.failPending(err),
+      failQueued: (err) => this.failQueued(err),
+      ping: () => this.request([encodeEmpty(Op.Ping, 0)], Op.Ping, Op.Pong, undefined, this.o.requestTimeoutMs, 0, 0, true),
+    };
   }
 
   get state(): ClientState {
-    return this._state;
+    return this.connection.state;
   }
 
   /** The peer's HELLO_OK, once connected. */
   get remote(): RemotePeer | undefined {
-    return this._remote;
+    return this.connection.remote;
   }
 
   /**
@@ -274,23 +239,24 @@ export class PeerClient {
    * continuations the reply set off.
    */
   get instance(): string | undefined {
-    return this._remote?.instance;
+    return this.remote?.instance;
   }
 
   /** The peer's block size once known, else 0 (lets a client stand in for a BlockService). */
   get blockSize(): number {
-    return this._remote?.blockSize ?? 0;
+    return this.remote?.blockSize ?? 0;
   }
 
   stats(): PeerClientStats {
     return {
-      state: this._state,
+      state: this.state,
       breaker: this.breaker.state,
       inFlight: this.inFlight,
       queued: this.queue.length,
-      queuedWriteBytes: this.conn?.writer.queuedBytes ?? 0,
+      queuedWriteBytes: this.connection.current?.writer.queuedBytes ?? 0,
+      ...this.connection.counters,
       ...this.counters,
-      lastError: this.lastError?.message ?? null,
+      lastError: this.connection.lastError?.message ?? null,
     };
   }
 
@@ -315,7 +281,7 @@ export class PeerClient {
    */
   async readSectors(ref: BlockRef, offset: number, length: number, options?: RequestOptions): Promise<SectorRead | undefined> {
     checkGet(ref, offset, length);
-    const remote = this._remote ?? (await this.connect(options));
+    const remote = this.remote ?? (await this.connect(options));
     if (!remote.checksums) return undefined;
     return (await this.request(NO_PARTS, Op.Get, Op.Data, ref, options?.timeoutMs, offset, length, false, FLAG_SUMS)) as SectorRead;
   }
@@ -375,13 +341,13 @@ export class PeerClient {
    */
   async putBlocks(items: readonly PutItem[], options?: PutOptions): Promise<(TorusError | null)[]> {
     if (items.length === 0) return [];
-    let limit = this._remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE;
+    let limit = this.remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE;
     const crcs = items.every((it) => it.crc !== undefined);
-    if (!this._remote && (crcs || items.some((it) => HEADER_SIZE + 4 + putItemFrameCost(it) > limit))) {
+    if (!this.remote && (crcs || items.some((it) => HEADER_SIZE + 4 + putItemFrameCost(it) > limit))) {
       // Blocks over the protocol minimum need the peer's actual limit, and CRCs its support.
       limit = (await this.connect(options)).maxFrameSize;
     }
-    const sendCrcs = crcs && this._remote?.checksums === true;
+    const sendCrcs = crcs && this.remote?.checksums === true;
     const results: (TorusError | null)[] = new Array(items.length).fill(null);
     const groups: number[][] = [];
     let group: number[] = [];
@@ -423,7 +389,7 @@ export class PeerClient {
   }
 
   async hasBlocks(refs: readonly BlockRef[], options?: RequestOptions): Promise<boolean[]> {
-    const per = maxRefsPerFrame(this._remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE);
+    const per = maxRefsPerFrame(this.remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE);
     const chunks: Promise<boolean[]>[] = [];
     for (let i = 0; i < refs.length; i += per) {
       const slice = refs.slice(i, i + per);
@@ -445,7 +411,7 @@ export class PeerClient {
   }
 
   async deleteBlocks(refs: readonly BlockRef[], options?: RequestOptions): Promise<void> {
-    const per = maxRefsPerFrame(this._remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE);
+    const per = maxRefsPerFrame(this.remote?.maxFrameSize ?? MIN_MAX_FRAME_SIZE);
     const chunks: Promise<unknown>[] = [];
     for (let i = 0; i < refs.length; i += per) {
       const slice = refs.slice(i, i + per);
@@ -469,33 +435,15 @@ export class PeerClient {
 
   /** Connects and handshakes now instead of on first use; resolves to the peer's identity. */
   async connect(options?: RequestOptions): Promise<RemotePeer> {
-    if (this._state !== 'ready' || !this._remote) await this.ping(options);
-    const remote = this._remote;
+    if (this.state !== 'ready' || !this.remote) await this.ping(options);
+    const remote = this.remote;
     if (!remote) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${this.address} disconnected during connect`);
     return remote;
   }
 
   /** Fails everything pending with CLOSED and closes the connection; later calls fail too. */
-  async close(): Promise<void> {
-    if (this._state === 'closed') return;
-    this._state = 'closed';
-    this.clearTimers();
-    const err = new TorusError('CLOSED', `client for peer ${this.address} was closed`);
-    const conn = this.conn;
-    this.conn = null;
-    this.failPending(err);
-    this.failQueued(err);
-    if (conn) {
-      conn.writer.discard();
-      if (conn.timer) clearTimeout(conn.timer);
-      await new Promise<void>((resolve) => {
-        if (conn.stream.destroyed) resolve();
-        else {
-          conn.stream.once('close', () => resolve());
-          conn.stream.destroy();
-        }
-      });
-    }
+  close(): Promise<void> {
+    return this.connection.close();
   }
 
   // -------------------------------------------------------------------------------------------
@@ -512,18 +460,13 @@ export class PeerClient {
     internal = false,
     getFlags = 0,
   ): Promise<Message | Buffer | SectorRead> {
-    if (this._state === 'closed') return Promise.reject(new TorusError('CLOSED', `client for peer ${this.address} is closed`));
+    if (this.state === 'closed') return Promise.reject(new TorusError('CLOSED', `client for peer ${this.address} is closed`));
     let probe = false;
     if (!internal) {
       const verdict = this.breaker.tryAcquire();
-      if (verdict === 'reject') return Promise.reject(this.openError());
+      if (verdict === 'reject') return Promise.reject(this.connection.openError());
       probe = verdict === 'probe';
-      if (probe && this.backoffTimer) {
-        // The cool-down was the wait; the probe should not also sit out a reconnect backoff.
-        clearTimeout(this.backoffTimer);
-        this.backoffTimer = null;
-        this.nextAttemptAt = 0;
-      } else if (probe) this.nextAttemptAt = 0;
+      if (probe) this.connection.skipBackoff();
       if (this.queue.length >= this.o.maxQueued) {
         if (probe) this.breaker.release();
         return Promise.reject(new TorusError('AGAIN', `${this.queue.length} requests already queued for peer ${this.address}`));
@@ -545,14 +488,14 @@ export class PeerClient {
 
   /** Sends queued calls while the in-flight cap and the socket allow; connects if needed. */
   private pump(): void {
-    if (this._state === 'closed' || this.queue.length === 0) return;
-    const conn = this.conn;
+    if (this.state === 'closed' || this.queue.length === 0) return;
+    const conn = this.connection.current;
     if (!conn) {
-      this.startConnect();
+      this.connection.startConnect();
       return;
     }
     if (!conn.ready) return;
-    const cap = Math.min(this.o.maxInFlight, this._remote?.maxInFlight ?? this.o.maxInFlight);
+    const cap = Math.min(this.o.maxInFlight, this.remote?.maxInFlight ?? this.o.maxInFlight);
     while (this.inFlight < cap && !conn.writer.needDrain) {
       const call = this.queue.shift();
       if (call === undefined) break;
@@ -596,7 +539,7 @@ export class PeerClient {
       this.pending.delete(call.id);
       this.inFlight--;
       call.reject(err);
-      this.transportFailure(err);
+      this.connection.transportFailure(err);
       this.pump();
     } else {
       if (call.probe) this.breaker.release();
@@ -607,7 +550,7 @@ export class PeerClient {
   private complete(conn: Connection, m: Message): void {
     const call = this.pending.get(m.id);
     if (call === undefined) {
-      if (m.op === Op.Error && m.id === 0) this.dropConnection(conn, new TorusError(m.code, `peer ${this.address} closed the connection: ${m.message}`));
+      if (m.op === Op.Error && m.id === 0) this.connection.dropConnection(conn, new TorusError(m.code, `peer ${this.address} closed the connection: ${m.message}`));
       // else: a late reply to a call that timed out
       return;
     }
@@ -628,261 +571,8 @@ export class PeerClient {
     else {
       const err = new TorusError('PROTOCOL', `peer ${this.address} answered ${opName(call.op)} with ${opName(m.op)}`);
       call.reject(err);
-      this.dropConnection(conn, err);
+      this.connection.dropConnection(conn, err);
     }
-  }
-
-  // -------------------------------------------------------------------------------------------
-  // Connection lifecycle
-
-  private startConnect(): void {
-    if (this.conn || this.backoffTimer || this._state === 'closed') return;
-    this._state = 'connecting';
-    const wait = this.nextAttemptAt - Date.now();
-    if (wait > 0) {
-      this.backoffTimer = setTimeout(() => {
-        this.backoffTimer = null;
-        if (this.queue.length > 0) this.openConnection();
-        else if (this._state === 'connecting') this._state = 'idle';
-      }, wait);
-      return;
-    }
-    this.openConnection();
-  }
-
-  private openConnection(): void {
-    if (this._state === 'closed') return;
-    this._state = 'connecting';
-    this.counters.connects++;
-    // Replies to our own requests: lengths we asked for, so each payload is read in place.
-    const decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE, allocateOnHeader: true });
-    let stream: Duplex;
-    try {
-      const sec = this.security;
-      stream = this.connectFn
-        ? this.connectFn(this.target)
-        : sec.mode !== 'insecure'
-          ? dialTls(sec, this.target, this.expectUuid)
-          : net.connect({
-            host: this.target.host,
-            port: this.target.port,
-            noDelay: true,
-            // Reads land where the decoder says: a block payload goes straight from the kernel
-            // into the buffer the caller will get, with no copy in between.
-            onread: {
-              buffer: () => decoder.readTarget(),
-              callback: (n: number, buf: Uint8Array) => {
-                this.onRead(conn, buf as Buffer, n);
-                return true;
-              },
-            },
-          });
-    } catch (err) {
-      this.connectFailed(new TorusError('BLOCK_UNAVAILABLE', `cannot connect to peer ${this.address}: ${(err as Error).message}`, { cause: err }));
-      return;
-    }
-    const conn: Connection = {
-      stream,
-      decoder,
-      writer: new FrameWriter(stream, { maxQueuedBytes: this.o.maxQueuedWriteBytes, onWritable: () => this.pump() }),
-      ready: false,
-      timer: null,
-    };
-    this.conn = conn;
-    // The timer can fire in the loop turn that ends a long synchronous stretch (a big sync's burst
-    // of puts on a slow machine), before the poll phase has seen a connect that completed in the
-    // meantime: decide only after that phase, and give a connection whose TCP connect got
-    // through one more period for the hello.
-    let progressed = false;
-    stream.once('connect', () => (progressed = true));
-    const expire = (): void => {
-      setImmediate(() => {
-        if (conn.ready || this.conn !== conn) return;
-        if (progressed) {
-          progressed = false;
-          conn.timer = setTimeout(expire, this.o.connectTimeoutMs);
-          return;
-        }
-        this.dropConnection(conn, new TorusError('TIMEOUT', `connecting to peer ${this.address} timed out after ${this.o.connectTimeoutMs} ms`));
-      });
-    };
-    conn.timer = setTimeout(expire, this.o.connectTimeoutMs);
-    stream.on('data', (chunk: Buffer) => this.onData(conn, chunk));
-    stream.on('error', (err: Error) => {
-      const verb = conn.ready ? 'connection to' : 'cannot connect to';
-      this.dropConnection(conn, new TorusError('BLOCK_UNAVAILABLE', `${verb} peer ${this.address}: ${err.message}`, { cause: err }));
-    });
-    stream.on('end', () => this.dropConnection(conn, null));
-    stream.on('close', () => this.dropConnection(conn, null));
-    const hello = (): void => {
-      const sec = this.security;
-      const ekm = sec.mode === 'secret' ? connectionEkm(stream) : undefined;
-      conn.writer.write(
-        encodeHello(0, {
-          minVersion: this.o.versions.min,
-          maxVersion: this.o.versions.max,
-          maxFrameSize: this.o.maxFrameSize,
-          uuid: this.identity.uuid,
-          clusterId: this.identity.clusterId,
-          extensions: sec.mode === 'secret' && ekm ? [{ type: EXT_AUTH_HMAC, value: clientProof(sec, ekm) }] : [],
-        }),
-      );
-    };
-    // Over TLS, HELLO goes once the handshake has checked the server's certificate.
-    if (stream instanceof tls.TLSSocket && !this.connectFn) stream.once('secureConnect', hello);
-    else if (stream instanceof net.Socket && stream.connecting) stream.once('connect', hello);
-    else hello();
-  }
-
-  private onData(conn: Connection, chunk: Buffer): void {
-    this.onRead(conn, chunk, -1);
-  }
-
-  /** `n` >= 0: `buf` is the decoder's readTarget() and got n bytes; -1: `buf` is a chunk. */
-  private onRead(conn: Connection, buf: Buffer, n: number): void {
-    if (conn !== this.conn) return;
-    this.lastReceived = Date.now();
-    try {
-      if (n < 0) conn.decoder.push(buf);
-      else conn.decoder.commitRead(buf, n);
-      for (let m = conn.decoder.next(); m !== null; m = conn.decoder.next()) {
-        if (!conn.ready) this.handshake(conn, m);
-        else this.complete(conn, m);
-        if (conn !== this.conn) return;
-      }
-    } catch (err) {
-      const e = err instanceof TorusError ? err : new TorusError('PROTOCOL', String(err), { cause: err });
-      this.dropConnection(conn, new TorusError('PROTOCOL', `peer ${this.address} broke the protocol: ${e.message}`, { cause: e }));
-      return;
-    }
-    this.pump();
-  }
-
-  private handshake(conn: Connection, m: Message): void {
-    if (m.op === Op.Error) {
-      this.dropConnection(conn, new TorusError(m.code, `peer ${this.address} refused the handshake: ${m.message}`));
-      return;
-    }
-    if (m.op !== Op.HelloOk) {
-      this.dropConnection(conn, new TorusError('PROTOCOL', `peer ${this.address} answered HELLO with ${opName(m.op)}`));
-      return;
-    }
-    const problem = this.checkHelloOk(m);
-    if (problem) {
-      this.dropConnection(conn, problem);
-      return;
-    }
-    conn.ready = true;
-    if (conn.timer) clearTimeout(conn.timer);
-    conn.timer = null;
-    conn.decoder.maxFrameSize = this.o.maxFrameSize;
-    this._remote = {
-      uuid: m.uuid,
-      clusterId: m.clusterId,
-      version: m.version,
-      maxFrameSize: m.maxFrameSize,
-      maxInFlight: m.maxInFlight,
-      blockSize: m.blockSize,
-      instance: m.extensions.find((e) => e.type === EXT_INSTANCE)?.value.toString('hex'),
-      checksums: m.extensions.some((e) => e.type === EXT_CHECKSUMS),
-      journal: m.extensions.some((e) => e.type === EXT_JOURNAL),
-    };
-    this._state = 'ready';
-    this.attempts = 0;
-    this.nextAttemptAt = 0;
-    this.breaker.success();
-    this.startKeepalive();
-  }
-
-  private checkHelloOk(m: HelloOkMessage): TorusError | null {
-    const v = this.o.versions;
-    if (m.version < v.min || m.version > v.max)
-      return new TorusError('PROTOCOL', `peer ${this.address} chose protocol version ${m.version}, we speak ${v.min}..${v.max}`);
-    const sec = this.security;
-    if (sec.mode === 'secret') {
-      const ekm = this.conn ? connectionEkm(this.conn.stream) : undefined;
-      const proof = m.extensions.find((e) => e.type === EXT_AUTH_HMAC)?.value;
-      if (!ekm || !verifyServerProof(sec, ekm, proof))
-        return new TorusError('PERMISSION_DENIED', `peer ${this.address} did not prove it holds the cluster secret`);
-    }
-    if (m.clusterId !== this.identity.clusterId) return new TorusError('WRONG_CLUSTER', `peer ${this.address} belongs to another cluster`);
-    if (this.expectUuid !== undefined && m.uuid !== this.expectUuid)
-      return new TorusError('NO_PEER', `peer at ${this.address} is node ${m.uuid}, not the expected ${this.expectUuid}`);
-    const critical = m.extensions.find((e) => (e.type & EXT_CRITICAL) !== 0 && !(e.type === EXT_AUTH_HMAC && sec.mode === 'secret'));
-    if (critical) return new TorusError('PROTOCOL', `peer ${this.address} requires handshake extension 0x${critical.type.toString(16)}, which we do not support`);
-    return null;
-  }
-
-  /**
-   * The single place where a connection ends. `err` null means the stream ended or closed;
-   * that is only a failure if it happens before the handshake or with calls on the wire.
-   */
-  private dropConnection(conn: Connection, err: TorusError | null, counted = false): void {
-    if (conn !== this.conn) return;
-    this.conn = null;
-    if (conn.timer) clearTimeout(conn.timer);
-    this.stopKeepalive();
-    conn.writer.discard();
-    conn.stream.destroy();
-    if (this._state === 'closed') return;
-    this._state = 'idle';
-    if (!conn.ready) {
-      this.connectFailed(err ?? new TorusError('BLOCK_UNAVAILABLE', `peer ${this.address} closed the connection during the handshake`));
-      return;
-    }
-    const hadPending = this.pending.size > 0;
-    if (hadPending) {
-      const reason = err?.message ?? 'closed by the peer';
-      this.failPending(new TorusError('BLOCK_UNAVAILABLE', `connection to peer ${this.address} lost: ${reason}`, { cause: err ?? undefined }));
-    }
-    if (err !== null || hadPending) {
-      this.scheduleRetry();
-      if (!counted) this.transportFailure(err ?? new TorusError('BLOCK_UNAVAILABLE', `peer ${this.address} closed the connection with requests pending`));
-    }
-    this.pump();
-  }
-
-  private connectFailed(err: TorusError): void {
-    this.counters.connectFailures++;
-    this._state = 'idle';
-    this.scheduleRetry();
-    // Everything waiting was waiting for this connection: one failure answers all of them.
-    this.failQueued(err);
-    this.transportFailure(err);
-  }
-
-  private scheduleRetry(): void {
-    this.attempts++;
-    this.nextAttemptAt = Date.now() + this.backoff(this.attempts);
-  }
-
-  private transportFailure(err: TorusError): void {
-    this.lastError = err;
-    const before = this.breaker.state;
-    this.breaker.failure();
-    if (this.breaker.state === 'open' && before !== 'open') {
-      const open = this.openError();
-      const conn = this.conn;
-      if (conn) {
-        this.conn = null;
-        if (conn.timer) clearTimeout(conn.timer);
-        this.stopKeepalive();
-        conn.writer.discard();
-        conn.stream.destroy();
-        if (this._state !== 'closed') this._state = 'idle';
-      }
-      this.failPending(open);
-      this.failQueued(open);
-    }
-  }
-
-  private openError(): TorusError {
-    const last = this.lastError ? ` (last error: ${this.lastError.message})` : '';
-    return new TorusError(
-      'BLOCK_UNAVAILABLE',
-      `peer ${this.address} is unavailable: circuit open after ${this.breaker.failures} consecutive failures, next try in ${Math.ceil(this.breaker.retryInMs())} ms${last}`,
-      { cause: this.lastError ?? undefined },
-    );
   }
 
   private failPending(err: TorusError): void {
@@ -912,54 +602,5 @@ export class PeerClient {
   private describe(call: Call): string {
     const what = call.ref ? `${opName(call.op)} ${formatBlockRef(call.ref)}` : opName(call.op);
     return call.getLength ? `${what} [${call.getOffset}+${call.getLength}]` : what;
-  }
-
-  // -------------------------------------------------------------------------------------------
-  // Keepalive and idle close
-
-  private startKeepalive(): void {
-    this.stopKeepalive();
-    const period = Math.min(...[this.o.keepaliveMs, this.o.idleCloseMs].filter((x) => x > 0));
-    if (!Number.isFinite(period)) return;
-    this.lastReceived = Date.now();
-    this.keepaliveTimer = setInterval(() => this.keepalive(), Math.max(10, period / 2));
-    this.keepaliveTimer.unref();
-  }
-
-  private stopKeepalive(): void {
-    if (this.keepaliveTimer) clearInterval(this.keepaliveTimer);
-    this.keepaliveTimer = null;
-  }
-
-  private keepalive(): void {
-    const conn = this.conn;
-    if (!conn || !conn.ready) return;
-    const now = Date.now();
-    if (this.o.idleCloseMs > 0 && now - this.lastCall >= this.o.idleCloseMs && this.inFlight === 0 && this.queue.length === 0) {
-      // Nobody has needed this peer for a while: hang up rather than ping forever.
-      this.dropConnection(conn, null);
-      return;
-    }
-    if (this.o.keepaliveMs > 0 && now - this.lastReceived >= this.o.keepaliveMs && !this.pingOutstanding) {
-      this.pingOutstanding = true;
-      this.request([encodeEmpty(Op.Ping, 0)], Op.Ping, Op.Pong, undefined, this.o.requestTimeoutMs, 0, 0, true).then(
-        () => {
-          this.pingOutstanding = false;
-        },
-        (err: TorusError) => {
-          this.pingOutstanding = false;
-          // A keepalive that times out means the connection is dead even if TCP has not
-          // noticed (peer host gone, cable pulled).
-          // The timeout itself was already counted as a failure.
-          if (err.code === 'TIMEOUT' && this.conn === conn) this.dropConnection(conn, err, true);
-        },
-      );
-    }
-  }
-
-  private clearTimers(): void {
-    this.stopKeepalive();
-    if (this.backoffTimer) clearTimeout(this.backoffTimer);
-    this.backoffTimer = null;
   }
 }
