@@ -126,7 +126,6 @@ interface Call {
   readonly ref: BlockRef | undefined;
   readonly getOffset: number;
   readonly getLength: number;
-  /** A GET asking for sector checksums (FLAG_SUMS): resolved with a SectorRead. */
   /** GET flags: FLAG_SUMS (resolved with a SectorRead), FLAG_RAW, or 0. */
   readonly getFlags: number;
   /** Resolved with the DATA payload for a GET (a SectorRead with FLAG_SUMS), with the reply message otherwise. */
