@@ -875,7 +875,7 @@ export class BlockVolume implements BlockDevice {
     // A long chain becomes one run of the overlays as they now are: loading stays short, and the
     // log blocks only older pages named become garbage.
     const compact = opts.compact === true || this.chainPages + Math.ceil(runEntries.length / 1000) > this.o.maxRunChain;
-    const entries = compact ? overlayEntries(await this.chainOverlays(this.committed.runs ?? null, runEntries, y)) : runEntries;
+    const entries = compact ? await overlayEntries(await this.chainOverlays(this.committed.runs ?? null, runEntries, y), y) : runEntries;
     let prev = compact ? null : (this.committed.runs ?? null);
     const puts: Promise<void>[] = [];
     let chain = compact ? 0 : this.chainPages;
@@ -1151,9 +1151,10 @@ function applyRunEntry(e: RunEntry, ov: OverlayIndex): void {
 }
 
 /** The overlays as they are, as the entries of a compacted run. */
-function overlayEntries(ov: OverlayIndex): RunEntry[] {
+async function overlayEntries(ov: OverlayIndex, y: Yielder): Promise<RunEntry[]> {
   const out: RunEntry[] = [];
-  for (const index of ov.indexes().sort((a, b) => a - b))
+  for (const index of ov.indexes().sort((a, b) => a - b)) {
+    if (y.due()) await y.pause();
     for (const s of ov.segments(index)) {
       const length = s.end - s.start;
       if (s.src.zero) out.push({ kind: s.src.hole ? ('trim' as const) : ('zero' as const), index, lsn: s.src.lsn, start: s.start, length });
@@ -1162,6 +1163,7 @@ function overlayEntries(ov: OverlayIndex): RunEntry[] {
         out.push({ kind: 'log', index, lsn: s.src.lsn, start: s.start, length, log: { volume: l.volume, epoch: l.epoch, index: l.index, crc: l.crc! }, logOffset: l.at + s.at });
       }
     }
+  }
   return out;
 }
 
