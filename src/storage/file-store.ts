@@ -13,8 +13,7 @@
 
 import { crc32c } from '@node-rs/crc32';
 import { randomBytes } from 'node:crypto';
-import { read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
-import { open, rename, stat, type FileHandle } from 'node:fs/promises';
+import { open, rename, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { BlockType, formatBlockRef, type BlockRef } from '../core/ids.js';
@@ -40,7 +39,8 @@ import {
 import { lockDir, type DirLock } from './dir-lock.js';
 import { fsyncDir, mkdirDurableSync, PRIVATE_FILE } from './durable-fs.js';
 import { inspectSlot } from './inspect.js';
-import { readCached } from './page-cache.js';
+import { fileSize, ioError, noop, readFull, writeFull, writeTwo } from './file-store-io.js';
+import { CLEARING, DRAINING, FREE, LOST, OPEN, PENDING, USED, WRITING, ZERO_RECORD } from './file-store-slots.js';
 import {
   DATA_FILE,
   FORMAT_VERSION,
@@ -94,21 +94,6 @@ export interface SlotLocation {
   readonly checksumOffset: number;
 }
 
-// Slot lifecycle. FREE -> WRITING -> USED -> CLEARING -> PENDING -(flush)-> FREE, or -> DRAINING
-// (reads still in flight) -> FREE. LOST: a record write failed, so what the disk holds is unknown;
-// the slot stays out of use until the next open reads the truth back. A log block goes FREE ->
-// WRITING -> OPEN (appends) -> USED (sealed), and can be deleted while OPEN.
-const FREE = 0;
-const WRITING = 1;
-const USED = 2;
-const CLEARING = 3;
-const PENDING = 4;
-const DRAINING = 5;
-const LOST = 6;
-/** An open log block: appended to, no checksums yet (docs/journal.md). Sealing makes it USED. */
-const OPEN = 7;
-
-const ZERO_RECORD = Buffer.alloc(RECORD_SIZE);
 const OPEN_SCAN_PARALLELISM = 4;
 /** Bounds the checksum-array cache: 8 MiB of arrays cover 8 GiB of data (about 20 MiB of memory). */
 const SUMS_CACHE_BYTES = 8 * 1024 * 1024;
@@ -128,74 +113,8 @@ const WARM_RESERVE_MIN_SLOTS = 8;
  */
 const WARM_PREP_BATCH_BYTES = 512 * 1024;
 
-function noop(): void {}
-
 function hex(n: number): string {
   return `0x${(n >>> 0).toString(16).padStart(8, '0')}`;
-}
-
-// Through the fd with callbacks rather than FileHandle's promise methods: on the 4 KiB read path
-// the FileHandle wrapper cost about a third more CPU per call (measured in Node 20). Callers keep
-// the handle open while a call is pending (enter/leave), so the fd cannot be closed under it.
-function pread(fd: number, buf: Uint8Array, off: number, len: number, position: number): Promise<number> {
-  return new Promise((resolve, reject) => fsRead(fd, buf, off, len, position, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-function pwrite(fd: number, buf: Uint8Array, off: number, len: number, position: number): Promise<number> {
-  return new Promise((resolve, reject) => fsWrite(fd, buf, off, len, position, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-function pwritev(fd: number, bufs: Uint8Array[], position: number): Promise<number> {
-  return new Promise((resolve, reject) => fsWritev(fd, bufs, position, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-async function readFull(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
-  // What the page cache holds is read right here; only the rest waits for the thread pool.
-  let off = readCached(fh.fd, buf, position);
-  while (off < buf.length) {
-    const bytesRead = await pread(fh.fd, buf, off, buf.length - off, position + off);
-    if (bytesRead === 0) throw new TorusError('IO', `short read at offset ${position + off}: file ends early`);
-    off += bytesRead;
-  }
-}
-
-async function writeFull(fh: FileHandle, buf: Uint8Array, position: number): Promise<void> {
-  let off = 0;
-  while (off < buf.length) {
-    const bytesWritten = await pwrite(fh.fd, buf, off, buf.length - off, position + off);
-    if (bytesWritten <= 0) throw new TorusError('IO', `write at offset ${position + off} made no progress`);
-    off += bytesWritten;
-  }
-}
-
-/** Writes `head` then `tail` contiguously; one syscall in the common case. */
-async function writeTwo(fh: FileHandle, head: Uint8Array, tail: Uint8Array, position: number): Promise<void> {
-  const bytesWritten = await pwritev(fh.fd, [head, tail], position);
-  if (bytesWritten === head.length + tail.length) return;
-  if (bytesWritten < head.length) {
-    await writeFull(fh, head.subarray(bytesWritten), position + bytesWritten);
-    await writeFull(fh, tail, position + head.length);
-  } else {
-    const done = bytesWritten - head.length;
-    await writeFull(fh, tail.subarray(done), position + bytesWritten);
-  }
-}
-
-async function fileSize(path: string): Promise<number | undefined> {
-  try {
-    return (await stat(path)).size;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw err;
-  }
-}
-
-function ioError(what: string, err: unknown, dir: string): TorusError {
-  if (isTorusError(err)) return err;
-  const e = err as NodeJS.ErrnoException;
-  if (e.code === 'ENOSPC')
-    return new TorusError('OUT_OF_SPACE', `filesystem holding ${dir} is full while ${what} (the store's files are sparse)`, { cause: err });
-  return new TorusError('IO', `${what} in ${dir}: ${e.message}`, { cause: err });
 }
 
 export class FileBlockStore implements LocalBlockStore {
