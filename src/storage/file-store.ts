@@ -11,16 +11,14 @@
 // - The in-memory index changes only after the disk writes it describes have been issued and
 //   completed, except for removal, which happens first so readers stop finding the block.
 
-import { crc32c } from '@node-rs/crc32';
 import { randomBytes } from 'node:crypto';
 import { open, rename, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
-import { TorusError, isTorusError } from '../core/errors.js';
+import { TorusError } from '../core/errors.js';
 import { BlockType, formatBlockRef, type BlockRef } from '../core/ids.js';
 import { blockCrcFromSectors } from '../core/crc.js';
 import { SyncFailure, WriteBatcher, nativeDataRanges, WriteFailure, type Write } from './batch-write.js';
 import type { LogPiece, SectorRead } from '../core/interfaces.js';
-import { LruCache } from '../core/lru.js';
 import {
   checkBlockSize,
   checkPut,
@@ -38,8 +36,8 @@ import {
 } from './common.js';
 import { lockDir, type DirLock } from './dir-lock.js';
 import { fsyncDir, mkdirDurableSync, PRIVATE_FILE } from './durable-fs.js';
-import { inspectSlot } from './inspect.js';
 import { fileSize, ioError, noop, readFull, writeFull, writeTwo } from './file-store-io.js';
+import { readSlotSectors, SlotReader, type ReadContext, type SlotFiles } from './file-store-read.js';
 import { CLEARING, DRAINING, FREE, LOST, OPEN, PENDING, USED, WRITING, ZERO_RECORD } from './file-store-slots.js';
 import {
   DATA_FILE,
@@ -59,7 +57,6 @@ import {
   computeChecksums,
   RECORD_FREE,
   RECORD_TORN,
-  RECORD_USED,
   decodeHeader,
   encodeHeader,
   encodeFence,
@@ -95,8 +92,6 @@ export interface SlotLocation {
 }
 
 const OPEN_SCAN_PARALLELISM = 4;
-/** Bounds the checksum-array cache: 8 MiB of arrays cover 8 GiB of data (about 20 MiB of memory). */
-const SUMS_CACHE_BYTES = 8 * 1024 * 1024;
 /**
  * Free slots kept warm (every byte written once) for log blocks. A journal append is 4 KiB plus a
  * record header, made durable at once: into a file hole, its fdatasync must also commit the
@@ -207,6 +202,10 @@ export class FileBlockStore implements LocalBlockStore {
   private readonly counters: BlockStoreStats = emptyStats();
   /** Block writes of one turn of the event loop in one thread-pool job; fs call by call without the addon. */
   private readonly batcher = WriteBatcher.available ? new WriteBatcher() : undefined;
+  /** The read path (file-store-read.ts), over this store's files and in-memory state. */
+  private readonly reads: SlotReader;
+  /** The files and counters open-time checks read through (readSlotSectors). */
+  private readonly slotFiles: SlotFiles;
 
   private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader, headerCopy: number) {
     this.durableCopy = headerCopy;
@@ -228,7 +227,33 @@ export class FileBlockStore implements LocalBlockStore {
     this.warm = new Uint8Array(this.nSlots);
     this.warmReserve = Math.min(this.nSlots >> 2, Math.max(WARM_RESERVE_MIN_SLOTS, Math.ceil(WARM_RESERVE_BYTES / this.blockSize)));
     this.warmBatch = Math.max(1, Math.min(this.warmReserve >> 1, Math.floor(WARM_PREP_BATCH_BYTES / this.blockSize)));
+    const reads: ReadContext = {
+      dir: this.dir,
+      data: this.data,
+      table: this.table,
+      layout: this.layout,
+      blockSize: this.blockSize,
+      sectorSize: this.sectorSize,
+      counters: this.counters,
+      nSlots: this.nSlots,
+      sectors: this.sectors,
+      index: this.index,
+      gens: this.gens,
+      sums: this.sums,
+      state: this.state,
+      readers: this.readers,
+      enter: () => this.enter(),
+      leave: () => this.leave(),
+      drained: (slot) => {
+        this.draining--;
+        this.pushFree(slot);
+      },
+      drop: (key, slot, gen) => this.keyed(key, () => this.removeKey(key, slot, gen)).then(noop),
+    };
+    this.reads = new SlotReader(reads);
+    this.slotFiles = reads;
   }
+
 
   /**
    * Opens the store in `opts.dir`, formatting it if empty and growing it if `sizeBytes` is larger
@@ -499,7 +524,7 @@ export class FileBlockStore implements LocalBlockStore {
     const since = this.hdr.durableGen ?? 0;
     for (const [key, slot] of this.index) {
       if (this.state[slot] !== USED || this.gens[slot]! <= since) continue;
-      const res = await this.readSlotSectors(slot, this.sums[slot]!, 0, this.sectors);
+      const res = await readSlotSectors(this.slotFiles, slot, this.sums[slot]!, 0, this.sectors);
       if (typeof res !== 'string') continue;
       this.index.delete(key);
       this.state[slot] = FREE;
@@ -518,7 +543,7 @@ export class FileBlockStore implements LocalBlockStore {
     slots.sort((a, b) => this.gens[b]! - this.gens[a]!);
     let winner = slots[0]!;
     for (const s of slots) {
-      const res = await this.readSlotSectors(s, this.sums[s]!, 0, this.sectors);
+      const res = await readSlotSectors(this.slotFiles, s, this.sums[s]!, 0, this.sectors);
       if (typeof res !== 'string') {
         winner = s;
         break;
@@ -534,226 +559,43 @@ export class FileBlockStore implements LocalBlockStore {
     }
   }
 
-  // ---- reads ----
+  // ---- reads (file-store-read.ts) ----
 
-  /**
-   * Checksum arrays of recently read slots, keyed by slot and valid for one generation. A ranged
-   * read then costs one pread instead of two. Still checked against the record's CRC on every
-   * use; scrubs (verifyBlock, inspectBlock) and open-time checks bypass it and read the disk's copy.
-   */
-  private readonly sumsCache = new LruCache<number, { gen: number; sums: Buffer }>(SUMS_CACHE_BYTES, (e) => e.sums.length);
-
-  private cacheSums(slot: number, gen: number, sums: Buffer): void {
-    // A copy outside Buffer's shared pool: a kept slice of the pool would pin all 8 KiB of it.
-    const own = Buffer.allocUnsafeSlow(sums.length);
-    sums.copy(own);
-    this.sumsCache.set(slot, { gen, sums: own });
+  getBlock(ref: BlockRef): Promise<Buffer> {
+    return this.reads.getBlock(ref);
   }
 
-  /**
-   * Reads sectors [s0, s1) of `slot` and checks them against the slot's checksum array, itself
-   * checked against the CRC its record committed. Returns the bytes, or why they are bad.
-   */
-  private async readSlotSectors(slot: number, checksumsCrc: number, s0: number, s1: number, gen?: number): Promise<{ buf: Buffer; sums: Buffer } | string> {
-    const start = s0 * this.sectorSize;
-    const end = Math.min(s1 * this.sectorSize, this.blockSize);
-    const buf = Buffer.allocUnsafe(end - start);
-    const cached = gen === undefined ? undefined : this.sumsCache.get(slot);
-    const hit = cached !== undefined && cached.gen === gen;
-    let sums: Buffer;
-    if (hit) {
-      sums = cached.sums;
-      await readFull(this.data, buf, this.layout.dataOffset(slot) + start);
-    } else {
-      sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
-      await Promise.all([
-        readFull(this.data, buf, this.layout.dataOffset(slot) + start),
-        readFull(this.table, sums, this.layout.checksumOffset(slot)),
-      ]);
-    }
-    this.counters.bytesRead += buf.length;
-    if (crc32c(sums) !== checksumsCrc) return 'its sector checksum array does not match its record';
-    if (gen !== undefined && !hit) this.cacheSums(slot, gen, sums);
-    for (let s = s0; s < s1; s++) {
-      const a = s * this.sectorSize - start;
-      const b = Math.min(a + this.sectorSize, buf.length);
-      if (crc32c(buf.subarray(a, b)) !== sums.readUInt32LE(s * 4)) return `sector ${s} does not match its checksum`;
-    }
-    return { buf, sums };
+  readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer> {
+    return this.reads.readRange(ref, offset, length);
   }
 
-  private async readChecked(ref: BlockRef, key: string, slot: number, s0: number, s1: number, count = true): Promise<{ buf: Buffer; sums: Buffer }> {
-    const gen = this.gens[slot]!;
-    this.readers[slot]!++;
-    let res: { buf: Buffer; sums: Buffer } | string;
-    try {
-      res = await this.readSlotSectors(slot, this.sums[slot]!, s0, s1, count ? gen : undefined);
-    } catch (err) {
-      throw ioError(`reading block ${formatBlockRef(ref)}`, err, this.dir);
-    } finally {
-      this.releaseReader(slot);
-    }
-    if (typeof res === 'string') {
-      this.counters.checksumFailures++;
-      // Dropped so that hasBlock() turns false and the repair put of a good copy is not a no-op.
-      await this.keyed(key, () => this.removeKey(key, slot, gen)).catch(noop);
-      throw new TorusError('CORRUPT', `block ${formatBlockRef(ref)} (slot ${slot}) is corrupt: ${res}; dropped from ${this.dir}`);
-    }
-    if (count) this.counters.reads++;
-    return res;
-  }
-
-  /** Ends a read of `slot`; a slot freed while it was read is handed out only now. */
-  private releaseReader(slot: number): void {
-    if (--this.readers[slot]! === 0 && this.state[slot] === DRAINING) {
-      this.draining--;
-      this.pushFree(slot);
-    }
-  }
-
-  async getBlock(ref: BlockRef): Promise<Buffer> {
-    this.enter();
-    try {
-      const key = refKey(ref);
-      const slot = this.index.get(key);
-      if (slot === undefined || this.state[slot] === OPEN) throw unavailable(ref);
-      return (await this.readChecked(ref, key, slot, 0, this.sectors)).buf;
-    } finally {
-      this.leave();
-    }
-  }
-
-  async readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer> {
-    if (length === 0) {
-      this.enter();
-      try {
-        checkRange(ref, offset, length, this.blockSize);
-        if (!this.hasBlock(ref)) throw unavailable(ref);
-        return Buffer.alloc(0);
-      } finally {
-        this.leave();
-      }
-    }
-    const read = await this.readSectors(ref, offset, length);
-    const at = offset - read.offset;
-    return read.data.subarray(at, at + length);
-  }
-
-  async readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead> {
-    this.enter();
-    try {
-      checkRange(ref, offset, length, this.blockSize);
-      const key = refKey(ref);
-      const slot = this.index.get(key);
-      if (slot === undefined || this.state[slot] === OPEN) throw unavailable(ref);
-      const s0 = Math.floor(offset / this.sectorSize);
-      const s1 = length === 0 ? s0 : Math.floor((offset + length - 1) / this.sectorSize) + 1;
-      const { buf, sums } = await this.readChecked(ref, key, slot, s0, s1);
-      return { sectorSize: this.sectorSize, sums, offset: s0 * this.sectorSize, data: buf };
-    } finally {
-      this.leave();
-    }
+  readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead> {
+    return this.reads.readSectors(ref, offset, length);
   }
 
   hasBlock(ref: BlockRef): boolean {
-    const slot = this.index.get(refKey(ref));
-    return slot !== undefined && this.state[slot] !== OPEN;
+    return this.reads.hasBlock(ref);
   }
 
-  async verifyBlock(ref: BlockRef): Promise<VerifyResult> {
-    this.enter();
-    try {
-      const key = refKey(ref);
-      const slot = this.index.get(key);
-      if (slot === undefined) return 'missing';
-      // An open log block has no checksums yet; its journal records carry their own.
-      if (this.state[slot] === OPEN) return 'ok';
-      await this.readChecked(ref, key, slot, 0, this.sectors, false);
-      return 'ok';
-    } catch (err) {
-      if (isTorusError(err, 'CORRUPT')) return 'corrupt';
-      throw err;
-    } finally {
-      this.leave();
-    }
+  verifyBlock(ref: BlockRef): Promise<VerifyResult> {
+    return this.reads.verifyBlock(ref);
   }
 
   scrub(opts: { signal?: AbortSignal; onProgress?: (checked: number, total: number) => void } = {}): Promise<ScrubReport> {
     return scrubStore(this, opts);
   }
 
-  async inspectBlock(ref: BlockRef): Promise<BlockInspection> {
-    this.enter();
-    try {
-      const key = refKey(ref);
-      const slot = this.index.get(key);
-      if (slot === undefined) return { status: 'missing' };
-      // An open log block has no checksums yet; its journal records carry their own.
-      if (this.state[slot] === OPEN) return { status: 'ok' };
-      const generation = this.gens[slot]!;
-      const data = Buffer.allocUnsafe(this.blockSize);
-      const sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
-      const record = Buffer.allocUnsafe(RECORD_SIZE);
-      this.readers[slot]!++;
-      try {
-        await Promise.all([
-          readFull(this.data, data, this.layout.dataOffset(slot)),
-          readFull(this.table, sums, this.layout.checksumOffset(slot)),
-          readFull(this.table, record, this.layout.recordOffset(slot)),
-        ]);
-      } catch (err) {
-        throw ioError(`reading block ${formatBlockRef(ref)}`, err, this.dir);
-      } finally {
-        this.releaseReader(slot);
-      }
-      this.counters.bytesRead += data.length;
-      // Deleted (or dropped and stored again) while it was read: what was read is no one's copy.
-      if (this.index.get(key) !== slot || this.gens[slot] !== generation) return { status: 'missing' };
-      return inspectSlot({ key, generation, checksumsCrc: this.sums[slot]!, record, sums, data, blockSize: this.blockSize, sectorSize: this.sectorSize });
-    } finally {
-      this.leave();
-    }
+  inspectBlock(ref: BlockRef): Promise<BlockInspection> {
+    return this.reads.inspectBlock(ref);
   }
 
-  /**
-   * The refs come from the window's records, read from the table (they are contiguous within a
-   * group, so this is one read per group): finding them in the index would cost a walk of all of
-   * it, 200 ms for 2 million blocks, for every window.
-   */
-  async refsInSlots(from: number, to: number): Promise<BlockRef[]> {
-    this.enter();
-    try {
-      const end = Math.min(to, this.nSlots);
-      const out: BlockRef[] = [];
-      const rec: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '', open: false };
-      for (let g0 = Math.max(0, from); g0 < end; ) {
-        const g1 = Math.min(end, (Math.floor(g0 / this.layout.slotsPerGroup) + 1) * this.layout.slotsPerGroup);
-        const gens = this.gens.slice(g0, g1);
-        const buf = Buffer.allocUnsafe((g1 - g0) * RECORD_SIZE);
-        try {
-          await readFull(this.table, buf, this.layout.recordOffset(g0));
-        } catch (err) {
-          throw ioError('reading slot records', err, this.dir);
-        }
-        for (let s = g0; s < g1; s++) {
-          // Written, or freed, while the records were read: left for the next pass.
-          if (this.state[s] !== USED || this.gens[s] !== gens[s - g0]) continue;
-          const ok = scanRecord(buf, (s - g0) * RECORD_SIZE, rec) === RECORD_USED && this.index.get(rec.key) === s;
-          // A record damaged on disk since open: only the index still knows its ref (rare, so the walk is fine).
-          const key = ok ? rec.key : this.keyOfSlot(s);
-          if (key !== undefined) out.push(keyToRef(key));
-        }
-        g0 = g1;
-      }
-      return out;
-    } finally {
-      this.leave();
-    }
+  refsInSlots(from: number, to: number): Promise<BlockRef[]> {
+    return this.reads.refsInSlots(from, to);
   }
 
-  private keyOfSlot(slot: number): string | undefined {
-    for (const [key, s] of this.index) if (s === slot) return key;
-    return undefined;
+  /** A block's bytes; an open log block's as they are, unchecked (its journal records carry checksums). */
+  readRaw(ref: BlockRef): Promise<Buffer> {
+    return this.reads.readRaw(ref);
   }
 
   // ---- writes ----
@@ -1236,31 +1078,6 @@ export class FileBlockStore implements LocalBlockStore {
       } catch (err) {
         throw ioError(`fencing volume ${volume}`, err, this.dir);
       }
-    } finally {
-      this.leave();
-    }
-  }
-
-  async readRaw(ref: BlockRef): Promise<Buffer> {
-    this.enter();
-    try {
-      const slot = this.index.get(refKey(ref));
-      if (slot === undefined) throw unavailable(ref);
-      if (this.state[slot] !== OPEN) return (await this.readChecked(ref, refKey(ref), slot, 0, this.sectors)).buf;
-      const buf = Buffer.allocUnsafe(this.blockSize);
-      this.readers[slot]!++;
-      try {
-        await readFull(this.data, buf, this.layout.dataOffset(slot));
-      } catch (err) {
-        throw ioError(`reading ${formatBlockRef(ref)}`, err, this.dir);
-      } finally {
-        if (--this.readers[slot]! === 0 && (this.state[slot] as number) === DRAINING) {
-          this.draining--;
-          this.pushFree(slot);
-        }
-      }
-      this.counters.bytesRead += buf.length;
-      return buf;
     } finally {
       this.leave();
     }
