@@ -1,6 +1,8 @@
 // The storage node's durable block store: a data file of fixed-size slots and a slot table
 // (header, one record per slot, one checksum array per slot). docs/on-disk-format.md has the
-// byte layout and the crash-safety argument; this file keeps to the mechanics.
+// byte layout and the crash-safety argument; this file keeps to the mechanics. Opening a data
+// dir and recovering it is in file-store-open.ts, the read path in file-store-read.ts; here is
+// the store itself: the write path, the journal's log blocks, slot allocation and flushes.
 //
 // Invariants the code below relies on:
 // - A slot is handed to a new block only when (a) the record that freed it is durable, so a
@@ -11,20 +13,16 @@
 // - The in-memory index changes only after the disk writes it describes have been issued and
 //   completed, except for removal, which happens first so readers stop finding the block.
 
-import { randomBytes } from 'node:crypto';
-import { open, rename, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
+import { type FileHandle } from 'node:fs/promises';
 import { TorusError } from '../core/errors.js';
 import { BlockType, formatBlockRef, type BlockRef } from '../core/ids.js';
 import { blockCrcFromSectors } from '../core/crc.js';
-import { SyncFailure, WriteBatcher, nativeDataRanges, WriteFailure, type Write } from './batch-write.js';
+import { SyncFailure, WriteBatcher, WriteFailure, type Write } from './batch-write.js';
 import type { LogPiece, SectorRead } from '../core/interfaces.js';
 import {
-  checkBlockSize,
   checkPut,
   checkRange,
   closedError,
-  emptyStats,
   outOfSpace,
   scrubStore,
   unavailable,
@@ -34,54 +32,29 @@ import {
   type ScrubReport,
   type VerifyResult,
 } from './common.js';
-import { lockDir, type DirLock } from './dir-lock.js';
-import { fsyncDir, mkdirDurableSync, PRIVATE_FILE } from './durable-fs.js';
-import { fileSize, ioError, noop, readFull, writeFull, writeTwo } from './file-store-io.js';
-import { readSlotSectors, SlotReader, type ReadContext, type SlotFiles } from './file-store-read.js';
+import type { DirLock } from './dir-lock.js';
+import { ioError, noop, readFull, writeFull, writeTwo } from './file-store-io.js';
+import { openDataDir, type FileBlockStoreOptions, type RecoveredStore } from './file-store-open.js';
+import { SlotReader } from './file-store-read.js';
 import { CLEARING, DRAINING, FREE, LOST, OPEN, PENDING, USED, WRITING, ZERO_RECORD } from './file-store-slots.js';
 import {
-  DATA_FILE,
-  FORMAT_VERSION,
-  HEADER_AREA_SIZE,
   HEADER_COPY_OFFSETS,
-  HEADER_COPY_SIZE,
-  LOCK_FILE,
   Layout,
-  MAX_BLOCK_SIZE,
   RECORD_SIZE,
-  SECTOR_SIZE,
-  SLOTS_PER_GROUP,
-  TABLE_FILE,
-  checkHeaderSupported,
-  checksumArraySize,
   computeChecksums,
-  RECORD_FREE,
-  RECORD_TORN,
-  decodeHeader,
   encodeHeader,
   encodeFence,
   encodeOpenRecord,
   encodeRecord,
-  decodeFence,
-  FENCE_FILE,
   FENCE_RECORD_SIZE,
   INCOMPAT_OPEN_LOG,
   COMPAT_DURABLE_GEN,
   keyToRef,
   refKey,
-  scanRecord,
-  type ScannedRecord,
   type StoreHeader,
 } from './format.js';
 
-export interface FileBlockStoreOptions {
-  /** Directory holding the store's files; created if missing. */
-  readonly dir: string;
-  /** The cluster's block size; must match what the directory was formatted with. */
-  readonly blockSize: number;
-  /** Capacity in bytes; rounded down to whole blocks. May grow between opens, never shrink. */
-  readonly sizeBytes: number;
-}
+export type { FileBlockStoreOptions } from './file-store-open.js';
 
 export interface SlotLocation {
   readonly slot: number;
@@ -91,7 +64,6 @@ export interface SlotLocation {
   readonly checksumOffset: number;
 }
 
-const OPEN_SCAN_PARALLELISM = 4;
 /**
  * Free slots kept warm (every byte written once) for log blocks. A journal append is 4 KiB plus a
  * record header, made durable at once: into a file hole, its fdatasync must also commit the
@@ -124,7 +96,7 @@ export class FileBlockStore implements LocalBlockStore {
   private readonly nSlots: number;
   private readonly sectors: number;
 
-  private readonly index = new Map<string, number>();
+  private readonly index: Map<string, number>;
   private readonly gens: Float64Array;
   private readonly sums: Uint32Array;
   private readonly readers: Uint32Array;
@@ -153,9 +125,9 @@ export class FileBlockStore implements LocalBlockStore {
   /** Slots whose clearing record is being written (they free up soon). */
   private clearing = 0;
   private slotWaiters: Array<() => void> = [];
-  private nextGen = 1;
+  private nextGen: number;
   /** Generations whose records a completed sync made durable (all at or below it). */
-  private syncedGen = 0;
+  private syncedGen: number;
 
   private readonly keyTails = new Map<string, Promise<void>>();
   private runningFlush: Promise<void> | null = null;
@@ -176,13 +148,13 @@ export class FileBlockStore implements LocalBlockStore {
   /** The header in force; rewritten (other copy) when a feature flag is first needed. */
   private hdr: StoreHeader;
   /** Per volume, the highest journal epoch fenced; kept in FENCE_FILE. */
-  private readonly fences = new Map<number, number>();
+  private readonly fences: Map<number, number>;
   private fenceFile: FileHandle | undefined;
-  private fenceRecords = 0;
+  private fenceRecords: number;
   /** Fence updates run one at a time (each appends a record and syncs the table). */
   private fenceChain: Promise<unknown> = Promise.resolve();
   /** Keys of the open log blocks held. */
-  private readonly openKeys = new Set<string>();
+  private readonly openKeys: Set<string>;
   private incompatUpdate: Promise<void> | undefined;
   /** Generations handed out whose writes have not completed (their records may not be on disk yet). */
   private readonly inflightGens = new Set<number>();
@@ -199,35 +171,42 @@ export class FileBlockStore implements LocalBlockStore {
    */
   private headerWrites = 0;
   private unsyncedHeader = false;
-  private readonly counters: BlockStoreStats = emptyStats();
+  private readonly counters: BlockStoreStats;
   /** Block writes of one turn of the event loop in one thread-pool job; fs call by call without the addon. */
   private readonly batcher = WriteBatcher.available ? new WriteBatcher() : undefined;
   /** The read path (file-store-read.ts), over this store's files and in-memory state. */
   private readonly reads: SlotReader;
-  /** The files and counters open-time checks read through (readSlotSectors). */
-  private readonly slotFiles: SlotFiles;
 
-  private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader, headerCopy: number) {
-    this.durableCopy = headerCopy;
-    this.dir = dir;
-    this.data = data;
-    this.table = table;
-    this.lock = lock;
-    this.hdr = header;
-    this.blockSize = header.blockSize;
-    this.sectorSize = header.sectorSize;
-    this.layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
-    this.nSlots = header.slotCount;
-    this.sectors = Math.ceil(header.blockSize / header.sectorSize);
-    this.gens = new Float64Array(this.nSlots);
-    this.sums = new Uint32Array(this.nSlots);
+  private constructor(r: RecoveredStore) {
+    this.durableCopy = r.headerCopy;
+    this.dir = r.dir;
+    this.data = r.data;
+    this.table = r.table;
+    this.lock = r.lock;
+    this.hdr = r.header;
+    this.blockSize = r.header.blockSize;
+    this.sectorSize = r.header.sectorSize;
+    this.layout = r.layout;
+    this.nSlots = r.header.slotCount;
+    this.sectors = Math.ceil(r.header.blockSize / r.header.sectorSize);
+    this.index = r.index;
+    this.gens = r.gens;
+    this.sums = r.sums;
     this.readers = new Uint32Array(this.nSlots);
-    this.state = new Uint8Array(this.nSlots);
+    this.state = r.state;
     this.freeStack = new Uint32Array(this.nSlots);
-    this.warm = new Uint8Array(this.nSlots);
+    this.warm = r.warm;
     this.warmReserve = Math.min(this.nSlots >> 2, Math.max(WARM_RESERVE_MIN_SLOTS, Math.ceil(WARM_RESERVE_BYTES / this.blockSize)));
     this.warmBatch = Math.max(1, Math.min(this.warmReserve >> 1, Math.floor(WARM_PREP_BATCH_BYTES / this.blockSize)));
-    const reads: ReadContext = {
+    this.nextGen = r.nextGen;
+    this.syncedGen = r.syncedGen;
+    this.openKeys = r.openKeys;
+    this.fences = r.fences;
+    this.fenceFile = r.fenceFile;
+    this.fenceRecords = r.fenceRecords;
+    this.counters = r.counters;
+    for (const slot of r.free) this.pushFree(slot);
+    this.reads = new SlotReader({
       dir: this.dir,
       data: this.data,
       table: this.table,
@@ -249,11 +228,8 @@ export class FileBlockStore implements LocalBlockStore {
         this.pushFree(slot);
       },
       drop: (key, slot, gen) => this.keyed(key, () => this.removeKey(key, slot, gen)).then(noop),
-    };
-    this.reads = new SlotReader(reads);
-    this.slotFiles = reads;
+    });
   }
-
 
   /**
    * Opens the store in `opts.dir`, formatting it if empty and growing it if `sizeBytes` is larger
@@ -261,302 +237,7 @@ export class FileBlockStore implements LocalBlockStore {
    * process has it open.
    */
   static async open(opts: FileBlockStoreOptions): Promise<FileBlockStore> {
-    const { dir, blockSize, sizeBytes } = opts;
-    checkBlockSize(blockSize, MAX_BLOCK_SIZE);
-    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0)
-      throw new TorusError('INVALID_ARGUMENT', `invalid store size ${sizeBytes}`);
-    const slots = Math.floor(sizeBytes / blockSize);
-    if (slots < 1)
-      throw new TorusError('INVALID_ARGUMENT', `store size ${sizeBytes} bytes is smaller than one block (${blockSize} bytes)`);
-    try {
-      mkdirDurableSync(dir);
-    } catch (err) {
-      throw ioError('creating the data dir', err, dir);
-    }
-    const lock = await lockDir(dir, join(dir, LOCK_FILE));
-    const handles: FileHandle[] = [];
-    try {
-      const tablePath = join(dir, TABLE_FILE);
-      const dataPath = join(dir, DATA_FILE);
-      let header: StoreHeader;
-      let headerCopy = 0;
-      let data: FileHandle;
-      let table: FileHandle;
-      if ((await fileSize(tablePath)) === undefined) {
-        header = await FileBlockStore.format(dir, blockSize, slots);
-        data = await open(dataPath, 'r+');
-        handles.push(data);
-        table = await open(tablePath, 'r+');
-        handles.push(table);
-      } else {
-        if ((await fileSize(dataPath)) === undefined)
-          throw new TorusError('CORRUPT', `block store in ${dir} has a slot table but no data file ${DATA_FILE}`);
-        data = await open(dataPath, 'r+');
-        handles.push(data);
-        table = await open(tablePath, 'r+');
-        handles.push(table);
-        ({ header, copy: headerCopy } = await FileBlockStore.readHeader(dir, table));
-        if (header.blockSize !== blockSize)
-          throw new TorusError(
-            'INVALID_ARGUMENT',
-            `data dir ${dir} was formatted with block size ${header.blockSize}, cluster uses ${blockSize}`,
-          );
-        const layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
-        const [dataSize, tableSize] = [(await data.stat()).size, (await table.stat()).size];
-        if (dataSize < layout.dataFileSize(header.slotCount) || tableSize < layout.tableFileSize(header.slotCount))
-          throw new TorusError(
-            'CORRUPT',
-            `block store in ${dir} is truncated: header says ${header.slotCount} slots but ${DATA_FILE} is ${dataSize} bytes and ${TABLE_FILE} ${tableSize} bytes`,
-          );
-        if (slots < header.slotCount)
-          throw new TorusError(
-            'INVALID_ARGUMENT',
-            `block store in ${dir} holds ${header.slotCount} blocks (${header.slotCount * blockSize} bytes); ` +
-              `refusing to shrink it to ${slots} blocks (${sizeBytes} bytes): stores only grow`,
-          );
-        if (slots > header.slotCount) ({ header, copy: headerCopy } = await FileBlockStore.grow(data, table, header, headerCopy, slots));
-      }
-      const store = new FileBlockStore(dir, data, table, lock, header, headerCopy);
-      await store.load();
-      return store;
-    } catch (err) {
-      await Promise.allSettled(handles.map((h) => h.close()));
-      await lock.release();
-      throw ioError('opening the block store', err, dir);
-    }
-  }
-
-  /**
-   * Creates both files sparse. The table is written under a temporary name and renamed, so a
-   * table file that exists is always a complete one: a crash mid-format leaves nothing half-made.
-   */
-  private static async format(dir: string, blockSize: number, slots: number): Promise<StoreHeader> {
-    const layout = new Layout(blockSize, SECTOR_SIZE, SLOTS_PER_GROUP);
-    const header: StoreHeader = {
-      version: FORMAT_VERSION,
-      sequence: 1,
-      blockSize,
-      sectorSize: SECTOR_SIZE,
-      slotCount: slots,
-      recordSize: RECORD_SIZE,
-      checksumArraySize: checksumArraySize(blockSize, SECTOR_SIZE),
-      slotsPerGroup: SLOTS_PER_GROUP,
-      incompatFlags: 0,
-      compatFlags: COMPAT_DURABLE_GEN,
-      durableGen: 0,
-      storeId: randomBytes(16).toString('hex'),
-      createdAt: Date.now(),
-    };
-    const data = await open(join(dir, DATA_FILE), 'w+', PRIVATE_FILE);
-    try {
-      await data.truncate(layout.dataFileSize(slots));
-      await data.sync();
-    } finally {
-      await data.close();
-    }
-    const tmp = join(dir, `${TABLE_FILE}.new`);
-    const table = await open(tmp, 'w+', PRIVATE_FILE);
-    try {
-      await table.truncate(layout.tableFileSize(slots));
-      const enc = encodeHeader(header);
-      for (const off of HEADER_COPY_OFFSETS) await writeFull(table, enc, off);
-      await table.sync();
-    } finally {
-      await table.close();
-    }
-    await rename(tmp, join(dir, TABLE_FILE));
-    await fsyncDir(dir);
-    return header;
-  }
-
-  /** The newest valid header copy and which copy it is. */
-  private static async readHeader(dir: string, table: FileHandle): Promise<{ header: StoreHeader; copy: number }> {
-    const area = Buffer.alloc(HEADER_AREA_SIZE);
-    const { bytesRead } = await table.read(area, 0, HEADER_AREA_SIZE, 0);
-    let best: StoreHeader | undefined;
-    let copy = 0;
-    HEADER_COPY_OFFSETS.forEach((off, i) => {
-      if (bytesRead < off + HEADER_COPY_SIZE) return;
-      const h = decodeHeader(area.subarray(off, off + HEADER_COPY_SIZE));
-      if (h && (!best || h.sequence > best.sequence)) [best, copy] = [h, i];
-    });
-    if (!best) throw new TorusError('CORRUPT', `${join(dir, TABLE_FILE)} has no valid header (not a torus block store, or both copies damaged)`);
-    checkHeaderSupported(best, dir);
-    return { header: best, copy };
-  }
-
-  /**
-   * Extends both files, makes the new sizes durable, and only then publishes the new slot count
-   * in the header: a crash before that leaves longer files the old header ignores.
-   */
-  private static async grow(data: FileHandle, table: FileHandle, header: StoreHeader, copy: number, slots: number): Promise<{ header: StoreHeader; copy: number }> {
-    const layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
-    const dataSize = (await data.stat()).size;
-    const tableSize = (await table.stat()).size;
-    if (dataSize < layout.dataFileSize(slots)) await data.truncate(layout.dataFileSize(slots));
-    if (tableSize < layout.tableFileSize(slots)) await table.truncate(layout.tableFileSize(slots));
-    await data.sync();
-    await table.sync();
-    const next: StoreHeader = { ...header, slotCount: slots, sequence: header.sequence + 1 };
-    // Into the other copy, so the one being overwritten is never the only valid one.
-    await writeFull(table, encodeHeader(next), HEADER_COPY_OFFSETS[1 - copy] ?? 0);
-    await table.datasync();
-    return { header: next, copy: 1 - copy };
-  }
-
-  /** Rebuilds the index from the records, reading only the record regions of the table. */
-  private async load(): Promise<void> {
-    const { layout, nSlots } = this;
-    const G = layout.slotsPerGroup;
-    const groups = Math.ceil(nSlots / G);
-    const dups = new Map<string, number[]>();
-    const torn: number[] = [];
-    const rec: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '', open: false };
-    let maxGen = 0;
-    const scanGroup = async (g: number): Promise<Buffer> => {
-      const count = Math.min(G, nSlots - g * G);
-      const buf = Buffer.allocUnsafe(count * RECORD_SIZE);
-      await readFull(this.table, buf, layout.recordOffset(g * G));
-      return buf;
-    };
-    for (let g0 = 0; g0 < groups; g0 += OPEN_SCAN_PARALLELISM) {
-      const batch: Promise<Buffer>[] = [];
-      for (let g = g0; g < Math.min(groups, g0 + OPEN_SCAN_PARALLELISM); g++) batch.push(scanGroup(g));
-      const bufs = await Promise.all(batch);
-      bufs.forEach((buf, i) => {
-        const base = (g0 + i) * G;
-        for (let j = 0; j * RECORD_SIZE < buf.length; j++) {
-          const kind = scanRecord(buf, j * RECORD_SIZE, rec);
-          if (kind === RECORD_FREE) continue;
-          const slot = base + j;
-          if (kind === RECORD_TORN) {
-            torn.push(slot);
-            continue;
-          }
-          this.state[slot] = rec.open ? OPEN : USED;
-          if (!rec.open) this.warm[slot] = 1;
-          this.gens[slot] = rec.generation;
-          this.sums[slot] = rec.checksumsCrc;
-          if (rec.generation > maxGen) maxGen = rec.generation;
-          const key = rec.key;
-          if (rec.open) this.openKeys.add(key);
-          const prev = this.index.get(key);
-          if (prev === undefined) {
-            this.index.set(key, slot);
-          } else {
-            const list = dups.get(key);
-            if (list) list.push(slot);
-            else dups.set(key, [prev, slot]);
-          }
-        }
-      });
-    }
-    // Above the durable watermark too: when the newest blocks were deleted before this open, the
-    // records alone would hand out generations at or below it again, and a power cut that left
-    // such a block's record without its data was taken for durable by the next open, unchecked.
-    this.nextGen = Math.max(maxGen, this.hdr.durableGen ?? 0) + 1;
-    for (const [key, slots] of dups) await this.resolveDuplicate(key, slots);
-    await this.checkUnsynced();
-    // Cleared so the damage is reported once, not at every open until the slot is reused.
-    for (const slot of torn) await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(slot));
-    this.counters.tornRecordsAtOpen = torn.length;
-    // Makes whatever a crashed predecessor left in the page cache durable, so every later
-    // flush and crash starts from a known baseline (and duplicate clears below are durable).
-    await this.data.datasync();
-    await this.table.datasync();
-    this.syncedGen = this.nextGen - 1;
-    this.findWrittenSlots();
-    for (let s = nSlots - 1; s >= 0; s--) if (this.state[s] === FREE) this.pushFree(s);
-    // A store from before the durable watermark (the first release) gets one now, durable before
-    // any write: everything it holds was just synced. Left for the first flush to add, a power cut
-    // before that flush's header reached the disk found no flag at the next open and checked none
-    // of the blocks this build had written since.
-    if ((this.hdr.compatFlags & COMPAT_DURABLE_GEN) === 0)
-      await this.rewriteHeader((h) => ({ ...h, durableGen: this.nextGen - 1, compatFlags: h.compatFlags | COMPAT_DURABLE_GEN }), true);
-    for (const s of this.pendingFree) this.pushFree(s);
-    this.pendingFree = [];
-    await this.loadFences();
-  }
-
-  /** Reads the fence table, compacting it when it holds mostly superseded records. */
-  private async loadFences(): Promise<void> {
-    const path = join(this.dir, FENCE_FILE);
-    const size = await fileSize(path);
-    if (size === undefined) {
-      this.fenceFile = await open(path, 'w+', PRIVATE_FILE);
-      await fsyncDir(this.dir);
-      return;
-    }
-    const fh = await open(path, 'r+');
-    const buf = Buffer.alloc(size);
-    if (size > 0) await readFull(fh, buf, 0);
-    let n = 0;
-    // A record cut short by a crash ends the table: it was never acknowledged.
-    for (let f = decodeFence(buf, 0); f; f = decodeFence(buf, ++n * FENCE_RECORD_SIZE)) this.fences.set(f.volume, Math.max(f.epoch, this.fences.get(f.volume) ?? 0));
-    this.fenceRecords = n;
-    if (n <= 4 * this.fences.size + 1024) {
-      this.fenceFile = fh;
-      return;
-    }
-    await fh.close();
-    const tmp = `${path}.new`;
-    const out = await open(tmp, 'w+', PRIVATE_FILE);
-    const all = Buffer.alloc(this.fences.size * FENCE_RECORD_SIZE);
-    let i = 0;
-    for (const [volume, epoch] of this.fences) encodeFence(volume, epoch, all, i++ * FENCE_RECORD_SIZE);
-    await writeFull(out, all, 0);
-    await out.sync();
-    await out.close();
-    await rename(tmp, path);
-    await fsyncDir(this.dir);
-    this.fenceFile = await open(path, 'r+');
-    this.fenceRecords = this.fences.size;
-  }
-
-  /**
-   * After a crash, the blocks written since the header's durable generation may have records
-   * without their data (a power cut persists writes in any order): each is read and checked, and
-   * one that fails is dropped here, at open. Otherwise the store would answer HAS for it and take
-   * a put of it as a no-op, and a replica with a bad copy would pass for one with a good copy.
-   */
-  private async checkUnsynced(): Promise<void> {
-    if ((this.hdr.compatFlags & COMPAT_DURABLE_GEN) === 0) return;
-    const since = this.hdr.durableGen ?? 0;
-    for (const [key, slot] of this.index) {
-      if (this.state[slot] !== USED || this.gens[slot]! <= since) continue;
-      const res = await readSlotSectors(this.slotFiles, slot, this.sums[slot]!, 0, this.sectors);
-      if (typeof res !== 'string') continue;
-      this.index.delete(key);
-      this.state[slot] = FREE;
-      this.gens[slot] = 0;
-      await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(slot));
-      this.counters.unsyncedDroppedAtOpen++;
-    }
-  }
-
-  /**
-   * One ref in several slots happens after a crash between a delete and a re-put of the same
-   * ref. Blocks are immutable, so any intact copy is right: prefer the newest that verifies.
-   */
-  private async resolveDuplicate(key: string, slots: number[]): Promise<void> {
-    this.counters.duplicatesAtOpen++;
-    slots.sort((a, b) => this.gens[b]! - this.gens[a]!);
-    let winner = slots[0]!;
-    for (const s of slots) {
-      const res = await readSlotSectors(this.slotFiles, s, this.sums[s]!, 0, this.sectors);
-      if (typeof res !== 'string') {
-        winner = s;
-        break;
-      }
-    }
-    this.index.set(key, winner);
-    for (const s of slots) {
-      if (s === winner) continue;
-      await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(s));
-      this.state[s] = PENDING;
-      this.gens[s] = 0;
-      this.pendingFree.push(s);
-    }
+    return new FileBlockStore(await openDataDir(opts));
   }
 
   // ---- reads (file-store-read.ts) ----
@@ -593,7 +274,6 @@ export class FileBlockStore implements LocalBlockStore {
     return this.reads.refsInSlots(from, to);
   }
 
-  /** A block's bytes; an open log block's as they are, unchecked (its journal records carry checksums). */
   readRaw(ref: BlockRef): Promise<Buffer> {
     return this.reads.readRaw(ref);
   }
@@ -718,23 +398,6 @@ export class FileBlockStore implements LocalBlockStore {
         continue;
       }
       throw outOfSpace(this.nSlots - this.freeTop - this.warmTop, this.nSlots, this.blockSize);
-    }
-  }
-
-  /**
-   * Marks warm every slot whose data the file system holds as written, so that what a freed slot
-   * or an earlier preparation made ready stays ready across restarts: a slot is zeroed at most once
-   * in the life of the store (the store never punches holes).
-   */
-  private findWrittenSlots(): void {
-    const ranges = nativeDataRanges(this.data.fd);
-    if (!ranges) return;
-    let r = 0;
-    for (let slot = 0; slot < this.nSlots; slot++) {
-      const start = this.layout.dataOffset(slot);
-      const end = start + this.blockSize;
-      while (r < ranges.length && ranges[r + 1]! <= start) r += 2;
-      if (r < ranges.length && ranges[r]! <= start && ranges[r + 1]! >= end) this.warm[slot] = 1;
     }
   }
 
