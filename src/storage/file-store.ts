@@ -1,6 +1,8 @@
 // The storage node's durable block store: a data file of fixed-size slots and a slot table
 // (header, one record per slot, one checksum array per slot). docs/on-disk-format.md has the
-// byte layout and the crash-safety argument; this file keeps to the mechanics.
+// byte layout and the crash-safety argument; this file keeps to the mechanics. Opening a data
+// dir and recovering it is in file-store-open.ts, the read path in file-store-read.ts; here is
+// the store itself: the write path, the journal's log blocks, slot allocation and flushes.
 //
 // Invariants the code below relies on:
 // - A slot is handed to a new block only when (a) the record that freed it is durable, so a
@@ -11,23 +13,16 @@
 // - The in-memory index changes only after the disk writes it describes have been issued and
 //   completed, except for removal, which happens first so readers stop finding the block.
 
-import { crc32c } from '@node-rs/crc32';
-import { randomBytes } from 'node:crypto';
-import { read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
-import { open, rename, stat, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
-import { TorusError, isTorusError } from '../core/errors.js';
+import { type FileHandle } from 'node:fs/promises';
+import { TorusError } from '../core/errors.js';
 import { BlockType, formatBlockRef, type BlockRef } from '../core/ids.js';
 import { blockCrcFromSectors } from '../core/crc.js';
-import { SyncFailure, WriteBatcher, nativeDataRanges, WriteFailure, type Write } from './batch-write.js';
+import { SyncFailure, WriteBatcher, WriteFailure, type Write } from './batch-write.js';
 import type { LogPiece, SectorRead } from '../core/interfaces.js';
-import { LruCache } from '../core/lru.js';
 import {
-  checkBlockSize,
   checkPut,
   checkRange,
   closedError,
-  emptyStats,
   outOfSpace,
   scrubStore,
   unavailable,
@@ -37,54 +32,29 @@ import {
   type ScrubReport,
   type VerifyResult,
 } from './common.js';
-import { lockDir, type DirLock } from './dir-lock.js';
-import { fsyncDir, mkdirDurableSync, PRIVATE_FILE } from './durable-fs.js';
-import { inspectSlot } from './inspect.js';
-import { readCached } from './page-cache.js';
+import type { DirLock } from './dir-lock.js';
+import { ioError, noop, readFull, writeFull, writeTwo } from './file-store-io.js';
+import { openDataDir, type FileBlockStoreOptions, type RecoveredStore } from './file-store-open.js';
+import { SlotReader } from './file-store-read.js';
+import { CLEARING, DRAINING, FREE, LOST, OPEN, PENDING, USED, WRITING, ZERO_RECORD } from './file-store-slots.js';
 import {
-  DATA_FILE,
-  FORMAT_VERSION,
-  HEADER_AREA_SIZE,
   HEADER_COPY_OFFSETS,
-  HEADER_COPY_SIZE,
-  LOCK_FILE,
   Layout,
-  MAX_BLOCK_SIZE,
   RECORD_SIZE,
-  SECTOR_SIZE,
-  SLOTS_PER_GROUP,
-  TABLE_FILE,
-  checkHeaderSupported,
-  checksumArraySize,
   computeChecksums,
-  RECORD_FREE,
-  RECORD_TORN,
-  RECORD_USED,
-  decodeHeader,
   encodeHeader,
   encodeFence,
   encodeOpenRecord,
   encodeRecord,
-  decodeFence,
-  FENCE_FILE,
   FENCE_RECORD_SIZE,
   INCOMPAT_OPEN_LOG,
   COMPAT_DURABLE_GEN,
   keyToRef,
   refKey,
-  scanRecord,
-  type ScannedRecord,
   type StoreHeader,
 } from './format.js';
 
-export interface FileBlockStoreOptions {
-  /** Directory holding the store's files; created if missing. */
-  readonly dir: string;
-  /** The cluster's block size; must match what the directory was formatted with. */
-  readonly blockSize: number;
-  /** Capacity in bytes; rounded down to whole blocks. May grow between opens, never shrink. */
-  readonly sizeBytes: number;
-}
+export type { FileBlockStoreOptions } from './file-store-open.js';
 
 export interface SlotLocation {
   readonly slot: number;
@@ -94,24 +64,6 @@ export interface SlotLocation {
   readonly checksumOffset: number;
 }
 
-// Slot lifecycle. FREE -> WRITING -> USED -> CLEARING -> PENDING -(flush)-> FREE, or -> DRAINING
-// (reads still in flight) -> FREE. LOST: a record write failed, so what the disk holds is unknown;
-// the slot stays out of use until the next open reads the truth back. A log block goes FREE ->
-// WRITING -> OPEN (appends) -> USED (sealed), and can be deleted while OPEN.
-const FREE = 0;
-const WRITING = 1;
-const USED = 2;
-const CLEARING = 3;
-const PENDING = 4;
-const DRAINING = 5;
-const LOST = 6;
-/** An open log block: appended to, no checksums yet (docs/journal.md). Sealing makes it USED. */
-const OPEN = 7;
-
-const ZERO_RECORD = Buffer.alloc(RECORD_SIZE);
-const OPEN_SCAN_PARALLELISM = 4;
-/** Bounds the checksum-array cache: 8 MiB of arrays cover 8 GiB of data (about 20 MiB of memory). */
-const SUMS_CACHE_BYTES = 8 * 1024 * 1024;
 /**
  * Free slots kept warm (every byte written once) for log blocks. A journal append is 4 KiB plus a
  * record header, made durable at once: into a file hole, its fdatasync must also commit the
@@ -128,74 +80,8 @@ const WARM_RESERVE_MIN_SLOTS = 8;
  */
 const WARM_PREP_BATCH_BYTES = 512 * 1024;
 
-function noop(): void {}
-
 function hex(n: number): string {
   return `0x${(n >>> 0).toString(16).padStart(8, '0')}`;
-}
-
-// Through the fd with callbacks rather than FileHandle's promise methods: on the 4 KiB read path
-// the FileHandle wrapper cost about a third more CPU per call (measured in Node 20). Callers keep
-// the handle open while a call is pending (enter/leave), so the fd cannot be closed under it.
-function pread(fd: number, buf: Uint8Array, off: number, len: number, position: number): Promise<number> {
-  return new Promise((resolve, reject) => fsRead(fd, buf, off, len, position, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-function pwrite(fd: number, buf: Uint8Array, off: number, len: number, position: number): Promise<number> {
-  return new Promise((resolve, reject) => fsWrite(fd, buf, off, len, position, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-function pwritev(fd: number, bufs: Uint8Array[], position: number): Promise<number> {
-  return new Promise((resolve, reject) => fsWritev(fd, bufs, position, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-async function readFull(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
-  // What the page cache holds is read right here; only the rest waits for the thread pool.
-  let off = readCached(fh.fd, buf, position);
-  while (off < buf.length) {
-    const bytesRead = await pread(fh.fd, buf, off, buf.length - off, position + off);
-    if (bytesRead === 0) throw new TorusError('IO', `short read at offset ${position + off}: file ends early`);
-    off += bytesRead;
-  }
-}
-
-async function writeFull(fh: FileHandle, buf: Uint8Array, position: number): Promise<void> {
-  let off = 0;
-  while (off < buf.length) {
-    const bytesWritten = await pwrite(fh.fd, buf, off, buf.length - off, position + off);
-    if (bytesWritten <= 0) throw new TorusError('IO', `write at offset ${position + off} made no progress`);
-    off += bytesWritten;
-  }
-}
-
-/** Writes `head` then `tail` contiguously; one syscall in the common case. */
-async function writeTwo(fh: FileHandle, head: Uint8Array, tail: Uint8Array, position: number): Promise<void> {
-  const bytesWritten = await pwritev(fh.fd, [head, tail], position);
-  if (bytesWritten === head.length + tail.length) return;
-  if (bytesWritten < head.length) {
-    await writeFull(fh, head.subarray(bytesWritten), position + bytesWritten);
-    await writeFull(fh, tail, position + head.length);
-  } else {
-    const done = bytesWritten - head.length;
-    await writeFull(fh, tail.subarray(done), position + bytesWritten);
-  }
-}
-
-async function fileSize(path: string): Promise<number | undefined> {
-  try {
-    return (await stat(path)).size;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw err;
-  }
-}
-
-function ioError(what: string, err: unknown, dir: string): TorusError {
-  if (isTorusError(err)) return err;
-  const e = err as NodeJS.ErrnoException;
-  if (e.code === 'ENOSPC')
-    return new TorusError('OUT_OF_SPACE', `filesystem holding ${dir} is full while ${what} (the store's files are sparse)`, { cause: err });
-  return new TorusError('IO', `${what} in ${dir}: ${e.message}`, { cause: err });
 }
 
 export class FileBlockStore implements LocalBlockStore {
@@ -210,7 +96,7 @@ export class FileBlockStore implements LocalBlockStore {
   private readonly nSlots: number;
   private readonly sectors: number;
 
-  private readonly index = new Map<string, number>();
+  private readonly index: Map<string, number>;
   private readonly gens: Float64Array;
   private readonly sums: Uint32Array;
   private readonly readers: Uint32Array;
@@ -239,9 +125,9 @@ export class FileBlockStore implements LocalBlockStore {
   /** Slots whose clearing record is being written (they free up soon). */
   private clearing = 0;
   private slotWaiters: Array<() => void> = [];
-  private nextGen = 1;
+  private nextGen: number;
   /** Generations whose records a completed sync made durable (all at or below it). */
-  private syncedGen = 0;
+  private syncedGen: number;
 
   private readonly keyTails = new Map<string, Promise<void>>();
   private runningFlush: Promise<void> | null = null;
@@ -262,13 +148,13 @@ export class FileBlockStore implements LocalBlockStore {
   /** The header in force; rewritten (other copy) when a feature flag is first needed. */
   private hdr: StoreHeader;
   /** Per volume, the highest journal epoch fenced; kept in FENCE_FILE. */
-  private readonly fences = new Map<number, number>();
+  private readonly fences: Map<number, number>;
   private fenceFile: FileHandle | undefined;
-  private fenceRecords = 0;
+  private fenceRecords: number;
   /** Fence updates run one at a time (each appends a record and syncs the table). */
   private fenceChain: Promise<unknown> = Promise.resolve();
   /** Keys of the open log blocks held. */
-  private readonly openKeys = new Set<string>();
+  private readonly openKeys: Set<string>;
   private incompatUpdate: Promise<void> | undefined;
   /** Generations handed out whose writes have not completed (their records may not be on disk yet). */
   private readonly inflightGens = new Set<number>();
@@ -285,30 +171,64 @@ export class FileBlockStore implements LocalBlockStore {
    */
   private headerWrites = 0;
   private unsyncedHeader = false;
-  private readonly counters: BlockStoreStats = emptyStats();
+  private readonly counters: BlockStoreStats;
   /** Block writes of one turn of the event loop in one thread-pool job; fs call by call without the addon. */
   private readonly batcher = WriteBatcher.available ? new WriteBatcher() : undefined;
+  /** The read path (file-store-read.ts), over this store's files and in-memory state. */
+  private readonly reads: SlotReader;
 
-  private constructor(dir: string, data: FileHandle, table: FileHandle, lock: DirLock, header: StoreHeader, headerCopy: number) {
-    this.durableCopy = headerCopy;
-    this.dir = dir;
-    this.data = data;
-    this.table = table;
-    this.lock = lock;
-    this.hdr = header;
-    this.blockSize = header.blockSize;
-    this.sectorSize = header.sectorSize;
-    this.layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
-    this.nSlots = header.slotCount;
-    this.sectors = Math.ceil(header.blockSize / header.sectorSize);
-    this.gens = new Float64Array(this.nSlots);
-    this.sums = new Uint32Array(this.nSlots);
+  private constructor(r: RecoveredStore) {
+    this.durableCopy = r.headerCopy;
+    this.dir = r.dir;
+    this.data = r.data;
+    this.table = r.table;
+    this.lock = r.lock;
+    this.hdr = r.header;
+    this.blockSize = r.header.blockSize;
+    this.sectorSize = r.header.sectorSize;
+    this.layout = r.layout;
+    this.nSlots = r.header.slotCount;
+    this.sectors = Math.ceil(r.header.blockSize / r.header.sectorSize);
+    this.index = r.index;
+    this.gens = r.gens;
+    this.sums = r.sums;
     this.readers = new Uint32Array(this.nSlots);
-    this.state = new Uint8Array(this.nSlots);
+    this.state = r.state;
     this.freeStack = new Uint32Array(this.nSlots);
-    this.warm = new Uint8Array(this.nSlots);
+    this.warm = r.warm;
     this.warmReserve = Math.min(this.nSlots >> 2, Math.max(WARM_RESERVE_MIN_SLOTS, Math.ceil(WARM_RESERVE_BYTES / this.blockSize)));
     this.warmBatch = Math.max(1, Math.min(this.warmReserve >> 1, Math.floor(WARM_PREP_BATCH_BYTES / this.blockSize)));
+    this.nextGen = r.nextGen;
+    this.syncedGen = r.syncedGen;
+    this.openKeys = r.openKeys;
+    this.fences = r.fences;
+    this.fenceFile = r.fenceFile;
+    this.fenceRecords = r.fenceRecords;
+    this.counters = r.counters;
+    for (const slot of r.free) this.pushFree(slot);
+    this.reads = new SlotReader({
+      dir: this.dir,
+      data: this.data,
+      table: this.table,
+      layout: this.layout,
+      blockSize: this.blockSize,
+      sectorSize: this.sectorSize,
+      counters: this.counters,
+      nSlots: this.nSlots,
+      sectors: this.sectors,
+      index: this.index,
+      gens: this.gens,
+      sums: this.sums,
+      state: this.state,
+      readers: this.readers,
+      enter: () => this.enter(),
+      leave: () => this.leave(),
+      drained: (slot) => {
+        this.draining--;
+        this.pushFree(slot);
+      },
+      drop: (key, slot, gen) => this.keyed(key, () => this.removeKey(key, slot, gen)).then(noop),
+    });
   }
 
   /**
@@ -317,524 +237,45 @@ export class FileBlockStore implements LocalBlockStore {
    * process has it open.
    */
   static async open(opts: FileBlockStoreOptions): Promise<FileBlockStore> {
-    const { dir, blockSize, sizeBytes } = opts;
-    checkBlockSize(blockSize, MAX_BLOCK_SIZE);
-    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0)
-      throw new TorusError('INVALID_ARGUMENT', `invalid store size ${sizeBytes}`);
-    const slots = Math.floor(sizeBytes / blockSize);
-    if (slots < 1)
-      throw new TorusError('INVALID_ARGUMENT', `store size ${sizeBytes} bytes is smaller than one block (${blockSize} bytes)`);
-    try {
-      mkdirDurableSync(dir);
-    } catch (err) {
-      throw ioError('creating the data dir', err, dir);
-    }
-    const lock = await lockDir(dir, join(dir, LOCK_FILE));
-    const handles: FileHandle[] = [];
-    try {
-      const tablePath = join(dir, TABLE_FILE);
-      const dataPath = join(dir, DATA_FILE);
-      let header: StoreHeader;
-      let headerCopy = 0;
-      let data: FileHandle;
-      let table: FileHandle;
-      if ((await fileSize(tablePath)) === undefined) {
-        header = await FileBlockStore.format(dir, blockSize, slots);
-        data = await open(dataPath, 'r+');
-        handles.push(data);
-        table = await open(tablePath, 'r+');
-        handles.push(table);
-      } else {
-        if ((await fileSize(dataPath)) === undefined)
-          throw new TorusError('CORRUPT', `block store in ${dir} has a slot table but no data file ${DATA_FILE}`);
-        data = await open(dataPath, 'r+');
-        handles.push(data);
-        table = await open(tablePath, 'r+');
-        handles.push(table);
-        ({ header, copy: headerCopy } = await FileBlockStore.readHeader(dir, table));
-        if (header.blockSize !== blockSize)
-          throw new TorusError(
-            'INVALID_ARGUMENT',
-            `data dir ${dir} was formatted with block size ${header.blockSize}, cluster uses ${blockSize}`,
-          );
-        const layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
-        const [dataSize, tableSize] = [(await data.stat()).size, (await table.stat()).size];
-        if (dataSize < layout.dataFileSize(header.slotCount) || tableSize < layout.tableFileSize(header.slotCount))
-          throw new TorusError(
-            'CORRUPT',
-            `block store in ${dir} is truncated: header says ${header.slotCount} slots but ${DATA_FILE} is ${dataSize} bytes and ${TABLE_FILE} ${tableSize} bytes`,
-          );
-        if (slots < header.slotCount)
-          throw new TorusError(
-            'INVALID_ARGUMENT',
-            `block store in ${dir} holds ${header.slotCount} blocks (${header.slotCount * blockSize} bytes); ` +
-              `refusing to shrink it to ${slots} blocks (${sizeBytes} bytes): stores only grow`,
-          );
-        if (slots > header.slotCount) ({ header, copy: headerCopy } = await FileBlockStore.grow(data, table, header, headerCopy, slots));
-      }
-      const store = new FileBlockStore(dir, data, table, lock, header, headerCopy);
-      await store.load();
-      return store;
-    } catch (err) {
-      await Promise.allSettled(handles.map((h) => h.close()));
-      await lock.release();
-      throw ioError('opening the block store', err, dir);
-    }
+    return new FileBlockStore(await openDataDir(opts));
   }
 
-  /**
-   * Creates both files sparse. The table is written under a temporary name and renamed, so a
-   * table file that exists is always a complete one: a crash mid-format leaves nothing half-made.
-   */
-  private static async format(dir: string, blockSize: number, slots: number): Promise<StoreHeader> {
-    const layout = new Layout(blockSize, SECTOR_SIZE, SLOTS_PER_GROUP);
-    const header: StoreHeader = {
-      version: FORMAT_VERSION,
-      sequence: 1,
-      blockSize,
-      sectorSize: SECTOR_SIZE,
-      slotCount: slots,
-      recordSize: RECORD_SIZE,
-      checksumArraySize: checksumArraySize(blockSize, SECTOR_SIZE),
-      slotsPerGroup: SLOTS_PER_GROUP,
-      incompatFlags: 0,
-      compatFlags: COMPAT_DURABLE_GEN,
-      durableGen: 0,
-      storeId: randomBytes(16).toString('hex'),
-      createdAt: Date.now(),
-    };
-    const data = await open(join(dir, DATA_FILE), 'w+', PRIVATE_FILE);
-    try {
-      await data.truncate(layout.dataFileSize(slots));
-      await data.sync();
-    } finally {
-      await data.close();
-    }
-    const tmp = join(dir, `${TABLE_FILE}.new`);
-    const table = await open(tmp, 'w+', PRIVATE_FILE);
-    try {
-      await table.truncate(layout.tableFileSize(slots));
-      const enc = encodeHeader(header);
-      for (const off of HEADER_COPY_OFFSETS) await writeFull(table, enc, off);
-      await table.sync();
-    } finally {
-      await table.close();
-    }
-    await rename(tmp, join(dir, TABLE_FILE));
-    await fsyncDir(dir);
-    return header;
+  // ---- reads (file-store-read.ts) ----
+
+  getBlock(ref: BlockRef): Promise<Buffer> {
+    return this.reads.getBlock(ref);
   }
 
-  /** The newest valid header copy and which copy it is. */
-  private static async readHeader(dir: string, table: FileHandle): Promise<{ header: StoreHeader; copy: number }> {
-    const area = Buffer.alloc(HEADER_AREA_SIZE);
-    const { bytesRead } = await table.read(area, 0, HEADER_AREA_SIZE, 0);
-    let best: StoreHeader | undefined;
-    let copy = 0;
-    HEADER_COPY_OFFSETS.forEach((off, i) => {
-      if (bytesRead < off + HEADER_COPY_SIZE) return;
-      const h = decodeHeader(area.subarray(off, off + HEADER_COPY_SIZE));
-      if (h && (!best || h.sequence > best.sequence)) [best, copy] = [h, i];
-    });
-    if (!best) throw new TorusError('CORRUPT', `${join(dir, TABLE_FILE)} has no valid header (not a torus block store, or both copies damaged)`);
-    checkHeaderSupported(best, dir);
-    return { header: best, copy };
+  readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer> {
+    return this.reads.readRange(ref, offset, length);
   }
 
-  /**
-   * Extends both files, makes the new sizes durable, and only then publishes the new slot count
-   * in the header: a crash before that leaves longer files the old header ignores.
-   */
-  private static async grow(data: FileHandle, table: FileHandle, header: StoreHeader, copy: number, slots: number): Promise<{ header: StoreHeader; copy: number }> {
-    const layout = new Layout(header.blockSize, header.sectorSize, header.slotsPerGroup);
-    const dataSize = (await data.stat()).size;
-    const tableSize = (await table.stat()).size;
-    if (dataSize < layout.dataFileSize(slots)) await data.truncate(layout.dataFileSize(slots));
-    if (tableSize < layout.tableFileSize(slots)) await table.truncate(layout.tableFileSize(slots));
-    await data.sync();
-    await table.sync();
-    const next: StoreHeader = { ...header, slotCount: slots, sequence: header.sequence + 1 };
-    // Into the other copy, so the one being overwritten is never the only valid one.
-    await writeFull(table, encodeHeader(next), HEADER_COPY_OFFSETS[1 - copy] ?? 0);
-    await table.datasync();
-    return { header: next, copy: 1 - copy };
-  }
-
-  /** Rebuilds the index from the records, reading only the record regions of the table. */
-  private async load(): Promise<void> {
-    const { layout, nSlots } = this;
-    const G = layout.slotsPerGroup;
-    const groups = Math.ceil(nSlots / G);
-    const dups = new Map<string, number[]>();
-    const torn: number[] = [];
-    const rec: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '', open: false };
-    let maxGen = 0;
-    const scanGroup = async (g: number): Promise<Buffer> => {
-      const count = Math.min(G, nSlots - g * G);
-      const buf = Buffer.allocUnsafe(count * RECORD_SIZE);
-      await readFull(this.table, buf, layout.recordOffset(g * G));
-      return buf;
-    };
-    for (let g0 = 0; g0 < groups; g0 += OPEN_SCAN_PARALLELISM) {
-      const batch: Promise<Buffer>[] = [];
-      for (let g = g0; g < Math.min(groups, g0 + OPEN_SCAN_PARALLELISM); g++) batch.push(scanGroup(g));
-      const bufs = await Promise.all(batch);
-      bufs.forEach((buf, i) => {
-        const base = (g0 + i) * G;
-        for (let j = 0; j * RECORD_SIZE < buf.length; j++) {
-          const kind = scanRecord(buf, j * RECORD_SIZE, rec);
-          if (kind === RECORD_FREE) continue;
-          const slot = base + j;
-          if (kind === RECORD_TORN) {
-            torn.push(slot);
-            continue;
-          }
-          this.state[slot] = rec.open ? OPEN : USED;
-          if (!rec.open) this.warm[slot] = 1;
-          this.gens[slot] = rec.generation;
-          this.sums[slot] = rec.checksumsCrc;
-          if (rec.generation > maxGen) maxGen = rec.generation;
-          const key = rec.key;
-          if (rec.open) this.openKeys.add(key);
-          const prev = this.index.get(key);
-          if (prev === undefined) {
-            this.index.set(key, slot);
-          } else {
-            const list = dups.get(key);
-            if (list) list.push(slot);
-            else dups.set(key, [prev, slot]);
-          }
-        }
-      });
-    }
-    // Above the durable watermark too: when the newest blocks were deleted before this open, the
-    // records alone would hand out generations at or below it again, and a power cut that left
-    // such a block's record without its data was taken for durable by the next open, unchecked.
-    this.nextGen = Math.max(maxGen, this.hdr.durableGen ?? 0) + 1;
-    for (const [key, slots] of dups) await this.resolveDuplicate(key, slots);
-    await this.checkUnsynced();
-    // Cleared so the damage is reported once, not at every open until the slot is reused.
-    for (const slot of torn) await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(slot));
-    this.counters.tornRecordsAtOpen = torn.length;
-    // Makes whatever a crashed predecessor left in the page cache durable, so every later
-    // flush and crash starts from a known baseline (and duplicate clears below are durable).
-    await this.data.datasync();
-    await this.table.datasync();
-    this.syncedGen = this.nextGen - 1;
-    this.findWrittenSlots();
-    for (let s = nSlots - 1; s >= 0; s--) if (this.state[s] === FREE) this.pushFree(s);
-    // A store from before the durable watermark (the first release) gets one now, durable before
-    // any write: everything it holds was just synced. Left for the first flush to add, a power cut
-    // before that flush's header reached the disk found no flag at the next open and checked none
-    // of the blocks this build had written since.
-    if ((this.hdr.compatFlags & COMPAT_DURABLE_GEN) === 0)
-      await this.rewriteHeader((h) => ({ ...h, durableGen: this.nextGen - 1, compatFlags: h.compatFlags | COMPAT_DURABLE_GEN }), true);
-    for (const s of this.pendingFree) this.pushFree(s);
-    this.pendingFree = [];
-    await this.loadFences();
-  }
-
-  /** Reads the fence table, compacting it when it holds mostly superseded records. */
-  private async loadFences(): Promise<void> {
-    const path = join(this.dir, FENCE_FILE);
-    const size = await fileSize(path);
-    if (size === undefined) {
-      this.fenceFile = await open(path, 'w+', PRIVATE_FILE);
-      await fsyncDir(this.dir);
-      return;
-    }
-    const fh = await open(path, 'r+');
-    const buf = Buffer.alloc(size);
-    if (size > 0) await readFull(fh, buf, 0);
-    let n = 0;
-    // A record cut short by a crash ends the table: it was never acknowledged.
-    for (let f = decodeFence(buf, 0); f; f = decodeFence(buf, ++n * FENCE_RECORD_SIZE)) this.fences.set(f.volume, Math.max(f.epoch, this.fences.get(f.volume) ?? 0));
-    this.fenceRecords = n;
-    if (n <= 4 * this.fences.size + 1024) {
-      this.fenceFile = fh;
-      return;
-    }
-    await fh.close();
-    const tmp = `${path}.new`;
-    const out = await open(tmp, 'w+', PRIVATE_FILE);
-    const all = Buffer.alloc(this.fences.size * FENCE_RECORD_SIZE);
-    let i = 0;
-    for (const [volume, epoch] of this.fences) encodeFence(volume, epoch, all, i++ * FENCE_RECORD_SIZE);
-    await writeFull(out, all, 0);
-    await out.sync();
-    await out.close();
-    await rename(tmp, path);
-    await fsyncDir(this.dir);
-    this.fenceFile = await open(path, 'r+');
-    this.fenceRecords = this.fences.size;
-  }
-
-  /**
-   * After a crash, the blocks written since the header's durable generation may have records
-   * without their data (a power cut persists writes in any order): each is read and checked, and
-   * one that fails is dropped here, at open. Otherwise the store would answer HAS for it and take
-   * a put of it as a no-op, and a replica with a bad copy would pass for one with a good copy.
-   */
-  private async checkUnsynced(): Promise<void> {
-    if ((this.hdr.compatFlags & COMPAT_DURABLE_GEN) === 0) return;
-    const since = this.hdr.durableGen ?? 0;
-    for (const [key, slot] of this.index) {
-      if (this.state[slot] !== USED || this.gens[slot]! <= since) continue;
-      const res = await this.readSlotSectors(slot, this.sums[slot]!, 0, this.sectors);
-      if (typeof res !== 'string') continue;
-      this.index.delete(key);
-      this.state[slot] = FREE;
-      this.gens[slot] = 0;
-      await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(slot));
-      this.counters.unsyncedDroppedAtOpen++;
-    }
-  }
-
-  /**
-   * One ref in several slots happens after a crash between a delete and a re-put of the same
-   * ref. Blocks are immutable, so any intact copy is right: prefer the newest that verifies.
-   */
-  private async resolveDuplicate(key: string, slots: number[]): Promise<void> {
-    this.counters.duplicatesAtOpen++;
-    slots.sort((a, b) => this.gens[b]! - this.gens[a]!);
-    let winner = slots[0]!;
-    for (const s of slots) {
-      const res = await this.readSlotSectors(s, this.sums[s]!, 0, this.sectors);
-      if (typeof res !== 'string') {
-        winner = s;
-        break;
-      }
-    }
-    this.index.set(key, winner);
-    for (const s of slots) {
-      if (s === winner) continue;
-      await writeFull(this.table, ZERO_RECORD, this.layout.recordOffset(s));
-      this.state[s] = PENDING;
-      this.gens[s] = 0;
-      this.pendingFree.push(s);
-    }
-  }
-
-  // ---- reads ----
-
-  /**
-   * Checksum arrays of recently read slots, keyed by slot and valid for one generation. A ranged
-   * read then costs one pread instead of two. Still checked against the record's CRC on every
-   * use; scrubs (verifyBlock, inspectBlock) and open-time checks bypass it and read the disk's copy.
-   */
-  private readonly sumsCache = new LruCache<number, { gen: number; sums: Buffer }>(SUMS_CACHE_BYTES, (e) => e.sums.length);
-
-  private cacheSums(slot: number, gen: number, sums: Buffer): void {
-    // A copy outside Buffer's shared pool: a kept slice of the pool would pin all 8 KiB of it.
-    const own = Buffer.allocUnsafeSlow(sums.length);
-    sums.copy(own);
-    this.sumsCache.set(slot, { gen, sums: own });
-  }
-
-  /**
-   * Reads sectors [s0, s1) of `slot` and checks them against the slot's checksum array, itself
-   * checked against the CRC its record committed. Returns the bytes, or why they are bad.
-   */
-  private async readSlotSectors(slot: number, checksumsCrc: number, s0: number, s1: number, gen?: number): Promise<{ buf: Buffer; sums: Buffer } | string> {
-    const start = s0 * this.sectorSize;
-    const end = Math.min(s1 * this.sectorSize, this.blockSize);
-    const buf = Buffer.allocUnsafe(end - start);
-    const cached = gen === undefined ? undefined : this.sumsCache.get(slot);
-    const hit = cached !== undefined && cached.gen === gen;
-    let sums: Buffer;
-    if (hit) {
-      sums = cached.sums;
-      await readFull(this.data, buf, this.layout.dataOffset(slot) + start);
-    } else {
-      sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
-      await Promise.all([
-        readFull(this.data, buf, this.layout.dataOffset(slot) + start),
-        readFull(this.table, sums, this.layout.checksumOffset(slot)),
-      ]);
-    }
-    this.counters.bytesRead += buf.length;
-    if (crc32c(sums) !== checksumsCrc) return 'its sector checksum array does not match its record';
-    if (gen !== undefined && !hit) this.cacheSums(slot, gen, sums);
-    for (let s = s0; s < s1; s++) {
-      const a = s * this.sectorSize - start;
-      const b = Math.min(a + this.sectorSize, buf.length);
-      if (crc32c(buf.subarray(a, b)) !== sums.readUInt32LE(s * 4)) return `sector ${s} does not match its checksum`;
-    }
-    return { buf, sums };
-  }
-
-  private async readChecked(ref: BlockRef, key: string, slot: number, s0: number, s1: number, count = true): Promise<{ buf: Buffer; sums: Buffer }> {
-    const gen = this.gens[slot]!;
-    this.readers[slot]!++;
-    let res: { buf: Buffer; sums: Buffer } | string;
-    try {
-      res = await this.readSlotSectors(slot, this.sums[slot]!, s0, s1, count ? gen : undefined);
-    } catch (err) {
-      throw ioError(`reading block ${formatBlockRef(ref)}`, err, this.dir);
-    } finally {
-      this.releaseReader(slot);
-    }
-    if (typeof res === 'string') {
-      this.counters.checksumFailures++;
-      // Dropped so that hasBlock() turns false and the repair put of a good copy is not a no-op.
-      await this.keyed(key, () => this.removeKey(key, slot, gen)).catch(noop);
-      throw new TorusError('CORRUPT', `block ${formatBlockRef(ref)} (slot ${slot}) is corrupt: ${res}; dropped from ${this.dir}`);
-    }
-    if (count) this.counters.reads++;
-    return res;
-  }
-
-  /** Ends a read of `slot`; a slot freed while it was read is handed out only now. */
-  private releaseReader(slot: number): void {
-    if (--this.readers[slot]! === 0 && this.state[slot] === DRAINING) {
-      this.draining--;
-      this.pushFree(slot);
-    }
-  }
-
-  async getBlock(ref: BlockRef): Promise<Buffer> {
-    this.enter();
-    try {
-      const key = refKey(ref);
-      const slot = this.index.get(key);
-      if (slot === undefined || this.state[slot] === OPEN) throw unavailable(ref);
-      return (await this.readChecked(ref, key, slot, 0, this.sectors)).buf;
-    } finally {
-      this.leave();
-    }
-  }
-
-  async readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer> {
-    if (length === 0) {
-      this.enter();
-      try {
-        checkRange(ref, offset, length, this.blockSize);
-        if (!this.hasBlock(ref)) throw unavailable(ref);
-        return Buffer.alloc(0);
-      } finally {
-        this.leave();
-      }
-    }
-    const read = await this.readSectors(ref, offset, length);
-    const at = offset - read.offset;
-    return read.data.subarray(at, at + length);
-  }
-
-  async readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead> {
-    this.enter();
-    try {
-      checkRange(ref, offset, length, this.blockSize);
-      const key = refKey(ref);
-      const slot = this.index.get(key);
-      if (slot === undefined || this.state[slot] === OPEN) throw unavailable(ref);
-      const s0 = Math.floor(offset / this.sectorSize);
-      const s1 = length === 0 ? s0 : Math.floor((offset + length - 1) / this.sectorSize) + 1;
-      const { buf, sums } = await this.readChecked(ref, key, slot, s0, s1);
-      return { sectorSize: this.sectorSize, sums, offset: s0 * this.sectorSize, data: buf };
-    } finally {
-      this.leave();
-    }
+  readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead> {
+    return this.reads.readSectors(ref, offset, length);
   }
 
   hasBlock(ref: BlockRef): boolean {
-    const slot = this.index.get(refKey(ref));
-    return slot !== undefined && this.state[slot] !== OPEN;
+    return this.reads.hasBlock(ref);
   }
 
-  async verifyBlock(ref: BlockRef): Promise<VerifyResult> {
-    this.enter();
-    try {
-      const key = refKey(ref);
-      const slot = this.index.get(key);
-      if (slot === undefined) return 'missing';
-      // An open log block has no checksums yet; its journal records carry their own.
-      if (this.state[slot] === OPEN) return 'ok';
-      await this.readChecked(ref, key, slot, 0, this.sectors, false);
-      return 'ok';
-    } catch (err) {
-      if (isTorusError(err, 'CORRUPT')) return 'corrupt';
-      throw err;
-    } finally {
-      this.leave();
-    }
+  verifyBlock(ref: BlockRef): Promise<VerifyResult> {
+    return this.reads.verifyBlock(ref);
   }
 
   scrub(opts: { signal?: AbortSignal; onProgress?: (checked: number, total: number) => void } = {}): Promise<ScrubReport> {
     return scrubStore(this, opts);
   }
 
-  async inspectBlock(ref: BlockRef): Promise<BlockInspection> {
-    this.enter();
-    try {
-      const key = refKey(ref);
-      const slot = this.index.get(key);
-      if (slot === undefined) return { status: 'missing' };
-      // An open log block has no checksums yet; its journal records carry their own.
-      if (this.state[slot] === OPEN) return { status: 'ok' };
-      const generation = this.gens[slot]!;
-      const data = Buffer.allocUnsafe(this.blockSize);
-      const sums = Buffer.allocUnsafe(this.layout.checksumArraySize);
-      const record = Buffer.allocUnsafe(RECORD_SIZE);
-      this.readers[slot]!++;
-      try {
-        await Promise.all([
-          readFull(this.data, data, this.layout.dataOffset(slot)),
-          readFull(this.table, sums, this.layout.checksumOffset(slot)),
-          readFull(this.table, record, this.layout.recordOffset(slot)),
-        ]);
-      } catch (err) {
-        throw ioError(`reading block ${formatBlockRef(ref)}`, err, this.dir);
-      } finally {
-        this.releaseReader(slot);
-      }
-      this.counters.bytesRead += data.length;
-      // Deleted (or dropped and stored again) while it was read: what was read is no one's copy.
-      if (this.index.get(key) !== slot || this.gens[slot] !== generation) return { status: 'missing' };
-      return inspectSlot({ key, generation, checksumsCrc: this.sums[slot]!, record, sums, data, blockSize: this.blockSize, sectorSize: this.sectorSize });
-    } finally {
-      this.leave();
-    }
+  inspectBlock(ref: BlockRef): Promise<BlockInspection> {
+    return this.reads.inspectBlock(ref);
   }
 
-  /**
-   * The refs come from the window's records, read from the table (they are contiguous within a
-   * group, so this is one read per group): finding them in the index would cost a walk of all of
-   * it, 200 ms for 2 million blocks, for every window.
-   */
-  async refsInSlots(from: number, to: number): Promise<BlockRef[]> {
-    this.enter();
-    try {
-      const end = Math.min(to, this.nSlots);
-      const out: BlockRef[] = [];
-      const rec: ScannedRecord = { generation: 0, checksumsCrc: 0, key: '', open: false };
-      for (let g0 = Math.max(0, from); g0 < end; ) {
-        const g1 = Math.min(end, (Math.floor(g0 / this.layout.slotsPerGroup) + 1) * this.layout.slotsPerGroup);
-        const gens = this.gens.slice(g0, g1);
-        const buf = Buffer.allocUnsafe((g1 - g0) * RECORD_SIZE);
-        try {
-          await readFull(this.table, buf, this.layout.recordOffset(g0));
-        } catch (err) {
-          throw ioError('reading slot records', err, this.dir);
-        }
-        for (let s = g0; s < g1; s++) {
-          // Written, or freed, while the records were read: left for the next pass.
-          if (this.state[s] !== USED || this.gens[s] !== gens[s - g0]) continue;
-          const ok = scanRecord(buf, (s - g0) * RECORD_SIZE, rec) === RECORD_USED && this.index.get(rec.key) === s;
-          // A record damaged on disk since open: only the index still knows its ref (rare, so the walk is fine).
-          const key = ok ? rec.key : this.keyOfSlot(s);
-          if (key !== undefined) out.push(keyToRef(key));
-        }
-        g0 = g1;
-      }
-      return out;
-    } finally {
-      this.leave();
-    }
+  refsInSlots(from: number, to: number): Promise<BlockRef[]> {
+    return this.reads.refsInSlots(from, to);
   }
 
-  private keyOfSlot(slot: number): string | undefined {
-    for (const [key, s] of this.index) if (s === slot) return key;
-    return undefined;
+  readRaw(ref: BlockRef): Promise<Buffer> {
+    return this.reads.readRaw(ref);
   }
 
   // ---- writes ----
@@ -957,23 +398,6 @@ export class FileBlockStore implements LocalBlockStore {
         continue;
       }
       throw outOfSpace(this.nSlots - this.freeTop - this.warmTop, this.nSlots, this.blockSize);
-    }
-  }
-
-  /**
-   * Marks warm every slot whose data the file system holds as written, so that what a freed slot
-   * or an earlier preparation made ready stays ready across restarts: a slot is zeroed at most once
-   * in the life of the store (the store never punches holes).
-   */
-  private findWrittenSlots(): void {
-    const ranges = nativeDataRanges(this.data.fd);
-    if (!ranges) return;
-    let r = 0;
-    for (let slot = 0; slot < this.nSlots; slot++) {
-      const start = this.layout.dataOffset(slot);
-      const end = start + this.blockSize;
-      while (r < ranges.length && ranges[r + 1]! <= start) r += 2;
-      if (r < ranges.length && ranges[r]! <= start && ranges[r + 1]! >= end) this.warm[slot] = 1;
     }
   }
 
@@ -1317,31 +741,6 @@ export class FileBlockStore implements LocalBlockStore {
       } catch (err) {
         throw ioError(`fencing volume ${volume}`, err, this.dir);
       }
-    } finally {
-      this.leave();
-    }
-  }
-
-  async readRaw(ref: BlockRef): Promise<Buffer> {
-    this.enter();
-    try {
-      const slot = this.index.get(refKey(ref));
-      if (slot === undefined) throw unavailable(ref);
-      if (this.state[slot] !== OPEN) return (await this.readChecked(ref, refKey(ref), slot, 0, this.sectors)).buf;
-      const buf = Buffer.allocUnsafe(this.blockSize);
-      this.readers[slot]!++;
-      try {
-        await readFull(this.data, buf, this.layout.dataOffset(slot));
-      } catch (err) {
-        throw ioError(`reading ${formatBlockRef(ref)}`, err, this.dir);
-      } finally {
-        if (--this.readers[slot]! === 0 && (this.state[slot] as number) === DRAINING) {
-          this.draining--;
-          this.pushFree(slot);
-        }
-      }
-      this.counters.bytesRead += buf.length;
-      return buf;
     } finally {
       this.leave();
     }
