@@ -1,5 +1,6 @@
 import { TorusError } from '../core/errors.js';
 import { BlockType, KNOWN_BLOCK_TYPES, LOG_BLOCKS_PER_SEGMENT, blockRefKey, type BlockRef } from '../core/ids.js';
+import { Yielder } from '../core/yielder.js';
 import { walkTree, type VolumeBlockStore } from './inode.js';
 import { DIRECT_INDEX_BASE, isDirectRef, logRef } from './journal-format.js';
 import type { GcView, VolumeMeta } from './meta.js';
@@ -165,8 +166,10 @@ export async function collectLocal(
 ): Promise<GcReport> {
   const refs = local.refs();
   let deleted = 0;
+  const y = new Yielder();
   for (const ref of refs) {
     if (signal?.aborted) break;
+    if (y.due()) await y.pause();
     if (!live.isDead(ref)) continue;
     await local.deleteBlock(ref);
     deleted++;
