@@ -13,6 +13,16 @@ import { BlockVolume, type VolumeContext } from './volume.js';
 
 const BS = 4096;
 
+/** `n` writes of 1-600 bytes at random offsets, copied into `model` too. */
+async function writeRandomly(vol: BlockVolume, model: Buffer, n: number): Promise<void> {
+  for (let i = 0; i < n; i++) {
+    const off = Math.floor(Math.random() * (model.length - 600));
+    const d = randomBytes(1 + Math.floor(Math.random() * 600));
+    await vol.write(off, d);
+    d.copy(model, off);
+  }
+}
+
 test('random unaligned writes read back byte-exact, before and after sync and reopen', async () => {
   const c = await memoryCluster(BS);
   const size = 64 * BS + 123;
@@ -381,12 +391,7 @@ test('checkpoints and folds move overlays into runs and whole blocks; a reopen r
   const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0, foldIdleMs: 0, maxRunChain: 4 });
   const model = Buffer.alloc(size);
   for (let round = 0; round < 10; round++) {
-    for (let i = 0; i < 20; i++) {
-      const off = Math.floor(Math.random() * (size - 600));
-      const d = randomBytes(1 + Math.floor(Math.random() * 600));
-      await vol.write(off, d);
-      d.copy(model, off);
-    }
+    await writeRandomly(vol, model, 20);
     await vol.flush();
     await vol.checkpoint();
     assert.ok((await vol.read(0, size)).equals(model), `round ${round}`);
@@ -1191,12 +1196,7 @@ test('a compacted run chain holds every overlay the chain before it held: a reop
   const vol = await BlockVolume.open(c.ctx, 'v', opts);
   const model = Buffer.alloc(size);
   for (let round = 0; round < 12; round++) {
-    for (let i = 0; i < 10; i++) {
-      const off = Math.floor(Math.random() * (size - 600));
-      const d = randomBytes(1 + Math.floor(Math.random() * 600));
-      await vol.write(off, d);
-      d.copy(model, off);
-    }
+    await writeRandomly(vol, model, 10);
     await vol.flush();
     await vol.checkpoint();
   }
