@@ -1137,7 +1137,7 @@ export class BlockVolume implements BlockDevice {
   }
 }
 
-/** Applies a run entry to overlay indexes (loading a chain, or keeping the checkpointed one). */
+/** Applies a run entry to an overlay index (loading a chain, or rebuilding it for a compaction). */
 function applyRunEntry(e: RunEntry, ov: OverlayIndex): void {
   if (e.kind === 'reset') {
     ov.reset(e.index, e.lsn);
