@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { BlockType, type BlockRef } from '../core/ids.js';
 import type { Ring } from '../core/interfaces.js';
+import { withLoopTicks } from '../core/testing.js';
 import { addPeers, changeReplication, createRing, newRingModel, removePeers } from '../ring/index.js';
 import { MemoryBlockStore } from '../storage/memory-store.js';
 import { Distributor } from './distributor.js';
@@ -412,22 +413,12 @@ test('a pass gives the event loop back while it walks the store, before and afte
   // The ring is asked about each block while planning and again while counting. Between two
   // such calls, a walk that never pauses lets nothing else run; with a zero slice it pauses
   // every 32 blocks, and a ticker scheduled with setImmediate advances.
-  let ticks = 0;
-  let ticking = true;
-  const tick = (): void => {
-    ticks++;
-    if (ticking) setImmediate(tick);
-  };
   const seen: number[] = [];
-  const ring = c.ring();
-  const watched = { ...ring, getPeers: (r: BlockRef) => (seen.push(ticks), ring.getPeers(r)) } as Ring;
-  const r = c.rebalancer('p0', { ring: () => watched, yieldSliceMs: 0 });
-  setImmediate(tick);
-  try {
-    await r.pass();
-  } finally {
-    ticking = false;
-  }
+  await withLoopTicks(async (ticks) => {
+    const ring = c.ring();
+    const watched = { ...ring, getPeers: (r: BlockRef) => (seen.push(ticks()), ring.getPeers(r)) } as Ring;
+    await c.rebalancer('p0', { ring: () => watched, yieldSliceMs: 0 }).pass();
+  });
   const held = c.stores.get('p0')!.usedBlocks();
   assert.ok(held > 100 && seen.length === 2 * held, `${seen.length} ring lookups for ${held} blocks`);
   // The plan's lookups come first, the count's last; each walk saw the ticker move on.

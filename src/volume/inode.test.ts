@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { BlockType, blockRefKey, encodeBlockRef, type BlockRef } from '../core/ids.js';
+import { withLoopTicks } from '../core/testing.js';
 import { ENTRY_SIZE, InodeTree, readEntry, walkTree, type VolumeBlockStore } from './inode.js';
 import type { Pointer } from './records.js';
 
@@ -102,24 +103,15 @@ test('a walk over a large tree gives the event loop back between pages', async (
   const pages = new Map<number, Buffer>();
   pages.set(0, page(Array.from({ length: 64 }, (_, i) => ref(1 + i))));
   for (let i = 0; i < 64; i++) pages.set(1 + i, page(Array.from({ length: fanout }, (_, j) => ({ type: BlockType.Data, volume: 9, inode: 1, index: i * fanout + j + 1 }))));
-  let ticks = 0;
-  let ticking = true;
-  const tick = (): void => {
-    ticks++;
-    if (ticking) setImmediate(tick);
-  };
   const atVisit: number[] = [];
-  setImmediate(tick);
-  try {
-    await walkTree(
+  await withLoopTicks((ticks) =>
+    walkTree(
       { root: { ref: ref(0), crc: 0 }, depth: 2, size: 0, epoch: 0 },
       fanout,
       async (ptr) => pages.get(ptr.ref.index)!,
-      (_ptr, kind) => (kind === 'data' && atVisit.push(ticks), true),
-    );
-  } finally {
-    ticking = false;
-  }
+      (_ptr, kind) => (kind === 'data' && atVisit.push(ticks()), true),
+    ),
+  );
   assert.equal(atVisit.length, 64 * fanout);
   assert.ok(atVisit[atVisit.length - 1]! > atVisit[0]!, `ticks during the walk: ${atVisit[0]}..${atVisit[atVisit.length - 1]}`);
 });
