@@ -140,8 +140,8 @@ export class SlotReader {
     s.enter();
     try {
       const key = refKey(ref);
-      const slot = s.index.get(key);
-      if (slot === undefined || s.state[slot] === OPEN) throw unavailable(ref);
+      const slot = this.readableSlot(key);
+      if (slot === undefined) throw unavailable(ref);
       return (await this.readChecked(ref, key, slot, 0, s.sectors)).buf;
     } finally {
       s.leave();
@@ -171,8 +171,8 @@ export class SlotReader {
     try {
       checkRange(ref, offset, length, s.blockSize);
       const key = refKey(ref);
-      const slot = s.index.get(key);
-      if (slot === undefined || s.state[slot] === OPEN) throw unavailable(ref);
+      const slot = this.readableSlot(key);
+      if (slot === undefined) throw unavailable(ref);
       const s0 = Math.floor(offset / s.sectorSize);
       const s1 = length === 0 ? s0 : Math.floor((offset + length - 1) / s.sectorSize) + 1;
       const { buf, sums } = await this.readChecked(ref, key, slot, s0, s1);
@@ -183,8 +183,13 @@ export class SlotReader {
   }
 
   hasBlock(ref: BlockRef): boolean {
-    const slot = this.s.index.get(refKey(ref));
-    return slot !== undefined && this.s.state[slot] !== OPEN;
+    return this.readableSlot(refKey(ref)) !== undefined;
+  }
+
+  /** The slot of a block that can be read: held, and not a log block still open. */
+  private readableSlot(key: string): number | undefined {
+    const slot = this.s.index.get(key);
+    return slot !== undefined && this.s.state[slot] !== OPEN ? slot : undefined;
   }
 
   async verifyBlock(ref: BlockRef): Promise<VerifyResult> {
