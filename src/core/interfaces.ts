@@ -92,6 +92,14 @@ export interface BlockStore {
   usedBlocks(): number;
   /** A snapshot of the refs held (open log blocks included), safe to iterate while the store changes. */
   refs(): BlockRef[];
+  /**
+   * A mark that grows as blocks are stored, opened and sealed here: every one of those finished
+   * before the call is at or below it. With refsChangedSince, a walk that only needs what changed
+   * (the rebalancer's quiet passes) need not list every block.
+   */
+  changeMark?(): number;
+  /** The refs held whose block was stored, opened or sealed after `mark` (open log blocks included). */
+  refsChangedSince?(mark: number): BlockRef[];
   close(): Promise<void>;
 }
 

@@ -416,7 +416,7 @@ test('a pass gives the event loop back while it walks the store, before and afte
   const seen: number[] = [];
   await withLoopTicks(async (ticks) => {
     const ring = c.ring();
-    const watched = { ...ring, getPeers: (r: BlockRef) => (seen.push(ticks()), ring.getPeers(r)) } as Ring;
+    const watched = Object.assign(Object.create(ring) as Ring, { getPeers: (r: BlockRef) => (seen.push(ticks()), ring.getPeers(r)) });
     await c.rebalancer('p0', { ring: () => watched, yieldSliceMs: 0 }).pass();
   });
   const held = c.stores.get('p0')!.usedBlocks();
@@ -426,4 +426,84 @@ test('a pass gives the event loop back while it walks the store, before and afte
   const count = seen.slice(held);
   assert.ok(plan[plan.length - 1]! - plan[0]! >= 2, `ticks during the plan: ${plan[0]}..${plan[plan.length - 1]}`);
   assert.ok(count[count.length - 1]! - count[0]! >= 2, `ticks during the count: ${count[0]}..${count[count.length - 1]}`);
+});
+
+/** Blocks `of` owns together with `with`, and the first of them held where `c` put it. */
+function sharedWith(c: ReturnType<typeof cluster>, n: number, of: string, other: string): number[] {
+  return Array.from({ length: n }, (_, i) => i).filter((i) => {
+    const owners = c.ring().getPeers(ref(i)).peers.slice(0, 2);
+    return owners.includes(of) && owners.includes(other);
+  });
+}
+
+test('once settled, a pass checks only blocks stored or sealed since; a ring change, a restarted peer and the full-pass interval bring back a pass over every block', async () => {
+  const c = cluster(3);
+  await writeAll(c, 200);
+  await c.settle();
+  const p0 = c.stores.get('p0')!;
+  const r = c.rebalancer('p0');
+  await r.pass();
+  assert.deepEqual([r.status().fullPasses, r.status().lastChecked], [1, p0.usedBlocks()], 'the first pass checks every block');
+  await r.pass();
+  assert.deepEqual([r.status().fullPasses, r.status().lastChecked], [1, 0], 'nothing changed: nothing checked');
+
+  // New blocks are checked, and only they. One stored on p0 alone reaches its other owner.
+  const shared = sharedWith(c, 300, 'p0', 'p1').filter((i) => i >= 200);
+  await p0.putBlock(ref(shared[0]!), data(shared[0]!));
+  await p0.flush();
+  assert.deepEqual(c.copies(ref(shared[0]!)), ['p0']);
+  await r.pass();
+  assert.deepEqual([r.status().fullPasses, r.status().lastChecked], [1, 1]);
+  assert.deepEqual(c.copies(ref(shared[0]!)).sort(), ['p0', 'p1']);
+
+  // A copy lost on p1 without a restart is not seen by a quiet pass (the scrub's and the full
+  // pass's job); a restart of p1 is, and the full pass that follows puts the copy back.
+  const lost = sharedWith(c, 200, 'p0', 'p1')[0]!;
+  await c.stores.get('p1')!.deleteBlock(ref(lost));
+  await r.pass();
+  assert.equal(r.status().fullPasses, 1);
+  assert.deepEqual(c.copies(ref(lost)), ['p0']);
+  c.transport.instances.set('p1', 'second');
+  await r.pass();
+  assert.equal(r.status().fullPasses, 2);
+  assert.deepEqual(c.copies(ref(lost)).sort(), ['p0', 'p1']);
+  await r.pass();
+  assert.equal(r.status().fullPasses, 2, 'settled again');
+
+  // A ring change: every block again.
+  c.setModel(addPeers(c.model(), [{ uuid: 'p3', totalBlocks: 10_000 }]));
+  await r.pass();
+  assert.equal(r.status().fullPasses, 3);
+
+  // With a short interval between full passes, one comes without any change.
+  const timed = c.rebalancer('p2', { fullPassMs: 30 });
+  await c.settle();
+  await timed.pass();
+  await timed.pass();
+  assert.equal(timed.status().fullPasses, 1);
+  await new Promise((res) => setTimeout(res, 40));
+  await timed.pass();
+  assert.equal(timed.status().fullPasses, 2);
+});
+
+test('a pass that does not settle is followed by a pass over every block', async () => {
+  const c = cluster(3);
+  await writeAll(c, 100);
+  await c.settle();
+  // p1 cannot be reached: p0's blocks shared with it stay unconfirmed, so no pass is quiet.
+  const transport = Object.create(c.transport) as typeof c.transport;
+  let cut = true;
+  transport.has = async (peer, refs) => {
+    if (cut && peer.uuid === 'p1') throw new Error('timed out');
+    return c.transport.has(peer, refs);
+  };
+  const r = c.rebalancer('p0', { transport });
+  await r.pass();
+  await r.pass();
+  assert.equal(r.status().fullPasses, 2);
+  assert.ok(r.status().underReplicated > 0);
+  cut = false;
+  await r.pass();
+  await r.pass();
+  assert.deepEqual([r.status().fullPasses, r.status().underReplicated, r.status().lastChecked], [3, 0, 0]);
 });

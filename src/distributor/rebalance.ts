@@ -1,5 +1,5 @@
 import { toTorusError } from '../core/errors.js';
-import { blockRefKey, type BlockRef } from '../core/ids.js';
+import { BlockType, blockRefKey, type BlockRef } from '../core/ids.js';
 import type { BlockStore, JournalStore, Ring } from '../core/interfaces.js';
 import type { RebalanceInfo } from '../core/models.js';
 import { Yielder } from '../core/yielder.js';
@@ -25,6 +25,15 @@ import type { PeerTarget, PeerTransport } from './transport.js';
 // A pass plans (which peer should hold which of our blocks), then sends and confirms, every peer
 // at once and each pipelined with one FLUSH per peer at the end (rebalance-send.ts), then drains,
 // then counts what is still short of R copies. The blocks in flight are held to a byte budget.
+//
+// Once a pass over every block ends settled (every owner of every block holds it durably, and
+// nothing is left to drain), the passes after it are quiet: they check only the blocks
+// stored or sealed here since, which is all that can need work while nothing else changes. A
+// quiet pass gives way to a full one when the ring changes, when another member's process is not
+// the one asked before the settled pass (a restarted peer may have lost blocks it had confirmed
+// by HAS alone, unsynced), when a pass does not settle, and every `fullPassMs` regardless. An
+// idle node walking every block every 10 s, and asking its peers about each, was the steady CPU
+// load of an idle cluster and, on shared cores, part of every foreground request's tail.
 
 export interface RebalanceOptions {
   readonly self: { readonly uuid: string; readonly store: BlockStore };
@@ -36,6 +45,8 @@ export interface RebalanceOptions {
   readonly rateBytesPerSec?: number;
   /** Idle time between passes when nothing moved (a ring change starts one at once). */
   readonly intervalMs?: number;
+  /** The longest a settled node goes between passes over every block it holds (0: every pass is one). */
+  readonly fullPassMs?: number;
   /** Milliseconds a pass's walks run before giving the event loop back (Yielder; tests set 0). */
   readonly yieldSliceMs?: number;
   /** Refs per HAS call. */
@@ -57,6 +68,10 @@ export interface RebalanceStatus extends RebalanceInfo {
   readonly passes: number;
   /** The ring version of the last finished pass, including a pass that found nothing to do; 0 before the first. */
   readonly ringVersion: number;
+  /** Passes over every block held, of `passes`. */
+  readonly fullPasses: number;
+  /** Blocks the last finished pass checked. */
+  readonly lastChecked: number;
 }
 
 /**
@@ -66,9 +81,22 @@ export interface RebalanceStatus extends RebalanceInfo {
  */
 const IDLE_WALK_SHARE = 0.05;
 
-export const REBALANCE_DEFAULTS = { depth: 4, inFlightBytes: 64 * 1024 * 1024 };
+export const REBALANCE_DEFAULTS = { depth: 4, inFlightBytes: 64 * 1024 * 1024, fullPassMs: 10 * 60_000 };
+/** What a quiet pass asks each peer so that the peer's process instance is known; the answer is not used. */
+const PROBE_REF: BlockRef = { type: BlockType.Data, volume: 0, inode: 0, index: 0 };
 /** A PUT of a few MiB keeps the peer's disk and the link busy without holding much per call. */
 const MAX_PUT_BYTES = 4 * 1024 * 1024;
+
+/** Where a settled pass left things: while they hold, a pass need only check what changed. */
+interface Baseline {
+  readonly ringVersion: number;
+  /** The store's change mark taken before the settled pass listed its blocks. */
+  readonly mark: number;
+  /** Each other ring member's process instance, asked before the settled pass began. */
+  readonly instances: ReadonlyMap<string, string>;
+  /** When the last pass over every block began. */
+  readonly fullAt: number;
+}
 
 interface Plan {
   /** Every block held here that may move (open log blocks left out). */
@@ -86,6 +114,7 @@ export class Rebalancer {
   private kicked = false;
   private wake: (() => void) | undefined;
   private lastRingVersion = -1;
+  private baseline: Baseline | undefined;
   /** Time the current pass spent in peer calls that failed (timeouts to an unreachable owner). */
   private failedWaitMs = 0;
   private tokens = 0;
@@ -104,6 +133,8 @@ export class Rebalancer {
     underReplicated: 0,
     passes: 0,
     ringVersion: 0,
+    fullPasses: 0,
+    lastChecked: 0,
     totalMoved: 0,
   };
 
@@ -179,13 +210,22 @@ export class Rebalancer {
     }
   }
 
-  /** One walk over the local blocks. Returns the number of blocks sent (and confirmed) or deleted. */
+  /**
+   * One walk over the local blocks (or, when quiet, over those changed since the last settled
+   * pass). Returns the number of blocks sent (and confirmed) or deleted.
+   */
   async pass(): Promise<number> {
     const ring = this.opts.ring();
     const ringChanged = ring.version !== this.lastRingVersion;
     // One yielder for the pass: its walks give the event loop back to the node's foreground work.
     const y = new Yielder(this.opts.yieldSliceMs);
-    const plan = await this.plan(ring, y);
+    const passStarted = Date.now();
+    const store = this.opts.self.store;
+    const instances = store.changeMark && store.refsChangedSince ? await this.peerInstances(ring) : undefined;
+    const since = this.quietSince(ring, instances);
+    // Taken before the listing: whatever changes after it is above the mark, for the next pass.
+    const mark = store.changeMark?.();
+    const plan = await this.plan(ring, y, since !== undefined ? store.refsChangedSince!(since) : store.refs());
     const progress = this.startProgress(plan);
     this.st.rebalancing = ringChanged || plan.notOwned.length > 0 || this.st.blocksMoved > 0;
     const { confirmed, moved, bytes } = await this.sendAll(plan, progress, y);
@@ -195,6 +235,15 @@ export class Rebalancer {
     const under = await this.countUnderReplicated(ring, plan.refs, confirmed, y);
     this.lastRingVersion = ring.version;
     this.st.passes++;
+    if (since === undefined) this.st.fullPasses++;
+    this.st.lastChecked = plan.refs.length;
+    // Settled: every owner of every block checked holds it (confirmed, or moved and flushed), and
+    // every copy held here that this node does not own is gone.
+    const settled = under === 0 && deleted === plan.notOwned.length;
+    this.baseline =
+      settled && mark !== undefined && instances !== undefined
+        ? { ringVersion: ring.version, mark, instances, fullAt: since !== undefined ? this.baseline!.fullAt : passStarted }
+        : undefined;
     // Recorded after every finished pass, one with nothing to move included: readers take a
     // ring version below the current ring's as "this node has not caught up yet".
     this.st.ringVersion = ring.version;
@@ -218,16 +267,57 @@ export class Rebalancer {
   }
 
   /**
-   * What this pass has to check: for each other owner of blocks held here, which ones; and which
-   * blocks held here this node does not own (to drop once their owners hold them durably).
+   * Each other ring member's process instance, asked now (one small call each), or undefined when
+   * one cannot be asked or does not say: then no pass is quiet.
    */
-  private async plan(ring: Ring, y: Yielder): Promise<Plan> {
+  private async peerInstances(ring: Ring): Promise<Map<string, string> | undefined> {
+    const instanceOf = this.opts.transport.instance?.bind(this.opts.transport);
+    if (!instanceOf) return undefined;
+    const others = ring.members().filter((u) => u !== this.opts.self.uuid);
+    let failedWait = 0;
+    const asked = await Promise.all(
+      others.map(async (u): Promise<[string, string] | undefined> => {
+        const target = this.opts.target(u);
+        if (!target) return undefined;
+        const started = Date.now();
+        try {
+          await this.opts.transport.has(target, [PROBE_REF]);
+        } catch {
+          // As for the walk's calls: waiting on a peer that cannot answer does not lengthen the rest.
+          failedWait = Math.max(failedWait, Date.now() - started);
+          return undefined;
+        }
+        // Read right after the await: the instance that answered (transport.ts).
+        const instance = instanceOf(target);
+        return instance === undefined ? undefined : [u, instance];
+      }),
+    );
+    this.failedWaitMs += failedWait;
+    if (asked.some((a) => a === undefined)) return undefined;
+    return new Map(asked as [string, string][]);
+  }
+
+  /** The store's change mark a quiet pass checks from, or undefined when this pass must check every block. */
+  private quietSince(ring: Ring, instances: ReadonlyMap<string, string> | undefined): number | undefined {
+    const b = this.baseline;
+    if (!b || !instances || ring.version !== b.ringVersion) return undefined;
+    if (Date.now() - b.fullAt >= (this.opts.fullPassMs ?? REBALANCE_DEFAULTS.fullPassMs)) return undefined;
+    if (instances.size !== b.instances.size) return undefined;
+    for (const [u, i] of instances) if (b.instances.get(u) !== i) return undefined;
+    return b.mark;
+  }
+
+  /**
+   * What this pass has to check among `held`: for each other owner of those blocks, which ones;
+   * and which of them this node does not own (to drop once their owners hold them durably).
+   */
+  private async plan(ring: Ring, y: Yielder, held: readonly BlockRef[]): Promise<Plan> {
     const self = this.opts.self.uuid;
     const store = this.opts.self.store;
     // An open log block belongs to the writer appending to it (docs/journal.md): not moved until sealed.
     const isOpen = (store as Partial<JournalStore>).isOpenLog?.bind(store);
     const refs: BlockRef[] = [];
-    for (const ref of store.refs()) {
+    for (const ref of held) {
       if (y.due()) await y.pause();
       if (!isOpen?.(ref)) refs.push(ref);
     }

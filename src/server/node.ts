@@ -662,6 +662,8 @@ export class StorageNode {
       { name: 'torus_rebalance_rate_bytes', help: 'Bytes per second moved in the current or last pass', type: 'gauge', value: r.rate },
       { name: 'torus_rebalance_under_replicated_blocks', help: 'Blocks held here whose owners are not all confirmed', type: 'gauge', value: r.underReplicated },
       { name: 'torus_rebalance_passes_total', help: 'Rebalance passes completed', type: 'counter', value: r.passes },
+      { name: 'torus_rebalance_full_passes_total', help: 'Rebalance passes that checked every block held (the others checked only blocks stored or sealed since the last settled pass)', type: 'counter', value: r.fullPasses },
+      { name: 'torus_rebalance_last_pass_blocks', help: 'Blocks the last rebalance pass checked', type: 'gauge', value: r.lastChecked },
       { name: 'torus_rebalance_inflight_bytes', help: 'Bytes of blocks read for sending and not yet acknowledged by their receiver', type: 'gauge', value: held.used },
       { name: 'torus_rebalance_inflight_bytes_peak', help: 'The most bytes of blocks in flight at once since start', type: 'gauge', value: held.peak },
       { name: 'torus_rebalance_inflight_bytes_limit', help: 'The budget for blocks in flight (--rebalance-memory)', type: 'gauge', value: held.limit },

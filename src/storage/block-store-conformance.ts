@@ -342,6 +342,43 @@ export function blockStoreConformance(name: string, factory: StoreFactory): void
         assert.deepEqual(await s.refsInSlots(6, 12), []);
       }));
 
+    it('lists what was stored, opened or sealed after a change mark, puts in flight when it was taken included', () =>
+      withStore(80, async (s) => {
+        const changed = (m: number): string[] => s.refsChangedSince!(m).map(blockRefKey).sort();
+        await s.putBlock(dataRef(8, 1, 0), pattern(40, 100));
+        const m0 = s.changeMark!();
+        assert.deepEqual(changed(m0), []);
+        // A mark and a listing taken at every turn while 64 puts are under way: whatever the
+        // listing missed and the store holds at the end is above that mark.
+        const marks: { mark: number; listed: Set<string> }[] = [];
+        let done = false;
+        const puts = Promise.all(Array.from({ length: 64 }, (_, i) => s.putBlock(dataRef(8, 2, i), pattern(41 + i, 3000)))).finally(() => (done = true));
+        while (!done) {
+          marks.push({ mark: s.changeMark!(), listed: new Set(s.refs().map(blockRefKey)) });
+          await new Promise((r) => setImmediate(r));
+        }
+        await puts;
+        const held = s.refs().map(blockRefKey);
+        for (const { mark, listed } of marks) {
+          const since = new Set(changed(mark));
+          for (const k of held) if (!listed.has(k)) assert.ok(since.has(k), `${k}: not listed at mark ${mark}, not changed since it either`);
+        }
+        assert.equal(changed(m0).length, 64);
+        // Opening a log block and sealing it are changes too; a delete leaves nothing to list.
+        const log: BlockRef = { type: BlockType.Log, volume: 7, inode: 3, index: 2 ** 24 + 2 };
+        const m1 = s.changeMark!();
+        await s.appendLog(log, [{ offset: 0, data: pattern(50, 100) }]);
+        assert.deepEqual(changed(m1), [blockRefKey(log)]);
+        await s.flush();
+        const m2 = s.changeMark!();
+        await s.deleteBlock(dataRef(8, 1, 0));
+        assert.deepEqual(changed(m2), []);
+        const want = Buffer.from(await s.readRaw(log)).fill(0, 100);
+        await s.sealLog(log, 100, B, crc32c(want) >>> 0);
+        assert.deepEqual(changed(m2), [blockRefKey(log)]);
+        assert.ok(s.changeMark!() > m2);
+      }));
+
     it('counts reads and bytes', () =>
       withStore(2, async (s) => {
         await s.putBlock(dataRef(6, 1, 0), pattern(17, B));

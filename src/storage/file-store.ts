@@ -888,6 +888,17 @@ export class FileBlockStore implements LocalBlockStore {
     return out;
   }
 
+  // A slot's generation is that of its last record: a put, an open or a seal takes a new one.
+  changeMark(): number {
+    return this.completedGen();
+  }
+
+  refsChangedSince(mark: number): BlockRef[] {
+    const out: BlockRef[] = [];
+    for (const [key, slot] of this.index) if (this.gens[slot]! > mark) out.push(keyToRef(key));
+    return out;
+  }
+
   /** Resolves when no warm-slot preparation is under way (for tests). */
   async prepared(): Promise<void> {
     while (this.prep) await this.prep;

@@ -46,6 +46,8 @@ interface Entry {
   crc: number;
   /** Creation order: refsInSlots lists blocks in it, as the disk store lists them by slot. */
   readonly seq: number;
+  /** When it was stored, opened or sealed, on the scale of changeMark(). */
+  changed: number;
 }
 
 export class MemoryBlockStore implements LocalBlockStore {
@@ -53,6 +55,7 @@ export class MemoryBlockStore implements LocalBlockStore {
   private readonly capacity: number;
   private readonly blocks = new Map<string, Entry>();
   private nextSeq = 0;
+  private lastChange = 0;
   private closed = false;
   private readonly counters: BlockStoreStats = emptyStats();
   private readonly fences = new Map<number, number>();
@@ -138,7 +141,7 @@ export class MemoryBlockStore implements LocalBlockStore {
     }
     // A sealed copy replaces an open one (a replica that missed the seal).
     this.remember(() => (held ? this.blocks.set(key, held) : this.blocks.delete(key)));
-    this.blocks.set(key, { ref: { type: ref.type, volume: ref.volume, inode: ref.inode, index: ref.index }, data: copy, corrupt: false, open: false, crc, seq: this.nextSeq++ });
+    this.blocks.set(key, { ref: { type: ref.type, volume: ref.volume, inode: ref.inode, index: ref.index }, data: copy, corrupt: false, open: false, crc, seq: this.nextSeq++, changed: ++this.lastChange });
     this.counters.writes++;
     this.counters.bytesWritten += this.blockSize;
   }
@@ -189,7 +192,7 @@ export class MemoryBlockStore implements LocalBlockStore {
     if (entry && !entry.open) throw new TorusError('INVALID_ARGUMENT', `log block ${formatBlockRef(ref)} is sealed: nothing more can be appended to it`);
     if (!entry) {
       if (this.blocks.size >= this.capacity) throw outOfSpace(this.blocks.size, this.capacity, this.blockSize);
-      entry = { ref: { ...ref }, data: Buffer.alloc(this.blockSize), corrupt: false, open: true, crc: 0, seq: this.nextSeq++ };
+      entry = { ref: { ...ref }, data: Buffer.alloc(this.blockSize), corrupt: false, open: true, crc: 0, seq: this.nextSeq++, changed: ++this.lastChange };
       this.blocks.set(key, entry);
       this.remember(() => this.blocks.delete(key));
     }
@@ -223,6 +226,7 @@ export class MemoryBlockStore implements LocalBlockStore {
     after.copy(e.data);
     e.open = false;
     e.crc = crc >>> 0;
+    e.changed = ++this.lastChange;
     this.counters.journalBytesWritten += Math.max(0, gapEnd - gapStart);
   }
 
@@ -253,6 +257,16 @@ export class MemoryBlockStore implements LocalBlockStore {
 
   refs(): BlockRef[] {
     return Array.from(this.blocks.values(), (e) => e.ref);
+  }
+
+  changeMark(): number {
+    return this.lastChange;
+  }
+
+  refsChangedSince(mark: number): BlockRef[] {
+    const out: BlockRef[] = [];
+    for (const e of this.blocks.values()) if (e.changed > mark) out.push(e.ref);
+    return out;
   }
 
   async close(): Promise<void> {
