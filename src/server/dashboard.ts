@@ -44,7 +44,7 @@ export interface DashboardView {
 }
 
 const MAX_EVENTS = 100;
-/** Allocation walks every volume's inode pages: done at most this often. */
+/** Allocation walks every volume's inode pages: done at most this often, and only for someone looking. */
 const ALLOCATION_EVERY_MS = 30_000;
 
 function eta(bytes: number, rate: number): string {
@@ -77,7 +77,7 @@ export class Dashboard {
     this.record('health', `dashboard started on ${this.self.address || this.self.uuid}; events from now on`);
     const tick = (): void => {
       this.timer = setTimeout(() => {
-        void this.view()
+        void this.watch()
           .catch((err: unknown) => this.onError(err as Error))
           .finally(() => {
             if (this.timer) tick();
@@ -91,6 +91,11 @@ export class Dashboard {
   stop(): void {
     clearTimeout(this.timer);
     this.timer = undefined;
+  }
+
+  /** What the tick has recorded, newest first. */
+  recentEvents(): readonly DashboardEvent[] {
+    return [...this.events];
   }
 
   private record(kind: DashboardEvent['kind'], text: string): void {
@@ -136,6 +141,16 @@ export class Dashboard {
     })()
       .catch((err: unknown) => this.onError(err as Error))
       .finally(() => (this.allocating = undefined));
+  }
+
+  /**
+   * What the background tick does: read the cluster and record what changed. Not the allocation
+   * walk, which reads every volume's tree: run every 30 s on every node whether anyone looked or
+   * not, it was a steady load on an idle cluster.
+   */
+  private async watch(): Promise<void> {
+    const [{ ring, peers }, vols] = await Promise.all([peerStatuses(this.meta), this.vm.list()]);
+    this.diff(ring, peers, vols.map((v) => v.record.name), judgeHealth(ring, peers));
   }
 
   async view(): Promise<DashboardView> {
@@ -199,7 +214,7 @@ export class Dashboard {
         etaText: eta(health.bytesLeft, health.rate),
         waiting: health.waitingPeers,
       },
-      events: [...this.events],
+      events: this.recentEvents(),
     };
   }
 }
