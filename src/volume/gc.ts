@@ -5,7 +5,7 @@ import { walkTree, type VolumeBlockStore } from './inode.js';
 import { DIRECT_INDEX_BASE, isDirectRef, logRef } from './journal-format.js';
 import type { GcView, VolumeMeta } from './meta.js';
 import type { Head, JournalPos } from './records.js';
-import { decodeRunPage } from './runs.js';
+import { decodeRunPageLogs } from './runs.js';
 
 // Garbage collection decides, for blocks a storage node holds, which no one can ever read again:
 // blocks of deleted volumes, of inodes superseded by later syncs and held by no snapshot or
@@ -82,9 +82,12 @@ export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): P
       live.set(key, p.ref);
       if (seenRuns.has(key)) return; // the rest of a chain shared with a snapshot or clone
       seenRuns.add(key);
-      const page = decodeRunPage(await store.getBlock(p.ref, p.crc));
+      const page = decodeRunPageLogs(await store.getBlock(p.ref, p.crc));
       pagesRead++;
-      for (const e of page.entries) if (e.kind === 'log') live.set(blockRefKey(logRef(e.log)), logRef(e.log));
+      for (const l of page.logs) {
+        const ref = logRef(l);
+        live.set(blockRefKey(ref), ref);
+      }
       if (page.base) return;
       p = page.prev;
     }

@@ -5,7 +5,7 @@ import { BlockType } from '../core/ids.js';
 import fc from 'fast-check';
 import { LogBlockBuilder, parseLogBlock, RECORD_HEADER_SIZE, RecordType, type JournalRecord } from './journal-format.js';
 import { OverlayIndex, type Source } from './overlay.js';
-import { decodeRunPage, encodeRunPage, pageEntries, type RunEntry } from './runs.js';
+import { decodeRunPage, decodeRunPageLogs, encodeRunPage, logKeyOf, pageEntries, type RunEntry } from './runs.js';
 
 const BS = 64 * 1024;
 const at = { volume: 5, epoch: 9, index: 3 * 2 ** 24 + 7 };
@@ -161,9 +161,16 @@ describe('overlay runs', () => {
         const pages = pageEntries(norm, size);
         const back: RunEntry[] = [];
         for (const p of pages) {
-          const d = decodeRunPage(encodeRunPage({ prev: null, base, entries: p }, size));
+          const buf = encodeRunPage({ prev: null, base, entries: p }, size);
+          const d = decodeRunPage(buf);
           assert.equal(d.base, base);
           back.push(...d.entries);
+          // The log table alone (what GC reads) names exactly the log blocks the entries use.
+          const named = new Set(d.entries.flatMap((e) => (e.kind === 'log' ? [logKeyOf(e.log)] : [])));
+          const logs = decodeRunPageLogs(buf);
+          assert.deepEqual(new Set(logs.logs.map(logKeyOf)), named);
+          assert.equal(logs.logs.length, named.size);
+          assert.equal(logs.base, base);
         }
         assert.deepEqual(back, norm);
       }),

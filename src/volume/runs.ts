@@ -133,7 +133,16 @@ export function encodeRunPage(page: RunPage, pageSize: number): Buffer {
   return buf;
 }
 
-export function decodeRunPage(buf: Buffer): RunPage {
+/**
+ * A run page's chain pointer, base flag and log table, without its entries: which log blocks it
+ * names is all GC needs, and a page holds thousands of entries over a few dozen log blocks.
+ */
+export function decodeRunPageLogs(buf: Buffer): Pick<RunPage, 'prev' | 'base'> & { readonly logs: readonly RunLog[] } {
+  const { prev, base, logs } = decodeRunPageHead(buf);
+  return { prev, base, logs };
+}
+
+function decodeRunPageHead(buf: Buffer) {
   const bad = (why: string): never => {
     throw new TorusError('CORRUPT', `overlay run page: ${why}`);
   };
@@ -143,11 +152,16 @@ export function decodeRunPage(buf: Buffer): RunPage {
   const prevRef = decodeBlockRef(buf, 8);
   const prev = isZeroRef(prevRef) ? null : { ref: prevRef, crc: buf.readUInt32LE(8 + BLOCK_REF_SIZE) };
   const nLogs = buf.readUInt32LE(36);
-  const n = buf.readUInt32LE(40);
-  if (HEADER + nLogs * LOG_ENTRY + n * ENTRY > buf.length) bad('counts exceed the page');
+  const entries = buf.readUInt32LE(40);
+  if (HEADER + nLogs * LOG_ENTRY + entries * ENTRY > buf.length) bad('counts exceed the page');
   const logs: RunLog[] = [];
-  let p = HEADER;
-  for (let i = 0; i < nLogs; i++, p += LOG_ENTRY) logs.push({ volume: readU64(buf, p), epoch: readU64(buf, p + 8), index: readU64(buf, p + 16), crc: buf.readUInt32LE(p + 24) });
+  for (let i = 0, p = HEADER; i < nLogs; i++, p += LOG_ENTRY) logs.push({ volume: readU64(buf, p), epoch: readU64(buf, p + 8), index: readU64(buf, p + 16), crc: buf.readUInt32LE(p + 24) });
+  return { prev, base, logs, entries, bad };
+}
+
+export function decodeRunPage(buf: Buffer): RunPage {
+  const { prev, base, logs, entries: n, bad } = decodeRunPageHead(buf);
+  let p = HEADER + logs.length * LOG_ENTRY;
   const entries: RunEntry[] = [];
   for (let i = 0; i < n; i++, p += ENTRY) {
     const index = readU64(buf, p);
@@ -161,7 +175,7 @@ export function decodeRunPage(buf: Buffer): RunPage {
       else if (slot === SLOT_TRIM) entries.push({ kind: 'trim', index, lsn, start, length });
       else {
         const log = logs[slot];
-        if (!log) bad(`entry ${i} names log slot ${slot} of ${nLogs}`);
+        if (!log) bad(`entry ${i} names log slot ${slot} of ${logs.length}`);
         entries.push({ kind: 'log', index, lsn, start, length, log: log!, logOffset: buf.readUInt32LE(p + 28) });
       }
     }
