@@ -50,8 +50,9 @@ export interface LiveSet {
   refs(): BlockRef[];
 }
 
-export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore): Promise<LiveSet> {
-  const view: GcView = await meta.gcView();
+/** `view`: one already read from `meta` (a caller that looked at it first). */
+export async function buildLiveSet(meta: VolumeMeta, store: VolumeBlockStore, view?: GcView): Promise<LiveSet> {
+  view ??= await meta.gcView();
   const live = new Map<string, BlockRef>();
   let pagesRead = 0;
   const fanout = store.blockSize / 32;

@@ -499,14 +499,19 @@ export class VolumeMeta {
     let minter = 1;
     const vols: VolumeRecord[] = [];
     const metaEntries: KVEntry[] = [];
+    // Every key the view is made of, with the revision it last changed at (a deleted key is gone).
+    const seen: string[] = [];
     for (const e of all.entries) {
       if (e.key === VKEYS.minter) minter = Number(e.value);
       else if (e.key.startsWith(VKEYS.volumesPrefix)) vols.push(JSON.parse(e.value) as VolumeRecord);
       else if (e.key.startsWith(VKEYS.metaPrefix)) metaEntries.push(e);
+      else continue;
+      seen.push(`${e.key}@${e.modRevision}`);
     }
     const byId = groupMeta(metaEntries);
     return {
       revision: all.revision,
+      fingerprint: seen.join('\n'),
       minter,
       volumes: vols.map((record) => {
         const m = byId.get(record.id);
@@ -523,6 +528,8 @@ export class VolumeMeta {
 
 export interface GcView {
   readonly revision: number;
+  /** Equal for two views only if no key of volume metadata changed between them. */
+  readonly fingerprint: string;
   /** Volume ids at or above this did not exist when the view was read. */
   readonly minter: number;
   /** `held`: the heads read-only openers hold (meta.hold). */
