@@ -76,6 +76,11 @@ export class NodeScrub {
     }
   }
 
+  /** Orphans seen and not yet reported or deleted: the next GC pass has work even on an unchanged view. */
+  orphansPending(): boolean {
+    return this.orphans.pending();
+  }
+
   info(): ScrubInfo {
     return { ...this.scrubber.status(), ...this.orphans.status() };
   }

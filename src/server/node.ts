@@ -476,7 +476,7 @@ export class StorageNode {
   /**
    * One GC pass over this node's blocks; a failure anywhere deletes nothing. Skipped when its
    * outcome cannot differ from the last complete pass's: the same volume metadata (every key at
-   * the same revision), no block stored here since, no orphan waiting out its grace. An idle
+   * the same revision), no block stored here since, no orphan seen and not yet dealt with. An idle
    * cluster then walks no trees at all.
    */
   async collectGarbage(): Promise<GcReport | undefined> {
@@ -486,7 +486,7 @@ export class StorageNode {
       const mark = this.store.changeMark();
       const view = await meta.gcView();
       const last = this.lastGc;
-      if (last && last.fingerprint === view.fingerprint && last.mark === mark && (this.scrub?.info().orphanBlocks ?? 0) === 0) {
+      if (last && last.fingerprint === view.fingerprint && last.mark === mark && !this.scrub?.orphansPending()) {
         this.gcStats.skipped++;
         return { checked: 0, deleted: 0, revision: view.revision };
       }

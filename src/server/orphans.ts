@@ -94,6 +94,14 @@ export class OrphanTracker {
   }
 
   /** The node deleted the blocks of the last review's list, `count` of them. */
+  /**
+   * Whether a review on an unchanged view could do anything: report a kind seen once, age a
+   * group towards its deletion. GC skips a pass on an unchanged view only when it could not.
+   */
+  pending(): boolean {
+    return this.groups.size > 0 || this.fresh.size > 0;
+  }
+
   deleted(count: number): void {
     if (count === 0) return;
     for (const key of this.doomed) this.groups.delete(key);
