@@ -29,7 +29,7 @@ function cluster(n: number, volatile = false) {
   const dist = new Distributor({ blockSize: BS, ring: () => ring, target, transport });
   /** A rebalancer for node `u` over this cluster; `extra` overrides its options. */
   const rebalancer = (u: string, extra: Partial<RebalanceOptions> = {}): Rebalancer =>
-    new Rebalancer({ self: { uuid: u, store: stores.get(u)! }, ring: () => ring, target, transport, blockSize: BS, ...extra });
+    new Rebalancer({ self: { uuid: u, store: stores.get(u)! }, ring: () => ring, target, transport, blockSize: BS, peersCaughtUp: () => true, ...extra });
   const rebalancers = uuids.map((u) => rebalancer(u));
   return {
     transport,
@@ -506,4 +506,27 @@ test('a pass that does not settle is followed by a pass over every block', async
   await r.pass();
   await r.pass();
   assert.deepEqual([r.status().fullPasses, r.status().underReplicated, r.status().lastChecked], [3, 0, 0]);
+});
+
+test('no pass is quiet while another member has not finished a pass on the current ring: a copy it drops after this node counted it comes back', async () => {
+  const c = cluster(3);
+  await writeAll(c, 100);
+  await c.settle();
+  c.setModel(changeReplication(c.model(), 3)); // every block on all three
+  let caughtUp = false;
+  const r = c.rebalancer('p0', { peersCaughtUp: () => caughtUp });
+  await r.pass();
+  const held = c.stores.get('p0')!.refs();
+  for (const b of held) assert.equal(c.copies(b).length, 3);
+  // p2, still on the old ring, drains a copy it did not own there, after p0 counted it.
+  const dropped = held.find((b) => !c.ring().getPeers(b).peers.slice(0, 2).includes('p2'))!;
+  await c.stores.get('p2')!.deleteBlock(dropped);
+  await r.pass();
+  assert.equal(r.status().fullPasses, 2, 'not quiet: p2 had not caught up');
+  assert.equal(c.copies(dropped).length, 3, 'the copy came back');
+  // Once all have caught up, a settled pass makes the next ones quiet.
+  caughtUp = true;
+  await r.pass();
+  await r.pass();
+  assert.deepEqual([r.status().fullPasses, r.status().lastChecked], [3, 0]);
 });

@@ -31,7 +31,9 @@ import type { PeerTarget, PeerTransport } from './transport.js';
 // stored or sealed here since, which is all that can need work while nothing else changes. A
 // quiet pass gives way to a full one when the ring changes, when another member's process is not
 // the one asked before the settled pass (a restarted peer may have lost blocks it had confirmed
-// by HAS alone, unsynced), when a pass does not settle, and every `fullPassMs` regardless. An
+// by HAS alone, unsynced), when a pass does not settle, and every `fullPassMs` regardless; and
+// none is quiet until every member has finished a pass on the current ring (one still on the old
+// ring drains copies that a pass on the new ring counts on). An
 // idle node walking every block every 10 s, and asking its peers about each, was the steady CPU
 // load of an idle cluster and, on shared cores, part of every foreground request's tail.
 
@@ -47,6 +49,13 @@ export interface RebalanceOptions {
   readonly intervalMs?: number;
   /** The longest a settled node goes between passes over every block it holds (0: every pass is one). */
   readonly fullPassMs?: number;
+  /**
+   * Whether every other ring member has said (with its heartbeat) that it finished a pass on this
+   * ring version. A member still on an older ring may drop a copy (its drain) that this node's
+   * pass on the newer ring has just counted: until all have caught up, no pass settles into
+   * quiet ones. Absent: no pass is ever quiet.
+   */
+  readonly peersCaughtUp?: (ringVersion: number) => boolean;
   /** Milliseconds a pass's walks run before giving the event loop back (Yielder; tests set 0). */
   readonly yieldSliceMs?: number;
   /** Refs per HAS call. */
@@ -220,6 +229,9 @@ export class Rebalancer {
     // One yielder for the pass: its walks give the event loop back to the node's foreground work.
     const y = new Yielder(this.opts.yieldSliceMs);
     const passStarted = Date.now();
+    // Asked before anything is checked: a member that catches up after this may still have
+    // dropped a copy this pass counts.
+    const caughtUp = this.opts.peersCaughtUp?.(ring.version) ?? false;
     const store = this.opts.self.store;
     const instances = store.changeMark && store.refsChangedSince ? await this.peerInstances(ring) : undefined;
     const since = this.quietSince(ring, instances);
@@ -241,7 +253,7 @@ export class Rebalancer {
     // every copy held here that this node does not own is gone.
     const settled = under === 0 && deleted === plan.notOwned.length;
     this.baseline =
-      settled && mark !== undefined && instances !== undefined
+      settled && caughtUp && mark !== undefined && instances !== undefined
         ? { ringVersion: ring.version, mark, instances, fullAt: since !== undefined ? this.baseline!.fullAt : passStarted }
         : undefined;
     // Recorded after every finished pass, one with nothing to move included: readers take a

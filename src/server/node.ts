@@ -310,6 +310,11 @@ export class StorageNode {
       blockSize: this.global.blockSize,
       rateBytesPerSec: this.opts.rebalanceRate ?? 0,
       intervalMs: this.opts.rebalanceIntervalMs ?? 10_000,
+      // From the heartbeats: each member publishes the ring version of its last finished pass.
+      peersCaughtUp: (version) => {
+        const seen = new Map(this.view.peers.map((p) => [p.uuid, p.rebalance.ringVersion ?? 0]));
+        return this.view.ring.members().every((u) => u === this.identity.uuid || (seen.get(u) ?? 0) >= version);
+      },
       ...(this.opts.rebalanceMemory !== undefined ? { inFlightBytes: this.opts.rebalanceMemory } : {}),
       // A pass that caught up with a new ring, or finished moving, is published at once: until
       // then torusctl counts this node as still rebalancing. Not while heartbeats fail: retrying
