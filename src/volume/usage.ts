@@ -4,7 +4,7 @@ import { walkTree, type VolumeBlockStore } from './inode.js';
 import { logRef } from './journal-format.js';
 import type { VolumeMeta } from './meta.js';
 import type { Head, Pointer } from './records.js';
-import { decodeRunPage } from './runs.js';
+import { decodeRunPageLogs } from './runs.js';
 
 // How much storage a volume takes, found by walking its inode trees (pages only: the leaves name
 // the data blocks, which are never read) and its overlay run chains (docs/journal.md: the runs
@@ -60,10 +60,11 @@ export class TreeReader {
     );
     const y = new Yielder();
     for (let p = head.runs ?? null; p; ) {
-      const page = decodeRunPage(await this.page(p));
-      if (y.due(page.entries.length)) await y.pause();
+      // The log table names the log blocks the page's entries point into, each once (as GC reads it).
+      const page = decodeRunPageLogs(await this.page(p));
+      if (y.due(page.logs.length)) await y.pause();
       pages++;
-      for (const e of page.entries) if (e.kind === 'log') data.add(blockRefKey(logRef(e.log)));
+      for (const l of page.logs) data.add(blockRefKey(logRef(l)));
       if (page.base) break;
       p = page.prev;
     }
