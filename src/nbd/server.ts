@@ -896,8 +896,11 @@ class Connection implements NegotiationLink {
     const st = this.stream;
     if (this.phase === 'closed' || st.destroyed || st.writableEnded) return;
     // Replies finished in the same turn of the event loop (every storage-node answer it read)
-    // leave in one writev instead of one syscall each.
-    if (!this.corked) {
+    // leave in one writev instead of one syscall each. The last request in flight has nothing to
+    // share a write with, and its client is waiting for it (qd 1): it goes at once.
+    const alone = !this.corked && this.inFlight <= 1 && this.decoder.buffered === 0;
+    if (alone) st.cork();
+    else if (!this.corked) {
       this.corked = true;
       st.cork();
       setImmediate(() => {
@@ -909,6 +912,7 @@ class Connection implements NegotiationLink {
       this.sentTotal += p.length;
       st.write(p);
     }
+    if (alone) st.uncork();
     if (this.phase === 'transmission') this.account();
   }
 
