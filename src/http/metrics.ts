@@ -1,8 +1,9 @@
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 
 // The only module that knows about Prometheus. Other modules keep plain counters (their stats()
 // objects); at scrape time a collect function turns them into samples, and this module turns
-// samples into metrics. Latencies, which need histograms, come in through observeRpc().
+// samples into metrics. Latencies, which need histograms, come in through observeRpc() and
+// observeVolumeIo().
 
 export interface MetricSample {
   readonly name: string;
@@ -23,23 +24,99 @@ export function labelledCounters(name: string, help: string, label: string, valu
   return Object.entries(values).map(([key, value]) => ({ name, help, type: 'counter', value, labels: { [label]: key } }));
 }
 
+const LATENCY_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+
+function escapeLabel(v: string): string {
+  return v.replace(/\\/g, '\\\\').replace(/\n/g, '\\n').replace(/"/g, '\\"');
+}
+
+interface Series {
+  readonly labels: string;
+  /** Observations per bucket, not cumulative (summed when rendered). */
+  readonly counts: Float64Array;
+  sum: number;
+  count: number;
+}
+
+/**
+ * A latency histogram on the path a client waits on (every NBD request, every peer RPC).
+ * prom-client validates and hashes the label set on each observe: about 3 µs, five times per
+ * 4 KiB write+flush, measured as 3.5% of the serving node's CPU in P5. Here an observation is a
+ * Map lookup and an increment, and the series become exposition text only at scrape time.
+ */
+export class HotHistogram {
+  private readonly series = new Map<string, Series>();
+
+  constructor(
+    readonly name: string,
+    private readonly help: string,
+    private readonly labelNames: readonly [string, string],
+    private readonly buckets: readonly number[],
+  ) {}
+
+  observe(a: string, b: string, seconds: number): void {
+    const key = `${a}\u0000${b}`;
+    let s = this.series.get(key);
+    if (!s) {
+      const labels = `${this.labelNames[0]}="${escapeLabel(a)}",${this.labelNames[1]}="${escapeLabel(b)}"`;
+      s = { labels, counts: new Float64Array(this.buckets.length), sum: 0, count: 0 };
+      this.series.set(key, s);
+    }
+    const i = this.buckets.findIndex((le) => seconds <= le);
+    if (i >= 0) s.counts[i]!++;
+    s.sum += seconds;
+    s.count++;
+  }
+
+  /** The Prometheus text exposition format, as prom-client writes a histogram (`le` first). */
+  render(): string {
+    const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} histogram`];
+    for (const s of this.series.values()) {
+      let cumulative = 0;
+      this.buckets.forEach((le, i) => {
+        cumulative += s.counts[i]!;
+        lines.push(`${this.name}_bucket{le="${le}",${s.labels}} ${cumulative}`);
+      });
+      lines.push(`${this.name}_bucket{le="+Inf",${s.labels}} ${s.count}`, `${this.name}_sum{${s.labels}} ${s.sum}`, `${this.name}_count{${s.labels}} ${s.count}`);
+    }
+    return lines.join('\n') + '\n';
+  }
+}
+
+/** Plain totals by two labels for a hot path, rendered as a Prometheus counter at scrape time. */
+class HotCounter {
+  private readonly values = new Map<string, { labels: string; value: number }>();
+
+  constructor(
+    private readonly name: string,
+    private readonly help: string,
+    private readonly labelNames: readonly [string, string],
+  ) {}
+
+  inc(a: string, b: string, by = 1): void {
+    const key = `${a}\u0000${b}`;
+    const v = this.values.get(key);
+    if (v) v.value += by;
+    else this.values.set(key, { labels: `${this.labelNames[0]}="${escapeLabel(a)}",${this.labelNames[1]}="${escapeLabel(b)}"`, value: by });
+  }
+
+  render(): string {
+    const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} counter`];
+    for (const v of this.values.values()) lines.push(`${this.name}{${v.labels}} ${v.value}`);
+    return lines.join('\n') + '\n';
+  }
+}
+
 export class NodeMetrics {
   readonly registry = new Registry();
   private readonly gauges = new Map<string, Gauge>();
   private readonly counters = new Map<string, { metric: Counter; last: Map<string, number> }>();
-  private readonly rpcLatency: Histogram;
+  private readonly rpcLatency = new HotHistogram('torus_rpc_request_seconds', 'Peer RPC request latency by peer and operation', ['peer', 'op'], LATENCY_BUCKETS);
   private readonly rpcErrors: Counter;
-  private volume: { latency: Histogram; requests: Counter; bytes: Counter; errors: Counter } | undefined;
+  private volume: { latency: HotHistogram; requests: HotCounter; bytes: HotCounter; errors: Counter } | undefined;
 
   constructor(private readonly collect: () => MetricSample[]) {
     collectDefaultMetrics({ register: this.registry, prefix: 'torus_' });
-    this.rpcLatency = new Histogram({
-      name: 'torus_rpc_request_seconds',
-      help: 'Peer RPC request latency by peer and operation',
-      labelNames: ['peer', 'op'],
-      buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
-      registers: [this.registry],
-    });
     this.rpcErrors = new Counter({
       name: 'torus_rpc_request_errors_total',
       help: 'Peer RPC requests that failed, by peer, operation and error code',
@@ -49,7 +126,7 @@ export class NodeMetrics {
   }
 
   observeRpc(peer: string, op: string, seconds: number, errorCode?: string): void {
-    this.rpcLatency.observe({ peer, op }, seconds);
+    this.rpcLatency.observe(peer, op, seconds);
     if (errorCode) this.rpcErrors.inc({ peer, op, code: errorCode });
   }
 
@@ -60,26 +137,25 @@ export class NodeMetrics {
    */
   observeVolumeIo(volume: string, op: string, seconds: number, bytes: number, errorCode?: string): void {
     this.volume ??= {
-      latency: new Histogram({
-        name: 'torus_volume_request_seconds',
-        help: 'Volume request latency at the device, by volume and operation (flush: until the data is on R replicas and the head moved in etcd)',
-        labelNames: ['volume', 'op'],
-        buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-        registers: [this.registry],
-      }),
-      requests: new Counter({ name: 'torus_volume_requests_total', help: 'Volume requests completed, by volume and operation', labelNames: ['volume', 'op'], registers: [this.registry] }),
-      bytes: new Counter({ name: 'torus_volume_bytes_total', help: 'Bytes read and written on a volume, by direction', labelNames: ['volume', 'direction'], registers: [this.registry] }),
+      latency: new HotHistogram(
+        'torus_volume_request_seconds',
+        'Volume request latency at the device, by volume and operation (flush: until the data is on R replicas)',
+        ['volume', 'op'],
+        [...LATENCY_BUCKETS, 10],
+      ),
+      requests: new HotCounter('torus_volume_requests_total', 'Volume requests completed, by volume and operation', ['volume', 'op']),
+      bytes: new HotCounter('torus_volume_bytes_total', 'Bytes read and written on a volume, by direction', ['volume', 'direction']),
       errors: new Counter({ name: 'torus_volume_errors_total', help: 'Volume requests that failed, by volume, operation and error code', labelNames: ['volume', 'op', 'code'], registers: [this.registry] }),
     };
     const v = this.volume;
-    v.latency.observe({ volume, op }, seconds);
+    v.latency.observe(volume, op, seconds);
     if (errorCode) {
       v.errors.inc({ volume, op, code: errorCode });
       return;
     }
-    v.requests.inc({ volume, op });
-    if (bytes > 0 && op === 'read') v.bytes.inc({ volume, direction: 'read' }, bytes);
-    else if (bytes > 0 && (op === 'write' || op === 'write_zeroes')) v.bytes.inc({ volume, direction: 'write' }, bytes);
+    v.requests.inc(volume, op);
+    if (bytes > 0 && op === 'read') v.bytes.inc(volume, 'read', bytes);
+    else if (bytes > 0 && (op === 'write' || op === 'write_zeroes')) v.bytes.inc(volume, 'write', bytes);
   }
 
   private apply(s: MetricSample): void {
@@ -112,6 +188,7 @@ export class NodeMetrics {
     // A gauge shows what its source reports now: the series of a closed volume go with it.
     for (const g of this.gauges.values()) g.reset();
     for (const s of this.collect()) this.apply(s);
-    return { contentType: this.registry.contentType, body: await this.registry.metrics() };
+    const hot = [this.rpcLatency, ...(this.volume ? [this.volume.latency, this.volume.requests, this.volume.bytes] : [])];
+    return { contentType: this.registry.contentType, body: (await this.registry.metrics()) + '\n' + hot.map((m) => m.render()).join('\n') };
   }
 }
