@@ -358,12 +358,12 @@ async function loadFences(dir: string, fences: Map<number, number>): Promise<{ f
   const size = await fileSize(path);
   if (size === undefined) {
     const fenceFile = await open(path, 'w+', PRIVATE_FILE);
-    await fsyncDir(dir);
+    await closingOnError(fenceFile, () => fsyncDir(dir));
     return { fenceFile, fenceRecords: 0 };
   }
   const fh = await open(path, 'r+');
   const buf = Buffer.alloc(size);
-  if (size > 0) await readFull(fh, buf, 0);
+  if (size > 0) await closingOnError(fh, () => readFull(fh, buf, 0));
   let n = 0;
   // A record cut short by a crash ends the table: it was never acknowledged.
   for (let f = decodeFence(buf, 0); f; f = decodeFence(buf, ++n * FENCE_RECORD_SIZE)) fences.set(f.volume, Math.max(f.epoch, fences.get(f.volume) ?? 0));
@@ -374,12 +374,24 @@ async function loadFences(dir: string, fences: Map<number, number>): Promise<{ f
   const all = Buffer.alloc(fences.size * FENCE_RECORD_SIZE);
   let i = 0;
   for (const [volume, epoch] of fences) encodeFence(volume, epoch, all, i++ * FENCE_RECORD_SIZE);
-  await writeFull(out, all, 0);
-  await out.sync();
+  await closingOnError(out, async () => {
+    await writeFull(out, all, 0);
+    await out.sync();
+  });
   await out.close();
   await rename(tmp, path);
   await fsyncDir(dir);
   return { fenceFile: await open(path, 'r+'), fenceRecords: fences.size };
+}
+
+/** The caller gets the file only if `fn` succeeds: a failed open of the store leaks no handle. */
+async function closingOnError<T>(fh: FileHandle, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    throw err;
+  }
 }
 
 /**
