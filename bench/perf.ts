@@ -14,7 +14,7 @@
 // docs/performance.md has the figures, the command that produced them, and what limits each.
 
 import { spawnSync } from 'node:child_process';
-import { closeSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -888,6 +888,14 @@ function printSummary(tables: TableResult[]): void {
 const parent = argv['data-dir'] ? resolve(argv['data-dir']) : tmpdir();
 // A --data-dir that does not exist yet is made, as the help's "where to make" promises.
 mkdirSync(parent, { recursive: true });
+// Every torusd refuses a --size above the free space, and the jobs write the region on R replicas
+// and on nbdkit's file besides: found short at the third block size, a full run lost 15 minutes.
+const needBytes = orUsage(() => parseSize(argv['node-size']!)) + (REPLICATION + 1) * region.whole;
+const fsStat = statfsSync(parent);
+if (fsStat.bavail * fsStat.bsize < needBytes) {
+  console.error(`bench: ${fmtMiB(fsStat.bavail * fsStat.bsize)} free on the file system of ${parent}; a run needs about ${fmtMiB(needBytes)} (--node-size and the jobs' data). Free some, or pass --data-dir elsewhere or a smaller --node-size.`);
+  process.exit(2);
+}
 const root = mkdtempSync(join(parent, 'torus-perf-'));
 const machine: Machine = describeMachine(root);
 const startedAt = new Date();
