@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
+import type { Duplex } from 'node:stream';
 import { describe, it } from 'node:test';
 import { pino } from 'pino';
 import { TorusError } from '../core/errors.js';
@@ -525,6 +526,43 @@ describe('nbd server: commands', () => {
 });
 
 describe('nbd server: concurrency and flow control', () => {
+  it('answers the only request in flight at once; replies finished together leave at the end of the turn', async () => {
+    const { gated, server } = gatedServer();
+    let serverSide: Duplex | undefined;
+    const c = TestClient.connect((s) => {
+      serverSide = s;
+      return server.handle(s);
+    });
+    await c.go('disk', { meta: false });
+    // What reaches the transport, not what is queued in the stream while it is corked.
+    let writes = 0;
+    const side = serverSide as Duplex & { _write: Duplex['_write'] };
+    const write = side._write.bind(side);
+    side._write = (chunk, enc, cb) => {
+      writes++;
+      write(chunk, enc, cb);
+    };
+    // Microtasks only: the device's answer reaches send(), setImmediate (the batch) cannot run.
+    const settleMicrotasks = async (): Promise<void> => {
+      for (let i = 0; i < 100; i++) await Promise.resolve();
+    };
+    const one = c.write(0, Buffer.alloc(4096, 1));
+    await eventually('the write at the device', () => gated.waiting.length === 1);
+    let before = writes;
+    gated.release();
+    await settleMicrotasks();
+    assert.equal(writes, before + 1, 'queue depth 1: the reply went out before the turn ended');
+    assert.equal((await one).error, 0);
+    const two = [c.write(0, Buffer.alloc(4096, 2)), c.write(4096, Buffer.alloc(4096, 3))];
+    await eventually('both writes at the device', () => gated.waiting.length === 2);
+    before = writes;
+    gated.release();
+    await settleMicrotasks();
+    assert.equal(writes, before, 'replies finished together wait for the end of the turn');
+    for (const r of await Promise.all(two)) assert.equal(r.error, 0);
+    assert.ok(writes >= before + 1);
+  });
+
   it('answers out of order: replies go out as the device finishes, matched by handle', async () => {
     const { gated, connect } = gatedServer();
     const c = connect();

@@ -403,6 +403,29 @@ describe('rpc over TCP: journals', () => {
     assert.deepEqual(await c.getBlock(next), mine);
   });
 
+  it('a synced append is on the socket before the turn ends; other calls wait for the turn\'s batch', async () => {
+    const { address } = await startServer(new MemoryBlockStore({ blockSize: 16384, capacityBlocks: 10 }));
+    const c = newClient(address);
+    assert.equal(await c.hasJournal(), true);
+    // Microtasks only: the client's own awaits settle, setImmediate (the batch) cannot run.
+    const settleMicrotasks = async (): Promise<void> => {
+      for (let i = 0; i < 50; i++) await Promise.resolve();
+    };
+    const log = (index: number): BlockRef => ({ type: BlockType.Log, volume: 5, inode: 1, index });
+    const lazy = c.appendLog(log(1), [{ offset: 0, data: pattern(5, 4096) }]);
+    await settleMicrotasks();
+    assert.equal(c.stats().inFlight, 1);
+    assert.ok(c.stats().queuedWriteBytes > 4096, 'an unsynced append waits for the end of the turn');
+    await lazy;
+    // A flush waits on a synced append: it leaves at once, with what was gathered before it.
+    const lazyAgain = c.appendLog(log(2), [{ offset: 0, data: pattern(6, 4096) }]);
+    const urgent = c.appendLog(log(3), [{ offset: 0, data: pattern(7, 4096) }], { sync: true });
+    await settleMicrotasks();
+    assert.equal(c.stats().inFlight, 2);
+    assert.equal(c.stats().queuedWriteBytes, 0);
+    await Promise.all([lazyAgain, urgent]);
+  });
+
   it('a node that went away is not journal-capable any more: hasJournal asks it, not its old handshake', async () => {
     const { server, address } = await startServer(new MemoryBlockStore({ blockSize: 16384, capacityBlocks: 10 }));
     const c = newClient(address);
