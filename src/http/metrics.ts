@@ -30,6 +30,11 @@ function escapeLabel(v: string): string {
   return v.replace(/\\/g, '\\\\').replace(/\n/g, '\\n').replace(/"/g, '\\"');
 }
 
+/** `a="x",b="y"`: a series' labels in the exposition format, made once per series. */
+function labelPairs(names: readonly [string, string], a: string, b: string): string {
+  return `${names[0]}="${escapeLabel(a)}",${names[1]}="${escapeLabel(b)}"`;
+}
+
 interface Series {
   readonly labels: string;
   /** Observations per bucket, not cumulative (summed when rendered). */
@@ -58,8 +63,7 @@ export class HotHistogram {
     const key = `${a}\u0000${b}`;
     let s = this.series.get(key);
     if (!s) {
-      const labels = `${this.labelNames[0]}="${escapeLabel(a)}",${this.labelNames[1]}="${escapeLabel(b)}"`;
-      s = { labels, counts: new Float64Array(this.buckets.length), sum: 0, count: 0 };
+      s = { labels: labelPairs(this.labelNames, a, b), counts: new Float64Array(this.buckets.length), sum: 0, count: 0 };
       this.series.set(key, s);
     }
     const i = this.buckets.findIndex((le) => seconds <= le);
@@ -97,7 +101,7 @@ class HotCounter {
     const key = `${a}\u0000${b}`;
     const v = this.values.get(key);
     if (v) v.value += by;
-    else this.values.set(key, { labels: `${this.labelNames[0]}="${escapeLabel(a)}",${this.labelNames[1]}="${escapeLabel(b)}"`, value: by });
+    else this.values.set(key, { labels: labelPairs(this.labelNames, a, b), value: by });
   }
 
   render(): string {

@@ -93,7 +93,6 @@ export class OrphanTracker {
     return doomed;
   }
 
-  /** The node deleted the blocks of the last review's list, `count` of them. */
   /**
    * Whether a review on an unchanged view could do anything: report a kind seen once, age a
    * group towards its deletion. GC skips a pass on an unchanged view only when it could not.
@@ -102,6 +101,7 @@ export class OrphanTracker {
     return this.groups.size > 0 || this.fresh.size > 0;
   }
 
+  /** The node deleted the blocks of the last review's list, `count` of them. */
   deleted(count: number): void {
     if (count === 0) return;
     for (const key of this.doomed) this.groups.delete(key);
