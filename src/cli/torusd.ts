@@ -20,7 +20,8 @@ import type { Logger } from 'pino';
 import type { MetadataService } from '../core/interfaces.js';
 import type { NbdServerOptions } from '../nbd/server.js';
 import { VolumeClient } from '../volume/client.js';
-import { VolumeProvider } from '../volume/provider.js';
+import { VolumeProvider, type VolumeBudgets } from '../volume/provider.js';
+import { volumeBudgets, volumeMemoryOptions, volumeMemorySamples } from './shared/volume-memory.js';
 
 interface TorusdOpts extends GlobalOpts, BlockIoOpts, VolumeClientOpts {
   dataDir: string;
@@ -51,6 +52,9 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts, VolumeClientOpts {
   httpTokenFile?: string;
   nbdListen?: string;
   nbdUnix?: string;
+  nbdWriteCacheSize: string;
+  nbdJournalTailSize: string;
+  nbdPageCacheSize: string;
 }
 
 /** --http-tls and --http-token-file: the certificate from --tls-certificates, the token from its file (never from argv). */
@@ -84,8 +88,13 @@ function nbdOptionsFrom(opts: TorusdOpts, meta: MetadataService, log: NbdLog): N
   lockTtl(opts); // checked with the rest, though only exports use it
   if (opts.nbdListen === undefined && opts.nbdUnix === undefined) return undefined;
   const flags = nbdServeFlags(opts, 'nbd-');
+  exportBudgets(opts);
   const listenTcp = opts.nbdListen !== undefined ? parseHostPort(opts.nbdListen, '--nbd-listen') : undefined;
   return nbdServerOptions(flags, 'nbd-', { ...(listenTcp ? { listenTcp } : {}), ...(opts.nbdUnix !== undefined ? { listenUnix: opts.nbdUnix } : {}) }, opts, meta, log);
+}
+
+function exportBudgets(opts: TorusdOpts): VolumeBudgets {
+  return volumeBudgets({ writeCacheSize: opts.nbdWriteCacheSize, journalTailSize: opts.nbdJournalTailSize, pageCacheSize: opts.nbdPageCacheSize }, 'nbd-');
 }
 
 interface NodeExports {
@@ -102,7 +111,10 @@ async function serveExports(node: StorageNode, meta: MetadataService, nbd: NbdSe
   const flags = nbdServeFlags(opts, 'nbd-');
   const vc = VolumeClient.over(meta, node.blockClient, lockTtl(opts));
   const rt = ClientRuntime.over(meta, vc, node.metrics, (f) => node.addSamples(f), log);
-  const volumes = new VolumeProvider(vc, { readOnly: flags.readOnly, writeCacheBytes: parseSize(flags.writeCacheSize) });
+  const volumes = new VolumeProvider(vc, {
+    readOnly: flags.readOnly,
+    ...exportBudgets(opts),
+  });
   let served;
   try {
     served = await listenNbd(rt.measured(volumes), nbd, opts.nbdListen !== undefined ? '--nbd-listen' : '--nbd-unix');
@@ -111,7 +123,7 @@ async function serveExports(node: StorageNode, meta: MetadataService, nbd: NbdSe
     throw err;
   }
   const { server, tcp, unix } = served;
-  rt.addSamples(() => nbdSamples(server.stats(), 'nbd-'));
+  rt.addSamples(() => [...nbdSamples(server.stats(), 'nbd-'), ...volumeMemorySamples(volumes, 'nbd-')]);
   log.info({ ...(tcp ? { nbd: tcp } : {}), ...(unix ? { nbdUnix: unix } : {}) }, `serving NBD on ${[tcp, unix].filter(Boolean).join(' and ')}; exports are volume names (VOLUME@SNAPSHOT read-only)`);
   return {
     async close() {
@@ -157,7 +169,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--http-max-connections <n>', 'HTTP connections accepted at once; more are closed on arrival').default(String(HTTP_DEFAULTS.maxConnections)))
     .option('--nbd-listen <host:port>', "serve the cluster's volumes over NBD here, as torusblk nbdserve does, reading this node's own replicas without a network hop (off by default)")
     .option('--nbd-unix <path>', 'serve them over NBD on this unix socket too (or only)');
-  addNbdServeOptions(program, 'nbd-');
+  volumeMemoryOptions(addNbdServeOptions(program, 'nbd-'), 'nbd-');
   addVolumeClientOptions(program, 'node');
   program
     .showHelpAfterError('(run torusd --help for usage)')

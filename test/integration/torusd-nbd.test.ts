@@ -17,6 +17,9 @@ import { eventually, ok, removeDir, startNbdserve, startTorusd, stopProcess, typ
 // torusd is killed (SIGKILL, right after a flush) the surviving replicas still have every byte.
 
 const MiB = 1024 * 1024;
+/** A volume's memory budgets, as torusd spells them, and what its metrics must then say. */
+const BUDGET_FLAGS = ['--nbd-write-cache-size', '24MiB', '--nbd-journal-tail-size', '20MiB', '--nbd-page-cache-size', '3MiB'];
+const BUDGETS = { write_cache: 24 * MiB, journal_tail: 20 * MiB, page_cache: 3 * MiB };
 let etcd: EtcdHandle;
 let C: string[];
 const nodes: Torusd[] = [];
@@ -42,7 +45,7 @@ before(async () => {
   await ok('torusctl', [...C, 'init', '--block-size', '128KiB', '--replication', '2']);
   nbdPort = await freePort();
   // Node 0 serves NBD; a short lock TTL lets another client take its volume soon after it dies.
-  nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB', extra: ['--nbd-listen', `127.0.0.1:${nbdPort}`, '--nbd-unix', join(dir, 'nbd.sock'), '--lock-ttl', '5s'] }));
+  nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB', extra: ['--nbd-listen', `127.0.0.1:${nbdPort}`, '--nbd-unix', join(dir, 'nbd.sock'), '--lock-ttl', '5s', ...BUDGET_FLAGS] }));
   for (let i = 1; i < 3; i++) nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB' }));
   await ok('torusctl', [...C, 'peer', 'add', '--all-peers']);
   assert.match(nodes[0]!.log(), new RegExp(`serving NBD on nbd://127\\.0\\.0\\.1:${nbdPort}`));
@@ -90,6 +93,32 @@ test('torusd --nbd-listen: nbdinfo sizes the export; nbdcopy and qemu-img write 
   const metrics = await (await fetch(`http://127.0.0.1:${nodes[0]!.httpPort}/metrics`)).text();
   assert.match(metrics, /torus_nbd_handshakes_total [1-9]/, 'the NBD counters are on the node\'s /metrics');
   assert.match(metrics, /torus_volume_/, 'and the volumes\' I/O');
+  assert.match(metrics, /^torus_client_read_cache_limit_bytes \d+/m, 'and the block cache beside its budget');
+
+  // While a client holds v1 open for writing, each of its caches shows beside the budget its
+  // --nbd-* flag set; an unflushed write sits in the write cache.
+  let c: Awaited<ReturnType<typeof rawClient>> | undefined;
+  await eventually('v1 open for writing through torusd again', async () => {
+    const attempt = await rawClient(nbdPort);
+    try {
+      await attempt.go('v1');
+      c = attempt;
+      return true;
+    } catch {
+      attempt.disconnect();
+      return false;
+    }
+  }, 60_000);
+  try {
+    assert.equal((await c!.write(0, randomBytes(8192))).error, 0);
+    const text = await (await fetch(`http://127.0.0.1:${nodes[0]!.httpPort}/metrics`)).text();
+    const gauge = (suffix: string, cache: string): number => Number(new RegExp(`^torus_volume_memory${suffix}_bytes\\{volume="v1",cache="${cache}"\\} (\\d+)`, 'm').exec(text)?.[1] ?? NaN);
+    for (const [cache, limit] of Object.entries(BUDGETS)) assert.equal(gauge('_limit', cache), limit, `${cache} budget\n${text}`);
+    assert.equal(gauge('', 'write_cache'), 8192, 'the unflushed write');
+    assert.equal((await c!.request(Cmd.FLUSH)).error, 0);
+  } finally {
+    c!.disconnect();
+  }
 });
 
 test('torusd --nbd-tls require --nbd-read-only: plaintext is refused; a client certificate granted the volume reads it, read-only', async () => {

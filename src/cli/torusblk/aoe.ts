@@ -6,7 +6,8 @@ import { VolumeProvider } from '../../volume/provider.js';
 import { counterSample as c, type MetricSample } from '../../http/metrics.js';
 import { connectMetadata } from '../shared/config.js';
 import { emit, outputOptions } from '../shared/output.js';
-import { ClientRuntime, logger, untilSignal, volumeBudgets, volumeMemoryOptions, volumeMemorySamples, type ClientOpts } from './common.js';
+import { ClientRuntime, logger, untilSignal, type ClientOpts } from './common.js';
+import { volumeBudgets, volumeMemoryOptions, volumeMemorySamples } from '../shared/volume-memory.js';
 
 interface AoeOpts extends ClientOpts {
   json?: boolean;

@@ -1,4 +1,4 @@
-import { Option, type Command } from 'commander';
+import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import { TorusError } from '../../core/errors.js';
 import type { DeviceProvider, MetadataService } from '../../core/interfaces.js';
@@ -7,7 +7,6 @@ import { HttpServer } from '../../http/server.js';
 import { NodeMetrics, counterSample as c, type MetricSample } from '../../http/metrics.js';
 import { VolumeClient } from '../../volume/client.js';
 import { MeasuredProvider, VolumeIo, publishIo } from '../../volume/io-stats.js';
-import type { VolumeBudgets, VolumeProvider } from '../../volume/provider.js';
 import { peerSecurity, type BlockIoOpts, type GlobalOpts } from '../shared/config.js';
 import { makeLogger } from '../shared/log.js';
 
@@ -142,6 +141,7 @@ export class ClientRuntime {
    */
   static over(meta: MetadataService, vc: VolumeClient, metrics: NodeMetrics, addTo: (f: () => MetricSample[]) => void, log: Logger): ClientRuntime {
     const rt = new ClientRuntime(vc, metrics);
+    rt.sources.push(() => distributorSamples(vc));
     addTo(() => rt.sources.flatMap((f) => f()));
     rt.publish(meta, log);
     return rt;
@@ -192,52 +192,6 @@ function distributorSamples(vc: VolumeClient): MetricSample[] {
 
 function gauge(name: string, help: string, value: number, labels?: Record<string, string>): MetricSample {
   return { name, help, type: 'gauge', value, ...(labels ? { labels } : {}) };
-}
-
-/**
- * What each volume open for writing holds in memory, by cache, beside each budget (the flags
- * --write-cache-size, --journal-tail-size, --page-cache-size).
- */
-export function volumeMemorySamples(volumes: VolumeProvider): MetricSample[] {
-  const out: MetricSample[] = [];
-  const used = 'Bytes a volume open for writing holds in memory, by cache: write_cache (written, not yet in the journal), journal_tail (small writes appended since the last checkpoint), page_cache (inode pages)';
-  const limit = 'The budget of each volume cache (--write-cache-size, --journal-tail-size, --page-cache-size)';
-  for (const [volume, m] of volumes.memory()) {
-    for (const [cache, bytes, max] of [
-      ['write_cache', m.writeCache, m.writeCacheLimit],
-      ['journal_tail', m.journalTail, m.journalTailLimit],
-      ['page_cache', m.pageCache, m.pageCacheLimit],
-    ] as const) {
-      out.push(gauge('torus_volume_memory_bytes', used, bytes, { volume, cache }));
-      out.push(gauge('torus_volume_memory_limit_bytes', limit, max, { volume, cache }));
-    }
-  }
-  return out;
-}
-
-/**
- * The volume memory budgets beside --write-cache-size, for every front end that opens volumes
- * for writing.
- */
-export function volumeMemoryOptions(cmd: Command): Command {
-  return cmd
-    .addOption(new Option('--journal-tail-size <size>', 'small writes kept in memory per volume from their journal append until a checkpoint; a checkpoint starts at half, a flush waits at full').default('128MiB'))
-    .addOption(new Option('--page-cache-size <size>', 'inode pages cached per volume').default('64MiB'));
-}
-
-export function volumeBudgets(opts: { writeCacheSize: string; journalTailSize: string; pageCacheSize: string }): VolumeBudgets {
-  const size = (text: string, flag: string, min: number): number => {
-    const n = parseSize(text);
-    if (!(n >= min)) throw new TorusError('INVALID_ARGUMENT', `invalid ${flag} "${text}": at least ${min / (1024 * 1024)}MiB`);
-    return n;
-  };
-  const journalTailBytes = size(opts.journalTailSize, '--journal-tail-size', 2 * 1024 * 1024);
-  return {
-    writeCacheBytes: size(opts.writeCacheSize, '--write-cache-size', 1024 * 1024),
-    journalTailBytes,
-    checkpointBytes: journalTailBytes / 2,
-    pageCacheBytes: size(opts.pageCacheSize, '--page-cache-size', 1024 * 1024),
-  };
 }
 
 /** Resolves on SIGINT or SIGTERM. */

@@ -6,7 +6,7 @@ import type { VolumeClient } from '../../volume/client.js';
 import { VolumeProvider } from '../../volume/provider.js';
 import { memoryCluster } from '../../volume/testing.js';
 import { BlockVolume } from '../../volume/volume.js';
-import { volumeBudgets, volumeMemorySamples } from './common.js';
+import { volumeBudgets, volumeMemorySamples } from '../shared/volume-memory.js';
 
 const BS = 4096;
 

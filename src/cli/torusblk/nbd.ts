@@ -8,7 +8,8 @@ import { VolumeProvider } from '../../volume/provider.js';
 import { connectMetadata } from '../shared/config.js';
 import { addNbdServeOptions, listenNbd, nbdSamples, nbdServeFlags, nbdServerOptions } from '../shared/nbd-serve.js';
 import { emit, outputOptions } from '../shared/output.js';
-import { ClientRuntime, logger, parseHostPort, untilSignal, volumeBudgets, volumeMemoryOptions, volumeMemorySamples, type ClientOpts } from './common.js';
+import { ClientRuntime, logger, parseHostPort, untilSignal, type ClientOpts } from './common.js';
+import { volumeBudgets, volumeMemoryOptions, volumeMemorySamples } from '../shared/volume-memory.js';
 import { attachFuse, attachKernel, detachKernel, deviceBusy, freeNbdDevice, kernelHasNbd, type Attachment } from './attach.js';
 
 interface ServeOpts extends ClientOpts {
