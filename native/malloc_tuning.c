@@ -9,8 +9,16 @@
 // 29-45% faster (docs/performance.md). Both settings are what MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
 // would set, had the process been started with them.
 //
+// Keeping freed memory has a price once a burst is over: what a node freed after a job of large
+// writes stays resident until the same sizes are asked for again, hundreds of MiB after a few
+// jobs (docs/performance.md, P8). So the process also asks how much malloc holds free, and gives
+// it back when the event loop has been quiet for a while (src/core/malloc.ts).
+//
 // JavaScript API (src/core/malloc.ts):
 //   tune(mmapThreshold, trimThreshold) -> true when glibc accepted both
+//   stats() -> { heapBytes, freeBytes }: what malloc's arenas hold (mmapped chunks included),
+//              and how much of it is free
+//   trim() -> true when malloc_trim gave memory back to the kernel
 
 #include <malloc.h>
 #include <node_api.h>
@@ -33,9 +41,30 @@ static napi_value Tune(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value Stats(napi_env env, napi_callback_info info) {
+  (void)info;
+  struct mallinfo2 mi = mallinfo2();
+  napi_value result, heap, free_bytes;
+  napi_create_object(env, &result);
+  napi_create_double(env, (double)(mi.arena + mi.hblkhd), &heap);
+  napi_create_double(env, (double)mi.fordblks, &free_bytes);
+  napi_set_named_property(env, result, "heapBytes", heap);
+  napi_set_named_property(env, result, "freeBytes", free_bytes);
+  return result;
+}
+
+static napi_value Trim(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value result;
+  napi_get_boolean(env, malloc_trim(0) == 1, &result);
+  return result;
+}
+
 static napi_value Init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"tune", NULL, Tune, NULL, NULL, NULL, napi_default, NULL},
+      {"stats", NULL, Stats, NULL, NULL, NULL, napi_default, NULL},
+      {"trim", NULL, Trim, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

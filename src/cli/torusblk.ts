@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { tuneMalloc } from '../core/malloc.js';
+import { startMemoryReturner, tuneMalloc } from '../core/malloc.js';
 import { VERSION } from '../core/version.js';
 import { addBlockIoOptions, addGlobalOptions } from './shared/config.js';
 import { aoeCommand } from './torusblk/aoe.js';
@@ -34,5 +34,6 @@ export function buildProgram(): Command {
 
 export function main(argv: string[]): void {
   tuneMalloc();
+  startMemoryReturner();
   void runProgram('torusblk', buildProgram(), argv).then(() => process.exit(process.exitCode ?? 0));
 }

@@ -1,5 +1,5 @@
 import { Command, Option } from 'commander';
-import { tuneMalloc } from '../core/malloc.js';
+import { startMemoryReturner, tuneMalloc } from '../core/malloc.js';
 import { TorusError } from '../core/errors.js';
 import { VERSION } from '../core/version.js';
 import { HTTP_DEFAULTS } from '../http/server.js';
@@ -273,6 +273,7 @@ export function buildProgram(): Command {
 
 export function main(argv: string[]): void {
   tuneMalloc();
+  startMemoryReturner();
   void runProgram('torusd', buildProgram(), argv).then(() => {
     // grpc keeps handles open for a while after close; a stopped daemon should exit now.
     process.exit(process.exitCode ?? 0);

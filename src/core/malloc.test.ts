@@ -3,6 +3,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { MemoryReturner } from './malloc.js';
 import { nativeAddonPath } from './native.js';
 
 // NBD payloads of 1 MiB, a few alive at a time as in a busy nbdserve, in a fresh process each,
@@ -51,4 +52,111 @@ test('malloc settings: big buffers reuse freed memory instead of faulting in fre
   const [t, p] = [Math.min(...tuned), Math.min(...plain)];
   // Measured here, quiet: 2.4-2.7 against 11.8-12.8.
   assert.ok(t * 3 < p, `faults per MiB: ${t.toFixed(1)} tuned, ${p.toFixed(1)} with glibc's defaults (least of 3 each)`);
+});
+
+test('memory returner: gives free malloc memory back only after quiet looks in a row, past what it keeps, and again only once the process grew', () => {
+  const MiB = 2 ** 20;
+  let free = 200 * MiB;
+  let rss = 500 * MiB;
+  let trims = 0;
+  const r = new MemoryReturner(
+    { intervalMs: 1000, keepBytes: 64 * MiB, quietLooks: 2, quietShare: 0.15 },
+    {
+      stats: () => ({ heapBytes: 400 * MiB, freeBytes: free }),
+      trim: () => {
+        trims++;
+        rss -= 150 * MiB;
+      },
+      rss: () => rss,
+      heapUsed: () => 0,
+      gc: undefined,
+    },
+  );
+  // A busy event loop keeps its buffers, however much is free.
+  for (let i = 0; i < 5; i++) assert.equal(r.look(0.5), false);
+  // One quiet look is not a quiet spell; a busy one starts the count again.
+  assert.equal(r.look(0.1), false);
+  assert.equal(r.look(0.3), false);
+  assert.equal(r.look(0.1), false);
+  assert.equal(r.look(0.1), true);
+  assert.deepEqual(r.stats, { returns: 1, returnedBytes: 150 * MiB });
+  // malloc still counts those chunks free: no second walk until the process has grown again.
+  for (let i = 0; i < 4; i++) assert.equal(r.look(0), false);
+  rss += 20 * MiB;
+  assert.equal(r.look(0), true);
+  assert.equal(trims, 2);
+  // Within what it keeps: nothing to give back.
+  free = 64 * MiB;
+  rss += 200 * MiB;
+  for (let i = 0; i < 4; i++) assert.equal(r.look(0), false);
+  assert.equal(trims, 2);
+});
+
+test('memory returner: on a quiet spell, collects V8 garbage first when the heap grew past what it keeps, then trims', () => {
+  const MiB = 2 ** 20;
+  let heap = 300 * MiB;
+  let free = 10 * MiB;
+  const calls: string[] = [];
+  const r = new MemoryReturner(
+    { intervalMs: 1000, keepBytes: 64 * MiB, quietLooks: 1, quietShare: 0.15 },
+    {
+      stats: () => ({ heapBytes: 400 * MiB, freeBytes: free }),
+      trim: () => calls.push('trim'),
+      rss: () => 600 * MiB,
+      heapUsed: () => heap,
+      gc: () => {
+        calls.push('gc');
+        // The collected Buffers' memory is now free in malloc.
+        heap = 80 * MiB;
+        free = 150 * MiB;
+      },
+    },
+  );
+  assert.equal(r.look(0.5), false, 'busy: nothing');
+  assert.equal(r.look(0), true);
+  assert.deepEqual(calls, ['gc', 'trim']);
+  // Grown by less than it keeps since that collection (and malloc not grown): nothing to do.
+  heap = 130 * MiB;
+  assert.equal(r.look(0), false);
+  heap = 150 * MiB;
+  assert.equal(r.look(0), true);
+  assert.deepEqual(calls, ['gc', 'trim', 'gc', 'trim']);
+});
+
+// 256 MiB of 1 MiB Buffers, written and dropped, in a fresh process with the thresholds in force:
+// malloc keeps them resident for reuse until a quiet look gives them back.
+const RETURN_CHILD = `
+const { tuneMalloc, MemoryReturner, mallocStats } = await import(process.argv[1]);
+if (!tuneMalloc()) throw new Error('malloc settings not in force');
+let keep = [];
+for (let i = 0; i < 256; i++) keep.push(Buffer.alloc(1 << 20, i));
+keep = [];
+// 'garbage': the Buffers are left for the returner's own collection to find.
+if (process.argv[2] !== 'garbage') globalThis.gc();
+await new Promise((r) => setTimeout(r, 50));
+const rss = () => process.memoryUsage.rss();
+const before = rss();
+const free = mallocStats().freeBytes;
+const r = new MemoryReturner({ intervalMs: 1000, keepBytes: 64 << 20, quietLooks: 2, quietShare: 0.15 });
+const trimmed = process.argv[2] === 'keep' ? [] : [r.look(0), r.look(0)];
+console.log(JSON.stringify({ free, before, after: rss(), trimmed }));
+`;
+
+test('memory returner: a quiet process gives back what malloc kept of its freed buffers', { skip: built ? false : 'native addon not built' }, () => {
+  const module = fileURLToPath(new URL('./malloc.js', import.meta.url));
+  const child = (mode: string): { free: number; before: number; after: number; trimmed: boolean[] } => {
+    // --expose-gc for the test's own collection; the returner gets its own without it.
+    const r = spawnSync(process.execPath, [...(mode === 'garbage' ? [] : ['--expose-gc']), '--input-type=module', '-e', RETURN_CHILD, module, mode], { encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    return JSON.parse(r.stdout) as { free: number; before: number; after: number; trimmed: boolean[] };
+  };
+  const MiB = 2 ** 20;
+  const kept = child('keep');
+  assert.ok(kept.free > 128 * MiB, `malloc holds the freed buffers: ${kept.free / MiB} MiB free`);
+  assert.ok(kept.after > kept.before - 32 * MiB, 'and without a return they stay resident');
+  for (const mode of ['trim', 'garbage']) {
+    const given = child(mode);
+    assert.deepEqual(given.trimmed, [false, true], mode);
+    assert.ok(given.before - given.after > 128 * MiB, `${mode}: resident ${given.before / MiB} -> ${given.after / MiB} MiB`);
+  }
 });

@@ -1,4 +1,5 @@
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { mallocStats, memoryReturns } from '../core/malloc.js';
 
 // The only module that knows about Prometheus. Other modules keep plain counters (their stats()
 // objects); at scrape time a collect function turns them into samples, and this module turns
@@ -121,11 +122,46 @@ export class NodeMetrics {
 
   constructor(private readonly collect: () => MetricSample[]) {
     collectDefaultMetrics({ register: this.registry, prefix: 'torus_' });
+    this.mallocMetrics();
     this.rpcErrors = new Counter({
       name: 'torus_rpc_request_errors_total',
       help: 'Peer RPC requests that failed, by peer, operation and error code',
       labelNames: ['peer', 'op', 'code'],
       registers: [this.registry],
+    });
+  }
+
+  /** What glibc's malloc holds beside V8's heap, and what the process gave back once quiet. */
+  private mallocMetrics(): void {
+    const registers = [this.registry];
+    new Gauge({
+      name: 'torus_malloc_heap_bytes',
+      help: "Memory malloc's arenas hold (Buffers' bytes live there), in use or free",
+      registers,
+      collect() {
+        const st = mallocStats();
+        if (st) this.set(st.heapBytes);
+      },
+    });
+    new Gauge({
+      name: 'torus_malloc_free_bytes',
+      help: 'Of it, freed and kept for reuse; given back to the kernel once the process is quiet, past 64 MiB',
+      registers,
+      collect() {
+        const st = mallocStats();
+        if (st) this.set(st.freeBytes);
+      },
+    });
+    let counted = 0;
+    new Counter({
+      name: 'torus_memory_returned_bytes_total',
+      help: 'Resident bytes given back to the kernel by returns of freed malloc memory',
+      registers,
+      collect() {
+        const now = memoryReturns().returnedBytes;
+        if (now > counted) this.inc(now - counted);
+        counted = now;
+      },
     });
   }
 
