@@ -709,7 +709,15 @@ class Connection implements NegotiationLink {
   private mayRead(): boolean {
     if (this.admitted) return true;
     if (this.throttledBy) return false;
-    return this.inFlight < this.s.maxInFlight && this.stream.writableLength < this.queueLimit && this.budget.mayTake(0);
+    return this.noRoom() === null;
+  }
+
+  /** The limit that leaves no room for another request, whatever it turns out to be. */
+  private noRoom(): ThrottleReason | null {
+    if (this.inFlight >= this.s.maxInFlight) return 'requests';
+    if (this.stream.writableLength >= this.queueLimit) return 'replies';
+    if (!this.budget.mayTake(0)) return 'budget';
+    return null;
   }
 
   private updateFlow(): void {
@@ -721,6 +729,10 @@ class Connection implements NegotiationLink {
     else blocked = false;
     if (blocked && !this.paused) {
       this.paused = true;
+      // A stop with a request waiting was counted by throttle(). One without is counted here:
+      // direct reads end where a payload does, so the next header is often not read yet.
+      const reason = this.phase === 'transmission' && this.throttledBy === null ? this.noRoom() : null;
+      if (reason !== null) this.server.counters.throttled[reason]++;
       this.stream.pause();
     } else if (!blocked && this.paused) {
       this.paused = false;
