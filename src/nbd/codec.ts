@@ -916,7 +916,7 @@ export class ClientStreamDecoder {
     // so that a view of the last read kept anywhere would read garbage in tests, not stale bytes
     if (BufferPool.poison) scratch.fill(BufferPool.POISON_BYTE, from);
     this.targetIsPayload = false;
-    this.target = scratch.subarray(from);
+    this.target = from === 0 ? scratch : scratch.subarray(from);
     return this.target;
   }
 
