@@ -860,7 +860,10 @@ interface Receiving {
 /**
  * Decodes what a client sends. `next()` returns one whole message or undefined when more bytes
  * are needed; bad magic throws TorusError('PROTOCOL'), after which the decoder is unusable (the
- * connection must be dropped: there is no way to find the next message boundary).
+ * connection must be dropped: there is no way to find the next message boundary). With
+ * `readBuffer`, next() on a WRITE whose payload is not all in allocates the payload's buffer
+ * (it is where the rest will be read), so a server calls it only once the request may hold
+ * that memory; peekRequest() decides that without taking anything.
  */
 export class ClientStreamDecoder {
   private readonly q = new ByteQueue();
