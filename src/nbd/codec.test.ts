@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
+import { BufferPool } from '../core/buffer-pool.js';
 import { isTorusError } from '../core/errors.js';
 import {
   ClientStreamDecoder,
@@ -538,5 +539,134 @@ describe('codec: hostile input', () => {
       }),
       { numRuns: 500 },
     );
+  });
+});
+
+// ---- reads into buffers the decoder chooses (net's onread; NbdServer.accept)
+
+/**
+ * Delivers `s` as a socket with onread would: each read lands in `readTarget()` (at most the
+ * target's length, and the next cut's), and everything a read completes is decoded before the
+ * next read, as the server does. The read buffer is poisoned before each reuse, so a message
+ * that kept a view of it holds garbage by the end.
+ */
+function decodeDirect(s: Buffer, cuts: readonly number[], d = new ClientStreamDecoder({ readBuffer: 64 * 1024 })): ClientMessage[] {
+  const out: ClientMessage[] = [];
+  let at = 0;
+  let i = 0;
+  const poisoned = BufferPool.poison;
+  BufferPool.poison = true;
+  try {
+    while (at < s.length) {
+      const t = d.readTarget();
+      const n = Math.min(t.length, cuts[i++ % cuts.length] ?? 1, s.length - at);
+      s.copy(t, 0, at, at + n);
+      d.commitRead(t, n);
+      at += n;
+      for (let m = d.next(); m; m = d.next()) {
+        out.push(m);
+        if (m.type === 'option' && m.option === Opt.GO) d.startTransmission();
+      }
+    }
+    // net asks for the next target right after each read: the last read's buffer is reused
+    d.readTarget();
+  } finally {
+    BufferPool.poison = poisoned;
+  }
+  return out;
+}
+
+describe('codec: reads into decoder-chosen buffers (onread)', () => {
+  // GO last: what follows it is requests
+  const options = [...OPTIONS.slice(0, -1), { option: 0xdeadbeef, data: Buffer.alloc(300, 0x42) }, ...OPTIONS.slice(-1)];
+  const stream = (): Buffer => Buffer.concat([encodeClientFlags(3), ...options.map((o) => encodeOption(o.option, o.data)), ...REQUESTS.flatMap((r) => encodeRequest(r))]);
+  const want = (): unknown =>
+    plain([
+      { type: 'clientFlags', flags: 3 },
+      ...options.map((o) => ({ type: 'option' as const, option: o.option, data: o.data })),
+      ...REQUESTS.map((r) => ({ type: 'request' as const, ...r })),
+    ]);
+  // Read buffers of 64 KiB (the server's), and of 100 bytes: smaller than the 300-byte option,
+  // so a message outgrows the buffer, and leftovers are moved to its front at every read.
+  const sizes = [64 * 1024, 100];
+
+  it('the client stream split in two at every offset, in three at sampled ones, and byte at a time', () => {
+    const s = stream();
+    for (const readBuffer of sizes) {
+      const d = (): ClientStreamDecoder => new ClientStreamDecoder({ readBuffer });
+      for (let at = 0; at <= s.length; at++) assert.deepEqual(plain(decodeDirect(s, [at || s.length, s.length], d())), want(), `buffer ${readBuffer}, split at ${at}`);
+      for (let a = 1; a <= s.length; a += 61)
+        for (let b = 1; b <= s.length; b += 67) assert.deepEqual(plain(decodeDirect(s, [a, b, s.length], d())), want(), `buffer ${readBuffer}, cuts ${a}, ${b}`);
+      assert.deepEqual(plain(decodeDirect(s, [1], d())), want(), `buffer ${readBuffer}, byte at a time`);
+    }
+  });
+
+  it('many requests in one read; pipelined WRITEs of every size around the buffer and header sizes, cut anywhere', () => {
+    const lengths = [1, 27, 28, 29, 511, 512, 4096, 65535, 65536, 65537, 200_000];
+    const reqs: Request[] = lengths.map((length, i) => {
+      const payload = Buffer.allocUnsafe(length);
+      for (let j = 0; j < length; j++) payload[j] = (j * 7 + i * 13) & 0xff;
+      return { flags: 0, command: Cmd.WRITE, handle: BigInt(i), offset: i * 1_000_000, length, payload };
+    });
+    const s = Buffer.concat([encodeClientFlags(1), encodeOption(Opt.GO), ...reqs.flatMap((r) => [...encodeRequest(r), ...encodeRequest({ flags: 0, command: Cmd.FLUSH, handle: 1000n + r.handle, offset: 0, length: 0 })])]);
+    const expected = plain([{ type: 'clientFlags', flags: 1 }, { type: 'option', option: Opt.GO, data: Buffer.alloc(0) }, ...reqs.flatMap((r) => [{ type: 'request', ...r }, { type: 'request', flags: 0, command: Cmd.FLUSH, handle: 1000n + r.handle, offset: 0, length: 0 }])]);
+    for (const cuts of [[s.length], [65536], [1], [3, 29, 4093], [100_000, 7], [28, 1, 65535]]) assert.deepEqual(plain(decodeDirect(s, cuts)), expected, `cuts ${cuts.join(',')}`);
+  });
+
+  it('a payload gets a buffer of its own, of its length, and the reads after its header land in it', () => {
+    const d = new ClientStreamDecoder({ readBuffer: 64 * 1024 });
+    decodeDirect(Buffer.concat([encodeClientFlags(1), encodeOption(Opt.GO)]), [1000], d);
+    const payload = Buffer.alloc(1 << 20, 9);
+    const s = Buffer.concat(encodeRequest({ flags: 0, command: Cmd.WRITE, handle: 1n, offset: 0, length: payload.length, payload }));
+    // the header and the start of the payload in one read, as TCP delivers them
+    let t = d.readTarget();
+    s.copy(t, 0, 0, 1000);
+    d.commitRead(t, 1000);
+    assert.equal(d.next(), undefined);
+    let at = 1000;
+    t = d.readTarget();
+    const first = t;
+    assert.equal(t.length, s.length - at, 'the next read may fill the rest of the payload');
+    while (at < s.length) {
+      t = d.readTarget();
+      assert.equal(t.buffer, first.buffer, 'every read of the payload lands in its buffer');
+      const n = Math.min(t.length, 70_000);
+      s.copy(t, 0, at, at + n);
+      d.commitRead(t, n);
+      at += n;
+    }
+    const m = d.next();
+    const got = m?.type === 'request' ? m.payload : undefined;
+    assert.ok(got !== undefined && got.equals(payload));
+    assert.equal(got.buffer, first.buffer, 'the device is given the buffer the kernel wrote into');
+    assert.equal(got.byteOffset, 0);
+    assert.equal(got.buffer.byteLength, payload.length, 'exactly its length: nothing else shares or pins it');
+  });
+
+  it('a read that lands in the read buffer after the payload began (reading resumed behind a limit) is copied into it', () => {
+    const d = new ClientStreamDecoder({ readBuffer: 64 * 1024 });
+    decodeDirect(Buffer.concat([encodeClientFlags(1), encodeOption(Opt.GO)]), [1000], d);
+    const payload = Buffer.alloc(5000, 3);
+    const s = Buffer.concat([...encodeRequest({ flags: 0, command: Cmd.WRITE, handle: 1n, offset: 0, length: 5000, payload }), ...encodeRequest({ flags: 0, command: Cmd.FLUSH, handle: 2n, offset: 0, length: 0 })]);
+    let t = d.readTarget();
+    s.copy(t, 0, 0, 100);
+    d.commitRead(t, 100);
+    // The server leaves the request unstarted (not admitted); net asks for the next target now.
+    t = d.readTarget();
+    assert.ok(d.peekRequest()?.command === Cmd.WRITE);
+    assert.equal(d.next(), undefined, 'admitted later: the payload begins, its rest not here');
+    s.copy(t, 0, 100);
+    d.commitRead(t, s.length - 100);
+    const m = d.next();
+    assert.ok(m?.type === 'request' && m.payload?.equals(payload));
+    assert.equal(d.next()?.type, 'request', 'what followed the payload in that read is decoded');
+    assert.equal(d.buffered, 0);
+  });
+
+  it('commitRead refuses a buffer it did not hand out; a push-only decoder has no read target', () => {
+    const d = new ClientStreamDecoder({ readBuffer: 1024 });
+    d.readTarget();
+    assert.throws(() => d.commitRead(Buffer.alloc(10), 10), /did not hand out/);
+    assert.throws(() => new ClientStreamDecoder().readTarget(), /without a read buffer/);
   });
 });

@@ -17,10 +17,16 @@
 //   Either way it is memory nothing will rewrite, so a device may keep it (a volume may queue it
 //   as a block) without copying. A small payload viewing a chunk more than twice its size is
 //   copied so that a 4 KiB write kept by a device does not pin a 64 KiB socket read.
+// - A decoder made with `readBuffer` is not pushed chunks: it says where each socket read lands
+//   (`readTarget`, for net's `onread`). A WRITE payload, once started, gets a buffer of its own of
+//   exactly its length and the reads after its header land in it; everything else lands in one
+//   read buffer that the next read overwrites, so nothing decoded from it is handed out as a view
+//   (the part of a payload that came in the same read as its header is copied once).
 // - Encoders never copy a READ payload: they return it as its own part of a Buffer[] so the
 //   socket writes it from the device's buffer (writev). The device must not change a buffer it
 //   returned from read(); MemoryDevice returns fresh ones.
 
+import { BufferPool } from '../core/buffer-pool.js';
 import { TorusError } from '../core/errors.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -678,6 +684,19 @@ class ByteQueue {
     this.size += b.length;
   }
 
+  /**
+   * Pushes a read that landed right behind the last chunk in the same memory (a read buffer
+   * filled in steps) as part of that chunk, so the bytes of one read buffer are one chunk.
+   */
+  extend(chunk: Buffer): void {
+    const last = this.chunks.length - 1;
+    const c = this.chunks[last];
+    if (last >= this.first && c !== undefined && c.buffer === chunk.buffer && c.byteOffset + c.length === chunk.byteOffset) {
+      this.chunks[last] = Buffer.from(c.buffer, c.byteOffset, c.length + chunk.length);
+      this.size += chunk.length;
+    } else this.push(chunk);
+  }
+
   /** The first `n` bytes (n <= length) without consuming them: a view if contiguous, else a copy. */
   peek(n: number): Buffer {
     const c = this.chunks[this.first];
@@ -722,8 +741,49 @@ class ByteQueue {
     this.size = 0;
   }
 
+  /** Consumes `n` bytes (n <= length) into memory of their own, even when they lie in one chunk. */
+  takeCopy(n: number): Buffer {
+    return this.gather(n, true);
+  }
+
+  /** Consumes `n` bytes (n <= length) into `target` from its start. */
+  moveTo(target: Buffer, n: number): void {
+    this.copyOut(target, n);
+    this.skip(n);
+  }
+
+  /**
+   * Makes `scratch` free to be read into again, keeping the bytes still queued from it (the
+   * last chunk pushed, at most): moved to its front when they are all that is queued and leave
+   * room, so the usual leftover (part of a header) costs no allocation; otherwise (a message
+   * larger than the scratch) copied out into memory of their own. Returns where in `scratch`
+   * the next read may land.
+   */
+  release(scratch: Buffer): number {
+    const last = this.chunks.length - 1;
+    const c = this.chunks[last];
+    if (last < this.first || c === undefined || c.buffer !== scratch.buffer) return 0;
+    const live = last === this.first ? c.subarray(this.head) : c;
+    if (last === this.first && live.length < scratch.length) {
+      scratch.copyWithin(0, live.byteOffset - scratch.byteOffset, live.byteOffset - scratch.byteOffset + live.length);
+      this.chunks = [scratch.subarray(0, live.length)];
+      this.first = 0;
+      this.head = 0;
+      return live.length;
+    }
+    this.chunks[last] = Buffer.from(live);
+    if (last === this.first) this.head = 0;
+    return 0;
+  }
+
   private gather(n: number, consume: boolean): Buffer {
     const out = Buffer.allocUnsafe(n);
+    this.copyOut(out, n);
+    if (consume) this.skip(n);
+    return out;
+  }
+
+  private copyOut(out: Buffer, n: number): void {
     let filled = 0;
     let i = this.first;
     let pos = this.head;
@@ -739,8 +799,6 @@ class ByteQueue {
         pos = 0;
       }
     }
-    if (consume) this.skip(n);
-    return out;
   }
 
   private compact(): void {
@@ -773,22 +831,57 @@ export type ClientPhase = 'clientFlags' | 'options' | 'transmission' | 'ended';
 export interface ClientDecoderOptions {
   readonly maxOptionLength?: number;
   readonly maxPayload?: number;
+  /**
+   * Bytes of read buffer for a reader that asks the decoder where each read should land
+   * (`readTarget()` / `commitRead()`, for net's `onread`) instead of pushing chunks. 0: push only.
+   */
+  readonly readBuffer?: number;
+}
+
+/** Payloads below this come from Buffer's shared pool; a kept one pins at most 16 times its size. */
+const POOLED_PAYLOAD = 512;
+
+/**
+ * Memory for one WRITE payload, of its exact length and never handed out again: a device may
+ * keep it (a volume adopts it into its write cache). Outside Buffer's shared 8 KiB pool but for
+ * the smallest, so a kept payload does not keep other allocations alive.
+ */
+function payloadBuffer(n: number): Buffer {
+  return n < POOLED_PAYLOAD ? Buffer.allocUnsafe(n) : Buffer.allocUnsafeSlow(n);
+}
+
+/** A WRITE whose header is taken and whose payload is arriving in its own buffer. */
+interface Receiving {
+  readonly header: RequestHeader;
+  readonly payload: Buffer;
+  filled: number;
 }
 
 /**
  * Decodes what a client sends. `next()` returns one whole message or undefined when more bytes
  * are needed; bad magic throws TorusError('PROTOCOL'), after which the decoder is unusable (the
- * connection must be dropped: there is no way to find the next message boundary).
+ * connection must be dropped: there is no way to find the next message boundary). With
+ * `readBuffer`, next() on a WRITE whose payload is not all in allocates the payload's buffer
+ * (it is where the rest will be read), so a server calls it only once the request may hold
+ * that memory; peekRequest() decides that without taking anything.
  */
 export class ClientStreamDecoder {
   private readonly q = new ByteQueue();
   private phaseValue: ClientPhase = 'clientFlags';
   readonly maxOptionLength: number;
   readonly maxPayload: number;
+  /** Where reads land between payloads (readTarget); null for a decoder that is pushed chunks. */
+  private readonly scratch: Buffer | null;
+  private receiving: Receiving | null = null;
+  /** The last readTarget(), and whether it was the receiving payload's rest. */
+  private target: Buffer | null = null;
+  private targetIsPayload = false;
 
   constructor(options: ClientDecoderOptions = {}) {
     this.maxOptionLength = options.maxOptionLength ?? DEFAULT_MAX_OPTION_LENGTH;
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+    const rb = options.readBuffer ?? 0;
+    this.scratch = rb > 0 ? Buffer.allocUnsafeSlow(Math.max(rb, REQUEST_HEADER_SIZE)) : null;
   }
 
   get phase(): ClientPhase {
@@ -797,11 +890,59 @@ export class ClientStreamDecoder {
 
   /** Bytes received and not yet handed out. */
   get buffered(): number {
-    return this.q.length;
+    const r = this.receiving;
+    return this.q.length + (r ? REQUEST_HEADER_SIZE + r.filled : 0);
   }
 
   push(chunk: Uint8Array): void {
     if (this.phaseValue !== 'ended') this.q.push(chunk);
+  }
+
+  /**
+   * Where the next socket read should land (net's `onread: { buffer }`), for a decoder made with
+   * `readBuffer`: the rest of the payload of a WRITE being received (next() started it, once the
+   * server admitted the request), so the kernel writes it where the device will find it;
+   * otherwise the read buffer, after what is left of the last read there (typically part of a
+   * header) moved to its front. Bytes read into the read buffer are only ever looked at or
+   * copied, never handed out, since the next read overwrites them.
+   */
+  readTarget(): Buffer {
+    const scratch = this.scratch;
+    if (scratch === null) throw new TorusError('INTERNAL', 'readTarget on a decoder without a read buffer');
+    const r = this.receiving;
+    if (r !== null && r.filled < r.payload.length) {
+      this.targetIsPayload = true;
+      this.target = r.payload.subarray(r.filled);
+      return this.target;
+    }
+    const from = this.q.release(scratch);
+    // so that a view of the last read kept anywhere would read garbage in tests, not stale bytes
+    if (BufferPool.poison) scratch.fill(BufferPool.POISON_BYTE, from);
+    this.targetIsPayload = false;
+    this.target = from === 0 ? scratch : scratch.subarray(from);
+    return this.target;
+  }
+
+  /** The read into `buf` (the last readTarget()) got `n` bytes. */
+  commitRead(buf: Buffer, n: number): void {
+    if (buf !== this.target) throw new TorusError('INTERNAL', 'commitRead for a buffer readTarget did not hand out');
+    this.target = null;
+    if (this.phaseValue === 'ended') return;
+    const r = this.receiving;
+    if (this.targetIsPayload && r !== null) {
+      r.filled += n;
+      return;
+    }
+    let bytes = buf.subarray(0, n);
+    if (r !== null) {
+      // The target was chosen before this payload began (reading was paused behind a limit in
+      // between): the one read that landed in the read buffer is copied over.
+      const m = Math.min(n, r.payload.length - r.filled);
+      r.payload.set(bytes.subarray(0, m), r.filled);
+      r.filled += m;
+      bytes = bytes.subarray(m);
+    }
+    if (bytes.length > 0) this.q.extend(bytes);
   }
 
   /** Called by the server once NBD_OPT_EXPORT_NAME or a successful NBD_OPT_GO ends the handshake. */
@@ -828,14 +969,14 @@ export class ClientStreamDecoder {
   }
 
   private fail(message: string): never {
-    this.phaseValue = 'ended';
-    this.q.clear();
+    this.end();
     throw new TorusError('PROTOCOL', message);
   }
 
   private end(): void {
     this.phaseValue = 'ended';
     this.q.clear();
+    this.receiving = null;
   }
 
   private nextOption(): ClientMessage | undefined {
@@ -854,7 +995,9 @@ export class ClientStreamDecoder {
     }
     if (this.q.length < OPTION_HEADER_SIZE + length) return undefined;
     this.q.skip(OPTION_HEADER_SIZE);
-    return { type: 'option', option, data: length === 0 ? EMPTY : this.q.take(length) };
+    // from the read buffer, a view would be overwritten by the next read
+    const data = length === 0 ? EMPTY : this.scratch !== null ? this.q.takeCopy(length) : this.q.take(length);
+    return { type: 'option', option, data };
   }
 
   /**
@@ -864,6 +1007,7 @@ export class ClientStreamDecoder {
    */
   peekRequest(): RequestHeader | undefined {
     if (this.phaseValue !== 'transmission') return undefined;
+    if (this.receiving !== null) return this.receiving.header;
     if (this.q.length < REQUEST_HEADER_SIZE) {
       if (this.q.length > 0) this.checkPrefix(this.q.peek(Math.min(this.q.length, 4)), BigInt(REQUEST_MAGIC), 4, 'request');
       return undefined;
@@ -881,6 +1025,12 @@ export class ClientStreamDecoder {
   }
 
   private nextRequest(): ClientMessage | undefined {
+    const r = this.receiving;
+    if (r !== null) {
+      if (r.filled < r.payload.length) return undefined;
+      this.receiving = null;
+      return { type: 'request', ...r.header, payload: r.payload };
+    }
     const header = this.peekRequest();
     if (!header) return undefined;
     if (header.command !== Cmd.WRITE) {
@@ -890,6 +1040,17 @@ export class ClientStreamDecoder {
     if (header.length > this.maxPayload) {
       this.end();
       return { type: 'payloadTooLong', ...header };
+    }
+    if (this.scratch !== null && header.length > 0) {
+      // Reads choose their buffer: the payload gets its own now, with whatever of it came in
+      // with the header, and the rest is read straight into it (readTarget).
+      this.q.skip(REQUEST_HEADER_SIZE);
+      const payload = payloadBuffer(header.length);
+      const have = Math.min(this.q.length, header.length);
+      this.q.moveTo(payload, have);
+      if (have === header.length) return { type: 'request', ...header, payload };
+      this.receiving = { header, payload, filled: have };
+      return undefined;
     }
     if (this.q.length < REQUEST_HEADER_SIZE + header.length) return undefined;
     this.q.skip(REQUEST_HEADER_SIZE);

@@ -146,6 +146,10 @@ export interface NbdServerStats {
   readonly throttled: Readonly<Record<ThrottleReason, number>>;
   readonly idleTimeouts: number;
   readonly stallTimeouts: number;
+  /** Connections read with `onread` (plaintext ones accepted by a listener), not as streams. */
+  readonly directReads: number;
+  /** Bytes read from clients. */
+  readonly bytesReceived: number;
 }
 
 /** Why a connection is not read: requests in flight, their bytes, unread replies, the shared budget. */
@@ -175,6 +179,8 @@ const SPARSE_READ_MIN = 64 * 1024;
 const MAX_DESCRIPTORS = 64 * 1024;
 /** CACHE warms the device in pieces this big, so a large hint never holds one huge buffer. */
 const CACHE_PIECE = 4 * 1024 * 1024;
+/** A plaintext connection's read buffer for everything but WRITE payloads (see NbdServer.accept). */
+const READ_BUFFER = 64 * 1024;
 
 interface Settings extends NegotiationSettings {
   readonly maxInFlight: number;
@@ -213,6 +219,8 @@ export class NbdServer {
     oversizedRequests: 0,
     idleTimeouts: 0,
     stallTimeouts: 0,
+    directReads: 0,
+    bytesReceived: 0,
     throttled: { requests: 0, bytes: 0, replies: 0, budget: 0 } satisfies Record<ThrottleReason, number>,
   };
 
@@ -271,9 +279,13 @@ export class NbdServer {
   }
 
   private listenOn(start: (srv: net.Server, cb: () => void) => void, where: string): Promise<net.Server> {
-    const srv = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: false }, (socket) => {
+    // STARTTLS hands the socket to a TLSSocket, which reads it as a stream: with TLS configured
+    // every connection is read that way from the start.
+    const direct = this.settings.tls === undefined;
+    const srv = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: direct }, (socket) => {
       const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort ?? '?'}` : where;
-      void this.handle(socket, remote);
+      if (direct) this.accept(socket, remote);
+      else void this.handle(socket, remote);
     });
     capConnections(srv, this.maxConnections, (remote) => {
       this.counters.refusedConnections++;
@@ -297,12 +309,55 @@ export class NbdServer {
    * the worst outcome is that its own connection is dropped.
    */
   handle(stream: Duplex, remote = 'stream'): Promise<void> {
+    return this.serve(stream, remote, null);
+  }
+
+  /**
+   * A plaintext socket just accepted, not read yet. Node lets only a socket made from a handle
+   * choose where each read lands (`onread`), and net.Server makes its sockets itself: so the
+   * handle moves to a socket made with `onread`, whose reads land where the connection's decoder
+   * says: a WRITE's payload straight into the buffer the device is given, everything else into
+   * one read buffer per connection. Reading the socket as a stream instead costs a fresh 64 KiB
+   * allocation per read and a copy of every payload that spans reads. The accepted socket stays
+   * open without a handle until the new one closes, so the listener's connection count
+   * (maxConnections, close()) still includes it. Where the handle cannot move (a Node without
+   * these internals), the socket is read as a stream.
+   */
+  private accept(socket: net.Socket, remote: string): void {
+    const internal = socket as net.Socket & { _handle?: { readStart?: unknown; useUserBuffer?: unknown } | null };
+    const h = internal._handle;
+    if (this.closing || !h || typeof h.readStart !== 'function' || typeof h.useUserBuffer !== 'function') {
+      void this.handle(socket, remote);
+      socket.resume();
+      return;
+    }
+    internal._handle = null;
+    const decoder = new ClientStreamDecoder({ maxOptionLength: this.settings.maxOptionLength, maxPayload: this.settings.maxPayload, readBuffer: READ_BUFFER });
+    let conn: Connection | null = null;
+    const own = new net.Socket({
+      handle: h,
+      allowHalfOpen: true,
+      readable: true,
+      writable: true,
+      onread: {
+        // asked for the first time while the socket is being made, before the connection exists
+        buffer: () => decoder.readTarget(),
+        callback: (n: number, buf: Uint8Array) => conn?.onRead(buf as Buffer, n) ?? true,
+      },
+    } as net.SocketConstructorOpts);
+    own.once('close', () => socket.destroy());
+    this.counters.directReads++;
+    void this.serve(own, remote, decoder, (c) => (conn = c));
+  }
+
+  private serve(stream: Duplex, remote: string, decoder: ClientStreamDecoder | null, made?: (c: Connection) => void): Promise<void> {
     if (this.closing) {
       stream.destroy();
       return Promise.resolve();
     }
     if (stream instanceof net.Socket) stream.setNoDelay(true);
-    const conn = new Connection(this, this.provider, this.settings, stream, remote);
+    const conn = new Connection(this, this.provider, this.settings, stream, remote, decoder);
+    made?.(conn);
     this.conns.add(conn);
     this.sweeper ??= setInterval(() => this.sweep(), this.sweepMs).unref();
     conn.start();
@@ -414,9 +469,11 @@ class Connection implements NegotiationLink {
     private readonly s: Settings,
     private stream: Duplex,
     readonly remote: string,
+    /** A decoder that chooses where the stream's reads land (NbdServer.accept), or null to read it as a stream. */
+    decoder: ClientStreamDecoder | null,
   ) {
     this.done = new Promise((r) => (this.resolveDone = r));
-    this.decoder = new ClientStreamDecoder({ maxOptionLength: s.maxOptionLength, maxPayload: s.maxPayload });
+    this.decoder = decoder ?? new ClientStreamDecoder({ maxOptionLength: s.maxOptionLength, maxPayload: s.maxPayload });
     this.log = s.log;
     this.negotiation = new Negotiation(this, provider, s);
     // Below the stream's own high-water mark we could wait for a 'drain' that never comes: the
@@ -497,9 +554,28 @@ class Connection implements NegotiationLink {
     // buffered, while the requests in flight finish.
     if (this.phase === 'closed' || this.phase === 'closing' || this.disconnecting) return;
     this.lastActive = Date.now();
+    this.server.counters.bytesReceived += chunk.length;
     this.decoder.push(chunk);
     this.pump();
   };
+  /** A read of an `onread` socket: `n` bytes landed in `buf`, the decoder's last read target. Returns whether to read on. */
+  onRead(buf: Buffer, n: number): boolean {
+    // As onData: dropped after DISC. Uncommitted, the bytes are simply read over next time.
+    if (this.phase === 'closed' || this.phase === 'closing' || this.disconnecting) return true;
+    this.lastActive = Date.now();
+    this.server.counters.bytesReceived += n;
+    try {
+      this.decoder.commitRead(buf, n);
+    } catch (err) {
+      // a bug, not the client's doing; thrown from here it would take the process down
+      this.log.warn({ remote: this.remote, err: messageOf(err) }, 'nbd read bookkeeping failed; dropping the connection');
+      this.abort();
+      return false;
+    }
+    this.pump();
+    return !this.paused;
+  }
+
   private readonly onEnd = (): void => this.onInputEnd();
   private readonly onDrain = (): void => this.pump();
   private readonly onError = (err: Error): void => this.log.debug({ remote: this.remote, err: err.message }, 'nbd connection error');
@@ -633,7 +709,15 @@ class Connection implements NegotiationLink {
   private mayRead(): boolean {
     if (this.admitted) return true;
     if (this.throttledBy) return false;
-    return this.inFlight < this.s.maxInFlight && this.stream.writableLength < this.queueLimit && this.budget.mayTake(0);
+    return this.noRoom() === null;
+  }
+
+  /** The limit that leaves no room for another request, whatever it turns out to be. */
+  private noRoom(): ThrottleReason | null {
+    if (this.inFlight >= this.s.maxInFlight) return 'requests';
+    if (this.stream.writableLength >= this.queueLimit) return 'replies';
+    if (!this.budget.mayTake(0)) return 'budget';
+    return null;
   }
 
   private updateFlow(): void {
@@ -645,6 +729,10 @@ class Connection implements NegotiationLink {
     else blocked = false;
     if (blocked && !this.paused) {
       this.paused = true;
+      // A stop with a request waiting was counted by throttle(). One without is counted here:
+      // direct reads end where a payload does, so the next header is often not read yet.
+      const reason = this.phase === 'transmission' && this.throttledBy === null ? this.noRoom() : null;
+      if (reason !== null) this.server.counters.throttled[reason]++;
       this.stream.pause();
     } else if (!blocked && this.paused) {
       this.paused = false;
