@@ -103,7 +103,12 @@ export function ensureBuild() {
     say('building (tsc)');
     run('npm', ['run', '--silent', 'build']);
   }
-  if (['aoe_socket.node', 'page_cache_read.node', 'malloc_tuning.node', 'file_lock.node'].some((f) => !existsSync(join(ROOT, 'build', 'Release', f)))) {
+  // Missing, or older than its source (an addon that gained a function since it was built).
+  const stale = (name) => {
+    const built = join(ROOT, 'build', 'Release', `${name}.node`);
+    return !existsSync(built) || statSync(built).mtimeMs < statSync(join(ROOT, 'native', `${name}.c`)).mtimeMs;
+  };
+  if (['aoe_socket', 'page_cache_read', 'malloc_tuning', 'file_lock', 'block_write'].some(stale)) {
     say('building the native addons: AoE raw socket, page-cache reads, batched block writes, malloc settings, data-dir lock (node-gyp)');
     run('npm', ['run', '--silent', 'build:native']);
   }
