@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import { crc32c } from '@node-rs/crc32';
 import fc from 'fast-check';
 import { isTorusError } from './errors.js';
-import { blockCrcFromSectors, crc32cCombine, verifySectorRead } from './crc.js';
+import { blockCrcFromSectors, crc32cCombine, firstBadSector, verifySectorRead } from './crc.js';
 
 test('crc32c is the Castagnoli CRC (check value of "123456789")', () => {
   assert.equal(crc32c(Buffer.from('123456789')) >>> 0, 0xe3069283);
@@ -51,4 +51,35 @@ test('verifySectorRead serves the bytes asked for and refuses another block, a d
   // A local store checked the sectors itself; the combination is still checked.
   assert.doesNotThrow(() => verifySectorRead({ ...read, data: flipped }, bs, crc, 9000, 5000, false, 'b'));
   assert.throws(() => verifySectorRead(read, bs, crc, 4096, 5000, true, 'b'), corrupt);
+});
+
+test('firstBadSector: -1 for sectors that match their checksums, else the first that does not, from any starting sector and with a short last one', () => {
+  const sector = 4096;
+  const block = randomBytes(16 * sector);
+  const sums = Buffer.alloc(16 * 4);
+  for (let s = 0; s < 16; s++) sums.writeUInt32LE(crc32c(block.subarray(s * sector, (s + 1) * sector)) >>> 0, s * 4);
+  assert.equal(firstBadSector(block, sector, sums, 0), -1);
+  // Sectors 5..9 and 5..8 plus 100 bytes of 9 (its checksum covers all of 9: a short read of a
+  // short last sector is what a block's tail looks like, so here only whole-block tails are).
+  assert.equal(firstBadSector(block.subarray(5 * sector, 10 * sector), sector, sums, 5), -1);
+  assert.equal(firstBadSector(block.subarray(15 * sector), sector, sums, 15), -1, 'one sector');
+  for (const flip of [0, 5 * sector + 17, 12 * sector - 1, 16 * sector - 1]) {
+    const bad = Buffer.from(block);
+    bad[flip]! ^= 0x40;
+    const s = Math.floor(flip / sector);
+    assert.equal(firstBadSector(bad, sector, sums, 0), s, `byte ${flip}`);
+    if (s >= 3) assert.equal(firstBadSector(bad.subarray(3 * sector), sector, sums, 3), s, `byte ${flip}, from sector 3`);
+  }
+  // Two bad sectors: the first is named.
+  const two = Buffer.from(block);
+  two[9 * sector]! ^= 1;
+  two[4 * sector]! ^= 1;
+  assert.equal(firstBadSector(two, sector, sums, 0), 4);
+  // A short last sector (a block that is not a whole number of sectors).
+  const odd = randomBytes(2 * sector + 300);
+  const oddSums = Buffer.alloc(12);
+  for (let s = 0; s < 3; s++) oddSums.writeUInt32LE(crc32c(odd.subarray(s * sector, Math.min((s + 1) * sector, odd.length))) >>> 0, s * 4);
+  assert.equal(firstBadSector(odd, sector, oddSums, 0), -1);
+  odd[odd.length - 1]! ^= 1;
+  assert.equal(firstBadSector(odd, sector, oddSums, 0), 2);
 });

@@ -1,6 +1,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { TorusError } from './errors.js';
 import type { SectorRead } from './interfaces.js';
+import { loadNativeAddon } from './native.js';
 
 // CRC32C of a concatenation from the CRCs of its parts (zlib's crc32_combine, for the Castagnoli
 // polynomial). A block's per-sector checksums, which the stores keep anyway, combine into the
@@ -109,12 +110,48 @@ export function verifySectorRead(read: SectorRead, blockSize: number, crc: numbe
   if (blockCrcFromSectors(sums, blockSize, sectorSize) !== crc >>> 0)
     throw new TorusError('CORRUPT', `${what}: its sector checksums do not combine to the writer's CRC (another block's bytes, or damaged)`);
   if (checkSectors) {
-    const s0 = read.offset / sectorSize;
-    for (let at = 0, s = s0; at < data.length; at += sectorSize, s++) {
-      if ((crc32c(data.subarray(at, Math.min(at + sectorSize, data.length))) >>> 0) !== sums.readUInt32LE(s * 4))
-        throw new TorusError('CORRUPT', `${what}: sector ${s} does not match its checksum`);
-    }
+    const bad = firstBadSector(data, sectorSize, sums, read.offset / sectorSize);
+    if (bad >= 0) throw new TorusError('CORRUPT', `${what}: sector ${bad} does not match its checksum`);
   }
   const at = offset - read.offset;
   return data.subarray(at, at + length);
+}
+
+interface SectorCrcAddon {
+  sectorCrcs(data: Uint8Array, sectorSize: number, out: Uint8Array): void;
+}
+
+function loadSectorCrcs(): SectorCrcAddon | undefined {
+  try {
+    return loadNativeAddon<SectorCrcAddon>('block_write');
+  } catch {
+    return undefined;
+  }
+}
+
+const sectorAddon = loadSectorCrcs();
+let scratch = Buffer.allocUnsafeSlow(1024);
+
+/**
+ * The first sector of `data` whose CRC32C is not the one `sums` holds for it, or -1. `data`
+ * starts at sector `s0` of a block whose sector checksums `sums` are (u32 LE); its last sector may
+ * be short. One native call for all the sectors where the addon is built (a 64 KiB block was 16
+ * calls and 16 views), then a comparison of the two arrays.
+ */
+export function firstBadSector(data: Uint8Array, sectorSize: number, sums: Buffer, s0: number): number {
+  const n = Math.ceil(data.length / sectorSize);
+  if (sectorAddon !== undefined && n > 1) {
+    if (scratch.length < n * 4) scratch = Buffer.allocUnsafeSlow(n * 4);
+    const got = scratch.subarray(0, n * 4);
+    sectorAddon.sectorCrcs(data, sectorSize, got);
+    if (got.equals(sums.subarray(s0 * 4, (s0 + n) * 4))) return -1;
+    for (let i = 0; i < n; i++) if (got.readUInt32LE(i * 4) !== sums.readUInt32LE((s0 + i) * 4)) return s0 + i;
+    return -1;
+  }
+  const view = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  for (let i = 0; i < n; i++) {
+    const at = i * sectorSize;
+    if (crc32c(view.subarray(at, Math.min(at + sectorSize, view.length))) >>> 0 !== sums.readUInt32LE((s0 + i) * 4)) return s0 + i;
+  }
+  return -1;
 }

@@ -5,6 +5,7 @@
 
 import { crc32c } from '@node-rs/crc32';
 import type { FileHandle } from 'node:fs/promises';
+import { firstBadSector } from '../core/crc.js';
 import { TorusError, isTorusError } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { SectorRead } from '../core/interfaces.js';
@@ -90,11 +91,8 @@ export async function readSlotSectors(
   f.counters.bytesRead += buf.length;
   if (crc32c(sums) !== checksumsCrc) return 'its sector checksum array does not match its record';
   if (gen !== undefined && !hit && sumsCache) cacheSums(sumsCache, slot, gen, sums);
-  for (let s = s0; s < s1; s++) {
-    const a = s * f.sectorSize - start;
-    const b = Math.min(a + f.sectorSize, buf.length);
-    if (crc32c(buf.subarray(a, b)) !== sums.readUInt32LE(s * 4)) return `sector ${s} does not match its checksum`;
-  }
+  const bad = firstBadSector(buf, f.sectorSize, sums, s0);
+  if (bad >= 0) return `sector ${bad} does not match its checksum`;
   return { buf, sums };
 }
 
