@@ -30,7 +30,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { fork, type ChildProcess } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { closeSync, fdatasyncSync, mkdirSync, mkdtempSync, openSync, read, readSync, rmSync, statfsSync, write, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fdatasyncSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, read, readSync, rmSync, statfsSync, write, writeFileSync, writeSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -66,6 +66,7 @@ const { values: argv } = orUsage(() =>
     options: {
       seconds: { type: 'string', default: '2' },
       reps: { type: 'string', default: '3' },
+      'wait-quiet': { type: 'string', default: '0' },
       'nbd-seconds': { type: 'string', default: '5' },
       size: { type: 'string', default: '1GiB' },
       'read-cache-size': { type: 'string', default: '64MiB' },
@@ -83,6 +84,8 @@ if (argv.help) {
   --reps N               repetitions of each primitive and NBD job (default 3): a primitive's floor
                          is its cheapest repetition, an NBD job's figure the median
   --nbd-seconds S        fio runtime of each NBD job (default 5)
+  --wait-quiet S         before each timed part, wait up to S seconds for the machine to be quiet
+                         (under 0.3 cores busy for half a second; default 0: no waiting)
   --size SIZE            the file the NBD jobs use, as the volume of npm run bench (default 1GiB)
   --read-cache-size SIZE P3's working set is 4x this, as in npm run bench (default 64MiB)
   --data-dir DIR         where to make the run's directory (files, fio outputs; default $TMPDIR)
@@ -95,6 +98,8 @@ if (argv.help) {
 const seconds = Number(argv.seconds);
 const nbdSeconds = Number(argv['nbd-seconds']);
 const reps = Number(argv.reps);
+const waitQuiet = Number(argv['wait-quiet']);
+if (!(waitQuiet >= 0 && waitQuiet <= 600)) usage('--wait-quiet must be from 0 to 600 seconds');
 if (!Number.isInteger(reps) || reps < 1 || reps > 20) usage('--reps must be an integer from 1 to 20');
 if (!(seconds > 0 && seconds <= 60) || !(nbdSeconds > 0 && nbdSeconds <= 120)) usage('--seconds must be in (0, 60], --nbd-seconds in (0, 120]');
 const size = orUsage(() => parseSize(argv.size));
@@ -135,7 +140,23 @@ function snapshot(pids: Pids): { t: bigint; procs: Record<string, { user: number
   return { t: process.hrtime.bigint(), procs, machine: machineCpu() };
 }
 
+/** Cores the whole machine kept busy over `ms` (nothing of ours running: the other tenants). */
+async function busyCores(ms: number): Promise<number> {
+  const a = machineCpu().busy;
+  const t = process.hrtime.bigint();
+  await new Promise((r) => setTimeout(r, ms));
+  return (machineCpu().busy - a) / (Number(process.hrtime.bigint() - t) / 1e9);
+}
+
+/** With --wait-quiet S: waits, at most S seconds, for half a second with under 0.3 cores busy. */
+async function quiet(): Promise<void> {
+  if (!(waitQuiet > 0)) return;
+  const until = Date.now() + waitQuiet * 1000;
+  while (Date.now() < until && (await busyCores(500)) >= 0.3);
+}
+
 async function timed<T>(pids: Pids, f: () => Promise<T>): Promise<{ w: Window; value: T }> {
+  await quiet();
   const a = snapshot(pids);
   const value = await f();
   const b = snapshot(pids);
@@ -517,8 +538,8 @@ async function pageCache(dir: string): Promise<Measure[]> {
     closeSync(fd);
     rmSync(path, { force: true });
   }
-  // Into a new file, as a store's blocks first land: page allocation, the file system's block
-  // allocation and the writeback, which the fdatasync every 64 MiB makes this process start (and
+  // Into new blocks, as a store's blocks first land: page allocation, the file system's block
+  // allocation and the writeback, which the fdatasync every 32 MiB makes this process start (and
   // be charged for) instead of a kernel flusher thread. Bounded by the disk, not the CPU; at most
   // WRITEBACK_BYTES a repetition.
   const wpath = join(dir, 'writeback.bin');
@@ -526,11 +547,22 @@ async function pageCache(dir: string): Promise<Measure[]> {
   try {
     const buf = Buffer.allocUnsafe(MiB);
     randomFillSync(buf);
-    // Each MiB at the next offset, across the repetitions: never over pages already written.
+    // A sparse file, as a storage node's (torusd --size): each MiB fills the next hole, across the
+    // repetitions never over pages already written.
+    ftruncateSync(wfd, (reps + 1) * WRITEBACK_BYTES);
     let next = 0;
-    res.push(await loop('pwrite-writeback-1MiB', 'fs.writeSync 1 MiB at the end of a new file, fdatasync every 32 MiB: the page cache and the writeback to disk', MiB, 1, () => {
+    res.push(await loop('pwrite-writeback-new-1MiB', 'fs.writeSync 1 MiB into the next hole of a sparse file, fdatasync every 32 MiB: page cache, block allocation, writeback to disk', MiB, 1, () => {
       writeSync(wfd, buf, 0, MiB, next++ * MiB);
       if (next % 32 === 0) fdatasyncSync(wfd);
+    }, WRITEBACK_BYTES));
+    fdatasyncSync(wfd);
+    // Over what that wrote (allocated on disk, clean in the page cache), in turn: a block written
+    // again costs no allocation, only the copy and the writeback.
+    const span = Math.max(64, Math.min(next, 1024));
+    let k = 0;
+    res.push(await loop('pwrite-writeback-over-1MiB', `fs.writeSync 1 MiB over allocated, clean pages (a ${span} MiB region in turn), fdatasync every 32 MiB: page cache and writeback to disk`, MiB, 1, () => {
+      writeSync(wfd, buf, 0, MiB, (k++ % span) * MiB);
+      if (k % 32 === 0) fdatasyncSync(wfd);
     }, WRITEBACK_BYTES));
   } finally {
     closeSync(wfd);
@@ -683,7 +715,7 @@ function derive(all: Measure[], hop: HopRun[], diskMiBps: number, rawTcpMiBps: n
   const CRC_4K = ['crc-noders-4KiB', 'crc-native-4KiB'];
   const PREAD_MiB = ['pread-sync-1MiB', 'pread-nowait-1MiB', 'pread-pool-1MiB'];
   const PREAD_4K = ['pread-sync-4KiB', 'pread-nowait-4KiB', 'pread-pool-4KiB'];
-  const PWRITE = ['pwrite-writeback-1MiB'];
+  const PWRITE = ['pwrite-writeback-new-1MiB', 'pwrite-writeback-over-1MiB'];
   const kit = (job: HopJob): number => hop.find((h) => h.job === job && h.side === 'nbdkit')?.figure ?? NaN;
   // fio is the NBD client of npm run bench, on the same cores: its CPU per MiB (per read) in the
   // nbdkit run of the same job is charged too.
@@ -846,6 +878,8 @@ process.on('SIGINT', onSignal);
 process.on('SIGTERM', onSignal);
 
 try {
+  const backgroundAtStart = await busyCores(1000);
+  log(`the machine was ${backgroundAtStart.toFixed(2)} cores busy over the second before the run (other tenants)`);
   const measures: Measure[] = [];
   let hop: HopRun[] = [];
   let diskMiBps = NaN;
@@ -903,7 +937,8 @@ try {
         finishedAt: finishedAt.toISOString(),
         seconds: Math.round((finishedAt.getTime() - startedAt.getTime()) / 1000),
         machine: { ...machine, loadAverageAtEnd: describeMachine(root).loadAverage },
-        options: { seconds, nbdSeconds, size, region, sections: [...only], cores: CORES, replication: REPLICATION, nodes: NODES, mallocTuned },
+        backgroundCores: { atStart: r3(backgroundAtStart), atEnd: r3(await busyCores(1000)) },
+        options: { seconds, nbdSeconds, reps, waitQuiet, size, region, sections: [...only], cores: CORES, replication: REPLICATION, nodes: NODES, mallocTuned },
         rawTcpMiBps: { median: rawTcpMiBps, runs: rawTcpRuns },
         notes: [
           'ours: user + system CPU of the processes doing the work (/proc/PID/stat, all threads; the NBD runs add fio\'s own figure); machine: busy time of the whole machine from /proc/stat, other tenants included (cores.others says how much of it was not ours)',
