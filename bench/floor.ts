@@ -10,7 +10,8 @@
 //   3. small exchanges (4 KiB replies to small requests, 32 in flight) over TCP and over TLS: the
 //      per-operation part an NBD 4 KiB read and a peer's 4 KiB GET cannot avoid;
 //   4. CRC32C: @node-rs/crc32 on 1 MiB and on 4 KiB pieces, and Torus's native sector CRCs
-//      (native/block_write.c, loaded as src/storage/batch-write.ts loads it);
+//      (native/block_write.c, loaded as src/storage/batch-write.ts loads it); and, to read the
+//      TLS figure by, the TLS 1.3 ciphers alone (`openssl speed`, 16 KiB records, CPU time);
 //   5. page-cache reads and buffered writes from Node: fs.readSync/writeSync, the thread-pool
 //      fs.read/fs.write, preadv2 RWF_NOWAIT (native/page_cache_read.c), 4 KiB to 1 MiB; and
 //      buffered writes into a new file with fdatasync, so that the writeback is counted too;
@@ -28,7 +29,7 @@
 // docs/performance.md ("The floor") has the figures and what they say.
 
 import { crc32c } from '@node-rs/crc32';
-import { fork, type ChildProcess } from 'node:child_process';
+import { fork, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { closeSync, fdatasyncSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, read, readSync, rmSync, statfsSync, write, writeFileSync, writeSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
@@ -489,6 +490,34 @@ async function crcs(): Promise<Measure[]> {
   return res;
 }
 
+interface CipherSpeed {
+  alg: string;
+  /** MiB encrypted per CPU second (openssl speed divides by user CPU time), 16 KiB records. */
+  mibPerCpuSecond: number;
+  msPerMiB: number;
+}
+
+/**
+ * The TLS 1.3 ciphers alone, as OpenSSL (which Node's TLS uses) runs them on this CPU: not charged
+ * to any job (TLS is, whole), but what part of TLS's figure is the cipher and what part the rest.
+ */
+function cipherSpeeds(): CipherSpeed[] {
+  const out: CipherSpeed[] = [];
+  for (const alg of ['aes-256-gcm', 'aes-128-gcm', 'chacha20-poly1305']) {
+    const r = spawnSync('openssl', ['speed', '-seconds', String(Math.max(1, Math.round(seconds))), '-bytes', '16384', '-evp', alg], { encoding: 'utf8', timeout: 60_000 });
+    // The last line: "AES-256-GCM  4476608.31k" (1000s of bytes per second).
+    const m = /([\d.]+)k\s*$/.exec((r.stdout ?? '').trim());
+    if (r.status !== 0 || !m) {
+      log(`openssl speed ${alg} gave nothing usable`);
+      continue;
+    }
+    const mibPerCpuSecond = (Number(m[1]) * 1000) / MiB;
+    out.push({ alg, mibPerCpuSecond: r3(mibPerCpuSecond), msPerMiB: r3(1000 / mibPerCpuSecond) });
+    log(`openssl speed ${alg}, 16 KiB: ${mibPerCpuSecond.toFixed(0)} MiB per CPU second, ${(1000 / mibPerCpuSecond).toFixed(3)} ms/MiB`);
+  }
+  return out;
+}
+
 const FS_FILE_BYTES = 256 * MiB;
 const WRITEBACK_BYTES = 2 ** 30;
 
@@ -510,6 +539,9 @@ async function pageCache(dir: string): Promise<Measure[]> {
       randomFillSync(chunk);
       writeSync(fd, chunk, 0, MiB, at);
     }
+    // Clean and cached: no writeback under way while the reads run.
+    fdatasyncSync(fd);
+    let short = 0;
     for (const bs of [4 * KiB, 64 * KiB, MiB]) {
       const buf = Buffer.allocUnsafe(bs);
       const slots = FS_FILE_BYTES / bs;
@@ -518,12 +550,19 @@ async function pageCache(dir: string): Promise<Measure[]> {
         readSync(fd, buf, 0, bs, (i % slots) * bs);
       }));
       if (pageCacheReadsAvailable)
-        res.push(await loop(`pread-nowait-${label}`, `preadv2 RWF_NOWAIT ${label} from the page cache on the main thread (native/page_cache_read.c, as the storage node reads)`, bs, 1, (i) => {
-          if (readCached(fd, buf, (i % slots) * bs) !== bs) throw new Error('a page-cache read came back short: is the file cached?');
+        res.push(await loop(`pread-nowait-${label}`, `preadv2 RWF_NOWAIT ${label} from the page cache on the main thread (native/page_cache_read.c, as the storage node reads; readSync for what it leaves)`, bs, 1, (i) => {
+          const at = (i % slots) * bs;
+          const n = readCached(fd, buf, at);
+          if (n < bs) {
+            // A folio locked at that instant (or evicted): the storage node goes to the thread pool here.
+            short++;
+            readSync(fd, buf, n, bs - n, at + n);
+          }
         }));
       const bufs = Array.from({ length: 4 }, () => Buffer.allocUnsafe(bs));
       res.push(await loopAsync(`pread-pool-${label}`, `fs.read ${label} through the thread pool, 4 in flight`, bs, 4, (i) => fsRead(fd, bufs[i % 4]!, (i % slots) * bs)));
     }
+    if (short > 0) log(`${short} RWF_NOWAIT reads came back short and were finished with readSync`);
     for (const bs of [64 * KiB, MiB]) {
       const buf = Buffer.allocUnsafe(bs);
       randomFillSync(buf);
@@ -810,7 +849,7 @@ function fmtFig(unit: string, v: number): string {
   return unit === 'IOPS' ? `${(v / 1000).toFixed(1)}k` : `${Math.round(v)}`;
 }
 
-function printResults(measures: Measure[], hop: HopRun[], ceilings: Ceiling[], diskMiBps: number, rawTcpRuns: number[]): void {
+function printResults(measures: Measure[], hop: HopRun[], ceilings: Ceiling[], diskMiBps: number, rawTcpRuns: number[], ciphers: CipherSpeed[]): void {
   const lines: string[] = ['', '## Primitives (CPU per MiB and per operation: our processes, and the whole machine)', ''];
   lines.push(`Each row is the cheapest of ${reps} repetitions (ours); [the most expensive]. "others": cores busy with other work meanwhile.`, '');
   lines.push('| primitive | MiB/s | op/s | ms/MiB ours | ms/MiB machine | µs/op ours | µs/op machine | others (cores) |', '| --- | --- | --- | --- | --- | --- | --- | --- |');
@@ -821,6 +860,7 @@ function printResults(measures: Measure[], hop: HopRun[], ceilings: Ceiling[], d
     );
   const tls = measures.find((m) => m.extra?.['cipher'] !== undefined);
   if (tls) lines.push('', `TLS negotiated: ${String(tls.extra!['protocol'])} ${String(tls.extra!['cipher'])}`);
+  if (ciphers.length > 0) lines.push(`the ciphers alone (openssl speed, 16 KiB records, per CPU second): ${ciphers.map((c) => `${c.alg} ${c.msPerMiB.toFixed(3)} ms/MiB`).join(', ')}`);
   if (rawTcpRuns.length > 0) lines.push(`raw Node TCP (bench/lib/tcp.ts rawTcp, as npm run bench takes it): ${rawTcpRuns.map((x) => x.toFixed(0)).join(', ')} MiB/s`);
   if (Number.isFinite(diskMiBps)) lines.push(`disk sequential write (fio ${diskEngine}, O_DIRECT, 1 MiB, qd 8): ${diskMiBps.toFixed(0)} MiB/s`);
   if (hop.length > 0) {
@@ -907,7 +947,11 @@ try {
     add(await repeated(() => rr('tcp', NBD_REQ, NBD_REPLY, certDir)));
     add(await repeated(() => rr('tls', PEER_REQ, PEER_REPLY, certDir)));
   }
-  if (only.has('crc')) for (const m of await crcs()) add(m);
+  let ciphers: CipherSpeed[] = [];
+  if (only.has('crc')) {
+    for (const m of await crcs()) add(m);
+    ciphers = cipherSpeeds();
+  }
   if (only.has('fs')) for (const m of await pageCache(root)) add(m);
   if (only.has('disk')) {
     for (let i = 0; i < reps; i++) {
@@ -923,7 +967,7 @@ try {
   }
   let ceilings: Ceiling[] = [];
   if (SECTIONS.every((s) => only.has(s))) ceilings = derive(measures, hop, diskMiBps, rawTcpMiBps);
-  printResults(measures.filter((m) => !m.name.startsWith('nbd-')), hop, ceilings, diskMiBps, rawTcpRuns);
+  printResults(measures.filter((m) => !m.name.startsWith('nbd-')), hop, ceilings, diskMiBps, rawTcpRuns, ciphers);
   const out = argv.out ? resolve(argv.out) : join(REPO, 'bench', 'results', `floor-${startedAt.toISOString().replace(/[:.]/g, '-')}.json`);
   mkdirSync(dirname(out), { recursive: true });
   const finishedAt = new Date();
@@ -933,6 +977,7 @@ try {
       {
         version: 1,
         command,
+        commit: spawnSync('git', ['rev-parse', 'HEAD'], { cwd: REPO, encoding: 'utf8' }).stdout?.trim() || 'unknown',
         startedAt: startedAt.toISOString(),
         finishedAt: finishedAt.toISOString(),
         seconds: Math.round((finishedAt.getTime() - startedAt.getTime()) / 1000),
@@ -940,6 +985,7 @@ try {
         backgroundCores: { atStart: r3(backgroundAtStart), atEnd: r3(await busyCores(1000)) },
         options: { seconds, nbdSeconds, reps, waitQuiet, size, region, sections: [...only], cores: CORES, replication: REPLICATION, nodes: NODES, mallocTuned },
         rawTcpMiBps: { median: rawTcpMiBps, runs: rawTcpRuns },
+        ciphers,
         notes: [
           'ours: user + system CPU of the processes doing the work (/proc/PID/stat, all threads; the NBD runs add fio\'s own figure); machine: busy time of the whole machine from /proc/stat, other tenants included (cores.others says how much of it was not ours)',
           'ceilings: cores x 1000 ms / (ms per MiB) or cores x 1e6 µs / (µs per op), as if nothing else ran and the work spread perfectly over the cores',
