@@ -164,3 +164,15 @@ test('bench: bad arguments get one line and exit status 2, before anything is st
     assert.equal(existsSync(data), false, `${args.join(' ')}: no data dir made`);
   }
 });
+
+test('npm run bench:floor, small: the primitives measured with their CPU per MiB, the negotiated TLS, JSON with the machine', { timeout: 120_000 }, () => {
+  const out = join(dir, 'floor.json');
+  const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'floor.js'), '--only', 'crc,streams', '--seconds', '0.3', '--reps', '1', '--out', out], { encoding: 'utf8', timeout: 110_000 });
+  assert.equal(r.status, 0, r.stderr + r.stdout);
+  assert.match(r.stdout, /^TLS negotiated: TLSv1\.3 /m);
+  const json = JSON.parse(readFileSync(out, 'utf8')) as { machine: { cores: number }; measures: { name: string; msPerMiB: { ours: number } }[] };
+  assert.ok(json.machine.cores >= 1);
+  const names = json.measures.map((m) => m.name);
+  for (const n of ['tcp-onread', 'tcp-data', 'tls-onread', 'crc-native-1MiB']) assert.ok(names.includes(n), `${n} in ${names.join(' ')}`);
+  for (const m of json.measures) assert.ok(m.msPerMiB.ours > 0 && Number.isFinite(m.msPerMiB.ours), `${m.name}: ${m.msPerMiB.ours} ms/MiB`);
+});
