@@ -1,5 +1,5 @@
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
-import { mallocStats, memoryReturns } from '../core/malloc.js';
+import { mallocStats, memoryReturns, type MallocStats } from '../core/malloc.js';
 
 // The only module that knows about Prometheus. Other modules keep plain counters (their stats()
 // objects); at scrape time a collect function turns them into samples, and this module turns
@@ -134,28 +134,24 @@ export class NodeMetrics {
   /** What glibc's malloc holds beside V8's heap, and what the process gave back once quiet. */
   private mallocMetrics(): void {
     const registers = [this.registry];
-    new Gauge({
-      name: 'torus_malloc_heap_bytes',
-      help: "Memory malloc's arenas hold (Buffers' bytes live there), in use or free",
-      registers,
-      collect() {
-        const st = mallocStats();
-        if (st) this.set(st.heapBytes);
-      },
-    });
-    new Gauge({
-      name: 'torus_malloc_free_bytes',
-      help: 'Of it, freed and kept for reuse; given back to the kernel once the process is quiet, past 64 MiB',
-      registers,
-      collect() {
-        const st = mallocStats();
-        if (st) this.set(st.freeBytes);
-      },
-    });
+    for (const [name, help, pick] of [
+      ['torus_malloc_heap_bytes', "Memory malloc's arenas hold (Buffers' bytes live there), in use or free", (st: MallocStats) => st.heapBytes],
+      ['torus_malloc_free_bytes', 'Of it, freed and kept for reuse; given back to the kernel once the process is quiet, past 64 MiB', (st: MallocStats) => st.freeBytes],
+    ] as const) {
+      new Gauge({
+        name,
+        help,
+        registers,
+        collect() {
+          const st = mallocStats();
+          if (st) this.set(pick(st));
+        },
+      });
+    }
     let counted = 0;
     new Counter({
       name: 'torus_memory_returned_bytes_total',
-      help: 'Resident bytes given back to the kernel by returns of freed malloc memory',
+      help: 'Resident bytes given back to the kernel once the process was quiet (a V8 collection, then malloc_trim), measured right after each',
       registers,
       collect() {
         const now = memoryReturns().returnedBytes;

@@ -17,7 +17,7 @@ import type { BlockDevice, DeviceProvider } from '../core/interfaces.js';
 import { Cmd, Opt, Rep, encodeClientFlags, encodeGreeting, encodeOption, encodeRequest } from './codec.js';
 import { MemoryDevice, MemoryDeviceProvider } from './memory-device.js';
 import { NbdServer, type NbdServerOptions } from './server.js';
-import { TestClient, type Reply } from './testing.js';
+import { TestClient, settled, type Reply } from './testing.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -50,16 +50,6 @@ async function until(what: string, fn: () => boolean, timeoutMs = 5000): Promise
   }
 }
 
-/** Waits until `fn` gives the same value over `ms`: the server has stopped making progress. */
-async function settled<T>(fn: () => T, ms = 150): Promise<T> {
-  let last = fn();
-  for (;;) {
-    await new Promise((r) => setTimeout(r, ms));
-    const now = fn();
-    if (now === last) return now;
-    last = now;
-  }
-}
 
 /**
  * Keeps every payload it is adopted with, as a volume's write cache does, and can hold writes
@@ -217,7 +207,7 @@ describe('nbd receive path (plaintext, onread)', () => {
     for (const w of writes) sent.set(w.offset, w.data);
     const before = server.stats().bytesReceived;
     const replies = pipelined(c, writes);
-    const received = (await settled(() => server.stats().bytesReceived)) - before;
+    const received = (await settled(() => server.stats().bytesReceived, 150)) - before;
     const st = server.stats();
     // Admitted payloads up to the budget, and at most one read of the next request's beyond it.
     assert.ok(received <= budget + 64 * KiB + 16 * 56, `read ${received} bytes against a ${budget}-byte budget`);
@@ -243,7 +233,7 @@ describe('nbd receive path (plaintext, onread)', () => {
     for (const w of writes) sent.set(w.offset, w.data);
     const before = server.stats().bytesReceived;
     const replies = Promise.all(writes.map((w) => c.write(w.offset, w.data)));
-    const received = (await settled(() => server.stats().bytesReceived)) - before;
+    const received = (await settled(() => server.stats().bytesReceived, 150)) - before;
     assert.equal(disk.kept.length, 2, 'two requests started');
     assert.ok(received <= 2 * (200 * KiB + 1) + 64 * KiB + 3 * 28, `the rest wait unread (${received} bytes read)`);
     assert.ok(server.stats().throttled.requests > 0);

@@ -26,7 +26,7 @@ import {
 } from './codec.js';
 import { MemoryDevice, MemoryDeviceProvider } from './memory-device.js';
 import { NbdServer, blockSizeConstraints, toDescriptors, toSegments, type NbdLogger, type NbdServerOptions } from './server.js';
-import { TestClient, type PipeOptions } from './testing.js';
+import { TestClient, settled, type PipeOptions } from './testing.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -57,16 +57,6 @@ function commandNameOf(c: number): string {
   return Object.entries(Cmd).find(([, v]) => v === c)?.[0] ?? String(c);
 }
 
-/** Waits until `fn` returns the same value twice over `ms`: the server has stopped making progress. */
-async function settled<T>(fn: () => T, ms = 100): Promise<T> {
-  let last = fn();
-  for (;;) {
-    await new Promise((r) => setTimeout(r, ms));
-    const now = fn();
-    if (now === last) return now;
-    last = now;
-  }
-}
 
 function setup(opts: NbdServerOptions = {}, diskOpts: { size?: number; blockSize?: number } = {}) {
   const provider = new MemoryDeviceProvider();

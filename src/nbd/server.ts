@@ -2,6 +2,7 @@ import { existsSync } from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
+import { directSocket } from '../core/direct-socket.js';
 import { toTorusError, TorusError } from '../core/errors.js';
 import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
 import type { BlockDevice, DeviceInfo, DeviceProvider, Extent } from '../core/interfaces.js';
@@ -313,39 +314,26 @@ export class NbdServer {
   }
 
   /**
-   * A plaintext socket just accepted, not read yet. Node lets only a socket made from a handle
-   * choose where each read lands (`onread`), and net.Server makes its sockets itself: so the
-   * handle moves to a socket made with `onread`, whose reads land where the connection's decoder
-   * says: a WRITE's payload straight into the buffer the device is given, everything else into
-   * one read buffer per connection. Reading the socket as a stream instead costs a fresh 64 KiB
-   * allocation per read and a copy of every payload that spans reads. The accepted socket stays
-   * open without a handle until the new one closes, so the listener's connection count
-   * (maxConnections, close()) still includes it. Where the handle cannot move (a Node without
-   * these internals), the socket is read as a stream.
+   * A plaintext socket just accepted, not read yet: read with `onread` (core/direct-socket.ts), its
+   * reads landing where the connection's decoder says: a WRITE's payload straight into the buffer
+   * the device is given, everything else into one read buffer per connection. Read as a stream, it
+   * cost a fresh 64 KiB allocation per read and a copy of every payload that spans reads.
    */
   private accept(socket: net.Socket, remote: string): void {
-    const internal = socket as net.Socket & { _handle?: { readStart?: unknown; useUserBuffer?: unknown } | null };
-    const h = internal._handle;
-    if (this.closing || !h || typeof h.readStart !== 'function' || typeof h.useUserBuffer !== 'function') {
+    const decoder = new ClientStreamDecoder({ maxOptionLength: this.settings.maxOptionLength, maxPayload: this.settings.maxPayload, readBuffer: READ_BUFFER });
+    let conn: Connection | null = null;
+    const own = this.closing
+      ? undefined
+      : directSocket(socket, {
+          // asked for the first time while the socket is being made, before the connection exists
+          buffer: () => decoder.readTarget(),
+          callback: (n, buf) => conn?.onRead(buf, n) ?? true,
+        });
+    if (!own) {
       void this.handle(socket, remote);
       socket.resume();
       return;
     }
-    internal._handle = null;
-    const decoder = new ClientStreamDecoder({ maxOptionLength: this.settings.maxOptionLength, maxPayload: this.settings.maxPayload, readBuffer: READ_BUFFER });
-    let conn: Connection | null = null;
-    const own = new net.Socket({
-      handle: h,
-      allowHalfOpen: true,
-      readable: true,
-      writable: true,
-      onread: {
-        // asked for the first time while the socket is being made, before the connection exists
-        buffer: () => decoder.readTarget(),
-        callback: (n: number, buf: Uint8Array) => conn?.onRead(buf as Buffer, n) ?? true,
-      },
-    } as net.SocketConstructorOpts);
-    own.once('close', () => socket.destroy());
     this.counters.directReads++;
     void this.serve(own, remote, decoder, (c) => (conn = c));
   }

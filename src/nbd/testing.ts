@@ -29,6 +29,17 @@ import {
 // arbitrary fragmentation, and a small NBD client built on the codec. Used by the unit tests
 // here and, later, by anyone testing a volume behind the server without ports (STYLE habit 8).
 
+/** Waits until `fn` gives the same value over `ms`: the server has stopped making progress. */
+export async function settled<T>(fn: () => T, ms = 100): Promise<T> {
+  let last = fn();
+  for (;;) {
+    await new Promise((r) => setTimeout(r, ms));
+    const now = fn();
+    if (now === last) return now;
+    last = now;
+  }
+}
+
 export interface PipeOptions {
   /** Bytes the reading side buffers before the writer is held back (like a socket's buffers). */
   readonly highWaterMark?: number;

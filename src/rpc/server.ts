@@ -4,6 +4,7 @@ import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { BufferPool, type BufferLease } from '../core/buffer-pool.js';
+import { directSocket } from '../core/direct-socket.js';
 import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
 import { BLOCK_REF_SIZE, type BlockRef } from '../core/ids.js';
 import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
@@ -437,42 +438,30 @@ export class RpcServer {
   }
 
   /**
-   * A plaintext socket just accepted, not yet read from. Node lets only sockets it creates from a
-   * handle take `onread` (reads into memory the caller chooses, no buffer allocated per read), and
-   * net.Server creates its sockets itself: so the accepted socket's handle moves to a socket made
-   * with `onread`, whose reads land where the connection's frame decoder says (a PUT's payload
-   * straight in its pooled buffer). The accepted socket stays open without a handle until the new
-   * one closes, so the server's connection count (maxConnections, close()) still includes it.
-   * Where the handle cannot move (a Node without these internals), the socket is read as a stream.
+   * A plaintext socket just accepted, not yet read from: read with `onread` (core/direct-socket.ts),
+   * its reads landing where the connection's frame decoder says (a PUT's payload straight in its
+   * pooled buffer), with no buffer allocated per read.
    */
   private handleAccepted(socket: net.Socket, remote: string): void {
-    const internal = socket as net.Socket & { _handle?: { readStart?: unknown; useUserBuffer?: unknown } | null };
-    const h = internal._handle;
-    if (this.closed || !h || typeof h.readStart !== 'function' || typeof h.useUserBuffer !== 'function') {
-      this.handle(socket, remote);
-      socket.resume();
-      return;
-    }
-    internal._handle = null;
     let conn: ServerConnection | null = null;
     // net asks for the first target while the socket is being made, before the connection
     // exists: that first read (the HELLO, small) lands here and is passed on as a chunk.
     const first = Buffer.allocUnsafe(HANDSHAKE_FIRST_READ);
-    const own = new net.Socket({
-      handle: h,
-      allowHalfOpen: true,
-      readable: true,
-      writable: true,
-      onread: {
-        buffer: () => (conn === null ? first : conn.readTarget()),
-        callback: (n: number, buf: Uint8Array) => {
-          if (buf === first) conn?.onRead(first.subarray(0, n), -1);
-          else conn?.onRead(buf as Buffer, n);
-          return true;
-        },
-      },
-    } as net.SocketConstructorOpts);
-    own.once('close', () => socket.destroy());
+    const own = this.closed
+      ? undefined
+      : directSocket(socket, {
+          buffer: () => (conn === null ? first : conn.readTarget()),
+          callback: (n, buf) => {
+            if (buf === first) conn?.onRead(first.subarray(0, n), -1);
+            else conn?.onRead(buf, n);
+            return true;
+          },
+        });
+    if (!own) {
+      this.handle(socket, remote);
+      socket.resume();
+      return;
+    }
     conn = this.handle(own, remote);
     this.counters.directReads++;
   }

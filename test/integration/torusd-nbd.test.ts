@@ -94,6 +94,8 @@ test('torusd --nbd-listen: nbdinfo sizes the export; nbdcopy and qemu-img write 
   assert.match(metrics, /torus_nbd_handshakes_total [1-9]/, 'the NBD counters are on the node\'s /metrics');
   assert.match(metrics, /torus_volume_/, 'and the volumes\' I/O');
   assert.match(metrics, /^torus_client_read_cache_limit_bytes \d+/m, 'and the block cache beside its budget');
+  assert.match(metrics, /^torus_malloc_free_bytes \d+/m, 'and what malloc keeps free');
+  assert.match(metrics, /^torus_memory_returned_bytes_total \d+/m, 'and what went back to the kernel');
 
   // While a client holds v1 open for writing, each of its caches shows beside the budget its
   // --nbd-* flag set; an unflushed write sits in the write cache.
