@@ -54,6 +54,7 @@ interface TorusdOpts extends GlobalOpts, BlockIoOpts, VolumeClientOpts {
   nbdUnix?: string;
   nbdWriteCacheSize: string;
   nbdJournalTailSize: string;
+  nbdOverlaySegments: string;
   nbdPageCacheSize: string;
 }
 
@@ -94,7 +95,10 @@ function nbdOptionsFrom(opts: TorusdOpts, meta: MetadataService, log: NbdLog): N
 }
 
 function exportBudgets(opts: TorusdOpts): VolumeBudgets {
-  return volumeBudgets({ writeCacheSize: opts.nbdWriteCacheSize, journalTailSize: opts.nbdJournalTailSize, pageCacheSize: opts.nbdPageCacheSize }, 'nbd-');
+  return volumeBudgets(
+    { writeCacheSize: opts.nbdWriteCacheSize, journalTailSize: opts.nbdJournalTailSize, pageCacheSize: opts.nbdPageCacheSize, overlaySegments: opts.nbdOverlaySegments },
+    'nbd-',
+  );
 }
 
 interface NodeExports {

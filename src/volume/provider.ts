@@ -23,6 +23,7 @@ export interface VolumeBudgets {
   readonly journalTailBytes?: number;
   readonly checkpointBytes?: number;
   readonly pageCacheBytes?: number;
+  readonly maxOverlaySegments?: number;
 }
 
 export class VolumeProvider implements DeviceProvider {

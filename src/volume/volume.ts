@@ -83,6 +83,9 @@ export interface VolumeMemory {
   /** Inode pages held, clean (bounded by the limit) and dirty (until the next checkpoint). */
   readonly pageCache: number;
   readonly pageCacheLimit: number;
+  /** Overlay index segments (journal records' ranges over blocks not yet folded); past the limit, the most crowded blocks fold. */
+  readonly overlaySegments: number;
+  readonly overlaySegmentsLimit: number;
 }
 
 export interface VolumeStats {
@@ -383,6 +386,8 @@ export class BlockVolume implements BlockDevice {
       journalTailLimit: this.o.journalTailBytes,
       pageCache: this.tree.heldBytes,
       pageCacheLimit: this.o.pageCacheBytes,
+      overlaySegments: this.overlay.size,
+      overlaySegmentsLimit: this.o.maxOverlaySegments,
     };
   }
 

@@ -18,7 +18,7 @@ import { eventually, ok, removeDir, startNbdserve, startTorusd, stopProcess, typ
 
 const MiB = 1024 * 1024;
 /** A volume's memory budgets, as torusd spells them, and what its metrics must then say. */
-const BUDGET_FLAGS = ['--nbd-write-cache-size', '24MiB', '--nbd-journal-tail-size', '20MiB', '--nbd-page-cache-size', '3MiB'];
+const BUDGET_FLAGS = ['--nbd-write-cache-size', '24MiB', '--nbd-journal-tail-size', '20MiB', '--nbd-page-cache-size', '3MiB', '--nbd-overlay-segments', '5000'];
 const BUDGETS = { write_cache: 24 * MiB, journal_tail: 20 * MiB, page_cache: 3 * MiB };
 let etcd: EtcdHandle;
 let C: string[];
@@ -117,6 +117,7 @@ test('torusd --nbd-listen: nbdinfo sizes the export; nbdcopy and qemu-img write 
     const gauge = (suffix: string, cache: string): number => Number(new RegExp(`^torus_volume_memory${suffix}_bytes\\{volume="v1",cache="${cache}"\\} (\\d+)`, 'm').exec(text)?.[1] ?? NaN);
     for (const [cache, limit] of Object.entries(BUDGETS)) assert.equal(gauge('_limit', cache), limit, `${cache} budget\n${text}`);
     assert.equal(gauge('', 'write_cache'), 8192, 'the unflushed write');
+    assert.match(text, /^torus_volume_overlay_segments_limit\{volume="v1"\} 5000$/m);
     assert.equal((await c!.request(Cmd.FLUSH)).error, 0);
   } finally {
     c!.disconnect();

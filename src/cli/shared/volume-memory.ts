@@ -15,7 +15,12 @@ export interface VolumeMemoryFlags {
   readonly writeCacheSize: string;
   readonly journalTailSize: string;
   readonly pageCacheSize: string;
+  /** Absent: the volume's default. */
+  readonly overlaySegments?: string;
 }
+
+/** The overlay index's default budget (BlockVolume's), in segments. */
+const OVERLAY_SEGMENTS = 256 * 1024;
 
 /** --journal-tail-size and --page-cache-size (the write cache's flag comes with each front end's). */
 export function volumeMemoryOptions(cmd: Command, prefix: VolumeFlagPrefix = ''): Command {
@@ -25,7 +30,13 @@ export function volumeMemoryOptions(cmd: Command, prefix: VolumeFlagPrefix = '')
         '128MiB',
       ),
     )
-    .addOption(new Option(`--${prefix}page-cache-size <size>`, 'inode pages cached per volume').default('64MiB'));
+    .addOption(new Option(`--${prefix}page-cache-size <size>`, 'inode pages cached per volume').default('64MiB'))
+    .addOption(
+      new Option(
+        `--${prefix}overlay-segments <n>`,
+        'journaled small writes indexed per volume until their blocks fold (about 200 bytes each); past it the most crowded blocks fold, so fewer cost memory less and rewrite blocks more',
+      ).default(String(OVERLAY_SEGMENTS)),
+    );
 }
 
 export function volumeBudgets(f: VolumeMemoryFlags, prefix: VolumeFlagPrefix = ''): VolumeBudgets {
@@ -35,7 +46,11 @@ export function volumeBudgets(f: VolumeMemoryFlags, prefix: VolumeFlagPrefix = '
     return n;
   };
   const journalTailBytes = size(f.journalTailSize, 'journal-tail-size', 2 * 1024 * 1024);
+  const overlay = f.overlaySegments === undefined ? undefined : Number(f.overlaySegments);
+  if (overlay !== undefined && !(Number.isInteger(overlay) && overlay >= 1024))
+    throw new TorusError('INVALID_ARGUMENT', `invalid --${prefix}overlay-segments "${f.overlaySegments}": a whole number, at least 1024`);
   return {
+    ...(overlay !== undefined ? { maxOverlaySegments: overlay } : {}),
     writeCacheBytes: size(f.writeCacheSize, 'write-cache-size', 1024 * 1024),
     journalTailBytes,
     checkpointBytes: journalTailBytes / 2,
@@ -61,6 +76,8 @@ export function volumeMemorySamples(volumes: VolumeProvider, prefix: VolumeFlagP
       out.push(gauge('torus_volume_memory_bytes', used, bytes, { volume, cache }));
       out.push(gauge('torus_volume_memory_limit_bytes', limit, max, { volume, cache }));
     }
+    out.push(gauge('torus_volume_overlay_segments', 'Journaled small writes indexed by a volume open for writing until their blocks fold (about 200 bytes of heap each)', m.overlaySegments, { volume }));
+    out.push(gauge('torus_volume_overlay_segments_limit', `Overlay segments past which the most crowded blocks fold (--${prefix}overlay-segments)`, m.overlaySegmentsLimit, { volume }));
   }
   return out;
 }

@@ -17,6 +17,7 @@ interface AoeOpts extends ClientOpts {
   writeCacheSize: string;
   journalTailSize: string;
   pageCacheSize: string;
+  overlaySegments: string;
   allow?: string;
   allowRemoteConfig?: boolean;
 }

@@ -14,8 +14,9 @@ test('volume memory metrics: each cache of an open volume beside the budget its 
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 64 * BS);
   const vc = { vmeta: c.vmeta, block: { distributor: c.dist }, openVolume: (name: string, opts = {}) => BlockVolume.open(c.ctx, name, opts) } as unknown as VolumeClient;
-  const budgets = volumeBudgets({ writeCacheSize: '1MiB', journalTailSize: '4MiB', pageCacheSize: '2MiB' });
+  const budgets = volumeBudgets({ writeCacheSize: '1MiB', journalTailSize: '4MiB', pageCacheSize: '2MiB', overlaySegments: '5000' });
   assert.throws(() => volumeBudgets({ writeCacheSize: '1MiB', journalTailSize: '1KiB', pageCacheSize: '2MiB' }), /invalid --journal-tail-size "1KiB"/);
+  assert.throws(() => volumeBudgets({ writeCacheSize: '1MiB', journalTailSize: '4MiB', pageCacheSize: '2MiB', overlaySegments: '10' }, 'nbd-'), /invalid --nbd-overlay-segments "10"/);
   const provider = new VolumeProvider(vc, budgets);
   const metrics = new NodeMetrics(() => volumeMemorySamples(provider));
   const held = await provider.open('v', { readOnly: false });
@@ -27,10 +28,14 @@ test('volume memory metrics: each cache of an open volume beside the budget its 
   assert.equal(value('write_cache', '_limit'), 1024 * 1024);
   assert.equal(value('journal_tail', '_limit'), 4 * 1024 * 1024);
   assert.equal(value('page_cache', '_limit'), 2 * 1024 * 1024);
+  const overlay = (suffix = ''): number => Number(new RegExp(`^torus_volume_overlay_segments${suffix}\\{volume="v"\\} (\\d+)`, 'm').exec(text)?.[1] ?? NaN);
+  assert.equal(overlay('_limit'), 5000, text);
   await held.device.flush();
   text = (await metrics.render()).body;
   assert.equal(value('write_cache'), 0);
   assert.equal(value('journal_tail'), 8000);
+  // Journaled, the eight writes are indexed over their blocks until those fold.
+  assert.equal(overlay(), 8);
   await held.release();
   text = (await metrics.render()).body;
   assert.doesNotMatch(text, /^torus_volume_memory_bytes\{/m, 'a closed volume has no series left');

@@ -18,6 +18,7 @@ interface ServeOpts extends ClientOpts {
   writeCacheSize: string;
   journalTailSize: string;
   pageCacheSize: string;
+  overlaySegments: string;
   json?: boolean;
 }
 
