@@ -19,8 +19,14 @@ export interface Proc {
   readonly proc: ChildProcess;
   readonly pid: number;
   log(): string;
-  /** Largest VmHWM seen, in bytes (sampled while running, and once more just before a stop). */
+  /** Largest VmHWM seen, in bytes (sampled while running, and once more just before a stop), or VmRSS noted if larger. */
   peakRss(): number;
+  /**
+   * A VmRSS read elsewhere (RssSumPeak). VmHWM can miss it: memory given back with madvise (as
+   * malloc_trim does) leaves the kernel's high-water mark where it last updated it, below a
+   * resident size it never recorded.
+   */
+  noteRss(bytes: number): void;
   readonly exited: Promise<void>;
   /** Sends `signal`, waits up to `graceMs`, then SIGKILL; resolves once the process is gone. */
   stop(signal?: NodeJS.Signals, graceMs?: number): Promise<void>;
@@ -74,6 +80,7 @@ export class RssSumPeak {
     for (const p of this.procs()) {
       const v = readStatusBytes(p.pid, 'VmRSS');
       if (v === undefined) continue;
+      p.noteRss(v);
       each[p.name] = v;
       bytes += v;
     }
@@ -120,8 +127,10 @@ export async function spawnProc(name: string, cmd: string, args: string[], opts:
   const pid = proc.pid;
   let peak = 0;
   const sample = (): void => {
-    const v = readStatusBytes(pid, 'VmHWM');
-    if (v !== undefined && v > peak) peak = v;
+    for (const field of ['VmHWM', 'VmRSS'] as const) {
+      const v = readStatusBytes(pid, field);
+      if (v !== undefined && v > peak) peak = v;
+    }
   };
   const sampler = setInterval(sample, 500);
   sampler.unref();
@@ -132,6 +141,9 @@ export async function spawnProc(name: string, cmd: string, args: string[], opts:
     proc,
     pid,
     log: () => out,
+    noteRss: (bytes) => {
+      if (bytes > peak) peak = bytes;
+    },
     peakRss: () => {
       if (!gone()) sample();
       return peak;

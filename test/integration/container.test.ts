@@ -48,6 +48,8 @@ async function removeContainers(): Promise<void> {
 
 before(async () => {
   if (skip) return;
+  // A fresh machine has no state directory yet (ensureBases makes it too, but after this).
+  mkdirSync(STATE, { recursive: true });
   work = mkdtempSync(join(STATE, 'run-'));
   const t0 = Date.now();
   await ensureBases(log);
