@@ -367,18 +367,20 @@ class Cluster {
   }
 
   async stopNbd(): Promise<void> {
+    // The peak is read once the process is gone: the P8 samples taken while it stopped count too
+    // (each process's peak is at least every sample of it).
     if (onStorage) {
       // SIGTERM closes the exports first (their volumes sync), then the node.
       this.rssSum.sample();
-      this.nbdPeak = Math.max(this.nbdPeak, this.nodes[0]!.peakRss());
       await this.nodes[0]!.stop('SIGTERM', 120_000);
+      this.nbdPeak = Math.max(this.nbdPeak, this.nodes[0]!.peakRss());
       return;
     }
     if (!this.nbd) return;
-    this.nbdPeak = Math.max(this.nbdPeak, this.nbd.peakRss());
     this.rssSum.sample();
     // SIGTERM syncs the volume and releases its lock; a SIGKILL would leave the lock to expire.
     await this.nbd.stop('SIGTERM', 120_000);
+    this.nbdPeak = Math.max(this.nbdPeak, this.nbd.peakRss());
     this.nbd = undefined;
   }
 
