@@ -3,6 +3,7 @@ import { TorusError } from '../../core/errors.js';
 import { parseSize } from '../../core/units.js';
 import type { MetricSample } from '../../http/metrics.js';
 import type { VolumeBudgets, VolumeProvider } from '../../volume/provider.js';
+import { parseCount } from './config.js';
 
 // The memory budgets of volumes open for writing (write cache, journal tail, inode pages): their
 // flags, checks and gauges, once for every process that serves volumes, so `torusd --nbd-listen`
@@ -46,9 +47,7 @@ export function volumeBudgets(f: VolumeMemoryFlags, prefix: VolumeFlagPrefix = '
     return n;
   };
   const journalTailBytes = size(f.journalTailSize, 'journal-tail-size', 2 * 1024 * 1024);
-  const overlay = f.overlaySegments === undefined ? undefined : Number(f.overlaySegments);
-  if (overlay !== undefined && !(Number.isInteger(overlay) && overlay >= 1024))
-    throw new TorusError('INVALID_ARGUMENT', `invalid --${prefix}overlay-segments "${f.overlaySegments}": a whole number, at least 1024`);
+  const overlay = f.overlaySegments === undefined ? undefined : parseCount(f.overlaySegments, `--${prefix}overlay-segments`, 1024);
   return {
     ...(overlay !== undefined ? { maxOverlaySegments: overlay } : {}),
     writeCacheBytes: size(f.writeCacheSize, 'write-cache-size', 1024 * 1024),
