@@ -116,6 +116,8 @@ export class MemoryReturner {
   private elu = performance.eventLoopUtilization();
   private rssAfter: number | undefined;
   private heapAfter = 0;
+  /** A collection happened and its memory has not been trimmed yet. */
+  private trimOwed = false;
   /** Returns done (collections and trims), and the resident bytes they gave back. */
   readonly stats = { returns: 0, returnedBytes: 0 };
 
@@ -145,13 +147,17 @@ export class MemoryReturner {
     if (this.now.gc && this.now.heapUsed() > this.heapAfter + this.o.keepBytes) {
       this.now.gc();
       this.heapAfter = this.now.heapUsed();
+      this.trimOwed = true;
       returned = true;
     }
     const st = this.now.stats();
     // Free chunks stay free in malloc's books after a trim, pages given back or not: another
-    // trim is worth its walk only once the process has grown again since the last.
-    if (st && st.freeBytes > this.o.keepBytes && (returned || this.rssAfter === undefined || before >= this.rssAfter + this.o.keepBytes / 4)) {
+    // trim is worth its walk only once the process has grown again since the last, or after a
+    // collection. V8 frees the collected Buffers' memory on a thread of its own, possibly after
+    // gc() returned: what a collection frees is trimmed at a later look if not at once.
+    if (st && st.freeBytes > this.o.keepBytes && (this.trimOwed || this.rssAfter === undefined || before >= this.rssAfter + this.o.keepBytes / 4)) {
       this.now.trim();
+      this.trimOwed = false;
       returned = true;
     }
     if (!returned) return false;
