@@ -183,7 +183,7 @@ export class Distributor {
     if (e) e.acked = true;
     this.stats.writes++;
     this.stats.writeBytes += data.length;
-    this.cache?.set(key, block);
+    if (this.cache && !this.servedLocally(ref)) this.cache.set(key, block);
   }
 
   private async putOne(uuid: string, ref: BlockRef, data: Buffer, crc: number, want: number): Promise<void> {
@@ -424,15 +424,28 @@ export class Distributor {
    * as the volume's inode records it) is checked end to end when given.
    */
   async getBlock(ref: BlockRef, crc?: number): Promise<Buffer> {
+    const cache = this.cache;
+    if (!cache) return this.read(ref, 0, 0, crc);
     const key = blockRefKey(ref);
-    const cached = this.cache?.get(key);
+    const cached = cache.get(key);
     if (cached) {
       this.stats.cacheHits++;
       return cached;
     }
+    const local = this.servedLocally(ref);
     const data = await this.read(ref, 0, 0, crc);
-    this.cache?.set(key, data);
+    if (!local) cache.set(key, data);
     return data;
+  }
+
+  /**
+   * Whether this node's own disk holds `ref`, so that a read is served from it. The read cache
+   * leaves those alone: the kernel's page cache keeps a storage node's own replicas already, and
+   * the cache's budget is better spent on what a miss would fetch over the network.
+   */
+  private servedLocally(ref: BlockRef): boolean {
+    const self = this.opts.self;
+    return self !== undefined && self.store.hasBlock(ref);
   }
 
   /**
@@ -451,6 +464,7 @@ export class Distributor {
       this.stats.cacheHits++;
       return cached.subarray(offset, offset + length);
     }
+    if (this.servedLocally(ref)) return this.read(ref, offset, length, crc);
     // Small reads are cached by aligned chunk, so a working set of scattered 4 KiB reads can hit
     // without every miss fetching its whole block. The replica verifies whole sectors anyway, so
     // fetching the aligned span costs little more than the exact range.
@@ -471,10 +485,11 @@ export class Distributor {
     }
     const start = c0 * CACHE_CHUNK;
     const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start, crc);
-    // Cached as a copy of its own: a small RPC payload is a view that can pin a 64 KiB socket
-    // buffer (src/rpc/codec.ts), which would let the cache hold 16 times what it counts.
-    const own = Buffer.allocUnsafeSlow(span.length);
-    span.copy(own);
+    // Cached as a copy of its own when it is a view: a small RPC payload can pin a 64 KiB socket
+    // buffer (src/rpc/codec.ts), which would let the cache hold 16 times what it counts. What the
+    // local store read is a buffer of its own already (callers never write into what a read
+    // returns: cache hits hand out the cached bytes themselves).
+    const own = span.byteOffset === 0 && span.buffer.byteLength === span.length ? span : copyOwn(span);
     for (let c = c0; c < c1; c++) cache.set(`${key}@${c}`, own.subarray((c - c0) * CACHE_CHUNK, (c - c0 + 1) * CACHE_CHUNK));
     return span.subarray(at, at + length);
   }
@@ -494,7 +509,9 @@ export class Distributor {
 
   private async readFrom(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc?: number): Promise<Buffer> {
     const what = `block ${formatBlockRef(ref)} from ${uuid}`;
-    if (length > 0 && crc !== undefined) return this.readChecked(uuid, ref, offset, length, timeoutMs, crc, what);
+    // A whole block is checked the same way: the sector checksums the store has just verified
+    // combine into the block's CRC, so its bytes are not run through a CRC a second time here.
+    if (crc !== undefined) return this.readChecked(uuid, ref, offset, length === 0 ? this.blockSize : length, timeoutMs, crc, what);
     const to = this.route(uuid);
     if (!to) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
     const data = await to.transport.get(to.target, ref, offset, length, timeoutMs);
@@ -512,7 +529,13 @@ export class Distributor {
     // Our own store has checked the sectors against its checksums; the combination is what is
     // left. What came over the network is checked sector by sector again.
     if (read) return verifySectorRead(read, this.blockSize, crc, offset, length, to !== this.local, what);
-    // A node from before sector checksums were served: checked by it against its own sums only.
+    // A node from before sector checksums were served: a whole block is checked against the
+    // writer's CRC here, a part by that node against its own sums only.
+    if (offset === 0 && length === this.blockSize) {
+      const data = await to.transport.get(to.target, ref, 0, 0, timeoutMs);
+      if ((crc32c(data) >>> 0) !== crc >>> 0) throw new TorusError('CORRUPT', `${what} fails its end-to-end checksum`);
+      return data;
+    }
     this.stats.uncheckedReads++;
     return to.transport.get(to.target, ref, offset, length, timeoutMs);
   }
@@ -642,6 +665,13 @@ function noop(): void {}
 const CACHE_CHUNK = 4096;
 /** Ranged reads spanning more chunks than this are not cached (they are rare and large). */
 const MAX_CACHED_CHUNKS = 16;
+
+/** A copy outside Buffer's shared pool, so keeping it pins nothing else. */
+function copyOwn(data: Buffer): Buffer {
+  const own = Buffer.allocUnsafeSlow(data.length);
+  data.copy(own);
+  return own;
+}
 
 function asBuffer(data: Uint8Array): Buffer {
   return Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
+import { crc32c } from '@node-rs/crc32';
 import { isTorusError } from '../core/errors.js';
+import { BlockType } from '../core/ids.js';
 import { MemoryMetadataStore } from '../metadata/memory/memory.js';
 import { createRing, newRingModel } from '../ring/index.js';
 import { MemoryBlockStore } from '../storage/memory-store.js';
@@ -128,4 +130,64 @@ test("a writer inside a storage node puts its journal on a segment that node own
     await theirs.close();
   }
   assert.equal(checked, 3, 'volumes whose first segment node a does not own were found');
+});
+
+test("a node's read cache keeps what came over the network, not its own replicas (the kernel's page cache has those)", async () => {
+  const bs = 4 * BS;
+  const transport = new MemoryTransport();
+  const stores = new Map(['a', 'b', 'c'].map((u) => [u, new MemoryBlockStore({ blockSize: bs, capacityBlocks: 1000 })]));
+  for (const [u, s] of stores) transport.add(u, s);
+  const calls: string[] = [];
+  const recording = Object.create(transport) as Record<string, (peer: PeerTarget, ...rest: unknown[]) => Promise<unknown>>;
+  for (const m of ['get', 'getSectors']) {
+    const inner = (transport as unknown as typeof recording)[m]!.bind(transport);
+    recording[m] = (peer, ...rest) => {
+      calls.push(`${m} ${peer.uuid}`);
+      return inner(peer, ...rest);
+    };
+  }
+  const ring = createRing(newRingModel('ketama', 2, [...stores.keys()].map((uuid) => ({ uuid, totalBlocks: 1000 })), 2));
+  const a = stores.get('a')!;
+  const node = new Distributor({
+    blockSize: bs,
+    ring: () => ring,
+    target: (uuid: string) => ({ uuid, address: `mem://${uuid}` }),
+    transport: recording as unknown as PeerTransport,
+    self: { uuid: 'a', store: a },
+    readCacheBytes: 256 * bs,
+  });
+  const refs = Array.from({ length: 40 }, (_, i) => ({ type: BlockType.Data, volume: 1, inode: 1, index: i }));
+  const blocks = refs.map(() => randomBytes(bs));
+  // Written by a client elsewhere, so that nothing is cached yet.
+  const writer = new Distributor({ blockSize: bs, ring: () => ring, target: (uuid: string) => ({ uuid, address: `mem://${uuid}` }), transport });
+  for (let i = 0; i < refs.length; i++) await writer.putBlock(refs[i]!, blocks[i]!);
+  await writer.flush();
+  const local = refs.filter((r) => a.hasBlock(r));
+  const remote = refs.filter((r) => !a.hasBlock(r));
+  assert.ok(local.length > 5 && remote.length > 5, `both kinds of block: ${local.length} local, ${remote.length} remote`);
+
+  const readsBefore = a.stats().reads;
+  for (let round = 0; round < 2; round++) {
+    for (const r of refs) {
+      const want = blocks[r.index]!;
+      const crc = crc32c(want) >>> 0;
+      assert.deepEqual(await node.getBlock(r, crc), want);
+      assert.deepEqual(await node.readRange(r, BS + 100, 300, crc), want.subarray(BS + 100, BS + 400));
+      assert.deepEqual(await node.readRange(r, 2 * BS, BS, crc), want.subarray(2 * BS, 3 * BS));
+    }
+  }
+  // Every read of a local block went to the disk, each time; a remote block crossed the network
+  // once, and was served from the cache afterwards.
+  assert.equal(a.stats().reads - readsBefore, local.length * 6);
+  assert.equal(calls.length, remote.length, `one network read per remote block: ${calls.join(', ')}`);
+  assert.ok(!calls.some((c) => c.endsWith(' a')));
+  assert.equal(node.memory().readCache, remote.length * bs, 'the cache holds the remote blocks only');
+
+  // The node's own writes follow the same rule: a block it keeps a replica of is not cached.
+  const more = Array.from({ length: 20 }, (_, i) => ({ type: BlockType.Data, volume: 2, inode: 1, index: i }));
+  for (const r of more) await node.putBlock(r, randomBytes(bs));
+  await node.flush();
+  const remoteMore = more.filter((r) => !a.hasBlock(r)).length;
+  assert.ok(remoteMore > 0 && remoteMore < more.length);
+  assert.equal(node.memory().readCache, (remote.length + remoteMore) * bs);
 });

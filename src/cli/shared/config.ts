@@ -258,7 +258,7 @@ export interface BlockIoOpts {
 /** Flags of every process that reads and writes blocks (torusd, torusblk). */
 export function addBlockIoOptions(cmd: Command): Command {
   return cmd
-    .addOption(new Option('--read-cache-size <size>', 'memory for the cache of recently read blocks').default('50MiB'))
+    .addOption(new Option('--read-cache-size <size>', 'memory for the cache of recently read blocks (on a storage node, of those read from other nodes: its own are in the kernel page cache)').default('50MiB'))
     .addOption(new Option('--read-level <level>', 'block: retry replicas with growing timeouts; seq: one pass; spread: ask all replicas at once').choices(['block', 'seq', 'spread']).default('block'))
     .addOption(new Option('--write-level <level>', 'all: a write succeeds on R replicas; one: on one; local: on this node\'s disk').choices(['all', 'one', 'local']).default('all'));
 }
