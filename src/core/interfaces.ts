@@ -256,7 +256,11 @@ export interface KVSession {
   readonly id: string;
   /** False once etcd said the lease is gone, or it could not be renewed before its TTL ran out. */
   readonly alive: boolean;
-  onLost(cb: () => void): void;
+  /**
+   * Calls `cb` once the lease is lost. Returns what stops that: a holder that goes away first
+   * must call it, or the session keeps the holder (and all it refers to) alive with the callback.
+   */
+  onLost(cb: () => void): () => void;
   revoke(): Promise<void>;
 }
 

@@ -162,6 +162,7 @@ export class BlockVolume implements BlockDevice {
   private journalMisplaced = false;
   private ringMove: Promise<void> | undefined;
   private fenced: TorusError | undefined;
+  private readonly unwatchLease: (() => void) | undefined;
   private closed = false;
   private lastWrite = Date.now();
   private timers: NodeJS.Timeout[] = [];
@@ -185,7 +186,9 @@ export class BlockVolume implements BlockDevice {
     const o = { ...DEFAULTS, maxSegmentsPerBlock: Math.max(64, this.blockSize / 4096), ...stripUndefined(opts) };
     this.o = { ...o, journalTailBytes: o.journalTailBytes ?? 2 * o.checkpointBytes };
     this.tree = this.newTree(head);
-    lock?.session.onLost(() => {
+    // The session outlives the volume (one per process): the volume stops listening once
+    // closed, or the session would keep every volume ever opened alive, overlay and all.
+    this.unwatchLease = lock?.session.onLost(() => {
       this.fenced ??= new TorusError('LOCKED', `lost the lock on volume ${this.name}: the etcd lease expired; writes and flushes now fail`);
     });
   }
@@ -871,7 +874,7 @@ export class BlockVolume implements BlockDevice {
         const log = e.src.log!;
         const crc = j.sealedCrc.get(logKeyOf(log));
         if (crc === undefined) throw new TorusError('INTERNAL', `volume ${this.name}: log block ${log.index} is not sealed at a checkpoint`);
-        e.src.log = { ...log, crc };
+        e.src.log = { volume: log.volume, epoch: log.epoch, index: log.index, at: log.at, crc };
         runEntries.push({ kind: 'log', index, lsn: r.lsn, start, length: r.length, log: { volume: log.volume, epoch: log.epoch, index: log.index, crc }, logOffset: log.at });
       } else runEntries.push({ kind: r.type === RecordType.Trim ? ('trim' as const) : ('zero' as const), index, lsn: r.lsn, start, length: r.length });
     }
@@ -1135,6 +1138,7 @@ export class BlockVolume implements BlockDevice {
       }
     } finally {
       this.closed = true;
+      this.unwatchLease?.();
       if (this.lock) await this.ctx.meta.unlock(this.lock).catch(() => undefined);
       // A hold left behind (etcd unreachable) goes with the reader's lease.
       if (this.held !== undefined) await this.ctx.meta.letGo(this.record.id, this.held).catch(() => undefined);

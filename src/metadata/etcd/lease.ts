@@ -19,7 +19,7 @@ export class EtcdLease {
   private state: 'alive' | 'lost' | 'released' = 'alive';
   private lastRenewed: number;
   private timer: NodeJS.Timeout | undefined;
-  private readonly lostCallbacks: (() => void)[] = [];
+  private readonly lostCallbacks = new Set<() => void>();
   private unregister: (() => void) | undefined;
 
   private constructor(
@@ -45,8 +45,9 @@ export class EtcdLease {
     return this.state === 'alive';
   }
 
-  onLost(cb: () => void): void {
-    this.lostCallbacks.push(cb);
+  onLost(cb: () => void): () => void {
+    this.lostCallbacks.add(cb);
+    return () => this.lostCallbacks.delete(cb);
   }
 
   /**
@@ -86,7 +87,9 @@ export class EtcdLease {
     if (this.state !== 'alive') return;
     this.state = 'lost';
     this.stopRenewing();
-    for (const cb of this.lostCallbacks) cb();
+    const cbs = [...this.lostCallbacks];
+    this.lostCallbacks.clear();
+    for (const cb of cbs) cb();
   }
 
   private stopRenewing(): void {

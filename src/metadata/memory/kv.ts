@@ -14,13 +14,14 @@ interface Stored {
 
 class MemorySession implements KVSession {
   alive = true;
-  private readonly lost: (() => void)[] = [];
+  private readonly lost = new Set<() => void>();
   constructor(
     readonly id: string,
     private readonly kv: MemoryKVStore,
   ) {}
-  onLost(cb: () => void): void {
-    this.lost.push(cb);
+  onLost(cb: () => void): () => void {
+    this.lost.add(cb);
+    return () => this.lost.delete(cb);
   }
   async revoke(): Promise<void> {
     this.kv.dropLease(this.id);
@@ -31,7 +32,9 @@ class MemorySession implements KVSession {
     if (!this.alive) return;
     this.kv.dropLease(this.id);
     this.alive = false;
-    for (const cb of this.lost) cb();
+    const cbs = [...this.lost];
+    this.lost.clear();
+    for (const cb of cbs) cb();
   }
 }
 
