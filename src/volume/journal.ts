@@ -273,7 +273,7 @@ export class JournalWriter {
     }
     const at = this.cur.add(e.rec);
     touched.add(this.cur);
-    if (e.rec.type === RecordType.Data) e.src.log = { volume: this.volume, epoch: this.epoch, index: this.cur.address.index, at };
+    if (e.rec.type === RecordType.Data) e.src.log = { volume: this.volume, epoch: this.epoch, index: this.cur.address.index, at, crc: undefined };
   }
 
   private async send(touched: Iterable<LogBlockBuilder>): Promise<void> {

@@ -13,8 +13,12 @@ export interface LogPlace {
   /** The log block's index (segment × 2^24 + n). */
   readonly index: number;
   readonly at: number;
-  /** The log block's CRC once it is sealed: reads of it are checked against it. */
-  readonly crc?: number;
+  /**
+   * The log block's CRC once it is sealed: reads of it are checked against it. Always present,
+   * undefined before the seal: every place then has one shape, where a copy made by spreading
+   * got a hidden class of its own per object (hundreds of bytes each, per overlay segment).
+   */
+  readonly crc: number | undefined;
 }
 
 /**
@@ -86,7 +90,9 @@ export class OverlayIndex {
     }
     if (!placed) out.push({ start, end, src, at });
     this.count += out.length - list.length;
-    this.blocks.set(index, out);
+    // An array grown by push keeps room for 17 entries; most blocks hold one to three segments,
+    // and a volume holds up to --overlay-segments of them: keep an exact-sized copy.
+    this.blocks.set(index, out.slice());
   }
 
   /** Drops block `index`'s segments whose sources are at or below `lsn` (a fold took them into the base). */
