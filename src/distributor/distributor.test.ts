@@ -164,6 +164,20 @@ test('the read cache serves repeated reads without the network', async () => {
   assert.ok(dist.stats.cacheHits >= 2);
 });
 
+test('a written block the cache keeps is a buffer of its own, not a view keeping the whole write in memory', async () => {
+  const { dist, transport } = setup({ cache: 64 * BS });
+  // One 4-block write, as an NBD WRITE of 1 MiB is 16 blocks of 64 KiB: each block a view of it.
+  const write = Buffer.concat([block(1), block(2), block(3), block(4)]);
+  for (let i = 0; i < 4; i++) await dist.putBlock(ref(10 + i), write.subarray(i * BS, (i + 1) * BS), { immutable: true });
+  const gets = transport.calls.get;
+  for (let i = 0; i < 4; i++) {
+    const cached = await dist.getBlock(ref(10 + i));
+    assert.deepEqual(cached, block(i + 1));
+    assert.equal(cached.buffer.byteLength, BS, 'the cache holds a block-sized buffer');
+  }
+  assert.equal(transport.calls.get, gets, 'all four from the cache');
+});
+
 test('a replica lost between put and flush: the flush re-sends its blocks elsewhere and succeeds', async () => {
   const { dist, transport, holders, ring, stores } = setup({ peers: 4, replication: 2 });
   const refs = Array.from({ length: 40 }, (_, i) => ref(100 + i));

@@ -183,7 +183,9 @@ export class Distributor {
     if (e) e.acked = true;
     this.stats.writes++;
     this.stats.writeBytes += data.length;
-    if (this.cache && !this.servedLocally(ref)) this.cache.set(key, block);
+    // Cached as a buffer of its own: a block of a bigger write is a view of it (an NBD WRITE of
+    // 1 MiB is 16 blocks of 64 KiB), and a cached view would keep the whole write in memory.
+    if (this.cache && !this.servedLocally(ref)) this.cache.set(key, ownBuffer(block));
   }
 
   private async putOne(uuid: string, ref: BlockRef, data: Buffer, crc: number, want: number): Promise<void> {
@@ -489,7 +491,7 @@ export class Distributor {
     // buffer (src/rpc/codec.ts), which would let the cache hold 16 times what it counts. What the
     // local store read is a buffer of its own already (callers never write into what a read
     // returns: cache hits hand out the cached bytes themselves).
-    const own = span.byteOffset === 0 && span.buffer.byteLength === span.length ? span : copyOwn(span);
+    const own = ownBuffer(span);
     for (let c = c0; c < c1; c++) cache.set(`${key}@${c}`, own.subarray((c - c0) * CACHE_CHUNK, (c - c0 + 1) * CACHE_CHUNK));
     return span.subarray(at, at + length);
   }
@@ -666,8 +668,9 @@ const CACHE_CHUNK = 4096;
 /** Ranged reads spanning more chunks than this are not cached (they are rare and large). */
 const MAX_CACHED_CHUNKS = 16;
 
-/** A copy outside Buffer's shared pool, so keeping it pins nothing else. */
-function copyOwn(data: Buffer): Buffer {
+/** `data` itself when it is all of its memory, else a copy outside Buffer's shared pool: keeping it pins nothing else. */
+function ownBuffer(data: Buffer): Buffer {
+  if (data.byteOffset === 0 && data.buffer.byteLength === data.length) return data;
   const own = Buffer.allocUnsafeSlow(data.length);
   data.copy(own);
   return own;
