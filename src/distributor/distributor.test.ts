@@ -178,6 +178,16 @@ test('a written block the cache keeps is a buffer of its own, not a view keeping
   assert.equal(transport.calls.get, gets, 'all four from the cache');
 });
 
+test('a whole block from a node that serves no sector checksums (an older one) is still checked against the writer CRC', async () => {
+  const { dist, transport } = setup();
+  (transport as unknown as { getSectors: () => Promise<undefined> }).getSectors = async () => undefined;
+  await dist.putBlock(ref(7), block(7));
+  assert.deepEqual(await dist.getBlock(ref(7), crc32c(block(7)) >>> 0), block(7));
+  // Every replica holds other bytes than the writer's CRC says: refused, not served.
+  await assert.rejects(dist.getBlock(ref(7), crc32c(block(8)) >>> 0), (e) => isTorusError(e, 'CORRUPT') || isTorusError(e, 'NO_PEER') || isTorusError(e, 'BLOCK_UNAVAILABLE'));
+  assert.ok(dist.stats.checksumFailures > 0);
+});
+
 test('a replica lost between put and flush: the flush re-sends its blocks elsewhere and succeeds', async () => {
   const { dist, transport, holders, ring, stores } = setup({ peers: 4, replication: 2 });
   const refs = Array.from({ length: 40 }, (_, i) => ref(100 + i));
