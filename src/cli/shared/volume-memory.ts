@@ -35,7 +35,7 @@ export function volumeMemoryOptions(cmd: Command, prefix: VolumeFlagPrefix = '')
     .addOption(
       new Option(
         `--${prefix}overlay-segments <n>`,
-        'journaled small writes indexed per volume until their blocks fold (about 200 bytes each); past it the most crowded blocks fold, so fewer cost memory less and rewrite blocks more',
+        'journaled small writes indexed per volume until their blocks fold (about 230 bytes each); past it the most crowded blocks fold, so fewer cost memory less and rewrite blocks more',
       ).default(String(OVERLAY_SEGMENTS)),
     );
 }
