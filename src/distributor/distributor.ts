@@ -516,11 +516,7 @@ export class Distributor {
     if (crc !== undefined) return this.readChecked(uuid, ref, offset, length === 0 ? this.blockSize : length, timeoutMs, crc, what);
     const to = this.route(uuid);
     if (!to) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
-    const data = await to.transport.get(to.target, ref, offset, length, timeoutMs);
-    if (crc !== undefined && (crc32c(data) >>> 0) !== crc >>> 0) {
-      throw new TorusError('CORRUPT', `${what} fails its end-to-end checksum`);
-    }
-    return data;
+    return to.transport.get(to.target, ref, offset, length, timeoutMs);
   }
 
   /** A ranged read checked against the writer's CRC through the block's sector checksums. */
