@@ -148,7 +148,7 @@ export class EtcdEndpoints {
           return res;
         } catch (err) {
           if (this.closed) throw new TorusError('CLOSED', 'metadata client is closed');
-          const f = classifyEtcdError(err, limit);
+          const f = classifyEtcdError(err, limit, m.url.startsWith('https:'));
           if (f.kind === 'answer') {
             this.succeeded(m);
             throw answerError(what, f, err);

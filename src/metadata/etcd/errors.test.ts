@@ -7,7 +7,7 @@ import { classifyEtcdError } from './errors.js';
 // machine: a dead port, an HTTP/1 and an HTTP/2 server that are not etcd, a TLS mismatch, a
 // member killed under a call, an election).
 
-const cases: [string, Error, { kind: string; text: string; transient?: boolean }][] = [
+const cases: [string, Error, { kind: string; text: string; transient?: boolean }, boolean?][] = [
   [
     'a port nobody listens on',
     new GRPCUnavailableError('14 UNAVAILABLE: No connection established. Last error: Error: connect ECONNREFUSED 127.0.0.1:23799. Resolution note: '),
@@ -37,6 +37,17 @@ const cases: [string, Error, { kind: string; text: string; transient?: boolean }
     'TLS to a plain-text etcd, as Node says it',
     new GRPCUnavailableError('14 UNAVAILABLE: No connection established. Last error: Error: Client network socket disconnected before secure TLS connection was established. Resolution note: '),
     { kind: 'unsent', text: 'TLS failed: the server closed the connection in the handshake (not a TLS endpoint?)' },
+  ],
+  [
+    'TLS to a plain-text etcd that reset the connection',
+    new GRPCUnavailableError('14 UNAVAILABLE: No connection established. Last error: Error: read ECONNRESET. Resolution note: '),
+    { kind: 'unsent', text: 'TLS failed: the server reset the connection in the handshake (not a TLS endpoint?)' },
+    true,
+  ],
+  [
+    'a plain-text connection reset while it was made',
+    new GRPCUnavailableError('14 UNAVAILABLE: No connection established. Last error: Error: read ECONNRESET. Resolution note: '),
+    { kind: 'unsent', text: 'connection reset while connecting' },
   ],
   [
     'a host name that does not resolve',
@@ -69,9 +80,9 @@ const cases: [string, Error, { kind: string; text: string; transient?: boolean }
   ],
 ];
 
-for (const [name, err, want] of cases) {
+for (const [name, err, want, tls] of cases) {
   test(`etcd error: ${name}`, () => {
-    const f = classifyEtcdError(err, 5000);
+    const f = classifyEtcdError(err, 5000, tls);
     assert.equal(f.kind, want.kind);
     assert.equal(f.text, want.text);
     assert.equal(f.transient, want.transient ?? false);

@@ -27,7 +27,8 @@ export interface EtcdFailure {
 const TRANSIENT_ETCD =
   /^(no leader|leader changed|request timed out|request cancelled|server stopped|not capable|unhealthy cluster|timed out|proposal dropped|raft: proposal dropped)/;
 
-export function classifyEtcdError(err: unknown, timeoutMs: number): EtcdFailure {
+/** `tls`: the member is spoken to over TLS (a connection reset then happened in its handshake). */
+export function classifyEtcdError(err: unknown, timeoutMs: number, tls = false): EtcdFailure {
   if (err instanceof ClientClosedError) return { kind: 'unsent', text: 'the client is closed', transient: false };
   const raw = err instanceof Error ? err.message : String(err);
   // "14 UNAVAILABLE: details": the code is the class of the error; people need the details.
@@ -43,7 +44,7 @@ export function classifyEtcdError(err: unknown, timeoutMs: number): EtcdFailure 
   if (err instanceof GRPCDeadlineExceededError || /^Deadline exceeded/.test(details))
     return { kind: 'unknown', text: `no answer within ${formatSeconds(timeoutMs)}`, transient: false };
   const noConn = /^No connection established\. Last error: (.*?)(?:\. Resolution note:.*)?$/.exec(details);
-  if (noConn) return { kind: 'unsent', text: describeConnectError(noConn[1]!), transient: false };
+  if (noConn) return { kind: 'unsent', text: describeConnectError(noConn[1]!, tls), transient: false };
   if (/^Stream refused by server/.test(details)) return { kind: 'unsent', text: 'the member refused the request', transient: false };
   if (/^Channel closed before call started/.test(details)) return { kind: 'unsent', text: 'connection closed', transient: false };
   if (/^Name resolution failed/.test(details)) return { kind: 'unsent', text: 'unknown host', transient: false };
@@ -55,7 +56,7 @@ export function classifyEtcdError(err: unknown, timeoutMs: number): EtcdFailure 
 }
 
 /** The reason a connection could not be made, in a few words (gRPC wraps Node's socket errors). */
-export function describeConnectError(text: string): string {
+export function describeConnectError(text: string, tls = false): string {
   const t = text.replace(/^Error: /, '').replace(/\s*\(\d{4}-\d\d-\d\dT[\d:.]+Z\)/g, '').trim();
   if (/ECONNREFUSED/.test(t)) return 'connection refused';
   if (/ETIMEDOUT/.test(t)) return 'connection timed out';
@@ -66,6 +67,9 @@ export function describeConnectError(text: string): string {
   // gRPC's words for an HTTP/2 handshake that never completed: a TLS server spoken to in plain text.
   if (/^Failed to connect/.test(t)) return 'the connection failed in its handshake (a TLS endpoint spoken to without TLS?)';
   if (/disconnected before secure TLS connection/.test(t)) return 'TLS failed: the server closed the connection in the handshake (not a TLS endpoint?)';
+  // A plain-text server that closes on a ClientHello it has not read resets instead of closing:
+  // the same failure as above, told apart only by the timing of the server's read.
+  if (/ECONNRESET/.test(t)) return tls ? 'TLS failed: the server reset the connection in the handshake (not a TLS endpoint?)' : 'connection reset while connecting';
   // OpenSSL: "...:error:0A00010B:SSL routines::wrong version number"; Node: "self-signed certificate".
   const ssl = /SSL routines:[^:]*:+(.*)$/.exec(t);
   if (ssl) return `TLS failed: ${ssl[1]}`;
