@@ -126,7 +126,7 @@ test('npm run bench, small: both sides of every job, medians of 3 with min and m
   for (const job of ['P1', 'P2', 'P3', 'P4']) assert.match(r.stdout, new RegExp(`^\\| ${job} .*\\| \\d+\\.\\d{3} \\((met|missed)\\) \\|$`, 'm'));
   assert.match(r.stdout, /^\| P5 .*\| \d+\.\dx \((met|missed)\) \|$/m);
   assert.match(r.stdout, /^\| P1 against the replicated disk limit \| .* \| disk write \/ 2 .* \| >= 0\.8 \| \d+\.\d{3} \((met|missed)\) \|$/m);
-  assert.match(r.stdout, /^machine limits .*: disk sequential write \d+ MiB\/s .*raw Node TCP on loopback \d+ MiB\/s/m);
+  assert.match(r.stdout, /^machine limits .*: disk sequential write \d+(\.\d)? MiB\/s .*raw Node TCP on loopback \d+(\.\d)? MiB\/s/m);
   assert.match(r.stdout, /^\| job \| etcd \| torusd-1 \| torusd-2 \| torusd-3 \| nbdserve \| fio \| nbdkit \| fio \(nbdkit runs\) \|$/m);
   for (const job of ['P1', 'P2', 'P3', 'P4', 'P5']) assert.match(r.stdout, new RegExp(`^\\| ${job} (\\| \\d+\\.\\d+ / \\d+(\\.\\d)? ){8}\\|$`, 'm'));
   assert.match(r.stdout, /^peak RSS: etcd .*nbdserve .*nbdkit /m);
