@@ -10,6 +10,7 @@ import { TorusError, isTorusError } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { SectorRead } from '../core/interfaces.js';
 import { LruCache } from '../core/lru.js';
+import { SlabAllocator } from '../core/slab.js';
 import { checkRange, unavailable, type BlockInspection, type BlockStoreStats, type VerifyResult } from './common.js';
 import { readFull, ioError, noop } from './file-store-io.js';
 import { DRAINING, OPEN, USED } from './file-store-slots.js';
@@ -18,6 +19,13 @@ import { RECORD_SIZE, RECORD_USED, keyToRef, refKey, scanRecord, type Layout, ty
 
 /** Bounds the checksum-array cache: 8 MiB of arrays cover 8 GiB of data (about 20 MiB of memory). */
 const SUMS_CACHE_BYTES = 8 * 1024 * 1024;
+
+/**
+ * Where small reads land: a random 4 KiB read is on its way into a reply, and a buffer of its own
+ * each time (Node's pool stops short of 4 KiB) cost 6% of a serving node's time on P3 in
+ * allocation alone (docs/performance.md, thirteenth round). Whole blocks keep buffers of their own.
+ */
+const smallReads = new SlabAllocator(128 * 1024, 16 * 1024);
 
 /** Cached checksum arrays by slot, each valid for one generation. */
 export type SumsCache = LruCache<number, { gen: number; sums: Buffer }>;
@@ -74,7 +82,7 @@ export async function readSlotSectors(
 ): Promise<{ buf: Buffer; sums: Buffer } | string> {
   const start = s0 * f.sectorSize;
   const end = Math.min(s1 * f.sectorSize, f.blockSize);
-  const buf = Buffer.allocUnsafe(end - start);
+  const buf = smallReads.alloc(end - start);
   const cached = gen === undefined ? undefined : sumsCache?.get(slot);
   const hit = cached !== undefined && cached.gen === gen;
   let sums: Buffer;
