@@ -427,16 +427,16 @@ export class Distributor {
    */
   async getBlock(ref: BlockRef, crc?: number): Promise<Buffer> {
     const cache = this.cache;
-    if (!cache) return this.read(ref, 0, 0, crc);
+    const local = this.servedLocally(ref);
+    if (!cache || local) return this.read(ref, 0, 0, crc, local);
     const key = blockRefKey(ref);
     const cached = cache.get(key);
     if (cached) {
       this.stats.cacheHits++;
       return cached;
     }
-    const local = this.servedLocally(ref);
-    const data = await this.read(ref, 0, 0, crc);
-    if (!local) cache.set(key, data);
+    const data = await this.read(ref, 0, 0, crc, false);
+    cache.set(key, data);
     return data;
   }
 
@@ -459,20 +459,20 @@ export class Distributor {
     if (offset < 0 || length <= 0 || offset + length > this.blockSize)
       throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);
     const cache = this.cache;
-    if (!cache) return this.read(ref, offset, length, crc);
+    const local = this.servedLocally(ref);
+    if (!cache || local) return this.read(ref, offset, length, crc, local);
     const key = blockRefKey(ref);
     const cached = cache.get(key);
     if (cached) {
       this.stats.cacheHits++;
       return cached.subarray(offset, offset + length);
     }
-    if (this.servedLocally(ref)) return this.read(ref, offset, length, crc);
     // Small reads are cached by aligned chunk, so a working set of scattered 4 KiB reads can hit
     // without every miss fetching its whole block. The replica verifies whole sectors anyway, so
     // fetching the aligned span costs little more than the exact range.
     const c0 = Math.floor(offset / CACHE_CHUNK);
     const c1 = Math.ceil((offset + length) / CACHE_CHUNK);
-    if (c1 - c0 > MAX_CACHED_CHUNKS) return this.read(ref, offset, length, crc);
+    if (c1 - c0 > MAX_CACHED_CHUNKS) return this.read(ref, offset, length, crc, false);
     const chunks: Buffer[] = [];
     for (let c = c0; c < c1; c++) {
       const chunk = cache.get(`${key}@${c}`);
@@ -486,7 +486,7 @@ export class Distributor {
       return joined.subarray(at, at + length);
     }
     const start = c0 * CACHE_CHUNK;
-    const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start, crc);
+    const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start, crc, false);
     // Cached as a copy of its own when it is a view: a small RPC payload can pin a 64 KiB socket
     // buffer (src/rpc/codec.ts), which would let the cache hold 16 times what it counts. What the
     // local store read is a buffer of its own already (callers never write into what a read
@@ -538,7 +538,25 @@ export class Distributor {
     return to.transport.get(to.target, ref, offset, length, timeoutMs);
   }
 
-  private async read(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer> {
+  /** `local`: this node's own disk holds `ref` (servedLocally), as the caller has just asked. */
+  private async read(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean): Promise<Buffer> {
+    // Our own replica, the common case on a storage node: read at once, without walking the ring
+    // for a list of candidates. A failure goes on to the other replicas like any failed read.
+    if (!local || this.readLevel === 'spread') return this.readReplicas(ref, offset, length, crc);
+    const self = this.opts.self!.uuid;
+    try {
+      const data = await this.readFrom(self, ref, offset, length, this.readTimeoutMs, crc);
+      this.stats.reads++;
+      this.stats.readBytes += data.length;
+      return data;
+    } catch (err) {
+      if (isTorusError(err, 'INVALID_ARGUMENT')) throw err;
+      return this.readReplicas(ref, offset, length, crc, { uuid: self, err });
+    }
+  }
+
+  /** Reads from the replicas in turn (or all owners at once, `spread`); `tried` failed already. */
+  private async readReplicas(ref: BlockRef, offset: number, length: number, crc: number | undefined, tried?: { uuid: string; err: unknown }): Promise<Buffer> {
     const peers = this.candidates(ref);
     if (peers.length === 0) throw new TorusError('NO_PEER', 'the ring has no members');
     const bad: string[] = [];
@@ -560,6 +578,7 @@ export class Distributor {
       if (bad.length > 0) this.scheduleRepair(ref, bad, from, crc);
       return data;
     };
+    if (tried) note(tried.uuid, tried.err);
 
     if (this.readLevel === 'spread') {
       const owners = peers.slice(0, Math.max(1, this.opts.ring().getPeers(ref).replication));
@@ -586,10 +605,10 @@ export class Distributor {
     for (let round = 0; round < rounds; round++) {
       const timeout = this.readTimeoutMs * 2 ** round;
       for (const [i, uuid] of peers.entries()) {
-        if (bad.includes(uuid)) continue;
+        if (bad.includes(uuid) || (round === 0 && uuid === tried?.uuid)) continue;
         try {
           const data = await this.readFrom(uuid, ref, offset, length, timeout, crc);
-          if (i > 0 || round > 0) this.stats.replicaFallbacks++;
+          if (i > 0 || round > 0 || tried) this.stats.replicaFallbacks++;
           return done(data, uuid);
         } catch (err) {
           note(uuid, err);

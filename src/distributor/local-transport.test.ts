@@ -191,3 +191,24 @@ test("a node's read cache keeps what came over the network, not its own replicas
   assert.ok(remoteMore > 0 && remoteMore < more.length);
   assert.equal(node.memory().readCache, (remote.length + remoteMore) * bs);
 });
+
+test("a node's own copy that is corrupt: the read goes to the other replica, counts a fallback, and the local copy is repaired", async () => {
+  const c = await twoNodes();
+  const data = randomBytes(BS);
+  const crc = crc32c(data);
+  for (const [i, whole] of [[1, true], [2, false]] as const) {
+    const r = { volume: 1, inode: 1, index: i, type: BlockType.Data };
+    await c.node.putBlock(r, data, { crc });
+    await c.node.flush();
+    c.a.corruptBlock(r);
+    const before = c.node.stats.replicaFallbacks;
+    const got = whole ? await c.node.getBlock(r, crc) : await c.node.readRange(r, 100, 200, crc);
+    assert.deepEqual(got, whole ? data : data.subarray(100, 300));
+    assert.equal(c.node.stats.replicaFallbacks, before + 1, 'served by the other replica');
+    assert.ok(c.calls.includes('getSectors b'), 'asked b over the network');
+    await c.node.idle();
+    assert.deepEqual(await c.a.getBlock(r), data, 'node a holds a good copy again');
+  }
+  assert.equal(c.node.stats.checksumFailures, 2);
+  assert.equal(c.node.stats.repairs, 2);
+});
