@@ -70,6 +70,11 @@ test('firstBadSector: -1 for sectors that match their checksums, else the first 
     assert.equal(firstBadSector(bad, sector, sums, 0), s, `byte ${flip}`);
     if (s >= 3) assert.equal(firstBadSector(bad.subarray(3 * sector), sector, sums, 3), s, `byte ${flip}, from sector 3`);
   }
+  // One sector alone (a random 4 KiB read), after a longer check left other sums in the scratch.
+  const one = Buffer.from(block.subarray(7 * sector, 8 * sector));
+  assert.equal(firstBadSector(one, sector, sums, 7), -1);
+  one[100]! ^= 1;
+  assert.equal(firstBadSector(one, sector, sums, 7), 7);
   // Two bad sectors: the first is named.
   const two = Buffer.from(block);
   two[9 * sector]! ^= 1;
