@@ -176,3 +176,13 @@ test('npm run bench:floor, small: the primitives measured with their CPU per MiB
   for (const n of ['tcp-onread', 'tcp-data', 'tls-onread', 'crc-native-1MiB']) assert.ok(names.includes(n), `${n} in ${names.join(' ')}`);
   for (const m of json.measures) assert.ok(m.msPerMiB.ours > 0 && Number.isFinite(m.msPerMiB.ours), `${m.name}: ${m.msPerMiB.ours} ms/MiB`);
 });
+
+test('npm run bench:read-path, small: the CPU of a 4 KiB read at each layer on a storage node, in one process', { timeout: 120_000 }, () => {
+  const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'read-path.js'), '--reads', '2000', '--data-dir', dir], { encoding: 'utf8', timeout: 110_000 });
+  assert.equal(r.status, 0, r.stderr + r.stdout);
+  for (const layer of ['store.readSectors', 'distributor.readRange', 'volume.read']) {
+    const m = new RegExp(`^${layer.replace('.', '\\.')} +(\\d+\\.\\d+) µs \\(system \\d+\\.\\d+\\) +(\\d+\\.\\d+) µs`, 'm').exec(r.stdout);
+    assert.ok(m, `${layer} in ${r.stdout}`);
+    assert.ok(Number(m[1]) > 0 && Number(m[2]) > 0, `${layer}: CPU per read measured`);
+  }
+});
