@@ -5,7 +5,10 @@
 // P3 (`npm run bench`) is bound by that node's CPU per read, and its profile cannot tell a
 // syscall's cost from the time the process waited for a core there; this can.
 //
-//   npm run bench:read-path [-- --reads N --block-size SIZE --data-dir DIR]
+//   npm run bench:read-path [-- --reads N --block-size SIZE --read-size SIZE --data-dir DIR]
+//
+// --read-size (default 4 KiB, P3's) up to the block size; a whole block (P2's reads) goes through
+// the distributor's getBlock.
 //
 // Each layer is timed twice with 32 reads in flight; CPU is user + system of this process.
 import { randomBytes } from 'node:crypto';
@@ -27,13 +30,15 @@ const { values: argv } = parseArgs({
   options: {
     reads: { type: 'string', default: '200000' },
     'block-size': { type: 'string', default: '64KiB' },
+    'read-size': { type: 'string', default: '4KiB' },
     'data-dir': { type: 'string' },
   },
 });
 const N = Number(argv.reads);
 const BS = parseSize(argv['block-size']);
 const SIZE = 256 * 1024 * 1024;
-const READ = 4096;
+const READ = parseSize(argv['read-size']);
+if (READ % 4096 !== 0 || READ > BS || BS % READ !== 0) throw new Error('--read-size must be a multiple of 4 KiB that divides the block size');
 const QD = 32;
 
 const dir = mkdtempSync(join(argv['data-dir'] ?? tmpdir(), 'torus-read-path-'));
@@ -71,10 +76,10 @@ try {
   const perBlock = BS / READ;
   const layers: [string, (p: { ref: BlockRef; crc: number }, within: number, at: number) => Promise<unknown>][] = [
     ['store.readSectors', (p, within) => store.readSectors(p.ref, within, READ)],
-    ['distributor.readRange', (p, within) => dist.readRange(p.ref, within, READ, p.crc)],
+    READ === BS ? ['distributor.getBlock', (p) => dist.getBlock(p.ref, p.crc)] : ['distributor.readRange', (p, within) => dist.readRange(p.ref, within, READ, p.crc)],
     ['volume.read', (_p, _within, at) => vol.read(at, READ)],
   ];
-  console.log(`random ${READ}-byte reads, ${QD} in flight, ${N} per repetition, block size ${BS}, ${SIZE / 1048576} MiB volume (page cache warm)`);
+  console.log(`random ${READ}-byte reads (CPU per read, and per MiB read), ${QD} in flight, ${N} per repetition, block size ${BS}, ${SIZE / 1048576} MiB volume (page cache warm)`);
   for (const [name, op] of layers) {
     const runs: string[] = [];
     for (let rep = 0; rep < 2; rep++) {
@@ -89,7 +94,8 @@ try {
       };
       await Promise.all(Array.from({ length: QD }, worker));
       const c = process.cpuUsage(c0);
-      runs.push(`${((c.user + c.system) / N).toFixed(2)} µs (system ${(c.system / N).toFixed(2)})`);
+      const us = (c.user + c.system) / N;
+      runs.push(`${us.toFixed(2)} µs (system ${(c.system / N).toFixed(2)}), ${((us * 1024) / (READ / 1024) / 1000).toFixed(2)} ms/MiB`);
     }
     console.log(`${name.padEnd(24)} ${runs.join('   ')}`);
   }

@@ -181,7 +181,7 @@ test('npm run bench:read-path, small: the CPU of a 4 KiB read at each layer on a
   const r = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'read-path.js'), '--reads', '2000', '--data-dir', dir], { encoding: 'utf8', timeout: 110_000 });
   assert.equal(r.status, 0, r.stderr + r.stdout);
   for (const layer of ['store.readSectors', 'distributor.readRange', 'volume.read']) {
-    const m = new RegExp(`^${layer.replace('.', '\\.')} +(\\d+\\.\\d+) µs \\(system \\d+\\.\\d+\\) +(\\d+\\.\\d+) µs`, 'm').exec(r.stdout);
+    const m = new RegExp(`^${layer.replace('.', '\\.')} +(\\d+\\.\\d+) µs \\(system \\d+\\.\\d+\\), \\d+\\.\\d+ ms/MiB +(\\d+\\.\\d+) µs`, 'm').exec(r.stdout);
     assert.ok(m, `${layer} in ${r.stdout}`);
     assert.ok(Number(m[1]) > 0 && Number(m[2]) > 0, `${layer}: CPU per read measured`);
   }
