@@ -488,9 +488,9 @@ export class Distributor {
     const start = c0 * CACHE_CHUNK;
     const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start, crc, false);
     // Cached as a copy of its own when it is a view: a small RPC payload can pin a 64 KiB socket
-    // buffer (src/rpc/codec.ts), which would let the cache hold 16 times what it counts. What the
-    // local store read is a buffer of its own already (callers never write into what a read
-    // returns: cache hits hand out the cached bytes themselves).
+    // buffer (src/rpc/codec.ts), which would let the cache hold 16 times what it counts. A buffer
+    // that is all of its memory is kept as it is (callers never write into what a read returns:
+    // cache hits hand out the cached bytes themselves).
     const own = ownBuffer(span);
     for (let c = c0; c < c1; c++) cache.set(`${key}@${c}`, own.subarray((c - c0) * CACHE_CHUNK, (c - c0 + 1) * CACHE_CHUNK));
     return span.subarray(at, at + length);

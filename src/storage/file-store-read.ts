@@ -22,8 +22,8 @@ const SUMS_CACHE_BYTES = 8 * 1024 * 1024;
 
 /**
  * Where small reads land: a random 4 KiB read is on its way into a reply, and a buffer of its own
- * each time (Node's pool stops short of 4 KiB) cost 6% of a serving node's time on P3 in
- * allocation alone (docs/performance.md, thirteenth round). Whole blocks keep buffers of their own.
+ * each time (Node's pool stops short of 4 KiB) cost 2.3–2.5 µs more than reading into a reused
+ * one, a slab 0.5–0.7 (docs/performance.md, thirteenth round). Whole blocks keep buffers of their own.
  */
 const smallReads = new SlabAllocator(128 * 1024, 16 * 1024);
 
@@ -82,7 +82,9 @@ export async function readSlotSectors(
 ): Promise<{ buf: Buffer; sums: Buffer } | string> {
   const start = s0 * f.sectorSize;
   const end = Math.min(s1 * f.sectorSize, f.blockSize);
-  const buf = smallReads.alloc(end - start);
+  // Only part of a block: a whole one may be kept (a log block's records during a replay are views
+  // of it), and a view would keep its whole slab alive.
+  const buf = end - start < f.blockSize ? smallReads.alloc(end - start) : Buffer.allocUnsafe(end - start);
   const cached = gen === undefined ? undefined : sumsCache?.get(slot);
   const hit = cached !== undefined && cached.gen === gen;
   let sums: Buffer;

@@ -190,6 +190,27 @@ describe('FileBlockStore', () => {
       }
     }));
 
+  it('a part of a block is read into a shared slab, a whole block into a buffer of its own (a kept view would hold its slab)', () =>
+    withTmpDir(async (dir) => {
+      const bs = 16 * 1024; // the slab takes reads up to 16 KiB: a whole block of this size must not
+      const s = await FileBlockStore.open({ dir, blockSize: bs, sizeBytes: 8 * bs });
+      try {
+        await s.putBlock(dataRef(1, 1, 0), pattern(3, bs));
+        const whole = await s.readSectors(dataRef(1, 1, 0), 0, bs);
+        assert.deepEqual(whole.data, pattern(3, bs));
+        assert.equal(whole.data.buffer.byteLength, bs, 'a whole block is all of its memory');
+        assert.deepEqual(await s.getBlock(dataRef(1, 1, 0)), pattern(3, bs));
+        assert.equal((await s.getBlock(dataRef(1, 1, 0))).buffer.byteLength, bs);
+        const a = await s.readRange(dataRef(1, 1, 0), 4096, 4096);
+        const b = await s.readRange(dataRef(1, 1, 0), 8192, 100);
+        assert.deepEqual(a, pattern(3, bs).subarray(4096, 8192));
+        assert.deepEqual(b, pattern(3, bs).subarray(8192, 8292));
+        for (const x of [a, b]) assert.ok(x.buffer.byteLength >= 64 * 1024, `a small read is a view of a slab (${x.buffer.byteLength} bytes)`);
+      } finally {
+        await s.close();
+      }
+    }));
+
   it('close() makes unflushed writes durable', () =>
     withTmpDir(async (dir) => {
       let s = await openStore(dir, 4);
