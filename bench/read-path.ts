@@ -16,6 +16,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { usageExits } from '../scripts/lib/cli.js';
 import type { BlockRef } from '../src/core/ids.js';
 import { parseSize } from '../src/core/units.js';
 import { Distributor } from '../src/distributor/distributor.js';
@@ -26,19 +27,24 @@ import { FileBlockStore } from '../src/storage/file-store.js';
 import { VolumeMeta } from '../src/volume/meta.js';
 import { BlockVolume } from '../src/volume/volume.js';
 
-const { values: argv } = parseArgs({
-  options: {
-    reads: { type: 'string', default: '200000' },
-    'block-size': { type: 'string', default: '64KiB' },
-    'read-size': { type: 'string', default: '4KiB' },
-    'data-dir': { type: 'string' },
-  },
-});
+const { usage, orUsage } = usageExits('read-path');
+const { values: argv } = orUsage(() =>
+  parseArgs({
+    options: {
+      reads: { type: 'string', default: '200000' },
+      'block-size': { type: 'string', default: '64KiB' },
+      'read-size': { type: 'string', default: '4KiB' },
+      'data-dir': { type: 'string' },
+    },
+  }),
+);
 const N = Number(argv.reads);
-const BS = parseSize(argv['block-size']);
+if (!Number.isInteger(N) || N < 1) usage(`--reads ${argv.reads}: expected a positive integer`);
+const BS = orUsage(() => parseSize(argv['block-size']));
 const SIZE = 256 * 1024 * 1024;
-const READ = parseSize(argv['read-size']);
-if (READ % 4096 !== 0 || READ > BS || BS % READ !== 0) throw new Error('--read-size must be a multiple of 4 KiB that divides the block size');
+if (BS % 4096 !== 0 || SIZE % BS !== 0) usage(`--block-size ${argv['block-size']}: expected a multiple of 4 KiB that divides ${SIZE / 1048576} MiB`);
+const READ = orUsage(() => parseSize(argv['read-size']));
+if (READ % 4096 !== 0 || READ > BS || BS % READ !== 0) usage(`--read-size ${argv['read-size']}: expected a multiple of 4 KiB that divides the block size`);
 const QD = 32;
 
 const dir = mkdtempSync(join(argv['data-dir'] ?? tmpdir(), 'torus-read-path-'));

@@ -185,4 +185,15 @@ test('npm run bench:read-path, small: the CPU of a 4 KiB read at each layer on a
     assert.ok(m, `${layer} in ${r.stdout}`);
     assert.ok(Number(m[1]) > 0 && Number(m[2]) > 0, `${layer}: CPU per read measured`);
   }
+  for (const [args, why] of [
+    [['--reads', 'many'], /^read-path: --reads many: expected a positive integer$/],
+    [['--read-size', '6KiB'], /^read-path: --read-size 6KiB: expected a multiple of 4 KiB that divides the block size$/],
+    [['--block-size', 'big'], /^read-path: /],
+    [['--nope'], /^read-path: /],
+  ] as const) {
+    const bad = spawnSync(process.execPath, [join(REPO, 'dist', 'bench', 'read-path.js'), ...args], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(bad.status, 2, `${args.join(' ')}: ${bad.stderr}`);
+    assert.equal(bad.stderr.trim().split('\n').length, 1, `one line: ${bad.stderr}`);
+    assert.match(bad.stderr.trim(), why);
+  }
 });
