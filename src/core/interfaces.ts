@@ -78,6 +78,15 @@ export interface BlockStore {
    */
   readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead>;
   /**
+   * readSectors into the caller's memory: `into` receives the sectors from `offset` (a multiple
+   * of the sector size) on, and its length is whole sectors or reaches the end of the block. The
+   * answer's `data` is `into`. Lets a reply buffer be filled straight from the disk, without a
+   * buffer per read. On failure `into` holds garbage.
+   */
+  readSectorsInto?(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead>;
+  /** The sector size of readSectors' checksums; a store with readSectorsInto tells it. */
+  readonly sectorSize?: number;
+  /**
    * Stores a block (data shorter than blockSize is zero-padded). Storing a ref that already
    * exists is a no-op. OUT_OF_SPACE when full; CORRUPT when `opts.crc` is given and the block
    * as stored does not match it (damaged on the way). Durable only after `flush`.
@@ -186,6 +195,12 @@ export interface BlockDevice {
   read(offset: number, length: number): Promise<Buffer>;
   /** The same bytes in pieces, in order, when the device holds them apart (also read-only). */
   readv?(offset: number, length: number): Promise<readonly Buffer[]>;
+  /**
+   * The same bytes into the caller's buffer (`into.length` of them), which the caller reuses once
+   * it is done with them: for a front end that keeps its reply buffers. On failure `into` holds
+   * garbage.
+   */
+  readInto?(offset: number, into: Buffer): Promise<void>;
   /**
    * `fua`: durable before it resolves, as if followed by flush(). `adopt`: the caller hands `data`
    * over and never touches it again, so the device may keep it instead of copying (the NBD server

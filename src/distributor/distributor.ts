@@ -496,6 +496,44 @@ export class Distributor {
     return span.subarray(at, at + length);
   }
 
+  /**
+   * readRange (getBlock when `into` is the whole block) into the caller's buffer. A storage node's
+   * own replica is read straight into it, checked the same way, without a buffer of its own; what
+   * comes from anywhere else (another node, the cache) is copied in.
+   */
+  async readRangeInto(ref: BlockRef, offset: number, into: Buffer, crc?: number): Promise<void> {
+    const length = into.length;
+    if (offset < 0 || length <= 0 || offset + length > this.blockSize)
+      throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);
+    const self = this.opts.self;
+    const store = self?.store;
+    const sector = store?.sectorSize ?? 0;
+    if (
+      crc !== undefined &&
+      store?.readSectorsInto &&
+      sector > 0 &&
+      this.readLevel !== 'spread' &&
+      offset % sector === 0 &&
+      (length % sector === 0 || offset + length === this.blockSize) &&
+      store.hasBlock(ref)
+    ) {
+      try {
+        const read = await store.readSectorsInto(ref, offset, into);
+        verifySectorRead(read, this.blockSize, crc, offset, length, false, `block ${formatBlockRef(ref)} from ${self!.uuid}`);
+        this.stats.reads++;
+        this.stats.readBytes += length;
+        return;
+      } catch (err) {
+        if (isTorusError(err, 'INVALID_ARGUMENT')) throw err;
+        // The other replicas, the local failure noted so that the bad copy is repaired.
+        (await this.readReplicas(ref, offset, length, crc, { uuid: self!.uuid, err })).copy(into);
+        return;
+      }
+    }
+    const data = offset === 0 && length === this.blockSize ? await this.getBlock(ref, crc) : await this.readRange(ref, offset, length, crc);
+    data.copy(into);
+  }
+
   private candidates(ref: BlockRef): string[] {
     const perm = this.opts.ring().getPeers(ref);
     const order = [...perm.peers];

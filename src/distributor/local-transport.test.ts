@@ -212,3 +212,57 @@ test("a node's own copy that is corrupt: the read goes to the other replica, cou
   assert.equal(c.node.stats.checksumFailures, 2);
   assert.equal(c.node.stats.repairs, 2);
 });
+
+test("readRangeInto fills the caller's buffer: a node's own replica straight from its disk, every other block copied in", async () => {
+  const c = await twoNodes();
+  // What node a's store was asked to read into, to see that it got the caller's own memory.
+  const intos: Buffer[] = [];
+  const inner = c.a.readSectorsInto.bind(c.a);
+  c.a.readSectorsInto = (ref, offset, into) => {
+    intos.push(into);
+    return inner(ref, offset, into);
+  };
+  const refs = Array.from({ length: 30 }, (_, i) => ({ type: BlockType.Data, volume: 1, inode: 1, index: i }));
+  const blocks = refs.map(() => randomBytes(BS));
+  for (let i = 0; i < refs.length; i++) await c.node.putBlock(refs[i]!, blocks[i]!, { crc: crc32c(blocks[i]!) >>> 0 });
+  await c.node.flush();
+  // R=2 of two nodes: a holds everything. Drop some of a's copies so that those come from b.
+  const remote = refs.filter((_, i) => i % 3 === 0);
+  for (const r of remote) await c.a.deleteBlock(r);
+  c.calls.length = 0;
+  for (const r of refs) {
+    const want = blocks[r.index]!;
+    const crc = crc32c(want) >>> 0;
+    const whole = Buffer.alloc(BS, 0xee);
+    intos.length = 0;
+    await c.node.readRangeInto(r, 0, whole, crc);
+    assert.deepEqual(whole, want, `block ${r.index}`);
+    const local = !remote.includes(r);
+    assert.equal(intos.length === 1 && intos[0] === whole, local, `block ${r.index}: read into the caller's buffer by the store only when local`);
+    // Inside one sector: read as a range and copied in.
+    const page = Buffer.alloc(2048, 0xee);
+    await c.node.readRangeInto(r, 1024, page, crc);
+    assert.deepEqual(page, want.subarray(1024, 3072));
+  }
+  assert.equal(c.calls.filter((x) => x === 'getSectors b').length, remote.length * 2, `only b's blocks crossed the network: ${c.calls.join(', ')}`);
+  assert.ok(!c.calls.some((x) => x.endsWith(' a')));
+  await assert.rejects(c.node.readRangeInto(refs[1]!, BS - 10, Buffer.alloc(11), crc32c(blocks[1]!)), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+});
+
+test('readRangeInto of a corrupt own copy: the caller gets the other replica\'s bytes, a fallback is counted, the copy is repaired', async () => {
+  const c = await twoNodes();
+  const data = randomBytes(BS);
+  const crc = crc32c(data) >>> 0;
+  const r = { volume: 1, inode: 1, index: 7, type: BlockType.Data };
+  await c.node.putBlock(r, data, { crc });
+  await c.node.flush();
+  c.a.corruptBlock(r);
+  const into = Buffer.alloc(BS, 0xee);
+  await c.node.readRangeInto(r, 0, into, crc);
+  assert.deepEqual(into, data);
+  assert.equal(c.node.stats.replicaFallbacks, 1);
+  assert.equal(c.node.stats.checksumFailures, 1);
+  await c.node.idle();
+  assert.deepEqual(await c.a.getBlock(r), data, 'node a holds a good copy again');
+  assert.equal(c.node.stats.repairs, 1);
+});

@@ -2,6 +2,7 @@ import { existsSync } from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { ByteBudget, type BudgetHolder } from '../core/budget.js';
+import { BufferPool } from '../core/buffer-pool.js';
 import { directSocket } from '../core/direct-socket.js';
 import { toTorusError, TorusError } from '../core/errors.js';
 import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
@@ -180,6 +181,16 @@ const SPARSE_READ_MIN = 64 * 1024;
 const MAX_DESCRIPTORS = 64 * 1024;
 /** CACHE warms the device in pieces this big, so a large hint never holds one huge buffer. */
 const CACHE_PIECE = 4 * 1024 * 1024;
+
+/**
+ * Reply buffers kept idle for reuse, for all connections together: eight 1 MiB reads in flight
+ * and the small ones beside them. A device that can read into the caller's memory (readInto)
+ * fills one of these, and it goes back once the socket has taken the reply: no buffer per read,
+ * so no page faults and none of the garbage collections a stream of fresh buffers sets off.
+ */
+const IDLE_REPLY_BYTES = 16 * 1024 * 1024;
+/** Reply buffers come in powers of two from here, so that reads of nearby sizes share them. */
+const MIN_REPLY_CLASS = 4096;
 /** A plaintext connection's read buffer for everything but WRITE payloads (see NbdServer.accept). */
 const READ_BUFFER = 64 * 1024;
 
@@ -209,6 +220,8 @@ export class NbdServer {
   private readonly maxConnections: number;
   /** Shared with connections. */
   readonly budget: ByteBudget;
+  /** Reply buffers for devices with readInto, shared with connections. */
+  readonly replyBuffers = new BufferPool(IDLE_REPLY_BYTES);
   readonly logThrottle = new LogThrottle();
   /** Mutable counters shared with connections. */
   readonly counters = {
@@ -924,6 +937,7 @@ class Connection implements NegotiationLink {
   private async read(req: Request, d: BlockDevice): Promise<void> {
     const { handle, offset, length } = req;
     if (!this.structured) {
+      if (length > 0 && d.readInto) return this.readPooled(d, offset, length, (data) => encodeSimpleReply(handle, 0, data));
       const data = length > 0 ? await readExact(d, offset, length) : undefined;
       return this.send(encodeSimpleReply(handle, 0, data));
     }
@@ -938,7 +952,10 @@ class Connection implements NegotiationLink {
       }
       if (segments && !segments.some((s) => s.zero)) segments = undefined;
     }
-    if (!segments) return this.send(encodeOffsetData(handle, offset, await readExact(d, offset, length), true));
+    if (!segments) {
+      if (d.readInto) return this.readPooled(d, offset, length, (data) => encodeOffsetData(handle, offset, data, true));
+      return this.send(encodeOffsetData(handle, offset, await readExact(d, offset, length), true));
+    }
     // Holes go out as 12-byte OFFSET_HOLE chunks instead of zeroes; the data segments are read
     // in parallel. Every outcome is known before the first chunk is sent, so DONE can go on the
     // last chunk; a segment that failed becomes an ERROR_OFFSET at its start, and the segments
@@ -959,6 +976,24 @@ class Connection implements NegotiationLink {
     chunks.forEach((c, i) => this.send(c(i === chunks.length - 1)));
   }
 
+  /**
+   * Reads into a reply buffer from the server's pool and sends `reply(data)`; the buffer goes back
+   * once the socket has taken the reply (or the connection is gone), never before.
+   */
+  private async readPooled(d: BlockDevice, offset: number, length: number, reply: (data: Buffer) => Buffer[]): Promise<void> {
+    let size = MIN_REPLY_CLASS;
+    while (size < length) size *= 2;
+    const lease = this.server.replyBuffers.take(size);
+    const data = lease.buffer.subarray(0, length);
+    try {
+      await d.readInto!(offset, data);
+    } catch (err) {
+      lease.release();
+      throw err;
+    }
+    this.send(reply(data), () => lease.release());
+  }
+
   private async blockStatus(req: Request, d: BlockDevice): Promise<void> {
     const extents = await d.blockStatus(req.offset, req.length);
     const one = (req.flags & CmdFlag.REQ_ONE) !== 0;
@@ -968,9 +1003,13 @@ class Connection implements NegotiationLink {
 
   // ---- output and teardown
 
-  send(parts: Buffer[]): void {
+  /** `sent`: called once the socket is done with `parts` (written, or the connection gone). */
+  send(parts: Buffer[], sent?: () => void): void {
     const st = this.stream;
-    if (this.phase === 'closed' || st.destroyed || st.writableEnded) return;
+    if (this.phase === 'closed' || st.destroyed || st.writableEnded) {
+      sent?.();
+      return;
+    }
     // Replies finished in the same turn of the event loop (every storage-node answer it read)
     // leave in one writev instead of one syscall each. The last request in flight has nothing to
     // share a write with, and its client is waiting for it (qd 1): it goes at once.
@@ -984,10 +1023,13 @@ class Connection implements NegotiationLink {
         st.uncork();
       });
     }
-    for (const p of parts) {
-      this.sentTotal += p.length;
-      st.write(p);
-    }
+    for (const p of parts) this.sentTotal += p.length;
+    const last = parts.length - 1;
+    for (let i = 0; i < last; i++) st.write(parts[i]);
+    // A stream calls a write's callback once that write and those before it are done, or with an
+    // error when it is destroyed first.
+    if (last >= 0) st.write(parts[last], sent === undefined ? undefined : () => sent());
+    else sent?.();
     if (alone) st.uncork();
     if (this.phase === 'transmission') this.account();
   }

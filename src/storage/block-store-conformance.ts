@@ -179,6 +179,30 @@ export function blockStoreConformance(name: string, factory: StoreFactory): void
         await rejectsWith(s.readSectors(dataRef(1, 3, 0), B - 1, 2), 'INVALID_ARGUMENT');
       }));
 
+    it('reads whole sectors into the caller\'s buffer (readSectorsInto), and refuses a buffer that is not whole sectors', () =>
+      withStore(4, async (s) => {
+        if (!s.readSectorsInto) return;
+        const data = pattern(13, B);
+        const crc = crc32c(data) >>> 0;
+        const ref = dataRef(1, 4, 0);
+        await s.putBlock(ref, data, { crc });
+        for (const [off, len] of [
+          [0, B],
+          [4096, 4096],
+          [0, 4096],
+          [2 * 4096, B - 2 * 4096],
+        ] as const) {
+          const into = Buffer.alloc(len, 0xee);
+          const read = await s.readSectorsInto(ref, off, into);
+          assert.equal(read.data, into, 'the answer is the caller\'s buffer');
+          assert.deepEqual(into, data.subarray(off, off + len), `range ${off}+${len}`);
+          assert.deepEqual(verifySectorRead(read, B, crc, off, len, true, 'conformance'), data.subarray(off, off + len));
+        }
+        await rejectsWith(s.readSectorsInto(ref, 100, Buffer.alloc(4096)), 'INVALID_ARGUMENT');
+        await rejectsWith(s.readSectorsInto(ref, 0, Buffer.alloc(100)), 'INVALID_ARGUMENT');
+        await rejectsWith(s.readSectorsInto(dataRef(1, 4, 1), 0, Buffer.alloc(4096)), 'BLOCK_UNAVAILABLE');
+      }));
+
     it('appends to an open log block, which is unreadable but raw until sealed, then sealed is an ordinary block', () =>
       withStore(4, async (s) => {
         const log: BlockRef = { type: BlockType.Log, volume: 7, inode: 3, index: 2 ** 24 + 1 };

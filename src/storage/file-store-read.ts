@@ -79,12 +79,14 @@ export async function readSlotSectors(
   s1: number,
   gen?: number,
   sumsCache?: SumsCache,
+  into?: Buffer,
 ): Promise<{ buf: Buffer; sums: Buffer } | string> {
   const start = s0 * f.sectorSize;
   const end = Math.min(s1 * f.sectorSize, f.blockSize);
   // Only part of a block: a whole one may be kept (a log block's records during a replay are views
   // of it), and a view would keep its whole slab alive.
-  const buf = end - start < f.blockSize ? smallReads.alloc(end - start) : Buffer.allocUnsafe(end - start);
+  const buf = into ?? (end - start < f.blockSize ? smallReads.alloc(end - start) : Buffer.allocUnsafe(end - start));
+  if (buf.length !== end - start) throw new TorusError('INTERNAL', `a ${buf.length}-byte buffer for sectors ${s0}..${s1} (${end - start} bytes)`);
   const cached = gen === undefined ? undefined : sumsCache?.get(slot);
   const hit = cached !== undefined && cached.gen === gen;
   let sums: Buffer;
@@ -116,13 +118,13 @@ export class SlotReader {
 
   constructor(private readonly s: ReadContext) {}
 
-  private async readChecked(ref: BlockRef, key: string, slot: number, s0: number, s1: number, count = true): Promise<{ buf: Buffer; sums: Buffer }> {
+  private async readChecked(ref: BlockRef, key: string, slot: number, s0: number, s1: number, count = true, into?: Buffer): Promise<{ buf: Buffer; sums: Buffer }> {
     const s = this.s;
     const gen = s.gens[slot]!;
     s.readers[slot]!++;
     let res: { buf: Buffer; sums: Buffer } | string;
     try {
-      res = await readSlotSectors(s, slot, s.sums[slot]!, s0, s1, count ? gen : undefined, this.sumsCache);
+      res = await readSlotSectors(s, slot, s.sums[slot]!, s0, s1, count ? gen : undefined, this.sumsCache, into);
     } catch (err) {
       throw ioError(`reading block ${formatBlockRef(ref)}`, err, s.dir);
     } finally {
@@ -173,17 +175,20 @@ export class SlotReader {
     return read.data.subarray(at, at + length);
   }
 
-  async readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead> {
+  /** With `into` (readSectorsInto): the sectors land there, so it must span whole sectors from `offset`. */
+  async readSectors(ref: BlockRef, offset: number, length: number, into?: Buffer): Promise<SectorRead> {
     const s = this.s;
     s.enter();
     try {
       checkRange(ref, offset, length, s.blockSize);
+      if (into && (offset % s.sectorSize !== 0 || (length % s.sectorSize !== 0 && offset + length !== s.blockSize)))
+        throw new TorusError('INVALID_ARGUMENT', `readSectorsInto: ${offset}+${length} is not whole sectors of ${s.sectorSize} bytes`);
       const key = refKey(ref);
       const slot = this.readableSlot(key);
       if (slot === undefined) throw unavailable(ref);
       const s0 = Math.floor(offset / s.sectorSize);
       const s1 = length === 0 ? s0 : Math.floor((offset + length - 1) / s.sectorSize) + 1;
-      const { buf, sums } = await this.readChecked(ref, key, slot, s0, s1);
+      const { buf, sums } = await this.readChecked(ref, key, slot, s0, s1, true, into);
       return { sectorSize: s.sectorSize, sums, offset: s0 * s.sectorSize, data: buf };
     } finally {
       s.leave();

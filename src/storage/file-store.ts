@@ -254,6 +254,10 @@ export class FileBlockStore implements LocalBlockStore {
     return this.reads.readSectors(ref, offset, length);
   }
 
+  readSectorsInto(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead> {
+    return this.reads.readSectors(ref, offset, into.length, into);
+  }
+
   hasBlock(ref: BlockRef): boolean {
     return this.reads.hasBlock(ref);
   }

@@ -52,6 +52,7 @@ interface Entry {
 
 export class MemoryBlockStore implements LocalBlockStore {
   readonly blockSize: number;
+  readonly sectorSize = SECTOR;
   private readonly capacity: number;
   private readonly blocks = new Map<string, Entry>();
   private nextSeq = 0;
@@ -123,6 +124,14 @@ export class MemoryBlockStore implements LocalBlockStore {
     const sums = Buffer.alloc(4 * Math.ceil(this.blockSize / SECTOR));
     for (let s = 0; s * SECTOR < this.blockSize; s++) sums.writeUInt32LE(crc32c(whole.subarray(s * SECTOR, Math.min((s + 1) * SECTOR, this.blockSize))) >>> 0, s * 4);
     return { sectorSize: SECTOR, sums, offset: start, data };
+  }
+
+  async readSectorsInto(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead> {
+    if (offset % SECTOR !== 0 || (into.length % SECTOR !== 0 && offset + into.length !== this.blockSize))
+      throw new TorusError('INVALID_ARGUMENT', `readSectorsInto: ${offset}+${into.length} is not whole sectors of ${SECTOR} bytes`);
+    const read = await this.readSectors(ref, offset, into.length);
+    read.data.copy(into);
+    return { ...read, data: into };
   }
 
   async putBlock(ref: BlockRef, data: Uint8Array, opts?: { readonly crc?: number }): Promise<void> {

@@ -89,6 +89,10 @@ export class VolumeIo {
       const readv = d.readv.bind(d);
       wrapped.readv = (offset, length) => m('read', length, () => readv(offset, length));
     }
+    if (d.readInto) {
+      const readInto = d.readInto.bind(d);
+      wrapped.readInto = (offset, into) => m('read', into.length, () => readInto(offset, into));
+    }
     // The NBD server describes exports by the device's own description, when it has one.
     const description = (d as { description?: unknown }).description;
     if (typeof description === 'string') Object.assign(wrapped, { description });

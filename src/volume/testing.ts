@@ -8,7 +8,8 @@ import { VolumeMeta } from './meta.js';
 import type { VolumeContext } from './volume.js';
 
 /** A whole cluster in memory (metadata, three stores at R=2, a distributor) for volume unit tests. */
-export async function memoryCluster(blockSize = 4096, capacityBlocks = 100_000, readCacheBytes = 0) {
+/** `self`: the distributor is storage node "a"'s, which reads its own replicas from its store. */
+export async function memoryCluster(blockSize = 4096, capacityBlocks = 100_000, readCacheBytes = 0, self = false) {
   const md = new MemoryMetadataStore();
   const meta = md.client();
   const transport = new MemoryTransport();
@@ -18,7 +19,14 @@ export async function memoryCluster(blockSize = 4096, capacityBlocks = 100_000, 
     return s;
   });
   const ring = createRing(newRingModel('ketama', 2, ['a', 'b', 'c'].map((uuid) => ({ uuid, totalBlocks: capacityBlocks })), 2));
-  const dist = new Distributor({ blockSize, ring: () => ring, target: (uuid) => ({ uuid, address: `mem://${uuid}` }), transport, readCacheBytes });
+  const dist = new Distributor({
+    blockSize,
+    ring: () => ring,
+    target: (uuid) => ({ uuid, address: `mem://${uuid}` }),
+    transport,
+    readCacheBytes,
+    ...(self ? { self: { uuid: 'a', store: stores[0]! } } : {}),
+  });
   const vmeta = new VolumeMeta(meta.kv());
   const session: KVSession = await meta.kv().session(10_000);
   const ctx: VolumeContext = { meta: vmeta, store: dist, session };

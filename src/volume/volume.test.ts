@@ -57,6 +57,82 @@ test('random unaligned writes read back byte-exact, before and after sync and re
   await again.close();
 });
 
+test("readInto fills the caller's buffer with what read returns: whole blocks, journal overlays, pending writes and holes", async () => {
+  // A storage node's volume: its own replicas are read straight into the buffer.
+  const c = await memoryCluster(BS, 100_000, 0, true);
+  const own = c.stores[0]!;
+  let direct = 0;
+  const inner = own.readSectorsInto.bind(own);
+  own.readSectorsInto = (ref, offset, into) => {
+    direct++;
+    return inner(ref, offset, into);
+  };
+  const size = 48 * BS;
+  await c.vmeta.create('v', size);
+  const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  const model = Buffer.alloc(size);
+  const write = async (off: number, data: Buffer): Promise<void> => {
+    await vol.write(off, data);
+    data.copy(model, off);
+  };
+  // Whole blocks folded into the tree, then journal records over some of them, then writes not
+  // yet flushed; blocks 40.. are never written (holes).
+  await write(0, randomBytes(32 * BS));
+  await vol.flush();
+  await vol.foldAll();
+  await writeRandomly(vol, model, 20);
+  await vol.flush();
+  await write(5 * BS + 7, randomBytes(900));
+  await vol.trim(20 * BS, BS);
+  model.fill(0, 20 * BS, 21 * BS);
+  const check = async (off: number, len: number): Promise<void> => {
+    const into = Buffer.alloc(len, 0xee);
+    await vol.readInto(off, into);
+    assert.ok(into.equals(model.subarray(off, off + len)), `readInto ${off}+${len}`);
+    assert.ok(into.equals(await vol.read(off, len)));
+  };
+  for (const [off, len] of [
+    [0, size],
+    [0, BS],
+    [3 * BS, 4 * BS],
+    [5 * BS, BS],
+    [20 * BS - 512, 2 * BS],
+    [38 * BS, 6 * BS],
+    [100, 5000],
+  ] as const)
+    await check(off, len);
+  for (let i = 0; i < 200; i++) {
+    const off = Math.floor(Math.random() * (size - 1));
+    await check(off, 1 + Math.floor(Math.random() * Math.min(3 * BS, size - off - 1)));
+  }
+  assert.ok(direct > 0, 'the node read its own replicas straight into the buffer');
+
+  // A piece that fails: the read fails only once every other piece is done writing into the
+  // buffer, which its caller hands out again as soon as it has the answer.
+  const dist = c.dist as unknown as { readRangeInto: (ref: BlockRef, offset: number, into: Buffer, crc?: number) => Promise<void> };
+  const real = dist.readRangeInto.bind(dist);
+  let calls = 0;
+  let slowDone = 0;
+  dist.readRangeInto = async (ref, offset, into, crc) => {
+    if (calls++ === 0) throw new TorusError('IO', 'injected');
+    await new Promise((r) => setTimeout(r, 20));
+    await real(ref, offset, into, crc);
+    slowDone++;
+  };
+  await c.vmeta.create('w', 3 * BS);
+  const w = await BlockVolume.open(c.ctx, 'w', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+  await w.write(0, randomBytes(3 * BS));
+  await w.flush();
+  await w.foldAll();
+  calls = 0;
+  await assert.rejects(w.readInto(0, Buffer.alloc(3 * BS)), (e) => isTorusError(e, 'IO'));
+  assert.equal(calls, 3);
+  assert.equal(slowDone, 2, 'the other pieces had finished when the read failed');
+  await w.close();
+  await vol.close();
+  await assert.rejects(vol.readInto(0, Buffer.alloc(BS)), (e) => isTorusError(e, 'CLOSED'));
+});
+
 test('a second writer is refused with the holder named; read-only opens are allowed', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 8 * BS);

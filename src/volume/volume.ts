@@ -484,6 +484,34 @@ export class BlockVolume implements BlockDevice {
     return this.readPieces(offset, length);
   }
 
+  /**
+   * read() into the caller's buffer (`into.length` bytes from `offset`): the NBD server's reply
+   * buffer, reused from request to request. A storage node fills it from its own disk directly.
+   */
+  async readInto(offset: number, into: Buffer): Promise<void> {
+    if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
+    this.checkRange(offset, into.length);
+    const index = Math.floor(offset / this.blockSize);
+    const start = offset - index * this.blockSize;
+    if (start + into.length <= this.blockSize) return this.readBlockPartInto(index, start, into);
+    // Every piece settles before the read does, failed or not: the caller reuses `into` once it
+    // has the answer, and a piece still under way would write into whatever it holds by then.
+    const results = await Promise.allSettled(Array.from(this.pieces(offset, into.length), ({ index, start, n, at }) => this.readBlockPartInto(index, start, into.subarray(at, at + n))));
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  private async readBlockPartInto(index: number, start: number, into: Buffer): Promise<void> {
+    const end = start + into.length;
+    const store = this.ctx.store;
+    if (store.readRangeInto && !this.overlay.segments(index).some((s) => s.end > start && s.start < end)) {
+      const ptr = await this.tree.get(index);
+      if (!ptr) into.fill(0);
+      else await store.readRangeInto(ptr.ref, start, into, ptr.crc);
+      return;
+    }
+    (await this.readBlockPart(index, start, into.length)).copy(into);
+  }
+
   private readPieces(offset: number, length: number): Promise<Buffer[]> {
     return Promise.all(Array.from(this.pieces(offset, length), ({ index, start, n }) => this.readBlockPart(index, start, n)));
   }

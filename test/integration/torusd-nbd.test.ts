@@ -45,7 +45,9 @@ before(async () => {
   await ok('torusctl', [...C, 'init', '--block-size', '128KiB', '--replication', '2']);
   nbdPort = await freePort();
   // Node 0 serves NBD; a short lock TTL lets another client take its volume soon after it dies.
-  nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB', extra: ['--nbd-listen', `127.0.0.1:${nbdPort}`, '--nbd-unix', join(dir, 'nbd.sock'), '--lock-ttl', '5s', ...BUDGET_FLAGS] }));
+  // Pooled buffers are poisoned when released (reply buffers among them): a reply whose buffer
+  // went back to the pool before the socket had taken it reaches the clients as garbage.
+  nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB', env: { TORUS_POISON_BUFFERS: '1' }, extra: ['--nbd-listen', `127.0.0.1:${nbdPort}`, '--nbd-unix', join(dir, 'nbd.sock'), '--lock-ttl', '5s', ...BUDGET_FLAGS] }));
   for (let i = 1; i < 3; i++) nodes.push(await startTorusd(etcd.endpoint, { size: '512MiB' }));
   await ok('torusctl', [...C, 'peer', 'add', '--all-peers']);
   assert.match(nodes[0]!.log(), new RegExp(`serving NBD on nbd://127\\.0\\.0\\.1:${nbdPort}`));
