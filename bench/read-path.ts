@@ -1,7 +1,8 @@
 // The CPU a random 4 KiB read costs a storage node on its own replica, layer by layer, in one
 // process: FileBlockStore.readSectors, then the distributor's readRange (the node's own disk,
-// the writer's CRC checked through the sector checksums), then BlockVolume.read. No network, no
-// NBD, no other process: what the serving node spends between the NBD request and its reply.
+// the writer's CRC checked through the sector checksums), then BlockVolume.read and readInto.
+// No network, no NBD, no other process: what the serving node spends between the NBD request
+// and its reply.
 // P3 (`npm run bench`) is bound by that node's CPU per read, and its profile cannot tell a
 // syscall's cost from the time the process waited for a core there; this can.
 //
@@ -84,7 +85,13 @@ try {
     ['store.readSectors', (p, within) => store.readSectors(p.ref, within, READ)],
     READ === BS ? ['distributor.getBlock', (p) => dist.getBlock(p.ref, p.crc)] : ['distributor.readRange', (p, within) => dist.readRange(p.ref, within, READ, p.crc)],
     ['volume.read', (_p, _within, at) => vol.read(at, READ)],
+    // What the NBD server does now: each of the 32 requests in flight reads into a buffer of its
+    // own that is reused (the server's reply buffers), not a fresh one per read.
+    ['volume.readInto', (_p, _within, at) => vol.readInto(at, intoBuffer())],
   ];
+  const spare: Buffer[] = Array.from({ length: QD }, () => Buffer.allocUnsafeSlow(READ));
+  let next = 0;
+  const intoBuffer = (): Buffer => spare[next++ % QD]!;
   console.log(`random ${READ}-byte reads (CPU per read, and per MiB read), ${QD} in flight, ${N} per repetition, block size ${BS}, ${SIZE / 1048576} MiB volume (page cache warm)`);
   for (const [name, op] of layers) {
     const runs: string[] = [];

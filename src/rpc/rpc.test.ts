@@ -3,6 +3,7 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { afterEach, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { BufferPool } from '../core/buffer-pool.js';
 import { TorusError, type ErrorCode } from '../core/errors.js';
 import { BlockType, blockRefKey, type BlockRef } from '../core/ids.js';
 import { crc32c } from '@node-rs/crc32';
@@ -366,6 +367,35 @@ describe('rpc over TCP: end-to-end checksums', () => {
     // The whole block, too (length 0).
     const whole = await c.readSectors(ref(1), 0, 0);
     assert.deepEqual(whole?.data, data);
+  });
+
+  it('sector reads are answered from pooled buffers, each poisoned once the socket is done with it: many in flight, every byte right', async () => {
+    const poisoned = BufferPool.poison;
+    BufferPool.poison = true;
+    try {
+      const bs = 16384;
+      const store = new MemoryBlockStore({ blockSize: bs, capacityBlocks: 64 });
+      const { server, address } = await startServer(store);
+      const c = newClient(address);
+      const blocks = Array.from({ length: 32 }, (_, i) => pattern(i + 7, bs));
+      await c.putBlocks(blocks.map((data, i) => ({ ref: ref(i), data, crc: crc32c(data) >>> 0 })));
+      const ranges = [[0, 0], [0, bs], [5000, 3000], [4096, 4096], [bs - 1, 1]] as const;
+      for (let round = 0; round < 4; round++) {
+        const reads = blocks.flatMap((data, i) => ranges.map(([off, len]) => ({ i, off, len, p: c.readSectors(ref(i), off, len) })));
+        for (const r of reads) {
+          const read = await r.p;
+          assert.ok(read);
+          const data = blocks[r.i]!;
+          const len = r.len === 0 ? bs : r.len;
+          assert.deepEqual(verifySectorRead(read, bs, crc32c(data) >>> 0, r.off, len, true, `block ${r.i} ${r.off}+${r.len}`), data.subarray(r.off, r.off + len));
+        }
+      }
+      const pool = server.stats().pool;
+      assert.ok(pool.reused > pool.allocated, `reply buffers reused: ${pool.reused} reuses, ${pool.allocated} allocations`);
+      await waitFor(() => server.stats().pool.outstanding === 0, 'every reply buffer back in the pool');
+    } finally {
+      BufferPool.poison = poisoned;
+    }
   });
 
   it('a node without sector checksums does not announce them: CRCs are not sent and readSectors says so', async () => {

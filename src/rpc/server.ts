@@ -56,6 +56,9 @@ export interface BlockService {
   readRange(ref: BlockRef, offset: number, length: number): Promise<Buffer>;
   /** Sectors with the block's sector checksums; a service that has it lets clients check reads end to end (EXT_CHECKSUMS). */
   readSectors?(ref: BlockRef, offset: number, length: number): Promise<SectorRead>;
+  /** readSectors into the server's memory (BlockStore.readSectorsInto): a reply without a buffer of its own. */
+  readSectorsInto?(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead>;
+  readonly sectorSize?: number;
   /**
    * `opts.crc`: the writer's CRC of the whole block; CORRUPT if the stored block does not match it.
    * `data` (like an append's pieces) is pooled memory, handed out again once the promise settles:
@@ -885,6 +888,36 @@ export class ServerConnection {
           this.done(size);
         },
         (err: unknown) => this.fail(m.id, err, size),
+      );
+      return;
+    }
+    const into = m.sums ? this.service.readSectorsInto?.bind(this.service) : undefined;
+    const sector = this.service.sectorSize ?? 0;
+    if (into && sector > 0) {
+      // Whole sectors into a pooled buffer, which goes back once the socket is done with it.
+      const from = Math.floor((whole ? 0 : m.offset) / sector) * sector;
+      const to = whole ? bs : Math.min(Math.ceil((m.offset + m.length) / sector) * sector, bs);
+      const lease = this.server.pool.take(to - from);
+      invoke(() => into(m.ref, from, lease.buffer)).then(
+        (read) => {
+          if (this.state === 'closing') {
+            lease.release();
+            return this.done(size);
+          }
+          const frame = HEADER_SIZE + 12 + read.sums.length + read.data.length;
+          if (frame > this.peerMaxFrame) {
+            lease.release();
+            return this.fail(m.id, new TorusError('INVALID_ARGUMENT', `a ${frame}-byte reply exceeds the peer's frame limit ${this.peerMaxFrame}`), size);
+          }
+          const [head, data] = encodeDataSums(m.id, read, read.data);
+          this.writer.write(head!);
+          this.writer.write(data!, () => lease.release());
+          this.done(size);
+        },
+        (err: unknown) => {
+          lease.release();
+          this.fail(m.id, err, size);
+        },
       );
       return;
     }

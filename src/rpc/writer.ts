@@ -28,6 +28,8 @@ const SLAB_SIZE = 64 * 1024;
 
 export class FrameWriter {
   private parts: Buffer[] = [];
+  /** Callbacks of parts written by reference, by index in `parts`. */
+  private dones = new Map<number, () => void>();
   private pending = 0;
   private slab: Buffer = EMPTY;
   private slabStart = 0;
@@ -60,14 +62,20 @@ export class FrameWriter {
     return this.stream.writableLength + this.pending >= this.limit;
   }
 
-  write(buf: Buffer): void {
+  /**
+   * `done`: called once the stream is finished with `buf` (written, or the connection gone), so
+   * that a pooled buffer can go back; a small one is copied, and done at once.
+   */
+  write(buf: Buffer, done?: () => void): void {
     if (buf.length <= this.inline) {
       if (this.slab.length - this.slabPos < buf.length) this.newSlab(buf.length);
       // TypedArray#set is a plain memcpy; Buffer#copy builds a view first.
       this.slab.set(buf, this.slabPos);
       this.slabPos += buf.length;
+      done?.();
     } else {
       this.seal();
+      if (done) this.dones.set(this.parts.length, done);
       this.parts.push(buf);
     }
     this.pending += buf.length;
@@ -111,15 +119,22 @@ export class FrameWriter {
     const parts = this.parts;
     if (parts.length === 0) return;
     const wasBlocked = this.needDrain;
+    const dones = this.dones;
     this.parts = [];
     this.pending = 0;
+    if (dones.size > 0) this.dones = new Map();
     const s = this.stream;
-    if (s.destroyed || s.writableEnded) return;
+    if (s.destroyed || s.writableEnded) {
+      for (const done of dones.values()) done();
+      return;
+    }
     for (const p of parts) this.bytesOut += p.length;
-    if (parts.length === 1) s.write(parts[0]);
+    // A stream calls a write's callback once it is done with that write, or with an error when
+    // it is destroyed first: either way the buffer is free again.
+    if (parts.length === 1) s.write(parts[0], dones.get(0));
     else {
       s.cork();
-      for (const p of parts) s.write(p);
+      for (let i = 0; i < parts.length; i++) s.write(parts[i], dones.get(i));
       s.uncork();
     }
     // The kernel may have taken everything synchronously; then no 'drain' will follow.
@@ -128,6 +143,8 @@ export class FrameWriter {
 
   /** Drops anything not yet handed to the stream (the connection is going away). */
   discard(): void {
+    for (const done of this.dones.values()) done();
+    this.dones.clear();
     this.parts = [];
     this.pending = 0;
     this.slab = EMPTY;
