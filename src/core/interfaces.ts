@@ -81,9 +81,10 @@ export interface BlockStore {
    * readSectors into the caller's memory: `into` receives the sectors from `offset` (a multiple
    * of the sector size) on, and its length is whole sectors or reaches the end of the block. The
    * answer's `data` is `into`. Lets a reply buffer be filled straight from the disk, without a
-   * buffer per read. On failure `into` holds garbage.
+   * buffer per read. Undefined when the store does not hold the block (so that a caller that
+   * reads here when it can asks once, not twice); on failure `into` holds garbage.
    */
-  readSectorsInto?(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead>;
+  readSectorsInto?(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead | undefined>;
   /** The sector size of readSectors' checksums; a store with readSectorsInto tells it. */
   readonly sectorSize?: number;
   /**

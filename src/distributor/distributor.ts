@@ -514,15 +514,17 @@ export class Distributor {
       sector > 0 &&
       this.readLevel !== 'spread' &&
       offset % sector === 0 &&
-      (length % sector === 0 || offset + length === this.blockSize) &&
-      store.hasBlock(ref)
+      (length % sector === 0 || offset + length === this.blockSize)
     ) {
       try {
         const read = await store.readSectorsInto(ref, offset, into);
-        verifySectorRead(read, this.blockSize, crc, offset, length, false, `block ${formatBlockRef(ref)} from ${self!.uuid}`);
-        this.stats.reads++;
-        this.stats.readBytes += length;
-        return;
+        if (read) {
+          verifySectorRead(read, this.blockSize, crc, offset, length, false, `block ${formatBlockRef(ref)} from ${self!.uuid}`);
+          this.stats.reads++;
+          this.stats.readBytes += length;
+          return;
+        }
+        // Not one of this node's blocks: read where it is, below.
       } catch (err) {
         if (isTorusError(err, 'INVALID_ARGUMENT')) throw err;
         // The other replicas, the local failure noted so that the bad copy is repaired.

@@ -390,6 +390,7 @@ describe('rpc over TCP: end-to-end checksums', () => {
           assert.deepEqual(verifySectorRead(read, bs, crc32c(data) >>> 0, r.off, len, true, `block ${r.i} ${r.off}+${r.len}`), data.subarray(r.off, r.off + len));
         }
       }
+      await assertCode(c.readSectors(ref(40), 0, 0), 'BLOCK_UNAVAILABLE');
       const pool = server.stats().pool;
       assert.ok(pool.reused > pool.allocated, `reply buffers reused: ${pool.reused} reuses, ${pool.allocated} allocations`);
       await waitFor(() => server.stats().pool.outstanding === 0, 'every reply buffer back in the pool');

@@ -6,7 +6,7 @@ import { ByteBudget, type BudgetHolder } from '../core/budget.js';
 import { BufferPool, type BufferLease } from '../core/buffer-pool.js';
 import { directSocket } from '../core/direct-socket.js';
 import { toTorusError, TorusError, type ErrorCode } from '../core/errors.js';
-import { BLOCK_REF_SIZE, type BlockRef } from '../core/ids.js';
+import { BLOCK_REF_SIZE, formatBlockRef, type BlockRef } from '../core/ids.js';
 import { LogThrottle, StallWatch, capConnections, sweepInterval } from '../core/limits.js';
 import type { BlockStore, LogPiece, SectorRead } from '../core/interfaces.js';
 import {
@@ -57,7 +57,7 @@ export interface BlockService {
   /** Sectors with the block's sector checksums; a service that has it lets clients check reads end to end (EXT_CHECKSUMS). */
   readSectors?(ref: BlockRef, offset: number, length: number): Promise<SectorRead>;
   /** readSectors into the server's memory (BlockStore.readSectorsInto): a reply without a buffer of its own. */
-  readSectorsInto?(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead>;
+  readSectorsInto?(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead | undefined>;
   readonly sectorSize?: number;
   /**
    * `opts.crc`: the writer's CRC of the whole block; CORRUPT if the stored block does not match it.
@@ -903,6 +903,10 @@ export class ServerConnection {
           if (this.state === 'closing') {
             lease.release();
             return this.done(size);
+          }
+          if (read === undefined) {
+            lease.release();
+            return this.fail(m.id, new TorusError('BLOCK_UNAVAILABLE', `block ${formatBlockRef(m.ref)} is not on this node`), size);
           }
           const frame = HEADER_SIZE + 12 + read.sums.length + read.data.length;
           if (frame > this.peerMaxFrame) {

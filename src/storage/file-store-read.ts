@@ -175,17 +175,28 @@ export class SlotReader {
     return read.data.subarray(at, at + length);
   }
 
-  /** With `into` (readSectorsInto): the sectors land there, so it must span whole sectors from `offset`. */
-  async readSectors(ref: BlockRef, offset: number, length: number, into?: Buffer): Promise<SectorRead> {
+  async readSectors(ref: BlockRef, offset: number, length: number): Promise<SectorRead> {
+    const read = await this.sectors(ref, offset, length);
+    if (read === undefined) throw unavailable(ref);
+    return read;
+  }
+
+  /** readSectors into `into`, which must span whole sectors from `offset`; undefined when the block is not here. */
+  readSectorsInto(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead | undefined> {
+    const ss = this.s.sectorSize;
+    if (offset % ss !== 0 || (into.length % ss !== 0 && offset + into.length !== this.s.blockSize))
+      return Promise.reject(new TorusError('INVALID_ARGUMENT', `readSectorsInto: ${offset}+${into.length} is not whole sectors of ${ss} bytes`));
+    return this.sectors(ref, offset, into.length, into);
+  }
+
+  private async sectors(ref: BlockRef, offset: number, length: number, into?: Buffer): Promise<SectorRead | undefined> {
     const s = this.s;
     s.enter();
     try {
       checkRange(ref, offset, length, s.blockSize);
-      if (into && (offset % s.sectorSize !== 0 || (length % s.sectorSize !== 0 && offset + length !== s.blockSize)))
-        throw new TorusError('INVALID_ARGUMENT', `readSectorsInto: ${offset}+${length} is not whole sectors of ${s.sectorSize} bytes`);
       const key = refKey(ref);
       const slot = this.readableSlot(key);
-      if (slot === undefined) throw unavailable(ref);
+      if (slot === undefined) return undefined;
       const s0 = Math.floor(offset / s.sectorSize);
       const s1 = length === 0 ? s0 : Math.floor((offset + length - 1) / s.sectorSize) + 1;
       const { buf, sums } = await this.readChecked(ref, key, slot, s0, s1, true, into);

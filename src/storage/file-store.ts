@@ -254,8 +254,8 @@ export class FileBlockStore implements LocalBlockStore {
     return this.reads.readSectors(ref, offset, length);
   }
 
-  readSectorsInto(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead> {
-    return this.reads.readSectors(ref, offset, into.length, into);
+  readSectorsInto(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead | undefined> {
+    return this.reads.readSectorsInto(ref, offset, into);
   }
 
   hasBlock(ref: BlockRef): boolean {

@@ -126,9 +126,11 @@ export class MemoryBlockStore implements LocalBlockStore {
     return { sectorSize: SECTOR, sums, offset: start, data };
   }
 
-  async readSectorsInto(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead> {
+  async readSectorsInto(ref: BlockRef, offset: number, into: Buffer): Promise<SectorRead | undefined> {
     if (offset % SECTOR !== 0 || (into.length % SECTOR !== 0 && offset + into.length !== this.blockSize))
       throw new TorusError('INVALID_ARGUMENT', `readSectorsInto: ${offset}+${into.length} is not whole sectors of ${SECTOR} bytes`);
+    this.check();
+    if (!this.hasBlock(ref)) return undefined;
     const read = await this.readSectors(ref, offset, into.length);
     read.data.copy(into);
     return { ...read, data: into };
