@@ -36,6 +36,29 @@ function labelPairs(names: readonly [string, string], a: string, b: string): str
   return `${names[0]}="${escapeLabel(a)}",${names[1]}="${escapeLabel(b)}"`;
 }
 
+/**
+ * Series of a hot metric by its two label values, the first then the second: those are the same
+ * string objects call after call (a volume's name, an operation), whose hashes V8 keeps, where a
+ * key joined from both would be a new string to build and hash on every observation.
+ */
+class ByTwoLabels<V> {
+  private readonly byA = new Map<string, Map<string, V>>();
+
+  get(a: string, b: string): V | undefined {
+    return this.byA.get(a)?.get(b);
+  }
+
+  set(a: string, b: string, v: V): void {
+    let byB = this.byA.get(a);
+    if (!byB) this.byA.set(a, (byB = new Map()));
+    byB.set(b, v);
+  }
+
+  *values(): IterableIterator<V> {
+    for (const byB of this.byA.values()) yield* byB.values();
+  }
+}
+
 interface Series {
   readonly labels: string;
   /** Observations per bucket, not cumulative (summed when rendered). */
@@ -51,7 +74,7 @@ interface Series {
  * Map lookup and an increment, and the series become exposition text only at scrape time.
  */
 export class HotHistogram {
-  private readonly series = new Map<string, Series>();
+  private readonly series = new ByTwoLabels<Series>();
 
   constructor(
     readonly name: string,
@@ -61,11 +84,10 @@ export class HotHistogram {
   ) {}
 
   observe(a: string, b: string, seconds: number): void {
-    const key = `${a}\u0000${b}`;
-    let s = this.series.get(key);
+    let s = this.series.get(a, b);
     if (!s) {
       s = { labels: labelPairs(this.labelNames, a, b), counts: new Float64Array(this.buckets.length), sum: 0, count: 0 };
-      this.series.set(key, s);
+      this.series.set(a, b, s);
     }
     const i = this.buckets.findIndex((le) => seconds <= le);
     if (i >= 0) s.counts[i]!++;
@@ -90,7 +112,7 @@ export class HotHistogram {
 
 /** Plain totals by two labels for a hot path, rendered as a Prometheus counter at scrape time. */
 class HotCounter {
-  private readonly values = new Map<string, { labels: string; value: number }>();
+  private readonly values = new ByTwoLabels<{ labels: string; value: number }>();
 
   constructor(
     private readonly name: string,
@@ -99,10 +121,9 @@ class HotCounter {
   ) {}
 
   inc(a: string, b: string, by = 1): void {
-    const key = `${a}\u0000${b}`;
-    const v = this.values.get(key);
+    const v = this.values.get(a, b);
     if (v) v.value += by;
-    else this.values.set(key, { labels: labelPairs(this.labelNames, a, b), value: by });
+    else this.values.set(a, b, { labels: labelPairs(this.labelNames, a, b), value: by });
   }
 
   render(): string {
