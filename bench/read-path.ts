@@ -87,7 +87,7 @@ try {
     ['volume.read', (_p, _within, at) => vol.read(at, READ)],
     // What the NBD server does now: each of the 32 requests in flight reads into a buffer of its
     // own that is reused (the server's reply buffers), not a fresh one per read.
-    ['volume.readInto', (_p, _within, at) => vol.readInto(at, intoBuffer())],
+    ['volume.readInto', (_p, _within, at) => vol.readInto!(at, intoBuffer())],
   ];
   const spare: Buffer[] = Array.from({ length: QD }, () => Buffer.allocUnsafeSlow(READ));
   let next = 0;

@@ -108,6 +108,7 @@ export class Distributor {
     if (this.writeLevel === 'local' && !opts.self)
       throw new TorusError('INVALID_ARGUMENT', 'write level "local" needs a local disk: only storage nodes can use it');
     this.local = opts.self ? { target: { uuid: opts.self.uuid, address: 'local' }, transport: new LocalTransport(opts.self.store) } : undefined;
+    if (opts.self?.store.readSectorsInto) this.readRangeInto = (ref, offset, into, crc) => this.rangeInto(ref, offset, into, crc);
     const cacheBytes = opts.readCacheBytes ?? 0;
     this.cache = cacheBytes >= opts.blockSize ? new BlockCache(cacheBytes) : undefined;
   }
@@ -499,9 +500,12 @@ export class Distributor {
   /**
    * readRange (getBlock when `into` is the whole block) into the caller's buffer. A storage node's
    * own replica is read straight into it, checked the same way, without a buffer of its own; what
-   * comes from anywhere else (another node, the cache) is copied in.
+   * comes from anywhere else (another node, the cache) is copied in. Only a storage node's
+   * distributor has it (VolumeBlockStore.readRangeInto).
    */
-  async readRangeInto(ref: BlockRef, offset: number, into: Buffer, crc?: number): Promise<void> {
+  readonly readRangeInto?: (ref: BlockRef, offset: number, into: Buffer, crc?: number) => Promise<void>;
+
+  private async rangeInto(ref: BlockRef, offset: number, into: Buffer, crc?: number): Promise<void> {
     const length = into.length;
     if (offset < 0 || length <= 0 || offset + length > this.blockSize)
       throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);

@@ -236,18 +236,21 @@ test("readRangeInto fills the caller's buffer: a node's own replica straight fro
     const crc = crc32c(want) >>> 0;
     const whole = Buffer.alloc(BS, 0xee);
     intos.length = 0;
-    await c.node.readRangeInto(r, 0, whole, crc);
+    await c.node.readRangeInto!(r, 0, whole, crc);
     assert.deepEqual(whole, want, `block ${r.index}`);
     const local = !remote.includes(r);
     assert.equal(intos.length === 1 && intos[0] === whole, local, `block ${r.index}: read into the caller's buffer by the store only when local`);
     // Inside one sector: read as a range and copied in.
     const page = Buffer.alloc(2048, 0xee);
-    await c.node.readRangeInto(r, 1024, page, crc);
+    await c.node.readRangeInto!(r, 1024, page, crc);
     assert.deepEqual(page, want.subarray(1024, 3072));
   }
   assert.equal(c.calls.filter((x) => x === 'getSectors b').length, remote.length * 2, `only b's blocks crossed the network: ${c.calls.join(', ')}`);
   assert.ok(!c.calls.some((x) => x.endsWith(' a')));
-  await assert.rejects(c.node.readRangeInto(refs[1]!, BS - 10, Buffer.alloc(11), crc32c(blocks[1]!)), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+  await assert.rejects(c.node.readRangeInto!(refs[1]!, BS - 10, Buffer.alloc(11), crc32c(blocks[1]!)), (e) => isTorusError(e, 'INVALID_ARGUMENT'));
+  // A client with no disk of its own gets every block as a buffer anyway: it has no readRangeInto,
+  // and its volumes no readInto (the NBD server sends their pieces as they are).
+  assert.equal(c.client.readRangeInto, undefined);
 });
 
 test('readRangeInto of a corrupt own copy: the caller gets the other replica\'s bytes, a fallback is counted, the copy is repaired', async () => {
@@ -259,7 +262,7 @@ test('readRangeInto of a corrupt own copy: the caller gets the other replica\'s 
   await c.node.flush();
   c.a.corruptBlock(r);
   const into = Buffer.alloc(BS, 0xee);
-  await c.node.readRangeInto(r, 0, into, crc);
+  await c.node.readRangeInto!(r, 0, into, crc);
   assert.deepEqual(into, data);
   assert.equal(c.node.stats.replicaFallbacks, 1);
   assert.equal(c.node.stats.checksumFailures, 1);

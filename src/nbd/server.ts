@@ -152,6 +152,9 @@ export interface NbdServerStats {
   readonly directReads: number;
   /** Bytes read from clients. */
   readonly bytesReceived: number;
+  /** Reply buffers kept idle for reuse (at most 8 MiB), and those held by replies now. */
+  readonly replyBuffersIdleBytes: number;
+  readonly replyBuffersOutstanding: number;
 }
 
 /** Why a connection is not read: requests in flight, their bytes, unread replies, the shared budget. */
@@ -183,12 +186,12 @@ const MAX_DESCRIPTORS = 64 * 1024;
 const CACHE_PIECE = 4 * 1024 * 1024;
 
 /**
- * Reply buffers kept idle for reuse, for all connections together: eight 1 MiB reads in flight
- * and the small ones beside them. A device that can read into the caller's memory (readInto)
- * fills one of these, and it goes back once the socket has taken the reply: no buffer per read,
- * so no page faults and none of the garbage collections a stream of fresh buffers sets off.
+ * Reply buffers kept idle for reuse, for all connections together: eight 1 MiB reads in flight.
+ * A device that can read into the caller's memory (readInto) fills one of these, and it goes
+ * back once the socket has taken the reply: no buffer per read, so no page faults and none of the
+ * garbage collections a stream of fresh buffers sets off.
  */
-const IDLE_REPLY_BYTES = 16 * 1024 * 1024;
+const IDLE_REPLY_BYTES = 8 * 1024 * 1024;
 /** Reply buffers come in powers of two from here, so that reads of nearby sizes share them. */
 const MIN_REPLY_CLASS = 4096;
 /** A plaintext connection's read buffer for everything but WRITE payloads (see NbdServer.accept). */
@@ -388,6 +391,8 @@ export class NbdServer {
       bufferedBytes: this.budget.used,
       peakBufferedBytes: this.budget.peak,
       bufferedLimit: this.budget.limit,
+      replyBuffersIdleBytes: this.replyBuffers.idleByteCount,
+      replyBuffersOutstanding: this.replyBuffers.outstanding,
     };
   }
 

@@ -391,9 +391,9 @@ describe('rpc over TCP: end-to-end checksums', () => {
         }
       }
       await assertCode(c.readSectors(ref(40), 0, 0), 'BLOCK_UNAVAILABLE');
-      const pool = server.stats().pool;
+      const pool = server.stats().replyPool;
       assert.ok(pool.reused > pool.allocated, `reply buffers reused: ${pool.reused} reuses, ${pool.allocated} allocations`);
-      await waitFor(() => server.stats().pool.outstanding === 0, 'every reply buffer back in the pool');
+      await waitFor(() => server.stats().replyPool.outstanding === 0, 'every reply buffer back in the pool');
     } finally {
       BufferPool.poison = poisoned;
     }

@@ -199,6 +199,8 @@ export interface RpcServerStats {
   readonly directReads: number;
   /** Pooled receive buffers: held by requests now, idle, and how many frames reused one. */
   readonly pool: { readonly outstanding: number; readonly idleBytes: number; readonly reused: number; readonly allocated: number };
+  /** Pooled sector replies, the same way. */
+  readonly replyPool: { readonly outstanding: number; readonly idleBytes: number; readonly reused: number; readonly allocated: number };
 }
 
 /** Why a connection is not read: requests in flight, their bytes, unsent replies, the shared budget. */
@@ -215,10 +217,19 @@ export const SERVER_DEFAULTS = {
   stallTimeoutMs: 60_000,
 } as const;
 
+function poolStats(p: BufferPool): RpcServerStats['pool'] {
+  return { outstanding: p.outstanding, idleBytes: p.idleByteCount, reused: p.reused, allocated: p.allocated };
+}
+
 /** Where an accepted socket's first read lands (see handleAccepted). */
 const HANDSHAKE_FIRST_READ = 4096;
 /** Pooled receive buffers kept idle at most: a rebalancer's 4 MiB frames, 4 in flight from each of two peers. */
 const POOL_IDLE_BYTES = 32 * 1024 * 1024;
+/**
+ * Sector replies kept idle at most, apart from the receive pool so that neither crowds out the
+ * other: a client's reads in flight are a few blocks each (64 of 64 KiB is 4 MiB).
+ */
+const REPLY_POOL_IDLE_BYTES = 4 * 1024 * 1024;
 /** Deletes of one DELETE_BATCH run at most this many at a time (a frame can hold 700,000 refs). */
 const DELETE_CONCURRENCY = 32;
 /** Decoded refs are objects: about this many times their 24 wire bytes (measured: 4.7). */
@@ -301,6 +312,8 @@ export class RpcServer {
   readonly budget: ByteBudget;
   /** Memory PUT_BATCH and APPEND bodies are received into, reused from frame to frame. */
   readonly pool: BufferPool;
+  /** Buffers that sector replies are read into (readSectorsInto), back once the socket has them. */
+  readonly replyPool = new BufferPool(REPLY_POOL_IDLE_BYTES);
   /** Mutable counters shared with connections. */
   readonly counters = {
     requests: 0,
@@ -515,7 +528,8 @@ export class RpcServer {
       bytesOut,
       heldBytes: this.budget.used,
       peakHeldBytes: this.budget.peak,
-      pool: { outstanding: this.pool.outstanding, idleBytes: this.pool.idleByteCount, reused: this.pool.reused, allocated: this.pool.allocated },
+      pool: poolStats(this.pool),
+      replyPool: poolStats(this.replyPool),
     };
   }
 
@@ -897,7 +911,7 @@ export class ServerConnection {
       // Whole sectors into a pooled buffer, which goes back once the socket is done with it.
       const from = Math.floor((whole ? 0 : m.offset) / sector) * sector;
       const to = whole ? bs : Math.min(Math.ceil((m.offset + m.length) / sector) * sector, bs);
-      const lease = this.server.pool.take(to - from);
+      const lease = this.server.replyPool.take(to - from);
       invoke(() => into(m.ref, from, lease.buffer)).then(
         (read) => {
           if (this.state === 'closing') {

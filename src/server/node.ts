@@ -615,6 +615,7 @@ export class StorageNode {
       out.push(
         { name: 'torus_rpc_server_held_bytes', help: 'Peer RPC frames, payloads and replies held in memory, for all connections', type: 'gauge', value: r.heldBytes },
         { name: 'torus_rpc_server_pool_idle_bytes', help: 'Peer RPC receive buffers kept for reuse, not held by any request (at most 32 MiB)', type: 'gauge', value: r.pool.idleBytes },
+        { name: 'torus_rpc_server_reply_pool_idle_bytes', help: 'Peer RPC sector reply buffers kept for reuse, not held by any reply (at most 4 MiB)', type: 'gauge', value: r.replyPool.idleBytes },
         { name: 'torus_rpc_server_held_bytes_limit', help: 'The peer RPC memory budget (--peer-max-buffered)', type: 'gauge', value: this.rpc!.budget.limit },
         { name: 'torus_rpc_server_refused_connections_total', help: 'Peer RPC connections closed on arrival (--peer-max-connections)', type: 'counter', value: r.refusedConnections },
         { name: 'torus_rpc_server_stall_timeouts_total', help: 'Peer RPC clients dropped for a frame left half-sent or replies left unread (--peer-stall-timeout)', type: 'counter', value: r.stallTimeouts },

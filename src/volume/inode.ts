@@ -30,8 +30,12 @@ export interface VolumeBlockStore {
   getBlock(ref: BlockRef, crc?: number): Promise<Buffer>;
   /** Part of the block; with `crc` (the writer's CRC of the whole block) checked end to end. */
   readRange(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer>;
-  /** readRange (or getBlock, for the whole block) into the caller's buffer: `into.length` bytes from `offset`. */
-  readRangeInto?(ref: BlockRef, offset: number, into: Buffer, crc?: number): Promise<void>;
+  /**
+   * readRange (or getBlock, for the whole block) into the caller's buffer: `into.length` bytes
+   * from `offset`. Only a store that reads some blocks from a disk of its own has it: for the
+   * others it would be one more copy.
+   */
+  readonly readRangeInto?: (ref: BlockRef, offset: number, into: Buffer, crc?: number) => Promise<void>;
   flush(): Promise<void>;
 }
 

@@ -170,6 +170,13 @@ export class BlockVolume implements BlockDevice {
   /** A read-only open's hold on what it opened (meta.hold), let go at close. */
   private held: string | undefined;
   readonly stats: VolumeStats = { flushes: 0, checkpoints: 0, folds: 0, journalMoves: 0, journalBytes: 0, compactions: 0, snapshotsTaken: 0 };
+  /**
+   * read() into the caller's buffer (`into.length` bytes from `offset`): the NBD server's reply
+   * buffer, reused from request to request. Only where the store can fill it from a disk of its
+   * own (a storage node): elsewhere every block comes as a buffer anyway, and handing those to the
+   * socket as they are (readv) costs one copy less than copying them into another.
+   */
+  readonly readInto?: (offset: number, into: Buffer) => Promise<void>;
 
   private constructor(
     private readonly ctx: VolumeContext,
@@ -186,6 +193,7 @@ export class BlockVolume implements BlockDevice {
     const o = { ...DEFAULTS, maxSegmentsPerBlock: Math.max(64, this.blockSize / 4096), ...stripUndefined(opts) };
     this.o = { ...o, journalTailBytes: o.journalTailBytes ?? 2 * o.checkpointBytes };
     this.tree = this.newTree(head);
+    if (ctx.store.readRangeInto) this.readInto = (offset, into) => this.fill(offset, into);
     // The session outlives the volume (one per process): the volume stops listening once
     // closed, or the session would keep every volume ever opened alive, overlay and all.
     this.unwatchLease = lock?.session.onLost(() => {
@@ -484,11 +492,7 @@ export class BlockVolume implements BlockDevice {
     return this.readPieces(offset, length);
   }
 
-  /**
-   * read() into the caller's buffer (`into.length` bytes from `offset`): the NBD server's reply
-   * buffer, reused from request to request. A storage node fills it from its own disk directly.
-   */
-  async readInto(offset: number, into: Buffer): Promise<void> {
+  private async fill(offset: number, into: Buffer): Promise<void> {
     if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
     this.checkRange(offset, into.length);
     const index = Math.floor(offset / this.blockSize);

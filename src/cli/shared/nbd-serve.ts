@@ -187,6 +187,7 @@ export function nbdSamples(st: NbdServerStats, prefix: NbdFlagPrefix): MetricSam
     { name: 'torus_nbd_requests_total', help: 'NBD requests received', type: 'counter', value: st.requests },
     { name: 'torus_nbd_protocol_errors_total', help: 'NBD connections dropped for protocol errors', type: 'counter', value: st.protocolErrors },
     { name: 'torus_nbd_buffered_bytes', help: 'NBD requests, payloads and replies held in memory, for all connections', type: 'gauge', value: st.bufferedBytes },
+    { name: 'torus_nbd_reply_buffers_idle_bytes', help: 'NBD reply buffers kept for reuse, not held by any reply (at most 8 MiB)', type: 'gauge', value: st.replyBuffersIdleBytes },
     { name: 'torus_nbd_buffered_limit_bytes', help: `The budget of NBD requests, payloads and replies held for all connections (--${prefix}max-buffered)`, type: 'gauge', value: st.bufferedLimit },
     { name: 'torus_nbd_refused_connections_total', help: `NBD connections closed on arrival (--${prefix}max-connections)`, type: 'counter', value: st.refusedConnections },
     { name: 'torus_nbd_oversized_requests_total', help: 'NBD requests refused for a length over the 32 MiB maximum', type: 'counter', value: st.oversizedRequests },
