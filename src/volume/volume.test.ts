@@ -82,6 +82,9 @@ test("readInto fills the caller's buffer with what read returns: whole blocks, j
   await vol.foldAll();
   await writeRandomly(vol, model, 20);
   await vol.flush();
+  // Whole blocks written and flushed, not checkpointed: overlays that name stored blocks.
+  await write(36 * BS, randomBytes(4 * BS));
+  await vol.flush();
   await write(5 * BS + 7, randomBytes(900));
   await vol.trim(20 * BS, BS);
   model.fill(0, 20 * BS, 21 * BS);
@@ -106,6 +109,11 @@ test("readInto fills the caller's buffer with what read returns: whole blocks, j
     await check(off, 1 + Math.floor(Math.random() * Math.min(3 * BS, size - off - 1)));
   }
   assert.ok(direct > 0, 'the node read its own replicas straight into the buffer');
+  // A block written whole since the last checkpoint is read from the block its record names,
+  // straight in as well (on whichever replicas hold it: here node a holds some of them).
+  const before = direct;
+  for (let i = 0; i < 8; i++) await check(36 * BS, 4 * BS);
+  assert.ok(direct > before, 'blocks named by Block records were read straight into the buffer');
 
   // A piece that fails: the read fails only once every other piece is done writing into the
   // buffer, which its caller hands out again as soon as it has the answer.

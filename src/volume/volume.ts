@@ -109,6 +109,14 @@ const RECORD_COST = 512;
 /** Folds not yet in a checkpoint past which one is taken at once (bounds this.resets). */
 const FOLD_CHECKPOINT_BACKLOG = 4096;
 
+/**
+ * Waits for every promise, then throws the first failure: a read into the caller's buffer must
+ * not return while a piece of it may still write there (the caller reuses the buffer at once).
+ */
+async function allSettled(work: readonly Promise<void>[]): Promise<void> {
+  for (const r of await Promise.allSettled(work)) if (r.status === 'rejected') throw r.reason;
+}
+
 const DEFAULTS = {
   writeCacheBytes: 128 * 1024 * 1024,
   pageCacheBytes: 64 * 1024 * 1024,
@@ -498,22 +506,45 @@ export class BlockVolume implements BlockDevice {
     const index = Math.floor(offset / this.blockSize);
     const start = offset - index * this.blockSize;
     if (start + into.length <= this.blockSize) return this.readBlockPartInto(index, start, into);
-    // Every piece settles before the read does, failed or not: the caller reuses `into` once it
-    // has the answer, and a piece still under way would write into whatever it holds by then.
-    const results = await Promise.allSettled(Array.from(this.pieces(offset, into.length), ({ index, start, n, at }) => this.readBlockPartInto(index, start, into.subarray(at, at + n))));
-    for (const r of results) if (r.status === 'rejected') throw r.reason;
+    await allSettled(Array.from(this.pieces(offset, into.length), ({ index, start, n, at }) => this.readBlockPartInto(index, start, into.subarray(at, at + n))));
   }
 
+  /** readBlockPart into `into`: the block's base, then what the overlay has over it. */
   private async readBlockPartInto(index: number, start: number, into: Buffer): Promise<void> {
     const end = start + into.length;
-    const store = this.ctx.store;
-    if (store.readRangeInto && !this.overlay.segments(index).some((s) => s.end > start && s.start < end)) {
-      const ptr = await this.tree.get(index);
-      if (!ptr) into.fill(0);
-      else await store.readRangeInto(ptr.ref, start, into, ptr.crc);
-      return;
-    }
-    (await this.readBlockPart(index, start, into.length)).copy(into);
+    const all = this.overlay.segments(index);
+    const segs = all.length === 0 ? all : all.filter((s) => s.end > start && s.start < end);
+    if (segs.length === 0) return this.readBaseInto(index, start, into);
+    const first = segs[0]!;
+    // One record over all of it, as a block written whole is until the next checkpoint.
+    if (segs.length === 1 && first.start <= start && first.end >= end) return this.sourceInto(first, start, into);
+    const covered = segs.reduce((n, s) => n + Math.min(s.end, end) - Math.max(s.start, start), 0);
+    if (covered < into.length) await this.readBaseInto(index, start, into);
+    await allSettled(
+      segs.map((s) => {
+        const a = Math.max(s.start, start);
+        return this.sourceInto(s, a, into.subarray(a - start, Math.min(s.end, end) - start));
+      }),
+    );
+  }
+
+  private async readBaseInto(index: number, start: number, into: Buffer): Promise<void> {
+    const ptr = await this.tree.get(index);
+    if (!ptr) into.fill(0);
+    else await this.ctx.store.readRangeInto!(ptr.ref, start, into, ptr.crc);
+  }
+
+  /** sourceBytes into `into` (`into.length` bytes from `from`). */
+  private async sourceInto(s: Segment, from: number, into: Buffer): Promise<void> {
+    const src = s.src;
+    const at = s.at + (from - s.start);
+    if (src.zero) into.fill(0);
+    else if (src.data) into.set(src.data.subarray(at, at + into.length));
+    else if (src.block) await this.ctx.store.readRangeInto!(src.block.ref, at, into, src.block.crc);
+    else if (src.log && src.log.crc !== undefined) {
+      const log = src.log;
+      await this.ctx.store.readRangeInto!(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, into, log.crc);
+    } else (await this.sourceBytes(s, from, into.length)).copy(into);
   }
 
   private readPieces(offset: number, length: number): Promise<Buffer[]> {
