@@ -5,35 +5,20 @@
 // a payload that is a view of the read buffer, or of anything else reused, reads garbage by then.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import tls from 'node:tls';
-import { after, afterEach, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { throwawayCertificate } from '../cli/shared/certs.js';
-import { BufferPool } from '../core/buffer-pool.js';
 import type { BlockDevice, DeviceProvider } from '../core/interfaces.js';
 import { Cmd, Opt, Rep, encodeClientFlags, encodeGreeting, encodeOption, encodeRequest } from './codec.js';
 import { MemoryDevice, MemoryDeviceProvider } from './memory-device.js';
 import { NbdServer, type NbdServerOptions } from './server.js';
-import { TestClient, settled, type Reply } from './testing.js';
+import { TestClient, poisonedSockets, settled, type Reply } from './testing.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
-const dir = mkdtempSync(join(tmpdir(), 'nbd-receive-'));
-let sockets = 0;
-const cleanups: (() => Promise<unknown> | void)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-const poisoned = BufferPool.poison;
-before(() => (BufferPool.poison = true));
-after(() => {
-  BufferPool.poison = poisoned;
-  rmSync(dir, { recursive: true, force: true });
-});
+const { path: socketPath, cleanups } = poisonedSockets('nbd-receive-');
 
 const pattern = (seed: number, size: number): Buffer => {
   const b = Buffer.allocUnsafe(size);
@@ -84,7 +69,7 @@ class KeepingDevice extends MemoryDevice {
 }
 
 async function listening(provider: DeviceProvider, opts: NbdServerOptions = {}): Promise<{ server: NbdServer; connect: () => TestClient; path: string }> {
-  const path = join(dir, `s${sockets++}.sock`);
+  const path = socketPath();
   const server = new NbdServer(provider, { listenUnix: path, ...opts });
   await server.listen();
   cleanups.push(() => server.close());

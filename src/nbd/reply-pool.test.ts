@@ -4,33 +4,18 @@
 // reaches the client as garbage; and the pool must really be reused, or nothing was gained.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { after, afterEach, before, describe, it } from 'node:test';
-import { BufferPool } from '../core/buffer-pool.js';
+import { describe, it } from 'node:test';
 import { TorusError } from '../core/errors.js';
 import { Cmd, Errno } from './codec.js';
 import { MemoryDevice, MemoryDeviceProvider } from './memory-device.js';
 import { NbdServer } from './server.js';
-import { TestClient } from './testing.js';
+import { TestClient, poisonedSockets } from './testing.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
-const dir = mkdtempSync(join(tmpdir(), 'nbd-reply-pool-'));
-let sockets = 0;
-const cleanups: (() => Promise<unknown> | void)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-const poisoned = BufferPool.poison;
-before(() => (BufferPool.poison = true));
-after(() => {
-  BufferPool.poison = poisoned;
-  rmSync(dir, { recursive: true, force: true });
-});
+const { path: socketPath, cleanups } = poisonedSockets('nbd-reply-pool-');
 
 /** Reads into the caller's buffer, after a turn of the event loop (as a disk read would), and can fail on demand. */
 class IntoDevice extends MemoryDevice {
@@ -52,7 +37,7 @@ async function serving(size = 16 * MiB): Promise<{ disk: IntoDevice; server: Nbd
     for (let i = 0; i < MiB; i += 4) b.writeUInt32LE((off + i) >>> 0, i);
     await disk.write(off, b);
   }
-  const path = join(dir, `s${sockets++}.sock`);
+  const path = socketPath();
   const server = new NbdServer(new MemoryDeviceProvider({ disk }), { listenUnix: path });
   await server.listen();
   cleanups.push(() => server.close());

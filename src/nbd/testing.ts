@@ -1,4 +1,9 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Duplex } from 'node:stream';
+import { after, afterEach, before } from 'node:test';
+import { BufferPool } from '../core/buffer-pool.js';
 import { TorusError } from '../core/errors.js';
 import {
   ClientFlag,
@@ -402,4 +407,25 @@ export class TestClient {
       errorOffsets: p.errorOffsets,
     });
   }
+}
+
+/**
+ * For a test file whose servers listen on unix sockets with pooled buffers poisoned (a buffer
+ * given back while still in use then reads as garbage): a fresh socket path per call, `cleanups`
+ * run last first after each test, and the poison and the socket directory undone at the end.
+ */
+export function poisonedSockets(prefix: string): { path(): string; readonly cleanups: (() => Promise<unknown> | void)[] } {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  let sockets = 0;
+  const cleanups: (() => Promise<unknown> | void)[] = [];
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c();
+  });
+  const poisoned = BufferPool.poison;
+  before(() => (BufferPool.poison = true));
+  after(() => {
+    BufferPool.poison = poisoned;
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return { path: () => join(dir, `s${sockets++}.sock`), cleanups };
 }
