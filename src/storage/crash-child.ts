@@ -1,7 +1,8 @@
 // Child process for the crash test (file-store.crash.test.ts): writes blocks forever and prints
 // a line per block only once a flush covering it has resolved (and a line before each delete it
 // starts), until the parent kills it -9. Alongside, it appends to journal log blocks (a line per
-// append once flushed) and seals each when full (a line once the seal is flushed).
+// append once flushed, or once it resolves for an append synced on its own) and seals each when
+// full (a line once the seal is flushed).
 //
 //   node crash-child.js DIR BLOCK_SIZE SLOTS FIRST_INDEX
 
@@ -16,14 +17,17 @@ const slots = Number(slotsArg);
 let next = Number(firstArg);
 
 const store = await FileBlockStore.open({ dir, blockSize, sizeBytes: slots * blockSize });
-// Under the power-cut preload every write must go through fs, where its undo log is kept.
-if (process.env.TORUS_POWERCUT_DIR !== undefined && store.batchedWrites() !== undefined) throw new Error('batched native writes under the power-cut preload');
+// The write path the test means to cover: the native batches (what production runs) unless
+// TORUS_NATIVE_WRITES=0 asks for fs, the fallback without the addon.
+const native = store.batchedWrites() !== undefined;
+if (native !== (process.env.TORUS_NATIVE_WRITES !== '0')) throw new Error(`expected ${native ? 'writes through fs' : 'batched native writes'} (is the block_write addon built?)`);
 process.stdout.write('ready\n');
 const live: number[] = [];
 // The journal side: log block `log` gets one piece per round, sealed when the next would not fit.
 let log = Number(firstArg);
 let at = 0;
 const sealed: number[] = [];
+let round = 0;
 for (;;) {
   const batch = Array.from({ length: 1 + (next % 4) }, () => next++);
   const deletes: number[] = [];
@@ -34,14 +38,24 @@ for (;;) {
   // Puts and deletes overlap, as they do under a real client.
   const piece = crashLogPiece(log, at);
   const lines: string[] = [];
+  // Every other append is synced on its own, as a volume's flush appends to its journal (written
+  // and synced in one job once the block's open record is durable), and counts as soon as it
+  // resolves, before the flush of the rest.
+  const syncAppend = round++ % 2 === 1;
+  const appended = `A ${log} ${at}\n`;
   await Promise.all([
     ...batch.map((i) => store.putBlock(crashRef(i), crashBlock(i, blockSize))),
     ...deletes.map((i) => store.deleteBlock(crashRef(i))),
-    store.appendLog(crashLogRef(log), [{ offset: at, data: piece }]),
+    store.appendLog(crashLogRef(log), [{ offset: at, data: piece }], syncAppend).then(() => {
+      if (syncAppend) process.stdout.write(appended);
+    }),
   ]);
+  // A pause before the flush, so that kills often land while that append's own sync is all that
+  // covers it.
+  if (syncAppend) await new Promise((r) => setTimeout(r, 10));
   await store.flush();
   live.push(...batch);
-  lines.push(`A ${log} ${at}\n`);
+  if (!syncAppend) lines.push(appended);
   at += CRASH_LOG_PIECE;
   if (at + CRASH_LOG_PIECE > blockSize) {
     const whole = await store.readRaw(crashLogRef(log));

@@ -3,9 +3,11 @@
 //
 //   TORUS_POWERCUT_DIR=LOG node --import powercut-preload.js powercut-child.js SCENARIO DIR
 
-import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, fdatasyncSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { loadNativeAddon } from '../core/native.js';
+import { WriteBatcher } from './batch-write.js';
 
 const [scenario, dir] = process.argv.slice(2);
 if (!scenario || !dir) throw new Error('usage: powercut-child SCENARIO DIR');
@@ -66,6 +68,25 @@ switch (scenario) {
     await rm(join(dir, 'f'));
     rmSync(join(dir, 'g'), { force: true });
     syncDir(join(dir, 'other'));
+    break;
+  }
+  case 'native': {
+    // The store's batched writes (native/block_write.c, in the thread pool).
+    if (!WriteBatcher.available) throw new Error('the block_write addon is not built');
+    const fd = openSync(join(dir, 'f'), 'r+');
+    const batcher = new WriteBatcher();
+    await batcher.submit([[fd, Buffer.alloc(4096, 1), 0]], fd); // synced by its own job
+    await batcher.submit([[fd, Buffer.alloc(4096, 2), 4096]]); // done, synced by the fdatasync below
+    const addon = loadNativeAddon<{ writeBatch(...args: unknown[]): void }>('block_write')!;
+    await new Promise<void>((resolve) => {
+      addon.writeBatch(Int32Array.of(fd), Float64Array.of(8192), [Buffer.alloc(4096, 3)], Uint32Array.of(1), () => resolve());
+      // Started while that job had not reported done: it may have run before the write.
+      fdatasyncSync(fd);
+    });
+    // Another file: a job's own sync covers its write; one after it (growing the file) is lost.
+    const g = openSync(join(dir, 'g'), 'r+');
+    await batcher.submit([[g, Buffer.alloc(4096, 5), 0]], g);
+    await batcher.submit([[g, Buffer.alloc(4096, 6), 4096]]);
     break;
   }
   default:

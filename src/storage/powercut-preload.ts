@@ -3,22 +3,22 @@
 // applyPowerCut (powercut.ts) can undo every change no fsync covered once the process is dead.
 // It patches Node's fs functions (callback, sync and promise forms, and FileHandle) that change
 // files or names; reads are untouched. Changes are made synchronously, each right after its undo
-// record, so the log is exact at every instant a kill -9 can land. Test code only.
+// record, so the log is exact at every instant a kill -9 can land. The store's batched writes
+// (native/block_write.c, in the thread pool, out of fs's sight) are logged before their job
+// starts, and a sync counts them only once their job has reported done. Test code only.
 
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import { syncBuiltinESMExports } from 'node:module';
 import { basename, dirname, join, resolve } from 'node:path';
+import { createRequire } from 'node:module';
+import { nativeAddonPath } from '../core/native.js';
 import { BACKUP_DIR, DATA_FILE, LOG_FILE, POWERCUT_ENV, readLog, type Entry } from './powercut.js';
 
 type Cb = (err: NodeJS.ErrnoException | null, ...rest: unknown[]) => void;
 
 const logDir = process.env[POWERCUT_ENV];
 if (!logDir) throw new Error(`powercut-preload: set ${POWERCUT_ENV} to the directory for the undo log`);
-// The store's batched writes (native/block_write.c) bypass fs, where the undo log is kept: the
-// store writes through fs in this process.
-process.env.TORUS_NATIVE_WRITES = '0';
-
 // The originals, captured before anything is patched.
 const o = {
   openSync: fs.openSync,
@@ -139,20 +139,25 @@ function beforeOpen(path: string, flags: unknown): { append: boolean } {
   return { append: (f & C.O_APPEND) !== 0 };
 }
 
-/** Writes `buf` at `position` (the descriptor's own position when null), logging what it overwrites. */
-function write(fd: number, buf: Uint8Array, position: number | null | undefined): number {
-  const t = fds.get(fd);
-  if (!t || t.dir) return o.writeSync(fd, buf, 0, buf.length, position ?? null);
-  const at = typeof position === 'number' && position >= 0 ? position : t.pos;
+/** Logs what writing `len` bytes at `at` of the tracked file `fd` will overwrite; its seq. */
+function logOverwrite(t: Tracked, fd: number, at: number, len: number): number {
   const size = o.fstatSync(fd).size;
-  const preLen = Math.max(0, Math.min(buf.length, size - at));
+  const preLen = Math.max(0, Math.min(len, size - at));
   const pre = Buffer.alloc(preLen);
   for (let off = 0; off < preLen; ) {
     const n = o.readSync(fd, pre, off, preLen - off, at + off);
     if (n === 0) break;
     off += n;
   }
-  log({ t: 'W', path: t.path, ino: t.ino, off: at, len: buf.length, size }, pre);
+  return log({ t: 'W', path: t.path, ino: t.ino, off: at, len, size }, pre);
+}
+
+/** Writes `buf` at `position` (the descriptor's own position when null), logging what it overwrites. */
+function write(fd: number, buf: Uint8Array, position: number | null | undefined): number {
+  const t = fds.get(fd);
+  if (!t || t.dir) return o.writeSync(fd, buf, 0, buf.length, position ?? null);
+  const at = typeof position === 'number' && position >= 0 ? position : t.pos;
+  logOverwrite(t, fd, at, buf.length);
   let done = 0;
   while (done < buf.length) done += o.writeSync(fd, buf, done, buf.length - done, at + done);
   if (typeof position !== 'number' || position < 0) t.pos = at + done;
@@ -177,14 +182,23 @@ function truncate(fd: number, len: number): void {
   o.ftruncateSync(fd, len);
 }
 
-/** What an fsync of `fd` will cover once it finishes: everything logged before it started. */
-function syncMark(fd: number): () => void {
+/** Native writes logged whose job has not reported done yet: seq -> the file's inode. */
+const inFlight = new Map<number, string>();
+
+/**
+ * What an fsync of `fd` will cover once it finishes: everything logged before it started, except
+ * native writes to the file still in flight then (`own`: the syncing job's own writes, which it
+ * makes before its fdatasync).
+ */
+function syncMark(fd: number, own?: ReadonlySet<number>): () => void {
   const t = fds.get(fd);
   const upto = seq;
+  const skip: number[] = [];
+  if (t && !t.dir) for (const [s, ino] of inFlight) if (ino === t.ino && !own?.has(s)) skip.push(s);
   return () => {
     if (!t) return;
     if (t.dir) log({ t: 'D', path: t.path, upto });
-    else log({ t: 'S', ino: t.ino, upto });
+    else log(skip.length > 0 ? { t: 'S', ino: t.ino, upto, skip } : { t: 'S', ino: t.ino, upto });
   };
 }
 
@@ -366,6 +380,47 @@ P.mkdir = (path: fs.PathLike, ...args: unknown[]): void => {
     later(cb, err);
   }
 };
+
+// The store's batched writes: batch-write.ts loads the addon through require, whose cache now
+// holds an object whose writeBatch is this wrapper (the addon's own properties are read-only),
+// the rest inherited. Every write's undo record is logged before the job is queued;
+// the job's own fdatasync, once it reports success, covers them and what was logged before.
+// (Two jobs in flight at once over the same bytes would make the later record's pre-image
+// unreliable; the store never writes one place from two jobs at a time.)
+type BatchDone = (failedAt: Int32Array, errnos: Int32Array, syncErrno: number) => void;
+interface BlockWriteAddon {
+  writeBatch(fds: Int32Array, positions: Float64Array, buffers: Uint8Array[], groupEnds: Uint32Array, callback: BatchDone, syncFd?: number): void;
+}
+const blockWritePath = nativeAddonPath('block_write');
+if (blockWritePath && o.existsSync(blockWritePath)) {
+  const req = createRequire(import.meta.url);
+  const addon = req(blockWritePath) as BlockWriteAddon;
+  const writeBatch = addon.writeBatch.bind(addon);
+  const wrapped = Object.create(addon) as BlockWriteAddon;
+  req.cache[blockWritePath]!.exports = wrapped;
+  Object.defineProperty(wrapped, 'writeBatch', { enumerable: true, value: (...[wfds, positions, buffers, groupEnds, callback, syncFd]: Parameters<BlockWriteAddon['writeBatch']>) => {
+    const mine = new Set<number>();
+    for (let i = 0; i < wfds.length; i++) {
+      const t = fds.get(wfds[i]!);
+      if (!t || t.dir) continue;
+      const s = logOverwrite(t, wfds[i]!, positions[i]!, buffers[i]!.length);
+      mine.add(s);
+      inFlight.set(s, t.ino);
+    }
+    const synced = syncFd !== undefined && syncFd >= 0 ? syncMark(syncFd, mine) : undefined;
+    const done: BatchDone = (failedAt, errnos, syncErrno) => {
+      for (const s of mine) inFlight.delete(s);
+      if (synced && syncErrno === 0) synced();
+      callback(failedAt, errnos, syncErrno);
+    };
+    try {
+      writeBatch(wfds, positions, buffers, groupEnds, done, syncFd);
+    } catch (err) {
+      for (const s of mine) inFlight.delete(s);
+      throw err;
+    }
+  } });
+}
 
 const PP = fsp as unknown as Record<string, unknown>;
 const probe = await o.fspOpen('/dev/null', 'r');

@@ -46,6 +46,19 @@ describe('power-cut harness', () => {
       (dir) => assert.deepEqual(readFileSync(join(dir, 'f')), Buffer.alloc(8192, 1)),
     ));
 
+  it("sees the store's native batched writes: a job's own sync and a later fdatasync cover them; one in flight then, or written after, is lost", () =>
+    scenario(
+      'native',
+      (dir) => {
+        writeFileSync(join(dir, 'f'), Buffer.alloc(12288, 9));
+        writeFileSync(join(dir, 'g'), Buffer.alloc(4096, 9));
+      },
+      (dir) => {
+        assert.deepEqual(readFileSync(join(dir, 'f')), Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2), Buffer.alloc(4096, 9)]));
+        assert.deepEqual(readFileSync(join(dir, 'g')), Buffer.alloc(4096, 5));
+      },
+    ));
+
   it('drops a created file and directories whose directory was not synced, even with synced contents', () =>
     scenario(
       'create',

@@ -37,8 +37,12 @@ export type Entry =
   | { readonly t: 'R'; readonly seq: number; readonly from: string; readonly to: string; readonly backup?: string }
   /** `path` was removed: the file lives on at `backup`. */
   | { readonly t: 'U'; readonly seq: number; readonly path: string; readonly backup: string }
-  /** An fsync/fdatasync of a file finished: it covers that file's changes with seq <= upto. */
-  | { readonly t: 'S'; readonly ino: string; readonly upto: number }
+  /**
+   * An fsync/fdatasync of a file finished: it covers that file's changes with seq <= upto, except
+   * `skip`: writes logged before it started whose native job (the thread pool's) had not yet
+   * reported done, and which may therefore have reached the file only after the sync.
+   */
+  | { readonly t: 'S'; readonly ino: string; readonly upto: number; readonly skip?: readonly number[] }
   /** An fsync of a directory finished: it covers the names changed in it with seq <= upto. */
   | { readonly t: 'D'; readonly path: string; readonly upto: number };
 
@@ -79,12 +83,13 @@ export interface CutReport {
 export function applyPowerCut(dir: string, opts: { keep?: 'none' | 'random'; random?: () => number } = {}): CutReport {
   const entries = readLog(dir);
   const bin = existsSync(join(dir, DATA_FILE)) ? readFileSync(join(dir, DATA_FILE)) : Buffer.alloc(0);
-  const fileSynced = new Map<string, number>();
+  const fileSyncs = new Map<string, { readonly upto: number; readonly skip?: readonly number[] }[]>();
   const dirSynced = new Map<string, number>();
   for (const e of entries) {
-    if (e.t === 'S') fileSynced.set(e.ino, Math.max(fileSynced.get(e.ino) ?? 0, e.upto));
+    if (e.t === 'S') fileSyncs.set(e.ino, [...(fileSyncs.get(e.ino) ?? []), e]);
     else if (e.t === 'D') dirSynced.set(e.path, Math.max(dirSynced.get(e.path) ?? 0, e.upto));
   }
+  const dataDurable = (ino: string, seq: number): boolean => (fileSyncs.get(ino) ?? []).some((s) => s.upto >= seq && !s.skip?.includes(seq));
   const nameDurable = (path: string, seq: number): boolean => (dirSynced.get(dirname(path)) ?? 0) >= seq;
   const undone: Record<string, number> = {};
   let kept = 0;
@@ -104,7 +109,7 @@ export function applyPowerCut(dir: string, opts: { keep?: 'none' | 'random'; ran
     const e = entries[i]!;
     switch (e.t) {
       case 'W': {
-        if ((fileSynced.get(e.ino) ?? 0) >= e.seq || !existsSync(e.path)) break;
+        if (dataDurable(e.ino, e.seq) || !existsSync(e.path)) break;
         const pre = bin.subarray(e.binOff, e.binOff + e.binLen);
         const fd = openSync(e.path, 'r+');
         try {
@@ -134,7 +139,7 @@ export function applyPowerCut(dir: string, opts: { keep?: 'none' | 'random'; ran
         break;
       }
       case 'T': {
-        if ((fileSynced.get(e.ino) ?? 0) >= e.seq || !existsSync(e.path)) break;
+        if (dataDurable(e.ino, e.seq) || !existsSync(e.path)) break;
         const fd = openSync(e.path, 'r+');
         try {
           ftruncateSync(fd, e.size);
