@@ -426,9 +426,13 @@ export class Distributor {
    * The whole block, from the first replica with a good copy. `crc` (CRC32C of the whole block,
    * as the volume's inode records it) is checked end to end when given.
    */
-  async getBlock(ref: BlockRef, crc?: number): Promise<Buffer> {
+  getBlock(ref: BlockRef, crc?: number): Promise<Buffer> {
+    return this.block(ref, crc, this.servedLocally(ref));
+  }
+
+  /** `local`: servedLocally(ref), as the caller knows it already. */
+  private async block(ref: BlockRef, crc: number | undefined, local: boolean): Promise<Buffer> {
     const cache = this.cache;
-    const local = this.servedLocally(ref);
     if (!cache || local) return this.read(ref, 0, 0, crc, local);
     const key = blockRefKey(ref);
     const cached = cache.get(key);
@@ -456,11 +460,19 @@ export class Distributor {
    * block, as the inode keeps it) every byte is checked end to end: the replica sends the block's
    * sector checksums with the sectors, and they must combine to `crc`.
    */
-  async readRange(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer> {
+  readRange(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer> {
+    this.checkRange(offset, length);
+    return this.range(ref, offset, length, crc, this.servedLocally(ref));
+  }
+
+  private checkRange(offset: number, length: number): void {
     if (offset < 0 || length <= 0 || offset + length > this.blockSize)
       throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);
+  }
+
+  /** `local`: servedLocally(ref), as the caller knows it already. */
+  private async range(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean): Promise<Buffer> {
     const cache = this.cache;
-    const local = this.servedLocally(ref);
     if (!cache || local) return this.read(ref, offset, length, crc, local);
     const key = blockRefKey(ref);
     const cached = cache.get(key);
@@ -507,8 +519,9 @@ export class Distributor {
 
   private async rangeInto(ref: BlockRef, offset: number, into: Buffer, crc?: number): Promise<void> {
     const length = into.length;
-    if (offset < 0 || length <= 0 || offset + length > this.blockSize)
-      throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);
+    this.checkRange(offset, length);
+    // Whether this node holds the block, once known, so that the paths below do not ask again.
+    let local: boolean | undefined;
     const self = this.opts.self;
     const store = self?.store;
     const sector = store?.sectorSize ?? 0;
@@ -529,23 +542,26 @@ export class Distributor {
           return;
         }
         // Not one of this node's blocks: read where it is, below.
+        local = false;
       } catch (err) {
         if (isTorusError(err, 'INVALID_ARGUMENT')) throw err;
         // The other replicas, the local failure noted so that the bad copy is repaired.
-        (await this.readReplicas(ref, offset, length, crc, { uuid: self!.uuid, err })).copy(into);
+        (await this.readReplicas(ref, offset, length, crc, true, { uuid: self!.uuid, err })).copy(into);
         return;
       }
     }
-    const data = offset === 0 && length === this.blockSize ? await this.getBlock(ref, crc) : await this.readRange(ref, offset, length, crc);
+    local ??= this.servedLocally(ref);
+    const data = offset === 0 && length === this.blockSize ? await this.block(ref, crc, local) : await this.range(ref, offset, length, crc, local);
     data.copy(into);
   }
 
-  private candidates(ref: BlockRef): string[] {
+  /** `local`: servedLocally(ref). */
+  private candidates(ref: BlockRef, local: boolean): string[] {
     const perm = this.opts.ring().getPeers(ref);
     const order = [...perm.peers];
     // Our own disk first when we are a replica: no network, same verification.
     const self = this.opts.self;
-    if (self && self.store.hasBlock(ref)) {
+    if (self && local) {
       const i = order.indexOf(self.uuid);
       if (i > 0) order.splice(i, 1);
       if (i !== 0) order.unshift(self.uuid);
@@ -586,7 +602,7 @@ export class Distributor {
   private async read(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean): Promise<Buffer> {
     // Our own replica, the common case on a storage node: read at once, without walking the ring
     // for a list of candidates. A failure goes on to the other replicas like any failed read.
-    if (!local || this.readLevel === 'spread') return this.readReplicas(ref, offset, length, crc);
+    if (!local || this.readLevel === 'spread') return this.readReplicas(ref, offset, length, crc, local);
     const self = this.opts.self!.uuid;
     try {
       const data = await this.readFrom(self, ref, offset, length, this.readTimeoutMs, crc);
@@ -595,13 +611,13 @@ export class Distributor {
       return data;
     } catch (err) {
       if (isTorusError(err, 'INVALID_ARGUMENT')) throw err;
-      return this.readReplicas(ref, offset, length, crc, { uuid: self, err });
+      return this.readReplicas(ref, offset, length, crc, true, { uuid: self, err });
     }
   }
 
-  /** Reads from the replicas in turn (or all owners at once, `spread`); `tried` failed already. */
-  private async readReplicas(ref: BlockRef, offset: number, length: number, crc: number | undefined, tried?: { uuid: string; err: unknown }): Promise<Buffer> {
-    const peers = this.candidates(ref);
+  /** Reads from the replicas in turn (or all owners at once, `spread`); `tried` failed already; `local` as for read. */
+  private async readReplicas(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean, tried?: { uuid: string; err: unknown }): Promise<Buffer> {
+    const peers = this.candidates(ref, local);
     if (peers.length === 0) throw new TorusError('NO_PEER', 'the ring has no members');
     const bad: string[] = [];
     const errors: string[] = [];

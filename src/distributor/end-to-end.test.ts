@@ -52,7 +52,7 @@ test('a partial read is checked end to end: a replica serving another block for 
 test('the first replica asked serves another block: the read still returns the writer bytes, and the copy is repaired', async () => {
   const { c, vol, data, ref, holders } = await volumeWithBlock();
   // Damage every replica except the last one the distributor would ask.
-  const order = c.dist['candidates'](ref) as string[];
+  const order = c.dist['candidates'](ref, c.dist['servedLocally'](ref)) as string[];
   const byUuid = new Map(['a', 'b', 'c'].map((u, i) => [u, c.stores[i]!]));
   const first = byUuid.get(order[0]!)!;
   assert.ok(holders.includes(first));

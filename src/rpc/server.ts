@@ -905,57 +905,46 @@ export class ServerConnection {
       );
       return;
     }
-    const into = m.sums ? this.service.readSectorsInto?.bind(this.service) : undefined;
-    const sector = this.service.sectorSize ?? 0;
-    if (into && sector > 0) {
-      // Whole sectors into a pooled buffer, which goes back once the socket is done with it.
-      const from = Math.floor((whole ? 0 : m.offset) / sector) * sector;
-      const to = whole ? bs : Math.min(Math.ceil((m.offset + m.length) / sector) * sector, bs);
-      const lease = this.server.replyPool.take(to - from);
-      invoke(() => into(m.ref, from, lease.buffer)).then(
-        (read) => {
-          if (this.state === 'closing') {
-            lease.release();
-            return this.done(size);
-          }
-          if (read === undefined) {
-            lease.release();
-            return this.fail(m.id, new TorusError('BLOCK_UNAVAILABLE', `block ${formatBlockRef(m.ref)} is not on this node`), size);
-          }
-          const frame = HEADER_SIZE + 12 + read.sums.length + read.data.length;
-          if (frame > this.peerMaxFrame) {
-            lease.release();
+    if (m.sums) {
+      // Whole sectors and the block's checksums: the client checks them against the writer's CRC.
+      // A store that reads into memory it is given fills a pooled buffer, which goes back once
+      // the socket is done with it.
+      const service = this.service;
+      const sector = service.sectorSize ?? 0;
+      let read: () => Promise<SectorRead | undefined>;
+      let lease: BufferLease | undefined;
+      if (service.readSectorsInto && sector > 0) {
+        const from = Math.floor((whole ? 0 : m.offset) / sector) * sector;
+        const to = whole ? bs : Math.min(Math.ceil((m.offset + m.length) / sector) * sector, bs);
+        const into = (lease = this.server.replyPool.take(to - from)).buffer;
+        read = () => service.readSectorsInto!(m.ref, from, into);
+      } else if (service.readSectors) {
+        read = () => service.readSectors!(m.ref, m.offset, size);
+      } else {
+        return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node does not serve sector checksums (it did not announce EXT_CHECKSUMS)'), size);
+      }
+      const release = lease && (() => lease.release());
+      invoke(read).then(
+        (r) => {
+          const frame = r ? HEADER_SIZE + 12 + r.sums.length + r.data.length : 0;
+          if (this.state === 'closing' || !r || frame > this.peerMaxFrame) {
+            release?.();
+            if (this.state === 'closing') return this.done(size);
+            if (!r) return this.fail(m.id, new TorusError('BLOCK_UNAVAILABLE', `block ${formatBlockRef(m.ref)} is not on this node`), size);
             return this.fail(m.id, new TorusError('INVALID_ARGUMENT', `a ${frame}-byte reply exceeds the peer's frame limit ${this.peerMaxFrame}`), size);
           }
-          const [head, data] = encodeDataSums(m.id, read, read.data);
+          const [head, data] = encodeDataSums(m.id, r, r.data);
           this.writer.write(head!);
-          this.writer.write(data!, () => lease.release());
+          this.writer.write(data!, release);
           this.done(size);
         },
         (err: unknown) => {
-          lease.release();
+          release?.();
           this.fail(m.id, err, size);
         },
       );
       return;
     }
-    const readSectors = m.sums ? this.service.readSectors?.bind(this.service) : undefined;
-    if (readSectors) {
-      // Whole sectors and the block's checksums: the client checks them against the writer's CRC.
-      invoke(() => readSectors(m.ref, m.offset, whole ? bs : m.length)).then(
-        (read) => {
-          if (this.state === 'closing') return this.done(size);
-          const frame = HEADER_SIZE + 12 + read.sums.length + read.data.length;
-          if (frame > this.peerMaxFrame)
-            return this.fail(m.id, new TorusError('INVALID_ARGUMENT', `a ${frame}-byte reply exceeds the peer's frame limit ${this.peerMaxFrame}`), size);
-          this.writer.writeAll(encodeDataSums(m.id, read, read.data));
-          this.done(size);
-        },
-        (err: unknown) => this.fail(m.id, err, size),
-      );
-      return;
-    }
-    if (m.sums) return this.fail(m.id, new TorusError('INVALID_ARGUMENT', 'this node does not serve sector checksums (it did not announce EXT_CHECKSUMS)'), size);
     const p = whole ? invoke(() => this.service.getBlock(m.ref)) : invoke(() => this.service.readRange(m.ref, m.offset, m.length));
     p.then(
       (data) => {
