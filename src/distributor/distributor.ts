@@ -536,7 +536,7 @@ export class Distributor {
       try {
         const read = await store.readSectorsInto(ref, offset, into);
         if (read) {
-          verifySectorRead(read, this.blockSize, crc, offset, length, false, `block ${formatBlockRef(ref)} from ${self!.uuid}`);
+          verifySectorRead(read, this.blockSize, crc, offset, length, false, () => `block ${formatBlockRef(ref)} from ${self!.uuid}`);
           this.stats.reads++;
           this.stats.readBytes += length;
           return;
@@ -570,7 +570,7 @@ export class Distributor {
   }
 
   private async readFrom(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc?: number): Promise<Buffer> {
-    const what = `block ${formatBlockRef(ref)} from ${uuid}`;
+    const what = (): string => `block ${formatBlockRef(ref)} from ${uuid}`;
     // A whole block is checked the same way: the sector checksums the store has just verified
     // combine into the block's CRC, so its bytes are not run through a CRC a second time here.
     if (crc !== undefined) return this.readChecked(uuid, ref, offset, length === 0 ? this.blockSize : length, timeoutMs, crc, what);
@@ -580,7 +580,7 @@ export class Distributor {
   }
 
   /** A ranged read checked against the writer's CRC through the block's sector checksums. */
-  private async readChecked(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc: number, what: string): Promise<Buffer> {
+  private async readChecked(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc: number, what: () => string): Promise<Buffer> {
     const to = this.route(uuid);
     if (!to) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
     const read = await to.transport.getSectors(to.target, ref, offset, length, timeoutMs);
@@ -591,7 +591,7 @@ export class Distributor {
     // writer's CRC here, a part by that node against its own sums only.
     if (offset === 0 && length === this.blockSize) {
       const data = await to.transport.get(to.target, ref, 0, 0, timeoutMs);
-      if ((crc32c(data) >>> 0) !== crc >>> 0) throw new TorusError('CORRUPT', `${what} fails its end-to-end checksum`);
+      if ((crc32c(data) >>> 0) !== crc >>> 0) throw new TorusError('CORRUPT', `${what()} fails its end-to-end checksum`);
       return data;
     }
     this.stats.uncheckedReads++;
