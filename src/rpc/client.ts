@@ -1,4 +1,5 @@
 import type { Duplex } from 'node:stream';
+import { DeadlineWheel } from '../core/deadline-wheel.js';
 import { TorusError, type ErrorCode } from '../core/errors.js';
 import { formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { LogPiece, SectorRead } from '../core/interfaces.js';
@@ -132,7 +133,9 @@ interface Call {
   readonly resolve: (value: Message | Buffer | SectorRead) => void;
   readonly reject: (err: TorusError) => void;
   readonly timeoutMs: number;
-  timer: NodeJS.Timeout | null;
+  /** The deadline wheel's: when the call times out, and where it is armed (-1: not armed). */
+  deadline: number;
+  slot: number;
   status: number;
   id: number;
   probe: boolean;
@@ -141,10 +144,6 @@ interface Call {
 }
 
 const NO_PARTS: readonly Buffer[] = [];
-
-function onCallTimeout(client: PeerClient, call: Call): void {
-  client.timedOut(call);
-}
 
 /**
  * A connection to one peer, made on first use. Calls are pipelined with request ids and may
@@ -179,6 +178,8 @@ export class PeerClient {
   private nextId = 0;
   private lastCall = 0;
   private readonly counters = { timeouts: 0, requests: 0 };
+  /** Every call's deadline, under one timer (not one per call). */
+  private readonly deadlines = new DeadlineWheel<Call>((call) => this.timedOut(call));
 
   constructor(address: string, options: PeerClientOptions) {
     this.address = address;
@@ -479,13 +480,13 @@ export class PeerClient {
     this.counters.requests++;
     return new Promise<Message | Buffer | SectorRead>((resolve, reject) => {
       const ms = timeoutMs ?? this.o.requestTimeoutMs;
-      const call: Call = { parts, op, expect, ref, getOffset, getLength, getFlags, resolve, reject, timeoutMs: ms, timer: null, status: QUEUED, id: 0, probe, urgent };
+      const call: Call = { parts, op, expect, ref, getOffset, getLength, getFlags, resolve, reject, timeoutMs: ms, deadline: 0, slot: -1, status: QUEUED, id: 0, probe, urgent };
       // Waiting behind other calls is not a sign of a dead peer (a big sync queues hundreds of
       // puts): the timeout proper starts when the call is sent; the queue gets a bound of its own,
-      // armed only if the call did not go out at once (one timer per call in the common case).
+      // armed only if the call did not go out at once.
       this.queue.push(call);
       this.pump();
-      if (call.status === QUEUED && call.timer === null) call.timer = setTimeout(onCallTimeout, ms * QUEUE_TIMEOUT_FACTOR, this, call);
+      if (call.status === QUEUED && call.slot < 0) this.deadlines.arm(call, ms * QUEUE_TIMEOUT_FACTOR);
     });
   }
 
@@ -511,8 +512,7 @@ export class PeerClient {
       this.nextId = id;
       call.id = id;
       call.status = SENT;
-      if (call.timer) clearTimeout(call.timer);
-      call.timer = setTimeout(onCallTimeout, call.timeoutMs, this, call);
+      this.deadlines.arm(call, call.timeoutMs);
       this.pending.set(id, call);
       this.inFlight++;
       if (call.parts.length === 0) {
@@ -530,9 +530,8 @@ export class PeerClient {
     if (urgent) conn.writer.flush();
   }
 
-  /** @internal called by the per-call timer. */
-  timedOut(call: Call): void {
-    call.timer = null;
+  /** Called by the deadline wheel. */
+  private timedOut(call: Call): void {
     if (call.status === DONE) return;
     const wasSent = call.status === SENT;
     call.status = DONE;
@@ -565,7 +564,7 @@ export class PeerClient {
     this.pending.delete(m.id);
     this.inFlight--;
     call.status = DONE;
-    if (call.timer) clearTimeout(call.timer);
+    this.deadlines.cancel(call);
     this.breaker.success();
     if (m.op === Op.Error) call.reject(new TorusError(m.code, `peer ${this.address}: ${m.message}`));
     else if (m.op === Op.Data && call.expect === Op.Data && call.getFlags === FLAG_SUMS) {
@@ -597,8 +596,7 @@ export class PeerClient {
   private settleWithError(c: Call, err: TorusError): void {
     if (c.status === DONE) return;
     c.status = DONE;
-    if (c.timer) clearTimeout(c.timer);
-    c.timer = null;
+    this.deadlines.cancel(c);
     if (c.probe && err.code === 'CLOSED') this.breaker.release();
     c.reject(err);
   }

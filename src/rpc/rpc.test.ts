@@ -856,6 +856,24 @@ describe('rpc over TCP: failures', () => {
     svc.release();
   });
 
+  it('calls in flight and queued share one deadline timer, not one each', async () => {
+    const svc = new MemService(1024);
+    svc.delay = () => null;
+    const { server, address } = await startServer(svc);
+    const c = newClient(address, { requestTimeoutMs: 120_000, maxInFlight: 64 });
+    await c.connect();
+    const timers = (): number => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
+    const before = timers();
+    // 64 on the wire, 136 waiting in the queue (each with its queue deadline).
+    const calls = Array.from({ length: 200 }, (_, i) => rejection(c.getBlock(ref(i))));
+    await waitFor(() => server.stats().inFlight === 64, 'requests to reach the server');
+    assert.equal(c.stats().queued, 136);
+    assert.ok(timers() - before <= 1, `${timers() - before} timers armed for 200 calls`);
+    svc.release();
+    for (const err of await Promise.all(calls)) assert.equal(err.code, 'BLOCK_UNAVAILABLE', err.message);
+    assert.equal(timers(), before, 'no deadline timer left once every call is done');
+  });
+
   it('fails pending requests at once when the server goes away', async () => {
     const svc = new MemService(1024);
     svc.delay = () => null;
