@@ -10,7 +10,7 @@
 //   3. small exchanges (4 KiB replies to small requests, 32 in flight) over TCP and over TLS: the
 //      per-operation part an NBD 4 KiB read and a peer's 4 KiB GET cannot avoid;
 //   4. CRC32C: @node-rs/crc32 on 1 MiB and on 4 KiB pieces, and Torus's native sector CRCs
-//      (native/block_write.c, loaded as src/storage/batch-write.ts loads it); and, to read the
+//      (native/block_write.c, loaded as src/core/crc.ts loads it); and, to read the
 //      TLS figure by, the TLS 1.3 ciphers alone (`openssl speed`, 16 KiB records, CPU time);
 //   5. page-cache reads and buffered writes from Node: fs.readSync/writeSync, the thread-pool
 //      fs.read/fs.write, preadv2 RWF_NOWAIT (native/page_cache_read.c), 4 KiB to 1 MiB; and
@@ -40,7 +40,7 @@ import { usageExits } from '../scripts/lib/cli.js';
 import { createCa, issueCertificates } from '../src/cli/shared/certs.js';
 import { tuneMalloc } from '../src/core/malloc.js';
 import { parseSize } from '../src/core/units.js';
-import { nativeSectorCrcs } from '../src/storage/batch-write.js';
+import { nativeSectorCrcs } from '../src/core/crc.js';
 import { pageCacheReadsAvailable, readCached } from '../src/storage/page-cache.js';
 import { freePort } from '../test/helpers/etcd.js';
 import { have } from '../test/helpers/nbd-tools.js';

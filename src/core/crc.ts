@@ -131,8 +131,21 @@ function loadSectorCrcs(): SectorCrcAddon | undefined {
   }
 }
 
+// The one place the addon's CRC function is loaded: reads check sectors with it, the store's
+// writes compute them with it (storage/format.ts). storage/batch-write.ts loads the same addon for
+// its writes, which TORUS_NATIVE_WRITES=0 turns off; checksums stay native either way.
 const sectorAddon = loadSectorCrcs();
 let scratch = Buffer.allocUnsafeSlow(1024);
+
+/**
+ * The CRC32C of each `sectorSize` bytes of `data` (the last may be short) into `out`, u32 LE, in
+ * one native call; false (nothing done) without the addon.
+ */
+export function nativeSectorCrcs(data: Uint8Array, sectorSize: number, out: Uint8Array): boolean {
+  if (sectorAddon === undefined) return false;
+  sectorAddon.sectorCrcs(data, sectorSize, out);
+  return true;
+}
 
 /**
  * The first sector of `data` whose CRC32C is not the one `sums` holds for it, or -1. `data`

@@ -4,7 +4,8 @@ import { closeSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { crc32c } from '@node-rs/crc32';
-import { SyncFailure, WriteBatcher, WriteFailure, nativeSectorCrcs } from './batch-write.js';
+import { nativeSectorCrcs } from '../core/crc.js';
+import { SyncFailure, WriteBatcher, WriteFailure } from './batch-write.js';
 import { withTmpDir } from './testing.js';
 
 describe('WriteBatcher (native/block_write.c)', { skip: !WriteBatcher.available && 'the block_write addon is not built' }, () => {

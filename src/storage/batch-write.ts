@@ -1,12 +1,11 @@
-// Writes of the blocks stored in one turn of the event loop, as one thread-pool job, and their
-// sector checksums in one call per block (native/block_write.c). Without the addon, or with TORUS_NATIVE_WRITES=0 (the power-cut preload
-// sets it: it sees only writes made through Node's fs), the caller writes through fs as before.
+// Writes of the blocks stored in one turn of the event loop, as one thread-pool job
+// (native/block_write.c; the same addon computes sector checksums, core/crc.ts). Without the
+// addon, or with TORUS_NATIVE_WRITES=0, the caller writes through fs as before.
 
 import { loadNativeAddon } from '../core/native.js';
 import { constants } from 'node:os';
 
 interface BlockWriteAddon {
-  sectorCrcs(data: Uint8Array, sectorSize: number, out: Uint8Array): void;
   dataRanges(fd: number): Float64Array;
   writeBatch(
     fds: Int32Array,
@@ -29,16 +28,6 @@ function load(): BlockWriteAddon | undefined {
 }
 
 const addon = load();
-
-/**
- * The CRC32C of each `sectorSize` bytes of `data` (the last may be short) into `out`, u32 LE, in
- * one native call; false (nothing done) without the addon.
- */
-export function nativeSectorCrcs(data: Uint8Array, sectorSize: number, out: Uint8Array): boolean {
-  if (addon === undefined) return false;
-  addon.sectorCrcs(data, sectorSize, out);
-  return true;
-}
 
 /**
  * The parts of the file holding written data, as [start, end) pairs (SEEK_DATA/SEEK_HOLE: holes

@@ -3,9 +3,9 @@
 // the I/O that uses it. Every integer is little-endian.
 
 import { crc32c } from '@node-rs/crc32';
+import { nativeSectorCrcs } from '../core/crc.js';
 import { TorusError } from '../core/errors.js';
 import { BLOCK_REF_SIZE, decodeBlockRef, encodeBlockRef, type BlockRef } from '../core/ids.js';
-import { nativeSectorCrcs } from './batch-write.js';
 
 export const DATA_FILE = 'blocks.data';
 export const TABLE_FILE = 'blocks.table';
@@ -304,12 +304,11 @@ export function decodeRecord(buf: Buffer, offset = 0): RecordState {
 }
 
 // Index keys. The store keys its in-memory index by a string built straight from the record
-// bytes at open (millions of records: no BlockRef object, no DataView per field), so the key
-// function lives here beside that parser and the two are tested to agree.
+// bytes at open (millions of records: no BlockRef object, no DataView per field): refKeyAt below
+// builds core/ids.ts's blockRefKey, which the rest of the store uses as refKey, and the two are
+// tested to agree.
 
-export function refKey(ref: BlockRef): string {
-  return `${ref.type}:${ref.volume}:${ref.inode}:${ref.index}`;
-}
+export { blockRefKey as refKey } from '../core/ids.js';
 
 export function keyToRef(key: string): BlockRef {
   const parts = key.split(':');
