@@ -454,15 +454,9 @@ export class BlockVolume implements BlockDevice {
     if (segs.length === 0) return this.readBase(index, start, length);
     const first = segs[0]!;
     if (segs.length === 1 && first.start <= start && first.end >= end) return this.sourceBytes(first, start, length);
-    const covered = segs.reduce((n, s) => n + Math.min(s.end, end) - Math.max(s.start, start), 0);
-    const out = covered === length ? Buffer.allocUnsafe(length) : Buffer.from(await this.readBase(index, start, length));
-    await Promise.all(
-      segs.map(async (s) => {
-        const a = Math.max(s.start, start);
-        const b = Math.min(s.end, end);
-        (await this.sourceBytes(s, a, b - a)).copy(out, a - start);
-      }),
-    );
+    // Pieces from several places: merged into a buffer of its own, as readInto does.
+    const out = Buffer.allocUnsafe(length);
+    await this.readBlockPartInto(index, start, out);
     return out;
   }
 
@@ -528,22 +522,31 @@ export class BlockVolume implements BlockDevice {
     );
   }
 
+  // The two below read straight into `into` where the store can (a storage node's); elsewhere
+  // they copy what readBase and sourceBytes return.
+
   private async readBaseInto(index: number, start: number, into: Buffer): Promise<void> {
+    const store = this.ctx.store;
+    if (!store.readRangeInto) {
+      (await this.readBase(index, start, into.length)).copy(into);
+      return;
+    }
     const ptr = await this.tree.get(index);
     if (!ptr) into.fill(0);
-    else await this.ctx.store.readRangeInto!(ptr.ref, start, into, ptr.crc);
+    else await store.readRangeInto(ptr.ref, start, into, ptr.crc);
   }
 
   /** sourceBytes into `into` (`into.length` bytes from `from`). */
   private async sourceInto(s: Segment, from: number, into: Buffer): Promise<void> {
     const src = s.src;
     const at = s.at + (from - s.start);
+    const store = this.ctx.store;
     if (src.zero) into.fill(0);
     else if (src.data) into.set(src.data.subarray(at, at + into.length));
-    else if (src.block) await this.ctx.store.readRangeInto!(src.block.ref, at, into, src.block.crc);
-    else if (src.log && src.log.crc !== undefined) {
+    else if (src.block && store.readRangeInto) await store.readRangeInto(src.block.ref, at, into, src.block.crc);
+    else if (src.log && src.log.crc !== undefined && store.readRangeInto) {
       const log = src.log;
-      await this.ctx.store.readRangeInto!(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, into, log.crc);
+      await store.readRangeInto(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, into, log.crc);
     } else (await this.sourceBytes(s, from, into.length)).copy(into);
   }
 
