@@ -1033,7 +1033,7 @@ class Connection implements NegotiationLink {
     for (let i = 0; i < last; i++) st.write(parts[i]);
     // A stream calls a write's callback once that write and those before it are done, or with an
     // error when it is destroyed first.
-    if (last >= 0) st.write(parts[last], sent === undefined ? undefined : () => sent());
+    if (last >= 0) st.write(parts[last], sent);
     else sent?.();
     if (alone) st.uncork();
     if (this.phase === 'transmission') this.account();
