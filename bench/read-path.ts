@@ -81,17 +81,14 @@ try {
     ptrs.push(p);
   }
   const perBlock = BS / READ;
-  const layers: [string, (p: { ref: BlockRef; crc: number }, within: number, at: number) => Promise<unknown>][] = [
+  const layers: [string, (p: { ref: BlockRef; crc: number }, within: number, at: number, into: Buffer) => Promise<unknown>][] = [
     ['store.readSectors', (p, within) => store.readSectors(p.ref, within, READ)],
     READ === BS ? ['distributor.getBlock', (p) => dist.getBlock(p.ref, p.crc)] : ['distributor.readRange', (p, within) => dist.readRange(p.ref, within, READ, p.crc)],
     ['volume.read', (_p, _within, at) => vol.read(at, READ)],
     // What the NBD server does now: each of the 32 requests in flight reads into a buffer of its
     // own that is reused (the server's reply buffers), not a fresh one per read.
-    ['volume.readInto', (_p, _within, at) => vol.readInto!(at, intoBuffer())],
+    ['volume.readInto', (_p, _within, at, into) => vol.readInto!(at, into)],
   ];
-  const spare: Buffer[] = Array.from({ length: QD }, () => Buffer.allocUnsafeSlow(READ));
-  let next = 0;
-  const intoBuffer = (): Buffer => spare[next++ % QD]!;
   console.log(`random ${READ}-byte reads (CPU per read, and per MiB read), ${QD} in flight, ${N} per repetition, block size ${BS}, ${SIZE / 1048576} MiB volume (page cache warm)`);
   for (const [name, op] of layers) {
     const runs: string[] = [];
@@ -99,10 +96,12 @@ try {
       let issued = 0;
       const c0 = process.cpuUsage();
       const worker = async (): Promise<void> => {
+        // Each worker's own: a buffer handed out round-robin could still be in another's read.
+        const into = Buffer.allocUnsafeSlow(READ);
         while (issued < N) {
           issued++;
           const k = Math.floor(Math.random() * (SIZE / READ));
-          await op(ptrs[Math.floor(k / perBlock)]!, (k % perBlock) * READ, k * READ);
+          await op(ptrs[Math.floor(k / perBlock)]!, (k % perBlock) * READ, k * READ, into);
         }
       };
       await Promise.all(Array.from({ length: QD }, worker));

@@ -581,6 +581,12 @@ export class StorageNode {
       { name: 'torus_storage_slot_prep_written_bytes_total', help: 'Zeros written into never-written free slots so that journal appends into them allocate nothing', type: 'counter', value: st.slotPrepBytes },
       { name: 'torus_storage_journal_fenced_refusals_total', help: 'Journal appends and seals refused from a writer a newer one fenced', type: 'counter', value: st.fencedRefusals },
       { name: 'torus_storage_checksum_failures_total', help: 'Local reads whose data failed its checksum', type: 'counter', value: st.checksumFailures },
+      {
+        name: 'torus_storage_memory_checksum_failures_total',
+        help: 'Local reads whose bytes failed their checksum in memory but were right on disk when read again (the block was kept)',
+        type: 'counter',
+        value: st.memoryChecksumFailures,
+      },
       { name: 'torus_storage_flushes_total', help: 'fsync rounds of the local store', type: 'counter', value: st.flushes },
       { name: 'torus_storage_sync_seconds_total', help: 'Time spent in the fsyncs of those rounds', type: 'counter', value: st.syncMs / 1000 },
       { name: 'torus_server_heartbeats_total', help: 'Heartbeats written to etcd', type: 'counter', value: this.heartbeats },

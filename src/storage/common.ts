@@ -26,6 +26,11 @@ export interface BlockStoreStats {
   fencedRefusals: number;
   /** Reads that found data not matching its checksum; the block was dropped each time. */
   checksumFailures: number;
+  /**
+   * Reads whose bytes failed their checksum in memory but were right when read from the disk
+   * again: the block was kept (a buffer written to during the read, or memory at fault).
+   */
+  memoryChecksumFailures: number;
   /** Durability rounds actually performed (one fsync of each file); less than flushRequests when coalesced. */
   flushes: number;
   flushRequests: number;
@@ -53,6 +58,7 @@ export function emptyStats(): BlockStoreStats {
     slotPrepBytes: 0,
     fencedRefusals: 0,
     checksumFailures: 0,
+    memoryChecksumFailures: 0,
     flushes: 0,
     flushRequests: 0,
     syncMs: 0,

@@ -125,6 +125,18 @@ export class SlotReader {
     let res: { buf: Buffer; sums: Buffer } | string;
     try {
       res = await readSlotSectors(s, slot, s.sums[slot]!, s0, s1, count ? gen : undefined, this.sumsCache, into);
+      if (typeof res === 'string') {
+        // What failed may be the memory, not the disk: a caller's buffer written to while the read
+        // was in it, or a bad bit in RAM. Dropping the block on that would destroy a good copy, so
+        // the disk's is read again, into memory of the store's own and past the checksum cache,
+        // before the block is condemned.
+        const again = await readSlotSectors(s, slot, s.sums[slot]!, s0, s1);
+        if (typeof again !== 'string') {
+          s.counters.memoryChecksumFailures++;
+          if (into) into.set(again.buf);
+          res = { buf: into ?? again.buf, sums: again.sums };
+        }
+      }
     } catch (err) {
       throw ioError(`reading block ${formatBlockRef(ref)}`, err, s.dir);
     } finally {
