@@ -1,12 +1,11 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { LruCache } from './lru.js';
+import { BlockCache } from './lru.js';
 
 const buf = (n: number, fill = 0): Buffer => Buffer.alloc(n, fill);
-const bytes = (capacity: number): LruCache<string, Buffer> => new LruCache<string, Buffer>(capacity, (b) => b.length);
 
 test('evicts the least recently used entries past the byte bound; get refreshes', () => {
-  const c = bytes(300);
+  const c = new BlockCache(300);
   c.set('a', buf(100, 1));
   c.set('b', buf(100, 2));
   c.set('c', buf(100, 3));
@@ -23,7 +22,7 @@ test('evicts the least recently used entries past the byte bound; get refreshes'
 });
 
 test('replacing a key updates its bytes; delete and oversize values', () => {
-  const c = bytes(100);
+  const c = new BlockCache(100);
   c.set('a', buf(40));
   c.set('a', buf(60));
   assert.equal(c.usedBytes, 60);
@@ -43,7 +42,7 @@ test('replacing a key updates its bytes; delete and oversize values', () => {
 });
 
 test('many entries under random churn stay within the bound and consistent', () => {
-  const c = bytes(64 * 4096);
+  const c = new BlockCache(64 * 4096);
   const page = buf(4096);
   let hits = 0;
   for (let i = 0; i < 20000; i++) {

@@ -1,5 +1,5 @@
-// A byte-bounded LRU: a storage node's cache of checksum arrays. (Blocks and block chunks are
-// cached by S3FifoCache, s3fifo.ts, which a scan cannot empty.)
+// A byte-bounded LRU: the client's cache of blocks and block chunks, a storage node's cache of
+// checksum arrays.
 //
 // Recency is a doubly linked list beside the Map. A Map alone (delete and re-insert to refresh,
 // evict from keys().next()) looks like an LRU, but V8 leaves a hole per deletion at the front of
@@ -95,5 +95,12 @@ export class LruCache<K, V> {
     if (this.tail) this.tail.next = e;
     else this.head = e;
     this.tail = e;
+  }
+}
+
+/** Whole blocks and block chunks by key: blocks are immutable, so an entry never needs invalidating. */
+export class BlockCache extends LruCache<string, Buffer> {
+  constructor(capacityBytes: number) {
+    super(capacityBytes, (b) => b.length);
   }
 }

@@ -3,7 +3,7 @@ import { TorusError, isTorusError, toTorusError, type ErrorCode } from '../core/
 import { verifySectorRead } from '../core/crc.js';
 import { blockRefKey, formatBlockRef, type BlockRef } from '../core/ids.js';
 import type { BlockStore, LogPiece, PutBlockOptions, Ring } from '../core/interfaces.js';
-import { BlockCache } from '../core/s3fifo.js';
+import { BlockCache } from '../core/lru.js';
 import { LocalTransport } from './local-transport.js';
 import type { PeerTarget, PeerTransport } from './transport.js';
 
