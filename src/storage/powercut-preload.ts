@@ -9,9 +9,8 @@
 
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
-import { syncBuiltinESMExports } from 'node:module';
+import { createRequire, syncBuiltinESMExports } from 'node:module';
 import { basename, dirname, join, resolve } from 'node:path';
-import { createRequire } from 'node:module';
 import { nativeAddonPath } from '../core/native.js';
 import { BACKUP_DIR, DATA_FILE, LOG_FILE, POWERCUT_ENV, readLog, type Entry } from './powercut.js';
 
@@ -385,8 +384,9 @@ P.mkdir = (path: fs.PathLike, ...args: unknown[]): void => {
 // holds an object whose writeBatch is this wrapper (the addon's own properties are read-only),
 // the rest inherited. Every write's undo record is logged before the job is queued;
 // the job's own fdatasync, once it reports success, covers them and what was logged before.
-// (Two jobs in flight at once over the same bytes would make the later record's pre-image
-// unreliable; the store never writes one place from two jobs at a time.)
+// Were two jobs in flight at once over the same bytes, the later record's pre-image could hold
+// the earlier job's bytes, and a cut keeping the earlier write could see it undone: a failure
+// that is the harness's, never a loss it hides.
 type BatchDone = (failedAt: Int32Array, errnos: Int32Array, syncErrno: number) => void;
 interface BlockWriteAddon {
   writeBatch(fds: Int32Array, positions: Float64Array, buffers: Uint8Array[], groupEnds: Uint32Array, callback: BatchDone, syncFd?: number): void;
