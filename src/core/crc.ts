@@ -105,18 +105,21 @@ export function blockCrcFromSectors(sums: Uint8Array, blockSize: number, sectorS
 export function verifySectorRead(read: SectorRead, blockSize: number, crc: number, offset: number, length: number, checkSectors: boolean, what: string | (() => string)): Buffer {
   const { sectorSize, sums, data } = read;
   const n = Math.ceil(blockSize / sectorSize);
-  // `what` as a function: formatting a block's name on every read cost more than checking it.
-  const name = (): string => (typeof what === 'string' ? what : what());
   if (sums.length !== n * 4 || read.offset % sectorSize !== 0 || offset < read.offset || offset + length > read.offset + data.length)
-    throw new TorusError('CORRUPT', `${name()}: the replica's answer does not cover ${offset}+${length} of the block`);
+    throw new TorusError('CORRUPT', `${nameOf(what)}: the replica's answer does not cover ${offset}+${length} of the block`);
   if (blockCrcFromSectors(sums, blockSize, sectorSize) !== crc >>> 0)
-    throw new TorusError('CORRUPT', `${name()}: its sector checksums do not combine to the writer's CRC (another block's bytes, or damaged)`);
+    throw new TorusError('CORRUPT', `${nameOf(what)}: its sector checksums do not combine to the writer's CRC (another block's bytes, or damaged)`);
   if (checkSectors) {
     const bad = firstBadSector(data, sectorSize, sums, read.offset / sectorSize);
-    if (bad >= 0) throw new TorusError('CORRUPT', `${name()}: sector ${bad} does not match its checksum`);
+    if (bad >= 0) throw new TorusError('CORRUPT', `${nameOf(what)}: sector ${bad} does not match its checksum`);
   }
   const at = offset - read.offset;
   return data.subarray(at, at + length);
+}
+
+/** `what` may be a function: formatting a block's name on every read cost more than checking it. */
+function nameOf(what: string | (() => string)): string {
+  return typeof what === 'string' ? what : what();
 }
 
 interface SectorCrcAddon {

@@ -83,13 +83,22 @@ export interface CutReport {
 export function applyPowerCut(dir: string, opts: { keep?: 'none' | 'random'; random?: () => number } = {}): CutReport {
   const entries = readLog(dir);
   const bin = existsSync(join(dir, DATA_FILE)) ? readFileSync(join(dir, DATA_FILE)) : Buffer.alloc(0);
-  const fileSyncs = new Map<string, { readonly upto: number; readonly skip?: readonly number[] }[]>();
+  // Per file, the furthest a sync without exceptions reached, and the few syncs that skipped
+  // writes still in flight (only those need looking at one by one).
+  const fileSynced = new Map<string, number>();
+  const skippingSyncs = new Map<string, { readonly upto: number; readonly skip: readonly number[] }[]>();
   const dirSynced = new Map<string, number>();
   for (const e of entries) {
-    if (e.t === 'S') fileSyncs.set(e.ino, [...(fileSyncs.get(e.ino) ?? []), e]);
+    if (e.t === 'S' && e.skip) {
+      const list = skippingSyncs.get(e.ino) ?? [];
+      list.push({ upto: e.upto, skip: e.skip });
+      skippingSyncs.set(e.ino, list);
+    }
+    else if (e.t === 'S') fileSynced.set(e.ino, Math.max(fileSynced.get(e.ino) ?? 0, e.upto));
     else if (e.t === 'D') dirSynced.set(e.path, Math.max(dirSynced.get(e.path) ?? 0, e.upto));
   }
-  const dataDurable = (ino: string, seq: number): boolean => (fileSyncs.get(ino) ?? []).some((s) => s.upto >= seq && !s.skip?.includes(seq));
+  const dataDurable = (ino: string, seq: number): boolean =>
+    (fileSynced.get(ino) ?? 0) >= seq || (skippingSyncs.get(ino) ?? []).some((s) => s.upto >= seq && !s.skip.includes(seq));
   const nameDurable = (path: string, seq: number): boolean => (dirSynced.get(dirname(path)) ?? 0) >= seq;
   const undone: Record<string, number> = {};
   let kept = 0;
