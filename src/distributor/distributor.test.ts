@@ -268,6 +268,36 @@ test('ranged reads fill the cache by 4 KiB chunk: a re-read hits, a read of othe
   assert.equal(gets(), g0 + 4);
 });
 
+test('a sequential stream is answered from the cache but not kept in it', async () => {
+  const big = 4 * BS;
+  const transport = new MemoryTransport();
+  const store = new MemoryBlockStore({ blockSize: big, capacityBlocks: 10 });
+  transport.add('only', store);
+  const ring = createRing(newRingModel('ketama', 1, [{ uuid: 'only', totalBlocks: 10 }], 2));
+  const dist = new Distributor({ blockSize: big, ring: () => ring, target: (u) => ({ uuid: u, address: 'mem://only' }), transport, readCacheBytes: 8 * big });
+  const data = Buffer.concat([block(1), block(2), block(3), block(4)]);
+  const r = ref(7);
+  await store.putBlock(r, data);
+  const gets = (): number => transport.calls.get;
+  const g0 = gets();
+  // Whole blocks and ranges of a stream: fetched every time, nothing kept.
+  assert.deepEqual(await dist.getBlock(r, undefined, true), data);
+  assert.deepEqual(await dist.getBlock(r, undefined, true), data);
+  assert.deepEqual(await dist.readRange(r, BS, BS, undefined, true), data.subarray(BS, 2 * BS));
+  assert.deepEqual(await dist.readRange(r, BS, BS, undefined, true), data.subarray(BS, 2 * BS));
+  assert.equal(gets(), g0 + 4);
+  assert.equal(dist.stats.cacheBypasses, 4);
+  assert.equal(dist.stats.cacheHits, 0);
+  assert.equal(dist.memory().readCache, 0);
+  // A read outside a stream keeps the block; a stream's read of it is then a hit.
+  assert.deepEqual(await dist.getBlock(r), data);
+  assert.equal(gets(), g0 + 5);
+  assert.deepEqual(await dist.getBlock(r, undefined, true), data);
+  assert.deepEqual(await dist.readRange(r, 2 * BS, 10, undefined, true), data.subarray(2 * BS, 2 * BS + 10));
+  assert.equal(gets(), g0 + 5);
+  assert.equal(dist.stats.cacheHits, 2);
+});
+
 test('cached chunks are copies: a small payload that is a view of a big receive buffer is not kept pinned', async () => {
   const big = 4 * BS;
   const transport = new MemoryTransport();

@@ -46,6 +46,8 @@ export interface DistributorStats {
   writes: number;
   writeBytes: number;
   cacheHits: number;
+  /** Reads of a sequential stream fetched without being kept in the read cache. */
+  cacheBypasses: number;
   checksumFailures: number;
   replicaFallbacks: number;
   repairs: number;
@@ -88,6 +90,7 @@ export class Distributor {
     writes: 0,
     writeBytes: 0,
     cacheHits: 0,
+    cacheBypasses: 0,
     checksumFailures: 0,
     replicaFallbacks: 0,
     repairs: 0,
@@ -108,7 +111,7 @@ export class Distributor {
     if (this.writeLevel === 'local' && !opts.self)
       throw new TorusError('INVALID_ARGUMENT', 'write level "local" needs a local disk: only storage nodes can use it');
     this.local = opts.self ? { target: { uuid: opts.self.uuid, address: 'local' }, transport: new LocalTransport(opts.self.store) } : undefined;
-    if (opts.self?.store.readSectorsInto) this.readRangeInto = (ref, offset, into, crc) => this.rangeInto(ref, offset, into, crc);
+    if (opts.self?.store.readSectorsInto) this.readRangeInto = (ref, offset, into, crc, sequential) => this.rangeInto(ref, offset, into, crc, sequential === true);
     const cacheBytes = opts.readCacheBytes ?? 0;
     this.cache = cacheBytes >= opts.blockSize ? new BlockCache(cacheBytes) : undefined;
   }
@@ -424,14 +427,17 @@ export class Distributor {
 
   /**
    * The whole block, from the first replica with a good copy. `crc` (CRC32C of the whole block,
-   * as the volume's inode records it) is checked end to end when given.
+   * as the volume's inode records it) is checked end to end when given. `sequential`: part of a
+   * sequential stream, which is answered from the read cache but not kept in it (a stream would
+   * push out what random reads come back to, and keeping its blocks costs a tenth of a serving
+   * node's CPU in P2: docs/performance.md).
    */
-  getBlock(ref: BlockRef, crc?: number): Promise<Buffer> {
-    return this.block(ref, crc, this.servedLocally(ref));
+  getBlock(ref: BlockRef, crc?: number, sequential?: boolean): Promise<Buffer> {
+    return this.block(ref, crc, this.servedLocally(ref), sequential === true);
   }
 
   /** `local`: servedLocally(ref), as the caller knows it already. */
-  private async block(ref: BlockRef, crc: number | undefined, local: boolean): Promise<Buffer> {
+  private async block(ref: BlockRef, crc: number | undefined, local: boolean, sequential: boolean): Promise<Buffer> {
     const cache = this.cache;
     if (!cache || local) return this.read(ref, 0, 0, crc, local);
     const key = blockRefKey(ref);
@@ -441,7 +447,8 @@ export class Distributor {
       return cached;
     }
     const data = await this.read(ref, 0, 0, crc, false);
-    cache.set(key, data);
+    if (sequential) this.stats.cacheBypasses++;
+    else cache.set(key, data);
     return data;
   }
 
@@ -460,9 +467,9 @@ export class Distributor {
    * block, as the inode keeps it) every byte is checked end to end: the replica sends the block's
    * sector checksums with the sectors, and they must combine to `crc`.
    */
-  readRange(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer> {
+  readRange(ref: BlockRef, offset: number, length: number, crc?: number, sequential?: boolean): Promise<Buffer> {
     this.checkRange(offset, length);
-    return this.range(ref, offset, length, crc, this.servedLocally(ref));
+    return this.range(ref, offset, length, crc, this.servedLocally(ref), sequential === true);
   }
 
   private checkRange(offset: number, length: number): void {
@@ -470,8 +477,8 @@ export class Distributor {
       throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);
   }
 
-  /** `local`: servedLocally(ref), as the caller knows it already. */
-  private async range(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean): Promise<Buffer> {
+  /** `local`: servedLocally(ref), as the caller knows it already; `sequential` as for getBlock. */
+  private async range(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean, sequential: boolean): Promise<Buffer> {
     const cache = this.cache;
     if (!cache || local) return this.read(ref, offset, length, crc, local);
     const key = blockRefKey(ref);
@@ -498,6 +505,10 @@ export class Distributor {
       const joined = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
       return joined.subarray(at, at + length);
     }
+    if (sequential) {
+      this.stats.cacheBypasses++;
+      return this.read(ref, offset, length, crc, false);
+    }
     const start = c0 * CACHE_CHUNK;
     const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start, crc, false);
     // Cached as a copy of its own when it is a view: a small RPC payload can pin a 64 KiB socket
@@ -515,9 +526,9 @@ export class Distributor {
    * comes from anywhere else (another node, the cache) is copied in. Only a storage node's
    * distributor has it (VolumeBlockStore.readRangeInto).
    */
-  readonly readRangeInto?: (ref: BlockRef, offset: number, into: Buffer, crc?: number) => Promise<void>;
+  readonly readRangeInto?: (ref: BlockRef, offset: number, into: Buffer, crc?: number, sequential?: boolean) => Promise<void>;
 
-  private async rangeInto(ref: BlockRef, offset: number, into: Buffer, crc?: number): Promise<void> {
+  private async rangeInto(ref: BlockRef, offset: number, into: Buffer, crc: number | undefined, sequential: boolean): Promise<void> {
     const length = into.length;
     this.checkRange(offset, length);
     // Whether this node holds the block, once known, so that the paths below do not ask again.
@@ -551,7 +562,7 @@ export class Distributor {
       }
     }
     local ??= this.servedLocally(ref);
-    const data = offset === 0 && length === this.blockSize ? await this.block(ref, crc, local) : await this.range(ref, offset, length, crc, local);
+    const data = offset === 0 && length === this.blockSize ? await this.block(ref, crc, local, sequential) : await this.range(ref, offset, length, crc, local, sequential);
     data.copy(into);
   }
 

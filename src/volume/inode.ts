@@ -26,16 +26,20 @@ export interface VolumeBlockStore {
   readonly blockSize: number;
   /** `opts.immutable`: the caller never modifies `data` again, so the store may keep it uncopied. */
   putBlock(ref: BlockRef, data: Uint8Array, opts?: PutBlockOptions): Promise<void>;
-  /** The whole block, checked against `crc` (CRC32C of the block) when given. */
-  getBlock(ref: BlockRef, crc?: number): Promise<Buffer>;
+  /**
+   * The whole block, checked against `crc` (CRC32C of the block) when given. `sequential`: the
+   * read is part of a sequential stream (see StreamDetector), so a store with a read cache
+   * should not keep what it fetches.
+   */
+  getBlock(ref: BlockRef, crc?: number, sequential?: boolean): Promise<Buffer>;
   /** Part of the block; with `crc` (the writer's CRC of the whole block) checked end to end. */
-  readRange(ref: BlockRef, offset: number, length: number, crc?: number): Promise<Buffer>;
+  readRange(ref: BlockRef, offset: number, length: number, crc?: number, sequential?: boolean): Promise<Buffer>;
   /**
    * readRange (or getBlock, for the whole block) into the caller's buffer: `into.length` bytes
    * from `offset`. Only a store that reads some blocks from a disk of its own has it: for the
    * others it would be one more copy.
    */
-  readonly readRangeInto?: (ref: BlockRef, offset: number, into: Buffer, crc?: number) => Promise<void>;
+  readonly readRangeInto?: (ref: BlockRef, offset: number, into: Buffer, crc?: number, sequential?: boolean) => Promise<void>;
   flush(): Promise<void>;
 }
 

@@ -147,6 +147,39 @@ test("readInto fills the caller's buffer with what read returns: whole blocks, j
   await assert.rejects(vol.readInto!(0, Buffer.alloc(BS)), (e) => isTorusError(e, 'CLOSED'));
 });
 
+test('reads of a sequential stream reach the store marked sequential; random reads and re-reads do not', async () => {
+  for (const self of [false, true]) {
+    const c = await memoryCluster(BS, 100_000, 0, self);
+    await c.vmeta.create('v', 64 * BS);
+    const vol = await BlockVolume.open(c.ctx, 'v', { checkpointIntervalMs: 0, snapshotPollMs: 0 });
+    await vol.write(0, randomBytes(64 * BS));
+    await vol.flush();
+    await vol.foldAll();
+    // What the store is told for each data block read (tree pages are not the volume's reads).
+    const seen: boolean[] = [];
+    type Read = (...args: unknown[]) => Promise<unknown>;
+    const d = c.dist as unknown as Record<'getBlock' | 'readRange' | 'readRangeInto', Read | undefined>;
+    for (const [name, at] of [['getBlock', 2], ['readRange', 4], ['readRangeInto', 4]] as const) {
+      const real = d[name]?.bind(c.dist);
+      if (!real) continue;
+      d[name] = (...args: unknown[]) => {
+        if ((args[0] as BlockRef).type === BlockType.Data) seen.push(args[at] === true);
+        return real(...args);
+      };
+    }
+    const read = (off: number, len: number): Promise<unknown> => (self ? vol.readInto!(off, Buffer.alloc(len)) : vol.read(off, len));
+    const mode = self ? 'storage node' : 'client';
+    for (let i = 0; i < 32; i += 2) await read(i * BS, 2 * BS);
+    assert.equal(seen.length, 32, mode);
+    assert.deepEqual(seen.slice(0, 2), [false, false], `${mode}: the first read of a stream is not known to be one`);
+    assert.ok(seen.slice(2).every(Boolean), `${mode}: ${seen.join()}`);
+    seen.length = 0;
+    for (const i of [50, 7, 33, 50, 7, 21, 60]) await read(i * BS + 100, 200);
+    assert.deepEqual(seen, new Array(7).fill(false), `${mode}: scattered reads and re-reads`);
+    await vol.close();
+  }
+});
+
 test('a second writer is refused with the holder named; read-only opens are allowed', async () => {
   const c = await memoryCluster(BS);
   await c.vmeta.create('v', 8 * BS);

@@ -10,6 +10,7 @@ import type { ExtraOps, VolumeLock, VolumeMeta } from './meta.js';
 import { OverlayIndex, type Segment, type Source } from './overlay.js';
 import { checkVolumeSize, type Head, type Pointer, type VolumeRecord } from './records.js';
 import { decodeRunPage, encodeRunPage, logKeyOf, pageEntries, type RunEntry, type RunPage } from './runs.js';
+import { StreamDetector } from './stream-detector.js';
 
 // A block volume over a journal (docs/journal.md). A write lands in memory and in the overlay
 // index; a FLUSH appends the writes since the last one to the volume's journal on R storage
@@ -142,6 +143,7 @@ export class BlockVolume implements BlockDevice {
    * chain it replaces (a second index kept for it was half of a writer's overlay memory).
    */
   private readonly overlay = new OverlayIndex();
+  private readonly streams = new StreamDetector();
   private committed: Head;
   /** Run pages in the committed chain. */
   private chainPages = 0;
@@ -448,76 +450,81 @@ export class BlockVolume implements BlockDevice {
 
   // ---- reads ----
 
-  private async readBlockPart(index: number, start: number, length: number): Promise<Buffer> {
+  // `seq` below: the read continues a sequential stream (StreamDetector), passed to the store so
+  // that its read cache lets the blocks go by.
+
+  private async readBlockPart(index: number, start: number, length: number, seq: boolean): Promise<Buffer> {
     const end = start + length;
     const segs = this.overlay.segments(index).filter((s) => s.end > start && s.start < end);
-    if (segs.length === 0) return this.readBase(index, start, length);
+    if (segs.length === 0) return this.readBase(index, start, length, seq);
     const first = segs[0]!;
-    if (segs.length === 1 && first.start <= start && first.end >= end) return this.sourceBytes(first, start, length);
+    if (segs.length === 1 && first.start <= start && first.end >= end) return this.sourceBytes(first, start, length, seq);
     // Pieces from several places: merged into a buffer of its own, as readInto does.
     const out = Buffer.allocUnsafe(length);
-    await this.readBlockPartInto(index, start, out);
+    await this.readBlockPartInto(index, start, out, seq);
     return out;
   }
 
-  private async readBase(index: number, start: number, length: number): Promise<Buffer> {
+  private async readBase(index: number, start: number, length: number, seq: boolean): Promise<Buffer> {
     const ptr = await this.tree.get(index);
     if (!ptr) return Buffer.alloc(length);
-    if (start === 0 && length === this.blockSize) return this.ctx.store.getBlock(ptr.ref, ptr.crc);
-    return this.ctx.store.readRange(ptr.ref, start, length, ptr.crc);
+    if (start === 0 && length === this.blockSize) return this.ctx.store.getBlock(ptr.ref, ptr.crc, seq);
+    return this.ctx.store.readRange(ptr.ref, start, length, ptr.crc, seq);
   }
 
   /** Bytes [from, from+n) of a block, from the segment that covers them. */
-  private async sourceBytes(s: Segment, from: number, n: number): Promise<Buffer> {
+  private async sourceBytes(s: Segment, from: number, n: number, seq: boolean): Promise<Buffer> {
     const src = s.src;
     if (src.zero) return Buffer.alloc(n);
     const at = s.at + (from - s.start);
     if (src.data) return src.data.subarray(at, at + n);
-    if (src.block) return this.ctx.store.readRange(src.block.ref, at, n, src.block.crc);
+    if (src.block) return this.ctx.store.readRange(src.block.ref, at, n, src.block.crc, seq);
     const log = src.log;
     if (!log || log.crc === undefined) throw new TorusError('INTERNAL', `volume ${this.name}: overlay bytes with no place to read them from`);
-    return this.ctx.store.readRange(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, n, log.crc);
+    return this.ctx.store.readRange(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, n, log.crc, seq);
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
     if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
     this.checkRange(offset, length);
+    const seq = this.streams.note(offset, length);
     const index = Math.floor(offset / this.blockSize);
     const start = offset - index * this.blockSize;
-    if (start + length <= this.blockSize) return this.readBlockPart(index, start, length);
-    return Buffer.concat(await this.readPieces(offset, length), length);
+    if (start + length <= this.blockSize) return this.readBlockPart(index, start, length, seq);
+    return Buffer.concat(await this.readPieces(offset, length, seq), length);
   }
 
   async readv(offset: number, length: number): Promise<readonly Buffer[]> {
     if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
     this.checkRange(offset, length);
-    return this.readPieces(offset, length);
+    return this.readPieces(offset, length, this.streams.note(offset, length));
   }
 
   private async fill(offset: number, into: Buffer): Promise<void> {
     if (this.closed) throw new TorusError('CLOSED', `volume ${this.name} is closed`);
     this.checkRange(offset, into.length);
+    const seq = this.streams.note(offset, into.length);
     const index = Math.floor(offset / this.blockSize);
     const start = offset - index * this.blockSize;
-    if (start + into.length <= this.blockSize) return this.readBlockPartInto(index, start, into);
-    await allSettled(Array.from(this.pieces(offset, into.length), ({ index, start, n, at }) => this.readBlockPartInto(index, start, into.subarray(at, at + n))));
+    if (start + into.length <= this.blockSize) return this.readBlockPartInto(index, start, into, seq);
+    await allSettled(Array.from(this.pieces(offset, into.length), ({ index, start, n, at }) => this.readBlockPartInto(index, start, into.subarray(at, at + n), seq)));
   }
 
   /** readBlockPart into `into`: the block's base, then what the overlay has over it. */
-  private async readBlockPartInto(index: number, start: number, into: Buffer): Promise<void> {
+  private async readBlockPartInto(index: number, start: number, into: Buffer, seq: boolean): Promise<void> {
     const end = start + into.length;
     const all = this.overlay.segments(index);
     const segs = all.length === 0 ? all : all.filter((s) => s.end > start && s.start < end);
-    if (segs.length === 0) return this.readBaseInto(index, start, into);
+    if (segs.length === 0) return this.readBaseInto(index, start, into, seq);
     const first = segs[0]!;
     // One record over all of it, as a block written whole is until the next checkpoint.
-    if (segs.length === 1 && first.start <= start && first.end >= end) return this.sourceInto(first, start, into);
+    if (segs.length === 1 && first.start <= start && first.end >= end) return this.sourceInto(first, start, into, seq);
     const covered = segs.reduce((n, s) => n + Math.min(s.end, end) - Math.max(s.start, start), 0);
-    if (covered < into.length) await this.readBaseInto(index, start, into);
+    if (covered < into.length) await this.readBaseInto(index, start, into, seq);
     await allSettled(
       segs.map((s) => {
         const a = Math.max(s.start, start);
-        return this.sourceInto(s, a, into.subarray(a - start, Math.min(s.end, end) - start));
+        return this.sourceInto(s, a, into.subarray(a - start, Math.min(s.end, end) - start), seq);
       }),
     );
   }
@@ -525,33 +532,33 @@ export class BlockVolume implements BlockDevice {
   // The two below read straight into `into` where the store can (a storage node's); elsewhere
   // they copy what readBase and sourceBytes return.
 
-  private async readBaseInto(index: number, start: number, into: Buffer): Promise<void> {
+  private async readBaseInto(index: number, start: number, into: Buffer, seq: boolean): Promise<void> {
     const store = this.ctx.store;
     if (!store.readRangeInto) {
-      (await this.readBase(index, start, into.length)).copy(into);
+      (await this.readBase(index, start, into.length, seq)).copy(into);
       return;
     }
     const ptr = await this.tree.get(index);
     if (!ptr) into.fill(0);
-    else await store.readRangeInto(ptr.ref, start, into, ptr.crc);
+    else await store.readRangeInto(ptr.ref, start, into, ptr.crc, seq);
   }
 
   /** sourceBytes into `into` (`into.length` bytes from `from`). */
-  private async sourceInto(s: Segment, from: number, into: Buffer): Promise<void> {
+  private async sourceInto(s: Segment, from: number, into: Buffer, seq: boolean): Promise<void> {
     const src = s.src;
     const at = s.at + (from - s.start);
     const store = this.ctx.store;
     if (src.zero) into.fill(0);
     else if (src.data) into.set(src.data.subarray(at, at + into.length));
-    else if (src.block && store.readRangeInto) await store.readRangeInto(src.block.ref, at, into, src.block.crc);
+    else if (src.block && store.readRangeInto) await store.readRangeInto(src.block.ref, at, into, src.block.crc, seq);
     else if (src.log && src.log.crc !== undefined && store.readRangeInto) {
       const log = src.log;
-      await store.readRangeInto(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, into, log.crc);
-    } else (await this.sourceBytes(s, from, into.length)).copy(into);
+      await store.readRangeInto(logRef({ volume: log.volume, epoch: log.epoch, index: log.index }), log.at + at, into, log.crc, seq);
+    } else (await this.sourceBytes(s, from, into.length, seq)).copy(into);
   }
 
-  private readPieces(offset: number, length: number): Promise<Buffer[]> {
-    return Promise.all(Array.from(this.pieces(offset, length), ({ index, start, n }) => this.readBlockPart(index, start, n)));
+  private readPieces(offset: number, length: number, seq: boolean): Promise<Buffer[]> {
+    return Promise.all(Array.from(this.pieces(offset, length), ({ index, start, n }) => this.readBlockPart(index, start, n, seq)));
   }
 
   // ---- writes ----
@@ -1078,7 +1085,8 @@ export class BlockVolume implements BlockDevice {
     if (lsn < 0 || index * this.blockSize >= this.sizeBytes) return;
     // All zeros becomes a hole, unless a WRITE_ZEROES asked to keep it allocated (NO_HOLE).
     const keep = this.overlay.segments(index).some((s) => s.src.zero && !s.src.hole);
-    const data = Buffer.from(await this.readBlockPart(index, 0, this.blockSize));
+    // Read once, as a stream's blocks are: not worth a place in the read cache.
+    const data = Buffer.from(await this.readBlockPart(index, 0, this.blockSize, true));
     let ptr: Pointer | null = null;
     if (keep || !data.every((b) => b === 0)) {
       ptr = { ref: this.allocRef(BlockType.Data), crc: crc32c(data) >>> 0 };

@@ -181,6 +181,7 @@ function distributorSamples(vc: VolumeClient): MetricSample[] {
     c('torus_client_block_writes_total', 'Blocks written to storage nodes (each to R replicas)', d.writes),
     c('torus_client_block_written_bytes_total', 'Bytes written to storage nodes (once per block, not per replica)', d.writeBytes),
     c('torus_client_cache_hits_total', 'Reads answered from the read cache (shared by every volume of the process)', d.cacheHits),
+    c('torus_client_cache_bypasses_total', 'Reads of sequential streams fetched without being kept in the read cache', d.cacheBypasses),
     c('torus_client_checksum_failures_total', 'Replica copies that failed their checksum', d.checksumFailures),
     c('torus_client_replica_fallbacks_total', 'Reads that needed another replica', d.replicaFallbacks),
     c('torus_client_spills_total', 'Writes that went to the next peer because an owner failed', d.spills),
