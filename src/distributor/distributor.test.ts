@@ -298,6 +298,70 @@ test('a sequential stream is answered from the cache but not kept in it', async 
   assert.equal(dist.stats.cacheHits, 2);
 });
 
+test("a storage node reads another node's block straight into the caller's buffer when the cache will not keep it", async () => {
+  for (const [cache, readLevel] of [
+    [64 * BS, 'block'],
+    [0, 'block'],
+    [0, 'spread'],
+  ] as const) {
+    const transport = new MemoryTransport();
+    const uuids = ['peer-0', 'peer-1', 'peer-2'];
+    const stores = uuids.map((u) => {
+      const st = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 100 });
+      transport.add(u, st);
+      return st;
+    });
+    const ring = createRing(newRingModel('ketama', 2, uuids.map((uuid) => ({ uuid, totalBlocks: 100 })), 2));
+    const dist = new Distributor({
+      blockSize: BS,
+      ring: () => ring,
+      target: (uuid) => ({ uuid, address: `mem://${uuid}` }),
+      transport,
+      readLevel,
+      readCacheBytes: cache,
+      self: { uuid: 'peer-0', store: stores[0]! },
+    });
+    // Blocks this node does not hold, stored straight on their owners.
+    const remote: BlockRef[] = [];
+    for (let i = 0; remote.length < 4; i++) {
+      const owners = ring.getPeers(ref(i)).peers.slice(0, 2);
+      if (owners.includes('peer-0')) continue;
+      for (const o of owners) await stores[uuids.indexOf(o)]!.putBlock(ref(i), block(i));
+      remote.push(ref(i));
+    }
+    const mode = `cache ${cache}, read level ${readLevel}`;
+    const read = async (r: BlockRef, sequential: boolean): Promise<void> => {
+      const into = Buffer.alloc(BS, 0xee);
+      await dist.readRangeInto!(r, 0, into, crc32c(block(r.index)) >>> 0, sequential);
+      assert.ok(into.equals(block(r.index)), mode);
+      const part = Buffer.alloc(1024, 0xee);
+      await dist.readRangeInto!(r, 2048, part.subarray(0, 1024), crc32c(block(r.index)) >>> 0, sequential);
+      assert.ok(part.equals(block(r.index).subarray(2048, 3072)), mode);
+    };
+    await read(remote[0]!, true);
+    await read(remote[1]!, false);
+    if (readLevel === 'spread') assert.equal(transport.getsInto, 0, `${mode}: replicas asked at once never share the buffer`);
+    else if (cache > 0) assert.equal(transport.getsInto, 1, `${mode}: only the sequential whole block (the unaligned part is copied)`);
+    else assert.equal(transport.getsInto, 2, `${mode}: every aligned read`);
+    // A bad first replica: the next one's bytes replace what it wrote.
+    if (readLevel === 'block' && cache === 0) {
+      const r = remote[2]!;
+      const first = ring.getPeers(r).peers[0]!;
+      const bad = stores[uuids.indexOf(first)]!;
+      const orig = bad.readSectors.bind(bad);
+      bad.readSectors = async (...args) => {
+        const got = await orig(...args);
+        const data = Buffer.from(got.data);
+        data[10]! ^= 1;
+        return { ...got, data };
+      };
+      await read(r, true);
+      assert.ok(dist.stats.checksumFailures >= 1, mode);
+      await dist.idle();
+    }
+  }
+});
+
 test('cached chunks are copies: a small payload that is a view of a big receive buffer is not kept pinned', async () => {
   const big = 4 * BS;
   const transport = new MemoryTransport();

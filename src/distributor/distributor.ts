@@ -436,19 +436,25 @@ export class Distributor {
     return this.block(ref, crc, this.servedLocally(ref), sequential === true);
   }
 
-  /** `local`: servedLocally(ref), as the caller knows it already. */
-  private async block(ref: BlockRef, crc: number | undefined, local: boolean, sequential: boolean): Promise<Buffer> {
+  /**
+   * `local`: servedLocally(ref), as the caller knows it already. `into`: the caller's buffer,
+   * which a read the cache will not keep fills straight from the network (readInto).
+   */
+  private async block(ref: BlockRef, crc: number | undefined, local: boolean, sequential: boolean, into?: Buffer): Promise<Buffer> {
     const cache = this.cache;
-    if (!cache || local) return this.read(ref, 0, 0, crc, local);
+    if (!cache || local) return this.read(ref, 0, 0, crc, local, into);
     const key = blockRefKey(ref);
     const cached = cache.get(key);
     if (cached) {
       this.stats.cacheHits++;
       return cached;
     }
+    if (sequential) {
+      this.stats.cacheBypasses++;
+      return this.read(ref, 0, 0, crc, false, into);
+    }
     const data = await this.read(ref, 0, 0, crc, false);
-    if (sequential) this.stats.cacheBypasses++;
-    else cache.set(key, data);
+    cache.set(key, data);
     return data;
   }
 
@@ -477,10 +483,10 @@ export class Distributor {
       throw new TorusError('INVALID_ARGUMENT', `range ${offset}+${length} is outside a ${this.blockSize}-byte block`);
   }
 
-  /** `local`: servedLocally(ref), as the caller knows it already; `sequential` as for getBlock. */
-  private async range(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean, sequential: boolean): Promise<Buffer> {
+  /** `local`, `into`: as for block(); `sequential` as for getBlock. */
+  private async range(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean, sequential: boolean, into?: Buffer): Promise<Buffer> {
     const cache = this.cache;
-    if (!cache || local) return this.read(ref, offset, length, crc, local);
+    if (!cache || local) return this.read(ref, offset, length, crc, local, into);
     const key = blockRefKey(ref);
     const cached = cache.get(key);
     if (cached) {
@@ -507,7 +513,7 @@ export class Distributor {
     }
     if (sequential) {
       this.stats.cacheBypasses++;
-      return this.read(ref, offset, length, crc, false);
+      return this.read(ref, offset, length, crc, false, into);
     }
     const start = c0 * CACHE_CHUNK;
     const span = await this.read(ref, start, Math.min(c1 * CACHE_CHUNK, this.blockSize) - start, crc, false);
@@ -557,13 +563,16 @@ export class Distributor {
       } catch (err) {
         if (isTorusError(err, 'INVALID_ARGUMENT')) throw err;
         // The other replicas, the local failure noted so that the bad copy is repaired.
-        (await this.readReplicas(ref, offset, length, crc, true, { uuid: self!.uuid, err })).copy(into);
+        copyUnlessSame(await this.readReplicas(ref, offset, length, crc, true, { uuid: self!.uuid, err }, into), into);
         return;
       }
     }
     local ??= this.servedLocally(ref);
-    const data = offset === 0 && length === this.blockSize ? await this.block(ref, crc, local, sequential) : await this.range(ref, offset, length, crc, local, sequential);
-    data.copy(into);
+    // Another node's bytes land in `into` straight from the socket when nothing keeps them
+    // (aligned as above, so that the sectors the replica sends are exactly the bytes asked for).
+    const direct = crc !== undefined && sector > 0 && offset % sector === 0 && (length % sector === 0 || offset + length === this.blockSize) ? into : undefined;
+    const data = offset === 0 && length === this.blockSize ? await this.block(ref, crc, local, sequential, direct) : await this.range(ref, offset, length, crc, local, sequential, direct);
+    copyUnlessSame(data, into);
   }
 
   /** `local`: servedLocally(ref). */
@@ -580,21 +589,22 @@ export class Distributor {
     return order;
   }
 
-  private async readFrom(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc?: number): Promise<Buffer> {
+  /** `into`: as for block(); only a checked read (with `crc`) from another node uses it. */
+  private async readFrom(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc?: number, into?: Buffer): Promise<Buffer> {
     const what = (): string => `block ${formatBlockRef(ref)} from ${uuid}`;
     // A whole block is checked the same way: the sector checksums the store has just verified
     // combine into the block's CRC, so its bytes are not run through a CRC a second time here.
-    if (crc !== undefined) return this.readChecked(uuid, ref, offset, length === 0 ? this.blockSize : length, timeoutMs, crc, what);
+    if (crc !== undefined) return this.readChecked(uuid, ref, offset, length === 0 ? this.blockSize : length, timeoutMs, crc, what, into);
     const to = this.route(uuid);
     if (!to) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
     return to.transport.get(to.target, ref, offset, length, timeoutMs);
   }
 
   /** A ranged read checked against the writer's CRC through the block's sector checksums. */
-  private async readChecked(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc: number, what: () => string): Promise<Buffer> {
+  private async readChecked(uuid: string, ref: BlockRef, offset: number, length: number, timeoutMs: number, crc: number, what: () => string, into?: Buffer): Promise<Buffer> {
     const to = this.route(uuid);
     if (!to) throw new TorusError('BLOCK_UNAVAILABLE', `peer ${uuid} has no known address`);
-    const read = await to.transport.getSectors(to.target, ref, offset, length, timeoutMs);
+    const read = await to.transport.getSectors(to.target, ref, offset, length, timeoutMs, to === this.local ? undefined : into);
     // Our own store has checked the sectors against its checksums; the combination is what is
     // left. What came over the network is checked sector by sector again.
     if (read) return verifySectorRead(read, this.blockSize, crc, offset, length, to !== this.local, what);
@@ -609,11 +619,11 @@ export class Distributor {
     return to.transport.get(to.target, ref, offset, length, timeoutMs);
   }
 
-  /** `local`: this node's own disk holds `ref` (servedLocally), as the caller has just asked. */
-  private async read(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean): Promise<Buffer> {
+  /** `local`: this node's own disk holds `ref` (servedLocally), as the caller has just asked; `into` as for block(). */
+  private async read(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean, into?: Buffer): Promise<Buffer> {
     // Our own replica, the common case on a storage node: read at once, without walking the ring
     // for a list of candidates. A failure goes on to the other replicas like any failed read.
-    if (!local || this.readLevel === 'spread') return this.readReplicas(ref, offset, length, crc, local);
+    if (!local || this.readLevel === 'spread') return this.readReplicas(ref, offset, length, crc, local, undefined, into);
     const self = this.opts.self!.uuid;
     try {
       const data = await this.readFrom(self, ref, offset, length, this.readTimeoutMs, crc);
@@ -622,12 +632,17 @@ export class Distributor {
       return data;
     } catch (err) {
       if (isTorusError(err, 'INVALID_ARGUMENT')) throw err;
-      return this.readReplicas(ref, offset, length, crc, true, { uuid: self, err });
+      return this.readReplicas(ref, offset, length, crc, true, { uuid: self, err }, into);
     }
   }
 
-  /** Reads from the replicas in turn (or all owners at once, `spread`); `tried` failed already; `local` as for read. */
-  private async readReplicas(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean, tried?: { uuid: string; err: unknown }): Promise<Buffer> {
+  /**
+   * Reads from the replicas in turn (or all owners at once, `spread`); `tried` failed already;
+   * `local` and `into` as for read. Replicas asked one at a time may share `into`: a reply that
+   * comes after its call gave up writes nothing (PeerClient.readSectors). Replicas asked at once
+   * may not.
+   */
+  private async readReplicas(ref: BlockRef, offset: number, length: number, crc: number | undefined, local: boolean, tried?: { uuid: string; err: unknown }, into?: Buffer): Promise<Buffer> {
     const peers = this.candidates(ref, local);
     if (peers.length === 0) throw new TorusError('NO_PEER', 'the ring has no members');
     const bad: string[] = [];
@@ -678,7 +693,7 @@ export class Distributor {
       for (const [i, uuid] of peers.entries()) {
         if (bad.includes(uuid) || (round === 0 && uuid === tried?.uuid)) continue;
         try {
-          const data = await this.readFrom(uuid, ref, offset, length, timeout, crc);
+          const data = await this.readFrom(uuid, ref, offset, length, timeout, crc, into);
           if (i > 0 || round > 0 || tried) this.stats.replicaFallbacks++;
           return done(data, uuid);
         } catch (err) {
@@ -748,6 +763,11 @@ interface PendingBlock {
 }
 
 function noop(): void {}
+
+/** Copies `data` into `into`, unless the read already put it there. */
+function copyUnlessSame(data: Buffer, into: Buffer): void {
+  if (data.buffer !== into.buffer || data.byteOffset !== into.byteOffset) data.copy(into);
+}
 
 /** Granularity of the cache for reads smaller than a block (the replicas' sector size). */
 const CACHE_CHUNK = 4096;

@@ -13,6 +13,8 @@ export class MemoryTransport implements PeerTransport {
   /** Each peer's process instance; a test sets a new one to stand for a restart. */
   readonly instances = new Map<string, string>();
   calls = { get: 0, put: 0, has: 0, delete: 0, flush: 0, append: 0, seal: 0 };
+  /** getSectors calls that were given the caller's buffer to read into. */
+  getsInto = 0;
 
   add(uuid: string, store: BlockStore): PeerTarget {
     this.stores.set(uuid, store);
@@ -32,11 +34,16 @@ export class MemoryTransport implements PeerTransport {
     return length === 0 ? s.getBlock(ref) : s.readRange(ref, offset, length);
   }
 
-  async getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number): Promise<SectorRead | undefined> {
+  async getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number, _timeoutMs?: number, into?: Buffer): Promise<SectorRead | undefined> {
     this.calls.get++;
     const s = this.store(peer);
     // A copy, as a network would deliver: tests damage what a peer sends without touching its store.
     const read = await s.readSectors(ref, offset, length);
+    if (into !== undefined && into.length === read.data.length) {
+      this.getsInto++;
+      into.set(read.data);
+      return { ...read, sums: Buffer.from(read.sums), data: into };
+    }
     return { ...read, sums: Buffer.from(read.sums), data: Buffer.from(read.data) };
   }
 

@@ -35,9 +35,9 @@ export class RpcTransport implements PeerTransport {
     });
   }
 
-  getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number): Promise<SectorRead | undefined> {
+  getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number, into?: Buffer): Promise<SectorRead | undefined> {
     const opts = timeoutMs !== undefined ? { timeoutMs } : {};
-    return this.timed(peer, 'get', () => this.pool.client(peer).readSectors(ref, offset, length, opts));
+    return this.timed(peer, 'get', () => this.pool.client(peer).readSectors(ref, offset, length, opts, into));
   }
 
   put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]> {

@@ -23,8 +23,10 @@ export interface PeerTransport {
   /**
    * Sectors covering the range, with the block's sector checksums, for an end-to-end check
    * against the writer's CRC; undefined when the peer cannot serve them (an older node).
+   * `into` (exactly the sectors' length): the transport may read the bytes into it, and then
+   * returns it as `data`; it writes nothing into it once the returned promise has settled.
    */
-  getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number): Promise<SectorRead | undefined>;
+  getSectors(peer: PeerTarget, ref: BlockRef, offset: number, length: number, timeoutMs?: number, into?: Buffer): Promise<SectorRead | undefined>;
   /** One status per item: null for stored, else the error code. */
   put(peer: PeerTarget, items: readonly PutItem[]): Promise<(ErrorCode | null)[]>;
   has(peer: PeerTarget, refs: readonly BlockRef[]): Promise<boolean[]>;

@@ -41,6 +41,7 @@ import {
   type Message,
   type PutItem,
   type PutResultMessage,
+  type ReplyTarget,
 } from './codec.js';
 import { PeerConnection, type CallQueue, type ClientState, type Connection, type RemotePeer } from './connection.js';
 import type { PeerSecurity } from './security.js';
@@ -141,6 +142,17 @@ interface Call {
   probe: boolean;
   /** A durable append: a flush waits for it, so it leaves now rather than with the turn's batch. */
   readonly urgent: boolean;
+  /** A GET whose bytes go into its caller's buffer (readSectors' `into`). */
+  readonly target: IntoTarget | undefined;
+}
+
+/** Where a GET's reply bytes land while the call waits for them (codec ReplyTarget). */
+class IntoTarget implements ReplyTarget {
+  call: Call | undefined;
+  constructor(readonly into: Buffer) {}
+  live(): boolean {
+    return this.call !== undefined && this.call.status === SENT;
+  }
 }
 
 const NO_PARTS: readonly Buffer[] = [];
@@ -218,6 +230,7 @@ export class PeerClient {
       queued: () => this.queue.length,
       lastCall: () => this.lastCall,
       complete: (conn, m) => this.complete(conn, m),
+      replyInto: (id) => this.pending.get(id)?.target ?? null,
       pump: () => this.pump(),
       failPending: (err) => this.failPending(err),
       failQueued: (err) => this.failQueued(err),
@@ -280,12 +293,18 @@ export class PeerClient {
    * The sectors covering [offset, offset+length) with the block's sector checksums (length 0:
    * the whole block), for the caller to check against the writer's CRC (verifySectorRead).
    * Undefined when the peer does not serve checksums (it did not announce EXT_CHECKSUMS).
+   *
+   * `into` (as long as the bytes asked for): they are read into it, straight from the socket when
+   * the reply spans reads, and the SectorRead's `data` is `into`. Once the call has settled,
+   * nothing more is written into it, whatever arrives late.
    */
-  async readSectors(ref: BlockRef, offset: number, length: number, options?: RequestOptions): Promise<SectorRead | undefined> {
+  async readSectors(ref: BlockRef, offset: number, length: number, options?: RequestOptions, into?: Buffer): Promise<SectorRead | undefined> {
     checkGet(ref, offset, length);
     const remote = this.remote ?? (await this.connect(options));
     if (!remote.checksums) return undefined;
-    return (await this.request(NO_PARTS, Op.Get, Op.Data, ref, options?.timeoutMs, offset, length, false, FLAG_SUMS)) as SectorRead;
+    if (into !== undefined && into.length !== (length === 0 ? remote.blockSize : length))
+      throw new TorusError('INVALID_ARGUMENT', `a ${into.length}-byte buffer for a read of ${length === 0 ? remote.blockSize : length} bytes`);
+    return (await this.request(NO_PARTS, Op.Get, Op.Data, ref, options?.timeoutMs, offset, length, false, FLAG_SUMS, false, into)) as SectorRead;
   }
 
   // ---- journals (docs/journal.md) ----
@@ -463,6 +482,7 @@ export class PeerClient {
     internal = false,
     getFlags = 0,
     urgent = false,
+    into?: Buffer,
   ): Promise<Message | Buffer | SectorRead> {
     if (this.state === 'closed') return Promise.reject(new TorusError('CLOSED', `client for peer ${this.address} is closed`));
     let probe = false;
@@ -480,7 +500,9 @@ export class PeerClient {
     this.counters.requests++;
     return new Promise<Message | Buffer | SectorRead>((resolve, reject) => {
       const ms = timeoutMs ?? this.o.requestTimeoutMs;
-      const call: Call = { parts, op, expect, ref, getOffset, getLength, getFlags, resolve, reject, timeoutMs: ms, deadline: 0, slot: -1, status: QUEUED, id: 0, probe, urgent };
+      const target = into === undefined ? undefined : new IntoTarget(into);
+      const call: Call = { parts, op, expect, ref, getOffset, getLength, getFlags, resolve, reject, timeoutMs: ms, deadline: 0, slot: -1, status: QUEUED, id: 0, probe, urgent, target };
+      if (target) target.call = call;
       // Waiting behind other calls is not a sign of a dead peer (a big sync queues hundreds of
       // puts): the timeout proper starts when the call is sent; the queue gets a bound of its own,
       // armed only if the call did not go out at once.
@@ -568,8 +590,15 @@ export class PeerClient {
     this.breaker.success();
     if (m.op === Op.Error) call.reject(new TorusError(m.code, `peer ${this.address}: ${m.message}`));
     else if (m.op === Op.Data && call.expect === Op.Data && call.getFlags === FLAG_SUMS) {
+      const into = call.target?.into;
       if (!m.sums) call.reject(new TorusError('PROTOCOL', `peer ${this.address} answered a read of ${this.describe(call)} without the sector checksums asked for`));
-      else call.resolve({ sectorSize: m.sums.sectorSize, sums: m.sums.sums, offset: m.sums.offset, data: m.data });
+      else if (into !== undefined && m.data !== into && m.data.length !== into.length)
+        call.reject(new TorusError('PROTOCOL', `peer ${this.address} returned ${m.data.length} bytes for a ${into.length}-byte read of ${this.describe(call)}`));
+      else {
+        // A reply that came in one read was decoded from a view of it: copied in here.
+        if (into !== undefined && m.data !== into) into.set(m.data);
+        call.resolve({ sectorSize: m.sums.sectorSize, sums: m.sums.sums, offset: m.sums.offset, data: into ?? m.data });
+      }
     } else if (m.op === Op.Data && call.expect === Op.Data) {
       if (call.getLength !== 0 && m.data.length !== call.getLength)
         call.reject(new TorusError('PROTOCOL', `peer ${this.address} returned ${m.data.length} bytes for a ${call.getLength}-byte read of ${this.describe(call)}`));

@@ -15,6 +15,7 @@ import {
   WIRE_ERROR_CODES,
   decodeAll,
   encodeData,
+  encodeDataSums,
   encodeError,
   encodeGet,
   encodeMessage,
@@ -25,6 +26,7 @@ import {
   writeRef,
   type DecoderOptions,
   type Message,
+  type ReplyTarget,
 } from './codec.js';
 
 const ref = (index: number, type = BlockType.Data): BlockRef => ({ type, volume: 7, inode: 3, index });
@@ -664,6 +666,103 @@ describe('codec: reads into decoder-chosen buffers (net onread)', () => {
       const direct = targets.filter((t) => t.buffer === m.data.buffer).length;
       assert.ok(direct >= 7, `only ${direct} reads went straight into the payload`);
     }
+  });
+
+  describe("a DATA reply read into its caller's buffer (replyInto)", () => {
+    const BLOCK = 256 * 1024;
+    const big = Buffer.alloc(BLOCK);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 7) % 253;
+    const sums = Buffer.alloc(4 * (BLOCK / 4096), 0x5c);
+    const reply = (id: number, data: Buffer, s = sums): Buffer => Buffer.concat(encodeDataSums(id, { sectorSize: 4096, offset: 0, sums: s }, data));
+    const stream = Buffer.concat([reply(5, big), encodeMessageBytes(SAMPLES[3]!), reply(6, big.subarray(0, 8192), sums.subarray(0, 8)), reply(7, big)]);
+    const targets = (): { into: Map<number, Buffer>; live: Set<number>; options: DecoderOptions } => {
+      const into = new Map([[5, Buffer.alloc(BLOCK)], [7, Buffer.alloc(BLOCK)], [6, Buffer.alloc(8192)]]);
+      const live = new Set([5, 6, 7]);
+      const target = (id: number): ReplyTarget | null => {
+        const b = into.get(id);
+        return b ? { into: b, live: () => live.has(id) } : null;
+      };
+      return { into, live, options: { allocateOnHeader: true, replyInto: (id) => target(id) } };
+    };
+
+    it('pushed chunks: the bytes land in the buffer, which is the message data; the frames after it decode as before', () => {
+      for (const size of [1000, 16384, 65536]) {
+        const { into, options } = targets();
+        const d = new FrameDecoder(options);
+        const out: Message[] = [];
+        for (let pos = 0; pos < stream.length; pos += size) {
+          d.push(stream.subarray(pos, pos + size));
+          for (let m = d.next(); m !== null; m = d.next()) out.push(m);
+        }
+        assert.equal(out.length, 4);
+        for (const [i, id] of [[0, 5], [3, 7]] as const) {
+          const m = out[i]!;
+          assert.ok(m.op === Op.Data && m.id === id && m.sums !== undefined);
+          assert.equal(m.data, into.get(id), 'the data is the caller buffer itself');
+          assert.ok(m.data.equals(big));
+          assert.ok(m.sums.sums.equals(sums));
+          assert.equal(m.sums.sectorSize, 4096);
+        }
+        assert.deepStrictEqual(out[1], SAMPLES[3]);
+        const small = out[2]!;
+        assert.ok(small.op === Op.Data && small.data.equals(big.subarray(0, 8192)));
+      }
+    });
+
+    it('reads: copied into the buffer from each read, never handed to the socket to read into', () => {
+      const { into, options } = targets();
+      const { messages, targets: reads } = readAll(stream, [65536], options);
+      assert.equal(messages.length, 4);
+      // net asks for the next read's memory right after a read, and the kernel fills it later:
+      // by then the call may have given the buffer up.
+      assert.ok(reads.every((t) => t.buffer !== into.get(5)!.buffer && t.buffer !== into.get(7)!.buffer));
+      for (const [i, id] of [[0, 5], [3, 7]] as const) {
+        const m = messages[i]!;
+        assert.ok(m.op === Op.Data && m.data === into.get(id) && m.data.equals(big));
+      }
+    });
+
+    it('nothing is written into a buffer its caller gave up, and the stream stays in step', () => {
+      for (const mode of ['push', 'read'] as const) {
+        const { into, live, options } = targets();
+        const d = new FrameDecoder(options);
+        const out: Message[] = [];
+        const half = HEADER_SIZE + 12 + sums.length + BLOCK / 2;
+        const feed = (bytes: Buffer): void => {
+          if (mode === 'push') d.push(bytes);
+          else
+            for (let pos = 0; pos < bytes.length; ) {
+              const t = d.readTarget();
+              const n = Math.min(t.length, bytes.length - pos, 65536);
+              bytes.copy(t, 0, pos, pos + n);
+              pos += n;
+              d.commitRead(t, n);
+            }
+          for (let m = d.next(); m !== null; m = d.next()) out.push(m);
+        };
+        feed(stream.subarray(0, half));
+        // The call timed out: its caller may hand the buffer to another read at once.
+        live.delete(5);
+        into.get(5)!.fill(0xee);
+        feed(stream.subarray(half));
+        assert.ok(into.get(5)!.every((b) => b === 0xee), `${mode}: bytes written after the call gave up`);
+        assert.equal(out.length, 4);
+        assert.ok(out[3]!.op === Op.Data && out[3]!.data.equals(big), `${mode}: the next reply is whole`);
+      }
+    });
+
+    it('a reply whose length does not fit the buffer fails that call only', () => {
+      // 8 checksums where the buffer's length implies 64: the bytes before the data are wrong.
+      const bad = reply(5, Buffer.concat([big, Buffer.alloc(224)]), sums.subarray(0, 8));
+      const { options } = targets();
+      const d = new FrameDecoder(options);
+      d.push(bad.subarray(0, 1000));
+      d.push(bad.subarray(1000));
+      d.push(encodeMessageBytes(SAMPLES[3]!));
+      const m = d.next();
+      assert.ok(m !== null && m.op === Op.Error && m.id === 5 && m.code === 'PROTOCOL', JSON.stringify(m));
+      assert.deepStrictEqual(d.next(), SAMPLES[3]);
+    });
   });
 
   it('refuses a commit for memory it did not hand out', () => {

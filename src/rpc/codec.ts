@@ -24,6 +24,9 @@
 //   a small read's CPU) and can pin at most a 64 KiB read buffer. A consumer that keeps small
 //   payloads for long (a cache) should copy them, as hypercore's maybeUnslab does.
 //   Items of one PUT_BATCH that spanned chunks share their frame's allocation.
+// - A client may have a DATA reply's bytes land in memory of its own (`DecoderOptions.replyInto`,
+//   a buffer its caller passed down): then that memory is the message's `data`, and it is
+//   written only while the caller still wants it (`ReplyTarget.live`).
 
 import type { BufferLease } from '../core/buffer-pool.js';
 import { ErrorCodes, TorusError, type ErrorCode } from '../core/errors.js';
@@ -919,6 +922,21 @@ function readMaxFrame(r: BodyReader): number {
   return n;
 }
 
+/**
+ * A DATA with FLAG_SUMS whose bytes were read into `into` (a split body): `head` holds what came
+ * before them, which must be exactly the checksums' part.
+ */
+function decodeDataInto(id: number, head: Buffer, into: Buffer): DataMessage {
+  const r = new BodyReader(head, 0, head.length, 'DATA', false);
+  const sectorSize = r.u32('sector size');
+  const offset = r.u32('offset');
+  const count = readCount(r, 4);
+  if (sectorSize === 0) throw protocol('DATA: sector size 0');
+  if (count * 4 !== r.remaining) throw protocol(`DATA: ${count} sector checksums where ${r.remaining} bytes come before the data`);
+  // `head` is this message's own memory: its checksums need no copy.
+  return { op: Op.Data, id, data: into, sums: { sectorSize, offset, sums: r.view(count * 4, 'sums') } };
+}
+
 /** Decodes one frame body (`buf[start..end)`) whose header has already been validated. */
 function decodeBody(op: number, flags: number, id: number, buf: Buffer, start: number, end: number, shared: boolean): Message {
   const r = new BodyReader(buf, start, end, opName(op), shared);
@@ -1071,6 +1089,25 @@ export interface DecoderOptions {
    * keep their lease (in the message); the holder releases it when done with the payloads.
    */
   readonly pooledBody?: (op: number, length: number) => BufferLease | null;
+  /**
+   * Asked, once the header of a DATA reply with FLAG_SUMS that spans reads is in, whether its
+   * bytes have a place of their own (a client reading into its caller's buffer). The body's last
+   * `into.length` bytes are then copied there from each read as it arrives, the sector checksums
+   * before them into a small buffer, and the message's `data` is `into` itself: no allocation
+   * per block, and no second copy. (They are never read into `into` by the kernel: net asks
+   * for a read's memory before the read, and the call may give `into` up in between.)
+   */
+  readonly replyInto?: (id: number, length: number) => ReplyTarget | null;
+}
+
+/** Where a DATA reply's bytes go (DecoderOptions.replyInto). */
+export interface ReplyTarget {
+  readonly into: Buffer;
+  /**
+   * False once the caller has given `into` up (its call timed out or failed): bytes still
+   * arriving for it are dropped, since the memory may already hold another read's.
+   */
+  live(): boolean;
 }
 
 interface PendingHeader {
@@ -1130,16 +1167,24 @@ export class FrameDecoder {
   private readonly pooledBody: DecoderOptions['pooledBody'];
   /** The lease of `body` when it is pooled memory. */
   private lease: BufferLease | null = null;
+  private readonly replyInto: DecoderOptions['replyInto'];
+  /**
+   * Set while a DATA body is split (replyInto): `body` then holds only its first `body.length`
+   * bytes (up to the sector checksums), and the rest goes to the target's `into`.
+   */
+  private tail: ReplyTarget | null = null;
 
   constructor(options: DecoderOptions = {}) {
     this.maxFrameSize = options.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE;
     this.allocateOnHeader = options.allocateOnHeader ?? false;
     this.pooledBody = options.pooledBody;
+    this.replyInto = options.replyInto;
   }
 
   /** Gives back pooled memory held for a frame that will never complete (the connection closed). */
   dispose(): void {
     this.body = null;
+    this.tail = null;
     this.filled = 0;
     this.dropLease();
   }
@@ -1160,6 +1205,27 @@ export class FrameDecoder {
     return this.buffered + (this.header ? HEADER_SIZE : 0) + (this.body?.length ?? 0);
   }
 
+  /** Writes `n` bytes of `src` from `at` into the body being assembled, at `filled`. */
+  private fillBody(src: Buffer, at: number, n: number): void {
+    const tail = this.tail;
+    if (tail === null) {
+      this.room(this.filled + n);
+      src.copy(this.body!, this.filled, at, at + n);
+    } else {
+      const head = this.body!;
+      let pos = this.filled;
+      if (pos < head.length) {
+        const k = Math.min(n, head.length - pos);
+        src.copy(head, pos, at, at + k);
+        pos += k;
+        at += k;
+      }
+      const rest = this.filled + n - pos;
+      if (rest > 0 && tail.live()) src.copy(tail.into, pos - head.length, at, at + rest);
+    }
+    this.filled += n;
+  }
+
   /** The op of the frame whose header is in and whose body is not yet complete, or null. */
   get pendingOp(): number | null {
     return this.header?.op ?? null;
@@ -1174,9 +1240,7 @@ export class FrameDecoder {
     if (this.failure) throw this.failure;
     if (this.body !== null) {
       const take = Math.min(chunk.length, this.header!.length - this.filled);
-      this.room(this.filled + take);
-      chunk.copy(this.body, this.filled, 0, take);
-      this.filled += take;
+      this.fillBody(chunk, 0, take);
       if (take === chunk.length) return;
       chunk = chunk.subarray(take);
     }
@@ -1194,7 +1258,9 @@ export class FrameDecoder {
    */
   readTarget(): Buffer {
     let t: Buffer;
-    if (this.body !== null && this.filled < this.header!.length && this.failure === null) {
+    // Never a caller's buffer (replyInto): net asks for the next read's memory as soon as the last
+    // read is handled, and the kernel fills it later, maybe after the call has given it up.
+    if (this.tail === null && this.body !== null && this.filled < this.header!.length && this.failure === null) {
       this.room(this.filled + 1);
       t = this.body.subarray(this.filled);
     } else {
@@ -1214,7 +1280,7 @@ export class FrameDecoder {
     if (this.failure) throw this.failure;
     if (buf !== this.lastTarget) throw new TorusError('INTERNAL', 'commitRead for a buffer readTarget did not hand out');
     this.lastTarget = null;
-    if (this.body !== null && buf.buffer === this.body.buffer && buf.byteOffset === this.body.byteOffset + this.filled) {
+    if (this.tail === null && this.body !== null && buf.buffer === this.body.buffer && buf.byteOffset === this.body.byteOffset + this.filled) {
       this.filled += n;
       return;
     }
@@ -1234,6 +1300,26 @@ export class FrameDecoder {
     let start = 0;
     let shared = false;
     let lease: BufferLease | null = null;
+    if (this.tail !== null) {
+      if (this.filled < h.length) return null;
+      const head = this.body!;
+      const into = this.tail.into;
+      this.body = null;
+      this.tail = null;
+      this.filled = 0;
+      this.header = null;
+      this.lastWasLarge = h.length >= LARGE_FRAME;
+      let m: Message;
+      try {
+        m = decodeDataInto(h.id, head, into);
+      } catch (err) {
+        // The frame's length was right, so the stream is still in step: only this reply is
+        // unusable (the bytes before the data were not the checksums the caller's length implies).
+        m = { op: Op.Error, id: h.id, code: 'PROTOCOL', message: (err as Error).message };
+      }
+      this.lookAhead();
+      return m;
+    }
     if (this.body !== null) {
       if (this.filled < h.length) return null;
       // Complete: room() made the last allocation exactly the body's length.
@@ -1263,17 +1349,22 @@ export class FrameDecoder {
       else lease.release();
     }
     if (shared) this.consume(h.length);
-    if (this.buffered >= HEADER_SIZE) {
-      // Look at the following header now so a giant frame is refused before it is buffered;
-      // if it is bad, this message is still returned and the next call throws.
-      try {
-        this.readHeader();
-        this.startBody();
-      } catch {
-        // recorded in this.failure
-      }
-    }
+    this.lookAhead();
     return m;
+  }
+
+  /**
+   * Looks at the following header now, so a giant frame is refused before it is buffered; if
+   * it is bad, the message just decoded is still returned and the next call throws.
+   */
+  private lookAhead(): void {
+    if (this.buffered < HEADER_SIZE) return;
+    try {
+      this.readHeader();
+      this.startBody();
+    } catch {
+      // recorded in this.failure
+    }
   }
 
   /** Once a header is known: if its body is not wholly inside the first chunk, assemble it. */
@@ -1283,9 +1374,26 @@ export class FrameDecoder {
     const first = this.chunks[0];
     if (first !== undefined && first.length - this.offset >= h.length) return;
     const n = Math.min(this.buffered, h.length);
-    this.room(this.allocateOnHeader ? h.length : n);
-    this.copyOut(this.body!, n);
-    this.filled = n;
+    if (!this.splitBody(h)) this.room(this.allocateOnHeader ? h.length : n);
+    this.filled = 0;
+    while (this.filled < n) {
+      const c = this.chunks[0]!;
+      const take = Math.min(n - this.filled, c.length - this.offset);
+      const at = this.offset;
+      this.consume(take);
+      this.fillBody(c, at, take);
+    }
+  }
+
+  /** Sets up a split body when the reply has a place of its own (replyInto). */
+  private splitBody(h: PendingHeader): boolean {
+    if (this.replyInto === undefined || h.op !== Op.Data || (h.flags & FLAG_SUMS) === 0) return false;
+    const target = this.replyInto(h.id, h.length);
+    // The sector checksums' header (12 bytes) at least must come before the bytes.
+    if (target === null || target.into.length === 0 || h.length - target.into.length < 12) return false;
+    this.tail = target;
+    this.body = Buffer.allocUnsafe(h.length - target.into.length);
+    return true;
   }
 
   /** Makes the body's allocation hold at least `need` bytes (never more than the body). */
@@ -1316,6 +1424,7 @@ export class FrameDecoder {
     this.chunks = [];
     this.buffered = 0;
     this.body = null;
+    this.tail = null;
     this.filled = 0;
     this.dropLease();
     return this.failure;

@@ -12,6 +12,7 @@ import { after, afterEach, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { crc32c } from '@node-rs/crc32';
 import { BufferPool } from '../core/buffer-pool.js';
+import { verifySectorRead } from '../core/crc.js';
 import { TorusError } from '../core/errors.js';
 import { BlockType, type BlockRef } from '../core/ids.js';
 import type { LogPiece } from '../core/interfaces.js';
@@ -184,4 +185,90 @@ describe('peer RPC receive path: one CRC pass, no weaker', () => {
     assert.ok((await store.getBlock(ref(1))).equals(data));
     await settled(server);
   });
+});
+
+describe("peer RPC client: a read into its caller's buffer", () => {
+  /** A TCP proxy that passes the first `first` bytes from the server at once and the rest after `holdMs`. */
+  async function slowProxy(address: string, first: number, holdMs: number): Promise<string> {
+    const u = new URL(address);
+    const proxy = net.createServer((a) => {
+      const b = net.connect({ host: u.hostname, port: Number(u.port) });
+      let passed = 0;
+      let released = false;
+      const held: Buffer[] = [];
+      let timer: NodeJS.Timeout | undefined;
+      a.on('data', (chunk: Buffer) => b.write(chunk));
+      b.on('data', (chunk: Buffer) => {
+        const now = released ? chunk.length : Math.max(0, Math.min(chunk.length, first - passed));
+        if (now > 0) a.write(chunk.subarray(0, now));
+        passed += now;
+        if (now < chunk.length) {
+          held.push(chunk.subarray(now));
+          timer ??= setTimeout(() => {
+            released = true;
+            a.write(Buffer.concat(held.splice(0)));
+          }, holdMs);
+        }
+      });
+      for (const [x, y] of [
+        [a, b],
+        [b, a],
+      ] as const) {
+        x.on('error', () => {});
+        x.on('close', () => {
+          clearTimeout(timer);
+          y.destroy();
+        });
+      }
+    });
+    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+    cleanups.push(() => new Promise<void>((r) => proxy.close(() => r())));
+    return `tdp://127.0.0.1:${(proxy.address() as net.AddressInfo).port}`;
+  }
+
+  for (const transport of ['plaintext', 'TLS'] as const) {
+    it(`${transport}: the bytes land in the buffer, checked like any read`, async () => {
+      const security: PeerSecurity | undefined = transport === 'TLS' ? { mode: 'secret', secrets: [Buffer.alloc(32, 7)], ...(await throwawayCertificate()) } : undefined;
+      const store = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 8 });
+      const data = pattern(3, BS);
+      await store.putBlock(ref(1), data);
+      const { address } = await serve(store, security);
+      const c = dial(address, security);
+      for (const [offset, length] of [
+        [0, 0],
+        [8192, 65536],
+        [4096, 4096],
+      ] as const) {
+        const into = Buffer.alloc(length || BS, 0xee);
+        const read = await c.readSectors(ref(1), offset, length, {}, into);
+        assert.ok(read !== undefined);
+        assert.equal(read.data, into, 'the data is the buffer given');
+        const bytes = verifySectorRead(read, BS, crc32c(data) >>> 0, offset, length || BS, true, 'test');
+        assert.ok(bytes.equals(data.subarray(offset, offset + (length || BS))));
+      }
+      await assert.rejects(c.readSectors(ref(1), 0, 4096, {}, Buffer.alloc(100)), (e: unknown) => e instanceof TorusError && e.code === 'INVALID_ARGUMENT');
+    });
+
+    it(`${transport}: a reply that comes after its call timed out writes nothing into the buffer`, async () => {
+      const security: PeerSecurity | undefined = transport === 'TLS' ? { mode: 'secret', secrets: [Buffer.alloc(32, 7)], ...(await throwawayCertificate()) } : undefined;
+      const store = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 8 });
+      const data = pattern(4, BS);
+      await store.putBlock(ref(1), data);
+      const { address } = await serve(store, security);
+      const c = dial(await slowProxy(address, 96 * 1024, 400), security);
+      await c.connect();
+      // The reply's first part arrives (past the handshake's few hundred bytes), the rest 400 ms later.
+      const into = Buffer.alloc(BS, 0);
+      await assert.rejects(c.readSectors(ref(1), 0, 0, { timeoutMs: 150 }, into), (e: unknown) => e instanceof TorusError && e.code === 'TIMEOUT');
+      assert.ok(into.subarray(0, 16384).some((b) => b !== 0), 'part of the reply had landed in the buffer before the timeout');
+      // The caller hands the buffer to another read, which poisons it here.
+      into.fill(0xee);
+      await sleep(700);
+      assert.ok(into.every((b) => b === 0xee), 'bytes of the late reply were written into a buffer given up');
+      // The connection is still in step: the next read into a fresh buffer is whole.
+      const again = Buffer.alloc(BS);
+      const read = await c.readSectors(ref(1), 0, 0, {}, again);
+      assert.ok(read !== undefined && read.data === again && again.equals(data));
+    });
+  }
 });
