@@ -362,6 +362,37 @@ test("a storage node reads another node's block straight into the caller's buffe
   }
 });
 
+test('a storage node does not cache what it writes; a client does', async () => {
+  for (const self of [true, false]) {
+    const transport = new MemoryTransport();
+    const uuids = ['peer-0', 'peer-1', 'peer-2'];
+    const stores = uuids.map((u) => {
+      const st = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 100 });
+      transport.add(u, st);
+      return st;
+    });
+    const ring = createRing(newRingModel('ketama', 2, uuids.map((uuid) => ({ uuid, totalBlocks: 100 })), 2));
+    const dist = new Distributor({
+      blockSize: BS,
+      ring: () => ring,
+      target: (uuid) => ({ uuid, address: `mem://${uuid}` }),
+      transport,
+      readCacheBytes: 64 * BS,
+      ...(self ? { self: { uuid: 'peer-0', store: stores[0]! } } : {}),
+    });
+    let r = ref(0);
+    for (let i = 0; ring.getPeers(r).peers.slice(0, 2).includes('peer-0'); i++) r = ref(i + 1);
+    await dist.putBlock(r, block(r.index));
+    await dist.flush();
+    const gets = transport.calls.get;
+    assert.deepEqual(await dist.getBlock(r), block(r.index));
+    assert.equal(transport.calls.get - gets, self ? 1 : 0, self ? 'the storage node fetched it' : 'the client had it cached');
+    // Read once, it is kept either way.
+    assert.deepEqual(await dist.getBlock(r), block(r.index));
+    assert.equal(transport.calls.get - gets, self ? 1 : 0);
+  }
+});
+
 test('cached chunks are copies: a small payload that is a view of a big receive buffer is not kept pinned', async () => {
   const big = 4 * BS;
   const transport = new MemoryTransport();

@@ -187,9 +187,13 @@ export class Distributor {
     if (e) e.acked = true;
     this.stats.writes++;
     this.stats.writeBytes += data.length;
-    // Cached as a buffer of its own: a block of a bigger write is a view of it (an NBD WRITE of
-    // 1 MiB is 16 blocks of 64 KiB), and a cached view would keep the whole write in memory.
-    if (this.cache && !this.servedLocally(ref)) this.cache.set(key, ownBuffer(block));
+    // A client keeps what it wrote for the reads that follow. Cached as a buffer of its own: a
+    // block of a bigger write is a view of it (an NBD WRITE of 1 MiB is 16 blocks of 64 KiB), and
+    // a cached view would keep the whole write in memory. A storage node keeps only blocks read
+    // from other nodes: what it serves over NBD is written by a host whose page cache keeps the
+    // bytes anyway, and a stream of writes (P1) filled its cache with copies no read asked for
+    // (a 64 KiB copy per remote block, and the cache's whole budget held through every write).
+    if (this.cache && !this.opts.self) this.cache.set(key, ownBuffer(block));
   }
 
   private async putOne(uuid: string, ref: BlockRef, data: Buffer, crc: number, want: number): Promise<void> {
