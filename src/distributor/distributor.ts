@@ -432,9 +432,9 @@ export class Distributor {
   /**
    * The whole block, from the first replica with a good copy. `crc` (CRC32C of the whole block,
    * as the volume's inode records it) is checked end to end when given. `sequential`: part of a
-   * sequential stream, which is answered from the read cache but not kept in it (a stream would
-   * push out what random reads come back to, and keeping its blocks costs a tenth of a serving
-   * node's CPU in P2: docs/performance.md).
+   * sequential stream, which is answered from the read cache but not kept in it: a stream would
+   * push out what random reads come back to, and a block not kept can go straight into a
+   * storage node's reply buffer (readRangeInto).
    */
   getBlock(ref: BlockRef, crc?: number, sequential?: boolean): Promise<Buffer> {
     return this.block(ref, crc, this.servedLocally(ref), sequential === true);

@@ -294,9 +294,9 @@ export class PeerClient {
    * the whole block), for the caller to check against the writer's CRC (verifySectorRead).
    * Undefined when the peer does not serve checksums (it did not announce EXT_CHECKSUMS).
    *
-   * `into` (as long as the bytes asked for): they are read into it, straight from the socket when
-   * the reply spans reads, and the SectorRead's `data` is `into`. Once the call has settled,
-   * nothing more is written into it, whatever arrives late.
+   * `into`, for a range of whole sectors (as long as it): the bytes are copied into it from each
+   * socket read as the reply arrives, with no buffer of their own, and the SectorRead's `data`
+   * is `into`. Once the call has settled, nothing more is written into it, whatever arrives late.
    */
   async readSectors(ref: BlockRef, offset: number, length: number, options?: RequestOptions, into?: Buffer): Promise<SectorRead | undefined> {
     checkGet(ref, offset, length);

@@ -110,6 +110,7 @@ test('torusblk --metrics counts per-volume I/O, latency and the NBD server', asy
   assert.ok(value(/^torus_nbd_handshakes_total (\d+)/m) >= 1);
   assert.match(text, /^torus_volume_request_seconds_bucket\{le="[^"]+",volume="mon",op="read"\} \d+/m);
   assert.match(text, /^torus_client_cache_hits_total \d+/m);
+  assert.match(text, /^torus_client_cache_bypasses_total \d+/m);
 });
 
 test('volume info: allocation, lock holder, I/O rates; volume list: ALLOCATED', async () => {
