@@ -146,6 +146,41 @@ test('torusd --nbd-tls require --nbd-read-only: plaintext is refused; a client c
   assert.notEqual(write.code, 0, `a write to a read-only export: ${write.stdout}`);
 });
 
+test("a peer frozen during a sequential read: the serving node's reply buffers get the other replicas' bytes, and nothing the peer sends late", async () => {
+  await ok('torusctl', [...C, 'volume', 'create-block', 'v3', '48MiB']);
+  const uri = `nbd://127.0.0.1:${nbdPort}/v3`;
+  const image = randomBytes(48 * MiB);
+  const src = join(dir, 'v3.img');
+  writeFileSync(src, image);
+  await tool('nbdcopy', ['--flush', src, uri]);
+  const metric = async (name: string): Promise<number> => {
+    const text = await (await fetch(`http://127.0.0.1:${nodes[0]!.httpPort}/metrics`)).text();
+    return Number(new RegExp(`^${name} (\\d+)`, 'm').exec(text)?.[1] ?? NaN);
+  };
+  // Read once through torusd first: it waits until the writer's connection has let the volume go.
+  assert.ok((await readAll(uri, join(dir, 'v3-first.img'), 'nbdcopy reading v3')).equals(image));
+  const fallbacks = await metric('torus_client_replica_fallbacks_total');
+  const bypasses = await metric('torus_client_cache_bypasses_total');
+  // A sequential read of blocks held elsewhere goes straight into the serving node's (poisoned)
+  // reply buffers. Node 1 is frozen when it starts and resumes 4 s later: its GETs time out, the
+  // other replica's bytes fill the same buffers, and its late replies must land nowhere.
+  const peer = nodes[1]!.proc.pid!;
+  process.kill(peer, 'SIGSTOP');
+  const reading = run('nbdcopy', [uri, join(dir, 'v3-back.img')]);
+  try {
+    await new Promise((r) => setTimeout(r, 4000));
+  } finally {
+    process.kill(peer, 'SIGCONT');
+  }
+  const copy = await reading;
+  assert.equal(copy.code, 0, `nbdcopy while a peer was frozen: ${JSON.stringify(copy)}`);
+  assert.ok(readFileSync(join(dir, 'v3-back.img')).equals(image), 'every byte as written');
+  // Once more with the peer awake (its late replies have arrived by now): still every byte.
+  assert.ok((await readAll(uri, join(dir, 'v3-again.img'), 'nbdcopy reading v3 again')).equals(image));
+  assert.ok((await metric('torus_client_cache_bypasses_total')) > bypasses, 'the reads were a stream the cache let by');
+  assert.ok((await metric('torus_client_replica_fallbacks_total')) > fallbacks, 'the frozen peer\'s reads went to the other replica');
+});
+
 test('SIGKILL of the serving torusd after a flushed write: a torusblk client reads every byte from the surviving replicas', async (t) => {
   await ok('torusctl', [...C, 'volume', 'create-block', 'v2', '32MiB']);
   const data = randomBytes(8 * MiB);
