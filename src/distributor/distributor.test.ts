@@ -21,7 +21,8 @@ function block(i: number): Buffer {
   return b;
 }
 
-function setup(opts: { peers?: number; replication?: number; writeLevel?: WriteLevel; readLevel?: ReadLevel; capacity?: number; cache?: number } = {}) {
+/** `self`: the distributor of a storage node, peer-0, with that store as its own disk. */
+function setup(opts: { peers?: number; replication?: number; writeLevel?: WriteLevel; readLevel?: ReadLevel; capacity?: number; cache?: number; self?: boolean } = {}) {
   const n = opts.peers ?? 3;
   const transport = new MemoryTransport();
   const stores = new Map<string, MemoryBlockStore>();
@@ -41,6 +42,7 @@ function setup(opts: { peers?: number; replication?: number; writeLevel?: WriteL
     readLevel: opts.readLevel ?? 'block',
     readCacheBytes: opts.cache ?? 0,
     readTimeoutMs: 50,
+    ...(opts.self ? { self: { uuid: uuids[0]!, store: stores.get(uuids[0]!)! } } : {}),
   });
   const holders = (r: BlockRef): string[] => uuids.filter((u) => stores.get(u)!.hasBlock(r));
   return { dist, transport, stores, uuids, holders, setRing: (r: Ring) => (ring = r), ring: () => ring };
@@ -238,7 +240,11 @@ test('unflushed data is bounded: past the limit a put flushes first', async () =
   assert.ok(dist.unflushedBytes <= 4 * BS);
 });
 
-test('ranged reads fill the cache by 4 KiB chunk: a re-read hits, a read of other chunks goes out', async () => {
+/**
+ * A client over one replica, with 16 KiB blocks and a cache of 8; block `r` (4 sectors) is on the
+ * replica only, stored straight there, so nothing of it is cached yet.
+ */
+async function oneReplica() {
   const big = 4 * BS;
   const transport = new MemoryTransport();
   const store = new MemoryBlockStore({ blockSize: big, capacityBlocks: 10 });
@@ -247,9 +253,13 @@ test('ranged reads fill the cache by 4 KiB chunk: a re-read hits, a read of othe
   const dist = new Distributor({ blockSize: big, ring: () => ring, target: (u) => ({ uuid: u, address: 'mem://only' }), transport, readCacheBytes: 8 * big });
   const data = Buffer.concat([block(1), block(2), block(3), block(4)]);
   const r = ref(7);
-  await store.putBlock(r, data); // straight to the replica: the distributor has not cached it
+  await store.putBlock(r, data);
   const gets = (): number => transport.calls.get;
-  const g0 = gets();
+  return { big, transport, ring, dist, data, r, gets, g0: gets() };
+}
+
+test('ranged reads fill the cache by 4 KiB chunk: a re-read hits, a read of other chunks goes out', async () => {
+  const { big, transport, ring, dist, data, r, gets, g0 } = await oneReplica();
   assert.deepEqual(await dist.readRange(r, BS + 100, 50), data.subarray(BS + 100, BS + 150));
   assert.equal(gets(), g0 + 1);
   // Same chunk, other bytes: from the cache.
@@ -269,17 +279,7 @@ test('ranged reads fill the cache by 4 KiB chunk: a re-read hits, a read of othe
 });
 
 test('a sequential stream is answered from the cache but not kept in it', async () => {
-  const big = 4 * BS;
-  const transport = new MemoryTransport();
-  const store = new MemoryBlockStore({ blockSize: big, capacityBlocks: 10 });
-  transport.add('only', store);
-  const ring = createRing(newRingModel('ketama', 1, [{ uuid: 'only', totalBlocks: 10 }], 2));
-  const dist = new Distributor({ blockSize: big, ring: () => ring, target: (u) => ({ uuid: u, address: 'mem://only' }), transport, readCacheBytes: 8 * big });
-  const data = Buffer.concat([block(1), block(2), block(3), block(4)]);
-  const r = ref(7);
-  await store.putBlock(r, data);
-  const gets = (): number => transport.calls.get;
-  const g0 = gets();
+  const { dist, data, r, gets, g0 } = await oneReplica();
   // Whole blocks and ranges of a stream: fetched every time, nothing kept.
   assert.deepEqual(await dist.getBlock(r, undefined, true), data);
   assert.deepEqual(await dist.getBlock(r, undefined, true), data);
@@ -304,29 +304,13 @@ test("a storage node reads another node's block straight into the caller's buffe
     [0, 'block'],
     [0, 'spread'],
   ] as const) {
-    const transport = new MemoryTransport();
-    const uuids = ['peer-0', 'peer-1', 'peer-2'];
-    const stores = uuids.map((u) => {
-      const st = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 100 });
-      transport.add(u, st);
-      return st;
-    });
-    const ring = createRing(newRingModel('ketama', 2, uuids.map((uuid) => ({ uuid, totalBlocks: 100 })), 2));
-    const dist = new Distributor({
-      blockSize: BS,
-      ring: () => ring,
-      target: (uuid) => ({ uuid, address: `mem://${uuid}` }),
-      transport,
-      readLevel,
-      readCacheBytes: cache,
-      self: { uuid: 'peer-0', store: stores[0]! },
-    });
+    const { dist, transport, stores, ring } = setup({ cache, readLevel, self: true });
     // Blocks this node does not hold, stored straight on their owners.
     const remote: BlockRef[] = [];
     for (let i = 0; remote.length < 4; i++) {
-      const owners = ring.getPeers(ref(i)).peers.slice(0, 2);
+      const owners = ring().getPeers(ref(i)).peers.slice(0, 2);
       if (owners.includes('peer-0')) continue;
-      for (const o of owners) await stores[uuids.indexOf(o)]!.putBlock(ref(i), block(i));
+      for (const o of owners) await stores.get(o)!.putBlock(ref(i), block(i));
       remote.push(ref(i));
     }
     const mode = `cache ${cache}, read level ${readLevel}`;
@@ -346,8 +330,8 @@ test("a storage node reads another node's block straight into the caller's buffe
     // A bad first replica: the next one's bytes replace what it wrote.
     if (readLevel === 'block' && cache === 0) {
       const r = remote[2]!;
-      const first = ring.getPeers(r).peers[0]!;
-      const bad = stores[uuids.indexOf(first)]!;
+      const first = ring().getPeers(r).peers[0]!;
+      const bad = stores.get(first)!;
       const orig = bad.readSectors.bind(bad);
       bad.readSectors = async (...args) => {
         const got = await orig(...args);
@@ -364,24 +348,9 @@ test("a storage node reads another node's block straight into the caller's buffe
 
 test('a storage node does not cache what it writes; a client does', async () => {
   for (const self of [true, false]) {
-    const transport = new MemoryTransport();
-    const uuids = ['peer-0', 'peer-1', 'peer-2'];
-    const stores = uuids.map((u) => {
-      const st = new MemoryBlockStore({ blockSize: BS, capacityBlocks: 100 });
-      transport.add(u, st);
-      return st;
-    });
-    const ring = createRing(newRingModel('ketama', 2, uuids.map((uuid) => ({ uuid, totalBlocks: 100 })), 2));
-    const dist = new Distributor({
-      blockSize: BS,
-      ring: () => ring,
-      target: (uuid) => ({ uuid, address: `mem://${uuid}` }),
-      transport,
-      readCacheBytes: 64 * BS,
-      ...(self ? { self: { uuid: 'peer-0', store: stores[0]! } } : {}),
-    });
+    const { dist, transport, ring } = setup({ cache: 64 * BS, self });
     let r = ref(0);
-    for (let i = 0; ring.getPeers(r).peers.slice(0, 2).includes('peer-0'); i++) r = ref(i + 1);
+    for (let i = 0; ring().getPeers(r).peers.slice(0, 2).includes('peer-0'); i++) r = ref(i + 1);
     await dist.putBlock(r, block(r.index));
     await dist.flush();
     const gets = transport.calls.get;
