@@ -546,14 +546,10 @@ export class Distributor {
     const self = this.opts.self;
     const store = self?.store;
     const sector = store?.sectorSize ?? 0;
-    if (
-      crc !== undefined &&
-      store?.readSectorsInto &&
-      sector > 0 &&
-      this.readLevel !== 'spread' &&
-      offset % sector === 0 &&
-      (length % sector === 0 || offset + length === this.blockSize)
-    ) {
+    // Whole sectors, checked against the writer's CRC: what a replica reads or sends is then
+    // exactly the bytes asked for, and can go straight into `into`.
+    const sectors = crc !== undefined && sector > 0 && offset % sector === 0 && (length % sector === 0 || offset + length === this.blockSize);
+    if (sectors && store?.readSectorsInto && this.readLevel !== 'spread') {
       try {
         const read = await store.readSectorsInto(ref, offset, into);
         if (read) {
@@ -572,9 +568,8 @@ export class Distributor {
       }
     }
     local ??= this.servedLocally(ref);
-    // Another node's bytes land in `into` straight from the socket when nothing keeps them
-    // (aligned as above, so that the sectors the replica sends are exactly the bytes asked for).
-    const direct = crc !== undefined && sector > 0 && offset % sector === 0 && (length % sector === 0 || offset + length === this.blockSize) ? into : undefined;
+    // Another node's bytes are copied into `into` from each socket read when nothing keeps them.
+    const direct = sectors ? into : undefined;
     const data = offset === 0 && length === this.blockSize ? await this.block(ref, crc, local, sequential, direct) : await this.range(ref, offset, length, crc, local, sequential, direct);
     copyUnlessSame(data, into);
   }

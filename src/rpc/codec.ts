@@ -1097,7 +1097,7 @@ export interface DecoderOptions {
    * per block, and no second copy. (They are never read into `into` by the kernel: net asks
    * for a read's memory before the read, and the call may give `into` up in between.)
    */
-  readonly replyInto?: (id: number, length: number) => ReplyTarget | null;
+  readonly replyInto?: (id: number) => ReplyTarget | null;
 }
 
 /** Where a DATA reply's bytes go (DecoderOptions.replyInto). */
@@ -1388,7 +1388,7 @@ export class FrameDecoder {
   /** Sets up a split body when the reply has a place of its own (replyInto). */
   private splitBody(h: PendingHeader): boolean {
     if (this.replyInto === undefined || h.op !== Op.Data || (h.flags & FLAG_SUMS) === 0) return false;
-    const target = this.replyInto(h.id, h.length);
+    const target = this.replyInto(h.id);
     // The sector checksums' header (12 bytes) at least must come before the bytes.
     if (target === null || target.into.length === 0 || h.length - target.into.length < 12) return false;
     this.tail = target;

@@ -76,7 +76,7 @@ export interface CallQueue {
   /** A frame after the handshake: the reply to a call, or the peer closing. */
   complete(conn: Connection, m: Message): void;
   /** Where the bytes of the reply to call `id` go, when its caller gave a buffer (DecoderOptions.replyInto). */
-  replyInto(id: number, length: number): ReplyTarget | null;
+  replyInto(id: number): ReplyTarget | null;
   /** Sends what waits, as far as the connection allows; connects if needed. */
   pump(): void;
   failPending(err: TorusError): void;
@@ -203,7 +203,7 @@ export class PeerConnection {
     this._state = 'connecting';
     this.counters.connects++;
     // Replies to our own requests: lengths we asked for, so each payload is read in place.
-    const decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE, allocateOnHeader: true, replyInto: (id, length) => this.calls.replyInto(id, length) });
+    const decoder = new FrameDecoder({ maxFrameSize: HANDSHAKE_MAX_FRAME_SIZE, allocateOnHeader: true, replyInto: (id) => this.calls.replyInto(id) });
     let stream: Duplex;
     try {
       const sec = this.security;
